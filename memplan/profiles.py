@@ -1,0 +1,132 @@
+"""Model and GPU profiles: one TOML file per profile under profiles/, the file name is the key.
+
+A model profile holds a `source` line, `aliases` (the Hugging Face repo id among them), the exact
+`expected_params`, and an `[hf_config]` table with the config.json fields the model is built from.
+`--model` also takes a path to any local config.json.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+from memplan.errors import MemplanError
+from memplan.spec.families import spec_from_config
+from memplan.spec.gpu import GpuSpec
+from memplan.spec.model import ModelSpec
+
+_HERE = Path(__file__).resolve().parent
+
+
+def profiles_dir() -> Path:
+    """profiles/ beside the package (source checkout) or packaged inside it (wheel)."""
+    for cand in (_HERE / "_profiles", _HERE.parent / "profiles"):
+        if cand.is_dir():
+            return cand
+    raise MemplanError("memplan's profiles/ folder is missing from this installation")
+
+
+def _keys(kind: str) -> list[str]:
+    return sorted(p.stem for p in (profiles_dir() / kind).glob("*.toml"))
+
+
+@lru_cache(maxsize=None)
+def _read(kind: str, key: str) -> dict:
+    path = profiles_dir() / kind / f"{key}.toml"
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise MemplanError(f"profile {path}: {exc}") from None
+
+
+@lru_cache(maxsize=None)
+def _alias_index(kind: str) -> dict[str, str]:
+    idx = {}
+    for key in _keys(kind):
+        for alias in _read(kind, key).get("aliases", []):
+            idx[alias.lower()] = key
+    return idx
+
+
+def _resolve(kind: str, name: str) -> str:
+    n = name.strip().lower()
+    keys = _keys(kind)
+    if n in keys:
+        return n
+    idx = _alias_index(kind)
+    if n in idx:
+        return idx[n]
+    close = difflib.get_close_matches(n, keys + list(idx), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; see `memplan profiles list`"
+    what = "model" if kind == "models" else "GPU"
+    raise MemplanError(f"unknown {what} '{name}'{hint}")
+
+
+def model_keys() -> list[str]:
+    return _keys("models")
+
+
+def gpu_keys() -> list[str]:
+    return _keys("gpus")
+
+
+def model_profile(name: str) -> dict:
+    return _read("models", _resolve("models", name))
+
+
+@lru_cache(maxsize=256)
+def load_model(name: str) -> ModelSpec:
+    """A model by profile key, alias (e.g. the Hugging Face repo id) or path to a local config.json."""
+    if name.endswith(".json") or "/" in name and Path(name).exists():
+        return _model_from_file(Path(name))
+    key = _resolve("models", name)
+    prof = _read("models", key)
+    if "hf_config" not in prof:
+        raise MemplanError(f"model profile {key} has no [hf_config] table")
+    return spec_from_config(
+        prof["hf_config"], key, source=prof.get("source", ""), aliases=tuple(prof.get("aliases", ())),
+        expected_params=prof.get("expected_params"),
+    )
+
+
+def _model_from_file(path: Path) -> ModelSpec:
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MemplanError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MemplanError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise MemplanError(f"malformed config {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise MemplanError(f"malformed config {path}: expected a JSON object")
+    return spec_from_config(cfg, str(path), source=str(path))
+
+
+@lru_cache(maxsize=64)
+def load_gpu(name: str) -> GpuSpec:
+    key = _resolve("gpus", name)
+    p = _read("gpus", key)
+    try:
+        return GpuSpec(
+            name=key, label=p["label"], memory_bytes=int(p["memory_bytes"]), tflops=dict(p["tflops"]),
+            bandwidth_gbs=float(p.get("bandwidth_gbs", 0)), interconnect_gbs=float(p.get("interconnect_gbs", 0)),
+            nvml_names=tuple(p.get("nvml_names", ())), aliases=tuple(p.get("aliases", ())), source=p.get("source", ""),
+        )
+    except KeyError as exc:
+        raise MemplanError(f"GPU profile {key} lacks {exc}") from None
+
+
+def gpu_for_nvml_name(nvml_name: str) -> GpuSpec | None:
+    """The GPU profile whose NVML match strings fit the name NVML reports (longest match wins)."""
+    best, best_len = None, 0
+    for key in gpu_keys():
+        g = load_gpu(key)
+        for s in g.nvml_names:
+            if s.lower() in nvml_name.lower() and len(s) > best_len:
+                best, best_len = g, len(s)
+    return best

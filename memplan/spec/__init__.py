@@ -1,0 +1,1 @@
+"""Frozen, validated specs: the model, the GPU, the training setup."""

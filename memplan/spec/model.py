@@ -1,0 +1,151 @@
+"""ModelSpec: the architecture numbers memplan needs, derived from a Hugging Face config dict.
+
+A model is described by its parameter table: every nn.Linear (by its Hugging Face module name, which is what
+LoRA's target_modules match) and every other parameter tensor (embeddings, norms, biases of non-linear
+modules), each with how many times it occurs. Sums over that table are exact parameter counts; the tests check
+them against transformers' own models built on the meta device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping
+
+from memplan.errors import MemplanError
+
+
+class Arch(str, Enum):
+    """Stack layout."""
+
+    DECODER = "decoder"  # causal LM (GPT, Llama, ...)
+    ENCODER = "encoder"  # masked LM (BERT)
+    ENCODER_DECODER = "encoder-decoder"  # seq2seq LM (T5)
+
+
+class Stack(str, Enum):
+    """Which part of the model a parameter lives in."""
+
+    ENCODER = "encoder"
+    DECODER = "decoder"
+    OUTSIDE = "outside"  # embeddings, final norm, LM head, pooler: outside the repeated blocks
+
+
+class Role(str, Enum):
+    """What a linear layer does; activation, FLOP and PEFT rules key on it."""
+
+    Q = "q"
+    K = "k"
+    V = "v"
+    QKV = "qkv"  # fused query/key/value (GPT-2 c_attn, BLOOM query_key_value)
+    O = "o"  # attention output projection
+    CROSS_Q = "cross_q"
+    CROSS_K = "cross_k"
+    CROSS_V = "cross_v"
+    CROSS_O = "cross_o"
+    GATE = "gate"  # gated-MLP gate projection
+    UP = "up"  # MLP input projection
+    DOWN = "down"  # MLP output projection
+    ROUTER = "router"  # MoE router
+    HEAD = "head"  # LM head / MLM transform / pooler: outside the blocks
+
+
+@dataclass(frozen=True)
+class Linear:
+    """`count` nn.Linear (or Conv1D) modules of one shape. `name` is the Hugging Face attribute name."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    count: int
+    stack: Stack
+    role: Role
+
+    @property
+    def weight_numel(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def numel(self) -> int:
+        """Parameters of one module."""
+        return self.weight_numel + (self.out_features if self.bias else 0)
+
+
+class TensorKind(str, Enum):
+    EMBEDDING = "embedding"
+    NORM_WEIGHT = "norm_weight"
+    BIAS = "bias"  # bias of a non-linear module (LayerNorm bias, MLM head bias, ...)
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """`count` parameter tensors of `numel` elements that are not nn.Linear weights."""
+
+    name: str
+    numel: int
+    count: int
+    stack: Stack
+    kind: TensorKind
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A transformer's architecture numbers and parameter table."""
+
+    name: str
+    model_type: str  # Hugging Face model_type
+    arch: Arch
+    hidden: int
+    layers: int  # blocks in the decoder (decoder / encoder-decoder) or encoder (encoder-only)
+    encoder_layers: int  # encoder blocks of an encoder-decoder model, else 0
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    gated_mlp: bool
+    norm: str  # "rmsnorm" | "layernorm"
+    linears: tuple[Linear, ...]
+    tensors: tuple[Tensor, ...]
+    experts: int = 1  # MoE experts per layer (1 = dense)
+    experts_per_token: int = 1
+    dropout: float = 0.0  # hidden / residual dropout probability
+    attention_dropout: float = 0.0
+    tie_embeddings: bool = True
+    hf_config: Mapping = field(default_factory=dict, compare=False, hash=False, repr=False)
+    source: str = ""
+    aliases: tuple[str, ...] = ()
+    expected_params: int | None = None  # exact count from the profile (transformers on the meta device)
+
+    def __post_init__(self):
+        for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+            if getattr(self, name) <= 0:
+                raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise MemplanError(f"model {self.name}: {self.heads} heads not divisible by {self.kv_heads} kv heads")
+
+    @property
+    def total_params(self) -> int:
+        return sum(l.numel * l.count for l in self.linears) + sum(t.numel * t.count for t in self.tensors)
+
+    @property
+    def largest_tensor(self) -> int:
+        """Largest single parameter tensor (DeepSpeed's 'largest layer' in its ZeRO-3 estimate)."""
+        return max([l.weight_numel for l in self.linears] + [t.numel for t in self.tensors])
+
+    @property
+    def blocks(self) -> int:
+        return self.layers + self.encoder_layers
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(l.name for l in self.linears))

@@ -1,0 +1,185 @@
+"""TrainingSetup: everything about a training configuration except the model and the GPU."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, asdict
+from enum import Enum
+
+from memplan.errors import MemplanError
+
+
+class Precision(str, Enum):
+    """Numeric formats of parameters, gradients, optimizer states and compute.
+
+    fp32         everything fp32.
+    fp16 / bf16  torch.autocast mixed precision: fp32 parameters, gradients and optimizer states; matmuls run in
+                 half precision on casts of the weights that autocast caches for the forward (+2 B/param);
+                 fp16 adds a GradScaler. This is what `Trainer(bf16=True)` / `accelerate --mixed_precision` do.
+    fp16-master / bf16-master
+                 half-precision weights and gradients with an fp32 master copy kept for the optimizer
+                 (DeepSpeed / Megatron / the ZeRO paper): 2 + 2 + 4 master + optimizer states in fp32.
+    pure-bf16    parameters, gradients and optimizer states all bf16 (torch AdamW keeps states in the param dtype).
+    """
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP16_MASTER = "fp16-master"
+    BF16_MASTER = "bf16-master"
+    PURE_BF16 = "pure-bf16"
+
+    @property
+    def param_bytes(self) -> int:
+        return 2 if self in (Precision.FP16_MASTER, Precision.BF16_MASTER, Precision.PURE_BF16) else 4
+
+    @property
+    def compute_bytes(self) -> int:
+        return 4 if self is Precision.FP32 else 2
+
+    @property
+    def autocast(self) -> bool:
+        return self in (Precision.FP16, Precision.BF16)
+
+    @property
+    def master_weights(self) -> bool:
+        return self in (Precision.FP16_MASTER, Precision.BF16_MASTER)
+
+    @property
+    def grad_scaler(self) -> bool:
+        return self in (Precision.FP16, Precision.FP16_MASTER)
+
+    @property
+    def half_dtype(self) -> str:
+        return {"fp32": "float32"}.get(self.value, "float16" if "fp16" in self.value else "bfloat16")
+
+
+class Optimizer(str, Enum):
+    """Optimizers and their per-parameter state (see memplan.estimate.optimizer)."""
+
+    ADAMW = "adamw"  # torch.optim.AdamW, foreach implementation (torch's default on CUDA)
+    ADAMW_FUSED = "adamw-fused"  # torch.optim.AdamW(fused=True): no step temporaries
+    ADAMW_FORLOOP = "adamw-forloop"  # torch.optim.AdamW(foreach=False): one parameter at a time
+    SGD = "sgd"  # no state
+    MOMENTUM = "momentum"  # SGD with momentum: one buffer
+    ADAFACTOR = "adafactor"  # factored second moment: rows + cols per matrix
+    ADAMW_8BIT = "adamw-8bit"  # bitsandbytes AdamW8bit: two uint8 states + block-wise fp32 absmax
+    PAGED_ADAMW = "paged-adamw"  # bitsandbytes PagedAdamW (32-bit states in unified memory)
+    PAGED_ADAMW_8BIT = "paged-adamw-8bit"  # bitsandbytes PagedAdamW8bit
+
+    @property
+    def paged(self) -> bool:
+        return self.value.startswith("paged")
+
+
+class PeftMethod(str, Enum):
+    """What is trained."""
+
+    FULL = "full"  # every parameter
+    FREEZE = "freeze"  # only the last `train_layers` blocks and the head (0 = head only)
+    LORA = "lora"
+    DORA = "dora"  # LoRA plus a trained magnitude vector per adapted weight
+    QLORA = "qlora"  # LoRA over an NF4-quantized frozen base
+    IA3 = "ia3"  # learned scaling vectors on keys, values and the feed-forward input
+    PROMPT = "prompt"  # prompt tuning: trained virtual-token embeddings
+    PREFIX = "prefix"  # prefix tuning: trained per-layer key/value prefixes
+    ADAPTER = "adapter"  # Houlsby bottleneck adapters after attention and after the MLP
+    BITFIT = "bitfit"  # only bias terms
+
+    @property
+    def is_peft(self) -> bool:
+        return self is not PeftMethod.FULL
+
+
+class Checkpointing(str, Enum):
+    """Activation checkpointing."""
+
+    NONE = "none"
+    FULL = "full"  # keep each block's input, recompute the block in backward
+    SELECTIVE = "selective"  # recompute only the attention core (Korthikanti et al. 2022)
+
+
+class Attention(str, Enum):
+    """Attention implementation."""
+
+    EAGER = "eager"  # materializes the b·heads·s² score and probability tensors
+    SDPA = "sdpa"  # torch scaled_dot_product_attention (flash / memory-efficient kernels on CUDA)
+    FLASH = "flash"  # flash-attention 2: no s² tensor, saves a log-sum-exp per head and token
+
+
+ABSURD_TOKENS = 2**31  # micro-batch × sequence beyond this is a typo, not a plan
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA / DoRA / QLoRA hyper-parameters. targets=() means peft's default targets for the model type."""
+
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ()
+    double_quant: bool = True  # QLoRA: quantize the NF4 absmax constants again (bnb_4bit_use_double_quant)
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise MemplanError(f"--lora-rank must be positive, got {self.rank}")
+        if self.alpha <= 0:
+            raise MemplanError(f"--lora-alpha must be positive, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """A training configuration, validated once. Sizes are per GPU (micro-batch) unless named otherwise."""
+
+    precision: Precision = Precision.BF16
+    optimizer: Optimizer = Optimizer.ADAMW
+    peft: PeftMethod = PeftMethod.FULL
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    num_virtual_tokens: int = 20  # prompt / prefix tuning
+    adapter_size: int = 64  # bottleneck adapter width
+    train_layers: int = 0  # --peft freeze: how many last blocks stay trainable (the head always does)
+    zero: int = 0  # ZeRO stage 0-3 (FSDP NO_SHARD / SHARD_GRAD_OP / FULL_SHARD = 0 / 2 / 3)
+    gpus: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    batch: int = 1  # micro-batch per GPU
+    seq: int = 2048
+    grad_accum: int = 1
+    checkpointing: Checkpointing = Checkpointing.NONE
+    attention: Attention = Attention.SDPA
+    dropout: bool | None = None  # None: as the model config says
+
+    def __post_init__(self):
+        for name in ("batch", "seq", "grad_accum", "gpus", "num_virtual_tokens", "adapter_size"):
+            if getattr(self, name) <= 0:
+                raise MemplanError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.train_layers < 0:
+            raise MemplanError(f"--train-layers must be ≥ 0, got {self.train_layers}")
+        if self.zero not in (0, 1, 2, 3):
+            raise MemplanError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.batch * self.seq > ABSURD_TOKENS:
+            raise MemplanError(f"batch × seq = {self.batch * self.seq} tokens per micro-batch is absurd")
+        if self.gpus > 100_000:
+            raise MemplanError(f"--gpus {self.gpus} is absurd")
+        if (self.offload_optimizer or self.offload_params) and self.zero == 0:
+            raise MemplanError("optimizer/parameter offload needs ZeRO (--zero 1, 2 or 3)")
+        if self.offload_params and self.zero != 3:
+            raise MemplanError("--offload-params needs ZeRO stage 3 (parameters are only partitioned there)")
+        if self.peft is PeftMethod.QLORA and self.precision is Precision.FP32:
+            raise MemplanError("QLoRA computes in half precision: use --bf16, --fp16 or --pure-bf16")
+        if self.peft is PeftMethod.QLORA and self.zero == 3:
+            raise MemplanError("QLoRA with ZeRO-3 is not modelled: 4-bit weights are not partitioned")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def shards(self) -> int:
+        """How many ways ZeRO partitions states: 1 when stage 0 or a single GPU."""
+        return self.gpus if self.zero > 0 else 1
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = asdict(v) if f.name == "lora" else (v.value if isinstance(v, Enum) else v)
+        out["lora"]["targets"] = list(self.lora.targets)
+        return out
