@@ -3,6 +3,13 @@
 Each function reads the config keys the transformers modeling file reads (same defaults) and lists the
 parameters that the *For{CausalLM,MaskedLM,ConditionalGeneration} class creates. tests/test_params_exact.py
 checks every profile against transformers on the meta device.
+
+Tied weights: transformers shares one Parameter between the input embedding and a tied output layer (LM head,
+BERT's MLM decoder), so the shared matrix is listed once, as the embedding Tensor, and the tied nn.Linear is not
+listed in `linears` (`ModelSpec.tie_embeddings` says the head exists). Its own untied bias, if any, is a Tensor.
+
+Every Linear carries `path`, its dotted module path inside the repeated block (from the model root outside the
+blocks), e.g. "mlp.c_proj", "attention.output.dense", "layer.1.EncDecAttention.q": what peft's suffix match sees.
 """
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ from memplan.errors import MemplanError
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
 
 D, E, O = Stack.DECODER, Stack.ENCODER, Stack.OUTSIDE
+SELF_ATTN = (Role.Q, Role.K, Role.V, Role.O)
+CROSS_ATTN = (Role.CROSS_Q, Role.CROSS_K, Role.CROSS_V, Role.CROSS_O)
 
 
 def _get(cfg: Mapping, *keys, default=None):
@@ -24,11 +33,53 @@ def _get(cfg: Mapping, *keys, default=None):
     return default
 
 
-def _norm(name: str, h: int, count: int, stack: Stack, bias: bool) -> list[Tensor]:
+def _norm(name: str, h: int, count: int, stack: Stack, bias: bool, affine: bool = True) -> list[Tensor]:
+    if not affine:  # nn.LayerNorm(elementwise_affine=False) has no parameters
+        return []
     out = [Tensor(f"{name}.weight", h, count, stack, TensorKind.NORM_WEIGHT)]
     if bias:
         out.append(Tensor(f"{name}.bias", h, count, stack, TensorKind.BIAS))
     return out
+
+
+def _embedding(name: str, rows: int, h: int) -> Tensor:
+    return Tensor(f"{name}.weight", rows * h, 1, O, TensorKind.EMBEDDING)
+
+
+def _lin(path: str, fan_in: int, fan_out: int, bias: bool, n: int, stack: Stack, role: Role) -> Linear:
+    """An nn.Linear named by its dotted path inside the block (from the model root outside the blocks)."""
+    return Linear(path.rsplit(".", 1)[-1], fan_in, fan_out, bias, n, stack, role, path=path)
+
+
+def _attention(paths: tuple[str, str, str, str], h: int, q_dim: int, kv_dim: int, n: int, stack: Stack,
+               qkv_bias: bool, o_bias: bool, roles: tuple[Role, ...] = SELF_ATTN) -> list[Linear]:
+    """Separate q / k / v / output projections (paths in that order)."""
+    q, k, v, o = paths
+    return [
+        _lin(q, h, q_dim, qkv_bias, n, stack, roles[0]),
+        _lin(k, h, kv_dim, qkv_bias, n, stack, roles[1]),
+        _lin(v, h, kv_dim, qkv_bias, n, stack, roles[2]),
+        _lin(o, q_dim, h, o_bias, n, stack, roles[3]),
+    ]
+
+
+def _mlp(paths: tuple[str, ...], h: int, i: int, n: int, stack: Stack, bias: bool) -> list[Linear]:
+    """(up, down) or, for a gated MLP, (gate, up, down)."""
+    *ins, down = paths
+    roles = (Role.GATE, Role.UP) if len(ins) == 2 else (Role.UP,)
+    up = [_lin(p, h, i, bias, n, stack, r) for p, r in zip(ins, roles)]
+    return up + [_lin(down, i, h, bias, n, stack, Role.DOWN)]
+
+
+def _head(path: str, h: int, v: int, tie: bool, bias: bool) -> tuple[list[Linear], list[Tensor]]:
+    """Output projection to the vocabulary; a tied one shares the embedding and only its bias is new."""
+    if not tie:
+        return [_lin(path, h, v, bias, 1, O, Role.HEAD)], []
+    return [], ([Tensor(f"{path}.bias", v, 1, O, TensorKind.BIAS)] if bias else [])
+
+
+def _paths(prefix: str, *names: str) -> tuple[str, ...]:
+    return tuple(prefix + n for n in names)
 
 
 def _spec(cfg: Mapping, **kw) -> dict:
@@ -36,50 +87,61 @@ def _spec(cfg: Mapping, **kw) -> dict:
     return dict(model_type=cfg["model_type"], hf_config=dict(cfg), **kw)
 
 
+def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o bias, MLP bias) as each modeling file hard-codes or reads them."""
+    mt = cfg["model_type"]
+    if mt == "qwen2":  # Qwen2Attention: bias=True on q/k/v, False on o_proj, whatever attention_bias says
+        return True, False, False
+    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma")  # Mistral / Mixtral: always False
+    return attn, attn, bool(cfg.get("mlp_bias", False)) and mt == "llama"
+
+
+# Config-class defaults for keys a config.json may omit, where they differ from "one KV head per head, dense MLP"
+# (transformers 5 MistralConfig, MixtralConfig, Qwen2Config, GemmaConfig).
+_LLAMA_DEFAULTS = {
+    "mistral": dict(num_key_value_heads=8),
+    "mixtral": dict(num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2": dict(num_key_value_heads=32),
+    "gemma": dict(num_key_value_heads=16, head_dim=256, tie_word_embeddings=True),
+}
+
+
 def llama(cfg: Mapping) -> dict:
     """Llama, Mistral, Mixtral, Qwen2, Gemma, Yi: RMSNorm, rotary, gated MLP, optional GQA / MoE / qkv bias."""
     h = _get(cfg, "hidden_size")
     n = _get(cfg, "num_hidden_layers")
     heads = _get(cfg, "num_attention_heads")
-    kv = _get(cfg, "num_key_value_heads", default=heads)
-    hd = _get(cfg, "head_dim", default=h // heads)
+    mt = cfg["model_type"]
+    dflt = _LLAMA_DEFAULTS.get(mt, {})
+    kv = cfg.get("num_key_value_heads", dflt.get("num_key_value_heads")) or heads  # explicit null: MHA
+    hd = _get(cfg, "head_dim", default=dflt.get("head_dim", h // heads))
     i = _get(cfg, "intermediate_size")
     v = _get(cfg, "vocab_size")
-    mt = cfg["model_type"]
-    qkv_bias = bool(cfg.get("attention_bias", mt == "qwen2"))
-    o_bias = bool(cfg.get("attention_bias", False)) and mt != "qwen2"
-    mlp_bias = bool(cfg.get("mlp_bias", False))
-    experts = int(cfg.get("num_local_experts", 1))
-    tie = bool(cfg.get("tie_word_embeddings", mt == "gemma"))
-    lin = [
-        Linear("q_proj", h, heads * hd, qkv_bias, n, D, Role.Q),
-        Linear("k_proj", h, kv * hd, qkv_bias, n, D, Role.K),
-        Linear("v_proj", h, kv * hd, qkv_bias, n, D, Role.V),
-        Linear("o_proj", heads * hd, h, o_bias, n, D, Role.O),
-    ]
-    ten = [Tensor("embed_tokens.weight", v * h, 1, O, TensorKind.EMBEDDING)]
+    qkv_bias, o_bias, mlp_bias = _llama_biases(cfg)
+    experts = int(_get(cfg, "num_local_experts", default=dflt.get("num_local_experts", 1))) if mt == "mixtral" else 1
+    top_k = int(_get(cfg, "num_experts_per_tok", default=dflt.get("num_experts_per_tok", 1)))
+    tie = bool(cfg.get("tie_word_embeddings", dflt.get("tie_word_embeddings", False)))
+    attn = _paths("self_attn.", "q_proj", "k_proj", "v_proj", "o_proj")
+    lin = _attention(attn, h, heads * hd, kv * hd, n, D, qkv_bias, o_bias)
+    ten = [_embedding("embed_tokens", v, h)]
     if experts > 1:
-        # transformers 5 stores experts as 3-D parameters (MixtralExperts) and the router as a bare weight.
+        # transformers 5 stores experts as 3-D parameters (MixtralExperts) and the router as a bare weight
+        # (MixtralTopKRouter): none of them is an nn.Linear, so LoRA's target_modules cannot name them.
         ten += [
             Tensor("mlp.gate.weight", experts * h, n, D, TensorKind.OTHER),
             Tensor("mlp.experts.gate_up_proj", experts * 2 * i * h, n, D, TensorKind.OTHER),
             Tensor("mlp.experts.down_proj", experts * i * h, n, D, TensorKind.OTHER),
         ]
     else:
-        lin += [
-            Linear("gate_proj", h, i, mlp_bias, n, D, Role.GATE),
-            Linear("up_proj", h, i, mlp_bias, n, D, Role.UP),
-            Linear("down_proj", i, h, mlp_bias, n, D, Role.DOWN),
-        ]
+        lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
     ten += _norm("input_layernorm", h, n, D, False) + _norm("post_attention_layernorm", h, n, D, False)
     ten += _norm("norm", h, 1, O, False)
-    if not tie:
-        lin.append(Linear("lm_head", h, v, False, 1, O, Role.HEAD))
+    head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048), gated_mlp=True,
-        norm="rmsnorm", linears=tuple(lin), tensors=tuple(ten), experts=experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok", 1)), dropout=0.0,
+        norm="rmsnorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
+        experts_per_token=top_k if experts > 1 else 1, dropout=0.0,
         attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
     )
 
@@ -92,28 +154,187 @@ def gpt2(cfg: Mapping) -> dict:
     i = cfg.get("n_inner") or 4 * h
     v = _get(cfg, "vocab_size")
     pos = _get(cfg, "n_positions", "max_position_embeddings")
+    tie = bool(cfg.get("tie_word_embeddings", True))
     lin = [
-        Linear("c_attn", h, 3 * h, True, n, D, Role.QKV),
-        Linear("c_proj", h, h, True, n, D, Role.O),
-        Linear("c_fc", h, i, True, n, D, Role.UP),
-        Linear("c_proj", i, h, True, n, D, Role.DOWN),
+        _lin("attn.c_attn", h, 3 * h, True, n, D, Role.QKV),
+        _lin("attn.c_proj", h, h, True, n, D, Role.O),
+        *_mlp(("mlp.c_fc", "mlp.c_proj"), h, i, n, D, True),
     ]
     ten = [
-        Tensor("wte.weight", v * h, 1, O, TensorKind.EMBEDDING),
-        Tensor("wpe.weight", pos * h, 1, O, TensorKind.EMBEDDING),
+        _embedding("wte", v, h), _embedding("wpe", pos, h),
         *_norm("ln_1", h, n, D, True), *_norm("ln_2", h, n, D, True), *_norm("ln_f", h, 1, O, True),
     ]
+    head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
         head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
-        linears=tuple(lin), tensors=tuple(ten), dropout=float(cfg.get("resid_pdrop", 0.1)),
-        attention_dropout=float(cfg.get("attn_pdrop", 0.1)), tie_embeddings=True,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("resid_pdrop", 0.1)),
+        attention_dropout=float(cfg.get("attn_pdrop", 0.1)), tie_embeddings=tie,
+    )
+
+
+def opt(cfg: Mapping) -> dict:
+    """OPT: learned positions (+2 offset rows), LayerNorm, biases, optional project_in/out, tied LM head."""
+    h = _get(cfg, "hidden_size")
+    n = _get(cfg, "num_hidden_layers")
+    heads = _get(cfg, "num_attention_heads")
+    i = _get(cfg, "ffn_dim")
+    v = _get(cfg, "vocab_size")
+    pos = _get(cfg, "max_position_embeddings", default=2048)
+    proj = _get(cfg, "word_embed_proj_dim", default=h)  # OPT-350m embeds in 512 and projects to 1024
+    bias = bool(cfg.get("enable_bias", True))
+    affine = bool(cfg.get("layer_norm_elementwise_affine", True))
+    final_norm = bool(cfg.get("do_layer_norm_before", True)) and not cfg.get("_remove_final_layer_norm", False)
+    tie = bool(cfg.get("tie_word_embeddings", True))
+    lin = _attention(_paths("self_attn.", "q_proj", "k_proj", "v_proj", "out_proj"), h, h, h, n, D, bias, bias)
+    lin += _mlp(("fc1", "fc2"), h, i, n, D, bias)
+    if proj != h:
+        lin += [_lin("model.decoder.project_in", proj, h, False, 1, O, Role.HEAD),
+                _lin("model.decoder.project_out", h, proj, False, 1, O, Role.HEAD)]
+    # OPTLearnedPositionalEmbedding keeps 2 extra rows (its position offset)
+    ten = [_embedding("embed_tokens", v, proj), _embedding("embed_positions", pos + 2, h)]
+    ten += _norm("self_attn_layer_norm", h, n, D, True, affine) + _norm("final_layer_norm", h, n, D, True, affine)
+    if final_norm:
+        ten += _norm("decoder.final_layer_norm", h, 1, O, True, affine)
+    head_lin, head_ten = _head("lm_head", proj, v, tie, False)
+    return _spec(
+        cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("dropout", 0.1)),
+        attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
+    )
+
+
+def bloom(cfg: Mapping) -> dict:
+    """BLOOM: ALiBi (no position embeddings), LayerNorm after the embedding, fused query_key_value, 4h MLP."""
+    h = _get(cfg, "hidden_size", "n_embed")
+    n = _get(cfg, "n_layer", "num_hidden_layers")
+    heads = _get(cfg, "n_head", "num_attention_heads")
+    v = _get(cfg, "vocab_size")
+    i = 4 * h  # BloomMLP hard-codes 4 * hidden_size
+    tie = bool(cfg.get("tie_word_embeddings", True))
+    lin = [
+        _lin("self_attention.query_key_value", h, 3 * h, True, n, D, Role.QKV),
+        _lin("self_attention.dense", h, h, True, n, D, Role.O),
+        *_mlp(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), h, i, n, D, True),
+    ]
+    ten = [_embedding("word_embeddings", v, h), *_norm("word_embeddings_layernorm", h, 1, O, True)]
+    ten += _norm("input_layernorm", h, n, D, True) + _norm("post_attention_layernorm", h, n, D, True)
+    ten += _norm("ln_f", h, 1, O, True)
+    head_lin, head_ten = _head("lm_head", h, v, tie, False)
+    return _spec(
+        cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=_get(cfg, "seq_length", default=2048),
+        gated_mlp=False, norm="layernorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
+        dropout=float(cfg.get("hidden_dropout", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        tie_embeddings=tie,
+    )
+
+
+def phi(cfg: Mapping) -> dict:
+    """Phi-1/1.5/2: parallel attention and MLP after one LayerNorm, biases everywhere (LM head too)."""
+    h = _get(cfg, "hidden_size")
+    n = _get(cfg, "num_hidden_layers")
+    heads = _get(cfg, "num_attention_heads")
+    kv = _get(cfg, "num_key_value_heads", default=heads)
+    hd = _get(cfg, "head_dim", default=h // heads)
+    i = _get(cfg, "intermediate_size")
+    v = _get(cfg, "vocab_size")
+    tie = bool(cfg.get("tie_word_embeddings", False))
+    attn = _paths("self_attn.", "q_proj", "k_proj", "v_proj", "dense")
+    lin = _attention(attn, h, heads * hd, kv * hd, n, D, True, True)
+    lin += _mlp(("mlp.fc1", "mlp.fc2"), h, i, n, D, True)
+    ten = [_embedding("embed_tokens", v, h), *_norm("input_layernorm", h, n, D, True)]
+    if cfg.get("qk_layernorm", False):  # PhiAttention sizes these hidden_size // heads, not head_dim
+        ten += _norm("q_layernorm", h // heads, n, D, True) + _norm("k_layernorm", h // heads, n, D, True)
+    ten += _norm("final_layernorm", h, 1, O, True)
+    head_lin, head_ten = _head("lm_head", h, v, tie, True)
+    return _spec(
+        cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
+        intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048),
+        gated_mlp=False, norm="layernorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
+        dropout=float(cfg.get("resid_pdrop", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        tie_embeddings=tie,
+    )
+
+
+def bert(cfg: Mapping) -> dict:
+    """BERT as BertForMaskedLM: post-LN encoder with biases, no pooler, MLM head tied to the word embeddings."""
+    h = _get(cfg, "hidden_size")
+    n = _get(cfg, "num_hidden_layers")
+    heads = _get(cfg, "num_attention_heads")
+    i = _get(cfg, "intermediate_size")
+    v = _get(cfg, "vocab_size")
+    pos = _get(cfg, "max_position_embeddings", default=512)
+    if cfg.get("add_cross_attention") or cfg.get("is_decoder"):
+        raise MemplanError("BERT with is_decoder / add_cross_attention is not supported (BertForMaskedLM only)")
+    tie = bool(cfg.get("tie_word_embeddings", True))
+    qkv = _paths("attention.self.", "query", "key", "value")
+    lin = _attention((*qkv, "attention.output.dense"), h, h, h, n, E, True, True)
+    lin += _mlp(("intermediate.dense", "output.dense"), h, i, n, E, True)
+    lin.append(_lin("cls.predictions.transform.dense", h, h, True, 1, O, Role.HEAD))
+    ten = [
+        _embedding("word_embeddings", v, h), _embedding("position_embeddings", pos, h),
+        _embedding("token_type_embeddings", _get(cfg, "type_vocab_size", default=2), h),
+        *_norm("embeddings.LayerNorm", h, 1, O, True),
+        *_norm("attention.output.LayerNorm", h, n, E, True), *_norm("output.LayerNorm", h, n, E, True),
+        *_norm("transform.LayerNorm", h, 1, O, True),
+        Tensor("cls.predictions.bias", v, 1, O, TensorKind.BIAS),  # the tied decoder's bias is this tensor
+    ]
+    # untied: the decoder has its own weight and bias, beside cls.predictions.bias
+    head_lin, _ = _head("cls.predictions.decoder", h, v, tie, True)
+    return _spec(
+        cfg, arch=Arch.ENCODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        linears=tuple(lin + head_lin), tensors=tuple(ten), dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)), tie_embeddings=tie,
+    )
+
+
+def _t5_stack(stack: Stack, n: int, d: int, inner: int, ff: int, heads: int, buckets: int, gated: bool, cross: bool):
+    """One T5Stack's blocks: self-attention (+ cross-attention), MLP, an RMS norm per sub-layer."""
+    lin = _attention(_paths("layer.0.SelfAttention.", "q", "k", "v", "o"), d, inner, inner, n, stack, False, False)
+    if cross:
+        paths = _paths("layer.1.EncDecAttention.", "q", "k", "v", "o")
+        lin += _attention(paths, d, inner, inner, n, stack, False, False, CROSS_ATTN)
+    mlp = f"layer.{2 if cross else 1}.DenseReluDense."
+    lin += _mlp(_paths(mlp, "wi_0", "wi_1", "wo") if gated else _paths(mlp, "wi", "wo"), d, ff, n, stack, False)
+    ten = [
+        Tensor("relative_attention_bias.weight", buckets * heads, 1, stack, TensorKind.OTHER),  # first block only
+        *_norm("layer_norm", d, (3 if cross else 2) * n, stack, False),
+        *_norm(f"{stack.value}.final_layer_norm", d, 1, O, False),
+    ]
+    return lin, ten
+
+
+def t5(cfg: Mapping) -> dict:
+    """T5: encoder-decoder, RMS norms without bias, no biases, relative position bias, shared tied embedding."""
+    d = _get(cfg, "d_model")
+    ne = _get(cfg, "num_layers")
+    nd = _get(cfg, "num_decoder_layers", default=ne)
+    heads = _get(cfg, "num_heads")
+    dkv = _get(cfg, "d_kv")
+    ff = _get(cfg, "d_ff")
+    v = _get(cfg, "vocab_size")
+    gated = str(cfg.get("feed_forward_proj", "relu")).startswith("gated-")
+    buckets = _get(cfg, "relative_attention_num_buckets", default=32)
+    enc_lin, enc_ten = _t5_stack(E, ne, d, heads * dkv, ff, heads, buckets, gated, cross=False)
+    dec_lin, dec_ten = _t5_stack(D, nd, d, heads * dkv, ff, heads, buckets, gated, cross=True)
+    # transformers 5's T5Config forces tie_word_embeddings = True: lm_head always shares `shared`
+    # (a config's `false` only turns off the d_model**-0.5 output scaling of T5 v1.1).
+    ten = [_embedding("shared", v, d), *enc_ten, *dec_ten]
+    dropout = float(cfg.get("dropout_rate", 0.1))
+    return _spec(
+        cfg, arch=Arch.ENCODER_DECODER, hidden=d, layers=nd, encoder_layers=ne, heads=heads, kv_heads=heads,
+        head_dim=dkv, intermediate=ff, vocab=v, max_positions=_get(cfg, "n_positions", default=512),
+        gated_mlp=gated, norm="rmsnorm", linears=tuple(enc_lin + dec_lin), tensors=tuple(ten),
+        dropout=dropout, attention_dropout=dropout, tie_embeddings=True,
     )
 
 
 FAMILIES: dict[str, Callable[[Mapping], dict]] = {
     "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama,
-    "gpt2": gpt2,
+    "gpt2": gpt2, "opt": opt, "bloom": bloom, "phi": phi, "bert": bert, "t5": t5,
 }
 
 

@@ -60,6 +60,11 @@ class Linear:
     count: int
     stack: Stack
     role: Role
+    path: str = ""  # dotted path inside a block where the leaf name is ambiguous (GPT-2 "mlp.c_proj")
+
+    @property
+    def qualname(self) -> str:
+        return self.path or self.name
 
     @property
     def weight_numel(self) -> int:

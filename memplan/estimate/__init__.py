@@ -1,0 +1,136 @@
+"""The analytical estimator: pure functions over frozen specs, no torch.
+
+estimate() walks the step's phases (load, forward, backward, optimizer_step), sizes what is alive at the peak
+of each, and reports the largest, with its category breakdown and the three levels.
+"""
+from __future__ import annotations
+
+from memplan.categories import Category as C, Phase
+from memplan.errors import MemplanError
+from memplan.estimate.activations import Activations, activations
+from memplan.estimate.optimizer import step_temporary_bytes
+from memplan.estimate.overhead import Overhead
+from memplan.estimate.params import ParamGroup, base_params, param_groups, trainable_params
+from memplan.estimate.result import ModelStates, Peak, Result
+from memplan.estimate.weights import Unsharded, model_states, unsharded
+from memplan.spec.gpu import GpuSpec
+from memplan.spec.model import ModelSpec
+from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
+from memplan.units import round_block
+
+__all__ = ["estimate_spec", "Overhead"]
+
+
+def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
+    warns = []
+    if model.hidden % model.heads and "head_dim" not in model.hf_config:
+        raise MemplanError(f"{model.name}: {model.heads} heads do not divide hidden size {model.hidden}")
+    if setup.peft is PeftMethod.PREFIX and setup.checkpointing is not Checkpointing.NONE:
+        raise MemplanError("prefix tuning does not work with gradient checkpointing (peft refuses it)")
+    if setup.peft is PeftMethod.FREEZE and setup.train_layers > model.blocks:
+        raise MemplanError(f"--train-layers {setup.train_layers} exceeds the model's {model.blocks} blocks")
+    if setup.zero > 0 and setup.gpus == 1:
+        warns.append(f"ZeRO stage {setup.zero} on one GPU shards nothing: states are as without ZeRO")
+    if setup.seq > model.max_positions and model.model_type in ("gpt2", "opt", "bert"):
+        raise MemplanError(f"--seq {setup.seq} exceeds {model.name}'s {model.max_positions} learned positions")
+    return warns
+
+
+def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Autocast's half-precision casts of the matmul weights, alive from forward until their backward."""
+    if not setup.precision.autocast:
+        return 0
+    c = setup.precision.compute_bytes
+    return sum(round_block(g.numel * c) * g.count for g in groups if g.matmul and not g.nf4)
+
+
+def _dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """QLoRA dequantizes one weight at a time to the compute dtype (bitsandbytes matmul_4bit)."""
+    c = setup.precision.compute_bytes
+    return max((round_block(g.numel * c) for g in groups if g.nf4), default=0)
+
+
+def _loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """(forward, backward) transient bytes of the logits and loss beyond the saved log-softmax output.
+    transformers' ForCausalLMLoss upcasts logits to fp32; cross_entropy = log_softmax + nll_loss."""
+    t, v, c = setup.tokens, model.vocab, setup.precision.compute_bytes
+    logits = round_block(t * v * c)
+    upcast = round_block(t * v * 4) if c != 4 else 0
+    fwd = logits + upcast  # the returned logits and the fp32 copy alive while log_softmax runs
+    bwd = logits + 2 * round_block(t * v * 4)  # nll grad and log_softmax grad, both fp32
+    return fwd, bwd
+
+
+def _zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[int, int]:
+    """(forward, backward) working buffers of sharded training: ZeRO-3 gathers a block's parameters (plus one
+    prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter."""
+    if setup.shards == 1:
+        return 0, 0
+    per_block_w = u.weights // max(model.blocks, 1)
+    per_block_g = u.grads // max(model.blocks, 1)
+    fwd = 2 * per_block_w if setup.zero == 3 else 0
+    bwd = fwd + (per_block_g if setup.zero >= 2 else 0)
+    return fwd, bwd
+
+
+def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
+                  overhead: Overhead = Overhead()) -> Result:
+    warns = _check(model, setup)
+    groups = param_groups(model, setup)
+    u = unsharded(groups, setup)
+    ms = model_states(u, setup)
+    acts = activations(model, setup)
+    phases = _phases(model, setup, groups, u, ms, acts)
+    phase, cats = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    allocated = sum(cats.values())
+    reserved = overhead.reserved(allocated)
+    device = overhead.device(reserved, setup.gpus)
+    cats = {**{c: 0 for c in C}, **cats, C.OVERHEAD: device - allocated}
+    return Result(
+        model=model.name, setup=setup, model_states=ms, categories=cats,
+        peak=Peak(allocated, reserved, device, phase), trainable_params=trainable_params(groups),
+        total_params=base_params(groups), phase_peaks={p: sum(c.values()) for p, c in phases.items()},
+        gpu=gpu, warnings=tuple(warns),
+    )
+
+
+def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activations) -> dict:
+    """Category bytes at the peak inside each phase."""
+    base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
+    accum_grads = ms.gradients if setup.grad_accum > 1 else 0
+    half = _half_weight_copies(groups, setup)
+    deq = _dequant_temp(groups, setup)
+    loss_f, loss_b = _loss_bytes(model, setup)
+    z_f, z_b = _zero_buffers(model, setup, u)
+    ckpt = setup.checkpointing is Checkpointing.FULL
+    fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
+           C.TEMPORARIES: half + deq + loss_f + z_f + (acts.recompute if ckpt else 0) * 0}
+    # backward starts with every activation saved and the loss gradients; it ends with every gradient
+    start = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
+             C.TEMPORARIES: (0 if ckpt else half) + deq + loss_b + z_b}
+    if ckpt:  # the first block's recomputed activations while its backward runs
+        rec = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total + acts.recompute,
+               C.TEMPORARIES: deq + z_b + round_block(setup.tokens * model.vocab * setup.precision.compute_bytes)}
+        if sum(rec.values()) > sum(start.values()):
+            start = rec
+    end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0, C.TEMPORARIES: z_b}
+    bwd = max(start, end, key=lambda d: sum(d.values()))
+    step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
+        setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
+    fp32_grads = 0 if setup.offload_optimizer else -(-u.fp32_grad_copy // setup.shards)
+    step = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0, C.TEMPORARIES: step_tmp + fp32_grads}
+    load = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: 0, C.TEMPORARIES: 0}
+    return {Phase.LOAD: load, Phase.FORWARD: fwd, Phase.BACKWARD: bwd, Phase.OPTIMIZER_STEP: step}
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """`memplan.estimate` is both this package and the API function: calling the module calls
+    memplan.api.estimate, so `memplan.estimate("llama-7b", ...)` works after `import memplan.estimate` too."""
+
+    def __call__(self, *args, **kwargs):
+        from memplan.api import estimate
+
+        return estimate(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,300 @@
+"""Activation memory from first principles: which tensors each op of a block saves for backward.
+
+PyTorch's autograd saves only what the gradients it must compute need (a frozen Linear saves its weight, not
+its input; `a * b` saves `b` only when `a` needs a gradient), torch.autocast re-casts an fp32 activation for every
+matmul that consumes it, and transformers' norms upcast to fp32. Each block is walked op by op, adding the
+storages it keeps alive for backward to a set (a storage counted once however many ops save it). Sizes are bytes
+per token; attention's s² terms are bytes per token per key position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memplan.estimate.params import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, _matches, lora_targets
+from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
+from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
+
+# Python-level activations that save several tensors (transformers/activations.py):
+# NewGELU (gelu_new) = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) saves x, tanh, 0.5·x, (1 + tanh).
+ACT_SAVES = {"gelu_new": 4, "gelu_fast": 4, "quick_gelu": 2}
+DEFAULT_ACT = {"gpt2": "gelu_new", "phi": "gelu_new", "opt": "relu", "bloom": "bloom_gelu", "bert": "gelu",
+               "t5": "relu"}
+
+
+@dataclass
+class _Saved:
+    """Storages saved for backward: key -> bytes per token (or per token per key position for s² terms)."""
+
+    lin: dict = field(default_factory=dict)
+    sq: dict = field(default_factory=dict)
+
+    def add(self, key, nbytes: float, sq: bool = False):
+        (self.sq if sq else self.lin)[key] = nbytes
+
+    def total(self, seq: int) -> float:
+        return sum(self.lin.values()) + seq * sum(self.sq.values())
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a block walk needs to know about the setup."""
+
+    c: int  # compute dtype bytes
+    autocast: bool
+    dtype_bytes: int  # parameter dtype bytes (residual stream dtype outside autocast)
+    w_train: bool  # base weights of this block train
+    lora: frozenset  # qualnames of LoRA-adapted linears
+    lora_bytes: int  # dtype of the LoRA input copy (peft casts x to the adapter dtype, fp32)
+    ia3: frozenset
+    ia3_ff: frozenset
+    dora: bool
+    dropout: float
+    attention: Attention
+    seq: int
+
+
+class _Block:
+    """Walks one block; tensors are (key, bytes-per-token-element, width)."""
+
+    def __init__(self, ctx: Ctx, saved: _Saved, prefix: str):
+        self.x, self.s, self.p = ctx, saved, prefix
+
+    def t(self, name):
+        return f"{self.p}.{name}"
+
+    def norm(self, name, inp, width, rms: bool):
+        """Norm of `inp` (key, bytes); returns the output tensor. Llama/T5 RMSNorm upcast to fp32 first."""
+        x, (key, b) = self.x, inp
+        if rms:
+            self.s.add(self.t(name + ".x32") if b != 4 else key, 4 * width)  # pow(2) saves the fp32 copy
+            self.s.add(self.t(name + ".rstd"), 4)
+            if x.w_train:  # weight * y saves y (in the input dtype)
+                self.s.add(self.t(name + ".y"), b * width)
+        else:  # native_layer_norm saves its input, mean and rstd
+            self.s.add(key, b * width)
+            self.s.add(self.t(name + ".stats"), 8)
+        out_b = 4 if x.autocast else b
+        return self.t(name + ".out"), out_b
+
+    def linear(self, lin: Linear, inp, shared_cast: dict):
+        """Linear `lin` on tensor `inp`; returns its output (key, bytes)."""
+        x, (key, b) = self.x, inp
+        cast_key = key
+        if x.autocast and b != x.c:  # autocast casts the activation once per consuming matmul
+            cast_key = self.t(lin.qualname + ".in_cast")
+        elif x.autocast:
+            cast_key = key
+        in_b = x.c if x.autocast else b
+        name = lin.qualname
+        ff = name in x.ia3_ff
+        if x.w_train:
+            self.s.add(cast_key, in_b * lin.in_features)
+        if name in x.lora:
+            lk = cast_key if (x.autocast or x.lora_bytes == b) else self.t(name + ".lora_in")
+            self.s.add(lk, (x.c if x.autocast else x.lora_bytes) * lin.in_features)
+            if x.dora:  # (m/‖W‖ - 1)·base + m/‖W‖·lora·s saves the base and LoRA results
+                self.s.add(self.t(name + ".dora_base"), x.c * lin.out_features)
+                self.s.add(self.t(name + ".dora_lora"), x.c * lin.out_features)
+        if name in x.ia3:
+            if ff:
+                self.s.add(key, b * lin.in_features)
+            else:
+                self.s.add(self.t(name + ".out"), x.c * lin.out_features)
+        return self.t(name + ".out"), (x.c if (x.autocast or x.c == b) else b)
+
+    def dropout(self, name, width, p):
+        if p > 0:
+            self.s.add(self.t(name + ".mask"), width)  # native_dropout saves a bool mask
+            return True
+        return False
+
+
+def _linears_by_role(model: ModelSpec, stack: Stack) -> dict:
+    out = {}
+    for l in model.linears:
+        if l.stack is stack:
+            out.setdefault(l.role, l)
+    return out
+
+
+def _act_name(model: ModelSpec) -> str:
+    cfg = model.hf_config
+    return cfg.get("hidden_act") or cfg.get("activation_function") or DEFAULT_ACT.get(model.model_type, "gelu")
+
+
+def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -> _Saved:
+    """Saved bytes per token of one block (attention + MLP) of `stack`."""
+    s = _Saved()
+    b = _Block(ctx, s, "blk")
+    L = _linears_by_role(model, stack)
+    r = 4 if ctx.autocast else ctx.dtype_bytes  # residual stream dtype
+    rms = model.norm == "rmsnorm"
+    pre_norm = model.model_type != "bert"
+    h, c = model.hidden, ctx.c
+    resid = ("resid", r)
+    x = b.norm("ln1", resid, h, rms) if pre_norm else resid
+    # attention projections
+    if Role.QKV in L:
+        qkv = b.linear(L[Role.QKV], x, {})
+        q_key = k_key = v_key = qkv[0]
+        q_b = k_b = v_b = c * (model.q_dim + 2 * model.kv_dim) / 3
+    else:
+        q = b.linear(L[Role.Q], x, {})
+        k = b.linear(L[Role.K], x, {})
+        v = b.linear(L[Role.V], x, {})
+        q_key, k_key, v_key = q[0], k[0], v[0]
+        q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
+    rotary = model.model_type in ("llama", "mistral", "mixtral", "qwen2", "gemma", "phi")
+    if rotary:  # q·cos + rot(q)·sin makes new q, k tensors; the projections' outputs are not saved
+        q_key, k_key = "q_rope", "k_rope"
+    if ctx.attention is Attention.EAGER or model.model_type in ("bloom",):
+        rep = model.heads // model.kv_heads
+        s.add(q_key, q_b)
+        s.add(k_key if rep == 1 else "k_rep", c * model.q_dim if rep > 1 else k_b)
+        s.add(v_key if rep == 1 else "v_rep", c * model.q_dim if rep > 1 else v_b)
+        s.add("softmax_out", 4 * model.heads, sq=True)  # softmax in fp32 (transformers eager_attention_forward)
+        if c != 4:
+            s.add("probs", c * model.heads, sq=True)  # .to(query.dtype)
+        if ctx.dropout and model.attention_dropout > 0:
+            s.add("probs_mask", model.heads, sq=True)
+            s.add("probs_drop", c * model.heads, sq=True)
+        s.add("attn_out", c * model.q_dim)  # transpose(1, 2).contiguous() saved by the output projection
+    else:  # SDPA / flash: q, k, v, output and a fp32 log-sum-exp per head
+        s.add(q_key, q_b)
+        s.add(k_key, k_b)
+        s.add(v_key, v_b)
+        s.add("attn_out", c * model.q_dim)
+        s.add("lse", 4 * model.heads)
+    o = b.linear(L[Role.O], ("attn_out", c), {})
+    if ctx.dropout and b.dropout("attn_drop", h, model.dropout):
+        pass
+    if cross:
+        x2 = b.norm("ln_cross", resid, h, rms)
+        b.linear(L[Role.CROSS_Q], x2, {})
+        s.add("cross_q", c * model.q_dim)
+        s.add("cross_kv", 2 * c * model.kv_dim)  # keys/values of the encoder tokens (same count as decoder here)
+        s.add("cross_out", c * model.q_dim)
+        if ctx.attention is Attention.EAGER or model.model_type == "t5":
+            s.add("cross_softmax", (4 + (c if c != 4 else 0)) * model.heads, sq=True)
+        b.linear(L[Role.CROSS_O], ("cross_out", c), {})
+    # MLP
+    x3 = b.norm("ln2", ("resid2", r), h, rms) if (pre_norm and model.model_type != "phi") else x
+    if not pre_norm:  # BERT: LayerNorm(attn_out + residual) saves the sum
+        b.norm("ln_post1", ("resid_sum1", r), h, rms)
+        x3 = ("ln_post1.out", r)
+    i, k_exp = model.intermediate, model.experts_per_token if model.experts > 1 else 1
+    if model.gated_mlp:
+        if Role.GATE in L:
+            b.linear(L[Role.GATE], x3, {})
+            b.linear(L[Role.UP], x3, {})
+        else:  # MoE experts: each routed token's input, gate_up output, act, product, expert output
+            s.add("moe_in", k_exp * c * h)
+            s.add("moe_route", 16)
+        s.add("gate_out", k_exp * c * i)  # silu saves its input
+        s.add("act_out", k_exp * c * i)  # act * up saves both
+        s.add("up_out", k_exp * c * i)
+        if ctx.w_train or "down_proj" in ctx.lora or "w2" in ctx.lora or Role.GATE not in L:
+            s.add("prod", k_exp * c * i)  # down_proj's input
+        if Role.GATE not in L:
+            s.add("moe_out", k_exp * c * h)
+    else:
+        up = b.linear(L[Role.UP], x3, {})
+        act = _act_name(model)
+        n_saved = ACT_SAVES.get(act, 1)
+        for j in range(n_saved):
+            s.add(f"act{j}", c * i)
+        b.linear(L[Role.DOWN], ("act0" if n_saved == 1 else "act_out", c), {})
+        if L[Role.DOWN].qualname in ctx.lora or ctx.w_train:
+            s.add("act_final", c * i if n_saved > 1 else 0)
+    if ctx.dropout:
+        b.dropout("mlp_drop", h, model.dropout)
+    if not pre_norm:
+        b.norm("ln_post2", ("resid_sum2", r), h, rms)
+    return s
+
+
+def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
+    p = setup.precision
+    peft = setup.peft
+    lora = frozenset()
+    if peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
+        lora = frozenset(l.qualname for l in lora_targets(model, setup))
+    ia3 = ia3_ff = frozenset()
+    if peft is PeftMethod.IA3:
+        t = setup.lora.targets or IA3_DEFAULT_TARGETS.get(model.model_type, ())
+        ff = IA3_FEEDFORWARD.get(model.model_type, ()) if not setup.lora.targets else ()
+        ia3 = frozenset(l.qualname for l in model.linears if _matches(l, t))
+        ia3_ff = frozenset(l.qualname for l in model.linears if _matches(l, ff))
+    drop = model.dropout if setup.dropout is None else (model.dropout if setup.dropout else 0.0)
+    return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=p.param_bytes, w_train=w_train, lora=lora,
+               lora_bytes=4, ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA, dropout=drop,
+               attention=setup.attention, seq=setup.seq)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Saved-for-backward bytes of one micro-batch."""
+
+    per_block: tuple[int, ...]  # bytes saved by each block, first to last (decoder blocks after encoder blocks)
+    outside: int  # embeddings, final norm, LM head input, log-softmax output
+    block_input: int  # bytes of one block's input (what full checkpointing keeps per block)
+    recompute: int  # the largest block's full activations, rebuilt during its backward under checkpointing
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_block) + self.outside
+
+
+def _block_bytes(model, setup, stack, w_train, trains_below, cross=False) -> int:
+    ctx = make_ctx(model, setup, w_train)
+    saved = block_saved(model, ctx, stack, cross)
+    if setup.checkpointing is Checkpointing.SELECTIVE:
+        saved.sq.clear()  # selective recomputation drops the attention core's s² tensors
+    if not trains_below and not w_train and not ctx.lora and not ctx.ia3:
+        return 0
+    return int(saved.total(setup.seq) * setup.tokens)
+
+
+def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
+    peft = setup.peft
+    full = peft in (PeftMethod.FULL,)
+    keep = setup.train_layers if peft is PeftMethod.FREEZE else None
+    r = 4 if setup.precision.autocast else setup.precision.param_bytes
+    blocks: list[int] = []
+    needs_grad_input = peft in (PeftMethod.FULL, PeftMethod.PROMPT, PeftMethod.PREFIX)  # embeddings/prompt train
+    stacks = ([(Stack.ENCODER, model.encoder_layers, False)] if model.encoder_layers else []) + [
+        (Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER, model.layers,
+         model.arch is Arch.ENCODER_DECODER)]
+    total_blocks = model.blocks
+    idx = 0
+    for stack, n, cross in stacks:
+        for _ in range(n):
+            idx += 1
+            if keep is not None:
+                trains = idx > total_blocks - keep
+                nb = _block_bytes(model, setup, stack, trains, trains_below=False, cross=cross) if trains else 0
+            elif peft is PeftMethod.BITFIT:
+                nb = _block_bytes(model, setup, stack, True, True, cross)
+            else:
+                nb = _block_bytes(model, setup, stack, full, needs_grad_input or not full, cross)
+            blocks.append(nb)
+    outside = _outside_bytes(model, setup)
+    block_input = r * model.hidden * setup.tokens
+    recompute = max(blocks) if blocks else 0
+    if setup.checkpointing is Checkpointing.FULL:
+        blocks = [block_input if b else 0 for b in blocks]
+    return Activations(tuple(blocks), outside, block_input, recompute if setup.checkpointing is Checkpointing.FULL else 0)
+
+
+def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
+    """Embedding indices, final norm, LM head input and the fp32 log-softmax output the loss saves."""
+    t, h, v = setup.tokens, model.hidden, model.vocab
+    c = setup.precision.compute_bytes
+    r = 4 if setup.precision.autocast else setup.precision.param_bytes
+    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE)
+    out = 8 * t  # embedding saves the int64 token ids
+    out += (4 * h + 4) * t  # final norm: fp32 input copy and rstd
+    if head_trains:
+        out += (r + c) * h * t  # norm output kept for its weight's gradient, and the LM head's input cast
+    out += 4 * v * t  # log_softmax output in fp32
+    return out

@@ -1,0 +1,179 @@
+"""Parameter groups of a model under a setup: base tensors (trainable or frozen, full or NF4) and adapters.
+
+A ParamGroup is `count` tensors of `numel` elements. Sums over the groups give total and trainable counts;
+weights.py turns them into bytes. PEFT counts follow peft 0.21 (tests compare with peft on the meta device).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.errors import MemplanError
+from memplan.spec.model import Linear, ModelSpec, Role, Stack, TensorKind
+from memplan.spec.setup import PeftMethod, TrainingSetup
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    name: str
+    numel: int  # elements of one tensor
+    count: int
+    trainable: bool
+    adapter: bool = False  # added by PEFT (kept in the model dtype)
+    nf4: bool = False  # stored as bitsandbytes NF4 (QLoRA base)
+    matmul: bool = False  # a weight used in a matmul (autocast casts it)
+
+    @property
+    def total(self) -> int:
+        return self.numel * self.count
+
+
+# peft 0.21 utils/constants.py: TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+LORA_DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "mixtral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "bloom": ("query_key_value",), "bert": ("query", "value"),
+    "t5": ("q", "v"),
+}
+# peft 0.21: TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._IA3_FEEDFORWARD_MODULES_MAPPING
+IA3_DEFAULT_TARGETS = {
+    "llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
+    "mixtral": ("k_proj", "v_proj", "w2"), "qwen2": ("q_proj", "v_proj", "down_proj"),
+    "gemma": ("q_proj", "v_proj", "down_proj"), "phi": ("q_proj", "v_proj", "fc2"),
+    "gpt2": ("c_attn", "mlp.c_proj"), "opt": ("q_proj", "k_proj", "fc2"),
+    "bloom": ("query_key_value", "mlp.dense_4h_to_h"), "bert": ("key", "value", "output.dense"),
+    "t5": ("k", "v", "wo"),
+}
+IA3_FEEDFORWARD = {
+    "llama": ("down_proj",), "mistral": ("down_proj",), "mixtral": ("w2",), "qwen2": ("down_proj",),
+    "gemma": ("down_proj",), "phi": ("fc2",), "gpt2": ("mlp.c_proj",), "opt": ("fc2",),
+    "bloom": ("mlp.dense_4h_to_h",), "bert": ("output.dense",), "t5": ("wo",),
+}
+
+
+def _matches(lin: Linear, targets: tuple[str, ...]) -> bool:
+    """peft's rule: a module matches when its dotted name ends with '.' + target (or equals it)."""
+    if "all-linear" in targets:
+        return lin.role is not Role.HEAD
+    q = "." + lin.qualname
+    return any(q.endswith("." + t) for t in targets)
+
+
+def lora_targets(model: ModelSpec, setup: TrainingSetup) -> tuple[Linear, ...]:
+    targets = setup.lora.targets or LORA_DEFAULT_TARGETS.get(model.model_type, ())
+    if not targets:
+        raise MemplanError(f"no default LoRA targets for model_type {model.model_type}: pass --lora-targets")
+    hit = tuple(l for l in model.linears if _matches(l, targets))
+    if not hit:
+        raise MemplanError(
+            f"--lora-targets {','.join(targets)} match no linear layer of {model.name} "
+            f"(its layers: {', '.join(model.linear_names())})")
+    return hit
+
+
+def _block_split(count: int, stack: Stack, model: ModelSpec, keep: int) -> tuple[int, int]:
+    """(trainable, frozen) split of `count` tensors of `stack` when only the last `keep` blocks train
+    (the decoder's last blocks in an encoder-decoder model, whose encoder then stays frozen)."""
+    if stack is Stack.OUTSIDE:
+        return count, 0
+    if stack is Stack.ENCODER and model.encoder_layers:
+        return 0, count
+    blocks = model.layers
+    per_block = count // blocks
+    if per_block == 0:  # a first-block-only tensor (T5's relative_attention_bias)
+        return (count, 0) if keep >= blocks else (0, count)
+    t = min(keep, blocks) * per_block
+    return t, count - t
+
+
+def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
+    peft = setup.peft
+    base_frozen = peft not in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
+    out: list[ParamGroup] = []
+
+    def add(name, numel, count, stack, trainable, nf4=False, matmul=False):
+        if peft is PeftMethod.FREEZE and trainable:
+            t, f = _block_split(count, stack, model, setup.train_layers)
+            if f:
+                out.append(ParamGroup(name, numel, f, False, nf4=nf4, matmul=matmul))
+            count = t
+        if count:
+            out.append(ParamGroup(name, numel, count, trainable, nf4=nf4, matmul=matmul))
+
+    quant = peft is PeftMethod.QLORA
+    for l in model.linears:
+        w_train = not base_frozen and peft is not PeftMethod.BITFIT
+        if peft is PeftMethod.FREEZE and l.role is Role.HEAD:
+            w_train = True  # the head always trains under --peft freeze
+        add(f"{l.qualname}.weight", l.weight_numel, l.count, l.stack, w_train,
+            nf4=quant and l.role is not Role.HEAD, matmul=True)
+        if l.bias:
+            add(f"{l.qualname}.bias", l.out_features, l.count, l.stack, not base_frozen or peft is PeftMethod.BITFIT)
+    for t in model.tensors:
+        train = not base_frozen and (peft is not PeftMethod.BITFIT or t.kind is TensorKind.BIAS)
+        if peft is PeftMethod.FREEZE and t.stack is Stack.OUTSIDE:
+            # head only: the final norm and, for tied models, the embedding that is the LM head
+            train = t.kind is not TensorKind.EMBEDDING or (model.tie_embeddings and t.name.endswith(
+                ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight")))
+            add(t.name, t.numel, t.count, t.stack, train, matmul=t.kind is TensorKind.EMBEDDING and model.tie_embeddings)
+            continue
+        add(t.name, t.numel, t.count, t.stack, train,
+            matmul=t.kind is TensorKind.EMBEDDING and model.tie_embeddings and t is _tied_embedding(model))
+    return out
+
+
+def _tied_embedding(model: ModelSpec):
+    """The token embedding (first EMBEDDING tensor): the LM head's weight when embeddings are tied."""
+    return next((t for t in model.tensors if t.kind is TensorKind.EMBEDDING), None)
+
+
+def _adapter_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
+    peft, r = setup.peft, setup.lora.rank
+    out: list[ParamGroup] = []
+    if peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
+        for l in lora_targets(model, setup):
+            out.append(ParamGroup(f"{l.qualname}.lora_A", r * l.in_features, l.count, True, adapter=True, matmul=True))
+            out.append(ParamGroup(f"{l.qualname}.lora_B", l.out_features * r, l.count, True, adapter=True, matmul=True))
+            if peft is PeftMethod.DORA:
+                out.append(ParamGroup(f"{l.qualname}.lora_magnitude", l.out_features, l.count, True, adapter=True))
+    elif peft is PeftMethod.IA3:
+        targets = setup.lora.targets or IA3_DEFAULT_TARGETS.get(model.model_type, ())
+        ff = IA3_FEEDFORWARD.get(model.model_type, ()) if not setup.lora.targets else ()
+        hit = [l for l in model.linears if _matches(l, targets)]
+        if not hit:
+            raise MemplanError(f"(IA)3 targets {','.join(targets) or '(none)'} match no layer of {model.name}")
+        for l in hit:
+            n = l.in_features if _matches(l, ff) else l.out_features
+            out.append(ParamGroup(f"{l.qualname}.ia3_l", n, l.count, True, adapter=True))
+    elif peft is PeftMethod.PROMPT:
+        subs = 2 if model.encoder_layers else 1  # peft: num_transformer_submodules = 2 for seq2seq
+        out.append(ParamGroup("prompt_embeddings", setup.num_virtual_tokens * subs * model.hidden, 1, True,
+                              adapter=True))
+    elif peft is PeftMethod.PREFIX:
+        # peft PrefixEncoder: Embedding(num_virtual_tokens, num_layers * 2 * token_dim); token_dim is the
+        # key/value width (kv_heads * head_dim) when the config names num_key_value_heads (peft #1901).
+        token_dim = model.kv_dim if "num_key_value_heads" in model.hf_config else model.hidden
+        layers = model.encoder_layers or model.layers
+        out.append(ParamGroup("prefix_embeddings", setup.num_virtual_tokens * layers * 2 * token_dim, 1, True,
+                              adapter=True))
+    elif peft is PeftMethod.ADAPTER:
+        # Houlsby bottleneck adapter after attention and after the MLP of every block:
+        # down (h×m + m) and up (m×h + h) = 2hm + m + h parameters each.
+        m, h = setup.adapter_size, model.hidden
+        out.append(ParamGroup("adapter.down.weight", h * m, 2 * model.blocks, True, adapter=True, matmul=True))
+        out.append(ParamGroup("adapter.down.bias", m, 2 * model.blocks, True, adapter=True))
+        out.append(ParamGroup("adapter.up.weight", m * h, 2 * model.blocks, True, adapter=True, matmul=True))
+        out.append(ParamGroup("adapter.up.bias", h, 2 * model.blocks, True, adapter=True))
+    return out
+
+
+def param_groups(model: ModelSpec, setup: TrainingSetup) -> tuple[ParamGroup, ...]:
+    return tuple(_base_groups(model, setup) + _adapter_groups(model, setup))
+
+
+def trainable_params(groups) -> int:
+    return sum(g.total for g in groups if g.trainable)
+
+
+def base_params(groups) -> int:
+    """Parameters of the model itself (adapters excluded): what `total_params` reports as the model size."""
+    return sum(g.total for g in groups if not g.adapter)

@@ -1,0 +1,93 @@
+"""Model-state bytes per GPU: weights, fp32 master weights, gradients, optimizer states, after ZeRO and offload."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.estimate.optimizer import state_bytes
+from memplan.estimate.params import ParamGroup
+from memplan.estimate.quant import nf4_bytes
+from memplan.estimate.result import ModelStates
+from memplan.spec.setup import Precision, TrainingSetup
+from memplan.units import round_block
+
+# peft's default autocast_adapter_dtype=True keeps adapter weights in fp32 whatever the base dtype
+# (peft/tuners/tuners_utils.py, BaseTuner._cast_adapter_dtype).
+ADAPTER_BYTES = 4
+
+
+def weight_bytes_per(g: ParamGroup, setup: TrainingSetup) -> int:
+    """Allocated bytes of one tensor of group g as stored on the GPU."""
+    if g.nf4:
+        return nf4_bytes(g.numel, setup.lora.double_quant)
+    return round_block(g.numel * (ADAPTER_BYTES if g.adapter else setup.precision.param_bytes))
+
+
+def grad_dtype_bytes(g: ParamGroup, p: Precision) -> int:
+    return ADAPTER_BYTES if g.adapter else p.param_bytes
+
+
+def state_dtype_bytes(g: ParamGroup, p: Precision) -> int:
+    """Optimizer states live in the dtype of the tensor the optimizer steps (fp32 master copies if any)."""
+    return 4 if (p.master_weights or g.adapter) else p.param_bytes
+
+
+def has_master(g: ParamGroup, p: Precision) -> bool:
+    return p.master_weights and g.trainable and not g.adapter
+
+
+@dataclass(frozen=True)
+class Unsharded:
+    """Model-state bytes of the whole model on one device, before sharding."""
+
+    weights: int
+    master: int
+    grads: int
+    optimizer: int
+    trainable_state_dtype: int  # trainable elements × state dtype bytes (foreach step temporaries)
+    largest_trainable: int  # largest trainable tensor in state dtype bytes (for-loop temporaries)
+    fp32_grad_copy: int  # master-weight precisions: the fp32 gradient the step reads
+
+
+def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> Unsharded:
+    p, opt = setup.precision, setup.optimizer
+    w = m = gr = o = ts = lt = f32 = 0
+    for g in groups:
+        w += weight_bytes_per(g, setup) * g.count
+        if not g.trainable:
+            continue
+        gr += round_block(g.numel * grad_dtype_bytes(g, p)) * g.count
+        sb = state_dtype_bytes(g, p)
+        shape = None
+        o += state_bytes(opt, g.numel, sb, shape) * g.count
+        ts += round_block(g.numel * sb) * g.count
+        lt = max(lt, round_block(g.numel * sb))
+        if has_master(g, p):
+            m += round_block(g.numel * 4) * g.count
+            f32 += round_block(g.numel * 4) * g.count
+    return Unsharded(w, m, gr, o, ts, lt, f32)
+
+
+def _shard(nbytes: int, n: int) -> int:
+    return -(-nbytes // n)
+
+
+def model_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
+    """Per-GPU steady-state model states: ZeRO-1 shards master + optimizer, ZeRO-2 also gradients, ZeRO-3 also
+    weights (Rajbhandari et al. 2019, Fig. 1); offload moves the optimizer side (and with it the gradient
+    partitions, as DeepSpeed ZeRO-Offload does) or the parameters to CPU RAM."""
+    n, z = setup.shards, setup.zero
+    weights = _shard(u.weights, n) if z >= 3 else u.weights
+    master = _shard(u.master, n) if z >= 1 else u.master
+    opt = _shard(u.optimizer, n) if z >= 1 else u.optimizer
+    grads = _shard(u.grads, n) if z >= 2 else u.grads
+    if setup.gpus > 1 and z == 0:
+        grads *= 2  # DDP keeps its own flat gradient buckets beside param.grad (gradient_as_bucket_view=False)
+    cpu = 0
+    if setup.offload_optimizer:
+        cpu += master + opt + _shard(u.trainable_state_dtype, n)  # gradient partition in the stepped dtype
+        master = opt = 0
+        grads = 0
+    if setup.offload_params:
+        cpu += weights
+        weights = 0
+    return ModelStates(weights, master, grads, opt, cpu)
