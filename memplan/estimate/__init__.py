@@ -41,7 +41,11 @@ def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup) ->
     if not setup.precision.autocast:
         return 0
     c = setup.precision.compute_bytes
-    return sum(round_block(g.numel * c) * g.count for g in groups if g.matmul and not g.nf4)
+    # Trainable weights' casts are cached for the forward; frozen ones are re-cast per use and kept only where a
+    # gradient flows through their matmul (saved for grad_input) — never under --peft freeze's frozen blocks.
+    flows = setup.peft is not PeftMethod.FREEZE
+    return sum(round_block(g.numel * c) * g.count for g in groups
+               if g.matmul and not g.nf4 and (g.trainable or flows))
 
 
 def _dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:

@@ -9,6 +9,7 @@ per token; attention's s² terms are bytes per token per key position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from memplan.estimate.params import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, _matches, lora_targets
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
@@ -50,7 +51,6 @@ class Ctx:
     dora: bool
     dropout: float
     attention: Attention
-    seq: int
 
 
 class _Block:
@@ -214,7 +214,12 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
 
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
-    p = setup.precision
+    return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, w_train)
+
+
+@lru_cache(maxsize=4096)
+def _ctx(model, p, peft, lora_cfg, dropout, attention, w_train) -> Ctx:
+    setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention)
     peft = setup.peft
     lora = frozenset()
     if peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
@@ -228,7 +233,7 @@ def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
     drop = model.dropout if setup.dropout is None else (model.dropout if setup.dropout else 0.0)
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=p.param_bytes, w_train=w_train, lora=lora,
                lora_bytes=4, ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA, dropout=drop,
-               attention=setup.attention, seq=setup.seq)
+               attention=setup.attention)
 
 
 @dataclass(frozen=True)
@@ -245,45 +250,50 @@ class Activations:
         return sum(self.per_block) + self.outside
 
 
-def _block_bytes(model, setup, stack, w_train, trains_below, cross=False) -> int:
-    ctx = make_ctx(model, setup, w_train)
+@lru_cache(maxsize=8192)
+def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, selective: bool) -> tuple[float, float]:
+    """(bytes per token, bytes per token per key position) one block saves; cached, the walk is the slow part."""
     saved = block_saved(model, ctx, stack, cross)
-    if setup.checkpointing is Checkpointing.SELECTIVE:
+    if selective:
         saved.sq.clear()  # selective recomputation drops the attention core's s² tensors
-    if not trains_below and not w_train and not ctx.lora and not ctx.ia3:
-        return 0
-    return int(saved.total(setup.seq) * setup.tokens)
+    return sum(saved.lin.values()), sum(saved.sq.values())
+
+
+def _block_bytes(model, setup, stack, w_train, cross=False) -> int:
+    """Bytes one block saves. A block saves nothing when no gradient flows through it: frozen, no adapter,
+    and nothing below it trains (--peft freeze below the trained blocks)."""
+    ctx = make_ctx(model, setup, w_train)
+    lin, sq = _block_rates(model, ctx, stack, cross, setup.checkpointing is Checkpointing.SELECTIVE)
+    return int((lin + setup.seq * sq) * setup.tokens)
+
+
+def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
+    """(stack, blocks, has cross-attention) from the first block to the last."""
+    enc = [(Stack.ENCODER, model.encoder_layers, False)] if model.encoder_layers else []
+    main = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER
+    return enc + [(main, model.layers, model.arch is Arch.ENCODER_DECODER)]
 
 
 def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     peft = setup.peft
-    full = peft in (PeftMethod.FULL,)
-    keep = setup.train_layers if peft is PeftMethod.FREEZE else None
     r = 4 if setup.precision.autocast else setup.precision.param_bytes
+    w_train = peft in (PeftMethod.FULL, PeftMethod.BITFIT)  # BitFit's biases need the same saved inputs
+    keep = setup.train_layers if peft is PeftMethod.FREEZE else model.blocks
+    first_trained = model.blocks - keep
     blocks: list[int] = []
-    needs_grad_input = peft in (PeftMethod.FULL, PeftMethod.PROMPT, PeftMethod.PREFIX)  # embeddings/prompt train
-    stacks = ([(Stack.ENCODER, model.encoder_layers, False)] if model.encoder_layers else []) + [
-        (Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER, model.layers,
-         model.arch is Arch.ENCODER_DECODER)]
-    total_blocks = model.blocks
     idx = 0
-    for stack, n, cross in stacks:
-        for _ in range(n):
-            idx += 1
-            if keep is not None:
-                trains = idx > total_blocks - keep
-                nb = _block_bytes(model, setup, stack, trains, trains_below=False, cross=cross) if trains else 0
-            elif peft is PeftMethod.BITFIT:
-                nb = _block_bytes(model, setup, stack, True, True, cross)
-            else:
-                nb = _block_bytes(model, setup, stack, full, needs_grad_input or not full, cross)
-            blocks.append(nb)
+    for stack, n, cross in _stacks(model):
+        trained = max(0, min(n, idx + n - first_trained))  # how many of this stack's blocks train
+        frozen_n = n - trained
+        nb = _block_bytes(model, setup, stack, w_train or peft is PeftMethod.FREEZE, cross) if trained else 0
+        blocks += [0] * frozen_n + [nb] * trained
+        idx += n
     outside = _outside_bytes(model, setup)
     block_input = r * model.hidden * setup.tokens
-    recompute = max(blocks) if blocks else 0
+    recompute = max(blocks, default=0)
     if setup.checkpointing is Checkpointing.FULL:
-        blocks = [block_input if b else 0 for b in blocks]
-    return Activations(tuple(blocks), outside, block_input, recompute if setup.checkpointing is Checkpointing.FULL else 0)
+        return Activations(tuple(block_input if b else 0 for b in blocks), outside, block_input, recompute)
+    return Activations(tuple(blocks), outside, block_input, 0)
 
 
 def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
