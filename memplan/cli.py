@@ -159,13 +159,18 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
              context_mib: Annotated[Optional[int], typer.Option(
                  "--context-mib", help="Override the CUDA context size (MiB) counted at the device level.")] = None,
              fragmentation: Annotated[Optional[float], typer.Option(
-                 "--fragmentation", help="Override the reserved/allocated fragmentation fraction.")] = None):
+                 "--fragmentation", help="Override the reserved/allocated fragmentation fraction.")] = None,
+             exact: Annotated[bool, typer.Option(
+                 "--exact", help="Trace the real step on fake tensors instead (same as `memplan trace`).")] = False):
     """Estimate per-GPU memory of a training setup (analytical, instant, offline, no GPU).
 
     Example: memplan estimate --model llama-7b --adam --bf16 --zero3 --gpus 8 --gpu h100-sxm
     """
     from memplan.estimate import Overhead, estimate_spec
 
+    if exact:
+        _trace_and_emit(model, gpu, setup, fmt, None)
+        return
     kw = {}
     if context_mib is not None:
         if context_mib < 0:
@@ -176,6 +181,49 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
             raise MemplanError("--fragmentation must be in [0, 10)")
         kw["fragmentation"] = fragmentation
     emit(estimate_spec(model, setup, gpu, Overhead(**kw)), fmt)
+
+
+def _trace_and_emit(model, gpu, setup, fmt, timeline_path):
+    from dataclasses import replace
+
+    from memplan.trace import trace as run_trace, write_timeline
+
+    if timeline_path is not None:
+        _check_writable(timeline_path)
+    result, rows = run_trace(model, setup, timeline=timeline_path is not None)
+    if gpu is not None:
+        result = replace(result, gpu=gpu)
+    emit(result, fmt)
+    if timeline_path is not None:
+        write_timeline(rows, timeline_path)
+        typer.echo(f"timeline: {len(rows)} rows -> {timeline_path}", err=True)
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any work when an output path cannot be written."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or os.path.isdir(path):
+        raise MemplanError(f"cannot write {path}")
+    if not path.endswith((".csv", ".json")):
+        raise MemplanError(f"--timeline {path}: use a .csv or .json file name")
+
+
+@app.command()
+@with_setup_options
+def trace(model, gpu, setup, fmt: FormatOpt = Format.table,
+          timeline: Annotated[Optional[str], typer.Option(
+              "--timeline", help="Write the live-bytes timeline by category (CSV or JSON, by suffix).")] = None):
+    """Trace the real training step (transformers + peft + torch optimizer) on fake CPU tensors: exact bytes.
+
+    Needs the torch extra. Example: memplan trace --model llama-2-7b --peft lora --batch 4 --seq 2048
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise MemplanError("memplan trace needs torch, transformers and peft: pip install 'memplan[torch]'") from None
+    _trace_and_emit(model, gpu, setup, fmt, timeline)
 
 
 @profiles_app.command("list")

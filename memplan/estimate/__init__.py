@@ -61,7 +61,9 @@ def _loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
     logits = round_block(t * v * c)
     upcast = round_block(t * v * 4) if c != 4 else 0
     fwd = logits + upcast  # the returned logits and the fp32 copy alive while log_softmax runs
-    bwd = logits + 2 * round_block(t * v * 4)  # nll grad and log_softmax grad, both fp32
+    # backward: nll_loss's grad and log_softmax's grad, both fp32 (the training loop no longer holds the
+    # model outputs, as in transformers' Trainer.training_step)
+    bwd = 2 * round_block(t * v * 4)
     return fwd, bwd
 
 
@@ -70,7 +72,9 @@ def _zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple
     prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter."""
     if setup.shards == 1:
         return 0, 0
-    per_block_w = u.weights // max(model.blocks, 1)
+    # FSDP MixedPrecision / DeepSpeed gather parameters in the compute dtype
+    gathered = u.weights * setup.precision.compute_bytes // setup.precision.param_bytes
+    per_block_w = gathered // max(model.blocks, 1)
     per_block_g = u.grads // max(model.blocks, 1)
     fwd = 2 * per_block_w if setup.zero == 3 else 0
     bwd = fwd + (per_block_g if setup.zero >= 2 else 0)
@@ -102,7 +106,8 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
     """Category bytes at the peak inside each phase."""
     base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
     accum_grads = ms.gradients if setup.grad_accum > 1 else 0
-    half = _half_weight_copies(groups, setup)
+    # under ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b)
+    half = 0 if (setup.zero == 3 and setup.shards > 1) else _half_weight_copies(groups, setup)
     deq = _dequant_temp(groups, setup)
     loss_f, loss_b = _loss_bytes(model, setup)
     z_f, z_b = _zero_buffers(model, setup, u)
