@@ -57,7 +57,7 @@ def _dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 def _loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
     """(forward, backward) transient bytes of the logits and loss beyond the saved log-softmax output.
     transformers' ForCausalLMLoss upcasts logits to fp32; cross_entropy = log_softmax + nll_loss."""
-    t, v, c = setup.tokens, model.vocab, setup.precision.compute_bytes
+    t, v, c = setup.model_tokens, model.vocab, setup.precision.compute_bytes
     logits = round_block(t * v * c)
     upcast = round_block(t * v * 4) if c != 4 else 0
     fwd = logits + upcast  # the returned logits and the fp32 copy alive while log_softmax runs
@@ -119,7 +119,7 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
              C.TEMPORARIES: (0 if ckpt else half) + deq + loss_b + z_b}
     if ckpt:  # the first block's recomputed activations while its backward runs
         rec = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total + acts.recompute,
-               C.TEMPORARIES: deq + z_b + round_block(setup.tokens * model.vocab * setup.precision.compute_bytes)}
+               C.TEMPORARIES: deq + z_b + round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)}
         if sum(rec.values()) > sum(start.values()):
             start = rec
     end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0, C.TEMPORARIES: z_b}

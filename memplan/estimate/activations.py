@@ -15,9 +15,10 @@ from memplan.estimate.params import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, _match
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
 
-# Python-level activations that save several tensors (transformers/activations.py):
-# NewGELU (gelu_new) = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) saves x, tanh, 0.5·x, (1 + tanh).
-ACT_SAVES = {"gelu_new": 4, "gelu_fast": 4, "quick_gelu": 2}
+# transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
+# 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·pow(x, 3)))) saves pow's input, tanh's output, 0.5·x and (1 + tanh);
+# under autocast pow runs in fp32 (autocast's fp32 list), which makes the first, second and fourth fp32.
+TANH_GELUS = ("gelu_new", "gelu_fast")
 DEFAULT_ACT = {"gpt2": "gelu_new", "phi": "gelu_new", "opt": "relu", "bloom": "bloom_gelu", "bert": "gelu",
                "t5": "relu"}
 
@@ -136,8 +137,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     # attention projections
     if Role.QKV in L:
         qkv = b.linear(L[Role.QKV], x, {})
-        q_key = k_key = v_key = qkv[0]
-        q_b = k_b = v_b = c * (model.q_dim + 2 * model.kv_dim) / 3
+        q_key = k_key = v_key = qkv[0]  # q, k, v are views of one fused output: one storage
+        q_b = k_b = v_b = c * (model.q_dim + 2 * model.kv_dim)
     else:
         q = b.linear(L[Role.Q], x, {})
         k = b.linear(L[Role.K], x, {})
@@ -198,19 +199,38 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         if Role.GATE not in L:
             s.add("moe_out", k_exp * c * h)
     else:
-        up = b.linear(L[Role.UP], x3, {})
-        act = _act_name(model)
-        n_saved = ACT_SAVES.get(act, 1)
-        for j in range(n_saved):
-            s.add(f"act{j}", c * i)
-        b.linear(L[Role.DOWN], ("act0" if n_saved == 1 else "act_out", c), {})
-        if L[Role.DOWN].qualname in ctx.lora or ctx.w_train:
-            s.add("act_final", c * i if n_saved > 1 else 0)
+        b.linear(L[Role.UP], x3, {})
+        _plain_mlp(s, b, ctx, model, L[Role.DOWN])
     if ctx.dropout:
         b.dropout("mlp_drop", h, model.dropout)
     if not pre_norm:
         b.norm("ln_post2", ("resid_sum2", r), h, rms)
     return s
+
+
+def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -> None:
+    """fc1 -> activation -> fc2 (GPT-2, OPT, BERT, Phi, BLOOM, T5): what the activation and fc2 save."""
+    c, i = ctx.c, model.intermediate
+    down_saves = ctx.w_train or down.qualname in ctx.lora or down.qualname in ctx.ia3_ff
+    act = _act_name(model)
+    if act in TANH_GELUS:
+        f = 4 if ctx.autocast else c
+        s.add("gelu_pow_in", f * i)
+        s.add("gelu_tanh", f * i)
+        s.add("gelu_half_x", c * i)
+        s.add("gelu_one_plus", f * i)
+        if down_saves:
+            s.add("act_out", c * i)  # the product (cast back to the compute dtype for fc2 under autocast)
+    elif act == "relu":
+        s.add("act_out", c * i)  # relu saves its output, the same tensor fc2 saves
+    else:  # gelu / bloom_gelu / silu: the activation saves its input, fc2 its output
+        s.add("act_in", c * i)
+        if down_saves:
+            s.add("act_out", c * i)
+    if model.model_type == "t5" and ctx.dropout and model.dropout > 0:
+        s.add("ff_drop_mask", i)  # T5DenseActDense: dropout between the activation and wo
+        if down_saves:
+            s.add("act_out", c * i)
 
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
@@ -264,7 +284,7 @@ def _block_bytes(model, setup, stack, w_train, cross=False) -> int:
     and nothing below it trains (--peft freeze below the trained blocks)."""
     ctx = make_ctx(model, setup, w_train)
     lin, sq = _block_rates(model, ctx, stack, cross, setup.checkpointing is Checkpointing.SELECTIVE)
-    return int((lin + setup.seq * sq) * setup.tokens)
+    return int((lin + setup.model_seq * sq) * setup.model_tokens)
 
 
 def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
@@ -289,7 +309,7 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         blocks += [0] * frozen_n + [nb] * trained
         idx += n
     outside = _outside_bytes(model, setup)
-    block_input = r * model.hidden * setup.tokens
+    block_input = r * model.hidden * setup.model_tokens
     recompute = max(blocks, default=0)
     if setup.checkpointing is Checkpointing.FULL:
         return Activations(tuple(block_input if b else 0 for b in blocks), outside, block_input, recompute)
@@ -297,14 +317,23 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
 
 
 def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
-    """Embedding indices, final norm, LM head input and the fp32 log-softmax output the loss saves."""
-    t, h, v = setup.tokens, model.hidden, model.vocab
-    c = setup.precision.compute_bytes
-    r = 4 if setup.precision.autocast else setup.precision.param_bytes
-    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE)
-    out = 8 * t  # embedding saves the int64 token ids
-    out += (4 * h + 4) * t  # final norm: fp32 input copy and rstd
-    if head_trains:
-        out += (r + c) * h * t  # norm output kept for its weight's gradient, and the LM head's input cast
-    out += 4 * v * t  # log_softmax output in fp32
-    return out
+    """Per micro-batch: token ids, embedding dropout, final norm, LM head input, and the fp32 log-softmax
+    output the loss saves (transformers upcasts logits to fp32 before cross_entropy)."""
+    h, v = model.hidden, model.vocab
+    p = setup.precision
+    c, r = p.compute_bytes, (4 if p.autocast else p.param_bytes)
+    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
+    drop = model.dropout if setup.dropout is not False else 0.0
+    out = 8  # nn.Embedding saves the int64 token ids
+    if drop > 0:
+        out += h  # embedding dropout's bool mask
+    if model.norm == "rmsnorm":
+        out += (4 * h if r != 4 else 0) + 4 + (r * h if head_trains else 0)  # fp32 copy (else the residual), rstd, y
+    else:
+        out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
+    if head_trains or True:  # the LM head's input: the norm output (autocast: its half cast)
+        out += c * h if p.autocast else r * h
+    if model.model_type == "bert":
+        out += 3 * c * h + 8  # MLM transform: dense input, GELU input, LayerNorm input and stats
+    out += 4 * v  # log_softmax output, fp32
+    return out * setup.model_tokens

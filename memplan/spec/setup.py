@@ -172,6 +172,15 @@ class TrainingSetup:
         return self.batch * self.seq
 
     @property
+    def model_seq(self) -> int:
+        """Positions the model runs over: prompt tuning prepends its virtual tokens to every sequence."""
+        return self.seq + (self.num_virtual_tokens if self.peft is PeftMethod.PROMPT else 0)
+
+    @property
+    def model_tokens(self) -> int:
+        return self.batch * self.model_seq
+
+    @property
     def shards(self) -> int:
         """How many ways ZeRO partitions states: 1 when stage 0 or a single GPU."""
         return self.gpus if self.zero > 0 else 1

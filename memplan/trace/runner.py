@@ -1,0 +1,318 @@
+"""Run a setup's real training step on fake (or real) CPU tensors under the allocation tracker."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from memplan.categories import Category, Phase
+from memplan.errors import MemplanError
+from memplan.estimate.result import ModelStates, Peak, Result
+from memplan.spec.model import ModelSpec
+from memplan.spec.setup import Precision, TrainingSetup
+from memplan.trace import cuda
+from memplan.trace.build import Built, build, materialize
+from memplan.trace.qlora import NF4Linear
+from memplan.trace.step import TrainLoop
+from memplan.trace.timeline import TimelineRow
+from memplan.trace.tracker import ACT, CATEGORY, DEQ, DETAIL, G, INPUT, MW, OS, W, AllocTracker, Rec
+
+ITERATIONS = 2  # the first builds optimizer state; the second is the steady state reported
+
+
+@dataclass
+class TraceRun:
+    """Everything a trace produced: the Result, the timeline rows (when asked) and the raw records."""
+
+    result: Result
+    rows: list[TimelineRow]
+    tracker: AllocTracker
+    window: tuple[int, int]  # events (start, end] of the reported iteration
+    backward_seq: int  # event at which the reported iteration's (last) backward began
+    built: Built = field(repr=False)
+
+    def detail_at_peak(self) -> dict[str, int]:
+        """Bytes at the peak by category, temporaries split into sub-keys (weight casts, dequantized, ...)."""
+        out: dict[str, int] = {}
+        for tag, n in self.tracker.by_tag(self.tracker.peak_seq).items():
+            key = DETAIL.get(tag, CATEGORY[tag].value)
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def top_at_peak(self, n: int = 20, phase: Phase | None = None) -> list[Rec]:
+        """The largest allocations alive at the peak (of `phase`, if given)."""
+        seq = self.tracker.peak_seq if phase is None else self.tracker.phase_peak_seq[phase]
+        return sorted(self.tracker.live_at(seq), key=lambda r: -r.nbytes)[:n]
+
+    def mark_at(self, seq: int) -> str:
+        """The region (embed / blockN / head / ...backward) an event happened in."""
+        mark = ""
+        for s, _p, m in self.tracker.marks:
+            if s >= seq:
+                break
+            mark = m
+        return mark
+
+    def saved_by_mark(self) -> dict[str, int]:
+        """Activations (saved for backward) alive when the reported backward begins, by the forward region
+        (embed / blockN / final_norm / head / loss) that made them."""
+        out: dict[str, int] = {}
+        for r in self.tracker.live_at(self.backward_seq):
+            if r.tag == ACT:
+                out[r.mark] = out.get(r.mark, 0) + r.nbytes
+        return out
+
+
+_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+def _final_norm(built: Built):
+    """The norm after the last block (the last module so named outside the blocks), if any."""
+    inside = {id(m) for b in built.blocks for m in b.modules()}
+    found = None
+    for name, m in built.base.named_modules():
+        if name.rsplit(".", 1)[-1] in _FINAL_NORMS and id(m) not in inside:
+            found = m
+    return found
+
+
+def _install_marks(built: Built, tracker: AllocTracker) -> list:
+    handles = []
+
+    def regions():
+        emb = built.base.get_input_embeddings()
+        if emb is not None:
+            yield "embed", emb
+        for i, blk in enumerate(built.blocks):
+            yield f"block{i}", blk
+        norm = _final_norm(built)
+        if norm is not None:
+            yield "final_norm", norm
+        head = built.base.get_output_embeddings()
+        if head is not None:
+            yield "head", head
+
+    for label, mod in regions():
+        def pre(_m, _a, label=label):
+            tracker.set_mark(label)
+
+        def post(_m, _a, out, label=label):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda _g: tracker.set_mark(label + ".backward"))
+            if label == "head":  # what follows the LM head in forward is the loss (upcast, log_softmax, nll)
+                tracker.set_mark("loss")
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    return handles
+
+
+def _tag_tensors(tracker: AllocTracker, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        tracker.saved(obj)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            _tag_tensors(tracker, o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _tag_tensors(tracker, o)
+
+
+@contextlib.contextmanager
+def _checkpoint_tagging(model, tracker: AllocTracker):
+    """Under activation checkpointing, what is kept for backward is each block's inputs (held by the checkpoint)
+    and, during recomputation, what the recomputed block saves: tag both as activations."""
+    import torch.utils.checkpoint as cp
+
+    wrapped = []
+    for m in model.modules():
+        fn = m.__dict__.get("_gradient_checkpointing_func")
+        if fn is None:
+            continue
+
+        def ckpt(func, *args, _fn=fn, **kw):
+            _tag_tensors(tracker, args)
+            _tag_tensors(tracker, getattr(func, "keywords", {}))
+            return _fn(func, *args, **kw)
+
+        m._gradient_checkpointing_func = ckpt
+        wrapped.append((m, fn))
+    orig = cp._recomputation_hook
+
+    class _Tagging(orig):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            pack = self.pack_hook
+
+            def tagged(x):
+                tracker.saved(x)
+                return pack(x)
+            self.pack_hook = tagged
+
+    cp._recomputation_hook = _Tagging
+    try:
+        yield
+    finally:
+        cp._recomputation_hook = orig
+        for m, fn in wrapped:
+            m._gradient_checkpointing_func = fn
+
+
+@contextlib.contextmanager
+def _as_real_tensors():
+    """transformers refuses to skip the causal mask when it sees a FakeTensor (it assumes torch.export tracing,
+    where data cannot be read) and would then pass an explicit mask to SDPA: a different kernel and different
+    allocations than the real step. While tracing, fake tensors are reported as real; the data-dependent checks
+    this enables (e.g. "is the padding mask all ones") read 1 / True from the tracker."""
+    import transformers.utils.import_utils as iu
+
+    orig = getattr(iu, "is_fake_tensor", None)
+    if orig is None:  # older transformers: no such check
+        yield
+        return
+    iu.is_fake_tensor = lambda x: False
+    try:
+        yield
+    finally:
+        iu.is_fake_tensor = orig
+
+
+def _batch(spec: ModelSpec, setup: TrainingSetup) -> dict:
+    """Token ids and labels as a collator makes them (labels a separate tensor; shifted inside the loss)."""
+    b, s, v = setup.batch, setup.seq, spec.vocab
+    batch = {"input_ids": torch.randint(0, v, (b, s)), "labels": torch.randint(0, v, (b, s))}
+    if getattr(spec.arch, "value", spec.arch) == "encoder-decoder":
+        batch["decoder_input_ids"] = torch.randint(0, v, (b, s))
+    return batch
+
+
+def _rows(tracker: AllocTracker, start: int, end: int) -> list[TimelineRow]:
+    marks = [m for m in tracker.marks if m[0] <= end]
+    rows, mi, phase, mark = [], 0, Phase.LOAD, ""
+    cats = [Category.WEIGHTS, Category.MASTER_WEIGHTS, Category.GRADIENTS, Category.OPTIMIZER_STATES,
+            Category.ACTIVATIONS, Category.TEMPORARIES]
+    for seq, live in tracker.sweep(start, end):
+        while mi < len(marks) and marks[mi][0] < seq:
+            _, phase, m = marks[mi]
+            mark = m  # a phase change (m == "") clears the region
+            mi += 1
+        per = dict.fromkeys(cats, 0)
+        for tag, n in live.items():
+            per[CATEGORY[tag]] += n
+        vals = [per[c] for c in cats]
+        rows.append(TimelineRow(seq, phase.value, mark, *vals, sum(vals)))
+    return rows
+
+
+def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round_to: int = 512,
+              cuda_kernels: bool = True, timeline: bool = False,
+              observer: Callable | None = None) -> TraceRun:
+    """Trace two iterations of `setup` on `spec`; report the second.
+
+    fake=False runs the same step on real CPU tensors (small models: tests compare it with the fake run and
+    with MemTracker). round_to=1 counts raw bytes. cuda_kernels=False leaves out the CUDA attention-kernel
+    corrections (memplan.trace.cuda, item 4). observer(model, optimizer, batch) may return a context manager
+    entered around the reported iteration (e.g. a MemTracker, to compare its peak with result.peak).
+    """
+    with _quiet():
+        try:
+            return _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer)
+        except RuntimeError as exc:
+            if "Expected inputs of BF16 type" in str(exc):  # torch's grouped_mm (MoE experts) meta kernel
+                raise MemplanError(f"{spec.name} with {setup.precision.value} is not traceable: its MoE experts "
+                                   "run torch grouped_mm, whose fake-tensor kernel takes bf16 weights only; "
+                                   "trace --pure-bf16 or --bf16-master") from None
+            raise
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Library chatter (transformers config notes, deprecations) is not the trace's output."""
+    import warnings as w
+
+    import transformers
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a failing meta kernel, then raises
+    verbosity, level = transformers.logging.get_verbosity(), fake_log.level
+    transformers.logging.set_verbosity_error()
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with w.catch_warnings():
+            w.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        fake_log.setLevel(level)
+
+
+def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) -> TraceRun:
+    built = build(spec, setup)
+    tracker = AllocTracker(round_to=round_to, fake=fake, op_hooks=cuda.op_hooks() if cuda_kernels else None)
+    warnings = list(built.warnings)
+    if cuda_kernels and setup.precision is Precision.FP32 and setup.attention.value != "eager":
+        warnings.append("fp32 SDPA: CUDA memory-efficient kernel's backward scratch is not modelled")
+        if spec.kv_heads != spec.heads:
+            warnings.append("fp32 SDPA with grouped-query attention: CUDA's memory-efficient kernel rejects GQA "
+                            "and torch falls back to the math kernel (s² scores); the trace shows the fused kernel")
+    warnings.append("reserved = device = allocated: the trace has no allocator fragmentation or CUDA context")
+    with contextlib.ExitStack() as stack:
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(_as_real_tensors())
+        stack.enter_context(cuda.cuda_semantics(autocast=setup.precision.autocast))
+        stack.enter_context(tracker)
+        NF4Linear.tagger = lambda w: tracker.track(w, DEQ)
+        stack.callback(setattr, NF4Linear, "tagger", None)
+        for t in materialize(built.model, init_values=not fake):
+            tracker.track(t, W)
+        for h in _install_marks(built, tracker):
+            stack.callback(h.remove)
+        stack.enter_context(_checkpoint_tagging(built.model, tracker))
+        batch = _batch(spec, setup)
+        for t in batch.values():
+            tracker.track(t, INPUT)
+        loop = TrainLoop(built.model, setup, tracker, built.compute_dtype)
+        stack.callback(loop.close)
+        load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
+
+        def pack(x):
+            tracker.saved(x)
+            return x.detach() if x.requires_grad else x
+
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x))
+        for it in range(ITERATIONS - 1):
+            loop.iteration(batch)
+            if it == 0:
+                loop.tag_states()
+        start = tracker.start_window()
+        with observer(built.model, loop.optimizer, batch) if observer else contextlib.nullcontext():
+            loop.iteration(batch)
+        end = tracker.seq
+        backward_seq = max(s for s, p, m in tracker.marks if p is Phase.BACKWARD and m == "" and s <= end)
+        grads_seq = loop.grads_seq
+        del batch, loop
+
+    at_end, at_step = tracker.by_tag(end), tracker.by_tag(grads_seq)
+    states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
+                         gradients=at_step.get(G, 0), optimizer_states=at_end.get(OS, 0))
+    cats = tracker.categories_at(tracker.peak_seq)
+    p = tracker.peak
+    assert sum(cats.values()) == p, (cats, p)
+    result = Result(
+        model=spec.name, setup=setup, model_states=states, categories=cats,
+        peak=Peak(allocated_bytes=p, reserved_bytes=p, device_bytes=p, phase=tracker.peak_phase),
+        trainable_params=built.trainable_params, total_params=built.total_params,
+        phase_peaks={Phase.LOAD: load_peak, **tracker.phase_peaks}, tier="trace", warnings=tuple(warnings),
+    )
+    rows = _rows(tracker, start, end) if timeline else []
+    return TraceRun(result, rows, tracker, (start, end), backward_seq, built)
+
+
+def trace(model: ModelSpec, setup: TrainingSetup, timeline: bool = False) -> tuple[Result, list[TimelineRow]]:
+    run = trace_run(model, setup, timeline=timeline)
+    return run.result, run.rows

@@ -1,0 +1,149 @@
+"""One training iteration as a setup runs it: forward (with the loss), backward, optimizer step, zero_grad.
+
+Precision:
+  fp32                 fp32 parameters, no autocast.
+  fp16 / bf16          torch.autocast(device_type="cpu", dtype=half) around the forward (the loss included),
+                       over fp32 parameters; fp16 adds loss scaling (see `Scaler`).
+  fp16-/bf16-master    parameters and gradients in half precision; the optimizer owns fp32 master copies of the
+                       trainable parameters (created once, beside the model). At the step each half gradient is
+                       copied to an fp32 gradient on its master and freed, the optimizer steps the masters, the
+                       masters are copied back into the half parameters in place, and zero_grad frees the fp32
+                       gradients. (DeepSpeed's stage-0 FP16_Optimizer and Megatron keep the same states; their
+                       flat buffers differ only in allocator layout.)
+  pure-bf16            bf16 parameters, the optimizer steps them directly (states in bf16).
+Optimizers (one parameter group over all trainable parameters, foreach where CUDA would default to it):
+  adamw AdamW(foreach=True) · adamw-fused AdamW(fused=True) (torch has a CPU fused kernel; like CUDA's it keeps
+  no step temporaries) · adamw-forloop AdamW(foreach=False) · sgd SGD(foreach=True) · momentum
+  SGD(momentum=0.9, foreach=True) · adafactor torch.optim.Adafactor(foreach=True).
+The optimizer `step` counters of non-fused optimizers live on the host (torch keeps them on the CPU unless
+capturable / fused) and are not counted; fused ones live on the device and are.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from memplan.categories import Phase
+from memplan.spec.setup import Optimizer, Precision, TrainingSetup
+from memplan.trace.tracker import G, HOST, MW, OS, AllocTracker
+
+
+class Scaler:
+    """torch.amp.GradScaler's device tensors and ops (scale, growth tracker, inv_scale, found_inf), minus its
+    host sync (`found_inf.item()`: the step always runs)."""
+
+    def __init__(self, init_scale: float = 2.0**16):
+        self.init_scale = init_scale
+        self._scale = None
+        self._growth = None
+
+    def scale(self, loss):
+        if self._scale is None:
+            self._scale = torch.full((), self.init_scale, dtype=torch.float32)
+            self._growth = torch.full((), 0, dtype=torch.int32)
+        return loss * self._scale
+
+    def unscale_(self, params):
+        self._inv = self._scale.double().reciprocal().float()
+        self._found = torch.full((), 0.0, dtype=torch.float32)
+        grads = [p.grad for p in params if p.grad is not None]
+        by_dtype: dict = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, self._found, self._inv)
+
+    def update(self):
+        torch._amp_update_scale_(self._scale, self._growth, self._found, 2.0, 0.5, 2000)
+        self._inv = self._found = None
+
+
+def make_optimizer(kind: Optimizer, params: list) -> torch.optim.Optimizer:
+    if kind is Optimizer.ADAMW:
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    if kind is Optimizer.ADAMW_FUSED:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if kind is Optimizer.ADAMW_FORLOOP:
+        return torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    if kind is Optimizer.SGD:
+        return torch.optim.SGD(params, lr=1e-3, foreach=True)
+    if kind is Optimizer.MOMENTUM:
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    if kind is Optimizer.ADAFACTOR:
+        return torch.optim.Adafactor(params, lr=1e-2, foreach=True)
+    raise ValueError(kind)
+
+
+class TrainLoop:
+    """Owns the optimizer (and master weights); `iteration(batch)` runs one step with phases marked."""
+
+    def __init__(self, model, setup: TrainingSetup, tracker: AllocTracker, compute_dtype):
+        self.model, self.setup, self.tracker = model, setup, tracker
+        self.compute_dtype = compute_dtype
+        self.params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        self.master = setup.precision.master_weights
+        if self.master:
+            with torch.no_grad():
+                self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.params]
+            for m in self.masters:
+                tracker.track(m, MW)
+        self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.params)
+        self.scaler = Scaler() if setup.precision.grad_scaler else None
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, G))
+                       for p in self.params]
+        self.grads_seq = 0  # event at which the last optimizer step began (all gradients alive)
+
+    def _autocast(self):
+        if self.setup.precision.autocast:
+            return torch.autocast(device_type="cpu", dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def iteration(self, batch: dict) -> None:
+        t, n = self.tracker, self.setup.grad_accum
+        for _ in range(n):
+            t.set_phase(Phase.FORWARD)
+            with self._autocast():
+                loss = self.model(**batch).loss  # the output (logits) is dropped here, as Trainer does
+            if n > 1:
+                loss = loss / n
+            t.set_phase(Phase.BACKWARD)
+            t.set_mark("loss.backward")  # until the gradient reaches the LM head's output
+            if self.scaler is not None:
+                loss = self.scaler.scale(loss)
+            loss.backward()
+            del loss
+        t.set_phase(Phase.OPTIMIZER_STEP)
+        self.grads_seq = t.seq
+        self._step()
+
+    def _step(self) -> None:
+        if self.master:
+            for p, m in zip(self.params, self.masters):
+                if p.grad is not None:
+                    m.grad = p.grad.float()
+                    self.tracker.track(m.grad, G)
+                    p.grad = None
+        owned = self.masters if self.master else self.params
+        if self.scaler is not None:
+            self.scaler.unscale_(owned)
+        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.master:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.masters):
+                    p.copy_(m)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def tag_states(self) -> None:
+        """After the first step: optimizer state is `optimizer_states`; non-fused step counters are host-side."""
+        fused = self.setup.optimizer is Optimizer.ADAMW_FUSED
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    self.tracker.track(v, HOST if (k == "step" and not fused) else OS)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
