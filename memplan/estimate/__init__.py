@@ -36,16 +36,30 @@ def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
     return warns
 
 
-def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, model_tied: bool,
+                        outside_only: bool = False) -> int:
     """Autocast's half-precision casts of the matmul weights, alive from forward until their backward."""
     if not setup.precision.autocast:
         return 0
     c = setup.precision.compute_bytes
     # Trainable weights' casts are cached for the forward; frozen ones are re-cast per use and kept only where a
     # gradient flows through their matmul (saved for grad_input) — never under --peft freeze's frozen blocks.
-    flows = setup.peft is not PeftMethod.FREEZE
+    flows = setup.peft is not PeftMethod.FREEZE or (model_tied and _tied_trains(groups))
     return sum(round_block(g.numel * c) * g.count for g in groups
-               if g.matmul and not g.nf4 and (g.trainable or flows))
+               if g.matmul and not g.nf4 and (g.trainable or flows) and (g.outside or not outside_only))
+
+
+def _tied_trains(groups: tuple[ParamGroup, ...]) -> bool:
+    """A trainable weight outside the blocks used in a matmul: the LM head, or the tied embedding serving as it."""
+    return any(g.outside and g.matmul and g.trainable and not g.adapter for g in groups)
+
+
+def _embedding_grad_temp(model: ModelSpec, setup: TrainingSetup, groups) -> int:
+    """End of backward: a tied embedding already holds the LM head's gradient; the embedding's own gradient
+    arrives as a new dense tensor and AccumulateGrad adds the two out of place (two transient copies)."""
+    if not model.tie_embeddings or not _tied_trains(groups) or setup.zero >= 2 and setup.shards > 1:
+        return 0
+    return 2 * round_block(model.vocab * model.hidden * setup.precision.param_bytes)
 
 
 def _dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
@@ -107,7 +121,9 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
     base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
     accum_grads = ms.gradients if setup.grad_accum > 1 else 0
     # under ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b)
-    half = 0 if (setup.zero == 3 and setup.shards > 1) else _half_weight_copies(groups, setup)
+    half = 0 if (setup.zero == 3 and setup.shards > 1) else _half_weight_copies(groups, setup, model.tie_embeddings)
+    # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
+    half_outside = 0 if (setup.zero == 3 and setup.shards > 1) else _half_weight_copies(groups, setup, model.tie_embeddings, True)
     deq = _dequant_temp(groups, setup)
     loss_f, loss_b = _loss_bytes(model, setup)
     z_f, z_b = _zero_buffers(model, setup, u)
@@ -116,13 +132,15 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
            C.TEMPORARIES: half + deq + loss_f + z_f + (acts.recompute if ckpt else 0) * 0}
     # backward starts with every activation saved and the loss gradients; it ends with every gradient
     start = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
-             C.TEMPORARIES: (0 if ckpt else half) + deq + loss_b + z_b}
+             C.TEMPORARIES: (half_outside if ckpt else half) + deq + loss_b + z_b}
     if ckpt:  # the first block's recomputed activations while its backward runs
         rec = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total + acts.recompute,
-               C.TEMPORARIES: deq + z_b + round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)}
+               C.TEMPORARIES: half_outside + deq + z_b + round_block(
+                   setup.model_tokens * model.vocab * setup.precision.compute_bytes)}
         if sum(rec.values()) > sum(start.values()):
             start = rec
-    end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0, C.TEMPORARIES: z_b}
+    end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0,
+           C.TEMPORARIES: z_b + _embedding_grad_temp(model, setup, groups)}
     bwd = max(start, end, key=lambda d: sum(d.values()))
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
         setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)

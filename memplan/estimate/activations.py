@@ -306,7 +306,11 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         trained = max(0, min(n, idx + n - first_trained))  # how many of this stack's blocks train
         frozen_n = n - trained
         nb = _block_bytes(model, setup, stack, w_train or peft is PeftMethod.FREEZE, cross) if trained else 0
-        blocks += [0] * frozen_n + [nb] * trained
+        # frozen blocks save what the gradient passing through them needs when something below trains: a
+        # tied LM head makes the token embedding trainable under --peft freeze
+        below = peft is PeftMethod.FREEZE and model.tie_embeddings
+        fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else 0
+        blocks += [fb] * frozen_n + [nb] * trained
         idx += n
     outside = _outside_bytes(model, setup)
     block_input = r * model.hidden * setup.model_tokens

@@ -15,14 +15,6 @@ STATES_PER_ELEMENT = {
 }
 
 
-def adafactor_state_numel(numel: int, shape: tuple[int, int] | None) -> int:
-    """torch.optim.Adafactor: a row and a column second-moment vector per matrix, a full one per vector."""
-    if shape is None:
-        return numel
-    rows, cols = shape
-    return rows + cols
-
-
 def state_bytes(opt: Optimizer, numel: int, state_dtype_bytes: int, shape=None) -> int:
     """Allocated bytes of the optimizer state of one tensor (each state tensor rounded to the CUDA block)."""
     if opt in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT):
@@ -39,10 +31,10 @@ def step_temporary_bytes(opt: Optimizer, group_bytes: int, largest_bytes: int) -
 
     torch/optim/adamw.py `_multi_tensor_adamw` (foreach) allocates `exp_avg_sq_sqrt = torch._foreach_sqrt(...)`
     for the whole parameter group at once; the for-loop implementation does the same one tensor at a time;
-    fused=True and bitsandbytes' 8-bit kernels update in place. SGD / momentum foreach steps are in place.
+    fused=True and bitsandbytes' kernels (8-bit and paged) update in place. SGD / momentum foreach steps are in place.
     Adafactor (foreach) materializes grad² for the group.
     """
-    if opt in (Optimizer.ADAMW, Optimizer.PAGED_ADAMW, Optimizer.ADAFACTOR):
+    if opt in (Optimizer.ADAMW, Optimizer.ADAFACTOR):
         return group_bytes
     if opt is Optimizer.ADAMW_FORLOOP:
         return largest_bytes

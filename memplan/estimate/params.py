@@ -21,6 +21,8 @@ class ParamGroup:
     adapter: bool = False  # added by PEFT (kept in the model dtype)
     nf4: bool = False  # stored as bitsandbytes NF4 (QLoRA base)
     matmul: bool = False  # a weight used in a matmul (autocast casts it)
+    outside: bool = False  # outside the repeated blocks (embeddings, LM head, final norm)
+    rows: int = 0  # first dimension of a matrix (Adafactor factors its second moment), 0 for vectors
 
     @property
     def total(self) -> int:
@@ -90,14 +92,16 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
     base_frozen = peft not in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
     out: list[ParamGroup] = []
 
-    def add(name, numel, count, stack, trainable, nf4=False, matmul=False):
+    def add(name, numel, count, stack, trainable, nf4=False, matmul=False, rows=0):
         if peft is PeftMethod.FREEZE and trainable:
             t, f = _block_split(count, stack, model, setup.train_layers)
             if f:
-                out.append(ParamGroup(name, numel, f, False, nf4=nf4, matmul=matmul))
+                out.append(ParamGroup(name, numel, f, False, nf4=nf4, matmul=matmul, outside=stack is Stack.OUTSIDE,
+                                      rows=rows))
             count = t
         if count:
-            out.append(ParamGroup(name, numel, count, trainable, nf4=nf4, matmul=matmul))
+            out.append(ParamGroup(name, numel, count, trainable, nf4=nf4, matmul=matmul,
+                                  outside=stack is Stack.OUTSIDE, rows=rows))
 
     quant = peft is PeftMethod.QLORA
     for l in model.linears:
@@ -105,7 +109,7 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
         if peft is PeftMethod.FREEZE and l.role is Role.HEAD:
             w_train = True  # the head always trains under --peft freeze
         add(f"{l.qualname}.weight", l.weight_numel, l.count, l.stack, w_train,
-            nf4=quant and l.role is not Role.HEAD, matmul=True)
+            nf4=quant and l.role is not Role.HEAD, matmul=True, rows=l.out_features)
         if l.bias:
             add(f"{l.qualname}.bias", l.out_features, l.count, l.stack, not base_frozen or peft is PeftMethod.BITFIT)
     for t in model.tensors:
@@ -114,10 +118,10 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
             # head only: the final norm and, for tied models, the embedding that is the LM head
             train = t.kind is not TensorKind.EMBEDDING or (model.tie_embeddings and t.name.endswith(
                 ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight")))
-            add(t.name, t.numel, t.count, t.stack, train, matmul=t.kind is TensorKind.EMBEDDING and model.tie_embeddings)
+            add(t.name, t.numel, t.count, t.stack, train, matmul=model.tie_embeddings and t is _tied_embedding(model))
             continue
-        add(t.name, t.numel, t.count, t.stack, train,
-            matmul=t.kind is TensorKind.EMBEDDING and model.tie_embeddings and t is _tied_embedding(model))
+        add(t.name, t.numel, t.count, t.stack, train, matmul=model.tie_embeddings and t is _tied_embedding(model),
+            rows=t.numel // model.hidden if t.kind is TensorKind.EMBEDDING else 0)
     return out
 
 
@@ -131,8 +135,10 @@ def _adapter_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
     out: list[ParamGroup] = []
     if peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
         for l in lora_targets(model, setup):
-            out.append(ParamGroup(f"{l.qualname}.lora_A", r * l.in_features, l.count, True, adapter=True, matmul=True))
-            out.append(ParamGroup(f"{l.qualname}.lora_B", l.out_features * r, l.count, True, adapter=True, matmul=True))
+            out.append(ParamGroup(f"{l.qualname}.lora_A", r * l.in_features, l.count, True, adapter=True, matmul=True,
+                                  rows=r))
+            out.append(ParamGroup(f"{l.qualname}.lora_B", l.out_features * r, l.count, True, adapter=True, matmul=True,
+                                  rows=l.out_features))
             if peft is PeftMethod.DORA:
                 out.append(ParamGroup(f"{l.qualname}.lora_magnitude", l.out_features, l.count, True, adapter=True))
     elif peft is PeftMethod.IA3:

@@ -57,7 +57,7 @@ def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> Unsharded
             continue
         gr += round_block(g.numel * grad_dtype_bytes(g, p)) * g.count
         sb = state_dtype_bytes(g, p)
-        shape = None
+        shape = (g.rows, g.numel // g.rows) if g.rows else None
         o += state_bytes(opt, g.numel, sb, shape) * g.count
         ts += round_block(g.numel * sb) * g.count
         lt = max(lt, round_block(g.numel * sb))

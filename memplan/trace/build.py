@@ -206,7 +206,8 @@ def _build(spec: ModelSpec, setup: TrainingSetup) -> Built:
             base = _from_config(spec, config, impl, param_dtype)
         except ValueError as exc:
             if impl != "sdpa" or "does not support an attention implementation" not in str(exc):
-                raise MemplanError(f"{spec.name}: cannot build a {getattr(spec.arch, 'value', spec.arch)} model for model_type "
+                arch = getattr(spec.arch, "value", spec.arch)
+                raise MemplanError(f"{spec.name}: cannot build a {arch} model for model_type "
                                    f"'{config.model_type}' ({exc})") from None
             base = _from_config(spec, config, "eager", param_dtype)  # what transformers itself falls back to
             notes.append(f"{type(base).__name__} has no SDPA attention: traced with eager attention")
