@@ -50,6 +50,9 @@ class Ctx:
     ia3: frozenset
     ia3_ff: frozenset
     dora: bool
+    qlora: bool
+    adapters: bool
+    adapter_size: int
     dropout: float
     attention: Attention
 
@@ -97,8 +100,8 @@ class _Block:
                 self.s.add(self.t(name + ".dora_base"), x.c * lin.out_features)
                 self.s.add(self.t(name + ".dora_lora"), x.c * lin.out_features)
         if name in x.ia3:
-            if ff:
-                self.s.add(key, b * lin.in_features)
+            if ff:  # peft IA3: x.to(ia3_l.dtype) * ia3_l saves the fp32 copy of the input
+                self.s.add(self.t(name + ".ia3_in"), x.lora_bytes * lin.in_features)
             else:
                 self.s.add(self.t(name + ".out"), x.c * lin.out_features)
         return self.t(name + ".out"), (x.c if (x.autocast or x.c == b) else b)
@@ -191,16 +194,22 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         else:  # MoE experts: each routed token's input, gate_up output, act, product, expert output
             s.add("moe_in", k_exp * c * h)
             s.add("moe_route", 16)
-        s.add("gate_out", k_exp * c * i)  # silu saves its input
-        s.add("act_out", k_exp * c * i)  # act * up saves both
-        s.add("up_out", k_exp * c * i)
-        if ctx.w_train or "down_proj" in ctx.lora or "w2" in ctx.lora or Role.GATE not in L:
-            s.add("prod", k_exp * c * i)  # down_proj's input
-        if Role.GATE not in L:
+        # bitsandbytes casts a 4-bit layer's output back to its input's dtype: fp32 under autocast (QLoRA)
+        ci = 4 if (ctx.qlora and ctx.autocast) else c
+        s.add("gate_out", k_exp * ci * i)  # silu saves its input
+        s.add("act_out", k_exp * ci * i)  # act * up saves both
+        s.add("up_out", k_exp * ci * i)
+        if Role.GATE in L:
+            b.linear(L[Role.DOWN], ("prod", ci), {})  # down_proj's input, if its weight trains
+        else:
+            s.add("prod", k_exp * c * i)
             s.add("moe_out", k_exp * c * h)
     else:
         b.linear(L[Role.UP], x3, {})
         _plain_mlp(s, b, ctx, model, L[Role.DOWN])
+    if ctx.adapters:  # two bottleneck adapters: each saves its input (down) and the ReLU output (up)
+        s.add("adapter_in", 2 * c * h)
+        s.add("adapter_relu", 2 * c * ctx.adapter_size)
     if ctx.dropout:
         b.dropout("mlp_drop", h, model.dropout)
     if not pre_norm:
@@ -234,12 +243,14 @@ def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -
 
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
-    return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, w_train)
+    return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, setup.adapter_size,
+                w_train)
 
 
 @lru_cache(maxsize=4096)
-def _ctx(model, p, peft, lora_cfg, dropout, attention, w_train) -> Ctx:
-    setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention)
+def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train) -> Ctx:
+    setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention,
+                          adapter_size=adapter_size)
     peft = setup.peft
     lora = frozenset()
     if peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
@@ -252,7 +263,8 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, w_train) -> Ctx:
         ia3_ff = frozenset(l.qualname for l in model.linears if _matches(l, ff))
     drop = model.dropout if setup.dropout is None else (model.dropout if setup.dropout else 0.0)
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=p.param_bytes, w_train=w_train, lora=lora,
-               lora_bytes=4, ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA, dropout=drop,
+               lora_bytes=4, ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
+               qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,
                attention=setup.attention)
 
 

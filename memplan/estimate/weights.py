@@ -7,32 +7,38 @@ from memplan.estimate.optimizer import state_bytes
 from memplan.estimate.params import ParamGroup
 from memplan.estimate.quant import nf4_bytes
 from memplan.estimate.result import ModelStates
-from memplan.spec.setup import Precision, TrainingSetup
+from memplan.spec.setup import PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 # peft's default autocast_adapter_dtype=True keeps adapter weights in fp32 whatever the base dtype
-# (peft/tuners/tuners_utils.py, BaseTuner._cast_adapter_dtype).
+# (peft/tuners/tuners_utils.py, BaseTuner._cast_adapter_dtype); prompt encoders are created in fp32 too.
+# memplan's own bottleneck adapters (--peft adapter) are built in the model's dtype.
 ADAPTER_BYTES = 4
+
+
+def adapter_bytes(setup: TrainingSetup) -> int:
+    return setup.precision.param_bytes if setup.peft is PeftMethod.ADAPTER else ADAPTER_BYTES
 
 
 def weight_bytes_per(g: ParamGroup, setup: TrainingSetup) -> int:
     """Allocated bytes of one tensor of group g as stored on the GPU."""
     if g.nf4:
         return nf4_bytes(g.numel, setup.lora.double_quant)
-    return round_block(g.numel * (ADAPTER_BYTES if g.adapter else setup.precision.param_bytes))
+    return round_block(g.numel * (adapter_bytes(setup) if g.adapter else setup.precision.param_bytes))
 
 
-def grad_dtype_bytes(g: ParamGroup, p: Precision) -> int:
-    return ADAPTER_BYTES if g.adapter else p.param_bytes
+def grad_dtype_bytes(g: ParamGroup, setup: TrainingSetup) -> int:
+    return adapter_bytes(setup) if g.adapter else setup.precision.param_bytes
 
 
-def state_dtype_bytes(g: ParamGroup, p: Precision) -> int:
-    """Optimizer states live in the dtype of the tensor the optimizer steps (fp32 master copies if any)."""
-    return 4 if (p.master_weights or g.adapter) else p.param_bytes
+def has_master(g: ParamGroup, setup: TrainingSetup) -> bool:
+    """Master-weight precisions keep an fp32 copy of every trainable half-precision tensor."""
+    return setup.precision.master_weights and g.trainable and grad_dtype_bytes(g, setup) != 4
 
 
-def has_master(g: ParamGroup, p: Precision) -> bool:
-    return p.master_weights and g.trainable and not g.adapter
+def state_dtype_bytes(g: ParamGroup, setup: TrainingSetup) -> int:
+    """Optimizer states live in the dtype of the tensor the optimizer steps (the fp32 master copy if any)."""
+    return 4 if has_master(g, setup) else grad_dtype_bytes(g, setup)
 
 
 @dataclass(frozen=True)
@@ -55,13 +61,13 @@ def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> Unsharded
         w += weight_bytes_per(g, setup) * g.count
         if not g.trainable:
             continue
-        gr += round_block(g.numel * grad_dtype_bytes(g, p)) * g.count
-        sb = state_dtype_bytes(g, p)
+        gr += round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+        sb = state_dtype_bytes(g, setup)
         shape = (g.rows, g.numel // g.rows) if g.rows else None
         o += state_bytes(opt, g.numel, sb, shape) * g.count
         ts += round_block(g.numel * sb) * g.count
         lt = max(lt, round_block(g.numel * sb))
-        if has_master(g, p):
+        if has_master(g, setup):
             m += round_block(g.numel * 4) * g.count
             f32 += round_block(g.numel * 4) * g.count
     return Unsharded(w, m, gr, o, ts, lt, f32)

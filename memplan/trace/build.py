@@ -1,9 +1,19 @@
 """Build the model a setup trains, on the meta device: transformers model, PEFT, quantized base, dtypes.
 
 Nothing here allocates memory: the model is built under `torch.device("meta")` (peft injects adapters there
-too; `autocast_adapter_dtype=False` keeps them in the model dtype) and `materialize` later gives every
+and, as by default, keeps them in fp32) and `materialize` later gives every
 parameter and buffer a (fake or real) CPU storage inside the tracker, so the load itself is accounted.
 `module.to()` is never used on fake tensors (it fails under FakeTensorMode: parameters are swapped in place).
+
+Dtypes: parameters are fp32 for fp32 / fp16 / bf16 (autocast) and half for the master and pure-bf16 precisions,
+passed to `from_config(dtype=...)` as from_pretrained(dtype=...) would (buffers such as rotary inv_freq stay as
+the modeling code makes them); adapters peft creates stay fp32, as peft's default does.
+PEFT: full (everything trains) · freeze (the last `train_layers` blocks and the output embedding, i.e. the LM
+head, tied embedding included) · lora / dora / ia3 / prompt / prefix through peft (targets = setup.lora.targets
+or peft's defaults for the model type) · qlora (every nn.Linear but the LM head replaced by the NF4 stand-in of
+memplan.trace.qlora, then LoRA) · adapter (memplan.trace.adapters) · bitfit (parameters named *bias).
+Dropout: setup.dropout=False zeroes the config's dropout probabilities; None / True keep the config's.
+The KV cache is off (config.use_cache=False) except for prefix tuning, which feeds its prefix through it.
 """
 from __future__ import annotations
 
@@ -110,6 +120,8 @@ def _peft_config(spec: ModelSpec, setup: TrainingSetup):
 
     m, task = setup.peft, _peft_task(spec)
     targets = list(setup.lora.targets) or None
+    if targets and "all-linear" in targets:
+        targets = "all-linear"  # peft's keyword, only as a plain string
     if m in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
         return peft.LoraConfig(r=setup.lora.rank, lora_alpha=setup.lora.alpha, target_modules=targets,
                                use_dora=m is PeftMethod.DORA, task_type=task)
@@ -160,7 +172,9 @@ def _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype):
         head = base.get_output_embeddings()
         quantize_linears(base, {id(head)} if head is not None else set(), compute_dtype, setup.lora.double_quant)
     try:
-        return peft.get_peft_model(base, _peft_config(spec, setup), autocast_adapter_dtype=False)
+        # peft's default (autocast_adapter_dtype=True) keeps adapter weights in fp32 over a half-precision base,
+        # and its forward casts the input to the adapter dtype: traced as users run it
+        return peft.get_peft_model(base, _peft_config(spec, setup))
     except ValueError as exc:
         raise MemplanError(f"--peft {m.value} on {spec.name}: {exc}") from None
 
@@ -213,10 +227,6 @@ def _build(spec: ModelSpec, setup: TrainingSetup) -> Built:
             notes.append(f"{type(base).__name__} has no SDPA attention: traced with eager attention")
         blocks = find_blocks(base)
         model = _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype)
-        if param_dtype is not torch.float32:  # adapters peft made fp32 (e.g. over uint8 NF4 weights)
-            for p in model.parameters():
-                if p.dtype is torch.float32:
-                    p.data = p.data.to(param_dtype)
         if setup.checkpointing is Checkpointing.FULL:
             kwargs = {"use_reentrant": False, "preserve_rng_state": False}  # RNG state lives on the host
             if hasattr(base, "activation_checkpointing_enable"):

@@ -7,7 +7,8 @@ the CPU and CUDA code paths allocate differently are corrected here; everything 
    log_softmax, pow, rsqrt, exp, sum, ... run in fp32 and cat/stack do not promote; on CPU it is the other way
    round. While tracing, the CUDA lists (aten/src/ATen/autocast_mode.cpp: AT_FORALL_LOWER_PRECISION_FP,
    AT_FORALL_FP32, AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_PROMOTE, norm's fp32_append_dtype) are registered on
-   the AutocastCPU key and the CPU-only entries are turned into pass-throughs. The lower-precision ops both
+   the AutocastCPU key and the CPU-only entries fall through (CUDA has no autocast kernel for them, so the
+   parts of a composite op such as cross_entropy autocast one by one). The lower-precision ops both
    lists share (linear, matmul, mm, bmm, baddbmm, addmm, conv, sdpa) keep the native kernels and with them the
    native weight-cast cache, which CPU keys exactly as CUDA does (fp32 leaf tensors that require grad).
 2. Dropout. `F.dropout` on CPU multiplies by a mask in the input dtype; CUDA runs `native_dropout` and saves a

@@ -1,0 +1,241 @@
+"""Properties every estimate must have, checked by hypothesis over random setups of a handful of real profiles.
+
+Each property names the domain where it must hold physically; where memplan breaks it inside that domain the
+counterexample is pinned as an xfail(strict=True) test at the end of the file.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from memplan.api import make_setup
+from memplan.categories import ALLOCATED_CATEGORIES, Category as C
+from memplan.errors import MemplanError
+from memplan.estimate import estimate_spec
+from memplan.estimate.activations import activations
+from memplan.profiles import load_model
+
+MODELS = ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "bert-base-uncased", "t5-3b", "mixtral-8x7b"]
+PRECISIONS = ["fp32", "fp16", "bf16", "fp16-master", "bf16-master", "pure-bf16"]
+OPTIMIZERS = ["adamw", "adamw-fused", "adamw-forloop", "sgd", "momentum", "adafactor", "adamw-8bit", "paged-adamw",
+              "paged-adamw-8bit"]
+PEFTS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "prompt", "prefix", "adapter", "bitfit"]
+EXAMPLES = int(os.environ.get("MEMPLAN_HYPOTHESIS_EXAMPLES", "200"))  # raise it for a deeper search
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+                                                                            HealthCheck.too_slow])
+
+
+@lru_cache(maxsize=None)
+def spec(name):
+    return load_model(name)
+
+
+def max_seq(name: str) -> int:
+    s = spec(name)
+    return s.max_positions if s.model_type in ("gpt2", "opt", "bert") else 8192  # learned positions cap seq
+
+
+@st.composite
+def setups(draw, peft=None):
+    """(model name, setup fields) of a valid setup; fields are plain values for make_setup."""
+    name = draw(st.sampled_from(MODELS))
+    s = spec(name)
+    kw = dict(
+        precision=draw(st.sampled_from(PRECISIONS)),
+        optimizer=draw(st.sampled_from(OPTIMIZERS)),
+        peft=peft or draw(st.sampled_from(PEFTS)),
+        batch=draw(st.integers(1, 32)),
+        seq=draw(st.integers(1, max_seq(name))),
+        grad_accum=draw(st.sampled_from([1, 1, 4])),
+        gpus=draw(st.sampled_from([1, 2, 8, 64])),
+        zero=draw(st.integers(0, 3)),
+        checkpointing=draw(st.sampled_from(["none", "full", "selective"])),
+        attention=draw(st.sampled_from(["eager", "sdpa", "flash"])),
+        dropout=draw(st.sampled_from([None, True, False])),
+        lora_rank=draw(st.sampled_from([1, 4, 8, 16, 64])),
+        lora_targets=draw(st.sampled_from([None, "all-linear"])),
+        double_quant=draw(st.booleans()),
+        num_virtual_tokens=draw(st.integers(1, 100)),
+        adapter_size=draw(st.sampled_from([8, 64, 256])),
+        train_layers=draw(st.integers(0, s.blocks)),
+    )
+    if kw["peft"] == "qlora":  # QLoRA: half-precision compute, no ZeRO-3 (memplan refuses both, documented)
+        assume(kw["precision"] != "fp32" and kw["zero"] != 3)
+    if kw["peft"] == "prefix":  # peft refuses prefix tuning with gradient checkpointing
+        kw["checkpointing"] = "none"
+    if kw["zero"] > 0 and draw(st.booleans()):
+        kw["offload_optimizer"] = True
+        kw["offload_params"] = kw["zero"] == 3 and draw(st.booleans())
+    return name, kw
+
+
+def run(name, kw):
+    return estimate_spec(spec(name), make_setup(**kw))
+
+
+def run_or_reject(name, kw):
+    try:
+        return run(name, kw)
+    except MemplanError:
+        assume(False)
+
+
+# --- invariants of one result --------------------------------------------------------------------------------------
+@SETTINGS
+@given(setups())
+def test_categories_sum_and_levels(case):
+    r = run(*case)
+    # the six allocated categories sum to the allocated peak; overhead is the rest up to the device level
+    assert sum(r.categories[c] for c in ALLOCATED_CATEGORIES) == r.peak.allocated_bytes
+    assert r.peak.allocated_bytes + r.categories[C.OVERHEAD] == r.peak.device_bytes
+    assert r.peak.device_bytes >= r.peak.reserved_bytes >= r.peak.allocated_bytes > 0
+    assert all(isinstance(v, int) and v >= 0 for v in r.categories.values())
+    assert max(r.phase_peaks.values()) == r.peak.allocated_bytes
+    assert r.phase_peaks[r.peak.phase] == r.peak.allocated_bytes
+    r.check()
+
+
+@SETTINGS
+@given(setups())
+def test_trainable_at_most_total(case):
+    # memplan's total_params excludes adapters; with these ranks / widths / token counts every adapter set is far
+    # smaller than the model (rank ≤ 64, adapter width ≤ 256, ≤ 100 virtual tokens)
+    r = run(*case)
+    assert 0 <= r.trainable_params <= r.total_params
+    if case[1]["peft"] == "full":
+        assert r.trainable_params == r.total_params
+
+
+# --- monotonicity ---------------------------------------------------------------------------------------------------
+@SETTINGS
+@given(setups(), st.integers(1, 32))
+def test_peak_never_decreases_with_batch(case, more):
+    name, kw = case
+    small = run(name, kw)
+    big = run_or_reject(name, {**kw, "batch": kw["batch"] + more})
+    assert big.peak.allocated_bytes >= small.peak.allocated_bytes
+    assert big.peak.device_bytes >= small.peak.device_bytes
+
+
+@SETTINGS
+@given(setups(), st.integers(1, 2048))
+def test_peak_never_decreases_with_seq(case, more):
+    name, kw = case
+    small = run(name, kw)
+    assume(kw["seq"] + more <= max_seq(name))
+    big = run_or_reject(name, {**kw, "seq": kw["seq"] + more})
+    assert big.peak.allocated_bytes >= small.peak.allocated_bytes
+    assert big.peak.device_bytes >= small.peak.device_bytes
+
+
+# (lower, higher) ZeRO stages. Every pair that raises the stage to 2 is left out here: memplan breaks the property
+# there (test_zero2_never_uses_more_than_zero1 below, xfail).
+ZERO_PAIRS = [(0, 1), (0, 3), (1, 3), (2, 3)]
+
+
+@SETTINGS
+@given(setups(), st.sampled_from(ZERO_PAIRS), st.sampled_from([2, 4, 8, 64]))
+def test_higher_zero_never_uses_more(case, stages, gpus):
+    name, kw = case
+    lo, hi = stages
+    kw = {**kw, "gpus": gpus, "offload_optimizer": False, "offload_params": False}
+    if kw["peft"] == "qlora":
+        assume(hi != 3)
+    a = run_or_reject(name, {**kw, "zero": lo})
+    b = run_or_reject(name, {**kw, "zero": hi})
+    assert b.model_states.total <= a.model_states.total
+    assert b.peak.allocated_bytes <= a.peak.allocated_bytes
+    assert b.peak.device_bytes <= a.peak.device_bytes
+
+
+@SETTINGS
+@given(setups(), st.sampled_from([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]), st.sampled_from([2, 8, 64]))
+def test_higher_zero_never_more_model_states(case, stages, gpus):
+    """Steady-state model states shrink with every stage, 2 included."""
+    name, kw = case
+    lo, hi = stages
+    kw = {**kw, "gpus": gpus, "offload_optimizer": False, "offload_params": False}
+    if kw["peft"] == "qlora":
+        assume(hi != 3)
+    a = run_or_reject(name, {**kw, "zero": lo})
+    b = run_or_reject(name, {**kw, "zero": hi})
+    assert b.model_states.total <= a.model_states.total
+
+
+# --- checkpointing --------------------------------------------------------------------------------------------------
+@SETTINGS
+@given(setups(), st.sampled_from(["full", "selective"]))
+def test_checkpointing_never_increases_saved_activations(case, mode):
+    name, kw = case
+    assume(kw["peft"] != "prefix")
+    none = activations(spec(name), make_setup(**{**kw, "checkpointing": "none"}))
+    ckpt = activations(spec(name), make_setup(**{**kw, "checkpointing": mode}))
+    assert ckpt.total <= none.total
+    assert all(c <= n for c, n in zip(ckpt.per_block, none.per_block))
+
+
+@SETTINGS
+@given(setups(peft="full"), st.sampled_from(["full", "selective"]))
+def test_checkpointing_never_increases_peak_full_finetuning(case, mode):
+    """Full fine-tuning (every block trains, so every model has ≥ 2 checkpointed blocks): the activations at the peak
+    and the peak itself never grow with checkpointing. (With one trained block under --peft freeze, full
+    checkpointing can legitimately cost its input on top of the recomputed block.)"""
+    name, kw = case
+    none = run(name, {**kw, "checkpointing": "none"})
+    ckpt = run(name, {**kw, "checkpointing": mode})
+    assert ckpt.categories[C.ACTIVATIONS] <= none.categories[C.ACTIVATIONS]
+    assert ckpt.peak.allocated_bytes <= none.peak.allocated_bytes
+
+
+# --- LoRA vs full fine-tuning ---------------------------------------------------------------------------------------
+@SETTINGS
+@given(setups(peft="lora"), st.sampled_from(["fp32", "fp16", "bf16"]),
+       st.sampled_from([o for o in OPTIMIZERS if o not in ("sgd", "adafactor")]))
+def test_lora_never_needs_more_than_full(case, precision, optimizer):
+    """Domain: fp32 or autocast, an optimizer with ≥ 1 full-size state per parameter, no sharding (gpus 1, ZeRO 0),
+    rank ≤ 64.
+    Outside it LoRA can physically need more: under pure-bf16 / *-master peft keeps adapters in fp32 and casts each
+    adapted layer's input to fp32 (peft LoraLayer._cast_input_dtype), a 4 B/elt saved copy per adapted linear against
+    full fine-tuning's 2 B one; and with ZeRO sharding full fine-tuning's states by N while LoRA's fp32 adapters stay
+    whole. With SGD or Adafactor (no or factored states) memplan breaks it; pinned below
+    (test_lora_sgd_never_needs_more_than_full, xfail)."""
+    name, kw = case
+    kw = {**kw, "precision": precision, "optimizer": optimizer, "gpus": 1, "zero": 0,
+          "offload_optimizer": False, "offload_params": False}
+    lora = run_or_reject(name, kw)
+    full = run_or_reject(name, {**kw, "peft": "full"})
+    assert lora.peak.allocated_bytes <= full.peak.allocated_bytes
+    assert lora.model_states.total <= full.model_states.total
+    assert lora.trainable_params < full.trainable_params
+
+
+# --- memplan bugs found by the properties above ---------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason=(
+    "memplan bug: ZeRO-2 uses more per GPU than ZeRO-1 (and ZeRO-0) when the peak is at the start of backward: "
+    "_zero_buffers adds one block's unsharded gradients (u.grads // blocks, the embedding's share included) to the "
+    "backward-start snapshot of stage ≥ 2, while the stage 0/1 snapshot holds no gradient at all although the same "
+    "first block's gradients exist there at that moment"))
+def test_zero2_never_uses_more_than_zero1():
+    kw = dict(precision="bf16", optimizer="adamw", gpus=8, batch=8, seq=4096)
+    z1 = run("llama-3.2-1b", {**kw, "zero": 1})
+    z2 = run("llama-3.2-1b", {**kw, "zero": 2})
+    assert z2.peak.allocated_bytes <= z1.peak.allocated_bytes
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "memplan bug: the backward-start snapshot of full fine-tuning counts no gradients, but the LM head's (tied: the "
+    "embedding's) gradient is produced first, while every activation is still alive (gpt2: 38.6 M params × 4 B = "
+    "154 MB). With SGD (no states) or Adafactor (factored, ~0 states) LoRA all-linear's fp32 adapters, their states "
+    "and autocast casts then make LoRA 'need' more than full FT"))
+@pytest.mark.parametrize("kw", [
+    dict(precision="bf16", optimizer="sgd", batch=6, seq=360, lora_rank=64, lora_targets="all-linear"),
+    dict(precision="fp16", optimizer="adafactor", batch=12, seq=43, lora_rank=1, lora_targets="all-linear",
+         attention="eager"),
+], ids=["sgd", "adafactor"])
+def test_lora_sgd_never_needs_more_than_full(kw):
+    lora = run("gpt2", {**kw, "peft": "lora"})
+    full = run("gpt2", {**kw, "peft": "full"})
+    assert lora.peak.allocated_bytes <= full.peak.allocated_bytes
