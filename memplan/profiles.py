@@ -100,8 +100,8 @@ def _model_from_file(path: Path) -> ModelSpec:
         raise MemplanError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MemplanError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise MemplanError(f"malformed config {path}: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise MemplanError(f"malformed config {path}: {type(exc).__name__}") from None
     if not isinstance(cfg, dict):
         raise MemplanError(f"malformed config {path}: expected a JSON object")
     return spec_from_config(cfg, str(path), source=str(path))

@@ -81,11 +81,8 @@ EXPLICIT = {
     "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
 
-ALL_LINEAR_BUG = pytest.mark.xfail(strict=True, reason=(
-    "memplan bug: --lora-targets all-linear skips every Role.HEAD linear (params._matches), but peft's all-linear "
-    "only skips the output layer (model.get_output_embeddings()); BertForMaskedLM's cls.predictions.transform.dense "
-    "(and OPT-350m's project_in/project_out) get LoRA in peft: bert-base r=16 is 2,678,784 in peft, 2,654,208 in "
-    "memplan (16·(768+768) = 24,576 short)"))
+# --lora-targets all-linear skips only the output layer, as peft does (bert-base r=16: 2,678,784).
+
 
 
 def _cases():
@@ -94,7 +91,7 @@ def _cases():
         yield pytest.param(key, "lora-default-r8", id=f"{key}-lora-default-r8")
         yield pytest.param(key, "lora-default-r16", id=f"{key}-lora-default-r16")
         yield pytest.param(key, "lora-explicit-r8", id=f"{key}-lora-explicit-r8")
-        marks = [ALL_LINEAR_BUG] if mt == "bert" else []
+        marks = []
         yield pytest.param(key, "lora-all-linear-r16", id=f"{key}-lora-all-linear-r16", marks=marks)
         yield pytest.param(key, "dora-r8", id=f"{key}-dora-r8")
         yield pytest.param(key, "ia3", id=f"{key}-ia3")
@@ -143,7 +140,6 @@ def test_default_target_tables_match_peft():
         assert list(targets) == list(c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[mt]), mt
 
 
-@ALL_LINEAR_BUG
 def test_all_linear_opt_350m_projections():
     """The same all-linear bug on OPT-350m's shape (word_embed_proj_dim ≠ hidden: project_in / project_out)."""
     cfg = dict(model_type="opt", hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
@@ -226,11 +222,7 @@ HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
     "bert": ("cls.predictions.", "bert.embeddings.word_embeddings."),  # MLM transform + bias, tied decoder
     "t5": ("decoder.final_layer_norm.", "shared."),
 }
-FREEZE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "memplan bug: --peft freeze trains every non-embedding tensor outside the blocks "
-    "(params._base_groups: OUTSIDE and kind != EMBEDDING), not just the head: BERT's embeddings.LayerNorm, BLOOM's "
-    "word_embeddings_layernorm and T5's encoder.final_layer_norm train too. They sit below the frozen blocks, so "
-    "training them would also need the activations memplan assumes frozen blocks do not save"))
+# --peft freeze trains only what comes after the blocks (was a memplan bug, fixed).
 
 
 def freeze_expected(key: str, k: int) -> int:
@@ -246,8 +238,7 @@ def freeze_expected(key: str, k: int) -> int:
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
-@pytest.mark.parametrize("key", [pytest.param(k, marks=[FREEZE_BUG] if model_type(k) in ("bert", "bloom", "t5")
-                                              else []) for k in PROFILES])
+@pytest.mark.parametrize("key", PROFILES)
 def test_freeze_counts_last_blocks_and_head(key, k):
     assert memplan_trainable(key, peft="freeze", train_layers=k) == freeze_expected(key, k)
 

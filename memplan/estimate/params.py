@@ -52,10 +52,15 @@ IA3_FEEDFORWARD = {
 }
 
 
+def model_vocab(lin: Linear) -> int:
+    """The output layer is the head linear named lm_head (untied LM heads; tied ones are not in the table)."""
+    return lin.out_features if lin.name == "lm_head" else -1
+
+
 def _matches(lin: Linear, targets: tuple[str, ...]) -> bool:
     """peft's rule: a module matches when its dotted name ends with '.' + target (or equals it)."""
-    if "all-linear" in targets:
-        return lin.role is not Role.HEAD
+    if "all-linear" in targets:  # peft: every linear but the output layer (get_output_embeddings())
+        return not (lin.role is Role.HEAD and lin.out_features == model_vocab(lin))
     q = "." + lin.qualname
     return any(q.endswith("." + t) for t in targets)
 
@@ -115,9 +120,10 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
     for t in model.tensors:
         train = not base_frozen and (peft is not PeftMethod.BITFIT or t.kind is TensorKind.BIAS)
         if peft is PeftMethod.FREEZE and t.stack is Stack.OUTSIDE:
-            # head only: the final norm and, for tied models, the embedding that is the LM head
-            train = t.kind is not TensorKind.EMBEDDING or (model.tie_embeddings and t.name.endswith(
-                ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight")))
+            # head only: what comes after the blocks (final norm, MLM transform) and, for tied models, the
+            # embedding that is the LM head; embedding-side norms and an encoder's final norm stay frozen
+            before = t.kind is TensorKind.EMBEDDING or "embeddings" in t.name.lower() or t.name.startswith("encoder.")
+            train = not before or (model.tie_embeddings and t is _tied_embedding(model))
             add(t.name, t.numel, t.count, t.stack, train, matmul=model.tie_embeddings and t is _tied_embedding(model))
             continue
         add(t.name, t.numel, t.count, t.stack, train, matmul=model.tie_embeddings and t is _tied_embedding(model),

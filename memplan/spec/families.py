@@ -341,12 +341,14 @@ FAMILIES: dict[str, Callable[[Mapping], dict]] = {
 def spec_from_config(cfg: Mapping, name: str, **profile) -> ModelSpec:
     """Build a ModelSpec from a Hugging Face config dict; unknown model_types fail with the supported list."""
     mt = cfg.get("model_type")
-    if not mt:
+    if not isinstance(mt, str) or not mt:
         raise MemplanError(f"{name}: config has no model_type")
     fn = FAMILIES.get(mt)
     if fn is None:
         raise MemplanError(f"{name}: model_type '{mt}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     try:
         return ModelSpec(name=name, **fn(cfg), **profile)
-    except (TypeError, ZeroDivisionError, KeyError) as exc:
-        raise MemplanError(f"{name}: malformed config ({exc})") from None
+    except (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError) as exc:
+        if isinstance(exc, MemplanError):
+            raise
+        raise MemplanError(f"{name}: malformed config ({type(exc).__name__}: {exc})") from None

@@ -125,6 +125,11 @@ class ModelSpec:
     expected_params: int | None = None  # exact count from the profile (transformers on the meta device)
 
     def __post_init__(self):
+        for name in ("hidden", "layers", "encoder_layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
+                     "max_positions", "experts", "experts_per_token"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise MemplanError(f"model {self.name}: {name} must be an integer, got {v!r}")
         for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
             if getattr(self, name) <= 0:
                 raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
