@@ -119,14 +119,9 @@ def test_worked_example_bf16_master_adamw():
 
 PRECISIONS = list(PARAM_BYTES)
 OPTIMIZERS = ["adamw", "adamw-fused", "adamw-forloop", "sgd", "momentum", "adafactor", "adamw-8bit"]
-XFAIL = {
-    "adamw-fused": pytest.mark.xfail(strict=True, reason=(
-        "memplan bug: AdamW(fused=True) keeps each parameter's `step` as a 0-d fp32 tensor on the GPU (one 512 B "
-        "block per parameter tensor); memplan counts no step tensors")),
-}
 
 
-@pytest.mark.parametrize("opt", [pytest.param(o, marks=XFAIL[o]) if o in XFAIL else o for o in OPTIMIZERS])
+@pytest.mark.parametrize("opt", OPTIMIZERS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_model_states_by_hand(precision, opt):
     r = estimate_spec(tiny(), make_setup(precision=precision, optimizer=opt, seq=32))
@@ -136,7 +131,7 @@ def test_model_states_by_hand(precision, opt):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_weights_master_gradients_by_hand(precision, opt):
-    """The three optimizer-independent categories, for every optimizer (also where the optimizer term is xfail)."""
+    """The three optimizer-independent categories, for every optimizer."""
     ms = estimate_spec(tiny(), make_setup(precision=precision, optimizer=opt, seq=32)).model_states
     e = expected_states(precision, opt)
     assert (ms.weights, ms.master_weights, ms.gradients) == (e["weights"], e["master_weights"], e["gradients"])

@@ -1,7 +1,7 @@
 """Properties every estimate must have, checked by hypothesis over random setups of a handful of real profiles.
 
 Each property names the domain where it must hold physically; where memplan breaks it inside that domain the
-counterexample is pinned as an xfail(strict=True) test at the end of the file.
+counterexample is pinned as a test at the end of the file.
 """
 from __future__ import annotations
 
@@ -131,9 +131,8 @@ def test_peak_never_decreases_with_seq(case, more):
     assert big.peak.device_bytes >= small.peak.device_bytes
 
 
-# (lower, higher) ZeRO stages. Every pair that raises the stage to 2 is left out here: memplan breaks the property
-# there (test_zero2_never_uses_more_than_zero1 below, xfail).
-ZERO_PAIRS = [(0, 1), (0, 3), (1, 3), (2, 3)]
+# (lower, higher) ZeRO stages.
+ZERO_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
 @SETTINGS
@@ -200,8 +199,7 @@ def test_lora_never_needs_more_than_full(case, precision, optimizer):
     Outside it LoRA can physically need more: under pure-bf16 / *-master peft keeps adapters in fp32 and casts each
     adapted layer's input to fp32 (peft LoraLayer._cast_input_dtype), a 4 B/elt saved copy per adapted linear against
     full fine-tuning's 2 B one; and with ZeRO sharding full fine-tuning's states by N while LoRA's fp32 adapters stay
-    whole. With SGD or Adafactor (no or factored states) memplan breaks it; pinned below
-    (test_lora_sgd_never_needs_more_than_full, xfail)."""
+    whole. SGD and Adafactor are pinned by the two counterexamples below."""
     name, kw = case
     kw = {**kw, "precision": precision, "optimizer": optimizer, "gpus": 1, "zero": 0,
           "offload_optimizer": False, "offload_params": False}
@@ -212,12 +210,7 @@ def test_lora_never_needs_more_than_full(case, precision, optimizer):
     assert lora.trainable_params < full.trainable_params
 
 
-# --- memplan bugs found by the properties above ---------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "memplan bug: ZeRO-2 uses more per GPU than ZeRO-1 (and ZeRO-0) when the peak is at the start of backward: "
-    "_zero_buffers adds one block's unsharded gradients (u.grads // blocks, the embedding's share included) to the "
-    "backward-start snapshot of stage ≥ 2, while the stage 0/1 snapshot holds no gradient at all although the same "
-    "first block's gradients exist there at that moment"))
+# --- counterexamples the properties once found (memplan bugs, fixed) ---------------------------------------------------------------------
 def test_zero2_never_uses_more_than_zero1():
     kw = dict(precision="bf16", optimizer="adamw", gpus=8, batch=8, seq=4096)
     z1 = run("llama-3.2-1b", {**kw, "zero": 1})
@@ -225,11 +218,6 @@ def test_zero2_never_uses_more_than_zero1():
     assert z2.peak.allocated_bytes <= z1.peak.allocated_bytes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "memplan bug: the backward-start snapshot of full fine-tuning counts no gradients, but the LM head's (tied: the "
-    "embedding's) gradient is produced first, while every activation is still alive (gpt2: 38.6 M params × 4 B = "
-    "154 MB). With SGD (no states) or Adafactor (factored, ~0 states) LoRA all-linear's fp32 adapters, their states "
-    "and autocast casts then make LoRA 'need' more than full FT"))
 @pytest.mark.parametrize("kw", [
     dict(precision="bf16", optimizer="sgd", batch=6, seq=360, lora_rank=64, lora_targets="all-linear"),
     dict(precision="fp16", optimizer="adafactor", batch=12, seq=43, lora_rank=1, lora_targets="all-linear",

@@ -49,6 +49,14 @@ def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, mo
                if g.matmul and not g.nf4 and (g.trainable or flows) and (g.outside or not outside_only))
 
 
+def _head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Bytes of the LM head's weight gradient (the tied embedding's when tied), unsharded until reduced."""
+    from memplan.estimate.weights import grad_dtype_bytes
+
+    return sum(round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+               for g in groups if g.outside and g.matmul and g.trainable)
+
+
 def _tied_trains(groups: tuple[ParamGroup, ...]) -> bool:
     """A trainable weight outside the blocks used in a matmul: the LM head, or the tied embedding serving as it."""
     return any(g.outside and g.matmul and g.trainable and not g.adapter for g in groups)
@@ -131,11 +139,13 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
     fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
            C.TEMPORARIES: half + deq + loss_f + z_f + (acts.recompute if ckpt else 0) * 0}
     # backward starts with every activation saved and the loss gradients; it ends with every gradient
-    start = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
-             C.TEMPORARIES: (half_outside if ckpt else half) + deq + loss_b + z_b}
+    # the LM head's weight gradient is the first one made, while every activation is still saved
+    first_grads = accum_grads or _head_grad(groups, setup)
+    start = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total,
+             C.TEMPORARIES: (half_outside if ckpt else half) + deq + loss_b + z_f}
     if ckpt:  # the first block's recomputed activations while its backward runs
-        rec = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total + acts.recompute,
-               C.TEMPORARIES: half_outside + deq + z_b + round_block(
+        rec = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total + acts.recompute,
+               C.TEMPORARIES: half_outside + deq + z_f + round_block(
                    setup.model_tokens * model.vocab * setup.precision.compute_bytes)}
         if sum(rec.values()) > sum(start.values()):
             start = rec

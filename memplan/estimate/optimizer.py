@@ -23,7 +23,10 @@ def state_bytes(opt: Optimizer, numel: int, state_dtype_bytes: int, shape=None) 
         if shape is None:
             return round_block(numel * state_dtype_bytes)
         return round_block(shape[0] * state_dtype_bytes) + round_block(shape[1] * state_dtype_bytes)
-    return STATES_PER_ELEMENT[opt] * round_block(numel * state_dtype_bytes)
+    # fused=True keeps each tensor's `step` as a 0-d fp32 tensor on the device (torch/optim/adamw.py
+    # _init_group: "step" on the param's device when fused or capturable); foreach/for-loop keep it on the host.
+    step = round_block(4) if opt is Optimizer.ADAMW_FUSED else 0
+    return STATES_PER_ELEMENT[opt] * round_block(numel * state_dtype_bytes) + step
 
 
 def step_temporary_bytes(opt: Optimizer, group_bytes: int, largest_bytes: int) -> int:

@@ -6,10 +6,11 @@ weights.py turns them into bytes. PEFT counts follow peft 0.21 (tests compare wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.spec.model import Linear, ModelSpec, Role, Stack, TensorKind
-from memplan.spec.setup import PeftMethod, TrainingSetup
+from memplan.spec.setup import PeftMethod, Precision, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,13 @@ def _adapter_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
 
 
 def param_groups(model: ModelSpec, setup: TrainingSetup) -> tuple[ParamGroup, ...]:
+    return _groups(model, setup.peft, setup.lora, setup.num_virtual_tokens, setup.adapter_size, setup.train_layers)
+
+
+@lru_cache(maxsize=4096)
+def _groups(model, peft, lora, num_virtual_tokens, adapter_size, train_layers) -> tuple[ParamGroup, ...]:
+    setup = TrainingSetup(peft=peft, lora=lora, num_virtual_tokens=num_virtual_tokens, adapter_size=adapter_size,
+                          train_layers=train_layers, precision=Precision.BF16)
     return tuple(_base_groups(model, setup) + _adapter_groups(model, setup))
 
 

@@ -7,7 +7,7 @@ from memplan.estimate.optimizer import state_bytes
 from memplan.estimate.params import ParamGroup
 from memplan.estimate.quant import nf4_bytes
 from memplan.estimate.result import ModelStates
-from memplan.spec.setup import PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import LoraConfig, PeftMethod, TrainingSetup
 from memplan.units import round_block
 
 # peft's default autocast_adapter_dtype=True keeps adapter weights in fp32 whatever the base dtype
@@ -54,8 +54,26 @@ class Unsharded:
     fp32_grad_copy: int  # master-weight precisions: the fp32 gradient the step reads
 
 
+_CACHE: dict = {}  # (id(groups), precision, optimizer, peft, double_quant) -> (groups, Unsharded)
+
+
 def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> Unsharded:
-    p, opt = setup.precision, setup.optimizer
+    """Cached by the identity of `groups` (param_groups caches them), which is cheap to hash, unlike their content."""
+    key = (id(groups), setup.precision, setup.optimizer, setup.peft, setup.lora.double_quant)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is groups:
+        return hit[1]
+    if len(_CACHE) > 4096:
+        _CACHE.clear()
+    u = _unsharded(groups, *key[1:])
+    _CACHE[key] = (groups, u)
+    return u
+
+
+def _unsharded(groups, precision, optimizer, peft, double_quant) -> Unsharded:
+    setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft,
+                          lora=LoraConfig(double_quant=double_quant))
+    opt = optimizer
     w = m = gr = o = ts = lt = f32 = 0
     for g in groups:
         w += weight_bytes_per(g, setup) * g.count

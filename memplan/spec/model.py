@@ -94,9 +94,12 @@ class Tensor:
     kind: TensorKind
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelSpec:
-    """A transformer's architecture numbers and parameter table."""
+    """A transformer's architecture numbers and parameter table.
+
+    Compared and hashed by identity (eq=False): specs are cached per profile, and the estimator's caches key on
+    them on every call, where hashing the whole parameter table would cost more than the arithmetic."""
 
     name: str
     model_type: str  # Hugging Face model_type
