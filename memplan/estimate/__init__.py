@@ -140,13 +140,18 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
            C.TEMPORARIES: half + deq + loss_f + z_f + (acts.recompute if ckpt else 0) * 0}
     # backward starts with every activation saved and the loss gradients; it ends with every gradient
     # the LM head's weight gradient is the first one made, while every activation is still saved
+    # (after the loss's fp32 gradients are freed, with the logits' gradient in the compute dtype alive)
     first_grads = accum_grads or _head_grad(groups, setup)
-    start = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total,
-             C.TEMPORARIES: (half_outside if ckpt else half) + deq + loss_b + z_f}
+    half_bwd = half_outside if ckpt else half
+    logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
+    start = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
+             C.TEMPORARIES: half_bwd + deq + loss_b + z_f}
+    head = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total,
+            C.TEMPORARIES: half_bwd + deq + logits_grad + z_f}
+    start = max(start, head, key=lambda d: sum(d.values()))
     if ckpt:  # the first block's recomputed activations while its backward runs
         rec = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total + acts.recompute,
-               C.TEMPORARIES: half_outside + deq + z_f + round_block(
-                   setup.model_tokens * model.vocab * setup.precision.compute_bytes)}
+               C.TEMPORARIES: half_outside + deq + z_f}
         if sum(rec.values()) > sum(start.values()):
             start = rec
     end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0,
