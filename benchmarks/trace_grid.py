@@ -1,0 +1,64 @@
+"""Estimate vs trace over the calibration grid; writes reports/estimate_vs_trace.md (and .jsonl rows).
+
+    python benchmarks/trace_grid.py [N]      # N setups from memplan.calibrate.grid (default 220)
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from memplan.calibrate import PEAK_TOL, compare, features, grid
+from memplan.errors import MemplanError
+
+OUT = Path(__file__).resolve().parent.parent / "reports"
+
+
+def main(n: int) -> None:
+    rows, skipped, t0 = [], [], time.time()
+    for i, kw in enumerate(grid(n)):
+        try:
+            rows.append(compare(kw))
+        except MemplanError as exc:
+            skipped.append((kw, str(exc)))
+        print(f"\r{i + 1}/{n}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    OUT.mkdir(exist_ok=True)
+    with open(OUT / "estimate_vs_trace.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"setup": r.setup, "estimate": r.estimate_bytes, "trace": r.trace_bytes,
+                                "error": r.error, "categories": r.categories,
+                                "category_failures": r.category_failures()}) + "\n")
+    groups = defaultdict(list)
+    for r in rows:
+        for feat in ["all"] + features(r.setup):
+            groups[feat].append(r)
+    lines = [
+        "# Estimate vs trace",
+        "",
+        f"`python benchmarks/trace_grid.py {n}`: {len(rows)} setups traced ({len(skipped)} not traceable), "
+        f"{time.time() - t0:.0f} s. Error = (estimate − trace) / trace of the allocated peak; a setup passes when "
+        f"|error| ≤ {PEAK_TOL:.0%} and every category is within 5% or 16 MiB.",
+        "",
+        "| group | setups | pass | median abs error | max abs error |",
+        "|---|---|---|---|---|",
+    ]
+    for feat, rs in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
+        errs = [abs(r.error) * 100 for r in rs]
+        lines.append(f"| {feat} | {len(rs)} | {sum(r.ok for r in rs)} | {statistics.median(errs):.2f}% | "
+                     f"{max(errs):.2f}% |")
+    lines += ["", "## Failing setups", ""]
+    for r in sorted(rows, key=lambda r: -abs(r.error)):
+        if not r.ok:
+            lines.append(f"- {r.error * 100:+.2f}% `{json.dumps(r.setup)}` {'; '.join(r.category_failures())}")
+    if skipped:
+        lines += ["", "## Not traceable", ""] + [f"- `{json.dumps(k)}`: {e}" for k, e in skipped]
+    (OUT / "estimate_vs_trace.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:40]))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 220)
