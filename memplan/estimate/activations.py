@@ -80,14 +80,12 @@ class _Block:
         out_b = 4 if x.autocast else b
         return self.t(name + ".out"), out_b
 
-    def linear(self, lin: Linear, inp, shared_cast: dict):
+    def linear(self, lin: Linear, inp):
         """Linear `lin` on tensor `inp`; returns its output (key, bytes)."""
         x, (key, b) = self.x, inp
         cast_key = key
         if x.autocast and b != x.c:  # autocast casts the activation once per consuming matmul
             cast_key = self.t(lin.qualname + ".in_cast")
-        elif x.autocast:
-            cast_key = key
         in_b = x.c if x.autocast else b
         name = lin.qualname
         ff = name in x.ia3_ff
@@ -139,13 +137,13 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     x = b.norm("ln1", resid, h, rms) if pre_norm else resid
     # attention projections
     if Role.QKV in L:
-        qkv = b.linear(L[Role.QKV], x, {})
+        qkv = b.linear(L[Role.QKV], x)
         q_key = k_key = v_key = qkv[0]  # q, k, v are views of one fused output: one storage
         q_b = k_b = v_b = c * (model.q_dim + 2 * model.kv_dim)
     else:
-        q = b.linear(L[Role.Q], x, {})
-        k = b.linear(L[Role.K], x, {})
-        v = b.linear(L[Role.V], x, {})
+        q = b.linear(L[Role.Q], x)
+        k = b.linear(L[Role.K], x)
+        v = b.linear(L[Role.V], x)
         q_key, k_key, v_key = q[0], k[0], v[0]
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
     rotary = model.model_type in ("llama", "mistral", "mixtral", "qwen2", "gemma", "phi")
@@ -169,18 +167,18 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add(v_key, v_b)
         s.add("attn_out", c * model.q_dim)
         s.add("lse", 4 * model.heads)
-    o = b.linear(L[Role.O], ("attn_out", c), {})
+    o = b.linear(L[Role.O], ("attn_out", c))
     if ctx.dropout and b.dropout("attn_drop", h, model.dropout):
         pass
     if cross:
         x2 = b.norm("ln_cross", resid, h, rms)
-        b.linear(L[Role.CROSS_Q], x2, {})
+        b.linear(L[Role.CROSS_Q], x2)
         s.add("cross_q", c * model.q_dim)
         s.add("cross_kv", 2 * c * model.kv_dim)  # keys/values of the encoder tokens (same count as decoder here)
         s.add("cross_out", c * model.q_dim)
         if ctx.attention is Attention.EAGER or model.model_type == "t5":
             s.add("cross_softmax", (4 + (c if c != 4 else 0)) * model.heads, sq=True)
-        b.linear(L[Role.CROSS_O], ("cross_out", c), {})
+        b.linear(L[Role.CROSS_O], ("cross_out", c))
     # MLP
     x3 = b.norm("ln2", ("resid2", r), h, rms) if (pre_norm and model.model_type != "phi") else x
     if not pre_norm:  # BERT: LayerNorm(attn_out + residual) saves the sum
@@ -189,8 +187,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     i, k_exp = model.intermediate, model.experts_per_token if model.experts > 1 else 1
     if model.gated_mlp:
         if Role.GATE in L:
-            b.linear(L[Role.GATE], x3, {})
-            b.linear(L[Role.UP], x3, {})
+            b.linear(L[Role.GATE], x3)
+            b.linear(L[Role.UP], x3)
         else:  # MoE experts: each routed token's input, gate_up output, act, product, expert output
             s.add("moe_in", k_exp * c * h)
             s.add("moe_route", 16)
@@ -200,12 +198,12 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add("act_out", k_exp * ci * i)  # act * up saves both
         s.add("up_out", k_exp * ci * i)
         if Role.GATE in L:
-            b.linear(L[Role.DOWN], ("prod", ci), {})  # down_proj's input, if its weight trains
+            b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
         else:
             s.add("prod", k_exp * c * i)
             s.add("moe_out", k_exp * c * h)
     else:
-        b.linear(L[Role.UP], x3, {})
+        b.linear(L[Role.UP], x3)
         _plain_mlp(s, b, ctx, model, L[Role.DOWN])
     if ctx.adapters:  # two bottleneck adapters: each saves its input (down) and the ReLU output (up)
         s.add("adapter_in", 2 * c * h)
@@ -347,8 +345,7 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
         out += (4 * h if r != 4 else 0) + 4 + (r * h if head_trains else 0)  # fp32 copy (else the residual), rstd, y
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
-    if head_trains or True:  # the LM head's input: the norm output (autocast: its half cast)
-        out += c * h if p.autocast else r * h
+    out += c * h if p.autocast else r * h  # the LM head's input: the norm output (autocast: its half cast)
     if model.model_type == "bert":
         out += 3 * c * h + 8  # MLM transform: dense input, GELU input, LayerNorm input and stats
     out += 4 * v  # log_softmax output, fp32
