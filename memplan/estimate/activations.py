@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from memplan.estimate.params import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, _matches, lora_targets
+from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
 
@@ -255,11 +255,9 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train) ->
         lora = frozenset(l.qualname for l in lora_targets(model, setup))
     ia3 = ia3_ff = frozenset()
     if peft is PeftMethod.IA3:
-        t = setup.lora.targets or IA3_DEFAULT_TARGETS.get(model.model_type, ())
-        ff = IA3_FEEDFORWARD.get(model.model_type, ()) if not setup.lora.targets else ()
-        ia3 = frozenset(l.qualname for l in model.linears if _matches(l, t))
-        ia3_ff = frozenset(l.qualname for l in model.linears if _matches(l, ff))
-    drop = model.dropout if setup.dropout is None else (model.dropout if setup.dropout else 0.0)
+        hit, ia3_ff = ia3_targets(model, setup)
+        ia3 = frozenset(l.qualname for l in hit)
+    drop = 0.0 if setup.dropout is False else model.dropout
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=p.param_bytes, w_train=w_train, lora=lora,
                lora_bytes=4, ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
                qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,

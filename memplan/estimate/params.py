@@ -78,6 +78,16 @@ def lora_targets(model: ModelSpec, setup: TrainingSetup) -> tuple[Linear, ...]:
     return hit
 
 
+def ia3_targets(model: ModelSpec, setup: TrainingSetup) -> tuple[tuple[Linear, ...], frozenset]:
+    """(IA)3's adapted linears and the qualnames of those peft treats as feed-forward (scaled on their input)."""
+    targets = setup.lora.targets or IA3_DEFAULT_TARGETS.get(model.model_type, ())
+    ff = IA3_FEEDFORWARD.get(model.model_type, ()) if not setup.lora.targets else ()
+    hit = tuple(l for l in model.linears if _matches(l, targets))
+    if not hit:
+        raise MemplanError(f"(IA)3 targets {','.join(targets) or '(none)'} match no layer of {model.name}")
+    return hit, frozenset(l.qualname for l in hit if _matches(l, ff))
+
+
 def _block_split(count: int, stack: Stack, model: ModelSpec, keep: int) -> tuple[int, int]:
     """(trainable, frozen) split of `count` tensors of `stack` when only the last `keep` blocks train
     (the decoder's last blocks in an encoder-decoder model, whose encoder then stays frozen)."""
@@ -120,14 +130,13 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
             add(f"{l.qualname}.bias", l.out_features, l.count, l.stack, not base_frozen or peft is PeftMethod.BITFIT)
     for t in model.tensors:
         train = not base_frozen and (peft is not PeftMethod.BITFIT or t.kind is TensorKind.BIAS)
+        tied = model.tie_embeddings and t is _tied_embedding(model)
         if peft is PeftMethod.FREEZE and t.stack is Stack.OUTSIDE:
             # head only: what comes after the blocks (final norm, MLM transform) and, for tied models, the
             # embedding that is the LM head; embedding-side norms and an encoder's final norm stay frozen
             before = t.kind is TensorKind.EMBEDDING or "embeddings" in t.name.lower() or t.name.startswith("encoder.")
-            train = not before or (model.tie_embeddings and t is _tied_embedding(model))
-            add(t.name, t.numel, t.count, t.stack, train, matmul=model.tie_embeddings and t is _tied_embedding(model))
-            continue
-        add(t.name, t.numel, t.count, t.stack, train, matmul=model.tie_embeddings and t is _tied_embedding(model),
+            train = not before or tied
+        add(t.name, t.numel, t.count, t.stack, train, matmul=tied,
             rows=t.numel // model.hidden if t.kind is TensorKind.EMBEDDING else 0)
     return out
 
@@ -149,13 +158,9 @@ def _adapter_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
             if peft is PeftMethod.DORA:
                 out.append(ParamGroup(f"{l.qualname}.lora_magnitude", l.out_features, l.count, True, adapter=True))
     elif peft is PeftMethod.IA3:
-        targets = setup.lora.targets or IA3_DEFAULT_TARGETS.get(model.model_type, ())
-        ff = IA3_FEEDFORWARD.get(model.model_type, ()) if not setup.lora.targets else ()
-        hit = [l for l in model.linears if _matches(l, targets)]
-        if not hit:
-            raise MemplanError(f"(IA)3 targets {','.join(targets) or '(none)'} match no layer of {model.name}")
+        hit, ff = ia3_targets(model, setup)
         for l in hit:
-            n = l.in_features if _matches(l, ff) else l.out_features
+            n = l.in_features if l.qualname in ff else l.out_features
             out.append(ParamGroup(f"{l.qualname}.ia3_l", n, l.count, True, adapter=True))
     elif peft is PeftMethod.PROMPT:
         subs = 2 if model.encoder_layers else 1  # peft: num_transformer_submodules = 2 for seq2seq
