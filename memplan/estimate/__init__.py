@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from memplan.categories import Category as C, Phase
 from memplan.errors import MemplanError
-from memplan.estimate.activations import Activations, activations
+from memplan.estimate.activations import Activations, activations, logits_bytes, logits_upcast
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.params import ParamGroup, base_params, param_groups, trainable_params
@@ -77,10 +77,17 @@ def _dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 
 
 def _loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
-    """(forward, backward) transient bytes of the logits and loss beyond the saved log-softmax output.
-    transformers' ForCausalLMLoss upcasts logits to fp32; cross_entropy = log_softmax + nll_loss."""
+    """(forward, backward) transient bytes of the logits and loss beyond what the loss saves (activations).
+
+    cross_entropy = log_softmax + nll_loss. transformers' ForCausalLMLoss upcasts the logits to fp32 first;
+    masked-LM and seq2seq heads (BERT, T5) pass them as they are (see activations.logits_upcast)."""
     t, v, c = setup.model_tokens, model.vocab, setup.precision.compute_bytes
-    logits = round_block(t * v * c)
+    logits = round_block(t * v * logits_bytes(setup))
+    if not logits_upcast(model):
+        # forward: the logits, alive until the loss returns. backward: under autocast nll_loss's fp32 gradient
+        # (its fp32 input copy still saved); otherwise nll_loss's and log_softmax's gradients together
+        bwd = round_block(t * v * 4) if setup.precision.autocast else 2 * logits
+        return logits, bwd
     upcast = round_block(t * v * 4) if c != 4 else 0
     fwd = logits + upcast  # the returned logits and the fp32 copy alive while log_softmax runs
     # backward: nll_loss's grad and log_softmax's grad, both fp32 (the training loop no longer holds the
@@ -101,6 +108,16 @@ def _zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple
     fwd = 2 * per_block_w if setup.zero == 3 else 0
     bwd = fwd + (per_block_g if setup.zero >= 2 else 0)
     return fwd, bwd
+
+
+def _step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
+    """Gradients while the optimizer steps. Master-weight precisions copy each half gradient to an fp32
+    gradient on its master and free the half one (memplan.trace.step): the fp32 copies replace them."""
+    if setup.offload_optimizer or not u.fp32_grad_copy:
+        return ms.gradients
+    n = setup.shards
+    half = -(-u.half_grad_copied // n) if setup.zero >= 2 else u.half_grad_copied
+    return max(ms.gradients - half, 0) + -(-u.fp32_grad_copy // n)
 
 
 def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
@@ -159,8 +176,7 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
     bwd = max(start, end, key=lambda d: sum(d.values()))
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
         setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
-    fp32_grads = 0 if setup.offload_optimizer else -(-u.fp32_grad_copy // setup.shards)
-    step = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0, C.TEMPORARIES: step_tmp + fp32_grads}
+    step = {**base, C.GRADIENTS: _step_grads(u, ms, setup), C.ACTIVATIONS: 0, C.TEMPORARIES: step_tmp}
     load = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: 0, C.TEMPORARIES: 0}
     return {Phase.LOAD: load, Phase.FORWARD: fwd, Phase.BACKWARD: bwd, Phase.OPTIMIZER_STEP: step}
 

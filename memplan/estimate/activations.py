@@ -154,12 +154,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add(q_key, q_b)
         s.add(k_key if rep == 1 else "k_rep", c * model.q_dim if rep > 1 else k_b)
         s.add(v_key if rep == 1 else "v_rep", c * model.q_dim if rep > 1 else v_b)
-        s.add("softmax_out", 4 * model.heads, sq=True)  # softmax in fp32 (transformers eager_attention_forward)
-        if c != 4:
-            s.add("probs", c * model.heads, sq=True)  # .to(query.dtype)
-        if ctx.dropout and model.attention_dropout > 0:
-            s.add("probs_mask", model.heads, sq=True)
-            s.add("probs_drop", c * model.heads, sq=True)
+        _eager_probs(s, ctx, model)
         s.add("attn_out", c * model.q_dim)  # transpose(1, 2).contiguous() saved by the output projection
     else:  # SDPA / flash: q, k, v, output and a fp32 log-sum-exp per head
         s.add(q_key, q_b)
@@ -213,6 +208,30 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     if not pre_norm:
         b.norm("ln_post2", ("resid_sum2", r), h, rms)
     return s
+
+
+# Eager attention softmax dtypes (transformers 5 modeling files): most models call
+# softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype); GPT-2 calls softmax(scores) then
+# .type(value.dtype); BERT calls softmax(scores) and feeds the result on as it is. A softmax without dtype runs
+# in fp32 under CUDA autocast (fp32_set_opt_dtype) and in the scores' dtype otherwise.
+SOFTMAX_IN_INPUT_DTYPE = ("gpt2", "bert")
+SOFTMAX_NO_CAST_BACK = ("bert",)
+
+
+def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
+    """s² tensors eager attention saves: softmax's output, the probabilities cast back, dropout's mask and
+    output, and the cast the P·V matmul makes under autocast (bytes per token per key position)."""
+    c, h, mt = ctx.c, model.heads, model.model_type
+    sm = 4 if (mt not in SOFTMAX_IN_INPUT_DTYPE or ctx.autocast) else c
+    s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
+    p = sm if mt in SOFTMAX_NO_CAST_BACK else c  # .to(query.dtype) / .type(value.dtype): a copy when sm != c
+    # the P·V matmul saves its left input: the probabilities (after dropout), or autocast's cast of them
+    if ctx.dropout and model.attention_dropout > 0:
+        s.add("probs_mask", h, sq=True)  # native_dropout's bool mask; its input is not saved
+        key = "probs_drop"
+    else:
+        key = "softmax_out" if p == sm else "probs"
+    s.add(key if p == c else "probs_cast", c * h, sq=True)
 
 
 def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -> None:
@@ -346,5 +365,30 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     out += c * h if p.autocast else r * h  # the LM head's input: the norm output (autocast: its half cast)
     if model.model_type == "bert":
         out += 3 * c * h + 8  # MLM transform: dense input, GELU input, LayerNorm input and stats
-    out += 4 * v  # log_softmax output, fp32
+    out += _loss_saved(model, setup)
     return out * setup.model_tokens
+
+
+# transformers' ForCausalLMLoss (loss/loss_utils.py) runs `logits = logits.float()` before cross_entropy;
+# BertForMaskedLM and T5ForConditionalGeneration call CrossEntropyLoss on the logits as they are.
+NO_LOGITS_UPCAST = ("bert", "t5")
+
+
+def logits_upcast(model: ModelSpec) -> bool:
+    return model.model_type not in NO_LOGITS_UPCAST
+
+
+def logits_bytes(setup: TrainingSetup) -> int:
+    """The LM head's output dtype: the compute dtype (autocast runs the head in half precision)."""
+    return setup.precision.compute_bytes
+
+
+def _loss_saved(model: ModelSpec, setup: TrainingSetup) -> int:
+    """Bytes per token the loss saves. cross_entropy passes dtype=input's to log_softmax, so its saved output
+    keeps the logits' dtype (fp32 after the causal-LM upcast); under autocast nll_loss (CUDA fp32 list) casts
+    that to fp32 and saves the copy."""
+    v = model.vocab
+    if logits_upcast(model):
+        return 4 * v
+    lb = logits_bytes(setup)
+    return lb * v + (4 * v if setup.precision.autocast and lb != 4 else 0)

@@ -52,6 +52,7 @@ class Unsharded:
     trainable_state_dtype: int  # trainable elements × state dtype bytes (foreach step temporaries)
     largest_trainable: int  # largest trainable tensor in state dtype bytes (for-loop temporaries)
     fp32_grad_copy: int  # master-weight precisions: the fp32 gradient the step reads
+    half_grad_copied: int  # ...and the half-precision gradients it is copied from (freed as each is copied)
 
 
 _CACHE: dict = {}  # (id(groups), precision, optimizer, peft, double_quant) -> (groups, Unsharded)
@@ -74,7 +75,7 @@ def _unsharded(groups, precision, optimizer, peft, double_quant) -> Unsharded:
     setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft,
                           lora=LoraConfig(double_quant=double_quant))
     opt = optimizer
-    w = m = gr = o = ts = lt = f32 = 0
+    w = m = gr = o = ts = lt = f32 = h = 0
     for g in groups:
         w += weight_bytes_per(g, setup) * g.count
         if not g.trainable:
@@ -88,7 +89,8 @@ def _unsharded(groups, precision, optimizer, peft, double_quant) -> Unsharded:
         if has_master(g, setup):
             m += round_block(g.numel * 4) * g.count
             f32 += round_block(g.numel * 4) * g.count
-    return Unsharded(w, m, gr, o, ts, lt, f32)
+            h += round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+    return Unsharded(w, m, gr, o, ts, lt, f32, h)
 
 
 def _shard(nbytes: int, n: int) -> int:
