@@ -110,6 +110,42 @@ def _zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple
     return fwd, bwd
 
 
+def _last_block(model, setup, groups, ms: ModelStates, acts: Activations, base: dict, block_casts: int,
+                extra: int) -> dict:
+    """Inside the backward of the last block it reaches (the lowest that saved anything): the gradients of
+    everything above it are made, the embeddings' are not (a tied LM head's gradient waits in autograd's input
+    buffer until the embedding's own arrives at the end); alive are that block's activations (recomputed under
+    checkpointing), its autocast weight casts and its attention-backward transient."""
+    from memplan.estimate.weights import grad_dtype_bytes
+
+    saved = [i for i, b in enumerate(acts.full_per_block) if b]
+    if not saved:
+        return {**base, C.GRADIENTS: 0, C.ACTIVATIONS: 0, C.TEMPORARIES: 0}
+    j = saved[0]
+    scale = ms.gradients / max(sum(round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+                                   for g in groups if g.trainable), 1)  # sharding and DDP buckets
+    gb = lambda g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count * scale
+    late = sum(gb(g) for g in groups if g.trainable and g.outside and _embedding_side(g.name))
+    block = sum(gb(g) for g in groups if g.trainable and not g.outside) / max(model.blocks, 1)
+    tied_wait = sum(gb(g) for g in groups if g.trainable and g.outside and g.matmul and _embedding_side(g.name))
+    ckpt = setup.checkpointing is Checkpointing.FULL
+    held = acts.early + (acts.per_block[j] if ckpt else 0)  # under checkpointing, the block's input
+    plain = {**base, C.GRADIENTS: int(max(ms.gradients - late - block, 0)), C.ACTIVATIONS: held + acts.full_per_block[j],
+             C.TEMPORARIES: int(tied_wait) + block_casts // max(model.blocks, 1) + extra}
+    if not acts.bwd_transient:
+        return plain
+    at_softmax = {**plain, C.ACTIVATIONS: held + acts.at_softmax_bwd[j],
+                  C.TEMPORARIES: plain[C.TEMPORARIES] + acts.bwd_transient}
+    return max(plain, at_softmax, key=lambda d: sum(d.values()))
+
+
+def _embedding_side(name: str) -> bool:
+    """Parameters used before the first block (token / position / type embeddings and their norm): their
+    gradients are the last ones backward makes."""
+    n = name.lower()
+    return "emb" in n or n.startswith(("wte", "wpe"))
+
+
 def _step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
     """Gradients while the optimizer steps. Master-weight precisions copy each half gradient to an fp32
     gradient on its master and free the half one (memplan.trace.step): the fp32 copies replace them."""
@@ -153,8 +189,7 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
     loss_f, loss_b = _loss_bytes(model, setup)
     z_f, z_b = _zero_buffers(model, setup, u)
     ckpt = setup.checkpointing is Checkpointing.FULL
-    fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
-           C.TEMPORARIES: half + deq + loss_f + z_f + (acts.recompute if ckpt else 0) * 0}
+    fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total, C.TEMPORARIES: half + deq + loss_f + z_f}
     # backward starts with every activation saved and the loss gradients; it ends with every gradient
     # the LM head's weight gradient is the first one made, while every activation is still saved
     # (after the loss's fp32 gradients are freed, with the logits' gradient in the compute dtype alive)
@@ -165,12 +200,20 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
              C.TEMPORARIES: half_bwd + deq + loss_b + z_f}
     head = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total,
             C.TEMPORARIES: half_bwd + deq + logits_grad + z_f}
-    start = max(start, head, key=lambda d: sum(d.values()))
-    if ckpt:  # the first block's recomputed activations while its backward runs
-        rec = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total + acts.recompute,
-               C.TEMPORARIES: half_outside + deq + z_f}
-        if sum(rec.values()) > sum(start.values()):
-            start = rec
+    # the first block's backward (its recomputed activations under checkpointing) and the last one's, with
+    # nearly every gradient made: live bytes fall or grow linearly in between, so the two ends bound them
+    # (the loss's, the head's and the final norm's saved tensors are freed by then)
+    in_blocks = sum(acts.per_block) + acts.early
+    first_blk = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: in_blocks + (acts.recompute if ckpt else 0),
+                 C.TEMPORARIES: half_bwd + deq + z_f}
+    if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
+        last = acts.full_per_block[-1] if acts.full_per_block else 0
+        at = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
+        first_blk = max(first_blk, {**first_blk, C.ACTIVATIONS: in_blocks + (at if ckpt else at - last),
+                                    C.TEMPORARIES: first_blk[C.TEMPORARIES] + acts.bwd_transient},
+                        key=lambda d: sum(d.values()))
+    start = max(start, head, first_blk, _last_block(model, setup, groups, ms, acts, base, (half - half_outside),
+                                                    deq + z_b), key=lambda d: sum(d.values()))
     end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0,
            C.TEMPORARIES: z_b + _embedding_grad_temp(model, setup, groups)}
     bwd = max(start, end, key=lambda d: sum(d.values()))

@@ -29,6 +29,10 @@ class _Saved:
 
     lin: dict = field(default_factory=dict)
     sq: dict = field(default_factory=dict)
+    pre: tuple | None = None  # (lin, sq) totals saved up to the softmax: what its backward still finds alive
+
+    def snapshot(self):
+        self.pre = (sum(self.lin.values()), sum(self.sq.values()))
 
     def add(self, key, nbytes: float, sq: bool = False):
         (self.sq if sq else self.lin)[key] = nbytes
@@ -149,7 +153,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     rotary = model.model_type in ("llama", "mistral", "mixtral", "qwen2", "gemma", "phi")
     if rotary:  # q·cos + rot(q)·sin makes new q, k tensors; the projections' outputs are not saved
         q_key, k_key = "q_rope", "k_rope"
-    if ctx.attention is Attention.EAGER or model.model_type in ("bloom",):
+    if ctx.attention is Attention.EAGER or model.model_type == "bloom":
         rep = model.heads // model.kv_heads
         s.add(q_key, q_b)
         s.add(k_key if rep == 1 else "k_rep", c * model.q_dim if rep > 1 else k_b)
@@ -224,6 +228,7 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     c, h, mt = ctx.c, model.heads, model.model_type
     sm = 4 if (mt not in SOFTMAX_IN_INPUT_DTYPE or ctx.autocast) else c
     s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
+    s.snapshot()
     p = sm if mt in SOFTMAX_NO_CAST_BACK else c  # .to(query.dtype) / .type(value.dtype): a copy when sm != c
     # the P·V matmul saves its left input: the probabilities (after dropout), or autocast's cast of them
     if ctx.dropout and model.attention_dropout > 0:
@@ -291,6 +296,10 @@ class Activations:
     outside: int  # embeddings, final norm, LM head input, log-softmax output
     block_input: int  # bytes of one block's input (what full checkpointing keeps per block)
     recompute: int  # the largest block's full activations, rebuilt during its backward under checkpointing
+    full_per_block: tuple[int, ...] = ()  # what each block saves without checkpointing (its recomputation)
+    bwd_transient: int = 0  # peak transient bytes inside one block's backward (eager attention's s² gradients)
+    at_softmax_bwd: tuple[int, ...] = ()  # of full_per_block, what is still saved when its softmax backward runs
+    early: int = 0  # of `outside`, what the embeddings save before the first block (alive to the end of backward)
 
     @property
     def total(self) -> int:
@@ -298,20 +307,24 @@ class Activations:
 
 
 @lru_cache(maxsize=8192)
-def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, selective: bool) -> tuple[float, float]:
-    """(bytes per token, bytes per token per key position) one block saves; cached, the walk is the slow part."""
+def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, selective: bool) -> tuple:
+    """(bytes per token, bytes per token per key position) one block saves, and the same for what is saved up
+    to its softmax; cached, the walk is the slow part."""
     saved = block_saved(model, ctx, stack, cross)
     if selective:
         saved.sq.clear()  # selective recomputation drops the attention core's s² tensors
-    return sum(saved.lin.values()), sum(saved.sq.values())
+    lin, sq = sum(saved.lin.values()), sum(saved.sq.values())
+    return lin, sq, *(saved.pre if (saved.pre and not selective) else (lin, sq))
 
 
-def _block_bytes(model, setup, stack, w_train, cross=False) -> int:
-    """Bytes one block saves. A block saves nothing when no gradient flows through it: frozen, no adapter,
-    and nothing below it trains (--peft freeze below the trained blocks)."""
+def _block_bytes(model, setup, stack, w_train, cross=False) -> tuple[int, int]:
+    """(bytes one block saves, those of them saved up to its softmax). A block saves nothing when no
+    gradient flows through it: frozen, no adapter, and nothing below it trains (--peft freeze below the
+    trained blocks)."""
     ctx = make_ctx(model, setup, w_train)
-    lin, sq = _block_rates(model, ctx, stack, cross, setup.checkpointing is Checkpointing.SELECTIVE)
-    return int((lin + setup.model_seq * sq) * setup.model_tokens)
+    lin, sq, plin, psq = _block_rates(model, ctx, stack, cross, setup.checkpointing is Checkpointing.SELECTIVE)
+    t, s = setup.model_tokens, setup.model_seq
+    return int((lin + s * sq) * t), int((plin + s * psq) * t)
 
 
 def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
@@ -328,23 +341,50 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     keep = setup.train_layers if peft is PeftMethod.FREEZE else model.blocks
     first_trained = model.blocks - keep
     blocks: list[int] = []
+    pre: list[int] = []
     idx = 0
     for stack, n, cross in _stacks(model):
         trained = max(0, min(n, idx + n - first_trained))  # how many of this stack's blocks train
         frozen_n = n - trained
-        nb = _block_bytes(model, setup, stack, w_train or peft is PeftMethod.FREEZE, cross) if trained else 0
+        nb = _block_bytes(model, setup, stack, w_train or peft is PeftMethod.FREEZE, cross) if trained else (0, 0)
         # frozen blocks save what the gradient passing through them needs when something below trains: a
         # tied LM head makes the token embedding trainable under --peft freeze
         below = peft is PeftMethod.FREEZE and model.tie_embeddings
-        fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else 0
-        blocks += [fb] * frozen_n + [nb] * trained
+        fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else (0, 0)
+        blocks += [fb[0]] * frozen_n + [nb[0]] * trained
+        pre += [fb[1]] * frozen_n + [nb[1]] * trained
         idx += n
     outside = _outside_bytes(model, setup)
+    early = _embedding_saved(model, setup) * setup.model_tokens
     block_input = r * model.hidden * setup.model_tokens
     recompute = max(blocks, default=0)
+    tr = _bwd_transient(model, setup)
     if setup.checkpointing is Checkpointing.FULL:
-        return Activations(tuple(block_input if b else 0 for b in blocks), outside, block_input, recompute)
-    return Activations(tuple(blocks), outside, block_input, 0)
+        return Activations(tuple(block_input if b else 0 for b in blocks), outside, block_input, recompute,
+                           tuple(blocks), tr, tuple(pre), early)
+    return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early)
+
+
+def _bwd_transient(model: ModelSpec, setup: TrainingSetup) -> int:
+    """Eager attention's backward holds two s² gradients at once: the incoming gradient of the softmax output
+    (cast to the softmax dtype where the forward cast down) and _softmax_backward_data's result, both in the
+    softmax dtype (fp32 for most models and under autocast; GPT-2 / BERT's input dtype otherwise)."""
+    if not _eager(model, setup) or setup.checkpointing is Checkpointing.SELECTIVE:
+        return 0
+    p = setup.precision
+    sm = 4 if (model.model_type not in SOFTMAX_IN_INPUT_DTYPE or p.autocast) else p.compute_bytes
+    return 2 * sm * model.heads * setup.model_seq * setup.model_tokens
+
+
+def _eager(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Whether attention materializes s² scores (BLOOM's alibi attention always does)."""
+    return setup.attention is Attention.EAGER or model.model_type == "bloom"
+
+
+def _embedding_saved(model: ModelSpec, setup: TrainingSetup) -> int:
+    """Bytes per token the embeddings save: the int64 token ids, and embedding dropout's bool mask."""
+    drop = model.dropout if setup.dropout is not False else 0.0
+    return 8 + (model.hidden if drop > 0 else 0)
 
 
 def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
@@ -354,10 +394,7 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     p = setup.precision
     c, r = p.compute_bytes, (4 if p.autocast else p.param_bytes)
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
-    drop = model.dropout if setup.dropout is not False else 0.0
-    out = 8  # nn.Embedding saves the int64 token ids
-    if drop > 0:
-        out += h  # embedding dropout's bool mask
+    out = _embedding_saved(model, setup)
     if model.norm == "rmsnorm":
         out += (4 * h if r != 4 else 0) + 4 + (r * h if head_trains else 0)  # fp32 copy (else the residual), rstd, y
     else:

@@ -82,14 +82,25 @@ class NF4Linear(nn.Linear):
         return out.to(inp_dtype)
 
 
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of an nn.Linear or a transformers Conv1D (GPT-2's, weight stored [in, out])."""
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return tuple(module.weight.shape)
+    return None
+
+
 def quantize_linears(model: nn.Module, keep: set[int], compute_dtype: torch.dtype, double_quant: bool) -> int:
-    """Replace every nn.Linear (on the meta device) except those whose id is in `keep` (the LM head, as
-    transformers' bitsandbytes integration keeps it) by an NF4Linear. Returns how many were replaced."""
+    """Replace every nn.Linear and Conv1D (on the meta device) except those whose id is in `keep` (the LM head)
+    by an NF4Linear, as transformers' bitsandbytes integration (replace_with_bnb_linear) does: it quantizes
+    `isinstance(module, Conv1D) or type(module) is nn.Linear`. Returns how many were replaced."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and id(child) not in keep:
-                q = NF4Linear(child.in_features, child.out_features, child.bias is not None, compute_dtype,
+            shape = _linear_shape(child)
+            if shape is not None and id(child) not in keep:
+                q = NF4Linear(shape[0], shape[1], child.bias is not None, compute_dtype,
                               double_quant, bias_dtype=child.weight.dtype)
                 setattr(parent, name, q)
                 count += 1

@@ -86,8 +86,9 @@ class TrainLoop:
         if self.master:
             with torch.no_grad():
                 self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.params]
-            for m in self.masters:
-                tracker.track(m, MW)
+            for p, m in zip(self.params, self.masters):
+                if p.dtype is not torch.float32:  # .float() of an fp32 tensor is the tensor itself: no copy
+                    tracker.track(m, MW)
         self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.params)
         self.scaler = Scaler() if setup.precision.grad_scaler else None
         self._hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, G))
