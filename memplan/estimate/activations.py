@@ -101,12 +101,14 @@ class _Block:
             if x.dora:  # (m/‖W‖ - 1)·base + m/‖W‖·lora·s saves the base and LoRA results
                 self.s.add(self.t(name + ".dora_base"), x.c * lin.out_features)
                 self.s.add(self.t(name + ".dora_lora"), x.c * lin.out_features)
+        out_b = x.c if (x.autocast or x.c == b) else b
         if name in x.ia3:
             if ff:  # peft IA3: x.to(ia3_l.dtype) * ia3_l saves the fp32 copy of the input
                 self.s.add(self.t(name + ".ia3_in"), x.lora_bytes * lin.in_features)
-            else:
+            else:  # result * ia3_l saves the base output; what flows on is the (new) scaled product
                 self.s.add(self.t(name + ".out"), x.c * lin.out_features)
-        return self.t(name + ".out"), (x.c if (x.autocast or x.c == b) else b)
+                return self.t(name + ".ia3_out"), out_b
+        return self.t(name + ".out"), out_b
 
     def dropout(self, name, width, p):
         if p > 0:
@@ -242,7 +244,6 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
 def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -> None:
     """fc1 -> activation -> fc2 (GPT-2, OPT, BERT, Phi, BLOOM, T5): what the activation and fc2 save."""
     c, i = ctx.c, model.intermediate
-    down_saves = ctx.w_train or down.qualname in ctx.lora or down.qualname in ctx.ia3_ff
     act = _act_name(model)
     if act in TANH_GELUS:
         f = 4 if ctx.autocast else c
@@ -250,18 +251,15 @@ def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -
         s.add("gelu_tanh", f * i)
         s.add("gelu_half_x", c * i)
         s.add("gelu_one_plus", f * i)
-        if down_saves:
-            s.add("act_out", c * i)  # the product (cast back to the compute dtype for fc2 under autocast)
     elif act == "relu":
         s.add("act_out", c * i)  # relu saves its output, the same tensor fc2 saves
     else:  # gelu / bloom_gelu / silu: the activation saves its input, fc2 its output
         s.add("act_in", c * i)
-        if down_saves:
-            s.add("act_out", c * i)
     if model.model_type == "t5" and ctx.dropout and model.dropout > 0:
         s.add("ff_drop_mask", i)  # T5DenseActDense: dropout between the activation and wo
-        if down_saves:
-            s.add("act_out", c * i)
+    # fc2 on the activation's output (the tanh-GELU product is cast back to the compute dtype under autocast):
+    # saved as fc2's input when its weight trains, copied to fp32 for LoRA or (IA)3 feed-forward scaling
+    b.linear(down, ("act_out", c))
 
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
