@@ -59,6 +59,7 @@ class Ctx:
     adapter_size: int
     dropout: float
     attention: Attention
+    kv_ratio: float = 1.0  # keys per query position: (seq + virtual tokens) / seq under prefix tuning
 
 
 class _Block:
@@ -155,15 +156,27 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     rotary = model.model_type in ("llama", "mistral", "mixtral", "qwen2", "gemma", "phi")
     if rotary:  # q·cos + rot(q)·sin makes new q, k tensors; the projections' outputs are not saved
         q_key, k_key = "q_rope", "k_rope"
+    rep = model.heads // model.kv_heads
+    prefix = ctx.kv_ratio != 1.0
+    if prefix:  # peft's past key/values are concatenated in front of each layer's keys and values
+        k_key, v_key = "k_cat", "v_cat"
+        k_b = v_b = c * model.kv_dim * ctx.kv_ratio
     if ctx.attention is Attention.EAGER or model.model_type == "bloom":
-        rep = model.heads // model.kv_heads
         s.add(q_key, q_b)
-        s.add(k_key if rep == 1 else "k_rep", c * model.q_dim if rep > 1 else k_b)
-        s.add(v_key if rep == 1 else "v_rep", c * model.q_dim if rep > 1 else v_b)
+        s.add(k_key if rep == 1 else "k_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else k_b)
+        s.add(v_key if rep == 1 else "v_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else v_b)
         _eager_probs(s, ctx, model)
         s.add("attn_out", c * model.q_dim)  # transpose(1, 2).contiguous() saved by the output projection
     else:  # SDPA / flash: q, k, v, output and a fp32 log-sum-exp per head
         s.add(q_key, q_b)
+        if prefix:
+            # the cached keys make transformers pass an explicit mask, so it repeats grouped keys/values for
+            # SDPA (sdpa_attention_forward: GQA in the kernel only without a mask), and SDPA saves the
+            # boolean mask converted to a [b, 1, s, s + p] float mask in the query dtype
+            if rep > 1:
+                k_key, v_key = "k_rep", "v_rep"
+                k_b = v_b = c * model.q_dim * ctx.kv_ratio
+            s.add("attn_mask", c * ctx.kv_ratio, sq=True)
         s.add(k_key, k_b)
         s.add(v_key, v_b)
         s.add("attn_out", c * model.q_dim)
@@ -229,6 +242,7 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     output, and the cast the P·V matmul makes under autocast (bytes per token per key position)."""
     c, h, mt = ctx.c, model.heads, model.model_type
     sm = 4 if (mt not in SOFTMAX_IN_INPUT_DTYPE or ctx.autocast) else c
+    h = h * ctx.kv_ratio  # s² terms span every key: the prefix's too
     s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
     s.snapshot()
     p = sm if mt in SOFTMAX_NO_CAST_BACK else c  # .to(query.dtype) / .type(value.dtype): a copy when sm != c
@@ -262,13 +276,18 @@ def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -
     b.linear(down, ("act_out", c))
 
 
+def kv_ratio(setup: TrainingSetup) -> float:
+    """Keys per query position: prefix tuning prepends its virtual tokens to every layer's keys and values."""
+    return (setup.seq + setup.num_virtual_tokens) / setup.seq if setup.peft is PeftMethod.PREFIX else 1.0
+
+
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
     return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, setup.adapter_size,
-                w_train)
+                w_train, kv_ratio(setup))
 
 
 @lru_cache(maxsize=4096)
-def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train) -> Ctx:
+def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio) -> Ctx:
     setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention,
                           adapter_size=adapter_size)
     peft = setup.peft
@@ -283,7 +302,7 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train) ->
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=p.param_bytes, w_train=w_train, lora=lora,
                lora_bytes=4, ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
                qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,
-               attention=setup.attention)
+               attention=setup.attention, kv_ratio=kv_ratio)
 
 
 @dataclass(frozen=True)
@@ -371,7 +390,7 @@ def _bwd_transient(model: ModelSpec, setup: TrainingSetup) -> int:
         return 0
     p = setup.precision
     sm = 4 if (model.model_type not in SOFTMAX_IN_INPUT_DTYPE or p.autocast) else p.compute_bytes
-    return 2 * sm * model.heads * setup.model_seq * setup.model_tokens
+    return int(2 * sm * model.heads * setup.model_seq * kv_ratio(setup) * setup.model_tokens)
 
 
 def _eager(model: ModelSpec, setup: TrainingSetup) -> bool:
