@@ -258,22 +258,23 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
 def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -> None:
     """fc1 -> activation -> fc2 (GPT-2, OPT, BERT, Phi, BLOOM, T5): what the activation and fc2 save."""
     c, i = ctx.c, model.intermediate
+    a = 4 if (ctx.qlora and ctx.autocast) else c  # fc1's output: bitsandbytes casts it back to fp32 (QLoRA)
     act = _act_name(model)
     if act in TANH_GELUS:
         f = 4 if ctx.autocast else c
         s.add("gelu_pow_in", f * i)
         s.add("gelu_tanh", f * i)
-        s.add("gelu_half_x", c * i)
+        s.add("gelu_half_x", a * i)
         s.add("gelu_one_plus", f * i)
     elif act == "relu":
-        s.add("act_out", c * i)  # relu saves its output, the same tensor fc2 saves
+        s.add("act_out", a * i)  # relu saves its output, the same tensor fc2 saves
     else:  # gelu / bloom_gelu / silu: the activation saves its input, fc2 its output
-        s.add("act_in", c * i)
+        s.add("act_in", a * i)
     if model.model_type == "t5" and ctx.dropout and model.dropout > 0:
         s.add("ff_drop_mask", i)  # T5DenseActDense: dropout between the activation and wo
     # fc2 on the activation's output (the tanh-GELU product is cast back to the compute dtype under autocast):
     # saved as fc2's input when its weight trains, copied to fp32 for LoRA or (IA)3 feed-forward scaling
-    b.linear(down, ("act_out", c))
+    b.linear(down, ("act_out", a if act == "relu" else c))
 
 
 def kv_ratio(setup: TrainingSetup) -> float:
