@@ -101,7 +101,8 @@ class _Block:
             self.s.add(lk, (x.c if x.autocast else x.lora_bytes) * lin.in_features)
             if x.dora:  # (m/‖W‖ - 1)·base + m/‖W‖·lora·s saves the base and LoRA results
                 self.s.add(self.t(name + ".dora_base"), x.c * lin.out_features)
-                self.s.add(self.t(name + ".dora_lora"), x.c * lin.out_features)
+                lb = x.c if x.autocast else x.lora_bytes  # the LoRA branch's output: the adapter dtype
+                self.s.add(self.t(name + ".dora_lora"), lb * lin.out_features)
         out_b = x.c if (x.autocast or x.c == b) else b
         if name in x.ia3:
             if ff:  # peft IA3: x.to(ia3_l.dtype) * ia3_l saves the fp32 copy of the input
