@@ -37,8 +37,11 @@ def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
 
 
 def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, model_tied: bool,
-                        outside_only: bool = False) -> int:
-    """Autocast's half-precision casts of the matmul weights, alive from forward until their backward."""
+                        outside_only: bool = False, cached_only: bool = False) -> int:
+    """Autocast's half-precision casts of the matmul weights, alive from forward until their backward.
+    outside_only: those of the weights outside the blocks (the LM head's, saved past checkpointed blocks);
+    cached_only: those alive through a checkpointed forward (the cached casts of trainable weights, and the
+    ones outside the blocks)."""
     if not setup.precision.autocast:
         return 0
     c = setup.precision.compute_bytes
@@ -46,7 +49,8 @@ def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, mo
     # gradient flows through their matmul (saved for grad_input) — never under --peft freeze's frozen blocks.
     flows = setup.peft is not PeftMethod.FREEZE or (model_tied and _tied_trains(groups))
     return sum(round_block(g.numel * c) * g.count for g in groups
-               if g.matmul and not g.nf4 and (g.trainable or flows) and (g.outside or not outside_only))
+               if g.matmul and not g.nf4 and (g.trainable or flows) and (g.outside or not outside_only)
+               and (g.outside or g.trainable or not cached_only))
 
 
 def _head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
@@ -189,7 +193,10 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
     loss_f, loss_b = _loss_bytes(model, setup)
     z_f, z_b = _zero_buffers(model, setup, u)
     ckpt = setup.checkpointing is Checkpointing.FULL
-    fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total, C.TEMPORARIES: half + deq + loss_f + z_f}
+    half_fwd = half
+    if ckpt and half:  # frozen weights' casts are not cached, and checkpointed blocks save none
+        half_fwd = _half_weight_copies(groups, setup, model.tie_embeddings, cached_only=True)
+    fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total, C.TEMPORARIES: half_fwd + deq + loss_f + z_f}
     # backward starts with every activation saved and the loss gradients; it ends with every gradient
     # the LM head's weight gradient is the first one made, while every activation is still saved
     # (after the loss's fp32 gradients are freed, with the logits' gradient in the compute dtype alive)
