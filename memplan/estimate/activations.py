@@ -29,10 +29,10 @@ class _Saved:
 
     lin: dict = field(default_factory=dict)
     sq: dict = field(default_factory=dict)
-    pre: tuple | None = None  # (lin, sq) totals saved up to the softmax: what its backward still finds alive
+    marks: dict = field(default_factory=dict)  # name -> (lin, sq) totals saved up to that point of the walk
 
-    def snapshot(self):
-        self.pre = (sum(self.lin.values()), sum(self.sq.values()))
+    def snapshot(self, name: str):
+        self.marks[name] = (sum(self.lin.values()), sum(self.sq.values()))
 
     def add(self, key, nbytes: float, sq: bool = False):
         (self.sq if sq else self.lin)[key] = nbytes
@@ -195,6 +195,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
             s.add("cross_softmax", (4 + (c if c != 4 else 0)) * model.heads, sq=True)
         b.linear(L[Role.CROSS_O], ("cross_out", c))
     # MLP
+    s.snapshot("attention")  # the attention half: what a block saves before its MLP
     x3 = b.norm("ln2", ("resid2", r), h, rms) if (pre_norm and model.model_type != "phi") else x
     if not pre_norm:  # BERT: LayerNorm(attn_out + residual) saves the sum
         b.norm("ln_post1", ("resid_sum1", r), h, rms)
@@ -245,7 +246,7 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     sm = 4 if (mt not in SOFTMAX_IN_INPUT_DTYPE or ctx.autocast) else c
     h = h * ctx.kv_ratio  # s² terms span every key: the prefix's too
     s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
-    s.snapshot()
+    s.snapshot("softmax")  # what its backward still finds alive
     p = sm if mt in SOFTMAX_NO_CAST_BACK else c  # .to(query.dtype) / .type(value.dtype): a copy when sm != c
     # the P·V matmul saves its left input: the probabilities (after dropout), or autocast's cast of them
     if ctx.dropout and model.attention_dropout > 0:
@@ -326,24 +327,26 @@ class Activations:
 
 
 @lru_cache(maxsize=8192)
-def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, selective: bool) -> tuple:
-    """(bytes per token, bytes per token per key position) one block saves, and the same for what is saved up
-    to its softmax; cached, the walk is the slow part."""
+@lru_cache(maxsize=8192)
+def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, selective: bool) -> dict:
+    """{"all": (bytes per token, bytes per token per key position) one block saves, "softmax" / "attention":
+    the same for what is saved up to its softmax / before its MLP}; cached, the walk is the slow part."""
     saved = block_saved(model, ctx, stack, cross)
-    if selective:
-        saved.sq.clear()  # selective recomputation drops the attention core's s² tensors
-    lin, sq = sum(saved.lin.values()), sum(saved.sq.values())
-    return lin, sq, *(saved.pre if (saved.pre and not selective) else (lin, sq))
+    if selective:  # selective recomputation drops the attention core's s² tensors
+        saved.sq.clear()
+        saved.marks = {k: (lin, 0) for k, (lin, _) in saved.marks.items()}
+    out = {"all": (sum(saved.lin.values()), sum(saved.sq.values()))}
+    return {**{k: saved.marks.get(k, out["all"]) for k in ("softmax", "attention")}, **out}
 
 
-def _block_bytes(model, setup, stack, w_train, cross=False) -> tuple[int, int]:
-    """(bytes one block saves, those of them saved up to its softmax). A block saves nothing when no
-    gradient flows through it: frozen, no adapter, and nothing below it trains (--peft freeze below the
-    trained blocks)."""
+def _block_bytes(model, setup, stack, w_train, cross=False) -> dict:
+    """Bytes one block saves ("all"), and of them those saved up to its softmax ("softmax") and before its MLP
+    ("attention"). A block saves nothing when no gradient flows through it: frozen, no adapter, and nothing
+    below it trains (--peft freeze below the trained blocks)."""
     ctx = make_ctx(model, setup, w_train)
-    lin, sq, plin, psq = _block_rates(model, ctx, stack, cross, setup.checkpointing is Checkpointing.SELECTIVE)
+    rates = _block_rates(model, ctx, stack, cross, setup.checkpointing is Checkpointing.SELECTIVE)
     t, s = setup.model_tokens, setup.model_seq
-    return int((lin + s * sq) * t), int((plin + s * psq) * t)
+    return {k: int((lin + s * sq) * t) for k, (lin, sq) in rates.items()}
 
 
 def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
@@ -359,20 +362,24 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     w_train = peft in (PeftMethod.FULL, PeftMethod.BITFIT)  # BitFit's biases need the same saved inputs
     keep = setup.train_layers if peft is PeftMethod.FREEZE else model.blocks
     first_trained = model.blocks - keep
-    blocks: list[int] = []
-    pre: list[int] = []
+    per: list[dict] = []  # each block's _block_bytes, first to last
     idx = 0
+    none = dict.fromkeys(("all", "softmax", "attention"), 0)
     for stack, n, cross in _stacks(model):
         trained = max(0, min(n, idx + n - first_trained))  # how many of this stack's blocks train
         frozen_n = n - trained
-        nb = _block_bytes(model, setup, stack, w_train or peft is PeftMethod.FREEZE, cross) if trained else (0, 0)
+        nb = _block_bytes(model, setup, stack, w_train or peft is PeftMethod.FREEZE, cross) if trained else none
         # frozen blocks save what the gradient passing through them needs when something below trains: a
         # tied LM head makes the token embedding trainable under --peft freeze
         below = peft is PeftMethod.FREEZE and model.tie_embeddings
-        fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else (0, 0)
-        blocks += [fb[0]] * frozen_n + [nb[0]] * trained
-        pre += [fb[1]] * frozen_n + [nb[1]] * trained
+        fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else none
+        per += [fb] * frozen_n + [nb] * trained
         idx += n
+    if peft is PeftMethod.ADAPTER and per:
+        # nothing before the first block's attention adapter needs a gradient: its attention saves nothing
+        per[0] = {"all": per[0]["all"] - per[0]["attention"], "softmax": 0, "attention": 0}
+    blocks = [b["all"] for b in per]
+    pre = [b["softmax"] for b in per]
     outside = _outside_bytes(model, setup)
     early = _embedding_saved(model, setup) * setup.model_tokens
     block_input = r * model.hidden * setup.model_tokens
