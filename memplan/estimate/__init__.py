@@ -53,12 +53,23 @@ def _half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, mo
                and (g.outside or g.trainable or not cached_only))
 
 
-def _head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
-    """Bytes of the LM head's weight gradient (the tied embedding's when tied), unsharded until reduced."""
+def _head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int, int]:
+    """(gradient, waiting, compute-dtype) bytes of the LM head's weight gradient, unsharded until reduced.
+    A tied head's gradient is not the embedding's .grad yet: it waits in autograd's input buffer for the
+    embedding's own ("waiting"). Under autocast the matmul makes it in the compute dtype first, then casts it."""
     from memplan.estimate.weights import grad_dtype_bytes
 
-    return sum(round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
-               for g in groups if g.outside and g.matmul and g.trainable)
+    grads = waiting = half = 0
+    for g in groups:
+        if g.outside and g.matmul and g.trainable:
+            n = round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+            if _embedding_side(g.name):
+                waiting += n
+            else:
+                grads += n
+            if setup.precision.autocast:
+                half += round_block(g.numel * setup.precision.compute_bytes) * g.count
+    return grads, waiting, half
 
 
 def _tied_trains(groups: tuple[ParamGroup, ...]) -> bool:
@@ -200,19 +211,25 @@ def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activatio
     # backward starts with every activation saved and the loss gradients; it ends with every gradient
     # the LM head's weight gradient is the first one made, while every activation is still saved
     # (after the loss's fp32 gradients are freed, with the logits' gradient in the compute dtype alive)
-    first_grads = accum_grads or _head_grad(groups, setup)
+    head_g, head_wait, head_half = (accum_grads, 0, 0) if accum_grads else _head_grad(groups, setup)
     half_bwd = half_outside if ckpt else half
     logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
     start = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
              C.TEMPORARIES: half_bwd + deq + loss_b + z_f}
-    head = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: acts.total,
-            C.TEMPORARIES: half_bwd + deq + logits_grad + z_f}
+    # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
+    # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
+    head_acts = acts.total - acts.loss
+    held = half_bwd + deq + z_f
+    head = max({**base, C.GRADIENTS: 0 if head_half else head_g, C.ACTIVATIONS: head_acts,
+                C.TEMPORARIES: held + logits_grad + (head_half or head_wait)},
+               {**base, C.GRADIENTS: head_g, C.ACTIVATIONS: head_acts,
+                C.TEMPORARIES: held + head_half + head_wait}, key=lambda d: sum(d.values()))
     # the first block's backward (its recomputed activations under checkpointing) and the last one's, with
     # nearly every gradient made: live bytes fall or grow linearly in between, so the two ends bound them
     # (the loss's, the head's and the final norm's saved tensors are freed by then)
     in_blocks = sum(acts.per_block) + acts.early
-    first_blk = {**base, C.GRADIENTS: first_grads, C.ACTIVATIONS: in_blocks + (acts.recompute if ckpt else 0),
-                 C.TEMPORARIES: half_bwd + deq + z_f}
+    first_blk = {**base, C.GRADIENTS: head_g, C.ACTIVATIONS: in_blocks + (acts.recompute if ckpt else 0),
+                 C.TEMPORARIES: half_bwd + deq + z_f + head_wait}
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         at = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0

@@ -320,6 +320,7 @@ class Activations:
     bwd_transient: int = 0  # peak transient bytes inside one block's backward (eager attention's s² gradients)
     at_softmax_bwd: tuple[int, ...] = ()  # of full_per_block, what is still saved when its softmax backward runs
     early: int = 0  # of `outside`, what the embeddings save before the first block (alive to the end of backward)
+    loss: int = 0  # of `outside`, what the loss saves (freed first in backward)
 
     @property
     def total(self) -> int:
@@ -382,13 +383,14 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     pre = [b["softmax"] for b in per]
     outside = _outside_bytes(model, setup)
     early = _embedding_saved(model, setup) * setup.model_tokens
+    loss = _loss_saved(model, setup) * setup.model_tokens
     block_input = r * model.hidden * setup.model_tokens
     recompute = max(blocks, default=0)
     tr = _bwd_transient(model, setup)
     if setup.checkpointing is Checkpointing.FULL:
         return Activations(tuple(block_input if b else 0 for b in blocks), outside, block_input, recompute,
-                           tuple(blocks), tr, tuple(pre), early)
-    return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early)
+                           tuple(blocks), tr, tuple(pre), early, loss)
+    return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss)
 
 
 def _bwd_transient(model: ModelSpec, setup: TrainingSetup) -> int:
