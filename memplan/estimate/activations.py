@@ -166,8 +166,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add(q_key, q_b)
         s.add(k_key if rep == 1 else "k_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else k_b)
         s.add(v_key if rep == 1 else "v_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else v_b)
-        _eager_probs(s, ctx, model)
-        s.add("attn_out", c * model.q_dim)  # transpose(1, 2).contiguous() saved by the output projection
+        _eager_probs(s, ctx, model)  # (the output, transposed contiguous, is saved by o_proj if it needs it)
     else:  # SDPA / flash: q, k, v, output and a fp32 log-sum-exp per head
         s.add(q_key, q_b)
         if prefix:
