@@ -14,7 +14,7 @@ from memplan.estimate.params import ParamGroup, base_params, param_groups, train
 from memplan.estimate.result import ModelStates, Peak, Result
 from memplan.estimate.weights import Unsharded, model_states, unsharded
 from memplan.spec.gpu import GpuSpec
-from memplan.spec.model import ModelSpec
+from memplan.spec.model import ModelSpec, Role
 from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
 from memplan.units import round_block
 
@@ -141,15 +141,22 @@ def _last_block(model, setup, groups, ms: ModelStates, acts: Activations, base: 
                                    for g in groups if g.trainable), 1)  # sharding and DDP buckets
     gb = lambda g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count * scale
     late = sum(gb(g) for g in groups if g.trainable and g.outside and _embedding_side(g.name))
-    block = sum(gb(g) for g in groups if g.trainable and not g.outside) / max(model.blocks, 1)
     tied_wait = sum(gb(g) for g in groups if g.trainable and g.outside and g.matmul and _embedding_side(g.name))
+    # block j's own gradients (one tensor of each trainable group, when block j trains), and of them those
+    # of its query/key/value projections, still to come when its softmax backward runs
+    trains = setup.peft is not PeftMethod.FREEZE or j >= model.blocks - setup.train_layers
+    qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
+    own = [g for g in groups if g.trainable and not g.outside] if trains else []
+    block = sum(gb(g) / g.count for g in own)
+    pending = sum(gb(g) / g.count for g in own if g.name.startswith(qkv))
     ckpt = setup.checkpointing is Checkpointing.FULL
     held = acts.early + (acts.per_block[j] if ckpt else 0)  # under checkpointing, the block's input
-    plain = {**base, C.GRADIENTS: int(max(ms.gradients - late - block, 0)), C.ACTIVATIONS: held + acts.full_per_block[j],
+    made = ms.gradients - late
+    plain = {**base, C.GRADIENTS: int(max(made - block, 0)), C.ACTIVATIONS: held + acts.full_per_block[j],
              C.TEMPORARIES: int(tied_wait) + block_casts // max(model.blocks, 1) + extra}
     if not acts.bwd_transient:
         return plain
-    at_softmax = {**plain, C.ACTIVATIONS: held + acts.at_softmax_bwd[j],
+    at_softmax = {**plain, C.GRADIENTS: int(max(made - pending, 0)), C.ACTIVATIONS: held + acts.at_softmax_bwd[j],
                   C.TEMPORARIES: plain[C.TEMPORARIES] + acts.bwd_transient}
     return max(plain, at_softmax, key=lambda d: sum(d.values()))
 
