@@ -127,16 +127,24 @@ def _zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple
 
 def _last_block(model, setup, groups, ms: ModelStates, acts: Activations, base: dict, block_casts: int,
                 extra: int) -> dict:
-    """Inside the backward of the last block it reaches (the lowest that saved anything): the gradients of
-    everything above it are made, the embeddings' are not (a tied LM head's gradient waits in autograd's input
-    buffer until the embedding's own arrives at the end); alive are that block's activations (recomputed under
-    checkpointing), its autocast weight casts and its attention-backward transient."""
-    from memplan.estimate.weights import grad_dtype_bytes
-
+    """Inside the backward of the last block it reaches (the lowest that saved anything) and of the lowest
+    that trains: the gradients of everything above are made, the embeddings' are not (a tied LM head's
+    gradient waits in autograd's input buffer until the embedding's own arrives at the end); alive are the
+    activations of the blocks below, that block's (recomputed under checkpointing), its autocast weight casts
+    and its attention-backward transient."""
     saved = [i for i, b in enumerate(acts.full_per_block) if b]
     if not saved:
         return {**base, C.GRADIENTS: 0, C.ACTIVATIONS: 0, C.TEMPORARIES: 0}
-    j = saved[0]
+    first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+    return max((_inside_block(j, model, setup, groups, ms, acts, base, block_casts, extra)
+                for j in {saved[0], max(saved[0], min(first_trained, model.blocks - 1))}),
+               key=lambda d: sum(d.values()))
+
+
+def _inside_block(j, model, setup, groups, ms: ModelStates, acts: Activations, base: dict, block_casts: int,
+                  extra: int) -> dict:
+    from memplan.estimate.weights import grad_dtype_bytes
+
     scale = ms.gradients / max(sum(round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
                                    for g in groups if g.trainable), 1)  # sharding and DDP buckets
     gb = lambda g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count * scale
@@ -150,7 +158,8 @@ def _last_block(model, setup, groups, ms: ModelStates, acts: Activations, base: 
     block = sum(gb(g) / g.count for g in own)
     pending = sum(gb(g) / g.count for g in own if g.name.startswith(qkv))
     ckpt = setup.checkpointing is Checkpointing.FULL
-    held = acts.early + (acts.per_block[j] if ckpt else 0)  # under checkpointing, the block's input
+    # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
+    held = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] if ckpt else 0)
     made = ms.gradients - late
     plain = {**base, C.GRADIENTS: int(max(made - block, 0)), C.ACTIVATIONS: held + acts.full_per_block[j],
              C.TEMPORARIES: int(tied_wait) + block_casts // max(model.blocks, 1) + extra}
