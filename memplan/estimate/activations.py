@@ -100,7 +100,8 @@ class _Block:
             lk = cast_key if (x.autocast or x.lora_bytes == b) else self.t(name + ".lora_in")
             self.s.add(lk, (x.c if x.autocast else x.lora_bytes) * lin.in_features)
             if x.dora:  # (m/‖W‖ - 1)·base + m/‖W‖·lora·s saves the base and LoRA results
-                self.s.add(self.t(name + ".dora_base"), x.c * lin.out_features)
+                # base_result - bias: an fp32 bias promotes it to fp32 under autocast
+                self.s.add(self.t(name + ".dora_base"), (4 if (x.autocast and lin.bias) else x.c) * lin.out_features)
                 lb = x.c if x.autocast else x.lora_bytes  # the LoRA branch's output: the adapter dtype
                 self.s.add(self.t(name + ".dora_lora"), lb * lin.out_features)
         out_b = x.c if (x.autocast or x.c == b) else b
