@@ -210,12 +210,13 @@ def test_deepspeed_zero3_no_offload():
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_fp32_gradient_partition_is_a_step_temporary(zero):
-    """Where memplan does count DeepSpeed's 4 B/param fp32 gradient: as a temporary of the optimizer step (the
-    master-weight step reads an fp32 copy of the gradient partition). With the fused AdamW (no foreach
-    temporaries) the step phase holds exactly model states + 4P/N."""
+    """Where memplan does count DeepSpeed's 4 B/param fp32 gradient: at the optimizer step, where the master-weight
+    step copies each half gradient to an fp32 gradient and frees the half one (as the traced step does,
+    memplan.trace.step). With the fused AdamW (no foreach temporaries) the step phase holds exactly model states
+    + 4P/N (fp32 gradient partition) - 2P/N (the half-precision gradient partition it replaces)."""
     r = memplan.estimate("llama-7b", precision="bf16-master", optimizer="adamw-fused", gpus=N, zero=zero)
     step = r.phase_peaks[memplan.categories.Phase.OPTIMIZER_STEP]
-    assert step - r.model_states.total == 4 * P_LLAMA_7B // N
+    assert step - r.model_states.total == 4 * P_LLAMA_7B // N - 2 * P_LLAMA_7B // N
 
 
 # --- LoRA counts, seeds 004 and 000 ------------------------------------------------------------------------------
