@@ -31,6 +31,15 @@ FAST = [
     dict(model="llama-3.2-1b", precision="pure-bf16", peft="adapter", batch=2, seq=512),
     dict(model="qwen2.5-0.5b", precision="bf16", peft="full", optimizer="adamw-forloop", batch=1, seq=256),
     dict(model="gpt2", precision="fp32", peft="full", optimizer="adafactor", batch=1, seq=128),
+    dict(model="bert-base-uncased", precision="fp16", peft="full", batch=4, seq=256),  # MLM loss, no upcast
+    dict(model="bert-base-uncased", precision="bf16-master", peft="full", batch=2, seq=256),  # fp32 grads at step
+    dict(model="gpt2", precision="fp16-master", peft="lora", batch=1, seq=512, attention="eager"),  # fp16 softmax
+    dict(model="gpt2", precision="bf16-master", peft="qlora", batch=1, seq=512),  # NF4 Conv1D
+    dict(model="qwen2.5-0.5b", precision="pure-bf16", peft="prefix", batch=1, seq=1024),  # mask, repeated kv
+    dict(model="opt-125m", precision="fp16", peft="ia3", batch=2, seq=512),  # (IA)3 outputs, fc2 fp32 copy
+    dict(model="opt-125m", precision="pure-bf16", peft="dora", batch=2, seq=256),
+    dict(model="llama-3.2-1b", precision="fp16", peft="full", batch=1, seq=2048, checkpointing="full",
+         attention="eager"),  # the last block's softmax backward under checkpointing
 ]
 
 

@@ -5,6 +5,8 @@ of each, and reports the largest, with its category breakdown and the three leve
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from memplan.categories import Category as C, Phase
 from memplan.errors import MemplanError
 from memplan.estimate.activations import Activations, activations, logits_bytes, logits_upcast
@@ -136,27 +138,55 @@ def _last_block(model, setup, groups, ms: ModelStates, acts: Activations, base: 
     if not saved:
         return {**base, C.GRADIENTS: 0, C.ACTIVATIONS: 0, C.TEMPORARIES: 0}
     first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
-    return max((_inside_block(j, model, setup, groups, ms, acts, base, block_casts, extra)
-                for j in {saved[0], max(saved[0], min(first_trained, model.blocks - 1))}),
-               key=lambda d: sum(d.values()))
+    return _largest(*(_inside_block(j, model, setup, groups, ms, acts, base, block_casts, extra)
+                      for j in {saved[0], max(saved[0], min(first_trained, model.blocks - 1))}))
+
+
+@dataclass(frozen=True)
+class _GradParts:
+    """Unsharded gradient bytes of groups of parameters that backward reaches at different times."""
+
+    trainable: int  # every trainable tensor's gradient
+    late: int  # the embeddings' (made last)
+    tied_wait: int  # a tied LM head's, waiting for the embedding's own
+    block: int  # one trained block's
+    pending_qkv: int  # ... of its query/key/value projections (made after its softmax backward)
+
+
+_PARTS: dict = {}  # (id(groups), precision, peft, model) -> (groups, _GradParts), as weights.unsharded caches
+
+
+def _grad_parts(model, groups, setup) -> _GradParts:
+    key = (id(groups), setup.precision, setup.peft, model)
+    hit = _PARTS.get(key)
+    if hit is not None and hit[0] is groups:
+        return hit[1]
+    from memplan.estimate.weights import grad_dtype_bytes
+
+    gb = {g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count for g in groups if g.trainable}
+    qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
+    inner = [g for g in gb if not g.outside]
+    parts = _GradParts(
+        trainable=sum(gb.values()),
+        late=sum(n for g, n in gb.items() if g.outside and _embedding_side(g.name)),
+        tied_wait=sum(n for g, n in gb.items() if g.outside and g.matmul and _embedding_side(g.name)),
+        block=sum(gb[g] // g.count for g in inner),  # one tensor of each trainable group per trained block
+        pending_qkv=sum(gb[g] // g.count for g in inner if g.name.startswith(qkv)))
+    if len(_PARTS) > 4096:
+        _PARTS.clear()
+    _PARTS[key] = (groups, parts)
+    return parts
 
 
 def _inside_block(j, model, setup, groups, ms: ModelStates, acts: Activations, base: dict, block_casts: int,
                   extra: int) -> dict:
-    from memplan.estimate.weights import grad_dtype_bytes
-
-    scale = ms.gradients / max(sum(round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
-                                   for g in groups if g.trainable), 1)  # sharding and DDP buckets
-    gb = lambda g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count * scale
-    late = sum(gb(g) for g in groups if g.trainable and g.outside and _embedding_side(g.name))
-    tied_wait = sum(gb(g) for g in groups if g.trainable and g.outside and g.matmul and _embedding_side(g.name))
-    # block j's own gradients (one tensor of each trainable group, when block j trains), and of them those
-    # of its query/key/value projections, still to come when its softmax backward runs
+    p = _grad_parts(model, groups, setup)
+    scale = ms.gradients / max(p.trainable, 1)  # sharding and DDP buckets
+    late, tied_wait = p.late * scale, p.tied_wait * scale
+    # block j's own gradients (when block j trains), and of them those of its query/key/value projections,
+    # still to come when its softmax backward runs
     trains = setup.peft is not PeftMethod.FREEZE or j >= model.blocks - setup.train_layers
-    qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
-    own = [g for g in groups if g.trainable and not g.outside] if trains else []
-    block = sum(gb(g) / g.count for g in own)
-    pending = sum(gb(g) / g.count for g in own if g.name.startswith(qkv))
+    block, pending = (p.block * scale, p.pending_qkv * scale) if trains else (0, 0)
     ckpt = setup.checkpointing is Checkpointing.FULL
     # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
     held = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] if ckpt else 0)
@@ -167,7 +197,7 @@ def _inside_block(j, model, setup, groups, ms: ModelStates, acts: Activations, b
         return plain
     at_softmax = {**plain, C.GRADIENTS: int(max(made - pending, 0)), C.ACTIVATIONS: held + acts.at_softmax_bwd[j],
                   C.TEMPORARIES: plain[C.TEMPORARIES] + acts.bwd_transient}
-    return max(plain, at_softmax, key=lambda d: sum(d.values()))
+    return _largest(plain, at_softmax)
 
 
 def _embedding_side(name: str) -> bool:
@@ -208,60 +238,79 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     )
 
 
+def _largest(*states: dict) -> dict:
+    return max(states, key=lambda d: sum(d.values()))
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Bytes the phase states share: model states, and the transients held across a phase."""
+
+    base: dict  # weights, master weights, optimizer states
+    accum_grads: int  # gradients carried across micro-batches (gradient accumulation)
+    half: int  # autocast's weight casts saved for backward
+    half_outside: int  # ... of the weights outside the blocks (what survives checkpointed blocks)
+    deq: int  # a dequantized NF4 weight
+    z_f: int  # ZeRO forward / backward working buffers
+    z_b: int
+
+
 def _phases(model, setup, groups, u: Unsharded, ms: ModelStates, acts: Activations) -> dict:
     """Category bytes at the peak inside each phase."""
     base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
     accum_grads = ms.gradients if setup.grad_accum > 1 else 0
     # under ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b)
-    half = 0 if (setup.zero == 3 and setup.shards > 1) else _half_weight_copies(groups, setup, model.tie_embeddings)
+    zero3 = setup.zero == 3 and setup.shards > 1
+    half = 0 if zero3 else _half_weight_copies(groups, setup, model.tie_embeddings)
     # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
-    half_outside = 0 if (setup.zero == 3 and setup.shards > 1) else _half_weight_copies(groups, setup, model.tie_embeddings, True)
-    deq = _dequant_temp(groups, setup)
-    loss_f, loss_b = _loss_bytes(model, setup)
-    z_f, z_b = _zero_buffers(model, setup, u)
+    half_outside = 0 if zero3 else _half_weight_copies(groups, setup, model.tie_embeddings, True)
+    h = _Held(base, accum_grads, half, half_outside, _dequant_temp(groups, setup), *_zero_buffers(model, setup, u))
     ckpt = setup.checkpointing is Checkpointing.FULL
     half_fwd = half
     if ckpt and half:  # frozen weights' casts are not cached, and checkpointed blocks save none
         half_fwd = _half_weight_copies(groups, setup, model.tie_embeddings, cached_only=True)
-    fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total, C.TEMPORARIES: half_fwd + deq + loss_f + z_f}
-    # backward starts with every activation saved and the loss gradients; it ends with every gradient
-    # the LM head's weight gradient is the first one made, while every activation is still saved
-    # (after the loss's fp32 gradients are freed, with the logits' gradient in the compute dtype alive)
-    head_g, head_wait, head_half = (accum_grads, 0, 0) if accum_grads else _head_grad(groups, setup)
-    half_bwd = half_outside if ckpt else half
-    logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
-    start = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total,
-             C.TEMPORARIES: half_bwd + deq + loss_b + z_f}
+    loss_f, loss_b = _loss_bytes(model, setup)
+    fwd = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: acts.total, C.TEMPORARIES: half_fwd + h.deq + loss_f + h.z_f}
+    step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
+        setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
+    step = {**base, C.GRADIENTS: _step_grads(u, ms, setup), C.ACTIVATIONS: 0, C.TEMPORARIES: step_tmp}
+    load = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: 0, C.TEMPORARIES: 0}
+    return {Phase.LOAD: load, Phase.FORWARD: fwd, Phase.BACKWARD: _backward(model, setup, groups, ms, acts, h, loss_b),
+            Phase.OPTIMIZER_STEP: step}
+
+
+def _backward(model, setup, groups, ms: ModelStates, acts: Activations, h: _Held, loss_b: int) -> dict:
+    """The largest of the backward's states: its start (the loss's gradients beside every activation), the LM
+    head's backward, the first and the last block's backward, and its end (every gradient)."""
+    ckpt = setup.checkpointing is Checkpointing.FULL
+    base = h.base
+    half_bwd = h.half_outside if ckpt else h.half
+    held = half_bwd + h.deq + h.z_f
+    start = {**base, C.GRADIENTS: h.accum_grads, C.ACTIVATIONS: acts.total, C.TEMPORARIES: held + loss_b}
+    head_g, head_wait, head_half = (h.accum_grads, 0, 0) if h.accum_grads else _head_grad(groups, setup)
     # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
     # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
+    logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
     head_acts = acts.total - acts.loss
-    held = half_bwd + deq + z_f
-    head = max({**base, C.GRADIENTS: 0 if head_half else head_g, C.ACTIVATIONS: head_acts,
-                C.TEMPORARIES: held + logits_grad + (head_half or head_wait)},
-               {**base, C.GRADIENTS: head_g, C.ACTIVATIONS: head_acts,
-                C.TEMPORARIES: held + head_half + head_wait}, key=lambda d: sum(d.values()))
+    head = _largest({**base, C.GRADIENTS: 0 if head_half else head_g, C.ACTIVATIONS: head_acts,
+                     C.TEMPORARIES: held + logits_grad + (head_half or head_wait)},
+                    {**base, C.GRADIENTS: head_g, C.ACTIVATIONS: head_acts,
+                     C.TEMPORARIES: held + head_half + head_wait})
     # the first block's backward (its recomputed activations under checkpointing) and the last one's, with
     # nearly every gradient made: live bytes fall or grow linearly in between, so the two ends bound them
     # (the loss's, the head's and the final norm's saved tensors are freed by then)
     in_blocks = sum(acts.per_block) + acts.early
     first_blk = {**base, C.GRADIENTS: head_g, C.ACTIVATIONS: in_blocks + (acts.recompute if ckpt else 0),
-                 C.TEMPORARIES: half_bwd + deq + z_f + head_wait}
+                 C.TEMPORARIES: held + head_wait}
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         at = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
-        first_blk = max(first_blk, {**first_blk, C.ACTIVATIONS: in_blocks + (at if ckpt else at - last),
-                                    C.TEMPORARIES: first_blk[C.TEMPORARIES] + acts.bwd_transient},
-                        key=lambda d: sum(d.values()))
-    start = max(start, head, first_blk, _last_block(model, setup, groups, ms, acts, base, (half - half_outside),
-                                                    deq + z_b), key=lambda d: sum(d.values()))
+        first_blk = _largest(first_blk, {**first_blk, C.ACTIVATIONS: in_blocks + (at if ckpt else at - last),
+                                         C.TEMPORARIES: first_blk[C.TEMPORARIES] + acts.bwd_transient})
+    last_blk = _last_block(model, setup, groups, ms, acts, base, h.half - h.half_outside, h.deq + h.z_b)
     end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0,
-           C.TEMPORARIES: z_b + _embedding_grad_temp(model, setup, groups)}
-    bwd = max(start, end, key=lambda d: sum(d.values()))
-    step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
-        setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
-    step = {**base, C.GRADIENTS: _step_grads(u, ms, setup), C.ACTIVATIONS: 0, C.TEMPORARIES: step_tmp}
-    load = {**base, C.GRADIENTS: accum_grads, C.ACTIVATIONS: 0, C.TEMPORARIES: 0}
-    return {Phase.LOAD: load, Phase.FORWARD: fwd, Phase.BACKWARD: bwd, Phase.OPTIMIZER_STEP: step}
+           C.TEMPORARIES: h.z_b + _embedding_grad_temp(model, setup, groups)}
+    return _largest(start, head, first_blk, last_blk, end)
 
 
 class _CallableModule(__import__("types").ModuleType):
