@@ -143,15 +143,16 @@ def timeline_from_trace(rows: list[dict], label: str) -> "go.Figure":
                         line=dict(width=0.5, color=COLORS[c.value]), text=hover,
                         hovertemplate="event %{x} · %{text}<br>" + c.value + " %{y:.2f} GiB<extra></extra>")
     peak = max(rows, key=lambda r: r["total"])
-    fig.add_annotation(x=peak["event"], y=peak["total"] / GiB, text=esc(f"peak {peak['total'] / GiB:.2f} GiB "
-                                                                       f"({peak['phase']} {peak['mark']})"))
+    where = f"peak {peak['total'] / GiB:.2f} GiB at {peak['phase']} {peak['mark']}".rstrip()
+    fig.add_scatter(x=[peak["event"]], y=[peak["total"] / GiB], mode="markers", name="peak",
+                    marker=dict(symbol="x", size=10, color="#d62728"), hovertemplate=esc(where) + "<extra></extra>")
     prev = None
     for r in rows:
         if r["phase"] != prev:
             fig.add_vline(x=r["event"], line=dict(color="#aaa", dash="dot", width=1),
                           annotation_text=esc(r["phase"]), annotation_position="top right")
             prev = r["phase"]
-    return _layout(fig, f"Live memory over the step: {label}", xaxis_title="allocation event",
+    return _layout(fig, f"Live memory over the step: {label} ({where})", xaxis_title="allocation event",
                    yaxis_title="GiB (allocated)", height=460)
 
 
@@ -181,14 +182,14 @@ def timeline_from_phases(row: dict, estimate: dict, measured: dict | None) -> "g
 
 def throughput(rows: list[dict]) -> "go.Figure":
     """Tokens/s per GPU and MFU per setup: predicted by memplan's throughput model, measured where recorded."""
+    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("tokens/s per GPU", "MFU"), horizontal_spacing=0.08)
     pts = [r for r in rows if r["pred_tokens_per_s"] is not None or r["meas_tokens_per_s"] is not None]
     if not pts:
-        fig.add_annotation(text=esc("No throughput: give --gpu to predict it, or records with a measured "
-                                    "tokens/s."), xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False)
-        return _layout(fig, "Throughput per setup", height=420)
+        return _layout(_note(go.Figure(), "No throughput: give --gpu to predict it, or records with a measured "
+                                          "tokens/s."), "Throughput per setup", height=420)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("tokens/s per GPU", "MFU"), horizontal_spacing=0.08)
     names = [esc(r["name"]) for r in pts]
     for col, key, fmt in ((1, "tokens_per_s", ",.0f"), (2, "mfu", ".1%")):
         for kind, color in (("pred", "#636EFA"), ("meas", "#EF553B")):
