@@ -4,7 +4,7 @@ The input is generated here: a --setups TOML of N named setups (models × precis
 estimated on the fly) and a results file of M synthetic CPU-style records in record_schema.md's format (numbers
 made up: they exercise the reader and the charts, not accuracy). The timed command is
 `memplan report RESULTS --setups FILE --gpu a100-80gb,h100-sxm -o OUT.html` as a fresh process (imports of
-pandas-free frames, plotly and the embedded plotly.js included); median of N runs.
+plotly and the embedded plotly.js included); median of N runs.
 
     python3 benchmarks/bench_report.py [--setups 50] [--records 0] [--runs 3]
 """
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     med = statistics.median(times)
     ok = "meets" if med <= TARGET_S else "MISSES"
     print(f"report over {a.setups} setups + {a.records} records, fresh process: median {med:.3f} s of {a.runs} "
-          f"(min {min(times):.3f}, max {max(times):.3f}); page {size / 2**20:.1f} MiB ({ok} the ≤ {TARGET_S} s target)")
+          f"(min {min(times):.3f}, max {max(times):.3f}); page {size / 2**20:.1f} MiB "
+          f"({ok} the ≤ {TARGET_S} s target)")
     return 0
 
 

@@ -70,16 +70,17 @@ def _measured_utilizations(root: str) -> dict[tuple[str, str], tuple[float, ...]
                 rec = json.loads(line)
             except ValueError:
                 continue  # a torn line is skipped here; `memplan reconcile` reports malformed records
-            u = record_utilization(rec)
-            if u is not None:
-                key = ((rec.get("gpu") or {}).get("profile") or path.parent.name, rec["setup"]["precision"])
-                out.setdefault(key, []).append(u)
+            found = record_utilization(rec) if isinstance(rec, dict) else None
+            if found is not None:
+                gpu, precision, u = found
+                out.setdefault((gpu, precision), []).append(u)
     return {k: tuple(v) for k, v in out.items()}
 
 
-def record_utilization(rec: dict) -> float | None:
-    """Achieved fraction of the dense peak on the FLOPs memplan counts for a real-GPU record's setup:
-    measured tokens/s × hardware FLOPs per token / peak. None for CPU records, failures or unknown setups."""
+def record_utilization(rec: dict) -> tuple[str, str, float] | None:
+    """(gpu profile, precision, utilization) of a real-GPU record: the achieved fraction of the dense peak on
+    the FLOPs memplan counts for the record's setup, measured tokens/s × hardware FLOPs per token / peak.
+    None for CPU records, failures, records without a GPU profile, or setups that no longer resolve."""
     from memplan.errors import MemplanError
 
     m = rec.get("measured") or {}
@@ -93,8 +94,8 @@ def record_utilization(rec: dict) -> float | None:
         peak = g.peak_tflops(compute_dtype(setup.precision)) * 1e12
         if peak <= 0:
             return None
-        return m["tokens_per_s"] * flops_per_token(model, setup).hardware / peak
-    except (MemplanError, KeyError, TypeError):
+        return g.name, setup.precision.value, float(m["tokens_per_s"]) * flops_per_token(model, setup).hardware / peak
+    except (MemplanError, KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
@@ -192,9 +193,9 @@ def throughput_comparison(records: list[dict]) -> list[dict]:
             if row["gpu"]:
                 model, setup = resolve_model(rec["model"]), setup_from_dict(rec["setup"])
                 t = predict(model, setup, resolve_gpu(row["gpu"]))
-                row.update(predicted_tokens_per_s=t.tokens_per_s, predicted_mfu=t.mfu, mfu_source=t.utilization_source,
-                           ratio=t.tokens_per_s / row["measured_tokens_per_s"])
+                row.update(predicted_tokens_per_s=t.tokens_per_s, predicted_mfu=t.mfu,
+                           mfu_source=t.utilization_source, ratio=t.tokens_per_s / row["measured_tokens_per_s"])
         except (MemplanError, KeyError, TypeError):
-            pass
+            pass  # the record stays in the comparison, with no prediction
         rows.append(row)
     return rows

@@ -12,15 +12,17 @@ from hypothesis import given, settings, strategies as st
 
 from memplan import fit as F
 from memplan.api import make_setup, resolve_gpu, resolve_model
+from memplan.spec.setup import Checkpointing, Optimizer, Precision
 from memplan.cli import main
+from memplan.errors import MemplanError
 from memplan.estimate import estimate_spec
 from memplan.report.cli import NOTHING_FITS_EXIT
 
 CASES = [  # (model, gpu, gpus, seq, space): small enough to search whole in a test
     ("gpt2", "l4", 1, 1024, F.Space()),
-    ("llama-7b", "a100-40gb", 8, 2048, F.Space(optimizers=(F.Optimizer.ADAMW, F.Optimizer.ADAMW_8BIT))),
-    ("qwen2.5-0.5b", "t4", 2, 512, F.Space(precisions=(F.Precision.FP32, F.Precision.BF16),
-                                           checkpointing=(F.Checkpointing.NONE, F.Checkpointing.FULL))),
+    ("llama-7b", "a100-40gb", 8, 2048, F.Space(optimizers=(Optimizer.ADAMW, Optimizer.ADAMW_8BIT))),
+    ("qwen2.5-0.5b", "t4", 2, 512, F.Space(precisions=(Precision.FP32, Precision.BF16),
+                                           checkpointing=(Checkpointing.NONE, Checkpointing.FULL))),
 ]
 
 
@@ -86,7 +88,7 @@ def test_left_out_choices_do_not_fit(searched):
             continue
         try:
             assert _device(model, replace(s, batch=query.min_batch, seq=query.seq), g) > report.limit_bytes
-        except F.MemplanError:
+        except MemplanError:
             pass  # refused by the estimator (e.g. prefix tuning with checkpointing)
 
 
@@ -134,11 +136,11 @@ def test_seq_grid_starts_at_the_query_and_steps_by_128():
 
 
 def test_query_and_space_validation():
-    with pytest.raises(F.MemplanError):
+    with pytest.raises(MemplanError):
         F.Query(base=make_setup(), seq=2048, margin=1.5)
-    with pytest.raises(F.MemplanError):
+    with pytest.raises(MemplanError):
         F.Query(base=make_setup(), seq=2048, min_batch=4, max_batch=2)
-    with pytest.raises(F.MemplanError):
+    with pytest.raises(MemplanError):
         F.Space(pefts=())
 
 

@@ -234,6 +234,15 @@ def test_page_renders_in_headless_chromium(page, tmp_path):
         div = dom[pos:nxt]
         assert "main-svg" in div and ("class=\"point\"" in div or "class=\"trace" in div), chart
     assert EVIL not in dom  # the name stayed text: the live DOM holds no such script element
+    # the table sorts (plain JS): #sort=est_device-desc clicks that heading twice on load
+    dom = _chromium(tmp_path, "--dump-dom", path.as_uri() + "#sort=est_device-desc").stdout
+    keys = re.search(r"<thead>(.*?)</thead>", dom, re.S).group(1)
+    col = re.findall(r'data-key="([^"]+)"', keys).index("est_device")
+    body = re.search(r"<tbody>(.*?)</tbody>", dom, re.S).group(1)
+    got = [re.findall(r'data-v="([^"]*)"', tr)[col] for tr in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+    want = sorted((r["est_device"] for r in page.rows), reverse=True)
+    assert [int(v) for v in got] == want
+
     shot = tmp_path / "report.png"
     _chromium(tmp_path, "--window-size=1400,2600", f"--screenshot={shot}", path.as_uri())
     data = shot.read_bytes()

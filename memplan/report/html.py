@@ -80,6 +80,11 @@ SORT = """
       rows.forEach(function (r) { body.appendChild(r); });
     });
   });
+  // a link to a sorted view: page.html#sort=est_device (ascending) or #sort=est_device-desc
+  var m = /^#sort=(.+?)(-desc)?$/.exec(decodeURIComponent(location.hash));
+  Array.prototype.forEach.call(heads, function (th) {
+    if (m && th.getAttribute("data-key") === m[1]) { th.click(); if (m[2]) { th.click(); } }
+  });
 })();
 """
 
@@ -127,7 +132,7 @@ def header(key: str) -> str:
 
 def table(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{esc(header(k))}</th>" for k in keys)
+    head = "".join(f'<th data-key="{esc(k)}">{esc(header(k))}</th>' for k in keys)
     body = []
     for r in rows:
         cells = []
@@ -157,7 +162,8 @@ def page(title: str, figures: dict, rows: list[dict], notes: list[str], meta: st
         f"<h1>{esc(title)}</h1><p class=\"meta\">{esc(meta)}</p>",
         f"<ul class=\"note\">{note_html}</ul>" if notes else "",
         '<pre id="memplan-errors"></pre>', charts,
-        "<h2>Every number</h2><p class=\"note\">Click a heading to sort. Bytes are shown in GiB (2<sup>30</sup> B); "
+        "<h2>Every number</h2><p class=\"note\">Click a heading to sort (or open page.html#sort=COLUMN, "
+        "#sort=COLUMN-desc). Bytes are shown in GiB (2<sup>30</sup> B); "
         "err_* = (estimate − measured) / measured.</p>", table(rows),
         f'<script type="application/json" id="memplan-figures">{script_json(figs)}</script>',
         f"<script>{RENDER}</script><script>{SORT}</script></body></html>\n",
