@@ -31,6 +31,14 @@ def _coerce(name: str, value):
         raise MemplanError(f"unknown {name} '{value}' (choose from {choices})") from None
 
 
+def parse_choices(name: str, text: str) -> tuple:
+    """A comma-separated list of one setup field's enum values ("bf16,pure-bf16") as enum members."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise MemplanError(f"empty list for {name}")
+    return tuple(dict.fromkeys(_coerce(name, t) for t in items))
+
+
 def make_setup(**kw) -> TrainingSetup:
     """A TrainingSetup from plain keyword values: enums by their string values, LoRA fields flattened
     (lora_rank, lora_alpha, lora_targets as a list or comma-separated string, double_quant)."""
@@ -52,6 +60,24 @@ def make_setup(**kw) -> TrainingSetup:
     return TrainingSetup(**args)
 
 
+def setup_from_dict(d: dict) -> TrainingSetup:
+    """The inverse of TrainingSetup.to_dict() (a record's or a JSON file's "setup" object); unknown keys are
+    errors, missing keys take the defaults."""
+    if not isinstance(d, dict):
+        raise MemplanError(f"a setup must be an object of fields, got {type(d).__name__}")
+    kw = dict(d)
+    lora = kw.pop("lora", None) or {}
+    if not isinstance(lora, dict):
+        raise MemplanError("setup field lora must be an object (rank, alpha, targets, double_quant)")
+    for key, field_name in _LORA_KEYS.items():
+        if field_name in lora:
+            kw.setdefault(key, lora[field_name])
+    try:
+        return make_setup(**kw)
+    except TypeError as exc:  # a wrongly typed value reaching a comparison in __post_init__
+        raise MemplanError(f"bad setup value: {exc}") from None
+
+
 def resolve_model(model) -> ModelSpec:
     from memplan.profiles import load_model
 
@@ -65,11 +91,18 @@ def resolve_gpu(gpu) -> GpuSpec | None:
 
 
 def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None, **setup_fields):
-    """Estimate per-GPU memory: `memplan.estimate("llama-7b", precision="bf16", zero=3, gpus=8, gpu="h100")`."""
+    """Estimate per-GPU memory: `memplan.estimate("llama-7b", precision="bf16", zero=3, gpus=8, gpu="h100")`.
+    With a GPU the result also carries the predicted `throughput` (memplan.throughput.predict)."""
     from memplan.estimate import Overhead, estimate_spec
 
     if setup is None:
         setup = make_setup(**setup_fields)
     elif setup_fields:
         raise MemplanError("pass either setup= or setup fields, not both")
-    return estimate_spec(resolve_model(model), setup, resolve_gpu(gpu), overhead or Overhead())
+    spec = resolve_model(model)
+    result = estimate_spec(spec, setup, resolve_gpu(gpu), overhead or Overhead())
+    if result.gpu is None:
+        return result
+    from memplan.throughput import with_throughput  # only with a GPU: the design-card path skips it
+
+    return with_throughput(result, spec)

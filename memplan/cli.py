@@ -180,7 +180,12 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
         if not 0 <= fragmentation < 10:
             raise MemplanError("--fragmentation must be in [0, 10)")
         kw["fragmentation"] = fragmentation
-    emit(estimate_spec(model, setup, gpu, Overhead(**kw)), fmt)
+    result = estimate_spec(model, setup, gpu, Overhead(**kw))
+    if gpu is not None:  # predicted step time, tokens/s and MFU: only with a GPU (the design-card path skips it)
+        from memplan.throughput import with_throughput
+
+        result = with_throughput(result, model)
+    emit(result, fmt)
 
 
 def _trace_and_emit(model, gpu, setup, fmt, timeline_path):
@@ -271,6 +276,9 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Model or GPU profile
             typer.echo(f"# memplan counts {m.total_params:,} parameters; largest tensor {m.largest_tensor:,}")
         return
     profiles._resolve("models", name)  # raises with close matches
+
+
+from memplan.report import cli as _report_cli  # noqa: E402,F401  (registers `fit` and `report`)
 
 
 def main(argv: list[str] | None = None) -> int:

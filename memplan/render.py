@@ -89,8 +89,12 @@ def table(r: Result) -> str:
                      f"{r.headroom_bytes / GiB:+.2f} GiB at the device level")
     if r.throughput:
         t = r.throughput
-        lines.append(f"throughput: {t['tokens_per_s']:,.0f} tokens/s per GPU, step {t['step_s']:.3f} s, "
-                     f"MFU {100 * t['mfu']:.0f}% ({t['mfu_source']})")
+        many = t.get("tokens_per_s_total", 0) > t["tokens_per_s"]
+        total = f" ({t['tokens_per_s_total']:,.0f} in all)" if many else ""
+        comm = f", communication {t['comm_s']:.3f} s" if t.get("comm_s") else ""
+        lines.append(f"throughput: {t['tokens_per_s']:,.0f} tokens/s per GPU{total}, step {t['step_s']:.3f} s "
+                     f"(compute {t.get('compute_s', t['step_s']):.3f} s{comm}), MFU {100 * t['mfu']:.0f}%; "
+                     f"assumed utilization: {t['mfu_source']}")
     for w in r.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -1,0 +1,295 @@
+"""`memplan fit`: which setups fit a GPU, with their largest micro-batch and sequence length, ranked by speed.
+
+A *choice* is one point of the setup space (precision × optimizer × PEFT method × checkpointing × ZeRO stage,
+the rest fixed by the query). For each choice the search finds, at the device level with a margin
+(peak.device_bytes ≤ (1 − margin) · GPU memory):
+
+- max_batch: the largest micro-batch in [min_batch, max_batch cap] that fits at the query's sequence length;
+- max_seq: the largest sequence length that fits at min_batch, among the query's length and the multiples of
+  128 above it up to the model's max_position_embeddings (and the --max-seq cap).
+
+Choices that do not fit at (min_batch, seq) are left out. The rest are ranked by predicted tokens/sec per GPU
+(memplan.throughput.predict at max_batch), then by larger micro-batch, longer sequence, less memory.
+
+Search: memory grows with micro-batch and with sequence length for everything else fixed (tests/test_fit.py
+checks this on sampled setups rather than assuming it), and is close to linear in each, so each search
+extrapolates and interpolates (regula falsi, with bisection as the fallback) instead of bisecting blindly:
+about four estimates per search where plain bisection over 1024 batch sizes takes ten. Whatever memory does,
+the answer x satisfies "x fits and the next grid point does not (or x is the cap)": the tests hold it to that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import product
+from typing import Callable
+
+from memplan.errors import MemplanError
+from memplan.spec.gpu import GpuSpec
+from memplan.spec.model import ModelSpec
+from memplan.spec.setup import (ABSURD_TOKENS, Checkpointing, Optimizer, PeftMethod, Precision, TrainingSetup)
+
+SEQ_STEP = 128  # sequence lengths searched: multiples of 128 (kernel-friendly tile sizes)
+DEFAULT_MARGIN = 0.05  # keep 5% of device memory free: allocator spikes and library workspaces vary by version
+DEFAULT_MAX_BATCH = 1024
+DEFAULT_MAX_SEQ = 131072
+
+# The default space. fp16 / fp16-master are left out because their memory equals their bf16 counterparts' (plus
+# a GradScaler's few bytes) and their predicted speed is the same; pass --precision to search them.
+DEFAULT_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.BF16_MASTER, Precision.PURE_BF16)
+# adamw-forloop, momentum and the paged variants add nothing a user picks for memory over these five.
+DEFAULT_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FUSED, Optimizer.ADAMW_8BIT, Optimizer.ADAFACTOR,
+                      Optimizer.SGD)
+# --peft freeze (head only by default) is left out: it is fast because it trains only the head, a different job
+# from the others, and would top every ranking; pass --peft freeze (and --train-layers) to search it.
+DEFAULT_PEFTS = tuple(p for p in PeftMethod if p is not PeftMethod.FREEZE)
+DEFAULT_CHECKPOINTING = tuple(Checkpointing)
+
+
+@dataclass(frozen=True)
+class Space:
+    """The axes searched; every combination is a choice (invalid combinations are skipped)."""
+
+    precisions: tuple[Precision, ...] = DEFAULT_PRECISIONS
+    optimizers: tuple[Optimizer, ...] = DEFAULT_OPTIMIZERS
+    pefts: tuple[PeftMethod, ...] = DEFAULT_PEFTS
+    checkpointing: tuple[Checkpointing, ...] = DEFAULT_CHECKPOINTING
+    zeros: tuple[int, ...] = (0, 1, 2, 3)
+
+    def __post_init__(self):
+        for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros"):
+            if not getattr(self, name):
+                raise MemplanError(f"fit: the {name} list is empty")
+        if any(z not in (0, 1, 2, 3) for z in self.zeros):
+            raise MemplanError(f"fit: ZeRO stages are 0-3, got {list(self.zeros)}")
+
+    def choices(self, gpus: int):
+        """(precision, optimizer, peft, checkpointing, zero) tuples; one GPU has nothing to shard: ZeRO 0 only."""
+        zeros = self.zeros if gpus > 1 else (min(self.zeros),)
+        return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros)
+
+    @property
+    def size(self) -> int:
+        return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
+                * len(self.zeros))
+
+
+@dataclass(frozen=True)
+class Query:
+    """What fit searches for: the fixed part of the setup (base), the sequence length, bounds and margin."""
+
+    base: TrainingSetup  # gpus, lora rank/targets, attention, grad_accum, ... (its batch/seq are ignored)
+    seq: int
+    min_batch: int = 1
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_seq: int = DEFAULT_MAX_SEQ
+    margin: float = DEFAULT_MARGIN
+
+    def __post_init__(self):
+        if not 0 <= self.margin < 1:
+            raise MemplanError(f"--margin must be in [0, 1), got {self.margin}")
+        if self.min_batch <= 0 or self.max_batch < self.min_batch:
+            raise MemplanError(f"need 1 ≤ --min-batch ≤ --max-batch, got {self.min_batch} and {self.max_batch}")
+        if self.seq <= 0 or self.max_seq <= 0:
+            raise MemplanError("--seq and --max-seq must be positive")
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One choice that fits: the largest micro-batch at the query's seq, the largest seq at min_batch."""
+
+    setup: TrainingSetup  # at max_batch and the query's seq
+    max_batch: int
+    batch_at_cap: bool  # max_batch is the --max-batch cap: more may fit
+    max_seq: int  # at min_batch
+    seq_at_cap: bool  # max_seq is the model's positions or the --max-seq cap
+    peak_device_bytes: int  # at max_batch
+    headroom_bytes: int  # against the whole GPU memory (the margin is inside it)
+    throughput: dict  # memplan.throughput.Throughput.to_dict() at max_batch
+
+    def to_dict(self) -> dict:
+        s = self.setup
+        t = self.throughput
+        return {"precision": s.precision.value, "optimizer": s.optimizer.value, "peft": s.peft.value,
+                "checkpointing": s.checkpointing.value, "zero": s.zero, "gpus": s.gpus, "seq": s.seq,
+                "max_batch": self.max_batch, "batch_at_cap": self.batch_at_cap, "max_seq": self.max_seq,
+                "seq_at_cap": self.seq_at_cap, "peak_device_bytes": self.peak_device_bytes,
+                "headroom_bytes": self.headroom_bytes, "tokens_per_s": t["tokens_per_s"],
+                "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"]}
+
+
+@dataclass(frozen=True)
+class FitReport:
+    model: str
+    gpu: GpuSpec
+    query: Query
+    searched: int  # choices tried
+    invalid: int  # choices the setup rules or the estimator refuse (e.g. QLoRA with fp32, prefix with checkpointing)
+    rows: tuple[FitRow, ...]
+    estimates: int  # estimator calls made
+
+    @property
+    def limit_bytes(self) -> int:
+        return int(self.gpu.memory_bytes * (1 - self.query.margin))
+
+
+class _Grid:
+    """Candidate values: start, then the multiples of `step` above start, up to cap."""
+
+    def __init__(self, start: int, step: int, cap: int):
+        self.start, self.step = start, step
+        self.first = (start // step + 1) * step  # the first multiple of step above start
+        self.n = 1 + max(0, (cap - self.first) // step + 1) if cap >= self.first else 1
+
+    def value(self, i: int) -> int:
+        return self.start if i == 0 else self.first + (i - 1) * self.step
+
+    def index_below(self, v: float) -> int:
+        """Largest index whose value ≤ v (0 at least)."""
+        if v < self.first:
+            return 0
+        return min(self.n - 1, int((v - self.first) // self.step) + 1)
+
+
+def _largest(grid: _Grid, mem: Callable[[int], int | None], limit: int, guess: float | None = None) -> int:
+    """Index of the largest grid value that fits, given that index 0 fits. mem(v) is the device peak at v
+    (None when the estimator refuses v: treated as not fitting); `guess` is an optional first value to try.
+
+    Unbracketed, it extrapolates the line through the last two fitting points to the limit (doubling while
+    memory is flat, e.g. while the optimizer step's peak dominates); bracketed, it interpolates between the
+    fitting and the failing end (regula falsi), bisecting whenever a step fails to halve the bracket. Every probe
+    lies strictly inside the bracket, so it ends with lo fitting and lo + 1 failing or past the grid, whatever
+    the shape of mem."""
+    known: dict[int, int | None] = {}
+
+    def at(i):
+        if i not in known:
+            known[i] = mem(grid.value(i))
+        return known[i]
+
+    lo, hi, prev, bisect = 0, grid.n, None, False  # lo fits; hi is the first index known not to (n: past the grid)
+    while hi - lo > 1:
+        m_lo = at(lo)
+        if guess is not None:
+            i, guess = grid.index_below(guess), None
+        elif bisect:
+            i = (lo + hi) // 2
+        elif hi < grid.n and at(hi) is not None:  # m_lo ≤ limit < m_hi
+            v_lo, v_hi = grid.value(lo), grid.value(hi)
+            i = grid.index_below(v_lo + (limit - m_lo) / (at(hi) - m_lo) * (v_hi - v_lo))
+        elif prev is not None and m_lo > at(prev):
+            slope = (m_lo - at(prev)) / (grid.value(lo) - grid.value(prev))
+            i = grid.index_below(grid.value(lo) + (limit - m_lo) / slope)
+        else:
+            i = 2 * lo if lo else 1  # flat so far: double
+        i = min(max(i, lo + 1), hi - 1)
+        width = hi - lo
+        m = at(i)
+        if m is not None and m <= limit:
+            prev, lo = lo, i
+        else:
+            hi = i
+        bisect = hi < grid.n and 2 * (hi - lo) > width and not bisect
+    return lo
+
+
+def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
+    from memplan.estimate import estimate_spec
+
+    def device_bytes(setup: TrainingSetup) -> int | None:
+        counter[0] += 1
+        try:
+            return estimate_spec(model, setup, gpu).peak.device_bytes
+        except MemplanError:
+            return None
+
+    return device_bytes
+
+
+def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero) -> TrainingSetup | None:
+    try:
+        return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero)
+    except MemplanError:  # an impossible combination (QLoRA with fp32 or ZeRO-3, offload without ZeRO, ...)
+        return None
+
+
+def seq_cap(model: ModelSpec, query: Query) -> int:
+    return min(model.max_positions, query.max_seq) if model.max_positions > 0 else query.max_seq
+
+
+def _sized(setup: TrainingSetup, batch: int, seq: int) -> TrainingSetup:
+    """`setup` at another micro-batch and sequence length, without dataclasses.replace's re-validation: the
+    search makes ~15,000 of these per second of budget and replace() costs more than a third of an estimate.
+    Safe because only batch and seq change, the callers keep both positive and batch·seq ≤ ABSURD_TOKENS, and
+    every other field was validated when `setup` was built."""
+    out = object.__new__(TrainingSetup)
+    out.__dict__.update(setup.__dict__, batch=batch, seq=seq)
+    return out
+
+
+def _search_choice(setup: TrainingSetup, query: Query, max_seq: int, limit: int, m0: int, device_bytes):
+    """(max batch, its index is the cap, its peak, max seq, its index is the cap) of one choice that fits at
+    (min_batch, seq) with peak m0."""
+    seq, b0 = query.seq, query.min_batch
+    bytes_b = {b0: m0}
+
+    def mem_b(b):
+        if b not in bytes_b:
+            bytes_b[b] = None if b * seq > ABSURD_TOKENS else device_bytes(_sized(setup, b, seq))
+        return bytes_b[b]
+
+    bgrid = _Grid(b0, 1, query.max_batch)
+    bi = _largest(bgrid, mem_b, limit)
+    batch = bgrid.value(bi)
+    # memory grows by about the same bytes per token whether the tokens come as batch or as sequence: the batch
+    # search's first step seeds the sequence search's first guess (regula falsi corrects it when it is not)
+    guess = None
+    if bytes_b.get(b0 + 1) is not None and bytes_b[b0 + 1] > m0:
+        per_token = (bytes_b[b0 + 1] - m0) / seq
+        guess = seq + (limit - m0) / (per_token * b0)
+    bytes_s = {seq: m0}
+
+    def mem_s(s):
+        if s not in bytes_s:
+            bytes_s[s] = None if s * b0 > ABSURD_TOKENS else device_bytes(_sized(setup, b0, s))
+        return bytes_s[s]
+
+    sgrid = _Grid(seq, SEQ_STEP, max_seq)
+    si = _largest(sgrid, mem_s, limit, guess)
+    return batch, bi == bgrid.n - 1, bytes_b[batch], sgrid.value(si), si == sgrid.n - 1
+
+
+def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space()) -> FitReport:
+    """Search the space; see the module docstring."""
+    from memplan.throughput import predict, utilization
+
+    if gpu is None:
+        raise MemplanError("memplan fit needs --gpu")
+    limit = int(gpu.memory_bytes * (1 - query.margin))
+    counter = [0]
+    device_bytes = _estimator(model, gpu, counter)
+    max_seq = seq_cap(model, query)
+    if query.seq > max_seq:
+        raise MemplanError(f"--seq {query.seq} exceeds the {max_seq} positions searched for {model.name}")
+    rows, searched, invalid = [], 0, 0
+    utils = {}
+    for choice in space.choices(query.base.gpus):
+        searched += 1
+        setup = _choice_setup(query.base, *choice)
+        m0 = None if setup is None else device_bytes(_sized(setup, query.min_batch, query.seq))
+        if m0 is None:
+            invalid += 1
+            continue
+        if m0 > limit:
+            continue
+        batch, batch_cap, peak, longest, seq_cap_hit = _search_choice(setup, query, max_seq, limit, m0,
+                                                                      device_bytes)
+        best = replace(setup, batch=batch, seq=query.seq)
+        if setup.precision not in utils:
+            utils[setup.precision] = utilization(gpu, best)
+        thr = predict(model, best, gpu, utils[setup.precision]).to_dict()
+        rows.append(FitRow(setup=best, max_batch=batch, batch_at_cap=batch_cap, max_seq=longest,
+                           seq_at_cap=seq_cap_hit, peak_device_bytes=peak, headroom_bytes=gpu.memory_bytes - peak,
+                           throughput=thr))
+    rows.sort(key=lambda r: (-r.throughput["tokens_per_s"], -r.max_batch, -r.max_seq, r.peak_device_bytes))
+    return FitReport(model=model.name, gpu=gpu, query=query, searched=searched, invalid=invalid, rows=tuple(rows),
+                     estimates=counter[0])

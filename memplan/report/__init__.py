@@ -1,0 +1,100 @@
+"""`memplan report`: one self-contained HTML page comparing setups (estimated) and measurement records.
+
+    from memplan.report import build_report
+    page = build_report(["reports/runs.jsonl"], setups="setups.toml", gpus=["a100-80gb", "h100-sxm"])
+    page.write("reports/compare.html")
+
+Charts: stacked per-category bars per setup (estimate, measured beside it where a record exists) against the
+chosen GPUs' memory; estimate vs measured with ±5% / ±15% bands (a note when there are no records); the
+peak-memory timeline of one setup (a `memplan trace --timeline` file when given, else the first record with
+measured phases, else the first setup's estimated phase peaks); tokens/s and MFU per setup (predicted for the
+setup's GPU: a record's own GPU profile, the first --gpu for setups; measured where recorded); a sortable table.
+
+frames (the rows), figures (plotly) and html (the page) are imported only when a report is built.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from memplan.errors import MemplanError
+
+__all__ = ["Report", "build_report", "check_writable"]
+
+
+@dataclass(frozen=True)
+class Report:
+    html: str
+    entries: tuple  # frames.Entry per setup shown
+    rows: tuple  # frames.entry_row per entry: every number in the table
+
+    def write(self, path) -> Path:
+        path = Path(path)
+        check_writable(path)
+        try:
+            path.write_text(self.html, encoding="utf-8")
+        except OSError as exc:
+            raise MemplanError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return path
+
+
+def check_writable(path) -> None:
+    """Fail before any work when the page cannot be written."""
+    p = Path(path)
+    if p.suffix.lower() not in (".html", ".htm"):
+        raise MemplanError(f"-o {path}: the report is an HTML page, name it *.html")
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise MemplanError(f"cannot write {path}")
+
+
+def _timeline_figure(entries, rows, timeline, timeline_rows):
+    from memplan.report import figures
+
+    if timeline_rows is not None:
+        return figures.timeline_from_trace(timeline_rows, Path(timeline).name), f"trace timeline {Path(timeline).name}"
+    for e, r in zip(entries, rows):
+        if (e.measured or {}).get("phases"):
+            return figures.timeline_from_phases(r, e.estimate, e.measured), f"measured phases of {e.name}"
+    e, r = entries[0], rows[0]
+    return figures.timeline_from_phases(r, e.estimate, None), f"estimated phase peaks of {e.name}"
+
+
+def build_report(results=(), setups=None, gpus=(), timeline=None, title: str = "memplan report") -> Report:
+    """The page for results files (JSON Lines records), a --setups file, and GPUs to draw lines for."""
+    import plotly.io as pio
+
+    from memplan.api import resolve_gpu
+    from memplan.report import figures, frames, html
+
+    gpu_specs = [resolve_gpu(g) for g in gpus]
+    first = gpu_specs[0] if gpu_specs else None
+    timeline_rows = frames.read_timeline(timeline) if timeline is not None else None
+    seen: dict = {}
+    entries = []
+    if setups is not None:
+        entries += frames.setup_entries(frames.read_setups(setups), Path(setups).name, first, seen)
+    entries += frames.record_entries(frames.read_records(results), seen)
+    if not entries:
+        raise MemplanError("nothing to report: pass RESULTS.jsonl files and/or --setups FILE")
+    rows = [frames.entry_row(e) for e in entries]
+    tl_fig, tl_what = _timeline_figure(entries, rows, timeline, timeline_rows)
+    figs = {
+        "chart-memory": ("Memory per setup", figures.memory_bars(rows, gpu_specs)),
+        "chart-accuracy": ("Estimate vs measured", figures.estimate_vs_measured(rows)),
+        "chart-timeline": ("Peak-memory timeline", tl_fig),
+        "chart-throughput": ("Tokens/s and MFU", figures.throughput(rows)),
+    }
+    figs = {k: (h, pio.to_json(f, validate=False)) for k, (h, f) in figs.items()}
+    notes = [f"timeline: {tl_what}"]
+    n_rec = sum(1 for e in entries if e.record is not None)
+    n_meas = sum(1 for e in entries if e.measured)
+    sources = sorted({e.source for e in entries})
+    meta = (f"{len(entries)} setups ({n_rec} records, {n_meas} with measurements) from {', '.join(sources)}; "
+            f"GPU lines: {', '.join(g.label for g in gpu_specs) or 'none (--gpu)'}")
+    utilization = {(e.estimate or {}).get("throughput", {}).get("mfu_source") for e in entries} - {None}
+    notes += [f"predicted throughput assumes utilization: {u}" for u in sorted(utilization)]
+    notes += [f"{e.name}: {n}" for e in entries for n in e.notes]
+    page = html.page(title, figs, rows, notes, meta)
+    return Report(html=page, entries=tuple(entries), rows=tuple(rows))

@@ -1,0 +1,225 @@
+"""The report's data: setups and records in, one row per entry out (pandas only where a frame is built).
+
+An entry is a setup to show: either a named setup from a --setups file, estimated now, or a measurement record
+(record_schema.md, schema_version 1), re-estimated now with the current estimator (the record's stored estimate
+is used when its model or setup no longer resolves). Records are read with memplan.measure.record.load_records
+when that module exists, else with the tolerant reader below (unknown keys are ignored).
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memplan.categories import Category
+from memplan.errors import MemplanError
+
+MEASURED_PHASES = ("load", "forward", "backward", "optimizer_step")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One setup shown in the report."""
+
+    name: str  # unique within the report (duplicates get " #2", ...)
+    model: str
+    source: str  # the file it came from
+    estimate: dict | None  # Result.to_dict(), throughput included when a GPU was known
+    estimate_from: str  # "current" (estimated now) | "record" (the record's stored estimate) | "none"
+    record: dict | None = None  # the measurement record, for entries read from results files
+    gpu: str | None = None  # GPU profile the estimate and the prediction are for
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def measured(self) -> dict | None:
+        return (self.record or {}).get("measured") or None
+
+
+def read_records(paths) -> list[tuple[str, dict]]:
+    """(file name, record) pairs from JSON Lines files; blank lines skipped, malformed ones are errors."""
+    try:  # the measure tier's reader, once merged, is the authority on the schema
+        from memplan.measure.record import load_records
+    except ImportError:
+        load_records = None
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise MemplanError(f"results file {p} does not exist")
+        if load_records is not None:
+            try:
+                out += [(path.name, r) for r in load_records([path])]
+                continue
+            except MemplanError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — their reader's failure is still one line for the user
+                raise MemplanError(f"{p}: {exc}") from None
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MemplanError(f"cannot read {p}: {exc}") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise MemplanError(f"{p}:{n}: not a JSON object (a measurement record per line)") from None
+            if not isinstance(rec, dict) or "model" not in rec or not isinstance(rec.get("setup"), dict):
+                raise MemplanError(f"{p}:{n}: not a measurement record (needs model and setup)")
+            out.append((path.name, rec))
+    return out
+
+
+def read_setups(path) -> list[dict]:
+    """Named setups from TOML (`[[setup]]` tables) or JSON (a list of objects, or {"setup": [...]}); each has
+    `name`, `model` and any memplan.api.make_setup fields."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MemplanError(f"cannot read --setups {path}: {exc}") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise MemplanError(f"--setups {path}: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict):
+        data = data.get("setup", data.get("setups"))
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+        raise MemplanError(f"--setups {path}: expected a non-empty list of setups ([[setup]] tables in TOML)")
+    for i, d in enumerate(data, 1):
+        if "model" not in d:
+            raise MemplanError(f"--setups {path}: setup {i} has no model")
+    return data
+
+
+def _unique(name: str, seen: dict) -> str:
+    seen[name] = seen.get(name, 0) + 1
+    return name if seen[name] == 1 else f"{name} #{seen[name]}"
+
+
+def _estimate(model, setup, gpu) -> dict:
+    from memplan.estimate import estimate_spec
+    from memplan.throughput import with_throughput
+
+    r = estimate_spec(model, setup, gpu)
+    return with_throughput(r, model).to_dict()
+
+
+def setup_entries(setups: list[dict], source: str, gpu, seen: dict) -> list[Entry]:
+    from memplan.api import make_setup, resolve_model
+
+    out = []
+    for i, d in enumerate(setups, 1):
+        fields = {k: v for k, v in d.items() if k not in ("name", "model")}
+        try:
+            model = resolve_model(d["model"])
+            setup = make_setup(**fields)
+            est = _estimate(model, setup, gpu)
+        except MemplanError as exc:
+            raise MemplanError(f"--setups {source}: setup {i} ({d.get('name') or d['model']}): {exc}") from None
+        except TypeError as exc:
+            raise MemplanError(f"--setups {source}: setup {i}: bad value: {exc}") from None
+        name = _unique(str(d.get("name") or f"{d['model']} {i}"), seen)
+        out.append(Entry(name=name, model=model.name, source=source, estimate=est, estimate_from="current",
+                         gpu=gpu.name if gpu else None))
+    return out
+
+
+def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
+    """Entries for records, each estimated for the record's own GPU profile (fit, headroom and predicted
+    throughput for the GPU it ran on). A record without one — a CPU run, or a GPU memplan has no profile for —
+    gets no prediction: speed measured on one device says nothing about memplan's prediction for another."""
+    from memplan.api import resolve_gpu, resolve_model, setup_from_dict
+
+    out = []
+    for source, rec in records:
+        prof = (rec.get("gpu") or {}).get("profile")
+        notes = []
+        try:
+            g = resolve_gpu(prof) if prof else None
+        except MemplanError:
+            g, notes = None, [f"unknown GPU profile {prof}"]
+        try:
+            model = resolve_model(rec["model"])
+            est, how = _estimate(model, setup_from_dict(rec["setup"]), g), "current"
+        except MemplanError as exc:
+            est, how = rec.get("estimate") or None, "record" if rec.get("estimate") else "none"
+            notes.append(f"not re-estimated: {exc}")
+        label = rec.get("name") or f"{rec['model']} {rec.get('record_id', '')[:8]}".strip()
+        out.append(Entry(name=_unique(str(label), seen), model=str(rec["model"]), source=source, estimate=est,
+                         estimate_from=how, record=rec, gpu=g.name if g else None, notes=tuple(notes)))
+    return out
+
+
+def _pct(est, meas):
+    return None if est is None or not meas else 100.0 * (est - meas) / meas
+
+
+def entry_row(e: Entry) -> dict:
+    """Every number of one entry, flat (the sortable table and the charts read these)."""
+    est = e.estimate or {}
+    setup = est.get("setup") or (e.record or {}).get("setup") or {}
+    peak = est.get("peak") or {}
+    thr = est.get("throughput") or {}
+    m = e.measured or {}
+    mpeak = m.get("peak") or {}
+    row = {"name": e.name, "source": e.source, "model": e.model,
+           "status": (e.record or {}).get("status", "estimate"), "device": (e.record or {}).get("device"),
+           "gpu": e.gpu}
+    for k in ("precision", "optimizer", "peft", "checkpointing", "attention", "zero", "gpus", "batch", "seq",
+              "grad_accum"):
+        row[k] = setup.get(k)
+    for c in Category:
+        row[f"est_{c.value}"] = (est.get("categories") or {}).get(c.value)
+    row.update(est_allocated=peak.get("allocated_bytes"), est_reserved=peak.get("reserved_bytes"),
+               est_device=peak.get("device_bytes"), est_phase=peak.get("phase"),
+               fits=est.get("fits"), headroom=est.get("headroom_bytes"), estimate_from=e.estimate_from)
+    row.update(meas_allocated=mpeak.get("allocated_bytes"), meas_reserved=mpeak.get("reserved_bytes"),
+               meas_device=mpeak.get("device_bytes"), meas_phase=mpeak.get("phase"))
+    for c in Category:
+        row[f"meas_{c.value}"] = (m.get("categories") or {}).get(c.value)
+    row.update(err_allocated_pct=_pct(row["est_allocated"], row["meas_allocated"]),
+               err_reserved_pct=_pct(row["est_reserved"], row["meas_reserved"]),
+               err_device_pct=_pct(row["est_device"], row["meas_device"]))
+    step = m.get("step_time_s") or {}
+    row.update(pred_tokens_per_s=thr.get("tokens_per_s"), pred_step_s=thr.get("step_s"), pred_mfu=thr.get("mfu"),
+               meas_tokens_per_s=m.get("tokens_per_s"), meas_step_s=step.get("median"), meas_mfu=m.get("mfu"))
+    return row
+
+
+def frame(entries: list[Entry]):
+    """A pandas DataFrame of entry_row(e) for every entry (pandas imported here only)."""
+    import pandas as pd
+
+    return pd.DataFrame([entry_row(e) for e in entries])
+
+
+def read_timeline(path) -> list[dict]:
+    """Rows of a `memplan trace --timeline` file (CSV or JSON: memplan/trace/timeline.py's columns)."""
+    import csv
+
+    from memplan.trace.timeline import TimelineRow
+
+    p = Path(path)
+    try:
+        if p.suffix == ".csv":
+            with p.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif p.suffix == ".json":
+            rows = json.loads(p.read_text())
+        else:
+            raise MemplanError(f"--timeline {path}: use a .csv or .json file from `memplan trace --timeline`")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MemplanError(f"cannot read --timeline {path}: {str(exc).splitlines()[0]}") from None
+    need = set(TimelineRow._fields)
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and need <= set(r) for r in rows):
+        raise MemplanError(f"--timeline {path}: expected rows with columns {', '.join(TimelineRow._fields)}")
+    out = []
+    for r in rows:
+        try:
+            out.append({k: (str(r[k]) if k in ("phase", "mark") else int(r[k])) for k in TimelineRow._fields})
+        except (TypeError, ValueError):
+            raise MemplanError(f"--timeline {path}: non-integer byte count in row {r.get('event')}") from None
+    return out

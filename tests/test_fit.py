@@ -1,0 +1,195 @@
+"""`memplan fit`: every setup it returns fits by the estimator, its largest micro-batch and sequence length are
+the largest (one more step does not fit, or it is the cap), the ranking is sorted, and the CLI's exit codes."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from memplan import fit as F
+from memplan.api import make_setup, resolve_gpu, resolve_model
+from memplan.spec.setup import Checkpointing, Optimizer, Precision
+from memplan.cli import main
+from memplan.errors import MemplanError
+from memplan.estimate import estimate_spec
+from memplan.report.cli import NOTHING_FITS_EXIT
+
+CASES = [  # (model, gpu, gpus, seq, space): small enough to search whole in a test
+    ("gpt2", "l4", 1, 1024, F.Space()),
+    ("llama-7b", "a100-40gb", 8, 2048, F.Space(optimizers=(Optimizer.ADAMW, Optimizer.ADAMW_8BIT))),
+    ("qwen2.5-0.5b", "t4", 2, 512, F.Space(precisions=(Precision.FP32, Precision.BF16),
+                                           checkpointing=(Checkpointing.NONE, Checkpointing.FULL))),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def searched(request):
+    name, gpu, gpus, seq, space = request.param
+    model, g = resolve_model(name), resolve_gpu(gpu)
+    query = F.Query(base=make_setup(gpus=gpus), seq=seq)
+    return model, g, query, F.fit(model, g, query, space), space
+
+
+def _device(model, setup, gpu):
+    return estimate_spec(model, setup, gpu).peak.device_bytes
+
+
+def test_every_returned_setup_fits_by_estimate(searched):
+    model, g, query, report, _ = searched
+    assert report.rows
+    for r in report.rows:
+        res = estimate_spec(model, r.setup, g)
+        assert res.fits and res.peak.device_bytes <= report.limit_bytes
+        assert res.peak.device_bytes == r.peak_device_bytes
+        assert r.setup.batch == r.max_batch and r.setup.seq == query.seq
+
+
+def test_one_more_micro_batch_does_not_fit(searched):
+    model, g, query, report, _ = searched
+    for r in report.rows:
+        if r.batch_at_cap:
+            assert r.max_batch == query.max_batch
+        else:
+            assert _device(model, replace(r.setup, batch=r.max_batch + 1), g) > report.limit_bytes
+
+
+def test_longest_sequence_is_the_longest_on_the_grid(searched):
+    model, g, query, report, _ = searched
+    for r in report.rows:
+        at = replace(r.setup, batch=query.min_batch, seq=r.max_seq)
+        assert _device(model, at, g) <= report.limit_bytes
+        nxt = (r.max_seq // F.SEQ_STEP + 1) * F.SEQ_STEP
+        if r.seq_at_cap:
+            assert nxt > F.seq_cap(model, query)
+        else:
+            assert _device(model, replace(at, seq=nxt), g) > report.limit_bytes
+
+
+def test_ranked_by_predicted_tokens_per_s(searched):
+    report = searched[3]
+    speeds = [r.throughput["tokens_per_s"] for r in report.rows]
+    assert speeds == sorted(speeds, reverse=True)
+
+
+def test_left_out_choices_do_not_fit(searched):
+    """Completeness: every valid choice missing from the answer fails at (min_batch, seq)."""
+    model, g, query, report, space = searched
+    got = {(r.setup.precision, r.setup.optimizer, r.setup.peft, r.setup.checkpointing, r.setup.zero)
+           for r in report.rows}
+    for choice in space.choices(query.base.gpus):
+        if choice in got:
+            continue
+        s = F._choice_setup(query.base, *choice)
+        if s is None:
+            continue
+        try:
+            assert _device(model, replace(s, batch=query.min_batch, seq=query.seq), g) > report.limit_bytes
+        except MemplanError:
+            pass  # refused by the estimator (e.g. prefix tuning with checkpointing)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("llama-7b", dict(precision="bf16")), ("llama-7b", dict(peft="qlora", checkpointing="full")),
+    ("gpt2", dict(attention="eager", precision="fp32")), ("llama-3.1-8b", dict(peft="lora", zero=3, gpus=8)),
+    ("t5-3b", dict(optimizer="adafactor", checkpointing="selective")), ("mixtral-8x7b", dict(peft="qlora")),
+])
+def test_memory_grows_with_batch_and_seq(name, kw):
+    """The search's premise, checked rather than assumed: device bytes never fall as batch or seq grow."""
+    m, g = resolve_model(name), resolve_gpu("h100-sxm")
+    base = make_setup(**kw)
+    by_batch = [_device(m, replace(base, batch=b, seq=512), g) for b in range(1, 33)]
+    assert by_batch == sorted(by_batch)
+    top = min(m.max_positions, 8192)
+    by_seq = [_device(m, replace(base, batch=2, seq=s), g) for s in range(128, top + 1, 128)]
+    assert by_seq == sorted(by_seq)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=60), st.integers(0, 1500), st.integers(1, 5),
+       st.integers(0, 300))
+def test_search_answer_is_a_boundary_whatever_memory_does(steps, limit, start, base):
+    """For any memory curve (here random, not even monotone) the answer fits and the next point does not; for
+    monotone curves it is the largest that fits (the same as a linear scan)."""
+    grid = F._Grid(start, 1, start + len(steps) - 1)
+    curve = {start + i: base + sum(steps[:i + 1]) for i in range(len(steps))}  # monotone
+    wobbly = {v: b + (37 * v % 11) * (v % 3) for v, b in curve.items()}  # not monotone
+    for mem in (curve, wobbly):
+        if mem[start] > limit:
+            continue
+        i = F._largest(grid, mem.__getitem__, limit)
+        v = grid.value(i)
+        assert mem[v] <= limit
+        assert v == start + len(steps) - 1 or mem[v + 1] > limit
+    if curve[start] <= limit:
+        assert grid.value(F._largest(grid, curve.__getitem__, limit)) == max(v for v, b in curve.items()
+                                                                             if b <= limit)
+
+
+def test_seq_grid_starts_at_the_query_and_steps_by_128():
+    g = F._Grid(1000, 128, 2000)
+    assert [g.value(i) for i in range(g.n)] == [1000, 1024, 1152, 1280, 1408, 1536, 1664, 1792, 1920]
+    assert F._Grid(2048, 128, 2048).n == 1
+
+
+def test_query_and_space_validation():
+    with pytest.raises(MemplanError):
+        F.Query(base=make_setup(), seq=2048, margin=1.5)
+    with pytest.raises(MemplanError):
+        F.Query(base=make_setup(), seq=2048, min_batch=4, max_batch=2)
+    with pytest.raises(MemplanError):
+        F.Space(pefts=())
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_table_json_csv(capsys):
+    rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora,full", "--top", "5")
+    assert rc == 0 and "tokens/s/GPU" in out and "more (--top 0 shows all)" in out
+    rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora", "-f", "json")
+    d = json.loads(out)
+    assert rc == 0 and d["fitting"] == len(d["rows"]) > 0 and d["seq"] == 1024  # gpt2 has 1024 positions
+    m, g = resolve_model("gpt2"), resolve_gpu("t4")
+    for row in d["rows"]:
+        s = make_setup(precision=row["precision"], optimizer=row["optimizer"], peft=row["peft"],
+                       checkpointing=row["checkpointing"], batch=row["max_batch"], seq=row["seq"])
+        assert estimate_spec(m, s, g).peak.device_bytes <= d["limit_bytes"]
+    rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora", "-f", "csv", "--top", "3")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rc == 0 and len(rows) == 3 and rows[0]["rank"] == "1"
+
+
+def test_cli_constraints(capsys):
+    rc, out, _ = run(capsys, "fit", "--model", "llama-7b", "--gpu", "a100-80gb", "--gpus", "4", "--max-zero", "1",
+                     "--precision", "bf16", "--peft", "full", "--optimizer", "adamw", "--seq", "1024", "-f", "json")
+    d = json.loads(out)
+    assert rc == 0 and {r["zero"] for r in d["rows"]} <= {0, 1} and {r["precision"] for r in d["rows"]} == {"bf16"}
+
+
+def test_cli_unknown_gpu_is_exit_2(capsys):
+    rc, _, err = run(capsys, "fit", "--model", "gpt2", "--gpu", "a100-90gb")
+    assert rc == 2 and err.startswith("memplan: error: unknown GPU") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["--precision", "fp64"], ["--peft", "magic"], ["--zero", "5"], ["--zero", "x"], ["--margin", "1"],
+    ["--min-batch", "0"], ["--seq", "4096"], ["--max-zero", "-1"], ["--top", "-1"],
+])
+def test_cli_bad_input_is_exit_2(capsys, argv):
+    rc, _, err = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", *argv)
+    assert rc == 2 and err.startswith("memplan: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_nothing_fits_is_exit_1_with_a_message(capsys):
+    rc, out, err = run(capsys, "fit", "--model", "llama-2-70b", "--gpu", "t4", "--peft", "full", "--precision",
+                       "fp32")
+    assert rc == NOTHING_FITS_EXIT == 1
+    assert out == "" and err.startswith("memplan: nothing fits") and "T4" in err

@@ -1,0 +1,306 @@
+"""`memplan report`: the page's structure (self-contained, escaped, every chart with data, every number in the
+table), its inputs (setups files, records, trace timelines) and bad input, and a real headless browser that
+loads it from file:// with no console errors and renders every chart.
+
+The records here are synthetic inputs written in record_schema.md's format (numbers chosen by the test, not
+expected values): they exercise the reader and the charts, they say nothing about accuracy.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from memplan.api import make_setup
+from memplan.cli import main
+from memplan.report import build_report
+from memplan.trace.timeline import TimelineRow, write_timeline
+
+EVIL = "<script>alert(1)</script>"
+CHARTS = ("chart-memory", "chart-accuracy", "chart-timeline", "chart-throughput")
+
+SETUPS_TOML = f'''
+[[setup]]
+name = "7b full bf16 ZeRO-3"
+model = "llama-7b"
+precision = "bf16"
+zero = 3
+gpus = 8
+
+[[setup]]
+name = "{EVIL}"
+model = "llama-7b"
+peft = "lora"
+batch = 2
+
+[[setup]]
+name = "8b qlora & friends"
+model = "llama-3.1-8b"
+peft = "qlora"
+precision = "pure-bf16"
+seq = 4096
+'''
+
+
+def record(name, model, setup_kw, *, device="cpu", status="ok", gpu=None, allocated=3 * 2**30, tokens=1000.0):
+    setup = make_setup(**setup_kw).to_dict()
+    phases = {p: {"end_allocated_bytes": allocated // (i + 2), "peak_allocated_bytes": allocated * (i + 1) // 4,
+                  "peak_reserved_bytes": None} for i, p in enumerate(("load", "forward", "backward", "optimizer_step"))}
+    measured = None if status != "ok" else {
+        "peak": {"allocated_bytes": allocated, "reserved_bytes": allocated + 2**28,
+                 "device_bytes": allocated + 2**29 if device == "cuda" else None,
+                 "device_reason": None if device == "cuda" else "CPU run: no device level", "phase": "backward"},
+        "phases": phases,
+        "categories": {"weights": allocated // 4, "master_weights": 0, "gradients": allocated // 4,
+                       "optimizer_states": allocated // 4, "activations": allocated // 8,
+                       "temporaries": allocated // 8} if device == "cpu" else None,
+        "context_bytes": None, "alloc_retries": None, "num_ooms": None, "layers": [], "steps": 3, "warmup": 1,
+        "tokens_per_step": 2048, "step_time_s": {"median": 2048 / tokens, "mean": 2048 / tokens,
+                                                 "min": 2048 / tokens, "all": [2048 / tokens]},
+        "tokens_per_s": tokens, "model_flops_per_token": None, "mfu": 0.31 if device == "cuda" else None,
+        "peak_tflops": None}
+    return {"schema_version": 1, "record_id": f"{abs(hash(name)):040x}"[:40], "name": name, "model": model,
+            "setup": setup, "device": device, "status": status,
+            "failed_phase": None if status == "ok" else "backward", "error": None if status == "ok" else "OOM",
+            "estimate": {}, "measured": measured,
+            "gpu": None if gpu is None else {"name": "NVIDIA A100-SXM4-80GB", "profile": gpu,
+                                             "memory_bytes": 85899345920},
+            "env": {"python": "3.11"}, "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:01:00Z",
+            "future_field": {"ignored": True}}  # unknown keys are ignored
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    (d / "setups.toml").write_text(SETUPS_TOML)
+    recs = [record("gpt2 cpu", "gpt2", dict(precision="fp32", batch=2, seq=256), allocated=2**30),
+            record("tiny cpu </script>", "qwen2.5-0.5b", dict(peft="lora", seq=512), allocated=5 * 2**29),
+            record("1b a100", "llama-3.2-1b", dict(batch=8), device="cuda", gpu="a100-80gb", allocated=40 * 2**30,
+                   tokens=20000.0),
+            record("1b oom", "llama-3.2-1b", dict(batch=64), device="cuda", gpu="a100-80gb", status="oom")]
+    (d / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def page(inputs):
+    return build_report([inputs / "runs.jsonl"], setups=inputs / "setups.toml", gpus=["a100-80gb", "h100-sxm"])
+
+
+def figures_of(html: str) -> dict:
+    m = re.search(r'<script type="application/json" id="memplan-figures">(.*?)</script>', html, re.S)
+    return json.loads(m.group(1))
+
+
+def test_page_is_self_contained(page):
+    h = page.html
+    assert h.startswith("<!DOCTYPE html>")
+    assert not re.search(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=", h, re.I)  # nothing fetched
+    assert not re.search(r"@import|url\(\s*['\"]?https?:", h, re.I)
+    assert "Plotly.newPlot" in h and len(h) > 1_000_000  # plotly.js is inside the page
+
+
+def test_user_text_is_escaped(page):
+    h = page.html
+    assert EVIL not in h and "</script>\"" not in h
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in h  # shown as typed in the table
+    assert "8b qlora &amp; friends" in h
+    # inside the figures' JSON only escaped forms appear; the only </script> closings are the page's own
+    assert h.count("</script>") == h.count("<script")
+    figs = json.dumps(figures_of(h))
+    assert "<script" not in figs and "&lt;script&gt;" in figs
+
+
+def test_every_chart_has_data(page):
+    figs = figures_of(page.html)
+    assert set(figs) == set(CHARTS)
+    for k, f in figs.items():
+        assert f["data"], k
+    mem = figs["chart-memory"]
+    kinds = {x for t in mem["data"] for x in t["x"][1]}
+    assert kinds == {"estimate", "measured"}
+    assert len(mem["layout"]["shapes"]) == 2  # one line per chosen GPU
+    acc = figs["chart-accuracy"]
+    points = [t for t in acc["data"] if t.get("mode") == "markers"]
+    assert sum(len(t["x"]) for t in points if t["name"] == "allocated level") == 3  # the three ok records
+    assert sum(len(t["x"]) for t in points if t["name"] == "device level") == 1  # the CUDA one has NVML
+    assert any(t.get("fill") == "tonexty" and t["name"] == "±5%" for t in acc["data"])
+    thr = figs["chart-throughput"]
+    assert {t["name"] for t in thr["data"]} == {"predicted", "measured"}
+
+
+def test_table_has_every_entry_and_number(page):
+    assert len(page.rows) == 7 and len(page.entries) == 7
+    by = {r["name"]: r for r in page.rows}
+    cpu = by["gpt2 cpu"]
+    assert cpu["meas_allocated"] == 2**30 and cpu["err_allocated_pct"] == pytest.approx(
+        100 * (cpu["est_allocated"] - 2**30) / 2**30)
+    assert by["1b a100"]["pred_tokens_per_s"] > 0 and by["1b a100"]["meas_mfu"] == 0.31
+    assert cpu["pred_tokens_per_s"] is None and cpu["meas_tokens_per_s"] == 1000.0  # no GPU, no prediction
+    assert by["1b oom"]["status"] == "oom" and by["1b oom"]["meas_allocated"] is None
+    assert by["7b full bf16 ZeRO-3"]["gpus"] == 8 and by["7b full bf16 ZeRO-3"]["fits"] is True
+    body = re.search(r"<tbody>(.*)</tbody>", page.html, re.S).group(1)
+    assert body.count("<tr>") == 7
+    assert f'data-v="{2**30!r}"' in body  # exact bytes sort, GiB displayed
+
+
+def test_frame_has_one_row_per_entry(page):
+    from memplan.report.frames import frame
+
+    df = frame(list(page.entries))
+    assert len(df) == 7 and "est_activations" in df.columns
+
+
+def test_timeline_from_a_trace_file(inputs, tmp_path):
+    rows = [TimelineRow(i, "forward" if i < 60 else "backward", f"block{i % 4}", 100, 0, 0, 0, 10 * i, 5, 105 + 10 * i)
+            for i in range(120)]
+    path = write_timeline(rows, tmp_path / "tl.csv")
+    p = build_report([], setups=inputs / "setups.toml", timeline=path)
+    tl = figures_of(p.html)["chart-timeline"]
+    assert len([t for t in tl["data"] if t.get("stackgroup")]) == 6 and len(tl["data"][0]["x"]) == 120
+    assert "trace timeline tl.csv" in p.html
+
+
+def test_no_records_says_so(inputs):
+    p = build_report([], setups=inputs / "setups.toml")
+    acc = figures_of(p.html)["chart-accuracy"]
+    assert "No measured records" in json.dumps(acc["layout"]["annotations"])
+
+
+def test_cli_writes_the_page(inputs, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    rc = main(["report", str(inputs / "runs.jsonl"), "--setups", str(inputs / "setups.toml"), "--gpu", "a100-80gb",
+               "-o", str(out)])
+    assert rc == 0 and out.stat().st_size > 1_000_000
+    assert "7 setups" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "not-record", "bad-setups", "bad-field", "no-input",
+                                  "unwritable", "not-html", "bad-gpu", "bad-timeline"])
+def test_cli_bad_input_is_exit_2(inputs, tmp_path, capsys, case):
+    bad = tmp_path / "bad.jsonl"
+    ok_out = str(tmp_path / "r.html")
+    setups = str(inputs / "setups.toml")
+    argv = {
+        "missing": ["report", str(tmp_path / "nope.jsonl"), "-o", ok_out],
+        "malformed": ["report", str(bad), "-o", ok_out],
+        "not-record": ["report", str(bad), "-o", ok_out],
+        "bad-setups": ["report", "--setups", str(tmp_path / "s.toml"), "-o", ok_out],
+        "bad-field": ["report", "--setups", str(tmp_path / "s.json"), "-o", ok_out],
+        "no-input": ["report", "-o", ok_out],
+        "unwritable": ["report", "--setups", setups, "-o", str(tmp_path / "no" / "dir" / "r.html")],
+        "not-html": ["report", "--setups", setups, "-o", str(tmp_path / "r.png")],
+        "bad-gpu": ["report", "--setups", setups, "--gpu", "a100,zz-9000", "-o", ok_out],
+        "bad-timeline": ["report", "--setups", setups, "--timeline", str(tmp_path / "t.csv"), "-o", ok_out],
+    }[case]
+    bad.write_text('{"model": "gpt2", "setup": {}}\n{"torn' if case == "malformed" else '[1, 2]\n')
+    (tmp_path / "s.toml").write_text("[[setup]\nname = 1")
+    (tmp_path / "s.json").write_text(json.dumps([{"name": "x", "model": "gpt2", "warp_drive": True}]))
+    (tmp_path / "t.csv").write_text("event,phase\n1,forward\n")
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("memplan: error:") and len(err.strip().splitlines()) == 1, err
+    assert not Path(ok_out).exists()
+
+
+# --- a real browser ---------------------------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+         "--virtual-time-budget=15000"]
+
+
+def _chromium(tmp_path, *args):
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
+def test_page_renders_in_headless_chromium(page, tmp_path):
+    path = tmp_path / "report.html"
+    path.write_text(page.html, encoding="utf-8")
+    dom = _chromium(tmp_path, "--dump-dom", path.as_uri()).stdout
+    assert re.search(r'<body[^>]*data-rendered="4"', dom), "not every chart finished rendering"
+    errors = re.search(r'<pre id="memplan-errors">(.*?)</pre>', dom, re.S).group(1)
+    assert errors == "", f"console errors: {errors}"
+    starts = [(dom.index(f'id="{c}"'), c) for c in CHARTS]
+    starts.sort()
+    for (pos, chart), nxt in zip(starts, [s for s, _ in starts[1:]] + [len(dom)]):
+        div = dom[pos:nxt]
+        assert "main-svg" in div and ("class=\"point\"" in div or "class=\"trace" in div), chart
+    assert EVIL not in dom  # the name stayed text: the live DOM holds no such script element
+    # the table sorts (plain JS): #sort=est_device-desc clicks that heading twice on load
+    dom = _chromium(tmp_path, "--dump-dom", path.as_uri() + "#sort=est_device-desc").stdout
+    keys = re.search(r"<thead>(.*?)</thead>", dom, re.S).group(1)
+    col = re.findall(r'data-key="([^"]+)"', keys).index("est_device")
+    body = re.search(r"<tbody>(.*?)</tbody>", dom, re.S).group(1)
+    got = [re.findall(r'data-v="([^"]*)"', tr)[col] for tr in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+    want = sorted((r["est_device"] for r in page.rows), reverse=True)
+    assert [int(v) for v in got] == want
+
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, "--window-size=1400,2600", f"--screenshot={shot}", path.as_uri())
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (1400, 2600) and len(data) > 50_000  # a blank page compresses to a few KB
+
+
+# --- end to end on a real CPU step --------------------------------------------------------------------------
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def cpu_record_from_a_real_step(config: Path, setup_kw: dict) -> tuple[dict, list]:
+    """A record in record_schema.md's shape from the training step run on real CPU tensors (trace_run with
+    fake=False): a stand-in for `memplan measure`'s CPU path, which lives on another branch until merged."""
+    import time
+
+    from memplan.api import resolve_model
+    from memplan.trace import trace_run
+
+    setup = make_setup(**setup_kw)
+    t = time.perf_counter()
+    run = trace_run(resolve_model(str(config)), setup, fake=False, timeline=True)
+    elapsed = time.perf_counter() - t
+    r = run.result
+    ends = {}
+    for row in run.rows:  # the last event of each phase: what is allocated when it ends
+        ends[row.phase] = row.total
+    phases = {p.value: {"end_allocated_bytes": ends.get(p.value, 0), "peak_allocated_bytes": b,
+                        "peak_reserved_bytes": None} for p, b in r.phase_peaks.items()}
+    tokens = 2 * setup.tokens  # two iterations in the timed call (model build included: a slow upper bound)
+    measured = {"peak": {"allocated_bytes": r.peak.allocated_bytes, "reserved_bytes": None, "device_bytes": None,
+                         "device_reason": "CPU run: no device level", "phase": r.peak.phase.value},
+                "phases": phases, "categories": {c.value: int(b) for c, b in r.categories.items()
+                                                 if c.value != "overhead"},
+                "steps": 2, "warmup": 1, "tokens_per_step": setup.tokens,
+                "step_time_s": {"median": elapsed / 2, "mean": elapsed / 2, "min": elapsed / 2, "all": []},
+                "tokens_per_s": tokens / elapsed, "model_flops_per_token": None, "mfu": None, "peak_tflops": None}
+    rec = {"schema_version": 1, "record_id": "0" * 40, "name": "tiny llama, real CPU step", "model": str(config),
+           "setup": setup.to_dict(), "device": "cpu", "status": "ok", "failed_phase": None, "error": None,
+           "estimate": {}, "measured": measured, "gpu": None, "env": {}}
+    return rec, run.rows
+
+
+def test_report_end_to_end_on_a_real_cpu_step(tmp_path, capsys):
+    pytest.importorskip("torch")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    rec, rows = cpu_record_from_a_real_step(config, dict(precision="fp32", batch=2, seq=64))
+    (tmp_path / "cpu.jsonl").write_text(json.dumps(rec) + "\n")
+    write_timeline(rows, tmp_path / "tl.json")
+    out = tmp_path / "cpu.html"
+    assert main(["report", str(tmp_path / "cpu.jsonl"), "--timeline", str(tmp_path / "tl.json"), "--gpu", "t4",
+                 "-o", str(out)]) == 0
+    h = out.read_text()
+    figs = figures_of(h)
+    acc = [t for t in figs["chart-accuracy"]["data"] if t.get("mode") == "markers"]
+    assert acc and acc[0]["y"][0] == pytest.approx(rec["measured"]["peak"]["allocated_bytes"] / 2**30)
+    assert any(t.get("stackgroup") for t in figs["chart-timeline"]["data"])
+    assert "tiny llama, real CPU step" in h

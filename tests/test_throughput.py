@@ -1,0 +1,206 @@
+"""The throughput model: FLOPs per token against the published formulas, ZeRO communication volumes against the
+ZeRO paper, the step-time model, the utilization lookup from committed records, and its wiring into estimate.
+
+Expected values are the published formulas evaluated on the model's exact numbers (parameter counts from the
+profiles, which tests/test_params_exact.py holds to transformers), never fitted constants.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from memplan.api import make_setup, resolve_gpu, resolve_model
+from memplan.cli import main
+from memplan.estimate.flops import attention_layers, communication_per_step, flops_per_token
+from memplan.spec.model import TensorKind
+from memplan.throughput import (DEFAULT_UTILIZATION, Overlap, Utilization, predict, throughput_comparison,
+                                utilization)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def non_embedding_matmul_params(name: str) -> int:
+    """N of PaLM's 6N: the exact parameter count less embeddings, norms and biases (not matmul weights); a
+    tied embedding is the LM head's weight, so it counts once, as the head."""
+    m = resolve_model(name)
+    emb = sum(t.numel * t.count for t in m.tensors if t.kind is TensorKind.EMBEDDING)
+    other = sum(t.numel * t.count for t in m.tensors if t.kind is not TensorKind.EMBEDDING)
+    biases = sum(l.out_features * l.count for l in m.linears if l.bias)
+    head = m.vocab * m.hidden if m.tie_embeddings else 0
+    return m.total_params - emb - other - biases + head
+
+
+@pytest.mark.parametrize("name", ["llama-7b", "gpt2", "qwen2.5-0.5b", "mistral-7b"])
+def test_dense_full_training_is_palm_6n_plus_attention(name):
+    # PaLM appendix B (published.md, "Throughput"): 6·N + 12·L·h·s per token, h = heads·head_dim
+    m = resolve_model(name)
+    s = make_setup(seq=1024)
+    f = flops_per_token(m, s)
+    n = non_embedding_matmul_params(name)
+    assert f.model == pytest.approx(6 * n + 12 * m.layers * m.q_dim * 1024, rel=1e-12)
+    assert f.recompute == 0 and f.hardware == f.model
+
+
+def test_lora_skips_only_the_frozen_weight_gradients():
+    # frozen weights: forward 2N + activation gradient 2N; adapters train: 6·N_adapter.
+    # N_adapter = 4,194,304 for LLaMA-7B LoRA r=8 on q,v (peft's print_trainable_parameters; tests/test_peft_counts.py)
+    m = resolve_model("llama-7b")
+    f = flops_per_token(m, make_setup(peft="lora", seq=2048))
+    n = non_embedding_matmul_params("llama-7b")
+    n_adapter = 4_194_304
+    assert f.backward_weight == 2 * n_adapter
+    assert f.model == pytest.approx(4 * n + 6 * n_adapter + 12 * m.layers * m.q_dim * 2048, rel=1e-12)
+
+
+def test_full_checkpointing_adds_one_forward_of_the_blocks():
+    # published.md: "full activation recomputation adds one forward (≈ 8N)"; the LM head is outside the
+    # checkpointed blocks, so exactly 2·N_blocks + the attention core's forward
+    m = resolve_model("llama-7b")
+    s = make_setup(seq=2048)
+    plain, ckpt = flops_per_token(m, s), flops_per_token(m, replace(s, checkpointing=make_setup(
+        checkpointing="full").checkpointing))
+    n = non_embedding_matmul_params("llama-7b")
+    head = m.vocab * m.hidden
+    assert ckpt.model == plain.model  # MFU's numerator excludes rematerialization (PaLM)
+    assert ckpt.recompute == pytest.approx(2 * (n - head) + 4 * m.layers * m.q_dim * 2048, rel=1e-12)
+    assert 7.9 < (ckpt.hardware - 12 * m.layers * m.q_dim * 2048 - 4 * m.layers * m.q_dim * 2048) / n < 8.0
+    sel = flops_per_token(m, make_setup(seq=2048, checkpointing="selective"))
+    assert sel.recompute == pytest.approx(4 * m.layers * m.q_dim * 2048, rel=1e-12)  # attention core only
+
+
+def test_freeze_head_only_runs_no_backward_through_the_blocks():
+    m = resolve_model("llama-7b")
+    f = flops_per_token(m, make_setup(peft="freeze", train_layers=0, seq=512))
+    n = non_embedding_matmul_params("llama-7b")
+    head = m.vocab * m.hidden
+    assert f.model == pytest.approx(2 * n + 4 * head + 4 * m.layers * m.q_dim * 512, rel=1e-12)
+    half = flops_per_token(m, make_setup(peft="freeze", train_layers=m.layers // 2, seq=512))
+    assert f.model < half.model < flops_per_token(m, make_setup(seq=512)).model
+
+
+def test_prompt_tuning_pays_for_its_virtual_tokens():
+    m = resolve_model("gpt2")
+    s = make_setup(peft="prompt", num_virtual_tokens=64, seq=256)
+    plain_frozen = flops_per_token(m, make_setup(peft="ia3", seq=320))  # same frozen base, no weight grads
+    f = flops_per_token(m, s)
+    assert f.forward == pytest.approx(plain_frozen.forward * 320 / 256, rel=1e-12)
+
+
+def test_mixtral_counts_only_the_routed_experts():
+    # Mistral AI, "Mixtral of experts" (2023-12-11): 46.7B parameters in all, 12.9B used per token
+    m = resolve_model("mixtral-8x7b")
+    f = flops_per_token(m, make_setup(seq=1024))
+    embedding = m.vocab * m.hidden
+    assert (f.forward / 2 + embedding) / 1e9 == pytest.approx(12.9, abs=0.06)
+
+
+def test_encoder_decoder_counts_cross_attention():
+    m = resolve_model("t5-3b")
+    assert attention_layers(m) == m.encoder_layers + 2 * m.layers
+
+
+@pytest.mark.parametrize("precision", ["bf16-master", "pure-bf16"])
+def test_zero_communication_volumes_follow_the_zero_paper(precision):
+    # ZeRO (arXiv:1910.02054, section 7): DDP all-reduce 2Ψ; ZeRO-1/2 the same; ZeRO-3 3Ψ = 1.5× (16-bit
+    # parameters and gradients, as in the paper); ring factor (N−1)/N
+    m = resolve_model("llama-7b")
+    s = make_setup(precision=precision, gpus=8)
+    psi = m.total_params
+    ddp = communication_per_step(m, s).total
+    assert ddp == pytest.approx(2 * psi * 2 * 7 / 8, rel=1e-12)
+    for z in (1, 2):
+        assert communication_per_step(m, replace(s, zero=z)).total == pytest.approx(ddp, rel=1e-12)
+    assert communication_per_step(m, replace(s, zero=3)).total == pytest.approx(1.5 * ddp, rel=1e-12)
+    assert communication_per_step(m, replace(s, gpus=1)).total == 0
+
+
+def test_peft_reduces_only_trainable_gradients():
+    m = resolve_model("llama-7b")
+    c = communication_per_step(m, make_setup(peft="lora", gpus=4))
+    assert c.gradient_bytes == pytest.approx(2 * 4_194_304 * 4 * 3 / 4)  # fp32 adapters, all-reduce 2Ψ(N−1)/N
+
+
+def test_step_time_is_compute_or_communication():
+    m, g = resolve_model("llama-7b"), resolve_gpu("a100-80gb")
+    u = Utilization(0.5, "test")
+    one = predict(m, make_setup(seq=2048, batch=2), g, u)
+    f = flops_per_token(m, make_setup(seq=2048, batch=2))
+    assert one.comm_s == 0
+    assert one.step_s == pytest.approx(4096 * f.hardware / (312e12 * 0.5))  # A100 dense bf16 312 TFLOPS
+    assert one.mfu == pytest.approx(0.5) and one.tokens_per_s == pytest.approx(4096 / one.step_s)
+    many = predict(m, make_setup(seq=2048, batch=2, gpus=8, zero=3), g, u)
+    assert many.comm_s == pytest.approx(many.comm_bytes / 300e9)  # A100 SXM4 NVLink 300 GB/s per direction
+    assert many.step_s == max(many.compute_s, many.comm_s)
+    serial = predict(m, make_setup(seq=2048, batch=2, gpus=8, zero=3), g, u, Overlap.NONE)
+    assert serial.step_s == pytest.approx(serial.compute_s + serial.comm_s)
+    ckpt = predict(m, make_setup(seq=2048, batch=2, checkpointing="full"), g, u)
+    assert ckpt.mfu < 0.5 and ckpt.utilization == 0.5  # recomputation is work MFU does not credit
+
+
+def _record(gpu: str | None, tokens_per_s: float, precision="bf16", device="cuda", status="ok") -> dict:
+    """A committed-style record (record_schema.md), as an input to the lookup."""
+    setup = make_setup(precision=precision, batch=4, seq=2048).to_dict()
+    return {"schema_version": 1, "record_id": "x", "name": None, "model": "llama-3.2-1b", "setup": setup,
+            "device": device, "status": status, "failed_phase": None, "error": None, "estimate": {},
+            "measured": {"tokens_per_s": tokens_per_s, "mfu": None},
+            "gpu": {"name": "NVIDIA H100 80GB HBM3", "profile": gpu, "memory_bytes": 85520809984}}
+
+
+def test_utilization_is_the_median_of_committed_records(tmp_path):
+    root = tmp_path / "measurements"
+    (root / "h100-sxm").mkdir(parents=True)
+    recs = [_record("h100-sxm", t) for t in (20_000.0, 30_000.0, 50_000.0)]
+    recs.append(_record("h100-sxm", 1.0, device="cpu"))  # CPU records never count
+    recs.append(_record("h100-sxm", 1.0, status="oom"))
+    (root / "h100-sxm" / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n{torn")
+    m, g = resolve_model("llama-3.2-1b"), resolve_gpu("h100-sxm")
+    setup = make_setup(batch=4, seq=2048)
+    u = utilization(g, setup, root)
+    assert u.value == pytest.approx(30_000 * flops_per_token(m, setup).hardware / 989.4e12)  # H100 bf16 dense
+    assert "median of 3" in u.source
+    assert utilization(g, make_setup(precision="fp32"), root).value == DEFAULT_UTILIZATION  # per precision
+    assert utilization(resolve_gpu("a100-80gb"), setup, root).value == DEFAULT_UTILIZATION  # per GPU
+    assert utilization(g, setup, tmp_path / "absent").value == DEFAULT_UTILIZATION
+
+
+def test_throughput_comparison_rows():
+    gpu_rec = _record("h100-sxm", 30_000.0)
+    cpu_rec = {**_record(None, 120.0, device="cpu"), "gpu": None}
+    failed = _record("h100-sxm", 0.0, status="oom")
+    rows = throughput_comparison([gpu_rec, cpu_rec, failed])
+    assert len(rows) == 2
+    g, c = rows
+    t = predict(resolve_model("llama-3.2-1b"), make_setup(batch=4, seq=2048), resolve_gpu("h100-sxm"))
+    assert g["predicted_tokens_per_s"] == pytest.approx(t.tokens_per_s)
+    assert g["ratio"] == pytest.approx(t.tokens_per_s / 30_000)
+    assert c["measured_tokens_per_s"] == 120.0 and c["predicted_tokens_per_s"] is None
+
+
+def test_estimate_shows_throughput_with_a_gpu(capsys):
+    assert main(["estimate", "--model", "llama-7b", "--gpu", "h100-sxm", "--gpus", "8", "--zero3", "-f",
+                 "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    t = d["throughput"]
+    assert t["tokens_per_s"] > 0 and 0 < t["mfu"] <= t["utilization"] and t["step_s"] >= t["compute_s"]
+    assert main(["estimate", "--model", "llama-7b", "--gpu", "h100-sxm"]) == 0
+    assert "tokens/s per GPU" in capsys.readouterr().out
+    assert main(["estimate", "--model", "llama-7b", "-f", "json"]) == 0
+    assert "throughput" not in json.loads(capsys.readouterr().out)
+    import memplan
+
+    assert memplan.estimate("llama-7b", gpu="a100-80gb").throughput["tokens_per_s"] > 0
+    assert memplan.estimate("llama-7b").throughput is None
+
+
+def test_design_card_command_does_no_throughput_work():
+    code = ("import sys; from memplan.cli import main; main(['estimate', '--model', 'llama-7b', '--adam', "
+            "'--bf16', '--zero3']); print(sorted(m for m in ('memplan.throughput', 'memplan.estimate.flops', "
+            "'pandas', 'plotly', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
+    assert out.strip().splitlines()[-1] == "[]"
