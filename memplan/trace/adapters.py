@@ -13,7 +13,7 @@ import torch.nn as nn
 from memplan.errors import MemplanError
 
 _ATTN = ("self_attn", "attn", "attention", "self_attention", "SelfAttention")
-_MLP = ("mlp", "feed_forward", "ffn", "output", "DenseReluDense")
+_MLP = ("mlp", "feed_forward", "ffn", "output", "DenseReluDense", "fc2")  # OPT: fc1 -> act -> fc2 inline
 
 
 class Bottleneck(nn.Module):
