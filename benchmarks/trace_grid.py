@@ -55,9 +55,9 @@ def main(n: int, seed: int = 0) -> None:
         lines.append(f"| {feat} | {len(rs)} | {sum(r.ok for r in rs)} | {statistics.median(errs):.2f}% | "
                      f"{max(errs):.2f}% |")
     lines += ["", "## Failing setups", ""]
-    for r in sorted(rows, key=lambda r: -abs(r.error)):
-        if not r.ok:
-            lines.append(f"- {r.error * 100:+.2f}% `{json.dumps(r.setup)}` {'; '.join(r.category_failures())}")
+    failing = [r for r in sorted(rows, key=lambda r: -abs(r.error)) if not r.ok]
+    lines += [f"- {r.error * 100:+.2f}% `{json.dumps(r.setup)}` {'; '.join(r.category_failures())}"
+              for r in failing] or ["None."]
     if skipped:
         lines += ["", "## Not traceable", ""] + [f"- `{json.dumps(k)}`: {e}" for k, e in skipped]
     (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
