@@ -273,6 +273,9 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Model or GPU profile
     profiles._resolve("models", name)  # raises with close matches
 
 
+import memplan.measure.cli  # noqa: E402,F401  (registers `measure` and `reconcile`)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every bad input is one line on stderr and exit code 2; never a traceback for it."""
     cmd = typer.main.get_command(app)
