@@ -25,7 +25,7 @@ import memplan  # noqa: E402
 from memplan.api import make_setup, resolve_model  # noqa: E402
 from memplan.cli import main  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
-from memplan.measure import harness, memory, record, reconcile, sweep  # noqa: E402
+from memplan.measure import harness, memory, record, sweep  # noqa: E402
 from memplan.measure.flops_basic import matmul_params, model_flops_per_token  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
 from memplan.spec.model import TensorKind  # noqa: E402
@@ -131,6 +131,67 @@ def test_varied_lengths_stay_in_range():
     lengths = harness._lengths(setup, harness.MeasureOptions(lengths="varied"), 6)
     assert all(32 <= n <= 64 for n in lengths) and len(set(lengths)) > 1
     assert 2 * 32 <= out.measured["tokens_per_step"] <= 2 * 64
+
+
+# ---- pieces of the CUDA path that run on any device (the path itself needs a GPU: not run here) ------------------
+class _ScriptedReader:
+    """Stands in for the CUDA reader: each boundary returns the next (end allocated, phase peak, reserved peak)."""
+
+    def __init__(self, readings):
+        self.readings = list(readings)
+
+    def boundary(self):
+        return self.readings.pop(0)
+
+    def current(self):
+        return 0
+
+
+def test_phase_book_keeps_each_phase_peak_over_the_counted_steps():
+    from memplan.categories import Phase
+    from memplan.measure.timing import CpuClock
+
+    reads = [(10, 12, 20),  # load ends
+             (0, 0, 0), (50, 90, 100), (30, 95, 100), (11, 40, 100),  # warm-up step: not counted
+             (0, 0, 0), (50, 80, 100), (31, 99, 110), (12, 45, 110),  # counted step 1
+             (0, 0, 0), (52, 85, 110), (30, 97, 110), (10, 44, 110)]  # counted step 2
+    book = harness.PhaseBook(CpuClock(), _ScriptedReader(reads), None, instrument=True, phase_log=False)
+    book.enter(Phase.LOAD)
+    book.enter(None)
+    for counting in (False, True, True):
+        book.counting = counting
+        book.reader.boundary()  # as _run_steps does before each step
+        for ph in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP):
+            book.enter(ph)
+        book.enter(None)
+        book.step_times()
+    assert book.ends == {Phase.LOAD: 10, Phase.FORWARD: 52, Phase.BACKWARD: 30, Phase.OPTIMIZER_STEP: 10}
+    assert book.peaks == {Phase.LOAD: 12, Phase.FORWARD: 85, Phase.BACKWARD: 99, Phase.OPTIMIZER_STEP: 45}
+    assert book.peaks_reserved[Phase.BACKWARD] == 110 and len(book.times[Phase.FORWARD]) == 2
+
+
+def test_cuda_loop_and_materialize_run_on_the_cpu_too():
+    """CudaTrainLoop (device-side loss scaler) and materialize_on, driven with device="cpu": the plumbing the GPU
+    path uses, minus CUDA itself (autocast("cuda") disables itself without a GPU)."""
+    import warnings
+
+    from memplan.categories import Phase
+    from memplan.measure.timing import CpuClock
+    from memplan.trace.build import build
+
+    setup = make_setup(precision="fp16", batch=2, seq=16)
+    built = build(SPEC, setup)
+    harness.materialize_on(built.model, "cpu")
+    harness._rotary_buffers_on(built.model, "cpu")
+    assert all(p.device.type == "cpu" for p in built.model.parameters())
+    book = harness.PhaseBook(CpuClock(), None, None, instrument=False, phase_log=False)
+    loop = harness._cuda_loop_class()(built.model, setup, harness.Recorder(book), built.compute_dtype, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop.iteration(harness.make_batch(SPEC, 2, 16, "cpu"))
+    assert type(loop.scaler).__name__ == "DeviceScaler"
+    assert loop.scaler._scale.device.type == "cpu" and book.phase is Phase.OPTIMIZER_STEP
+    assert loop.optimizer.state  # the step ran: AdamW created its state
 
 
 # ---- did not fit / failures ------------------------------------------------------------------------------------
@@ -299,6 +360,18 @@ def test_no_gpu_and_no_device_cpu_is_one_line_with_the_hint(tiny_config, capsys)
 def test_bad_measure_options_exit_2(tiny_config, capsys, argv, needle):
     rc, _, err = run_cli(["measure", "--model", tiny_config, "--device", "cpu", *argv], capsys)
     assert rc == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_plan_and_chunks_of_the_validation_suite(capsys):
+    rc, out, _ = run_cli(["measure", "--sweep", "validation", "--plan", "--device", "cpu", "-f", "json"], capsys)
+    rows = json.loads(out)
+    assert rc == 0 and len(rows) >= 30 and len({r["record_id"] for r in rows}) == len(rows)
+    rc, out, _ = run_cli(["measure", "--sweep", "validation", "--plan", "--device", "cpu", "--chunk", "2", "-f",
+                          "json"], capsys)
+    assert rc == 0 and {r["chunk"] for r in json.loads(out)} == {2} and sum(r["est_minutes"] for r in
+                                                                             json.loads(out)) <= 8
+    rc, _, err = run_cli(["measure", "--sweep", "validation", "--plan", "--device", "cpu", "--chunk", "99"], capsys)
+    assert rc == 2 and "chunks 1.." in err
 
 
 def test_sweep_with_setup_flags_is_an_error(tmp_path, capsys):

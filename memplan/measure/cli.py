@@ -271,6 +271,9 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     if record_to is not None:
         return 0  # the sweep reads the record; the status is in it
     _emit_record(rec, fmt)
+    if fmt is not Format.table:  # the table shows them; keep json / csv on stdout parseable
+        for w in rec.get("warnings", []):
+            typer.echo(f"warning: {w}", err=True)
     typer.echo(f"record {rec['record_id'][:12]} -> {out}", err=True)
     return 0 if outcome.status == "ok" else 1
 

@@ -566,14 +566,19 @@ def _build_qlora_cuda(spec, setup, device):
                                   device="meta")
             w = torch.empty(child.out_features, child.in_features, dtype=compute_dtype, device=device)
             w.normal_(0.0, 0.02)
-            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=dq, quant_type="nf4").to(device)
-            del w
+            try:  # bitsandbytes ≥ 0.43 links the parameter to its module (the quant state is kept on both)
+                p4 = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=dq, quant_type="nf4", module=q)
+            except TypeError:
+                p4 = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=dq, quant_type="nf4")
+            q.weight = p4.to(device)  # .to() on a not-yet-quantized Params4bit quantizes it (NF4, blocksize 64)
+            del w, p4
             if q.bias is not None:
                 q.bias.requires_grad_(False)
             setattr(parent, name, q)
     materialize_on(base, device)
     _rotary_buffers_on(base, device)
     blocks = find_blocks(base)
+    base.is_loaded_in_4bit = True  # as transformers' bitsandbytes quantizer marks it: peft then wraps Linear4bit
     model = peft.get_peft_model(base, _peft_config(spec, setup))
     if setup.checkpointing is Checkpointing.FULL:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
