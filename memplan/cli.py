@@ -279,6 +279,7 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Model or GPU profile
 
 
 from memplan.report import cli as _report_cli  # noqa: E402,F401  (registers `fit` and `report`)
+import memplan.measure.cli  # noqa: E402,F401  (registers `measure` and `reconcile`)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,15 @@
+"""measure tier: the real configuration on the attached GPU (or, for CI, on the CPU under memplan's tracker).
+
+    memplan measure --model llama-3.2-1b --bf16 --batch 8 --seq 2048          # one configuration
+    memplan measure --sweep validation --chunk 1                              # a suite, a subprocess per config
+    memplan reconcile reports/measurements/h100-sxm/*.jsonl --max-error 5     # estimate vs measured
+
+harness.py   build (meta device → the device), the step loop, phases, OOM → did-not-fit
+memory.py    the levels: torch.cuda.memory_stats, NVML (failing soft), the CUDA context baseline
+timing.py    CUDA events / perf_counter
+record.py    the JSON Lines record (schema_version 1), environment capture, atomic append, schema upgrades
+sweep.py     sweep / suite files, chunking, a fresh subprocess per configuration, --resume
+reconcile.py estimate vs measured rows and summaries
+flops_basic.py  model FLOPs per token for MFU
+Nothing here imports torch at import time.
+"""

@@ -1,0 +1,444 @@
+"""`memplan measure` and `memplan reconcile` (registered on memplan.cli.app by one import line there).
+
+Exit codes: 0 done; 1 measure: the configuration did not fit (oom) or its step failed (error), reconcile: an
+error above --max-error; 2 bad input (one `memplan: error:` line, before any work); 130 interrupted (finished
+records kept).
+"""
+
+import functools
+import inspect
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from memplan.cli import SETUP_OPTIONS, Format, FormatOpt, _P, app, setup_from_options
+from memplan.errors import MemplanError
+
+NO_GPU = ("no CUDA GPU found (torch.cuda.is_available() is False); pass --device cpu to run the step on the CPU "
+          "with memory from memplan's tracker")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class Lengths(str, Enum):
+    fixed = "fixed"
+    varied = "varied"
+
+
+class EstimateSource(str, Enum):
+    current = "current"
+    recorded = "recorded"
+
+
+class Level(str, Enum):
+    allocated = "allocated"
+    reserved = "reserved"
+    device = "device"
+
+
+def _with_setup_options_optional_model(fn):
+    """memplan.cli.with_setup_options, except that --model may be left out (for --sweep, whose file has the models).
+    The command receives model / gpu / setup (None without --model) and `changed`, the setup options given away
+    from their defaults (with --sweep they would be silently ignored, so they are an error)."""
+    model_opt = _P("model", Optional[str], None, "--model", "-m", help="Model profile key or alias (memplan profiles "
+                   "list), or a path to a Hugging Face config.json. Not with --sweep.")
+    options = [model_opt if p.name == "model" else p for p in SETUP_OPTIONS]
+    sig = inspect.signature(fn)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in sig.parameters.items()
+           if n not in ("model", "gpu", "setup", "changed")]
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        shared = {p.name: kw.pop(p.name) for p in options}
+        changed = [p.name for p in options if p.name not in ("model", "gpu") and shared[p.name] != p.default]
+        if shared["model"] is None:
+            from memplan.api import resolve_gpu
+
+            return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
+        model, gpu, setup = setup_from_options(shared)
+        return fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
+
+    wrapper.__signature__ = sig.replace(parameters=options + own)
+    return wrapper
+
+
+def resolve_device(device: Device) -> str:
+    try:
+        import torch
+    except ImportError:
+        raise MemplanError("memplan measure needs torch, transformers and peft: pip install 'memplan[torch]'") from None
+    if device is Device.cpu:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    raise MemplanError(NO_GPU)
+
+
+def default_results(stem: str, device: str, gpu_profile: str | None) -> Path:
+    """reports/measurements/<gpu>/<stem>.jsonl for a GPU with a profile (the committed records); reports/
+    <stem>-<device>.jsonl otherwise (CPU records are CI artefacts, never committed under measurements/)."""
+    if device == "cuda" and gpu_profile:
+        return Path("reports") / "measurements" / gpu_profile / f"{stem}.jsonl"
+    return Path("reports") / f"{stem}-{device}.jsonl"
+
+
+def _gpu_context(device: str, gpu_opt):
+    """(GpuInfo or None, the GpuSpec for estimate/MFU or None, warnings). --gpu overrides NVML's match."""
+    from memplan.measure.memory import detect_gpu
+    from memplan.profiles import load_gpu
+
+    warns = []
+    if device != "cuda":
+        return None, gpu_opt, warns
+    info = detect_gpu()
+    gpu = gpu_opt
+    if gpu is None and info.profile:
+        gpu = load_gpu(info.profile)
+    if gpu is None:
+        if info.nvml_name:
+            warns.append(f"NVML reports '{info.nvml_name}' and no GPU profile matches it (profiles/gpus/*.toml "
+                         "nvml_names): fit, headroom and MFU are left out; pass --gpu NAME")
+        else:
+            warns.append(f"GPU not identified ({info.reason}): fit, headroom and MFU are left out; pass --gpu NAME")
+    return info, gpu, warns
+
+
+def _peak_tflops(gpu, setup, device: str) -> float | None:
+    if device != "cuda" or gpu is None:
+        return None
+    import torch
+
+    from memplan.measure.sweep import compute_dtype_key
+
+    return gpu.peak_tflops(compute_dtype_key(setup, tf32=bool(torch.backends.cuda.matmul.allow_tf32))) or None
+
+
+def _gpu_block(info, gpu) -> dict | None:
+    if info is None or info.nvml_name is None:
+        return None
+    return {"name": info.nvml_name, "profile": gpu.name if gpu else None, "memory_bytes": info.memory_bytes}
+
+
+def _emit_record(rec: dict, fmt: Format) -> None:
+    from memplan import render
+    from memplan.measure import reconcile
+
+    if fmt is Format.json:
+        typer.echo(render.to_json(rec))
+        return
+    row = reconcile.compare(rec, estimate="recorded")
+    if fmt is Format.csv:
+        typer.echo(render.to_csv([row]), nl=False)
+        return
+    typer.echo(summary_text(rec, row))
+
+
+def summary_text(rec: dict, row: dict) -> str:
+    from memplan.measure.reconcile import LEVELS, fmt_bytes, fmt_pct
+
+    s = rec["setup"]
+    lines = [f"{rec['model']} · {s['precision']} · {s['optimizer']} · peft {s['peft']} · micro-batch {s['batch']} × "
+             f"seq {s['seq']} · checkpointing {s['checkpointing']} · attention {s['attention']} · {rec['device']}"
+             + (f" ({rec['gpu']['name']})" if rec.get("gpu") else "")]
+    if rec["status"] != "ok":
+        what = "did NOT fit: out of memory" if rec["status"] == "oom" else "failed"
+        lines.append(f"[measure] {what} in {rec['failed_phase'] or 'an unknown phase'}: {rec['error']}")
+        est = (rec.get("estimate") or {}).get("peak") or {}
+        if est:
+            lines.append(f"  estimate: allocated {fmt_bytes(est.get('allocated_bytes'))}, device "
+                         f"{fmt_bytes(est.get('device_bytes'))}")
+        return "\n".join(lines)
+    m = rec["measured"]
+    st = m["step_time_s"]
+    lines.append(f"[measure] {m['steps']} timed steps after {m['warmup']} warm-up: step {st['median']:.4f} s "
+                 f"(median), {m['tokens_per_s']:,.0f} tokens/s"
+                 + (f", MFU {100 * m['mfu']:.1f}% of {m['peak_tflops']:g} TFLOPS" if m.get("mfu") is not None else ""))
+    lines.append(f"  {'level':<12}{'estimate':>14}{'measured':>14}{'error':>9}")
+    for lv in LEVELS:
+        lines.append(f"  {lv:<12}{fmt_bytes(row[f'est_{lv}_bytes']):>14}{fmt_bytes(row[f'meas_{lv}_bytes']):>14}"
+                     f"{fmt_pct(row[f'err_{lv}_pct']):>9}")
+    lines.append(f"  peak phase: estimate {row['est_peak_phase']}, measured {row['meas_peak_phase']}")
+    lines.append("  phase peaks (allocated, measured): " + ", ".join(
+        f"{p} {fmt_bytes(v['peak_allocated_bytes'])}" for p, v in (m.get("phases") or {}).items()))
+    if m["peak"].get("device_reason"):
+        lines.append(f"  device level empty: {m['peak']['device_reason']}")
+    if m.get("context_bytes") is not None:
+        lines.append(f"  CUDA context {fmt_bytes(m['context_bytes'])}, allocator retries {m['alloc_retries']}")
+    for w in rec.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+StepsOpt = Annotated[int, typer.Option("--steps", help="Timed training steps.")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed steps first (the first creates optimizer state).")]
+
+
+@app.command("measure")
+@_with_setup_options_optional_model
+def measure_cmd(
+    model, gpu, setup, changed,
+    device: Annotated[Device, typer.Option("--device", help="cuda (the attached GPU, found through torch and "
+                                           "NVML), cpu (real CPU tensors under memplan's tracker: CI), or auto: "
+                                           "cuda when available, else an error.")] = Device.auto,
+    steps: StepsOpt = 3,
+    warmup: WarmupOpt = 1,
+    lengths: Annotated[Lengths, typer.Option("--lengths", help="Synthetic batches: fixed (batch × seq every step) "
+                                             "or varied (sequence lengths drawn in [seq/2, seq]).")] = Lengths.fixed,
+    snapshot: Annotated[Optional[str], typer.Option("--snapshot", help="CUDA: write the memory-history snapshot "
+                                                    "(torch.cuda.memory._record_memory_history) to FILE; open it at "
+                                                    "pytorch.org/memory_viz.")] = None,
+    results: Annotated[Optional[str], typer.Option("--results", help="JSON Lines file the record(s) are appended to "
+                                                   "(default reports/measurements/<gpu>/<name>.jsonl on a GPU, "
+                                                   "reports/<name>-cpu.jsonl on the CPU).")] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="Measure every configuration of a TOML/JSON sweep "
+                                                 "file (or a suite name from profiles/suites/), each in a fresh "
+                                                 "subprocess.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="--sweep: skip configurations already in the results "
+                                         "file.")] = False,
+    chunk: Annotated[Optional[int], typer.Option("--chunk", help="--sweep: run only chunk K of the plan (chunks of "
+                                                 "at most --max-minutes; see --plan).")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="--sweep: chunk size in estimated "
+                                                         "minutes (default: the suite's, else 8).")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="--sweep: list the configurations, their estimates, "
+                                            "estimated minutes and chunks; measure nothing.")] = False,
+    timeout_s: Annotated[Optional[float], typer.Option("--timeout-s", help="--sweep: give up on a configuration "
+                                                       "after this many seconds (recorded as an error).")] = None,
+    memory_cap_gib: Annotated[Optional[float], typer.Option("--memory-cap-gib", help="CUDA: cap the caching "
+                                                            "allocator at this many GiB (emulate a smaller GPU; "
+                                                            "a suite's memory_cap_gib applies too).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Label stored in the record.")] = None,
+    record_to: Annotated[Optional[str], typer.Option("--record-to", hidden=True,
+                                                     help="Internal (sweep worker): append the record here, print "
+                                                     "nothing, report phases on stderr.")] = None,
+    fmt: FormatOpt = Format.table,
+):
+    """Run the configuration on the attached GPU (or --device cpu): peak memory per phase and level, tokens/s, MFU,
+    and memplan's estimate beside them, appended as a JSON Lines record.
+
+    Examples: memplan measure --model llama-3.2-1b --bf16 --batch 8 --seq 2048 ·
+    memplan measure --model ./tiny/config.json --device cpu --batch 2 --seq 64 ·
+    memplan measure --sweep validation --chunk 1
+    """
+    if sweep is not None:
+        if model is not None or changed:
+            flags = ["--model"] * (model is not None) + [f"--{c.replace('_', '-')}" for c in changed]
+            raise MemplanError(f"with --sweep, setup options belong in the sweep file (got {', '.join(flags)})")
+        if snapshot or record_to or name:
+            raise MemplanError("--snapshot, --name and --record-to apply to one configuration, not to --sweep")
+        return _sweep(sweep, gpu, device, results, resume, chunk, max_minutes, plan, timeout_s, memory_cap_gib,
+                      fmt)
+    if model is None:
+        raise MemplanError("give --model (one configuration) or --sweep FILE")
+    if resume or chunk is not None or plan or max_minutes is not None or timeout_s is not None:
+        raise MemplanError("--resume, --chunk, --max-minutes, --plan and --timeout-s need --sweep")
+    return _measure_one(model, gpu, setup, device, steps, warmup, lengths.value, snapshot, results, memory_cap_gib,
+                        name, record_to, fmt)
+
+
+def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot, results, memory_cap_gib, name,
+                 record_to, fmt) -> int:
+    from memplan.estimate import estimate_spec
+    from memplan.measure import harness
+    from memplan.measure.record import append_record, capture_env, check_writable, make_record, now
+
+    dev = resolve_device(device)
+    cap = int(memory_cap_gib * 2**30) if memory_cap_gib else None
+    opts = harness.MeasureOptions(device=dev, steps=steps, warmup=warmup, lengths=lengths, snapshot=snapshot,
+                                  memory_cap_bytes=cap, name=name, phase_log=record_to is not None)
+    harness.check_measurable(spec, setup, opts)
+    harness.check_environment(setup, opts)
+    info, gpu, warns = _gpu_context(dev, gpu_opt)
+    estimate = estimate_spec(spec, setup, gpu)
+    out = Path(record_to or results or default_results("measure", dev, gpu.name if gpu else None))
+    check_writable(out)
+    if snapshot:
+        check_writable(snapshot)
+    started = now()
+    outcome = harness.measure(spec, setup, opts, peak_tflops=_peak_tflops(gpu, setup, dev))
+    rec = make_record(name=name, model=spec.name, setup=setup.to_dict(), device=dev, steps=steps, warmup=warmup,
+                      lengths=lengths, status=outcome.status, failed_phase=outcome.failed_phase, error=outcome.error,
+                      estimate=estimate.to_dict(), measured=outcome.measured, gpu=_gpu_block(info, gpu),
+                      env=capture_env(info.driver if info else None), started_at=started,
+                      warnings=warns + outcome.warnings + list(estimate.warnings))
+    append_record(out, rec)
+    if record_to is not None:
+        return 0  # the sweep reads the record; the status is in it
+    _emit_record(rec, fmt)
+    if fmt is not Format.table:  # the table shows them; keep json / csv on stdout parseable
+        for w in rec.get("warnings", []):
+            typer.echo(f"warning: {w}", err=True)
+    typer.echo(f"record {rec['record_id'][:12]} -> {out}", err=True)
+    return 0 if outcome.status == "ok" else 1
+
+
+def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, timeout_s, memory_cap_gib,
+           fmt) -> int:
+    from memplan import render
+    from memplan.measure import reconcile, sweep as sw
+    from memplan.measure.record import capture_env, check_writable, finished_ids, iter_records, make_record, now
+
+    suite = sw.load_sweep(path)
+    dev = resolve_device(device) if not plan or device is not Device.auto else _plan_device()
+    info, gpu, warns = _gpu_context(dev, gpu_opt)
+    if gpu is None and suite.gpu and dev != "cuda":
+        from memplan.api import resolve_gpu
+
+        gpu = resolve_gpu(suite.gpu)  # the GPU the suite was sized for: estimates say fit / did not fit
+    for w in warns:
+        typer.echo(f"warning: {w}", err=True)
+    limit = max_minutes if max_minutes is not None else suite.max_minutes
+    if limit <= 0:
+        raise MemplanError("--max-minutes must be positive")
+    planned = sw.plan(suite, dev, gpu, limit)
+    nchunks = max(p.chunk for p in planned)
+    if chunk is not None and not 1 <= chunk <= nchunks:
+        raise MemplanError(f"--chunk {chunk}: the plan has chunks 1..{nchunks} at ≤ {limit:g} min each")
+    selected = [p for p in planned if chunk is None or p.chunk == chunk]
+    if plan:
+        _print_plan(planned, selected, fmt, limit)
+        return 0
+    out = Path(results or default_results(suite.name, dev, gpu.name if gpu and dev == "cuda" else None))
+    check_writable(out)
+    done = finished_ids(out)
+    if done and not resume:
+        raise MemplanError(f"{out} already holds {len(done)} record(s): pass --resume to skip them, or --results "
+                           "another file")
+    todo = [p for p in selected if p.record_id not in done]
+    skipped = len(selected) - len(todo)
+    env = capture_env(info.driver if info else None)
+    cap = memory_cap_gib or suite.memory_cap_gib
+
+    def fallback(p, *, status, failed_phase, error, started_at):
+        return make_record(name=p.cfg.name, model=p.spec.name, setup=p.setup.to_dict(), device=dev,
+                           steps=p.cfg.steps, warmup=p.cfg.warmup, lengths=p.cfg.lengths, status=status,
+                           failed_phase=failed_phase if failed_phase in ("load", "forward", "backward",
+                                                                          "optimizer_step") else None,
+                           error=error, estimate=p.estimate.to_dict(), gpu=_gpu_block(info, gpu), env=env,
+                           started_at=started_at)
+
+    typer.echo(f"{suite.name}: {len(todo)} to measure on {dev}, {skipped} already in {out}" +
+               (f" (chunk {chunk}/{nchunks})" if chunk else ""), err=True)
+    bar = sw.progress(len(todo), suite.name)
+    recs = []
+    try:
+        with sw.interrupts_as_keyboard_interrupt():
+            for p in todo:
+                bar.set_postfix_str(p.cfg.name)
+                rec = sw.run_one(p, dev, out, cap, timeout_s, fallback)
+                recs.append(rec)
+                bar.write(_progress_line(rec), file=sys.stderr)
+                bar.update(1)
+    except sw.SweepInterrupted as exc:
+        bar.close()
+        typer.echo(f"memplan: interrupted during {exc}: {len(recs)} finished record(s) kept in {out}; rerun with "
+                   "--resume to continue", err=True)
+        return 130
+    bar.close()
+    ids = {p.record_id for p in selected}
+    rows = [reconcile.compare(r) for r in iter_records(out) if r.get("record_id") in ids]
+    if fmt is Format.json:
+        typer.echo(render.to_json({"results": str(out), "rows": rows, "summary": reconcile.summarize(rows)}))
+    elif fmt is Format.csv:
+        typer.echo(render.to_csv(rows), nl=False)
+    else:
+        typer.echo(reconcile.table(rows, reconcile.summarize(rows)))
+        typer.echo(f"records: {out}", err=True)
+    return 0
+
+
+def _plan_device() -> str:
+    """--plan without --device: what the sweep would run on, without requiring a GPU to print a plan."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _progress_line(rec: dict) -> str:
+    from memplan.measure.reconcile import fmt_bytes
+
+    if rec["status"] == "ok":
+        m = rec["measured"]
+        return (f"{rec['name']}: ok, allocated {fmt_bytes(m['peak']['allocated_bytes'])}, "
+                f"{m['tokens_per_s']:,.0f} tokens/s")
+    return f"{rec['name']}: {rec['status']} in {rec['failed_phase'] or '?'}: {rec['error']}"
+
+
+def _print_plan(planned, selected, fmt: Format, limit: float) -> None:
+    from memplan import render
+    from memplan.measure.reconcile import fmt_bytes
+
+    rows = []
+    for p in selected:
+        e = p.estimate
+        rows.append({"chunk": p.chunk, "name": p.cfg.name, "model": p.spec.name, "params": e.total_params,
+                     "precision": p.setup.precision.value, "peft": p.setup.peft.value,
+                     "checkpointing": p.setup.checkpointing.value, "attention": p.setup.attention.value,
+                     "batch": p.setup.batch, "seq": p.setup.seq, "est_allocated_bytes": e.peak.allocated_bytes,
+                     "est_device_bytes": e.peak.device_bytes, "fits": e.fits, "expect": p.cfg.expect,
+                     "est_minutes": round(p.minutes, 2), "record_id": p.record_id})
+    if fmt is Format.json:
+        typer.echo(render.to_json(rows))
+        return
+    if fmt is Format.csv:
+        typer.echo(render.to_csv(rows), nl=False)
+        return
+    for r in rows:
+        fit = {True: "fits", False: "no fit", None: ""}[r["fits"]]
+        typer.echo(f"{r['chunk']:>3}  {r['name']:<40}{fmt_bytes(r['est_device_bytes']):>12}  {fit:<7}"
+                   f"{(r['expect'] or ''):<5}{r['est_minutes']:>6.1f} min")
+    chunks = sorted({p.chunk for p in planned})
+    per = {c: sum(p.minutes for p in planned if p.chunk == c) for c in chunks}
+    typer.echo(f"{len(planned)} configurations in {len(chunks)} chunks of ≤ {limit:g} min: " +
+               ", ".join(f"{c}: {m:.1f}" for c, m in per.items()))
+
+
+@app.command("reconcile")
+def reconcile_cmd(
+    results: Annotated[list[str], typer.Argument(help="JSON Lines results files (memplan measure records).")],
+    fmt: FormatOpt = Format.table,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Exit 1 when any ok record's |error| at "
+                                                       "--level exceeds PCT percent.")] = None,
+    level: Annotated[Level, typer.Option("--level", help="Level --max-error applies to.")] = Level.allocated,
+    estimate: Annotated[EstimateSource, typer.Option("--estimate", help="current: recompute with this memplan's "
+                                                     "estimator; recorded: the estimate stored in each record.")]
+    = EstimateSource.current,
+):
+    """Estimate vs measured per configuration: each level, phase and category, absolute and % error, and a summary
+    (median, max, by feature).
+
+    Example: memplan reconcile reports/measurements/h100-sxm/*.jsonl --max-error 5
+    """
+    from memplan import render
+    from memplan.measure import reconcile as rc
+    from memplan.measure.record import load_records
+
+    if max_error is not None and max_error < 0:
+        raise MemplanError("--max-error must be ≥ 0")
+    recs = load_records(results)
+    if not recs:
+        raise MemplanError(f"no records in {', '.join(results)}")
+    rows = [rc.compare(r, estimate.value) for r in recs]
+    summary = rc.summarize(rows)
+    if fmt is Format.json:
+        typer.echo(render.to_json({"rows": rows, "summary": summary}))
+    elif fmt is Format.csv:
+        typer.echo(render.to_csv(rows), nl=False)
+    else:
+        typer.echo(rc.table(rows, summary))
+    if max_error is not None:
+        w = rc.worst(rows, level.value)
+        if w is not None and abs(w[f"err_{level.value}_pct"]) > max_error:
+            typer.echo(f"memplan: {level.value} error {w[f'err_{level.value}_pct']:+.2f}% on "
+                       f"{w['name'] or w['model']} exceeds --max-error {max_error:g}%", err=True)
+            return 1
+    return 0

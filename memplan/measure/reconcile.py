@@ -1,0 +1,142 @@
+"""Estimate against measurement, per record: each memory level, each phase's allocated peak, each category (where
+the measuring tier attributes bytes: the CPU tracker), absolute and relative error; a summary (median and max
+|error| per level, and by feature); the rows behind `memplan reconcile`. Pure Python (no torch).
+
+error = estimate − measured (bytes); error % = 100 · (estimate − measured) / measured: positive means memplan
+over-estimates. By default the estimate is recomputed with the current estimator (`estimate="current"`), so
+old records keep testing new code; `estimate="recorded"` uses the estimate stored in the record when it was made.
+"""
+from __future__ import annotations
+
+import statistics
+
+from memplan.categories import ALLOCATED_CATEGORIES, Phase
+from memplan.errors import MemplanError
+
+LEVELS = ("allocated", "reserved", "device")
+FEATURES = ("precision", "peft", "checkpointing", "attention", "optimizer")
+
+
+def current_estimate(rec: dict) -> dict:
+    """The current estimator's Result.to_dict() for a record's model, setup and GPU profile."""
+    from memplan.api import resolve_gpu, resolve_model
+    from memplan.estimate import estimate_spec
+    from memplan.measure.record import setup_from_dict
+
+    gpu = (rec.get("gpu") or {}).get("profile")
+    return estimate_spec(resolve_model(rec["model"]), setup_from_dict(rec["setup"]),
+                         resolve_gpu(gpu) if gpu else None).to_dict()
+
+
+def _err(est, meas):
+    if est is None or meas is None:
+        return None, None
+    return est - meas, (100.0 * (est - meas) / meas if meas else None)
+
+
+def compare(rec: dict, estimate: str = "current") -> dict:
+    """One flat row: setup features, status, and estimate / measured / error per level, phase and category."""
+    s = rec.get("setup") or {}
+    row = {"name": rec.get("name"), "model": rec.get("model"), "record_id": rec.get("record_id"),
+           "device": rec.get("device"), "gpu": (rec.get("gpu") or {}).get("profile"), "status": rec.get("status"),
+           "failed_phase": rec.get("failed_phase"), **{f: s.get(f) for f in FEATURES},
+           "batch": s.get("batch"), "seq": s.get("seq"), "note": None}
+    try:
+        est = current_estimate(rec) if estimate == "current" else rec.get("estimate")
+    except MemplanError as exc:
+        est, row["note"] = None, f"estimate failed: {exc}"
+    if est is None and row["note"] is None:
+        row["note"] = "no estimate in the record"
+    m = rec.get("measured") or {}
+    mp = m.get("peak") or {}
+    ep = (est or {}).get("peak") or {}
+    for lv in LEVELS:
+        e, x = ep.get(f"{lv}_bytes"), mp.get(f"{lv}_bytes")
+        row[f"est_{lv}_bytes"], row[f"meas_{lv}_bytes"] = e, x
+        row[f"err_{lv}_bytes"], row[f"err_{lv}_pct"] = _err(e, x)
+    row["est_peak_phase"], row["meas_peak_phase"] = ep.get("phase"), mp.get("phase")
+    phases = m.get("phases") or {}
+    for p in Phase:
+        e = ((est or {}).get("phase_peaks") or {}).get(p.value)
+        x = (phases.get(p.value) or {}).get("peak_allocated_bytes")
+        row[f"est_{p.value}_bytes"], row[f"meas_{p.value}_bytes"] = e, x
+        row[f"err_{p.value}_pct"] = _err(e, x)[1]
+    cats = m.get("categories")
+    if cats:
+        for c in ALLOCATED_CATEGORIES:
+            e = ((est or {}).get("categories") or {}).get(c.value)
+            row[f"est_{c.value}_bytes"], row[f"meas_{c.value}_bytes"] = e, cats.get(c.value)
+            row[f"err_{c.value}_bytes"] = _err(e, cats.get(c.value))[0]
+    if est is not None and "fits" in est:
+        row["est_fits"] = est["fits"]
+        row["fit_agrees"] = None if row["status"] == "error" else (est["fits"] == (row["status"] == "ok"))
+    row["tokens_per_s"] = m.get("tokens_per_s")
+    row["mfu"] = m.get("mfu")
+    return row
+
+
+def _stats(vals: list[float]) -> dict:
+    a = [abs(v) for v in vals]
+    return {"n": len(vals), "median_abs_pct": statistics.median(a) if a else None, "max_abs_pct": max(a) if a else None,
+            "mean_pct": statistics.fmean(vals) if vals else None}
+
+
+def summarize(rows: list[dict]) -> dict:
+    ok = [r for r in rows if r["status"] == "ok"]
+    out = {"records": len(rows), "ok": len(ok), "oom": sum(r["status"] == "oom" for r in rows),
+           "error": sum(r["status"] == "error" for r in rows), "levels": {}, "by_feature": {}}
+    for lv in LEVELS:
+        out["levels"][lv] = _stats([r[f"err_{lv}_pct"] for r in ok if r.get(f"err_{lv}_pct") is not None])
+    for f in FEATURES:
+        groups: dict = {}
+        for r in ok:
+            if r.get("err_allocated_pct") is not None:
+                groups.setdefault(str(r.get(f)), []).append(r["err_allocated_pct"])
+        out["by_feature"][f] = {k: _stats(v) for k, v in sorted(groups.items())}
+    fits = [r for r in rows if r.get("fit_agrees") is not None]
+    if fits:
+        out["fit_agreement"] = {"n": len(fits), "agree": sum(bool(r["fit_agrees"]) for r in fits)}
+    return out
+
+
+def worst(rows: list[dict], level: str = "allocated") -> dict | None:
+    """The ok record with the largest |error %| at `level`."""
+    cand = [r for r in rows if r["status"] == "ok" and r.get(f"err_{level}_pct") is not None]
+    return max(cand, key=lambda r: abs(r[f"err_{level}_pct"]), default=None)
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 2**20:.1f} MiB" if abs(n) < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def fmt_pct(x) -> str:
+    return "–" if x is None else f"{x:+.1f}%"
+
+
+def table(rows: list[dict], summary: dict) -> str:
+    head = f"{'name':<34}{'status':<8}" + "".join(f"{lv + ' est':>14}{'measured':>12}{'err':>8}" for lv in LEVELS) \
+        + f"  {'peak phase est/meas'}"
+    lines = [head]
+    for r in rows:
+        label = (r["name"] or r["model"] or "?")[:33]
+        status = r["status"] + (f"@{r['failed_phase']}" if r["failed_phase"] else "")
+        cells = "".join(f"{fmt_bytes(r[f'est_{lv}_bytes']):>14}{fmt_bytes(r[f'meas_{lv}_bytes']):>12}"
+                        f"{fmt_pct(r[f'err_{lv}_pct']):>8}" for lv in LEVELS)
+        lines.append(f"{label:<34}{status[:14]:<8}{cells}  {r['est_peak_phase'] or '–'}/{r['meas_peak_phase'] or '–'}"
+                     + (f"  ({r['note']})" if r["note"] else ""))
+    lines.append(f"{summary['records']} records: {summary['ok']} ok, {summary['oom']} did not fit, "
+                 f"{summary['error']} failed")
+    for lv, st in summary["levels"].items():
+        if st["n"]:
+            lines.append(f"  {lv:<10} |error| median {st['median_abs_pct']:.2f}%  max {st['max_abs_pct']:.2f}%  "
+                         f"mean {st['mean_pct']:+.2f}%  (n={st['n']})")
+    for f, groups in summary["by_feature"].items():
+        if len(groups) > 1:
+            lines.append(f"  allocated by {f}: " + ", ".join(
+                f"{k} {g['median_abs_pct']:.1f}%/{g['max_abs_pct']:.1f}% (n={g['n']})" for k, g in groups.items()))
+    if "fit_agreement" in summary:
+        fa = summary["fit_agreement"]
+        lines.append(f"  fit / did-not-fit predicted correctly for {fa['agree']} of {fa['n']}")
+    return "\n".join(lines)
