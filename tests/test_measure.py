@@ -22,13 +22,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import memplan  # noqa: E402
-from memplan.api import make_setup, resolve_model  # noqa: E402
+from memplan.api import make_setup  # noqa: E402
 from memplan.cli import main  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.measure import harness, memory, record, sweep  # noqa: E402
-from memplan.measure.flops_basic import matmul_params, model_flops_per_token  # noqa: E402
+from memplan.estimate.flops import flops_per_token  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
-from memplan.spec.model import TensorKind  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -88,7 +87,7 @@ def test_record_has_every_schema_field(cpu_record):
     assert len(m["step_time_s"]["all"]) == 2 and m["step_time_s"]["min"] > 0
     assert m["tokens_per_s"] == pytest.approx(2 * 128 / sum(m["step_time_s"]["all"]))
     assert m["mfu"] is None and m["peak_tflops"] is None  # no GPU profile on the CPU
-    assert m["model_flops_per_token"] == model_flops_per_token(SPEC, make_setup(batch=2, seq=64))
+    assert m["model_flops_per_token"] == flops_per_token(SPEC, make_setup(batch=2, seq=64)).model
     marks = [l["mark"] for l in m["layers"]]
     assert marks[:4] == ["embed", "block0", "block1", "final_norm"] and "block0.backward" in marks
     assert set(record.ENV_FIELDS) <= set(rec["env"]) and rec["env"]["torch"] == metadata.version("torch")
@@ -328,6 +327,29 @@ def test_reconcile_formats_and_max_error(cpu_record, tmp_path, capsys):
     assert rc == 2 and err.startswith("memplan: error: results file not found")
 
 
+def test_reconcile_compares_predicted_and_measured_speed(cpu_record, tmp_path, capsys):
+    """A record from a profiled GPU gets memplan.throughput's prediction beside its measured tokens/s; a CPU
+    record none (memplan predicts GPU speed only). The GPU record is the CPU one relabelled: an input to the
+    comparison, its numbers are not GPU results."""
+    from memplan.throughput import predict
+
+    rec, path, _ = cpu_record
+    gpu = json.loads(json.dumps(rec))
+    gpu.update(record_id="gpu", name="as-if-h100", device="cuda",
+               gpu={"name": "NVIDIA H100 80GB HBM3", "profile": "h100-sxm", "memory_bytes": 85520809984})
+    gpu["measured"]["tokens_per_s"] = 1000.0
+    p2 = tmp_path / "gpu.jsonl"
+    record.append_record(p2, gpu)
+    rc, out, _ = run_cli(["reconcile", str(path), str(p2), "-f", "json"], capsys)
+    data = json.loads(out)
+    rows = {r["name"]: r for r in data["rows"]}
+    want = predict(memplan.api.resolve_model(rec["model"]), memplan.api.setup_from_dict(rec["setup"]),
+                   memplan.api.resolve_gpu("h100-sxm")).tokens_per_s
+    assert rc == 0 and rows["as-if-h100"]["pred_tokens_per_s"] == pytest.approx(want)
+    assert rows["as-if-h100"]["err_tokens_per_s_pct"] == pytest.approx(100 * (want - 1000.0) / 1000.0)
+    assert rows["tiny"]["pred_tokens_per_s"] is None and data["summary"]["tokens_per_s"]["n"] == 1
+
+
 # ---- bad input and faults -------------------------------------------------------------------------------------
 def test_unwritable_results_fail_before_any_work(tiny_config, tmp_path, monkeypatch, capsys):
     def boom(*a, **k):
@@ -482,23 +504,6 @@ def test_setup_flags_round_trip_through_the_cli_parser(cfg):
     names = {p.name for p in __import__("memplan.cli", fromlist=["SETUP_OPTIONS"]).SETUP_OPTIONS}
     _, _, setup = setup_from_options({k: v for k, v in ctx.params.items() if k in names})
     assert setup == make_setup(**cfg)
-
-
-def test_flops_per_token_is_6n_plus_attention_for_full_fine_tuning():
-    """PaLM appendix B / Megatron-LM: 6·N + 12·L·s·d_q per token for full training; N = the matmul weights."""
-    for name in ("llama-3.1-8b", "qwen2.5-0.5b"):
-        spec = resolve_model(name)
-        # every parameter that is not a norm is a matmul weight, the (tied) embedding counted once as the head;
-        # the untied 8B model's input embedding is a lookup, not a matmul
-        norms = sum(t.numel * t.count for t in spec.tensors if t.kind is TensorKind.NORM_WEIGHT)
-        emb = 0 if spec.tie_embeddings else spec.vocab * spec.hidden
-        biases = sum((l.numel - l.weight_numel) * l.count for l in spec.linears)  # qwen2's q/k/v biases
-        assert matmul_params(spec) == spec.total_params - norms - emb - biases
-        setup = make_setup(seq=2048)
-        n = matmul_params(spec)
-        assert model_flops_per_token(spec, setup) == 6 * n + 12 * spec.layers * 2048 * spec.q_dim
-        lora = make_setup(seq=2048, peft="lora")
-        assert model_flops_per_token(spec, lora, 10**6) == 4 * n + 2 * 10**6 + 12 * spec.layers * 2048 * spec.q_dim
 
 
 def test_measure_modules_import_without_torch():

@@ -189,7 +189,7 @@ def _inside_block(j, model, setup, groups, ms: ModelStates, acts: Activations, b
     block, pending = (p.block * scale, p.pending_qkv * scale) if trains else (0, 0)
     ckpt = setup.checkpointing is Checkpointing.FULL
     # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
-    held = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] if ckpt else 0)
+    held = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if ckpt else 0)
     made = ms.gradients - late
     plain = {**base, C.GRADIENTS: int(max(made - block, 0)), C.ACTIVATIONS: held + acts.full_per_block[j],
              C.TEMPORARIES: int(tied_wait) + block_casts // max(model.blocks, 1) + extra}
@@ -300,12 +300,15 @@ def _backward(model, setup, groups, ms: ModelStates, acts: Activations, h: _Held
     # nearly every gradient made: live bytes fall or grow linearly in between, so the two ends bound them
     # (the loss's, the head's and the final norm's saved tensors are freed by then)
     in_blocks = sum(acts.per_block) + acts.early
-    first_blk = {**base, C.GRADIENTS: head_g, C.ACTIVATIONS: in_blocks + (acts.recompute if ckpt else 0),
+    # the recomputation saves the checkpoint's input again: one storage
+    rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
+    first_blk = {**base, C.GRADIENTS: head_g, C.ACTIVATIONS: in_blocks + rec,
                  C.TEMPORARIES: held + head_wait}
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         at = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
-        first_blk = _largest(first_blk, {**first_blk, C.ACTIVATIONS: in_blocks + (at if ckpt else at - last),
+        own = at - acts.input_saved[-1] if ckpt else at - last
+        first_blk = _largest(first_blk, {**first_blk, C.ACTIVATIONS: in_blocks + own,
                                          C.TEMPORARIES: first_blk[C.TEMPORARIES] + acts.bwd_transient})
     last_blk = _last_block(model, setup, groups, ms, acts, base, h.half - h.half_outside, h.deq + h.z_b)
     end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0,

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
-from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
 
 # transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
 # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·pow(x, 3)))) saves pow's input, tanh's output, 0.5·x and (1 + tanh);
@@ -182,9 +182,9 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add(v_key, v_b)
         s.add("attn_out", c * model.q_dim)
         s.add("lse", 4 * model.heads)
-    o = b.linear(L[Role.O], ("attn_out", c))
-    if ctx.dropout and b.dropout("attn_drop", h, model.dropout):
-        pass
+    b.linear(L[Role.O], ("attn_out", c))
+    if ctx.dropout:
+        b.dropout("attn_drop", h, model.dropout)
     if cross:
         x2 = b.norm("ln_cross", resid, h, rms)
         b.linear(L[Role.CROSS_Q], x2)
@@ -321,6 +321,7 @@ class Activations:
     at_softmax_bwd: tuple[int, ...] = ()  # of full_per_block, what is still saved when its softmax backward runs
     early: int = 0  # of `outside`, what the embeddings save before the first block (alive to the end of backward)
     loss: int = 0  # of `outside`, what the loss saves (freed first in backward)
+    input_saved: tuple[int, ...] = ()  # of full_per_block, the block's own input (one storage with a checkpoint's)
 
     @property
     def total(self) -> int:
@@ -331,12 +332,13 @@ class Activations:
 @lru_cache(maxsize=8192)
 def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, selective: bool) -> dict:
     """{"all": (bytes per token, bytes per token per key position) one block saves, "softmax" / "attention":
-    the same for what is saved up to its softmax / before its MLP}; cached, the walk is the slow part."""
+    the same for what is saved up to its softmax / before its MLP, "input": the block's input among them (the
+    tensor a checkpoint holds, saved again by the recomputation)}; cached, the walk is the slow part."""
     saved = block_saved(model, ctx, stack, cross)
     if selective:  # selective recomputation drops the attention core's s² tensors
         saved.sq.clear()
         saved.marks = {k: (lin, 0) for k, (lin, _) in saved.marks.items()}
-    out = {"all": (sum(saved.lin.values()), sum(saved.sq.values()))}
+    out = {"all": (sum(saved.lin.values()), sum(saved.sq.values())), "input": (saved.lin.get("resid", 0), 0)}
     return {**{k: saved.marks.get(k, out["all"]) for k in ("softmax", "attention")}, **out}
 
 
@@ -365,7 +367,7 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     first_trained = model.blocks - keep
     per: list[dict] = []  # each block's _block_bytes, first to last
     idx = 0
-    none = dict.fromkeys(("all", "softmax", "attention"), 0)
+    none = dict.fromkeys(("all", "softmax", "attention", "input"), 0)
     for stack, n, cross in _stacks(model):
         trained = max(0, min(n, idx + n - first_trained))  # how many of this stack's blocks train
         frozen_n = n - trained
@@ -378,9 +380,10 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         idx += n
     if peft is PeftMethod.ADAPTER and per:
         # nothing before the first block's attention adapter needs a gradient: its attention saves nothing
-        per[0] = {"all": per[0]["all"] - per[0]["attention"], "softmax": 0, "attention": 0}
+        per[0] = {"all": per[0]["all"] - per[0]["attention"], "softmax": 0, "attention": 0, "input": 0}
     blocks = [b["all"] for b in per]
     pre = [b["softmax"] for b in per]
+    inputs = tuple(b["input"] for b in per)
     outside = _outside_bytes(model, setup)
     early = _embedding_saved(model, setup) * setup.model_tokens
     loss = _loss_saved(model, setup) * setup.model_tokens
@@ -389,8 +392,8 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     tr = _bwd_transient(model, setup)
     if setup.checkpointing is Checkpointing.FULL:
         return Activations(tuple(block_input if b else 0 for b in blocks), outside, block_input, recompute,
-                           tuple(blocks), tr, tuple(pre), early, loss)
-    return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss)
+                           tuple(blocks), tr, tuple(pre), early, loss, inputs)
+    return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss, inputs)
 
 
 def _bwd_transient(model: ModelSpec, setup: TrainingSetup) -> int:
@@ -416,9 +419,8 @@ def _embedding_saved(model: ModelSpec, setup: TrainingSetup) -> int:
 
 
 def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
-    """Per micro-batch: token ids, embedding dropout, final norm, LM head input, and the fp32 log-softmax
-    output the loss saves (transformers upcasts logits to fp32 before cross_entropy)."""
-    h, v = model.hidden, model.vocab
+    """Per micro-batch: token ids, embedding dropout, final norm, LM head input, and what the loss saves."""
+    h = model.hidden
     p = setup.precision
     c, r = p.compute_bytes, (4 if p.autocast else p.param_bytes)
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)

@@ -10,6 +10,5 @@ timing.py    CUDA events / perf_counter
 record.py    the JSON Lines record (schema_version 1), environment capture, atomic append, schema upgrades
 sweep.py     sweep / suite files, chunking, a fresh subprocess per configuration, --resume
 reconcile.py estimate vs measured rows and summaries
-flops_basic.py  model FLOPs per token for MFU
 Nothing here imports torch at import time.
 """

@@ -282,7 +282,7 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
            fmt) -> int:
     from memplan import render
     from memplan.measure import reconcile, sweep as sw
-    from memplan.measure.record import capture_env, check_writable, finished_ids, iter_records, make_record, now
+    from memplan.measure.record import capture_env, check_writable, finished_ids, iter_records, make_record
 
     suite = sw.load_sweep(path)
     dev = resolve_device(device) if not plan or device is not Device.auto else _plan_device()

@@ -41,7 +41,7 @@ from typing import Callable
 
 from memplan.categories import Phase
 from memplan.errors import MemplanError
-from memplan.measure.flops_basic import mfu, model_flops_per_token
+from memplan.estimate.flops import flops_per_token
 from memplan.measure.timing import CpuClock, CudaClock, summarize
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Attention, Checkpointing, Optimizer, PeftMethod, TrainingSetup
@@ -312,8 +312,15 @@ def _run_steps(loop, book: PhaseBook, clock, batches: Callable[[int], tuple[dict
             after_first()
 
 
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation against a dense peak (TFLOPS); None without a peak."""
+    if not peak_tflops or peak_tflops <= 0:
+        return None
+    return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+
+
 def _throughput(spec, setup, trainable: int, times: list[float], tokens: list[int], peak_tflops):
-    fpt = model_flops_per_token(spec, setup, trainable)
+    fpt = flops_per_token(spec, setup).model  # model FLOPs (no recomputation): the MFU numerator
     tps = sum(tokens) / sum(times) if times and sum(times) > 0 else 0.0
     return {"steps": len(times), "tokens_per_step": int(round(sum(tokens) / len(tokens))) if tokens else 0,
             "step_time_s": summarize(times), "tokens_per_s": tps, "model_flops_per_token": fpt,

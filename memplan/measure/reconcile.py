@@ -19,9 +19,8 @@ FEATURES = ("precision", "peft", "checkpointing", "attention", "optimizer")
 
 def current_estimate(rec: dict) -> dict:
     """The current estimator's Result.to_dict() for a record's model, setup and GPU profile."""
-    from memplan.api import resolve_gpu, resolve_model
+    from memplan.api import resolve_gpu, resolve_model, setup_from_dict
     from memplan.estimate import estimate_spec
-    from memplan.measure.record import setup_from_dict
 
     gpu = (rec.get("gpu") or {}).get("profile")
     return estimate_spec(resolve_model(rec["model"]), setup_from_dict(rec["setup"]),
@@ -72,6 +71,12 @@ def compare(rec: dict, estimate: str = "current") -> dict:
         row["fit_agrees"] = None if row["status"] == "error" else (est["fits"] == (row["status"] == "ok"))
     row["tokens_per_s"] = m.get("tokens_per_s")
     row["mfu"] = m.get("mfu")
+    # predicted speed (memplan.throughput) for records measured on a profiled GPU; none for CPU records
+    from memplan.throughput import throughput_comparison
+
+    tc = throughput_comparison([rec])
+    pred = tc[0]["predicted_tokens_per_s"] if tc else None
+    row["pred_tokens_per_s"], row["err_tokens_per_s_pct"] = pred, _err(pred, row["tokens_per_s"])[1]
     return row
 
 
@@ -93,6 +98,9 @@ def summarize(rows: list[dict]) -> dict:
             if r.get("err_allocated_pct") is not None:
                 groups.setdefault(str(r.get(f)), []).append(r["err_allocated_pct"])
         out["by_feature"][f] = {k: _stats(v) for k, v in sorted(groups.items())}
+    speed = [r["err_tokens_per_s_pct"] for r in ok if r.get("err_tokens_per_s_pct") is not None]
+    if speed:
+        out["tokens_per_s"] = _stats(speed)
     fits = [r for r in rows if r.get("fit_agrees") is not None]
     if fits:
         out["fit_agreement"] = {"n": len(fits), "agree": sum(bool(r["fit_agrees"]) for r in fits)}
@@ -136,6 +144,10 @@ def table(rows: list[dict], summary: dict) -> str:
         if len(groups) > 1:
             lines.append(f"  allocated by {f}: " + ", ".join(
                 f"{k} {g['median_abs_pct']:.1f}%/{g['max_abs_pct']:.1f}% (n={g['n']})" for k, g in groups.items()))
+    if "tokens_per_s" in summary:
+        st = summary["tokens_per_s"]
+        lines.append(f"  tokens/s predicted vs measured: |error| median {st['median_abs_pct']:.1f}%  "
+                     f"max {st['max_abs_pct']:.1f}%  (n={st['n']})")
     if "fit_agreement" in summary:
         fa = summary["fit_agreement"]
         lines.append(f"  fit / did-not-fit predicted correctly for {fa['agree']} of {fa['n']}")

@@ -239,18 +239,3 @@ def make_record(*, name: str | None, model: str, setup: dict, device: str, steps
         rec["warnings"] = list(warnings)
     return rec
 
-
-def setup_from_dict(d: dict):
-    """The TrainingSetup a record's `setup` (TrainingSetup.to_dict()) describes."""
-    from memplan.api import make_setup
-
-    kw = dict(d)
-    lora = kw.pop("lora", None) or {}
-    for src, dst in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("targets", "lora_targets"),
-                     ("double_quant", "double_quant")):
-        if src in lora:
-            kw[dst] = lora[src]
-    try:
-        return make_setup(**kw)
-    except TypeError as exc:
-        raise MemplanError(f"record setup is malformed: {exc}") from None

@@ -213,14 +213,10 @@ class Planned:
 
 def estimated_seconds(spec, setup, steps: int, warmup: int, gpu) -> float:
     """WORKER_START_S + (warmup + steps + 1 probe) steps at ASSUMED_MFU of the GPU's dense peak (1 TFLOPS, i.e. a
-    pessimistic CPU-class guess, without a GPU profile). Checkpointing adds a forward: × 4/3."""
-    from memplan.estimate import estimate_spec
-    from memplan.measure.flops_basic import model_flops_per_token
+    pessimistic CPU-class guess, without a GPU profile), recomputation under checkpointing included."""
+    from memplan.estimate.flops import flops_per_token
 
-    trainable = estimate_spec(spec, setup).trainable_params
-    flops = model_flops_per_token(spec, setup, trainable) * setup.tokens * setup.grad_accum
-    if setup.checkpointing.value == "full":
-        flops *= 4 / 3
+    flops = flops_per_token(spec, setup).hardware * setup.tokens * setup.grad_accum
     peak = gpu.peak_tflops(compute_dtype_key(setup)) if gpu is not None else 1.0
     step_s = flops / (peak * 1e12 * ASSUMED_MFU)
     return WORKER_START_S + (warmup + steps + 1) * step_s

@@ -147,7 +147,7 @@ def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
         except MemplanError as exc:
             est, how = rec.get("estimate") or None, "record" if rec.get("estimate") else "none"
             notes.append(f"not re-estimated: {exc}")
-        label = rec.get("name") or f"{rec['model']} {rec.get('record_id', '')[:8]}".strip()
+        label = rec.get("name") or f"{rec['model']} {(rec.get('record_id') or '')[:8]}".strip()
         out.append(Entry(name=_unique(str(label), seen), model=str(rec["model"]), source=source, estimate=est,
                          estimate_from=how, record=rec, gpu=g.name if g else None, notes=tuple(notes)))
     return out
