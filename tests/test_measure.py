@@ -170,17 +170,17 @@ def test_phase_book_keeps_each_phase_peak_over_the_counted_steps():
 
 
 def test_cuda_loop_and_materialize_run_on_the_cpu_too():
-    """CudaTrainLoop (device-side loss scaler) and materialize_on, driven with device="cpu": the plumbing the GPU
+    """CudaTrainLoop (device-side loss scaler) and materialize(device=...), driven with device="cpu": the plumbing the GPU
     path uses, minus CUDA itself (autocast("cuda") disables itself without a GPU)."""
     import warnings
 
     from memplan.categories import Phase
     from memplan.measure.timing import CpuClock
-    from memplan.trace.build import build
+    from memplan.trace.build import build, materialize
 
     setup = make_setup(precision="fp16", batch=2, seq=16)
     built = build(SPEC, setup)
-    harness.materialize_on(built.model, "cpu")
+    materialize(built.model, True, device="cpu")
     harness._rotary_buffers_on(built.model, "cpu")
     assert all(p.device.type == "cpu" for p in built.model.parameters())
     book = harness.PhaseBook(CpuClock(), None, None, instrument=False, phase_log=False)

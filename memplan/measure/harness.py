@@ -458,39 +458,6 @@ def _phase_times(book: PhaseBook) -> dict:
 
 
 # ---- CUDA -------------------------------------------------------------------------------------------------------
-def materialize_on(model, device, init_values: bool = True) -> None:
-    """memplan.trace.build.materialize with a device: every meta parameter / buffer / tensor attribute gets a storage
-    on `device` (ties kept), filled N(0, 0.02) (integers zero) so the step computes finite numbers."""
-    import torch
-    import torch.nn as nn
-
-    memo: dict[int, torch.Tensor] = {}
-
-    def new(t):
-        if id(t) not in memo:
-            x = torch.empty(t.shape, dtype=t.dtype, device=device)
-            if init_values:
-                with torch.no_grad():
-                    x.normal_(0.0, 0.02) if x.is_floating_point() else x.zero_()
-            if isinstance(t, nn.Parameter):
-                x = nn.Parameter(x, requires_grad=t.requires_grad)
-            memo[id(t)] = x
-        return memo[id(t)]
-
-    for mod in model.modules():
-        for store in (mod._parameters, mod._buffers):
-            for k, t in list(store.items()):
-                if t is not None and t.device.type == "meta":
-                    store[k] = new(t)
-        for k, v in list(vars(mod).items()):
-            if isinstance(v, torch.Tensor) and v.device.type == "meta":
-                setattr(mod, k, new(v))
-            elif isinstance(v, dict) and not k.startswith("_"):  # e.g. peft's prompt_tokens per adapter
-                for kk, vv in list(v.items()):
-                    if isinstance(vv, torch.Tensor) and vv.device.type == "meta":
-                        v[kk] = new(vv)
-
-
 def _rotary_buffers_on(model, device) -> None:
     """Non-persistent buffers the modeling code computes at construction (rotary inv_freq) were made on the meta
     device and materialized as random numbers; recompute them where the module says how (transformers' rotary
@@ -523,12 +490,12 @@ def _rotary_buffers_on(model, device) -> None:
 
 def _build_cuda(spec, setup, device):
     """The model on the GPU: memplan.trace.build (meta) then materialize there; QLoRA through bitsandbytes."""
-    from memplan.trace.build import build
+    from memplan.trace.build import build, materialize
 
     if setup.peft is PeftMethod.QLORA:
         return _build_qlora_cuda(spec, setup, device)
     built = build(spec, setup)
-    materialize_on(built.model, device)
+    materialize(built.model, True, device=device)
     _rotary_buffers_on(built.model, device)
     return built
 
@@ -547,7 +514,7 @@ def _build_qlora_cuda(spec, setup, device):
     import torch.nn as nn
     import transformers
 
-    from memplan.trace.build import Built, _from_config, _peft_config, dtypes, find_blocks, hf_config
+    from memplan.trace.build import Built, _from_config, _peft_config, dtypes, find_blocks, hf_config, materialize
 
     config = hf_config(spec, setup)
     param_dtype, compute_dtype = dtypes(setup.precision)
@@ -582,7 +549,7 @@ def _build_qlora_cuda(spec, setup, device):
             if q.bias is not None:
                 q.bias.requires_grad_(False)
             setattr(parent, name, q)
-    materialize_on(base, device)
+    materialize(base, True, device=device)
     _rotary_buffers_on(base, device)
     blocks = find_blocks(base)
     base.is_loaded_in_4bit = True  # as transformers' bitsandbytes quantizer marks it: peft then wraps Linear4bit

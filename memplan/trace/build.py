@@ -240,15 +240,15 @@ def _build(spec: ModelSpec, setup: TrainingSetup) -> Built:
     return Built(model, base, blocks, param_dtype, compute_dtype, trainable, total, notes)
 
 
-def materialize(model: nn.Module, init_values: bool) -> list[torch.Tensor]:
-    """Give every meta parameter / buffer / tensor attribute a CPU storage (fake under FakeTensorMode), keeping
-    ties. With init_values (real tensors), fill them so the real step computes finite numbers.
-    Returns the new parameters and buffers."""
+def materialize(model: nn.Module, init_values: bool, device="cpu") -> list[torch.Tensor]:
+    """Give every meta parameter / buffer / tensor attribute a storage on `device` (fake under FakeTensorMode;
+    the measure tier passes the GPU), keeping ties. With init_values (real tensors), fill them N(0, 0.02)
+    (integers zero) so the real step computes finite numbers. Returns the new parameters and buffers."""
     memo: dict[int, torch.Tensor] = {}
 
     def new(t):
         if id(t) not in memo:
-            x = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            x = torch.empty(t.shape, dtype=t.dtype, device=device)
             if init_values:
                 with torch.no_grad():
                     x.normal_(0.0, 0.02) if x.is_floating_point() else x.zero_()
