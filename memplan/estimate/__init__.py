@@ -151,6 +151,8 @@ class _GradParts:
     tied_wait: int  # a tied LM head's, waiting for the embedding's own
     block: int  # one trained block's
     pending_qkv: int  # ... of its query/key/value projections (made after its softmax backward)
+    head: tuple[int, int, int]  # _head_grad
+    params: tuple[int, int]  # (trainable, base) parameter counts
 
 
 _PARTS: dict = {}  # (id(groups), precision, peft, model) -> (groups, _GradParts), as weights.unsharded caches
@@ -171,7 +173,8 @@ def _grad_parts(model, groups, setup) -> _GradParts:
         late=sum(n for g, n in gb.items() if g.outside and _embedding_side(g.name)),
         tied_wait=sum(n for g, n in gb.items() if g.outside and g.matmul and _embedding_side(g.name)),
         block=sum(gb[g] // g.count for g in inner),  # one tensor of each trainable group per trained block
-        pending_qkv=sum(gb[g] // g.count for g in inner if g.name.startswith(qkv)))
+        pending_qkv=sum(gb[g] // g.count for g in inner if g.name.startswith(qkv)),
+        head=_head_grad(groups, setup), params=(trainable_params(groups), base_params(groups)))
     if len(_PARTS) > 4096:
         _PARTS.clear()
     _PARTS[key] = (groups, parts)
@@ -224,6 +227,7 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     u = unsharded(groups, setup)
     ms = model_states(u, setup)
     acts = activations(model, setup)
+    parts = _grad_parts(model, groups, setup)
     phases = _phases(model, setup, groups, u, ms, acts)
     phase, cats = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     allocated = sum(cats.values())
@@ -232,8 +236,8 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     cats = {**{c: 0 for c in C}, **cats, C.OVERHEAD: device - allocated}
     return Result(
         model=model.name, setup=setup, model_states=ms, categories=cats,
-        peak=Peak(allocated, reserved, device, phase), trainable_params=trainable_params(groups),
-        total_params=base_params(groups), phase_peaks={p: sum(c.values()) for p, c in phases.items()},
+        peak=Peak(allocated, reserved, device, phase), trainable_params=parts.params[0],
+        total_params=parts.params[1], phase_peaks={p: sum(c.values()) for p, c in phases.items()},
         gpu=gpu, warnings=tuple(warns),
     )
 
@@ -287,7 +291,7 @@ def _backward(model, setup, groups, ms: ModelStates, acts: Activations, h: _Held
     half_bwd = h.half_outside if ckpt else h.half
     held = half_bwd + h.deq + h.z_f
     start = {**base, C.GRADIENTS: h.accum_grads, C.ACTIVATIONS: acts.total, C.TEMPORARIES: held + loss_b}
-    head_g, head_wait, head_half = (h.accum_grads, 0, 0) if h.accum_grads else _head_grad(groups, setup)
+    head_g, head_wait, head_half = (h.accum_grads, 0, 0) if h.accum_grads else _grad_parts(model, groups, setup).head
     # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
     # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
     logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
