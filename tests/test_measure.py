@@ -64,6 +64,14 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
+def test_tokens_per_step_count_every_accumulated_micro_batch(tiny_config, tmp_path):
+    """An optimizer step under --grad-accum 3 trains on 3 micro-batches: tokens/s and MFU count all of them."""
+    out = tmp_path / "ga.jsonl"
+    assert main(["measure", "--model", tiny_config, *ARGS, "--grad-accum", "3", "--results", str(out)]) == 0
+    (rec,) = record.load_records(out)
+    assert rec["measured"]["tokens_per_step"] == 2 * 64 * 3  # --batch 2 --seq 64 (ARGS), 3 micro-batches
+
+
 # ---- the record ------------------------------------------------------------------------------------------------
 def test_record_has_every_schema_field(cpu_record):
     rec, _, stdout = cpu_record
@@ -195,7 +203,7 @@ def test_cuda_loop_and_materialize_run_on_the_cpu_too():
 
 # ---- did not fit / failures ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, phase, status", [("oom", "backward", "oom"), ("error", "forward", "error"),
-                                                 ("oom", "load", "oom")])
+                                                 ("oom", "load", "oom"), ("cuda-oom", "forward", "oom")])
 def test_injected_failure_is_recorded_with_its_phase(tiny_config, tmp_path, monkeypatch, capsys, kind, phase,
                                                      status):
     monkeypatch.setenv(harness.FAULT_ENV, f"*:{kind}:{phase}")

@@ -112,10 +112,15 @@ def check_environment(setup: TrainingSetup, opts: MeasureOptions) -> None:
     """What this machine must have installed for the setup (separate from check_measurable: a sweep plans its
     configurations anywhere, and a worker missing a library records an error for that configuration only)."""
     if opts.device == "cuda" and setup.peft is PeftMethod.QLORA:
+        from importlib import metadata
+
         try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise MemplanError("--peft qlora on CUDA needs bitsandbytes (pip install bitsandbytes)") from None
+            version = metadata.version("bitsandbytes")
+        except metadata.PackageNotFoundError:
+            raise MemplanError("--peft qlora on CUDA needs bitsandbytes (pip install 'bitsandbytes>=0.43')") from None
+        if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (0, 43):
+            # older Params4bit quantizes only on a CPU -> CUDA move, which the build here does not make
+            raise MemplanError(f"--peft qlora needs bitsandbytes >= 0.43, found {version}")
 
 
 # ---- faults (tests) ---------------------------------------------------------------------------------------------
@@ -137,6 +142,8 @@ def _fire(kind: str, phase: str) -> None:
 
     if kind == "oom":
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} in {phase})")
+    if kind == "cuda-oom":  # out of memory outside the caching allocator (a lazily loaded kernel module)
+        raise RuntimeError(f"CUDA error: out of memory (injected by {FAULT_ENV} in {phase})")
     if kind == "error":
         raise RuntimeError(f"injected error in {phase} ({FAULT_ENV})")
     if kind == "crash":
@@ -144,7 +151,7 @@ def _fire(kind: str, phase: str) -> None:
     if kind == "interrupt":
         os.kill(os.getppid(), signal.SIGINT)
         time.sleep(120)  # the sweep terminates this worker when it handles the interrupt
-    raise MemplanError(f"{FAULT_ENV}: unknown fault kind '{kind}' (oom, error, crash, interrupt)")
+    raise MemplanError(f"{FAULT_ENV}: unknown fault kind '{kind}' (oom, cuda-oom, error, crash, interrupt)")
 
 
 # ---- phase bookkeeping -------------------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ class PhaseBook:
     def step_times(self) -> None:
         """After the clock's sync: add the step's phase durations (counting steps only)."""
         seq, self._step_marks = self._step_marks, []
-        if not self.counting:
+        if not self.counting or self.marks_on:  # the per-layer probe step (hooks on) is not a timed one
             return
         for (ph, a), (_, b) in zip(seq, seq[1:]):
             if ph is not None:
@@ -346,7 +353,13 @@ def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tf
     except MemplanError:
         raise
     except Exception as exc:  # a failing step is a result of the sweep (recorded), not a crash of the tool
-        return Outcome("error", _phase_name(book), f"{type(exc).__name__}: {_one_line(exc)}")
+        # near capacity CUDA can also fail outside the caching allocator: a kernel module loaded lazily
+        # ("CUDA error: out of memory") or a cuBLAS handle (CUBLAS_STATUS_ALLOC_FAILED): did not fit as well
+        kind = "oom" if any(s in str(exc) for s in OOM_MESSAGES) else "error"
+        return Outcome(kind, _phase_name(book), f"{type(exc).__name__}: {_one_line(exc)}")
+
+
+OOM_MESSAGES = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def _phase_name(book: PhaseBook) -> str:
@@ -401,11 +414,11 @@ def _measure_cpu(spec, setup, opts, book: PhaseBook, clock) -> Outcome:
 
         def batches(i, offset=0):
             if fixed is not None:
-                return fixed, setup.batch * setup.seq
+                return fixed, setup.batch * setup.seq * setup.grad_accum
             b = make_batch(spec, setup.batch, lengths[offset + i], "cpu")
             for t in b.values():
                 tracker.track(t, INPUT)
-            return b, setup.batch * lengths[offset + i]
+            return b, setup.batch * lengths[offset + i] * setup.grad_accum  # iteration() runs grad_accum of it
 
         loop = TrainLoop(built.model, setup, tracker, built.compute_dtype)
         stack.callback(loop.close)
@@ -511,10 +524,10 @@ def _build_qlora_cuda(spec, setup, device):
     import bitsandbytes as bnb
     import peft
     import torch
-    import torch.nn as nn
     import transformers
 
     from memplan.trace.build import Built, _from_config, _peft_config, dtypes, find_blocks, hf_config, materialize
+    from memplan.trace.qlora import linear_shape
 
     config = hf_config(spec, setup)
     param_dtype, compute_dtype = dtypes(setup.precision)
@@ -533,18 +546,19 @@ def _build_qlora_cuda(spec, setup, device):
     dq = setup.lora.double_quant
     for parent in list(base.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child is head:
+            shape = linear_shape(child)  # nn.Linear and GPT-2's Conv1D, as replace_with_bnb_linear quantizes
+            if shape is None or child is head:
                 continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+            n_in, n_out = shape
+            q = bnb.nn.Linear4bit(n_in, n_out, bias=child.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=dq, quant_type="nf4",
                                   device="meta")
-            w = torch.empty(child.out_features, child.in_features, dtype=compute_dtype, device=device)
+            w = torch.empty(n_out, n_in, dtype=compute_dtype, device=device)
             w.normal_(0.0, 0.02)
-            try:  # bitsandbytes ≥ 0.43 links the parameter to its module (the quant state is kept on both)
-                p4 = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=dq, quant_type="nf4", module=q)
-            except TypeError:
-                p4 = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=dq, quant_type="nf4")
-            q.weight = p4.to(device)  # .to() on a not-yet-quantized Params4bit quantizes it (NF4, blocksize 64)
+            # bitsandbytes ≥ 0.43 (check_environment): Params4bit.to() quantizes a not-yet-quantized weight on
+            # any non-meta device (NF4, blocksize 64) and links the quant state to its module
+            p4 = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=dq, quant_type="nf4", module=q)
+            q.weight = p4.to(device)
             del w, p4
             if q.bias is not None:
                 q.bias.requires_grad_(False)
@@ -554,8 +568,9 @@ def _build_qlora_cuda(spec, setup, device):
     blocks = find_blocks(base)
     base.is_loaded_in_4bit = True  # as transformers' bitsandbytes quantizer marks it: peft then wraps Linear4bit
     model = peft.get_peft_model(base, _peft_config(spec, setup))
-    if setup.checkpointing is Checkpointing.FULL:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.checkpointing is Checkpointing.FULL:  # the same switch as memplan.trace.build
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                          "preserve_rng_state": False})
     model.train()
     params = list(dict.fromkeys(model.parameters()))
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -656,9 +671,9 @@ def _measure_cuda(spec, setup, opts, book: PhaseBook, clock, peak_tflops) -> Out
 
             def batches(i, offset=0):
                 if fixed is not None:
-                    return fixed, setup.batch * setup.seq
+                    return fixed, setup.batch * setup.seq * setup.grad_accum
                 n = lengths[offset + i]
-                return make_batch(spec, setup.batch, n, device), setup.batch * n
+                return make_batch(spec, setup.batch, n, device), setup.batch * n * setup.grad_accum
 
             loop = _cuda_loop_class()(built.model, setup, rec, built.compute_dtype, device)
             book.enter(None)  # load ends

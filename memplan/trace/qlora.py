@@ -82,7 +82,7 @@ class NF4Linear(nn.Linear):
         return out.to(inp_dtype)
 
 
-def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of an nn.Linear or a transformers Conv1D (GPT-2's, weight stored [in, out])."""
     if type(module) is nn.Linear:
         return module.in_features, module.out_features
@@ -98,7 +98,7 @@ def quantize_linears(model: nn.Module, keep: set[int], compute_dtype: torch.dtyp
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            shape = _linear_shape(child)
+            shape = linear_shape(child)
             if shape is not None and id(child) not in keep:
                 q = NF4Linear(shape[0], shape[1], child.bias is not None, compute_dtype,
                               double_quant, bias_dtype=child.weight.dtype)
