@@ -20,7 +20,6 @@ inefficiency (utilization does not depend on the micro-batch), pipeline or tenso
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from enum import Enum
@@ -64,13 +63,16 @@ def _measured_utilizations(root: str) -> dict[tuple[str, str], tuple[float, ...]
     base = Path(root)
     if not base.is_dir():
         return {}
+    from memplan.errors import MemplanError
+    from memplan.measure.record import iter_records
+
     for path in sorted(base.glob("*/*.jsonl")):
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn line is skipped here; `memplan reconcile` reports malformed records
-            found = record_utilization(rec) if isinstance(rec, dict) else None
+        try:
+            records = list(iter_records(path))
+        except MemplanError:
+            continue  # a malformed file counts for nothing here; `memplan reconcile` reports it
+        for rec in records:
+            found = record_utilization(rec)
             if found is not None:
                 gpu, precision, u = found
                 out.setdefault((gpu, precision), []).append(u)

@@ -44,12 +44,12 @@ from memplan.errors import MemplanError
 from memplan.estimate.flops import flops_per_token
 from memplan.measure.timing import CpuClock, CudaClock, summarize
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Attention, Checkpointing, Optimizer, PeftMethod, TrainingSetup
+from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
+from memplan.trace import unsupported
 
 FAULT_ENV = "MEMPLAN_FAULT"
 PHASE_LOG_PREFIX = "memplan-measure-phase:"  # worker stderr lines: the phase a crashed worker died in
 CPU_DEVICE_REASON = "--device cpu: no device level (allocated bytes from memplan's tracker; no allocator, no NVML)"
-BNB_OPTIMIZERS = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,10 @@ class Outcome:
 
 def check_measurable(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions) -> None:
     """Bad combinations fail here, before any work (exit 2 from the CLI)."""
-    if setup.zero > 0 or setup.gpus > 1:
-        raise MemplanError("memplan measure runs one GPU; ZeRO / multi-GPU setups cannot be measured yet "
+    what = unsupported(setup)
+    if what:
+        raise MemplanError(f"{what}: memplan measure cannot run this yet, it runs one GPU's step "
                            "(use `memplan estimate`)")
-    if setup.optimizer in BNB_OPTIMIZERS:
-        raise MemplanError(f"--optimizer {setup.optimizer.value} (bitsandbytes) is not wired into the harness yet; "
-                           "use `memplan estimate`")
-    if setup.checkpointing is Checkpointing.SELECTIVE:
-        raise MemplanError("selective activation checkpointing has no transformers switch to measure; use full or "
-                           "none")
     if opts.device == "cpu" and opts.snapshot:
         raise MemplanError("--snapshot records CUDA memory history and needs --device cuda (on the CPU, `memplan "
                            "trace --timeline FILE` gives the live-bytes timeline)")
@@ -300,6 +295,23 @@ def make_batch(spec: ModelSpec, batch: int, seq: int, device) -> dict:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
+def _timed_steps(loop, book: PhaseBook, clock, batches, opts, install_marks: Callable,
+                 after_first: Callable | None = None) -> tuple[list, list]:
+    """The measured steps (after the warm-up), then, when per-layer marks are asked for, one untimed probe step
+    with the module hooks on. Returns the step times and tokens per step."""
+    book.counting = True
+    times, tokens = [], []
+    _run_steps(loop, book, clock, lambda i: batches(i, opts.warmup), opts.steps, times, tokens, after_first)
+    if opts.marks and opts.instrument:
+        handles = install_marks()
+        book.marks_on = True
+        _run_steps(loop, book, clock, lambda i: batches(i, opts.warmup + opts.steps), 1, None, None)
+        book.marks_on = False
+        for h in handles:
+            h.remove()
+    return times, tokens
+
+
 def _run_steps(loop, book: PhaseBook, clock, batches: Callable[[int], tuple[dict, int]], n: int,
                times: list | None, tokens: list | None, after_first: Callable | None = None) -> None:
     for i in range(n):
@@ -434,17 +446,8 @@ def _measure_cpu(spec, setup, opts, book: PhaseBook, clock) -> Outcome:
         _run_steps(loop, book, clock, batches, opts.warmup, None, None, after_first=loop.tag_states)
         if opts.instrument:
             tracker.start_window()  # peaks from here: the measured steps only
-        book.counting = True
-        times, tokens = [], []
-        _run_steps(loop, book, clock, lambda i: batches(i, opts.warmup), opts.steps, times, tokens,
-                   after_first=loop.tag_states if opts.warmup == 0 else None)
-        if opts.marks and opts.instrument:
-            handles = _install_marks(built, tracker)
-            book.marks_on = True
-            _run_steps(loop, book, clock, lambda i: batches(i, opts.warmup + opts.steps), 1, None, None)
-            book.marks_on = False
-            for h in handles:
-                h.remove()
+        times, tokens = _timed_steps(loop, book, clock, batches, opts, lambda: _install_marks(built, tracker),
+                                     after_first=loop.tag_states if opts.warmup == 0 else None)
         trainable = built.trainable_params
 
     measured = {**_throughput(spec, setup, trainable, times, tokens, None), "warmup": opts.warmup,
@@ -679,16 +682,7 @@ def _measure_cuda(spec, setup, opts, book: PhaseBook, clock, peak_tflops) -> Out
             book.enter(None)  # load ends
             with _attention_context(setup):
                 _run_steps(loop, book, clock, batches, opts.warmup, None, None)
-                book.counting = True
-                times, tokens = [], []
-                _run_steps(loop, book, clock, lambda i: batches(i, opts.warmup), opts.steps, times, tokens)
-                if opts.marks and opts.instrument:
-                    handles = _install_marks(built, rec)
-                    book.marks_on = True
-                    _run_steps(loop, book, clock, lambda i: batches(i, opts.warmup + opts.steps), 1, None, None)
-                    book.marks_on = False
-                    for h in handles:
-                        h.remove()
+                times, tokens = _timed_steps(loop, book, clock, batches, opts, lambda: _install_marks(built, rec))
             loop.close()
     finally:
         if opts.snapshot:

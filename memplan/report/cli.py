@@ -108,7 +108,7 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     g = resolve_gpu(gpu)
     space = _space(precision, optimizer, peft, checkpointing, zero, max_zero)
     if not space.zeros:
-        raise MemplanError(f"--zero / --max-zero leave no ZeRO stage to search")
+        raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, lora_rank=lora_rank, lora_targets=lora_targets, train_layers=train_layers,
                       attention=attention, grad_accum=grad_accum, zero=0)
     if seq is None:

@@ -2,8 +2,7 @@
 
 An entry is a setup to show: either a named setup from a --setups file, estimated now, or a measurement record
 (record_schema.md, schema_version 1), re-estimated now with the current estimator (the record's stored estimate
-is used when its model or setup no longer resolves). Records are read with memplan.measure.record.load_records
-when that module exists, else with the tolerant reader below (unknown keys are ignored).
+is used when its model or setup no longer resolves). Records are read with memplan.measure.record.iter_records.
 """
 from __future__ import annotations
 
@@ -37,37 +36,18 @@ class Entry:
 
 
 def read_records(paths) -> list[tuple[str, dict]]:
-    """(file name, record) pairs from JSON Lines files; blank lines skipped, malformed ones are errors."""
-    try:  # the measure tier's reader, once merged, is the authority on the schema
-        from memplan.measure.record import load_records
-    except ImportError:
-        load_records = None
+    """(file name, record) pairs from JSON Lines files, read by memplan.measure.record (the schema's authority:
+    upgrades, a torn last line skipped); a line that is no measurement record (no model or setup) is an error."""
+    from memplan.measure.record import iter_records
+
     out = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise MemplanError(f"results file {p} does not exist")
-        if load_records is not None:
-            try:
-                out += [(path.name, r) for r in load_records([path])]
-                continue
-            except MemplanError:
-                raise
-            except Exception as exc:  # noqa: BLE001 — their reader's failure is still one line for the user
-                raise MemplanError(f"{p}: {exc}") from None
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MemplanError(f"cannot read {p}: {exc}") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise MemplanError(f"{p}:{n}: not a JSON object (a measurement record per line)") from None
-            if not isinstance(rec, dict) or "model" not in rec or not isinstance(rec.get("setup"), dict):
-                raise MemplanError(f"{p}:{n}: not a measurement record (needs model and setup)")
+        for rec in iter_records(path):
+            if not rec.get("model") or not isinstance(rec.get("setup"), dict):
+                raise MemplanError(f"{p}: not a measurement record (needs model and setup)")
             out.append((path.name, rec))
     return out
 

@@ -25,12 +25,11 @@ import torch.nn as nn
 
 from memplan.errors import MemplanError
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Attention, Checkpointing, Optimizer, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
 from memplan.trace.adapters import add_adapters
 from memplan.trace.qlora import NF4Linear, quantize_linears
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NOT_TRACEABLE_OPTIMIZERS = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
 
 
 @dataclass
@@ -46,14 +45,11 @@ class Built:
 
 
 def check_traceable(setup: TrainingSetup) -> None:
-    if setup.zero > 0 or setup.gpus > 1:
-        raise MemplanError("trace models a single GPU; ZeRO / multi-GPU setups are not traceable yet "
-                           "(use `memplan estimate`)")
-    if setup.optimizer in NOT_TRACEABLE_OPTIMIZERS:
-        raise MemplanError(f"--optimizer {setup.optimizer.value} is not traceable (bitsandbytes optimizers); "
-                           "use `memplan estimate`")
-    if setup.checkpointing is Checkpointing.SELECTIVE:
-        raise MemplanError("selective activation checkpointing is not traceable yet; use full or none")
+    from memplan.trace import unsupported
+
+    what = unsupported(setup)
+    if what:
+        raise MemplanError(f"{what}: not traceable yet, trace models a single GPU's step (use `memplan estimate`)")
 
 
 def dtypes(precision: Precision) -> tuple[torch.dtype, torch.dtype]:

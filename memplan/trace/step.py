@@ -25,7 +25,7 @@ import contextlib
 import torch
 
 from memplan.categories import Phase
-from memplan.spec.setup import Optimizer, Precision, TrainingSetup
+from memplan.spec.setup import Optimizer, TrainingSetup
 from memplan.trace.tracker import G, HOST, MW, OS, AllocTracker
 
 
