@@ -9,7 +9,7 @@ the rest fixed by the query). For each choice the search finds, at the device le
   128 above it up to the model's max_position_embeddings (and the --max-seq cap).
 
 Choices that do not fit at (min_batch, seq) are left out. The rest are ranked by predicted tokens/sec per GPU
-(memplan.throughput.predict at max_batch), then by larger micro-batch, longer sequence, less memory.
+(memplan.estimate.throughput.predict at max_batch), then by larger micro-batch, longer sequence, less memory.
 
 Search: memory grows with micro-batch and with sequence length for everything else fixed (tests/test_fit.py
 checks this on sampled setups rather than assuming it), and is close to linear in each, so each search
@@ -104,7 +104,7 @@ class FitRow:
     seq_at_cap: bool  # max_seq is the model's positions or the --max-seq cap
     peak_device_bytes: int  # at max_batch
     headroom_bytes: int  # against the whole GPU memory (the margin is inside it)
-    throughput: dict  # memplan.throughput.Throughput.to_dict() at max_batch
+    throughput: dict  # memplan.estimate.throughput.Throughput.to_dict() at max_batch
 
     def to_dict(self) -> dict:
         s = self.setup
@@ -260,7 +260,8 @@ def _search_choice(setup: TrainingSetup, query: Query, max_seq: int, limit: int,
 
 def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space()) -> FitReport:
     """Search the space; see the module docstring."""
-    from memplan.throughput import predict, utilization
+    from memplan.estimate.throughput import predict
+    from memplan.measure.utilization import utilization
 
     if gpu is None:
         raise MemplanError("memplan fit needs --gpu")

@@ -29,7 +29,7 @@ CAT_TOL, CAT_FLOOR = 0.05, 16 * 2**20  # each category within 5% or 16 MiB
 
 
 def grid(n: int = 220, seed: int = 0) -> list[dict]:
-    """`n` distinct setups (plain keyword dicts for memplan.api.make_setup plus "model")."""
+    """`n` distinct setups (plain keyword dicts for memplan.spec.values.make_setup plus "model")."""
     rng = random.Random(seed)
     out, seen = [], set()
     while len(out) < n:
@@ -88,7 +88,7 @@ class Row:
 
 
 def compare(kw: dict) -> Row:
-    from memplan.api import make_setup, resolve_model
+    from memplan.spec.values import make_setup, resolve_model
     from memplan.estimate import estimate_spec
     from memplan.trace import trace
 

@@ -318,16 +318,3 @@ def _backward(model, setup, groups, ms: ModelStates, acts: Activations, h: _Held
     end = {**base, C.GRADIENTS: ms.gradients, C.ACTIVATIONS: 0,
            C.TEMPORARIES: h.z_b + _embedding_grad_temp(model, setup, groups)}
     return _largest(start, head, first_blk, last_blk, end)
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """`memplan.estimate` is both this package and the API function: calling the module calls
-    memplan.api.estimate, so `memplan.estimate("llama-7b", ...)` works after `import memplan.estimate` too."""
-
-    def __call__(self, *args, **kwargs):
-        from memplan.api import estimate
-
-        return estimate(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule

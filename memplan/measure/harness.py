@@ -45,7 +45,7 @@ from memplan.estimate.flops import flops_per_token
 from memplan.measure.timing import CpuClock, CudaClock, summarize
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
-from memplan.trace import unsupported
+from memplan.trace.support import unsupported
 
 FAULT_ENV = "MEMPLAN_FAULT"
 PHASE_LOG_PREFIX = "memplan-measure-phase:"  # worker stderr lines: the phase a crashed worker died in

@@ -19,8 +19,8 @@ FEATURES = ("precision", "peft", "checkpointing", "attention", "optimizer")
 
 def current_estimate(rec: dict) -> dict:
     """The current estimator's Result.to_dict() for a record's model, setup and GPU profile."""
-    from memplan.api import resolve_gpu, resolve_model, setup_from_dict
     from memplan.estimate import estimate_spec
+    from memplan.spec.values import resolve_gpu, resolve_model, setup_from_dict
 
     gpu = (rec.get("gpu") or {}).get("profile")
     return estimate_spec(resolve_model(rec["model"]), setup_from_dict(rec["setup"]),
@@ -71,8 +71,8 @@ def compare(rec: dict, estimate: str = "current") -> dict:
         row["fit_agrees"] = None if row["status"] == "error" else (est["fits"] == (row["status"] == "ok"))
     row["tokens_per_s"] = m.get("tokens_per_s")
     row["mfu"] = m.get("mfu")
-    # predicted speed (memplan.throughput) for records measured on a profiled GPU; none for CPU records
-    from memplan.throughput import throughput_comparison
+    # predicted speed (memplan.estimate.throughput) for records measured on a profiled GPU; none for CPU records
+    from memplan.measure.utilization import throughput_comparison
 
     tc = throughput_comparison([rec])
     pred = tc[0]["predicted_tokens_per_s"] if tc else None

@@ -98,7 +98,7 @@ def _cpu_name() -> str:
 
 def capture_env(driver: str | None = None) -> dict:
     """Versions and host of this process (torch's CUDA version from torch.version.cuda; None on CPU builds)."""
-    import memplan
+    from memplan.version import __version__
 
     cuda = None
     try:
@@ -110,7 +110,7 @@ def capture_env(driver: str | None = None) -> dict:
     return {
         "python": platform.python_version(), "torch": _version("torch"), "transformers": _version("transformers"),
         "peft": _version("peft"), "bitsandbytes": _version("bitsandbytes"), "cuda": cuda, "driver": driver,
-        "memplan": memplan.__version__, "git_commit": _git_commit(), "hostname": socket.gethostname(),
+        "memplan": __version__, "git_commit": _git_commit(), "hostname": socket.gethostname(),
         "cpu": _cpu_name(),
     }
 

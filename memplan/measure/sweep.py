@@ -168,7 +168,7 @@ def load_sweep(path_or_name: str) -> Suite:
 def _setup_keys() -> set[str]:
     from dataclasses import fields
 
-    from memplan.api import _LORA_KEYS
+    from memplan.spec.values import LORA_FIELDS as _LORA_KEYS
     from memplan.spec.setup import TrainingSetup
 
     return {f.name for f in fields(TrainingSetup)} - {"lora"} | set(_LORA_KEYS)
@@ -261,7 +261,7 @@ def setup_flags(cfg_setup: dict) -> list[str]:
 def plan(suite: Suite, device: str, gpu, max_minutes: float) -> list[Planned]:
     """Validate every configuration (bad ones fail here, before any work) and split them into chunks of at most
     `max_minutes` each (consecutive, greedy; a longer configuration gets a chunk of its own)."""
-    from memplan.api import make_setup, resolve_gpu, resolve_model
+    from memplan.spec.values import make_setup, resolve_gpu, resolve_model
     from memplan.estimate import estimate_spec
     from memplan.measure.harness import MeasureOptions, check_measurable
     from memplan.measure.record import record_id

@@ -65,7 +65,7 @@ def build_report(results=(), setups=None, gpus=(), timeline=None, title: str = "
     """The page for results files (JSON Lines records), a --setups file, and GPUs to draw lines for."""
     import plotly.io as pio
 
-    from memplan.api import resolve_gpu
+    from memplan.spec.values import resolve_gpu
     from memplan.report import figures, frames, html
 
     gpu_specs = [resolve_gpu(g) for g in gpus]

@@ -54,7 +54,7 @@ def read_records(paths) -> list[tuple[str, dict]]:
 
 def read_setups(path) -> list[dict]:
     """Named setups from TOML (`[[setup]]` tables) or JSON (a list of objects, or {"setup": [...]}); each has
-    `name`, `model` and any memplan.api.make_setup fields."""
+    `name`, `model` and any memplan.spec.values.make_setup fields."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -81,14 +81,15 @@ def _unique(name: str, seen: dict) -> str:
 
 def _estimate(model, setup, gpu) -> dict:
     from memplan.estimate import estimate_spec
-    from memplan.throughput import with_throughput
+    from memplan.estimate.throughput import with_throughput
+    from memplan.measure.utilization import utilization
 
     r = estimate_spec(model, setup, gpu)
-    return with_throughput(r, model).to_dict()
+    return (with_throughput(r, model, utilization(gpu, setup)) if gpu is not None else r).to_dict()
 
 
 def setup_entries(setups: list[dict], source: str, gpu, seen: dict) -> list[Entry]:
-    from memplan.api import make_setup, resolve_model
+    from memplan.spec.values import make_setup, resolve_model
 
     out = []
     for i, d in enumerate(setups, 1):
@@ -111,7 +112,7 @@ def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
     """Entries for records, each estimated for the record's own GPU profile (fit, headroom and predicted
     throughput for the GPU it ran on). A record without one — a CPU run, or a GPU memplan has no profile for —
     gets no prediction: speed measured on one device says nothing about memplan's prediction for another."""
-    from memplan.api import resolve_gpu, resolve_model, setup_from_dict
+    from memplan.spec.values import resolve_gpu, resolve_model, setup_from_dict
 
     out = []
     for source, rec in records:

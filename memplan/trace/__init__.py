@@ -21,22 +21,8 @@ Only this package imports torch, and only when a function is called.
 """
 from __future__ import annotations
 
-from memplan.spec.setup import Checkpointing, Optimizer, TrainingSetup
+from memplan.trace.support import BNB_OPTIMIZERS, require_torch, unsupported
 from memplan.trace.timeline import TimelineRow, write_timeline
-
-BNB_OPTIMIZERS = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
-
-
-def unsupported(setup: TrainingSetup) -> str | None:
-    """What in a setup neither the trace nor the measure tier runs (both run one device's transformers step)."""
-    if setup.zero > 0 or setup.gpus > 1:
-        return "ZeRO / multi-GPU setups"
-    if setup.optimizer in BNB_OPTIMIZERS:
-        return f"--optimizer {setup.optimizer.value} (bitsandbytes optimizers)"
-    if setup.checkpointing is Checkpointing.SELECTIVE:
-        return "selective activation checkpointing (use full or none)"
-    return None
-
 
 def trace(model, setup, timeline: bool = False):
     """(Result, timeline rows) of two traced iterations of `setup` on `model` (a ModelSpec); see the module doc."""
@@ -52,4 +38,4 @@ def trace_run(model, setup, **kwargs):
     return _run(model, setup, **kwargs)
 
 
-__all__ = ["trace", "trace_run", "write_timeline", "TimelineRow", "unsupported"]
+__all__ = ["trace", "trace_run", "write_timeline", "TimelineRow", "unsupported", "require_torch", "BNB_OPTIMIZERS"]

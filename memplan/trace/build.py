@@ -45,7 +45,7 @@ class Built:
 
 
 def check_traceable(setup: TrainingSetup) -> None:
-    from memplan.trace import unsupported
+    from memplan.trace.support import unsupported
 
     what = unsupported(setup)
     if what:

@@ -1,0 +1,126 @@
+"""Plain values to specs: setup fields by name (strings for enums, LoRA fields flattened), models and GPUs by
+profile name, and the command-line flag of each setup field.
+
+Every tier above spec/ turns user input into specs through here: the Python API (memplan.api re-exports these),
+the CLI, sweep files, `--setups` files and measurement records.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from enum import Enum
+
+from memplan.errors import MemplanError
+from memplan.spec.gpu import GpuSpec
+from memplan.spec.model import ModelSpec
+from memplan.spec.setup import (Attention, Checkpointing, LoraConfig, Optimizer, PeftMethod, Precision,
+                                TrainingSetup)
+
+# make_setup's flattened LoRA keywords -> LoraConfig fields
+LORA_FIELDS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "double_quant": "double_quant"}
+SETUP_FIELDS = {f.name for f in fields(TrainingSetup)}
+ENUM_FIELDS = {"precision": Precision, "optimizer": Optimizer, "peft": PeftMethod, "checkpointing": Checkpointing,
+               "attention": Attention}
+
+# The command-line flag of each make_setup keyword, declared once: memplan.cli.options builds the shared setup
+# options from it, and a sweep rebuilds a configuration's flags from it for its worker process
+# ("--on/--off" is a boolean pair; a plain boolean flag is left out when False).
+SETUP_FLAGS = {
+    "gpus": "--gpus", "zero": "--zero", "offload_optimizer": "--offload-optimizer",
+    "offload_params": "--offload-params", "precision": "--precision", "optimizer": "--optimizer", "peft": "--peft",
+    "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+    "double_quant": "--double-quant/--no-double-quant", "num_virtual_tokens": "--virtual-tokens",
+    "adapter_size": "--adapter-size", "train_layers": "--train-layers", "batch": "--batch", "seq": "--seq",
+    "grad_accum": "--grad-accum", "checkpointing": "--checkpointing", "attention": "--attention",
+    "dropout": "--dropout/--no-dropout",
+}
+
+
+def _coerce(name: str, value):
+    enum = ENUM_FIELDS.get(name)
+    if enum is None or isinstance(value, Enum):
+        return value
+    try:
+        return enum(str(value).lower())
+    except ValueError:
+        choices = ", ".join(e.value for e in enum)
+        raise MemplanError(f"unknown {name} '{value}' (choose from {choices})") from None
+
+
+def parse_choices(name: str, text: str) -> tuple:
+    """A comma-separated list of one setup field's enum values ("bf16,pure-bf16") as enum members."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise MemplanError(f"empty list for {name}")
+    return tuple(dict.fromkeys(_coerce(name, t) for t in items))
+
+
+def make_setup(**kw) -> TrainingSetup:
+    """A TrainingSetup from plain keyword values: enums by their string values, LoRA fields flattened
+    (lora_rank, lora_alpha, lora_targets as a list or comma-separated string, double_quant)."""
+    lora = {}
+    for k in list(kw):
+        if k in LORA_FIELDS:
+            v = kw.pop(k)
+            if v is None:
+                continue
+            if k == "lora_targets":
+                v = tuple(t.strip() for t in (v.split(",") if isinstance(v, str) else v) if t.strip())
+            lora[LORA_FIELDS[k]] = v
+    unknown = set(kw) - SETUP_FIELDS
+    if unknown:
+        raise MemplanError(f"unknown setup field(s): {', '.join(sorted(unknown))}")
+    args = {k: _coerce(k, v) for k, v in kw.items() if v is not None}
+    if lora:
+        args["lora"] = LoraConfig(**lora)
+    return TrainingSetup(**args)
+
+
+def setup_from_dict(d: dict) -> TrainingSetup:
+    """The inverse of TrainingSetup.to_dict() (a record's or a JSON file's "setup" object); unknown keys are
+    errors, missing keys take the defaults."""
+    if not isinstance(d, dict):
+        raise MemplanError(f"a setup must be an object of fields, got {type(d).__name__}")
+    kw = dict(d)
+    lora = kw.pop("lora", None) or {}
+    if not isinstance(lora, dict):
+        raise MemplanError("setup field lora must be an object (rank, alpha, targets, double_quant)")
+    for key, field_name in LORA_FIELDS.items():
+        if field_name in lora:
+            kw.setdefault(key, lora[field_name])
+    try:
+        return make_setup(**kw)
+    except TypeError as exc:  # a wrongly typed value reaching a comparison in __post_init__
+        raise MemplanError(f"bad setup value: {exc}") from None
+
+
+def setup_flags(cfg_setup: dict) -> list[str]:
+    """The `memplan measure` flags that rebuild `cfg_setup` (make_setup keywords), from SETUP_FLAGS."""
+    out = []
+    for k, v in cfg_setup.items():
+        if k not in SETUP_FLAGS:
+            raise MemplanError(f"setup key {k} has no memplan measure flag")
+        d = SETUP_FLAGS[k]
+        if isinstance(v, bool):
+            on, _, off = d.partition("/")
+            if v:
+                out.append(on)
+            elif off:
+                out.append(off)
+            # a plain --flag left out is False
+        elif v is None:
+            continue
+        else:
+            out += [d.partition("/")[0], ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+    return out
+
+
+def resolve_model(model) -> ModelSpec:
+    from memplan.profiles import load_model
+
+    return model if isinstance(model, ModelSpec) else load_model(str(model))
+
+
+def resolve_gpu(gpu) -> GpuSpec | None:
+    from memplan.profiles import load_gpu
+
+    return gpu if (gpu is None or isinstance(gpu, GpuSpec)) else load_gpu(str(gpu))
