@@ -130,3 +130,16 @@ def gpu_for_nvml_name(nvml_name: str) -> GpuSpec | None:
             if s.lower() in nvml_name.lower() and len(s) > best_len:
                 best, best_len = g, len(s)
     return best
+
+
+def find_profile(name: str) -> tuple[str, str, Path]:
+    """(kind "models" or "gpus", key, file) of a profile by key or alias, models first; an unknown name fails
+    with close matches among the models."""
+    for kind in ("models", "gpus"):
+        try:
+            key = _resolve(kind, name)
+        except MemplanError:
+            continue
+        return kind, key, profiles_dir() / kind / f"{key}.toml"
+    _resolve("models", name)  # raises with close matches
+    raise AssertionError("unreachable")

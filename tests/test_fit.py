@@ -16,7 +16,7 @@ from memplan.spec.setup import Checkpointing, Optimizer, Precision
 from memplan.cli import main
 from memplan.errors import MemplanError
 from memplan.estimate import estimate_spec
-from memplan.report.cli import NOTHING_FITS_EXIT
+from memplan.cli.fit import NOTHING_FITS_EXIT
 
 CASES = [  # (model, gpu, gpus, seq, space): small enough to search whole in a test
     ("gpt2", "l4", 1, 1024, F.Space()),

@@ -336,10 +336,11 @@ def test_reconcile_formats_and_max_error(cpu_record, tmp_path, capsys):
 
 
 def test_reconcile_compares_predicted_and_measured_speed(cpu_record, tmp_path, capsys):
-    """A record from a profiled GPU gets memplan.throughput's prediction beside its measured tokens/s; a CPU
+    """A record from a profiled GPU gets memplan.estimate.throughput's prediction beside its measured tokens/s; a CPU
     record none (memplan predicts GPU speed only). The GPU record is the CPU one relabelled: an input to the
     comparison, its numbers are not GPU results."""
-    from memplan.throughput import predict
+    from memplan.estimate.throughput import predict
+    from memplan.measure.utilization import utilization
 
     rec, path, _ = cpu_record
     gpu = json.loads(json.dumps(rec))
@@ -351,8 +352,8 @@ def test_reconcile_compares_predicted_and_measured_speed(cpu_record, tmp_path, c
     rc, out, _ = run_cli(["reconcile", str(path), str(p2), "-f", "json"], capsys)
     data = json.loads(out)
     rows = {r["name"]: r for r in data["rows"]}
-    want = predict(memplan.api.resolve_model(rec["model"]), memplan.api.setup_from_dict(rec["setup"]),
-                   memplan.api.resolve_gpu("h100-sxm")).tokens_per_s
+    s, h100 = memplan.api.setup_from_dict(rec["setup"]), memplan.api.resolve_gpu("h100-sxm")
+    want = predict(memplan.api.resolve_model(rec["model"]), s, h100, utilization(h100, s)).tokens_per_s
     assert rc == 0 and rows["as-if-h100"]["pred_tokens_per_s"] == pytest.approx(want)
     assert rows["as-if-h100"]["err_tokens_per_s_pct"] == pytest.approx(100 * (want - 1000.0) / 1000.0)
     assert rows["tiny"]["pred_tokens_per_s"] is None and data["summary"]["tokens_per_s"]["n"] == 1

@@ -18,8 +18,8 @@ from memplan.api import make_setup, resolve_gpu, resolve_model
 from memplan.cli import main
 from memplan.estimate.flops import attention_layers, communication_per_step, flops_per_token
 from memplan.spec.model import TensorKind
-from memplan.throughput import (DEFAULT_UTILIZATION, Overlap, Utilization, predict, throughput_comparison,
-                                utilization)
+from memplan.estimate.throughput import DEFAULT_UTILIZATION, Overlap, Utilization, predict
+from memplan.measure.utilization import throughput_comparison, utilization
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +175,8 @@ def test_throughput_comparison_rows():
     rows = throughput_comparison([gpu_rec, cpu_rec, failed])
     assert len(rows) == 2
     g, c = rows
-    t = predict(resolve_model("llama-3.2-1b"), make_setup(batch=4, seq=2048), resolve_gpu("h100-sxm"))
+    s, h100 = make_setup(batch=4, seq=2048), resolve_gpu("h100-sxm")
+    t = predict(resolve_model("llama-3.2-1b"), s, h100, utilization(h100, s))
     assert g["predicted_tokens_per_s"] == pytest.approx(t.tokens_per_s)
     assert g["ratio"] == pytest.approx(t.tokens_per_s / 30_000)
     assert c["measured_tokens_per_s"] == 120.0 and c["predicted_tokens_per_s"] is None
@@ -199,8 +200,9 @@ def test_estimate_shows_throughput_with_a_gpu(capsys):
 
 def test_design_card_command_does_no_throughput_work():
     code = ("import sys; from memplan.cli import main; main(['estimate', '--model', 'llama-7b', '--adam', "
-            "'--bf16', '--zero3']); print(sorted(m for m in ('memplan.throughput', 'memplan.estimate.flops', "
-            "'pandas', 'plotly', 'torch') if m in sys.modules))")
+            "'--bf16', '--zero3']); print(sorted(m for m in ('memplan.estimate.throughput', "
+            "'memplan.measure.utilization', 'memplan.estimate.flops', 'pandas', 'plotly', 'torch') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
     assert out.strip().splitlines()[-1] == "[]"

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from memplan.errors import MemplanError
 from memplan.measure.harness import PHASE_LOG_PREFIX
+from memplan.spec.values import setup_flags  # noqa: F401  (sweep.setup_flags: a worker's flags)
 
 RUN_KEYS = ("steps", "warmup", "lengths")
 LABEL_KEYS = ("name", "est_minutes", "expect", "note")
@@ -228,34 +229,6 @@ def compute_dtype_key(setup, tf32: bool = False) -> str:
     if half == "float32":
         return "tf32" if tf32 else "fp32"
     return "bf16" if half == "bfloat16" else "fp16"
-
-
-def setup_flags(cfg_setup: dict) -> list[str]:
-    """The `memplan measure` flags that rebuild `cfg_setup` (make_setup keywords), from the CLI's own option table."""
-    from memplan.cli import SETUP_OPTIONS
-
-    decls = {}
-    for p in SETUP_OPTIONS:
-        info = p.annotation.__metadata__[0]
-        names = [d for d in ([info.default] if isinstance(info.default, str) else []) + list(info.param_decls)]
-        decls[p.name] = names[0]
-    out = []
-    for k, v in cfg_setup.items():
-        if k not in decls:
-            raise MemplanError(f"setup key {k} has no memplan measure flag")
-        d = decls[k]
-        if isinstance(v, bool):
-            on, _, off = d.partition("/")
-            if v:
-                out.append(on)
-            elif off:
-                out.append(off)
-            # a plain --flag left out is False
-        elif v is None:
-            continue
-        else:
-            out += [d.partition("/")[0], ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
-    return out
 
 
 def plan(suite: Suite, device: str, gpu, max_minutes: float) -> list[Planned]:

@@ -1,12 +1,10 @@
-"""`memplan measure` and `memplan reconcile` (registered on memplan.cli.app by one import line there).
+"""`memplan measure`: run one configuration (or a sweep of them, each in a fresh worker) and record peak memory
+per phase and level, tokens/s and MFU beside memplan's estimate.
 
-Exit codes: 0 done; 1 measure: the configuration did not fit (oom) or its step failed (error), reconcile: an
-error above --max-error; 2 bad input (one `memplan: error:` line, before any work); 130 interrupted (finished
-records kept).
+Exit codes: 0 done; 1 the configuration did not fit (oom) or its step failed (error); 2 bad input (one
+`memplan: error:` line, before any work); 130 interrupted (finished records kept).
 """
 
-import functools
-import inspect
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,11 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from memplan.cli import SETUP_OPTIONS, Format, FormatOpt, _P, app, setup_from_options
+from memplan.cli.options import Format, FormatOpt, with_setup_options_optional_model
 from memplan.errors import MemplanError
-
-NO_GPU = ("no CUDA GPU found (torch.cuda.is_available() is False); pass --device cpu to run the step on the CPU "
-          "with memory from memplan's tracker")
 
 
 class Device(str, Enum):
@@ -30,55 +25,6 @@ class Device(str, Enum):
 class Lengths(str, Enum):
     fixed = "fixed"
     varied = "varied"
-
-
-class EstimateSource(str, Enum):
-    current = "current"
-    recorded = "recorded"
-
-
-class Level(str, Enum):
-    allocated = "allocated"
-    reserved = "reserved"
-    device = "device"
-
-
-def _with_setup_options_optional_model(fn):
-    """memplan.cli.with_setup_options, except that --model may be left out (for --sweep, whose file has the models).
-    The command receives model / gpu / setup (None without --model) and `changed`, the setup options given away
-    from their defaults (with --sweep they would be silently ignored, so they are an error)."""
-    model_opt = _P("model", Optional[str], None, "--model", "-m", help="Model profile key or alias (memplan profiles "
-                   "list), or a path to a Hugging Face config.json. Not with --sweep.")
-    options = [model_opt if p.name == "model" else p for p in SETUP_OPTIONS]
-    sig = inspect.signature(fn)
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in sig.parameters.items()
-           if n not in ("model", "gpu", "setup", "changed")]
-
-    @functools.wraps(fn)
-    def wrapper(**kw):
-        shared = {p.name: kw.pop(p.name) for p in options}
-        changed = [p.name for p in options if p.name not in ("model", "gpu") and shared[p.name] != p.default]
-        if shared["model"] is None:
-            from memplan.api import resolve_gpu
-
-            return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
-        model, gpu, setup = setup_from_options(shared)
-        return fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
-
-    wrapper.__signature__ = sig.replace(parameters=options + own)
-    return wrapper
-
-
-def resolve_device(device: Device) -> str:
-    try:
-        import torch
-    except ImportError:
-        raise MemplanError("memplan measure needs torch, transformers and peft: pip install 'memplan[torch]'") from None
-    if device is Device.cpu:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    raise MemplanError(NO_GPU)
 
 
 def default_results(stem: str, device: str, gpu_profile: str | None) -> Path:
@@ -108,16 +54,6 @@ def _gpu_context(device: str, gpu_opt):
         else:
             warns.append(f"GPU not identified ({info.reason}): fit, headroom and MFU are left out; pass --gpu NAME")
     return info, gpu, warns
-
-
-def _peak_tflops(gpu, setup, device: str) -> float | None:
-    if device != "cuda" or gpu is None:
-        return None
-    import torch
-
-    from memplan.measure.sweep import compute_dtype_key
-
-    return gpu.peak_tflops(compute_dtype_key(setup, tf32=bool(torch.backends.cuda.matmul.allow_tf32))) or None
 
 
 def _gpu_block(info, gpu) -> dict | None:
@@ -180,8 +116,7 @@ StepsOpt = Annotated[int, typer.Option("--steps", help="Timed training steps.")]
 WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed steps first (the first creates optimizer state).")]
 
 
-@app.command("measure")
-@_with_setup_options_optional_model
+@with_setup_options_optional_model
 def measure_cmd(
     model, gpu, setup, changed,
     device: Annotated[Device, typer.Option("--device", help="cuda (the attached GPU, found through torch and "
@@ -246,6 +181,7 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
                  record_to, fmt) -> int:
     from memplan.estimate import estimate_spec
     from memplan.measure import harness
+    from memplan.measure.devices import peak_tflops, resolve_device
     from memplan.measure.record import append_record, capture_env, check_writable, make_record, now
 
     dev = resolve_device(device)
@@ -261,7 +197,7 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     if snapshot:
         check_writable(snapshot)
     started = now()
-    outcome = harness.measure(spec, setup, opts, peak_tflops=_peak_tflops(gpu, setup, dev))
+    outcome = harness.measure(spec, setup, opts, peak_tflops=peak_tflops(gpu, setup, dev))
     rec = make_record(name=name, model=spec.name, setup=setup.to_dict(), device=dev, steps=steps, warmup=warmup,
                       lengths=lengths, status=outcome.status, failed_phase=outcome.failed_phase, error=outcome.error,
                       estimate=estimate.to_dict(), measured=outcome.measured, gpu=_gpu_block(info, gpu),
@@ -282,13 +218,14 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
            fmt) -> int:
     from memplan import render
     from memplan.measure import reconcile, sweep as sw
+    from memplan.measure.devices import plan_device, resolve_device
     from memplan.measure.record import capture_env, check_writable, finished_ids, iter_records, make_record
 
     suite = sw.load_sweep(path)
-    dev = resolve_device(device) if not plan or device is not Device.auto else _plan_device()
+    dev = resolve_device(device) if not plan or device is not Device.auto else plan_device()
     info, gpu, warns = _gpu_context(dev, gpu_opt)
     if gpu is None and suite.gpu and dev != "cuda":
-        from memplan.api import resolve_gpu
+        from memplan.spec.values import resolve_gpu
 
         gpu = resolve_gpu(suite.gpu)  # the GPU the suite was sized for: estimates say fit / did not fit
     for w in warns:
@@ -353,16 +290,6 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
     return 0
 
 
-def _plan_device() -> str:
-    """--plan without --device: what the sweep would run on, without requiring a GPU to print a plan."""
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
 def _progress_line(rec: dict) -> str:
     from memplan.measure.reconcile import fmt_bytes
 
@@ -400,45 +327,3 @@ def _print_plan(planned, selected, fmt: Format, limit: float) -> None:
     per = {c: sum(p.minutes for p in planned if p.chunk == c) for c in chunks}
     typer.echo(f"{len(planned)} configurations in {len(chunks)} chunks of ≤ {limit:g} min: " +
                ", ".join(f"{c}: {m:.1f}" for c, m in per.items()))
-
-
-@app.command("reconcile")
-def reconcile_cmd(
-    results: Annotated[list[str], typer.Argument(help="JSON Lines results files (memplan measure records).")],
-    fmt: FormatOpt = Format.table,
-    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Exit 1 when any ok record's |error| at "
-                                                       "--level exceeds PCT percent.")] = None,
-    level: Annotated[Level, typer.Option("--level", help="Level --max-error applies to.")] = Level.allocated,
-    estimate: Annotated[EstimateSource, typer.Option("--estimate", help="current: recompute with this memplan's "
-                                                     "estimator; recorded: the estimate stored in each record.")]
-    = EstimateSource.current,
-):
-    """Estimate vs measured per configuration: each level, phase and category, absolute and % error, and a summary
-    (median, max, by feature).
-
-    Example: memplan reconcile reports/measurements/h100-sxm/*.jsonl --max-error 5
-    """
-    from memplan import render
-    from memplan.measure import reconcile as rc
-    from memplan.measure.record import load_records
-
-    if max_error is not None and max_error < 0:
-        raise MemplanError("--max-error must be ≥ 0")
-    recs = load_records(results)
-    if not recs:
-        raise MemplanError(f"no records in {', '.join(results)}")
-    rows = [rc.compare(r, estimate.value) for r in recs]
-    summary = rc.summarize(rows)
-    if fmt is Format.json:
-        typer.echo(render.to_json({"rows": rows, "summary": summary}))
-    elif fmt is Format.csv:
-        typer.echo(render.to_csv(rows), nl=False)
-    else:
-        typer.echo(rc.table(rows, summary))
-    if max_error is not None:
-        w = rc.worst(rows, level.value)
-        if w is not None and abs(w[f"err_{level.value}_pct"]) > max_error:
-            typer.echo(f"memplan: {level.value} error {w[f'err_{level.value}_pct']:+.2f}% on "
-                       f"{w['name'] or w['model']} exceeds --max-error {max_error:g}%", err=True)
-            return 1
-    return 0

@@ -1,15 +1,11 @@
-"""The `memplan fit` and `memplan report` commands (registered on memplan.cli.app by importing this module).
-
-Thin: parse, call memplan.fit / memplan.report, render. Imports nothing heavy at module level, since
-memplan.cli imports this module on every start.
-"""
+"""`memplan fit`: search the setup space for what fits a GPU, ranked by predicted tokens/s (memplan.fit)."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
 
 import typer
 
-from memplan.cli import Format, FormatOpt, app
+from memplan.cli.options import Format, FormatOpt
 from memplan.errors import MemplanError
 
 NOTHING_FITS_EXIT = 1  # a valid query with an empty answer (like grep's no match); bad input stays 2
@@ -17,7 +13,7 @@ NOTHING_FITS_EXIT = 1  # a valid query with an empty answer (like grep's no matc
 
 def _space(precision, optimizer, peft, checkpointing, zero, max_zero):
     from memplan import fit as F
-    from memplan.api import parse_choices
+    from memplan.spec.values import parse_choices
 
     zeros = (0, 1, 2, 3)
     if zero is not None:
@@ -58,7 +54,6 @@ def _fit_table(report, top: int) -> str:
     return "\n".join(lines)
 
 
-@app.command()
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
         gpu: Annotated[str, typer.Option("--gpu", help="GPU profile to fit (memplan profiles list gpus).")],
         gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (data parallel).")] = 1,
@@ -102,7 +97,7 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     Example: memplan fit --model llama-3.1-8b --gpu a100-40gb --peft lora,qlora --seq 4096
     """
     from memplan import fit as F, render
-    from memplan.api import make_setup, resolve_gpu, resolve_model
+    from memplan.spec.values import make_setup, resolve_gpu, resolve_model
 
     spec = resolve_model(model)
     g = resolve_gpu(gpu)
@@ -134,31 +129,3 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
                                    "min_batch": q.min_batch, "margin": q.margin, "limit_bytes": report.limit_bytes,
                                    "searched": report.searched, "invalid": report.invalid,
                                    "fitting": len(report.rows), "estimates": report.estimates, "rows": rows}))
-
-
-@app.command()
-def report(results: Annotated[Optional[list[str]], typer.Argument(
-               help="Measurement records (JSON Lines, from `memplan measure`).", show_default=False)] = None,
-           output: Annotated[str, typer.Option("--output", "-o", help="The page to write (*.html).")] = ...,
-           setups: Annotated[Optional[str], typer.Option(
-               "--setups", help="TOML ([[setup]] tables) or JSON list of named setups to estimate: name, model "
-               "and any setup fields (precision, peft, batch, seq, zero, gpus, ...).")] = None,
-           gpu: Annotated[Optional[str], typer.Option(
-               "--gpu", help="Comma-separated GPU profiles drawn as memory lines; the first is the GPU setups "
-               "are estimated and their throughput predicted for.")] = None,
-           timeline: Annotated[Optional[str], typer.Option(
-               "--timeline", help="A `memplan trace --timeline` CSV/JSON file for the timeline chart.")] = None,
-           title: Annotated[str, typer.Option("--title", help="Page title.")] = "memplan report"):
-    """Write one self-contained HTML page (plotly.js embedded, works offline from file://) comparing setups:
-    memory by category against GPU lines, estimate vs measured, a peak-memory timeline, tokens/s and MFU, and a
-    sortable table of every number.
-
-    Example: memplan report reports/runs.jsonl --setups setups.toml --gpu a100-80gb,h100-sxm -o reports/compare.html
-    """
-    from memplan.report import build_report, check_writable
-
-    check_writable(output)
-    gpus = [g.strip() for g in gpu.split(",") if g.strip()] if gpu else []
-    page = build_report(results or [], setups=setups, gpus=gpus, timeline=timeline, title=title)
-    path = page.write(output)
-    typer.echo(f"report: {len(page.entries)} setups -> {path} ({len(page.html) / 2**20:.1f} MiB)", err=True)

@@ -1,0 +1,44 @@
+"""`memplan estimate`: the analytical estimate of one setup (with --gpu, its predicted throughput too)."""
+
+from typing import Annotated, Optional
+
+import typer
+
+from memplan.cli.options import Format, FormatOpt, emit, with_setup_options
+from memplan.cli.trace import trace_and_emit
+from memplan.errors import MemplanError
+
+
+@with_setup_options
+def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
+             context_mib: Annotated[Optional[int], typer.Option(
+                 "--context-mib", help="Override the CUDA context size (MiB) counted at the device level.")] = None,
+             fragmentation: Annotated[Optional[float], typer.Option(
+                 "--fragmentation", help="Override the reserved/allocated fragmentation fraction.")] = None,
+             exact: Annotated[bool, typer.Option(
+                 "--exact", help="Trace the real step on fake tensors instead (same as `memplan trace`).")] = False):
+    """Estimate per-GPU memory of a training setup (analytical, instant, offline, no GPU).
+
+    Example: memplan estimate --model llama-7b --adam --bf16 --zero3 --gpus 8 --gpu h100-sxm
+    """
+    from memplan.estimate import Overhead, estimate_spec
+
+    if exact:
+        trace_and_emit(model, gpu, setup, fmt, None)
+        return
+    kw = {}
+    if context_mib is not None:
+        if context_mib < 0:
+            raise MemplanError("--context-mib must be ≥ 0")
+        kw["cuda_context"] = context_mib * 2**20
+    if fragmentation is not None:
+        if not 0 <= fragmentation < 10:
+            raise MemplanError("--fragmentation must be in [0, 10)")
+        kw["fragmentation"] = fragmentation
+    result = estimate_spec(model, setup, gpu, Overhead(**kw))
+    if gpu is not None:  # predicted step time, tokens/s and MFU: only with a GPU (the design-card path skips it)
+        from memplan.estimate.throughput import with_throughput
+        from memplan.measure.utilization import utilization
+
+        result = with_throughput(result, model, utilization(gpu, setup))
+    emit(result, fmt)

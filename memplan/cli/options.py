@@ -1,0 +1,171 @@
+"""Options declared once: the output format, the shared training-setup options, and how a command receives a
+(model, gpu, setup) from them. The setup flags' names come from memplan.spec.values.SETUP_FLAGS."""
+from __future__ import annotations
+
+import functools
+import inspect
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from memplan.errors import MemplanError
+from memplan.spec.values import SETUP_FLAGS, make_setup, resolve_gpu, resolve_model
+
+
+class Format(str, Enum):
+    """Output format of every command that prints results."""
+
+    table = "table"  # for people
+    json = "json"  # one JSON document on stdout
+    csv = "csv"  # one header line and a row per result
+
+
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+
+PRECISION_HELP = (
+    "fp32 | fp16 | bf16 | fp16-master | bf16-master | pure-bf16. "
+    "bf16/fp16 = torch.autocast mixed precision: parameters, gradients and optimizer states stay fp32, matmuls run "
+    "in half precision on autocast's cached casts of the weights (+2 B/param during forward/backward). "
+    "bf16-master/fp16-master = half-precision weights and gradients with an fp32 master copy for the optimizer "
+    "(DeepSpeed/Megatron, the ZeRO paper's 2+2+12 B/param). pure-bf16 = everything bf16, AdamW states too.")
+
+
+def option(name, annotation, default, *decls, help):
+    """A keyword-only typer option parameter, for building a command's signature from a list."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, typer.Option(*decls, help=help)])
+
+
+def _setup(name, annotation, default, *short, help):
+    """A shared setup option: its flag from SETUP_FLAGS, then any short form."""
+    return option(name, annotation, default, SETUP_FLAGS[name], *short, help=help)
+
+
+# Shared setup options, in --help order.
+SETUP_OPTIONS = [
+    option("model", str, ..., "--model", "-m", help="Model profile key or alias (memplan profiles list), or a path "
+           "to a Hugging Face config.json."),
+    option("gpu", Optional[str], None, "--gpu", help="GPU profile: report fit and headroom against its memory."),
+    _setup("gpus", int, 1, help="Number of GPUs (data parallel)."),
+    _setup("zero", Optional[int], None, help="ZeRO stage 0-3 (FSDP NO_SHARD/SHARD_GRAD_OP/FULL_SHARD = 0/2/3)."),
+    *[option(f"zero{i}", bool, False, f"--zero{i}", help=f"Same as --zero {i}.") for i in range(4)],
+    _setup("offload_optimizer", bool, False, help="ZeRO-Offload: optimizer states (and gradient partitions) in CPU "
+           "RAM."),
+    _setup("offload_params", bool, False, help="ZeRO-3 parameter offload to CPU RAM."),
+    _setup("precision", Optional[str], None, help=PRECISION_HELP),
+    option("fp32", bool, False, "--fp32", help="Same as --precision fp32."),
+    option("fp16", bool, False, "--fp16", help="Same as --precision fp16 (autocast + GradScaler, fp32 parameters)."),
+    option("bf16", bool, False, "--bf16", help="Same as --precision bf16 (autocast: fp32 parameters, gradients and "
+           "optimizer states; bf16 matmuls on cached bf16 weight casts)."),
+    option("pure_bf16", bool, False, "--pure-bf16", help="Same as --precision pure-bf16."),
+    _setup("optimizer", Optional[str], None, help="adamw (foreach) | adamw-fused | adamw-forloop | sgd | momentum | "
+           "adafactor | adamw-8bit | paged-adamw | paged-adamw-8bit."),
+    option("adam", bool, False, "--adam", help="Same as --optimizer adamw (torch AdamW, foreach)."),
+    option("sgd", bool, False, "--sgd", help="Same as --optimizer sgd."),
+    option("momentum", bool, False, "--momentum", help="Same as --optimizer momentum."),
+    option("adafactor", bool, False, "--adafactor", help="Same as --optimizer adafactor."),
+    option("adam8bit", bool, False, "--adam8bit", help="Same as --optimizer adamw-8bit (bitsandbytes)."),
+    _setup("peft", str, "full", help="full | freeze | lora | dora | qlora | ia3 | prompt | prefix | adapter | "
+           "bitfit."),
+    _setup("lora_rank", int, 8, help="LoRA/DoRA/QLoRA rank."),
+    _setup("lora_alpha", int, 16, help="LoRA alpha."),
+    _setup("lora_targets", Optional[str], None, help="Comma-separated Hugging Face module names (e.g. q_proj,v_proj, "
+           "or all-linear); default: peft's targets for the model type. Also (IA)3's targets."),
+    _setup("double_quant", bool, True, help="QLoRA: double-quantize NF4 absmax."),
+    _setup("num_virtual_tokens", int, 20, help="Prompt/prefix tuning: virtual tokens."),
+    _setup("adapter_size", int, 64, help="Bottleneck adapter width."),
+    _setup("train_layers", int, 0, help="--peft freeze: last blocks that train (the head always does)."),
+    _setup("batch", int, 1, "-b", help="Micro-batch per GPU."),
+    _setup("seq", int, 2048, "-s", help="Sequence length (tokens)."),
+    _setup("grad_accum", int, 1, help="Gradient-accumulation steps (gradients live across micro-batches)."),
+    _setup("checkpointing", str, "none", help="none | full | selective activation checkpointing."),
+    _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
+    _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
+]
+
+# Shortcut flags of one setup field (--bf16 = --precision bf16), and the field's value when none is given.
+FLAG_GROUPS = {
+    "precision": {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "pure_bf16": "pure-bf16"},
+    "optimizer": {"adam": "adamw", "sgd": "sgd", "momentum": "momentum", "adafactor": "adafactor",
+                  "adam8bit": "adamw-8bit"},
+    "zero": {f"zero{i}": i for i in range(4)},
+}
+FLAG_DEFAULTS = {"precision": "bf16", "optimizer": "adamw", "zero": 0}
+
+
+def pick(kw: dict, field: str):
+    """Resolve a --field X option and its shortcut flags (--bf16 ...) into one value; conflicts are errors."""
+    chosen = [(f"--{k.replace('_', '-')}", v) for k, v in FLAG_GROUPS[field].items() if kw.pop(k)]
+    explicit = kw.pop(field)
+    if explicit is not None:
+        chosen.append((f"--{field} {explicit}", explicit))
+    values = {str(v) for _, v in chosen}
+    if len(values) > 1:
+        raise MemplanError(f"conflicting {field} options: {' and '.join(n for n, _ in chosen)}")
+    return chosen[0][1] if chosen else FLAG_DEFAULTS[field]
+
+
+def setup_from_options(kw: dict):
+    """(model, gpu, TrainingSetup) from the shared options (kw is consumed)."""
+    fields = {f: pick(kw, f) for f in FLAG_GROUPS}
+    model = resolve_model(kw.pop("model"))
+    gpu = resolve_gpu(kw.pop("gpu"))
+    names = [p.name for p in SETUP_OPTIONS if p.name in kw]
+    setup = make_setup(**fields, **{n: kw.pop(n) for n in names})
+    return model, gpu, setup
+
+
+def with_setup_options(fn):
+    """Add SETUP_OPTIONS to a command; it receives `model, gpu, setup` instead of the raw options."""
+    sig = inspect.signature(fn)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in sig.parameters.items()
+           if n not in ("model", "gpu", "setup")]
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS}
+        model, gpu, setup = setup_from_options(shared)
+        return fn(model=model, gpu=gpu, setup=setup, **kw)
+
+    wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + own)
+    return wrapper
+
+
+def with_setup_options_optional_model(fn):
+    """with_setup_options, except that --model may be left out (for --sweep, whose file has the models).
+    The command receives model / gpu / setup (None without --model) and `changed`, the setup options given away
+    from their defaults (with --sweep they would be silently ignored, so they are an error)."""
+    model_opt = option("model", Optional[str], None, "--model", "-m", help="Model profile key or alias (memplan "
+                       "profiles list), or a path to a Hugging Face config.json. Not with --sweep.")
+    options = [model_opt if p.name == "model" else p for p in SETUP_OPTIONS]
+    sig = inspect.signature(fn)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for n, p in sig.parameters.items()
+           if n not in ("model", "gpu", "setup", "changed")]
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        shared = {p.name: kw.pop(p.name) for p in options}
+        changed = [p.name for p in options if p.name not in ("model", "gpu") and shared[p.name] != p.default]
+        if shared["model"] is None:
+            return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
+        model, gpu, setup = setup_from_options(shared)
+        return fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
+
+    wrapper.__signature__ = sig.replace(parameters=options + own)
+    return wrapper
+
+
+def emit(result, fmt: Format) -> None:
+    """Print a Result in the chosen format; warnings on stderr unless the table shows them."""
+    from memplan import render
+
+    if fmt is Format.json:
+        typer.echo(render.to_json(result.to_dict()))
+    elif fmt is Format.csv:
+        typer.echo(render.to_csv([render.flat(result)]), nl=False)
+    else:
+        typer.echo(render.table(result))
+    for w in result.warnings:
+        if fmt is not Format.table:
+            typer.echo(f"warning: {w}", err=True)
