@@ -7,7 +7,7 @@ from memplan.estimate.optimizer import state_bytes
 from memplan.estimate.params import ParamGroup
 from memplan.estimate.quant import nf4_bytes
 from memplan.estimate.result import ModelStates
-from memplan.spec.setup import LoraConfig, PeftMethod, TrainingSetup
+from memplan.spec.setup import PeftMethod, TrainingSetup
 from memplan.units import round_block
 
 # peft's default autocast_adapter_dtype=True keeps adapter weights in fp32 whatever the base dtype
@@ -55,26 +55,9 @@ class Unsharded:
     half_grad_copied: int  # ...and the half-precision gradients it is copied from (freed as each is copied)
 
 
-_CACHE: dict = {}  # (id(groups), precision, optimizer, peft, double_quant) -> (groups, Unsharded)
-
-
 def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> Unsharded:
-    """Cached by the identity of `groups` (param_groups caches them), which is cheap to hash, unlike their content."""
-    key = (id(groups), setup.precision, setup.optimizer, setup.peft, setup.lora.double_quant)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is groups:
-        return hit[1]
-    if len(_CACHE) > 4096:
-        _CACHE.clear()
-    u = _unsharded(groups, *key[1:])
-    _CACHE[key] = (groups, u)
-    return u
-
-
-def _unsharded(groups, precision, optimizer, peft, double_quant) -> Unsharded:
-    setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft,
-                          lora=LoraConfig(double_quant=double_quant))
-    opt = optimizer
+    """Model-state bytes of the whole model before sharding (reads the setup's precision, optimizer, PEFT method
+    and double quantization only; memplan.estimate.phases.parameters caches it with the other parameter parts)."""
     w = m = gr = o = ts = lt = f32 = h = 0
     for g in groups:
         w += weight_bytes_per(g, setup) * g.count
@@ -83,7 +66,7 @@ def _unsharded(groups, precision, optimizer, peft, double_quant) -> Unsharded:
         gr += round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
         sb = state_dtype_bytes(g, setup)
         shape = (g.rows, g.numel // g.rows) if g.rows else None
-        o += state_bytes(opt, g.numel, sb, shape) * g.count
+        o += state_bytes(setup.optimizer, g.numel, sb, shape) * g.count
         ts += round_block(g.numel * sb) * g.count
         lt = max(lt, round_block(g.numel * sb))
         if has_master(g, setup):

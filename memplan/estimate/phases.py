@@ -1,0 +1,360 @@
+"""The training step as named states: at each moment that can hold a phase's peak, the bytes alive by category.
+
+One step walks load → forward → backward → optimizer step (memplan.trace.step runs the same loop for real). The
+bytes alive change at a few moments; a phase's peak is its largest state, the step's peak the largest of all
+(memplan.estimate.estimate_spec). The states, in step order (Moment):
+
+    load                  model states, and the gradients carried across micro-batches, before the forward
+    forward               the forward's end: every activation saved, the logits and the loss alive
+    loss backward         backward begins: the loss's gradients beside every activation
+    LM-head backward      the LM head's weight gradient made beside the logits' gradient (in the compute dtype
+                          under autocast), and that gradient cast to the parameter dtype once the logits' is freed
+    top block backward    the block backward reaches first (the forward's last): every block's saved tensors, its
+                          own recomputed under checkpointing; and at its softmax backward (attention transients)
+    lowest block backward the lowest block that saved anything, and the lowest that trains: nearly every gradient
+                          made, the blocks below still holding what they saved; and at its softmax backward
+    backward end          every gradient made
+    optimizer step        the gradients the optimizer reads and its step temporaries
+
+Live bytes fall or grow linearly between the top and the lowest block, so the two ends bound the blocks between.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+
+from memplan.categories import Category as C, Phase
+from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
+from memplan.estimate.optimizer import step_temporary_bytes
+from memplan.estimate.params import ParamGroup, base_params, param_groups, trainable_params
+from memplan.estimate.result import ModelStates
+from memplan.estimate.weights import Unsharded, grad_dtype_bytes, unsharded
+from memplan.spec.model import ModelSpec, Role
+from memplan.spec.setup import Checkpointing, LoraConfig, PeftMethod, TrainingSetup
+from memplan.units import round_block
+
+
+class Moment(str, Enum):
+    """The named moments of a step at which the estimator sizes what is alive (module docstring)."""
+
+    LOAD = "load"
+    FORWARD = "forward"
+    LOSS_BACKWARD = "loss backward"
+    HEAD_BACKWARD = "LM-head backward"  # the head's gradient beside the logits' gradient
+    HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
+    TOP_BLOCK = "top block backward"
+    TOP_BLOCK_SOFTMAX = "top block softmax backward"
+    LOWEST_SAVED_BLOCK = "lowest saved block backward"
+    LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
+    LOWEST_TRAINED_BLOCK = "lowest trained block backward"
+    LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
+    BACKWARD_END = "backward end"
+    OPTIMIZER_STEP = "optimizer step"
+
+
+@dataclass(frozen=True)
+class State:
+    """One moment of the step: its name, its phase, and the bytes alive then by category (the six allocated)."""
+
+    name: Moment
+    phase: Phase
+    categories: dict
+
+    @property
+    def total(self) -> int:
+        return sum(self.categories.values())
+
+
+def peak_state(states: tuple[State, ...]) -> State:
+    """The largest state (the first of equals, in step order)."""
+    return max(states, key=lambda s: s.total)
+
+
+def phase_peaks(states: tuple[State, ...]) -> dict[Phase, int]:
+    """Each phase's peak: its largest state's bytes, phases in step order."""
+    out: dict[Phase, int] = {}
+    for s in states:
+        out[s.phase] = max(out.get(s.phase, 0), s.total)
+    return out
+
+
+# ---- what depends only on the parameters: computed once per (model, parameter fields of the setup) ----------
+@dataclass(frozen=True)
+class GradParts:
+    """Unsharded gradient bytes of groups of parameters that backward reaches at different times."""
+
+    trainable: int  # every trainable tensor's gradient
+    late: int  # the embeddings' (made last)
+    tied_wait: int  # a tied LM head's, waiting for the embedding's own
+    block: int  # one trained block's
+    pending_qkv: int  # ... of its query/key/value projections (made after its softmax backward)
+    head: tuple[int, int, int]  # head_grad(): (gradient, waiting, compute-dtype) bytes of the LM head's
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """The parameter side of a setup: groups, unsharded model states, gradient parts, autocast casts."""
+
+    groups: tuple[ParamGroup, ...]
+    unsharded: Unsharded
+    grads: GradParts
+    half: int  # autocast's weight casts saved for backward
+    half_outside: int  # ... of the weights outside the blocks (what survives checkpointed blocks)
+    half_cached: int  # ... alive through a checkpointed forward
+    dequant: int  # a dequantized NF4 weight
+    trainable_params: int
+    total_params: int
+
+
+def parameters(model: ModelSpec, setup: TrainingSetup) -> Parameters:
+    """The estimator's one cache: keyed by the model and the setup fields the parameters depend on, so a sweep over
+    batch, sequence, checkpointing, attention or ZeRO computes them once."""
+    return _parameters(model, setup.precision, setup.optimizer, setup.peft, setup.lora, setup.num_virtual_tokens,
+                       setup.adapter_size, setup.train_layers)
+
+
+@lru_cache(maxsize=4096)
+def _parameters(model, precision, optimizer, peft, lora: LoraConfig, num_virtual_tokens, adapter_size,
+                train_layers) -> Parameters:
+    setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft, lora=lora,
+                          num_virtual_tokens=num_virtual_tokens, adapter_size=adapter_size, train_layers=train_layers)
+    groups = param_groups(model, setup)
+    tied = model.tie_embeddings
+    return Parameters(
+        groups=groups, unsharded=unsharded(groups, setup), grads=grad_parts(model, groups, setup),
+        half=half_weight_copies(groups, setup, tied), half_outside=half_weight_copies(groups, setup, tied, True),
+        half_cached=half_weight_copies(groups, setup, tied, cached_only=True), dequant=dequant_temp(groups, setup),
+        trainable_params=trainable_params(groups), total_params=base_params(groups))
+
+
+def half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, model_tied: bool,
+                       outside_only: bool = False, cached_only: bool = False) -> int:
+    """Autocast's half-precision casts of the matmul weights, alive from forward until their backward.
+    outside_only: those of the weights outside the blocks (the LM head's, saved past checkpointed blocks);
+    cached_only: those alive through a checkpointed forward (the cached casts of trainable weights, and the
+    ones outside the blocks)."""
+    if not setup.precision.autocast:
+        return 0
+    c = setup.precision.compute_bytes
+    # Trainable weights' casts are cached for the forward; frozen ones are re-cast per use and kept only where a
+    # gradient flows through their matmul (saved for grad_input) — never under --peft freeze's frozen blocks.
+    flows = setup.peft is not PeftMethod.FREEZE or (model_tied and tied_trains(groups))
+    return sum(round_block(g.numel * c) * g.count for g in groups
+               if g.matmul and not g.nf4 and (g.trainable or flows) and (g.outside or not outside_only)
+               and (g.outside or g.trainable or not cached_only))
+
+
+def head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int, int]:
+    """(gradient, waiting, compute-dtype) bytes of the LM head's weight gradient, unsharded until reduced.
+    A tied head's gradient is not the embedding's .grad yet: it waits in autograd's input buffer for the
+    embedding's own ("waiting"). Under autocast the matmul makes it in the compute dtype first, then casts it."""
+    grads = waiting = half = 0
+    for g in groups:
+        if g.outside and g.matmul and g.trainable:
+            n = round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+            if embedding_side(g.name):
+                waiting += n
+            else:
+                grads += n
+            if setup.precision.autocast:
+                half += round_block(g.numel * setup.precision.compute_bytes) * g.count
+    return grads, waiting, half
+
+
+def tied_trains(groups: tuple[ParamGroup, ...]) -> bool:
+    """A trainable weight outside the blocks used in a matmul: the LM head, or the tied embedding serving as it."""
+    return any(g.outside and g.matmul and g.trainable and not g.adapter for g in groups)
+
+
+def embedding_side(name: str) -> bool:
+    """Parameters used before the first block (token / position / type embeddings and their norm): their
+    gradients are the last ones backward makes."""
+    n = name.lower()
+    return "emb" in n or n.startswith(("wte", "wpe"))
+
+
+def dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """QLoRA dequantizes one weight at a time to the compute dtype (bitsandbytes matmul_4bit)."""
+    c = setup.precision.compute_bytes
+    return max((round_block(g.numel * c) for g in groups if g.nf4), default=0)
+
+
+def grad_parts(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> GradParts:
+    gb = {g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count for g in groups if g.trainable}
+    qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
+    inner = [g for g in gb if not g.outside]
+    return GradParts(
+        trainable=sum(gb.values()),
+        late=sum(n for g, n in gb.items() if g.outside and embedding_side(g.name)),
+        tied_wait=sum(n for g, n in gb.items() if g.outside and g.matmul and embedding_side(g.name)),
+        block=sum(gb[g] // g.count for g in inner),  # one tensor of each trainable group per trained block
+        pending_qkv=sum(gb[g] // g.count for g in inner if g.name.startswith(qkv)),
+        head=head_grad(groups, setup))
+
+
+# ---- what depends on the micro-batch and sharding too ---------------------------------------------------------
+def embedding_grad_temp(model: ModelSpec, setup: TrainingSetup, groups) -> int:
+    """End of backward: a tied embedding already holds the LM head's gradient; the embedding's own gradient
+    arrives as a new dense tensor and AccumulateGrad adds the two out of place (two transient copies)."""
+    if not model.tie_embeddings or not tied_trains(groups) or setup.zero >= 2 and setup.shards > 1:
+        return 0
+    return 2 * round_block(model.vocab * model.hidden * setup.precision.param_bytes)
+
+
+def loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """(forward, backward) transient bytes of the logits and loss beyond what the loss saves (activations).
+
+    cross_entropy = log_softmax + nll_loss. transformers' ForCausalLMLoss upcasts the logits to fp32 first;
+    masked-LM and seq2seq heads (BERT, T5) pass them as they are (see activations.logits_upcast)."""
+    t, v, c = setup.model_tokens, model.vocab, setup.precision.compute_bytes
+    logits = round_block(t * v * logits_bytes(setup))
+    if not logits_upcast(model):
+        # forward: the logits, alive until the loss returns. backward: under autocast nll_loss's fp32 gradient
+        # (its fp32 input copy still saved); otherwise nll_loss's and log_softmax's gradients together
+        bwd = round_block(t * v * 4) if setup.precision.autocast else 2 * logits
+        return logits, bwd
+    upcast = round_block(t * v * 4) if c != 4 else 0
+    fwd = logits + upcast  # the returned logits and the fp32 copy alive while log_softmax runs
+    # backward: nll_loss's grad and log_softmax's grad, both fp32 (the training loop no longer holds the
+    # model outputs, as in transformers' Trainer.training_step)
+    bwd = 2 * round_block(t * v * 4)
+    return fwd, bwd
+
+
+def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[int, int]:
+    """(forward, backward) working buffers of sharded training: ZeRO-3 gathers a block's parameters (plus one
+    prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter."""
+    if setup.shards == 1:
+        return 0, 0
+    # FSDP MixedPrecision / DeepSpeed gather parameters in the compute dtype
+    gathered = u.weights * setup.precision.compute_bytes // setup.precision.param_bytes
+    per_block_w = gathered // max(model.blocks, 1)
+    per_block_g = u.grads // max(model.blocks, 1)
+    fwd = 2 * per_block_w if setup.zero == 3 else 0
+    bwd = fwd + (per_block_g if setup.zero >= 2 else 0)
+    return fwd, bwd
+
+
+def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
+    """Gradients while the optimizer steps. Master-weight precisions copy each half gradient to an fp32
+    gradient on its master and free the half one (memplan.trace.step): the fp32 copies replace them."""
+    if setup.offload_optimizer or not u.fp32_grad_copy:
+        return ms.gradients
+    n = setup.shards
+    half = -(-u.half_grad_copied // n) if setup.zero >= 2 else u.half_grad_copied
+    return max(ms.gradients - half, 0) + -(-u.fp32_grad_copy // n)
+
+
+@dataclass(frozen=True)
+class Held:
+    """Bytes the states share: model states, and the transients held across phases."""
+
+    base: dict  # weights, master weights, optimizer states
+    accum_grads: int  # gradients carried across micro-batches (gradient accumulation)
+    half: int  # autocast's weight casts saved for backward
+    half_outside: int  # ... of the weights outside the blocks (what survives checkpointed blocks)
+    deq: int  # a dequantized NF4 weight
+    z_f: int  # ZeRO forward / backward working buffers
+    z_b: int
+
+
+def _alive(h: Held, gradients: int, activations: int, temporaries: int) -> dict:
+    return {**h.base, C.GRADIENTS: gradients, C.ACTIVATIONS: activations, C.TEMPORARIES: temporaries}
+
+
+# ---- the step -------------------------------------------------------------------------------------------------
+def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: ModelStates,
+                acts: Activations) -> tuple[State, ...]:
+    """Every named state of one step, in step order."""
+    u = p.unsharded
+    base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
+    accum_grads = ms.gradients if setup.grad_accum > 1 else 0
+    # under ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b)
+    zero3 = setup.zero == 3 and setup.shards > 1
+    # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
+    h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant,
+             *zero_buffers(model, setup, u))
+    ckpt = setup.checkpointing is Checkpointing.FULL
+    half_fwd = h.half
+    if ckpt and h.half:  # frozen weights' casts are not cached, and checkpointed blocks save none
+        half_fwd = p.half_cached
+    loss_f, loss_b = loss_bytes(model, setup)
+    step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
+        setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
+    return (
+        State(Moment.LOAD, Phase.LOAD, _alive(h, accum_grads, 0, 0)),
+        State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq + loss_f + h.z_f)),
+        *backward_states(model, setup, p, ms, acts, h, loss_b),
+        State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
+    )
+
+
+def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
+                    loss_b: int) -> list[State]:
+    """The backward's states: its start, the LM head's backward, the top and the lowest block's backward, its end."""
+    ckpt = setup.checkpointing is Checkpointing.FULL
+    held = (h.half_outside if ckpt else h.half) + h.deq + h.z_f
+
+    def at(name, gradients, activations, temporaries):
+        return State(name, Phase.BACKWARD, _alive(h, gradients, activations, temporaries))
+
+    states = [at(Moment.LOSS_BACKWARD, h.accum_grads, acts.total, held + loss_b)]
+    # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
+    # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
+    head_g, head_wait, head_half = (h.accum_grads, 0, 0) if h.accum_grads else p.grads.head
+    logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
+    head_acts = acts.total - acts.loss
+    states += [at(Moment.HEAD_BACKWARD, 0 if head_half else head_g, head_acts,
+                  held + logits_grad + (head_half or head_wait)),
+               at(Moment.HEAD_GRAD_CAST, head_g, head_acts, held + head_half + head_wait)]
+    # the top block's backward (its recomputed activations under checkpointing), with the loss's, the head's and
+    # the final norm's saved tensors freed; the recomputation saves the checkpoint's input again: one storage
+    in_blocks = sum(acts.per_block) + acts.early
+    rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
+    states.append(at(Moment.TOP_BLOCK, head_g, in_blocks + rec, held + head_wait))
+    if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
+        last = acts.full_per_block[-1] if acts.full_per_block else 0
+        soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
+        own = soft - acts.input_saved[-1] if ckpt else soft - last
+        states.append(at(Moment.TOP_BLOCK_SOFTMAX, head_g, in_blocks + own, held + head_wait + acts.bwd_transient))
+    states += lowest_block_states(model, setup, p, ms, acts, h)
+    states.append(at(Moment.BACKWARD_END, ms.gradients, 0, h.z_b + embedding_grad_temp(model, setup, p.groups)))
+    return states
+
+
+def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
+    """Inside the backward of the lowest block backward reaches (the lowest that saved anything) and of the lowest
+    that trains: the gradients of everything above are made, the embeddings' are not (a tied LM head's
+    gradient waits in autograd's input buffer until the embedding's own arrives at the end); alive are the
+    activations of the blocks below, that block's (recomputed under checkpointing), its autocast weight casts
+    and its attention-backward transient."""
+    saved = [i for i, b in enumerate(acts.full_per_block) if b]
+    if not saved:
+        return [State(Moment.LOWEST_SAVED_BLOCK, Phase.BACKWARD, _alive(h, 0, 0, 0))]
+    first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+    lowest_trained = max(saved[0], min(first_trained, model.blocks - 1))
+    g = p.grads
+    scale = ms.gradients / max(g.trainable, 1)  # sharding and DDP buckets
+    late, tied_wait = g.late * scale, g.tied_wait * scale
+    ckpt = setup.checkpointing is Checkpointing.FULL
+    block_casts = (h.half - h.half_outside) // max(model.blocks, 1)
+    out = []
+    for j in {saved[0], lowest_trained}:  # one state when they coincide
+        names = ((Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_SAVED_BLOCK_SOFTMAX) if j == saved[0] else
+                 (Moment.LOWEST_TRAINED_BLOCK, Moment.LOWEST_TRAINED_BLOCK_SOFTMAX))
+        # block j's own gradients (when block j trains), and of them those of its query/key/value projections,
+        # still to come when its softmax backward runs
+        trains = setup.peft is not PeftMethod.FREEZE or j >= model.blocks - setup.train_layers
+        block, pending = (g.block * scale, g.pending_qkv * scale) if trains else (0, 0)
+        # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
+        below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if ckpt else 0)
+        made = ms.gradients - late
+        temps = int(tied_wait) + block_casts + h.deq + h.z_b
+        out.append(State(names[0], Phase.BACKWARD,
+                         _alive(h, int(max(made - block, 0)), below + acts.full_per_block[j], temps)))
+        if acts.bwd_transient:
+            out.append(State(names[1], Phase.BACKWARD, _alive(h, int(max(made - pending, 0)),
+                                                              below + acts.at_softmax_bwd[j],
+                                                              temps + acts.bwd_transient)))
+    return out
