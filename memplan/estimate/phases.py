@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
+from typing import NamedTuple
 
 from memplan.categories import Category as C, Phase
 from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
@@ -53,9 +54,9 @@ class Moment(str, Enum):
     OPTIMIZER_STEP = "optimizer step"
 
 
-@dataclass(frozen=True)
-class State:
-    """One moment of the step: its name, its phase, and the bytes alive then by category (the six allocated)."""
+class State(NamedTuple):
+    """One moment of the step: its name, its phase, and the bytes alive then by category (the six allocated).
+    Immutable; a NamedTuple rather than a frozen dataclass because the estimator makes a dozen per estimate."""
 
     name: Moment
     phase: Phase
