@@ -8,19 +8,27 @@ from dataclasses import dataclass
 
 from memplan.units import MiB
 
-# CUDA context + kernels of torch/cuBLAS/cuDNN loaded lazily, as NVML sees it before any tensor: PyTorch's
-# "CUDA semantics" notes put it at ~0.5-1.3 GiB depending on GPU, CUDA and lazy loading; the seed lecture
-# (001, OPT-1.3B breakdown) counts ~1 GB. 600 MiB is the lazily-loaded CUDA 12 figure on Hopper; measure replaces it.
+# CUDA context + the kernels of torch/cuBLAS/cuDNN a step loads, as NVML sees it. Source: PyTorch PR #86509
+# (https://github.com/pytorch/pytorch/pull/86509, torch 1.13, which sets CUDA_MODULE_LOADING=LAZY) measured the
+# context after CUDA init at 287,047,680 B (274 MiB) with lazy module loading and 666,632,192 B (636 MiB) eager;
+# lazy loading is CUDA's default on Linux since 12.2 (CUDA C Programming Guide, "Lazy Loading"), so kernels load
+# as the step first uses them and a training step's context lands between the two. 600 MiB, near the eager
+# figure, is an assumption until committed GPU records (measured context_bytes, `memplan measure`) replace it.
 CUDA_CONTEXT_BYTES = 600 * MiB
 # cuBLAS / cuBLASLt workspace: PyTorch allocates it through the caching allocator, one per handle/stream; on
-# sm90 the default is 32 MiB (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize, ":4096:8").
+# sm90 the cuBLAS default is ":4096:8", 8 × 4096 KiB = 32 MiB (aten/src/ATen/cuda/CublasHandlePool.cpp,
+# getChosenWorkspaceSize), and cuBLASLt's is 32 MiB on Hopper too (PyTorch PR #120925, following the cuBLAS API
+# reference's recommended Hopper workspace, cublasSetWorkspace).
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
-# Reserved / allocated: the caching allocator keeps freed blocks and rounds large blocks to 2 MiB segments.
-# No GPU record is committed yet to calibrate it; 5% is the PyTorch memory-management guidance's typical
-# fragmentation for training loops (c10/cuda/CUDACachingAllocator.cpp notes) and is replaced by measurement.
+# Reserved / allocated: the caching allocator keeps freed blocks and rounds requests up to its segments
+# (c10/cuda/CUDACachingAllocator.cpp, header comment: requests ≤ 1 MiB share 2 MiB segments, 1-10 MiB ones get
+# 20 MiB segments, larger ones are rounded up to 2 MiB). 5% is an assumption with no source: a round figure until
+# committed GPU records calibrate it (`memplan reconcile` reports the reserved-level error per record).
 FRAGMENTATION = 0.05
-# NCCL communicator buffers per GPU when gpus > 1: NCCL_BUFFSIZE default 4 MiB per channel/peer
-# (NCCL docs, Environment Variables); a typical 8-GPU ring/tree setup keeps a few hundred MiB.
+# NCCL communicator buffers per GPU when gpus > 1. Source for the unit: NCCL_BUFFSIZE, default 4 MiB per channel
+# and peer connection (NCCL User Guide, Environment Variables, https://docs.nvidia.com/deeplearning/nccl/user-
+# guide/docs/env.html). The total is an assumption: 4 MiB × 2 ring neighbours × 32 channels = 256 MiB; no
+# multi-GPU record is committed yet to check it.
 NCCL_BYTES = 256 * MiB
 
 

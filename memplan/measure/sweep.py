@@ -40,12 +40,19 @@ LABEL_KEYS = ("name", "est_minutes", "expect", "note")
 SUITE_KEYS = ("name", "description", "steps", "warmup", "lengths", "gpu", "memory_cap_gib", "max_minutes")
 # Runtime model for chunking (est_minutes when a config has none): a fresh worker's fixed cost plus its steps.
 # WORKER_START_S: python + torch + transformers imports, the CUDA context, the meta build and materialization of
-# up to 8B parameters; assumed, to be replaced by the load times the committed records report (measured
-# ~5 s for the imports alone on the 2-core CI machine; a GPU node imports faster but adds the context).
+# up to 8B parameters. An assumption, to be replaced by the load times the committed records report; the one
+# measured part: ~5 s for the imports alone on the 2-core CI machine (a GPU node imports faster but adds the context).
 WORKER_START_S = 40.0
-ASSUMED_MFU = 0.30  # for the step-time guess only; the harness measures the real one
+# For the step-time guess only (the harness measures the real one). An assumption: below the 40% of
+# memplan.estimate.throughput.DEFAULT_UTILIZATION (observed 33-46% MFU for 7-8B bf16 on H100, published.md), since
+# the validation suite's small models and micro-batches reach less of the peak, and a chunk planned too long
+# is cheaper than one cut off.
+ASSUMED_MFU = 0.30
+# A design choice, not a measurement: a chunk with its worker starts fits in a 10-minute job with room to spare.
 DEFAULT_CHUNK_MINUTES = 8.0
-POLL_S = 0.25  # how often the sweep wakes while a worker runs (to notice Ctrl-C / SIGTERM)
+# A design choice: how often the sweep wakes while a worker runs, so Ctrl-C / SIGTERM is answered within a
+# quarter second at negligible CPU.
+POLL_S = 0.25
 
 
 @dataclass(frozen=True)
