@@ -11,7 +11,6 @@ memplan.estimate package (the estimator) and, called, memplan.api.estimate. The 
 `import memplan.estimate.flops` and `from memplan.estimate import estimate_spec` keep working; calling it is
 wired here, above both, so the estimator itself never imports the API.
 """
-import sys
 import types
 
 from memplan.version import __version__
