@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from memplan.errors import MemplanError
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
+from memplan.spec.traits import TRAITS
 
 D, E, O = Stack.DECODER, Stack.ENCODER, Stack.OUTSIDE
 SELF_ATTN = (Role.Q, Role.K, Role.V, Role.O)
@@ -83,8 +84,8 @@ def _paths(prefix: str, *names: str) -> tuple[str, ...]:
 
 
 def _spec(cfg: Mapping, **kw) -> dict:
-    """Common keyword arguments for ModelSpec."""
-    return dict(model_type=cfg["model_type"], hf_config=dict(cfg), **kw)
+    """Common keyword arguments for ModelSpec: the family's traits come from TRAITS by model_type."""
+    return dict(model_type=cfg["model_type"], traits=TRAITS[cfg["model_type"]], hf_config=dict(cfg), **kw)
 
 
 def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
@@ -118,7 +119,8 @@ def llama(cfg: Mapping) -> dict:
     i = _get(cfg, "intermediate_size")
     v = _get(cfg, "vocab_size")
     qkv_bias, o_bias, mlp_bias = _llama_biases(cfg)
-    experts = int(_get(cfg, "num_local_experts", default=dflt.get("num_local_experts", 1))) if mt == "mixtral" else 1
+    routed = TRAITS[mt].moe
+    experts = int(_get(cfg, "num_local_experts", default=dflt.get("num_local_experts", 1))) if routed else 1
     top_k = int(_get(cfg, "num_experts_per_tok", default=dflt.get("num_experts_per_tok", 1)))
     tie = bool(cfg.get("tie_word_embeddings", dflt.get("tie_word_embeddings", False)))
     attn = _paths("self_attn.", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -128,9 +130,9 @@ def llama(cfg: Mapping) -> dict:
         # transformers 5 stores experts as 3-D parameters (MixtralExperts) and the router as a bare weight
         # (MixtralTopKRouter): none of them is an nn.Linear, so LoRA's target_modules cannot name them.
         ten += [
-            Tensor("mlp.gate.weight", experts * h, n, D, TensorKind.OTHER),
-            Tensor("mlp.experts.gate_up_proj", experts * 2 * i * h, n, D, TensorKind.OTHER),
-            Tensor("mlp.experts.down_proj", experts * i * h, n, D, TensorKind.OTHER),
+            Tensor("mlp.gate.weight", experts * h, n, D, TensorKind.ROUTER),
+            Tensor("mlp.experts.gate_up_proj", experts * 2 * i * h, n, D, TensorKind.EXPERTS),
+            Tensor("mlp.experts.down_proj", experts * i * h, n, D, TensorKind.EXPERTS),
         ]
     else:
         lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
@@ -140,7 +142,7 @@ def llama(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048), gated_mlp=True,
-        norm="rmsnorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
         experts_per_token=top_k if experts > 1 else 1, dropout=0.0,
         attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
     )
@@ -167,7 +169,7 @@ def gpt2(cfg: Mapping) -> dict:
     head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
-        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
         linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("resid_pdrop", 0.1)),
         attention_dropout=float(cfg.get("attn_pdrop", 0.1)), tie_embeddings=tie,
     )
@@ -199,7 +201,7 @@ def opt(cfg: Mapping) -> dict:
     head_lin, head_ten = _head("lm_head", proj, v, tie, False)
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
-        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
         linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("dropout", 0.1)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
     )
@@ -225,7 +227,7 @@ def bloom(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
         head_dim=h // heads, intermediate=i, vocab=v, max_positions=_get(cfg, "seq_length", default=2048),
-        gated_mlp=False, norm="layernorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
+        gated_mlp=False, linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
         dropout=float(cfg.get("hidden_dropout", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         tie_embeddings=tie,
     )
@@ -252,7 +254,7 @@ def phi(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048),
-        gated_mlp=False, norm="layernorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
+        gated_mlp=False, linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
         dropout=float(cfg.get("resid_pdrop", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         tie_embeddings=tie,
     )
@@ -285,7 +287,7 @@ def bert(cfg: Mapping) -> dict:
     head_lin, _ = _head("cls.predictions.decoder", h, v, tie, True)
     return _spec(
         cfg, arch=Arch.ENCODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
-        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
         linears=tuple(lin + head_lin), tensors=tuple(ten), dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
         attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)), tie_embeddings=tie,
     )
@@ -327,7 +329,7 @@ def t5(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.ENCODER_DECODER, hidden=d, layers=nd, encoder_layers=ne, heads=heads, kv_heads=heads,
         head_dim=dkv, intermediate=ff, vocab=v, max_positions=_get(cfg, "n_positions", default=512),
-        gated_mlp=gated, norm="rmsnorm", linears=tuple(enc_lin + dec_lin), tensors=tuple(ten),
+        gated_mlp=gated, linears=tuple(enc_lin + dec_lin), tensors=tuple(ten),
         dropout=dropout, attention_dropout=dropout, tie_embeddings=True,
     )
 

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Mapping
 
 from memplan.errors import MemplanError
+from memplan.spec.traits import FamilyTraits
 
 
 class Arch(str, Enum):
@@ -80,6 +81,8 @@ class TensorKind(str, Enum):
     EMBEDDING = "embedding"
     NORM_WEIGHT = "norm_weight"
     BIAS = "bias"  # bias of a non-linear module (LayerNorm bias, MLM head bias, ...)
+    EXPERTS = "experts"  # MoE experts stored as one 3-D parameter: a token multiplies only its routed experts'
+    ROUTER = "router"  # MoE router weight stored as a bare parameter: every token multiplies it
     OTHER = "other"
 
 
@@ -103,6 +106,7 @@ class ModelSpec:
 
     name: str
     model_type: str  # Hugging Face model_type
+    traits: FamilyTraits  # what the family's modeling code does (memplan.spec.traits.TRAITS[model_type])
     arch: Arch
     hidden: int
     layers: int  # blocks in the decoder (decoder / encoder-decoder) or encoder (encoder-only)
@@ -114,7 +118,6 @@ class ModelSpec:
     vocab: int
     max_positions: int
     gated_mlp: bool
-    norm: str  # "rmsnorm" | "layernorm"
     linears: tuple[Linear, ...]
     tensors: tuple[Tensor, ...]
     experts: int = 1  # MoE experts per layer (1 = dense)
@@ -138,6 +141,9 @@ class ModelSpec:
                 raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
         if self.heads % self.kv_heads:
             raise MemplanError(f"model {self.name}: {self.heads} heads not divisible by {self.kv_heads} kv heads")
+        if self.traits.first_k_dense and self.experts > 1:
+            raise MemplanError(f"model {self.name}: dense-then-MoE layer patterns are not modelled yet (every block "
+                               "of a stack is assumed alike)")
 
     @property
     def total_params(self) -> int:
