@@ -25,7 +25,7 @@ class Bottleneck(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-def _site(block: nn.Module, path: str) -> nn.Module | None:
+def submodule(block: nn.Module, path: str) -> nn.Module | None:
     """The sub-module at dotted `path` inside `block` (a negative index counts from the end of a ModuleList)."""
     mod = block
     for part in path.split("."):
@@ -51,7 +51,7 @@ def add_adapters(blocks: list[nn.Module], hidden: int, size: int, dtype, sites: 
     """Add two adapters per block (built on whatever device is current: the meta device while tracing), after
     the attention and MLP sub-modules at `sites` (FamilyTraits.adapter_sites)."""
     for i, block in enumerate(blocks):
-        attn, mlp = (_site(block, p) for p in sites)
+        attn, mlp = (submodule(block, p) for p in sites)
         if attn is None or mlp is None:
             raise MemplanError(f"--peft adapter is not traceable for {type(block).__name__}: no attention / MLP "
                                f"sub-module {' / '.join(sites)} in block {i}")
