@@ -112,8 +112,7 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
         if peft is PeftMethod.FREEZE and t.stack is Stack.OUTSIDE:
             # head only: what comes after the blocks (final norm, MLM transform) and, for tied models, the
             # embedding that is the LM head; embedding-side norms and an encoder's final norm stay frozen
-            before = t.kind is TensorKind.EMBEDDING or "embeddings" in t.name.lower() or t.name.startswith("encoder.")
-            train = not before or tied
+            train = not (t.kind is TensorKind.EMBEDDING or t.input_side) or tied
         add(t.name, t.numel, t.count, t.stack, train, matmul=tied,
             rows=t.numel // model.hidden if t.kind is TensorKind.EMBEDDING else 0, kind=t.kind)
     return out

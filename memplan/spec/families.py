@@ -34,12 +34,13 @@ def _get(cfg: Mapping, *keys, default=None):
     return default
 
 
-def _norm(name: str, h: int, count: int, stack: Stack, bias: bool, affine: bool = True) -> list[Tensor]:
+def _norm(name: str, h: int, count: int, stack: Stack, bias: bool, affine: bool = True,
+          input_side: bool = False) -> list[Tensor]:
     if not affine:  # nn.LayerNorm(elementwise_affine=False) has no parameters
         return []
-    out = [Tensor(f"{name}.weight", h, count, stack, TensorKind.NORM_WEIGHT)]
+    out = [Tensor(f"{name}.weight", h, count, stack, TensorKind.NORM_WEIGHT, input_side)]
     if bias:
-        out.append(Tensor(f"{name}.bias", h, count, stack, TensorKind.BIAS))
+        out.append(Tensor(f"{name}.bias", h, count, stack, TensorKind.BIAS, input_side))
     return out
 
 
@@ -220,7 +221,7 @@ def bloom(cfg: Mapping) -> dict:
         _lin("self_attention.dense", h, h, True, n, D, Role.O),
         *_mlp(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), h, i, n, D, True),
     ]
-    ten = [_embedding("word_embeddings", v, h), *_norm("word_embeddings_layernorm", h, 1, O, True)]
+    ten = [_embedding("word_embeddings", v, h), *_norm("word_embeddings_layernorm", h, 1, O, True, input_side=True)]
     ten += _norm("input_layernorm", h, n, D, True) + _norm("post_attention_layernorm", h, n, D, True)
     ten += _norm("ln_f", h, 1, O, True)
     head_lin, head_ten = _head("lm_head", h, v, tie, False)
@@ -278,7 +279,7 @@ def bert(cfg: Mapping) -> dict:
     ten = [
         _embedding("word_embeddings", v, h), _embedding("position_embeddings", pos, h),
         _embedding("token_type_embeddings", _get(cfg, "type_vocab_size", default=2), h),
-        *_norm("embeddings.LayerNorm", h, 1, O, True),
+        *_norm("embeddings.LayerNorm", h, 1, O, True, input_side=True),
         *_norm("attention.output.LayerNorm", h, n, E, True), *_norm("output.LayerNorm", h, n, E, True),
         *_norm("transform.LayerNorm", h, 1, O, True),
         Tensor("cls.predictions.bias", v, 1, O, TensorKind.BIAS),  # the tied decoder's bias is this tensor
@@ -304,7 +305,7 @@ def _t5_stack(stack: Stack, n: int, d: int, inner: int, ff: int, heads: int, buc
     ten = [
         Tensor("relative_attention_bias.weight", buckets * heads, 1, stack, TensorKind.OTHER),  # first block only
         *_norm("layer_norm", d, (3 if cross else 2) * n, stack, False),
-        *_norm(f"{stack.value}.final_layer_norm", d, 1, O, False),
+        *_norm(f"{stack.value}.final_layer_norm", d, 1, O, False, input_side=stack is E),
     ]
     return lin, ten
 

@@ -95,6 +95,8 @@ class Tensor:
     count: int
     stack: Stack
     kind: TensorKind
+    input_side: bool = False  # outside the blocks, before the last stack's blocks: an embedding's norm, an encoder's
+    # final norm (--peft freeze trains the head side only)
 
 
 @dataclass(frozen=True, eq=False)
