@@ -98,3 +98,22 @@ def test_traits_match_transformers_modules(mt):
         assert t.block is BlockLayout.POST_NORM
     for b in built.blocks:
         assert all(submodule(b, p) is not None for p in t.adapter_sites)
+
+
+@pytest.mark.parametrize("change, what", [(dict(first_k_dense=1), "first_k_dense"),
+                                          (dict(shared_experts=2), "shared MoE experts"),
+                                          (dict(attention=AttentionKind.LATENT), "latent attention")])
+def test_unmodelled_traits_are_refused(change, what):
+    """A family whose blocks differ through a stack (or whose parts the block walk lacks) fails loudly
+    instead of being estimated as if every block were the first."""
+    import dataclasses
+
+    from memplan.errors import MemplanError
+    from memplan.spec.families import spec_from_config
+
+    cfg = dict(model_profile("mixtral-8x7b")["hf_config"])
+    traits = dataclasses.replace(TRAITS["mixtral"], **change)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TRAITS, "mixtral", traits)
+        with pytest.raises(MemplanError, match=what):
+            spec_from_config(cfg, "mixtral-variant")

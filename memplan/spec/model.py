@@ -143,9 +143,8 @@ class ModelSpec:
                 raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
         if self.heads % self.kv_heads:
             raise MemplanError(f"model {self.name}: {self.heads} heads not divisible by {self.kv_heads} kv heads")
-        if self.traits.first_k_dense and self.experts > 1:
-            raise MemplanError(f"model {self.name}: dense-then-MoE layer patterns are not modelled yet (every block "
-                               "of a stack is assumed alike)")
+        if self.traits.unmodelled():
+            raise MemplanError(f"model {self.name}: {self.traits.unmodelled()} not modelled yet")
 
     @property
     def total_params(self) -> int:

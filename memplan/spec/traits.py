@@ -130,6 +130,17 @@ class FamilyTraits:
     def moe(self) -> bool:
         return self.routing is not Routing.DENSE
 
+    def unmodelled(self) -> str:
+        """What of these traits the estimator cannot model yet ("" when nothing): it walks one block per stack
+        and assumes every block of a stack alike."""
+        if self.first_k_dense:
+            return "dense-then-MoE layer patterns (first_k_dense)"
+        if self.shared_experts:
+            return "shared MoE experts"
+        if self.attention is AttentionKind.LATENT:
+            return "multi-head latent attention"
+        return ""
+
     @property
     def learned_positions(self) -> bool:
         """A position-embedding table: seq cannot exceed its max_position_embeddings rows."""
