@@ -117,3 +117,25 @@ def test_unmodelled_traits_are_refused(change, what):
         mp.setitem(TRAITS, "mixtral", traits)
         with pytest.raises(MemplanError, match=what):
             spec_from_config(cfg, "mixtral-variant")
+
+
+def test_all_linear_skips_the_untied_mlm_decoder():
+    """peft's all-linear skips the model's get_output_embeddings() whatever it is called: BERT's untied
+    cls.predictions.decoder too (ModelSpec marks it Linear.output; a match on the name lm_head missed it)."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import memplan
+    from memplan.spec.families import spec_from_config
+
+    cfg = dict(model_type="bert", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               vocab_size=1000, max_position_embeddings=128, tie_word_embeddings=False)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForMaskedLM.from_config(transformers.AutoConfig.for_model(**cfg))
+        want = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear"))
+    got = memplan.estimate(spec_from_config(cfg, "bert-untied"), peft="lora", lora_targets="all-linear", lora_rank=8,
+                           seq=64).trainable_params
+    assert got == want.get_nb_trainable_parameters()[0]

@@ -31,15 +31,10 @@ class ParamGroup:
         return self.numel * self.count
 
 
-def model_vocab(lin: Linear) -> int:
-    """The output layer is the head linear named lm_head (untied LM heads; tied ones are not in the table)."""
-    return lin.out_features if lin.name == "lm_head" else -1
-
-
 def _matches(lin: Linear, targets: tuple[str, ...]) -> bool:
     """peft's rule: a module matches when its dotted name ends with '.' + target (or equals it)."""
     if "all-linear" in targets:  # peft: every linear but the output layer (get_output_embeddings())
-        return not (lin.role is Role.HEAD and lin.out_features == model_vocab(lin))
+        return not lin.output
     q = "." + lin.qualname
     return any(q.endswith("." + t) for t in targets)
 

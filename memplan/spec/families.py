@@ -48,9 +48,10 @@ def _embedding(name: str, rows: int, h: int) -> Tensor:
     return Tensor(f"{name}.weight", rows * h, 1, O, TensorKind.EMBEDDING)
 
 
-def _lin(path: str, fan_in: int, fan_out: int, bias: bool, n: int, stack: Stack, role: Role) -> Linear:
+def _lin(path: str, fan_in: int, fan_out: int, bias: bool, n: int, stack: Stack, role: Role,
+         output: bool = False) -> Linear:
     """An nn.Linear named by its dotted path inside the block (from the model root outside the blocks)."""
-    return Linear(path.rsplit(".", 1)[-1], fan_in, fan_out, bias, n, stack, role, path=path)
+    return Linear(path.rsplit(".", 1)[-1], fan_in, fan_out, bias, n, stack, role, path=path, output=output)
 
 
 def _attention(paths: tuple[str, str, str, str], h: int, q_dim: int, kv_dim: int, n: int, stack: Stack,
@@ -76,7 +77,7 @@ def _mlp(paths: tuple[str, ...], h: int, i: int, n: int, stack: Stack, bias: boo
 def _head(path: str, h: int, v: int, tie: bool, bias: bool) -> tuple[list[Linear], list[Tensor]]:
     """Output projection to the vocabulary; a tied one shares the embedding and only its bias is new."""
     if not tie:
-        return [_lin(path, h, v, bias, 1, O, Role.HEAD)], []
+        return [_lin(path, h, v, bias, 1, O, Role.HEAD, output=True)], []
     return [], ([Tensor(f"{path}.bias", v, 1, O, TensorKind.BIAS)] if bias else [])
 
 

@@ -62,6 +62,7 @@ class Linear:
     stack: Stack
     role: Role
     path: str = ""  # dotted path inside a block where the leaf name is ambiguous (GPT-2 "mlp.c_proj")
+    output: bool = False  # the model's output layer (get_output_embeddings(): an untied LM / MLM decoder)
 
     @property
     def qualname(self) -> str:
