@@ -155,7 +155,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         v = b.linear(L[Role.V], x)
         q_key, k_key, v_key = q[0], k[0], v[0]
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
-    if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k tensors; the projections' outputs are not saved
+    if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
     rep = model.heads // model.kv_heads
     prefix = ctx.kv_ratio != 1.0
@@ -245,7 +245,8 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     h = h * ctx.kv_ratio  # s² terms span every key: the prefix's too
     s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
     s.snapshot("softmax")  # what its backward still finds alive
-    p = sm if model.traits.softmax is SoftmaxDtype.INPUT else c  # .to(query.dtype) / .type(value.dtype): a copy when sm != c
+    # .to(query.dtype) / .type(value.dtype): a copy when sm != c; BERT feeds the softmax output on as it is
+    p = sm if model.traits.softmax is SoftmaxDtype.INPUT else c
     # the P·V matmul saves its left input: the probabilities (after dropout), or autocast's cast of them
     if ctx.dropout and model.attention_dropout > 0:
         s.add("probs_mask", h, sq=True)  # native_dropout's bool mask; its input is not saved
