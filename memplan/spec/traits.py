@@ -6,8 +6,8 @@ how positions enter, which softmax dtype eager attention uses, which loss head f
 modules peft adapts by default — is the same for every config of that family and lives here, in `TRAITS`.
 The estimator, the FLOP count and the trace read these records instead of testing model_type names.
 
-Each value names the transformers 5 modeling file it describes (models/<family>/modeling_<family>.py).
-Adding a family: docs/adding-a-family.md.
+The values describe transformers 5's modeling files (models/<family>/modeling_<family>.py); tests/test_traits.py
+checks them against those modules and against peft's tables. Adding a family: docs/adding-a-family.md.
 """
 from __future__ import annotations
 
