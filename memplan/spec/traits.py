@@ -192,8 +192,9 @@ TRAITS: dict[str, FamilyTraits] = {
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.MASKED_LM,
         softmax=SoftmaxDtype.INPUT, lora_targets=("query", "value"), ia3_targets=("key", "value", "output.dense"),
         ia3_feedforward=("output.dense",), final_norm="", adapter_sites=("attention", "output")),
-    # T5's eager softmax has no dtype argument (scores + the position bias), kept as FP32: the rule the trace
-    # grids calibrated. T5Block holds its sub-layers in a ModuleList `layer`: self-attention, (cross-attention,) MLP.
+    # T5's eager softmax has no dtype argument (softmax(scores + position_bias)); FP32 is the estimator's rule as it
+    # stood, unchecked: T5 is not in the estimate-vs-trace grid (memplan.calibrate.MODELS). T5Block holds its
+    # sub-layers in a ModuleList `layer`: self-attention, (cross-attention,) MLP.
     "t5": FamilyTraits(
         norm=NormKind.RMSNORM, block=BlockLayout.PRE_NORM, activation=Activation.RELU,
         attention=AttentionKind.MHA, position=PositionKind.RELATIVE_BIAS, loss_head=LossHead.SEQ2SEQ_LM,
