@@ -16,7 +16,6 @@ from functools import lru_cache
 import pytest
 
 import memplan
-from memplan.estimate.params import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, LORA_DEFAULT_TARGETS
 from memplan.profiles import model_profile
 
 torch = pytest.importorskip("torch")
@@ -126,18 +125,6 @@ def _configs(key: str, method: str):
 def test_trainable_matches_peft(key, method):
     cfg, setup = _configs(key, method)
     assert memplan_trainable(key, **setup) == peft_trainable(key, cfg)
-
-
-def test_default_target_tables_match_peft():
-    """memplan's copies of peft's default-target tables (params.py) equal peft's own."""
-    from peft.utils import constants as c
-
-    for mt, targets in LORA_DEFAULT_TARGETS.items():
-        assert list(targets) == list(c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[mt]), mt
-    for mt, targets in IA3_DEFAULT_TARGETS.items():
-        assert list(targets) == list(c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[mt]), mt
-    for mt, targets in IA3_FEEDFORWARD.items():
-        assert list(targets) == list(c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[mt]), mt
 
 
 def test_all_linear_opt_350m_projections():

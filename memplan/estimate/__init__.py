@@ -30,7 +30,7 @@ def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
         raise MemplanError(f"--train-layers {setup.train_layers} exceeds the model's {model.blocks} blocks")
     if setup.zero > 0 and setup.gpus == 1:
         warns.append(f"ZeRO stage {setup.zero} on one GPU shards nothing: states are as without ZeRO")
-    if setup.seq > model.max_positions and model.model_type in ("gpt2", "opt", "bert"):
+    if setup.seq > model.max_positions and model.traits.learned_positions:
         raise MemplanError(f"--seq {setup.seq} exceeds {model.name}'s {model.max_positions} learned positions")
     return warns
 

@@ -14,13 +14,12 @@ from functools import lru_cache
 from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
+from memplan.spec.traits import BlockLayout, LossHead, NormKind, PositionKind, SoftmaxDtype
 
 # transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
 # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·pow(x, 3)))) saves pow's input, tanh's output, 0.5·x and (1 + tanh);
 # under autocast pow runs in fp32 (autocast's fp32 list), which makes the first, second and fourth fp32.
 TANH_GELUS = ("gelu_new", "gelu_fast")
-DEFAULT_ACT = {"gpt2": "gelu_new", "phi": "gelu_new", "opt": "relu", "bloom": "bloom_gelu", "bert": "gelu",
-               "t5": "relu"}
 
 
 @dataclass
@@ -130,7 +129,7 @@ def _linears_by_role(model: ModelSpec, stack: Stack) -> dict:
 
 def _act_name(model: ModelSpec) -> str:
     cfg = model.hf_config
-    return cfg.get("hidden_act") or cfg.get("activation_function") or DEFAULT_ACT.get(model.model_type, "gelu")
+    return cfg.get("hidden_act") or cfg.get("activation_function") or model.traits.activation.value
 
 
 def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -> _Saved:
@@ -139,8 +138,9 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     b = _Block(ctx, s, "blk")
     L = _linears_by_role(model, stack)
     r = 4 if ctx.autocast else ctx.dtype_bytes  # residual stream dtype
-    rms = model.norm == "rmsnorm"
-    pre_norm = model.model_type != "bert"
+    tr = model.traits
+    rms = tr.norm is NormKind.RMSNORM
+    pre_norm = tr.block is not BlockLayout.POST_NORM
     h, c = model.hidden, ctx.c
     resid = ("resid", r)
     x = b.norm("ln1", resid, h, rms) if pre_norm else resid
@@ -155,15 +155,14 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         v = b.linear(L[Role.V], x)
         q_key, k_key, v_key = q[0], k[0], v[0]
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
-    rotary = model.model_type in ("llama", "mistral", "mixtral", "qwen2", "gemma", "phi")
-    if rotary:  # q·cos + rot(q)·sin makes new q, k tensors; the projections' outputs are not saved
+    if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
     rep = model.heads // model.kv_heads
     prefix = ctx.kv_ratio != 1.0
     if prefix:  # peft's past key/values are concatenated in front of each layer's keys and values
         k_key, v_key = "k_cat", "v_cat"
         k_b = v_b = c * model.kv_dim * ctx.kv_ratio
-    if ctx.attention is Attention.EAGER or model.model_type == "bloom":
+    if ctx.attention is Attention.EAGER or not tr.sdpa:
         s.add(q_key, q_b)
         s.add(k_key if rep == 1 else "k_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else k_b)
         s.add(v_key if rep == 1 else "v_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else v_b)
@@ -191,12 +190,12 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add("cross_q", c * model.q_dim)
         s.add("cross_kv", 2 * c * model.kv_dim)  # keys/values of the encoder tokens (same count as decoder here)
         s.add("cross_out", c * model.q_dim)
-        if ctx.attention is Attention.EAGER or model.model_type == "t5":
+        if ctx.attention is Attention.EAGER or tr.cross_attention_scores:
             s.add("cross_softmax", (4 + (c if c != 4 else 0)) * model.heads, sq=True)
         b.linear(L[Role.CROSS_O], ("cross_out", c))
     # MLP
     s.snapshot("attention")  # the attention half: what a block saves before its MLP
-    x3 = b.norm("ln2", ("resid2", r), h, rms) if (pre_norm and model.model_type != "phi") else x
+    x3 = b.norm("ln2", ("resid2", r), h, rms) if tr.block is BlockLayout.PRE_NORM else x
     if not pre_norm:  # BERT: LayerNorm(attn_out + residual) saves the sum
         b.norm("ln_post1", ("resid_sum1", r), h, rms)
         x3 = ("ln_post1.out", r)
@@ -231,23 +230,23 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     return s
 
 
-# Eager attention softmax dtypes (transformers 5 modeling files): most models call
-# softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype); GPT-2 calls softmax(scores) then
-# .type(value.dtype); BERT calls softmax(scores) and feeds the result on as it is. A softmax without dtype runs
-# in fp32 under CUDA autocast (fp32_set_opt_dtype) and in the scores' dtype otherwise.
-SOFTMAX_IN_INPUT_DTYPE = ("gpt2", "bert")
-SOFTMAX_NO_CAST_BACK = ("bert",)
+# Eager attention softmax dtypes: FamilyTraits.softmax (memplan.spec.traits.SoftmaxDtype). A softmax without
+# dtype runs in fp32 under CUDA autocast (fp32_set_opt_dtype) and in the scores' dtype otherwise.
+def _softmax_bytes(model: ModelSpec, autocast: bool, c: int) -> int:
+    """Bytes per element of eager attention's softmax output."""
+    return 4 if (model.traits.softmax is SoftmaxDtype.FP32 or autocast) else c
 
 
 def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     """s² tensors eager attention saves: softmax's output, the probabilities cast back, dropout's mask and
     output, and the cast the P·V matmul makes under autocast (bytes per token per key position)."""
-    c, h, mt = ctx.c, model.heads, model.model_type
-    sm = 4 if (mt not in SOFTMAX_IN_INPUT_DTYPE or ctx.autocast) else c
+    c, h = ctx.c, model.heads
+    sm = _softmax_bytes(model, ctx.autocast, c)
     h = h * ctx.kv_ratio  # s² terms span every key: the prefix's too
     s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
     s.snapshot("softmax")  # what its backward still finds alive
-    p = sm if mt in SOFTMAX_NO_CAST_BACK else c  # .to(query.dtype) / .type(value.dtype): a copy when sm != c
+    # .to(query.dtype) / .type(value.dtype): a copy when sm != c; BERT feeds the softmax output on as it is
+    p = sm if model.traits.softmax is SoftmaxDtype.INPUT else c
     # the P·V matmul saves its left input: the probabilities (after dropout), or autocast's cast of them
     if ctx.dropout and model.attention_dropout > 0:
         s.add("probs_mask", h, sq=True)  # native_dropout's bool mask; its input is not saved
@@ -272,7 +271,7 @@ def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -
         s.add("act_out", a * i)  # relu saves its output, the same tensor fc2 saves
     else:  # gelu / bloom_gelu / silu: the activation saves its input, fc2 its output
         s.add("act_in", a * i)
-    if model.model_type == "t5" and ctx.dropout and model.dropout > 0:
+    if model.traits.mlp_inner_dropout and ctx.dropout and model.dropout > 0:
         s.add("ff_drop_mask", i)  # T5DenseActDense: dropout between the activation and wo
     # fc2 on the activation's output (the tanh-GELU product is cast back to the compute dtype under autocast):
     # saved as fc2's input when its weight trains, copied to fp32 for LoRA or (IA)3 feed-forward scaling
@@ -403,13 +402,13 @@ def _bwd_transient(model: ModelSpec, setup: TrainingSetup) -> int:
     if not _eager(model, setup) or setup.checkpointing is Checkpointing.SELECTIVE:
         return 0
     p = setup.precision
-    sm = 4 if (model.model_type not in SOFTMAX_IN_INPUT_DTYPE or p.autocast) else p.compute_bytes
+    sm = _softmax_bytes(model, p.autocast, p.compute_bytes)
     return int(2 * sm * model.heads * setup.model_seq * kv_ratio(setup) * setup.model_tokens)
 
 
 def _eager(model: ModelSpec, setup: TrainingSetup) -> bool:
     """Whether attention materializes s² scores (BLOOM's alibi attention always does)."""
-    return setup.attention is Attention.EAGER or model.model_type == "bloom"
+    return setup.attention is Attention.EAGER or not model.traits.sdpa
 
 
 def _embedding_saved(model: ModelSpec, setup: TrainingSetup) -> int:
@@ -425,24 +424,21 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     c, r = p.compute_bytes, (4 if p.autocast else p.param_bytes)
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
     out = _embedding_saved(model, setup)
-    if model.norm == "rmsnorm":
+    if model.traits.norm is NormKind.RMSNORM:
         out += (4 * h if r != 4 else 0) + 4 + (r * h if head_trains else 0)  # fp32 copy (else the residual), rstd, y
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
     out += c * h if p.autocast else r * h  # the LM head's input: the norm output (autocast: its half cast)
-    if model.model_type == "bert":
+    if model.traits.loss_head is LossHead.MASKED_LM:
         out += 3 * c * h + 8  # MLM transform: dense input, GELU input, LayerNorm input and stats
     out += _loss_saved(model, setup)
     return out * setup.model_tokens
 
 
-# transformers' ForCausalLMLoss (loss/loss_utils.py) runs `logits = logits.float()` before cross_entropy;
-# BertForMaskedLM and T5ForConditionalGeneration call CrossEntropyLoss on the logits as they are.
-NO_LOGITS_UPCAST = ("bert", "t5")
-
-
 def logits_upcast(model: ModelSpec) -> bool:
-    return model.model_type not in NO_LOGITS_UPCAST
+    """transformers' ForCausalLMLoss (loss/loss_utils.py) runs `logits = logits.float()` before cross_entropy;
+    BertForMaskedLM and T5ForConditionalGeneration call CrossEntropyLoss on the logits as they are."""
+    return model.traits.loss_head is LossHead.CAUSAL_LM
 
 
 def logits_bytes(setup: TrainingSetup) -> int:

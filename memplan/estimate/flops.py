@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.estimate.params import ParamGroup, param_groups
-from memplan.spec.model import ModelSpec
+from memplan.spec.model import ModelSpec, TensorKind
 from memplan.spec.setup import Checkpointing, PeftMethod, Precision, TrainingSetup
 
 
@@ -68,9 +68,9 @@ def _matmul_numel(g: ParamGroup, model: ModelSpec) -> float:
     """Weights of one group that each token multiplies (MoE experts: only the routed ones)."""
     if g.matmul:
         return g.total
-    if model.experts > 1 and ".experts." in f".{g.name}":  # transformers 5 stores experts as 3-D parameters
+    if g.kind is TensorKind.EXPERTS:  # transformers 5 stores experts as 3-D parameters
         return g.total * model.experts_per_token / model.experts
-    if model.experts > 1 and g.name.endswith("gate.weight") and not g.outside:  # the router
+    if g.kind is TensorKind.ROUTER:
         return g.total
     return 0.0
 

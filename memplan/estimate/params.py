@@ -24,52 +24,25 @@ class ParamGroup:
     matmul: bool = False  # a weight used in a matmul (autocast casts it)
     outside: bool = False  # outside the repeated blocks (embeddings, LM head, final norm)
     rows: int = 0  # first dimension of a matrix (Adafactor factors its second moment), 0 for vectors
+    kind: TensorKind | None = None  # the spec tensor's kind; None for nn.Linear weights and biases
 
     @property
     def total(self) -> int:
         return self.numel * self.count
 
 
-# peft 0.21 utils/constants.py: TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-LORA_DEFAULT_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "mixtral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj", "fc1", "fc2"),
-    "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "bloom": ("query_key_value",), "bert": ("query", "value"),
-    "t5": ("q", "v"),
-}
-# peft 0.21: TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._IA3_FEEDFORWARD_MODULES_MAPPING
-IA3_DEFAULT_TARGETS = {
-    "llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
-    "mixtral": ("k_proj", "v_proj", "w2"), "qwen2": ("q_proj", "v_proj", "down_proj"),
-    "gemma": ("q_proj", "v_proj", "down_proj"), "phi": ("q_proj", "v_proj", "fc2"),
-    "gpt2": ("c_attn", "mlp.c_proj"), "opt": ("q_proj", "k_proj", "fc2"),
-    "bloom": ("query_key_value", "mlp.dense_4h_to_h"), "bert": ("key", "value", "output.dense"),
-    "t5": ("k", "v", "wo"),
-}
-IA3_FEEDFORWARD = {
-    "llama": ("down_proj",), "mistral": ("down_proj",), "mixtral": ("w2",), "qwen2": ("down_proj",),
-    "gemma": ("down_proj",), "phi": ("fc2",), "gpt2": ("mlp.c_proj",), "opt": ("fc2",),
-    "bloom": ("mlp.dense_4h_to_h",), "bert": ("output.dense",), "t5": ("wo",),
-}
-
-
-def model_vocab(lin: Linear) -> int:
-    """The output layer is the head linear named lm_head (untied LM heads; tied ones are not in the table)."""
-    return lin.out_features if lin.name == "lm_head" else -1
-
-
 def _matches(lin: Linear, targets: tuple[str, ...]) -> bool:
     """peft's rule: a module matches when its dotted name ends with '.' + target (or equals it)."""
     if "all-linear" in targets:  # peft: every linear but the output layer (get_output_embeddings())
-        return not (lin.role is Role.HEAD and lin.out_features == model_vocab(lin))
+        return not lin.output
     q = "." + lin.qualname
     return any(q.endswith("." + t) for t in targets)
 
 
 def lora_targets(model: ModelSpec, setup: TrainingSetup) -> tuple[Linear, ...]:
-    targets = setup.lora.targets or LORA_DEFAULT_TARGETS.get(model.model_type, ())
+    targets = setup.lora.targets or model.traits.lora_targets  # peft's defaults for the family
     if not targets:
-        raise MemplanError(f"no default LoRA targets for model_type {model.model_type}: pass --lora-targets")
+        raise MemplanError(f"no default LoRA targets for {model.name}: pass --lora-targets")
     hit = tuple(l for l in model.linears if _matches(l, targets))
     if not hit:
         raise MemplanError(
@@ -80,8 +53,8 @@ def lora_targets(model: ModelSpec, setup: TrainingSetup) -> tuple[Linear, ...]:
 
 def ia3_targets(model: ModelSpec, setup: TrainingSetup) -> tuple[tuple[Linear, ...], frozenset]:
     """(IA)3's adapted linears and the qualnames of those peft treats as feed-forward (scaled on their input)."""
-    targets = setup.lora.targets or IA3_DEFAULT_TARGETS.get(model.model_type, ())
-    ff = IA3_FEEDFORWARD.get(model.model_type, ()) if not setup.lora.targets else ()
+    targets = setup.lora.targets or model.traits.ia3_targets  # peft's defaults for the family
+    ff = model.traits.ia3_feedforward if not setup.lora.targets else ()
     hit = tuple(l for l in model.linears if _matches(l, targets))
     if not hit:
         raise MemplanError(f"(IA)3 targets {','.join(targets) or '(none)'} match no layer of {model.name}")
@@ -108,16 +81,16 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
     base_frozen = peft not in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
     out: list[ParamGroup] = []
 
-    def add(name, numel, count, stack, trainable, nf4=False, matmul=False, rows=0):
+    def add(name, numel, count, stack, trainable, nf4=False, matmul=False, rows=0, kind=None):
         if peft is PeftMethod.FREEZE and trainable:
             t, f = _block_split(count, stack, model, setup.train_layers)
             if f:
                 out.append(ParamGroup(name, numel, f, False, nf4=nf4, matmul=matmul, outside=stack is Stack.OUTSIDE,
-                                      rows=rows))
+                                      rows=rows, kind=kind))
             count = t
         if count:
             out.append(ParamGroup(name, numel, count, trainable, nf4=nf4, matmul=matmul,
-                                  outside=stack is Stack.OUTSIDE, rows=rows))
+                                  outside=stack is Stack.OUTSIDE, rows=rows, kind=kind))
 
     quant = peft is PeftMethod.QLORA
     for l in model.linears:
@@ -134,10 +107,9 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
         if peft is PeftMethod.FREEZE and t.stack is Stack.OUTSIDE:
             # head only: what comes after the blocks (final norm, MLM transform) and, for tied models, the
             # embedding that is the LM head; embedding-side norms and an encoder's final norm stay frozen
-            before = t.kind is TensorKind.EMBEDDING or "embeddings" in t.name.lower() or t.name.startswith("encoder.")
-            train = not before or tied
+            train = not (t.kind is TensorKind.EMBEDDING or t.input_side) or tied
         add(t.name, t.numel, t.count, t.stack, train, matmul=tied,
-            rows=t.numel // model.hidden if t.kind is TensorKind.EMBEDDING else 0)
+            rows=t.numel // model.hidden if t.kind is TensorKind.EMBEDDING else 0, kind=t.kind)
     return out
 
 

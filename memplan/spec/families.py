@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from memplan.errors import MemplanError
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
+from memplan.spec.traits import TRAITS
 
 D, E, O = Stack.DECODER, Stack.ENCODER, Stack.OUTSIDE
 SELF_ATTN = (Role.Q, Role.K, Role.V, Role.O)
@@ -33,12 +34,13 @@ def _get(cfg: Mapping, *keys, default=None):
     return default
 
 
-def _norm(name: str, h: int, count: int, stack: Stack, bias: bool, affine: bool = True) -> list[Tensor]:
+def _norm(name: str, h: int, count: int, stack: Stack, bias: bool, affine: bool = True,
+          input_side: bool = False) -> list[Tensor]:
     if not affine:  # nn.LayerNorm(elementwise_affine=False) has no parameters
         return []
-    out = [Tensor(f"{name}.weight", h, count, stack, TensorKind.NORM_WEIGHT)]
+    out = [Tensor(f"{name}.weight", h, count, stack, TensorKind.NORM_WEIGHT, input_side)]
     if bias:
-        out.append(Tensor(f"{name}.bias", h, count, stack, TensorKind.BIAS))
+        out.append(Tensor(f"{name}.bias", h, count, stack, TensorKind.BIAS, input_side))
     return out
 
 
@@ -46,9 +48,10 @@ def _embedding(name: str, rows: int, h: int) -> Tensor:
     return Tensor(f"{name}.weight", rows * h, 1, O, TensorKind.EMBEDDING)
 
 
-def _lin(path: str, fan_in: int, fan_out: int, bias: bool, n: int, stack: Stack, role: Role) -> Linear:
+def _lin(path: str, fan_in: int, fan_out: int, bias: bool, n: int, stack: Stack, role: Role,
+         output: bool = False) -> Linear:
     """An nn.Linear named by its dotted path inside the block (from the model root outside the blocks)."""
-    return Linear(path.rsplit(".", 1)[-1], fan_in, fan_out, bias, n, stack, role, path=path)
+    return Linear(path.rsplit(".", 1)[-1], fan_in, fan_out, bias, n, stack, role, path=path, output=output)
 
 
 def _attention(paths: tuple[str, str, str, str], h: int, q_dim: int, kv_dim: int, n: int, stack: Stack,
@@ -74,7 +77,7 @@ def _mlp(paths: tuple[str, ...], h: int, i: int, n: int, stack: Stack, bias: boo
 def _head(path: str, h: int, v: int, tie: bool, bias: bool) -> tuple[list[Linear], list[Tensor]]:
     """Output projection to the vocabulary; a tied one shares the embedding and only its bias is new."""
     if not tie:
-        return [_lin(path, h, v, bias, 1, O, Role.HEAD)], []
+        return [_lin(path, h, v, bias, 1, O, Role.HEAD, output=True)], []
     return [], ([Tensor(f"{path}.bias", v, 1, O, TensorKind.BIAS)] if bias else [])
 
 
@@ -83,8 +86,8 @@ def _paths(prefix: str, *names: str) -> tuple[str, ...]:
 
 
 def _spec(cfg: Mapping, **kw) -> dict:
-    """Common keyword arguments for ModelSpec."""
-    return dict(model_type=cfg["model_type"], hf_config=dict(cfg), **kw)
+    """Common keyword arguments for ModelSpec: the family's traits come from TRAITS by model_type."""
+    return dict(model_type=cfg["model_type"], traits=TRAITS[cfg["model_type"]], hf_config=dict(cfg), **kw)
 
 
 def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
@@ -118,7 +121,8 @@ def llama(cfg: Mapping) -> dict:
     i = _get(cfg, "intermediate_size")
     v = _get(cfg, "vocab_size")
     qkv_bias, o_bias, mlp_bias = _llama_biases(cfg)
-    experts = int(_get(cfg, "num_local_experts", default=dflt.get("num_local_experts", 1))) if mt == "mixtral" else 1
+    routed = TRAITS[mt].moe
+    experts = int(_get(cfg, "num_local_experts", default=dflt.get("num_local_experts", 1))) if routed else 1
     top_k = int(_get(cfg, "num_experts_per_tok", default=dflt.get("num_experts_per_tok", 1)))
     tie = bool(cfg.get("tie_word_embeddings", dflt.get("tie_word_embeddings", False)))
     attn = _paths("self_attn.", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -128,9 +132,9 @@ def llama(cfg: Mapping) -> dict:
         # transformers 5 stores experts as 3-D parameters (MixtralExperts) and the router as a bare weight
         # (MixtralTopKRouter): none of them is an nn.Linear, so LoRA's target_modules cannot name them.
         ten += [
-            Tensor("mlp.gate.weight", experts * h, n, D, TensorKind.OTHER),
-            Tensor("mlp.experts.gate_up_proj", experts * 2 * i * h, n, D, TensorKind.OTHER),
-            Tensor("mlp.experts.down_proj", experts * i * h, n, D, TensorKind.OTHER),
+            Tensor("mlp.gate.weight", experts * h, n, D, TensorKind.ROUTER),
+            Tensor("mlp.experts.gate_up_proj", experts * 2 * i * h, n, D, TensorKind.EXPERTS),
+            Tensor("mlp.experts.down_proj", experts * i * h, n, D, TensorKind.EXPERTS),
         ]
     else:
         lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
@@ -140,7 +144,7 @@ def llama(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048), gated_mlp=True,
-        norm="rmsnorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
         experts_per_token=top_k if experts > 1 else 1, dropout=0.0,
         attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
     )
@@ -167,7 +171,7 @@ def gpt2(cfg: Mapping) -> dict:
     head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
-        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
         linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("resid_pdrop", 0.1)),
         attention_dropout=float(cfg.get("attn_pdrop", 0.1)), tie_embeddings=tie,
     )
@@ -199,7 +203,7 @@ def opt(cfg: Mapping) -> dict:
     head_lin, head_ten = _head("lm_head", proj, v, tie, False)
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
-        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
         linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("dropout", 0.1)),
         attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
     )
@@ -218,14 +222,14 @@ def bloom(cfg: Mapping) -> dict:
         _lin("self_attention.dense", h, h, True, n, D, Role.O),
         *_mlp(("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), h, i, n, D, True),
     ]
-    ten = [_embedding("word_embeddings", v, h), *_norm("word_embeddings_layernorm", h, 1, O, True)]
+    ten = [_embedding("word_embeddings", v, h), *_norm("word_embeddings_layernorm", h, 1, O, True, input_side=True)]
     ten += _norm("input_layernorm", h, n, D, True) + _norm("post_attention_layernorm", h, n, D, True)
     ten += _norm("ln_f", h, 1, O, True)
     head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
         head_dim=h // heads, intermediate=i, vocab=v, max_positions=_get(cfg, "seq_length", default=2048),
-        gated_mlp=False, norm="layernorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
+        gated_mlp=False, linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
         dropout=float(cfg.get("hidden_dropout", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         tie_embeddings=tie,
     )
@@ -252,7 +256,7 @@ def phi(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048),
-        gated_mlp=False, norm="layernorm", linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
+        gated_mlp=False, linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
         dropout=float(cfg.get("resid_pdrop", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
         tie_embeddings=tie,
     )
@@ -276,7 +280,7 @@ def bert(cfg: Mapping) -> dict:
     ten = [
         _embedding("word_embeddings", v, h), _embedding("position_embeddings", pos, h),
         _embedding("token_type_embeddings", _get(cfg, "type_vocab_size", default=2), h),
-        *_norm("embeddings.LayerNorm", h, 1, O, True),
+        *_norm("embeddings.LayerNorm", h, 1, O, True, input_side=True),
         *_norm("attention.output.LayerNorm", h, n, E, True), *_norm("output.LayerNorm", h, n, E, True),
         *_norm("transform.LayerNorm", h, 1, O, True),
         Tensor("cls.predictions.bias", v, 1, O, TensorKind.BIAS),  # the tied decoder's bias is this tensor
@@ -285,7 +289,7 @@ def bert(cfg: Mapping) -> dict:
     head_lin, _ = _head("cls.predictions.decoder", h, v, tie, True)
     return _spec(
         cfg, arch=Arch.ENCODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
-        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False, norm="layernorm",
+        head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
         linears=tuple(lin + head_lin), tensors=tuple(ten), dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
         attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)), tie_embeddings=tie,
     )
@@ -302,7 +306,7 @@ def _t5_stack(stack: Stack, n: int, d: int, inner: int, ff: int, heads: int, buc
     ten = [
         Tensor("relative_attention_bias.weight", buckets * heads, 1, stack, TensorKind.OTHER),  # first block only
         *_norm("layer_norm", d, (3 if cross else 2) * n, stack, False),
-        *_norm(f"{stack.value}.final_layer_norm", d, 1, O, False),
+        *_norm(f"{stack.value}.final_layer_norm", d, 1, O, False, input_side=stack is E),
     ]
     return lin, ten
 
@@ -327,7 +331,7 @@ def t5(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.ENCODER_DECODER, hidden=d, layers=nd, encoder_layers=ne, heads=heads, kv_heads=heads,
         head_dim=dkv, intermediate=ff, vocab=v, max_positions=_get(cfg, "n_positions", default=512),
-        gated_mlp=gated, norm="rmsnorm", linears=tuple(enc_lin + dec_lin), tensors=tuple(ten),
+        gated_mlp=gated, linears=tuple(enc_lin + dec_lin), tensors=tuple(ten),
         dropout=dropout, attention_dropout=dropout, tie_embeddings=True,
     )
 

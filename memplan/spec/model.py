@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Mapping
 
 from memplan.errors import MemplanError
+from memplan.spec.traits import FamilyTraits
 
 
 class Arch(str, Enum):
@@ -61,6 +62,7 @@ class Linear:
     stack: Stack
     role: Role
     path: str = ""  # dotted path inside a block where the leaf name is ambiguous (GPT-2 "mlp.c_proj")
+    output: bool = False  # the model's output layer (get_output_embeddings(): an untied LM / MLM decoder)
 
     @property
     def qualname(self) -> str:
@@ -80,6 +82,8 @@ class TensorKind(str, Enum):
     EMBEDDING = "embedding"
     NORM_WEIGHT = "norm_weight"
     BIAS = "bias"  # bias of a non-linear module (LayerNorm bias, MLM head bias, ...)
+    EXPERTS = "experts"  # MoE experts stored as one 3-D parameter: a token multiplies only its routed experts'
+    ROUTER = "router"  # MoE router weight stored as a bare parameter: every token multiplies it
     OTHER = "other"
 
 
@@ -92,6 +96,8 @@ class Tensor:
     count: int
     stack: Stack
     kind: TensorKind
+    input_side: bool = False  # outside the blocks, before the last stack's blocks: an embedding's norm, an encoder's
+    # final norm (--peft freeze trains the head side only)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +109,7 @@ class ModelSpec:
 
     name: str
     model_type: str  # Hugging Face model_type
+    traits: FamilyTraits  # what the family's modeling code does (memplan.spec.traits.TRAITS[model_type])
     arch: Arch
     hidden: int
     layers: int  # blocks in the decoder (decoder / encoder-decoder) or encoder (encoder-only)
@@ -114,7 +121,6 @@ class ModelSpec:
     vocab: int
     max_positions: int
     gated_mlp: bool
-    norm: str  # "rmsnorm" | "layernorm"
     linears: tuple[Linear, ...]
     tensors: tuple[Tensor, ...]
     experts: int = 1  # MoE experts per layer (1 = dense)
@@ -138,6 +144,8 @@ class ModelSpec:
                 raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
         if self.heads % self.kv_heads:
             raise MemplanError(f"model {self.name}: {self.heads} heads not divisible by {self.kv_heads} kv heads")
+        if self.traits.unmodelled():
+            raise MemplanError(f"model {self.name}: {self.traits.unmodelled()} not modelled yet")
 
     @property
     def total_params(self) -> int:

@@ -4,16 +4,14 @@ peft has no Houlsby adapter, so memplan adds its own: after the attention sub-la
 block, h -> h + up(relu(down(h))) with down: hidden -> adapter_size and up: adapter_size -> hidden, both with
 bias, in the model's parameter dtype. The adapter modules become children of the block (so they are
 parameters of the model, trained, and counted), and a forward hook on the attention / MLP module applies them
-to its output (the first element when the module returns a tuple). Everything else is frozen.
+to its output (the first element when the module returns a tuple). Everything else is frozen. Which sub-modules
+are the attention and the MLP is the family's FamilyTraits.adapter_sites.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
 from memplan.errors import MemplanError
-
-_ATTN = ("self_attn", "attn", "attention", "self_attention", "SelfAttention")
-_MLP = ("mlp", "feed_forward", "ffn", "output", "DenseReluDense", "fc2")  # OPT: fc1 -> act -> fc2 inline
 
 
 class Bottleneck(nn.Module):
@@ -27,12 +25,18 @@ class Bottleneck(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-def _find(block: nn.Module, names) -> nn.Module | None:
-    for n in names:
-        sub = getattr(block, n, None)
-        if isinstance(sub, nn.Module):
-            return sub
-    return None
+def submodule(block: nn.Module, path: str) -> nn.Module | None:
+    """The sub-module at dotted `path` inside `block` (a negative index counts from the end of a ModuleList)."""
+    mod = block
+    for part in path.split("."):
+        if isinstance(mod, nn.ModuleList) and part.lstrip("-").isdigit():
+            idx = int(part)
+            mod = mod[idx] if -len(mod) <= idx < len(mod) else None
+        else:
+            mod = getattr(mod, part, None)
+        if not isinstance(mod, nn.Module):
+            return None
+    return mod
 
 
 def _apply(adapter: Bottleneck):
@@ -43,16 +47,14 @@ def _apply(adapter: Bottleneck):
     return hook
 
 
-def add_adapters(blocks: list[nn.Module], hidden: int, size: int, dtype) -> None:
-    """Add two adapters per block (built on whatever device is current: the meta device while tracing)."""
+def add_adapters(blocks: list[nn.Module], hidden: int, size: int, dtype, sites: tuple[str, str]) -> None:
+    """Add two adapters per block (built on whatever device is current: the meta device while tracing), after
+    the attention and MLP sub-modules at `sites` (FamilyTraits.adapter_sites)."""
     for i, block in enumerate(blocks):
-        attn, mlp = _find(block, _ATTN), _find(block, _MLP)
-        layers = getattr(block, "layer", None)
-        if (attn is None or mlp is None) and isinstance(layers, nn.ModuleList) and len(layers) >= 2:
-            attn, mlp = layers[0], layers[-1]  # T5: [self-attention, (cross-attention,) feed-forward]
+        attn, mlp = (submodule(block, p) for p in sites)
         if attn is None or mlp is None:
             raise MemplanError(f"--peft adapter is not traceable for {type(block).__name__}: no attention / MLP "
-                               f"sub-module found in block {i}")
+                               f"sub-module {' / '.join(sites)} in block {i}")
         for tag, sub in (("attn", attn), ("mlp", mlp)):
             ad = Bottleneck(hidden, size, dtype)
             block.add_module(f"memplan_adapter_{tag}", ad)

@@ -160,7 +160,7 @@ def _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype):
         return base
     if m is PeftMethod.ADAPTER:
         _freeze_all(base)
-        add_adapters(blocks, spec.hidden, setup.adapter_size, param_dtype)
+        add_adapters(blocks, spec.hidden, setup.adapter_size, param_dtype, spec.traits.adapter_sites)
         return base
     import peft
 

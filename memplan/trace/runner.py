@@ -13,6 +13,7 @@ from memplan.errors import MemplanError
 from memplan.estimate.result import ModelStates, Peak, Result
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Precision, TrainingSetup
+from memplan.spec.traits import TRAITS
 from memplan.trace import cuda
 from memplan.trace.build import Built, build, materialize
 from memplan.trace.qlora import NF4Linear
@@ -66,15 +67,13 @@ class TraceRun:
         return out
 
 
-_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
-
-
 def _final_norm(built: Built):
-    """The norm after the last block (the last module so named outside the blocks), if any."""
+    """The norm after the last block (the last module named as the family's traits say, outside the blocks)."""
+    wanted = TRAITS[built.base.config.model_type].final_norm
     inside = {id(m) for b in built.blocks for m in b.modules()}
     found = None
     for name, m in built.base.named_modules():
-        if name.rsplit(".", 1)[-1] in _FINAL_NORMS and id(m) not in inside:
+        if wanted and name.rsplit(".", 1)[-1] == wanted and id(m) not in inside:
             found = m
     return found
 

@@ -1,0 +1,204 @@
+"""What a model family does, as data: one `FamilyTraits` record per Hugging Face model_type.
+
+The numbers of a model (sizes, layer counts, the parameter table) come from its config through the builder in
+memplan.spec.families. What the *code* of a family does — which norm and how it casts, where the norms sit,
+how positions enter, which softmax dtype eager attention uses, which loss head follows the blocks, which
+modules peft adapts by default — is the same for every config of that family and lives here, in `TRAITS`.
+The estimator, the FLOP count and the trace read these records instead of testing model_type names.
+
+The values describe transformers 5's modeling files (models/<family>/modeling_<family>.py); tests/test_traits.py
+checks them against those modules and against peft's tables. Adding a family: docs/adding-a-family.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class NormKind(str, Enum):
+    """The block's normalization and its dtype behaviour."""
+
+    RMSNORM = "rmsnorm"  # LlamaRMSNorm / T5LayerNorm: x.to(float32), mean of squares, rsqrt, weight * y; saves the
+    # fp32 copy and rstd (and y when the weight trains), whatever the input dtype
+    LAYERNORM = "layernorm"  # nn.LayerNorm -> native_layer_norm in the input dtype (fp32 under autocast: autocast's
+    # fp32 list); saves its input, mean and rstd
+
+
+class BlockLayout(str, Enum):
+    """Where the norms sit in a block and how attention and MLP are chained."""
+
+    PRE_NORM = "pre-norm"  # x + attn(norm1(x)), then x + mlp(norm2(x)) (GPT-2, Llama, T5, ...)
+    POST_NORM = "post-norm"  # norm1(x + attn(x)), then norm2(x + mlp(x)) (BERT)
+    PARALLEL = "parallel"  # x + attn(norm(x)) + mlp(norm(x)): one norm feeds both (Phi, GPT-J)
+
+
+class Activation(str, Enum):
+    """The MLP activation when the config names none (hidden_act / activation_function win)."""
+
+    SILU = "silu"  # LlamaConfig / MistralConfig / ... hidden_act default (gated MLPs: act(gate) * up)
+    GELU = "gelu"  # exact erf GELU: one aten op, saves its input
+    GELU_NEW = "gelu_new"  # transformers NewGELUActivation: tanh approximation in Python ops (GPT-2, Phi)
+    RELU = "relu"  # saves its output
+    BLOOM_GELU = "bloom_gelu"  # BloomGelu: a custom autograd function that saves its input
+
+
+class AttentionKind(str, Enum):
+    """How keys and values are shared among query heads. The estimator reads heads / kv_heads from the spec;
+    the kind says which layouts a family's config can express (tests check the profiles agree)."""
+
+    MHA = "mha"  # one key/value head per query head, always (no num_key_value_heads key)
+    GQA = "gqa"  # config.num_key_value_heads key/value heads shared by groups of query heads (MHA and MQA at the ends)
+    MQA = "mqa"  # one key/value head for all query heads (Falcon-7B, GPT-BigCode); no family here yet
+    SLIDING_WINDOW = "sliding-window"  # GQA whose keys stop config.sliding_window positions back (Mistral);
+    # modelled as full attention, exact while seq <= window
+    LATENT = "latent"  # multi-head latent attention (DeepSeek-V2/V3): low-rank compressed K/V; not modelled yet
+
+
+class PositionKind(str, Enum):
+    """How positions enter the model."""
+
+    ROTARY = "rotary"  # q·cos + rot(q)·sin on q and k inside attention: new q, k tensors saved for backward
+    LEARNED = "learned"  # a position-embedding table of max_position_embeddings rows: seq cannot exceed it
+    ALIBI = "alibi"  # a per-head linear bias added to the scores (BLOOM)
+    RELATIVE_BIAS = "relative-bias"  # bucketed relative position bias added to the scores (T5)
+
+
+class QKNorm(str, Enum):
+    """Norms on the per-head queries and keys."""
+
+    NONE = "none"
+    CONFIG = "config"  # present when the config says so (Phi's qk_layernorm)
+    ALWAYS = "always"  # every layer has them (Qwen3, OLMo2, Gemma 3); no family here yet
+
+
+class Routing(str, Enum):
+    """How tokens reach the MLP experts."""
+
+    DENSE = "dense"  # no experts: one MLP per block
+    TOP_K_SOFTMAX = "top-k-softmax"  # softmax over router logits, top-k experts, weights renormalized (Mixtral)
+    SIGMOID_GROUPED = "sigmoid-grouped"  # sigmoid scores, group-limited top-k (DeepSeek-V3); no family here yet
+
+
+class SoftmaxDtype(str, Enum):
+    """The dtype of eager attention's softmax and of the probabilities P·V reads."""
+
+    FP32 = "fp32"  # softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype): fp32 probabilities, cast back
+    INPUT_CAST_BACK = "input-cast-back"  # softmax(scores) then .type(value.dtype) (GPT-2): the scores' dtype (fp32
+    # under autocast, whose fp32 list has softmax), cast back to the compute dtype
+    INPUT = "input"  # softmax(scores) fed on as it is (BERT): the scores' dtype, no cast back
+
+
+class LossHead(str, Enum):
+    """What follows the last block, and whether the loss upcasts the logits."""
+
+    CAUSAL_LM = "causal-lm"  # lm_head; transformers' ForCausalLMLoss runs logits.float() before cross_entropy
+    MASKED_LM = "masked-lm"  # BertOnlyMLMHead: transform (dense, activation, LayerNorm), decoder; CrossEntropyLoss on
+    # the logits as they are
+    SEQ2SEQ_LM = "seq2seq-lm"  # lm_head over decoder states; CrossEntropyLoss on the logits as they are (T5)
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """One model family's behaviour. Sizes are the config's (ModelSpec); this is what its modeling code does."""
+
+    norm: NormKind
+    block: BlockLayout
+    activation: Activation
+    attention: AttentionKind
+    position: PositionKind
+    loss_head: LossHead
+    softmax: SoftmaxDtype
+    # peft 0.21 utils/constants.py: TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    # ..._IA3_TARGET_MODULES_MAPPING and ..._IA3_FEEDFORWARD_MODULES_MAPPING for this model_type
+    # (tests/test_traits.py compares every entry with peft's own)
+    lora_targets: tuple[str, ...]
+    ia3_targets: tuple[str, ...]
+    ia3_feedforward: tuple[str, ...]
+    # the trace's module names: the norm after the last block ("" when there is none) and, inside a block, the
+    # attention and MLP sub-modules bottleneck adapters follow (a dotted path; "layer.-1" is the last sub-layer)
+    final_norm: str
+    adapter_sites: tuple[str, str]
+    qk_norm: QKNorm = QKNorm.NONE
+    routing: Routing = Routing.DENSE
+    shared_experts: int = 0  # experts every token runs beside the routed ones (DeepSeek-MoE, Qwen2-MoE)
+    first_k_dense: int = 0  # blocks before the first MoE block that keep a dense MLP (0: every block alike)
+    sdpa: bool = True  # the modeling file has an SDPA path; False: attention always materializes the s² scores
+    cross_attention_scores: bool = False  # cross-attention saves an s² softmax whatever the attention kernel
+    mlp_inner_dropout: bool = False  # a dropout between the MLP activation and the down projection
+
+    @property
+    def moe(self) -> bool:
+        return self.routing is not Routing.DENSE
+
+    def unmodelled(self) -> str:
+        """What of these traits the estimator cannot model yet ("" when nothing): it walks one block per stack
+        and assumes every block of a stack alike."""
+        if self.first_k_dense:
+            return "dense-then-MoE layer patterns (first_k_dense)"
+        if self.shared_experts:
+            return "shared MoE experts"
+        if self.attention is AttentionKind.LATENT:
+            return "multi-head latent attention"
+        return ""
+
+    @property
+    def learned_positions(self) -> bool:
+        """A position-embedding table: seq cannot exceed its max_position_embeddings rows."""
+        return self.position is PositionKind.LEARNED
+
+
+# Llama and the families that share its block (LlamaDecoderLayer layout): RMSNorm, pre-norm, rotary, gated MLP.
+_LLAMA = dict(norm=NormKind.RMSNORM, block=BlockLayout.PRE_NORM, activation=Activation.SILU,
+              attention=AttentionKind.GQA, position=PositionKind.ROTARY, loss_head=LossHead.CAUSAL_LM,
+              softmax=SoftmaxDtype.FP32, final_norm="norm", adapter_sites=("self_attn", "mlp"))
+_QV = ("q_proj", "v_proj")
+
+TRAITS: dict[str, FamilyTraits] = {
+    "llama": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("k_proj", "v_proj", "down_proj"),
+                          ia3_feedforward=("down_proj",)),
+    "mistral": FamilyTraits(**{**_LLAMA, "attention": AttentionKind.SLIDING_WINDOW}, lora_targets=_QV,
+                            ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
+    # peft's Mixtral IA3 entry names "w2", which transformers 5's fused MixtralExperts no longer has
+    "mixtral": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("k_proj", "v_proj", "w2"),
+                            ia3_feedforward=("w2",), routing=Routing.TOP_K_SOFTMAX),
+    "qwen2": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"),
+                          ia3_feedforward=("down_proj",)),
+    "gemma": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"),
+                          ia3_feedforward=("down_proj",)),
+    "gpt2": FamilyTraits(
+        norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
+        attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
+        softmax=SoftmaxDtype.INPUT_CAST_BACK, lora_targets=("c_attn",), ia3_targets=("c_attn", "mlp.c_proj"),
+        ia3_feedforward=("mlp.c_proj",), final_norm="ln_f", adapter_sites=("attn", "mlp")),
+    "opt": FamilyTraits(  # OPTDecoderLayer runs fc1 -> activation -> fc2 inline: fc2 is the MLP's last module
+        norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.RELU,
+        attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
+        softmax=SoftmaxDtype.FP32, lora_targets=_QV, ia3_targets=("q_proj", "k_proj", "fc2"),
+        ia3_feedforward=("fc2",), final_norm="final_layer_norm", adapter_sites=("self_attn", "fc2")),
+    "bloom": FamilyTraits(  # BloomAttention: baddbmm with the ALiBi bias, no SDPA path
+        norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.BLOOM_GELU,
+        attention=AttentionKind.MHA, position=PositionKind.ALIBI, loss_head=LossHead.CAUSAL_LM,
+        softmax=SoftmaxDtype.FP32, lora_targets=("query_key_value",),
+        ia3_targets=("query_key_value", "mlp.dense_4h_to_h"), ia3_feedforward=("mlp.dense_4h_to_h",),
+        final_norm="ln_f", adapter_sites=("self_attention", "mlp"), sdpa=False),
+    "phi": FamilyTraits(
+        norm=NormKind.LAYERNORM, block=BlockLayout.PARALLEL, activation=Activation.GELU_NEW,
+        attention=AttentionKind.GQA, position=PositionKind.ROTARY, loss_head=LossHead.CAUSAL_LM,
+        softmax=SoftmaxDtype.FP32, lora_targets=("q_proj", "v_proj", "fc1", "fc2"),
+        ia3_targets=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",), final_norm="final_layernorm",
+        adapter_sites=("self_attn", "mlp"), qk_norm=QKNorm.CONFIG),
+    "bert": FamilyTraits(  # BertLayer: attention, intermediate, output (BertOutput: the MLP's down projection)
+        norm=NormKind.LAYERNORM, block=BlockLayout.POST_NORM, activation=Activation.GELU,
+        attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.MASKED_LM,
+        softmax=SoftmaxDtype.INPUT, lora_targets=("query", "value"), ia3_targets=("key", "value", "output.dense"),
+        ia3_feedforward=("output.dense",), final_norm="", adapter_sites=("attention", "output")),
+    # T5's eager softmax has no dtype argument (softmax(scores + position_bias)); FP32 is the estimator's rule as it
+    # stood, unchecked: T5 is not in the estimate-vs-trace grid (memplan.calibrate.MODELS). T5Block holds its
+    # sub-layers in a ModuleList `layer`: self-attention, (cross-attention,) MLP.
+    "t5": FamilyTraits(
+        norm=NormKind.RMSNORM, block=BlockLayout.PRE_NORM, activation=Activation.RELU,
+        attention=AttentionKind.MHA, position=PositionKind.RELATIVE_BIAS, loss_head=LossHead.SEQ2SEQ_LM,
+        softmax=SoftmaxDtype.FP32, lora_targets=("q", "v"), ia3_targets=("k", "v", "wo"), ia3_feedforward=("wo",),
+        final_norm="final_layer_norm", adapter_sites=("layer.0", "layer.-1"), cross_attention_scores=True,
+        mlp_inner_dropout=True),
+}
