@@ -115,9 +115,9 @@ def _peak_tflops(gpu, setup, device: str) -> float | None:
         return None
     import torch
 
-    from memplan.measure.sweep import compute_dtype_key
+    from memplan.measure.harness import peak_tflops
 
-    return gpu.peak_tflops(compute_dtype_key(setup, tf32=bool(torch.backends.cuda.matmul.allow_tf32))) or None
+    return peak_tflops(gpu, setup, tf32=bool(torch.backends.cuda.matmul.allow_tf32))
 
 
 def _gpu_block(info, gpu) -> dict | None:
