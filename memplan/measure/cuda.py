@@ -293,10 +293,14 @@ def _cap(cuda, device, cap: int, context: int, warnings: list, when: str) -> Non
                     f"limit {allocator / 2**30:.2f} GiB, context {context / 2**20:.0f} MiB {when})")
 
 
+def _default_loop(built, setup, recorder, device, cuda):
+    return cuda_loop_class(cuda.autocast_device)(built.model, setup, recorder, built.compute_dtype, device)
+
+
 def measure_cuda(spec, setup, opts: MeasureOptions, book: PhaseBook, clock, peak: float | None, cuda=None,
-                 nvml=None, build=build_on_device) -> Outcome:
-    """See the module doc. `cuda` (TorchCuda), `nvml` (memplan.measure.memory.Nvml) and `build` are the seams
-    the simulation tests replace."""
+                 nvml=None, build=build_on_device, make_loop=_default_loop) -> Outcome:
+    """See the module doc. `cuda` (TorchCuda), `nvml` (memplan.measure.memory.Nvml), `build(spec, setup,
+    device)` and `make_loop(built, setup, recorder, device, cuda)` are the seams the simulation tests replace."""
     from memplan.estimate.overhead import CUDA_CONTEXT_BYTES
     from memplan.measure.memory import CudaStats, DeviceLevel, Nvml, Sampler, nvml_index
     from memplan.trace.runner import install_marks
@@ -343,7 +347,7 @@ def measure_cuda(spec, setup, opts: MeasureOptions, book: PhaseBook, clock, peak
                     return make_batch(spec, setup.batch, n, device), setup.batch * n * setup.grad_accum
                 return get
 
-            loop = cuda_loop_class(cuda.autocast_device)(built.model, setup, rec, built.compute_dtype, device)
+            loop = make_loop(built, setup, rec, device, cuda)
             book.enter(None)  # load ends (read)
             book.reading = False
             with attention_context(setup):
