@@ -387,6 +387,7 @@ def test_no_gpu_and_no_device_cpu_is_one_line_with_the_hint(tiny_config, capsys)
     (["--optimizer", "adamw-8bit"], "bitsandbytes"),
     (["--resume"], "need --sweep"),
     (["--steps", "0"], "--steps must be positive"),
+    (["--attention", "flash", "--peft", "prefix"], "FlashAttention-2 does not take"),  # refused before any work
 ])
 def test_bad_measure_options_exit_2(tiny_config, capsys, argv, needle):
     rc, _, err = run_cli(["measure", "--model", tiny_config, "--device", "cpu", *argv], capsys)

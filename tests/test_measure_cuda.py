@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from dataclasses import dataclass, field
 
 import pytest
@@ -432,3 +433,55 @@ def test_no_gpu_is_one_clear_error():
     with pytest.raises(MemplanError, match="--device cpu"):
         _run(MeasureOptions(device="cuda", steps=1), NoGpu(), None)
 
+
+
+# ---- QLoRA on the GPU: the bitsandbytes pieces of the one build path, against a bitsandbytes stand-in -----------
+def _fake_bnb():
+    """bitsandbytes.nn.Linear4bit / Params4bit as far as memplan.measure.cuda uses them: a Params4bit not yet
+    quantized keeps its [out, in] shape; .to(device) "quantizes" it to bitsandbytes' packed uint8 [n/2, 1]."""
+    class Params4bit(torch.nn.Parameter):
+        def __new__(cls, data=None, requires_grad=False, compress_statistics=True, quant_type="fp4", module=None):
+            p = torch.Tensor._make_subclass(cls, data, requires_grad)
+            p.compress_statistics, p.quant_type, p.module = compress_statistics, quant_type, module
+            return p
+
+        def to(self, device):
+            packed = torch.empty((self.numel() + 1) // 2, 1, dtype=torch.uint8, device=device)
+            return Params4bit(packed, False, self.compress_statistics, self.quant_type, self.module)
+
+    class Linear4bit(torch.nn.Linear):
+        def __init__(self, n_in, n_out, bias=True, compute_dtype=None, compress_statistics=True, quant_type="fp4",
+                     device=None):
+            super().__init__(n_in, n_out, bias, device=device)
+            self.compute_dtype = compute_dtype
+            self.weight = Params4bit(self.weight.data, False, compress_statistics, quant_type)
+
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.nn = types.SimpleNamespace(Linear4bit=Linear4bit, Params4bit=Params4bit)
+    return bnb
+
+
+def test_bnb_quantizer_replaces_what_the_trace_quantizes(monkeypatch):
+    from memplan.trace.build import dtypes, from_config, hf_config, materialize
+    from memplan.trace.qlora import quantize_linears
+
+    bnb = _fake_bnb()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", bnb)
+    setup = make_setup(precision="bf16", peft="qlora", batch=2, seq=16)
+    param_dtype, compute_dtype = dtypes(setup.precision)
+
+    def base():
+        with torch.device("meta"):
+            return from_config(SPEC, hf_config(SPEC, setup), "sdpa", param_dtype)
+
+    ref, ours = base(), base()
+    keep = {id(ours.get_output_embeddings())}
+    n = mcuda.bnb_quantizer(ours, keep, compute_dtype, True)
+    assert n == quantize_linears(ref, {id(ref.get_output_embeddings())}, compute_dtype, True) == 2 * 7
+    assert ours.is_loaded_in_4bit and not isinstance(ours.get_output_embeddings(), bnb.nn.Linear4bit)
+    mcuda.quantize_on_device(ours, "cpu")
+    materialize(ours, True, device="cpu")
+    q = [m for m in ours.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(m.weight.dtype == torch.uint8 and m.weight.device.type == "cpu" for m in q)
+    assert q[0].weight.numel() == q[0].in_features * q[0].out_features // 2 and q[0].weight.compress_statistics
+    assert not any(p.device.type == "meta" for p in ours.parameters())
