@@ -485,3 +485,14 @@ def test_bnb_quantizer_replaces_what_the_trace_quantizes(monkeypatch):
     assert all(m.weight.dtype == torch.uint8 and m.weight.device.type == "cpu" for m in q)
     assert q[0].weight.numel() == q[0].in_features * q[0].out_features // 2 and q[0].weight.compress_statistics
     assert not any(p.device.type == "meta" for p in ours.parameters())
+
+
+@pytest.mark.parametrize("sampled, source", [(900 * MiB, "nvml-sampled"), (700 * MiB, "reserved-peak+context")])
+def test_device_peak_is_the_higher_of_the_samples_and_the_reserved_floor(sampled, source):
+    """A spike the sampler missed (segments taken and given back between two samples) still shows through the
+    reserved peak plus the context; the record names which of the two the device peak is."""
+    dl = memory.DeviceLevel(FakeNvml(FakeCuda()), pids=[os.getpid()])
+    dl.context_bytes, dl.peak = 100 * MiB, sampled
+    assert dl.peak_bytes(reserved_peak=700 * MiB) == (max(sampled, 800 * MiB), source)
+    dl.context_bytes = None  # no context reading: only the samples
+    assert dl.peak_bytes(reserved_peak=700 * MiB) == (sampled, "nvml-sampled")

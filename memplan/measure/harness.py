@@ -19,7 +19,7 @@ from memplan.categories import Phase
 from memplan.errors import MemplanError
 from memplan.measure.faults import FAULT_ENV
 from memplan.measure.options import MeasureOptions, check_environment, check_measurable
-from memplan.measure.phases import PHASE_LOG_PREFIX, Outcome, PhaseBook, mfu, peak_tflops
+from memplan.measure.phases import PHASE_LOG_PREFIX, Outcome, PhaseBook, peak_tflops
 from memplan.measure.timing import CpuClock, CudaClock
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import TrainingSetup
@@ -29,7 +29,7 @@ from memplan.spec.setup import TrainingSetup
 OOM_MESSAGES = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 __all__ = ["FAULT_ENV", "PHASE_LOG_PREFIX", "MeasureOptions", "Outcome", "check_environment", "check_measurable",
-           "measure", "mfu", "peak_tflops", "OOM_MESSAGES"]
+           "measure", "peak_tflops", "OOM_MESSAGES"]
 
 
 def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tflops: float | None = None,
