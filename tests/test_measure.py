@@ -22,10 +22,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import memplan  # noqa: E402
+from memplan.trace.session import make_batch  # noqa: E402
 from memplan.api import make_setup  # noqa: E402
 from memplan.cli import main  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
-from memplan.measure import harness, memory, record, sweep  # noqa: E402
+from memplan.measure import cuda as mcuda, faults, harness, memory, phases, record, sweep  # noqa: E402
 from memplan.estimate.flops import flops_per_token  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
 
@@ -135,7 +136,7 @@ def test_varied_lengths_stay_in_range():
     out = harness.measure(SPEC, setup, harness.MeasureOptions(device="cpu", steps=4, warmup=1, lengths="varied",
                                                               marks=False))
     assert out.status == "ok"
-    lengths = harness._lengths(setup, harness.MeasureOptions(lengths="varied"), 6)
+    lengths = phases.lengths_for(setup, "varied", 0, 6)
     assert all(32 <= n <= 64 for n in lengths) and len(set(lengths)) > 1
     assert 2 * 32 <= out.measured["tokens_per_step"] <= 2 * 64
 
@@ -159,15 +160,15 @@ def test_phase_book_keeps_each_phase_peak_over_the_counted_steps():
     from memplan.measure.timing import CpuClock
 
     reads = [(10, 12, 20),  # load ends
-             (0, 0, 0), (50, 90, 100), (30, 95, 100), (11, 40, 100),  # warm-up step: not counted
              (0, 0, 0), (50, 80, 100), (31, 99, 110), (12, 45, 110),  # counted step 1
              (0, 0, 0), (52, 85, 110), (30, 97, 110), (10, 44, 110)]  # counted step 2
-    book = harness.PhaseBook(CpuClock(), _ScriptedReader(reads), None, instrument=True, phase_log=False)
+    book = phases.PhaseBook(CpuClock(), _ScriptedReader(reads), None, phase_log=False)
+    book.reading = True
     book.enter(Phase.LOAD)
     book.enter(None)
     for counting in (False, True, True):
-        book.counting = counting
-        book.reader.boundary()  # as _run_steps does before each step
+        book.reading = book.timing = counting  # the warm-up step is neither read nor timed
+        book.begin_step()
         for ph in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP):
             book.enter(ph)
         book.enter(None)
@@ -189,13 +190,13 @@ def test_cuda_loop_and_materialize_run_on_the_cpu_too():
     setup = make_setup(precision="fp16", batch=2, seq=16)
     built = build(SPEC, setup)
     materialize(built.model, True, device="cpu")
-    harness._rotary_buffers_on(built.model, "cpu")
+    mcuda.recompute_rotary(built.model, "cpu")
     assert all(p.device.type == "cpu" for p in built.model.parameters())
-    book = harness.PhaseBook(CpuClock(), None, None, instrument=False, phase_log=False)
-    loop = harness._cuda_loop_class()(built.model, setup, harness.Recorder(book), built.compute_dtype, "cpu")
+    book = phases.PhaseBook(CpuClock(), None, None, phase_log=False)
+    loop = mcuda.cuda_loop_class()(built.model, setup, phases.Recorder(book), built.compute_dtype, "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loop.iteration(harness.make_batch(SPEC, 2, 16, "cpu"))
+        loop.iteration(make_batch(SPEC, 2, 16, "cpu"))
     assert type(loop.scaler).__name__ == "DeviceScaler"
     assert loop.scaler._scale.device.type == "cpu" and book.phase is Phase.OPTIMIZER_STEP
     assert loop.optimizer.state  # the step ran: AdamW created its state
@@ -206,7 +207,7 @@ def test_cuda_loop_and_materialize_run_on_the_cpu_too():
                                                  ("oom", "load", "oom"), ("cuda-oom", "forward", "oom")])
 def test_injected_failure_is_recorded_with_its_phase(tiny_config, tmp_path, monkeypatch, capsys, kind, phase,
                                                      status):
-    monkeypatch.setenv(harness.FAULT_ENV, f"*:{kind}:{phase}")
+    monkeypatch.setenv(faults.FAULT_ENV, f"*:{kind}:{phase}")
     out = tmp_path / "r.jsonl"
     rc, stdout, _ = run_cli(["measure", "--model", tiny_config, *ARGS, "--results", str(out)], capsys)
     assert rc == 1
@@ -226,7 +227,7 @@ def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_p
     results = tmp_path / "out" / "results.jsonl"
     cmd = [sys.executable, "-m", "memplan", "measure", "--sweep", str(sweep_file), "--device", "cpu",
            "--results", str(results)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), harness.FAULT_ENV: "b:crash:forward;c:interrupt:load"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), faults.FAULT_ENV: "b:crash:forward;c:interrupt:load"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 130, p.stderr
     assert "--resume" in p.stderr and "Traceback" not in p.stderr
@@ -236,7 +237,7 @@ def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_p
     assert recs["b"]["status"] == "error" and recs["b"]["failed_phase"] == "forward"
     assert "SIGKILL" in recs["b"]["error"] and recs["b"]["estimate"] is not None
 
-    env.pop(harness.FAULT_ENV)
+    env.pop(faults.FAULT_ENV)
     rc, _, err = run_cli(cmd[3:], capsys)
     assert rc == 2 and "--resume" in err  # never appends duplicates silently
     p2 = subprocess.run(cmd + ["--resume", "-f", "json"], capture_output=True, text=True, env=env, timeout=120)
@@ -387,6 +388,7 @@ def test_no_gpu_and_no_device_cpu_is_one_line_with_the_hint(tiny_config, capsys)
     (["--optimizer", "adamw-8bit"], "bitsandbytes"),
     (["--resume"], "need --sweep"),
     (["--steps", "0"], "--steps must be positive"),
+    (["--attention", "flash", "--peft", "prefix"], "FlashAttention-2 does not take"),  # refused before any work
 ])
 def test_bad_measure_options_exit_2(tiny_config, capsys, argv, needle):
     rc, _, err = run_cli(["measure", "--model", tiny_config, "--device", "cpu", *argv], capsys)
@@ -517,7 +519,7 @@ def test_setup_flags_round_trip_through_the_cli_parser(cfg):
 
 def test_measure_modules_import_without_torch():
     code = ("import sys, memplan.cli, memplan.measure.record, memplan.measure.reconcile, memplan.measure.sweep, "
-            "memplan.measure.harness, memplan.measure.memory; assert 'torch' not in sys.modules, 'torch imported'")
+            "memplan.measure.harness, memplan.measure.memory, memplan.measure.cuda, memplan.measure.cpu; assert 'torch' not in sys.modules, 'torch imported'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
         **os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr

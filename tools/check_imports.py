@@ -44,16 +44,8 @@ PLOT_TIERS = ("report",)
 # Result.to_frame(), the README's one-liner for notebook users, imports pandas when called
 PLOT_MODULES = ("memplan.estimate.result",)
 
-# Private names another helper's change makes public (issue 9 §5: the split of measure/harness.py and the
-# tracked-session helper shared with trace/runner.py). A listed entry that no longer occurs is itself reported,
-# so this list can only shrink.
-KNOWN_PRIVATE = frozenset({
-    ("memplan.measure.harness", "memplan.trace.runner._checkpoint_tagging"),
-    ("memplan.measure.harness", "memplan.trace.runner._install_marks"),
-    ("memplan.measure.harness", "memplan.trace.runner._quiet"),
-    ("memplan.measure.harness", "memplan.trace.build._from_config"),
-    ("memplan.measure.harness", "memplan.trace.build._peft_config"),
-})
+# Exceptions to the private-name rule (none today); a listed entry that no longer occurs is itself reported.
+KNOWN_PRIVATE: frozenset = frozenset()
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,13 @@
     memplan measure --sweep validation --chunk 1                              # a suite, a subprocess per config
     memplan reconcile reports/measurements/h100-sxm/*.jsonl --max-error 5     # estimate vs measured
 
-harness.py   build (meta device → the device), the step loop, phases, OOM → did-not-fit
-memory.py    the levels: torch.cuda.memory_stats, NVML (failing soft), the CUDA context baseline
+harness.py   the entry point (measure), OOM → did-not-fit; re-exports the options and the phase-log prefix
+options.py   MeasureOptions, the checks before any work (unsupported setups, flash refusals, bitsandbytes)
+faults.py    MEMPLAN_FAULT injection (tests)
+phases.py    phase bookkeeping (timed steps vs memory readings), the step loop, throughput and MFU
+cpu.py       --device cpu: the trace's tracked session (memplan.trace.session), timed
+cuda.py      --device cuda: build on the GPU, CUDA-events-only timed steps, the untimed memory pass
+memory.py    the levels: torch.cuda.memory_stats, NVML (failing soft, process match recorded), the context
 timing.py    CUDA events / perf_counter
 record.py    the JSON Lines record (schema_version 1), environment capture, atomic append, schema upgrades
 sweep.py     sweep / suite files, chunking, a fresh subprocess per configuration, --resume

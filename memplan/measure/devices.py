@@ -36,6 +36,6 @@ def peak_tflops(gpu, setup, device: str) -> float | None:
         return None
     import torch
 
-    from memplan.measure.sweep import compute_dtype_key
+    from memplan.measure.phases import peak_tflops as dense_peak
 
-    return gpu.peak_tflops(compute_dtype_key(setup, tf32=bool(torch.backends.cuda.matmul.allow_tf32))) or None
+    return dense_peak(gpu, setup, tf32=bool(torch.backends.cuda.matmul.allow_tf32))

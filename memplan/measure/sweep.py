@@ -222,20 +222,14 @@ class Planned:
 def estimated_seconds(spec, setup, steps: int, warmup: int, gpu) -> float:
     """WORKER_START_S + (warmup + steps + 1 probe) steps at ASSUMED_MFU of the GPU's dense peak (1 TFLOPS, i.e. a
     pessimistic CPU-class guess, without a GPU profile), recomputation under checkpointing included."""
-    from memplan.estimate.flops import flops_per_token
+    from memplan.estimate.flops import compute_dtype, flops_per_token
 
     flops = flops_per_token(spec, setup).hardware * setup.tokens * setup.grad_accum
-    peak = gpu.peak_tflops(compute_dtype_key(setup)) if gpu is not None else 1.0
+    peak = gpu.peak_tflops(compute_dtype(setup.precision)) if gpu is not None else 1.0
     step_s = flops / (peak * 1e12 * ASSUMED_MFU)
     return WORKER_START_S + (warmup + steps + 1) * step_s
 
 
-def compute_dtype_key(setup, tf32: bool = False) -> str:
-    """The GpuSpec.tflops key of the setup's matmul dtype (fp32 matmuls run as TF32 only when enabled)."""
-    half = setup.precision.half_dtype
-    if half == "float32":
-        return "tf32" if tf32 else "fp32"
-    return "bf16" if half == "bfloat16" else "fp16"
 
 
 def plan(suite: Suite, device: str, gpu, max_minutes: float) -> list[Planned]:

@@ -22,13 +22,18 @@ class CpuClock:
 
 
 class CudaClock:
-    def __init__(self):
-        import torch
+    """Marks are CUDA events recorded on the current stream; `cuda` is torch.cuda or a stand-in with Event and
+    synchronize (memplan.measure.cuda.TorchCuda, or the tests' simulation)."""
 
-        self._torch = torch
+    def __init__(self, cuda=None):
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda
+        self._cuda = cuda
 
     def mark(self):
-        e = self._torch.cuda.Event(enable_timing=True)
+        e = self._cuda.Event(enable_timing=True)
         e.record()
         return e
 
@@ -36,7 +41,7 @@ class CudaClock:
         return a.elapsed_time(b) / 1000.0  # elapsed_time is in milliseconds
 
     def sync(self) -> None:
-        self._torch.cuda.synchronize()
+        self._cuda.synchronize()
 
 
 def summarize(times: list[float]) -> dict:

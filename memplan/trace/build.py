@@ -11,14 +11,21 @@ the modeling code makes them); adapters peft creates stay fp32, as peft's defaul
 PEFT: full (everything trains) · freeze (the last `train_layers` blocks and the output embedding, i.e. the LM
 head, tied embedding included) · lora / dora / ia3 / prompt / prefix through peft (targets = setup.lora.targets
 or peft's defaults for the model type) · qlora (every nn.Linear but the LM head replaced by the NF4 stand-in of
-memplan.trace.qlora, then LoRA) · adapter (memplan.trace.adapters) · bitfit (parameters named *bias).
+memplan.trace.qlora, then LoRA; `build(quantize=...)` swaps the stand-in for bitsandbytes' Linear4bit on a
+GPU) · adapter (memplan.trace.adapters) · bitfit (parameters named *bias).
 Dropout: setup.dropout=False zeroes the config's dropout probabilities; None / True keep the config's.
+QLoRA without peft.prepare_model_for_kbit_training: that helper (peft/utils/other.py) upcasts every fp16/bf16
+parameter that is not Params4bit (embeddings, norms, LM head) to fp32 and turns on input gradients and
+checkpointing. memplan keeps the dtypes the --precision gives (as a get_peft_model on the quantized base does),
+so the estimate, the trace and the measurement agree; a user who calls it holds those non-quantized weights in
+fp32 (4 instead of 2 bytes each) and should model that with --precision bf16 (fp32 parameters under autocast).
 The KV cache is off (config.use_cache=False) except for prefix tuning, which feeds its prefix through it.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -85,7 +92,7 @@ def _auto_class(spec: ModelSpec):
             "encoder-decoder": transformers.AutoModelForSeq2SeqLM}[getattr(spec.arch, "value", spec.arch)]
 
 
-def _from_config(spec: ModelSpec, config, impl: str, dtype):
+def from_config(spec: ModelSpec, config, impl: str, dtype):
     try:
         return _auto_class(spec).from_config(config, attn_implementation=impl, dtype=dtype)
     except TypeError:  # transformers < 4.56 names it torch_dtype
@@ -111,7 +118,7 @@ def _peft_task(spec: ModelSpec) -> str | None:
     return {"decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM"}.get(getattr(spec.arch, "value", spec.arch))
 
 
-def _peft_config(spec: ModelSpec, setup: TrainingSetup):
+def peft_config(spec: ModelSpec, setup: TrainingSetup):
     import peft
 
     m, task = setup.peft, _peft_task(spec)
@@ -135,7 +142,7 @@ def _freeze_all(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype):
+def _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype, quantize):
     """Returns the model the step calls."""
     m = setup.peft
     if m is PeftMethod.FULL:
@@ -166,11 +173,11 @@ def _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype):
 
     if m is PeftMethod.QLORA:
         head = base.get_output_embeddings()
-        quantize_linears(base, {id(head)} if head is not None else set(), compute_dtype, setup.lora.double_quant)
+        quantize(base, {id(head)} if head is not None else set(), compute_dtype, setup.lora.double_quant)
     try:
         # peft's default (autocast_adapter_dtype=True) keeps adapter weights in fp32 over a half-precision base,
         # and its forward casts the input to the adapter dtype: traced as users run it
-        return peft.get_peft_model(base, _peft_config(spec, setup))
+        return peft.get_peft_model(base, peft_config(spec, setup))
     except ValueError as exc:
         raise MemplanError(f"--peft {m.value} on {spec.name}: {exc}") from None
 
@@ -189,19 +196,26 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def build(spec: ModelSpec, setup: TrainingSetup) -> Built:
+Quantizer = Callable[[nn.Module, set, torch.dtype, bool], int]
+
+
+def build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer = quantize_linears) -> Built:
+    """The model `setup` trains, on the meta device (see the module doc). `quantize(base, keep_ids,
+    compute_dtype, double_quant)` replaces the base's linear layers under --peft qlora: the NF4 stand-in here;
+    the CUDA measurement passes bitsandbytes' Linear4bit (memplan.measure.cuda), so both tiers build through
+    this one path (attention fallback, checkpointing switch, peft config)."""
     import transformers
 
     check_traceable(setup)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # config sanity notes (token ids of tiny test vocabularies)
     try:
-        return _build(spec, setup)
+        return _build(spec, setup, quantize)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _build(spec: ModelSpec, setup: TrainingSetup) -> Built:
+def _build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer) -> Built:
     config = hf_config(spec, setup)
     param_dtype, compute_dtype = dtypes(setup.precision)
     impl = "eager" if setup.attention is Attention.EAGER else "sdpa"
@@ -213,16 +227,16 @@ def _build(spec: ModelSpec, setup: TrainingSetup) -> Built:
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         try:
-            base = _from_config(spec, config, impl, param_dtype)
+            base = from_config(spec, config, impl, param_dtype)
         except ValueError as exc:
             if impl != "sdpa" or "does not support an attention implementation" not in str(exc):
                 arch = getattr(spec.arch, "value", spec.arch)
                 raise MemplanError(f"{spec.name}: cannot build a {arch} model for model_type "
                                    f"'{config.model_type}' ({exc})") from None
-            base = _from_config(spec, config, "eager", param_dtype)  # what transformers itself falls back to
+            base = from_config(spec, config, "eager", param_dtype)  # what transformers itself falls back to
             notes.append(f"{type(base).__name__} has no SDPA attention: traced with eager attention")
         blocks = find_blocks(base)
-        model = _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype)
+        model = _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype, quantize)
         if setup.checkpointing is Checkpointing.FULL:
             kwargs = {"use_reentrant": False, "preserve_rng_state": False}  # RNG state lives on the host
             if hasattr(base, "activation_checkpointing_enable"):

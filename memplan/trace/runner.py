@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,11 +14,10 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Precision, TrainingSetup
 from memplan.spec.traits import TRAITS
 from memplan.trace import cuda
-from memplan.trace.build import Built, build, materialize
-from memplan.trace.qlora import NF4Linear
-from memplan.trace.step import TrainLoop
+from memplan.trace.build import Built, build
+from memplan.trace.session import make_batch, quiet, tracked_session
 from memplan.trace.timeline import TimelineRow
-from memplan.trace.tracker import ACT, CATEGORY, DEQ, DETAIL, G, INPUT, MW, OS, W, AllocTracker, Rec
+from memplan.trace.tracker import ACT, CATEGORY, DETAIL, G, MW, OS, W, AllocTracker, Rec
 
 ITERATIONS = 2  # the first builds optimizer state; the second is the steady state reported
 
@@ -78,7 +76,9 @@ def _final_norm(built: Built):
     return found
 
 
-def _install_marks(built: Built, tracker: AllocTracker) -> list:
+def install_marks(built: Built, tracker) -> list:
+    """Module hooks that mark the region (embed / blockN / final_norm / head / loss, and each region's backward)
+    on `tracker.set_mark`; returns the hook handles."""
     handles = []
 
     def regions():
@@ -109,85 +109,6 @@ def _install_marks(built: Built, tracker: AllocTracker) -> list:
     return handles
 
 
-def _tag_tensors(tracker: AllocTracker, obj) -> None:
-    if isinstance(obj, torch.Tensor):
-        tracker.saved(obj)
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            _tag_tensors(tracker, o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            _tag_tensors(tracker, o)
-
-
-@contextlib.contextmanager
-def _checkpoint_tagging(model, tracker: AllocTracker):
-    """Under activation checkpointing, what is kept for backward is each block's inputs (held by the checkpoint)
-    and, during recomputation, what the recomputed block saves: tag both as activations."""
-    import torch.utils.checkpoint as cp
-
-    wrapped = []
-    for m in model.modules():
-        fn = m.__dict__.get("_gradient_checkpointing_func")
-        if fn is None:
-            continue
-
-        def ckpt(func, *args, _fn=fn, **kw):
-            _tag_tensors(tracker, args)
-            _tag_tensors(tracker, getattr(func, "keywords", {}))
-            return _fn(func, *args, **kw)
-
-        m._gradient_checkpointing_func = ckpt
-        wrapped.append((m, fn))
-    orig = cp._recomputation_hook
-
-    class _Tagging(orig):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            pack = self.pack_hook
-
-            def tagged(x):
-                tracker.saved(x)
-                return pack(x)
-            self.pack_hook = tagged
-
-    cp._recomputation_hook = _Tagging
-    try:
-        yield
-    finally:
-        cp._recomputation_hook = orig
-        for m, fn in wrapped:
-            m._gradient_checkpointing_func = fn
-
-
-@contextlib.contextmanager
-def _as_real_tensors():
-    """transformers refuses to skip the causal mask when it sees a FakeTensor (it assumes torch.export tracing,
-    where data cannot be read) and would then pass an explicit mask to SDPA: a different kernel and different
-    allocations than the real step. While tracing, fake tensors are reported as real; the data-dependent checks
-    this enables (e.g. "is the padding mask all ones") read 1 / True from the tracker."""
-    import transformers.utils.import_utils as iu
-
-    orig = getattr(iu, "is_fake_tensor", None)
-    if orig is None:  # older transformers: no such check
-        yield
-        return
-    iu.is_fake_tensor = lambda x: False
-    try:
-        yield
-    finally:
-        iu.is_fake_tensor = orig
-
-
-def _batch(spec: ModelSpec, setup: TrainingSetup) -> dict:
-    """Token ids and labels as a collator makes them (labels a separate tensor; shifted inside the loss)."""
-    b, s, v = setup.batch, setup.seq, spec.vocab
-    batch = {"input_ids": torch.randint(0, v, (b, s)), "labels": torch.randint(0, v, (b, s))}
-    if getattr(spec.arch, "value", spec.arch) == "encoder-decoder":
-        batch["decoder_input_ids"] = torch.randint(0, v, (b, s))
-    return batch
-
-
 def _rows(tracker: AllocTracker, start: int, end: int) -> list[TimelineRow]:
     marks = [m for m in tracker.marks if m[0] <= end]
     rows, mi, phase, mark = [], 0, Phase.LOAD, ""
@@ -216,7 +137,7 @@ def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round
     corrections (memplan.trace.cuda, item 4). observer(model, optimizer, batch) may return a context manager
     entered around the reported iteration (e.g. a MemTracker, to compare its peak with result.peak).
     """
-    with _quiet():
+    with quiet():
         try:
             return _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer)
         except RuntimeError as exc:
@@ -225,26 +146,6 @@ def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round
                                    "run torch grouped_mm, whose fake-tensor kernel takes bf16 weights only; "
                                    "trace --pure-bf16 or --bf16-master") from None
             raise
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Library chatter (transformers config notes, deprecations) is not the trace's output."""
-    import warnings as w
-
-    import transformers
-
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a failing meta kernel, then raises
-    verbosity, level = transformers.logging.get_verbosity(), fake_log.level
-    transformers.logging.set_verbosity_error()
-    fake_log.setLevel(logging.CRITICAL)
-    try:
-        with w.catch_warnings():
-            w.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        fake_log.setLevel(level)
 
 
 def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) -> TraceRun:
@@ -257,33 +158,10 @@ def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) ->
             warnings.append("fp32 SDPA with grouped-query attention: CUDA's memory-efficient kernel rejects GQA "
                             "and torch falls back to the math kernel (s² scores); the trace shows the fused kernel")
     warnings.append("reserved = device = allocated: the trace has no allocator fragmentation or CUDA context")
-    with contextlib.ExitStack() as stack:
-        if fake:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-            stack.enter_context(_as_real_tensors())
-        stack.enter_context(cuda.cuda_semantics(autocast=setup.precision.autocast))
-        stack.enter_context(tracker)
-        NF4Linear.tagger = lambda w: tracker.track(w, DEQ)
-        stack.callback(setattr, NF4Linear, "tagger", None)
-        for t in materialize(built.model, init_values=not fake):
-            tracker.track(t, W)
-        for h in _install_marks(built, tracker):
-            stack.callback(h.remove)
-        stack.enter_context(_checkpoint_tagging(built.model, tracker))
-        batch = _batch(spec, setup)
-        for t in batch.values():
-            tracker.track(t, INPUT)
-        loop = TrainLoop(built.model, setup, tracker, built.compute_dtype)
-        stack.callback(loop.close)
-        load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
-
-        def pack(x):
-            tracker.saved(x)
-            return x.detach() if x.requires_grad else x
-
-        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x))
+    with tracked_session(built, setup, tracker, fake=fake,
+                         batch=lambda: make_batch(spec, setup.batch, setup.seq)) as session:
+        loop, batch, load_peak = session.loop, session.batch, session.load_peak
+        handles = install_marks(built, tracker)
         for it in range(ITERATIONS - 1):
             loop.iteration(batch)
             if it == 0:
@@ -294,7 +172,9 @@ def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) ->
         end = tracker.seq
         backward_seq = max(s for s, p, m in tracker.marks if p is Phase.BACKWARD and m == "" and s <= end)
         grads_seq = loop.grads_seq
-        del batch, loop
+        for h in handles:
+            h.remove()
+        del batch, loop, session
 
     at_end, at_step = tracker.by_tag(end), tracker.by_tag(grads_seq)
     states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
