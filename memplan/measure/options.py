@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from memplan.errors import MemplanError
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Attention, PeftMethod, TrainingSetup
+from memplan.spec.traits import PositionKind
 from memplan.trace.support import unsupported
 
 # FlashAttention-2 (what --attention flash runs: SDPA restricted to its flash backend) takes head dims up to 256:
@@ -57,9 +58,9 @@ def flash_refusal(spec: ModelSpec, setup: TrainingSetup) -> str | None:
     cfg = spec.hf_config or {}
     window = cfg.get("sliding_window")
     mask = None
-    if cfg.get("model_type") == "bloom" or cfg.get("alibi"):
+    if spec.traits.position is PositionKind.ALIBI:
         mask = "ALiBi position biases"
-    elif "relative_attention_num_buckets" in cfg:
+    elif spec.traits.position is PositionKind.RELATIVE_BIAS:
         mask = "a relative position bias"
     elif isinstance(window, int) and cfg.get("use_sliding_window", True) and window < setup.model_seq:
         mask = f"a sliding window of {window} < {setup.model_seq} positions"
