@@ -496,3 +496,21 @@ def test_device_peak_is_the_higher_of_the_samples_and_the_reserved_floor(sampled
     assert dl.peak_bytes(reserved_peak=700 * MiB) == (max(sampled, 800 * MiB), source)
     dl.context_bytes = None  # no context reading: only the samples
     assert dl.peak_bytes(reserved_peak=700 * MiB) == (sampled, "nvml-sampled")
+
+
+def test_reconcile_compares_the_allocated_level_without_the_blas_workspace():
+    """The estimate counts the cuBLAS workspace at the reserved level (estimate.overhead), so reconcile takes the
+    workspace the record measured off the measured allocated peaks before comparing; reserved keeps it."""
+    from memplan.measure.reconcile import compare
+
+    rec = {"name": "w", "model": "gpt2", "status": "ok", "setup": {"batch": 1, "seq": 8},
+           "estimate": {"peak": {"allocated_bytes": 100 * MiB, "reserved_bytes": 140 * MiB}, "phase_peaks": {
+               "forward": 90 * MiB}},
+           "measured": {"peak": {"allocated_bytes": 100 * MiB + WORKSPACE, "reserved_bytes": 140 * MiB},
+                        "phases": {"forward": {"peak_allocated_bytes": 90 * MiB + WORKSPACE}},
+                        "blas_workspace_bytes": WORKSPACE}}
+    row = compare(rec, estimate="recorded")
+    assert row["err_allocated_pct"] == 0 and row["err_forward_pct"] == 0 and row["err_reserved_pct"] == 0
+    assert row["meas_allocated_bytes"] == 100 * MiB and row["meas_blas_workspace_bytes"] == WORKSPACE
+    del rec["measured"]["blas_workspace_bytes"]  # a record without the reading compares as measured
+    assert compare(rec, estimate="recorded")["meas_allocated_bytes"] == 100 * MiB + WORKSPACE
