@@ -23,7 +23,9 @@ PRECISIONS = ["fp32", "fp16", "bf16", "fp16-master", "bf16-master", "pure-bf16"]
 OPTIMIZERS = ["adamw", "adamw-fused", "adamw-forloop", "sgd", "momentum", "adafactor", "adamw-8bit", "paged-adamw",
               "paged-adamw-8bit"]
 PEFTS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "prompt", "prefix", "adapter", "bitfit"]
-EXAMPLES = int(os.environ.get("MEMPLAN_HYPOTHESIS_EXAMPLES", "200"))  # raise it for a deeper search
+# 200 under the default "ci" profile, the profile's own count under "explore" (tests/conftest.py); the
+# environment variable sets it outright for a deeper search
+EXAMPLES = int(os.environ.get("MEMPLAN_HYPOTHESIS_EXAMPLES", max(200, settings().max_examples)))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
                                                                             HealthCheck.too_slow])
 
