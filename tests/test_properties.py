@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from memplan.api import make_setup
-from memplan.categories import ALLOCATED_CATEGORIES, Category as C
+from memplan.categories import ALLOCATED_CATEGORIES, Category as C, Phase
 from memplan.errors import MemplanError
 from memplan.estimate import estimate_spec
 from memplan.estimate.activations import activations
@@ -165,27 +165,24 @@ def test_checkpointing_never_increases_saved_activations(case, mode):
     assert all(c <= n for c, n in zip(ckpt.per_block, none.per_block))
 
 
-# Below this sequence length full checkpointing can really cost more than it saves (see the pinned case below).
-CKPT_MIN_SEQ = 64
-
-
 @SETTINGS
-@given(setups(peft="full", min_seq=CKPT_MIN_SEQ), st.sampled_from(["full", "selective"]))
+@given(setups(peft="full"), st.sampled_from(["full", "selective"]))
 def test_checkpointing_never_increases_peak_full_finetuning(case, mode):
-    """Full fine-tuning (every block trains, so every model has ≥ 2 checkpointed blocks), sequences ≥ 64 tokens:
-    the activations at the peak and the peak itself never grow with checkpointing.
+    """Full fine-tuning (every block trains, so every model has ≥ 2 checkpointed blocks): the forward's peak never
+    grows with checkpointing, and the peak grows by at most one block input.
 
-    Domain: at a few tokens the blocks save almost nothing, and what a checkpoint keeps besides the recomputed
-    block (its saved inputs; for T5 also the cross-attention's zero position bias, which transformers'
-    T5Attention makes a leaf requiring grad when gradient checkpointing trains, heads·s² elements alive to the
-    end of backward) can outweigh it: the trace shows the backward peak growing with full checkpointing at
-    seq 1 and 8 (test_full_checkpointing_costs_more_at_one_token below). (With one trained block under --peft
-    freeze, full checkpointing can legitimately cost its input on top of the recomputed block at any length.)"""
+    Why the slack: inside the lowest block's backward a checkpoint holds its saved inputs besides the recomputed
+    block, so where the peak sits there (every gradient made, few activations left: small sequences, ZeRO
+    offload, large sharded models) full checkpointing really costs a little more. The trace shows it (T5, one
+    token: test_full_checkpointing_costs_more_at_one_token below); the estimate bounds the extra by the block
+    input it keeps. (With one trained block under --peft freeze, full checkpointing can cost its input on top of
+    the recomputed block as well.)"""
     name, kw = case
     none = run(name, {**kw, "checkpointing": "none"})
     ckpt = run(name, {**kw, "checkpointing": mode})
-    assert ckpt.categories[C.ACTIVATIONS] <= none.categories[C.ACTIVATIONS]
-    assert ckpt.peak.allocated_bytes <= none.peak.allocated_bytes
+    slack = activations(spec(name), make_setup(**{**kw, "checkpointing": "full"})).block_input
+    assert ckpt.phase_peaks[Phase.FORWARD] <= none.phase_peaks[Phase.FORWARD]
+    assert ckpt.peak.allocated_bytes <= none.peak.allocated_bytes + slack
 
 
 # --- LoRA vs full fine-tuning ---------------------------------------------------------------------------------------
@@ -231,8 +228,9 @@ def test_lora_can_need_more_than_full_with_stateless_optimizers(kw):
 
 
 # --- where a property's domain ends: the physical truth, traced --------------------------------------------------
-# The shrunk counterexample of test_checkpointing_never_increases_peak_full_finetuning before its domain was
-# narrowed to seq ≥ 64: hypothesis found it at seq 1.
+# The shrunk counterexample of test_checkpointing_never_increases_peak_full_finetuning when it asserted no growth
+# at all (hypothesis found it at seq 1; exploring finds mixtral-8x7b ones at seq 57 and 821 too: ZeRO-2 × 64 and
+# ZeRO-1 × 8, fp16-master, +101,420 B and +171,004 B, both inside the lowest block's backward).
 TINY_SEQ_CASE = ("t5-3b", dict(precision="fp16-master", optimizer="adamw", peft="full", batch=1, seq=1, gpus=2,
                                zero=2, offload_optimizer=True, attention="eager"))
 # a 2+2-block T5 (t5-3b's hf_config scaled down: same family, relative bias, ReLU MLP, tied head) for the trace
@@ -261,7 +259,6 @@ def test_full_checkpointing_costs_more_at_one_token():
     assert full.peak.allocated_bytes > none.peak.allocated_bytes
 
     pytest.importorskip("torch")
-    from memplan.categories import Phase
     from memplan.profiles import spec_from_config
     from memplan.trace import trace
 
