@@ -49,7 +49,7 @@ def test_llama_7b_counts_are_the_published_ones():
     ("fp32", SEED_002["fp32_adam_bytes_per_param"], dict(weights=4, master_weights=0, gradients=4, optimizer_states=8)),
     # seed 002: bf16 weights, grads and Adam states = 2 + 2 + 4 = 8 B/param -> "56 GB" for 7e9 params
     ("pure-bf16", SEED_002["bf16_adam_bytes_per_param"], dict(weights=2, master_weights=0, gradients=2, optimizer_states=4)),
-    # README / DESIGN: autocast keeps fp32 params, grads and states: 4 + 4 + 8 = 16 B/param
+    # README ("What --bf16 means"): autocast keeps fp32 params, grads and states: 4 + 4 + 8 = 16 B/param
     ("bf16", 16, dict(weights=4, master_weights=0, gradients=4, optimizer_states=8)),
     ("fp16", 16, dict(weights=4, master_weights=0, gradients=4, optimizer_states=8)),
     # seed 002's own terms 2·7 + 2·7 + 8·7 + 4·7 and seed 003's 2+2+4+4+4: half weights + half grads + fp32 master +
@@ -290,3 +290,15 @@ def test_lora_targets_are_q_proj_by_role():
     spec = spec_from_config(LORA_CFG, "tiny")
     q = next(l for l in spec.linears if l.name == "q_proj")
     assert q.role is Role.Q and (q.in_features, q.out_features) == (1000, 1000)
+
+
+# --- the figures file itself ----------------------------------------------------------------------------------
+def test_every_figure_names_its_source():
+    """Each table of tests/data/published.toml says what it is, where it comes from and how it is quoted, and
+    docs/published.md (the human-readable copy) lists it."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "published.md").read_text(encoding="utf-8")
+    for name, fig in PUBLISHED.items():
+        assert fig.get("description") and fig.get("source"), name
+        assert f"`[{name}]`" in doc, name

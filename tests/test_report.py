@@ -2,7 +2,7 @@
 table), its inputs (setups files, records, trace timelines) and bad input, and a real headless browser that
 loads it from file:// with no console errors and renders every chart.
 
-The records here are synthetic inputs written in record_schema.md's format (numbers chosen by the test, not
+The records here are synthetic inputs written in docs/record-schema.md's format (numbers chosen by the test, not
 expected values): they exercise the reader and the charts, they say nothing about accuracy.
 """
 from __future__ import annotations
