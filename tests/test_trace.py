@@ -1,8 +1,8 @@
 """The trace tier: the real training step on fake CPU tensors, every byte accounted.
 
-Truth ladder, rung 2 (the trace is the exact oracle the estimate is held to): (a) the tracker agrees with torch's MemTracker on real tensors; (b) the fake
-run equals the real run byte for byte; (c) trainable counts equal what peft reports; (d) unknown models fail
-loudly. Tiny llama-style models keep the suite fast.
+Truth ladder, rung 2 (the trace is the exact oracle the estimate is held to): (a) the tracker agrees with torch's
+MemTracker on real tensors; (b) the fake run equals the real run byte for byte; (c) trainable counts equal what
+peft reports; (d) unknown models fail loudly. Tiny llama-style models keep the suite fast.
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_import_does_not_load_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ---- the facts DESIGN.md lists, as the trace shows them ---------------------------------------------------------
+# ---- memory facts of the training step, as the trace shows them ------------------------------------------------
 def _linear_weight_bytes(dtype_bytes: int) -> int:
     return sum(-(-l.weight_numel * dtype_bytes // 512) * 512 * l.count for l in SPEC.linears)
 
