@@ -132,9 +132,10 @@ def test_cpu_peak_equals_the_fake_trace(kw):
 
 
 def test_cpu_model_states_equal_torchs_own_tensors():
-    """Independently of memplan's tracker: the weights (parameters and buffers) and AdamW states the CPU measurement reports at its peak are
-    the bytes of transformers' own model and torch's own AdamW states (each storage rounded to 512 B, as the CUDA
-    caching allocator allocates; the `step` counters are host scalars, torch/optim/adam.py)."""
+    """Independently of memplan's tracker: the weights (parameters and buffers) and AdamW states the CPU
+    measurement reports at its peak are the bytes of transformers' own model and torch's own AdamW states (each
+    storage rounded to 512 B, as the CUDA caching allocator allocates; the `step` counters are host scalars,
+    torch/optim/adam.py)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memplan.units import round_block

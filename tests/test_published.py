@@ -48,7 +48,8 @@ def test_llama_7b_counts_are_the_published_ones():
     # seed 002: fp32 + Adam = 4 (weights) + 4 (grads) + 8 (Adam m, v) = 16 B/param -> "112 GB" for 7e9 params
     ("fp32", SEED_002["fp32_adam_bytes_per_param"], dict(weights=4, master_weights=0, gradients=4, optimizer_states=8)),
     # seed 002: bf16 weights, grads and Adam states = 2 + 2 + 4 = 8 B/param -> "56 GB" for 7e9 params
-    ("pure-bf16", SEED_002["bf16_adam_bytes_per_param"], dict(weights=2, master_weights=0, gradients=2, optimizer_states=4)),
+    ("pure-bf16", SEED_002["bf16_adam_bytes_per_param"],
+     dict(weights=2, master_weights=0, gradients=2, optimizer_states=4)),
     # README ("What --bf16 means"): autocast keeps fp32 params, grads and states: 4 + 4 + 8 = 16 B/param
     ("bf16", 16, dict(weights=4, master_weights=0, gradients=4, optimizer_states=8)),
     ("fp16", 16, dict(weights=4, master_weights=0, gradients=4, optimizer_states=8)),
