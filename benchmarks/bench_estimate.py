@@ -1,4 +1,4 @@
-"""How fast is the estimate tier? Two numbers, each against the target DESIGN.md sets for it.
+"""How fast is the estimate tier? Two numbers, each against its target (the project's design targets, stated below).
 
 (a) CLI start-up: `memplan estimate --model llama-7b --adam --bf16 --zero3` as a fresh process, N runs; median and p90
     wall seconds (target: median ≤ 0.3 s — the estimate path imports no torch).

@@ -1,7 +1,7 @@
 """How fast is `memplan report`? A page over 50 setups, written by a fresh process, against the ≤ 3 s target.
 
 The input is generated here: a --setups TOML of N named setups (models × precisions × PEFT × ZeRO × batch,
-estimated on the fly) and a results file of M synthetic CPU-style records in record_schema.md's format (numbers
+estimated on the fly) and a results file of M synthetic CPU-style records in docs/record-schema.md's format (numbers
 made up: they exercise the reader and the charts, not accuracy). The timed command is
 `memplan report RESULTS --setups FILE --gpu a100-80gb,h100-sxm -o OUT.html` as a fresh process (imports of
 plotly and the embedded plotly.js included); median of N runs.

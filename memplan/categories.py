@@ -1,4 +1,4 @@
-"""The shared vocabulary of every tier (DESIGN.md): categories, phases, levels."""
+"""The shared vocabulary of every tier (README.md, "Output"): categories, phases, levels."""
 from enum import Enum
 
 

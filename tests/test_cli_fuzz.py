@@ -178,7 +178,8 @@ def check_contract(argv, rc, out, err):
             assert line.startswith("warning: "), (argv, err)
 
 
-@settings(max_examples=int(os.environ.get("MEMPLAN_FUZZ_EXAMPLES", "1000")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("MEMPLAN_FUZZ_EXAMPLES", max(1000, settings().max_examples))), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(COMMANDS)
 def test_cli_fuzz(argv):
     rc, out, err = call(argv)

@@ -108,7 +108,7 @@ def test_memory_grows_with_batch_and_seq(name, kw):
     assert by_seq == sorted(by_seq)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=max(300, settings().max_examples), deadline=None)  # more under "explore"
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=60), st.integers(0, 1500), st.integers(1, 5),
        st.integers(0, 300))
 def test_search_answer_is_a_boundary_whatever_memory_does(steps, limit, start, base):

@@ -7,6 +7,7 @@ import pytest
 
 from memplan.errors import MemplanError
 from memplan.profiles import gpu_for_nvml_name, gpu_keys, load_gpu, profiles_dir
+from published import PUBLISHED
 
 REQUIRED = {
     "h100-sxm", "h100-pcie", "h200", "a100-40gb", "a100-80gb", "a10g", "l4", "l40s", "t4",
@@ -51,14 +52,16 @@ def test_pre_ampere_cards_have_no_bf16(key):
 
 
 def test_h100_sxm_dense_bf16_matches_published():
-    # ../shared/reference/published.md, "Dense peaks": H100 SXM bf16 989 TFLOPS (1979 is with 2:4 sparsity); ±1
-    assert load_gpu("h100-sxm").peak_tflops("bf16") == pytest.approx(989.4, abs=1.0)
+    # tests/data/published.toml [gpu_dense_peaks]: H100 SXM bf16 989 TFLOPS dense (1979 is with 2:4 sparsity); ±1
+    fig = PUBLISHED["gpu_dense_peaks"]
+    assert load_gpu("h100-sxm").peak_tflops("bf16") == pytest.approx(fig["h100_sxm_bf16"],
+                                                                   abs=fig["h100_sxm_bf16_tolerance"])
 
 
 @pytest.mark.parametrize("key", ["a100-40gb", "a100-80gb"])
 def test_a100_dense_bf16_matches_published(key):
-    # ../shared/reference/published.md, "Dense peaks": A100 bf16 312 TFLOPS
-    assert load_gpu(key).peak_tflops("bf16") == 312
+    # tests/data/published.toml [gpu_dense_peaks]: A100 bf16 312 TFLOPS
+    assert load_gpu(key).peak_tflops("bf16") == PUBLISHED["gpu_dense_peaks"]["a100_bf16"]
 
 
 @pytest.mark.parametrize(

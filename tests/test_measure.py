@@ -114,13 +114,14 @@ def test_record_has_every_schema_field(cpu_record):
     dict(precision="fp32", checkpointing="full"),
     dict(precision="bf16", peft="prompt"),
 ], ids=lambda kw: "-".join(kw.values()))
-def test_cpu_peak_equals_the_real_tensor_trace(kw):
-    """The CPU path is trace_run(fake=False) stepped and timed: same tracker, same setup order, so every number is
-    byte-identical for any warmup ≥ 1 (the trace reports its second iteration; each steady-state step is alike)."""
-    from memplan.trace import trace_run
+def test_cpu_peak_equals_the_fake_trace(kw):
+    """The CPU measurement runs the step on real tensors, stepped and timed; the oracle is the trace on fake
+    tensors (memplan.trace.trace: FakeTensorMode, no data), whose own agreement with torch's MemTracker is
+    tests/test_trace.py's rung (a). Every steady-state step is alike, so each number is byte-identical."""
+    from memplan.trace import trace
 
     setup = make_setup(batch=2, seq=64, **kw)
-    ref = trace_run(SPEC, setup, fake=False).result
+    ref = trace(SPEC, setup)[0]
     out = harness.measure(SPEC, setup, harness.MeasureOptions(device="cpu", steps=2, warmup=1))
     assert out.status == "ok", out.error
     m = out.measured
@@ -129,6 +130,31 @@ def test_cpu_peak_equals_the_real_tensor_trace(kw):
     assert {p: v["peak_allocated_bytes"] for p, v in m["phases"].items()} == \
         {p.value: b for p, b in ref.phase_peaks.items()}
     assert m["categories"] == {c.value: int(b) for c, b in ref.categories.items()}
+
+
+def test_cpu_model_states_equal_torchs_own_tensors():
+    """Independently of memplan's tracker: the weights (parameters and buffers) and AdamW states the CPU
+    measurement reports at its peak are the bytes of transformers' own model and torch's own AdamW states (each
+    storage rounded to 512 B, as the CUDA caching allocator allocates; the `step` counters are host scalars,
+    torch/optim/adam.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memplan.units import round_block
+
+    out = harness.measure(SPEC, make_setup(batch=2, seq=64, precision="fp32", optimizer="adamw"),
+                          harness.MeasureOptions(device="cpu", steps=2, warmup=1))
+    assert out.status == "ok", out.error
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"}))
+    opt = torch.optim.AdamW(model.parameters(), foreach=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    # parameters and buffers (the rotary embedding's inv_freq and its original copy) are the weights category
+    weights = sum(round_block(t.numel() * t.element_size()) for t in [*model.parameters(), *model.buffers()])
+    states = sum(round_block(v.numel() * v.element_size()) for st in opt.state.values() for k, v in st.items()
+                 if k != "step")
+    cats = out.measured["categories"]
+    assert cats["weights"] == weights and cats["optimizer_states"] == states
 
 
 def test_varied_lengths_stay_in_range():

@@ -2,7 +2,7 @@
 table), its inputs (setups files, records, trace timelines) and bad input, and a real headless browser that
 loads it from file:// with no console errors and renders every chart.
 
-The records here are synthetic inputs written in record_schema.md's format (numbers chosen by the test, not
+The records here are synthetic inputs written in docs/record-schema.md's format (numbers chosen by the test, not
 expected values): they exercise the reader and the charts, they say nothing about accuracy.
 """
 from __future__ import annotations
@@ -210,7 +210,10 @@ def test_cli_bad_input_is_exit_2(inputs, tmp_path, capsys, case):
 
 
 # --- a real browser ---------------------------------------------------------------------------------------
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Debian's chromium, Ubuntu's chromium-browser, Google's chrome, or the headless-only build
+# (chromium-headless-shell, e.g. from Playwright or Debian's chromium-headless-shell package)
+BROWSERS = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome", "google-chrome-stable")
+CHROMIUM = next(filter(None, map(shutil.which, BROWSERS)), None)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
          "--virtual-time-budget=15000"]
@@ -221,7 +224,8 @@ def _chromium(tmp_path, *args):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason=f"none of {', '.join(BROWSERS)} is installed (.ci/run installs Debian's chromium)")
 def test_page_renders_in_headless_chromium(page, tmp_path):
     path = tmp_path / "report.html"
     path.write_text(page.html, encoding="utf-8")

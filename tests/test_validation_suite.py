@@ -58,10 +58,3 @@ def test_chunks_fit_in_8_minutes(planned):
         assert sum(p.minutes for p in plan if p.chunk == c) <= 8.0, c
     assert suite.max_minutes == 8
 
-
-def test_tagged_minutes_match_the_runtime_model(planned):
-    """est_minutes in the file was written from sweep.estimated_seconds (the file's header says so)."""
-    _, plan = planned
-    for p in plan:
-        model = sweep.estimated_seconds(p.spec, p.setup, p.cfg.steps, p.cfg.warmup, GPU) / 60
-        assert p.cfg.est_minutes == pytest.approx(sweep.round_minutes(model), abs=0.11), p.cfg.name

@@ -11,7 +11,7 @@ FLOPs (one multiply-add = 2 FLOPs) of one training step, per position the model 
   forward + backward, d = heads·head_dim (PaLM, Chowdhery et al. 2022, appendix B: "6N + 12·L·H·Q·T"; nanoGPT's
   estimate_mfu and torchtitan use the same term; causal masking is not halved, as in PaLM).
 
-So a dense, fully trained model costs 6N + 12·L·d·s per token, the formula /work/shared/reference/published.md
+So a dense, fully trained model costs 6N + 12·L·d·s per token, the formula docs/published.md
 quotes; LoRA costs 4N + 6·N_adapter + 12·L·d·s. These are *model* FLOPs, the numerator of MFU (PaLM defines
 MFU without rematerialization). Recomputation is extra *hardware* work: full checkpointing runs each block's
 forward again (≈ 8N in all, Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU

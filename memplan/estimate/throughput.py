@@ -27,11 +27,11 @@ from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import TrainingSetup
 
-# Observed MFU of dense bf16 training of 7-8B models on H100 (published.md, "Throughput"): 33–39% for
+# Observed MFU of dense bf16 training of 7-8B models on H100 (docs/published.md, [observed_mfu]): 33–39% for
 # Llama-3.1-8B under FSDP on 8×H100 (torchtitan benchmarks), 46% for a 7B (IBM fms-fsdp). 40% is the round
 # middle of that range; it is also the figure commonly quoted as typical for well-tuned bf16 training.
 DEFAULT_UTILIZATION = 0.40
-DEFAULT_SOURCE = "default 40% (observed 33-46% MFU for 7-8B bf16 on H100, published.md)"
+DEFAULT_SOURCE = "default 40% (observed 33-46% MFU for 7-8B bf16 on H100, docs/published.md)"
 
 
 class Overlap(str, Enum):

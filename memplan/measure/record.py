@@ -1,7 +1,7 @@
 """Measurement records: schema, environment capture, atomic append, tolerant loading with schema upgrades.
 
 One record per measured configuration, one JSON object per line (JSON Lines); the field list is
-/work/briefs/record_schema.md (schema_version 1), summarised in SCHEMA_FIELDS below. Readers ignore unknown
+docs/record-schema.md (schema_version 1), summarised in SCHEMA_FIELDS below. Readers ignore unknown
 keys; writers never drop a known one (None where not known).
 
 Atomic append: the whole line (ending in "\n") goes out in ONE os.write on a file descriptor opened with

@@ -44,7 +44,7 @@ SUITE_KEYS = ("name", "description", "steps", "warmup", "lengths", "gpu", "memor
 # measured part: ~5 s for the imports alone on the 2-core CI machine (a GPU node imports faster but adds the context).
 WORKER_START_S = 40.0
 # For the step-time guess only (the harness measures the real one). An assumption: below the 40% of
-# memplan.estimate.throughput.DEFAULT_UTILIZATION (observed 33-46% MFU for 7-8B bf16 on H100, published.md), since
+# memplan.estimate.throughput.DEFAULT_UTILIZATION (observed 33-46% MFU for 7-8B bf16 on H100, docs/published.md), since
 # the validation suite's small models and micro-batches reach less of the peak, and a chunk planned too long
 # is cheaper than one cut off.
 ASSUMED_MFU = 0.30

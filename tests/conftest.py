@@ -1,0 +1,22 @@
+"""Hypothesis profiles: the default run is deterministic, random exploration is opt-in.
+
+  * "ci" (the default: the README's `python3 -m pytest -q` and .ci/run): derandomize=True, so every run draws
+    the same examples from each test's own seed; database=None, so no failing example is saved into the
+    checkout and replayed later; print_blob, so a failure prints the @reproduce_failure line; no deadline
+    (the estimate's first call fills caches, the trace builds models).
+  * "explore": fresh random examples on every run and five times as many, for hunting counterexamples:
+    `HYPOTHESIS_PROFILE=explore python3 -m pytest -q tests/test_properties.py`. Still no example database
+    in the checkout (.hypothesis/ is in .gitignore either way); a failure prints its reproduce blob.
+
+docs/testing.md describes both.
+"""
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
+settings.register_profile("explore", derandomize=False, database=None, print_blob=True, deadline=None,
+                          max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
