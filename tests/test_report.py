@@ -286,3 +286,34 @@ def test_report_end_to_end_on_measured_cpu_records(tmp_path, capsys):
     assert acc and sorted(acc[0]["y"]) == pytest.approx(measured)
     assert any(t.get("stackgroup") for t in figs["chart-timeline"]["data"])
     assert "tiny fp32" in h and "tiny lora" in h
+
+
+def _reconcile_row(name):
+    row = {"name": name, "model": "gpt2", "status": "ok", "failed_phase": None, "est_peak_phase": "backward",
+           "meas_peak_phase": "backward", "note": None}
+    for i, lv in enumerate(("allocated", "reserved", "device")):
+        row.update({f"est_{lv}_bytes": (3 + i) * 2**30, f"meas_{lv}_bytes": (3 + i) * 2**30 + 2**26,
+                    f"err_{lv}_pct": -1.5})
+    return row
+
+
+def test_reconcile_table_keeps_whole_names_and_columns_apart():
+    """The issue: reconcile cut names at 33 characters; widths now come from the content."""
+    from memplan import render
+    from memplan.measure import reconcile as rc
+
+    long = "q05-bf16-master-full-b8-s2048-selective-ckpt-flash-attention"
+    rows = [_reconcile_row(long), _reconcile_row("short")]
+    text = render.reconcile_table(rows, rc.summarize(rows))
+    lines = text.splitlines()
+    assert long in text and len(long) > 33
+    cells = [re.split(r" {2,}", x.strip()) for x in lines[:3]]
+    assert cells[0][:2] == ["name", "status"] and cells[1][0] == long and len(cells[1]) == len(cells[0])
+
+
+def test_sweep_plan_has_headers(capsys):
+    rc = main(["measure", "--sweep", "validation", "--plan"])
+    out = capsys.readouterr().out.splitlines()
+    head = re.split(r" {2,}", out[0].strip())
+    assert rc == 0 and head[:3] == ["chunk", "name", "model"] and "est. device" in head
+    assert len(re.split(r" {2,}", out[1].strip())) >= 5

@@ -285,7 +285,7 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
     elif fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
     else:
-        typer.echo(reconcile.table(rows, reconcile.summarize(rows)))
+        typer.echo(render.reconcile_table(rows, reconcile.summarize(rows)))
         typer.echo(f"records: {out}", err=True)
     return 0
 
@@ -302,7 +302,6 @@ def _progress_line(rec: dict) -> str:
 
 def _print_plan(planned, selected, fmt: Format, limit: float) -> None:
     from memplan import render
-    from memplan.measure.reconcile import fmt_bytes
 
     rows = []
     for p in selected:
@@ -319,10 +318,8 @@ def _print_plan(planned, selected, fmt: Format, limit: float) -> None:
     if fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
         return
-    for r in rows:
-        fit = {True: "fits", False: "no fit", None: ""}[r["fits"]]
-        typer.echo(f"{r['chunk']:>3}  {r['name']:<40}{fmt_bytes(r['est_device_bytes']):>12}  {fit:<7}"
-                   f"{(r['expect'] or ''):<5}{r['est_minutes']:>6.1f} min")
+    for line in render.plan_table(rows):
+        typer.echo(line)
     chunks = sorted({p.chunk for p in planned})
     per = {c: sum(p.minutes for p in planned if p.chunk == c) for c in chunks}
     typer.echo(f"{len(planned)} configurations in {len(chunks)} chunks of ≤ {limit:g} min: " +
