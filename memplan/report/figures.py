@@ -111,8 +111,8 @@ def memory_bars(rows: list[dict], gpus: list, margin: float = DEFAULT_MARGIN) ->
                       annotation_position=side.replace("top", "bottom"))
     top = max([_gib(t[2]) for t in totals] + [g.memory_bytes / GiB for g in gpus] + [0.0])
     return _layout(fig, "Peak memory per GPU by category (estimate, and measured where recorded)",
-                   barmode="stack", yaxis_title="peak GiB per GPU (level: under each bar)", yaxis_range=[0, 1.18 * top] if top else None,
-                   height=600)
+                   barmode="stack", yaxis_title="peak GiB per GPU (level: under each bar)",
+                   yaxis_range=[0, 1.18 * top] if top else None, height=600)  # room above for the labels
 
 
 def _total_text(total: int, row: dict, gpus: list, margin: float) -> str:
