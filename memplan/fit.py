@@ -8,8 +8,18 @@ the rest fixed by the query). For each choice the search finds, at the device le
 - max_seq: the largest sequence length that fits at min_batch, among the query's length and the multiples of
   128 above it up to the model's max_position_embeddings (and the --max-seq cap).
 
-Choices that do not fit at (min_batch, seq) are left out. The rest are ranked by predicted tokens/sec per GPU
-(memplan.estimate.throughput.predict at max_batch), then by larger micro-batch, longer sequence, less memory.
+Choices that do not fit at (min_batch, seq) are left out. The rest are ranked (SortKey, `--sort`) by predicted
+tokens/sec per GPU (memplan.estimate.throughput.predict at max_batch), then by larger micro-batch, longer sequence,
+less memory; or by micro-batch, sequence length or memory first.
+
+Micro-batch and speed: the throughput model assumes a utilization that does not depend on the micro-batch (no
+source memplan holds gives that dependence, and memplan does not invent a curve), so predicted tokens/s is the
+same at every micro-batch that fits, apart from communication. Rows are predicted at their largest micro-batch,
+ties go to the larger one, and the output says that the assumption is made (BATCH_NOTE).
+
+Ties: choices that differ only by the optimizer and get the same answer (max batch, max seq, predicted speed,
+and peak memory within TIE_FRACTION of the GPU) are one row listing those optimizers (FitRow.optimizers),
+instead of one row per optimizer.
 
 Search: memory grows with micro-batch and with sequence length for everything else fixed (tests/test_fit.py
 checks this on sampled setups rather than assuming it), and is close to linear in each, so each search
@@ -19,7 +29,8 @@ the answer x satisfies "x fits and the next grid point does not (or x is the cap
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from itertools import product
 from typing import Callable
 
@@ -43,6 +54,20 @@ DEFAULT_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FUSED, Optimizer.ADAMW_8B
 # from the others, and would top every ranking; pass --peft freeze (and --train-layers) to search it.
 DEFAULT_PEFTS = tuple(p for p in PeftMethod if p is not PeftMethod.FREEZE)
 DEFAULT_CHECKPOINTING = tuple(Checkpointing)
+# Optimizers whose peaks differ by less than 1% of the GPU's memory tie (with the same max batch, max seq and
+# speed): a fifth of the 5% DEFAULT_MARGIN, which itself covers allocator and library variation of that size.
+TIE_FRACTION = 0.01
+BATCH_NOTE = ("utilization is assumed independent of the micro-batch (no measured dependence to draw on), so "
+              "predicted tokens/s barely changes with it; each row is predicted at its largest micro-batch")
+
+
+class SortKey(str, Enum):
+    """What fit ranks by first (`--sort`); the rest break ties in the order tokens, batch, seq, memory."""
+
+    TOKENS = "tokens"  # predicted tokens/s per GPU, fastest first
+    BATCH = "batch"  # largest micro-batch at --seq first
+    SEQ = "seq"  # longest sequence at --min-batch first
+    MEMORY = "memory"  # smallest peak device memory first
 
 
 @dataclass(frozen=True)
@@ -105,11 +130,17 @@ class FitRow:
     peak_device_bytes: int  # at max_batch
     headroom_bytes: int  # against the whole GPU memory (the margin is inside it)
     throughput: dict  # memplan.estimate.throughput.Throughput.to_dict() at max_batch
+    optimizers: tuple[Optimizer, ...] = field(default=())  # the optimizers that tie on this row (setup's included)
+
+    def __post_init__(self):
+        if not self.optimizers:
+            object.__setattr__(self, "optimizers", (self.setup.optimizer,))
 
     def to_dict(self) -> dict:
         s = self.setup
         t = self.throughput
-        return {"precision": s.precision.value, "optimizer": s.optimizer.value, "peft": s.peft.value,
+        return {"precision": s.precision.value, "optimizer": s.optimizer.value,
+                "optimizers": [o.value for o in self.optimizers], "peft": s.peft.value,
                 "checkpointing": s.checkpointing.value, "zero": s.zero, "gpus": s.gpus, "seq": s.seq,
                 "max_batch": self.max_batch, "batch_at_cap": self.batch_at_cap, "max_seq": self.max_seq,
                 "seq_at_cap": self.seq_at_cap, "peak_device_bytes": self.peak_device_bytes,
@@ -124,8 +155,10 @@ class FitReport:
     query: Query
     searched: int  # choices tried
     invalid: int  # choices the setup rules or the estimator refuse (e.g. QLoRA with fp32, prefix with checkpointing)
-    rows: tuple[FitRow, ...]
+    rows: tuple[FitRow, ...]  # ranked, optimizers that tie merged
     estimates: int  # estimator calls made
+    fitting: int = 0  # choices that fit (before ties are merged)
+    sort: SortKey = SortKey.TOKENS
 
     @property
     def limit_bytes(self) -> int:
@@ -258,7 +291,54 @@ def _search_choice(setup: TrainingSetup, query: Query, max_seq: int, limit: int,
     return batch, bi == bgrid.n - 1, bytes_b[batch], sgrid.value(si), si == sgrid.n - 1
 
 
-def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space()) -> FitReport:
+def sort_key(key: SortKey):
+    """The ranking order for `key` (the first criterion), the others breaking ties."""
+    crit = {SortKey.TOKENS: lambda r: -r.throughput["tokens_per_s"], SortKey.BATCH: lambda r: -r.max_batch,
+            SortKey.SEQ: lambda r: -r.max_seq, SortKey.MEMORY: lambda r: r.peak_device_bytes}
+    order = [key] + [k for k in SortKey if k is not key]
+    return lambda r: tuple(crit[k](r) for k in order)
+
+
+def _ties(a: FitRow, b: FitRow, gpu: GpuSpec) -> bool:
+    """Same answer but for the optimizer: same max batch and seq (and caps), same speed, close peaks."""
+    ta, tb = a.throughput["tokens_per_s"], b.throughput["tokens_per_s"]
+    return ((a.max_batch, a.batch_at_cap, a.max_seq, a.seq_at_cap) == (b.max_batch, b.batch_at_cap, b.max_seq,
+                                                                       b.seq_at_cap)
+            and abs(ta - tb) <= 1e-9 * max(ta, tb, 1.0)
+            and abs(a.peak_device_bytes - b.peak_device_bytes) <= TIE_FRACTION * gpu.memory_bytes)
+
+
+def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
+    """One row per run of optimizers that tie within a (precision, peft, checkpointing, zero) choice: the row of
+    the largest peak among them (every listed optimizer fits there), listing the optimizers by peak."""
+    groups: dict[tuple, list[list[FitRow]]] = {}
+    for r in rows:
+        s = r.setup
+        runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero), [])
+        for run in runs:
+            if all(_ties(r, o, gpu) for o in run):
+                run.append(r)
+                break
+        else:
+            runs.append([r])
+    out = []
+    for runs in groups.values():
+        for run in runs:
+            run.sort(key=lambda r: (r.peak_device_bytes, r.setup.optimizer.value))
+            out.append(replace(run[-1], optimizers=tuple(r.setup.optimizer for r in run)))
+    return out
+
+
+def by_method(rows) -> list[tuple[PeftMethod, list[FitRow]]]:
+    """Rows grouped by PEFT method, each group in the given (ranked) order, groups by their best row."""
+    groups: dict[PeftMethod, list[FitRow]] = {}
+    for r in rows:
+        groups.setdefault(r.setup.peft, []).append(r)
+    return list(groups.items())
+
+
+def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space(),
+        sort: SortKey = SortKey.TOKENS) -> FitReport:
     """Search the space; see the module docstring."""
     from memplan.estimate.throughput import predict
     from memplan.measure.utilization import utilization
@@ -291,6 +371,6 @@ def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space()) ->
         rows.append(FitRow(setup=best, max_batch=batch, batch_at_cap=batch_cap, max_seq=longest,
                            seq_at_cap=seq_cap_hit, peak_device_bytes=peak, headroom_bytes=gpu.memory_bytes - peak,
                            throughput=thr))
-    rows.sort(key=lambda r: (-r.throughput["tokens_per_s"], -r.max_batch, -r.max_seq, r.peak_device_bytes))
-    return FitReport(model=model.name, gpu=gpu, query=query, searched=searched, invalid=invalid, rows=tuple(rows),
-                     estimates=counter[0])
+    merged = sorted(merge_ties(rows, gpu), key=sort_key(sort))
+    return FitReport(model=model.name, gpu=gpu, query=query, searched=searched, invalid=invalid, rows=tuple(merged),
+                     estimates=counter[0], fitting=len(rows), sort=sort)

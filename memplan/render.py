@@ -98,3 +98,116 @@ def table(r: Result) -> str:
     for w in r.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+COLUMN_GAP = "  "  # at least two spaces between columns: one space lets adjacent words read as one
+
+
+def columns(headers: list[str], rows: list[list], right: set[int] | frozenset = frozenset()) -> list[str]:
+    """Aligned text columns: each column as wide as its widest cell (header included), separated by COLUMN_GAP,
+    so no value is cut and no two columns run together. `right`: indices of right-aligned (numeric) columns."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for r in cells:
+        parts = [r[i].rjust(widths[i]) if i in right else r[i].ljust(widths[i]) for i in range(len(headers))]
+        out.append(COLUMN_GAP.join(parts).rstrip())
+    return out
+
+
+def reconcile_table(rows: list[dict], summary: dict) -> str:
+    """`memplan reconcile`'s table (rows and summary from memplan.measure.reconcile): full names, widths from
+    content."""
+    from memplan.measure.reconcile import LEVELS, fmt_bytes, fmt_pct
+
+    headers = ["name", "status"]
+    for lv in LEVELS:
+        headers += [f"{lv} est", "measured", "err"]
+    headers.append("peak phase est/meas")
+    body = []
+    for r in rows:
+        cells = [r["name"] or r["model"] or "?", r["status"] + (f"@{r['failed_phase']}" if r["failed_phase"] else "")]
+        for lv in LEVELS:
+            cells += [fmt_bytes(r[f"est_{lv}_bytes"]), fmt_bytes(r[f"meas_{lv}_bytes"]), fmt_pct(r[f"err_{lv}_pct"])]
+        cells.append(f"{r['est_peak_phase'] or '–'}/{r['meas_peak_phase'] or '–'}"
+                     + (f"  ({r['note']})" if r["note"] else ""))
+        body.append(cells)
+    lines = columns(headers, body, right=set(range(2, 2 + 3 * len(LEVELS))))
+    lines.append(f"{summary['records']} records: {summary['ok']} ok, {summary['oom']} did not fit, "
+                 f"{summary['error']} failed")
+    for lv, st in summary["levels"].items():
+        if st["n"]:
+            lines.append(f"  {lv:<10} |error| median {st['median_abs_pct']:.2f}%  max {st['max_abs_pct']:.2f}%  "
+                         f"mean {st['mean_pct']:+.2f}%  (n={st['n']})")
+    for f, groups in summary["by_feature"].items():
+        if len(groups) > 1:
+            lines.append(f"  allocated by {f}: " + ", ".join(
+                f"{k} {g['median_abs_pct']:.1f}%/{g['max_abs_pct']:.1f}% (n={g['n']})" for k, g in groups.items()))
+    if "tokens_per_s" in summary:
+        st = summary["tokens_per_s"]
+        lines.append(f"  tokens/s predicted vs measured: |error| median {st['median_abs_pct']:.1f}%  "
+                     f"max {st['max_abs_pct']:.1f}%  (n={st['n']})")
+    if "fit_agreement" in summary:
+        fa = summary["fit_agreement"]
+        lines.append(f"  fit / did-not-fit predicted correctly for {fa['agree']} of {fa['n']}")
+    return "\n".join(lines)
+
+
+def plan_table(rows: list[dict]) -> list[str]:
+    """`memplan measure --sweep --plan`'s rows (memplan.cli.measure), with headers."""
+    from memplan.measure.reconcile import fmt_bytes
+
+    fits = {True: "fits", False: "no fit", None: ""}
+    body = [[r["chunk"], r["name"], r["model"], fmt_bytes(r["est_device_bytes"]), fits[r["fits"]], r["expect"] or "",
+             f"{r['est_minutes']:.1f}"] for r in rows]
+    return columns(["chunk", "name", "model", "est. device", "estimate", "expect", "minutes"], body,
+                   right={0, 3, 6})
+
+
+SORT_LABEL = {"tokens": "predicted tokens/s per GPU", "batch": "largest micro-batch", "seq": "longest sequence",
+              "memory": "least peak memory"}
+
+
+def fit_table(report, top: int, grouped: bool = True) -> str:
+    """`memplan fit`'s table (a memplan.fit.FitReport): ranked rows, grouped by PEFT method unless told not to
+    (top N per method, else top N overall; 0 = all), optimizers that tie on one row."""
+    from memplan import fit as F
+    from memplan.units import GiB
+
+    q, g = report.query, report.gpu
+    ranks = {id(r): i for i, r in enumerate(report.rows, 1)}
+    groups = F.by_method(report.rows) if grouped else [(None, list(report.rows))]
+    lines = [f"{report.model} on {g.label} × {q.base.gpus}, seq {q.seq}, margin {q.margin:.0%} "
+             f"(limit {report.limit_bytes / GiB:.1f} of {g.memory_bytes / GiB:.1f} GiB): {report.fitting} of "
+             f"{report.searched} choices fit ({report.invalid} impossible combinations skipped); "
+             f"{len(report.rows)} rows once optimizers that tie share a row",
+             f"ranked by {SORT_LABEL[report.sort.value]} (--sort)"
+             + (", grouped by PEFT method, best method first" if grouped else "")]
+    headers = ["#", "peft", "precision", "ckpt", "zero", "max batch", "max seq", "peak GiB", "tokens/s/GPU",
+               "step s", "MFU", "optimizers (tie)"]
+    body, starts, hidden = [], [], 0
+    for method, rows in groups:
+        shown = rows[:top] if top else rows
+        hidden += len(rows) - len(shown)
+        starts.append((len(body), method, len(rows), len(rows) - len(shown)))
+        for r in shown:
+            s, t = r.setup, r.throughput
+            body.append([ranks[id(r)], s.peft.value, s.precision.value, s.checkpointing.value, s.zero,
+                         f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",
+                         f"{r.peak_device_bytes / GiB:.2f}", f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}",
+                         f"{100 * t['mfu']:.0f}%", ", ".join(o.value for o in r.optimizers)])
+    text = columns(headers, body, right={0, 4, 5, 6, 7, 8, 9, 10})
+    lines.append(text[0])
+    for n, (start, method, count, more) in enumerate(starts):
+        end = starts[n + 1][0] if n + 1 < len(starts) else len(body)
+        if method is not None:
+            lines.append(f"-- {method.value}: {count} row{'s' if count != 1 else ''}"
+                         + (f", {more} more not shown" if more else ""))
+        lines += text[1 + start:1 + end]
+    if hidden:
+        lines.append(f"... {hidden} more rows (--top 0 shows all)")
+    lines.append(f"max batch at seq {q.seq}; max seq at batch {q.min_batch}; '+' = at the search cap; # = overall "
+                 "rank.")
+    lines.append(f"Throughput: {F.BATCH_NOTE}; assumed utilization: "
+                 f"{report.rows[0].throughput['mfu_source'] if report.rows else ''}")
+    return "\n".join(lines)

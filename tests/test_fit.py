@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -75,11 +76,38 @@ def test_ranked_by_predicted_tokens_per_s(searched):
     assert speeds == sorted(speeds, reverse=True)
 
 
+def test_optimizers_that_tie_share_one_row(searched):
+    """No two rows of one (precision, peft, ckpt, zero) give the same answer: the optimizers that do not change it
+    are listed on one row, every listed optimizer fits at that row's micro-batch, and nothing is lost."""
+    model, g, query, report, space = searched
+    seen = {}
+    for r in report.rows:
+        s = r.setup
+        key = (s.precision, s.peft, s.checkpointing, s.zero)
+        for other in seen.get(key, []):
+            assert not F._ties(r, other, g), (key, r.optimizers, other.optimizers)
+        seen.setdefault(key, []).append(r)
+        assert s.optimizer in r.optimizers
+        for o in r.optimizers:
+            assert _device(model, replace(s, optimizer=o), g) <= r.peak_device_bytes <= report.limit_bytes
+    assert sum(len(r.optimizers) for r in report.rows) == report.fitting
+
+
+@pytest.mark.parametrize("key", list(F.SortKey))
+def test_sort_keys(key):
+    model, g = resolve_model("qwen2.5-0.5b"), resolve_gpu("t4")
+    report = F.fit(model, g, F.Query(base=make_setup(), seq=512), F.Space(precisions=(Precision.FP32,)), key)
+    first = {F.SortKey.TOKENS: lambda r: -r.throughput["tokens_per_s"], F.SortKey.BATCH: lambda r: -r.max_batch,
+             F.SortKey.SEQ: lambda r: -r.max_seq, F.SortKey.MEMORY: lambda r: r.peak_device_bytes}[key]
+    values = [first(r) for r in report.rows]
+    assert len(report.rows) > 3 and values == sorted(values) and report.sort is key
+
+
 def test_left_out_choices_do_not_fit(searched):
     """Completeness: every valid choice missing from the answer fails at (min_batch, seq)."""
     model, g, query, report, space = searched
-    got = {(r.setup.precision, r.setup.optimizer, r.setup.peft, r.setup.checkpointing, r.setup.zero)
-           for r in report.rows}
+    got = {(r.setup.precision, o, r.setup.peft, r.setup.checkpointing, r.setup.zero)
+           for r in report.rows for o in r.optimizers}
     for choice in space.choices(query.base.gpus):
         if choice in got:
             continue
@@ -152,11 +180,12 @@ def run(capsys, *argv):
 
 
 def test_cli_table_json_csv(capsys):
-    rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora,full", "--top", "5")
-    assert rc == 0 and "tokens/s/GPU" in out and "more (--top 0 shows all)" in out
+    rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora,full", "--top", "1")
+    assert rc == 0 and "tokens/s/GPU" in out and "more rows (--top 0 shows all)" in out
     rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora", "-f", "json")
     d = json.loads(out)
-    assert rc == 0 and d["fitting"] == len(d["rows"]) > 0 and d["seq"] == 1024  # gpt2 has 1024 positions
+    assert rc == 0 and d["fitting"] == sum(len(r["optimizers"]) for r in d["rows"]) > 0
+    assert d["seq"] == 1024  # gpt2 has 1024 positions
     m, g = resolve_model("gpt2"), resolve_gpu("t4")
     for row in d["rows"]:
         s = make_setup(precision=row["precision"], optimizer=row["optimizer"], peft=row["peft"],
@@ -193,3 +222,54 @@ def test_cli_nothing_fits_is_exit_1_with_a_message(capsys):
                        "fp32")
     assert rc == NOTHING_FITS_EXIT == 1
     assert out == "" and err.startswith("memplan: nothing fits") and "T4" in err
+
+
+def _cells(line: str) -> list[str]:
+    return [c for c in re.split(r" {2,}", line.strip()) if c]
+
+
+def test_columns_never_run_together():
+    """Widths come from the content and columns are at least two spaces apart, however long a value is."""
+    from memplan.render import columns
+
+    lines = columns(["optimizer", "peft", "n"], [["paged-adamw-8bit", "qlora", 1], ["sgd", "a" * 50, 12345]],
+                    right={2})
+    assert "paged-adamw-8bit  qlora" in lines[1] and "a" * 50 in lines[2]
+    assert [_cells(x) for x in lines] == [["optimizer", "peft", "n"], ["paged-adamw-8bit", "qlora", "1"],
+                                          ["sgd", "a" * 50, "12345"]]
+
+
+def test_cli_table_columns_are_separated(capsys):
+    """The issue's case: fit's optimizer and peft columns ran together (`paged-adamw-8bitqlora`)."""
+    rc, out, _ = run(capsys, "fit", "--model", "llama-3.1-8b", "--gpu", "a100-40gb", "--optimizer",
+                     "paged-adamw-8bit", "--peft", "qlora", "--precision", "pure-bf16", "--group", "none")
+    lines = out.splitlines()
+    head = next(i for i, x in enumerate(lines) if x.lstrip().startswith("#"))
+    n = len(_cells(lines[head]))
+    rows = [x for x in lines[head + 1:] if x.split()[0].isdigit()]
+    assert rc == 0 and rows and "paged-adamw-8bitqlora" not in out
+    for x in rows:
+        cells = _cells(x)
+        assert len(cells) == n and cells[1] == "qlora" and cells[-1] == "paged-adamw-8bit"
+
+
+def test_cli_groups_by_method_and_states_the_batch_assumption(capsys):
+    rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora,full,ia3", "--top", "2")
+    assert rc == 0
+    groups = [x.split(":")[0][3:] for x in out.splitlines() if x.startswith("-- ")]
+    assert sorted(groups) == ["full", "ia3", "lora"]
+    assert F.BATCH_NOTE in out
+    rc, out, _ = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "lora", "--sort", "batch", "-f",
+                     "json")
+    d = json.loads(out)
+    batches = [r["max_batch"] for r in d["rows"]]
+    assert rc == 0 and d["note"] == F.BATCH_NOTE and d["sort"] == "batch" and batches == sorted(batches,
+                                                                                                 reverse=True)
+    assert all(r["optimizer"] in r["optimizers"] for r in d["rows"])
+
+
+def test_cli_nothing_fits_hints_only_what_was_not_searched(capsys):
+    rc, _, err = run(capsys, "fit", "--model", "llama-2-70b", "--gpu", "t4", "--peft", "full,qlora")
+    assert rc == NOTHING_FITS_EXIT and "nothing fits" in err and "--peft qlora" not in err
+    rc, _, err = run(capsys, "fit", "--model", "llama-2-70b", "--gpu", "t4", "--peft", "full", "--precision", "fp32")
+    assert rc == NOTHING_FITS_EXIT and "--peft qlora" in err

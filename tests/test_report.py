@@ -123,8 +123,8 @@ def test_every_chart_has_data(page):
         assert f["data"], k
     mem = figs["chart-memory"]
     kinds = {x for t in mem["data"] for x in t["x"][1]}
-    assert kinds == {"estimate", "measured"}
-    assert len(mem["layout"]["shapes"]) == 2  # one line per chosen GPU
+    assert kinds == {"estimate (device)", "measured (allocated)", "measured (device)"}  # the level under each bar
+    assert len(mem["layout"]["shapes"]) == 4  # per chosen GPU: its memory and its margin line
     acc = figs["chart-accuracy"]
     points = [t for t in acc["data"] if t.get("mode") == "markers"]
     assert sum(len(t["x"]) for t in points if t["name"] == "allocated level") == 3  # the three ok records
@@ -161,15 +161,20 @@ def test_timeline_from_a_trace_file(inputs, tmp_path):
             for i in range(120)]
     path = write_timeline(rows, tmp_path / "tl.csv")
     p = build_report([], setups=inputs / "setups.toml", timeline=path)
-    tl = figures_of(p.html)["chart-timeline"]
+    tl = figures_of(p.html)["chart-trace"]
     assert len([t for t in tl["data"] if t.get("stackgroup")]) == 6 and len(tl["data"][0]["x"]) == 120
     assert "trace timeline tl.csv" in p.html
 
 
-def test_no_records_says_so(inputs):
+def test_no_records_says_so_without_an_empty_panel(inputs):
+    """The issue: full-height empty panels. A chart with nothing to draw is a one-line note in its place."""
+    from memplan.report import figures
+
     p = build_report([], setups=inputs / "setups.toml")
-    acc = figures_of(p.html)["chart-accuracy"]
-    assert "No measured records" in json.dumps(acc["layout"]["annotations"])
+    figs = figures_of(p.html)
+    assert "chart-accuracy" not in figs and "chart-throughput" not in figs  # no --gpu, no records: no speeds
+    assert f'<p class="note empty" id="chart-accuracy">{figures.NO_RECORDS.replace("`", "`")}</p>' in p.html
+    assert 'class="chart" id="chart-accuracy"' not in p.html and 'class="chart" id="chart-memory"' in p.html
 
 
 def test_cli_writes_the_page(inputs, tmp_path, capsys):
@@ -239,6 +244,8 @@ def test_page_renders_in_headless_chromium(page, tmp_path):
         div = dom[pos:nxt]
         assert "main-svg" in div and ("class=\"point\"" in div or "class=\"trace" in div), chart
     assert EVIL not in dom  # the name stayed text: the live DOM holds no such script element
+    assert "updatemenu-header" in dom and "✓ a100-80gb" in dom  # the setup selector and the verdicts are drawn
+    assert "&amp;quot;" not in dom and "1×4096" in dom
     # the table sorts (plain JS): #sort=est_device-desc clicks that heading twice on load
     dom = _chromium(tmp_path, "--dump-dom", path.as_uri() + "#sort=est_device-desc").stdout
     keys = re.search(r"<thead>(.*?)</thead>", dom, re.S).group(1)
@@ -284,5 +291,119 @@ def test_report_end_to_end_on_measured_cpu_records(tmp_path, capsys):
     acc = [t for t in figs["chart-accuracy"]["data"] if t.get("mode") == "markers"]
     measured = sorted(r["meas_allocated_bytes"] / 2**30 for r in rows)
     assert acc and sorted(acc[0]["y"]) == pytest.approx(measured)
-    assert any(t.get("stackgroup") for t in figs["chart-timeline"]["data"])
+    assert any(t.get("stackgroup") for t in figs["chart-trace"]["data"])
     assert "tiny fp32" in h and "tiny lora" in h
+
+
+def _reconcile_row(name):
+    row = {"name": name, "model": "gpt2", "status": "ok", "failed_phase": None, "est_peak_phase": "backward",
+           "meas_peak_phase": "backward", "note": None}
+    for i, lv in enumerate(("allocated", "reserved", "device")):
+        row.update({f"est_{lv}_bytes": (3 + i) * 2**30, f"meas_{lv}_bytes": (3 + i) * 2**30 + 2**26,
+                    f"err_{lv}_pct": -1.5})
+    return row
+
+
+def test_reconcile_table_keeps_whole_names_and_columns_apart():
+    """The issue: reconcile cut names at 33 characters; widths now come from the content."""
+    from memplan import render
+    from memplan.measure import reconcile as rc
+
+    long = "q05-bf16-master-full-b8-s2048-selective-ckpt-flash-attention"
+    rows = [_reconcile_row(long), _reconcile_row("short")]
+    text = render.reconcile_table(rows, rc.summarize(rows))
+    lines = text.splitlines()
+    assert long in text and len(long) > 33
+    cells = [re.split(r" {2,}", x.strip()) for x in lines[:3]]
+    assert cells[0][:2] == ["name", "status"] and cells[1][0] == long and len(cells[1]) == len(cells[0])
+
+
+def test_sweep_plan_has_headers(capsys):
+    rc = main(["measure", "--sweep", "validation", "--plan"])
+    out = capsys.readouterr().out.splitlines()
+    head = re.split(r" {2,}", out[0].strip())
+    assert rc == 0 and head[:3] == ["chunk", "name", "model"] and "est. device" in head
+    assert len(re.split(r" {2,}", out[1].strip())) >= 5
+
+
+# --- reading the page at a glance (issue 10) ---------------------------------------------------------------
+def test_bars_carry_total_and_verdict_against_gpu_and_margin(page):
+    from memplan.report import figures
+    from memplan.spec.values import resolve_gpu
+
+    mem = figures_of(page.html)["chart-memory"]
+    text = next(t for t in mem["data"] if t.get("mode") == "text")
+    by = {r["name"]: r for r in page.rows}
+    a100, h100 = resolve_gpu("a100-80gb"), resolve_gpu("h100-sxm")
+    labels = dict(zip(zip(*text["x"]), text["text"]))
+    for r in page.rows:
+        if r["est_device"] is None:
+            continue
+        got = labels[(figures.setup_label(r), "estimate (device)")]
+        assert got.startswith(f"{r['est_device'] / 2**30:.1f} GiB")
+        for g in (a100, h100):
+            assert f"{figures.VERDICT[figures.verdict(r['est_device'], g)]} {g.name}" in got
+    assert figures.VERDICT_LEGEND in text["name"]
+    # the verdict's three cases, against the GPU line and the margin line below it
+    assert figures.verdict(int(a100.memory_bytes * 0.94), a100) == "fits"
+    assert figures.verdict(int(a100.memory_bytes * 0.97), a100) == "margin"
+    assert figures.verdict(a100.memory_bytes + 1, a100) == "no"
+    assert "✗ a100-80gb" in labels[(figures.setup_label(by["1b oom"]), "estimate (device)")]
+
+
+def test_setup_labels_name_method_and_batch_by_seq(page):
+    from memplan.report import figures
+
+    r = next(r for r in page.rows if r["name"] == "8b qlora & friends")
+    assert figures.setup_label(r) == "8b qlora &amp; friends<br>qlora · pure-bf16 · 1×4096"
+    names = set(figures_of(page.html)["chart-memory"]["data"][0]["x"][0])
+    assert figures.setup_label(r) in names
+
+
+def test_every_memory_axis_names_its_level(page, inputs, tmp_path):
+    rows = [TimelineRow(i, "forward", "b", 100, 0, 0, 0, 10 * i, 5, 105 + 10 * i) for i in range(10)]
+    p = build_report([inputs / "runs.jsonl"], setups=inputs / "setups.toml", gpus=["a100-80gb"],
+                     timeline=write_timeline(rows, tmp_path / "tl.csv"))
+    figs = figures_of(p.html)
+    for key in ("chart-memory", "chart-accuracy", "chart-timeline", "chart-trace"):
+        lay = figs[key]["layout"]
+        titles = [lay[a]["title"]["text"] for a in lay if a.startswith(("xaxis", "yaxis")) and "title" in lay[a]]
+        assert any("GiB" in t for t in titles), key
+        assert all(re.search("level|allocated|device", t) for t in titles if "GiB" in t), (key, titles)
+        assert all(lay[a].get("automargin") for a in lay if a.startswith("xaxis")), key  # labels not cut
+
+
+def test_a_timeline_per_setup_with_a_selector(page):
+    tl = figures_of(page.html)["chart-timeline"]
+    menu = tl["layout"]["updatemenus"][0]
+    assert len(menu["buttons"]) == len(page.rows)
+    n = len(tl["data"])
+    shown = []
+    for b in menu["buttons"]:
+        mask = b["args"][0]["visible"]
+        assert len(mask) == n and any(mask)
+        shown.append(tuple(i for i, v in enumerate(mask) if v))
+    assert len(set(shown)) == len(shown)  # each setup its own traces
+    on_load = tuple(i for i, t in enumerate(tl["data"]) if t.get("visible", True) is True)
+    assert on_load == shown[menu["active"]]
+    assert page.rows[menu["active"]]["name"] == "gpt2 cpu"  # the first record with measured phases
+
+
+def test_throughput_caveats_beside_the_numbers(page):
+    thr = figures_of(page.html)["chart-throughput"]
+    pred = next(t for t in thr["data"] if t["name"] == "predicted" and t["xaxis"] == "x")
+    by_label = dict(zip(pred["x"], pred["text"]))
+    q = next(lbl for lbl in by_label if lbl.startswith("8b qlora"))
+    assert by_label[q].endswith("*") and not any(v and v.endswith("*") for k, v in by_label.items() if k != q)
+    assert "QLoRA dequantization not modelled" in thr["layout"]["title"]["text"]
+    row = next(r for r in page.rows if r["name"] == "8b qlora & friends")
+    assert "QLoRA dequantization" in row["pred_caveats"]
+    assert "pred_caveats" in page.html  # a table column
+
+
+def test_no_html_entities_for_quotes_in_chart_text(tmp_path):
+    """The issue: `&quot;` showed in chart text (plotly decodes &lt; &gt; &amp;, not &quot;)."""
+    (tmp_path / "s.toml").write_text('[[setup]]\nname = "the \\"big\\" one\'s run"\nmodel = "gpt2"\nseq = 512\n')
+    p = build_report([], setups=tmp_path / "s.toml", gpus=["l4"])
+    figs = json.dumps(figures_of(p.html))
+    assert "&quot;" not in figs and "&#x27;" not in figs and "the \\\"big\\\" one's run" in figs

@@ -1,6 +1,7 @@
 """`memplan fit`: search the setup space for what fits a GPU, ranked by predicted tokens/s (memplan.fit)."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -9,6 +10,38 @@ from memplan.cli.options import Format, FormatOpt
 from memplan.errors import MemplanError
 
 NOTHING_FITS_EXIT = 1  # a valid query with an empty answer (like grep's no match); bad input stays 2
+
+
+class SortBy(str, Enum):
+    """--sort: what ranks first (memplan.fit.SortKey)."""
+
+    tokens = "tokens"
+    batch = "batch"
+    seq = "seq"
+    memory = "memory"
+
+
+class GroupBy(str, Enum):
+    """--group: the table's rows by PEFT method, or one ranking."""
+
+    method = "method"
+    none = "none"
+
+
+def nothing_fits_hints(space, seq: int, gpus: int) -> list[str]:
+    """What to try when nothing fits, leaving out what the search already covered."""
+    from memplan.spec.setup import Checkpointing, PeftMethod
+
+    hints = []
+    if seq > 128:
+        hints.append("a shorter --seq")
+    hints.append("more --gpus")
+    if PeftMethod.QLORA not in space.pefts:
+        hints.append("--peft qlora")
+    if Checkpointing.FULL not in space.checkpointing:
+        hints.append("--checkpointing full")
+    hints.append("a larger GPU")
+    return hints
 
 
 def _space(precision, optimizer, peft, checkpointing, zero, max_zero):
@@ -29,29 +62,6 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero):
         pefts=parse_choices("peft", peft) if peft else F.DEFAULT_PEFTS,
         checkpointing=parse_choices("checkpointing", checkpointing) if checkpointing else F.DEFAULT_CHECKPOINTING,
         zeros=zeros)
-
-
-def _fit_table(report, top: int) -> str:
-    from memplan.units import GiB
-
-    q, g = report.query, report.gpu
-    rows = report.rows[:top] if top else report.rows
-    lines = [f"{report.model} on {g.label} × {q.base.gpus}, seq {q.seq}, margin {q.margin:.0%} "
-             f"(limit {report.limit_bytes / GiB:.1f} of {g.memory_bytes / GiB:.1f} GiB): {len(report.rows)} of "
-             f"{report.searched} choices fit ({report.invalid} impossible combinations skipped)",
-             f"{'#':>3}  {'precision':<12}{'optimizer':<12}{'peft':<9}{'ckpt':<10}{'zero':>4}  {'max batch':>9}"
-             f"  {'max seq':>8}  {'peak GiB':>8}  {'tokens/s/GPU':>12}  {'step s':>7}  {'MFU':>4}"]
-    for i, r in enumerate(rows, 1):
-        s, t = r.setup, r.throughput
-        lines.append(f"{i:>3}  {s.precision.value:<12}{s.optimizer.value:<12}{s.peft.value:<9}"
-                     f"{s.checkpointing.value:<10}{s.zero:>4}  {r.max_batch:>8}{'+' if r.batch_at_cap else ' '}"
-                     f"  {r.max_seq:>7}{'+' if r.seq_at_cap else ' '}  {r.peak_device_bytes / GiB:>8.2f}"
-                     f"  {t['tokens_per_s']:>12,.0f}  {t['step_s']:>7.3f}  {100 * t['mfu']:>3.0f}%")
-    if top and len(report.rows) > top:
-        lines.append(f"... {len(report.rows) - top} more (--top 0 shows all)")
-    lines.append(f"max batch at seq {q.seq}; max seq at batch {q.min_batch}; '+' = at the search cap. "
-                 f"Throughput: {rows[0].throughput['mfu_source'] if rows else ''}")
-    return "\n".join(lines)
 
 
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
@@ -86,7 +96,12 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         attention: Annotated[str, typer.Option("--attention", help="eager | sdpa | flash.")] = "sdpa",
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient-accumulation steps.")] = 1,
         top: Annotated[Optional[int], typer.Option(
-            "--top", help="Show the N fastest [default: 20 in a table, all in json/csv; 0 = all].")] = None,
+            "--top", help="Show the first N rows (per PEFT method in a grouped table) [default: 5 per method in a "
+            "table, all in json/csv; 0 = all].")] = None,
+        sort: Annotated[SortBy, typer.Option("--sort", help="Rank by predicted tokens/s, largest micro-batch, "
+                                             "longest sequence or least memory first.")] = SortBy.tokens,
+        group: Annotated[GroupBy, typer.Option("--group", help="Table: group rows by PEFT method, or one "
+                                               "ranking.")] = GroupBy.method,
         fmt: FormatOpt = Format.table):
     """Search the setup space for what fits a GPU: the largest micro-batch and sequence length per choice
     (precision × optimizer × PEFT × checkpointing × ZeRO), ranked by predicted tokens/s per GPU.
@@ -111,21 +126,24 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     if top is not None and top < 0:
         raise MemplanError("--top must be ≥ 0")
     report = F.fit(spec, g, F.Query(base=base, seq=seq, min_batch=min_batch, max_batch=max_batch, max_seq=max_seq,
-                                    margin=margin), space)
+                                    margin=margin), space, F.SortKey(sort.value))
     if not report.rows:
+        hints = nothing_fits_hints(space, seq, gpus)
         typer.echo(f"memplan: nothing fits: none of the {report.searched} choices fits {spec.name} on {g.label} "
-                   f"× {gpus} at micro-batch {min_batch} × seq {seq} with a {margin:.0%} margin; try a shorter "
-                   f"--seq, more --gpus, --peft qlora, or a larger GPU", err=True)
+                   f"× {gpus} at micro-batch {min_batch} × seq {seq} with a {margin:.0%} margin; try "
+                   f"{', '.join(hints[:-1])} or {hints[-1]}", err=True)
         raise typer.Exit(NOTHING_FITS_EXIT)
     if fmt is Format.table:
-        typer.echo(_fit_table(report, 20 if top is None else top))
+        typer.echo(render.fit_table(report, 5 if top is None else top, grouped=group is GroupBy.method))
         return
     rows = [{"rank": i, **r.to_dict()} for i, r in enumerate(report.rows[:top] if top else report.rows, 1)]
     if fmt is Format.csv:
+        rows = [{**r, "optimizers": ",".join(r["optimizers"])} for r in rows]
         typer.echo(render.to_csv(rows), nl=False)
     else:
         q = report.query
         typer.echo(render.to_json({"model": report.model, "gpu": g.name, "gpus": gpus, "seq": q.seq,
                                    "min_batch": q.min_batch, "margin": q.margin, "limit_bytes": report.limit_bytes,
                                    "searched": report.searched, "invalid": report.invalid,
-                                   "fitting": len(report.rows), "estimates": report.estimates, "rows": rows}))
+                                   "fitting": report.fitting, "estimates": report.estimates, "sort": sort.value,
+                                   "note": F.BATCH_NOTE, "rows": rows}))

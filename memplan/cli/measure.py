@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from memplan.cli.options import Format, FormatOpt, with_setup_options_optional_model
+from memplan.cli.progress import Progress, ProgressOpt
 from memplan.errors import MemplanError
 
 
@@ -153,6 +154,7 @@ def measure_cmd(
                                                      help="Internal (sweep worker): append the record here, print "
                                                      "nothing, report phases on stderr.")] = None,
     fmt: FormatOpt = Format.table,
+    progress: ProgressOpt = False,
 ):
     """Run the configuration on the attached GPU (or --device cpu): peak memory per phase and level, tokens/s, MFU,
     and memplan's estimate beside them, appended as a JSON Lines record.
@@ -174,11 +176,11 @@ def measure_cmd(
     if resume or chunk is not None or plan or max_minutes is not None or timeout_s is not None:
         raise MemplanError("--resume, --chunk, --max-minutes, --plan and --timeout-s need --sweep")
     return _measure_one(model, gpu, setup, device, steps, warmup, lengths.value, snapshot, results, memory_cap_gib,
-                        name, record_to, fmt)
+                        name, record_to, fmt, Progress("measure", progress and record_to is None))
 
 
 def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot, results, memory_cap_gib, name,
-                 record_to, fmt) -> int:
+                 record_to, fmt, progress: Progress) -> int:
     from memplan.estimate import estimate_spec
     from memplan.measure import harness
     from memplan.measure.devices import peak_tflops, resolve_device
@@ -197,7 +199,9 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     if snapshot:
         check_writable(snapshot)
     started = now()
+    progress.phase(f"measuring {spec.name} on {dev}: {warmup} warm-up and {steps} timed steps, then memory steps")
     outcome = harness.measure(spec, setup, opts, peak_tflops=peak_tflops(gpu, setup, dev))
+    progress.phase(f"{outcome.status}; writing the record")
     rec = make_record(name=name, model=spec.name, setup=setup.to_dict(), device=dev, steps=steps, warmup=warmup,
                       lengths=lengths, status=outcome.status, failed_phase=outcome.failed_phase, error=outcome.error,
                       estimate=estimate.to_dict(), measured=outcome.measured, gpu=_gpu_block(info, gpu),
@@ -211,6 +215,7 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
         for w in rec.get("warnings", []):
             typer.echo(f"warning: {w}", err=True)
     typer.echo(f"record {rec['record_id'][:12]} -> {out}", err=True)
+    progress.done()
     return 0 if outcome.status == "ok" else 1
 
 
@@ -285,7 +290,7 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
     elif fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
     else:
-        typer.echo(reconcile.table(rows, reconcile.summarize(rows)))
+        typer.echo(render.reconcile_table(rows, reconcile.summarize(rows)))
         typer.echo(f"records: {out}", err=True)
     return 0
 
@@ -302,7 +307,6 @@ def _progress_line(rec: dict) -> str:
 
 def _print_plan(planned, selected, fmt: Format, limit: float) -> None:
     from memplan import render
-    from memplan.measure.reconcile import fmt_bytes
 
     rows = []
     for p in selected:
@@ -319,10 +323,8 @@ def _print_plan(planned, selected, fmt: Format, limit: float) -> None:
     if fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
         return
-    for r in rows:
-        fit = {True: "fits", False: "no fit", None: ""}[r["fits"]]
-        typer.echo(f"{r['chunk']:>3}  {r['name']:<40}{fmt_bytes(r['est_device_bytes']):>12}  {fit:<7}"
-                   f"{(r['expect'] or ''):<5}{r['est_minutes']:>6.1f} min")
+    for line in render.plan_table(rows):
+        typer.echo(line)
     chunks = sorted({p.chunk for p in planned})
     per = {c: sum(p.minutes for p in planned if p.chunk == c) for c in chunks}
     typer.echo(f"{len(planned)} configurations in {len(chunks)} chunks of ≤ {limit:g} min: " +

@@ -55,7 +55,7 @@ def reconcile_cmd(
     elif fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
     else:
-        typer.echo(rc.table(rows, summary))
+        typer.echo(render.reconcile_table(rows, summary))
     if max_error is not None:
         w = rc.worst(rows, level.value)
         if w is not None and abs(w[f"err_{level.value}_pct"]) > max_error:

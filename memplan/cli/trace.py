@@ -5,24 +5,31 @@ from typing import Annotated, Optional
 import typer
 
 from memplan.cli.options import Format, FormatOpt, emit, with_setup_options
+from memplan.cli.progress import Progress, ProgressOpt
 from memplan.errors import MemplanError
 
 
-def trace_and_emit(model, gpu, setup, fmt, timeline_path):
+def trace_and_emit(model, gpu, setup, fmt, timeline_path, progress: Progress | None = None):
     """Trace one setup, print its Result, and write the timeline when asked (also `estimate --exact`)."""
     from dataclasses import replace
 
-    from memplan.trace import trace as run_trace, write_timeline
-
+    progress = progress or Progress("trace")
     if timeline_path is not None:
         check_timeline_path(timeline_path)
+    progress.phase("loading torch, transformers and peft")
+    from memplan.trace import trace as run_trace, write_timeline
+    import memplan.trace.runner  # noqa: F401  (the heavy imports happen here, inside this phase)
+
+    progress.phase(f"building {model.name} and tracing two training iterations on fake tensors")
     result, rows = run_trace(model, setup, timeline=timeline_path is not None)
     if gpu is not None:
         result = replace(result, gpu=gpu)
     emit(result, fmt)
     if timeline_path is not None:
+        progress.phase(f"writing the timeline ({len(rows)} rows)")
         write_timeline(rows, timeline_path)
         typer.echo(f"timeline: {len(rows)} rows -> {timeline_path}", err=True)
+    progress.done()
 
 
 def check_timeline_path(path: str) -> None:
@@ -39,7 +46,8 @@ def check_timeline_path(path: str) -> None:
 @with_setup_options
 def trace(model, gpu, setup, fmt: FormatOpt = Format.table,
           timeline: Annotated[Optional[str], typer.Option(
-              "--timeline", help="Write the live-bytes timeline by category (CSV or JSON, by suffix).")] = None):
+              "--timeline", help="Write the live-bytes timeline by category (CSV or JSON, by suffix).")] = None,
+          progress: ProgressOpt = False):
     """Trace the real training step (transformers + peft + torch optimizer) on fake CPU tensors: exact bytes.
 
     Needs the torch extra. Example: memplan trace --model llama-2-7b --peft lora --batch 4 --seq 2048
@@ -47,4 +55,4 @@ def trace(model, gpu, setup, fmt: FormatOpt = Format.table,
     from memplan.trace.support import require_torch
 
     require_torch("memplan trace")
-    trace_and_emit(model, gpu, setup, fmt, timeline)
+    trace_and_emit(model, gpu, setup, fmt, timeline, Progress("trace", progress))

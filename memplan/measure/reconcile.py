@@ -130,34 +130,3 @@ def fmt_bytes(n) -> str:
 
 def fmt_pct(x) -> str:
     return "–" if x is None else f"{x:+.1f}%"
-
-
-def table(rows: list[dict], summary: dict) -> str:
-    head = f"{'name':<34}{'status':<8}" + "".join(f"{lv + ' est':>14}{'measured':>12}{'err':>8}" for lv in LEVELS) \
-        + f"  {'peak phase est/meas'}"
-    lines = [head]
-    for r in rows:
-        label = (r["name"] or r["model"] or "?")[:33]
-        status = r["status"] + (f"@{r['failed_phase']}" if r["failed_phase"] else "")
-        cells = "".join(f"{fmt_bytes(r[f'est_{lv}_bytes']):>14}{fmt_bytes(r[f'meas_{lv}_bytes']):>12}"
-                        f"{fmt_pct(r[f'err_{lv}_pct']):>8}" for lv in LEVELS)
-        lines.append(f"{label:<34}{status[:14]:<8}{cells}  {r['est_peak_phase'] or '–'}/{r['meas_peak_phase'] or '–'}"
-                     + (f"  ({r['note']})" if r["note"] else ""))
-    lines.append(f"{summary['records']} records: {summary['ok']} ok, {summary['oom']} did not fit, "
-                 f"{summary['error']} failed")
-    for lv, st in summary["levels"].items():
-        if st["n"]:
-            lines.append(f"  {lv:<10} |error| median {st['median_abs_pct']:.2f}%  max {st['max_abs_pct']:.2f}%  "
-                         f"mean {st['mean_pct']:+.2f}%  (n={st['n']})")
-    for f, groups in summary["by_feature"].items():
-        if len(groups) > 1:
-            lines.append(f"  allocated by {f}: " + ", ".join(
-                f"{k} {g['median_abs_pct']:.1f}%/{g['max_abs_pct']:.1f}% (n={g['n']})" for k, g in groups.items()))
-    if "tokens_per_s" in summary:
-        st = summary["tokens_per_s"]
-        lines.append(f"  tokens/s predicted vs measured: |error| median {st['median_abs_pct']:.1f}%  "
-                     f"max {st['max_abs_pct']:.1f}%  (n={st['n']})")
-    if "fit_agreement" in summary:
-        fa = summary["fit_agreement"]
-        lines.append(f"  fit / did-not-fit predicted correctly for {fa['agree']} of {fa['n']}")
-    return "\n".join(lines)

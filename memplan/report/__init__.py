@@ -4,11 +4,12 @@
     page = build_report(["reports/runs.jsonl"], setups="setups.toml", gpus=["a100-80gb", "h100-sxm"])
     page.write("reports/compare.html")
 
-Charts: stacked per-category bars per setup (estimate, measured beside it where a record exists) against the
-chosen GPUs' memory; estimate vs measured with ±5% / ±15% bands (a note when there are no records); the
-peak-memory timeline of one setup (a `memplan trace --timeline` file when given, else the first record with
-measured phases, else the first setup's estimated phase peaks); tokens/s and MFU per setup (predicted for the
-setup's GPU: a record's own GPU profile, the first --gpu for setups; measured where recorded); a sortable table.
+Charts: stacked per-category bars per setup (estimate, measured beside it where a record exists), each labelled
+with its total and a verdict per GPU, against the chosen GPUs' memory and margin lines; estimate vs measured with
+±5% / ±15% bands (left out, with a note, when there are no records); peak memory by phase for every setup, one
+at a time (a drop-down; the first record with measured phases, else the first setup, on load); a `memplan trace
+--timeline` file's live bytes when given; tokens/s and MFU per setup (predicted for the setup's GPU: a record's
+own GPU profile, the first --gpu for setups; measured where recorded; caveats marked); a sortable table.
 
 frames (the rows), figures (plotly) and html (the page) are imported only when a report is built.
 """
@@ -49,16 +50,12 @@ def check_writable(path) -> None:
         raise MemplanError(f"cannot write {path}")
 
 
-def _timeline_figure(entries, rows, timeline, timeline_rows):
-    from memplan.report import figures
-
-    if timeline_rows is not None:
-        return figures.timeline_from_trace(timeline_rows, Path(timeline).name), f"trace timeline {Path(timeline).name}"
-    for e, r in zip(entries, rows):
+def _first_timeline(entries) -> tuple[int, str]:
+    """The setup whose phase timeline shows on load: the first record with measured phases, else the first."""
+    for i, e in enumerate(entries):
         if (e.measured or {}).get("phases"):
-            return figures.timeline_from_phases(r, e.estimate, e.measured), f"measured phases of {e.name}"
-    e, r = entries[0], rows[0]
-    return figures.timeline_from_phases(r, e.estimate, None), f"estimated phase peaks of {e.name}"
+            return i, f"measured phases of {e.name}"
+    return 0, f"estimated phase peaks of {entries[0].name}"
 
 
 def build_report(results=(), setups=None, gpus=(), timeline=None, title: str = "memplan report") -> Report:
@@ -79,15 +76,20 @@ def build_report(results=(), setups=None, gpus=(), timeline=None, title: str = "
     if not entries:
         raise MemplanError("nothing to report: pass RESULTS.jsonl files and/or --setups FILE")
     rows = [frames.entry_row(e) for e in entries]
-    tl_fig, tl_what = _timeline_figure(entries, rows, timeline, timeline_rows)
+    first, tl_what = _first_timeline(entries)
     figs = {
-        "chart-memory": ("Memory per setup", figures.memory_bars(rows, gpu_specs)),
-        "chart-accuracy": ("Estimate vs measured", figures.estimate_vs_measured(rows)),
-        "chart-timeline": ("Peak-memory timeline", tl_fig),
-        "chart-throughput": ("Tokens/s and MFU", figures.throughput(rows)),
+        "chart-memory": ("Memory per setup", figures.memory_bars(rows, gpu_specs), ""),
+        "chart-accuracy": ("Estimate vs measured", figures.estimate_vs_measured(rows), figures.NO_RECORDS),
+        "chart-timeline": ("Peak memory by phase, per setup (pick one)",
+                           figures.timeline_per_setup(rows, entries, first), ""),
     }
-    figs = {k: (h, pio.to_json(f, validate=False)) for k, (h, f) in figs.items()}
-    notes = [f"timeline: {tl_what}"]
+    if timeline_rows is not None:
+        figs["chart-trace"] = ("Trace timeline", figures.timeline_from_trace(timeline_rows, Path(timeline).name), "")
+    figs["chart-throughput"] = ("Tokens/s and MFU", figures.throughput(rows), figures.NO_THROUGHPUT)
+    figs = {k: (h, None if f is None else pio.to_json(f, validate=False), why) for k, (h, f, why) in figs.items()}
+    notes = [f"timeline: {tl_what} on load; the menu above the chart shows any other setup"]
+    if timeline_rows is not None:
+        notes.append(f"trace timeline {Path(timeline).name}")
     n_rec = sum(1 for e in entries if e.record is not None)
     n_meas = sum(1 for e in entries if e.measured)
     sources = sorted({e.source for e in entries})

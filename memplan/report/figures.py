@@ -1,15 +1,22 @@
 """The report's charts as plotly figures (plotly imported only here, only when a report is built).
 
-Every piece of user text (setup names, file names, marks) reaches plotly HTML-escaped: plotly renders a subset
-of HTML tags in labels and converts entities back to the literal characters, so an escaped name shows as
-typed and cannot inject markup.
+Every piece of user text (setup names, file names, marks) reaches plotly HTML-escaped (&, <, >): plotly renders a
+subset of HTML tags in labels and converts those entities back to the literal characters, so an escaped name
+shows as typed and cannot inject markup. Quotes stay as typed: plotly does not decode `&quot;` (it would show
+literally) and a quote cannot open a tag.
+
+Reading at a glance: memory bars carry their total and a verdict per GPU (✓ under the margin line, ≈ only into
+the margin, ✗ over the GPU's memory); setup labels carry the PEFT method and batch × seq; every memory axis names
+its level (allocated, reserved, device); a chart with nothing to draw is left out (the page says why) instead of
+an empty panel; predicted throughput carries the caveats of what the model leaves out.
 """
 from __future__ import annotations
 
 import html
 
 from memplan.categories import Category
-from memplan.report.frames import MEASURED_PHASES
+from memplan.fit import DEFAULT_MARGIN
+from memplan.report.frames import MEASURED_PHASES, throughput_caveats
 from memplan.units import GiB
 
 # One colour per category, the same in every chart (plotly's default qualitative palette, in category order).
@@ -19,8 +26,27 @@ BANDS = (0.05, 0.15)  # estimate-vs-measured error bands: ±5% and ±15% of the 
 MAX_TIMELINE_POINTS = 2000  # a trace timeline has one row per allocation; keep the page light
 
 
+VERDICT = {"fits": "✓", "margin": "≈", "no": "✗"}  # under the margin line; between it and the GPU line; over it
+VERDICT_LEGEND = "✓ fits under the margin line · ≈ only into the margin · ✗ does not fit"
+
+
 def esc(text) -> str:
-    return html.escape(str(text), quote=True)
+    return html.escape(str(text), quote=False)
+
+
+def setup_label(r: dict) -> str:
+    """The setup's name, then its method and micro-batch × sequence length (what a bar is of)."""
+    what = " · ".join(str(x) for x in (r.get("peft"), r.get("precision")) if x)
+    size = f"{r['batch']}×{r['seq']}" if r.get("batch") and r.get("seq") else ""
+    extra = " · ".join(x for x in (what, size) if x)
+    return esc(r["name"]) + (f"<br>{esc(extra)}" if extra else "")
+
+
+def verdict(total_bytes: int, gpu, margin: float = DEFAULT_MARGIN) -> str:
+    """fits (≤ the margin line), margin (≤ the GPU's memory only) or no."""
+    if total_bytes <= gpu.memory_bytes * (1 - margin):
+        return "fits"
+    return "margin" if total_bytes <= gpu.memory_bytes else "no"
 
 
 def _gib(b):
@@ -29,54 +55,74 @@ def _gib(b):
 
 def _layout(fig, title: str, **kw):
     fig.update_layout(title=dict(text=esc(title)), template="plotly_white", margin=dict(l=60, r=30, t=60, b=60),
-                      legend=dict(orientation="h", y=-0.25), **kw)
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"), **kw)
+    fig.update_xaxes(automargin=True)  # long setup labels push the plot up instead of being cut
+    fig.update_yaxes(automargin=True)
     return fig
 
 
-def _note(fig, text: str):
-    """A chart with nothing to draw says so instead of vanishing."""
-    fig.add_annotation(text=esc(text), xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
-                       font=dict(size=14, color="#666"))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
-
-
-def memory_bars(rows: list[dict], gpus: list) -> "go.Figure":
-    """Stacked per-category bars per setup: the estimate, and the measurement beside it where one exists,
-    against horizontal lines at each chosen GPU's memory."""
+def memory_bars(rows: list[dict], gpus: list, margin: float = DEFAULT_MARGIN) -> "go.Figure":
+    """Stacked per-category bars per setup: the estimate (device level: the categories include the overhead up
+    to it), and the measurement beside it where one exists, each labelled with its total and a verdict per GPU,
+    against lines at each chosen GPU's memory and at its margin."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    names = [esc(r["name"]) for r in rows]
+    names = [setup_label(r) for r in rows]
+    est_kind = "estimate (device)"
     for c in Category:
-        fig.add_bar(x=[names, ["estimate"] * len(rows)], y=[_gib(r[f"est_{c.value}"]) for r in rows],
+        fig.add_bar(x=[names, [est_kind] * len(rows)], y=[_gib(r[f"est_{c.value}"]) for r in rows],
                     name=c.value, legendgroup=c.value, marker_color=COLORS[c.value],
                     hovertemplate="%{x}<br>" + c.value + ": %{y:.2f} GiB<extra></extra>")
+    totals = [(n, est_kind, r["est_device"], r) for n, r in zip(names, rows) if r["est_device"] is not None]
     measured = [r for r in rows if r["meas_allocated"] is not None]
     by_cat = [r for r in measured if r["meas_weights"] is not None]
-    if by_cat:  # the measuring tier attributed bytes to categories (the CPU tracker does)
+    if by_cat:  # the measuring tier attributed bytes to categories (the CPU tracker does): allocated level
+        kind = "measured (allocated)"
         for c in Category:
-            fig.add_bar(x=[[esc(r["name"]) for r in by_cat], ["measured"] * len(by_cat)],
+            fig.add_bar(x=[[setup_label(r) for r in by_cat], [kind] * len(by_cat)],
                         y=[_gib(r[f"meas_{c.value}"]) for r in by_cat], name=c.value, legendgroup=c.value,
                         showlegend=False, marker=dict(color=COLORS[c.value], pattern=dict(shape="/")),
                         hovertemplate="%{x}<br>measured " + c.value + ": %{y:.2f} GiB<extra></extra>")
+        totals += [(setup_label(r), kind, sum(r[f"meas_{c.value}"] or 0 for c in Category), r) for r in by_cat]
     plain = [r for r in measured if r["meas_weights"] is None]
     if plain:  # peaks only (CUDA): allocated, and the rest up to the device level where NVML gave it
-        x = [[esc(r["name"]) for r in plain], ["measured"] * len(plain)]
+        kind = "measured (device)"
+        x = [[setup_label(r) for r in plain], [kind] * len(plain)]
         fig.add_bar(x=x, y=[_gib(r["meas_allocated"]) for r in plain], name="measured allocated",
                     marker=dict(color="#444", pattern=dict(shape="/")),
                     hovertemplate="%{x}<br>measured allocated: %{y:.2f} GiB<extra></extra>")
         fig.add_bar(x=x, y=[_gib((r["meas_device"] or r["meas_allocated"]) - r["meas_allocated"]) for r in plain],
                     name="measured device − allocated", marker=dict(color="#999", pattern=dict(shape="/")),
                     hovertemplate="%{x}<br>device − allocated: %{y:.2f} GiB<extra></extra>")
+        totals += [(setup_label(r), kind, r["meas_device"] or r["meas_allocated"], r) for r in plain]
+    if totals:
+        fig.add_scatter(x=[[t[0] for t in totals], [t[1] for t in totals]], y=[_gib(t[2]) for t in totals],
+                        mode="text", text=[_total_text(t[2], t[3], gpus, margin) for t in totals],
+                        textposition="top center", textfont=dict(size=11), name="total · " + VERDICT_LEGEND,
+                        hoverinfo="skip", cliponaxis=False)
     for i, g in enumerate(gpus):
         y = g.memory_bytes / GiB
+        side = "top left" if i % 2 == 0 else "top right"  # close lines: alternate
         fig.add_hline(y=y, line=dict(color="#d62728", dash="dash", width=1.5),
-                      annotation_text=esc(f"{g.label}: {y:.1f} GiB"),
-                      annotation_position="top left" if i % 2 == 0 else "top right")  # close lines: alternate
+                      annotation_text=esc(f"{g.label}: {y:.1f} GiB"), annotation_position=side)
+        fig.add_hline(y=y * (1 - margin), line=dict(color="#d62728", dash="dot", width=1),
+                      annotation_text=esc(f"− {margin:.0%} margin"), annotation_font=dict(size=10, color="#a33"),
+                      annotation_position=side.replace("top", "bottom"))
+    top = max([_gib(t[2]) for t in totals] + [g.memory_bytes / GiB for g in gpus] + [0.0])
     return _layout(fig, "Peak memory per GPU by category (estimate, and measured where recorded)",
-                   barmode="stack", yaxis_title="GiB", height=560)
+                   barmode="stack", yaxis_title="peak GiB per GPU (level: under each bar)",
+                   yaxis_range=[0, 1.18 * top] if top else None, height=600)  # room above for the labels
+
+
+def _total_text(total: int, row: dict, gpus: list, margin: float) -> str:
+    """`12.3 GiB` and a verdict per GPU line (against the row's own GPU when no line is drawn)."""
+    lines = [f"{total / GiB:.1f} GiB"]
+    if gpus:
+        lines += [f"{VERDICT[verdict(total, g, margin)]} {esc(g.name)}" for g in gpus]
+    elif row.get("fits") is not None and row.get("gpu"):
+        lines.append(f"{'✓' if row['fits'] else '✗'} {esc(row['gpu'])}")
+    return "<br>".join(lines)
 
 
 def _band(fig, lo_hi, top: float, color: str, label: str):
@@ -89,16 +135,19 @@ def _band(fig, lo_hi, top: float, color: str, label: str):
                     fillcolor=color, name=label, hoverinfo="skip")
 
 
-def estimate_vs_measured(rows: list[dict]) -> "go.Figure":
+NO_RECORDS = "No measured records: pass RESULTS.jsonl files written by `memplan measure`."
+NO_THROUGHPUT = "No throughput: give --gpu to predict it, or records with a measured tokens/s."
+
+
+def estimate_vs_measured(rows: list[dict]):
     """Estimated vs measured peak per record (allocated level, and device where measured), with ±5% / ±15%
-    bands around equality."""
+    bands around equality; None when no record has a measurement (the page says so instead of a panel)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     pts = [r for r in rows if r["meas_allocated"] is not None and r["est_allocated"] is not None]
     if not pts:
-        return _layout(_note(fig, "No measured records: pass RESULTS.jsonl files written by `memplan measure`."),
-                       "Estimate vs measured peak", height=420)
+        return None
     dev = [r for r in pts if r["meas_device"] is not None and r["est_device"] is not None]
     top = 1.1 * max(max(_gib(r["est_allocated"]), _gib(r["meas_allocated"])) for r in pts)
     if dev:
@@ -112,11 +161,13 @@ def estimate_vs_measured(rows: list[dict]) -> "go.Figure":
                 x=[_gib(r[f"est_{level}"]) for r in subset], y=[_gib(r[f"meas_{level}"]) for r in subset],
                 mode="markers", name=f"{level} level", marker=dict(size=9, symbol="circle" if level == "allocated"
                                                                     else "diamond"),
-                text=[esc(r["name"]) for r in subset],
+                text=[setup_label(r) for r in subset],
                 customdata=[r[f"err_{level}_pct"] for r in subset],
                 hovertemplate="%{text}<br>estimate %{x:.2f} GiB<br>measured %{y:.2f} GiB<br>"
                               "error %{customdata:+.1f}%<extra></extra>")
-    return _layout(fig, "Estimate vs measured peak (GiB)", xaxis_title="estimated GiB", yaxis_title="measured GiB",
+    return _layout(fig, "Estimate vs measured peak (GiB)",
+                   xaxis_title="estimated peak GiB (● allocated level, ◆ device level)",
+                   yaxis_title="measured peak GiB (same level)",
                    height=480, xaxis=dict(range=[0, top]), yaxis=dict(range=[0, top]))
 
 
@@ -153,51 +204,105 @@ def timeline_from_trace(rows: list[dict], label: str) -> "go.Figure":
                           annotation_text=esc(r["phase"]), annotation_position="top right")
             prev = r["phase"]
     return _layout(fig, f"Live memory over the step: {label} ({where})", xaxis_title="allocation event",
-                   yaxis_title="GiB (allocated)", height=460)
+                   yaxis_title="live GiB (allocated level)", height=460)
 
 
-def timeline_from_phases(row: dict, estimate: dict, measured: dict | None) -> "go.Figure":
-    """Peak per phase of one setup: measured (peak and end of each phase) where a record has phases, and the
-    estimate's phase peaks (allocated level)."""
+def _phase_traces(row: dict, estimate: dict | None, measured: dict | None) -> list[dict]:
+    """Peak per phase of one setup: the estimate's phase peaks, and measured peak and end of each phase where a
+    record has phases (allocated level)."""
+    import plotly.graph_objects as go
+
+    est = (estimate or {}).get("phase_peaks") or {}
+    out = [go.Bar(x=list(MEASURED_PHASES), y=[_gib(est.get(p)) for p in MEASURED_PHASES], name="estimated peak",
+                  marker_color="#636EFA", texttemplate="%{y:.2f}", textposition="outside",
+                  hovertemplate="%{x}: %{y:.2f} GiB<extra>estimate</extra>")]
+    phases = (measured or {}).get("phases") or {}
+    if phases:
+        out.append(go.Bar(x=list(MEASURED_PHASES), y=[_gib((phases.get(p) or {}).get("peak_allocated_bytes"))
+                                                      for p in MEASURED_PHASES],
+                          name="measured peak", marker_color="#EF553B", texttemplate="%{y:.2f}",
+                          textposition="outside", hovertemplate="%{x}: %{y:.2f} GiB<extra>measured peak</extra>"))
+        out.append(go.Scatter(x=list(MEASURED_PHASES), y=[_gib((phases.get(p) or {}).get("end_allocated_bytes"))
+                                                          for p in MEASURED_PHASES],
+                              name="measured at phase end", mode="lines+markers", line=dict(color="#444"),
+                              hovertemplate="%{x}: %{y:.2f} GiB<extra>end of phase</extra>"))
+    return out
+
+
+def _phase_title(row: dict, measured: dict | None) -> str:
+    what = "measured and estimated" if (measured or {}).get("phases") else "estimated"
+    return esc(f"Peak memory by phase ({what}): ") + setup_label(row).replace("<br>", " · ")
+
+
+def timeline_per_setup(rows: list[dict], entries: list, first: int = 0) -> "go.Figure":
+    """Peak memory by phase for every setup, one shown at a time: a drop-down (plotly updatemenus, drawn by the
+    embedded plotly.js, offline) picks the setup; `first` is shown on load."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    est = (estimate or {}).get("phase_peaks") or {}
-    fig.add_bar(x=list(MEASURED_PHASES), y=[_gib(est.get(p)) for p in MEASURED_PHASES], name="estimated peak",
-                marker_color="#636EFA", hovertemplate="%{x}: %{y:.2f} GiB<extra>estimate</extra>")
-    phases = (measured or {}).get("phases") or {}
-    if phases:
-        fig.add_bar(x=list(MEASURED_PHASES), y=[_gib((phases.get(p) or {}).get("peak_allocated_bytes"))
-                                                for p in MEASURED_PHASES],
-                    name="measured peak", marker_color="#EF553B",
-                    hovertemplate="%{x}: %{y:.2f} GiB<extra>measured peak</extra>")
-        fig.add_scatter(x=list(MEASURED_PHASES), y=[_gib((phases.get(p) or {}).get("end_allocated_bytes"))
-                                                    for p in MEASURED_PHASES],
-                        name="measured at phase end", mode="lines+markers", line=dict(color="#444"),
-                        hovertemplate="%{x}: %{y:.2f} GiB<extra>end of phase</extra>")
-    what = "measured and estimated" if phases else "estimated"
-    return _layout(fig, f"Peak memory by phase ({what}): {row['name']}", barmode="group",
-                   yaxis_title="GiB (allocated)", height=440)
+    spans, titles = [], []
+    for r, e in zip(rows, entries):
+        traces = _phase_traces(r, e.estimate, e.measured)
+        start = len(fig.data)
+        for t in traces:
+            fig.add_trace(t)
+        spans.append((start, len(fig.data)))
+        titles.append(_phase_title(r, e.measured))
+    n = len(fig.data)
+    for k, (a, b) in enumerate(spans):
+        for i in range(a, b):
+            fig.data[i].visible = k == first
+    buttons = [dict(label=esc(r["name"]), method="update",
+                    args=[{"visible": [a <= i < b for i in range(n)]}, {"title.text": titles[k]}])
+               for k, ((a, b), r) in enumerate(zip(spans, rows))]
+    fig.update_layout(updatemenus=[dict(buttons=buttons, active=first, direction="down", x=1.0, xanchor="right",
+                                        y=1.18, yanchor="top", showactive=True)])
+    fig = _layout(fig, "", barmode="group", yaxis_title="peak GiB (allocated level)", height=460)
+    fig.update_layout(title=dict(text=titles[first]), margin=dict(t=90))
+    return fig
 
 
-def throughput(rows: list[dict]) -> "go.Figure":
-    """Tokens/s per GPU and MFU per setup: predicted by memplan's throughput model, measured where recorded."""
+def timeline_from_phases(row: dict, estimate: dict, measured: dict | None) -> "go.Figure":
+    """Peak per phase of one setup (see _phase_traces)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(_phase_traces(row, estimate, measured))
+    fig = _layout(fig, "", barmode="group", yaxis_title="peak GiB (allocated level)", height=440)
+    fig.update_layout(title=dict(text=_phase_title(row, measured)))
+    return fig
+
+
+def throughput(rows: list[dict]):
+    """Tokens/s per GPU and MFU per setup: predicted by memplan's throughput model (labelled, and marked * where
+    the model leaves out something the setup does), measured where recorded; None when there is nothing."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     pts = [r for r in rows if r["pred_tokens_per_s"] is not None or r["meas_tokens_per_s"] is not None]
     if not pts:
-        return _layout(_note(go.Figure(), "No throughput: give --gpu to predict it, or records with a measured "
-                                          "tokens/s."), "Throughput per setup", height=420)
+        return None
     fig = make_subplots(rows=1, cols=2, subplot_titles=("tokens/s per GPU", "MFU"), horizontal_spacing=0.08)
-    names = [esc(r["name"]) for r in pts]
+    names = [setup_label(r) for r in pts]
+    caveats = [throughput_caveats(r) for r in pts]
     for col, key, fmt in ((1, "tokens_per_s", ",.0f"), (2, "mfu", ".1%")):
         for kind, color in (("pred", "#636EFA"), ("meas", "#EF553B")):
             ys = [r[f"{kind}_{key}"] for r in pts]
             if any(y is not None for y in ys):
+                star = [("*" if kind == "pred" and c else "") for c in caveats]
+                text = [None if y is None else format(y, fmt) + s for y, s in zip(ys, star)]
+                note = ["<br>" + "<br>".join(c) if kind == "pred" and c else "" for c in caveats]
                 fig.add_bar(x=names, y=ys, name="predicted" if kind == "pred" else "measured", marker_color=color,
-                            legendgroup=kind, showlegend=col == 1, row=1, col=col,
-                            hovertemplate="%{x}: %{y:" + fmt + "}<extra></extra>")
+                            legendgroup=kind, showlegend=col == 1, row=1, col=col, text=text,
+                            textposition="outside", customdata=note, cliponaxis=False,
+                            hovertemplate="%{x}: %{y:" + fmt + "}%{customdata}<extra></extra>")
     fig.update_yaxes(tickformat=".0%", row=1, col=2)
-    return _layout(fig, "Throughput per setup (predicted for the setup's GPU; measured where recorded)",
-                   barmode="group", height=480)
+    fig.update_yaxes(title_text="tokens/s per GPU", row=1, col=1)
+    fig.update_yaxes(title_text="model FLOPs utilization", row=1, col=2)
+    flagged = sorted({c for cs in caveats for c in cs})
+    fig = _layout(fig, "Throughput per setup (predicted for the setup's GPU; measured where recorded)",
+                  barmode="group", height=540)
+    if flagged:  # under the title, above the numbers it qualifies
+        fig.update_layout(title=dict(text=esc("Throughput per setup (predicted for the setup's GPU; measured where "
+                                              "recorded)") + "<br><span style='font-size:12px;color:#a33'>* "
+                                     + esc("; ".join(flagged)) + "</span>"), margin=dict(t=100))
+    return fig

@@ -150,7 +150,7 @@ def entry_row(e: Entry) -> dict:
            "status": (e.record or {}).get("status", "estimate"), "device": (e.record or {}).get("device"),
            "gpu": e.gpu}
     for k in ("precision", "optimizer", "peft", "checkpointing", "attention", "zero", "gpus", "batch", "seq",
-              "grad_accum"):
+              "grad_accum", "offload_optimizer", "offload_params"):
         row[k] = setup.get(k)
     for c in Category:
         row[f"est_{c.value}"] = (est.get("categories") or {}).get(c.value)
@@ -167,7 +167,18 @@ def entry_row(e: Entry) -> dict:
     step = m.get("step_time_s") or {}
     row.update(pred_tokens_per_s=thr.get("tokens_per_s"), pred_step_s=thr.get("step_s"), pred_mfu=thr.get("mfu"),
                meas_tokens_per_s=m.get("tokens_per_s"), meas_step_s=step.get("median"), meas_mfu=m.get("mfu"))
+    row["pred_caveats"] = "; ".join(throughput_caveats(row)) if thr else None
     return row
+
+
+def throughput_caveats(row: dict) -> list[str]:
+    """What the throughput model leaves out that this setup does (memplan.estimate.throughput's docstring)."""
+    out = []
+    if row.get("peft") == "qlora":
+        out.append("QLoRA dequantization not modelled (predicted too fast)")
+    if row.get("offload_optimizer") or row.get("offload_params"):
+        out.append("offload traffic not modelled (predicted too fast)")
+    return out
 
 
 def frame(entries: list[Entry]):

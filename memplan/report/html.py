@@ -146,14 +146,16 @@ def table(rows: list[dict]) -> str:
 
 
 def page(title: str, figures: dict, rows: list[dict], notes: list[str], meta: str) -> str:
-    """The whole page. figures: {div id: (heading, plotly figure JSON string)}."""
+    """The whole page. figures: {div id: (heading, plotly figure JSON string, or None: the note says why)}."""
     from plotly.offline import get_plotlyjs
 
     plotly_js = get_plotlyjs()
     if "</script" in plotly_js.lower():  # cannot happen with a released bundle; checked, not assumed
         plotly_js = plotly_js.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
-    charts = "".join(f'<h2>{esc(h)}</h2><div class="chart" id="{esc(i)}"></div>' for i, (h, _) in figures.items())
-    figs = "{" + ",".join(f"{json.dumps(i)}:{j}" for i, (_, j) in figures.items()) + "}"
+    charts = "".join(f'<h2>{esc(h)}</h2>' + (f'<div class="chart" id="{esc(i)}"></div>' if j is not None
+                                             else f'<p class="note empty" id="{esc(i)}">{esc(why)}</p>')
+                     for i, (h, j, why) in figures.items())
+    figs = "{" + ",".join(f"{json.dumps(i)}:{j}" for i, (_, j, _w) in figures.items() if j is not None) + "}"
     note_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
     return "".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
