@@ -294,15 +294,20 @@ def test_concurrent_appends_never_interleave(tmp_path):
     assert {json.loads(l)["record_id"] for l in lines} == {f"{w}-{i}" for w in range(8) for i in range(25)}
 
 
-def test_torn_last_line_is_skipped_but_a_corrupt_middle_is_an_error(cpu_record, tmp_path):
+def test_bad_lines_are_named_and_skipped_and_every_good_record_loads(cpu_record, tmp_path):
+    """A torn line anywhere (the last, or one an old memplan glued the next record to) costs only itself: each bad
+    line is named FILE:LINE, every good record loads, a glued whole record is recovered."""
     rec, _, _ = cpu_record
-    line = json.dumps(rec)
+    line = json.dumps(rec, separators=(",", ":"))
     p = tmp_path / "r.jsonl"
-    p.write_text(line + "\n" + line[: len(line) // 2])
-    with pytest.warns(UserWarning, match="incomplete last line"):
-        assert len(record.load_records(p)) == 1
-    p.write_text(line[:100] + "\n" + line + "\n")
-    with pytest.raises(MemplanError, match=":1: malformed"):
+    p.write_text(line[:100] + "\n" + line + "\n" + line[:50] + line + "\n" + "[1]\n" + line[: len(line) // 2])
+    got = []
+    recs = record.load_records(p, warn=got.append)
+    assert len(recs) == 2 and recs[1]["record_id"] == rec["record_id"]
+    assert [g.split(": ", 1)[0] for g in got] == [f"{p}:1", f"{p}:3", f"{p}:4", f"{p}:5"]
+    assert "glued" in got[1] and all("skipped" in g for g in got[:1] + got[2:])
+    p.write_text(line[:100] + "\n")
+    with pytest.raises(MemplanError, match=r"no records in .*r.jsonl:1: not a record"):
         record.load_records(p)
 
 

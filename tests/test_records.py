@@ -68,3 +68,113 @@ def test_report_and_timeline_are_written_atomically(tmp_path, monkeypatch):
         write_timeline([row, row], tl)
     monkeypatch.undo()
     assert page.read_text() == "<p>first</p>" and tl.read_text() == before
+
+
+# ---- records: appending ----------------------------------------------------------------------------------------
+def _rec(**kw) -> dict:
+    """A minimal valid schema-1 record (the field list of memplan.measure.record.SCHEMA_FIELDS)."""
+    from memplan.measure import record
+
+    r = {k: None for k in record.SCHEMA_FIELDS}
+    r.update(schema_version=record.SCHEMA_VERSION, record_id="id-a", name="a", model="gpt2",
+             setup={"batch": 1, "seq": 128}, device="cpu", status="ok",
+             measured={"peak": {"allocated_bytes": 1000, "reserved_bytes": None, "device_bytes": None}})
+    r.update(kw)
+    return r
+
+
+def test_append_repairs_a_torn_tail_instead_of_gluing_to_it(tmp_path):
+    from memplan.measure import record
+
+    p = tmp_path / "r.jsonl"
+    record.append_record(p, _rec())
+    good = p.read_text()
+    with p.open("a") as f:
+        f.write(json.dumps(_rec(record_id="id-torn"))[:60])  # a full disk / crash mid-write
+    record.append_record(p, _rec(record_id="id-b", name="b"))
+    warned = []
+    recs = record.load_records(p, warn=warned.append)
+    assert [r["record_id"] for r in recs] == ["id-a", "id-b"] and warned == []
+    assert p.read_text().startswith(good) and p.read_text().count("\n") == 2
+
+
+def test_append_on_a_full_disk_is_one_error_and_leaves_the_file_whole(tmp_path, monkeypatch):
+    from memplan.measure import record
+
+    p = tmp_path / "r.jsonl"
+    record.append_record(p, _rec())
+    before = p.read_bytes()
+    real = os.write
+
+    def short(fd, data):  # the disk fills after half the line: a short write, then ENOSPC
+        return real(fd, data[: len(data) // 2])
+    for fake in (_enospc_after(0), short):
+        monkeypatch.setattr(os, "write", fake)
+        with pytest.raises(MemplanError, match=r"cannot append a record to .*r.jsonl"):
+            record.append_record(p, _rec(record_id="id-b"))
+        monkeypatch.undo()
+        assert p.read_bytes() == before  # the half line was undone: nothing torn left behind
+    if Path("/dev/full").exists():
+        with pytest.raises(MemplanError, match="No space left on device"):
+            record.append_record("/dev/full", _rec())
+
+
+# ---- records: typed at the boundary -----------------------------------------------------------------------------
+BAD_RECORDS = {  # what a fuzzer wrote into records (issue 10): each line is named and skipped, never a traceback
+    "gpu is a string": _rec(gpu="h100"),
+    "measured is a string": _rec(measured="x"),
+    "status null": _rec(status=None),
+    "fractional batch": _rec(setup={"batch": 2.5, "seq": 128}),
+    "fractional gpus": _rec(setup={"gpus": 1.5}),
+    "float byte count": _rec(measured={"peak": {"allocated_bytes": 1.5}}),
+    "huge batch": _rec(setup={"batch": 10**400}),
+    "setup is a number": _rec(setup=5),
+    "lora is a string": _rec(setup={"lora": "x"}),
+    "peak is a string": _rec(measured={"peak": "x"}),
+    "estimate is a number": _rec(estimate=5),
+    "model is a number": _rec(model=5),
+    "bad schema_version": _rec(schema_version="x"),
+    "gpu profile is a number": _rec(gpu={"profile": 5}),
+}
+BAD_LINES = {
+    "NaN batch": json.dumps(_rec()).replace('"batch": 1', '"batch": NaN'),
+    "Infinity": json.dumps(_rec()).replace('"allocated_bytes": 1000', '"allocated_bytes": 1e999'),
+    "deep nesting": "[" * 100_000 + "]" * 100_000,
+    "a list": "[1, 2]",
+}
+
+
+@pytest.mark.parametrize("line", [json.dumps(r) for r in BAD_RECORDS.values()] + list(BAD_LINES.values()),
+                         ids=list(BAD_RECORDS) + list(BAD_LINES))
+def test_a_wrongly_typed_record_is_named_by_file_and_line_and_the_rest_kept(tmp_path, capsys, line):
+    from memplan.measure import record
+
+    assert record.check_record(_rec())  # the good one is good
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps(_rec()) + "\n" + line + "\n")
+    for argv in (["reconcile", str(p), "-f", "json"], ["reconcile", str(p), "--estimate", "recorded", "-f", "json"]):
+        rc, out, err = run_cli(argv, capsys)
+        assert rc == 0 and len(json.loads(out)["rows"]) == 1, err
+        assert err.startswith(f"memplan: warning: {p}:2: ") and len(err.splitlines()) == 1, err
+    only = tmp_path / "only.jsonl"
+    only.write_text(line + "\n")
+    for argv in (["reconcile", str(only)], ["report", str(only), "-o", str(tmp_path / "x.html")]):
+        rc, out, err = run_cli(argv, capsys)
+        assert rc == 2 and err.startswith(f"memplan: error: no records in {only}: {only}:1: "), err
+        assert len(err.splitlines()) == 1
+
+
+def test_whole_number_floats_load_as_ints():
+    from memplan.measure import record
+
+    r = record.check_record(_rec(setup={"batch": 2.0, "seq": 128}, measured={"peak": {"allocated_bytes": 1e3}}))
+    assert r["setup"]["batch"] == 2 and type(r["setup"]["batch"]) is int
+    assert r["measured"]["peak"]["allocated_bytes"] == 1000 and type(r["measured"]["peak"]["allocated_bytes"]) is int
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_max_error_must_be_finite_and_not_negative(tmp_path, capsys, value):
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps(_rec()) + "\n")
+    rc, _, err = run_cli(["reconcile", str(p), "--max-error", value], capsys)
+    assert rc == 2 and err.startswith("memplan: error: --max-error must be a finite number") and err.count("\n") == 1

@@ -37,19 +37,18 @@ class Entry:
 
 def read_records(paths) -> list[tuple[str, dict]]:
     """(file name, record) pairs from JSON Lines files, read by memplan.measure.record (the schema's authority:
-    upgrades, a torn last line skipped); a line that is no measurement record (no model or setup) is an error."""
-    from memplan.measure.record import iter_records
+    upgrades, typed checks; a line that is no record is named FILE:LINE on stderr and skipped; an error record a
+    retry superseded is left out)."""
+    from memplan.measure.record import load_file, superseded
 
     out = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise MemplanError(f"results file {p} does not exist")
-        for rec in iter_records(path):
-            if not rec.get("model") or not isinstance(rec.get("setup"), dict):
-                raise MemplanError(f"{p}: not a measurement record (needs model and setup)")
-            out.append((path.name, rec))
-    return out
+        out += [(path.name, rec) for rec in load_file(path)]
+    drop = superseded([rec for _, rec in out])
+    return [x for i, x in enumerate(out) if i not in drop]
 
 
 def read_setups(path) -> list[dict]:
