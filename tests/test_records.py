@@ -178,3 +178,39 @@ def test_max_error_must_be_finite_and_not_negative(tmp_path, capsys, value):
     p.write_text(json.dumps(_rec()) + "\n")
     rc, _, err = run_cli(["reconcile", str(p), "--max-error", value], capsys)
     assert rc == 2 and err.startswith("memplan: error: --max-error must be a finite number") and err.count("\n") == 1
+
+
+# ---- sweep files: typed at the boundary --------------------------------------------------------------------------
+BAD_SWEEPS = {  # (file name, text, what the one error line names)
+    "steps is a string": ("s.toml", '[[config]]\nmodel = "gpt2"\nsteps = "x"\n', "configuration #1: steps must be"),
+    "config is a number": ("s.json", json.dumps({"config": 5}), "config must be a list"),
+    "NaN batch (TOML)": ("s.toml", '[[config]]\nmodel = "gpt2"\nbatch = nan\n', "setup.batch must be a whole"),
+    "NaN batch (JSON)": ("s.json", '[{"model": "gpt2", "batch": NaN}]', "NaN is not a number"),
+    "fractional batch": ("s.json", '[{"model": "gpt2", "batch": 2.5}]', "setup.batch must be a whole number"),
+    "fractional gpus": ("s.toml", '[[config]]\nmodel = "gpt2"\ngpus = 1.5\n', "setup.gpus must be a whole number"),
+    "deep nesting": ("s.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "model is a number": ("s.json", '[{"model": 5}]', "configuration #1 has no model"),
+    "max_minutes nan": ("s.toml", '[suite]\nmax_minutes = nan\n[[config]]\nmodel = "gpt2"\n', "max_minutes must be"),
+    "grid of lists": ("s.json", json.dumps({"base": {"model": "gpt2"}, "grid": {"batch": [[1]]}}), "plain values"),
+    "base is a list": ("s.json", json.dumps({"base": [1], "grid": {"batch": [1]}}), "must be tables"),
+    "precision is a number": ("s.json", '[{"model": "gpt2", "precision": 5}]', "setup.precision must be a string"),
+    "huge seq": ("s.json", '[{"model": "gpt2", "seq": 1e300}]', "setup.seq is out of range"),
+    "est_minutes nan": ("s.toml", '[[config]]\nmodel = "gpt2"\nest_minutes = nan\n', "est_minutes must be"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SWEEPS))
+def test_a_wrongly_typed_sweep_file_is_one_error_line(tmp_path, capsys, name):
+    fname, text, needle = BAD_SWEEPS[name]
+    f = tmp_path / fname
+    f.write_text(text)
+    rc, out, err = run_cli(["measure", "--sweep", str(f), "--plan", "--device", "cpu"], capsys)
+    assert rc == 2 and out == "" and err.startswith("memplan: error:") and err.count("\n") == 1, err
+    assert needle in err and fname in err
+
+
+@pytest.mark.parametrize("flag", ["--max-minutes", "--timeout-s", "--memory-cap-gib"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_sweep_numbers_must_be_finite_and_positive(capsys, flag, value):
+    rc, _, err = run_cli(["measure", "--sweep", "validation", "--plan", "--device", "cpu", flag, value], capsys)
+    assert rc == 2 and err == f"memplan: error: {flag} must be a finite number > 0, got {float(value):g}\n"

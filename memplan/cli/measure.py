@@ -5,6 +5,7 @@ Exit codes: 0 done; 1 the configuration did not fit (oom) or its step failed (er
 `memplan: error:` line, before any work); 130 interrupted (finished records kept).
 """
 
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -161,6 +162,9 @@ def measure_cmd(
     memplan measure --model ./tiny/config.json --device cpu --batch 2 --seq 64 ·
     memplan measure --sweep validation --chunk 1
     """
+    for flag, v in (("--max-minutes", max_minutes), ("--timeout-s", timeout_s), ("--memory-cap-gib", memory_cap_gib)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise MemplanError(f"{flag} must be a finite number > 0, got {v:g}")
     if sweep is not None:
         if model is not None or changed:
             flags = ["--model"] * (model is not None) + [f"--{c.replace('_', '-')}" for c in changed]

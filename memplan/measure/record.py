@@ -323,11 +323,11 @@ def _kind(v) -> str:
     if v is None:
         return "null"
     kind = {bool: "boolean", str: "string", list: "list", dict: "object"}.get(type(v), "number")
-    text = repr(v) if not isinstance(v, int) or abs(v) < 10**20 else "a number beyond 10^20"
+    text = repr(v) if not isinstance(v, int) or abs(v) < 10**20 else "beyond 10^20"
     return f"{kind} {text[:40]}"
 
 
-def _whole(v, what: str) -> int:
+def check_whole(v, what: str) -> int:
     """A whole number in [0, MAX_COUNT] (an integral float such as 2.0 is taken as 2)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise MemplanError(f"{what} must be a whole number, got {_kind(v)}")
@@ -366,7 +366,7 @@ def _counts(d, what: str) -> dict | None:
             out[k] = _counts(v, f"{what}.{k}")
         elif v is not None and (k.endswith("_bytes") or what.rsplit(".", 1)[-1] in ("phase_peaks", "categories",
                                                                                     "model_states")):
-            out[k] = _whole(v, f"{what}.{k}")
+            out[k] = check_whole(v, f"{what}.{k}")
         else:
             out[k] = v
     return out
@@ -382,7 +382,7 @@ def check_setup(d, what: str = "setup") -> dict:
         if v is None:
             continue
         if k in SETUP_INTS:
-            out[k] = _whole(v, f"{what}.{k}")
+            out[k] = check_whole(v, f"{what}.{k}")
         elif k in SETUP_BOOLS:
             _typed(v, (bool,), f"{what}.{k}")
         elif k in SETUP_STRS:
@@ -399,7 +399,7 @@ def check_setup(d, what: str = "setup") -> dict:
                 if lv is None:
                     continue
                 if lk == "rank":
-                    lora[lk] = _whole(lv, f"{what}.lora.rank")
+                    lora[lk] = check_whole(lv, f"{what}.lora.rank")
                 elif lk == "alpha":
                     lora[lk] = _number(lv, f"{what}.lora.alpha")
                 elif lk == "double_quant":
@@ -417,7 +417,7 @@ def _check_measured(m) -> dict | None:
     out = _counts(m, "measured")
     for k in ("steps", "warmup", "tokens_per_step", "alloc_retries", "num_ooms"):
         if m.get(k) is not None:
-            out[k] = _whole(m[k], f"measured.{k}")
+            out[k] = check_whole(m[k], f"measured.{k}")
     for k in ("tokens_per_s", "model_flops_per_token", "mfu", "peak_tflops"):
         if m.get(k) is not None:
             _number(m[k], f"measured.{k}")
@@ -467,7 +467,7 @@ def check_record(rec: dict) -> dict:
         for k in ("name", "profile"):
             _typed(gpu.get(k), (str,), f"gpu.{k}")
         if gpu.get("memory_bytes") is not None:
-            out["gpu"]["memory_bytes"] = _whole(gpu["memory_bytes"], "gpu.memory_bytes")
+            out["gpu"]["memory_bytes"] = check_whole(gpu["memory_bytes"], "gpu.memory_bytes")
     _typed(rec.get("env"), (dict,), "env")
     w = _typed(rec.get("warnings"), (list,), "warnings")
     if w is not None and not all(isinstance(x, str) for x in w):
