@@ -266,13 +266,22 @@ def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_p
     env.pop(faults.FAULT_ENV)
     rc, _, err = run_cli(cmd[3:], capsys)
     assert rc == 2 and "--resume" in err  # never appends duplicates silently
-    p2 = subprocess.run(cmd + ["--resume", "-f", "json"], capture_output=True, text=True, env=env, timeout=120)
+    p2 = subprocess.run(cmd + ["--resume", "--no-retry-errors", "-f", "json"], capture_output=True, text=True,
+                        env=env, timeout=120)
     assert p2.returncode == 0, p2.stderr
-    assert "1 to measure on cpu, 2 already in" in p2.stderr
+    assert "1 to measure on cpu, 2 already in" in p2.stderr and "measured again" not in p2.stderr
     recs2 = record.load_records(results)
     assert [r["name"] for r in recs2] == ["a", "b", "c"] and recs2[2]["status"] == "ok"
     assert len({r["record_id"] for r in recs2}) == 3
     assert [r["name"] for r in json.loads(p2.stdout)["rows"]] == ["a", "b", "c"]
+    # --resume retries the error record (b's crash is gone now); the retried error record is superseded: one row each
+    p3 = subprocess.run(cmd + ["--resume", "-f", "json"], capture_output=True, text=True, env=env, timeout=120)
+    assert p3.returncode == 0, p3.stderr
+    assert "1 to measure on cpu, 2 already in" in p3.stderr and "1 error record(s) measured again" in p3.stderr
+    recs3 = record.load_records(results)
+    assert [(r["name"], r["status"]) for r in recs3] == [("a", "ok"), ("c", "ok"), ("b", "ok")]
+    assert len(results.read_text().splitlines()) == 4  # the error record stays in the file, superseded on read
+    assert sorted(r["name"] for r in json.loads(p3.stdout)["rows"]) == ["a", "b", "c"]
 
 
 # ---- records: atomic append, loading, upgrades -----------------------------------------------------------------

@@ -214,3 +214,83 @@ def test_a_wrongly_typed_sweep_file_is_one_error_line(tmp_path, capsys, name):
 def test_sweep_numbers_must_be_finite_and_positive(capsys, flag, value):
     rc, _, err = run_cli(["measure", "--sweep", "validation", "--plan", "--device", "cpu", flag, value], capsys)
     assert rc == 2 and err == f"memplan: error: {flag} must be a finite number > 0, got {float(value):g}\n"
+
+
+# ---- sweeps: no orphans, one writer ------------------------------------------------------------------------------
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux only (prctl PR_SET_PDEATHSIG, /proc)")
+def test_a_sigkilled_sweep_takes_its_worker_with_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("torch")
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    sweep_file = tmp_path / "s.json"
+    sweep_file.write_text(json.dumps([{"name": "a", "model": str(cfg), "batch": 1, "seq": 64, "steps": 1}]))
+    results = tmp_path / "r.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "memplan", "measure", "--sweep", str(sweep_file), "--device", "cpu",
+                          "--results", str(results)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while not workers and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+            workers = _children(p.pid)
+        assert workers, "the sweep started no worker"
+        p.kill()  # SIGKILL: no handler runs in the sweep
+        p.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers)), "the worker outlived its SIGKILLed sweep"
+    finally:
+        for w in _children(p.pid) if p.poll() is None else []:
+            os.kill(w, signal.SIGKILL)
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+    assert not results.exists() or results.read_text() == ""  # no record: no duplicate, no bogus error
+
+
+def test_a_second_sweep_on_one_results_file_is_refused(tmp_path, capsys):
+    from memplan.io import exclusive_lock
+    from memplan.measure import sweep
+
+    sweep_file = tmp_path / "s.json"
+    sweep_file.write_text(json.dumps([{"name": "a", "model": "gpt2", "batch": 1, "seq": 64, "steps": 1}]))
+    results = tmp_path / "r.jsonl"
+    with exclusive_lock(sweep.lock_path(results)) as held:  # the first sweep, still running
+        assert held
+        rc, out, err = run_cli(["measure", "--sweep", str(sweep_file), "--device", "cpu", "--results",
+                                str(results)], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"memplan: error: another sweep is writing {results}") and "r.jsonl.lock" in err
+    assert results.read_text() == ""  # nothing appended

@@ -14,7 +14,13 @@ state that distorts the next measurement, and a segfault or the kernel's OOM kil
 a fresh `python -m memplan measure ... --record-to FILE` per configuration confines both. The worker appends
 its own record (memplan.measure.record.append_record: one atomic write); when it dies without one, the sweep
 appends an "error" record with the exit status and the phase the worker last reported on stderr. Ctrl-C stops
-the running worker, keeps every finished record and says how to --resume (which skips record_ids present).
+the running worker, keeps every finished record and says how to --resume (which skips finished record_ids and
+retries error records unless --no-retry-errors).
+
+A worker dies with its sweep, however the sweep dies (SIGKILL, the OOM killer, a scheduler's hard limit): on Linux
+the worker asks the kernel for SIGKILL when its parent exits (prctl PR_SET_PDEATHSIG, set between fork and exec),
+so no orphan measures on, appends a duplicate, or records a bogus BrokenPipeError. One sweep at a time writes a
+results file: the sweep holds an exclusive flock on RESULTS.lock (memplan.io.exclusive_lock) while it runs.
 """
 from __future__ import annotations
 
@@ -375,6 +381,36 @@ def _worker_env() -> dict:
     return env
 
 
+# <linux/prctl.h>: PR_SET_PDEATHSIG = 1 (the signal a process gets when its parent thread exits)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """A Popen preexec_fn that makes the child receive SIGKILL when this process exits (Linux; None elsewhere, where
+    the worker may outlive a killed sweep). libc is loaded here, before the fork: the child only calls prctl."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # pragma: no cover - every Linux libc has prctl
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the sweep died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def lock_path(results: Path) -> Path:
+    """The lock file beside a results file (RESULTS.jsonl.lock) that one running sweep holds."""
+    return results.with_name(results.name + ".lock")
+
+
 def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None, timeout_s: float | None,
             fallback_record) -> dict:
     """Measure one planned configuration in a fresh worker; returns its record (the worker's, or the error
@@ -383,7 +419,7 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
 
     started = now()
     proc = subprocess.Popen(worker_command(p, device, results, memory_cap_gib), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=_worker_env())
+                            stderr=subprocess.PIPE, text=True, env=_worker_env(), preexec_fn=die_with_parent())
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     reason = None
     try:
@@ -408,7 +444,7 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
             proc.kill()
             proc.wait()
         raise SweepInterrupted(p.cfg.name) from None
-    for rec in iter_records(results):
+    for rec in iter_records(results, warn=_quiet):  # bad lines were named once, when the sweep started
         if rec.get("record_id") == p.record_id and rec.get("started_at", "") >= started:
             return rec
     why = reason or f"worker {_exit_text(code)}"
@@ -417,6 +453,10 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
                           error=f"{why}" + (f"; last stderr line: {tail}" if tail else ""), started_at=started)
     append_record(results, rec)
     return rec
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 def progress(total: int, desc: str):
