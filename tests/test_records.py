@@ -294,3 +294,20 @@ def test_a_second_sweep_on_one_results_file_is_refused(tmp_path, capsys):
     assert rc == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"memplan: error: another sweep is writing {results}") and "r.jsonl.lock" in err
     assert results.read_text() == ""  # nothing appended
+
+
+@pytest.mark.parametrize("fname, text, needle", [
+    ("s.json", '[{"name": "x", "model": "gpt2", "seq": 128, "batch": NaN}]', "NaN is not a number"),
+    ("s.toml", '[[setup]]\nname = "x"\nmodel = "gpt2"\nseq = 128\nbatch = nan\n', "setup.batch must be a whole"),
+    ("s.json", '[{"name": "x", "model": "gpt2", "seq": 128, "batch": 2.5}]', "setup.batch must be a whole number"),
+    ("s.json", '[{"name": "x", "model": "gpt2", "seq": 128, "gpus": 1.5}]', "setup.gpus must be a whole number"),
+    ("s.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_report_setups_with_wrongly_typed_fields_are_one_error_line(tmp_path, capsys, fname, text, needle):
+    f = tmp_path / fname
+    f.write_text(text)
+    out = tmp_path / "r.html"
+    rc, _, err = run_cli(["report", "--setups", str(f), "-o", str(out)], capsys)
+    assert rc == 2 and err.startswith("memplan: error: --setups ") and fname in err and needle in err
+    assert err.count("\n") == 1
+    assert not out.exists()

@@ -59,8 +59,12 @@ def read_setups(path) -> list[dict]:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise MemplanError(f"cannot read --setups {path}: {exc}") from None
+    from memplan.measure.record import parse_json  # NaN / Infinity refused, deep nesting an error
+
     try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        data = tomllib.loads(text) if p.suffix == ".toml" else parse_json(text)
+    except RecursionError:
+        raise MemplanError(f"--setups {path}: nested too deeply") from None
     except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise MemplanError(f"--setups {path}: {str(exc).splitlines()[0]}") from None
     if isinstance(data, dict):
@@ -88,12 +92,14 @@ def _estimate(model, setup, gpu) -> dict:
 
 
 def setup_entries(setups: list[dict], source: str, gpu, seen: dict) -> list[Entry]:
+    from memplan.measure.record import check_setup
     from memplan.spec.values import make_setup, resolve_model
 
     out = []
     for i, d in enumerate(setups, 1):
         fields = {k: v for k, v in d.items() if k not in ("name", "model")}
         try:
+            fields = check_setup(fields)  # whole numbers, true/false, strings: a fraction is no batch or GPU count
             model = resolve_model(d["model"])
             setup = make_setup(**fields)
             est = _estimate(model, setup, gpu)
