@@ -413,6 +413,12 @@ def test_unwritable_results_fail_before_any_work(tiny_config, tmp_path, monkeypa
         assert rc == 2 and err.startswith("memplan: error:") and err.count("\n") == 1, err
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (Linux's always-full device)")
+def test_a_full_disk_at_the_record_is_one_error_line(tiny_config, capsys):
+    rc, _, err = run_cli(["measure", "--model", tiny_config, *ARGS, "--results", "/dev/full"], capsys)
+    assert rc == 2 and err == "memplan: error: cannot append a record to /dev/full: No space left on device\n"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is attached: the no-GPU message cannot appear")
 def test_no_gpu_and_no_device_cpu_is_one_line_with_the_hint(tiny_config, capsys):
     rc, out, err = run_cli(["measure", "--model", tiny_config, "--batch", "2", "--seq", "64"], capsys)

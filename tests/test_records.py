@@ -311,3 +311,19 @@ def test_report_setups_with_wrongly_typed_fields_are_one_error_line(tmp_path, ca
     assert rc == 2 and err.startswith("memplan: error: --setups ") and fname in err and needle in err
     assert err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_sweep_that_cannot_append_stops_in_one_line_and_keeps_what_it_has(tmp_path, capsys, monkeypatch):
+    from memplan.measure import sweep
+
+    def full(p, device, results, *a, **k):
+        raise MemplanError(f"cannot append a record to {results}: No space left on device")
+    monkeypatch.setattr(sweep, "run_one", full)
+    sweep_file = tmp_path / "s.json"
+    sweep_file.write_text(json.dumps([{"name": "a", "model": "gpt2", "batch": 1, "seq": 64, "steps": 1}]))
+    rc, _, err = run_cli(["measure", "--sweep", str(sweep_file), "--device", "cpu", "--results",
+                          str(tmp_path / "r.jsonl")], capsys)
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in err
+    assert last.startswith("memplan: error: cannot append a record to") and "No space left on device" in last
+    assert "0 finished record(s) kept" in last and "--resume" in last
