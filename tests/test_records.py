@@ -135,6 +135,8 @@ BAD_RECORDS = {  # what a fuzzer wrote into records (issue 10): each line is nam
     "model is a number": _rec(model=5),
     "bad schema_version": _rec(schema_version="x"),
     "gpu profile is a number": _rec(gpu={"profile": 5}),
+    "byte count is an object": _rec(measured={"peak": {"allocated_bytes": {"a": 1}}}),
+    "category is a string": _rec(measured={"categories": {"weights": "x"}}),
 }
 BAD_LINES = {
     "NaN batch": json.dumps(_rec()).replace('"batch": 1', '"batch": NaN'),
@@ -327,3 +329,52 @@ def test_a_sweep_that_cannot_append_stops_in_one_line_and_keeps_what_it_has(tmp_
     assert rc == 2 and "Traceback" not in err
     assert last.startswith("memplan: error: cannot append a record to") and "No space left on device" in last
     assert "0 finished record(s) kept" in last and "--resume" in last
+
+
+# ---- records: a seeded fuzz through reconcile (both estimate sources) ---------------------------------------------
+FUZZ_VALUES = (None, "x", "h100", "", 5, -1, 0, 2.5, 1e308, 10**30, True, [], [1], {}, {"a": 1}, "ok", "error",
+               "forward")
+
+
+def _paths(d, pre=()):
+    for k, v in d.items():
+        yield pre + (k,)
+        if isinstance(v, dict):
+            yield from _paths(v, pre + (k,))
+
+
+def test_fuzzed_records_never_cost_a_traceback(tmp_path, capsys):
+    """Each of 80 seeded mutations of a full record (1 to 3 fields set to a wrongly typed value) through
+    `reconcile` with the current and the recorded estimate: exit 0 with the record loaded or named and skipped,
+    never an exception."""
+    import copy
+    import random
+
+    from memplan.measure import record
+
+    base = _rec(estimate={"peak": {"allocated_bytes": 900, "reserved_bytes": 1000, "device_bytes": 2000,
+                                   "phase": "backward"},
+                          "phase_peaks": {"load": 1, "forward": 2}, "categories": {"weights": 1}, "fits": True},
+                gpu={"name": "NVIDIA H100 80GB HBM3", "profile": "h100-sxm", "memory_bytes": 80 * 2**30},
+                measured={"peak": {"allocated_bytes": 1000, "reserved_bytes": 1100, "device_bytes": 2100,
+                                   "phase": "backward"}, "phases": {"forward": {"peak_allocated_bytes": 1000}},
+                          "categories": {"weights": 1}, "tokens_per_s": 10.0, "step_time_s": {"median": 1.0},
+                          "steps": 1, "warmup": 1})
+    rng = random.Random(10)
+    p = tmp_path / "r.jsonl"
+    tried = 0
+    for _ in range(80):
+        rec = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            path = rng.choice(list(_paths(rec)))
+            d = rec
+            for k in path[:-1]:
+                d = d[k] if isinstance(d, dict) else {}
+            if isinstance(d, dict):
+                d[path[-1]] = copy.deepcopy(rng.choice(FUZZ_VALUES))
+        p.write_text(json.dumps(base) + "\n" + json.dumps(rec) + "\n")
+        for argv in (["reconcile", str(p), "-f", "json"], ["reconcile", str(p), "--estimate", "recorded"]):
+            rc, _, err = run_cli(argv, capsys)
+            tried += 1
+            assert rc == 0 and all(l.startswith("memplan: warning: ") for l in err.splitlines()), (rec, err)
+    assert tried == 160 and record.check_record(base)

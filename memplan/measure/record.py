@@ -362,11 +362,11 @@ def _counts(d, what: str) -> dict | None:
         return None
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out[k] = _counts(v, f"{what}.{k}")
-        elif v is not None and (k.endswith("_bytes") or what.rsplit(".", 1)[-1] in ("phase_peaks", "categories",
-                                                                                    "model_states")):
+        if v is not None and (k.endswith("_bytes") or what.rsplit(".", 1)[-1] in ("phase_peaks", "categories",
+                                                                                  "model_states")):
             out[k] = check_whole(v, f"{what}.{k}")
+        elif isinstance(v, dict):
+            out[k] = _counts(v, f"{what}.{k}")
         else:
             out[k] = v
     return out
