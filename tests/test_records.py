@@ -378,3 +378,11 @@ def test_fuzzed_records_never_cost_a_traceback(tmp_path, capsys):
             tried += 1
             assert rc == 0 and all(l.startswith("memplan: warning: ") for l in err.splitlines()), (rec, err)
     assert tried == 160 and record.check_record(base)
+
+
+def test_a_fifo_as_results_is_refused_before_any_work(tmp_path, capsys):
+    fifo = tmp_path / "r.jsonl"
+    os.mkfifo(fifo)
+    rc, _, err = run_cli(["measure", "--model", "gpt2", "--device", "cpu", "--seq", "64", "--results", str(fifo)],
+                         capsys)
+    assert rc == 2 and err == f"memplan: error: results path {fifo} is not a regular file\n"

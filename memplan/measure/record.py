@@ -130,6 +130,8 @@ def check_writable(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
         raise MemplanError(f"results path {p} is a folder; give a .jsonl file name")
+    if p.exists() and not (p.is_file() or p.is_char_device()):  # a FIFO would block the open, then every reader
+        raise MemplanError(f"results path {p} is not a regular file")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
