@@ -143,6 +143,7 @@ BAD_LINES = {
     "Infinity": json.dumps(_rec()).replace('"allocated_bytes": 1000', '"allocated_bytes": 1e999'),
     "deep nesting": "[" * 100_000 + "]" * 100_000,
     "a list": "[1, 2]",
+    "binary garbage": "\udcff\udcfe{not utf-8",
 }
 
 
@@ -153,13 +154,13 @@ def test_a_wrongly_typed_record_is_named_by_file_and_line_and_the_rest_kept(tmp_
 
     assert record.check_record(_rec())  # the good one is good
     p = tmp_path / "r.jsonl"
-    p.write_text(json.dumps(_rec()) + "\n" + line + "\n")
+    p.write_bytes((json.dumps(_rec()) + "\n" + line + "\n").encode("utf-8", "surrogateescape"))
     for argv in (["reconcile", str(p), "-f", "json"], ["reconcile", str(p), "--estimate", "recorded", "-f", "json"]):
         rc, out, err = run_cli(argv, capsys)
         assert rc == 0 and len(json.loads(out)["rows"]) == 1, err
         assert err.startswith(f"memplan: warning: {p}:2: ") and len(err.splitlines()) == 1, err
     only = tmp_path / "only.jsonl"
-    only.write_text(line + "\n")
+    only.write_bytes((line + "\n").encode("utf-8", "surrogateescape"))
     for argv in (["reconcile", str(only)], ["report", str(only), "-o", str(tmp_path / "x.html")]):
         rc, out, err = run_cli(argv, capsys)
         assert rc == 2 and err.startswith(f"memplan: error: no records in {only}: {only}:1: "), err

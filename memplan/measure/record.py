@@ -279,21 +279,21 @@ def iter_records(path: str | os.PathLike, warn: Callable[[str], None] | None = N
     try:
         if not p.is_file():
             raise FileNotFoundError if not p.exists() else IsADirectoryError(21, "not a regular file")
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_bytes().split(b"\n")
     except FileNotFoundError:
         raise MemplanError(f"results file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MemplanError(f"cannot read results {p}: {os_reason(exc) if isinstance(exc, OSError) else exc}") \
-            from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    except OSError as exc:
+        raise MemplanError(f"cannot read results {p}: {os_reason(exc)}") from None
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")  # a line of binary garbage costs only itself
             rec = parse_json(line)
             if not isinstance(rec, dict):
                 raise ValueError(f"a JSON {type(rec).__name__}, not an object")
-        except ValueError as exc:
-            rec = _glued(line)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            rec = _glued(raw.decode("utf-8", "replace"))
             if rec is None:
                 warn(f"{p}:{i}: not a record ({str(exc).splitlines()[0][:200]}){SKIPPED}")
                 continue
