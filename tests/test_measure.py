@@ -2,7 +2,7 @@
 llama, end to end through the CLI. The CUDA code paths cannot run here (no GPU): see memplan/measure/harness.py.
 
 Kept fast (< 60 s on the 2-core CI machine): one tiny model (hidden 64, 2 layers, vocab 256), batch 2 × seq 64;
-the sweep tests spawn 6 real worker processes in all (≈ 4-5 s each: torch + transformers imports).
+the sweep tests spawn 7 real worker processes in all (≈ 4-5 s each: torch + transformers imports).
 """
 from __future__ import annotations
 
