@@ -2,7 +2,7 @@
 llama, end to end through the CLI. The CUDA code paths cannot run here (no GPU): see memplan/measure/harness.py.
 
 Kept fast (< 60 s on the 2-core CI machine): one tiny model (hidden 64, 2 layers, vocab 256), batch 2 × seq 64;
-the sweep tests spawn 6 real worker processes in all (≈ 4-5 s each: torch + transformers imports).
+the sweep tests spawn 7 real worker processes in all (≈ 4-5 s each: torch + transformers imports).
 """
 from __future__ import annotations
 
@@ -266,13 +266,22 @@ def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_p
     env.pop(faults.FAULT_ENV)
     rc, _, err = run_cli(cmd[3:], capsys)
     assert rc == 2 and "--resume" in err  # never appends duplicates silently
-    p2 = subprocess.run(cmd + ["--resume", "-f", "json"], capture_output=True, text=True, env=env, timeout=120)
+    p2 = subprocess.run(cmd + ["--resume", "--no-retry-errors", "-f", "json"], capture_output=True, text=True,
+                        env=env, timeout=120)
     assert p2.returncode == 0, p2.stderr
-    assert "1 to measure on cpu, 2 already in" in p2.stderr
+    assert "1 to measure on cpu, 2 already in" in p2.stderr and "measured again" not in p2.stderr
     recs2 = record.load_records(results)
     assert [r["name"] for r in recs2] == ["a", "b", "c"] and recs2[2]["status"] == "ok"
     assert len({r["record_id"] for r in recs2}) == 3
     assert [r["name"] for r in json.loads(p2.stdout)["rows"]] == ["a", "b", "c"]
+    # --resume retries the error record (b's crash is gone now); the retried error record is superseded: one row each
+    p3 = subprocess.run(cmd + ["--resume", "-f", "json"], capture_output=True, text=True, env=env, timeout=120)
+    assert p3.returncode == 0, p3.stderr
+    assert "1 to measure on cpu, 2 already in" in p3.stderr and "1 error record(s) measured again" in p3.stderr
+    recs3 = record.load_records(results)
+    assert [(r["name"], r["status"]) for r in recs3] == [("a", "ok"), ("c", "ok"), ("b", "ok")]
+    assert len(results.read_text().splitlines()) == 4  # the error record stays in the file, superseded on read
+    assert sorted(r["name"] for r in json.loads(p3.stdout)["rows"]) == ["a", "b", "c"]
 
 
 # ---- records: atomic append, loading, upgrades -----------------------------------------------------------------
@@ -294,15 +303,20 @@ def test_concurrent_appends_never_interleave(tmp_path):
     assert {json.loads(l)["record_id"] for l in lines} == {f"{w}-{i}" for w in range(8) for i in range(25)}
 
 
-def test_torn_last_line_is_skipped_but_a_corrupt_middle_is_an_error(cpu_record, tmp_path):
+def test_bad_lines_are_named_and_skipped_and_every_good_record_loads(cpu_record, tmp_path):
+    """A torn line anywhere (the last, or one an old memplan glued the next record to) costs only itself: each bad
+    line is named FILE:LINE, every good record loads, a glued whole record is recovered."""
     rec, _, _ = cpu_record
-    line = json.dumps(rec)
+    line = json.dumps(rec, separators=(",", ":"))
     p = tmp_path / "r.jsonl"
-    p.write_text(line + "\n" + line[: len(line) // 2])
-    with pytest.warns(UserWarning, match="incomplete last line"):
-        assert len(record.load_records(p)) == 1
-    p.write_text(line[:100] + "\n" + line + "\n")
-    with pytest.raises(MemplanError, match=":1: malformed"):
+    p.write_text(line[:100] + "\n" + line + "\n" + line[:50] + line + "\n" + "[1]\n" + line[: len(line) // 2])
+    got = []
+    recs = record.load_records(p, warn=got.append)
+    assert len(recs) == 2 and recs[1]["record_id"] == rec["record_id"]
+    assert [g.split(": ", 1)[0] for g in got] == [f"{p}:1", f"{p}:3", f"{p}:4", f"{p}:5"]
+    assert "glued" in got[1] and all("skipped" in g for g in got[:1] + got[2:])
+    p.write_text(line[:100] + "\n")
+    with pytest.raises(MemplanError, match=r"no records in .*r.jsonl:1: not a record"):
         record.load_records(p)
 
 
@@ -397,6 +411,12 @@ def test_unwritable_results_fail_before_any_work(tiny_config, tmp_path, monkeypa
     for bad in (blocker / "r.jsonl", tmp_path):  # under a regular file (fails even as root); a folder
         rc, _, err = run_cli(["measure", "--model", tiny_config, *ARGS, "--results", str(bad)], capsys)
         assert rc == 2 and err.startswith("memplan: error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (Linux's always-full device)")
+def test_a_full_disk_at_the_record_is_one_error_line(tiny_config, capsys):
+    rc, _, err = run_cli(["measure", "--model", tiny_config, *ARGS, "--results", "/dev/full"], capsys)
+    assert rc == 2 and err == "memplan: error: cannot append a record to /dev/full: No space left on device\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is attached: the no-GPU message cannot appear")

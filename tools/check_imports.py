@@ -26,7 +26,7 @@ PACKAGE = "memplan"
 
 # Lowest first. A module belongs to the tier of its longest matching prefix.
 TIERS = (
-    ("vocab", ("memplan.units", "memplan.errors", "memplan.categories", "memplan.version")),
+    ("vocab", ("memplan.units", "memplan.errors", "memplan.categories", "memplan.version", "memplan.io")),
     ("spec", ("memplan.spec", "memplan.profiles")),
     ("estimate", ("memplan.estimate",)),
     ("trace", ("memplan.trace",)),

@@ -5,6 +5,7 @@ Exit codes: 0 done; 1 the configuration did not fit (oom) or its step failed (er
 `memplan: error:` line, before any work); 130 interrupted (finished records kept).
 """
 
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -137,7 +138,11 @@ def measure_cmd(
                                                  "file (or a suite name from profiles/suites/), each in a fresh "
                                                  "subprocess.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="--sweep: skip configurations already in the results "
-                                         "file.")] = False,
+                                         "file (error records are measured again unless --no-retry-errors).")]
+    = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors/--no-retry-errors", help="--sweep --resume: measure "
+                                               "configurations whose only record is an error (a crash, a timeout, "
+                                               "a worker killed with its sweep) again.")] = True,
     chunk: Annotated[Optional[int], typer.Option("--chunk", help="--sweep: run only chunk K of the plan (chunks of "
                                                  "at most --max-minutes; see --plan).")] = None,
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="--sweep: chunk size in estimated "
@@ -163,6 +168,9 @@ def measure_cmd(
     memplan measure --model ./tiny/config.json --device cpu --batch 2 --seq 64 ·
     memplan measure --sweep validation --chunk 1
     """
+    for flag, v in (("--max-minutes", max_minutes), ("--timeout-s", timeout_s), ("--memory-cap-gib", memory_cap_gib)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise MemplanError(f"{flag} must be a finite number > 0, got {v:g}")
     if sweep is not None:
         if model is not None or changed:
             flags = ["--model"] * (model is not None) + [f"--{c.replace('_', '-')}" for c in changed]
@@ -170,11 +178,11 @@ def measure_cmd(
         if snapshot or record_to or name:
             raise MemplanError("--snapshot, --name and --record-to apply to one configuration, not to --sweep")
         return _sweep(sweep, gpu, device, results, resume, chunk, max_minutes, plan, timeout_s, memory_cap_gib,
-                      fmt)
+                      fmt, retry_errors)
     if model is None:
         raise MemplanError("give --model (one configuration) or --sweep FILE")
-    if resume or chunk is not None or plan or max_minutes is not None or timeout_s is not None:
-        raise MemplanError("--resume, --chunk, --max-minutes, --plan and --timeout-s need --sweep")
+    if resume or chunk is not None or plan or max_minutes is not None or timeout_s is not None or not retry_errors:
+        raise MemplanError("--resume, --no-retry-errors, --chunk, --max-minutes, --plan and --timeout-s need --sweep")
     return _measure_one(model, gpu, setup, device, steps, warmup, lengths.value, snapshot, results, memory_cap_gib,
                         name, record_to, fmt, Progress("measure", progress and record_to is None))
 
@@ -220,11 +228,11 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
 
 
 def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, timeout_s, memory_cap_gib,
-           fmt) -> int:
-    from memplan import render
-    from memplan.measure import reconcile, sweep as sw
+           fmt, retry_errors=True) -> int:
+    from memplan.io import exclusive_lock
+    from memplan.measure import sweep as sw
     from memplan.measure.devices import plan_device, resolve_device
-    from memplan.measure.record import capture_env, check_writable, finished_ids, iter_records, make_record
+    from memplan.measure.record import check_writable
 
     suite = sw.load_sweep(path)
     dev = resolve_device(device) if not plan or device is not Device.auto else plan_device()
@@ -248,12 +256,30 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
         return 0
     out = Path(results or default_results(suite.name, dev, gpu.name if gpu and dev == "cuda" else None))
     check_writable(out)
-    done = finished_ids(out)
-    if done and not resume:
-        raise MemplanError(f"{out} already holds {len(done)} record(s): pass --resume to skip them, or --results "
-                           "another file")
+    lock = sw.lock_path(out)
+    with exclusive_lock(lock) as held:
+        if not held:
+            raise MemplanError(f"another sweep is writing {out} (it holds {lock}); wait for it to finish, or pass "
+                               "--results another file")
+        return _run_sweep(suite, planned, selected, out, dev, info, gpu, chunk, nchunks, resume, retry_errors,
+                          timeout_s, memory_cap_gib, fmt)
+
+
+def _run_sweep(suite, planned, selected, out, dev, info, gpu, chunk, nchunks, resume, retry_errors, timeout_s,
+               memory_cap_gib, fmt) -> int:
+    """Measure the selected configurations (the caller holds the results file's lock)."""
+    from memplan import render
+    from memplan.measure import reconcile, sweep as sw
+    from memplan.measure.record import capture_env, done_ids, load_records, make_record, recorded_statuses
+
+    statuses = recorded_statuses(out)
+    if statuses and not resume:
+        raise MemplanError(f"{out} already holds {len(statuses)} record(s): pass --resume to skip them, or "
+                           "--results another file")
+    done = done_ids(statuses, retry_errors)
     todo = [p for p in selected if p.record_id not in done]
     skipped = len(selected) - len(todo)
+    retried = sum(p.record_id in statuses for p in todo)
     env = capture_env(info.driver if info else None)
     cap = memory_cap_gib or suite.memory_cap_gib
 
@@ -266,7 +292,9 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
                            started_at=started_at)
 
     typer.echo(f"{suite.name}: {len(todo)} to measure on {dev}, {skipped} already in {out}" +
-               (f" (chunk {chunk}/{nchunks})" if chunk else ""), err=True)
+               (f" (chunk {chunk}/{nchunks})" if chunk else "") +
+               (f"; {retried} error record(s) measured again (--no-retry-errors keeps them)" if retried else ""),
+               err=True)
     bar = sw.progress(len(todo), suite.name)
     recs = []
     try:
@@ -282,9 +310,13 @@ def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, tim
         typer.echo(f"memplan: interrupted during {exc}: {len(recs)} finished record(s) kept in {out}; rerun with "
                    "--resume to continue", err=True)
         return 130
+    except MemplanError as exc:  # a results file that cannot take a record (a full disk): stop, say what is kept
+        bar.close()
+        raise MemplanError(f"{exc}; {len(recs)} finished record(s) kept in {out}; rerun with --resume once it is "
+                           "fixed") from None
     bar.close()
     ids = {p.record_id for p in selected}
-    rows = [reconcile.compare(r) for r in iter_records(out) if r.get("record_id") in ids]
+    rows = [reconcile.compare(r) for r in load_records(out, warn=lambda m: None) if r.get("record_id") in ids]
     if fmt is Format.json:
         typer.echo(render.to_json({"results": str(out), "rows": rows, "summary": reconcile.summarize(rows)}))
     elif fmt is Format.csv:

@@ -4,6 +4,7 @@ Exit codes: 0 done; 1 an error above --max-error; 2 bad input.
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -43,8 +44,8 @@ def reconcile_cmd(
     from memplan.measure import reconcile as rc
     from memplan.measure.record import load_records
 
-    if max_error is not None and max_error < 0:
-        raise MemplanError("--max-error must be ≥ 0")
+    if max_error is not None and not (math.isfinite(max_error) and max_error >= 0):
+        raise MemplanError(f"--max-error must be a finite number ≥ 0, got {max_error:g}")  # nan passed every gate
     recs = load_records(results)
     if not recs:
         raise MemplanError(f"no records in {', '.join(results)}")

@@ -5,11 +5,16 @@ docs/record-schema.md (schema_version 1), summarised in SCHEMA_FIELDS below. Rea
 keys; writers never drop a known one (None where not known).
 
 Atomic append: the whole line (ending in "\n") goes out in ONE os.write on a file descriptor opened with
-O_APPEND. POSIX makes the seek-to-end and the write one atomic step, and Linux serialises writes to a regular
-file under the inode lock, so concurrent writers (sweep workers, two sweeps sharing a file) never interleave or
-overwrite each other's lines; a process killed before the write leaves nothing, never half a record. The only
-torn line possible is from a crash of the machine itself mid-write: load_records skips an unparseable LAST line
-with a warning (earlier unparseable lines are errors: that is a corrupt file, not an interrupted one).
+O_APPEND, under an exclusive flock(2) on the results file. POSIX makes the seek-to-end and the write one atomic step,
+and the lock serialises appenders (sweep workers, two `measure` runs sharing a file), so lines never interleave. A
+torn line can still be left by a full disk or a crash of the machine mid-write; under the same lock the next append
+first repairs the tail (truncates the file to its last newline) so a torn line is never glued to a good record, and
+a failed or short write is undone (the file truncated back to its length before it). Every failure is one
+MemplanError naming the file and the reason.
+
+Tolerant reading: every line that is a record loads; each line that is not (not JSON, NaN / Infinity, wrongly
+typed fields: check_record) is named as FILE:LINE in one warning and skipped, never the whole file rejected. A line
+that an old memplan glued to a torn one ("{torn...{whole record}") gives back the whole record.
 
 Upgrades: UPGRADES[v] turns a version-v record into version v+1; load applies them in order, so a record from
 any older version loads as the current one. Version 0 is a record without `schema_version` (hand-written or from
@@ -20,16 +25,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
+import stat
 import subprocess
-import warnings
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
 from memplan.errors import MemplanError
+from memplan.io import os_reason
 
 SCHEMA_VERSION = 1
 
@@ -122,6 +130,8 @@ def check_writable(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
         raise MemplanError(f"results path {p} is a folder; give a .jsonl file name")
+    if p.exists() and not (p.is_file() or p.is_char_device()):  # a FIFO would block the open, then every reader
+        raise MemplanError(f"results path {p} is not a regular file")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -131,15 +141,53 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
+def _repair_tail(fd: int) -> int:
+    """Truncate a file that does not end in a newline back to its last newline (a torn last record: full disk,
+    machine crash); returns the length it now has. A regular file only (never /dev/full or a pipe)."""
+    st = os.fstat(fd)
+    size = st.st_size
+    if not stat.S_ISREG(st.st_mode) or size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    pos, block = size, 1 << 16
+    while pos > 0:
+        start = max(0, pos - block)
+        chunk = os.pread(fd, pos - start, start)
+        k = chunk.rfind(b"\n")
+        if k >= 0:
+            keep = start + k + 1
+            break
+        pos = start
+    else:
+        keep = 0
+    os.ftruncate(fd, keep)
+    return keep
+
+
 def append_record(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as one line with one os.write on an O_APPEND descriptor (see the module docstring)."""
+    """Append one record as one line (see the module docstring: one write, under a lock, tail repaired first);
+    MemplanError naming the file when it cannot be written (a full disk leaves the file as it was)."""
+    import fcntl
+
     line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise MemplanError(f"cannot append a record to {path}: {os_reason(exc)}") from None
+    size = None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = _repair_tail(fd)
         written = os.write(fd, line)
-        if written != len(line):  # regular files do not short-write short of a full disk: say so, never hide it
-            raise OSError(f"short write to {path}: {written} of {len(line)} bytes (disk full?)")
+        if written != len(line):  # regular files short-write only on a full disk: undo it, never leave half
+            raise OSError(f"short write ({written} of {len(line)} bytes): disk full?")
         os.fsync(fd)
+    except OSError as exc:
+        if size is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+        raise MemplanError(f"cannot append a record to {path}: {os_reason(exc)}") from None
     finally:
         os.close(fd)
 
@@ -179,42 +227,312 @@ def upgrade(rec: dict) -> dict:
     return rec
 
 
-def iter_records(path: str | os.PathLike) -> Iterable[dict]:
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text} is out of range")
+    return v
+
+
+def parse_json(text: str):
+    """json.loads that refuses NaN / Infinity and overflowing numbers; ValueError (never RecursionError) otherwise."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+GLUE_MARK = '{"schema_version"'  # how every record this memplan writes begins
+
+
+def _glued(line: str) -> dict | None:
+    """The whole record at the end of a line an old memplan glued to a torn one, if there is one."""
+    k = line.rfind(GLUE_MARK)
+    while k > 0:
+        try:
+            rec = parse_json(line[k:])
+            if isinstance(rec, dict):
+                return rec
+        except ValueError:
+            pass
+        k = line.rfind(GLUE_MARK, 0, k)
+    return None
+
+
+SKIPPED = "; line skipped"
+
+
+def warn_stderr(msg: str) -> None:
+    """The default for skipped lines: one `memplan: warning:` line on stderr."""
+    print(f"memplan: warning: {msg}", file=sys.stderr)
+
+
+def iter_records(path: str | os.PathLike, warn: Callable[[str], None] | None = None) -> Iterable[dict]:
+    """Every record of one JSONL file, upgraded and checked (check_record); a line that is none is named (FILE:LINE)
+    through `warn` (default: one stderr line) and skipped. A record of a newer schema is an error (upgrade memplan)."""
+    warn = warn or warn_stderr
     p = Path(path)
     try:
-        lines = p.read_text().splitlines()
+        if not p.is_file():
+            raise FileNotFoundError if not p.exists() else IsADirectoryError(21, "not a regular file")
+        lines = p.read_bytes().split(b"\n")
     except FileNotFoundError:
         raise MemplanError(f"results file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MemplanError(f"cannot read results {p}: {exc}") from None
-    last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
+    except OSError as exc:
+        raise MemplanError(f"cannot read results {p}: {os_reason(exc)}") from None
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
+            line = raw.decode("utf-8")  # a line of binary garbage costs only itself
+            rec = parse_json(line)
             if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            if i == last:  # a torn final line (machine crash mid-write): every earlier record still counts
-                warnings.warn(f"{p}:{i + 1}: skipping an incomplete last line ({exc})")
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            rec = _glued(raw.decode("utf-8", "replace"))
+            if rec is None:
+                warn(f"{p}:{i}: not a record ({str(exc).splitlines()[0][:200]}){SKIPPED}")
                 continue
-            raise MemplanError(f"{p}:{i + 1}: malformed record ({exc})") from None
-        yield upgrade(rec)
+            warn(f"{p}:{i}: a torn record is glued in front of this one; kept the whole record after it")
+        v = rec.get("schema_version", 0)
+        if isinstance(v, int) and not isinstance(v, bool) and v > SCHEMA_VERSION:
+            raise MemplanError(f"{p}:{i}: record schema_version {v} is newer than this memplan's "
+                               f"({SCHEMA_VERSION}); upgrade memplan to read it")
+        try:
+            yield upgrade(check_record(rec))
+        except MemplanError as exc:
+            warn(f"{p}:{i}: {exc}{SKIPPED}")
 
 
-def load_records(paths) -> list[dict]:
-    """Every record of the given JSONL files (a path or a list of paths), upgraded to the current schema."""
+# ---- checking (the one boundary every record passes on its way in) ---------------------------------------------
+# The largest integer a JSON number carries exactly (an IEEE-754 double's 53-bit significand; RFC 8259 §6): a byte
+# or token count beyond it is no measurement.
+MAX_COUNT = 2**53
+# make_setup's integer fields in a record's "setup" (TrainingSetup's int fields; a fraction is no batch or GPU count)
+SETUP_INTS = ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "batch", "seq", "grad_accum",
+              "lora_rank")
+SETUP_BOOLS = ("offload_optimizer", "offload_params", "dropout", "double_quant")
+SETUP_STRS = ("precision", "optimizer", "peft", "checkpointing", "attention")
+LORA_INTS = ("rank",)
+
+
+def _kind(v) -> str:
+    """How a wrong value is named in an error: its JSON kind and (shortened) text."""
+    if v is None:
+        return "null"
+    kind = {bool: "boolean", str: "string", list: "list", dict: "object"}.get(type(v), "number")
+    text = repr(v) if not isinstance(v, int) or abs(v) < 10**20 else "beyond 10^20"
+    return f"{kind} {text[:40]}"
+
+
+def check_whole(v, what: str) -> int:
+    """A whole number in [0, MAX_COUNT] (an integral float such as 2.0 is taken as 2)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise MemplanError(f"{what} must be a whole number, got {_kind(v)}")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise MemplanError(f"{what} must be a whole number, got {v!r}")
+        v = int(v)
+    if not 0 <= v <= MAX_COUNT:
+        raise MemplanError(f"{what} is out of range (0 to 2**53): {_kind(v)}")
+    return v
+
+
+def _number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise MemplanError(f"{what} must be a finite number ≥ 0, got {_kind(v)}")
+    return v
+
+
+def _typed(v, types: tuple, what: str, choices=None):
+    if v is not None and (not isinstance(v, types) or (bool in types) != isinstance(v, bool)):
+        names = " or ".join({str: "a string", dict: "an object", list: "a list", bool: "true/false"}[t] for t in types)
+        raise MemplanError(f"{what} must be {names} or null, got {_kind(v)}")
+    if choices is not None and v is not None and v not in choices:
+        raise MemplanError(f"{what} must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def _counts(d, what: str) -> dict | None:
+    """An object whose *_bytes values (and, for phase_peaks / categories, every value) are whole numbers or null."""
+    _typed(d, (dict,), what)
+    if d is None:
+        return None
+    out = {}
+    for k, v in d.items():
+        if v is not None and (k.endswith("_bytes") or what.rsplit(".", 1)[-1] in ("phase_peaks", "categories",
+                                                                                  "model_states")):
+            out[k] = check_whole(v, f"{what}.{k}")
+        elif isinstance(v, dict):
+            out[k] = _counts(v, f"{what}.{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def check_setup(d, what: str = "setup") -> dict:
+    """The types of a setup object (a record's `setup`, TrainingSetup.to_dict(); or a sweep configuration's
+    make_setup keywords): whole numbers, true/false, strings; the values themselves are make_setup's to judge."""
+    if not isinstance(d, dict):
+        raise MemplanError(f"{what} must be an object, got {_kind(d)}")
+    out = dict(d)
+    for k, v in d.items():
+        if v is None:
+            continue
+        if k in SETUP_INTS:
+            out[k] = check_whole(v, f"{what}.{k}")
+        elif k in SETUP_BOOLS:
+            _typed(v, (bool,), f"{what}.{k}")
+        elif k in SETUP_STRS:
+            _typed(v, (str,), f"{what}.{k}")
+        elif k == "lora_alpha":
+            out[k] = _number(v, f"{what}.{k}")
+        elif k == "lora_targets" and not (isinstance(v, str) or (isinstance(v, list) and all(
+                isinstance(t, str) for t in v))):
+            raise MemplanError(f"{what}.lora_targets must be a string or a list of strings")
+        elif k == "lora":
+            _typed(v, (dict,), f"{what}.lora")
+            lora = dict(v)
+            for lk, lv in v.items():
+                if lv is None:
+                    continue
+                if lk == "rank":
+                    lora[lk] = check_whole(lv, f"{what}.lora.rank")
+                elif lk == "alpha":
+                    lora[lk] = _number(lv, f"{what}.lora.alpha")
+                elif lk == "double_quant":
+                    _typed(lv, (bool,), f"{what}.lora.double_quant")
+                elif lk == "targets" and not (isinstance(lv, list) and all(isinstance(t, str) for t in lv)):
+                    raise MemplanError(f"{what}.lora.targets must be a list of strings")
+            out[k] = lora
+    return out
+
+
+def _check_measured(m) -> dict | None:
+    _typed(m, (dict,), "measured")
+    if m is None:
+        return None
+    out = _counts(m, "measured")
+    for k in ("steps", "warmup", "tokens_per_step", "alloc_retries", "num_ooms"):
+        if m.get(k) is not None:
+            out[k] = check_whole(m[k], f"measured.{k}")
+    for k in ("tokens_per_s", "model_flops_per_token", "mfu", "peak_tflops"):
+        if m.get(k) is not None:
+            _number(m[k], f"measured.{k}")
+    st = _typed(m.get("step_time_s"), (dict,), "measured.step_time_s") or {}
+    for k, v in st.items():
+        if k != "all" and v is not None:
+            _number(v, f"measured.step_time_s.{k}")
+    for k in ("peak", "phases", "categories"):
+        _typed(m.get(k), (dict,), f"measured.{k}")
+    for ph, v in (m.get("phases") or {}).items():
+        _typed(v, (dict,), f"measured.phases.{ph}")
+    _typed(m.get("layers"), (list,), "measured.layers")
+    return out
+
+
+def _check_estimate(e) -> dict | None:
+    _typed(e, (dict,), "estimate")
+    if e is None:
+        return None
+    out = _counts(e, "estimate")
+    for k in ("peak", "phase_peaks", "categories", "throughput"):
+        _typed(e.get(k), (dict,), f"estimate.{k}")
+    _typed(e.get("fits"), (bool,), "estimate.fits")
+    return out
+
+
+def check_record(rec: dict) -> dict:
+    """The record with every field of the schema (docs/record-schema.md) of the type it must have: MemplanError
+    naming the first field that is not (a string where an object belongs, a fraction where a count belongs, a
+    status that is none of ok / oom / error). Whole-number floats (2.0) come back as ints; unknown keys are kept."""
+    out = dict(rec)
+    model = rec.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise MemplanError(f"model must be a model name, got {_kind(model)}")
+    if "setup" not in rec:
+        raise MemplanError("no setup")
+    out["setup"] = check_setup(rec["setup"])
+    status = rec.get("status")
+    if status not in STATUSES:
+        raise MemplanError(f"status must be one of {', '.join(STATUSES)}, got {_kind(status)}")
+    _typed(rec.get("failed_phase"), (str,), "failed_phase", PHASES)
+    for k in ("name", "device", "error", "record_id", "started_at", "finished_at"):
+        _typed(rec.get(k), (str,), k)
+    gpu = _typed(rec.get("gpu"), (dict,), "gpu")
+    if gpu is not None:
+        out["gpu"] = dict(gpu)
+        for k in ("name", "profile"):
+            _typed(gpu.get(k), (str,), f"gpu.{k}")
+        if gpu.get("memory_bytes") is not None:
+            out["gpu"]["memory_bytes"] = check_whole(gpu["memory_bytes"], "gpu.memory_bytes")
+    _typed(rec.get("env"), (dict,), "env")
+    w = _typed(rec.get("warnings"), (list,), "warnings")
+    if w is not None and not all(isinstance(x, str) for x in w):
+        raise MemplanError("warnings must be a list of strings")
+    out["measured"] = _check_measured(rec.get("measured"))
+    out["estimate"] = _check_estimate(rec.get("estimate"))
+    for k in ("measured", "estimate"):
+        if k not in rec:
+            del out[k]  # an old record without the key stays without it (the upgrade fills it)
+    return out
+
+
+def superseded(records: list[dict]) -> set[int]:
+    """Indices of error records a later record of the same record_id replaces (a sweep's --resume retried them):
+    one measurement, one row. Repeats of ok / oom records are kept (a measurement taken twice on purpose)."""
+    last = {r.get("record_id"): i for i, r in enumerate(records) if r.get("record_id")}
+    return {i for i, r in enumerate(records) if r.get("status") == "error" and r.get("record_id")
+            and last[r["record_id"]] > i}
+
+
+def load_file(path: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """iter_records of one file; a file of lines that are all no records is one error naming the first of them."""
+    problems: list[str] = []
+    recs = list(iter_records(path, problems.append))
+    if problems and not recs:
+        more = f" (and {len(problems) - 1} more line(s) that are no records)" if len(problems) > 1 else ""
+        raise MemplanError(f"no records in {path}: {problems[0].removesuffix(SKIPPED)}{more}")
+    for m in problems:
+        (warn or warn_stderr)(m)
+    return recs
+
+
+def load_records(paths, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Every record of the given JSONL files (a path or a list of paths), upgraded to the current schema, without
+    the error records a retry superseded (superseded())."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    return [r for p in paths for r in iter_records(p)]
+    recs = [r for p in paths for r in load_file(p, warn)]
+    drop = superseded(recs)
+    return [r for i, r in enumerate(recs) if i not in drop]
 
 
-def finished_ids(path: str | os.PathLike) -> set[str]:
-    """record_ids already in a results file (none if it does not exist yet): what --resume skips."""
+def recorded_statuses(path: str | os.PathLike, warn: Callable[[str], None] | None = None) -> dict[str, set[str]]:
+    """{record_id: the statuses recorded for it} of a results file (empty if it does not exist yet)."""
     if not Path(path).exists():
-        return set()
-    return {r["record_id"] for r in iter_records(path) if r.get("record_id")}
+        return {}
+    out: dict[str, set[str]] = {}
+    for r in iter_records(path, warn):
+        if r.get("record_id"):
+            out.setdefault(r["record_id"], set()).add(r["status"])
+    return out
+
+
+def done_ids(statuses: dict[str, set[str]], retry_errors: bool = True) -> set[str]:
+    """What --resume skips: record_ids with an ok or oom record (a finished measurement); with retry_errors=False
+    also those with only error records (a crash, a timeout, a worker killed with its sweep)."""
+    return {rid for rid, st in statuses.items() if not retry_errors or st - {"error"}}
+
+
+def finished_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[str]:
+    """record_ids already in a results file (none if it does not exist yet); error-only ones left out when
+    retry_errors."""
+    return done_ids(recorded_statuses(path), retry_errors)
 
 
 # ---- composing ------------------------------------------------------------------------------------------------

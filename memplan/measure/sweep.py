@@ -14,7 +14,13 @@ state that distorts the next measurement, and a segfault or the kernel's OOM kil
 a fresh `python -m memplan measure ... --record-to FILE` per configuration confines both. The worker appends
 its own record (memplan.measure.record.append_record: one atomic write); when it dies without one, the sweep
 appends an "error" record with the exit status and the phase the worker last reported on stderr. Ctrl-C stops
-the running worker, keeps every finished record and says how to --resume (which skips record_ids present).
+the running worker, keeps every finished record and says how to --resume (which skips finished record_ids and
+retries error records unless --no-retry-errors).
+
+A worker dies with its sweep, however the sweep dies (SIGKILL, the OOM killer, a scheduler's hard limit): on Linux
+the worker asks the kernel for SIGKILL when its parent exits (prctl PR_SET_PDEATHSIG, set between fork and exec),
+so no orphan measures on, appends a duplicate, or records a bogus BrokenPipeError. One sweep at a time writes a
+results file: the sweep holds an exclusive flock on RESULTS.lock (memplan.io.exclusive_lock) while it runs.
 """
 from __future__ import annotations
 
@@ -93,13 +99,17 @@ def _read(path: Path):
         raise MemplanError(f"sweep file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MemplanError(f"cannot read sweep file {path}: {exc}") from None
+    from memplan.measure.record import parse_json
+
     try:
         if path.suffix == ".toml":
             return tomllib.loads(text)
         if path.suffix == ".json":
-            return json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise MemplanError(f"malformed sweep file {path}: {exc}") from None
+            return parse_json(text)  # NaN / Infinity refused, deep nesting an error
+    except RecursionError:
+        raise MemplanError(f"malformed sweep file {path}: nested too deeply") from None
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors; both give line and column
+        raise MemplanError(f"malformed sweep file {path}: {str(exc).splitlines()[0]}") from None
     raise MemplanError(f"sweep file {path}: use a .toml or .json file")
 
 
@@ -121,6 +131,8 @@ def _grid(base: dict, grid: dict, where: str) -> list[dict]:
     for k in keys:
         if not isinstance(grid[k], list) or not grid[k]:
             raise MemplanError(f"{where}: grid.{k} must be a non-empty list")
+        if not all(isinstance(v, (str, int, float, bool)) for v in grid[k]):
+            raise MemplanError(f"{where}: grid.{k} must list plain values (strings, numbers, true/false)")
     out = []
     stem = base.get("name") or base.get("model", "config")
     for combo in itertools.product(*(grid[k] for k in keys)):
@@ -143,12 +155,16 @@ def load_sweep(path_or_name: str) -> Suite:
     elif isinstance(data, dict):
         suite = data.get("suite", {})
         defaults = data.get("defaults", {})
-        if not isinstance(suite, dict) or not isinstance(defaults, dict):
-            raise MemplanError(f"{where}: [suite] and [defaults] must be tables")
+        if not isinstance(suite, dict) or not isinstance(defaults, dict) or not isinstance(data.get("base", {}), dict):
+            raise MemplanError(f"{where}: [suite], [defaults] and base must be tables")
         unknown = set(suite) - set(SUITE_KEYS)
         if unknown:
             raise MemplanError(f"{where}: unknown [suite] key(s) {', '.join(sorted(unknown))}")
-        raw = list(data.get("config", []))
+        suite = _check_suite(suite, where)
+        raw = data.get("config", [])
+        if not isinstance(raw, list):
+            raise MemplanError(f"{where}: config must be a list of tables ([[config]]), got {type(raw).__name__}")
+        raw = list(raw)
         if "grid" in data:
             raw += _grid({**defaults, **data.get("base", {})}, data["grid"], where)
         extra = set(data) - {"suite", "defaults", "config", "base", "grid"}
@@ -182,18 +198,54 @@ def _setup_keys() -> set[str]:
     return {f.name for f in fields(TrainingSetup)} - {"lora"} | set(_LORA_KEYS)
 
 
+LENGTHS = ("fixed", "varied")
+
+
+def _run_keys(d: dict, what: str) -> dict:
+    """steps / warmup whole numbers, lengths fixed or varied: typed here, the values judged by check_measurable."""
+    from memplan.measure.record import check_whole
+
+    out = dict(d)
+    for k in ("steps", "warmup"):
+        if k in d:
+            out[k] = check_whole(d[k], f"{what}{k}")
+    if "lengths" in d and d["lengths"] not in LENGTHS:
+        raise MemplanError(f"{what}lengths must be one of {', '.join(LENGTHS)}, got {d['lengths']!r}")
+    return out
+
+
+def _check_suite(suite: dict, where: str) -> dict:
+    out = _run_keys(suite, f"{where}: [suite] ")
+    for k in ("name", "description", "gpu"):
+        if k in suite and not isinstance(suite[k], str):
+            raise MemplanError(f"{where}: [suite] {k} must be a string")
+    for k in ("memory_cap_gib", "max_minutes"):
+        v = suite.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v <= 0):
+            raise MemplanError(f"{where}: [suite] {k} must be a finite number > 0, got {v!r}")
+    return out
+
+
 def _config(c: dict, suite: dict, i: int, where: str) -> SweepConfig:
-    if "model" not in c:
-        raise MemplanError(f"{where}: configuration {i + 1} has no model")
+    from memplan.measure.record import check_setup
+
+    label = c.get("name") if isinstance(c.get("name"), str) else f"#{i + 1}"
+    if not isinstance(c.get("model"), str) or not c["model"].strip():
+        raise MemplanError(f"{where}: configuration {label} has no model (a model name or config path)")
+    for k in ("name", "gpu", "note"):
+        if c.get(k) is not None and not isinstance(c[k], str):
+            raise MemplanError(f"{where}: configuration {label}: {k} must be a string, got {c[k]!r:.40}")
     setup_keys = _setup_keys()
     unknown = set(c) - setup_keys - set(RUN_KEYS) - set(LABEL_KEYS) - {"model", "gpu"}
-    label = c.get("name") or f"#{i + 1}"
     if unknown:
         raise MemplanError(f"{where}: configuration {label}: unknown key(s) {', '.join(sorted(unknown))}")
-    setup = {k: v for k, v in c.items() if k in setup_keys}
+    c = _run_keys(c, f"{where}: configuration {label}: ")
+    setup = check_setup({k: v for k, v in c.items() if k in setup_keys}, f"{where}: configuration {label}: setup")
     name = c.get("name") or f"{c['model']}-" + "-".join(f"{k}{v}" for k, v in sorted(setup.items())) or str(i)
     est = c.get("est_minutes")
-    if est is not None and (not isinstance(est, (int, float)) or est <= 0):
+    if est is not None and (isinstance(est, bool) or not isinstance(est, (int, float)) or not math.isfinite(est)
+                            or est <= 0):
         raise MemplanError(f"{where}: configuration {label}: est_minutes must be a positive number")
     if c.get("expect") not in (None, "fit", "oom"):
         raise MemplanError(f"{where}: configuration {label}: expect must be fit or oom")
@@ -329,6 +381,36 @@ def _worker_env() -> dict:
     return env
 
 
+# <linux/prctl.h>: PR_SET_PDEATHSIG = 1 (the signal a process gets when its parent thread exits)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """A Popen preexec_fn that makes the child receive SIGKILL when this process exits (Linux; None elsewhere, where
+    the worker may outlive a killed sweep). libc is loaded here, before the fork: the child only calls prctl."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # pragma: no cover - every Linux libc has prctl
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the sweep died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def lock_path(results: Path) -> Path:
+    """The lock file beside a results file (RESULTS.jsonl.lock) that one running sweep holds."""
+    return results.with_name(results.name + ".lock")
+
+
 def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None, timeout_s: float | None,
             fallback_record) -> dict:
     """Measure one planned configuration in a fresh worker; returns its record (the worker's, or the error
@@ -337,7 +419,7 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
 
     started = now()
     proc = subprocess.Popen(worker_command(p, device, results, memory_cap_gib), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=_worker_env())
+                            stderr=subprocess.PIPE, text=True, env=_worker_env(), preexec_fn=die_with_parent())
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     reason = None
     try:
@@ -362,7 +444,7 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
             proc.kill()
             proc.wait()
         raise SweepInterrupted(p.cfg.name) from None
-    for rec in iter_records(results):
+    for rec in iter_records(results, warn=_quiet):  # bad lines were named once, when the sweep started
         if rec.get("record_id") == p.record_id and rec.get("started_at", "") >= started:
             return rec
     why = reason or f"worker {_exit_text(code)}"
@@ -371,6 +453,10 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
                           error=f"{why}" + (f"; last stderr line: {tail}" if tail else ""), started_at=started)
     append_record(results, rec)
     return rec
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 def progress(total: int, desc: str):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memplan.errors import MemplanError
+from memplan.io import atomic_write
 
 __all__ = ["Report", "build_report", "check_writable"]
 
@@ -33,11 +34,7 @@ class Report:
     def write(self, path) -> Path:
         path = Path(path)
         check_writable(path)
-        try:
-            path.write_text(self.html, encoding="utf-8")
-        except OSError as exc:
-            raise MemplanError(f"cannot write {path}: {exc.strerror or exc}") from None
-        return path
+        return atomic_write(path, self.html)  # a full disk leaves the old page, never a 0-byte one
 
 
 def check_writable(path) -> None:

@@ -37,19 +37,18 @@ class Entry:
 
 def read_records(paths) -> list[tuple[str, dict]]:
     """(file name, record) pairs from JSON Lines files, read by memplan.measure.record (the schema's authority:
-    upgrades, a torn last line skipped); a line that is no measurement record (no model or setup) is an error."""
-    from memplan.measure.record import iter_records
+    upgrades, typed checks; a line that is no record is named FILE:LINE on stderr and skipped; an error record a
+    retry superseded is left out)."""
+    from memplan.measure.record import load_file, superseded
 
     out = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise MemplanError(f"results file {p} does not exist")
-        for rec in iter_records(path):
-            if not rec.get("model") or not isinstance(rec.get("setup"), dict):
-                raise MemplanError(f"{p}: not a measurement record (needs model and setup)")
-            out.append((path.name, rec))
-    return out
+        out += [(path.name, rec) for rec in load_file(path)]
+    drop = superseded([rec for _, rec in out])
+    return [x for i, x in enumerate(out) if i not in drop]
 
 
 def read_setups(path) -> list[dict]:
@@ -60,8 +59,12 @@ def read_setups(path) -> list[dict]:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise MemplanError(f"cannot read --setups {path}: {exc}") from None
+    from memplan.measure.record import parse_json  # NaN / Infinity refused, deep nesting an error
+
     try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        data = tomllib.loads(text) if p.suffix == ".toml" else parse_json(text)
+    except RecursionError:
+        raise MemplanError(f"--setups {path}: nested too deeply") from None
     except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise MemplanError(f"--setups {path}: {str(exc).splitlines()[0]}") from None
     if isinstance(data, dict):
@@ -89,12 +92,14 @@ def _estimate(model, setup, gpu) -> dict:
 
 
 def setup_entries(setups: list[dict], source: str, gpu, seen: dict) -> list[Entry]:
+    from memplan.measure.record import check_setup
     from memplan.spec.values import make_setup, resolve_model
 
     out = []
     for i, d in enumerate(setups, 1):
         fields = {k: v for k, v in d.items() if k not in ("name", "model")}
         try:
+            fields = check_setup(fields)  # whole numbers, true/false, strings: a fraction is no batch or GPU count
             model = resolve_model(d["model"])
             setup = make_setup(**fields)
             est = _estimate(model, setup, gpu)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from memplan.errors import MemplanError
+from memplan.io import atomic_write
 
 
 class TimelineRow(NamedTuple):
@@ -34,12 +36,13 @@ def write_timeline(rows: Iterable[TimelineRow], path: str | Path) -> Path:
     path = Path(path)
     rows = list(rows)
     if path.suffix == ".csv":
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(TimelineRow._fields)
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(TimelineRow._fields)
+        w.writerows(rows)
+        text = buf.getvalue()
     elif path.suffix == ".json":
-        path.write_text(json.dumps([r._asdict() for r in rows]))
+        text = json.dumps([r._asdict() for r in rows])
     else:
         raise MemplanError(f"timeline file must end in .csv or .json, got {path.name}")
-    return path
+    return atomic_write(path, text)  # one error line on a full disk, never a torn file
