@@ -200,7 +200,13 @@ def test_cli_fuzz(argv):
     (["estimate", "--model", "llama-7b", "--batch", "0"], "--batch must be positive"),
     (["estimate", "--model", "llama-7b", "--seq", "-5"], "--seq must be positive"),
     (["estimate", "--model", "llama-7b", "--gpus", "0"], "--gpus must be positive"),
-    (["estimate", "--model", "llama-7b", "--batch", str(10**30)], "absurd"),
+    (["estimate", "--model", "llama-7b", "--batch", str(10**12)], "absurd"),
+    (["estimate", "--model", "llama-7b", "--batch", str(10**30)], "too large"),  # past 2**53: no int option takes it
+    (["estimate", "--model", "llama-7b", "--fragmentation", "inf"], "not a finite number"),
+    (["measure", "--model", "gpt2", "--memory-cap-gib", "nan"], "not a finite number"),
+    (["measure", "--sweep", "x.toml", "--timeout-s", "-inf"], "not a finite number"),
+    (["reconcile", "x.jsonl", "--max-error", "nan"], "not a finite number"),
+    (["fit", "--model", "gpt2", "--gpu", "t4", "--margin", "nan"], "not a finite number"),
     (["estimate", "--model", "lama-7b"], "did you mean"),
     (["estimate", "--model", "llama-7b", "--gpu", "h1000"], "unknown GPU"),
     (["estimate", "--model", "gpt2", "--seq", "4096"], "learned positions"),
@@ -334,3 +340,46 @@ def test_console_script_bad_config_path(tmp_path, content):
     assert p.stdout == ""
     lines = p.stderr.split("\n")
     assert len(lines) == 2 and lines[1] == "" and lines[0].startswith("memplan: error:")
+
+
+# --- how a run ends: a full disk, a closed pipe, Ctrl-C ------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [["estimate", "--model", "gpt2", "--seq", "64"],
+                                  ["estimate", "--model", "gpt2", "--seq", "64", "--format", "json"],
+                                  ["profiles", "list"], ["estimate", "--help"]])
+def test_full_stdout_is_one_line(args):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([*memplan_cmd(), *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == "memplan: error: cannot write the output: No space left on device\n"
+
+
+def test_closed_pipe_ends_quietly():
+    p = subprocess.Popen([*memplan_cmd(), "profiles", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before memplan (still importing) writes a byte
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err
+
+
+def test_ctrl_c_in_process(monkeypatch):
+    import memplan.estimate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memplan.estimate, "estimate_spec", interrupted)
+    assert call(["estimate", "--model", "gpt2", "--seq", "64"]) == (130, "", "memplan: aborted\n")
+
+
+def test_ctrl_c_during_a_trace():
+    import signal
+    import time
+
+    pytest.importorskip("torch")
+    p = subprocess.Popen([*memplan_cmd(), "trace", "--model", "llama-7b", "--seq", "512"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # past the imports, inside the model build or the traced step (which takes 10 s or more)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.splitlines()[-1] == "memplan: aborted", err
