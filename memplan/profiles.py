@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import stat
 import tomllib
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,10 @@ from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
 
 _HERE = Path(__file__).resolve().parent
+# Largest config.json read: 16 MiB. A Hugging Face config.json is a few KiB (meta-llama/Llama-3.1-405B's is under
+# 1 KiB; the largest carry an id2label table or a quantization map of a few hundred KiB); a bigger file is not a
+# config, and reading one whole (a disk image, /dev/zero) would only exhaust memory.
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def profiles_dir() -> Path:
@@ -79,7 +84,7 @@ def model_profile(name: str) -> dict:
 @lru_cache(maxsize=256)
 def load_model(name: str) -> ModelSpec:
     """A model by profile key, alias (e.g. the Hugging Face repo id) or path to a local config.json."""
-    if name.endswith(".json") or "/" in name and Path(name).exists():
+    if _is_path(name):
         return _model_from_file(Path(name))
     key = _resolve("models", name)
     prof = _read("models", key)
@@ -91,20 +96,56 @@ def load_model(name: str) -> ModelSpec:
     )
 
 
-def _model_from_file(path: Path) -> ModelSpec:
-    if path.is_dir():
-        path = path / "config.json"
+def _is_path(name: str) -> bool:
+    """Whether --model NAME means a file: a *.json name, or a name with a '/' that exists (a folder or a file)."""
+    if name.endswith(".json"):
+        return True
     try:
-        cfg = json.loads(path.read_text())
+        return "/" in name and Path(name).exists()
+    except OSError:  # a name the filesystem refuses (too long): a path all the same, and _read_config says why
+        return True
+
+
+def _read_config(path: Path) -> dict:
+    """The JSON object in a config.json: a regular file of at most MAX_CONFIG_BYTES, UTF-8, one JSON object.
+    Every failure is one MemplanError naming the file (and the line and column of a JSON syntax error)."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise MemplanError(f"{path} is not a regular file (a device, a pipe or a socket): give a config.json")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise MemplanError(f"{path} is {st.st_size:,} bytes: too large for a config.json (at most "
+                               f"{MAX_CONFIG_BYTES:,})")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)  # the file may grow between stat and read
     except FileNotFoundError:
         raise MemplanError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MemplanError(f"cannot read {path}: {exc}") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise MemplanError(f"malformed config {path}: {type(exc).__name__}") from None
+    except OSError as exc:
+        raise MemplanError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise MemplanError(f"{path}: too large for a config.json (more than {MAX_CONFIG_BYTES:,} bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MemplanError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MemplanError(f"malformed config {path}: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise MemplanError(f"malformed config {path}: nested too deeply") from None
     if not isinstance(cfg, dict):
-        raise MemplanError(f"malformed config {path}: expected a JSON object")
-    return spec_from_config(cfg, str(path), source=str(path))
+        raise MemplanError(f"malformed config {path}: expected a JSON object, got a {type(cfg).__name__}")
+    return cfg
+
+
+def _model_from_file(path: Path) -> ModelSpec:
+    try:
+        if path.is_dir():
+            path = path / "config.json"
+    except OSError:
+        pass  # _read_config names the failure
+    return spec_from_config(_read_config(path), str(path), source=str(path))
 
 
 @lru_cache(maxsize=64)

@@ -383,3 +383,63 @@ def test_ctrl_c_during_a_trace():
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, (out, err)
     assert "Traceback" not in err and err.splitlines()[-1] == "memplan: aborted", err
+
+
+# --- config files read from anywhere: one line naming the file, before any work ---------------------------------
+BAD_CONFIGS = {  # file name -> (content, what the error line says)
+    "vocab-10e334.json": (json.dumps(TINY).replace('"vocab_size": 256', '"vocab_size": 1' + "0" * 334),
+                          "vocab-10e334.json: vocab_size must be an integer"),
+    "layers-1e8.json": (json.dumps({**TINY, "num_hidden_layers": 10**8}), "layers 1e+08 is absurd"),
+    "hidden-float.json": (json.dumps({**TINY, "hidden_size": 64.5}), "hidden_size must be an integer"),
+    "heads-bool.json": (json.dumps({**TINY, "num_attention_heads": True}), "num_attention_heads must be an integer"),
+    "experts-inf.json": ('{"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":'
+                         ' 2, "num_attention_heads": 4, "vocab_size": 256, "num_local_experts": Infinity}',
+                         "num_local_experts must be an integer"),
+    "dropout-nan.json": ('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, '
+                         '"n_positions": 64, "resid_pdrop": NaN}', "resid_pdrop must be a probability"),
+    "dropout-huge.json": (json.dumps(dict(model_type="t5", d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128,
+                                          vocab_size=100, dropout_rate=1e300)), "dropout_rate must be a probability"),
+    "negative-types.json": (json.dumps(dict(model_type="bert", hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=96, vocab_size=100,
+                                            type_vocab_size=-5)), "type_vocab_size must be an integer"),
+    "partial.json": (json.dumps({"model_type": "llama", "hidden_size": 64}),
+                     "partial.json: config has no num_hidden_layers"),
+    "syntax.json": ('{\n  "model_type": "llama",\n  "hidden_size": ,\n}', "line 3 column 18: Expecting value"),
+    "latin1.json": ('{"model_type": "llama", "name": "caf\xe9"}', "not UTF-8 text (byte 36)"),  # the é, counted from 0
+    "nested.json": ("[" * 100_000 + "]" * 100_000, "malformed config"),
+    "array.json": ("[1, 2]", "expected a JSON object, got a list"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_names_the_file(name, tmp_path):
+    content, needle = BAD_CONFIGS[name]
+    path = tmp_path / name
+    path.write_bytes(content.encode("latin-1"))
+    argv = ["estimate", "--model", str(path), "--seq", "64"]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and needle in err and name in err, err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "too large"])
+def test_config_that_is_not_a_small_regular_file(kind, tmp_path):
+    from memplan.profiles import MAX_CONFIG_BYTES
+
+    if kind == "fifo":
+        path = tmp_path / "config.json"
+        os.mkfifo(path)  # reading it would wait for a writer forever
+        needle = "not a regular file"
+    elif kind == "device":
+        path = Path("/dev/zero")  # reading it would never end
+        if not path.exists():
+            pytest.skip("no /dev/zero")
+        needle = "not a regular file"
+    else:
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(TINY) + " " * MAX_CONFIG_BYTES)
+        needle = "too large"
+    argv = ["estimate", "--model", str(path)]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and needle in err and str(path) in err, err
