@@ -443,3 +443,43 @@ def test_config_that_is_not_a_small_regular_file(kind, tmp_path):
     rc, out, err = call(argv)
     check_contract(argv, rc, out, err)
     assert rc == 2 and needle in err and str(path) in err, err
+
+
+# --- the trace without torch, overrides out of range, names the filesystem refuses ---------------------------------
+@pytest.mark.parametrize("argv", [["estimate", "--model", "gpt2", "--seq", "64", "--exact"],
+                                  ["trace", "--model", "gpt2", "--seq", "64"]])
+def test_trace_without_torch_is_one_hint(argv, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as without the extra
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and "needs torch, transformers and peft: pip install 'memplan[torch]'" in err, err
+
+
+@pytest.mark.parametrize("kw", [dict(cuda_context=-1), dict(nccl=-(2**20)), dict(cublas_workspace=1.5),
+                                dict(cuda_context=2**60), dict(fragmentation=float("nan")),
+                                dict(fragmentation=float("inf")), dict(fragmentation=-0.01), dict(fragmentation=10)])
+def test_overhead_out_of_range_is_refused(kw):
+    from memplan.errors import MemplanError
+    from memplan.estimate import Overhead
+
+    with pytest.raises(MemplanError, match="overhead"):
+        Overhead(**kw)
+
+
+@pytest.mark.parametrize("argv", [["estimate", "--model", "llama-7b", "--context-mib", str(2**40)],
+                                  ["estimate", "--model", "llama-7b", "--fragmentation", "-0.5"]])
+def test_overhead_options_out_of_range(argv):
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and argv[-2] in err
+
+
+def test_long_output_names_are_one_line(tmp_path):
+    long = str(tmp_path / ("a" * 300))  # one component past NAME_MAX (255 on Linux filesystems)
+    argv = ["trace", "--model", "gpt2", "--seq", "64", "--timeline", long + ".csv"]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and "File name too long" in err, err
+    rc, out, err = call(["report", "-o", long + ".html"])
+    assert rc in (1, 2) and out == "" and len(err.splitlines()) == 1 and err.startswith("memplan: error:"), err
+    assert "Traceback" not in err
