@@ -740,3 +740,30 @@ def test_file_input_fuzz(case):
 @given(RECORD_SWEEP_CASES)
 def test_record_and_sweep_file_fuzz(case):
     check_file_case(case)
+
+
+# --- setup fields from files (a sweep, --setups, a record): integers and booleans, nothing else -------------------
+@pytest.mark.parametrize("kw, needle", [
+    (dict(batch=1.5), "batch must be an integer"), (dict(gpus=2.0), "gpus must be an integer"),
+    (dict(batch=float("nan")), "batch must be an integer"), (dict(seq="64"), "seq must be an integer"),
+    (dict(gpus=True), "gpus must be an integer"), (dict(grad_accum=10**40), "at most 2**31"),
+    (dict(lora_rank=8.0), "rank must be an integer"), (dict(double_quant=1), "double_quant must be true or false"),
+    (dict(dropout="x"), "dropout must be true or false"), (dict(offload_params="yes"), "offload_params must be"),
+    (dict(lora_targets=5), "lora_targets must be module names"), (dict(lora_targets=["q_proj", 5]), "module names"),
+])
+def test_setup_field_types(kw, needle):
+    from memplan.errors import MemplanError
+    from memplan.spec.values import make_setup
+
+    with pytest.raises(MemplanError) as exc:
+        make_setup(**kw)
+    assert needle in str(exc.value)
+
+
+def test_fractional_batch_in_a_setups_file(tmp_path):
+    setups = tmp_path / "setups.json"
+    setups.write_text(json.dumps([{"name": "a", "model": "gpt2", "seq": 128, "batch": 1.5}]))
+    argv = ["report", "--setups", str(setups), "-o", str(tmp_path / "r.html")]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and "batch must be an integer" in err, err
