@@ -204,7 +204,7 @@ def test_cli_fuzz(argv):
     (["estimate", "--model", "llama-7b", "--batch", "0"], "--batch must be positive"),
     (["estimate", "--model", "llama-7b", "--seq", "-5"], "--seq must be positive"),
     (["estimate", "--model", "llama-7b", "--gpus", "0"], "--gpus must be positive"),
-    (["estimate", "--model", "llama-7b", "--batch", str(10**12)], "absurd"),
+    (["estimate", "--model", "llama-7b", "--batch", str(2**20), "--seq", "4096"], "absurd"),
     (["estimate", "--model", "llama-7b", "--batch", str(10**30)], "too large"),  # past 2**53: no int option takes it
     (["estimate", "--model", "llama-7b", "--fragmentation", "inf"], "not a finite number"),
     (["measure", "--model", "gpt2", "--memory-cap-gib", "nan"], "not a finite number"),
@@ -229,6 +229,8 @@ def test_cli_fuzz(argv):
     (["estimate", "--model", str(TMP / "missing.json")], "not found"),
     (["estimate", "--model", str(TMP / "emptydir")], "not found"),
     (["estimate", "--model", str(TMP / "unknown-type.json")], "not supported"),
+    (["estimate", "--model", "a\x00.json"], "NUL character"),  # main(argv) in-process: os.stat raises ValueError
+    (["report", "-o", "a\x00.html"], "NUL character"),
     (["profiles", "show", "nope"], "unknown model"),
     (["profiles", "list", "cars"], "unknown profile kind"),
     (["frobnicate"], "frobnicate"),

@@ -93,6 +93,8 @@ def _os_error(exc: OSError) -> str:
 
 
 def _run(args: list[str]) -> int:
+    if any("\x00" in a for a in args):  # no file name holds one, and os.stat raises ValueError on it
+        return _error("an argument contains a NUL character", EXIT_BAD_INPUT)
     try:
         cmd = command()
         with cmd.make_context("memplan", args) as ctx:
