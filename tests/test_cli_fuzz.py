@@ -205,7 +205,8 @@ def test_cli_fuzz(argv):
     (["estimate", "--model", "llama-7b", "--seq", "-5"], "--seq must be positive"),
     (["estimate", "--model", "llama-7b", "--gpus", "0"], "--gpus must be positive"),
     (["estimate", "--model", "llama-7b", "--batch", str(2**20), "--seq", "4096"], "absurd"),
-    (["estimate", "--model", "llama-7b", "--batch", str(10**30)], "too large"),  # past 2**53: no int option takes it
+    (["estimate", "--model", "llama-7b", "--batch", str(10**30)], "too large"),
+    (["estimate", "--model", "llama-7b", "--seq", str(10**400)], "1329-bit integer is too large"),  # past a float  # past 2**53: no int option takes it
     (["estimate", "--model", "llama-7b", "--fragmentation", "inf"], "not a finite number"),
     (["measure", "--model", "gpt2", "--memory-cap-gib", "nan"], "not a finite number"),
     (["measure", "--sweep", "x.toml", "--timeout-s", "-inf"], "not a finite number"),

@@ -51,7 +51,8 @@ def _check_number(ctx, param, value):
         if isinstance(v, float) and not math.isfinite(v):
             raise click_exc.BadParameter(f"{v} is not a finite number", ctx=ctx, param_hint=f"'{flag}'")
         if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT_OPTION:
-            raise click_exc.BadParameter(f"{v:.3g} is too large (at most 2**53)", ctx=ctx, param_hint=f"'{flag}'")
+            raise click_exc.BadParameter(f"a {abs(v).bit_length()}-bit integer is too large (at most 2**53)",
+                                         ctx=ctx, param_hint=f"'{flag}'")
     return value
 
 
