@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import stat
 import tomllib
 from functools import lru_cache
 from pathlib import Path
 
 from memplan.errors import MemplanError
 from memplan.spec.families import spec_from_config
+from memplan.spec.files import read_text
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
 
@@ -109,25 +109,7 @@ def _is_path(name: str) -> bool:
 def _read_config(path: Path) -> dict:
     """The JSON object in a config.json: a regular file of at most MAX_CONFIG_BYTES, UTF-8, one JSON object.
     Every failure is one MemplanError naming the file (and the line and column of a JSON syntax error)."""
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise MemplanError(f"{path} is not a regular file (a device, a pipe or a socket): give a config.json")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise MemplanError(f"{path} is {st.st_size:,} bytes: too large for a config.json (at most "
-                               f"{MAX_CONFIG_BYTES:,})")
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)  # the file may grow between stat and read
-    except FileNotFoundError:
-        raise MemplanError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise MemplanError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise MemplanError(f"{path}: too large for a config.json (more than {MAX_CONFIG_BYTES:,} bytes)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MemplanError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    text = read_text(path, "config", MAX_CONFIG_BYTES)
     try:
         cfg = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -770,3 +770,24 @@ def test_fractional_batch_in_a_setups_file(tmp_path):
     rc, out, err = call(argv)
     check_contract(argv, rc, out, err)
     assert rc == 2 and "batch must be an integer" in err, err
+
+
+@pytest.mark.parametrize("option", ["--setups", "--timeline"])
+@pytest.mark.parametrize("kind", ["fifo", "deep", "latin1"])
+def test_report_input_files(option, kind, tmp_path):
+    path = tmp_path / ("in.json" if option == "--setups" or kind != "fifo" else "in.csv")
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+        needle = "not a regular file"
+    elif kind == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+        needle = str(path)
+    else:
+        path.write_bytes(b'[{"name": "caf\xe9"}]')
+        needle = "not UTF-8 text (byte 14)"  # the é, counted from 0
+    argv = ["report", option, str(path), "-o", str(tmp_path / "r.html")]
+    if option == "--timeline":
+        argv += ["--setups", SETUP_FILES[0]]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and needle in err, err
