@@ -1,8 +1,8 @@
 """The CLI's contract under random input: exit 0, 1 or 2, never a traceback, and a 2 is one `memplan: error:` line.
 
-The fuzz calls memplan.cli.main(argv) in-process with stdout/stderr captured: 1,000 `estimate` command lines, 250
+The fuzz calls memplan.cli.main(argv) in-process with stdout/stderr captured: 1,000 `estimate` command lines, 500
 of every other command (trace, fit, measure, report, reconcile, profiles; the traced and measured steps and a
-sweep's workers stubbed, so each command line is checked up to where the real work starts), and 200 mutated input
+sweep's workers stubbed, so each command line is checked up to where the real work starts), and 300 mutated input
 files (config.json field by field, --setups files, raw bytes, deep nesting, non-UTF-8). Every run is deterministic
 (the "ci" hypothesis profile in conftest.py); MEMPLAN_FUZZ_EXAMPLES, MEMPLAN_FUZZ_COMMAND_EXAMPLES and
 MEMPLAN_FUZZ_FILE_EXAMPLES raise the counts. Subprocess tests then run the console script for real: a full disk,
@@ -638,7 +638,7 @@ EVERY_COMMAND = st.one_of(
         ["models", "gpus", "all", "llama-7b", "h100-sxm", "nope", "", "--format", "json", "csv", "xml", "--help"]),
         max_size=3)).map(lambda t: ["profiles", t[0], *t[1]]),
 )
-EVERY_COMMAND_EXAMPLES = int(os.environ.get("MEMPLAN_FUZZ_COMMAND_EXAMPLES", 250))
+EVERY_COMMAND_EXAMPLES = int(os.environ.get("MEMPLAN_FUZZ_COMMAND_EXAMPLES", 500))
 
 
 @settings(max_examples=EVERY_COMMAND_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -707,7 +707,7 @@ RECORD_SWEEP_CASES = st.one_of(
                                                                           ["report", "-o", OUTPUTS[0]]])),
     st.tuples(st.just("sweep.json"), SWEEP_CONTENTS, st.just(["measure", "--plan", "--device", "cpu", "--sweep"])),
 )
-FILE_EXAMPLES = int(os.environ.get("MEMPLAN_FUZZ_FILE_EXAMPLES", 200))
+FILE_EXAMPLES = int(os.environ.get("MEMPLAN_FUZZ_FILE_EXAMPLES", 300))
 
 
 def file_argv(name: str, path: str, command: list[str]) -> list[str]:
