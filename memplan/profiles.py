@@ -14,10 +14,15 @@ from pathlib import Path
 
 from memplan.errors import MemplanError
 from memplan.spec.families import spec_from_config
+from memplan.spec.files import read_text
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
 
 _HERE = Path(__file__).resolve().parent
+# Largest config.json read: 16 MiB. A Hugging Face config.json is a few KiB (meta-llama/Llama-3.1-405B's is under
+# 1 KiB; the largest carry an id2label table or a quantization map of a few hundred KiB); a bigger file is not a
+# config, and reading one whole (a disk image, /dev/zero) would only exhaust memory.
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def profiles_dir() -> Path:
@@ -79,7 +84,7 @@ def model_profile(name: str) -> dict:
 @lru_cache(maxsize=256)
 def load_model(name: str) -> ModelSpec:
     """A model by profile key, alias (e.g. the Hugging Face repo id) or path to a local config.json."""
-    if name.endswith(".json") or "/" in name and Path(name).exists():
+    if _is_path(name):
         return _model_from_file(Path(name))
     key = _resolve("models", name)
     prof = _read("models", key)
@@ -91,20 +96,38 @@ def load_model(name: str) -> ModelSpec:
     )
 
 
-def _model_from_file(path: Path) -> ModelSpec:
-    if path.is_dir():
-        path = path / "config.json"
+def _is_path(name: str) -> bool:
+    """Whether --model NAME means a file: a *.json name, or a name with a '/' that exists (a folder or a file)."""
+    if name.endswith(".json"):
+        return True
     try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MemplanError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MemplanError(f"cannot read {path}: {exc}") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise MemplanError(f"malformed config {path}: {type(exc).__name__}") from None
+        return "/" in name and Path(name).exists()
+    except OSError:  # a name the filesystem refuses (too long): a path all the same, and _read_config says why
+        return True
+
+
+def _read_config(path: Path) -> dict:
+    """The JSON object in a config.json: a regular file of at most MAX_CONFIG_BYTES, UTF-8, one JSON object.
+    Every failure is one MemplanError naming the file (and the line and column of a JSON syntax error)."""
+    text = read_text(path, "config", MAX_CONFIG_BYTES)
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MemplanError(f"malformed config {path}: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise MemplanError(f"malformed config {path}: nested too deeply") from None
     if not isinstance(cfg, dict):
-        raise MemplanError(f"malformed config {path}: expected a JSON object")
-    return spec_from_config(cfg, str(path), source=str(path))
+        raise MemplanError(f"malformed config {path}: expected a JSON object, got a {type(cfg).__name__}")
+    return cfg
+
+
+def _model_from_file(path: Path) -> ModelSpec:
+    try:
+        if path.is_dir():
+            path = path / "config.json"
+    except OSError:
+        pass  # _read_config names the failure
+    return spec_from_config(_read_config(path), str(path), source=str(path))
 
 
 @lru_cache(maxsize=64)

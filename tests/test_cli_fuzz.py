@@ -1,8 +1,12 @@
-"""The CLI's contract under random input: exit 0 or 2, never a traceback, and a 2 is one `memplan: error:` line.
+"""The CLI's contract under random input: exit 0, 1 or 2, never a traceback, and a 2 is one `memplan: error:` line.
 
-The fuzz calls memplan.cli.main(argv) in-process (fast enough for 1,000 combinations per run) with stdout/stderr
-captured; a few subprocess tests then run the installed console script for real. Malformed config.json files that
-crash memplan today are pinned as xfail(strict=True) tests at the end, and kept out of the fuzz's model list.
+The fuzz calls memplan.cli.main(argv) in-process with stdout/stderr captured: 1,000 `estimate` command lines, 500
+of every other command (trace, fit, measure, report, reconcile, profiles; the traced and measured steps and a
+sweep's workers stubbed, so each command line is checked up to where the real work starts), and 300 mutated input
+files (config.json field by field, --setups files, raw bytes, deep nesting, non-UTF-8). Every run is deterministic
+(the "ci" hypothesis profile in conftest.py); MEMPLAN_FUZZ_EXAMPLES, MEMPLAN_FUZZ_COMMAND_EXAMPLES and
+MEMPLAN_FUZZ_FILE_EXAMPLES raise the counts. Subprocess tests then run the console script for real: a full disk,
+a closed pipe, Ctrl-C. Record and sweep files are fuzzed too.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, event, given, settings, strategies as st
 
 from memplan.cli import main
 from memplan.profiles import gpu_keys, model_keys
@@ -200,7 +204,14 @@ def test_cli_fuzz(argv):
     (["estimate", "--model", "llama-7b", "--batch", "0"], "--batch must be positive"),
     (["estimate", "--model", "llama-7b", "--seq", "-5"], "--seq must be positive"),
     (["estimate", "--model", "llama-7b", "--gpus", "0"], "--gpus must be positive"),
-    (["estimate", "--model", "llama-7b", "--batch", str(10**30)], "absurd"),
+    (["estimate", "--model", "llama-7b", "--batch", str(2**20), "--seq", "4096"], "absurd"),
+    (["estimate", "--model", "llama-7b", "--batch", str(10**30)], "too large"),
+    (["estimate", "--model", "llama-7b", "--seq", str(10**400)], "1329-bit integer is too large"),  # past a float  # past 2**53: no int option takes it
+    (["estimate", "--model", "llama-7b", "--fragmentation", "inf"], "not a finite number"),
+    (["measure", "--model", "gpt2", "--memory-cap-gib", "nan"], "not a finite number"),
+    (["measure", "--sweep", "x.toml", "--timeout-s", "-inf"], "not a finite number"),
+    (["reconcile", "x.jsonl", "--max-error", "nan"], "not a finite number"),
+    (["fit", "--model", "gpt2", "--gpu", "t4", "--margin", "nan"], "not a finite number"),
     (["estimate", "--model", "lama-7b"], "did you mean"),
     (["estimate", "--model", "llama-7b", "--gpu", "h1000"], "unknown GPU"),
     (["estimate", "--model", "gpt2", "--seq", "4096"], "learned positions"),
@@ -219,6 +230,8 @@ def test_cli_fuzz(argv):
     (["estimate", "--model", str(TMP / "missing.json")], "not found"),
     (["estimate", "--model", str(TMP / "emptydir")], "not found"),
     (["estimate", "--model", str(TMP / "unknown-type.json")], "not supported"),
+    (["estimate", "--model", "a\x00.json"], "NUL character"),  # main(argv) in-process: os.stat raises ValueError
+    (["report", "-o", "a\x00.html"], "NUL character"),
     (["profiles", "show", "nope"], "unknown model"),
     (["profiles", "list", "cars"], "unknown profile kind"),
     (["frobnicate"], "frobnicate"),
@@ -334,3 +347,444 @@ def test_console_script_bad_config_path(tmp_path, content):
     assert p.stdout == ""
     lines = p.stderr.split("\n")
     assert len(lines) == 2 and lines[1] == "" and lines[0].startswith("memplan: error:")
+
+
+# --- how a run ends: a full disk, a closed pipe, Ctrl-C ------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [["estimate", "--model", "gpt2", "--seq", "64"],
+                                  ["estimate", "--model", "gpt2", "--seq", "64", "--format", "json"],
+                                  ["profiles", "list"], ["estimate", "--help"]])
+def test_full_stdout_is_one_line(args):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([*memplan_cmd(), *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == "memplan: error: cannot write the output: No space left on device\n"
+
+
+def test_closed_pipe_ends_quietly():
+    p = subprocess.Popen([*memplan_cmd(), "profiles", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before memplan (still importing) writes a byte
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err
+
+
+def test_ctrl_c_in_process(monkeypatch):
+    import memplan.estimate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memplan.estimate, "estimate_spec", interrupted)
+    assert call(["estimate", "--model", "gpt2", "--seq", "64"]) == (130, "", "memplan: aborted\n")
+
+
+def test_ctrl_c_during_a_trace():
+    import signal
+    import time
+
+    pytest.importorskip("torch")
+    p = subprocess.Popen([*memplan_cmd(), "trace", "--model", "llama-7b", "--seq", "512"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # past the imports, inside the model build or the traced step (which takes 10 s or more)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.splitlines()[-1] == "memplan: aborted", err
+
+
+# --- config files read from anywhere: one line naming the file, before any work ---------------------------------
+BAD_CONFIGS = {  # file name -> (content, what the error line says)
+    "vocab-10e334.json": (json.dumps(TINY).replace('"vocab_size": 256', '"vocab_size": 1' + "0" * 334),
+                          "vocab-10e334.json: vocab_size must be an integer"),
+    "layers-1e8.json": (json.dumps({**TINY, "num_hidden_layers": 10**8}), "layers 1e+08 is absurd"),
+    "hidden-float.json": (json.dumps({**TINY, "hidden_size": 64.5}), "hidden_size must be an integer"),
+    "heads-bool.json": (json.dumps({**TINY, "num_attention_heads": True}), "num_attention_heads must be an integer"),
+    "experts-inf.json": ('{"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":'
+                         ' 2, "num_attention_heads": 4, "vocab_size": 256, "num_local_experts": Infinity}',
+                         "num_local_experts must be an integer"),
+    "dropout-nan.json": ('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, '
+                         '"n_positions": 64, "resid_pdrop": NaN}', "resid_pdrop must be a probability"),
+    "dropout-huge.json": (json.dumps(dict(model_type="t5", d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128,
+                                          vocab_size=100, dropout_rate=1e300)), "dropout_rate must be a probability"),
+    "negative-types.json": (json.dumps(dict(model_type="bert", hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=96, vocab_size=100,
+                                            type_vocab_size=-5)), "type_vocab_size must be an integer"),
+    "partial.json": (json.dumps({"model_type": "llama", "hidden_size": 64}),
+                     "partial.json: config has no num_hidden_layers"),
+    "syntax.json": ('{\n  "model_type": "llama",\n  "hidden_size": ,\n}', "line 3 column 18: Expecting value"),
+    "latin1.json": ('{"model_type": "llama", "name": "caf\xe9"}', "not UTF-8 text (byte 36)"),  # the é, counted from 0
+    "nested.json": ("[" * 100_000 + "]" * 100_000, "malformed config"),
+    "array.json": ("[1, 2]", "expected a JSON object, got a list"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_names_the_file(name, tmp_path):
+    content, needle = BAD_CONFIGS[name]
+    path = tmp_path / name
+    path.write_bytes(content.encode("latin-1"))
+    argv = ["estimate", "--model", str(path), "--seq", "64"]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and needle in err and name in err, err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "too large"])
+def test_config_that_is_not_a_small_regular_file(kind, tmp_path):
+    from memplan.profiles import MAX_CONFIG_BYTES
+
+    if kind == "fifo":
+        path = tmp_path / "config.json"
+        os.mkfifo(path)  # reading it would wait for a writer forever
+        needle = "not a regular file"
+    elif kind == "device":
+        path = Path("/dev/zero")  # reading it would never end
+        if not path.exists():
+            pytest.skip("no /dev/zero")
+        needle = "not a regular file"
+    else:
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(TINY) + " " * MAX_CONFIG_BYTES)
+        needle = "too large"
+    argv = ["estimate", "--model", str(path)]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and needle in err and str(path) in err, err
+
+
+# --- the trace without torch, overrides out of range, names the filesystem refuses ---------------------------------
+@pytest.mark.parametrize("argv", [["estimate", "--model", "gpt2", "--seq", "64", "--exact"],
+                                  ["trace", "--model", "gpt2", "--seq", "64"]])
+def test_trace_without_torch_is_one_hint(argv, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as without the extra
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and "needs torch, transformers and peft: pip install 'memplan[torch]'" in err, err
+
+
+@pytest.mark.parametrize("kw", [dict(cuda_context=-1), dict(nccl=-(2**20)), dict(cublas_workspace=1.5),
+                                dict(cuda_context=2**60), dict(fragmentation=float("nan")),
+                                dict(fragmentation=float("inf")), dict(fragmentation=-0.01), dict(fragmentation=10)])
+def test_overhead_out_of_range_is_refused(kw):
+    from memplan.errors import MemplanError
+    from memplan.estimate import Overhead
+
+    with pytest.raises(MemplanError, match="overhead"):
+        Overhead(**kw)
+
+
+@pytest.mark.parametrize("argv", [["estimate", "--model", "llama-7b", "--context-mib", str(2**40)],
+                                  ["estimate", "--model", "llama-7b", "--fragmentation", "-0.5"]])
+def test_overhead_options_out_of_range(argv):
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and argv[-2] in err
+
+
+def test_long_output_names_are_one_line(tmp_path):
+    long = str(tmp_path / ("a" * 300))  # one component past NAME_MAX (255 on Linux filesystems)
+    argv = ["trace", "--model", "gpt2", "--seq", "64", "--timeline", long + ".csv"]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and "File name too long" in err, err
+    rc, out, err = call(["report", "-o", long + ".html"])
+    assert rc in (1, 2) and out == "" and len(err.splitlines()) == 1 and err.startswith("memplan: error:"), err
+    assert "Traceback" not in err
+
+
+# --- every subcommand, and the files each one reads -----------------------------------------------------------------
+# The long steps are stubbed (a traced step, a measured step, a sweep's worker): each raises Ran, so the fuzz checks
+# every command line up to the point where the real work would start, and stays fast. Runs happen in CWD (a
+# scratch folder), so default output paths (reports/...) land there, never in the checkout.
+CWD = TMP / "cwd"
+CWD.mkdir()
+(CWD / "tiny.json").write_text(json.dumps(TINY))  # the model the committed CPU record names
+RECORD = (Path(__file__).parent / "data" / "fuzz" / "cpu-tiny-record.jsonl").read_text()
+GOOD_RECORD = json.loads(RECORD)
+
+
+def _record(**changes) -> str:
+    return json.dumps({**GOOD_RECORD, **changes}) + "\n"
+
+
+def _write(name: str, content: str | bytes) -> str:
+    path = TMP / "files" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+TINY_SWEEP = '[suite]\nname = "fuzz"\nsteps = 1\nwarmup = 0\n\n[[config]]\nname = "t"\nmodel = "tiny.json"\nseq = 16\n'
+RECORD_FILES = [_write("record.jsonl", RECORD), _write("two.jsonl", RECORD + RECORD),
+                _write("record-empty.jsonl", ""), _write("record-blank.jsonl", "\n\n")]
+SWEEP_FILES = [_write("sweep.toml", TINY_SWEEP), _write("sweep.json", json.dumps([{"name": "t", "model": "tiny.json",
+                                                                                 "seq": 16}])),
+               _write("sweep-empty.toml", ""), _write("sweep-bad.toml", "[suite\nname = 1"),
+               _write("sweep-latin1.toml", b"name = \"caf\xe9\""), "validation", "nope", str(TMP / "files")]
+SETUP_FILES = [_write("setups.toml", '[[setup]]\nname = "a"\nmodel = "gpt2"\nseq = 128\n'),
+               _write("setups.json", json.dumps([{"name": "b", "model": "tiny.json", "seq": 32, "peft": "lora"}])),
+               _write("setups-empty.toml", ""), _write("setups-bad.json", "[{")]
+OUTPUTS = [str(TMP / "out" / n) for n in ("page.html", "page.txt", "r.jsonl", "t.csv", "t.json", "snap.pickle")] + [
+    str(TMP / "files"), str(TMP / ("a" * 300 + ".html")), str(TMP / "files" / "record.jsonl" / "under-a-file.html")]
+paths = st.sampled_from(OUTPUTS)
+gib = st.one_of(floats, st.sampled_from(["0.5", "80", "1e-9"]))
+
+
+class Ran(Exception):
+    """A stubbed long step was reached: the command line passed every check before it."""
+
+
+def _ran(*args, **kwargs):
+    raise Ran
+
+
+@contextlib.contextmanager
+def stubbed_long_steps():
+    from unittest import mock
+
+    import memplan.measure.harness
+    import memplan.measure.sweep
+    import memplan.trace
+
+    with mock.patch.object(memplan.trace, "trace", _ran), mock.patch.object(memplan.measure.harness, "measure", _ran), \
+            mock.patch.object(memplan.measure.sweep, "run_one", _ran):
+        yield
+
+
+def call_any(argv: list[str]) -> tuple[int | str, str, str]:
+    """call(), with the long steps stubbed, in the scratch folder; "ran" when a stubbed step was reached."""
+    here = os.getcwd()
+    os.chdir(CWD)
+    try:
+        with stubbed_long_steps():
+            return call(argv)
+    except AssertionError as exc:
+        if isinstance(exc.__cause__, Ran):
+            return "ran", "", ""
+        raise
+    finally:
+        os.chdir(here)
+
+
+def check_any(argv, rc, out, err):
+    """The contract of every command: 0, 1 (nothing fits, an error above --max-error, an output that cannot be
+    written) or 2 (bad input, one `memplan: error:` line), never a traceback."""
+    if rc == "ran":
+        return
+    assert rc in (0, 1, 2), (argv, rc, err)
+    assert "Traceback" not in out + err, (argv, err)
+    if rc == 2:
+        check_contract(argv, rc, out, err)
+    elif rc == 1:
+        assert err.rstrip("\n").splitlines()[-1].startswith("memplan:"), (argv, err)
+
+
+def options(spec: dict, max_size: int = 6):
+    """A strategy for option lists drawn from {option: value strategy or None for a flag}."""
+    @st.composite
+    def draw_options(draw):
+        argv = []
+        for opt in draw(st.lists(st.sampled_from(sorted(spec)), max_size=max_size)):
+            argv.append(opt)
+            if spec[opt] is not None:
+                argv.append(draw(spec[opt]))
+        return argv
+    return draw_options()
+
+
+SMALL_MODELS = st.sampled_from(["gpt2", "qwen2.5-0.5b", "bert-base-uncased", "t5-small", str(TMP / "good.json"),
+                                str(TMP / "gpt2.json")] + [str(TMP / n) for n in CONFIGS])
+SETUP_SUBSET = {k: v for k, v in OPTIONS.items() if k not in ("--context-mib", "--fragmentation", "--model", "-m")}
+FIT_OPTIONS = {
+    "--gpus": sizes, "--seq": sizes, "-s": sizes, "--min-batch": sizes, "--max-batch": sizes, "--max-seq": sizes,
+    "--margin": st.one_of(floats, st.sampled_from(["0", "0.05", "0.5", "0.99", "1", "-0.1"])),
+    "--precision": choice_or_junk(PRECISIONS + ["fp32,bf16", "bf16,nope", ","]),
+    "--optimizer": choice_or_junk(OPTIMIZERS + ["adamw,sgd"]), "--peft": choice_or_junk(PEFTS + ["lora,qlora"]),
+    "--checkpointing": choice_or_junk(["none", "full", "selective", "none,full"]),
+    "--zero": st.sampled_from(["0", "1,2", "3", "0,,1", "x", "9", "-1"]) | junk, "--max-zero": sizes,
+    "--lora-rank": sizes, "--lora-targets": OPTIONS["--lora-targets"], "--train-layers": sizes,
+    "--attention": OPTIONS["--attention"], "--grad-accum": sizes, "--top": sizes, "--format": OPTIONS["--format"],
+    "--bogus": None,
+}
+MEASURE_OPTIONS = {
+    **SETUP_SUBSET, "--device": choice_or_junk(["cpu", "cpu", "cuda", "auto"]), "--steps": sizes, "--warmup": sizes,
+    "--lengths": choice_or_junk(["fixed", "varied"]), "--snapshot": paths, "--results": paths,
+    "--sweep": st.sampled_from(SWEEP_FILES), "--resume": None, "--chunk": sizes, "--max-minutes": gib,
+    "--plan": None, "--timeout-s": gib, "--memory-cap-gib": gib, "--name": junk,
+}
+REPORT_OPTIONS = {"-o": paths, "--output": paths, "--setups": st.sampled_from(SETUP_FILES) | junk,
+                  "--gpu": st.sampled_from(["h100-sxm", "t4,a100-80gb", "nope", ",", ""]),
+                  "--timeline": st.sampled_from(OUTPUTS[3:5] + SETUP_FILES[:1]), "--title": junk}
+RECONCILE_OPTIONS = {"--max-error": st.one_of(floats, st.sampled_from(["0", "5", "-1"])),
+                     "--level": choice_or_junk(["allocated", "reserved", "device"]),
+                     "--estimate": choice_or_junk(["current", "recorded"]), "--format": OPTIONS["--format"]}
+
+EVERY_COMMAND = st.one_of(
+    st.tuples(SMALL_MODELS, options(SETUP_SUBSET, 4), st.sampled_from([[], [], ["--timeline", str(TMP / "t.csv")],
+                                                                     ["--timeline", str(TMP / ("a" * 300 + ".csv"))],
+                                                                     ["--timeline", "x.txt"], ["--help"]])).map(
+        lambda t: ["trace", "--model", t[0], "--seq", "32", *t[1], *t[2]]),
+    st.tuples(SMALL_MODELS, st.sampled_from(["t4", "a100-80gb", "h100-sxm", "nope"]), options(FIT_OPTIONS, 4)).map(
+        lambda t: ["fit", "--model", t[0], "--gpu", t[1], "--max-batch", "8", "--max-seq", "1024", *t[2]]),
+    st.tuples(st.sampled_from([[], ["--model", str(TMP / "good.json"), "--device", "cpu"],
+                               ["--sweep", SWEEP_FILES[0], "--plan"], ["--sweep", SWEEP_FILES[0], "--device", "cpu"]]),
+              options(MEASURE_OPTIONS, 5)).map(lambda t: ["measure", *t[0], *t[1]]),
+    st.tuples(st.lists(st.sampled_from(RECORD_FILES + [str(TMP / "missing.jsonl"), str(TMP / "files")]), max_size=2),
+              st.sampled_from([["-o", OUTPUTS[0]], []]), options(REPORT_OPTIONS, 3)).map(
+        lambda t: ["report", *t[0], *t[1], *t[2]]),
+    st.tuples(st.lists(st.sampled_from(RECORD_FILES + [str(TMP / "missing.jsonl"), str(TMP / "files")]), max_size=3),
+              options(RECONCILE_OPTIONS, 3)).map(lambda t: ["reconcile", *t[0], *t[1]]),
+    st.tuples(st.sampled_from(["list", "show", "bogus"]), st.lists(st.sampled_from(
+        ["models", "gpus", "all", "llama-7b", "h100-sxm", "nope", "", "--format", "json", "csv", "xml", "--help"]),
+        max_size=3)).map(lambda t: ["profiles", t[0], *t[1]]),
+)
+EVERY_COMMAND_EXAMPLES = int(os.environ.get("MEMPLAN_FUZZ_COMMAND_EXAMPLES", 500))
+
+
+@settings(max_examples=EVERY_COMMAND_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(EVERY_COMMAND)
+def test_every_command_fuzz(argv):
+    rc, out, err = call_any(argv)
+    check_any(argv, rc, out, err)
+    event(f"{argv[0]} exit {rc}")
+
+
+# --- file inputs: config.json, measurement records, sweep files, --setups files, each mutated field by field ------
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.sampled_from([10**8, 2**31, 2**63, 10**334, -10**20]),
+              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+              st.sampled_from(["64", "h100", "x", "ok", "oom", "error", "nan"])),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+T5 = dict(model_type="t5", d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128, vocab_size=100)
+BERT = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            vocab_size=100)
+MIXTRAL = {**TINY, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
+
+
+@st.composite
+def mutated(draw, base: dict) -> dict:
+    """`base` with up to three fields replaced by any JSON value, or removed, or a new field added."""
+    d = dict(base)
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(d) + ["extra", "head_dim", "tie_word_embeddings", "num_key_value_heads"]))
+        if draw(st.integers(0, 5)) == 0:
+            d.pop(key, None)
+        else:
+            d[key] = draw(json_values)
+    return d
+
+
+def dump(value) -> bytes:
+    return json.dumps(value, allow_nan=True).encode()
+
+
+RAW_FILES = st.sampled_from([b"", b" ", b"\x00\xff\xfe", b"[" * 5_000 + b"]" * 5_000, b'{"a": ' * 3000, b"null",
+                             b"\xef\xbb\xbf{}", '{"model_type": "llama", "é": 1}'.encode("utf-16")])
+CONFIG_FILES = st.one_of(*(mutated(b).map(dump) for b in (TINY, GPT2, T5, BERT, MIXTRAL)), RAW_FILES)
+RECORD_CONTENTS = st.one_of(
+    mutated(GOOD_RECORD).map(lambda r: dump(r) + b"\n"),
+    st.builds(lambda s, k, v: dump({**GOOD_RECORD, "setup": {**GOOD_RECORD["setup"], k: v}}) + b"\n",
+              st.none(), st.sampled_from(sorted(GOOD_RECORD["setup"])), json_values),
+    st.builds(lambda k, v: dump({**GOOD_RECORD, "measured": {**GOOD_RECORD["measured"], k: v}}) + b"\n",
+              st.sampled_from(sorted(GOOD_RECORD["measured"])), json_values),
+    st.just(RECORD.encode()[:-40]), st.just(RECORD.encode() + RECORD.encode()[:100]), RAW_FILES)
+SWEEP_CONTENTS = st.one_of(
+    mutated({"name": "t", "model": "tiny.json", "seq": 16, "batch": 1}).map(lambda c: dump([c])),
+    mutated({"name": "fuzz", "steps": 1, "warmup": 0}).map(
+        lambda s: dump({"suite": s, "config": [{"name": "t", "model": "tiny.json", "seq": 16}]})), RAW_FILES)
+SETUPS_CONTENTS = st.one_of(mutated({"name": "a", "model": "tiny.json", "seq": 32}).map(lambda s: dump([s])), RAW_FILES)
+CONFIG_CASES = st.tuples(st.just("config.json"), CONFIG_FILES, st.sampled_from([
+    ["estimate", "--seq", "16"], ["estimate", "--seq", "16", "--peft", "lora"], ["estimate", "--seq", "16", "--exact"],
+    ["trace", "--seq", "16"], ["fit", "--gpu", "t4", "--max-batch", "4"],
+    ["measure", "--device", "cpu", "--seq", "16", "--results", OUTPUTS[2]]]))
+SETUPS_CASES = st.tuples(st.just("setups.json"), SETUPS_CONTENTS, st.just(["report", "-o", OUTPUTS[0], "--setups"]))
+# records and sweep files: memplan/measure/record.py, sweep.py and reconcile.py validate them (issue 10, "No
+# tracebacks", the record / sweep half); see test_record_and_sweep_file_fuzz below
+RECORD_SWEEP_CASES = st.one_of(
+    st.tuples(st.just("records.jsonl"), RECORD_CONTENTS, st.sampled_from([["reconcile"],
+                                                                          ["reconcile", "--estimate", "recorded"],
+                                                                          ["report", "-o", OUTPUTS[0]]])),
+    st.tuples(st.just("sweep.json"), SWEEP_CONTENTS, st.just(["measure", "--plan", "--device", "cpu", "--sweep"])),
+)
+FILE_EXAMPLES = int(os.environ.get("MEMPLAN_FUZZ_FILE_EXAMPLES", 300))
+
+
+def file_argv(name: str, path: str, command: list[str]) -> list[str]:
+    if name == "config.json":
+        return [command[0], "--model", path, *command[1:]]
+    if command[0] in ("reconcile", "report") and name == "records.jsonl":
+        return [command[0], path, *command[1:]]
+    return [*command, path]
+
+
+def check_file_case(case):
+    name, content, command = case
+    path = TMP / "fuzzed" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    argv = file_argv(name, str(path), command)
+    rc, out, err = call_any(argv)
+    check_any(argv, rc, out, err)
+    event(f"{name} {command[0]} exit {rc}")
+
+
+@settings(max_examples=FILE_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(CONFIG_CASES, CONFIG_CASES, SETUPS_CASES))
+def test_file_input_fuzz(case):
+    check_file_case(case)
+
+
+@settings(max_examples=FILE_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=(Phase.generate,))  # no shrinking: the first traceback is enough, and shrinking one takes 20 s
+@given(RECORD_SWEEP_CASES)
+def test_record_and_sweep_file_fuzz(case):
+    check_file_case(case)
+
+
+# --- setup fields from files (a sweep, --setups, a record): integers and booleans, nothing else -------------------
+@pytest.mark.parametrize("kw, needle", [
+    (dict(batch=1.5), "batch must be an integer"), (dict(gpus=2.0), "gpus must be an integer"),
+    (dict(batch=float("nan")), "batch must be an integer"), (dict(seq="64"), "seq must be an integer"),
+    (dict(gpus=True), "gpus must be an integer"), (dict(grad_accum=10**40), "at most 2**31"),
+    (dict(lora_rank=8.0), "rank must be an integer"), (dict(double_quant=1), "double_quant must be true or false"),
+    (dict(dropout="x"), "dropout must be true or false"), (dict(offload_params="yes"), "offload_params must be"),
+    (dict(lora_targets=5), "lora_targets must be module names"), (dict(lora_targets=["q_proj", 5]), "module names"),
+])
+def test_setup_field_types(kw, needle):
+    from memplan.errors import MemplanError
+    from memplan.spec.values import make_setup
+
+    with pytest.raises(MemplanError) as exc:
+        make_setup(**kw)
+    assert needle in str(exc.value)
+
+
+def test_fractional_batch_in_a_setups_file(tmp_path):
+    setups = tmp_path / "setups.json"
+    setups.write_text(json.dumps([{"name": "a", "model": "gpt2", "seq": 128, "batch": 1.5}]))
+    argv = ["report", "--setups", str(setups), "-o", str(tmp_path / "r.html")]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and "batch must be" in err, err
+
+
+@pytest.mark.parametrize("option", ["--setups", "--timeline"])
+@pytest.mark.parametrize("kind", ["fifo", "deep", "latin1"])
+def test_report_input_files(option, kind, tmp_path):
+    path = tmp_path / ("in.json" if option == "--setups" or kind != "fifo" else "in.csv")
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+        needle = "not a regular file"
+    elif kind == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+        needle = str(path)
+    else:
+        path.write_bytes(b'[{"name": "caf\xe9"}]')
+        needle = "not UTF-8 text (byte 14)"  # the é, counted from 0
+    argv = ["report", option, str(path), "-o", str(tmp_path / "r.html")]
+    if option == "--timeline":
+        argv += ["--setups", SETUP_FILES[0]]
+    rc, out, err = call(argv)
+    check_contract(argv, rc, out, err)
+    assert rc == 2 and needle in err, err

@@ -180,7 +180,9 @@ def test_max_error_must_be_finite_and_not_negative(tmp_path, capsys, value):
     p = tmp_path / "r.jsonl"
     p.write_text(json.dumps(_rec()) + "\n")
     rc, _, err = run_cli(["reconcile", str(p), "--max-error", value], capsys)
-    assert rc == 2 and err.startswith("memplan: error: --max-error must be a finite number") and err.count("\n") == 1
+    # nan / inf stop at the command line's number check (one line for every numeric option), -1 at reconcile's
+    assert rc == 2 and err.startswith("memplan: error:") and err.count("\n") == 1, err
+    assert "--max-error" in err and "finite" in err
 
 
 # ---- sweep files: typed at the boundary --------------------------------------------------------------------------
@@ -216,7 +218,8 @@ def test_a_wrongly_typed_sweep_file_is_one_error_line(tmp_path, capsys, name):
 @pytest.mark.parametrize("value", ["nan", "inf", "0"])
 def test_sweep_numbers_must_be_finite_and_positive(capsys, flag, value):
     rc, _, err = run_cli(["measure", "--sweep", "validation", "--plan", "--device", "cpu", flag, value], capsys)
-    assert rc == 2 and err == f"memplan: error: {flag} must be a finite number > 0, got {float(value):g}\n"
+    assert rc == 2 and err.startswith("memplan: error:") and err.count("\n") == 1, err
+    assert flag in err and ("finite" in err if value != "0" else "> 0, got 0" in err)
 
 
 # ---- sweeps: no orphans, one writer ------------------------------------------------------------------------------

@@ -1,8 +1,14 @@
 """The `memplan` command: one thin module per command (parse, call the library, render), options declared once
 in memplan.cli.options, and the app that puts them together here.
 
-Bad input ends with one line on stderr and exit code 2 (see main()).
+How a run ends (main()): bad input is one `memplan: error:` line on stderr and exit code 2; an output that
+cannot be written (a full disk, /dev/full, a name the filesystem refuses) is one `memplan: error:` line and
+exit code 1; Ctrl-C is `memplan: aborted` and exit code 130; a reader that closed the pipe early (`| head`)
+ends the run quietly. Never a traceback for any of them.
 """
+import errno
+import math
+import os
 import sys
 
 import typer
@@ -29,12 +35,72 @@ app.command()(report.report)
 app.command("measure")(measure.measure_cmd)
 app.command("reconcile")(reconcile.reconcile_cmd)
 
+EXIT_BAD_INPUT = 2  # bad input: one `memplan: error:` line (also click's usage-error code)
+EXIT_CANNOT_WRITE = 1  # the environment failed the run (full disk, unwritable output), not the input
+EXIT_ABORTED = 130  # 128 + SIGINT, the shell's code for a run ended by Ctrl-C
+# Largest integer an option takes: 2**53 is float64's last exactly representable integer (IEEE 754 binary64,
+# 53-bit significand); the estimator does its arithmetic in floats, so a larger count cannot mean anything.
+MAX_INT_OPTION = 2**53
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: every bad input is one line on stderr and exit code 2; never a traceback for it."""
+
+def _check_number(ctx, param, value):
+    """Every int / float option: a finite float (nan and inf parse as floats but mean nothing to memplan) and an
+    integer within MAX_INT_OPTION."""
+    flag = param.opts[0] if param.opts else param.name
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise click_exc.BadParameter(f"{v} is not a finite number", ctx=ctx, param_hint=f"'{flag}'")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT_OPTION:
+            raise click_exc.BadParameter(f"a {abs(v).bit_length()}-bit integer is too large (at most 2**53)",
+                                         ctx=ctx, param_hint=f"'{flag}'")
+    return value
+
+
+def _check_numbers(cmd) -> None:
+    """Attach _check_number to every numeric option of `cmd` and its subcommands (none of them has a callback of
+    its own), so no command can receive nan, inf or an absurd integer."""
+    for p in cmd.params:
+        td = getattr(p, "type_descriptor", None)
+        if td is not None and td.annotation in (int, float) and p.callback is None:
+            p.callback = _check_number
+    for sub in getattr(cmd, "commands", {}).values():
+        _check_numbers(sub)
+
+
+def command():
+    """The click command tree of `app`, numeric options checked."""
     cmd = typer.main.get_command(app)
+    _check_numbers(cmd)
+    return cmd
+
+
+def _say(line: str, file) -> None:
+    """Print one line; a closed or full stream has nothing more to report through (the exit code still does)."""
     try:
-        rv = cmd.main(args=argv, prog_name="memplan", standalone_mode=False)
+        print(line, file=file)
+    except (OSError, ValueError):
+        pass
+
+
+def _error(msg: str, code: int) -> int:
+    _say(f"memplan: error: {msg}", sys.stderr)
+    return code
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a failed read or write: what failed, on which file (stdout has no file name)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot write the output: {what}" if exc.filename is None else f"{exc.filename}: {what}"
+
+
+def _run(args: list[str]) -> int:
+    if any("\x00" in a for a in args):  # no file name holds one, and os.stat raises ValueError on it
+        return _error("an argument contains a NUL character", EXIT_BAD_INPUT)
+    try:
+        cmd = command()
+        with cmd.make_context("memplan", args) as ctx:
+            rv = cmd.invoke(ctx)
+        sys.stdout.flush()  # a full disk shows here for buffered output, not at interpreter exit
         return rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
@@ -42,21 +108,43 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.format_message())
         return 0
     except click_exc.UsageError as exc:
-        msg = exc.format_message().replace("\n", " ")
-        print(f"memplan: error: {msg}", file=sys.stderr)
-        return 2
+        return _error(exc.format_message().replace("\n", " "), EXIT_BAD_INPUT)
     except MemplanError as exc:
-        print(f"memplan: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
+        return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, EXIT_BAD_INPUT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command line; the exit code as the module doc describes (never a traceback for those cases)."""
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
     except (typer.Abort, KeyboardInterrupt):
-        print("memplan: aborted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+        _say("memplan: aborted", sys.stderr)
+        return EXIT_ABORTED
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:  # the reader left (`memplan profiles list | head -3`): nothing to say
+            _silence_stdout()
+            return 0
+        if exc.filename is None:  # stdout: what is still buffered cannot be written either
+            _silence_stdout()
+        return _error(_os_error(exc), EXIT_CANNOT_WRITE)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of a closed pipe raises nothing (the Python
+    docs' recipe, signal module, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (a test's StringIO)
+        pass
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while printing an error
+        code = EXIT_ABORTED
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -22,18 +22,19 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
     Example: memplan estimate --model llama-7b --adam --bf16 --zero3 --gpus 8 --gpu h100-sxm
     """
     from memplan.estimate import Overhead, estimate_spec
+    from memplan.estimate.overhead import MAX_FRAGMENTATION, MAX_OVERHEAD_BYTES
 
     if exact:
-        trace_and_emit(model, gpu, setup, fmt, None)
+        trace_and_emit(model, gpu, setup, fmt, None, command="memplan estimate --exact")
         return
     kw = {}
     if context_mib is not None:
-        if context_mib < 0:
-            raise MemplanError("--context-mib must be ≥ 0")
+        if not 0 <= context_mib * 2**20 <= MAX_OVERHEAD_BYTES:
+            raise MemplanError(f"--context-mib must be in [0, {MAX_OVERHEAD_BYTES // 2**20:,}]")
         kw["cuda_context"] = context_mib * 2**20
     if fragmentation is not None:
-        if not 0 <= fragmentation < 10:
-            raise MemplanError("--fragmentation must be in [0, 10)")
+        if not 0 <= fragmentation < MAX_FRAGMENTATION:
+            raise MemplanError(f"--fragmentation must be in [0, {MAX_FRAGMENTATION})")
         kw["fragmentation"] = fragmentation
     result = estimate_spec(model, setup, gpu, Overhead(**kw))
     if gpu is not None:  # predicted step time, tokens/s and MFU: only with a GPU (the design-card path skips it)

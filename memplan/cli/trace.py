@@ -9,10 +9,15 @@ from memplan.cli.progress import Progress, ProgressOpt
 from memplan.errors import MemplanError
 
 
-def trace_and_emit(model, gpu, setup, fmt, timeline_path, progress: Progress | None = None):
-    """Trace one setup, print its Result, and write the timeline when asked (also `estimate --exact`)."""
+def trace_and_emit(model, gpu, setup, fmt, timeline_path, progress: Progress | None = None,
+                   command: str = "memplan trace"):
+    """Trace one setup, print its Result, and write the timeline when asked (also `estimate --exact`): one hint
+    line without the torch extra, whichever command asked."""
     from dataclasses import replace
 
+    from memplan.trace.support import require_torch
+
+    require_torch(command)
     progress = progress or Progress("trace")
     if timeline_path is not None:
         check_timeline_path(timeline_path)
@@ -36,11 +41,17 @@ def check_timeline_path(path: str) -> None:
     """Fail before any work when the timeline file cannot be written."""
     import os
 
+    if not path.endswith((".csv", ".json")):
+        raise MemplanError(f"--timeline {path}: use a .csv or .json file name")
+    try:
+        os.stat(path)  # a name the filesystem refuses (too long, a file as a folder) fails here, not after the trace
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise MemplanError(f"cannot write {path}: {exc.strerror or exc}") from None
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or os.path.isdir(path):
         raise MemplanError(f"cannot write {path}")
-    if not path.endswith((".csv", ".json")):
-        raise MemplanError(f"--timeline {path}: use a .csv or .json file name")
 
 
 @with_setup_options
@@ -52,7 +63,4 @@ def trace(model, gpu, setup, fmt: FormatOpt = Format.table,
 
     Needs the torch extra. Example: memplan trace --model llama-2-7b --peft lora --batch 4 --seq 2048
     """
-    from memplan.trace.support import require_torch
-
-    require_torch("memplan trace")
     trace_and_emit(model, gpu, setup, fmt, timeline, Progress("trace", progress))

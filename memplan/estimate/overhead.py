@@ -4,8 +4,10 @@ Each constant names its source and can be overridden with an Overhead(...) passe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
+from memplan.errors import MemplanError
 from memplan.units import MiB
 
 # CUDA context + the kernels of torch/cuBLAS/cuDNN a step loads, as NVML sees it. Source: PyTorch PR #86509
@@ -30,6 +32,11 @@ FRAGMENTATION = 0.05
 # guide/docs/env.html). The total is an assumption: 4 MiB × 2 ring neighbours × 32 channels = 256 MiB; no
 # multi-GPU record is committed yet to check it.
 NCCL_BYTES = 256 * MiB
+# Largest byte count an Overhead field takes: 1 PiB, thousands of times any GPU's memory (the largest profile,
+# profiles/gpus/, holds under 200 GB), so a larger override is a typo, not a setting.
+MAX_OVERHEAD_BYTES = 2**50
+# Largest fragmentation fraction: reserved = 10 × allocated, as --fragmentation's help has always bounded it.
+MAX_FRAGMENTATION = 10
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,17 @@ class Overhead:
     cublas_workspace: int = CUBLAS_WORKSPACE_BYTES
     fragmentation: float = FRAGMENTATION
     nccl: int = NCCL_BYTES
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "fragmentation":
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not (
+                        math.isfinite(v) and 0 <= v < MAX_FRAGMENTATION):
+                    raise MemplanError(f"overhead fragmentation must be a fraction in [0, {MAX_FRAGMENTATION}), "
+                                       f"got {v!r}")
+            elif not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_OVERHEAD_BYTES:
+                raise MemplanError(f"overhead {f.name} must be a byte count in [0, 2**50], got {v!r}")
 
     def reserved(self, allocated: int) -> int:
         return int(allocated * (1 + self.fragmentation)) + self.cublas_workspace

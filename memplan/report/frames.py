@@ -13,6 +13,7 @@ from pathlib import Path
 
 from memplan.categories import Category
 from memplan.errors import MemplanError
+from memplan.spec.files import read_text
 
 MEASURED_PHASES = ("load", "forward", "backward", "optimizer_step")
 
@@ -55,10 +56,7 @@ def read_setups(path) -> list[dict]:
     """Named setups from TOML (`[[setup]]` tables) or JSON (a list of objects, or {"setup": [...]}); each has
     `name`, `model` and any memplan.spec.values.make_setup fields."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MemplanError(f"cannot read --setups {path}: {exc}") from None
+    text = read_text(p, "--setups")
     from memplan.measure.record import parse_json  # NaN / Infinity refused, deep nesting an error
 
     try:
@@ -196,19 +194,21 @@ def frame(entries: list[Entry]):
 def read_timeline(path) -> list[dict]:
     """Rows of a `memplan trace --timeline` file (CSV or JSON: memplan/trace/timeline.py's columns)."""
     import csv
+    import io
 
     from memplan.trace.timeline import TimelineRow
 
     p = Path(path)
     try:
         if p.suffix == ".csv":
-            with p.open(newline="") as f:
-                rows = list(csv.DictReader(f))
+            rows = list(csv.DictReader(io.StringIO(read_text(p, "--timeline"), newline="")))
         elif p.suffix == ".json":
-            rows = json.loads(p.read_text())
+            rows = json.loads(read_text(p, "--timeline"))
         else:
             raise MemplanError(f"--timeline {path}: use a .csv or .json file from `memplan trace --timeline`")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except MemplanError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MemplanError(f"cannot read --timeline {path}: {str(exc).splitlines()[0]}") from None
     need = set(TimelineRow._fields)
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and need <= set(r) for r in rows):

@@ -24,14 +24,41 @@ SELF_ATTN = (Role.Q, Role.K, Role.V, Role.O)
 CROSS_ATTN = (Role.CROSS_Q, Role.CROSS_K, Role.CROSS_V, Role.CROSS_O)
 
 
+# Largest integer a config.json number may hold (layer, head, vocabulary and position counts, widths): 2**30, above
+# every published config (memplan.spec.model.LIMITS names the largest) and far below where a product of two of
+# them stops being exact in a float64 (2**53). A JSON integer has no bound of its own (vocab_size 10**334 parses).
+MAX_CONFIG_INT = 2**30
+
+
+def _show(value) -> str:
+    """A config value in an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _get(cfg: Mapping, *keys, default=None):
-    """First present key (configs name the same number differently), else default; required if default is None."""
+    """First present key (configs name the same number differently), else default; required if default is None.
+    A present value must be an integer in [0, MAX_CONFIG_INT] (ModelSpec checks which must be positive)."""
     for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
+        v = cfg.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_CONFIG_INT:
+            raise MemplanError(f"{k} must be an integer in [0, {MAX_CONFIG_INT:,}], got {_show(v)}")
+        return v
     if default is None:
-        raise MemplanError(f"config.json has no {' / '.join(keys)}")
+        raise MemplanError(f"config has no {' / '.join(keys)}")
     return default
+
+
+def _prob(cfg: Mapping, key: str, default: float) -> float:
+    """A dropout probability: a finite number in [0, 1]; absent or null is the config class's default."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:  # NaN fails the comparison
+        raise MemplanError(f"{key} must be a probability in [0, 1], got {_show(v)}")
+    return float(v)
 
 
 def _norm(name: str, h: int, count: int, stack: Stack, bias: bool, affine: bool = True,
@@ -146,7 +173,7 @@ def llama(cfg: Mapping) -> dict:
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048), gated_mlp=True,
         linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
         experts_per_token=top_k if experts > 1 else 1, dropout=0.0,
-        attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
+        attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie,
     )
 
 
@@ -172,8 +199,8 @@ def gpt2(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
         head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
-        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("resid_pdrop", 0.1)),
-        attention_dropout=float(cfg.get("attn_pdrop", 0.1)), tie_embeddings=tie,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=_prob(cfg, "resid_pdrop", 0.1),
+        attention_dropout=_prob(cfg, "attn_pdrop", 0.1), tie_embeddings=tie,
     )
 
 
@@ -204,8 +231,8 @@ def opt(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
         head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
-        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=float(cfg.get("dropout", 0.1)),
-        attention_dropout=float(cfg.get("attention_dropout", 0.0)), tie_embeddings=tie,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=_prob(cfg, "dropout", 0.1),
+        attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie,
     )
 
 
@@ -230,7 +257,7 @@ def bloom(cfg: Mapping) -> dict:
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
         head_dim=h // heads, intermediate=i, vocab=v, max_positions=_get(cfg, "seq_length", default=2048),
         gated_mlp=False, linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
-        dropout=float(cfg.get("hidden_dropout", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        dropout=_prob(cfg, "hidden_dropout", 0.0), attention_dropout=_prob(cfg, "attention_dropout", 0.0),
         tie_embeddings=tie,
     )
 
@@ -257,7 +284,7 @@ def phi(cfg: Mapping) -> dict:
         cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048),
         gated_mlp=False, linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten),
-        dropout=float(cfg.get("resid_pdrop", 0.0)), attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        dropout=_prob(cfg, "resid_pdrop", 0.0), attention_dropout=_prob(cfg, "attention_dropout", 0.0),
         tie_embeddings=tie,
     )
 
@@ -290,8 +317,8 @@ def bert(cfg: Mapping) -> dict:
     return _spec(
         cfg, arch=Arch.ENCODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=heads,
         head_dim=h // heads, intermediate=i, vocab=v, max_positions=pos, gated_mlp=False,
-        linears=tuple(lin + head_lin), tensors=tuple(ten), dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
-        attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)), tie_embeddings=tie,
+        linears=tuple(lin + head_lin), tensors=tuple(ten), dropout=_prob(cfg, "hidden_dropout_prob", 0.1),
+        attention_dropout=_prob(cfg, "attention_probs_dropout_prob", 0.1), tie_embeddings=tie,
     )
 
 
@@ -327,7 +354,7 @@ def t5(cfg: Mapping) -> dict:
     # transformers 5's T5Config forces tie_word_embeddings = True: lm_head always shares `shared`
     # (a config's `false` only turns off the d_model**-0.5 output scaling of T5 v1.1).
     ten = [_embedding("shared", v, d), *enc_ten, *dec_ten]
-    dropout = float(cfg.get("dropout_rate", 0.1))
+    dropout = _prob(cfg, "dropout_rate", 0.1)
     return _spec(
         cfg, arch=Arch.ENCODER_DECODER, hidden=d, layers=nd, encoder_layers=ne, heads=heads, kv_heads=heads,
         head_dim=dkv, intermediate=ff, vocab=v, max_positions=_get(cfg, "n_positions", default=512),
@@ -343,7 +370,8 @@ FAMILIES: dict[str, Callable[[Mapping], dict]] = {
 
 
 def spec_from_config(cfg: Mapping, name: str, **profile) -> ModelSpec:
-    """Build a ModelSpec from a Hugging Face config dict; unknown model_types fail with the supported list."""
+    """Build a ModelSpec from a Hugging Face config dict; unknown model_types fail with the supported list.
+    Every error names `name` (the profile key or the config file's path)."""
     mt = cfg.get("model_type")
     if not isinstance(mt, str) or not mt:
         raise MemplanError(f"{name}: config has no model_type")
@@ -351,8 +379,14 @@ def spec_from_config(cfg: Mapping, name: str, **profile) -> ModelSpec:
     if fn is None:
         raise MemplanError(f"{name}: model_type '{mt}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     try:
-        return ModelSpec(name=name, **fn(cfg), **profile)
+        fields = fn(cfg)
+    except MemplanError as exc:
+        raise MemplanError(f"{name}: {exc}") from None
     except (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError) as exc:
+        raise MemplanError(f"{name}: malformed config ({type(exc).__name__}: {exc})") from None
+    try:
+        return ModelSpec(name=name, **fields, **profile)
+    except (TypeError, ValueError) as exc:  # a wrongly typed number reaching a comparison in __post_init__
         if isinstance(exc, MemplanError):
             raise
         raise MemplanError(f"{name}: malformed config ({type(exc).__name__}: {exc})") from None

@@ -7,12 +7,26 @@ them against transformers' own models built on the meta device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping
 
 from memplan.errors import MemplanError
 from memplan.spec.traits import FamilyTraits
+
+
+# Sane maxima for a model's numbers, checked when a ModelSpec is made (a config.json is read from anywhere: a count
+# of 10**8 layers ran the estimator for 49 s into a MemoryError, a vocab_size of 10**334 overflowed a float).
+# Each is 16× or more above the largest published config: Llama 3.1 405B (Hugging Face meta-llama/Llama-3.1-405B
+# config.json: hidden_size 16,384, 126 layers, 128 heads, intermediate_size 53,248, head_dim 128,
+# max_position_embeddings 131,072), Gemma's 256,000-token vocabulary (google/gemma-7b config.json) and
+# DeepSeek-V3's 256 routed experts with 8 per token (deepseek-ai/DeepSeek-V3 config.json).
+LIMITS = {
+    "hidden": 2**18, "layers": 2**12, "encoder_layers": 2**12, "heads": 2**12, "kv_heads": 2**12,
+    "head_dim": 2**14, "intermediate": 2**20, "vocab": 2**22, "max_positions": 2**30, "experts": 2**12,
+    "experts_per_token": 2**12,
+}
 
 
 class Arch(str, Enum):
@@ -48,6 +62,12 @@ class Role(str, Enum):
     DOWN = "down"  # MLP output projection
     ROUTER = "router"  # MoE router
     HEAD = "head"  # LM head / MLM transform / pooler: outside the blocks
+
+
+def _show(value) -> str:
+    """A value in an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -134,14 +154,26 @@ class ModelSpec:
     expected_params: int | None = None  # exact count from the profile (transformers on the meta device)
 
     def __post_init__(self):
-        for name in ("hidden", "layers", "encoder_layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
-                     "max_positions", "experts", "experts_per_token"):
+        for name, limit in LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
-                raise MemplanError(f"model {self.name}: {name} must be an integer, got {v!r}")
+                raise MemplanError(f"model {self.name}: {name} must be an integer, got {_show(v)}")
+            if v > limit:
+                raise MemplanError(f"model {self.name}: {name} {v:.4g} is absurd (at most {limit:,})")
         for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
             if getattr(self, name) <= 0:
                 raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
+        for name in ("encoder_layers", "max_positions"):
+            if getattr(self, name) < 0:
+                raise MemplanError(f"model {self.name}: {name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("dropout", "attention_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and 0 <= v <= 1):
+                raise MemplanError(f"model {self.name}: {name} must be a probability in [0, 1], got {_show(v)}")
+        for part in (*self.linears, *self.tensors):
+            sizes = (part.in_features, part.out_features) if isinstance(part, Linear) else (part.numel,)
+            if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in (*sizes, part.count)):
+                raise MemplanError(f"model {self.name}: parameter {part.name} has a negative or non-integer size")
         if self.heads % self.kv_heads:
             raise MemplanError(f"model {self.name}: {self.heads} heads not divisible by {self.kv_heads} kv heads")
         if self.traits.unmodelled():

@@ -105,7 +105,20 @@ class Attention(str, Enum):
     FLASH = "flash"  # flash-attention 2: no s² tensor, saves a log-sum-exp per head and token
 
 
-ABSURD_TOKENS = 2**31  # micro-batch × sequence beyond this is a typo, not a plan
+ABSURD_TOKENS = 2**31  # micro-batch × sequence beyond this is a typo, not a plan; also any one count's bound
+
+
+def _check_types(obj, ints: tuple[str, ...], bools: tuple[str, ...], optional_bools: tuple[str, ...] = ()) -> None:
+    """Integer fields hold integers in [-ABSURD_TOKENS, ABSURD_TOKENS] (not 1.5, NaN, True or "64": a sweep, --setups
+    file or record can hold any JSON value), boolean fields booleans; the ranges are each class's own checks."""
+    for name in ints:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or abs(v) > ABSURD_TOKENS:
+            raise MemplanError(f"setup field {name} must be an integer of at most 2**31, got {repr(v)[:40]}")
+    for name in bools + optional_bools:
+        v = getattr(obj, name)
+        if not isinstance(v, bool) and not (v is None and name in optional_bools):
+            raise MemplanError(f"setup field {name} must be true or false, got {repr(v)[:40]}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,9 @@ class LoraConfig:
     double_quant: bool = True  # QLoRA: quantize the NF4 absmax constants again (bnb_4bit_use_double_quant)
 
     def __post_init__(self):
+        _check_types(self, ("rank", "alpha"), ("double_quant",))
+        if not isinstance(self.targets, tuple) or not all(isinstance(t, str) for t in self.targets):
+            raise MemplanError(f"setup field lora targets must be module names, got {repr(self.targets)[:40]}")
         if self.rank <= 0:
             raise MemplanError(f"--lora-rank must be positive, got {self.rank}")
         if self.alpha <= 0:
@@ -147,6 +163,12 @@ class TrainingSetup:
     dropout: bool | None = None  # None: as the model config says
 
     def __post_init__(self):
+        _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "batch", "seq",
+                            "grad_accum"), ("offload_optimizer", "offload_params"), ("dropout",))
+        for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod),
+                           ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise MemplanError(f"setup field {name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         for name in ("batch", "seq", "grad_accum", "gpus", "num_virtual_tokens", "adapter_size"):
             if getattr(self, name) <= 0:
                 raise MemplanError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -64,6 +64,9 @@ def make_setup(**kw) -> TrainingSetup:
             if v is None:
                 continue
             if k == "lora_targets":
+                if not isinstance(v, (str, list, tuple)) or not all(isinstance(t, str) for t in v):
+                    raise MemplanError(f"lora_targets must be module names (a list or a comma-separated string), "
+                                       f"got {repr(v)[:40]}")
                 v = tuple(t.strip() for t in (v.split(",") if isinstance(v, str) else v) if t.strip())
             lora[LORA_FIELDS[k]] = v
     unknown = set(kw) - SETUP_FIELDS
