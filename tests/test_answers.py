@@ -47,3 +47,60 @@ def test_grad_accum_backward_peak_matches_the_trace(tied, precision):
     est = estimate_spec(spec, setup).phase_peaks[Phase.BACKWARD]
     tr = trace(spec, setup)[0].phase_peaks[Phase.BACKWARD]
     assert abs(est - tr) <= 0.01 * tr, (est, tr)
+
+
+# --- 2. one validation for every tier --------------------------------------------------------------------------------
+def cli(*argv) -> tuple[int, str, str]:
+    """memplan.cli.main in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from memplan.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_trace_refuses_what_estimate_refuses():
+    """Issue 10: `memplan trace --model gpt2 --bf16 --seq 2048` traced 2,048 tokens past GPT-2's 1,024 positions
+    (estimate refuses), and `memplan trace --model bert-base-uncased` (seq 2048 past BERT's 512) died with a
+    126-line traceback. The trace now runs the estimator's validation before building anything."""
+    pytest.importorskip("torch")
+    from memplan.errors import MemplanError
+    from memplan.trace import trace
+
+    for name in ("gpt2", "bert-base-uncased"):
+        with pytest.raises(MemplanError, match="learned positions"):
+            trace(load_model(name), make_setup(precision="bf16", seq=2048))
+    rc, out, err = cli("trace", "--model", "gpt2", "--bf16", "--seq", "2048")
+    assert rc == 2 and out == "" and err.strip().splitlines() == [
+        "memplan: error: --seq 2048 exceeds gpt2's 1024 learned positions"]
+
+
+@pytest.mark.parametrize("bad,what", [({"num_key_value_heads": 0}, "kv_heads"),
+                                      ({"max_position_embeddings": -5}, "max_positions")])
+def test_bad_configs_are_refused_before_any_tier(tmp_path, bad, what):
+    """Issue 10: bad configs (negative positions, `num_key_value_heads: 0`) crashed the trace (ZeroDivisionError,
+    "Trying to create tensor with negative dimension") while estimate took them; both now refuse in one line."""
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**HEAVY_HEAD, "vocab_size": 256, "hidden_size": 64, **bad}))
+    for cmd in ("estimate", "trace"):
+        rc, out, err = cli(cmd, "--model", str(path), "--seq", "64")
+        assert rc == 2 and out == "", (cmd, rc, out, err)
+        assert len(err.strip().splitlines()) == 1 and what in err, err
+
+
+@pytest.mark.parametrize("name,seq", [("gpt2", 1024), ("bert-base-uncased", 512), ("llama-3.2-1b", 2048)])
+def test_default_seq_fits_the_model_positions(name, seq):
+    """Issue 10: `memplan estimate --model gpt2` failed on the default --seq 2048 the user never gave (while fit
+    quietly lowered it). Without --seq a learned-position model runs at its positions, and a note says so."""
+    rc, out, err = cli("estimate", "--model", name, "--format", "json")
+    assert rc == 0, err
+    import json
+
+    assert json.loads(out)["setup"]["seq"] == seq
+    assert ("--seq not given" in err) == (seq != 2048)

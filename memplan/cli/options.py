@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from memplan.errors import MemplanError
+from memplan.spec.setup import DEFAULT_SEQ, default_seq
 from memplan.spec.values import SETUP_FLAGS, make_setup, resolve_gpu, resolve_model
 
 
@@ -77,7 +78,8 @@ SETUP_OPTIONS = [
     _setup("adapter_size", int, 64, help="Bottleneck adapter width."),
     _setup("train_layers", int, 0, help="--peft freeze: last blocks that train (the head always does)."),
     _setup("batch", int, 1, "-b", help="Micro-batch per GPU."),
-    _setup("seq", int, 2048, "-s", help="Sequence length (tokens)."),
+    _setup("seq", Optional[int], None, "-s", help="Sequence length (tokens). [default: 2048, or the model's "
+           "positions when it has fewer (GPT-2: 1024, BERT: 512)]"),
     _setup("grad_accum", int, 1, help="Gradient-accumulation steps (gradients live across micro-batches)."),
     _setup("checkpointing", str, "none", help="none | full | selective activation checkpointing."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
@@ -112,6 +114,11 @@ def setup_from_options(kw: dict):
     model = resolve_model(kw.pop("model"))
     gpu = resolve_gpu(kw.pop("gpu"))
     names = [p.name for p in SETUP_OPTIONS if p.name in kw]
+    if kw.get("seq") is None:
+        kw["seq"] = default_seq(model)
+        if kw["seq"] != DEFAULT_SEQ:
+            typer.echo(f"warning: --seq not given: {kw['seq']}, {model.name}'s {model.max_positions} "
+                       f"learned positions (the default is {DEFAULT_SEQ})", err=True)
     setup = make_setup(**fields, **{n: kw.pop(n) for n in names})
     return model, gpu, setup
 

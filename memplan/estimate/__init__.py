@@ -17,10 +17,12 @@ from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
 
-__all__ = ["estimate_spec", "Overhead"]
+__all__ = ["estimate_spec", "validate", "Overhead"]
 
 
-def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
+def validate(model: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """Refuse (MemplanError) what no tier can run for this model, and return the warnings. Every tier calls it
+    before its work: estimate_spec here, the trace and the measurement in memplan.trace.build.build."""
     warns = []
     if model.hidden % model.heads and "head_dim" not in model.hf_config:
         raise MemplanError(f"{model.name}: {model.heads} heads do not divide hidden size {model.hidden}")
@@ -37,7 +39,7 @@ def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
 
 def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
                   overhead: Overhead = Overhead()) -> Result:
-    warns = _check(model, setup)
+    warns = validate(model, setup)
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)
     states = step_states(model, setup, p, ms, activations(model, setup))

@@ -139,7 +139,7 @@ class ModelSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise MemplanError(f"model {self.name}: {name} must be an integer, got {v!r}")
-        for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+        for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "max_positions"):
             if getattr(self, name) <= 0:
                 raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
         if self.heads % self.kv_heads:

@@ -206,11 +206,16 @@ def build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer = quantize_
     this one path (attention fallback, checkpointing switch, peft config)."""
     import transformers
 
+    from memplan.estimate import validate
+
     check_traceable(setup)
+    checked = validate(spec, setup)  # the estimator's refusals and warnings: one validation for every tier
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # config sanity notes (token ids of tiny test vocabularies)
     try:
-        return _build(spec, setup, quantize)
+        built = _build(spec, setup, quantize)
+        built.warnings[:0] = checked
+        return built
     finally:
         transformers.logging.set_verbosity(verbosity)
 
