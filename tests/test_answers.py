@@ -104,3 +104,39 @@ def test_default_seq_fits_the_model_positions(name, seq):
 
     assert json.loads(out)["setup"]["seq"] == seq
     assert ("--seq not given" in err) == (seq != 2048)
+
+
+# --- 3. bf16 and FlashAttention-2 only where the GPU has them --------------------------------------------------------
+@pytest.mark.parametrize("gpu,cc,has", [("t4", (7, 5), False), ("v100-16gb", (7, 0), False),
+                                        ("a100-80gb", (8, 0), True), ("h100-sxm", (9, 0), True)])
+def test_gpu_profiles_say_bf16_and_flash_support(gpu, cc, has):
+    """Compute capabilities from NVIDIA's CUDA GPUs list (developer.nvidia.com/cuda-gpus); bf16 tensor cores and
+    FlashAttention-2 need 8.0 (Ampere)."""
+    from memplan.profiles import load_gpu
+
+    g = load_gpu(gpu)
+    assert g.compute_capability == cc and g.bf16 is has and g.flash_attention is has
+
+
+def test_estimate_warns_of_bf16_and_refuses_flash_without_them():
+    """Issue 10: bf16 and FlashAttention-2 were recommended on GPUs without them (T4, V100)."""
+    rc, out, err = cli("estimate", "--model", "llama-3.2-1b", "--bf16", "--gpu", "t4", "--seq", "512", "-f", "json")
+    assert rc == 0 and "no bf16 tensor cores" in err and "--precision fp16" in err
+    rc, out, err = cli("estimate", "--model", "llama-3.2-1b", "--fp16", "--gpu", "t4", "--seq", "512", "-f", "json")
+    assert rc == 0 and "bf16" not in err
+    rc, out, err = cli("estimate", "--model", "llama-3.2-1b", "--attention", "flash", "--gpu", "v100-16gb")
+    assert rc == 2 and out == "" and "FlashAttention-2 needs compute capability 8.0" in err
+    rc, out, err = cli("estimate", "--model", "llama-3.2-1b", "--attention", "flash", "--gpu", "a100-80gb")
+    assert rc == 0, err
+
+
+def test_fit_searches_fp16_on_a_gpu_without_bf16():
+    """Issue 10: `memplan fit --gpu t4` ranked only bf16 rows and left fp16 out of the default search."""
+    import json
+
+    rc, out, err = cli("fit", "--model", "qwen2.5-0.5b", "--gpu", "t4", "--peft", "lora", "--format", "json")
+    assert rc == 0, err
+    precisions = {r["precision"] for r in json.loads(out)["rows"]}
+    assert "fp16" in precisions and not any("bf16" in p for p in precisions)
+    rc, out, err = cli("fit", "--model", "qwen2.5-0.5b", "--gpu", "a100-80gb", "--peft", "lora", "--format", "json")
+    assert any("bf16" in r["precision"] for r in json.loads(out)["rows"])

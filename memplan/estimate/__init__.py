@@ -15,15 +15,31 @@ from memplan.estimate.result import Peak, Result
 from memplan.estimate.weights import model_states
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
+from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
 
-__all__ = ["estimate_spec", "validate", "Overhead"]
+__all__ = ["estimate_spec", "validate", "gpu_checks", "Overhead"]
 
 
-def validate(model: ModelSpec, setup: TrainingSetup) -> list[str]:
-    """Refuse (MemplanError) what no tier can run for this model, and return the warnings. Every tier calls it
-    before its work: estimate_spec here, the trace and the measurement in memplan.trace.build.build."""
-    warns = []
+def gpu_checks(setup: TrainingSetup, gpu: GpuSpec | None) -> list[str]:
+    """Refuse what the GPU cannot run (FlashAttention-2 before Ampere), warn of what it runs only emulated (bf16
+    before Ampere: no bf16 tensor cores); see GpuSpec.bf16 / flash_attention."""
+    if gpu is None:
+        return []
+    if setup.attention is Attention.FLASH and not gpu.flash_attention:
+        raise MemplanError(f"--attention flash: FlashAttention-2 needs compute capability 8.0 (Ampere) or newer; "
+                           f"the {gpu.label} is {gpu.capability_label}: use --attention sdpa")
+    if "bf16" in setup.precision.value and not gpu.bf16:
+        fp16 = setup.precision.value.replace("pure-bf16", "fp16-master").replace("bf16", "fp16")
+        return [f"--precision {setup.precision.value} on the {gpu.label} (compute capability {gpu.capability_label}): "
+                f"no bf16 tensor cores before 8.0, torch emulates bf16 slowly; --precision {fp16} is what runs there"]
+    return []
+
+
+def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None) -> list[str]:
+    """Refuse (MemplanError) what no tier can run for this model (and GPU, when given), and return the warnings.
+    Every tier calls it before its work: estimate_spec here, the trace and the measurement in
+    memplan.trace.build.build."""
+    warns = gpu_checks(setup, gpu)
     if model.hidden % model.heads and "head_dim" not in model.hf_config:
         raise MemplanError(f"{model.name}: {model.heads} heads do not divide hidden size {model.hidden}")
     if setup.peft is PeftMethod.PREFIX and setup.checkpointing is not Checkpointing.NONE:
@@ -39,7 +55,7 @@ def validate(model: ModelSpec, setup: TrainingSetup) -> list[str]:
 
 def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
                   overhead: Overhead = Overhead()) -> Result:
-    warns = validate(model, setup)
+    warns = validate(model, setup, gpu)
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)
     states = step_states(model, setup, p, ms, activations(model, setup))
