@@ -140,3 +140,46 @@ def test_fit_searches_fp16_on_a_gpu_without_bf16():
     assert "fp16" in precisions and not any("bf16" in p for p in precisions)
     rc, out, err = cli("fit", "--model", "qwen2.5-0.5b", "--gpu", "a100-80gb", "--peft", "lora", "--format", "json")
     assert any("bf16" in r["precision"] for r in json.loads(out)["rows"])
+
+
+# --- 4. Mixtral: QLoRA keeps the experts unquantized, LoRA traces --------------------------------------------------
+TINY_MIXTRAL = dict(model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, num_local_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=512)
+
+
+def test_qlora_warns_that_moe_experts_stay_unquantized():
+    """Issue 10: Mixtral QLoRA keeps its experts unquantized (85 GiB of weights) with no word about it:
+    bitsandbytes' replace_with_bnb_linear swaps nn.Linear modules only, and transformers 5 stores Mixtral's experts
+    as 3-D parameters (MixtralExperts). `memplan estimate --model mixtral-8x7b --peft qlora --pure-bf16` now says
+    so: 45,097,156,608 expert weights (profile) × 2 B = 84.0 GiB."""
+    r = estimate_spec(load_model("mixtral-8x7b"), make_setup(precision="pure-bf16", peft="qlora", seq=256))
+    [w] = [w for w in r.warnings if "experts" in w]
+    assert "stay in 16-bit (84.0 GiB of weights)" in w
+    dense = estimate_spec(load_model("llama-3.2-1b"), make_setup(precision="pure-bf16", peft="qlora", seq=256))
+    assert not any("experts" in w for w in dense.warnings)
+
+
+def test_mixtral_lora_traces_with_the_estimates_targets():
+    """Issue 10: `memplan trace --model mixtral-8x7b --peft lora` surfaced peft's internal error ("No
+    `target_modules` passed but also no `target_parameters` found": peft has no default for mixtral). The trace
+    now passes the family's targets, the ones the estimate counts (q_proj, v_proj)."""
+    pytest.importorskip("torch")
+    from memplan.trace import trace
+    from memplan.trace.build import peft_config
+
+    setup = make_setup(precision="pure-bf16", peft="lora", batch=1, seq=32)
+    assert set(peft_config(load_model("mixtral-8x7b"), setup).target_modules) == {"q_proj", "v_proj"}
+    spec = spec_from_config(TINY_MIXTRAL, "tiny-mixtral")
+    assert trace(spec, setup)[0].trainable_params == estimate_spec(spec, setup).trainable_params
+
+
+# --- 7. BitFit on a bias-free model --------------------------------------------------------------------------------
+def test_bitfit_on_a_bias_free_model_is_refused():
+    """Issue 10: `--peft bitfit` on a bias-free model (Llama) trained 0 parameters without a warning
+    (`memplan estimate --model llama-3.2-1b --peft bitfit`); the trace already refused it. Now every tier does,
+    in one line, exit 2."""
+    rc, out, err = cli("estimate", "--model", "llama-3.2-1b", "--peft", "bitfit", "--seq", "256")
+    assert rc == 2 and out == "" and err == "memplan: error: --peft bitfit: llama-3.2-1b has no bias parameters to train\n"
+    rc, out, err = cli("estimate", "--model", "gpt2", "--peft", "bitfit", "--seq", "256")
+    assert rc == 0, err

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from memplan.api import make_setup
 from memplan.categories import ALLOCATED_CATEGORIES, Category as C, Phase
 from memplan.errors import MemplanError
-from memplan.estimate import estimate_spec
+from memplan.estimate import estimate_spec, has_biases
 from memplan.estimate.activations import activations
 from memplan.profiles import load_model
 
@@ -67,6 +67,8 @@ def setups(draw, peft=None, min_seq=1):
     )
     if kw["peft"] == "qlora":  # QLoRA: half-precision compute, no ZeRO-3 (memplan refuses both, documented)
         assume(kw["precision"] != "fp32" and kw["zero"] != 3)
+    if kw["peft"] == "bitfit":  # memplan refuses BitFit on a model without biases (nothing to train)
+        assume(has_biases(s))
     if kw["peft"] == "prefix":  # peft refuses prefix tuning with gradient checkpointing
         kw["checkpointing"] = "none"
     if kw["zero"] > 0 and draw(st.booleans()):

@@ -14,7 +14,8 @@ from memplan.estimate.phases import parameters, peak_state, phase_peaks, step_st
 from memplan.estimate.result import Peak, Result
 from memplan.estimate.weights import model_states
 from memplan.spec.gpu import GpuSpec
-from memplan.spec.model import ModelSpec
+from memplan.spec.model import ModelSpec, TensorKind
+from memplan.units import GiB
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
 
 __all__ = ["estimate_spec", "validate", "gpu_checks", "Overhead"]
@@ -50,7 +51,19 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
         warns.append(f"ZeRO stage {setup.zero} on one GPU shards nothing: states are as without ZeRO")
     if setup.seq > model.max_positions and model.traits.learned_positions:
         raise MemplanError(f"--seq {setup.seq} exceeds {model.name}'s {model.max_positions} learned positions")
+    if setup.peft is PeftMethod.BITFIT and not has_biases(model):
+        raise MemplanError(f"--peft bitfit: {model.name} has no bias parameters to train")
+    experts = sum(t.numel * t.count for t in model.tensors if t.kind is TensorKind.EXPERTS)
+    if setup.peft is PeftMethod.QLORA and experts:
+        warns.append(f"QLoRA quantizes nn.Linear layers only (bitsandbytes replace_with_bnb_linear): "
+                     f"{model.name}'s MoE experts are 3-D parameters and stay in {setup.precision.param_bytes * 8}-bit "
+                     f"({experts * setup.precision.param_bytes / GiB:,.1f} GiB of weights)")
     return warns
+
+
+def has_biases(model: ModelSpec) -> bool:
+    """Whether --peft bitfit has anything to train: a linear layer's bias or a bias tensor (LayerNorm's, ...)."""
+    return any(l.bias for l in model.linears) or any(t.kind is TensorKind.BIAS for t in model.tensors)
 
 
 def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,

@@ -122,7 +122,8 @@ def peft_config(spec: ModelSpec, setup: TrainingSetup):
     import peft
 
     m, task = setup.peft, _peft_task(spec)
-    targets = list(setup.lora.targets) or None
+    # the family's targets (what the estimate counts) where peft has no default for the model type (Mixtral)
+    targets = list(setup.lora.targets) or list(spec.traits.lora_targets) or None
     if targets and "all-linear" in targets:
         targets = "all-linear"  # peft's keyword, only as a plain string
     if m in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
