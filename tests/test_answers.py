@@ -183,3 +183,24 @@ def test_bitfit_on_a_bias_free_model_is_refused():
     assert rc == 2 and out == "" and err == "memplan: error: --peft bitfit: llama-3.2-1b has no bias parameters to train\n"
     rc, out, err = cli("estimate", "--model", "gpt2", "--peft", "bitfit", "--seq", "256")
     assert rc == 0, err
+
+
+# --- 5. trace --gpu: headroom at the device level, as the estimate counts it -----------------------------------------
+def test_trace_headroom_includes_the_estimates_overhead():
+    """Issue 10: `memplan trace --gpu` reported headroom without the CUDA context and fragmentation it knows it
+    leaves out (device = allocated). The CLI's trace now adds the estimate's Overhead to its allocated peak, so the
+    same allocated bytes give the same headroom in both tiers, and says so in a warning."""
+    pytest.importorskip("torch")
+    import json
+
+    from memplan.estimate import Overhead
+
+    argv = ("--model", "gpt2", "--precision", "fp16", "--seq", "128", "--gpu", "t4", "-f", "json")
+    rc, out, err = cli("trace", *argv)
+    assert rc == 0, err
+    d = json.loads(out)
+    allocated = d["peak"]["allocated_bytes"]
+    o = Overhead()
+    assert d["peak"]["device_bytes"] == o.device(o.reserved(allocated), 1) > allocated
+    assert d["headroom_bytes"] == d["gpu"]["memory_bytes"] - d["peak"]["device_bytes"]
+    assert "estimate's overhead" in err and "reserved = device = allocated" not in err

@@ -12,13 +12,16 @@ def trace_and_emit(model, gpu, setup, fmt, timeline_path):
     """Trace one setup, print its Result, and write the timeline when asked (also `estimate --exact`)."""
     from dataclasses import replace
 
-    from memplan.estimate import gpu_checks
+    from memplan.estimate import gpu_checks, with_overhead
     from memplan.trace import trace as run_trace, write_timeline
+    from memplan.trace.runner import NO_OVERHEAD
 
     gpu_warnings = gpu_checks(setup, gpu)  # what the GPU cannot run refused before the trace, as estimate does
     if timeline_path is not None:
         check_timeline_path(timeline_path)
     result, rows = run_trace(model, setup, timeline=timeline_path is not None)
+    # the device level (headroom against --gpu) with the overhead the estimate adds, stated in a warning
+    result = with_overhead(result, replaces=NO_OVERHEAD)
     if gpu is not None:
         result = replace(result, gpu=gpu, warnings=(*gpu_warnings, *result.warnings))
     emit(result, fmt)

@@ -66,6 +66,23 @@ def has_biases(model: ModelSpec) -> bool:
     return any(l.bias for l in model.linears) or any(t.kind is TensorKind.BIAS for t in model.tensors)
 
 
+OVERHEAD_NOTE = ("reserved and device add the estimate's overhead (allocator fragmentation, cuBLAS workspace, CUDA "
+                 "context, NCCL; memplan.estimate.overhead) to the traced allocated bytes")
+
+
+def with_overhead(result: Result, overhead: Overhead = Overhead(), replaces: str = "") -> Result:
+    """A traced result (allocated bytes only) with the reserved and device levels the estimate adds, so headroom
+    against a GPU means the same in both tiers; `replaces` names the warning the note supersedes."""
+    from dataclasses import replace
+
+    allocated = result.peak.allocated_bytes
+    reserved = overhead.reserved(allocated)
+    device = overhead.device(reserved, result.setup.gpus)
+    warnings = tuple(w for w in result.warnings if w != replaces) + (OVERHEAD_NOTE,)
+    return replace(result, peak=replace(result.peak, reserved_bytes=reserved, device_bytes=device),
+                   categories={**result.categories, C.OVERHEAD: device - allocated}, warnings=warnings)
+
+
 def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
                   overhead: Overhead = Overhead()) -> Result:
     warns = validate(model, setup, gpu)
