@@ -204,3 +204,19 @@ def test_trace_headroom_includes_the_estimates_overhead():
     assert d["peak"]["device_bytes"] == o.device(o.reserved(allocated), 1) > allocated
     assert d["headroom_bytes"] == d["gpu"]["memory_bytes"] - d["peak"]["device_bytes"]
     assert "estimate's overhead" in err and "reserved = device = allocated" not in err
+
+
+# --- 6. the A100 80GB PCIe card is its own profile --------------------------------------------------------------------
+def test_a100_pcie_80gb_has_pcie_bandwidth():
+    """Issue 10: `a100-pcie-80gb` was an alias of the SXM profile and got NVLink bandwidth. NVIDIA A100 datasheet,
+    80GB columns: PCIe 1,935 GB/s memory bandwidth, PCIe Gen4 64 GB/s (32 GB/s per direction); SXM4 2,039 GB/s,
+    NVLink 600 GB/s (300 per direction)."""
+    from memplan.profiles import gpu_for_nvml_name, load_gpu
+
+    pcie, sxm = load_gpu("a100-pcie-80gb"), load_gpu("a100-80gb")
+    assert pcie.name == "a100-pcie-80gb" and sxm.name == "a100-80gb"
+    assert (pcie.bandwidth_gbs, pcie.interconnect_gbs) == (1935, 32)
+    assert (sxm.bandwidth_gbs, sxm.interconnect_gbs) == (2039, 300)
+    assert pcie.memory_bytes == sxm.memory_bytes and dict(pcie.tflops) == dict(sxm.tflops)
+    assert gpu_for_nvml_name("NVIDIA A100 80GB PCIe").name == "a100-pcie-80gb"
+    assert gpu_for_nvml_name("NVIDIA A100-SXM4-80GB").name == "a100-80gb"
