@@ -106,7 +106,7 @@ def test_categories_sum_and_levels(case):
 @SETTINGS
 @given(setups())
 def test_trainable_at_most_total(case):
-    # memplan's total_params excludes adapters; with these ranks / widths / token counts every adapter set is far
+    # total_params counts adapters too (as the trace does); with these ranks / widths / token counts every adapter set is far
     # smaller than the model (rank ≤ 64, adapter width ≤ 256, ≤ 100 virtual tokens)
     r = run(*case)
     assert 0 <= r.trainable_params <= r.total_params
