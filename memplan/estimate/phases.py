@@ -4,7 +4,8 @@ One step walks load → forward → backward → optimizer step (memplan.trace.s
 bytes alive change at a few moments; a phase's peak is its largest state, the step's peak the largest of all
 (memplan.estimate.estimate_spec). The states, in step order (Moment):
 
-    load                  model states, and the gradients carried across micro-batches, before the forward
+    load                  the model and the optimizer built, before the first step: weights and master weights (the
+                          optimizer's states are made by its first step), as the trace and the measurement read it
     forward               the forward's end: every activation saved, the logits and the loss alive
     loss backward         backward begins: the loss's gradients beside every activation
     LM-head backward      the LM head's weight gradient made beside the logits' gradient (in the compute dtype
@@ -28,7 +29,7 @@ from typing import NamedTuple
 from memplan.categories import Category as C, Phase
 from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
 from memplan.estimate.optimizer import step_temporary_bytes
-from memplan.estimate.params import ParamGroup, base_params, param_groups, trainable_params
+from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import Unsharded, grad_dtype_bytes, unsharded
 from memplan.spec.model import ModelSpec, Role
@@ -126,7 +127,7 @@ def _parameters(model, precision, optimizer, peft, lora: LoraConfig, num_virtual
         groups=groups, unsharded=unsharded(groups, setup), grads=grad_parts(model, groups, setup),
         half=half_weight_copies(groups, setup, tied), half_outside=half_weight_copies(groups, setup, tied, True),
         half_cached=half_weight_copies(groups, setup, tied, cached_only=True), dequant=dequant_temp(groups, setup),
-        trainable_params=trainable_params(groups), total_params=base_params(groups))
+        trainable_params=trainable_params(groups), total_params=all_params(groups))
 
 
 def half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, model_tied: bool,
@@ -284,7 +285,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
         setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
     return (
-        State(Moment.LOAD, Phase.LOAD, _alive(h, accum_grads, 0, 0)),
+        State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq + loss_f + h.z_f)),
         *backward_states(model, setup, p, ms, acts, h, loss_b),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
