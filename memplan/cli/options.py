@@ -116,11 +116,15 @@ def setup_from_options(kw: dict):
     names = [p.name for p in SETUP_OPTIONS if p.name in kw]
     if kw.get("seq") is None:
         kw["seq"] = default_seq(model)
-        if kw["seq"] != DEFAULT_SEQ:
-            typer.echo(f"warning: --seq not given: {kw['seq']}, {model.name}'s {model.max_positions} "
-                       f"learned positions (the default is {DEFAULT_SEQ})", err=True)
     setup = make_setup(**fields, **{n: kw.pop(n) for n in names})
     return model, gpu, setup
+
+
+def note_default_seq(model, setup, seq_given: bool) -> None:
+    """After a command succeeds: say when the --seq nobody gave is not DEFAULT_SEQ (default_seq's cap)."""
+    if not seq_given and setup.seq != DEFAULT_SEQ:
+        typer.echo(f"warning: --seq not given: {setup.seq}, {model.name}'s {model.max_positions} learned positions "
+                   f"(the default is {DEFAULT_SEQ})", err=True)
 
 
 def with_setup_options(fn):
@@ -132,8 +136,11 @@ def with_setup_options(fn):
     @functools.wraps(fn)
     def wrapper(**kw):
         shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS}
+        seq_given = shared["seq"] is not None
         model, gpu, setup = setup_from_options(shared)
-        return fn(model=model, gpu=gpu, setup=setup, **kw)
+        out = fn(model=model, gpu=gpu, setup=setup, **kw)
+        note_default_seq(model, setup, seq_given)
+        return out
 
     wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + own)
     return wrapper
@@ -156,8 +163,11 @@ def with_setup_options_optional_model(fn):
         changed = [p.name for p in options if p.name not in ("model", "gpu") and shared[p.name] != p.default]
         if shared["model"] is None:
             return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
+        seq_given = shared["seq"] is not None
         model, gpu, setup = setup_from_options(shared)
-        return fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
+        out = fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
+        note_default_seq(model, setup, seq_given)
+        return out
 
     wrapper.__signature__ = sig.replace(parameters=options + own)
     return wrapper
