@@ -256,3 +256,24 @@ def test_load_phase_is_the_model_and_optimizer_built(precision, optimizer, accum
     e = estimate_spec(spec, setup).phase_peaks[Phase.LOAD]
     t = trace(spec, setup)[0].phase_peaks[Phase.LOAD]
     assert abs(e - t) <= 0.01 * t, (e, t)
+
+
+# --- 10. PEFT's default precision: bf16 base weights ------------------------------------------------------------------
+@pytest.mark.parametrize("peft,flags,precision", [("lora", (), "pure-bf16"), ("qlora", (), "pure-bf16"),
+                                                  ("dora", (), "pure-bf16"), ("lora", ("--bf16",), "bf16"),
+                                                  ("lora", ("--precision", "fp32"), "fp32"), ("full", (), "bf16")])
+def test_peft_defaults_to_bf16_base_weights(peft, flags, precision):
+    """Issue 10: LoRA/QLoRA defaulted to fp32 base weights (autocast), so "will LoRA fit?" was answered for a setup
+    almost nobody runs; peft's and TRL's examples load the base in bf16 (from_pretrained(torch_dtype=
+    torch.bfloat16)) with fp32 adapters: memplan's pure-bf16, when the user gives no precision. The header line
+    shows it, and --help says so."""
+    import json
+
+    rc, out, err = cli("estimate", "--model", "llama-3.2-1b", "--peft", peft, *flags, "--seq", "512", "-f", "json")
+    assert rc == 0, err
+    assert json.loads(out)["setup"]["precision"] == precision
+    rc, out, err = cli("estimate", "--model", "llama-3.2-1b", "--peft", peft, *flags, "--seq", "512")
+    assert out.splitlines()[0].split(" · ")[1] == {"pure-bf16": "pure bf16", "bf16": "bf16 autocast (fp32 params)",
+                                                   "fp32": "fp32"}[precision]
+    rc, out, err = cli("estimate", "--help")
+    assert "with --peft lora, dora or qlora" in " ".join(out.split())

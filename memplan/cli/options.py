@@ -54,7 +54,8 @@ SETUP_OPTIONS = [
     _setup("offload_optimizer", bool, False, help="ZeRO-Offload: optimizer states (and gradient partitions) in CPU "
            "RAM."),
     _setup("offload_params", bool, False, help="ZeRO-3 parameter offload to CPU RAM."),
-    _setup("precision", Optional[str], None, help=PRECISION_HELP),
+    _setup("precision", Optional[str], None, help=PRECISION_HELP + " [default: bf16; with --peft lora, dora or qlora: "
+           "pure-bf16, the bf16 base weights peft's and TRL's examples load, adapters fp32]"),
     option("fp32", bool, False, "--fp32", help="Same as --precision fp32."),
     option("fp16", bool, False, "--fp16", help="Same as --precision fp16 (autocast + GradScaler, fp32 parameters)."),
     option("bf16", bool, False, "--bf16", help="Same as --precision bf16 (autocast: fp32 parameters, gradients and "
@@ -94,10 +95,15 @@ FLAG_GROUPS = {
     "zero": {f"zero{i}": i for i in range(4)},
 }
 FLAG_DEFAULTS = {"precision": "bf16", "optimizer": "adamw", "zero": 0}
+# --peft lora / dora / qlora without a precision: the base weights in bf16, as peft's and TRL's examples load them
+# (from_pretrained(torch_dtype=torch.bfloat16); peft keeps its adapters in fp32): memplan's pure-bf16
+PEFT_PRECISION = "pure-bf16"
+PEFT_BF16_BASE = ("lora", "dora", "qlora")
 
 
-def pick(kw: dict, field: str):
-    """Resolve a --field X option and its shortcut flags (--bf16 ...) into one value; conflicts are errors."""
+def pick(kw: dict, field: str, default=None):
+    """Resolve a --field X option and its shortcut flags (--bf16 ...) into one value; conflicts are errors.
+    Nothing given: `default`, else FLAG_DEFAULTS[field]."""
     chosen = [(f"--{k.replace('_', '-')}", v) for k, v in FLAG_GROUPS[field].items() if kw.pop(k)]
     explicit = kw.pop(field)
     if explicit is not None:
@@ -105,12 +111,14 @@ def pick(kw: dict, field: str):
     values = {str(v) for _, v in chosen}
     if len(values) > 1:
         raise MemplanError(f"conflicting {field} options: {' and '.join(n for n, _ in chosen)}")
-    return chosen[0][1] if chosen else FLAG_DEFAULTS[field]
+    return chosen[0][1] if chosen else (default if default is not None else FLAG_DEFAULTS[field])
 
 
 def setup_from_options(kw: dict):
     """(model, gpu, TrainingSetup) from the shared options (kw is consumed)."""
-    fields = {f: pick(kw, f) for f in FLAG_GROUPS}
+    peft = str(kw.get("peft") or "").strip().lower()
+    fields = {f: pick(kw, f, PEFT_PRECISION if f == "precision" and peft in PEFT_BF16_BASE else None)
+              for f in FLAG_GROUPS}
     model = resolve_model(kw.pop("model"))
     gpu = resolve_gpu(kw.pop("gpu"))
     names = [p.name for p in SETUP_OPTIONS if p.name in kw]
