@@ -47,6 +47,14 @@ DEFAULT_MAX_SEQ = 131072
 # The default space. fp16 / fp16-master are left out because their memory equals their bf16 counterparts' (plus
 # a GradScaler's few bytes) and their predicted speed is the same; pass --precision to search them.
 DEFAULT_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.BF16_MASTER, Precision.PURE_BF16)
+# ... on a GPU without bf16 tensor cores (GpuSpec.bf16: T4, V100): fp16 with a GradScaler instead (no pure-fp16:
+# fp16 optimizer states underflow, memplan has no such precision)
+FP16_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.FP16_MASTER)
+
+
+def default_precisions(gpu) -> tuple[Precision, ...]:
+    """The precisions fit searches when none is asked for: bf16 ones where the GPU has bf16, else fp16 ones."""
+    return DEFAULT_PRECISIONS if gpu.bf16 else FP16_PRECISIONS
 # adamw-forloop, momentum and the paged variants add nothing a user picks for memory over these five.
 DEFAULT_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FUSED, Optimizer.ADAMW_8BIT, Optimizer.ADAFACTOR,
                       Optimizer.SGD)

@@ -139,9 +139,21 @@ def load_gpu(name: str) -> GpuSpec:
             name=key, label=p["label"], memory_bytes=int(p["memory_bytes"]), tflops=dict(p["tflops"]),
             bandwidth_gbs=float(p.get("bandwidth_gbs", 0)), interconnect_gbs=float(p.get("interconnect_gbs", 0)),
             nvml_names=tuple(p.get("nvml_names", ())), aliases=tuple(p.get("aliases", ())), source=p.get("source", ""),
+            compute_capability=_capability(key, p.get("compute_capability")),
         )
     except KeyError as exc:
         raise MemplanError(f"GPU profile {key} lacks {exc}") from None
+
+
+def _capability(key: str, value) -> tuple[int, int] | None:
+    """A profile's compute_capability "major.minor" as a tuple (None when the profile gives none)."""
+    if value is None:
+        return None
+    try:
+        major, minor = (int(x) for x in str(value).split("."))
+    except ValueError:
+        raise MemplanError(f"GPU profile {key}: compute_capability must be \"major.minor\", got {value!r}") from None
+    return major, minor
 
 
 def gpu_for_nvml_name(nvml_name: str) -> GpuSpec | None:

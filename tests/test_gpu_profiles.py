@@ -58,7 +58,7 @@ def test_h100_sxm_dense_bf16_matches_published():
                                                                    abs=fig["h100_sxm_bf16_tolerance"])
 
 
-@pytest.mark.parametrize("key", ["a100-40gb", "a100-80gb"])
+@pytest.mark.parametrize("key", ["a100-40gb", "a100-80gb", "a100-pcie-80gb"])
 def test_a100_dense_bf16_matches_published(key):
     # tests/data/published.toml [gpu_dense_peaks]: A100 bf16 312 TFLOPS
     assert load_gpu(key).peak_tflops("bf16") == PUBLISHED["gpu_dense_peaks"]["a100_bf16"]
@@ -73,7 +73,7 @@ def test_a100_dense_bf16_matches_published(key):
         ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
         ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
         ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
-        ("NVIDIA A100 80GB PCIe", "a100-80gb"),
+        ("NVIDIA A100 80GB PCIe", "a100-pcie-80gb"),
         ("NVIDIA A10G", "a10g"),
         ("NVIDIA L4", "l4"),
         ("NVIDIA L40S", "l40s"),

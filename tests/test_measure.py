@@ -551,13 +551,14 @@ def test_sweep_file_forms(tmp_path):
     dict(optimizer="adafactor", peft="prompt", num_virtual_tokens=7, grad_accum=2),
 ])
 def test_setup_flags_round_trip_through_the_cli_parser(cfg):
-    """The flags a sweep worker gets rebuild exactly the setup the sweep planned (its record_id)."""
+    """The flags a sweep worker gets rebuild exactly the setup the sweep planned (its record_id). (A rotary model:
+    without --seq a learned-position model runs at its positions, see memplan.spec.setup.default_seq.)"""
     import typer
 
     from memplan.cli import app, setup_from_options
 
     cmd = typer.main.get_command(app).commands["measure"]
-    ctx = cmd.make_context("measure", ["--model", "gpt2", *sweep.setup_flags(cfg)])
+    ctx = cmd.make_context("measure", ["--model", "llama-3.2-1b", *sweep.setup_flags(cfg)])
     names = {p.name for p in __import__("memplan.cli", fromlist=["SETUP_OPTIONS"]).SETUP_OPTIONS}
     _, _, setup = setup_from_options({k: v for k, v in ctx.params.items() if k in names})
     assert setup == make_setup(**cfg)

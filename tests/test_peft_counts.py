@@ -179,6 +179,10 @@ def test_bitfit_counts_all_bias_tensors(key):
     # BitFit trains every bias tensor and nothing else: the sum over transformers' parameters named *bias
     # (named_parameters lists a shared tensor once)
     expected = sum(p.numel() for n, p in _base(key).named_parameters() if n.endswith("bias"))
+    if not expected:  # nothing to train: refused (issue 10), as the trace refuses it
+        with pytest.raises(memplan.MemplanError, match="no bias parameters"):
+            memplan_trainable(key, peft="bitfit")
+        return
     assert memplan_trainable(key, peft="bitfit") == expected
 
 
@@ -186,8 +190,9 @@ def test_bitfit_written_out():
     # gpt2 (h = 768, 12 blocks): per block c_attn 3h + attn.c_proj h + c_fc 4h + mlp.c_proj h + ln_1 h + ln_2 h
     # = 11h = 8,448; × 12 = 101,376; + ln_f bias 768 = 102,144
     assert memplan_trainable("gpt2", peft="bitfit") == 102_144
-    # llama-7b has no bias at all
-    assert memplan_trainable("llama-7b", peft="bitfit") == 0
+    # llama-7b has no bias at all: refused
+    with pytest.raises(memplan.MemplanError, match="no bias parameters"):
+        memplan_trainable("llama-7b", peft="bitfit")
 
 
 # --peft freeze --train-layers k: "only the last k blocks and the head (0 = head only)" (setup.py), the head being the

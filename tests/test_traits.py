@@ -67,7 +67,7 @@ def _built(mt: str):
     from memplan.spec.setup import Precision, TrainingSetup
     from memplan.trace.build import build
 
-    return build(load_model(REPRESENTATIVE[mt]), TrainingSetup(precision=Precision.PURE_BF16))
+    return build(load_model(REPRESENTATIVE[mt]), TrainingSetup(precision=Precision.PURE_BF16, seq=128))
 
 
 @pytest.mark.parametrize("mt", sorted(TRAITS))

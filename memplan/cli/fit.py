@@ -44,7 +44,7 @@ def nothing_fits_hints(space, seq: int, gpus: int) -> list[str]:
     return hints
 
 
-def _space(precision, optimizer, peft, checkpointing, zero, max_zero):
+def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu):
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -57,7 +57,7 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero):
     if max_zero is not None:
         zeros = tuple(z for z in zeros if z <= max_zero)
     return F.Space(
-        precisions=parse_choices("precision", precision) if precision else F.DEFAULT_PRECISIONS,
+        precisions=parse_choices("precision", precision) if precision else F.default_precisions(gpu),
         optimizers=parse_choices("optimizer", optimizer) if optimizer else F.DEFAULT_OPTIMIZERS,
         pefts=parse_choices("peft", peft) if peft else F.DEFAULT_PEFTS,
         checkpointing=parse_choices("checkpointing", checkpointing) if checkpointing else F.DEFAULT_CHECKPOINTING,
@@ -77,7 +77,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
                                                                "model's positions).")] = 131072,
         margin: Annotated[float, typer.Option("--margin", help="Fraction of GPU memory kept free.")] = 0.05,
         precision: Annotated[Optional[str], typer.Option(
-            "--precision", help="Comma-separated precisions [default: fp32,bf16,bf16-master,pure-bf16].")] = None,
+            "--precision", help="Comma-separated precisions [default: fp32,bf16,bf16-master,pure-bf16; on GPUs "
+            "without bf16 (T4, V100): fp32,fp16,fp16-master].")] = None,
         optimizer: Annotated[Optional[str], typer.Option(
             "--optimizer", help="Comma-separated optimizers [default: adamw,adamw-fused,adamw-8bit,adafactor,"
             "sgd].")] = None,
@@ -116,11 +117,14 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     spec = resolve_model(model)
     g = resolve_gpu(gpu)
-    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero)
+    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, lora_rank=lora_rank, lora_targets=lora_targets, train_layers=train_layers,
                       attention=attention, grad_accum=grad_accum, zero=0)
+    from memplan.estimate import gpu_checks
+
+    gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"
     if seq is None:
         seq = min(2048, F.seq_cap(spec, F.Query(base=base, seq=1, max_seq=max_seq)))
     if top is not None and top < 0:

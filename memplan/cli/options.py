@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from memplan.errors import MemplanError
+from memplan.spec.setup import DEFAULT_SEQ, default_seq
 from memplan.spec.values import SETUP_FLAGS, make_setup, resolve_gpu, resolve_model
 
 
@@ -53,7 +54,8 @@ SETUP_OPTIONS = [
     _setup("offload_optimizer", bool, False, help="ZeRO-Offload: optimizer states (and gradient partitions) in CPU "
            "RAM."),
     _setup("offload_params", bool, False, help="ZeRO-3 parameter offload to CPU RAM."),
-    _setup("precision", Optional[str], None, help=PRECISION_HELP),
+    _setup("precision", Optional[str], None, help=PRECISION_HELP + " [default: bf16; with --peft lora, dora or qlora: "
+           "pure-bf16, the bf16 base weights peft's and TRL's examples load, adapters fp32]"),
     option("fp32", bool, False, "--fp32", help="Same as --precision fp32."),
     option("fp16", bool, False, "--fp16", help="Same as --precision fp16 (autocast + GradScaler, fp32 parameters)."),
     option("bf16", bool, False, "--bf16", help="Same as --precision bf16 (autocast: fp32 parameters, gradients and "
@@ -77,7 +79,8 @@ SETUP_OPTIONS = [
     _setup("adapter_size", int, 64, help="Bottleneck adapter width."),
     _setup("train_layers", int, 0, help="--peft freeze: last blocks that train (the head always does)."),
     _setup("batch", int, 1, "-b", help="Micro-batch per GPU."),
-    _setup("seq", int, 2048, "-s", help="Sequence length (tokens)."),
+    _setup("seq", Optional[int], None, "-s", help="Sequence length (tokens). [default: 2048, or the model's "
+           "positions when it has fewer (GPT-2: 1024, BERT: 512)]"),
     _setup("grad_accum", int, 1, help="Gradient-accumulation steps (gradients live across micro-batches)."),
     _setup("checkpointing", str, "none", help="none | full | selective activation checkpointing."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
@@ -92,10 +95,15 @@ FLAG_GROUPS = {
     "zero": {f"zero{i}": i for i in range(4)},
 }
 FLAG_DEFAULTS = {"precision": "bf16", "optimizer": "adamw", "zero": 0}
+# --peft lora / dora / qlora without a precision: the base weights in bf16, as peft's and TRL's examples load them
+# (from_pretrained(torch_dtype=torch.bfloat16); peft keeps its adapters in fp32): memplan's pure-bf16
+PEFT_PRECISION = "pure-bf16"
+PEFT_BF16_BASE = ("lora", "dora", "qlora")
 
 
-def pick(kw: dict, field: str):
-    """Resolve a --field X option and its shortcut flags (--bf16 ...) into one value; conflicts are errors."""
+def pick(kw: dict, field: str, default=None):
+    """Resolve a --field X option and its shortcut flags (--bf16 ...) into one value; conflicts are errors.
+    Nothing given: `default`, else FLAG_DEFAULTS[field]."""
     chosen = [(f"--{k.replace('_', '-')}", v) for k, v in FLAG_GROUPS[field].items() if kw.pop(k)]
     explicit = kw.pop(field)
     if explicit is not None:
@@ -103,17 +111,28 @@ def pick(kw: dict, field: str):
     values = {str(v) for _, v in chosen}
     if len(values) > 1:
         raise MemplanError(f"conflicting {field} options: {' and '.join(n for n, _ in chosen)}")
-    return chosen[0][1] if chosen else FLAG_DEFAULTS[field]
+    return chosen[0][1] if chosen else (default if default is not None else FLAG_DEFAULTS[field])
 
 
 def setup_from_options(kw: dict):
     """(model, gpu, TrainingSetup) from the shared options (kw is consumed)."""
-    fields = {f: pick(kw, f) for f in FLAG_GROUPS}
+    peft = str(kw.get("peft") or "").strip().lower()
+    fields = {f: pick(kw, f, PEFT_PRECISION if f == "precision" and peft in PEFT_BF16_BASE else None)
+              for f in FLAG_GROUPS}
     model = resolve_model(kw.pop("model"))
     gpu = resolve_gpu(kw.pop("gpu"))
     names = [p.name for p in SETUP_OPTIONS if p.name in kw]
+    if kw.get("seq") is None:
+        kw["seq"] = default_seq(model)
     setup = make_setup(**fields, **{n: kw.pop(n) for n in names})
     return model, gpu, setup
+
+
+def note_default_seq(model, setup, seq_given: bool) -> None:
+    """After a command succeeds: say when the --seq nobody gave is not DEFAULT_SEQ (default_seq's cap)."""
+    if not seq_given and setup.seq != DEFAULT_SEQ:
+        typer.echo(f"warning: --seq not given: {setup.seq}, {model.name}'s {model.max_positions} learned positions "
+                   f"(the default is {DEFAULT_SEQ})", err=True)
 
 
 def with_setup_options(fn):
@@ -125,8 +144,11 @@ def with_setup_options(fn):
     @functools.wraps(fn)
     def wrapper(**kw):
         shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS}
+        seq_given = shared["seq"] is not None
         model, gpu, setup = setup_from_options(shared)
-        return fn(model=model, gpu=gpu, setup=setup, **kw)
+        out = fn(model=model, gpu=gpu, setup=setup, **kw)
+        note_default_seq(model, setup, seq_given)
+        return out
 
     wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + own)
     return wrapper
@@ -149,8 +171,11 @@ def with_setup_options_optional_model(fn):
         changed = [p.name for p in options if p.name not in ("model", "gpu") and shared[p.name] != p.default]
         if shared["model"] is None:
             return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
+        seq_given = shared["seq"] is not None
         model, gpu, setup = setup_from_options(shared)
-        return fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
+        out = fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
+        note_default_seq(model, setup, seq_given)
+        return out
 
     wrapper.__signature__ = sig.replace(parameters=options + own)
     return wrapper

@@ -19,16 +19,21 @@ def trace_and_emit(model, gpu, setup, fmt, timeline_path, progress: Progress | N
 
     require_torch(command)
     progress = progress or Progress("trace")
+    from memplan.estimate import gpu_checks, with_overhead
+
+    gpu_warnings = gpu_checks(setup, gpu)  # what the GPU cannot run refused before the trace, as estimate does
     if timeline_path is not None:
         check_timeline_path(timeline_path)
     progress.phase("loading torch, transformers and peft")
     from memplan.trace import trace as run_trace, write_timeline
-    import memplan.trace.runner  # noqa: F401  (the heavy imports happen here, inside this phase)
+    from memplan.trace.runner import NO_OVERHEAD  # the heavy imports happen here, inside this phase
 
     progress.phase(f"building {model.name} and tracing two training iterations on fake tensors")
     result, rows = run_trace(model, setup, timeline=timeline_path is not None)
+    # the device level (headroom against --gpu) with the overhead the estimate adds, stated in a warning
+    result = with_overhead(result, replaces=NO_OVERHEAD)
     if gpu is not None:
-        result = replace(result, gpu=gpu)
+        result = replace(result, gpu=gpu, warnings=(*gpu_warnings, *result.warnings))
     emit(result, fmt)
     if timeline_path is not None:
         progress.phase(f"writing the timeline ({len(rows)} rows)")

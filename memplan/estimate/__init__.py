@@ -14,14 +14,33 @@ from memplan.estimate.phases import parameters, peak_state, phase_peaks, step_st
 from memplan.estimate.result import Peak, Result
 from memplan.estimate.weights import model_states
 from memplan.spec.gpu import GpuSpec
-from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
+from memplan.spec.model import ModelSpec, TensorKind
+from memplan.units import GiB
+from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
 
-__all__ = ["estimate_spec", "Overhead"]
+__all__ = ["estimate_spec", "validate", "gpu_checks", "Overhead"]
 
 
-def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
-    warns = []
+def gpu_checks(setup: TrainingSetup, gpu: GpuSpec | None) -> list[str]:
+    """Refuse what the GPU cannot run (FlashAttention-2 before Ampere), warn of what it runs only emulated (bf16
+    before Ampere: no bf16 tensor cores); see GpuSpec.bf16 / flash_attention."""
+    if gpu is None:
+        return []
+    if setup.attention is Attention.FLASH and not gpu.flash_attention:
+        raise MemplanError(f"--attention flash: FlashAttention-2 needs compute capability 8.0 (Ampere) or newer; "
+                           f"the {gpu.label} is {gpu.capability_label}: use --attention sdpa")
+    if "bf16" in setup.precision.value and not gpu.bf16:
+        fp16 = setup.precision.value.replace("pure-bf16", "fp16-master").replace("bf16", "fp16")
+        return [f"--precision {setup.precision.value} on the {gpu.label} (compute capability {gpu.capability_label}): "
+                f"no bf16 tensor cores before 8.0, torch emulates bf16 slowly; --precision {fp16} is what runs there"]
+    return []
+
+
+def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None) -> list[str]:
+    """Refuse (MemplanError) what no tier can run for this model (and GPU, when given), and return the warnings.
+    Every tier calls it before its work: estimate_spec here, the trace and the measurement in
+    memplan.trace.build.build."""
+    warns = gpu_checks(setup, gpu)
     if model.hidden % model.heads and "head_dim" not in model.hf_config:
         raise MemplanError(f"{model.name}: {model.heads} heads do not divide hidden size {model.hidden}")
     if setup.peft is PeftMethod.PREFIX and setup.checkpointing is not Checkpointing.NONE:
@@ -32,12 +51,41 @@ def _check(model: ModelSpec, setup: TrainingSetup) -> list[str]:
         warns.append(f"ZeRO stage {setup.zero} on one GPU shards nothing: states are as without ZeRO")
     if setup.seq > model.max_positions and model.traits.learned_positions:
         raise MemplanError(f"--seq {setup.seq} exceeds {model.name}'s {model.max_positions} learned positions")
+    if setup.peft is PeftMethod.BITFIT and not has_biases(model):
+        raise MemplanError(f"--peft bitfit: {model.name} has no bias parameters to train")
+    experts = sum(t.numel * t.count for t in model.tensors if t.kind is TensorKind.EXPERTS)
+    if setup.peft is PeftMethod.QLORA and experts:
+        warns.append(f"QLoRA quantizes nn.Linear layers only (bitsandbytes replace_with_bnb_linear): "
+                     f"{model.name}'s MoE experts are 3-D parameters and stay in {setup.precision.param_bytes * 8}-bit "
+                     f"({experts * setup.precision.param_bytes / GiB:,.1f} GiB of weights)")
     return warns
+
+
+def has_biases(model: ModelSpec) -> bool:
+    """Whether --peft bitfit has anything to train: a linear layer's bias or a bias tensor (LayerNorm's, ...)."""
+    return any(l.bias for l in model.linears) or any(t.kind is TensorKind.BIAS for t in model.tensors)
+
+
+OVERHEAD_NOTE = ("reserved and device add the estimate's overhead (allocator fragmentation, cuBLAS workspace, CUDA "
+                 "context, NCCL; memplan.estimate.overhead) to the traced allocated bytes")
+
+
+def with_overhead(result: Result, overhead: Overhead = Overhead(), replaces: str = "") -> Result:
+    """A traced result (allocated bytes only) with the reserved and device levels the estimate adds, so headroom
+    against a GPU means the same in both tiers; `replaces` names the warning the note supersedes."""
+    from dataclasses import replace
+
+    allocated = result.peak.allocated_bytes
+    reserved = overhead.reserved(allocated)
+    device = overhead.device(reserved, result.setup.gpus)
+    warnings = tuple(w for w in result.warnings if w != replaces) + (OVERHEAD_NOTE,)
+    return replace(result, peak=replace(result.peak, reserved_bytes=reserved, device_bytes=device),
+                   categories={**result.categories, C.OVERHEAD: device - allocated}, warnings=warnings)
 
 
 def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
                   overhead: Overhead = Overhead()) -> Result:
-    warns = _check(model, setup)
+    warns = validate(model, setup, gpu)
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)
     states = step_states(model, setup, p, ms, activations(model, setup))

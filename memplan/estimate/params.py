@@ -171,6 +171,7 @@ def trainable_params(groups) -> int:
     return sum(g.total for g in groups if g.trainable)
 
 
-def base_params(groups) -> int:
-    """Parameters of the model itself (adapters excluded): what `total_params` reports as the model size."""
-    return sum(g.total for g in groups if not g.adapter)
+def all_params(groups) -> int:
+    """Every parameter the step holds, adapters included: what `total_params` reports in every tier (the trace's
+    and the measurement's model.parameters(), peft's print_trainable_parameters "all params")."""
+    return sum(g.total for g in groups)

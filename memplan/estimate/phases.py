@@ -4,7 +4,8 @@ One step walks load → forward → backward → optimizer step (memplan.trace.s
 bytes alive change at a few moments; a phase's peak is its largest state, the step's peak the largest of all
 (memplan.estimate.estimate_spec). The states, in step order (Moment):
 
-    load                  model states, and the gradients carried across micro-batches, before the forward
+    load                  the model and the optimizer built, before the first step: weights and master weights (the
+                          optimizer's states are made by its first step), as the trace and the measurement read it
     forward               the forward's end: every activation saved, the logits and the loss alive
     loss backward         backward begins: the loss's gradients beside every activation
     LM-head backward      the LM head's weight gradient made beside the logits' gradient (in the compute dtype
@@ -28,7 +29,7 @@ from typing import NamedTuple
 from memplan.categories import Category as C, Phase
 from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
 from memplan.estimate.optimizer import step_temporary_bytes
-from memplan.estimate.params import ParamGroup, base_params, param_groups, trainable_params
+from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import Unsharded, grad_dtype_bytes, unsharded
 from memplan.spec.model import ModelSpec, Role
@@ -126,7 +127,7 @@ def _parameters(model, precision, optimizer, peft, lora: LoraConfig, num_virtual
         groups=groups, unsharded=unsharded(groups, setup), grads=grad_parts(model, groups, setup),
         half=half_weight_copies(groups, setup, tied), half_outside=half_weight_copies(groups, setup, tied, True),
         half_cached=half_weight_copies(groups, setup, tied, cached_only=True), dequant=dequant_temp(groups, setup),
-        trainable_params=trainable_params(groups), total_params=base_params(groups))
+        trainable_params=trainable_params(groups), total_params=all_params(groups))
 
 
 def half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, model_tied: bool,
@@ -284,7 +285,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
         setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
     return (
-        State(Moment.LOAD, Phase.LOAD, _alive(h, accum_grads, 0, 0)),
+        State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq + loss_f + h.z_f)),
         *backward_states(model, setup, p, ms, acts, h, loss_b),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
@@ -303,24 +304,35 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     states = [at(Moment.LOSS_BACKWARD, h.accum_grads, acts.total, held + loss_b)]
     # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
     # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
-    head_g, head_wait, head_half = (h.accum_grads, 0, 0) if h.accum_grads else p.grads.head
+    head_g, head_wait, head_half = p.grads.head
     logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
     head_acts = acts.total - acts.loss
-    states += [at(Moment.HEAD_BACKWARD, 0 if head_half else head_g, head_acts,
-                  held + logits_grad + (head_half or head_wait)),
-               at(Moment.HEAD_GRAD_CAST, head_g, head_acts, held + head_half + head_wait)]
+    # Under gradient accumulation the head's gradient is made just the same, as a new tensor beside the gradients
+    # carried from the earlier micro-batches, and then added to them in place (AccumulateGrad; the trace shows it
+    # as a temporary); sharded gradients (ZeRO-2/3) wait unsharded for their reduce-scatter as without it.
+    new_g, carried = (0, h.accum_grads) if h.accum_grads else (head_g, 0)
+    pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 else 0
+    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), head_acts,
+                  held + logits_grad + (head_half or head_wait) + (0 if head_half else head_g - new_g)),
+               # the head's matmul backward done, its saved weight cast (autocast's) is freed before the cast
+               at(Moment.HEAD_GRAD_CAST, carried + new_g, head_acts,
+                  held - h.half_outside + head_half + head_wait + head_g - new_g)]
     # the top block's backward (its recomputed activations under checkpointing), with the loss's, the head's and
     # the final norm's saved tensors freed; the recomputation saves the checkpoint's input again: one storage
     in_blocks = sum(acts.per_block) + acts.early
     rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
-    states.append(at(Moment.TOP_BLOCK, head_g, in_blocks + rec, held + head_wait))
+    top_g = carried + new_g + pending
+    states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if ckpt else soft - last
-        states.append(at(Moment.TOP_BLOCK_SOFTMAX, head_g, in_blocks + own, held + head_wait + acts.bwd_transient))
+        states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
     states += lowest_block_states(model, setup, p, ms, acts, h)
-    states.append(at(Moment.BACKWARD_END, ms.gradients, 0, h.z_b + embedding_grad_temp(model, setup, p.groups)))
+    # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
+    late_new = p.grads.late if h.accum_grads else 0
+    states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
+                     h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
     return states
 
 
@@ -352,10 +364,11 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if ckpt else 0)
         made = ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
+        # under gradient accumulation every gradient is already there: block j's new ones are added in place
         out.append(State(names[0], Phase.BACKWARD,
-                         _alive(h, int(max(made - block, 0)), below + acts.full_per_block[j], temps)))
+                         _alive(h, max(int(made - block), h.accum_grads, 0), below + acts.full_per_block[j], temps)))
         if acts.bwd_transient:
-            out.append(State(names[1], Phase.BACKWARD, _alive(h, int(max(made - pending, 0)),
+            out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), h.accum_grads, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
     return out

@@ -143,7 +143,8 @@ def llama(cfg: Mapping) -> dict:
     heads = _get(cfg, "num_attention_heads")
     mt = cfg["model_type"]
     dflt = _LLAMA_DEFAULTS.get(mt, {})
-    kv = cfg.get("num_key_value_heads", dflt.get("num_key_value_heads")) or heads  # explicit null: MHA
+    kv = cfg.get("num_key_value_heads", dflt.get("num_key_value_heads"))
+    kv = heads if kv is None else kv  # explicit null: MHA (0 is refused by ModelSpec)
     hd = _get(cfg, "head_dim", default=dflt.get("head_dim", h // heads))
     i = _get(cfg, "intermediate_size")
     v = _get(cfg, "vocab_size")

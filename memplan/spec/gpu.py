@@ -7,6 +7,9 @@ from typing import Mapping
 from memplan.errors import MemplanError
 
 
+AMPERE = (8, 0)  # the first compute capability with bf16 tensor cores and FlashAttention-2 support
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     name: str  # profile key, e.g. "h100-sxm"
@@ -18,10 +21,27 @@ class GpuSpec:
     nvml_names: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     source: str = ""
+    compute_capability: tuple[int, int] | None = None  # CUDA compute capability (major, minor); None: unknown
 
     def __post_init__(self):
         if self.memory_bytes <= 0:
             raise MemplanError(f"gpu {self.name}: memory_bytes must be positive")
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 tensor cores: compute capability >= 8.0 (Ampere); what torch.cuda.is_bf16_supported(
+        including_emulation=False) checks. Volta (7.0) and Turing (7.5) run bf16 only emulated. Unknown: True."""
+        return self.compute_capability is None or self.compute_capability >= AMPERE
+
+    @property
+    def flash_attention(self) -> bool:
+        """FlashAttention-2 (flash-attn, and SDPA's flash kernel) runs on Ampere or newer only (flash-attn README:
+        "Ampere, Ada, or Hopper GPUs"; torch's sm80+ check for the SDPA flash backend). Unknown: True."""
+        return self.compute_capability is None or self.compute_capability >= AMPERE
+
+    @property
+    def capability_label(self) -> str:
+        return "unknown" if self.compute_capability is None else ".".join(map(str, self.compute_capability))
 
     def peak_tflops(self, dtype: str) -> float:
         """Dense peak for a compute dtype; fp32 matmuls fall back to the plain fp32 figure."""

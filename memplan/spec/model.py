@@ -160,10 +160,10 @@ class ModelSpec:
                 raise MemplanError(f"model {self.name}: {name} must be an integer, got {_show(v)}")
             if v > limit:
                 raise MemplanError(f"model {self.name}: {name} {v:.4g} is absurd (at most {limit:,})")
-        for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+        for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "max_positions"):
             if getattr(self, name) <= 0:
                 raise MemplanError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
-        for name in ("encoder_layers", "max_positions"):
+        for name in ("encoder_layers",):
             if getattr(self, name) < 0:
                 raise MemplanError(f"model {self.name}: {name} must be ≥ 0, got {getattr(self, name)}")
         for name in ("dropout", "attention_dropout"):

@@ -105,6 +105,17 @@ class Attention(str, Enum):
     FLASH = "flash"  # flash-attention 2: no s² tensor, saves a log-sum-exp per head and token
 
 
+DEFAULT_SEQ = 2048  # --seq when not given (memplan's default since 0.1; capped by default_seq below)
+
+
+def default_seq(model) -> int:
+    """--seq when the user gives none: DEFAULT_SEQ, or fewer where a position-embedding table has fewer rows
+    (GPT-2's 1,024, BERT's 512): the one value every tier and fit can run."""
+    if model.traits.learned_positions:
+        return max(1, min(DEFAULT_SEQ, model.max_positions))
+    return DEFAULT_SEQ
+
+
 ABSURD_TOKENS = 2**31  # micro-batch × sequence beyond this is a typo, not a plan; also any one count's bound
 
 
@@ -156,7 +167,7 @@ class TrainingSetup:
     offload_optimizer: bool = False
     offload_params: bool = False
     batch: int = 1  # micro-batch per GPU
-    seq: int = 2048
+    seq: int = DEFAULT_SEQ
     grad_accum: int = 1
     checkpointing: Checkpointing = Checkpointing.NONE
     attention: Attention = Attention.SDPA

@@ -122,7 +122,8 @@ def peft_config(spec: ModelSpec, setup: TrainingSetup):
     import peft
 
     m, task = setup.peft, _peft_task(spec)
-    targets = list(setup.lora.targets) or None
+    # the family's targets (what the estimate counts) where peft has no default for the model type (Mixtral)
+    targets = list(setup.lora.targets) or list(spec.traits.lora_targets) or None
     if targets and "all-linear" in targets:
         targets = "all-linear"  # peft's keyword, only as a plain string
     if m in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA):
@@ -206,11 +207,16 @@ def build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer = quantize_
     this one path (attention fallback, checkpointing switch, peft config)."""
     import transformers
 
+    from memplan.estimate import validate
+
     check_traceable(setup)
+    checked = validate(spec, setup)  # the estimator's refusals and warnings: one validation for every tier
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # config sanity notes (token ids of tiny test vocabularies)
     try:
-        return _build(spec, setup, quantize)
+        built = _build(spec, setup, quantize)
+        built.warnings[:0] = checked
+        return built
     finally:
         transformers.logging.set_verbosity(verbosity)
 

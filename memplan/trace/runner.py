@@ -65,6 +65,9 @@ class TraceRun:
         return out
 
 
+# the library result's levels (memplan trace on the command line adds the estimate's overhead: with_overhead)
+NO_OVERHEAD = "reserved = device = allocated: the trace has no allocator fragmentation or CUDA context"
+
 def _final_norm(built: Built):
     """The norm after the last block (the last module named as the family's traits say, outside the blocks)."""
     wanted = TRAITS[built.base.config.model_type].final_norm
@@ -157,7 +160,7 @@ def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) ->
         if spec.kv_heads != spec.heads:
             warnings.append("fp32 SDPA with grouped-query attention: CUDA's memory-efficient kernel rejects GQA "
                             "and torch falls back to the math kernel (s² scores); the trace shows the fused kernel")
-    warnings.append("reserved = device = allocated: the trace has no allocator fragmentation or CUDA context")
+    warnings.append(NO_OVERHEAD)
     with tracked_session(built, setup, tracker, fake=fake,
                          batch=lambda: make_batch(spec, setup.batch, setup.seq)) as session:
         loop, batch, load_peak = session.loop, session.batch, session.load_peak
