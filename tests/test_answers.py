@@ -80,7 +80,7 @@ def test_trace_refuses_what_estimate_refuses():
 
 
 @pytest.mark.parametrize("bad,what", [({"num_key_value_heads": 0}, "kv_heads"),
-                                      ({"max_position_embeddings": -5}, "max_positions")])
+                                      ({"max_position_embeddings": -5}, "max_position")])
 def test_bad_configs_are_refused_before_any_tier(tmp_path, bad, what):
     """Issue 10: bad configs (negative positions, `num_key_value_heads: 0`) crashed the trace (ZeroDivisionError,
     "Trying to create tensor with negative dimension") while estimate took them; both now refuse in one line."""
