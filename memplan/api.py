@@ -16,14 +16,15 @@ def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None,
     """Estimate per-GPU memory: `memplan.estimate("llama-7b", precision="bf16", zero=3, gpus=8, gpu="h100")`.
     With a GPU the result also carries the predicted `throughput` (memplan.estimate.throughput.predict, at the
     utilization memplan.measure.utilization finds in the committed measurement records)."""
-    from memplan.estimate import Overhead, estimate_spec
+    from memplan.estimate import estimate_spec
 
     if setup is None:
         setup = make_setup(**setup_fields)
     elif setup_fields:
         raise MemplanError("pass either setup= or setup fields, not both")
     spec = resolve_model(model)
-    result = estimate_spec(spec, setup, resolve_gpu(gpu), overhead or Overhead())
+    gpu = resolve_gpu(gpu)
+    result = estimate_spec(spec, setup, gpu) if overhead is None else estimate_spec(spec, setup, gpu, overhead)
     if result.gpu is None:
         return result
     # only with a GPU: the design-card path skips it

@@ -10,7 +10,7 @@ from memplan.categories import Category as C
 from memplan.errors import MemplanError
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
-from memplan.estimate.phases import parameters, peak_state, phase_peaks, step_states
+from memplan.estimate.phases import parameters, peaks, step_states
 from memplan.estimate.result import Peak, Result
 from memplan.estimate.weights import model_states
 from memplan.spec.gpu import GpuSpec
@@ -89,7 +89,7 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)
     states = step_states(model, setup, p, ms, activations(model, setup))
-    peak = peak_state(states)
+    peak, phase_totals = peaks(states)
     allocated = peak.total
     reserved = overhead.reserved(allocated)
     device = overhead.device(reserved, setup.gpus)
@@ -97,5 +97,5 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     return Result(
         model=model.name, setup=setup, model_states=ms, categories=cats,
         peak=Peak(allocated, reserved, device, peak.phase), trainable_params=p.trainable_params,
-        total_params=p.total_params, phase_peaks=phase_peaks(states), gpu=gpu, warnings=tuple(warns),
+        total_params=p.total_params, phase_peaks=phase_totals, gpu=gpu, warnings=tuple(warns),
     )

@@ -68,17 +68,17 @@ class State(NamedTuple):
         return sum(self.categories.values())
 
 
-def peak_state(states: tuple[State, ...]) -> State:
-    """The largest state (the first of equals, in step order)."""
-    return max(states, key=lambda s: s.total)
-
-
-def phase_peaks(states: tuple[State, ...]) -> dict[Phase, int]:
-    """Each phase's peak: its largest state's bytes, phases in step order."""
-    out: dict[Phase, int] = {}
+def peaks(states: tuple[State, ...]) -> tuple[State, dict[Phase, int]]:
+    """The largest state (the first of equals, in step order) and each phase's peak (its largest state's bytes,
+    phases in step order); each state's total is summed once (this runs on every estimate)."""
+    best, best_total, out = states[0], -1, {}
     for s in states:
-        out[s.phase] = max(out.get(s.phase, 0), s.total)
-    return out
+        t = s.total
+        if t > best_total:
+            best, best_total = s, t
+        if t > out.get(s.phase, -1):
+            out[s.phase] = t
+    return best, out
 
 
 # ---- what depends only on the parameters: computed once per (model, parameter fields of the setup) ----------
