@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
 from memplan.cli import estimate, fit, measure, profiles, reconcile, report, trace
 from memplan.cli.options import SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options, with_setup_options
 from memplan.errors import MemplanError
+from memplan.io import os_reason
 
 __all__ = ["app", "main", "entry", "SETUP_OPTIONS", "Format", "FormatOpt", "emit", "setup_from_options",
            "with_setup_options"]
@@ -89,7 +90,7 @@ def _error(msg: str, code: int) -> int:
 
 def _os_error(exc: OSError) -> str:
     """One line for a failed read or write: what failed, on which file (stdout has no file name)."""
-    what = exc.strerror or str(exc) or type(exc).__name__
+    what = os_reason(exc)
     return f"cannot write the output: {what}" if exc.filename is None else f"{exc.filename}: {what}"
 
 

@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 
 from memplan.errors import MemplanError
 from memplan.io import os_reason
+from memplan.spec.files import parse_json
 
 SCHEMA_VERSION = 1
 
@@ -225,25 +226,6 @@ def upgrade(rec: dict) -> dict:
         rec = UPGRADES[v](rec)
         v = rec["schema_version"]
     return rec
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a number")
-
-
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise ValueError(f"{text} is out of range")
-    return v
-
-
-def parse_json(text: str):
-    """json.loads that refuses NaN / Infinity and overflowing numbers; ValueError (never RecursionError) otherwise."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
 
 
 GLUE_MARK = '{"schema_version"'  # how every record this memplan writes begins

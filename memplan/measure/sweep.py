@@ -39,6 +39,7 @@ from pathlib import Path
 
 from memplan.errors import MemplanError
 from memplan.measure.harness import PHASE_LOG_PREFIX
+from memplan.spec.files import parse_json, read_text
 from memplan.spec.values import setup_flags  # noqa: F401  (sweep.setup_flags: a worker's flags)
 
 RUN_KEYS = ("steps", "warmup", "lengths")
@@ -93,14 +94,7 @@ def suites_dir() -> Path:
 
 
 def _read(path: Path):
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise MemplanError(f"sweep file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MemplanError(f"cannot read sweep file {path}: {exc}") from None
-    from memplan.measure.record import parse_json
-
+    text = read_text(path, "sweep")  # a regular UTF-8 file of bounded size (no FIFO, device or folder)
     try:
         if path.suffix == ".toml":
             return tomllib.loads(text)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memplan.categories import Category
 from memplan.errors import MemplanError
-from memplan.spec.files import read_text
+from memplan.spec.files import parse_json, read_text
 
 MEASURED_PHASES = ("load", "forward", "backward", "optimizer_step")
 
@@ -57,9 +57,7 @@ def read_setups(path) -> list[dict]:
     `name`, `model` and any memplan.spec.values.make_setup fields."""
     p = Path(path)
     text = read_text(p, "--setups")
-    from memplan.measure.record import parse_json  # NaN / Infinity refused, deep nesting an error
-
-    try:
+    try:  # parse_json: NaN / Infinity refused, deep nesting an error
         data = tomllib.loads(text) if p.suffix == ".toml" else parse_json(text)
     except RecursionError:
         raise MemplanError(f"--setups {path}: nested too deeply") from None

@@ -6,6 +6,8 @@ read_text() refuses all of those with one MemplanError naming the file, before r
 """
 from __future__ import annotations
 
+import json
+import math
 import stat
 from pathlib import Path
 
@@ -41,3 +43,22 @@ def read_text(path, what: str, max_bytes: int = MAX_INPUT_BYTES) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MemplanError(f"{what} {p}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text} is out of range")
+    return v
+
+
+def parse_json(text: str):
+    """json.loads that refuses NaN / Infinity and overflowing numbers; ValueError (never RecursionError) otherwise."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
