@@ -40,7 +40,7 @@ from pathlib import Path
 from memplan.errors import MemplanError
 from memplan.measure.harness import PHASE_LOG_PREFIX
 from memplan.spec.files import parse_json, read_text
-from memplan.spec.values import setup_flags  # noqa: F401  (sweep.setup_flags: a worker's flags)
+from memplan.spec.values import setup_flags
 
 RUN_KEYS = ("steps", "warmup", "lengths")
 LABEL_KEYS = ("name", "est_minutes", "expect", "note")
