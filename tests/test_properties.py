@@ -74,6 +74,10 @@ def setups(draw, peft=None, min_seq=1):
     if kw["zero"] > 0 and draw(st.booleans()):
         kw["offload_optimizer"] = True
         kw["offload_params"] = kw["zero"] == 3 and draw(st.booleans())
+        if kw["precision"] in ("bf16-master", "fp16-master", "fp32"):  # DeepSpeed's offload (optimizer-only too)
+            kw["engine"] = "deepspeed"
+        else:  # FSDP2 offloads everything or nothing
+            kw["offload_optimizer"] = kw["offload_params"]
     return name, kw
 
 
@@ -254,7 +258,7 @@ def test_lora_can_need_more_than_full_with_stateless_optimizers(kw):
 # at all (hypothesis found it at seq 1; exploring finds mixtral-8x7b ones at seq 57 and 821 too: ZeRO-2 × 64 and
 # ZeRO-1 × 8, fp16-master, +101,420 B and +171,004 B, both inside the lowest block's backward).
 TINY_SEQ_CASE = ("t5-3b", dict(precision="fp16-master", optimizer="adamw", peft="full", batch=1, seq=1, gpus=2,
-                               zero=2, offload_optimizer=True, attention="eager"))
+                               zero=2, offload_optimizer=True, attention="eager", engine="deepspeed"))
 # a 2+2-block T5 (t5-3b's hf_config scaled down: same family, relative bias, ReLU MLP, tied head) for the trace
 TINY_T5 = dict(model_type="t5", d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
                vocab_size=128, n_positions=512, relative_attention_num_buckets=32,

@@ -160,7 +160,7 @@ FOUR_L = 4 * L_LLAMA_7B  # DeepSpeed's ZeRO-3 working buffer for the largest lay
 
 
 def ds_states(**kw):
-    return states(precision="bf16-master", optimizer="adamw", gpus=N, **kw)
+    return states(precision="bf16-master", optimizer="adamw", gpus=N, engine="deepspeed", **kw)
 
 
 def test_deepspeed_zero3_offload_optimizer():

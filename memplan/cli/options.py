@@ -25,11 +25,12 @@ class Format(str, Enum):
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
 
 PRECISION_HELP = (
-    "fp32 | fp16 | bf16 | fp16-master | bf16-master | pure-bf16. "
+    "fp32 | fp16 | bf16 | fp16-master | bf16-master | pure-bf16 | fsdp-bf16. "
     "bf16/fp16 = torch.autocast mixed precision: parameters, gradients and optimizer states stay fp32, matmuls run "
     "in half precision on autocast's cached casts of the weights (+2 B/param during forward/backward). "
     "bf16-master/fp16-master = half-precision weights and gradients with an fp32 master copy for the optimizer "
-    "(DeepSpeed/Megatron, the ZeRO paper's 2+2+12 B/param). pure-bf16 = everything bf16, AdamW states too.")
+    "(DeepSpeed/Megatron, the ZeRO paper's 2+2+12 B/param). pure-bf16 = everything bf16, AdamW states too. "
+    "fsdp-bf16 = FSDP2 MixedPrecisionPolicy(bf16 params, fp32 reduce) over fp32 shards (--zero 2/3).")
 
 
 def option(name, annotation, default, *decls, help):
@@ -51,9 +52,16 @@ SETUP_OPTIONS = [
     _setup("gpus", int, 1, help="Number of GPUs (data parallel)."),
     _setup("zero", Optional[int], None, help="ZeRO stage 0-3 (FSDP NO_SHARD/SHARD_GRAD_OP/FULL_SHARD = 0/2/3)."),
     *[option(f"zero{i}", bool, False, f"--zero{i}", help=f"Same as --zero {i}.") for i in range(4)],
-    _setup("offload_optimizer", bool, False, help="ZeRO-Offload: optimizer states (and gradient partitions) in CPU "
-           "RAM."),
-    _setup("offload_params", bool, False, help="ZeRO-3 parameter offload to CPU RAM."),
+    _setup("engine", str, "fsdp", help="fsdp (PyTorch: ZeRO-0 DDP, 1 DDP + ZeroRedundancyOptimizer, 2/3 FSDP2) | "
+           "deepspeed (DeepSpeed ZeRO 1-3)."),
+    _setup("gpus_per_node", int, 8, help="GPUs per node: traffic between nodes uses the inter-node link."),
+    _setup("sync_each_batch", bool, False, help="Gradient accumulation: reduce gradients every micro-batch (accelerate "
+           "sync_each_batch) instead of keeping them unsharded until the last."),
+    _setup("bucket_view", bool, False, help="DDP gradient_as_bucket_view (.grad tensors are views of the buckets)."),
+    _setup("offload_optimizer", bool, False, help="ZeRO-Offload (--engine deepspeed): optimizer states (and gradient "
+           "partitions) in CPU RAM."),
+    _setup("offload_params", bool, False, help="ZeRO-3 parameter offload to CPU RAM (--engine fsdp: FSDP2 "
+           "CPUOffloadPolicy, parameters, gradients and the optimizer step on the host)."),
     _setup("precision", Optional[str], None, help=PRECISION_HELP + " [default: bf16; with --peft lora, dora or qlora: "
            "pure-bf16, the bf16 base weights peft's and TRL's examples load, adapters fp32]"),
     option("fp32", bool, False, "--fp32", help="Same as --precision fp32."),
@@ -61,6 +69,8 @@ SETUP_OPTIONS = [
     option("bf16", bool, False, "--bf16", help="Same as --precision bf16 (autocast: fp32 parameters, gradients and "
            "optimizer states; bf16 matmuls on cached bf16 weight casts)."),
     option("pure_bf16", bool, False, "--pure-bf16", help="Same as --precision pure-bf16."),
+    option("fsdp_bf16", bool, False, "--fsdp-bf16", help="Same as --precision fsdp-bf16 (FSDP2 MixedPrecisionPolicy: "
+           "fp32 shards, bf16 all-gathered compute weights, fp32 gradient reduce)."),
     _setup("optimizer", Optional[str], None, help="adamw (foreach) | adamw-fused | adamw-forloop | sgd | momentum | "
            "adafactor | adamw-8bit | paged-adamw | paged-adamw-8bit."),
     option("adam", bool, False, "--adam", help="Same as --optimizer adamw (torch AdamW, foreach)."),
@@ -89,7 +99,7 @@ SETUP_OPTIONS = [
 
 # Shortcut flags of one setup field (--bf16 = --precision bf16), and the field's value when none is given.
 FLAG_GROUPS = {
-    "precision": {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "pure_bf16": "pure-bf16"},
+    "precision": {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "pure_bf16": "pure-bf16", "fsdp_bf16": "fsdp-bf16"},
     "optimizer": {"adam": "adamw", "sgd": "sgd", "momentum": "momentum", "adafactor": "adafactor",
                   "adam8bit": "adamw-8bit"},
     "zero": {f"zero{i}": i for i in range(4)},

@@ -7,7 +7,7 @@ from memplan.estimate.optimizer import state_bytes
 from memplan.estimate.params import ParamGroup
 from memplan.estimate.quant import nf4_bytes
 from memplan.estimate.result import ModelStates
-from memplan.spec.setup import PeftMethod, TrainingSetup
+from memplan.spec.setup import Engine, PeftMethod, TrainingSetup
 from memplan.units import round_block
 
 # peft's default autocast_adapter_dtype=True keeps adapter weights in fp32 whatever the base dtype
@@ -92,6 +92,8 @@ def model_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     if setup.gpus > 1 and z == 0:
         grads *= 2  # DDP keeps its own flat gradient buckets beside param.grad (gradient_as_bucket_view=False)
     cpu = 0
+    if setup.offload_params and setup.engine is Engine.FSDP:  # FSDP2 CPUOffloadPolicy: every sharded state on the host
+        return ModelStates(0, 0, 0, 0, weights + master + opt + grads)
     if setup.offload_optimizer:
         cpu += master + opt + _shard(u.trainable_state_dtype, n)  # gradient partition in the stepped dtype
         master = opt = 0

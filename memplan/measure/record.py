@@ -295,10 +295,10 @@ def iter_records(path: str | os.PathLike, warn: Callable[[str], None] | None = N
 # or token count beyond it is no measurement.
 MAX_COUNT = 2**53
 # make_setup's integer fields in a record's "setup" (TrainingSetup's int fields; a fraction is no batch or GPU count)
-SETUP_INTS = ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "batch", "seq", "grad_accum",
-              "lora_rank")
-SETUP_BOOLS = ("offload_optimizer", "offload_params", "dropout", "double_quant")
-SETUP_STRS = ("precision", "optimizer", "peft", "checkpointing", "attention")
+SETUP_INTS = ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node", "batch", "seq",
+              "grad_accum", "lora_rank")
+SETUP_BOOLS = ("offload_optimizer", "offload_params", "dropout", "double_quant", "sync_each_batch", "bucket_view")
+SETUP_STRS = ("precision", "optimizer", "peft", "checkpointing", "attention", "engine")
 LORA_INTS = ("rank",)
 
 

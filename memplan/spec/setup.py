@@ -18,6 +18,10 @@ class Precision(str, Enum):
                  half-precision weights and gradients with an fp32 master copy kept for the optimizer
                  (DeepSpeed / Megatron / the ZeRO paper): 2 + 2 + 4 master + optimizer states in fp32.
     pure-bf16    parameters, gradients and optimizer states all bf16 (torch AdamW keeps states in the param dtype).
+    fsdp-bf16    FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over fp32 sharded parameters
+                 (torchtitan's and torchtune's default): fp32 shards, gradients and optimizer states; each unit's
+                 parameters all-gathered in bf16 for compute (no autocast), gradients reduce-scattered in fp32.
+                 Needs FSDP (--engine fsdp, --zero 2 or 3).
     """
 
     FP32 = "fp32"
@@ -26,6 +30,7 @@ class Precision(str, Enum):
     FP16_MASTER = "fp16-master"
     BF16_MASTER = "bf16-master"
     PURE_BF16 = "pure-bf16"
+    FSDP_BF16 = "fsdp-bf16"
 
     @property
     def param_bytes(self) -> int:
@@ -50,6 +55,20 @@ class Precision(str, Enum):
     @property
     def half_dtype(self) -> str:
         return {"fp32": "float32"}.get(self.value, "float16" if "fp16" in self.value else "bfloat16")
+
+
+class Engine(str, Enum):
+    """The data-parallel engine that runs --gpus N / --zero K.
+
+    fsdp       PyTorch's own: ZeRO-0 = DistributedDataParallel, ZeRO-1 = DDP + ZeroRedundancyOptimizer,
+               ZeRO-2 / 3 = FSDP2 `fully_shard` (one unit per transformer block plus the root) with
+               reshard_after_forward False / True; CPU offload = FSDP2's CPUOffloadPolicy (parameters, gradients
+               and the optimizer step on the host). What torchtitan, torchtune and accelerate's FSDP2 plugin run.
+    deepspeed  DeepSpeed ZeRO 1 / 2 / 3 (half weights with fp32 master partitions), its buckets and offload.
+    """
+
+    FSDP = "fsdp"
+    DEEPSPEED = "deepspeed"
 
 
 class Optimizer(str, Enum):
@@ -162,8 +181,13 @@ class TrainingSetup:
     num_virtual_tokens: int = 20  # prompt / prefix tuning
     adapter_size: int = 64  # bottleneck adapter width
     train_layers: int = 0  # --peft freeze: how many last blocks stay trainable (the head always does)
-    zero: int = 0  # ZeRO stage 0-3 (FSDP NO_SHARD / SHARD_GRAD_OP / FULL_SHARD = 0 / 2 / 3)
+    zero: int = 0  # ZeRO stage 0-3 (see Engine for what each stage runs)
     gpus: int = 1
+    engine: Engine = Engine.FSDP
+    gpus_per_node: int = 8  # GPUs per node: traffic between nodes crosses the inter-node link
+    sync_each_batch: bool = False  # gradient accumulation: reduce(-scatter) every micro-batch (accelerate's
+    # GradientAccumulationPlugin.sync_each_batch, default False: no_sync keeps unsharded gradients until the last)
+    bucket_view: bool = False  # DDP gradient_as_bucket_view: .grad tensors are views of the buckets
     offload_optimizer: bool = False
     offload_params: bool = False
     batch: int = 1  # micro-batch per GPU
@@ -174,13 +198,14 @@ class TrainingSetup:
     dropout: bool | None = None  # None: as the model config says
 
     def __post_init__(self):
-        _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "batch", "seq",
-                            "grad_accum"), ("offload_optimizer", "offload_params"), ("dropout",))
-        for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod),
+        _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
+                            "batch", "seq", "grad_accum"),
+                     ("offload_optimizer", "offload_params", "sync_each_batch", "bucket_view"), ("dropout",))
+        for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise MemplanError(f"setup field {name} must be a {kind.__name__}, got {getattr(self, name)!r}")
-        for name in ("batch", "seq", "grad_accum", "gpus", "num_virtual_tokens", "adapter_size"):
+        for name in ("batch", "seq", "grad_accum", "gpus", "gpus_per_node", "num_virtual_tokens", "adapter_size"):
             if getattr(self, name) <= 0:
                 raise MemplanError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.train_layers < 0:
@@ -197,8 +222,22 @@ class TrainingSetup:
             raise MemplanError("--offload-params needs ZeRO stage 3 (parameters are only partitioned there)")
         if self.peft is PeftMethod.QLORA and self.precision is Precision.FP32:
             raise MemplanError("QLoRA computes in half precision: use --bf16, --fp16 or --pure-bf16")
-        if self.peft is PeftMethod.QLORA and self.zero == 3:
-            raise MemplanError("QLoRA with ZeRO-3 is not modelled: 4-bit weights are not partitioned")
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        """What each engine can run (Engine)."""
+        p = self.precision
+        if p is Precision.FSDP_BF16 and (self.engine is not Engine.FSDP or self.zero < 2):
+            raise MemplanError("--precision fsdp-bf16 is FSDP2's mixed-precision policy: it needs --engine fsdp "
+                               "with --zero 2 or 3")
+        if self.engine is Engine.FSDP:
+            if self.offload_optimizer and not self.offload_params:
+                raise MemplanError("--engine fsdp offloads parameters, gradients and the optimizer step together "
+                                   "(FSDP2 CPUOffloadPolicy): give --offload-params; optimizer-only offload is "
+                                   "DeepSpeed's (--engine deepspeed)")
+        elif p.autocast or p is Precision.PURE_BF16:
+            raise MemplanError(f"--engine deepspeed keeps fp32 master weights: use --precision bf16-master, "
+                               f"fp16-master or fp32, not {p.value}")
 
     @property
     def tokens(self) -> int:
@@ -217,6 +256,10 @@ class TrainingSetup:
     def shards(self) -> int:
         """How many ways ZeRO partitions states: 1 when stage 0 or a single GPU."""
         return self.gpus if self.zero > 0 else 1
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.gpus // self.gpus_per_node)
 
     def to_dict(self) -> dict:
         out = {}

@@ -12,20 +12,21 @@ from enum import Enum
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import (Attention, Checkpointing, LoraConfig, Optimizer, PeftMethod, Precision,
+from memplan.spec.setup import (Attention, Checkpointing, Engine, LoraConfig, Optimizer, PeftMethod, Precision,
                                 TrainingSetup)
 
 # make_setup's flattened LoRA keywords -> LoraConfig fields
 LORA_FIELDS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "double_quant": "double_quant"}
 SETUP_FIELDS = {f.name for f in fields(TrainingSetup)}
 ENUM_FIELDS = {"precision": Precision, "optimizer": Optimizer, "peft": PeftMethod, "checkpointing": Checkpointing,
-               "attention": Attention}
+               "attention": Attention, "engine": Engine}
 
 # The command-line flag of each make_setup keyword, declared once: memplan.cli.options builds the shared setup
 # options from it, and a sweep rebuilds a configuration's flags from it for its worker process
 # ("--on/--off" is a boolean pair; a plain boolean flag is left out when False).
 SETUP_FLAGS = {
-    "gpus": "--gpus", "zero": "--zero", "offload_optimizer": "--offload-optimizer",
+    "gpus": "--gpus", "zero": "--zero", "engine": "--engine", "gpus_per_node": "--gpus-per-node",
+    "sync_each_batch": "--sync-each-batch", "bucket_view": "--bucket-view", "offload_optimizer": "--offload-optimizer",
     "offload_params": "--offload-params", "precision": "--precision", "optimizer": "--optimizer", "peft": "--peft",
     "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
     "double_quant": "--double-quant/--no-double-quant", "num_virtual_tokens": "--virtual-tokens",
