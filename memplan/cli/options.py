@@ -95,6 +95,15 @@ SETUP_OPTIONS = [
     _setup("checkpointing", str, "none", help="none | full | selective activation checkpointing."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
     _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
+    _setup("ds_reduce_bucket_size", int, 500_000_000, help="--engine deepspeed: reduce_bucket_size (elements)."),
+    _setup("ds_allgather_bucket_size", int, 500_000_000, help="--engine deepspeed: allgather_bucket_size (elements)."),
+    _setup("ds_prefetch_bucket_size", int, 50_000_000, help="--engine deepspeed: stage3_prefetch_bucket_size."),
+    _setup("ds_max_live_parameters", int, 1_000_000_000, help="--engine deepspeed: stage3_max_live_parameters."),
+    _setup("ds_max_reuse_distance", int, 1_000_000_000, help="--engine deepspeed: stage3_max_reuse_distance."),
+    _setup("ds_param_persistence_threshold", int, 100_000, help="--engine deepspeed: stage3_param_persistence_threshold."),
+    _setup("ds_sub_group_size", int, 1_000_000_000, help="--engine deepspeed: sub_group_size (elements)."),
+    _setup("ds_contiguous_gradients", bool, True, help="--engine deepspeed: contiguous_gradients."),
+    _setup("ds_overlap_comm", Optional[bool], None, help="--engine deepspeed: overlap_comm [default: on at ZeRO-3]."),
 ]
 
 # Shortcut flags of one setup field (--bf16 = --precision bf16), and the field's value when none is given.

@@ -296,8 +296,10 @@ def iter_records(path: str | os.PathLike, warn: Callable[[str], None] | None = N
 MAX_COUNT = 2**53
 # make_setup's integer fields in a record's "setup" (TrainingSetup's int fields; a fraction is no batch or GPU count)
 SETUP_INTS = ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node", "batch", "seq",
-              "grad_accum", "lora_rank")
-SETUP_BOOLS = ("offload_optimizer", "offload_params", "dropout", "double_quant", "sync_each_batch", "bucket_view")
+              "grad_accum", "lora_rank", "ds_reduce_bucket_size", "ds_allgather_bucket_size", "ds_prefetch_bucket_size",
+              "ds_max_live_parameters", "ds_max_reuse_distance", "ds_param_persistence_threshold", "ds_sub_group_size")
+SETUP_BOOLS = ("offload_optimizer", "offload_params", "dropout", "double_quant", "sync_each_batch", "bucket_view",
+               "ds_contiguous_gradients", "ds_overlap_comm")
 SETUP_STRS = ("precision", "optimizer", "peft", "checkpointing", "attention", "engine")
 LORA_INTS = ("rank",)
 

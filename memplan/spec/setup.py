@@ -170,6 +170,11 @@ class LoraConfig:
             raise MemplanError(f"--lora-alpha must be positive, got {self.alpha}")
 
 
+# TrainingSetup's DeepSpeed integer knobs (element counts)
+DS_INTS = ("ds_reduce_bucket_size", "ds_allgather_bucket_size", "ds_prefetch_bucket_size", "ds_max_live_parameters",
+           "ds_max_reuse_distance", "ds_param_persistence_threshold", "ds_sub_group_size")
+
+
 @dataclass(frozen=True)
 class TrainingSetup:
     """A training configuration, validated once. Sizes are per GPU (micro-batch) unless named otherwise."""
@@ -196,11 +201,23 @@ class TrainingSetup:
     checkpointing: Checkpointing = Checkpointing.NONE
     attention: Attention = Attention.SDPA
     dropout: bool | None = None  # None: as the model config says
+    # --engine deepspeed: its zero_optimization config keys, DeepSpeed 0.19.8's defaults
+    # (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig; sizes in elements; memplan.estimate.deepspeed)
+    ds_reduce_bucket_size: int = 500_000_000  # reduce_bucket_size = pp_int(5e8)
+    ds_allgather_bucket_size: int = 500_000_000  # allgather_bucket_size = pp_int(5e8)
+    ds_prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size = pp_int(5e7)
+    ds_max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters = pp_int(1e9)
+    ds_max_reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance = pp_int(1e9)
+    ds_param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold = pp_int(1e5)
+    ds_sub_group_size: int = 1_000_000_000  # sub_group_size = pp_int(1e9)
+    ds_contiguous_gradients: bool = True  # contiguous_gradients = True
+    ds_overlap_comm: bool | None = None  # overlap_comm = None: True at stage 3, else False (overlap_comm_valid)
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
-                            "batch", "seq", "grad_accum"),
-                     ("offload_optimizer", "offload_params", "sync_each_batch", "bucket_view"), ("dropout",))
+                            "batch", "seq", "grad_accum", *DS_INTS),
+                     ("offload_optimizer", "offload_params", "sync_each_batch", "bucket_view", "ds_contiguous_gradients"),
+                     ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig)):
             if not isinstance(getattr(self, name), kind):
@@ -223,6 +240,21 @@ class TrainingSetup:
         if self.peft is PeftMethod.QLORA and self.precision is Precision.FP32:
             raise MemplanError("QLoRA computes in half precision: use --bf16, --fp16 or --pure-bf16")
         self._check_engine()
+        self._check_deepspeed()
+
+    def _check_deepspeed(self) -> None:
+        """DeepSpeed's own bounds on its knobs (DeepSpeedZeroConfig: reduce_bucket_size gt=0, the rest ge=0); the
+        knobs mean nothing to another engine."""
+        for name in DS_INTS:
+            v, least = getattr(self, name), 1 if name == "ds_reduce_bucket_size" else 0
+            if v < least:
+                bound = "positive" if least else "zero or more"
+                raise MemplanError(f"--{name.replace('_', '-')} must be {bound}, got {v}")
+        if self.engine is not Engine.DEEPSPEED:
+            changed = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                       if f.name.startswith("ds_") and getattr(self, f.name) != f.default]
+            if changed:
+                raise MemplanError(f"{changed[0]} is a DeepSpeed setting: it needs --engine deepspeed")
 
     def _check_engine(self) -> None:
         """What each engine can run (Engine)."""

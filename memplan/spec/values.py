@@ -33,6 +33,12 @@ SETUP_FLAGS = {
     "adapter_size": "--adapter-size", "train_layers": "--train-layers", "batch": "--batch", "seq": "--seq",
     "grad_accum": "--grad-accum", "checkpointing": "--checkpointing", "attention": "--attention",
     "dropout": "--dropout/--no-dropout",
+    "ds_reduce_bucket_size": "--ds-reduce-bucket-size", "ds_allgather_bucket_size": "--ds-allgather-bucket-size",
+    "ds_prefetch_bucket_size": "--ds-prefetch-bucket-size", "ds_max_live_parameters": "--ds-max-live-parameters",
+    "ds_max_reuse_distance": "--ds-max-reuse-distance",
+    "ds_param_persistence_threshold": "--ds-param-persistence-threshold", "ds_sub_group_size": "--ds-sub-group-size",
+    "ds_contiguous_gradients": "--ds-contiguous-gradients/--no-ds-contiguous-gradients",
+    "ds_overlap_comm": "--ds-overlap-comm/--no-ds-overlap-comm",
 }
 
 
