@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from memplan.categories import Category as C
 from memplan.errors import MemplanError
+from memplan.estimate import deepspeed
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
@@ -16,7 +17,7 @@ from memplan.estimate.weights import model_states
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec, TensorKind
 from memplan.units import GiB
-from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
+from memplan.spec.setup import Attention, Checkpointing, Engine, PeftMethod, TrainingSetup
 
 __all__ = ["estimate_spec", "validate", "gpu_checks", "Overhead"]
 
@@ -47,6 +48,8 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
         raise MemplanError("prefix tuning does not work with gradient checkpointing (peft refuses it)")
     if setup.peft is PeftMethod.FREEZE and setup.train_layers > model.blocks:
         raise MemplanError(f"--train-layers {setup.train_layers} exceeds the model's {model.blocks} blocks")
+    if setup.engine is Engine.DEEPSPEED:
+        warns.append(deepspeed.ESTIMATE_ONLY)
     if setup.zero > 0 and setup.gpus == 1:
         warns.append(f"ZeRO stage {setup.zero} on one GPU shards nothing: states are as without ZeRO")
     if setup.seq > model.max_positions and model.traits.learned_positions:

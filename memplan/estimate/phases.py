@@ -27,13 +27,14 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from memplan.categories import Category as C, Phase
+from memplan.estimate import deepspeed
 from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import Unsharded, grad_dtype_bytes, unsharded
 from memplan.spec.model import ModelSpec, Role
-from memplan.spec.setup import Checkpointing, LoraConfig, PeftMethod, TrainingSetup
+from memplan.spec.setup import Checkpointing, Engine, LoraConfig, PeftMethod, TrainingSetup
 from memplan.units import round_block
 
 
@@ -227,6 +228,8 @@ def loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
 def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[int, int]:
     """(forward, backward) working buffers of sharded training: ZeRO-3 gathers a block's parameters (plus one
     prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter."""
+    if setup.engine is Engine.DEEPSPEED:  # its gathered parameters (memplan.estimate.deepspeed)
+        return deepspeed.zero_buffers(model, setup)
     if setup.shards == 1:
         return 0, 0
     # FSDP MixedPrecision / DeepSpeed gather parameters in the compute dtype
@@ -284,12 +287,15 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     loss_f, loss_b = loss_bytes(model, setup)
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
         setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
-    return (
+    states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq + loss_f + h.z_f)),
         *backward_states(model, setup, p, ms, acts, h, loss_b),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
+    if setup.engine is Engine.DEEPSPEED:  # its buckets and partitions (memplan.estimate.deepspeed)
+        return deepspeed.adjust(states, model, setup, ms)
+    return states
 
 
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,

@@ -1,0 +1,166 @@
+"""DeepSpeed ZeRO 1 / 2 / 3 (--engine deepspeed): the per-GPU buffers DeepSpeed 0.19.8 allocates beyond the ZeRO
+paper's model states, sized from its config (TrainingSetup.ds_*, DeepSpeed's defaults) as its code allocates them.
+
+The model states themselves are the ZeRO paper's (memplan.estimate.weights.model_states): half-precision weights
+(whole at stage 1/2: `bit16_groups_flat`; a 1/N partition at stage 3: `ds_tensor`), the fp32 master partition
+(`single_partition_of_fp32_groups` / `fp32_partitioned_groups_flat`), the optimizer states of that partition, and the
+half-precision gradient partition (stage 2: `grads_in_partition`; stage 3: `grad_partitions_flat_buffer`). Checked
+against DeepSpeed itself on the CPU (gloo, world size 2, memplan's AllocTracker; docs/deepspeed.md): the load bytes
+are these to the byte.
+
+What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspeed/runtime/zero/):
+
+  ipg bucket       stage_1_and_2.py setup_buckets(): `torch.empty(reduce_bucket_size)` in the gradient dtype when
+                   contiguous_gradients, a second one when overlap_comm, from the backward's first gradient hook until
+                   the backward's end (_release_ipg_buffers); stage3.py __init__: one `torch.empty(reduce_bucket_size)`
+                   per parameter dtype, allocated at initialize and kept. Not capped by the model's size: a small
+                   model pays the whole bucket (reduce_bucket_size = 5e8 elements -> 1 GB in bf16).
+  stage-3 grads    stage3.py __init__: `grad_partitions_flat_buffer = torch.zeros(sum(partition_numel))`: the
+                   gradient partition exists from initialize on (on the host, pinned, under offload_optimizer).
+  persistent       stage3 parameters under stage3_param_persistence_threshold elements are never partitioned
+                   (partition_parameters.py, ds_persist): each rank holds them whole.
+  gathered         partitioned_param_coordinator.py: after a module's forward its parameters are released unless
+                   the trace uses them again within stage3_max_reuse_distance elements (__params_to_release); the
+                   top of the network is reused by the backward soon after, so at the forward's end the last
+                   ~max_reuse_distance / 2 elements stay gathered (forward to the end, then back). The prefetcher
+                   gathers up to stage3_prefetch_bucket_size elements ahead, no more than stage3_max_live_parameters
+                   less what is live.
+  fp32 gradient    stage_1_and_2.py step(): `flat_grad_partition.to(fp32)` for the whole partition, the half one
+                   freed first; stage3.py _prepare_fp32_grad_for_sub_group(): one sub-group (sub_group_size elements)
+                   at a time, the half buffer kept. On the host under offload_optimizer.
+  all-gather       stage 1/2 re-gathers the updated half weights after the step with all_gather_into_tensor into the
+                   flat weights themselves (runtime/utils.py all_gather_dp_groups): allgather_bucket_size sizes no
+                   buffer when the backend has all_gather_into_tensor (NCCL and gloo on torch >= 2.0).
+
+The figure is an estimate only: memplan does not trace DeepSpeed (ESTIMATE_ONLY).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.categories import Category as C, Phase
+from memplan.estimate.optimizer import step_temporary_bytes
+from memplan.estimate.params import ParamGroup, param_groups
+from memplan.spec.model import ModelSpec
+from memplan.spec.setup import Engine, TrainingSetup
+from memplan.units import round_block
+
+ESTIMATE_ONLY = ("--engine deepspeed is estimate-only: memplan does not trace or measure DeepSpeed; its buffers are "
+                 "sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
+                 "docs/deepspeed.md)")
+
+
+def overlap_comm(setup: TrainingSetup) -> bool:
+    """DeepSpeedZeroConfig.overlap_comm_valid: unset means True at stage 3, False below."""
+    return setup.ds_overlap_comm if setup.ds_overlap_comm is not None else setup.zero == 3
+
+
+@dataclass(frozen=True)
+class DsTerms:
+    """DeepSpeed's buffers on one GPU, in bytes (module docstring for each source)."""
+
+    ipg_bucket: int  # reduce_bucket_size elements in the gradient dtype (x2 with overlap_comm at stage 1/2)
+    persistent: int  # stage 3: what persistent (unpartitioned) small parameters add beyond their partition
+    gathered_fwd: int  # stage 3: parameters gathered at the forward's end (reuse window + prefetch)
+    gathered_bwd: int  # stage 3: inside the backward: one module's parameters, the prefetch, its unsharded gradient
+    fp32_grad: int  # the fp32 gradient the optimizer steps (stage 3: one sub-group), 0 when offloaded
+    step_group: int  # the fp32 tensor one optimizer step runs on (its step temporaries scale with it)
+
+
+def _half(setup: TrainingSetup) -> int:
+    return setup.precision.param_bytes
+
+
+def ipg_bucket(setup: TrainingSetup, trains: bool) -> int:
+    if setup.zero == 0 or not trains or not setup.ds_contiguous_gradients:
+        return 0
+    copies = 2 if overlap_comm(setup) and setup.zero < 3 else 1
+    return copies * round_block(setup.ds_reduce_bucket_size * _half(setup))
+
+
+def _split(groups: tuple[ParamGroup, ...], threshold: int) -> tuple[int, int, int]:
+    """(partitioned elements, persistent elements, largest partitioned tensor) of stage 3."""
+    part = pers = largest = 0
+    for g in groups:
+        if g.numel < threshold:
+            pers += g.total
+        else:
+            part += g.total
+            largest = max(largest, g.numel)
+    return part, pers, largest
+
+
+def persistent_extra(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Stage 3: persistent parameters are whole on every rank; model_states counted their 1/N partition."""
+    n = setup.shards
+    whole = sum(round_block(g.numel * _half(setup)) * g.count for g in groups
+                if g.numel < setup.ds_param_persistence_threshold and not g.nf4)
+    return whole - -(-whole // n)
+
+
+def gathered(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int]:
+    """Stage 3 (forward's end, inside the backward) bytes of gathered parameters and unsharded gradients."""
+    part, _, largest = _split(groups, setup.ds_param_persistence_threshold)
+    h = _half(setup)
+    kept = min(part, setup.ds_max_reuse_distance // 2)  # forward to the end and back: twice the distance
+    prefetch = min(setup.ds_prefetch_bucket_size, setup.ds_max_live_parameters, part)
+    fwd = min(part, kept + prefetch)
+    bwd = min(part, largest + prefetch)
+    grad = largest if any(g.trainable for g in groups) else 0
+    return round_block(fwd * h), round_block(bwd * h) + round_block(grad * h)
+
+
+def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
+    groups = param_groups(model, setup)
+    trainable = sum(g.total for g in groups if g.trainable)
+    n = setup.shards
+    partition = -(-trainable // n)
+    sub = min(partition, setup.ds_sub_group_size) if setup.zero == 3 else partition
+    fp32 = 0 if setup.offload_optimizer else round_block(sub * 4)
+    fwd = bwd = pers = 0
+    if setup.zero == 3:
+        fwd, bwd = gathered(groups, setup)
+        pers = persistent_extra(groups, setup)
+    return DsTerms(ipg_bucket(setup, trainable > 0), pers, fwd, bwd, fp32, round_block(sub * 4))
+
+
+def zero_buffers(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """phases.zero_buffers for DeepSpeed: the (forward, backward) working buffers the step's states hold."""
+    if setup.shards == 1:
+        return 0, 0
+    t = terms(model, setup)
+    return t.gathered_fwd, t.gathered_bwd
+
+
+def _with(state, **add):
+    cats = dict(state.categories)
+    for k, v in add.items():
+        cats[C(k)] = v
+    return state._replace(categories=cats)
+
+
+def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
+    """The step's states (memplan.estimate.phases.step_states) with DeepSpeed's buffers: the IPG bucket, stage 3's
+    gradient partition from initialize on and its persistent parameters, and the optimizer step's fp32 gradient."""
+    if setup.engine is not Engine.DEEPSPEED or setup.shards == 1:
+        return states
+    t = terms(model, setup)
+    z3 = setup.zero == 3
+    out, backward_seen = [], False
+    for s in states:
+        cats = s.categories
+        tmp, grads = cats[C.TEMPORARIES] + t.persistent, cats[C.GRADIENTS]
+        if z3:  # the flat gradient partition lives from initialize on (zeros until the backward fills it)
+            grads = max(grads, ms.gradients)
+        if s.phase is Phase.OPTIMIZER_STEP:
+            # stage 1/2 free the half partition before stepping the fp32 one; stage 3 keeps its flat buffer
+            grads = (ms.gradients if z3 else 0) + t.fp32_grad
+            tmp = t.persistent + (0 if setup.offload_optimizer else
+                                  step_temporary_bytes(setup.optimizer, t.step_group, t.step_group))
+        if z3:
+            tmp += t.ipg_bucket
+        elif s.phase is Phase.BACKWARD:
+            tmp += t.ipg_bucket if backward_seen else 0  # set up at the first parameter's gradient hook
+            backward_seen = True
+        out.append(_with(s, temporaries=tmp, gradients=grads))
+    return tuple(out)
