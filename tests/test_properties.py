@@ -166,7 +166,9 @@ ZERO_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 def test_higher_zero_never_uses_more(case, stages, gpus):
     name, kw = case
     lo, hi = stages
-    kw = {**kw, "gpus": gpus, "offload_optimizer": False, "offload_params": False}
+    # PyTorch's engines: DeepSpeed's fixed-size buckets (1 GB at its defaults) can outweigh what a higher stage saves
+    # on a small model, as they do on the GPU (tests/test_deepspeed.py checks its own ordering)
+    kw = {**kw, "gpus": gpus, "offload_optimizer": False, "offload_params": False, "engine": "fsdp"}
     if kw["peft"] == "qlora":
         assume(hi != 3)
     a = run_or_reject(name, {**kw, "zero": lo})
@@ -258,7 +260,8 @@ def test_lora_can_need_more_than_full_with_stateless_optimizers(kw):
 # at all (hypothesis found it at seq 1; exploring finds mixtral-8x7b ones at seq 57 and 821 too: ZeRO-2 × 64 and
 # ZeRO-1 × 8, fp16-master, +101,420 B and +171,004 B, both inside the lowest block's backward).
 TINY_SEQ_CASE = ("t5-3b", dict(precision="fp16-master", optimizer="adamw", peft="full", batch=1, seq=1, gpus=2,
-                               zero=2, offload_optimizer=True, attention="eager", engine="deepspeed"))
+                               zero=2, offload_optimizer=True, attention="eager", engine="deepspeed",
+                               ds_contiguous_gradients=False))  # no 1 GB IPG bucket beside a one-token step
 # a 2+2-block T5 (t5-3b's hf_config scaled down: same family, relative bias, ReLU MLP, tied head) for the trace
 TINY_T5 = dict(model_type="t5", d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
                vocab_size=128, n_positions=512, relative_attention_num_buckets=32,

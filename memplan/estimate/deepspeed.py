@@ -124,10 +124,25 @@ def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
     return DsTerms(ipg_bucket(setup, trainable > 0), pers, fwd, bwd, fp32, round_block(sub * 4))
 
 
+def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Stage 2 inside the backward: gradients made and not yet reduced into the partition. With contiguous_gradients
+    one at a time (autograd's new tensor, before it is copied into the IPG bucket); without, a whole bucket of them
+    (reduce_bucket_size elements: stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads)."""
+    train = [g for g in groups if g.trainable]
+    if not train:
+        return 0
+    if setup.ds_contiguous_gradients:
+        return max(round_block(g.numel * _half(setup)) for g in train)
+    return round_block(min(setup.ds_reduce_bucket_size, sum(g.total for g in train)) * _half(setup))
+
+
 def zero_buffers(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
-    """phases.zero_buffers for DeepSpeed: the (forward, backward) working buffers the step's states hold."""
-    if setup.shards == 1:
+    """phases.zero_buffers for DeepSpeed: the (forward, backward) working buffers the step's states hold. Stage 1
+    reduces only at the backward's end (the full gradients are model states there); the IPG bucket is adjust()'s."""
+    if setup.shards == 1 or setup.zero == 1:
         return 0, 0
+    if setup.zero == 2:
+        return 0, unreduced(param_groups(model, setup), setup)
     t = terms(model, setup)
     return t.gathered_fwd, t.gathered_bwd
 
