@@ -17,8 +17,9 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    model pays the whole bucket (reduce_bucket_size = 5e8 elements -> 1 GB in bf16).
   stage-3 grads    stage3.py __init__: `grad_partitions_flat_buffer = torch.zeros(sum(partition_numel))`: the
                    gradient partition exists from initialize on (on the host, pinned, under offload_optimizer).
-  persistent       stage3 parameters under stage3_param_persistence_threshold elements are never partitioned
-                   (partition_parameters.py, ds_persist): each rank holds them whole.
+  persistent       stage-3 parameters under stage3_param_persistence_threshold elements are never released once
+                   gathered (partition_parameters.py, ds_persist): each rank holds them whole from the first forward
+                   on, beside their partition.
   gathered         partitioned_param_coordinator.py: after a module's forward its parameters are released unless
                    the trace uses them again within stage3_max_reuse_distance elements (__params_to_release); the
                    top of the network is reused by the backward soon after, so at the forward's end the last
@@ -60,9 +61,10 @@ class DsTerms:
     """DeepSpeed's buffers on one GPU, in bytes (module docstring for each source)."""
 
     ipg_bucket: int  # reduce_bucket_size elements in the gradient dtype (x2 with overlap_comm at stage 1/2)
-    persistent: int  # stage 3: what persistent (unpartitioned) small parameters add beyond their partition
+    persistent: int  # stage 3: persistent (never partitioned) small parameters, whole, beside their partition
     gathered_fwd: int  # stage 3: parameters gathered at the forward's end (reuse window + prefetch)
-    gathered_bwd: int  # stage 3: inside the backward: one module's parameters, the prefetch, its unsharded gradient
+    gathered_bwd: int  # stage 3: inside the backward: one module's parameters, the prefetch, its unsharded gradient,
+    #                    the reduce-scatter's copy of the bucket
     fp32_grad: int  # the fp32 gradient the optimizer steps (stage 3: one sub-group), 0 when offloaded
     step_group: int  # the fp32 tensor one optimizer step runs on (its step temporaries scale with it)
 
@@ -91,23 +93,31 @@ def _split(groups: tuple[ParamGroup, ...], threshold: int) -> tuple[int, int, in
 
 
 def persistent_extra(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
-    """Stage 3: persistent parameters are whole on every rank; model_states counted their 1/N partition."""
-    n = setup.shards
-    whole = sum(round_block(g.numel * _half(setup)) * g.count for g in groups
-                if g.numel < setup.ds_param_persistence_threshold and not g.nf4)
-    return whole - -(-whole // n)
+    """Stage 3: persistent parameters are gathered whole at their first use and never released, beside their
+    partition (model_states counts the partition). Measured on DeepSpeed (docs/deepspeed.md): with every parameter
+    under the threshold, the live bytes from the second step on are 2P above those with none, not 2P - 2P/N."""
+    return sum(round_block(g.numel * _half(setup)) * g.count for g in groups
+               if g.numel < setup.ds_param_persistence_threshold and not g.nf4)
 
 
 def gathered(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int]:
     """Stage 3 (forward's end, inside the backward) bytes of gathered parameters and unsharded gradients."""
     part, _, largest = _split(groups, setup.ds_param_persistence_threshold)
     h = _half(setup)
-    kept = min(part, setup.ds_max_reuse_distance // 2)  # forward to the end and back: twice the distance
+    # a module is kept when the trace reaches its backward within max_reuse_distance elements: forward to the end
+    # and back is twice what lies above it, so the top max_reuse_distance / 2 elements stay, and the module that
+    # crosses the line (measured: 32,832 elements kept at max_reuse_distance 50,000 with 8,192-element modules)
+    reuse = setup.ds_max_reuse_distance
+    kept = min(part, reuse // 2 + largest) if reuse > 0 else 0
     prefetch = min(setup.ds_prefetch_bucket_size, setup.ds_max_live_parameters, part)
     fwd = min(part, kept + prefetch)
     bwd = min(part, largest + prefetch)
-    grad = largest if any(g.trainable for g in groups) else 0
-    return round_block(fwd * h), round_block(bwd * h) + round_block(grad * h)
+    trainable = sum(g.total for g in groups if g.trainable)
+    grad = largest if trainable else 0
+    # the reduce-scatter of a full bucket copies it (runtime/comm/coalesced_collectives.py reduce_scatter_coalesced:
+    # `torch.cat(tensor_partitions_lst_with_padding)`)
+    scatter = min(setup.ds_reduce_bucket_size, trainable) if setup.ds_contiguous_gradients else 0
+    return round_block(fwd * h), round_block(bwd * h) + round_block(grad * h) + round_block(scatter * h)
 
 
 def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
@@ -164,13 +174,14 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     out, backward_seen = [], False
     for s in states:
         cats = s.categories
-        tmp, grads = cats[C.TEMPORARIES] + t.persistent, cats[C.GRADIENTS]
+        pers = 0 if s.phase is Phase.LOAD else t.persistent  # gathered at their first forward
+        tmp, grads = cats[C.TEMPORARIES] + pers, cats[C.GRADIENTS]
         if z3:  # the flat gradient partition lives from initialize on (zeros until the backward fills it)
             grads = max(grads, ms.gradients)
         if s.phase is Phase.OPTIMIZER_STEP:
             # stage 1/2 free the half partition before stepping the fp32 one; stage 3 keeps its flat buffer
             grads = (ms.gradients if z3 else 0) + t.fp32_grad
-            tmp = t.persistent + (0 if setup.offload_optimizer else
+            tmp = pers + (0 if setup.offload_optimizer else
                                   step_temporary_bytes(setup.optimizer, t.step_group, t.step_group))
         if z3:
             tmp += t.ipg_bucket
