@@ -174,7 +174,9 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     out, backward_seen = [], False
     for s in states:
         cats = s.categories
-        pers = 0 if s.phase is Phase.LOAD else t.persistent  # gathered at their first forward
+        # gathered at their first forward; released for the optimizer step and gathered again after it (measured:
+        # the step's peak is the same with every parameter persistent as with none)
+        pers = 0 if s.phase in (Phase.LOAD, Phase.OPTIMIZER_STEP) else t.persistent
         tmp, grads = cats[C.TEMPORARIES] + pers, cats[C.GRADIENTS]
         if z3:  # the flat gradient partition lives from initialize on (zeros until the backward fills it)
             grads = max(grads, ms.gradients)

@@ -1,0 +1,87 @@
+"""Run DeepSpeed ZeRO for real on the CPU (gloo, DS_ACCELERATOR=cpu, world size 2) under memplan's AllocTracker and
+write what each configuration holds: `python tests/deepspeed_cpu.py OUT.json CONFIGS.json`.
+
+CONFIGS.json: {name: {"stage": k, "zero": {zero_optimization keys}}}. For each, rank 0 writes the live bytes after
+deepspeed.initialize ("load") and, on the third step (DeepSpeed records its stage-3 module trace in the first),
+the live bytes at its start, at the forward's end, and the forward's and backward's peaks. Used by
+tests/test_deepspeed.py when deepspeed is importable (DeepSpeed 0.19.8 builds no ops: DS_BUILD_OPS=0).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+# a 2-block Llama, 98,624 parameters (tests/test_deepspeed.py builds the same config with memplan)
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+SEQ = 16
+
+
+def run_one(stage: int, zero: dict) -> dict:
+    import deepspeed
+    import transformers
+
+    from memplan.categories import Phase
+    from memplan.trace.tracker import AllocTracker
+
+    class Tracker(AllocTracker):  # DeepSpeed's meta-device shape bookkeeping allocates nothing
+        def _see(self, t, tag, op):
+            return None if t.device.type == "meta" else super()._see(t, tag, op)
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+           "zero_optimization": {"stage": stage, **zero}}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY))
+    ids = torch.randint(0, TINY["vocab_size"], (1, SEQ))
+    out = {}
+    with Tracker(round_to=1) as t:  # storages freed by the garbage collector are collected before each reading
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+        gc.collect()
+        out["load"] = t.total
+        for _ in range(3):
+            gc.collect()
+            t.start_window()
+            out["start"] = t.total
+            t.set_phase(Phase.FORWARD)
+            loss = engine(input_ids=ids, labels=ids).loss
+            gc.collect()
+            out["forward_end"] = t.total
+            t.set_phase(Phase.BACKWARD)
+            engine.backward(loss)
+            t.set_phase(Phase.OPTIMIZER_STEP)
+            engine.step()
+            out["peaks"] = {k.value: v for k, v in t.phase_peaks.items()}
+        del engine, loss
+    return out
+
+
+def worker(rank: int, world: int, port: int, configs: dict, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rows = {name: run_one(c["stage"], c.get("zero", {})) for name, c in configs.items()}
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    out_path, configs_path = sys.argv[1], sys.argv[2]
+    with open(configs_path) as f:
+        configs = json.load(f)
+    port = 29000 + os.getpid() % 2000
+    mp.spawn(worker, args=(2, port, configs, out_path), nprocs=2, join=True)

@@ -1,0 +1,309 @@
+"""--engine deepspeed: DeepSpeed ZeRO 1/2/3's per-GPU buffers (memplan.estimate.deepspeed), their config defaults,
+the ZeRO paper's identities under it, and — when deepspeed is importable — the estimate against DeepSpeed itself run
+on the CPU (gloo, world size 2) under memplan's AllocTracker (tests/deepspeed_cpu.py; docs/deepspeed.md)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+import memplan
+from memplan.api import make_setup
+from memplan.categories import Category as C, Phase
+from memplan.errors import MemplanError
+from memplan.estimate import deepspeed as ds, estimate_spec
+from memplan.profiles import load_model
+from memplan.spec.families import spec_from_config
+from memplan.spec.setup import TrainingSetup
+from memplan.units import round_block
+from published import PUBLISHED
+
+DS = PUBLISHED["deepspeed_llama_7b"]
+P = DS["params"]  # llama-7b's exact parameter count (tests/test_published.py)
+N = DS["gpus"]
+ZERO = PUBLISHED["zero_paper"]
+
+# DeepSpeed 0.19.8's zero_optimization defaults, deepspeed/runtime/zero/config.py (DeepSpeedZeroConfig):
+# reduce_bucket_size = pp_int(5e8), allgather_bucket_size = pp_int(5e8), stage3_prefetch_bucket_size = pp_int(5e7),
+# stage3_max_live_parameters = pp_int(1e9), stage3_max_reuse_distance = pp_int(1e9),
+# stage3_param_persistence_threshold = pp_int(1e5), sub_group_size = pp_int(1e9), contiguous_gradients = True,
+# overlap_comm = None (True at stage 3: overlap_comm_valid)
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 5 * 10**8, "allgather_bucket_size": 5 * 10**8, "prefetch_bucket_size": 5 * 10**7,
+    "max_live_parameters": 10**9, "max_reuse_distance": 10**9, "param_persistence_threshold": 10**5,
+    "sub_group_size": 10**9, "contiguous_gradients": True, "overlap_comm": None,
+}
+
+
+def setup(**kw):
+    base = dict(precision="bf16-master", optimizer="adamw", gpus=N, zero=3, engine="deepspeed")
+    return make_setup(**{**base, **kw})
+
+
+def est(model="llama-7b", **kw):
+    return estimate_spec(load_model(model), setup(**kw))
+
+
+# --- the knobs and their defaults --------------------------------------------------------------------------------
+def test_setup_defaults_are_deepspeeds():
+    s = TrainingSetup()
+    for key, want in DEEPSPEED_DEFAULTS.items():
+        assert getattr(s, "ds_" + key) == want, key
+
+
+def test_setup_defaults_match_installed_deepspeed():
+    """The same defaults read from DeepSpeed's own config class, when it is installed."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    cfg = DeepSpeedZeroConfig()
+    for key, want in DEEPSPEED_DEFAULTS.items():
+        got = getattr(cfg, key)
+        if key == "overlap_comm":  # resolved by the validator for the default stage 0
+            continue
+        assert got == want, key
+
+
+def test_knobs_need_the_deepspeed_engine_and_deepspeeds_bounds():
+    with pytest.raises(MemplanError, match="needs --engine deepspeed"):
+        make_setup(gpus=8, zero=3, ds_reduce_bucket_size=1000)
+    with pytest.raises(MemplanError, match="--ds-reduce-bucket-size must be positive"):
+        setup(ds_reduce_bucket_size=0)  # DeepSpeedZeroConfig: reduce_bucket_size gt=0
+    with pytest.raises(MemplanError, match="--ds-prefetch-bucket-size must be zero or more"):
+        setup(ds_prefetch_bucket_size=-1)  # ge=0
+    setup(ds_prefetch_bucket_size=0, ds_max_reuse_distance=0)  # DeepSpeed allows 0
+
+
+def test_every_knob_has_a_flag_and_a_record_type():
+    from memplan.measure.record import SETUP_BOOLS, SETUP_INTS
+    from memplan.spec.values import SETUP_FLAGS
+
+    knobs = [f.name for f in fields(TrainingSetup) if f.name.startswith("ds_")]
+    assert len(knobs) == len(DEEPSPEED_DEFAULTS)
+    for k in knobs:
+        assert k in SETUP_FLAGS and (k in SETUP_INTS or k in SETUP_BOOLS), k
+
+
+def test_cli_knob_reaches_the_estimate(capsys):
+    from memplan.cli import main
+
+    args = ["estimate", "--model", "llama-7b", "--engine", "deepspeed", "--zero", "3", "--gpus", "8",
+            "--precision", "bf16-master", "--format", "json"]
+    assert main(args) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(args + ["--ds-reduce-bucket-size", "1000000000"]) == 0
+    bigger = json.loads(capsys.readouterr().out)
+    # one more 5e8-element bf16 bucket (stage 3 keeps one IPG bucket, allocated at initialize)
+    assert bigger["peak"]["allocated_bytes"] - default["peak"]["allocated_bytes"] == 5 * 10**8 * 2
+
+
+def test_bad_knob_is_one_line_exit_2(capsys):
+    from memplan.cli import main
+
+    assert main(["estimate", "--model", "llama-7b", "--ds-max-live-parameters", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--engine deepspeed" in err
+
+
+# --- the output says it is an estimate only ----------------------------------------------------------------------
+def test_estimate_only_warning():
+    assert ds.ESTIMATE_ONLY in est().warnings
+    assert ds.ESTIMATE_ONLY not in memplan.estimate("llama-7b", gpus=N, zero=3).warnings
+
+
+@pytest.mark.parametrize("command", [["trace"], ["measure", "--device", "cpu"]])
+def test_trace_and_measure_refuse_deepspeed(command, capsys):
+    """Both tiers refuse a DeepSpeed setup in one line with exit 2 (memplan.trace.support.unsupported)."""
+    from memplan.cli import main
+
+    assert main([*command, "--model", "llama-7b", "--engine", "deepspeed", "--zero", "3", "--gpus", "2",
+                 "--precision", "bf16-master"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "deepspeed" in err.lower() or "multi-gpu" in err.lower()
+
+
+# --- the ZeRO paper's identities hold under the DeepSpeed engine -------------------------------------------------
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_zero_paper_bytes_per_param(zero):
+    """ZeRO §5: P_os 2 + 2 + K/N_d, P_os+g 2 + (2 + K)/N_d, P_os+g+p (2 + 2 + K)/N_d bytes per parameter, K = 12."""
+    k, n_d = ZERO["k"], ZERO["n_d"]
+    ms = est(zero=zero, gpus=n_d).model_states
+    assert ms.total / P == pytest.approx({1: 2 + 2 + k / n_d, 2: 2 + (2 + k) / n_d, 3: (2 + 2 + k) / n_d}[zero],
+                                         rel=1e-6)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_shard_identities(zero):
+    """What each stage partitions, term by term (llama-7b: P divisible by 8, so the shards are exact)."""
+    ms, one = est(zero=zero).model_states, est(zero=0, gpus=1).model_states
+    assert ms.master_weights == one.master_weights // N == 4 * P // N
+    assert ms.optimizer_states == one.optimizer_states // N == 8 * P // N
+    assert ms.gradients == (2 * P // N if zero >= 2 else 2 * P)
+    assert ms.weights == (2 * P // N if zero == 3 else 2 * P)
+
+
+# --- each buffer from DeepSpeed's code and defaults --------------------------------------------------------------
+def test_ipg_bucket_from_the_default_reduce_bucket_size():
+    """stage_1_and_2.py setup_buckets / stage3.py __init__: torch.empty(reduce_bucket_size) in the gradient dtype."""
+    b = DEEPSPEED_DEFAULTS["reduce_bucket_size"] * 2  # bf16
+    assert ds.ipg_bucket(setup(zero=3), True) == b  # stage 3: one bucket, overlap_comm on
+    assert ds.ipg_bucket(setup(zero=2), True) == b  # stage 1/2: overlap_comm off by default
+    assert ds.ipg_bucket(setup(zero=2, ds_overlap_comm=True), True) == 2 * b  # double buffer
+    assert ds.ipg_bucket(setup(zero=2, ds_contiguous_gradients=False), True) == 0
+    assert ds.ipg_bucket(setup(zero=3), False) == 0  # nothing trains: no gradient hook
+
+
+def test_ipg_bucket_is_not_capped_by_the_model():
+    """A 124M-parameter model still pays DeepSpeed's whole 5e8-element bucket (1 GB): more than its model states."""
+    r = est("gpt2", zero=3, seq=1024)
+    assert r.categories[C.TEMPORARIES] >= ds.ipg_bucket(setup(zero=3), True) > r.model_states.total
+
+
+def test_stage3_gradient_partition_exists_from_load():
+    """stage3.py: grad_partitions_flat_buffer = torch.zeros(...) at initialize; stage 2 makes it in the backward."""
+    three, two = est(zero=3), est(zero=2)
+    assert three.phase_peaks[Phase.LOAD] - est(zero=3, offload_optimizer=True).phase_peaks[Phase.LOAD] > 0
+    t3 = ds.terms(load_model("llama-7b"), setup(zero=3))
+    assert three.phase_peaks[Phase.LOAD] == (three.model_states.weights + three.model_states.master_weights
+                                             + three.model_states.gradients + t3.ipg_bucket)
+    assert two.phase_peaks[Phase.LOAD] == two.model_states.weights + two.model_states.master_weights
+
+
+def test_fp32_gradient_at_the_step():
+    """The optimizer steps an fp32 copy of the gradient partition: 4P/N at stage 1/2 (half freed), one
+    sub_group_size sub-group at stage 3 (half buffer kept); on the host under offload_optimizer."""
+    m = load_model("llama-7b")
+    assert ds.terms(m, setup(zero=2)).fp32_grad == 4 * P // N
+    assert ds.terms(m, setup(zero=3)).fp32_grad == 4 * P // N  # P/N = 842M < sub_group_size 1e9
+    assert ds.terms(m, setup(zero=3, ds_sub_group_size=10**8)).fp32_grad == 4 * 10**8
+    assert ds.terms(m, setup(zero=3, offload_optimizer=True)).fp32_grad == 0
+    r = memplan.estimate("llama-7b", precision="bf16-master", optimizer="adamw-fused", gpus=N, zero=2,
+                         engine="deepspeed")
+    step = r.phase_peaks[Phase.OPTIMIZER_STEP]
+    assert step - (r.model_states.total - r.model_states.gradients) == 4 * P // N  # fused: no step temporaries
+
+
+def test_allgather_bucket_sizes_no_buffer():
+    """runtime/utils.py all_gather_dp_groups: all_gather_into_tensor into the flat weights themselves."""
+    a = est(zero=2).peak.allocated_bytes
+    assert est(zero=2, ds_allgather_bucket_size=10**6).peak.allocated_bytes == a
+
+
+def test_gathered_parameters_from_reuse_distance_and_prefetch():
+    m = load_model("llama-7b")
+    largest = m.largest_tensor
+    fwd, _ = ds.gathered(ds.param_groups(m, setup()), setup())
+    # defaults: the top max_reuse_distance / 2 elements plus the module crossing the line, and the prefetch bucket
+    assert fwd == round_block((DEEPSPEED_DEFAULTS["max_reuse_distance"] // 2 + largest
+                               + DEEPSPEED_DEFAULTS["prefetch_bucket_size"]) * 2)
+    none, _ = ds.gathered(ds.param_groups(m, setup()), setup(ds_max_reuse_distance=0, ds_prefetch_bucket_size=0))
+    assert none == 0
+    capped, _ = ds.gathered(ds.param_groups(m, setup()), setup(ds_max_live_parameters=10**6,
+                                                               ds_max_reuse_distance=0))
+    assert capped == round_block(10**6 * 2)  # stage3_max_live_parameters caps the prefetch
+
+
+@pytest.mark.parametrize("knob, values", [
+    ("ds_reduce_bucket_size", [10**6, 10**8, 5 * 10**8, 2 * 10**9]),
+    ("ds_prefetch_bucket_size", [0, 10**7, 5 * 10**7, 10**9]),
+    ("ds_max_reuse_distance", [0, 10**8, 10**9, 2 * 10**9]),
+    ("ds_max_live_parameters", [0, 10**6, 10**9]),
+    ("ds_param_persistence_threshold", [0, 10**4, 10**5, 10**7]),
+    ("ds_sub_group_size", [10**6, 10**8, 10**9]),
+])
+def test_peak_is_monotonic_in_each_knob(knob, values):
+    peaks = [est(**{knob: v}).peak.allocated_bytes for v in values]
+    assert peaks == sorted(peaks)
+    # max_live_parameters only caps the prefetch; sub_group_size sizes the step, which is not llama-7b's peak
+    assert peaks[-1] > peaks[0] or knob in ("ds_max_live_parameters", "ds_sub_group_size")
+
+
+def test_offload_keeps_the_buckets_on_the_gpu():
+    """offload_optimizer moves master, optimizer states and the gradient partition to the host (test_published);
+    the IPG bucket and the gathered parameters stay on the GPU."""
+    r = est(zero=3, offload_optimizer=True, offload_params=True)
+    assert r.model_states.total == 0
+    assert r.categories[C.TEMPORARIES] >= ds.ipg_bucket(setup(zero=3), True)
+
+
+# --- against DeepSpeed itself, on the CPU ------------------------------------------------------------------------
+# names -> (stage, zero_optimization overrides); small buckets so that each buffer is visible on a 98,624-parameter
+# model; tests/deepspeed_cpu.py runs them all in one two-rank gloo job (about 2 minutes on 2 cores)
+CPU_CONFIGS = {
+    "A": (3, {"reduce_bucket_size": 10240, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+              "stage3_prefetch_bucket_size": 0}),
+    "B": (3, {"reduce_bucket_size": 20480, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+              "stage3_prefetch_bucket_size": 0}),
+    "C": (3, {"reduce_bucket_size": 10240, "stage3_param_persistence_threshold": 0,
+              "stage3_max_reuse_distance": 50000, "stage3_prefetch_bucket_size": 0}),
+    "P": (3, {"reduce_bucket_size": 10240, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}),
+    "S2": (2, {"reduce_bucket_size": 10240}),
+    "S2b": (2, {"reduce_bucket_size": 20480}),
+}
+KNOB = {"reduce_bucket_size": "ds_reduce_bucket_size", "stage3_param_persistence_threshold":
+        "ds_param_persistence_threshold", "stage3_max_reuse_distance": "ds_max_reuse_distance",
+        "stage3_prefetch_bucket_size": "ds_prefetch_bucket_size"}
+
+
+@pytest.fixture(scope="module")
+def deepspeed_cpu(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    d = tmp_path_factory.mktemp("ds")
+    (d / "cfg.json").write_text(json.dumps({k: {"stage": s, "zero": z} for k, (s, z) in CPU_CONFIGS.items()}))
+    here = os.path.dirname(__file__)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, os.path.join(here, "deepspeed_cpu.py"), str(d / "out.json"), str(d / "cfg.json")],
+                   check=True, env=env, capture_output=True, timeout=900)
+    return json.loads((d / "out.json").read_text())
+
+
+def _estimate(name):
+    from deepspeed_cpu import SEQ, TINY
+
+    stage, zero = CPU_CONFIGS[name]
+    # torch_adam on the CPU runs the for-loop AdamW
+    s = make_setup(precision="bf16-master", optimizer="adamw-forloop", gpus=2, zero=stage, engine="deepspeed",
+                   seq=SEQ, **{KNOB[k]: v for k, v in zero.items()})
+    return estimate_spec(spec_from_config(TINY, "tiny-llama"), s), s
+
+
+@pytest.mark.parametrize("name", list(CPU_CONFIGS))
+def test_load_and_forward_agree_with_deepspeed(deepspeed_cpu, name):
+    """Measured: the live bytes after initialize and the forward's peak, within 1 % (memplan rounds each tensor to
+    512 B, DeepSpeed's flat buffers are single allocations); the backward's peak within 6 % (CPU kernels;
+    docs/deepspeed.md)."""
+    r, _ = _estimate(name)
+    got = deepspeed_cpu[name]
+    assert r.phase_peaks[Phase.LOAD] == pytest.approx(got["load"], rel=0.01)
+    assert r.phase_peaks[Phase.FORWARD] == pytest.approx(got["peaks"]["forward"], rel=0.01)
+    assert r.phase_peaks[Phase.BACKWARD] == pytest.approx(got["peaks"]["backward"], rel=0.06)
+
+
+def test_buffers_agree_with_deepspeed(deepspeed_cpu):
+    """Each modelled buffer as the difference of two real runs that differ in its knob alone."""
+    m = deepspeed_cpu
+    # the IPG bucket: at initialize under stage 3, in the backward under stage 2 (2 B per element, to the byte)
+    assert m["B"]["load"] - m["A"]["load"] == (20480 - 10240) * 2
+    assert m["S2b"]["peaks"]["backward"] - m["S2"]["peaks"]["backward"] == (20480 - 10240) * 2
+    assert (_estimate("B")[0].phase_peaks[Phase.LOAD] - _estimate("A")[0].phase_peaks[Phase.LOAD]
+            == (20480 - 10240) * 2)
+    # the reuse window kept gathered at the forward's end
+    kept = m["C"]["forward_end"] - m["A"]["forward_end"]
+    est_kept = ds.terms(*_tiny("C")).gathered_fwd - ds.terms(*_tiny("A")).gathered_fwd
+    assert est_kept == pytest.approx(kept, rel=0.03)
+    # persistent parameters: whole from the first forward on, none at initialize
+    assert m["P"]["load"] == m["A"]["load"]
+    assert ds.terms(*_tiny("P")).persistent == pytest.approx(m["P"]["start"] - m["A"]["start"], rel=0.01)
+
+
+def _tiny(name):
+    from deepspeed_cpu import TINY
+
+    r, s = _estimate(name)
+    return spec_from_config(TINY, "tiny-llama"), s
