@@ -307,3 +307,28 @@ def _tiny(name):
 
     r, s = _estimate(name)
     return spec_from_config(TINY, "tiny-llama"), s
+
+
+# --- communication (throughput) ----------------------------------------------------------------------------------
+def test_communication_is_the_zero_papers_volume_without_reuse():
+    """ZeRO §7: 2Ψ per step at stage 1/2 and 3Ψ at stage 3 (ring, half precision), when DeepSpeed re-gathers every
+    parameter in the backward (stage3_max_reuse_distance 0) and none is persistent."""
+    from memplan.estimate.flops import communication_per_step
+
+    m, ring = load_model("llama-7b"), (N - 1) / N
+    for zero, psi in ((1, 2), (2, 2), (3, 3)):
+        c = communication_per_step(m, setup(zero=zero, ds_max_reuse_distance=0, ds_param_persistence_threshold=0))
+        assert c.total == pytest.approx(psi * 2 * P * ring, rel=1e-9), zero
+
+
+def test_communication_skips_the_reuse_window_and_persistent_parameters():
+    from memplan.estimate.flops import communication_per_step
+
+    m = load_model("llama-7b")
+    base = setup(ds_max_reuse_distance=0, ds_param_persistence_threshold=0)
+    kept = setup(ds_param_persistence_threshold=0)  # default reuse window: not gathered again in the backward
+    assert communication_per_step(m, base).total - communication_per_step(m, kept).total == pytest.approx(
+        (DEEPSPEED_DEFAULTS["max_reuse_distance"] // 2 + m.largest_tensor) * 2 * (N - 1) / N, rel=1e-9)
+    accum = setup(grad_accum=4, ds_max_reuse_distance=0)  # persistent ones once per step, the rest per micro-batch
+    one = setup(ds_max_reuse_distance=0)
+    assert communication_per_step(m, accum).parameter_bytes < 4 * communication_per_step(m, one).parameter_bytes

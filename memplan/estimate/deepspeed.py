@@ -192,3 +192,26 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
             backward_seen = True
         out.append(_with(s, temporaries=tmp, gradients=grads))
     return tuple(out)
+
+
+def communication(model: ModelSpec, setup: TrainingSetup) -> tuple[float, float]:
+    """(gradient, parameter) bytes one GPU sends per optimizer step under DeepSpeed (ring collectives), for
+    memplan.estimate.flops.communication_per_step. As the ZeRO paper's 2Ψ / 2Ψ / 3Ψ, but for what DeepSpeed skips at
+    stage 3: parameters kept gathered over the forward-backward turn (the reuse window, gathered() above) are not
+    gathered again by the backward, and persistent parameters are gathered once per step (after it), not per
+    micro-batch. Stage 1 reduces once per step (at the accumulation boundary, stage_1_and_2.py
+    reduce_ready_partitions_and_remove_grads), stage 2 and 3 every micro-batch."""
+    n = setup.gpus
+    if n == 1 or setup.zero == 0:
+        return 0.0, 0.0
+    ring = (n - 1) / n
+    groups = param_groups(model, setup)
+    trainable = sum(g.total for g in groups if g.trainable)
+    h = _half(setup)
+    grads = trainable * h * ring * (1 if setup.zero == 1 else setup.grad_accum)
+    if setup.zero < 3:
+        return grads, trainable * h * ring  # the updated weights all-gathered after the step
+    part, pers, largest = _split(groups, setup.ds_param_persistence_threshold)
+    reuse = setup.ds_max_reuse_distance
+    kept = min(part, reuse // 2 + largest) if reuse > 0 else 0
+    return grads, ((2 * part - kept) * setup.grad_accum + pers) * h * ring
