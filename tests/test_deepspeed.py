@@ -310,11 +310,15 @@ def _tiny(name):
 
 
 # --- communication (throughput) ----------------------------------------------------------------------------------
+def communication_per_step(m, s):
+    from memplan.estimate.flops import Communication
+
+    return Communication(*ds.communication(m, s))
+
+
 def test_communication_is_the_zero_papers_volume_without_reuse():
     """ZeRO §7: 2Ψ per step at stage 1/2 and 3Ψ at stage 3 (ring, half precision), when DeepSpeed re-gathers every
     parameter in the backward (stage3_max_reuse_distance 0) and none is persistent."""
-    from memplan.estimate.flops import communication_per_step
-
     m, ring = load_model("llama-7b"), (N - 1) / N
     for zero, psi in ((1, 2), (2, 2), (3, 3)):
         c = communication_per_step(m, setup(zero=zero, ds_max_reuse_distance=0, ds_param_persistence_threshold=0))
@@ -322,8 +326,6 @@ def test_communication_is_the_zero_papers_volume_without_reuse():
 
 
 def test_communication_skips_the_reuse_window_and_persistent_parameters():
-    from memplan.estimate.flops import communication_per_step
-
     m = load_model("llama-7b")
     base = setup(ds_max_reuse_distance=0, ds_param_persistence_threshold=0)
     kept = setup(ds_param_persistence_threshold=0)  # default reuse window: not gathered again in the backward

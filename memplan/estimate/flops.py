@@ -32,10 +32,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.estimate import deepspeed
 from memplan.estimate.params import ParamGroup, param_groups
 from memplan.spec.model import ModelSpec, TensorKind
-from memplan.spec.setup import Checkpointing, Engine, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Checkpointing, PeftMethod, Precision, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -153,8 +152,6 @@ def communication_per_step(model: ModelSpec, setup: TrainingSetup) -> Communicat
     other micro-batches accumulate locally under no_sync); ZeRO-2 reduce-scatters every micro-batch (DeepSpeed
     reduces gradients into the owner's partition as they are produced); ZeRO-3 gathers the parameters in every
     micro-batch's forward and backward. With grad_accum = 1 this is the ZeRO paper's 2Ψ / 2Ψ / 3Ψ."""
-    if setup.engine is Engine.DEEPSPEED:  # its reuse window and persistent parameters (memplan.estimate.deepspeed)
-        return Communication(*deepspeed.communication(model, setup))
     n = setup.gpus
     if n == 1:
         return Communication(0.0, 0.0)
