@@ -21,7 +21,7 @@ Live bytes fall or grow linearly between the top and the lowest block, so the tw
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import lru_cache
 from typing import NamedTuple
@@ -42,6 +42,8 @@ class Moment(str, Enum):
     """The named moments of a step at which the estimator sizes what is alive (module docstring)."""
 
     LOAD = "load"
+    FORWARD_START = "forward start"  # FSDP2: the root and the first block gathered
+    FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
     FORWARD = "forward"
     LOSS_BACKWARD = "loss backward"
     HEAD_BACKWARD = "LM-head backward"  # the head's gradient beside the logits' gradient
@@ -53,6 +55,7 @@ class Moment(str, Enum):
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
+    ROOT_REDUCE = "root reduce-scatter"  # FSDP2: the root unit's gradients reduce-scattered, last
     OPTIMIZER_STEP = "optimizer step"
 
 
@@ -247,47 +250,62 @@ def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[
 
 @dataclass(frozen=True)
 class FsdpBuffers:
-    """Per-rank transients and gradients of FSDP2 (ZeRO-2 / 3) at the estimator's moments. Sources, torch 2.13
-    torch/distributed/fsdp/_fully_shard/:
-    - root: the root unit (embeddings, final norm, LM head) is all-gathered by the root's pre-forward and is
-      resharded only by its post-forward (after the loss), and again gathered by its pre-backward until its
-      post-backward at the very end: alive through the forward and the backward (`gathered`).
-    - ZeRO-2 (reshard_after_forward=False): FSDPParamGroup.post_forward does not reshard, so every block's
-      unsharded parameters stay from its forward until its post_backward (reshard_after_backward=True).
-    - ZeRO-3: a block's parameters are gathered again by its pre_backward, and _backward_prefetch issues the next
-      (lower) block's all-gather: its flat all-gather output (foreach_all_gather) is alive beside.
-    - foreach_reduce: the reduce-scatter input (every unsharded gradient of the unit, padded, in reduce_dtype) is
-      kept in comm_ctx.reduce_scatter_states until the next unit's post_backward pops it
-      (reduce_scatter_max_input_buffers = 1); its output is the unit's sharded gradients (reduce_dtype).
-    - the root's post_backward, last: its parameters resharded, block 0's reduce-scatter input popped, its own
-      reduce-scatter input allocated beside its unsharded gradients (freed once copied in).
-    - no-sync gradient accumulation (set_requires_gradient_sync(False), accelerate's default): every unit keeps
-      its unsharded gradients across micro-batches (FSDPParam.to_accumulated_grad_if_needed, in reduce_dtype);
+    """Per-rank FSDP2 (ZeRO-2 / 3) transients and gradients at the estimator's moments, as the per-rank trace
+    shows them (memplan.trace.distributed). Sources, torch 2.13 torch/distributed/fsdp/_fully_shard/:
+    - R, B: the root unit's (embeddings, final norm, LM head) and one block's unsharded parameters
+      (FSDPParam.all_gather_outputs, in param_dtype); R_f, B_f their flat all-gather outputs (foreach_all_gather).
+      Each unit's all-gather output is held in comm_ctx.all_gather_state past its copy-out, until the next unit's
+      (FSDPParamGroup.wait_for_unshard; the root's post-forward frees the last): while block i runs forward, its
+      own and the next block's flat outputs are alive beside its parameters (B + 2 B_f).
+    - the root is gathered by its pre-forward and kept until its post-forward, after the loss; the forward starts
+      with R + R_f + B + B_f (the root's output still held when block 0 is gathered).
+    - ZeRO-2 (reshard_after_forward=False): every block stays gathered from its forward to its post_backward.
+      ZeRO-3: each block is gathered again by its pre_backward; _backward_prefetch issues the next block's
+      all-gather (its flat output, and under MixedPrecisionPolicy its bf16 copy-in of the local shard).
+    - foreach_reduce: the reduce-scatter input (the unit's padded unsharded gradients in reduce_dtype) is held in
+      comm_ctx.reduce_scatter_states until the next unit's post_backward; its output is the unit's sharded
+      gradients. The root's unsharded gradients (LM head, embeddings) wait for its post_backward, at the end.
+    - a tied embedding: its gradient (the LM head's, unsharded) is added to out of place at the end of backward
+      (AccumulateGrad), two transient copies as on one GPU.
+    - no-sync gradient accumulation (set_requires_gradient_sync(False), accelerate's default): every unit keeps its
+      unsharded gradients across micro-batches (FSDPParam.to_accumulated_grad_if_needed, in reduce_dtype);
       sync_each_batch reduce-scatters every micro-batch and accumulates the sharded ones (`_local_tensor +=`)."""
 
-    fwd: int  # temporaries held at the forward's end
-    top: int  # ... at the top block's backward (beyond `fwd`)
-    low: int  # ... at the lowest block's backward
-    end: int  # ... at the backward's end (the root's reduce-scatter)
+    start: int  # all-gather bytes as the forward starts: R + R_f + B + B_f
+    blocks: int  # ... while the blocks before the last run forward
+    fwd: int  # ... at the forward's end (the loss): R + B_f (ZeRO-3), R + L·B + B_f (ZeRO-2)
+    bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
+    top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
+    low: int  # ... at the lowest block's backward: R + B + the reduce-scatter input held from the block above
+    end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
+    root_reduce: int  # ... at the root's reduce-scatter: its input
     blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
-    block: int  # one block's unsharded gradients
-    sharded: int  # every sharded gradient (blocks and root)
-    root_sharded: int  # the root's sharded gradients
+    sharded_blocks: int  # every trained block's sharded gradients
+    root_grads: int  # the root's unsharded gradients (made by the end of backward)
     carried: int  # gradients carried across micro-batches
 
 
-def fsdp_buffers(setup: TrainingSetup, u: Unsharded, ms_grads: int) -> FsdpBuffers:
+def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
     root, blk, trained = fsdp_units(u, setup)
+    L = u.blocks
     z3 = setup.zero == 3
-    fwd = root.gathered + (0 if z3 else u.blocks * blk.gathered)
-    top = blk.gathered + blk.flat if z3 else 0
-    low = root.gathered + blk.gathered + (blk.rs_input if trained > 1 else 0)
-    end = max(root.gathered + (blk.rs_input if trained else 0), root.rs_input)
+    gathered = 0 if z3 else L * blk.gathered  # ZeRO-2: every block's parameters, after their forward
+    copy_in = -(-blk.flat // setup.gpus) if setup.precision is Precision.FSDP_BF16 else 0
+    rs = blk.rs_input if trained else 0
+    tied = model.tie_embeddings and tied_trains(groups)
+    emb_add = 2 * round_block(model.vocab * model.hidden * (2 if setup.precision is Precision.FSDP_BF16 else
+                                                            setup.precision.param_bytes)) if tied else 0
     carried = 0
     if setup.grad_accum > 1:
         carried = ms_grads if setup.sync_each_batch else root.grads_accumulated + trained * blk.grads_accumulated
-    return FsdpBuffers(fwd, top, low, end, max(trained - 1, 0) * blk.rs_output, blk.grads if trained else 0,
-                       ms_grads, root.rs_output, carried)
+    return FsdpBuffers(
+        start=root.gathered + root.flat + blk.gathered + blk.flat,
+        blocks=root.gathered + (blk.gathered if z3 else gathered) + 2 * blk.flat,
+        fwd=root.gathered + gathered + blk.flat, bwd=root.gathered + (blk.flat if z3 else gathered),
+        top=blk.gathered + copy_in if z3 else 0, low=root.gathered + blk.gathered + (rs if trained > 1 else 0),
+        end=root.gathered + rs + emb_add, root_reduce=root.rs_input,
+        blocks_above=max(trained - 1, 0) * blk.rs_output, sharded_blocks=trained * blk.rs_output,
+        root_grads=root.grads, carried=carried)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -311,11 +329,12 @@ class Held:
     deq: int  # a dequantized NF4 weight
     z_f: int  # ZeRO forward / backward working buffers
     z_b: int
-    fsdp: FsdpBuffers | None = None  # the FSDP engine's (ZeRO-2 / 3 over more than one GPU)
+    fsdp: FsdpBuffers | None = None
+    grad_floor: int = 0  # DDP's gradient buckets, allocated when it wraps the model and alive throughout  # the FSDP engine's (ZeRO-2 / 3 over more than one GPU)
 
 
 def _alive(h: Held, gradients: int, activations: int, temporaries: int) -> dict:
-    return {**h.base, C.GRADIENTS: gradients, C.ACTIVATIONS: activations, C.TEMPORARIES: temporaries}
+    return {**h.base, C.GRADIENTS: gradients + h.grad_floor, C.ACTIVATIONS: activations, C.TEMPORARIES: temporaries}
 
 
 # ---- the step -------------------------------------------------------------------------------------------------
@@ -324,16 +343,23 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     """Every named state of one step, in step order."""
     u = p.unsharded
     base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
+    floor = 0
+    if ddp(setup):  # DDP's buckets are always there; what flows as on one GPU is .grad, unless it is a bucket view
+        floor = p.unsharded.grads
+        ms = replace(ms, gradients=ms.gradients - floor)
     accum_grads = ms.gradients if setup.grad_accum > 1 else 0
+    if floor and setup.grad_accum > 1 and setup.bucket_view and not setup.sync_each_batch:
+        accum_grads = floor  # no_sync(): .grad keeps its own storage until the synced micro-batch copies it in
     # under DeepSpeed ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b);
     # FSDP2 gathers the fp32 parameters and autocast casts them as on one GPU
     zero3 = setup.zero == 3 and setup.shards > 1 and setup.engine is Engine.DEEPSPEED
-    fs = fsdp_buffers(setup, u, ms.gradients) if fsdp_sharded(setup) else None
+    fs = fsdp_buffers(model, setup, u, ms.gradients, p.groups) if fsdp_sharded(setup) else None
     if fs:
         accum_grads = fs.carried
     # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
     zf, zb = (fs.fwd, fs.low) if fs else zero_buffers(model, setup, u)
-    h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant, zf, zb, fs)
+    h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant, zf, zb, fs,
+             floor)
     ckpt = setup.checkpointing is Checkpointing.FULL
     half_fwd = h.half
     if ckpt and h.half:  # frozen weights' casts are not cached, and checkpointed blocks save none
@@ -343,17 +369,28 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
     return (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
+        *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
         State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq + loss_f + h.z_f)),
         *backward_states(model, setup, p, ms, acts, h, loss_b),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
 
 
+def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tuple[State, ...]:
+    """FSDP2's forward before its end (FsdpBuffers): as it starts (the root and block 0 gathered), and in the
+    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks."""
+    fs, L = h.fsdp, max(model.blocks, 1)
+    casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
+    below = acts.early + sum(acts.per_block[:-1])
+    return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start + h.deq)),
+            State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + h.deq)))
+
+
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
                     loss_b: int) -> list[State]:
     """The backward's states: its start, the LM head's backward, the top and the lowest block's backward, its end."""
     ckpt = setup.checkpointing is Checkpointing.FULL
-    held = (h.half_outside if ckpt else h.half) + h.deq + h.z_f
+    held = (h.half_outside if ckpt else h.half) + h.deq + (h.fsdp.bwd if h.fsdp else h.z_f)
 
     def at(name, gradients, activations, temporaries):
         return State(name, Phase.BACKWARD, _alive(h, gradients, activations, temporaries))
@@ -379,7 +416,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     in_blocks = sum(acts.per_block) + acts.early
     rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
     top_g = carried + new_g + pending
-    held += h.fsdp.top if h.fsdp else 0  # the top block gathered again, the next one's all-gather prefetched
+    # FSDP2: the top block gathered again, the next one's all-gather prefetched; the LM head's cast freed
+    held += h.fsdp.top - h.half_outside if h.fsdp else 0
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
@@ -389,11 +427,11 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
-    if h.fsdp:  # the root's post_backward: its unsharded gradients beside its reduce-scatter input
-        root_unsharded = max(h.accum_grads - h.fsdp.sharded + h.fsdp.root_sharded, 0) if h.accum_grads and \
-            not setup.sync_each_batch else p.grads.head[0] + p.grads.head[1] + p.grads.late
-        states.append(at(Moment.BACKWARD_END, max(h.accum_grads, h.fsdp.sharded - h.fsdp.root_sharded + root_unsharded),
-                         0, h.fsdp.end + late_new))
+    if h.fsdp:  # the embeddings' backward, then the root's reduce-scatter (FsdpBuffers)
+        fs = h.fsdp
+        grads = max(h.accum_grads, fs.sharded_blocks + fs.root_grads)
+        states += [at(Moment.BACKWARD_END, grads, 0, fs.end + late_new),
+                   at(Moment.ROOT_REDUCE, grads, 0, fs.root_reduce)]
         return states
     states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
@@ -417,7 +455,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     fs = h.fsdp
     if fs:  # blocks above: sharded; the root's (unsharded until the end) made but the embedding's; this block's
         scale, tied_wait = 1, g.tied_wait
-        made_fsdp = fs.blocks_above + g.head[0] + g.head[1] - g.tied_wait + g.block
+        made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     ckpt = setup.checkpointing is Checkpointing.FULL
     block_casts = (h.half - h.half_outside) // max(model.blocks, 1)
     out = []
