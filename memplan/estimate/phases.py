@@ -45,6 +45,7 @@ class Moment(str, Enum):
     FORWARD_START = "forward start"  # FSDP2: the root and the first block gathered
     FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
     FORWARD = "forward"
+    BACKWARD_START = "backward start"  # FSDP2 ZeRO-3: the root gathered again (R + R_f)
     LOSS_BACKWARD = "loss backward"
     HEAD_BACKWARD = "LM-head backward"  # the head's gradient beside the logits' gradient
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
@@ -274,6 +275,7 @@ class FsdpBuffers:
     start: int  # all-gather bytes as the forward starts: R + R_f + B + B_f
     blocks: int  # ... while the blocks before the last run forward
     fwd: int  # ... at the forward's end (the loss): R + B_f (ZeRO-3), R + L·B + B_f (ZeRO-2)
+    regather: int  # ... as the backward starts, ZeRO-3's root gathered again (R + R_f)
     bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
     top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
     low: int  # ... at the lowest block's backward: R + B + the reduce-scatter input held from the block above
@@ -301,7 +303,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
     return FsdpBuffers(
         start=root.gathered + root.flat + blk.gathered + blk.flat,
         blocks=root.gathered + (blk.gathered if z3 else gathered) + 2 * blk.flat,
-        fwd=root.gathered + gathered + blk.flat, bwd=root.gathered + (blk.flat if z3 else gathered),
+        fwd=root.gathered + gathered + blk.flat, regather=root.gathered + root.flat if z3 else 0, bwd=root.gathered + (blk.flat if z3 else gathered),
         top=blk.gathered + copy_in if z3 else 0, low=root.gathered + blk.gathered + (rs if trained > 1 else 0),
         end=root.gathered + rs + emb_add, root_reduce=root.rs_input,
         blocks_above=max(trained - 1, 0) * blk.rs_output, sharded_blocks=trained * blk.rs_output,
@@ -330,7 +332,14 @@ class Held:
     z_f: int  # ZeRO forward / backward working buffers
     z_b: int
     fsdp: FsdpBuffers | None = None
-    grad_floor: int = 0  # DDP's gradient buckets, allocated when it wraps the model and alive throughout  # the FSDP engine's (ZeRO-2 / 3 over more than one GPU)
+    grad_floor: int = 0  # DDP's gradient buckets, allocated when it wraps the model and alive throughout
+    deq_blocks_only: bool = False  # a dequantized weight only while a block runs (the engines' trace shows none
+    # at the loss; the one-GPU states keep theirs as calibrated)
+
+    @property
+    def deq_outside(self) -> int:
+        """The dequantized NF4 weight counted at the moments outside the blocks (forward end, loss, LM head)."""
+        return 0 if self.deq_blocks_only else self.deq
 
 
 def _alive(h: Held, gradients: int, activations: int, temporaries: int) -> dict:
@@ -359,7 +368,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
     zf, zb = (fs.fwd, fs.low) if fs else zero_buffers(model, setup, u)
     h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant, zf, zb, fs,
-             floor)
+             floor, bool(fs or floor))
     ckpt = setup.checkpointing is Checkpointing.FULL
     half_fwd = h.half
     if ckpt and h.half:  # frozen weights' casts are not cached, and checkpointed blocks save none
@@ -370,7 +379,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     return (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
-        State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq + loss_f + h.z_f)),
+        State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
         *backward_states(model, setup, p, ms, acts, h, loss_b),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
@@ -382,7 +391,7 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tup
     fs, L = h.fsdp, max(model.blocks, 1)
     casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
     below = acts.early + sum(acts.per_block[:-1])
-    return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start + h.deq)),
+    return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
             State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + h.deq)))
 
 
@@ -390,12 +399,15 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                     loss_b: int) -> list[State]:
     """The backward's states: its start, the LM head's backward, the top and the lowest block's backward, its end."""
     ckpt = setup.checkpointing is Checkpointing.FULL
-    held = (h.half_outside if ckpt else h.half) + h.deq + (h.fsdp.bwd if h.fsdp else h.z_f)
+    held = (h.half_outside if ckpt else h.half) + h.deq_outside + (h.fsdp.bwd if h.fsdp else h.z_f)
 
     def at(name, gradients, activations, temporaries):
         return State(name, Phase.BACKWARD, _alive(h, gradients, activations, temporaries))
 
     states = [at(Moment.LOSS_BACKWARD, h.accum_grads, acts.total, held + loss_b)]
+    if h.fsdp and h.fsdp.regather:  # ZeRO-3: the root's pre-backward gathers it again before the loss's backward
+        states.insert(0, at(Moment.BACKWARD_START, h.accum_grads, acts.total,
+                            held - h.fsdp.bwd + h.fsdp.regather))
     # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
     # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
     head_g, head_wait, head_half = p.grads.head
@@ -418,6 +430,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     top_g = carried + new_g + pending
     # FSDP2: the top block gathered again, the next one's all-gather prefetched; the LM head's cast freed
     held += h.fsdp.top - h.half_outside if h.fsdp else 0
+    held += h.deq - h.deq_outside  # the top block's NF4 weights dequantized again
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
