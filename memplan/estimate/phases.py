@@ -51,6 +51,7 @@ class Moment(str, Enum):
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
     TOP_BLOCK = "top block backward"
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
+    TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
@@ -281,6 +282,7 @@ class FsdpBuffers:
     low: int  # ... at the lowest block's backward: R + B + the reduce-scatter input held from the block above
     end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
     root_reduce: int  # ... at the root's reduce-scatter: its input
+    rs: int  # a trained block's reduce-scatter input
     blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
@@ -294,6 +296,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
     gathered = 0 if z3 else L * blk.gathered  # ZeRO-2: every block's parameters, after their forward
     copy_in = -(-blk.flat // setup.gpus) if setup.precision is Precision.FSDP_BF16 else 0
     rs = blk.rs_input if trained else 0
+    off = setup.offload_params
     tied = model.tie_embeddings and tied_trains(groups)
     emb_add = 2 * round_block(model.vocab * model.hidden * (2 if setup.precision is Precision.FSDP_BF16 else
                                                             setup.precision.param_bytes)) if tied else 0
@@ -305,8 +308,9 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         blocks=root.gathered + (blk.gathered if z3 else gathered) + 2 * blk.flat,
         fwd=root.gathered + gathered + blk.flat, regather=root.gathered + root.flat if z3 else 0, bwd=root.gathered + (blk.flat if z3 else gathered),
         top=blk.gathered + copy_in if z3 else 0, low=root.gathered + blk.gathered + (rs if trained > 1 else 0),
-        end=root.gathered + rs + emb_add, root_reduce=root.rs_input,
-        blocks_above=max(trained - 1, 0) * blk.rs_output, sharded_blocks=trained * blk.rs_output,
+        end=root.gathered + rs + emb_add, root_reduce=root.rs_input, rs=rs,
+        # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
+        blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output, sharded_blocks=0 if off else trained * blk.rs_output,
         root_grads=root.grads, carried=carried)
 
 
@@ -333,13 +337,14 @@ class Held:
     z_b: int
     fsdp: FsdpBuffers | None = None
     grad_floor: int = 0  # DDP's gradient buckets, allocated when it wraps the model and alive throughout
-    deq_blocks_only: bool = False  # a dequantized weight only while a block runs (the engines' trace shows none
-    # at the loss; the one-GPU states keep theirs as calibrated)
+    engine: bool = False  # a data-parallel engine runs the step (its per-rank trace: a dequantized weight only
+    # while a block runs, none at the loss; the LM head's cast freed by its backward). The one-GPU states keep
+    # theirs as calibrated against the one-GPU trace.
 
     @property
     def deq_outside(self) -> int:
         """The dequantized NF4 weight counted at the moments outside the blocks (forward end, loss, LM head)."""
-        return 0 if self.deq_blocks_only else self.deq
+        return 0 if self.engine else self.deq
 
 
 def _alive(h: Held, gradients: int, activations: int, temporaries: int) -> dict:
@@ -428,15 +433,21 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     in_blocks = sum(acts.per_block) + acts.early
     rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
     top_g = carried + new_g + pending
-    # FSDP2: the top block gathered again, the next one's all-gather prefetched; the LM head's cast freed
-    held += h.fsdp.top - h.half_outside if h.fsdp else 0
-    held += h.deq - h.deq_outside  # the top block's NF4 weights dequantized again
+    # FSDP2: the top block gathered again, the next one's all-gather prefetched
+    held += h.fsdp.top if h.fsdp else 0
+    if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
+        held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if ckpt else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
+    if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
+        # into its reduce-scatter input (foreach_reduce) while its saved tensors are freed
+        top_saved = acts.per_block[-1] if acts.per_block else 0
+        states.append(at(Moment.TOP_BLOCK_REDUCE, max(top_g + p.grads.block, h.accum_grads), in_blocks - top_saved,
+                         held + head_wait + h.fsdp.rs))
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0

@@ -132,7 +132,8 @@ def dim0(g: ParamGroup, setup: TrainingSetup) -> int:
     """Rows FSDP2 chunks a tensor of g over: its first dimension. bitsandbytes' Params4bit with
     quant_storage=bfloat16 (the FSDP + QLoRA recipe) stores the packed NF4 codes as a (numel / 4, 1) bf16 tensor."""
     if g.nf4:
-        return -(-(-(-g.numel // 2)) // 2)
+        packed = -(-g.numel // 2)  # two 4-bit codes a byte
+        return -(-packed // 2)  # two bytes a bf16 element
     return g.rows or g.numel
 
 
