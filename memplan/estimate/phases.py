@@ -446,15 +446,21 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) while its saved tensors are freed
         top_saved = acts.per_block[-1] if acts.per_block else 0
-        states.append(at(Moment.TOP_BLOCK_REDUCE, max(top_g + p.grads.block, h.accum_grads), in_blocks - top_saved,
+        # (under no-sync accumulation they were added into the carried ones first, and freed)
+        grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
+        states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - top_saved,
                          held + head_wait + h.fsdp.rs))
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
+    if h.grad_floor and setup.bucket_view:  # DDP's bucket views: the embeddings' new gradient is a temporary
+        late_new = p.grads.late  # until the hook copies it into its bucket
     if h.fsdp:  # the embeddings' backward, then the root's reduce-scatter (FsdpBuffers)
         fs = h.fsdp
         grads = max(h.accum_grads, fs.sharded_blocks + fs.root_grads)
-        states += [at(Moment.BACKWARD_END, grads, 0, fs.end + late_new),
+        # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
+        end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
+        states += [at(Moment.BACKWARD_END, grads, 0, end),
                    at(Moment.ROOT_REDUCE, grads, 0, fs.root_reduce)]
         return states
     states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
