@@ -53,6 +53,7 @@ class Moment(str, Enum):
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
+    LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
@@ -279,7 +280,7 @@ class FsdpBuffers:
     regather: int  # ... as the backward starts, ZeRO-3's root gathered again (R + R_f)
     bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
     top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
-    low: int  # ... at the lowest block's backward: R + B + the reduce-scatter input held from the block above
+    low: int  # ... at the lowest blocks' backward: R + B (+ B_f prefetched) + the reduce-scatter input held from above
     end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
     root_reduce: int  # ... at the root's reduce-scatter: its input
     rs: int  # a trained block's reduce-scatter input
@@ -307,7 +308,10 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         start=root.gathered + root.flat + blk.gathered + blk.flat,
         blocks=root.gathered + (blk.gathered if z3 else gathered) + 2 * blk.flat,
         fwd=root.gathered + gathered + blk.flat, regather=root.gathered + root.flat if z3 else 0, bwd=root.gathered + (blk.flat if z3 else gathered),
-        top=blk.gathered + copy_in if z3 else 0, low=root.gathered + blk.gathered + (rs if trained > 1 else 0),
+        top=blk.gathered + copy_in if z3 else 0,
+        # the lowest blocks: ZeRO-3's next-lower block's all-gather prefetched (block 1's moment, one block's shard
+        # of gradients short of block 0's)
+        low=root.gathered + blk.gathered + (blk.flat if z3 else 0) + (rs if trained > 1 else 0),
         end=root.gathered + rs + emb_add, root_reduce=root.rs_input, rs=rs,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output, sharded_blocks=0 if off else trained * blk.rs_output,
@@ -507,4 +511,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), h.accum_grads, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
+        if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
+            out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
+                             _alive(h, h.accum_grads or int(made), below, int(tied_wait) + h.z_b)))
     return out
