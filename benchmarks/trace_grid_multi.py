@@ -1,8 +1,9 @@
 """Estimate vs trace per rank over a multi-GPU grid; writes reports/estimate_vs_trace_multi[_seedS].{md,jsonl}.
 
-    python benchmarks/trace_grid_multi.py [N] [SEED] [--cache FILE]
+    python benchmarks/trace_grid_multi.py [N] [SEED] [--cache FILE [--cached-only]]
         N setups (default 200), seed 0 (tuned) or another (held out); --cache keeps each setup's traced result
-        in FILE (JSON lines) and reuses it, so a rerun after an estimator change traces nothing
+        in FILE (JSON lines) and reuses it, so a rerun after an estimator change traces nothing; --cached-only
+        compares only the setups FILE holds (a grid traced part-way), and the summary says how many
 
 Each setup runs the real data-parallel engine (--engine fsdp: DDP, DDP + ZeroRedundancyOptimizer, FSDP2
 fully_shard with reshard_after_forward False / True, CPUOffloadPolicy) on a fake process group and reports the
@@ -131,19 +132,22 @@ def load_cache(path: Path | None) -> dict:
     return cache
 
 
-def main(n: int, seed: int = 0, cache_file: Path | None = None) -> None:
+def main(n: int, seed: int = 0, cache_file: Path | None = None, cached_only: bool = False) -> None:
     from memplan.calibrate import PEAK_TOL
     from memplan.errors import MemplanError
 
     rows, skipped, t0 = [], [], time.time()
     cache = load_cache(cache_file)
     name = "estimate_vs_trace_multi" + (f"_seed{seed}" if seed else "")
-    for i, kw in enumerate(multi_grid(n, seed)):
+    grid = multi_grid(n, seed)
+    if cached_only:
+        grid = [kw for kw in grid if json.dumps(kw, sort_keys=True) in cache]
+    for i, kw in enumerate(grid):
         try:
             rows.append(compare_cached(kw, cache, cache_file))
         except MemplanError as exc:
             skipped.append((kw, str(exc)))
-        print(f"\r{i + 1}/{n}", end="", file=sys.stderr, flush=True)
+        print(f"\r{i + 1}/{len(grid)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     OUT.mkdir(exist_ok=True)
     with open(OUT / f"{name}.jsonl", "w") as f:
@@ -162,7 +166,8 @@ def main(n: int, seed: int = 0, cache_file: Path | None = None) -> None:
     lines = [
         "# Estimate vs trace, multi-GPU (worst rank)",
         "",
-        f"`python benchmarks/trace_grid_multi.py {n}{f' {seed}' if seed else ''}`: {len(rows)} setups traced "
+        f"`python benchmarks/trace_grid_multi.py {n}{f' {seed}' if seed else ''}"
+        f"{' --cache FILE --cached-only' if cached_only else ''}`: {len(rows)} of the grid's {n} setups traced "
         f"({len(skipped)} not traceable), {time.time() - t0:.0f} s (tracing alone: "
         f"{sum(cache[json.dumps(k, sort_keys=True)]['seconds'] for k in multi_grid(n, seed) if 'seconds' in cache.get(json.dumps(k, sort_keys=True), {})):.0f} s). Error = (estimate − trace) / trace of the "
         f"allocated peak; a setup passes when |error| ≤ {PEAK_TOL:.0%} and every category is within 5% or 16 MiB.",
@@ -193,4 +198,6 @@ if __name__ == "__main__":
         i = argv.index("--cache")
         cache_path = Path(argv[i + 1])
         del argv[i:i + 2]
-    main(int(argv[0]) if argv else 200, int(argv[1]) if len(argv) > 1 else 0, cache_path)
+    only = "--cached-only" in argv
+    argv = [a for a in argv if a != "--cached-only"]
+    main(int(argv[0]) if argv else 200, int(argv[1]) if len(argv) > 1 else 0, cache_path, only)
