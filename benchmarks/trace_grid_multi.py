@@ -159,6 +159,7 @@ def main(n: int, seed: int = 0, cache_file: Path | None = None, cached_only: boo
     for r in rows:
         for feat in ["all"] + features(r.setup):
             groups[feat].append(r)
+    trace_seconds = sum(cache.get(json.dumps(kw, sort_keys=True), {}).get("seconds", 0) for kw in grid)
     cat_miss = defaultdict(int)
     for r in rows:
         for c in r.category_failures():
@@ -169,7 +170,7 @@ def main(n: int, seed: int = 0, cache_file: Path | None = None, cached_only: boo
         f"`python benchmarks/trace_grid_multi.py {n}{f' {seed}' if seed else ''}"
         f"{' --cache FILE --cached-only' if cached_only else ''}`: {len(rows)} of the grid's {n} setups traced "
         f"({len(skipped)} not traceable), {time.time() - t0:.0f} s (tracing alone: "
-        f"{sum(cache[json.dumps(k, sort_keys=True)]['seconds'] for k in multi_grid(n, seed) if 'seconds' in cache.get(json.dumps(k, sort_keys=True), {})):.0f} s). Error = (estimate − trace) / trace of the "
+        f"{trace_seconds:.0f} s). Error = (estimate − trace) / trace of the "
         f"allocated peak; a setup passes when |error| ≤ {PEAK_TOL:.0%} and every category is within 5% or 16 MiB.",
         "",
         "Category misses: " + (", ".join(f"{c} {k}" for c, k in sorted(cat_miss.items())) or "none") + ".",

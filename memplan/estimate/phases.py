@@ -280,7 +280,7 @@ class FsdpBuffers:
     regather: int  # ... as the backward starts, ZeRO-3's root gathered again (R + R_f)
     bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
     top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
-    low: int  # ... at the lowest blocks' backward: R + B (+ B_f prefetched) + the reduce-scatter input held from above
+    low: int  # ... at the lowest blocks' backward: R + B (+ B_f prefetched) + the reduce-scatter input held
     end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
     root_reduce: int  # ... at the root's reduce-scatter: its input
     rs: int  # a trained block's reduce-scatter input
@@ -291,6 +291,7 @@ class FsdpBuffers:
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
+    """The FSDP2 terms of `setup` (see FsdpBuffers; the units' sizes are memplan.estimate.weights.fsdp_units')."""
     root, blk, trained = fsdp_units(u, setup)
     L = u.blocks
     z3 = setup.zero == 3
@@ -307,14 +308,16 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
     return FsdpBuffers(
         start=root.gathered + root.flat + blk.gathered + blk.flat,
         blocks=root.gathered + (blk.gathered if z3 else gathered) + 2 * blk.flat,
-        fwd=root.gathered + gathered + blk.flat, regather=root.gathered + root.flat if z3 else 0, bwd=root.gathered + (blk.flat if z3 else gathered),
+        fwd=root.gathered + gathered + blk.flat, regather=root.gathered + root.flat if z3 else 0,
+        bwd=root.gathered + (blk.flat if z3 else gathered),
         top=blk.gathered + copy_in if z3 else 0,
         # the lowest blocks: ZeRO-3's next-lower block's all-gather prefetched (block 1's moment, one block's shard
         # of gradients short of block 0's)
         low=root.gathered + blk.gathered + (blk.flat if z3 else 0) + (rs if trained > 1 else 0),
         end=root.gathered + rs + emb_add, root_reduce=root.rs_input, rs=rs,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
-        blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output, sharded_blocks=0 if off else trained * blk.rs_output,
+        blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
+        sharded_blocks=0 if off else trained * blk.rs_output,
         root_grads=root.grads, carried=carried)
 
 
@@ -388,7 +391,8 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     return (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
-        State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
+        State(Moment.FORWARD, Phase.FORWARD,
+              _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
         *backward_states(model, setup, p, ms, acts, h, loss_b),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
@@ -448,8 +452,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         own = soft - acts.input_saved[-1] if ckpt else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
-        # into its reduce-scatter input (foreach_reduce) while its saved tensors are freed
-        top_saved = acts.per_block[-1] if acts.per_block else 0
+        # into its reduce-scatter input (foreach_reduce); the trace shows it when the block below has run its
+        # backward too (RegisterPostBackwardFunction fires once its inputs' gradients are accumulated)
+        top_saved = sum(acts.per_block[-2:])
         # (under no-sync accumulation they were added into the carried ones first, and freed)
         grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
         states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - top_saved,

@@ -236,7 +236,8 @@ def fsdp_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     for g in u.groups:
         k = shard_numel(g, n, setup)
         if g.nf4:  # the packed codes are sharded; the quantization state (absmax, code books) is not a parameter
-            weights += (round_block(k * 2) + sum(round_block(b) for b in nf4_storages(g.numel, setup.lora.double_quant)[1:])) * g.count
+            state = nf4_storages(g.numel, setup.lora.double_quant)[1:]
+            weights += (round_block(k * 2) + sum(round_block(b) for b in state)) * g.count
         else:
             weights += round_block(k * storage_bytes(g, setup)) * g.count
         if not g.trainable:
