@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from memplan.estimate.params import ia3_targets, lora_targets
+from memplan.estimate.weights import fsdp_sharded
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
 from memplan.spec.traits import BlockLayout, LossHead, NormKind, PositionKind, SoftmaxDtype
@@ -388,6 +389,9 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         # frozen blocks save what the gradient passing through them needs when something below trains: a
         # tied LM head makes the token embedding trainable under --peft freeze
         below = peft is PeftMethod.FREEZE and model.tie_embeddings
+        # FSDP2 runs the backward through every block whatever trains (its per-rank trace: each block gathered
+        # again, recomputed and back-propagated), so frozen blocks save as when something below them trains
+        below = below or (peft is PeftMethod.FREEZE and fsdp_sharded(setup))
         fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else none
         per += [fb] * frozen_n + [nb] * trained
         idx += n
