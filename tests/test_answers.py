@@ -26,7 +26,8 @@ def test_grad_accum_keeps_the_lm_head_gradient_transients():
     spec = load_model("bloomz-7b1")
     one = estimate_spec(spec, make_setup(**kw))
     two = estimate_spec(spec, make_setup(**kw, grad_accum=2))
-    assert one.peak.allocated_bytes == 19_223_883_378  # unchanged without accumulation (the issue's number)
+    # (the issue's 19,223,883,378 B was the pre-engine ZeRO arithmetic; --gpus 8 --zero 3 now runs FSDP2's terms,
+    # held to the per-rank trace by tests/test_estimate_vs_trace_multi.py)
     assert two.peak.allocated_bytes >= one.peak.allocated_bytes
     assert two.phase_peaks[Phase.BACKWARD] >= one.phase_peaks[Phase.BACKWARD]
 

@@ -21,7 +21,7 @@ Live bytes fall or grow linearly between the top and the lowest block, so the tw
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import lru_cache
 from typing import NamedTuple
@@ -32,9 +32,10 @@ from memplan.estimate.activations import Activations, logits_bytes, logits_upcas
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
-from memplan.estimate.weights import Unsharded, grad_dtype_bytes, unsharded
+from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, unsharded,
+                                      unsharded_grad_bytes)
 from memplan.spec.model import ModelSpec, Role
-from memplan.spec.setup import Checkpointing, Engine, LoraConfig, PeftMethod, TrainingSetup
+from memplan.spec.setup import Checkpointing, Engine, LoraConfig, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 
@@ -42,17 +43,23 @@ class Moment(str, Enum):
     """The named moments of a step at which the estimator sizes what is alive (module docstring)."""
 
     LOAD = "load"
+    FORWARD_START = "forward start"  # FSDP2: the root and the first block gathered
+    FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
     FORWARD = "forward"
+    BACKWARD_START = "backward start"  # FSDP2 ZeRO-3: the root gathered again (R + R_f)
     LOSS_BACKWARD = "loss backward"
     HEAD_BACKWARD = "LM-head backward"  # the head's gradient beside the logits' gradient
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
     TOP_BLOCK = "top block backward"
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
+    TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
+    LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
+    ROOT_REDUCE = "root reduce-scatter"  # FSDP2: the root unit's gradients reduce-scattered, last
     OPTIMIZER_STEP = "optimizer step"
 
 
@@ -117,15 +124,20 @@ def parameters(model: ModelSpec, setup: TrainingSetup) -> Parameters:
                        setup.adapter_size, setup.train_layers)
 
 
+def _zero_for(precision: Precision) -> int:
+    return 3 if precision is Precision.FSDP_BF16 else 0
+
+
 @lru_cache(maxsize=4096)
 def _parameters(model, precision, optimizer, peft, lora: LoraConfig, num_virtual_tokens, adapter_size,
                 train_layers) -> Parameters:
-    setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft, lora=lora,
+    # fsdp-bf16 is valid only under ZeRO-2 / 3, which the parameter sizes do not otherwise read
+    setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft, lora=lora, zero=_zero_for(precision),
                           num_virtual_tokens=num_virtual_tokens, adapter_size=adapter_size, train_layers=train_layers)
     groups = param_groups(model, setup)
     tied = model.tie_embeddings
     return Parameters(
-        groups=groups, unsharded=unsharded(groups, setup), grads=grad_parts(model, groups, setup),
+        groups=groups, unsharded=unsharded(groups, setup, model.blocks), grads=grad_parts(model, groups, setup),
         half=half_weight_copies(groups, setup, tied), half_outside=half_weight_copies(groups, setup, tied, True),
         half_cached=half_weight_copies(groups, setup, tied, cached_only=True), dequant=dequant_temp(groups, setup),
         trainable_params=trainable_params(groups), total_params=all_params(groups))
@@ -155,7 +167,7 @@ def head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int
     grads = waiting = half = 0
     for g in groups:
         if g.outside and g.matmul and g.trainable:
-            n = round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+            n = round_block(g.numel * unsharded_grad_bytes(g, setup)) * g.count
             if embedding_side(g.name):
                 waiting += n
             else:
@@ -184,7 +196,7 @@ def dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 
 
 def grad_parts(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> GradParts:
-    gb = {g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count for g in groups if g.trainable}
+    gb = {g: round_block(g.numel * unsharded_grad_bytes(g, setup)) * g.count for g in groups if g.trainable}
     qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
     inner = [g for g in gb if not g.outside]
     return GradParts(
@@ -227,10 +239,11 @@ def loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
 
 def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[int, int]:
     """(forward, backward) working buffers of sharded training: ZeRO-3 gathers a block's parameters (plus one
-    prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter."""
+    prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter. (The FSDP engine's
+    are fsdp_buffers'.)"""
     if setup.engine is Engine.DEEPSPEED:  # its gathered parameters (memplan.estimate.deepspeed)
         return deepspeed.zero_buffers(model, setup)
-    if setup.shards == 1:
+    if setup.shards == 1 or ddp(setup):
         return 0, 0
     # FSDP MixedPrecision / DeepSpeed gather parameters in the compute dtype
     gathered = u.weights * setup.precision.compute_bytes // setup.precision.param_bytes
@@ -239,6 +252,76 @@ def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[
     fwd = 2 * per_block_w if setup.zero == 3 else 0
     bwd = fwd + (per_block_g if setup.zero >= 2 else 0)
     return fwd, bwd
+
+
+@dataclass(frozen=True)
+class FsdpBuffers:
+    """Per-rank FSDP2 (ZeRO-2 / 3) transients and gradients at the estimator's moments, as the per-rank trace
+    shows them (memplan.trace.distributed). Sources, torch 2.13 torch/distributed/fsdp/_fully_shard/:
+    - R, B: the root unit's (embeddings, final norm, LM head) and one block's unsharded parameters
+      (FSDPParam.all_gather_outputs, in param_dtype); R_f, B_f their flat all-gather outputs (foreach_all_gather).
+      Each unit's all-gather output is held in comm_ctx.all_gather_state past its copy-out, until the next unit's
+      (FSDPParamGroup.wait_for_unshard; the root's post-forward frees the last): while block i runs forward, its
+      own and the next block's flat outputs are alive beside its parameters (B + 2 B_f).
+    - the root is gathered by its pre-forward and kept until its post-forward, after the loss; the forward starts
+      with R + R_f + B + B_f (the root's output still held when block 0 is gathered).
+    - ZeRO-2 (reshard_after_forward=False): every block stays gathered from its forward to its post_backward.
+      ZeRO-3: each block is gathered again by its pre_backward; _backward_prefetch issues the next block's
+      all-gather (its flat output, and under MixedPrecisionPolicy its bf16 copy-in of the local shard).
+    - foreach_reduce: the reduce-scatter input (the unit's padded unsharded gradients in reduce_dtype) is held in
+      comm_ctx.reduce_scatter_states until the next unit's post_backward; its output is the unit's sharded
+      gradients. The root's unsharded gradients (LM head, embeddings) wait for its post_backward, at the end.
+    - a tied embedding: its gradient (the LM head's, unsharded) is added to out of place at the end of backward
+      (AccumulateGrad), two transient copies as on one GPU.
+    - no-sync gradient accumulation (set_requires_gradient_sync(False), accelerate's default): every unit keeps its
+      unsharded gradients across micro-batches (FSDPParam.to_accumulated_grad_if_needed, in reduce_dtype);
+      sync_each_batch reduce-scatters every micro-batch and accumulates the sharded ones (`_local_tensor +=`)."""
+
+    start: int  # all-gather bytes as the forward starts: R + R_f + B + B_f
+    blocks: int  # ... while the blocks before the last run forward
+    fwd: int  # ... at the forward's end (the loss): R + B_f (ZeRO-3), R + L·B + B_f (ZeRO-2)
+    regather: int  # ... as the backward starts, ZeRO-3's root gathered again (R + R_f)
+    bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
+    top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
+    low: int  # ... at the lowest blocks' backward: R + B (+ B_f prefetched) + the reduce-scatter input held
+    end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
+    root_reduce: int  # ... at the root's reduce-scatter: its input
+    rs: int  # a trained block's reduce-scatter input
+    blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
+    sharded_blocks: int  # every trained block's sharded gradients
+    root_grads: int  # the root's unsharded gradients (made by the end of backward)
+    carried: int  # gradients carried across micro-batches
+
+
+def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
+    """The FSDP2 terms of `setup` (see FsdpBuffers; the units' sizes are memplan.estimate.weights.fsdp_units')."""
+    root, blk, trained = fsdp_units(u, setup)
+    L = u.blocks
+    z3 = setup.zero == 3
+    gathered = 0 if z3 else L * blk.gathered  # ZeRO-2: every block's parameters, after their forward
+    copy_in = -(-blk.flat // setup.gpus) if setup.precision is Precision.FSDP_BF16 else 0
+    rs = blk.rs_input if trained else 0
+    off = setup.offload_params
+    tied = model.tie_embeddings and tied_trains(groups)
+    emb_add = 2 * round_block(model.vocab * model.hidden * (2 if setup.precision is Precision.FSDP_BF16 else
+                                                            setup.precision.param_bytes)) if tied else 0
+    carried = 0
+    if setup.grad_accum > 1:
+        carried = ms_grads if setup.sync_each_batch else root.grads_accumulated + trained * blk.grads_accumulated
+    return FsdpBuffers(
+        start=root.gathered + root.flat + blk.gathered + blk.flat,
+        blocks=root.gathered + (blk.gathered if z3 else gathered) + 2 * blk.flat,
+        fwd=root.gathered + gathered + blk.flat, regather=root.gathered + root.flat if z3 else 0,
+        bwd=root.gathered + (blk.flat if z3 else gathered),
+        top=blk.gathered + copy_in if z3 else 0,
+        # the lowest blocks: ZeRO-3's next-lower block's all-gather prefetched (block 1's moment, one block's shard
+        # of gradients short of block 0's)
+        low=root.gathered + blk.gathered + (blk.flat if z3 else 0) + (rs if trained > 1 else 0),
+        end=root.gathered + rs + emb_add, root_reduce=root.rs_input, rs=rs,
+        # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
+        blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
+        sharded_blocks=0 if off else trained * blk.rs_output,
+        root_grads=root.grads, carried=carried)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -262,10 +345,20 @@ class Held:
     deq: int  # a dequantized NF4 weight
     z_f: int  # ZeRO forward / backward working buffers
     z_b: int
+    fsdp: FsdpBuffers | None = None
+    grad_floor: int = 0  # DDP's gradient buckets, allocated when it wraps the model and alive throughout
+    engine: bool = False  # a data-parallel engine runs the step (its per-rank trace: a dequantized weight only
+    # while a block runs, none at the loss; the LM head's cast freed by its backward). The one-GPU states keep
+    # theirs as calibrated against the one-GPU trace.
+
+    @property
+    def deq_outside(self) -> int:
+        """The dequantized NF4 weight counted at the moments outside the blocks (forward end, loss, LM head)."""
+        return 0 if self.engine else self.deq
 
 
 def _alive(h: Held, gradients: int, activations: int, temporaries: int) -> dict:
-    return {**h.base, C.GRADIENTS: gradients, C.ACTIVATIONS: activations, C.TEMPORARIES: temporaries}
+    return {**h.base, C.GRADIENTS: gradients + h.grad_floor, C.ACTIVATIONS: activations, C.TEMPORARIES: temporaries}
 
 
 # ---- the step -------------------------------------------------------------------------------------------------
@@ -274,12 +367,23 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     """Every named state of one step, in step order."""
     u = p.unsharded
     base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
+    floor = 0
+    if ddp(setup):  # DDP's buckets are always there; what flows as on one GPU is .grad, unless it is a bucket view
+        floor = p.unsharded.grads
+        ms = replace(ms, gradients=ms.gradients - floor)
     accum_grads = ms.gradients if setup.grad_accum > 1 else 0
-    # under ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b)
-    zero3 = setup.zero == 3 and setup.shards > 1
+    if floor and setup.grad_accum > 1 and setup.bucket_view and not setup.sync_each_batch:
+        accum_grads = floor  # no_sync(): .grad keeps its own storage until the synced micro-batch copies it in
+    # under DeepSpeed ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b);
+    # FSDP2 gathers the fp32 parameters and autocast casts them as on one GPU
+    zero3 = setup.zero == 3 and setup.shards > 1 and setup.engine is Engine.DEEPSPEED
+    fs = fsdp_buffers(model, setup, u, ms.gradients, p.groups) if fsdp_sharded(setup) else None
+    if fs:
+        accum_grads = fs.carried
     # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
-    h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant,
-             *zero_buffers(model, setup, u))
+    zf, zb = (fs.fwd, fs.low) if fs else zero_buffers(model, setup, u)
+    h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant, zf, zb, fs,
+             floor, bool(fs or floor))
     ckpt = setup.checkpointing is Checkpointing.FULL
     half_fwd = h.half
     if ckpt and h.half:  # frozen weights' casts are not cached, and checkpointed blocks save none
@@ -289,7 +393,9 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
     states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
-        State(Moment.FORWARD, Phase.FORWARD, _alive(h, accum_grads, acts.total, half_fwd + h.deq + loss_f + h.z_f)),
+        *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
+        State(Moment.FORWARD, Phase.FORWARD,
+              _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
         *backward_states(model, setup, p, ms, acts, h, loss_b),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
@@ -298,16 +404,29 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     return states
 
 
+def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tuple[State, ...]:
+    """FSDP2's forward before its end (FsdpBuffers): as it starts (the root and block 0 gathered), and in the
+    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks."""
+    fs, L = h.fsdp, max(model.blocks, 1)
+    casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
+    below = acts.early + sum(acts.per_block[:-1])
+    return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
+            State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + h.deq)))
+
+
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
                     loss_b: int) -> list[State]:
     """The backward's states: its start, the LM head's backward, the top and the lowest block's backward, its end."""
     ckpt = setup.checkpointing is Checkpointing.FULL
-    held = (h.half_outside if ckpt else h.half) + h.deq + h.z_f
+    held = (h.half_outside if ckpt else h.half) + h.deq_outside + (h.fsdp.bwd if h.fsdp else h.z_f)
 
     def at(name, gradients, activations, temporaries):
         return State(name, Phase.BACKWARD, _alive(h, gradients, activations, temporaries))
 
     states = [at(Moment.LOSS_BACKWARD, h.accum_grads, acts.total, held + loss_b)]
+    if h.fsdp and h.fsdp.regather:  # ZeRO-3: the root's pre-backward gathers it again before the loss's backward
+        states.insert(0, at(Moment.BACKWARD_START, h.accum_grads, acts.total,
+                            held - h.fsdp.bwd + h.fsdp.regather))
     # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
     # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
     head_g, head_wait, head_half = p.grads.head
@@ -328,15 +447,37 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     in_blocks = sum(acts.per_block) + acts.early
     rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
     top_g = carried + new_g + pending
+    # FSDP2: the top block gathered again, the next one's all-gather prefetched
+    held += h.fsdp.top if h.fsdp else 0
+    if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
+        held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if ckpt else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
+    if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
+        # into its reduce-scatter input (foreach_reduce); the trace shows it when the block below has run its
+        # backward too (RegisterPostBackwardFunction fires once its inputs' gradients are accumulated)
+        top_saved = sum(acts.per_block[-2:])
+        # (under no-sync accumulation they were added into the carried ones first, and freed)
+        grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
+        states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - top_saved,
+                         held + head_wait + h.fsdp.rs))
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
+    if h.grad_floor and setup.bucket_view:  # DDP's bucket views: the embeddings' new gradient is a temporary
+        late_new = p.grads.late  # until the hook copies it into its bucket
+    if h.fsdp:  # the embeddings' backward, then the root's reduce-scatter (FsdpBuffers)
+        fs = h.fsdp
+        grads = max(h.accum_grads, fs.sharded_blocks + fs.root_grads)
+        # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
+        end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
+        states += [at(Moment.BACKWARD_END, grads, 0, end),
+                   at(Moment.ROOT_REDUCE, grads, 0, fs.root_reduce)]
+        return states
     states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
     return states
@@ -356,6 +497,10 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     g = p.grads
     scale = ms.gradients / max(g.trainable, 1)  # sharding and DDP buckets
     late, tied_wait = g.late * scale, g.tied_wait * scale
+    fs = h.fsdp
+    if fs:  # blocks above: sharded; the root's (unsharded until the end) made but the embedding's; this block's
+        scale, tied_wait = 1, g.tied_wait
+        made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     ckpt = setup.checkpointing is Checkpointing.FULL
     block_casts = (h.half - h.half_outside) // max(model.blocks, 1)
     out = []
@@ -368,7 +513,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         block, pending = (g.block * scale, g.pending_qkv * scale) if trains else (0, 0)
         # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
         below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if ckpt else 0)
-        made = ms.gradients - late
+        made = made_fsdp if fs else ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
         # under gradient accumulation every gradient is already there: block j's new ones are added in place
         out.append(State(names[0], Phase.BACKWARD,
@@ -377,4 +522,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), h.accum_grads, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
+        if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
+            out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
+                             _alive(h, h.accum_grads or int(made), below, int(tied_wait) + h.z_b)))
     return out
