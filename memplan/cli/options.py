@@ -63,7 +63,8 @@ SETUP_OPTIONS = [
     _setup("offload_params", bool, False, help="ZeRO-3 parameter offload to CPU RAM (--engine fsdp: FSDP2 "
            "CPUOffloadPolicy, parameters, gradients and the optimizer step on the host)."),
     _setup("precision", Optional[str], None, help=PRECISION_HELP + " [default: bf16; with --peft lora, dora or qlora: "
-           "pure-bf16, the bf16 base weights peft's and TRL's examples load, adapters fp32]"),
+           "pure-bf16, the bf16 base weights peft's and TRL's examples load, adapters fp32; with --engine deepspeed: "
+           "bf16-master]"),
     option("fp32", bool, False, "--fp32", help="Same as --precision fp32."),
     option("fp16", bool, False, "--fp16", help="Same as --precision fp16 (autocast + GradScaler, fp32 parameters)."),
     option("bf16", bool, False, "--bf16", help="Same as --precision bf16 (autocast: fp32 parameters, gradients and "
@@ -118,6 +119,9 @@ FLAG_DEFAULTS = {"precision": "bf16", "optimizer": "adamw", "zero": 0}
 # (from_pretrained(torch_dtype=torch.bfloat16); peft keeps its adapters in fp32): memplan's pure-bf16
 PEFT_PRECISION = "pure-bf16"
 PEFT_BF16_BASE = ("lora", "dora", "qlora")
+# --engine deepspeed without a precision: DeepSpeed's "bf16": {"enabled": true}, bf16 weights with fp32 master
+# partitions (its ZeRO optimizers always keep fp32 masters; autocast and pure bf16 are not its modes)
+DEEPSPEED_PRECISION = "bf16-master"
 
 
 def pick(kw: dict, field: str, default=None):
@@ -136,8 +140,9 @@ def pick(kw: dict, field: str, default=None):
 def setup_from_options(kw: dict):
     """(model, gpu, TrainingSetup) from the shared options (kw is consumed)."""
     peft = str(kw.get("peft") or "").strip().lower()
-    fields = {f: pick(kw, f, PEFT_PRECISION if f == "precision" and peft in PEFT_BF16_BASE else None)
-              for f in FLAG_GROUPS}
+    deepspeed = str(kw.get("engine") or "").strip().lower() == "deepspeed"
+    default_precision = DEEPSPEED_PRECISION if deepspeed else PEFT_PRECISION if peft in PEFT_BF16_BASE else None
+    fields = {f: pick(kw, f, default_precision if f == "precision" else None) for f in FLAG_GROUPS}
     model = resolve_model(kw.pop("model"))
     gpu = resolve_gpu(kw.pop("gpu"))
     names = [p.name for p in SETUP_OPTIONS if p.name in kw]
