@@ -92,6 +92,10 @@ def summary_text(rec: dict, row: dict) -> str:
         if est:
             lines.append(f"  estimate: allocated {fmt_bytes(est.get('allocated_bytes'))}, device "
                          f"{fmt_bytes(est.get('device_bytes'))}")
+        for e in rec.get("ranks") or []:
+            lines.append(f"  rank {e['rank']}: {e['status']}" + (f" in {e['failed_phase']}" if e.get("failed_phase")
+                                                                 else "") + (f": {e['error']}" if e.get("error")
+                                                                             else ""))
         return "\n".join(lines)
     m = rec["measured"]
     st = m["step_time_s"]
@@ -107,11 +111,36 @@ def summary_text(rec: dict, row: dict) -> str:
         f"{p} {fmt_bytes(v['peak_allocated_bytes'])}" for p, v in (m.get("phases") or {}).items()))
     if m["peak"].get("device_reason"):
         lines.append(f"  device level empty: {m['peak']['device_reason']}")
+    lines.extend(rank_lines(rec))
     if m.get("context_bytes") is not None:
         lines.append(f"  CUDA context {fmt_bytes(m['context_bytes'])}, allocator retries {m['alloc_retries']}")
     for w in rec.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def rank_lines(rec: dict) -> list[str]:
+    """A multi-rank record's per-rank figures: each rank's allocated peak, its phase and its tokens/s, the worst
+    rank marked (the job's figures above are the max over ranks)."""
+    from memplan.measure.reconcile import fmt_bytes
+
+    ranks = rec.get("ranks") or []
+    if not ranks:
+        return []
+    m = rec.get("measured") or {}
+    worst = m.get("worst_rank")
+    lines = [f"  {len(ranks)} ranks ({m.get('launcher') or '?'}, {m.get('backend') or '?'}): job "
+             f"{m.get('tokens_per_s_total') or 0:,.0f} tokens/s, {m.get('tokens_per_s') or 0:,.0f} per GPU; "
+             "allocated and phase peaks above are the max over ranks",
+             f"  {'rank':<6}{'status':<8}{'allocated':>14}{'peak phase':>16}{'tokens/s':>12}"]
+    for e in ranks:
+        rm = e.get("measured") or {}
+        pk = rm.get("peak") or {}
+        tps = rm.get("tokens_per_s")
+        lines.append(f"  {e['rank']:<6}{e['status']:<8}{fmt_bytes(pk.get('allocated_bytes')):>14}"
+                     f"{pk.get('phase') or '–':>16}{'–' if tps is None else f'{tps:,.0f}':>12}"
+                     + ("  (worst)" if e["rank"] == worst else ""))
+    return lines
 
 
 StepsOpt = Annotated[int, typer.Option("--steps", help="Timed training steps.")]
@@ -150,7 +179,9 @@ def measure_cmd(
     plan: Annotated[bool, typer.Option("--plan", help="--sweep: list the configurations, their estimates, "
                                             "estimated minutes and chunks; measure nothing.")] = False,
     timeout_s: Annotated[Optional[float], typer.Option("--timeout-s", help="--sweep: give up on a configuration "
-                                                       "after this many seconds (recorded as an error).")] = None,
+                                                       "after this many seconds (recorded as an error); --gpus / "
+                                                       "--zero: kill every rank of a job not done by then (default "
+                                                       "1800).")] = None,
     memory_cap_gib: Annotated[Optional[float], typer.Option("--memory-cap-gib", help="CUDA: cap the caching "
                                                             "allocator at this many GiB (emulate a smaller GPU; "
                                                             "a suite's memory_cap_gib applies too).")] = None,
@@ -181,16 +212,19 @@ def measure_cmd(
                       fmt, retry_errors)
     if model is None:
         raise MemplanError("give --model (one configuration) or --sweep FILE")
-    if resume or chunk is not None or plan or max_minutes is not None or timeout_s is not None or not retry_errors:
-        raise MemplanError("--resume, --no-retry-errors, --chunk, --max-minutes, --plan and --timeout-s need --sweep")
+    multi = setup.gpus > 1 or setup.zero > 0  # one worker per rank (memplan.measure.distributed)
+    if resume or chunk is not None or plan or max_minutes is not None or not retry_errors or \
+            (timeout_s is not None and not multi):
+        raise MemplanError("--resume, --no-retry-errors, --chunk, --max-minutes, --plan and --timeout-s need --sweep "
+                           "(--timeout-s also applies to a --gpus / --zero job)")
     return _measure_one(model, gpu, setup, device, steps, warmup, lengths.value, snapshot, results, memory_cap_gib,
-                        name, record_to, fmt, Progress("measure", progress and record_to is None))
+                        name, record_to, fmt, Progress("measure", progress and record_to is None), timeout_s)
 
 
 def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot, results, memory_cap_gib, name,
-                 record_to, fmt, progress: Progress) -> int:
+                 record_to, fmt, progress: Progress, timeout_s: float | None = None) -> int:
     from memplan.estimate import estimate_spec
-    from memplan.measure import harness
+    from memplan.measure import distributed as dm, harness
     from memplan.measure.devices import peak_tflops, resolve_device
     from memplan.measure.record import append_record, capture_env, check_writable, make_record, now
 
@@ -199,6 +233,9 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     opts = harness.MeasureOptions(device=dev, steps=steps, warmup=warmup, lengths=lengths, snapshot=snapshot,
                                   memory_cap_bytes=cap, name=name, phase_log=record_to is not None)
     harness.check_measurable(spec, setup, opts)
+    multi = dm.engaged(setup)
+    if multi:
+        dm.check_job(setup, dev)
     harness.check_environment(setup, opts)
     info, gpu, warns = _gpu_context(dev, gpu_opt)
     estimate = estimate_spec(spec, setup, gpu)
@@ -207,14 +244,27 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     if snapshot:
         check_writable(snapshot)
     started = now()
-    progress.phase(f"measuring {spec.name} on {dev}: {warmup} warm-up and {steps} timed steps, then memory steps")
-    outcome = harness.measure(spec, setup, opts, peak_tflops=peak_tflops(gpu, setup, dev))
+    ranks = None
+    if multi:
+        launcher = dm.choose_launcher(dev)
+        progress.phase(f"measuring {spec.name} on {setup.gpus} {dev} rank(s) ({launcher}, "
+                       f"{dm.BACKENDS[dev]}): {warmup} warm-up and {steps} timed steps each")
+        job = dm.run_job(dm.Job(spec, setup, opts, peak_tflops(gpu, setup, dev), timeout_s or dm.DEFAULT_TIMEOUT_S),
+                         launcher)
+        measured = None if job.measured is None else {**job.measured, "launcher": job.launcher,
+                                                      "backend": dm.BACKENDS[dev]}
+        outcome = harness.Outcome(job.status, job.failed_phase, job.error, measured, job.warnings)
+        ranks = job.ranks
+    else:
+        progress.phase(f"measuring {spec.name} on {dev}: {warmup} warm-up and {steps} timed steps, then memory "
+                       "steps")
+        outcome = harness.measure(spec, setup, opts, peak_tflops=peak_tflops(gpu, setup, dev))
     progress.phase(f"{outcome.status}; writing the record")
     rec = make_record(name=name, model=spec.name, setup=setup.to_dict(), device=dev, steps=steps, warmup=warmup,
                       lengths=lengths, status=outcome.status, failed_phase=outcome.failed_phase, error=outcome.error,
                       estimate=estimate.to_dict(), measured=outcome.measured, gpu=_gpu_block(info, gpu),
                       env=capture_env(info.driver if info else None), started_at=started,
-                      warnings=warns + outcome.warnings + list(estimate.warnings))
+                      warnings=warns + outcome.warnings + list(estimate.warnings), ranks=ranks)
     append_record(out, rec)
     if record_to is not None:
         return 0  # the sweep reads the record; the status is in it
