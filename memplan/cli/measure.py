@@ -232,10 +232,10 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     cap = int(memory_cap_gib * 2**30) if memory_cap_gib else None
     opts = harness.MeasureOptions(device=dev, steps=steps, warmup=warmup, lengths=lengths, snapshot=snapshot,
                                   memory_cap_bytes=cap, name=name, phase_log=record_to is not None)
-    harness.check_measurable(spec, setup, opts)
     multi = dm.engaged(setup)
-    if multi:
+    if multi:  # first: an engine that is not installed is named as such
         dm.check_job(setup, dev)
+    harness.check_measurable(spec, setup, opts)
     harness.check_environment(setup, opts)
     info, gpu, warns = _gpu_context(dev, gpu_opt)
     estimate = estimate_spec(spec, setup, gpu)

@@ -261,28 +261,23 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
     gathered = _read_json(jobdir / GATHERED_FILE)
     if code == 0 and timed_out_s is None and isinstance(gathered, list) and len(gathered) == world:
         return combine(gathered, launcher)
-    entries = []
+    entries, silent = [], []
     for r in range(world):
         got = _read_json(jobdir / rank_file(r))
-        err = _read_text(jobdir / stderr_file(r))
         if isinstance(got, dict):
             entries.append(got)
             continue
-        phase = _last_phase(err)
-        tail = _tail(err)
+        err = _read_text(jobdir / stderr_file(r))
+        phase, tail = _last_phase(err), _tail(err)
         what = "did not report" if timed_out_s is not None else "was killed or exited without a result"
+        silent.append(r)
         entries.append({"rank": r, "status": "error", "failed_phase": phase if phase in _PHASES else None,
-                        "error": f"rank {r} {what}" + (f" (last phase {phase})" if phase else "")
+                        "error": what + (f" (last phase {phase})" if phase else "")
                         + (f"; last stderr line: {tail}" if tail else ""), "measured": None, "warnings": []})
-    failed = [e for e in entries if e["status"] != "ok"]
-    # the first rank that failed on its own (an oom / error outcome) is the cause; the others were torn down
-    cause = next((e for e in failed if e["status"] == "oom"), None) or \
-        next((e for e in failed if e.get("measured") is None and "killed" not in (e["error"] or "")
-              and "did not report" not in (e["error"] or "")), None) or (failed[0] if failed else None)
+    cause = failure_cause(entries, silent)
     if timed_out_s is not None:
-        late = [e["rank"] for e in failed if "did not report" in (e["error"] or "")]
-        error = f"timed out after {timed_out_s:g} s: rank(s) {', '.join(map(str, late)) or '?'} did not report"
-        if cause is not None and cause["rank"] not in late:
+        error = f"timed out after {timed_out_s:g} s: rank(s) {', '.join(map(str, silent)) or '?'} did not report"
+        if cause is not None and cause["rank"] not in silent:
             error += f"; rank {cause['rank']}: {cause['error']}"
         status = "error"
     elif cause is not None:
@@ -297,6 +292,22 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
 
 
 _PHASES = ("load", "forward", "backward", "optimizer_step")
+# How a collective reports that a PEER died (gloo's tcp transport, NCCL's watchdog, c10d's error type): a rank that
+# failed this way was not the cause of the job's failure.
+PEER_FAILURE_MARKS = ("Connection closed by peer", "Connection reset by peer", "remote worker", "DistBackendError",
+                      "DistNetworkError", "NCCL communicator was aborted", "Broken pipe")
+
+
+def failure_cause(entries: list[dict], silent: list[int]) -> dict | None:
+    """The rank whose failure ended the job: one that ran out of memory; else one whose step failed on its own
+    (not a collective reporting a dead peer); else one that was killed without a result (a crash, the OOM
+    killer); else the first failed rank. None when every rank is ok."""
+    failed = [e for e in entries if e.get("status") != "ok"]
+    own = [e for e in failed if e["rank"] not in silent]
+    return (next((e for e in own if e["status"] == "oom"), None)
+            or next((e for e in own if not any(m in (e.get("error") or "") for m in PEER_FAILURE_MARKS)), None)
+            or next((e for e in failed if e["rank"] in silent), None)
+            or (failed[0] if failed else None))
 LEVELS = ("allocated", "reserved", "device")
 PHASE_KEYS = ("end_allocated_bytes", "peak_allocated_bytes", "peak_reserved_bytes")
 
