@@ -120,27 +120,16 @@ def summary_text(rec: dict, row: dict) -> str:
 
 
 def rank_lines(rec: dict) -> list[str]:
-    """A multi-rank record's per-rank figures: each rank's allocated peak, its phase and its tokens/s, the worst
-    rank marked (the job's figures above are the max over ranks)."""
-    from memplan.measure.reconcile import fmt_bytes
+    """A multi-rank record's per-rank figures (memplan.measure.reconcile.rank_table: each rank's allocated peak
+    overall and per phase, its tokens/s, the worst rank marked); the job's figures above are the max over ranks."""
+    from memplan.measure.reconcile import rank_table
 
-    ranks = rec.get("ranks") or []
-    if not ranks:
+    if not rec.get("ranks"):
         return []
     m = rec.get("measured") or {}
-    worst = m.get("worst_rank")
-    lines = [f"  {len(ranks)} ranks ({m.get('launcher') or '?'}, {m.get('backend') or '?'}): job "
-             f"{m.get('tokens_per_s_total') or 0:,.0f} tokens/s, {m.get('tokens_per_s') or 0:,.0f} per GPU; "
-             "allocated and phase peaks above are the max over ranks",
-             f"  {'rank':<6}{'status':<8}{'allocated':>14}{'peak phase':>16}{'tokens/s':>12}"]
-    for e in ranks:
-        rm = e.get("measured") or {}
-        pk = rm.get("peak") or {}
-        tps = rm.get("tokens_per_s")
-        lines.append(f"  {e['rank']:<6}{e['status']:<8}{fmt_bytes(pk.get('allocated_bytes')):>14}"
-                     f"{pk.get('phase') or '–':>16}{'–' if tps is None else f'{tps:,.0f}':>12}"
-                     + ("  (worst)" if e["rank"] == worst else ""))
-    return lines
+    return [f"  {len(rec['ranks'])} ranks ({m.get('launcher') or '?'}, {m.get('backend') or '?'}): job "
+            f"{m.get('tokens_per_s_total') or 0:,.0f} tokens/s, {m.get('tokens_per_s') or 0:,.0f} per GPU"] + \
+        ["  " + line for line in rank_table([rec])]
 
 
 StepsOpt = Annotated[int, typer.Option("--steps", help="Timed training steps.")]

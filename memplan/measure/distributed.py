@@ -185,9 +185,9 @@ def launch_command(launcher: str, nproc: int, port: int, jobdir: str) -> list[st
 def _env(port: int) -> dict:
     """Workers import this same memplan (its source folder first on PYTHONPATH); the rendezvous address for a
     launcher that sets none itself (accelerate with one process)."""
-    from memplan.measure.sweep import _worker_env
+    from memplan.measure.sweep import worker_env
 
-    env = _worker_env()
+    env = worker_env()
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several ranks on one host
     return env
@@ -256,7 +256,7 @@ def _read_text(path: Path) -> str:
 
 def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out_s: float | None) -> JobResult:
     """The job's outcome from what the workers left in jobdir (see the module doc)."""
-    from memplan.measure.sweep import _exit_text, _last_phase, _tail
+    from memplan.measure.sweep import exit_text, last_phase, stderr_tail
 
     gathered = _read_json(jobdir / GATHERED_FILE)
     if code == 0 and timed_out_s is None and isinstance(gathered, list) and len(gathered) == world:
@@ -268,7 +268,7 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
             entries.append(got)
             continue
         err = _read_text(jobdir / stderr_file(r))
-        phase, tail = _last_phase(err), _tail(err)
+        phase, tail = last_phase(err), stderr_tail(err)
         what = "did not report" if timed_out_s is not None else "was killed or exited without a result"
         silent.append(r)
         entries.append({"rank": r, "status": "error", "failed_phase": phase if phase in _PHASES else None,
@@ -283,8 +283,8 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
     elif cause is not None:
         status, error = cause["status"], f"rank {cause['rank']}: {cause['error']}"
     else:
-        launched = _tail(_read_text(jobdir / LAUNCHER_LOG))
-        status, error = "error", f"{launcher} {_exit_text(code if code is not None else -9)}" + \
+        launched = stderr_tail(_read_text(jobdir / LAUNCHER_LOG))
+        status, error = "error", f"{launcher} {exit_text(code if code is not None else -9)}" + \
             (f"; last stderr line: {launched}" if launched else "")
     phase = cause["failed_phase"] if cause is not None else None
     warns = sorted({w for e in entries for w in e.get("warnings") or []})
