@@ -270,7 +270,7 @@ def test_ddp_ranks_are_equal_and_match_the_trace_per_rank(ddp_job):
     assert m["world"] == 2 and m["launcher"] == "torchrun" and m["backend"] == "gloo"
     assert m["tokens_per_step"] == 2 * 64 and m["tokens_per_step_total"] == 2 * 2 * 64  # --batch 2 --seq 64
     assert m["tokens_per_s"] == pytest.approx(m["tokens_per_s_total"] / 2)
-    assert "2 ranks (torchrun, gloo)" in text and "  worst" in text
+    assert "2 rank(s) (torchrun, gloo)" in text and "  worst" in text
 
 
 def test_reconcile_shows_each_rank(ddp_job, capsys):
@@ -282,7 +282,7 @@ def test_reconcile_shows_each_rank(ddp_job, capsys):
         path = str(p)
         assert main(["reconcile", path]) == 0
         out = capsys.readouterr().out
-        assert "job: 2 ranks" in out and out.count("  worst") == 1
+        assert "job: 2 rank(s)" in out and out.count("  worst") == 1
         assert main(["reconcile", path, "-f", "json"]) == 0
         (row,) = json.loads(capsys.readouterr().out)["rows"]
         assert row["ranks"] == 2 and row["rank_spread_pct"] == 0  # DDP: every rank holds the same bytes

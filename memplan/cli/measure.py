@@ -127,7 +127,7 @@ def rank_lines(rec: dict) -> list[str]:
     if not rec.get("ranks"):
         return []
     m = rec.get("measured") or {}
-    return [f"  {len(rec['ranks'])} ranks ({m.get('launcher') or '?'}, {m.get('backend') or '?'}): job "
+    return [f"  {len(rec['ranks'])} rank(s) ({m.get('launcher') or '?'}, {m.get('backend') or '?'}): job "
             f"{m.get('tokens_per_s_total') or 0:,.0f} tokens/s, {m.get('tokens_per_s') or 0:,.0f} per GPU"] + \
         ["  " + line for line in rank_table([rec])]
 
@@ -253,7 +253,8 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
                       lengths=lengths, status=outcome.status, failed_phase=outcome.failed_phase, error=outcome.error,
                       estimate=estimate.to_dict(), measured=outcome.measured, gpu=_gpu_block(info, gpu),
                       env=capture_env(info.driver if info else None), started_at=started,
-                      warnings=warns + outcome.warnings + list(estimate.warnings), ranks=ranks)
+                      warnings=list(dict.fromkeys(warns + outcome.warnings + list(estimate.warnings))),
+                      ranks=ranks)
     append_record(out, rec)
     if record_to is not None:
         return 0  # the sweep reads the record; the status is in it

@@ -132,7 +132,7 @@ def rank_table(recs: list[dict]) -> list[str]:
         rows = rank_rows(rec)
         if not rows:
             continue
-        lines.append(f"{rec.get('name') or rec.get('model')}: {len(rows)} ranks (figures above: the max over ranks)")
+        lines.append(f"{rec.get('name') or rec.get('model')}: {len(rows)} rank(s) (figures above: the max over ranks)")
         lines.append(f"  {'rank':<6}{'status':<8}{'allocated':>12}{'forward':>12}{'backward':>12}"
                      f"{'optimizer':>12}{'tokens/s':>11}")
         for r in rows:
