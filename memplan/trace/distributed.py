@@ -73,9 +73,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from memplan.spec.setup import Engine, PeftMethod, Precision, TrainingSetup
-from memplan.trace.tracker import (ALL_GATHER, DDP_BUCKET, G, HOST, REDUCE_SCATTER, UNSHARDED_GRAD, W,
+from memplan.trace.tracker import (ALL_GATHER, DDP_BUCKET, G, HOST, REDUCE_SCATTER, UNSHARDED_GRAD, UNTRACKED, W,
                                    AllocTracker)
 
+# Collectives write into the buffers the engine allocated; what a backend allocates inside one (gloo's staging
+# copies; NCCL's own buffers, outside the caching allocator) is no allocation of the step: untracked.
+COLLECTIVES = ("all_gather_single", "reduce_scatter_single",  # FSDP2's (torch 2.13 _fsdp_collectives.py)
+               "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "broadcast", "all_gather")
 DDP_BUCKET_CAP_MB = 25  # DistributedDataParallel's default bucket_cap_mb (torch/nn/parallel/distributed.py)
 
 
@@ -294,10 +298,13 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
     """Tag what FSDP2 allocates (see the module doc) and follow `UntypedStorage.resize_` while tracing."""
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
     orig_resize = torch.UntypedStorage.resize_
     orig = {n: getattr(FSDPParamGroup, n) for n in ("unshard", "wait_for_unshard", "post_backward")}
     offload = setup.offload_params
+    orig_meta = ShardingPropagator._propagate_tensor_meta_non_cached
+    collectives = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
 
     def resize_(st, size):
         out = orig_resize(st, size)
@@ -330,8 +337,23 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
                 tracker.track(_local(g), HOST if offload else G)
         return out
 
+    def untracked(fn):
+        def run(self, *a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(self, *a, **k)
+        return run
+
+    def untracked_call(fn):
+        def run(*a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(*a, **k)
+        return run
+
     tracker.subclass = DTensor
     torch.UntypedStorage.resize_ = resize_
+    ShardingPropagator._propagate_tensor_meta_non_cached = untracked(orig_meta)
+    for name, fn in collectives.items():
+        setattr(dist, name, untracked_call(fn))
     FSDPParamGroup.unshard = gathering("unshard")
     FSDPParamGroup.wait_for_unshard = gathering("wait_for_unshard")
     FSDPParamGroup.post_backward = post_backward
@@ -339,6 +361,10 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
         yield
     finally:
         torch.UntypedStorage.resize_ = orig_resize
+        ShardingPropagator._propagate_tensor_meta_non_cached = orig_meta
+        for name, fn in collectives.items():
+            setattr(dist, name, fn)
+        tracker.subclass = None
         for n, fn in orig.items():
             setattr(FSDPParamGroup, n, fn)
 
