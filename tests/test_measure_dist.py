@@ -292,23 +292,16 @@ def test_reconcile_shows_each_rank(ddp_job, capsys):
 
 def test_fsdp_zero3_matches_the_trace_per_rank(fsdp_job):
     rc, rec, _, _ = fsdp_job
-    assert rc == 0 and rec["status"] == "ok"
-    for e, tr in zip(rec["ranks"], _trace_per_rank(3)):
-        assert e["measured"]["peak"]["allocated_bytes"] == tr.peak.allocated_bytes
-        got, want = _phase_peaks(e), {p.value: v for p, v in tr.phase_peaks.items()}
-        assert {p: got[p] for p in ("load", "forward", "backward")} == \
-            {p: want[p] for p in ("load", "forward", "backward")}
+    assert rc == 0 and rec["status"] == "ok" and rec["measured"]["launcher"] == "torchrun"
+    traced = _trace_per_rank(3)
+    assert [e["measured"]["peak"]["allocated_bytes"] for e in rec["ranks"]] == \
+        [t.peak.allocated_bytes for t in traced]
+    assert [_phase_peaks(e) for e in rec["ranks"]] == \
+        [{p.value: v for p, v in t.phase_peaks.items()} for t in traced]  # every phase, every rank
     top = rec["measured"]
     assert top["peak"]["allocated_bytes"] == max(e["measured"]["peak"]["allocated_bytes"] for e in rec["ranks"])
-
-
-@pytest.mark.xfail(strict=True, reason="found by this measurement: on rank 1 of a ZeRO-3 job (torch.chunk's shorter "
-                   "shards) the real optimizer step peaks 131584 B above the fake-process-group trace; rank 0 agrees")
-def test_fsdp_zero3_optimizer_step_matches_the_trace_on_every_rank(fsdp_job):
-    _, rec, _, _ = fsdp_job
-    for e, tr in zip(rec["ranks"], _trace_per_rank(3)):
-        assert _phase_peaks(e)["optimizer_step"] == tr.phase_peaks[next(p for p in tr.phase_peaks
-                                                                         if p.value == "optimizer_step")]
+    assert _phase_peaks({"measured": top}) == {p: max(_phase_peaks(e)[p] for e in rec["ranks"])
+                                               for p in _phase_peaks(rec["ranks"][0])}
 
 
 @pytest.mark.slow
