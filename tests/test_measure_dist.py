@@ -315,17 +315,37 @@ def test_zero1_uneven_partitions_match_the_trace_per_rank(tiny_config, tmp_path)
         [{p.value: v for p, v in t.phase_peaks.items()} for t in traced]
 
 
-def test_a_crashed_rank_ends_the_job_with_an_error_record(tiny_config, tmp_path):
+def _left_behind(folder: Path) -> list[int]:
+    """Processes whose command line names `folder` (the job's folder lies inside it: its launcher and ranks)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(folder).encode() in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_crashed_rank_ends_the_job_with_an_error_record(tiny_config, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the job's folder: here
     rc, rec, text, _ = _job(tiny_config, tmp_path, "--gpus", "2", "--zero", "0",
                             env={faults.FAULT_ENV: "job@1:crash:forward"})
     assert rc == 1 and rec["status"] == "error" and rec["failed_phase"] == "forward"
     assert rec["error"].startswith("rank 1: was killed") and rec["measured"] is None
     assert [e["rank"] for e in rec["ranks"]] == [0, 1] and "rank 1: error in forward" in text
+    assert _left_behind(tmp_path) == []
 
 
-def test_a_hung_rank_is_killed_at_the_timeout(tiny_config, tmp_path):
+def test_a_hung_rank_is_killed_at_the_timeout(tiny_config, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     timeout = 20
     rc, rec, _, took = _job(tiny_config, tmp_path, "--gpus", "2", "--zero", "0", "--timeout-s", str(timeout),
                             env={faults.FAULT_ENV: "job@0:hang:load"})
     assert rc == 1 and rec["status"] == "error" and rec["error"].startswith(f"timed out after {timeout} s")
     assert took < timeout + dm.KILL_WAIT_S + 15  # the deadline, the kill, the record: no waiting on the rank
+    assert _left_behind(tmp_path) == []  # the launcher and both ranks are gone

@@ -356,13 +356,16 @@ def _run_sweep(suite, planned, selected, out, dev, info, gpu, chunk, nchunks, re
                            "fixed") from None
     bar.close()
     ids = {p.record_id for p in selected}
-    rows = [reconcile.compare(r) for r in load_records(out, warn=lambda m: None) if r.get("record_id") in ids]
+    mine = [r for r in load_records(out, warn=lambda m: None) if r.get("record_id") in ids]
+    rows = [reconcile.compare(r) for r in mine]
     if fmt is Format.json:
         typer.echo(render.to_json({"results": str(out), "rows": rows, "summary": reconcile.summarize(rows)}))
     elif fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
     else:
         typer.echo(render.reconcile_table(rows, reconcile.summarize(rows)))
+        for line in reconcile.rank_table(mine):  # multi-rank configurations: each rank's figures
+            typer.echo(line)
         typer.echo(f"records: {out}", err=True)
     return 0
 

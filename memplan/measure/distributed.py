@@ -22,10 +22,11 @@ Gathering: each rank writes its outcome to JOBDIR/rank<r>.json; on success the r
 per GPU). A rank whose step fails (oom / error) writes its outcome and exits at once, so the launcher tears down
 its peers (blocked in a collective) instead of waiting for them.
 
-Never hangs: the launcher runs in its own session, and when the job is not done by the deadline (--timeout-s,
-default DEFAULT_TIMEOUT_S) the whole process group is killed; the process group's collective timeout is the same.
-Every worker asks for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), so a killed launcher leaves no rank
-behind. A rank that was killed or did not report is named in the error record with the phase it last entered
+Never hangs: when the job is not done by the deadline (--timeout-s, default DEFAULT_TIMEOUT_S) every rank (by the
+pid it wrote to JOBDIR/rank<r>.pid: torchrun starts each rank in a session of its own) and the launcher's process
+group (its own session) are killed; the process group's collective timeout is the same. The launcher and every
+worker ask for SIGKILL when their parent dies (prctl PR_SET_PDEATHSIG), so a killed `memplan measure` (a sweep's
+timeout, a scheduler) leaves no launcher and no rank behind. A rank that was killed or did not report is named in the error record with the phase it last entered
 (its stderr, JOBDIR/rank<r>.stderr, carries the phase log).
 """
 from __future__ import annotations
@@ -207,24 +208,37 @@ def run_job(job: Job, launcher: str | None = None) -> JobResult:
             proc = subprocess.Popen(launch_command(launcher, world, port, d), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=log, env=_env(port), start_new_session=True,
                                     preexec_fn=die_with_parent())
-        timed_out = _wait(proc, job.timeout_s)
+        timed_out = _wait(proc, job.timeout_s, jobdir)
         return collect(jobdir, world, launcher, proc.returncode, job.timeout_s if timed_out else None)
 
 
-def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for the launcher; past the deadline (or on Ctrl-C) kill its whole process group. True: timed out."""
+def _wait(proc: subprocess.Popen, timeout_s: float, jobdir: Path) -> bool:
+    """Wait for the launcher; past the deadline (or on Ctrl-C) kill it and every rank. True: timed out."""
     deadline = time.monotonic() + timeout_s
     try:
         while proc.poll() is None:
             if time.monotonic() > deadline:
-                _kill_group(proc)
+                _kill_all(proc, jobdir)
                 return True
             time.sleep(POLL_S)
     except BaseException:
-        _kill_group(proc)
+        _kill_all(proc, jobdir)
         raise
-    _kill_group(proc)  # a rank left behind by a launcher that exited (none expected): never an orphan
+    _kill_all(proc, jobdir)  # a rank left behind by a launcher that exited (none expected): never an orphan
     return False
+
+
+def _kill_all(proc: subprocess.Popen, jobdir: Path) -> None:
+    """The ranks first (torchrun starts each in a session of its own, outside the launcher's process group; each
+    wrote its pid to JOBDIR/rank<r>.pid), then the launcher's group."""
+    for f in jobdir.glob("rank*.pid"):
+        try:
+            pid = int(f.read_text())
+            if str(jobdir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():  # still that rank, not a reused pid
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -381,17 +395,21 @@ def job_throughput(ms: list[dict]) -> dict:
 
 # ---- the worker -------------------------------------------------------------------------------------------------
 def _die_with_launcher() -> None:
-    """SIGKILL this rank when its launcher dies (the launcher killed by a timeout or a sweep's stop; Linux)."""
+    """SIGKILL this rank when its launcher dies (the launcher killed by a timeout, a sweep's stop, or its own
+    parent's death: memplan.measure.sweep.die_with_parent; Linux). A launcher already gone: exit now."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     from memplan.measure.sweep import PR_SET_PDEATHSIG
 
+    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # pragma: no cover - every Linux libc has prctl
-        pass
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -406,10 +424,11 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    _die_with_launcher()
+    _write_json(jobdir / f"rank{rank}.pid", os.getpid())
     fd = os.open(jobdir / stderr_file(rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(fd, 2)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-    _die_with_launcher()
     job: Job = pickle.loads((jobdir / JOB_FILE).read_bytes())
     from datetime import timedelta
 
