@@ -174,7 +174,7 @@ def entry_row(e: Entry) -> dict:
     rs = rank_summary(e.record or {})
     row.update(ranks=rs.get("ranks"), worst_rank=rs.get("worst_rank"),
                meas_min_rank_allocated=rs.get("meas_min_rank_allocated_bytes"),
-               rank_spread_pct=rs.get("rank_spread_pct"), meas_tokens_per_s_total=rs.get("tokens_per_s_total"))
+               rank_spread_pct=rs.get("rank_spread_pct"), meas_job_tokens_per_s=rs.get("tokens_per_s_total"))
     return row
 
 
