@@ -257,15 +257,26 @@ def fsdp_job(tiny_config, tmp_path_factory):
     return _job(tiny_config, tmp_path_factory.mktemp("fsdp"), "--gpus", "2", "--zero", "3", "--format", "json")
 
 
+# DistributedDataParallel.__init__ broadcasts the module states from rank 0 (_sync_module_states ->
+# _broadcast_coalesced, torch/nn/parallel/distributed.py) through a flat buffer of at most the states' bytes
+# (broadcast_bucket_size 250 MB): a load-time transient the trace does not model (memplan.trace.distributed.FakeDDP)
+# and the tracker sees on some runs only (gloo may flatten on its own thread, which a dispatch mode does not see).
+STEADY = ("forward", "backward", "optimizer_step")
+
+
 def test_ddp_ranks_are_equal_and_match_the_trace_per_rank(ddp_job):
     rc, rec, text, _ = ddp_job
     assert rc == 0 and rec["status"] == "ok" and len(rec["ranks"]) == 2
     r0, r1 = rec["ranks"]
-    assert r0["measured"]["peak"] == r1["measured"]["peak"] and _phase_peaks(r0) == _phase_peaks(r1)
+    steady = [{p: _phase_peaks(e)[p] for p in STEADY} for e in rec["ranks"]]
+    assert r0["measured"]["peak"] == r1["measured"]["peak"] and steady[0] == steady[1]
     assert r0["measured"]["categories"] == r1["measured"]["categories"]
-    for e, tr in zip(rec["ranks"], _trace_per_rank(0)):
+    for e, tr, st in zip(rec["ranks"], _trace_per_rank(0), steady):
         assert e["measured"]["peak"]["allocated_bytes"] == tr.peak.allocated_bytes
-        assert _phase_peaks(e) == {p.value: v for p, v in tr.phase_peaks.items()}
+        want = {p.value: v for p, v in tr.phase_peaks.items()}
+        assert st == {p: want[p] for p in STEADY}
+        extra = _phase_peaks(e)["load"] - want["load"]
+        assert 0 <= extra <= e["measured"]["categories"]["weights"]  # at most the broadcast of the states
     m = rec["measured"]
     assert m["world"] == 2 and m["launcher"] == "torchrun" and m["backend"] == "gloo"
     assert m["tokens_per_step"] == 2 * 64 and m["tokens_per_step_total"] == 2 * 2 * 64  # --batch 2 --seq 64
@@ -311,8 +322,8 @@ def test_zero1_uneven_partitions_match_the_trace_per_rank(tiny_config, tmp_path)
     traced = _trace_per_rank(1)
     assert [e["measured"]["peak"]["allocated_bytes"] for e in rec["ranks"]] == \
         [t.peak.allocated_bytes for t in traced]
-    assert [_phase_peaks(e) for e in rec["ranks"]] == \
-        [{p.value: v for p, v in t.phase_peaks.items()} for t in traced]
+    assert [{p: _phase_peaks(e)[p] for p in STEADY} for e in rec["ranks"]] == \
+        [{p.value: v for p, v in t.phase_peaks.items() if p.value in STEADY} for t in traced]  # load: DDP's broadcast
 
 
 def _left_behind(folder: Path) -> list[int]:
