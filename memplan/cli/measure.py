@@ -1,8 +1,9 @@
 """`memplan measure`: run one configuration (or a sweep of them, each in a fresh worker) and record peak memory
 per phase and level, tokens/s and MFU beside memplan's estimate.
 
-Exit codes: 0 done; 1 the configuration did not fit (oom) or its step failed (error); 2 bad input (one
-`memplan: error:` line, before any work); 130 interrupted (finished records kept).
+Exit codes: 0 done; 1 the configuration did not fit (oom) or its step failed (error; for --gpus / --zero also a
+rank that was killed or did not report before --timeout-s); 2 bad input (one `memplan: error:` line, before any
+work); 130 interrupted (finished records kept).
 """
 
 import math
@@ -186,6 +187,7 @@ def measure_cmd(
 
     Examples: memplan measure --model llama-3.2-1b --bf16 --batch 8 --seq 2048 ·
     memplan measure --model ./tiny/config.json --device cpu --batch 2 --seq 64 ·
+    memplan measure --model ./tiny/config.json --device cpu --gpus 2 --zero 3 (a worker per rank, gloo) ·
     memplan measure --sweep validation --chunk 1
     """
     for flag, v in (("--max-minutes", max_minutes), ("--timeout-s", timeout_s), ("--memory-cap-gib", memory_cap_gib)):
