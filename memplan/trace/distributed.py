@@ -400,10 +400,12 @@ def qlora_storage(setup: TrainingSetup) -> bool:
     return setup.peft is PeftMethod.QLORA and uses_fsdp(setup)
 
 
-def rank_note(built, setup: TrainingSetup, rank: int, world: int) -> str:
-    """The line the result carries about which rank it reports."""
+def rank_note(built, setup: TrainingSetup, rank: int, world: int, host_bytes: int = 0) -> str:
+    """The line the result carries about which rank it reports (and its host RAM under offload)."""
     why = "ZeroRedundancyOptimizer's largest partition" if setup.zero == 1 and world > 1 else \
         "FSDP2 pads every rank's shards to rank 0's; rank 0's optimizer states are the largest" if uses_fsdp(setup) \
         else "DDP ranks are identical"
-    host = " (host bytes: model_states.cpu_bytes)" if setup.offload_params else ""
+    host = (f"; host RAM {host_bytes / 2**30:.2f} GiB per rank, {host_bytes * min(world, setup.gpus_per_node) / 2**30:.2f}"
+            f" GiB per node of {min(world, setup.gpus_per_node)} (offloaded shards, gradients, optimizer step;"
+            f" model_states.cpu_bytes)") if setup.offload_params else ""
     return f"per-rank figures: rank {rank} of {world}, the worst rank ({why}){host}"
