@@ -29,6 +29,9 @@ SPEC = spec_from_config(TINY, "tiny-llama")
 # rows that do not divide by 4 (hidden 66, intermediate 170, vocab 130): FSDP2's shards are uneven and padded
 ODD = spec_from_config({**TINY, "hidden_size": 66, "intermediate_size": 170, "vocab_size": 130,
                         "num_attention_heads": 3, "num_key_value_heads": 3}, "tiny-odd")
+# odd rows (intermediate 171, vocab 131): uneven shards over 2 ranks (rank 1's are short)
+ODD2 = spec_from_config({**TINY, "hidden_size": 66, "intermediate_size": 171, "vocab_size": 131,
+                         "num_attention_heads": 3, "num_key_value_heads": 3}, "tiny-odd2")
 ROUND = 512  # the trace's allocation granularity (AllocTracker round_to, the CUDA caching allocator's block)
 
 
@@ -186,10 +189,10 @@ def _peak_at(spec, setup, rank: int) -> int:
         return trace_run(spec, setup).result.peak.allocated_bytes
 
 
-@pytest.mark.parametrize("zero,world", [(1, 2), (1, 4), (3, 4)])
-def test_reported_rank_is_the_worst(zero, world):
+@pytest.mark.parametrize("zero,world,spec", [(1, 2, SPEC), (1, 4, ODD), (3, 4, ODD), (3, 2, ODD2)],
+                         ids=["zero1-2", "zero1-4", "zero3-4", "zero3-2"])
+def test_reported_rank_is_the_worst(zero, world, spec):
     setup = setup_(zero=zero, gpus=world)
-    spec = ODD
     peaks = [_peak_at(spec, setup, r) for r in range(world)]
     run = trace_run(spec, setup)
     assert run.result.rank == worst_rank(run.built, setup)
@@ -222,7 +225,7 @@ def test_peak_matches_fsdp_mem_tracker(kw):
 
 
 # ---- (e) a real two-process gloo run equals the fake trace, rank by rank ----------------------------------------
-GLOO_SETUPS = {"zero3": dict(zero=3), "zero2-fsdp-bf16": dict(zero=2, precision=Precision.FSDP_BF16)}
+GLOO_SETUPS = {"zero3-uneven": (ODD2, dict(zero=3)), "zero2-fsdp-bf16": (SPEC, dict(zero=2, precision=Precision.FSDP_BF16))}
 
 
 def _records(run):
@@ -240,7 +243,8 @@ def _gloo_worker(rank: int, world: int, init: str, name: str, out_dir: str) -> N
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        run = trace_run(SPEC, setup_(gpus=world, **GLOO_SETUPS[name]), fake=False)
+        spec, kw = GLOO_SETUPS[name]
+        run = trace_run(spec, setup_(gpus=world, **kw), fake=False)
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(_records(run), f)
     finally:
@@ -257,7 +261,8 @@ def test_fake_equals_real_gloo(name, tmp_path):
              join=True)
     for rank in range(world):
         with fake_world(rank, world):
-            fake = _records(trace_run(SPEC, setup_(gpus=world, **GLOO_SETUPS[name])))
+            spec, kw = GLOO_SETUPS[name]
+            fake = _records(trace_run(spec, setup_(gpus=world, **kw)))
         with open(tmp_path / f"{rank}.pkl", "rb") as f:
             real = pickle.load(f)
         assert fake[2] == real[2]  # the whole Result

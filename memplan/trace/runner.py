@@ -195,7 +195,7 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
     if distributed.engaged(setup):
         r, n = distributed.world()
         rank = r
-        warnings.append(distributed.rank_note(built, setup, r, n))
+        warnings.append(distributed.rank_note(built, setup, r, n, states.cpu_bytes))
     cats = tracker.categories_at(tracker.peak_seq)
     p = tracker.peak
     assert sum(cats.values()) == p, (cats, p)
