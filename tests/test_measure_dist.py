@@ -86,6 +86,40 @@ def test_a_killed_rank_is_named_with_its_last_phase_not_the_peer_that_lost_it(tm
     assert [e["status"] for e in job.ranks] == ["error", "error"] and job.measured is None
 
 
+LAUNCHER_REPORT = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 17316)  (SIGTERM)
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-03_05:12:18
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 17317)  (SIGKILL)
+"""  # torchrun's report (abridged) when rank 1 was SIGKILLed and rank 0 torn down with SIGTERM
+
+
+def test_the_launchers_first_observed_failure_is_the_cause(tmp_path):
+    """Both ranks silent (rank 0 torn down by the launcher before it saw the lost peer): the launcher's report
+    names rank 1."""
+    assert dm.root_cause(LAUNCHER_REPORT) == (1, "killed by SIGKILL") and dm.root_cause("no report") is None
+    (tmp_path / dm.LAUNCHER_LOG).write_text(LAUNCHER_REPORT)
+    d = _jobdir(tmp_path, {0: None, 1: None}, {0: f"{PHASE_LOG_PREFIX} forward\n",
+                                               1: f"{PHASE_LOG_PREFIX} backward\n"})
+    job = dm.collect(d, 2, "torchrun", 1, None)
+    assert job.error.startswith("rank 1: was killed by SIGKILL (last phase backward)") and job.failed_phase == "backward"
+
+
+def test_a_rank_that_only_lost_its_peer_is_not_the_cause_even_if_the_launcher_saw_it_first(tmp_path):
+    peer = {"rank": 0, "status": "error", "failed_phase": "forward", "measured": None, "warnings": [],
+            "error": "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6 ... remote worker"}
+    (tmp_path / dm.LAUNCHER_LOG).write_text(LAUNCHER_REPORT.replace("rank      : 1 (local_rank: 1)", "rank: 0"))
+    job = dm.collect(_jobdir(tmp_path, {0: peer, 1: None}, {1: f"{PHASE_LOG_PREFIX} forward\n"}), 2, "torchrun", 1,
+                     None)
+    assert job.error.startswith("rank 1: was killed or exited without a result (last phase forward)")
+
+
 def test_an_oom_rank_makes_the_job_did_not_fit(tmp_path):
     oom = {"rank": 1, "status": "oom", "failed_phase": "backward", "measured": None, "warnings": [],
            "error": "CUDA out of memory"}

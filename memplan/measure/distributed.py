@@ -275,6 +275,7 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
     gathered = _read_json(jobdir / GATHERED_FILE)
     if code == 0 and timed_out_s is None and isinstance(gathered, list) and len(gathered) == world:
         return combine(gathered, launcher)
+    root = root_cause(_read_text(jobdir / LAUNCHER_LOG))
     entries, silent = [], []
     for r in range(world):
         got = _read_json(jobdir / rank_file(r))
@@ -283,12 +284,14 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
             continue
         err = _read_text(jobdir / stderr_file(r))
         phase, tail = last_phase(err), stderr_tail(err)
-        what = "did not report" if timed_out_s is not None else "was killed or exited without a result"
+        what = "did not report" if timed_out_s is not None else \
+            f"was {root[1]}" if root is not None and root[0] == r and root[1] else \
+            "was killed or exited without a result"
         silent.append(r)
         entries.append({"rank": r, "status": "error", "failed_phase": phase if phase in _PHASES else None,
                         "error": what + (f" (last phase {phase})" if phase else "")
                         + (f"; last stderr line: {tail}" if tail else ""), "measured": None, "warnings": []})
-    cause = failure_cause(entries, silent)
+    cause = failure_cause(entries, silent, root[0] if root is not None else None)
     if timed_out_s is not None:
         error = f"timed out after {timed_out_s:g} s: rank(s) {', '.join(map(str, silent)) or '?'} did not report"
         if cause is not None and cause["rank"] not in silent:
@@ -312,18 +315,44 @@ PEER_FAILURE_MARKS = ("Connection closed by peer", "Connection reset by peer", "
                       "DistNetworkError", "NCCL communicator was aborted", "Broken pipe")
 
 
-def failure_cause(entries: list[dict], silent: list[int]) -> dict | None:
-    """The rank whose failure ended the job: one that ran out of memory; else one whose step failed on its own
-    (not a collective reporting a dead peer); else one that was killed without a result (a crash, the OOM
-    killer); else the first failed rank. None when every rank is ok."""
+def root_cause(launcher_log: str) -> tuple[int, str | None] | None:
+    """(rank, how it ended) of the launcher's "Root Cause (first observed failure)" (torch.distributed.elastic's
+    ChildFailedError report, which torchrun and accelerate's multi-GPU launcher both print), or None."""
+    import re
+
+    k = launcher_log.rfind("Root Cause (first observed failure)")
+    if k < 0:
+        return None
+    part = launcher_log[k:]
+    m = re.search(r"^\s*rank\s*:\s*(\d+)", part, re.M)
+    if m is None:
+        return None
+    sig = re.search(r"^\s*exitcode\s*:\s*(-?\d+)", part, re.M)
+    how = None
+    if sig is not None:
+        from memplan.measure.sweep import exit_text
+
+        how = exit_text(int(sig.group(1)))
+    return int(m.group(1)), how
+
+
+def failure_cause(entries: list[dict], silent: list[int], root: int | None = None) -> dict | None:
+    """The rank whose failure ended the job: one that ran out of memory; else the launcher's first observed failure
+    (`root`) unless that rank only reported a lost peer; else one whose step failed on its own (not a collective
+    reporting a dead peer); else one that was killed without a result (a crash, the OOM killer); else the first
+    failed rank. None when every rank is ok. (A rank that reports a lost peer and exits can be observed by the
+    launcher before the crashed peer is: the launcher's order alone does not decide.)"""
     failed = [e for e in entries if e.get("status") != "ok"]
     own = [e for e in failed if e["rank"] not in silent]
+
+    def lost_peer(e):
+        return e["rank"] not in silent and any(m in (e.get("error") or "") for m in PEER_FAILURE_MARKS)
+
     return (next((e for e in own if e["status"] == "oom"), None)
-            or next((e for e in own if not any(m in (e.get("error") or "") for m in PEER_FAILURE_MARKS)), None)
+            or next((e for e in failed if e["rank"] == root and not lost_peer(e)), None)
+            or next((e for e in own if not lost_peer(e)), None)
             or next((e for e in failed if e["rank"] in silent), None)
             or (failed[0] if failed else None))
-LEVELS = ("allocated", "reserved", "device")
-PHASE_KEYS = ("end_allocated_bytes", "peak_allocated_bytes", "peak_reserved_bytes")
 
 
 def _rank_entry(e: dict) -> dict:
