@@ -355,6 +355,10 @@ def failure_cause(entries: list[dict], silent: list[int], root: int | None = Non
             or (failed[0] if failed else None))
 
 
+LEVELS = ("allocated", "reserved", "device")
+PHASE_KEYS = ("end_allocated_bytes", "peak_allocated_bytes", "peak_reserved_bytes")
+
+
 def _rank_entry(e: dict) -> dict:
     """A rank as the record's "ranks" list keeps it: its status and its measured block (without the per-layer
     marks, which the top-level block carries for the worst rank)."""
