@@ -1,8 +1,9 @@
 """`memplan measure`: run one configuration (or a sweep of them, each in a fresh worker) and record peak memory
 per phase and level, tokens/s and MFU beside memplan's estimate.
 
-Exit codes: 0 done; 1 the configuration did not fit (oom) or its step failed (error); 2 bad input (one
-`memplan: error:` line, before any work); 130 interrupted (finished records kept).
+Exit codes: 0 done; 1 the configuration did not fit (oom) or its step failed (error; for --gpus / --zero also a
+rank that was killed or did not report before --timeout-s); 2 bad input (one `memplan: error:` line, before any
+work); 130 interrupted (finished records kept).
 """
 
 import math
@@ -92,6 +93,10 @@ def summary_text(rec: dict, row: dict) -> str:
         if est:
             lines.append(f"  estimate: allocated {fmt_bytes(est.get('allocated_bytes'))}, device "
                          f"{fmt_bytes(est.get('device_bytes'))}")
+        for e in rec.get("ranks") or []:
+            lines.append(f"  rank {e['rank']}: {e['status']}" + (f" in {e['failed_phase']}" if e.get("failed_phase")
+                                                                 else "") + (f": {e['error']}" if e.get("error")
+                                                                             else ""))
         return "\n".join(lines)
     m = rec["measured"]
     st = m["step_time_s"]
@@ -107,11 +112,25 @@ def summary_text(rec: dict, row: dict) -> str:
         f"{p} {fmt_bytes(v['peak_allocated_bytes'])}" for p, v in (m.get("phases") or {}).items()))
     if m["peak"].get("device_reason"):
         lines.append(f"  device level empty: {m['peak']['device_reason']}")
+    lines.extend(rank_lines(rec))
     if m.get("context_bytes") is not None:
         lines.append(f"  CUDA context {fmt_bytes(m['context_bytes'])}, allocator retries {m['alloc_retries']}")
     for w in rec.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def rank_lines(rec: dict) -> list[str]:
+    """A multi-rank record's per-rank figures (memplan.measure.reconcile.rank_table: each rank's allocated peak
+    overall and per phase, its tokens/s, the worst rank marked); the job's figures above are the max over ranks."""
+    from memplan.measure.reconcile import rank_table
+
+    if not rec.get("ranks"):
+        return []
+    m = rec.get("measured") or {}
+    return [f"  {len(rec['ranks'])} rank(s) ({m.get('launcher') or '?'}, {m.get('backend') or '?'}): job "
+            f"{m.get('tokens_per_s_total') or 0:,.0f} tokens/s, {m.get('tokens_per_s') or 0:,.0f} per GPU"] + \
+        ["  " + line for line in rank_table([rec])]
 
 
 StepsOpt = Annotated[int, typer.Option("--steps", help="Timed training steps.")]
@@ -150,7 +169,9 @@ def measure_cmd(
     plan: Annotated[bool, typer.Option("--plan", help="--sweep: list the configurations, their estimates, "
                                             "estimated minutes and chunks; measure nothing.")] = False,
     timeout_s: Annotated[Optional[float], typer.Option("--timeout-s", help="--sweep: give up on a configuration "
-                                                       "after this many seconds (recorded as an error).")] = None,
+                                                       "after this many seconds (recorded as an error); --gpus / "
+                                                       "--zero: kill every rank of a job not done by then (default "
+                                                       "1800).")] = None,
     memory_cap_gib: Annotated[Optional[float], typer.Option("--memory-cap-gib", help="CUDA: cap the caching "
                                                             "allocator at this many GiB (emulate a smaller GPU; "
                                                             "a suite's memory_cap_gib applies too).")] = None,
@@ -166,6 +187,7 @@ def measure_cmd(
 
     Examples: memplan measure --model llama-3.2-1b --bf16 --batch 8 --seq 2048 ·
     memplan measure --model ./tiny/config.json --device cpu --batch 2 --seq 64 ·
+    memplan measure --model ./tiny/config.json --device cpu --gpus 2 --zero 3 (a worker per rank, gloo) ·
     memplan measure --sweep validation --chunk 1
     """
     for flag, v in (("--max-minutes", max_minutes), ("--timeout-s", timeout_s), ("--memory-cap-gib", memory_cap_gib)):
@@ -181,16 +203,19 @@ def measure_cmd(
                       fmt, retry_errors)
     if model is None:
         raise MemplanError("give --model (one configuration) or --sweep FILE")
-    if resume or chunk is not None or plan or max_minutes is not None or timeout_s is not None or not retry_errors:
-        raise MemplanError("--resume, --no-retry-errors, --chunk, --max-minutes, --plan and --timeout-s need --sweep")
+    multi = setup.gpus > 1 or setup.zero > 0  # one worker per rank (memplan.measure.distributed)
+    if resume or chunk is not None or plan or max_minutes is not None or not retry_errors or \
+            (timeout_s is not None and not multi):
+        raise MemplanError("--resume, --no-retry-errors, --chunk, --max-minutes, --plan and --timeout-s need --sweep "
+                           "(--timeout-s also applies to a --gpus / --zero job)")
     return _measure_one(model, gpu, setup, device, steps, warmup, lengths.value, snapshot, results, memory_cap_gib,
-                        name, record_to, fmt, Progress("measure", progress and record_to is None))
+                        name, record_to, fmt, Progress("measure", progress and record_to is None), timeout_s)
 
 
 def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot, results, memory_cap_gib, name,
-                 record_to, fmt, progress: Progress) -> int:
+                 record_to, fmt, progress: Progress, timeout_s: float | None = None) -> int:
     from memplan.estimate import estimate_spec
-    from memplan.measure import harness
+    from memplan.measure import distributed as dm, harness
     from memplan.measure.devices import peak_tflops, resolve_device
     from memplan.measure.record import append_record, capture_env, check_writable, make_record, now
 
@@ -198,6 +223,9 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     cap = int(memory_cap_gib * 2**30) if memory_cap_gib else None
     opts = harness.MeasureOptions(device=dev, steps=steps, warmup=warmup, lengths=lengths, snapshot=snapshot,
                                   memory_cap_bytes=cap, name=name, phase_log=record_to is not None)
+    multi = dm.engaged(setup)
+    if multi:  # first: an engine that is not installed is named as such
+        dm.check_job(setup, dev)
     harness.check_measurable(spec, setup, opts)
     harness.check_environment(setup, opts)
     info, gpu, warns = _gpu_context(dev, gpu_opt)
@@ -207,14 +235,28 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     if snapshot:
         check_writable(snapshot)
     started = now()
-    progress.phase(f"measuring {spec.name} on {dev}: {warmup} warm-up and {steps} timed steps, then memory steps")
-    outcome = harness.measure(spec, setup, opts, peak_tflops=peak_tflops(gpu, setup, dev))
+    ranks = None
+    if multi:
+        launcher = dm.choose_launcher(dev)
+        progress.phase(f"measuring {spec.name} on {setup.gpus} {dev} rank(s) ({launcher}, "
+                       f"{dm.BACKENDS[dev]}): {warmup} warm-up and {steps} timed steps each")
+        job = dm.run_job(dm.Job(spec, setup, opts, peak_tflops(gpu, setup, dev), timeout_s or dm.DEFAULT_TIMEOUT_S),
+                         launcher)
+        measured = None if job.measured is None else {**job.measured, "launcher": job.launcher,
+                                                      "backend": dm.BACKENDS[dev]}
+        outcome = harness.Outcome(job.status, job.failed_phase, job.error, measured, job.warnings)
+        ranks = job.ranks
+    else:
+        progress.phase(f"measuring {spec.name} on {dev}: {warmup} warm-up and {steps} timed steps, then memory "
+                       "steps")
+        outcome = harness.measure(spec, setup, opts, peak_tflops=peak_tflops(gpu, setup, dev))
     progress.phase(f"{outcome.status}; writing the record")
     rec = make_record(name=name, model=spec.name, setup=setup.to_dict(), device=dev, steps=steps, warmup=warmup,
                       lengths=lengths, status=outcome.status, failed_phase=outcome.failed_phase, error=outcome.error,
                       estimate=estimate.to_dict(), measured=outcome.measured, gpu=_gpu_block(info, gpu),
                       env=capture_env(info.driver if info else None), started_at=started,
-                      warnings=warns + outcome.warnings + list(estimate.warnings))
+                      warnings=list(dict.fromkeys(warns + outcome.warnings + list(estimate.warnings))),
+                      ranks=ranks)
     append_record(out, rec)
     if record_to is not None:
         return 0  # the sweep reads the record; the status is in it
@@ -316,13 +358,16 @@ def _run_sweep(suite, planned, selected, out, dev, info, gpu, chunk, nchunks, re
                            "fixed") from None
     bar.close()
     ids = {p.record_id for p in selected}
-    rows = [reconcile.compare(r) for r in load_records(out, warn=lambda m: None) if r.get("record_id") in ids]
+    mine = [r for r in load_records(out, warn=lambda m: None) if r.get("record_id") in ids]
+    rows = [reconcile.compare(r) for r in mine]
     if fmt is Format.json:
         typer.echo(render.to_json({"results": str(out), "rows": rows, "summary": reconcile.summarize(rows)}))
     elif fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
     else:
         typer.echo(render.reconcile_table(rows, reconcile.summarize(rows)))
+        for line in reconcile.rank_table(mine):  # multi-rank configurations: each rank's figures
+            typer.echo(line)
         typer.echo(f"records: {out}", err=True)
     return 0
 

@@ -57,6 +57,8 @@ def reconcile_cmd(
         typer.echo(render.to_csv(rows), nl=False)
     else:
         typer.echo(render.reconcile_table(rows, summary))
+        for line in rc.rank_table(recs):  # multi-rank records: each rank's figures
+            typer.echo(line)
     if max_error is not None:
         w = rc.worst(rows, level.value)
         if w is not None and abs(w[f"err_{level.value}_pct"]) > max_error:

@@ -41,6 +41,9 @@ def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tf
 
     check_measurable(spec, setup, opts)
     check_environment(setup, opts)
+    if (setup.gpus > 1 or setup.zero > 0) and not torch.distributed.is_initialized():
+        raise MemplanError("a --gpus / --zero setup runs one worker per rank on a process group: "
+                           "memplan.measure.distributed.run_job (memplan measure --gpus N)")
     torch.manual_seed(opts.seed)
     book = PhaseBook(None, None, opts.name, opts.phase_log)
     try:

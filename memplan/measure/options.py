@@ -74,10 +74,9 @@ def flash_refusal(spec: ModelSpec, setup: TrainingSetup) -> str | None:
 
 def check_measurable(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions) -> None:
     """Bad combinations fail here, before any work (exit 2 from the CLI)."""
-    what = unsupported(setup)
+    what = unsupported(setup, engines=True)  # --gpus / --zero: one worker per rank (memplan.measure.distributed)
     if what:
-        raise MemplanError(f"{what}: memplan measure cannot run this yet, it runs one GPU's step "
-                           "(use `memplan estimate`)")
+        raise MemplanError(f"{what}: memplan measure cannot run this yet (use `memplan estimate`)")
     if opts.device == "cpu" and opts.snapshot:
         raise MemplanError("--snapshot records CUDA memory history and needs --device cuda (on the CPU, `memplan "
                            "trace --timeline FILE` gives the live-bytes timeline)")

@@ -78,6 +78,7 @@ def compare(rec: dict, estimate: str = "current") -> dict:
     if est is not None and "fits" in est:
         row["est_fits"] = est["fits"]
         row["fit_agrees"] = None if row["status"] == "error" else (est["fits"] == (row["status"] == "ok"))
+    row.update(rank_summary(rec))
     row["tokens_per_s"] = m.get("tokens_per_s")
     row["mfu"] = m.get("mfu")
     # predicted speed (memplan.estimate.throughput) for records measured on a profiled GPU; none for CPU records
@@ -87,6 +88,60 @@ def compare(rec: dict, estimate: str = "current") -> dict:
     pred = tc[0]["predicted_tokens_per_s"] if tc else None
     row["pred_tokens_per_s"], row["err_tokens_per_s_pct"] = pred, _err(pred, row["tokens_per_s"])[1]
     return row
+
+
+def rank_summary(rec: dict) -> dict:
+    """A multi-rank record's per-rank figures in one row (the levels above are the max over ranks, what the
+    estimate's worst rank is held to): the number of ranks, the worst rank (largest allocated peak), the least
+    rank's allocated peak and the spread between them, the job's tokens/s. Empty for one device's record."""
+    ranks = [e for e in rec.get("ranks") or [] if (e.get("measured") or {}).get("peak")]
+    if not rec.get("ranks"):
+        return {}
+    peaks = [e["measured"]["peak"].get("allocated_bytes") for e in ranks]
+    peaks = [p for p in peaks if p is not None]
+    hi, lo = (max(peaks), min(peaks)) if peaks else (None, None)
+    m = rec.get("measured") or {}
+    return {"ranks": len(rec["ranks"]), "worst_rank": m.get("worst_rank"), "meas_min_rank_allocated_bytes": lo,
+            "rank_spread_pct": 100.0 * (hi - lo) / hi if hi else None,
+            "tokens_per_s_total": m.get("tokens_per_s_total")}
+
+
+def rank_rows(rec: dict) -> list[dict]:
+    """One row per rank of a multi-rank record: status, allocated peak and its phase, each phase's allocated
+    peak, tokens/s (empty for one device's record)."""
+    out = []
+    for e in rec.get("ranks") or []:
+        m = e.get("measured") or {}
+        pk = m.get("peak") or {}
+        row = {"name": rec.get("name"), "model": rec.get("model"), "record_id": rec.get("record_id"),
+               "rank": e.get("rank"), "status": e.get("status"), "failed_phase": e.get("failed_phase"),
+               "meas_allocated_bytes": pk.get("allocated_bytes"), "meas_reserved_bytes": pk.get("reserved_bytes"),
+               "meas_device_bytes": pk.get("device_bytes"), "meas_peak_phase": pk.get("phase")}
+        for p in Phase:
+            row[f"meas_{p.value}_bytes"] = ((m.get("phases") or {}).get(p.value) or {}).get("peak_allocated_bytes")
+        row["tokens_per_s"] = m.get("tokens_per_s")
+        row["worst"] = e.get("rank") == (rec.get("measured") or {}).get("worst_rank")
+        out.append(row)
+    return out
+
+
+def rank_table(recs: list[dict]) -> list[str]:
+    """Text lines: every multi-rank record's ranks (allocated peak per rank and phase, the worst rank marked)."""
+    lines = []
+    for rec in recs:
+        rows = rank_rows(rec)
+        if not rows:
+            continue
+        lines.append(f"{rec.get('name') or rec.get('model')}: {len(rows)} rank(s) (figures above: the max over ranks)")
+        lines.append(f"  {'rank':<6}{'status':<8}{'allocated':>12}{'forward':>12}{'backward':>12}"
+                     f"{'optimizer':>12}{'tokens/s':>11}")
+        for r in rows:
+            tps = r["tokens_per_s"]
+            lines.append(f"  {r['rank']:<6}{r['status']:<8}{fmt_bytes(r['meas_allocated_bytes']):>12}"
+                         f"{fmt_bytes(r['meas_forward_bytes']):>12}{fmt_bytes(r['meas_backward_bytes']):>12}"
+                         f"{fmt_bytes(r['meas_optimizer_step_bytes']):>12}"
+                         f"{'–' if tps is None else f'{tps:,.0f}':>11}" + ("  worst" if r["worst"] else ""))
+    return lines
 
 
 def _stats(vals: list[float]) -> dict:

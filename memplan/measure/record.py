@@ -1,7 +1,8 @@
 """Measurement records: schema, environment capture, atomic append, tolerant loading with schema upgrades.
 
 One record per measured configuration, one JSON object per line (JSON Lines); the field list is
-docs/record-schema.md (schema_version 1), summarised in SCHEMA_FIELDS below. Readers ignore unknown
+docs/record-schema.md (schema_version 2: version 1 plus `ranks`, the per-rank figures of a multi-GPU job),
+summarised in SCHEMA_FIELDS below. Readers ignore unknown
 keys; writers never drop a known one (None where not known).
 
 Atomic append: the whole line (ending in "\n") goes out in ONE os.write on a file descriptor opened with
@@ -40,13 +41,15 @@ from memplan.errors import MemplanError
 from memplan.io import os_reason
 from memplan.spec.files import parse_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATUSES = ("ok", "oom", "error")
 PHASES = ("load", "forward", "backward", "optimizer_step")
-# Top-level fields of schema_version 1 (every record has every one of them, None where unknown).
+# Top-level fields of schema_version 2 (every record has every one of them, None where unknown). Version 2 added
+# "ranks": a --gpus N / --zero K job's per-rank entries (memplan.measure.distributed), None for one device.
 SCHEMA_FIELDS = ("schema_version", "record_id", "name", "model", "setup", "device", "status", "failed_phase",
-                 "error", "estimate", "measured", "gpu", "env", "started_at", "finished_at")
+                 "error", "estimate", "measured", "gpu", "env", "started_at", "finished_at", "ranks")
+RANK_FIELDS = ("rank", "status", "failed_phase", "error", "measured")
 MEASURED_FIELDS = ("peak", "phases", "categories", "context_bytes", "alloc_retries", "num_ooms", "layers", "steps",
                    "warmup", "tokens_per_step", "step_time_s", "tokens_per_s", "model_flops_per_token", "mfu",
                    "peak_tflops")
@@ -196,7 +199,7 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
 # ---- reading ----------------------------------------------------------------------------------------------------
 def _upgrade_0(rec: dict) -> dict:
     """Version 0 (no schema_version): fill every schema-1 field, compute the record_id from the content."""
-    out = {k: rec.get(k) for k in SCHEMA_FIELDS}
+    out = {k: rec.get(k) for k in SCHEMA_FIELDS if k != "ranks"}
     out.update({k: v for k, v in rec.items() if k not in out})  # unknown keys are kept, not interpreted
     if out.get("measured"):
         out["measured"] = {**{k: None for k in MEASURED_FIELDS}, **out["measured"]}
@@ -211,7 +214,15 @@ def _upgrade_0(rec: dict) -> dict:
     return out
 
 
-UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_0}
+def _upgrade_1(rec: dict) -> dict:
+    """Version 1 → 2: `ranks` added (None: a record of one device's step; every version-1 record is one)."""
+    out = dict(rec)
+    out.setdefault("ranks", None)
+    out["schema_version"] = 2
+    return out
+
+
+UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_0, 1: _upgrade_1}
 
 
 def upgrade(rec: dict) -> dict:
@@ -401,10 +412,11 @@ def _check_measured(m) -> dict | None:
     if m is None:
         return None
     out = _counts(m, "measured")
-    for k in ("steps", "warmup", "tokens_per_step", "alloc_retries", "num_ooms"):
+    for k in ("steps", "warmup", "tokens_per_step", "alloc_retries", "num_ooms", "tokens_per_step_total", "world",
+              "worst_rank"):
         if m.get(k) is not None:
             out[k] = check_whole(m[k], f"measured.{k}")
-    for k in ("tokens_per_s", "model_flops_per_token", "mfu", "peak_tflops"):
+    for k in ("tokens_per_s", "model_flops_per_token", "mfu", "peak_tflops", "tokens_per_s_total"):
         if m.get(k) is not None:
             _number(m[k], f"measured.{k}")
     st = _typed(m.get("step_time_s"), (dict,), "measured.step_time_s") or {}
@@ -416,6 +428,34 @@ def _check_measured(m) -> dict | None:
     for ph, v in (m.get("phases") or {}).items():
         _typed(v, (dict,), f"measured.phases.{ph}")
     _typed(m.get("layers"), (list,), "measured.layers")
+    return out
+
+
+def _check_ranks(ranks) -> list | None:
+    """`ranks` (schema 2): null, or a list of {rank, status, failed_phase, error, measured} with distinct whole
+    rank numbers, each measured block checked as the top-level one."""
+    _typed(ranks, (list,), "ranks")
+    if ranks is None:
+        return None
+    out, seen = [], set()
+    for i, e in enumerate(ranks):
+        what = f"ranks[{i}]"
+        _typed(e, (dict,), what)
+        if e is None:
+            raise MemplanError(f"{what} must be an object, got null")
+        r = check_whole(e.get("rank"), f"{what}.rank")
+        if r in seen:
+            raise MemplanError(f"{what}.rank {r} appears twice")
+        seen.add(r)
+        if e.get("status") not in STATUSES:
+            raise MemplanError(f"{what}.status must be one of {', '.join(STATUSES)}, got {_kind(e.get('status'))}")
+        _typed(e.get("failed_phase"), (str,), f"{what}.failed_phase", PHASES)
+        _typed(e.get("error"), (str,), f"{what}.error")
+        try:
+            m = _check_measured(e.get("measured"))
+        except MemplanError as exc:
+            raise MemplanError(f"{what}.{exc}") from None
+        out.append({**e, "rank": r, "measured": m})
     return out
 
 
@@ -460,7 +500,8 @@ def check_record(rec: dict) -> dict:
         raise MemplanError("warnings must be a list of strings")
     out["measured"] = _check_measured(rec.get("measured"))
     out["estimate"] = _check_estimate(rec.get("estimate"))
-    for k in ("measured", "estimate"):
+    out["ranks"] = _check_ranks(rec.get("ranks"))
+    for k in ("measured", "estimate", "ranks"):
         if k not in rec:
             del out[k]  # an old record without the key stays without it (the upgrade fills it)
     return out
@@ -523,8 +564,10 @@ def finished_ids(path: str | os.PathLike, retry_errors: bool = False) -> set[str
 def make_record(*, name: str | None, model: str, setup: dict, device: str, steps: int, warmup: int, lengths: str,
                 status: str, started_at: str, failed_phase: str | None = None, error: str | None = None,
                 estimate: dict | None = None, measured: dict | None = None, gpu: dict | None = None,
-                env: dict | None = None, finished_at: str | None = None, warnings: list[str] | None = None) -> dict:
-    """A schema-1 record; every field present (None where unknown)."""
+                env: dict | None = None, finished_at: str | None = None, warnings: list[str] | None = None,
+                ranks: list[dict] | None = None) -> dict:
+    """A schema-2 record; every field present (None where unknown). `ranks`: a multi-rank job's per-rank entries
+    (RANK_FIELDS each; memplan.measure.distributed), None for one device."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
     if failed_phase is not None and failed_phase not in PHASES:
@@ -535,7 +578,7 @@ def make_record(*, name: str | None, model: str, setup: dict, device: str, steps
         "name": name, "model": model, "setup": setup, "device": device, "status": status,
         "failed_phase": failed_phase, "error": error, "estimate": estimate, "measured": measured, "gpu": gpu,
         "env": env if env is not None else capture_env(), "started_at": started_at,
-        "finished_at": finished_at or now(),
+        "finished_at": finished_at or now(), "ranks": ranks,
     }
     if warnings:
         rec["warnings"] = list(warnings)

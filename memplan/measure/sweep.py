@@ -334,7 +334,7 @@ def interrupts_as_keyboard_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def _last_phase(stderr: str) -> str | None:
+def last_phase(stderr: str) -> str | None:
     phase = None
     for line in stderr.splitlines():
         if line.startswith(PHASE_LOG_PREFIX):
@@ -342,12 +342,12 @@ def _last_phase(stderr: str) -> str | None:
     return phase
 
 
-def _tail(stderr: str) -> str:
+def stderr_tail(stderr: str) -> str:
     lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith(PHASE_LOG_PREFIX)]
     return lines[-1][:300] if lines else ""
 
 
-def _exit_text(code: int) -> str:
+def exit_text(code: int) -> str:
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -367,7 +367,7 @@ def worker_command(p: Planned, device: str, results: Path, memory_cap_gib: float
     return cmd
 
 
-def _worker_env() -> dict:
+def worker_env() -> dict:
     """The worker imports this same memplan: its source folder goes first on PYTHONPATH."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
@@ -413,7 +413,7 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
 
     started = now()
     proc = subprocess.Popen(worker_command(p, device, results, memory_cap_gib), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=_worker_env(), preexec_fn=die_with_parent())
+                            stderr=subprocess.PIPE, text=True, env=worker_env(), preexec_fn=die_with_parent())
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     reason = None
     try:
@@ -441,9 +441,9 @@ def run_one(p: Planned, device: str, results: Path, memory_cap_gib: float | None
     for rec in iter_records(results, warn=_quiet):  # bad lines were named once, when the sweep started
         if rec.get("record_id") == p.record_id and rec.get("started_at", "") >= started:
             return rec
-    why = reason or f"worker {_exit_text(code)}"
-    tail = _tail(err or "")
-    rec = fallback_record(p, status="error", failed_phase=_last_phase(err or ""),
+    why = reason or f"worker {exit_text(code)}"
+    tail = stderr_tail(err or "")
+    rec = fallback_record(p, status="error", failed_phase=last_phase(err or ""),
                           error=f"{why}" + (f"; last stderr line: {tail}" if tail else ""), started_at=started)
     append_record(results, rec)
     return rec

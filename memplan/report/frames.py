@@ -1,7 +1,7 @@
 """The report's data: setups and records in, one row per entry out (pandas only where a frame is built).
 
 An entry is a setup to show: either a named setup from a --setups file, estimated now, or a measurement record
-(docs/record-schema.md, schema_version 1), re-estimated now with the current estimator (the record's stored estimate
+(docs/record-schema.md, schema_version 2), re-estimated now with the current estimator (the record's stored estimate
 is used when its model or setup no longer resolves). Records are read with memplan.measure.record.iter_records.
 """
 from __future__ import annotations
@@ -169,6 +169,12 @@ def entry_row(e: Entry) -> dict:
     row.update(pred_tokens_per_s=thr.get("tokens_per_s"), pred_step_s=thr.get("step_s"), pred_mfu=thr.get("mfu"),
                meas_tokens_per_s=m.get("tokens_per_s"), meas_step_s=step.get("median"), meas_mfu=m.get("mfu"))
     row["pred_caveats"] = "; ".join(throughput_caveats(row)) if thr else None
+    from memplan.measure.reconcile import rank_summary  # a multi-rank record: worst rank, least rank, spread
+
+    rs = rank_summary(e.record or {})
+    row.update(ranks=rs.get("ranks"), worst_rank=rs.get("worst_rank"),
+               meas_min_rank_allocated=rs.get("meas_min_rank_allocated_bytes"),
+               rank_spread_pct=rs.get("rank_spread_pct"), meas_job_tokens_per_s=rs.get("tokens_per_s_total"))
     return row
 
 

@@ -73,9 +73,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from memplan.spec.setup import Engine, PeftMethod, Precision, TrainingSetup
-from memplan.trace.tracker import (ALL_GATHER, DDP_BUCKET, G, HOST, REDUCE_SCATTER, UNSHARDED_GRAD, W,
+from memplan.trace.tracker import (ALL_GATHER, DDP_BUCKET, G, HOST, REDUCE_SCATTER, UNSHARDED_GRAD, UNTRACKED, W,
                                    AllocTracker)
 
+# Collectives write into the buffers the engine allocated; what a backend allocates inside one (gloo's staging
+# copies; NCCL's own buffers, outside the caching allocator) is no allocation of the step: untracked.
+COLLECTIVES = ("all_gather_single", "reduce_scatter_single",  # FSDP2's (torch 2.13 _fsdp_collectives.py)
+               "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "broadcast", "all_gather")
 DDP_BUCKET_CAP_MB = 25  # DistributedDataParallel's default bucket_cap_mb (torch/nn/parallel/distributed.py)
 
 
@@ -292,12 +296,17 @@ def _offload_grads(group, tracker: AllocTracker) -> None:
 @contextlib.contextmanager
 def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None]:
     """Tag what FSDP2 allocates (see the module doc) and follow `UntypedStorage.resize_` while tracing."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
     orig_resize = torch.UntypedStorage.resize_
     orig = {n: getattr(FSDPParamGroup, n) for n in ("unshard", "wait_for_unshard", "post_backward")}
     offload = setup.offload_params
+    orig_meta = ShardingPropagator._propagate_tensor_meta_non_cached
+    collectives = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
 
     def resize_(st, size):
         out = orig_resize(st, size)
@@ -330,8 +339,37 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
                 tracker.track(_local(g), HOST if offload else G)
         return out
 
+    def untracked(fn):
+        def run(self, *a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(self, *a, **k)
+        return run
+
+    def untracked_call(fn):
+        def run(*a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(*a, **k)
+        return run
+
+    orig_reset = FSDPParam.reset_sharded_param
+
+    def reset_sharded_param(self):
+        # FSDP2 re-pads a shard unless its storage is still the padded one, which it checks by data_ptr(): 0 for
+        # every fake storage, so on a rank with a short shard the fake run would re-pad at lazy init (a second
+        # copy) where the real run does not. Compare the storages themselves.
+        data = getattr(self, "_sharded_param_data", None)
+        new = getattr(self._module_info.module, self._module_info.param_name)
+        if data is not None and new is self.sharded_param and is_fake(data) and \
+                data.untyped_storage()._cdata == new._local_tensor.untyped_storage()._cdata:
+            return None
+        return orig_reset(self)
+
     tracker.subclass = DTensor
     torch.UntypedStorage.resize_ = resize_
+    FSDPParam.reset_sharded_param = reset_sharded_param
+    ShardingPropagator._propagate_tensor_meta_non_cached = untracked(orig_meta)
+    for name, fn in collectives.items():
+        setattr(dist, name, untracked_call(fn))
     FSDPParamGroup.unshard = gathering("unshard")
     FSDPParamGroup.wait_for_unshard = gathering("wait_for_unshard")
     FSDPParamGroup.post_backward = post_backward
@@ -339,6 +377,11 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
         yield
     finally:
         torch.UntypedStorage.resize_ = orig_resize
+        ShardingPropagator._propagate_tensor_meta_non_cached = orig_meta
+        FSDPParam.reset_sharded_param = orig_reset
+        for name, fn in collectives.items():
+            setattr(dist, name, fn)
+        tracker.subclass = None
         for n, fn in orig.items():
             setattr(FSDPParamGroup, n, fn)
 
@@ -357,10 +400,12 @@ def qlora_storage(setup: TrainingSetup) -> bool:
     return setup.peft is PeftMethod.QLORA and uses_fsdp(setup)
 
 
-def rank_note(built, setup: TrainingSetup, rank: int, world: int) -> str:
-    """The line the result carries about which rank it reports."""
+def rank_note(built, setup: TrainingSetup, rank: int, world: int, host_bytes: int = 0) -> str:
+    """The line the result carries about which rank it reports (and its host RAM under offload)."""
     why = "ZeroRedundancyOptimizer's largest partition" if setup.zero == 1 and world > 1 else \
         "FSDP2 pads every rank's shards to rank 0's; rank 0's optimizer states are the largest" if uses_fsdp(setup) \
         else "DDP ranks are identical"
-    host = " (host bytes: model_states.cpu_bytes)" if setup.offload_params else ""
+    host = (f"; host RAM {host_bytes / 2**30:.2f} GiB per rank, {host_bytes * min(world, setup.gpus_per_node) / 2**30:.2f}"
+            f" GiB per node of {min(world, setup.gpus_per_node)} (offloaded shards, gradients, optimizer step;"
+            f" model_states.cpu_bytes)") if setup.offload_params else ""
     return f"per-rank figures: rank {rank} of {world}, the worst rank ({why}){host}"
