@@ -72,7 +72,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from memplan.spec.setup import Engine, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Engine, Precision, TrainingSetup
 from memplan.trace.tracker import (ALL_GATHER, DDP_BUCKET, G, HOST, REDUCE_SCATTER, UNSHARDED_GRAD, UNTRACKED, W,
                                    AllocTracker)
 
@@ -395,17 +395,13 @@ def tag_sharded(tracker: AllocTracker, params: list, others: list, setup: Traini
         tracker.track(t, W)
 
 
-def qlora_storage(setup: TrainingSetup) -> bool:
-    """Does the NF4 stand-in keep its packed weight in the quant-storage dtype (sharded by FSDP)?"""
-    return setup.peft is PeftMethod.QLORA and uses_fsdp(setup)
-
-
 def rank_note(built, setup: TrainingSetup, rank: int, world: int, host_bytes: int = 0) -> str:
     """The line the result carries about which rank it reports (and its host RAM under offload)."""
     why = "ZeroRedundancyOptimizer's largest partition" if setup.zero == 1 and world > 1 else \
         "FSDP2 pads every rank's shards to rank 0's; rank 0's optimizer states are the largest" if uses_fsdp(setup) \
         else "DDP ranks are identical"
-    host = (f"; host RAM {host_bytes / 2**30:.2f} GiB per rank, {host_bytes * min(world, setup.gpus_per_node) / 2**30:.2f}"
-            f" GiB per node of {min(world, setup.gpus_per_node)} (offloaded shards, gradients, optimizer step;"
-            f" model_states.cpu_bytes)") if setup.offload_params else ""
+    per_node = min(world, setup.gpus_per_node)
+    host = (f"; host RAM {host_bytes / 2**30:.2f} GiB per rank, {host_bytes * per_node / 2**30:.2f} GiB per node "
+            f"of {per_node} (offloaded shards, gradients, optimizer step; model_states.cpu_bytes)") \
+        if setup.offload_params else ""
     return f"per-rank figures: rank {rank} of {world}, the worst rank ({why}){host}"
