@@ -285,5 +285,5 @@ def test_offloaded_grads_are_host_copies_as_on_cuda():
     setup = setup_(zero=3, gpus=2, offload_params=True)
     run = trace_run(SPEC, setup)
     params = [p for unit in _fsdp_units(_meta_model(SPEC, setup)) for p in unit]
-    host = sorted(r.nbytes for r in run.tracker.recs if r.tag == HOST and r.op == "clone")
+    host = sorted(r.nbytes for r in run.tracker.recs if r.tag == HOST and r.op.startswith("clone"))
     assert host == sorted(r512(_shard_bytes(p, 2)) for p in params for _ in range(ITERATIONS))

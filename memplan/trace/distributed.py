@@ -286,10 +286,12 @@ def _offload_grads(group, tracker: AllocTracker) -> None:
     mesh that copy is a no-op: make it (see the module doc)."""
     for fp in group.fsdp_params:
         g = fp.sharded_param.grad
-        if g is None or tracker.tag_of(_local(g)) == HOST:
+        if g is None or getattr(_local(g), "_memplan_host", False):
             continue
+        tracker.track(_local(g), REDUCE_SCATTER)  # the device output (a grad hook may have tagged it HOST)
         with tracker.scope(HOST):
             host = _local(g).clone()
+        host._memplan_host = True
         fp.sharded_param.grad = fp.to_sharded_dtensor(host)
 
 
