@@ -153,8 +153,16 @@ def wrap_ddp(built, setup: TrainingSetup, tracker: AllocTracker | None) -> None:
         if fake:
             built.model = FakeDDP(built.model, setup.bucket_view)
         else:
-            built.model = DDP(built.model, bucket_cap_mb=DDP_BUCKET_CAP_MB,
-                              gradient_as_bucket_view=setup.bucket_view, find_unused_parameters=False)
+            ddp = DDP(built.model, bucket_cap_mb=DDP_BUCKET_CAP_MB, gradient_as_bucket_view=setup.bucket_view,
+                      find_unused_parameters=False)
+            if tracker is not None:  # the Reducer rebuilds its buckets in the second forward's _pre_forward
+                pre = ddp._pre_forward
+
+                def pre_forward(*a, **k):
+                    with tracker.scope(DDP_BUCKET):
+                        return pre(*a, **k)
+                ddp._pre_forward = pre_forward
+            built.model = ddp
 
 
 def ddp_buckets(params: list[torch.Tensor]) -> list[list[int]]:
