@@ -29,6 +29,10 @@ Engines (Engine.FSDP, memplan.spec.setup):
 Gradient accumulation: setup.sync_each_batch False (accelerate's default) skips the reduction on all but the last
 micro-batch (`set_requires_gradient_sync(False)` under FSDP2, `no_sync()` under DDP: unsharded gradients are kept
 across micro-batches); True reduces every micro-batch. See `sync_context`.
+Optimizer: memplan.trace.step.TrainLoop steps FSDP2's local shards (the DTensors' `_local_tensor`s and their
+gradients' local tensors): the same local ops DTensor's foreach dispatch runs, without its sharding propagation
+(which alone took minutes on a 70B model). FakeDDP (fake tensors only) stands in for DDP, whose C++ Reducer reads
+parameter data; a real gloo run of DDP gives the same bytes at every phase peak (tests/test_trace_dist.py).
 QLoRA: memplan's NF4Linear keeps its packed weight as a frozen Parameter in the quant-storage dtype (the compute
 dtype: bitsandbytes' Linear4bit with quant_storage=bf16, the FSDP + QLoRA recipe) so FSDP shards and gathers it.
 
