@@ -16,6 +16,11 @@ PRECISION_LABEL = {
 }
 
 
+DEEPSPEED_NOTE = ("note: estimate-only: DeepSpeed's ZeRO buffers are modelled from its configuration defaults "
+                  "(reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size, "
+                  "stage3_max_live_parameters), not traced or measured")
+
+
 def engine_label(setup) -> str:
     """What runs the data parallelism of a setup, in the engine's own terms (memplan.spec.setup.Engine)."""
     if setup.gpus == 1 and setup.zero == 0:
@@ -47,7 +52,9 @@ def flat(result: Result) -> dict:
     row.update({f"{k}_bytes": v for k, v in d["categories"].items()})
     row.update({f"state_{k}": v for k, v in d["model_states"].items()})
     row.update({f"peak_{k}": v for k, v in d["peak"].items()})
-    row.update({"trainable_params": d["trainable_params"], "total_params": d["total_params"]})
+    row.update({"trainable_params": d["trainable_params"], "total_params": d["total_params"],
+                "cpu_bytes_per_node": result.model_states.cpu_bytes * min(result.setup.gpus,
+                                                                          result.setup.gpus_per_node)})
     if "gpu" in d:
         row.update({"gpu": d["gpu"]["name"], "gpu_memory_bytes": d["gpu"]["memory_bytes"], "fits": d["fits"],
                     "headroom_bytes": d["headroom_bytes"]})
@@ -103,6 +110,8 @@ def table(r: Result) -> str:
     ]
     if r.model_states.cpu_bytes:
         lines.append(host_ram_line(r.model_states.cpu_bytes, s))
+    if s.engine.value == "deepspeed" and (s.zero or s.gpus > 1) and r.tier == "estimate":
+        lines.append(DEEPSPEED_NOTE)
     if r.gpu is not None:
         verdict = "fits" if r.fits else "does NOT fit"
         lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "
