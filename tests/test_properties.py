@@ -172,6 +172,9 @@ def test_higher_zero_never_uses_more(case, stages, gpus):
     a = run_or_reject(name, {**kw, "zero": lo})
     b = run_or_reject(name, {**kw, "zero": hi})
     assert b.model_states.total <= a.model_states.total
+    if hi == 2 and kw.get("engine", "fsdp") == "fsdp":
+        return  # FSDP2's ZeRO-2 (reshard_after_forward=False) holds every block's unsharded parameters from its
+        # forward to its backward beside the shards: its peak can pass DDP's, which holds the model once
     assert b.peak.allocated_bytes <= a.peak.allocated_bytes
     assert b.peak.device_bytes <= a.peak.device_bytes
 

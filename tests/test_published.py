@@ -124,7 +124,7 @@ def test_zero_paper_sharding_synthetic_7_5b(zero):
     """Method 1: a synthetic 7.5 B-parameter Llama, ZeRO stage s over N_d = 64 GPUs, mixed-precision Adam
     (bf16-master = the paper's 2 + 2 + K, K = 12)."""
     spec = spec_from_config(PSI_CONFIG, "psi")
-    ms = estimate_spec(spec, make_setup(precision="bf16-master", optimizer="adamw", zero=zero, gpus=64,
+    ms = estimate_spec(spec, make_setup(precision="bf16-master", optimizer="adamw", zero=zero, gpus=64, engine="deepspeed",
                                         seq=128)).model_states
     assert ms.total / GB == pytest.approx(ZERO_PAPER_GB[zero], abs=_zero_tol(ZERO_PAPER_GB[zero]))
 
@@ -133,7 +133,7 @@ def test_zero_paper_sharding_synthetic_7_5b(zero):
 def test_zero_paper_sharding_per_parameter(zero):
     """Method 2: memplan's per-parameter bytes on a real model (llama-7b) × Ψ. The paper's per-GPU bytes per
     parameter: P_os (2 + 2 + K/N_d), P_os+g (2 + (2 + K)/N_d), P_os+g+p (2 + 2 + K)/N_d."""
-    ms = states(precision="bf16-master", optimizer="adamw", zero=zero, gpus=ZERO["n_d"])
+    ms = states(precision="bf16-master", optimizer="adamw", zero=zero, gpus=ZERO["n_d"], engine="deepspeed")
     per_param = ms.total / P_LLAMA_7B
     k, n_d = ZERO["k"], ZERO["n_d"]
     formula = {1: 2 + 2 + k / n_d, 2: 2 + (2 + k) / n_d, 3: (2 + 2 + k) / n_d}[zero]  # ZeRO §5

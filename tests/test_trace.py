@@ -23,7 +23,7 @@ from memplan.categories import ALLOCATED_CATEGORIES, Category, Phase  # noqa: E4
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
 from memplan.spec.setup import (  # noqa: E402
-    Attention, Checkpointing, LoraConfig, Optimizer, PeftMethod, Precision, TrainingSetup,
+    Attention, Checkpointing, Engine, LoraConfig, Optimizer, PeftMethod, Precision, TrainingSetup,
 )
 from memplan.trace import trace, trace_run, write_timeline  # noqa: E402
 from memplan.trace.tracker import CAST  # noqa: E402
@@ -138,8 +138,8 @@ def test_unknown_model_type_names_it():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(zero=2, gpus=8), "single GPU"),
-    (dict(gpus=2), "single GPU"),
+    # multi-GPU --engine fsdp setups are traced (tests/test_trace_dist.py); DeepSpeed ZeRO is estimate-only
+    (dict(zero=2, gpus=8, engine=Engine.DEEPSPEED, precision=Precision.BF16_MASTER), "deepspeed"),
     (dict(optimizer=Optimizer.ADAMW_8BIT), "not traceable"),
     (dict(optimizer=Optimizer.PAGED_ADAMW), "not traceable"),
     (dict(checkpointing=Checkpointing.SELECTIVE), "not traceable"),

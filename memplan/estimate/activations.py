@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
-from memplan.spec.setup import Attention, Checkpointing, PeftMethod, TrainingSetup
+from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
 from memplan.spec.traits import BlockLayout, LossHead, NormKind, PositionKind, SoftmaxDtype
 
 # transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
@@ -278,6 +278,19 @@ def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -
     b.linear(down, ("act_out", a if act == "relu" else c))
 
 
+def stream_bytes(p: Precision) -> int:
+    """Bytes per element of the residual stream outside autocast: the parameters' dtype as the forward sees them.
+    fsdp-bf16 keeps fp32 shards but FSDP2 all-gathers them in bf16 (MixedPrecisionPolicy.param_dtype), so its
+    forward runs on bf16 parameters as pure-bf16's does."""
+    return 2 if p is Precision.FSDP_BF16 else p.param_bytes
+
+
+def adapter_compute_bytes(p: Precision) -> int:
+    """The dtype peft casts a LoRA / (IA)3 input to (the adapter weight's): fp32 adapters (peft's
+    autocast_adapter_dtype), but bf16 under fsdp-bf16, whose all-gathered adapters are bf16 like every parameter."""
+    return 2 if p is Precision.FSDP_BF16 else 4
+
+
 def kv_ratio(setup: TrainingSetup) -> float:
     """Keys per query position: prefix tuning prepends its virtual tokens to every layer's keys and values."""
     return (setup.seq + setup.num_virtual_tokens) / setup.seq if setup.peft is PeftMethod.PREFIX else 1.0
@@ -291,6 +304,7 @@ def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
 @lru_cache(maxsize=4096)
 def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio) -> Ctx:
     setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention,
+                          zero=3 if p is Precision.FSDP_BF16 else 0,  # fsdp-bf16 needs ZeRO-2 / 3 (unread here)
                           adapter_size=adapter_size)
     peft = setup.peft
     lora = frozenset()
@@ -301,8 +315,8 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv
         hit, ia3_ff = ia3_targets(model, setup)
         ia3 = frozenset(l.qualname for l in hit)
     drop = 0.0 if setup.dropout is False else model.dropout
-    return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=p.param_bytes, w_train=w_train, lora=lora,
-               lora_bytes=4, ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
+    return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=stream_bytes(p), w_train=w_train, lora=lora,
+               lora_bytes=adapter_compute_bytes(p), ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
                qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,
                attention=setup.attention, kv_ratio=kv_ratio)
 
@@ -360,7 +374,7 @@ def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
 
 def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     peft = setup.peft
-    r = 4 if setup.precision.autocast else setup.precision.param_bytes
+    r = 4 if setup.precision.autocast else stream_bytes(setup.precision)
     w_train = peft in (PeftMethod.FULL, PeftMethod.BITFIT)  # BitFit's biases need the same saved inputs
     keep = setup.train_layers if peft is PeftMethod.FREEZE else model.blocks
     first_trained = model.blocks - keep
@@ -421,7 +435,7 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     """Per micro-batch: token ids, embedding dropout, final norm, LM head input, and what the loss saves."""
     h = model.hidden
     p = setup.precision
-    c, r = p.compute_bytes, (4 if p.autocast else p.param_bytes)
+    c, r = p.compute_bytes, (4 if p.autocast else stream_bytes(p))
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
     out = _embedding_saved(model, setup)
     if model.traits.norm is NormKind.RMSNORM:

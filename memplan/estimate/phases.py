@@ -31,9 +31,10 @@ from memplan.estimate.activations import Activations, logits_bytes, logits_upcas
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
-from memplan.estimate.weights import Unsharded, grad_dtype_bytes, unsharded
+from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, unsharded,
+                                      unsharded_grad_bytes)
 from memplan.spec.model import ModelSpec, Role
-from memplan.spec.setup import Checkpointing, LoraConfig, PeftMethod, TrainingSetup
+from memplan.spec.setup import Checkpointing, Engine, LoraConfig, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 
@@ -116,15 +117,20 @@ def parameters(model: ModelSpec, setup: TrainingSetup) -> Parameters:
                        setup.adapter_size, setup.train_layers)
 
 
+def _zero_for(precision: Precision) -> int:
+    return 3 if precision is Precision.FSDP_BF16 else 0
+
+
 @lru_cache(maxsize=4096)
 def _parameters(model, precision, optimizer, peft, lora: LoraConfig, num_virtual_tokens, adapter_size,
                 train_layers) -> Parameters:
-    setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft, lora=lora,
+    # fsdp-bf16 is valid only under ZeRO-2 / 3, which the parameter sizes do not otherwise read
+    setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft, lora=lora, zero=_zero_for(precision),
                           num_virtual_tokens=num_virtual_tokens, adapter_size=adapter_size, train_layers=train_layers)
     groups = param_groups(model, setup)
     tied = model.tie_embeddings
     return Parameters(
-        groups=groups, unsharded=unsharded(groups, setup), grads=grad_parts(model, groups, setup),
+        groups=groups, unsharded=unsharded(groups, setup, model.blocks), grads=grad_parts(model, groups, setup),
         half=half_weight_copies(groups, setup, tied), half_outside=half_weight_copies(groups, setup, tied, True),
         half_cached=half_weight_copies(groups, setup, tied, cached_only=True), dequant=dequant_temp(groups, setup),
         trainable_params=trainable_params(groups), total_params=all_params(groups))
@@ -154,7 +160,7 @@ def head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int
     grads = waiting = half = 0
     for g in groups:
         if g.outside and g.matmul and g.trainable:
-            n = round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
+            n = round_block(g.numel * unsharded_grad_bytes(g, setup)) * g.count
             if embedding_side(g.name):
                 waiting += n
             else:
@@ -183,7 +189,7 @@ def dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 
 
 def grad_parts(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> GradParts:
-    gb = {g: round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count for g in groups if g.trainable}
+    gb = {g: round_block(g.numel * unsharded_grad_bytes(g, setup)) * g.count for g in groups if g.trainable}
     qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
     inner = [g for g in gb if not g.outside]
     return GradParts(
@@ -226,8 +232,9 @@ def loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
 
 def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[int, int]:
     """(forward, backward) working buffers of sharded training: ZeRO-3 gathers a block's parameters (plus one
-    prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter."""
-    if setup.shards == 1:
+    prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter. (The FSDP engine's
+    are fsdp_buffers'.)"""
+    if setup.shards == 1 or ddp(setup):
         return 0, 0
     # FSDP MixedPrecision / DeepSpeed gather parameters in the compute dtype
     gathered = u.weights * setup.precision.compute_bytes // setup.precision.param_bytes
@@ -236,6 +243,51 @@ def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[
     fwd = 2 * per_block_w if setup.zero == 3 else 0
     bwd = fwd + (per_block_g if setup.zero >= 2 else 0)
     return fwd, bwd
+
+
+@dataclass(frozen=True)
+class FsdpBuffers:
+    """Per-rank transients and gradients of FSDP2 (ZeRO-2 / 3) at the estimator's moments. Sources, torch 2.13
+    torch/distributed/fsdp/_fully_shard/:
+    - root: the root unit (embeddings, final norm, LM head) is all-gathered by the root's pre-forward and is
+      resharded only by its post-forward (after the loss), and again gathered by its pre-backward until its
+      post-backward at the very end: alive through the forward and the backward (`gathered`).
+    - ZeRO-2 (reshard_after_forward=False): FSDPParamGroup.post_forward does not reshard, so every block's
+      unsharded parameters stay from its forward until its post_backward (reshard_after_backward=True).
+    - ZeRO-3: a block's parameters are gathered again by its pre_backward, and _backward_prefetch issues the next
+      (lower) block's all-gather: its flat all-gather output (foreach_all_gather) is alive beside.
+    - foreach_reduce: the reduce-scatter input (every unsharded gradient of the unit, padded, in reduce_dtype) is
+      kept in comm_ctx.reduce_scatter_states until the next unit's post_backward pops it
+      (reduce_scatter_max_input_buffers = 1); its output is the unit's sharded gradients (reduce_dtype).
+    - the root's post_backward, last: its parameters resharded, block 0's reduce-scatter input popped, its own
+      reduce-scatter input allocated beside its unsharded gradients (freed once copied in).
+    - no-sync gradient accumulation (set_requires_gradient_sync(False), accelerate's default): every unit keeps
+      its unsharded gradients across micro-batches (FSDPParam.to_accumulated_grad_if_needed, in reduce_dtype);
+      sync_each_batch reduce-scatters every micro-batch and accumulates the sharded ones (`_local_tensor +=`)."""
+
+    fwd: int  # temporaries held at the forward's end
+    top: int  # ... at the top block's backward (beyond `fwd`)
+    low: int  # ... at the lowest block's backward
+    end: int  # ... at the backward's end (the root's reduce-scatter)
+    blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
+    block: int  # one block's unsharded gradients
+    sharded: int  # every sharded gradient (blocks and root)
+    root_sharded: int  # the root's sharded gradients
+    carried: int  # gradients carried across micro-batches
+
+
+def fsdp_buffers(setup: TrainingSetup, u: Unsharded, ms_grads: int) -> FsdpBuffers:
+    root, blk, trained = fsdp_units(u, setup)
+    z3 = setup.zero == 3
+    fwd = root.gathered + (0 if z3 else u.blocks * blk.gathered)
+    top = blk.gathered + blk.flat if z3 else 0
+    low = root.gathered + blk.gathered + (blk.rs_input if trained > 1 else 0)
+    end = max(root.gathered + (blk.rs_input if trained else 0), root.rs_input)
+    carried = 0
+    if setup.grad_accum > 1:
+        carried = ms_grads if setup.sync_each_batch else root.grads_accumulated + trained * blk.grads_accumulated
+    return FsdpBuffers(fwd, top, low, end, max(trained - 1, 0) * blk.rs_output, blk.grads if trained else 0,
+                       ms_grads, root.rs_output, carried)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -259,6 +311,7 @@ class Held:
     deq: int  # a dequantized NF4 weight
     z_f: int  # ZeRO forward / backward working buffers
     z_b: int
+    fsdp: FsdpBuffers | None = None  # the FSDP engine's (ZeRO-2 / 3 over more than one GPU)
 
 
 def _alive(h: Held, gradients: int, activations: int, temporaries: int) -> dict:
@@ -272,11 +325,15 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     u = p.unsharded
     base = {C.WEIGHTS: ms.weights, C.MASTER_WEIGHTS: ms.master_weights, C.OPTIMIZER_STATES: ms.optimizer_states}
     accum_grads = ms.gradients if setup.grad_accum > 1 else 0
-    # under ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b)
-    zero3 = setup.zero == 3 and setup.shards > 1
+    # under DeepSpeed ZeRO-3 the gathered compute-dtype parameters replace autocast's cache (counted in z_f / z_b);
+    # FSDP2 gathers the fp32 parameters and autocast casts them as on one GPU
+    zero3 = setup.zero == 3 and setup.shards > 1 and setup.engine is Engine.DEEPSPEED
+    fs = fsdp_buffers(setup, u, ms.gradients) if fsdp_sharded(setup) else None
+    if fs:
+        accum_grads = fs.carried
     # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
-    h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant,
-             *zero_buffers(model, setup, u))
+    zf, zb = (fs.fwd, fs.low) if fs else zero_buffers(model, setup, u)
+    h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant, zf, zb, fs)
     ckpt = setup.checkpointing is Checkpointing.FULL
     half_fwd = h.half
     if ckpt and h.half:  # frozen weights' casts are not cached, and checkpointed blocks save none
@@ -322,6 +379,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     in_blocks = sum(acts.per_block) + acts.early
     rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
     top_g = carried + new_g + pending
+    held += h.fsdp.top if h.fsdp else 0  # the top block gathered again, the next one's all-gather prefetched
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
@@ -331,6 +389,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
+    if h.fsdp:  # the root's post_backward: its unsharded gradients beside its reduce-scatter input
+        root_unsharded = max(h.accum_grads - h.fsdp.sharded + h.fsdp.root_sharded, 0) if h.accum_grads and \
+            not setup.sync_each_batch else p.grads.head[0] + p.grads.head[1] + p.grads.late
+        states.append(at(Moment.BACKWARD_END, max(h.accum_grads, h.fsdp.sharded - h.fsdp.root_sharded + root_unsharded),
+                         0, h.fsdp.end + late_new))
+        return states
     states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
     return states
@@ -350,6 +414,10 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     g = p.grads
     scale = ms.gradients / max(g.trainable, 1)  # sharding and DDP buckets
     late, tied_wait = g.late * scale, g.tied_wait * scale
+    fs = h.fsdp
+    if fs:  # blocks above: sharded; the root's (unsharded until the end) made but the embedding's; this block's
+        scale, tied_wait = 1, g.tied_wait
+        made_fsdp = fs.blocks_above + g.head[0] + g.head[1] - g.tied_wait + g.block
     ckpt = setup.checkpointing is Checkpointing.FULL
     block_casts = (h.half - h.half_outside) // max(model.blocks, 1)
     out = []
@@ -362,7 +430,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         block, pending = (g.block * scale, g.pending_qkv * scale) if trains else (0, 0)
         # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
         below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if ckpt else 0)
-        made = ms.gradients - late
+        made = made_fsdp if fs else ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
         # under gradient accumulation every gradient is already there: block j's new ones are added in place
         out.append(State(names[0], Phase.BACKWARD,

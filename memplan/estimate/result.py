@@ -57,6 +57,7 @@ class Result:
     tier: str = "estimate"  # "estimate" | "trace" | "measure"
     warnings: tuple[str, ...] = ()
     throughput: Mapping[str, float] | None = None
+    rank: int | None = None  # a traced / measured multi-GPU setup: the rank these bytes are (of setup.gpus)
 
     @property
     def fits(self) -> bool | None:
@@ -82,6 +83,8 @@ class Result:
             out["gpu"] = {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes}
             out["fits"] = self.fits
             out["headroom_bytes"] = self.headroom_bytes
+        if self.rank is not None:
+            out["rank"], out["world"] = self.rank, self.setup.gpus
         if self.throughput:
             out["throughput"] = dict(self.throughput)
         if self.warnings:

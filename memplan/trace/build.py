@@ -5,7 +5,7 @@ and, as by default, keeps them in fp32) and `materialize` later gives every
 parameter and buffer a (fake or real) CPU storage inside the tracker, so the load itself is accounted.
 `module.to()` is never used on fake tensors (it fails under FakeTensorMode: parameters are swapped in place).
 
-Dtypes: parameters are fp32 for fp32 / fp16 / bf16 (autocast) and half for the master and pure-bf16 precisions,
+Dtypes: parameters are fp32 for fp32 / fp16 / bf16 (autocast) / fsdp-bf16 (FSDP2 casts its all-gather) and half for the master and pure-bf16 precisions,
 passed to `from_config(dtype=...)` as from_pretrained(dtype=...) would (buffers such as rotary inv_freq stay as
 the modeling code makes them); adapters peft creates stay fp32, as peft's default does.
 PEFT: full (everything trains) · freeze (the last `train_layers` blocks and the output embedding, i.e. the LM
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -54,14 +55,14 @@ class Built:
 def check_traceable(setup: TrainingSetup) -> None:
     from memplan.trace.support import unsupported
 
-    what = unsupported(setup)
+    what = unsupported(setup, engines=True)
     if what:
-        raise MemplanError(f"{what}: not traceable yet, trace models a single GPU's step (use `memplan estimate`)")
+        raise MemplanError(f"{what}: not traceable yet (use `memplan estimate`)")
 
 
 def dtypes(precision: Precision) -> tuple[torch.dtype, torch.dtype]:
     """(parameter dtype, compute dtype)."""
-    param = torch.float32 if precision in (Precision.FP32, Precision.FP16, Precision.BF16) else \
+    param = torch.float32 if precision in (Precision.FP32, Precision.FP16, Precision.BF16, Precision.FSDP_BF16) else \
         DTYPES[precision.half_dtype]
     return param, DTYPES[precision.half_dtype]
 
@@ -210,6 +211,9 @@ def build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer = quantize_
     from memplan.estimate import validate
 
     check_traceable(setup)
+    if quantize is quantize_linears and setup.peft is PeftMethod.QLORA and setup.zero >= 2:
+        # FSDP shards the NF4 weights stored in the compute dtype (bnb_4bit_quant_storage, the FSDP + QLoRA recipe)
+        quantize = partial(quantize_linears, storage=dtypes(setup.precision)[1])
     checked = validate(spec, setup)  # the estimator's refusals and warnings: one validation for every tier
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # config sanity notes (token ids of tiny test vocabularies)

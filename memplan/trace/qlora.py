@@ -45,13 +45,16 @@ class NF4Linear(nn.Linear):
     tagger: Callable[[torch.Tensor], None] | None = None  # set by the tracer: tags dequantized weights
 
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
-                 double_quant: bool, bias_dtype: torch.dtype = torch.float32):
+                 double_quant: bool, bias_dtype: torch.dtype = torch.float32, storage: torch.dtype = torch.uint8):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.double_quant = compute_dtype, double_quant
         n = in_features * out_features
         blocks = math.ceil(n / BLOCK)
-        self.weight = nn.Parameter(torch.empty((n + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+        # the packed weight as quantize_4bit stores it: [(n + 1) // (2 * itemsize), 1] of quant_storage (uint8 by
+        # default; bf16 in the FSDP + QLoRA recipe, so FSDP shards it as a frozen parameter like any other)
+        mod = 2 * storage.itemsize
+        self.weight = nn.Parameter(torch.empty((n + 1) // mod, 1, dtype=storage), requires_grad=False)
         if double_quant:
             self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8))
             self.register_buffer("absmax2", torch.empty(math.ceil(blocks / BLOCK2), dtype=torch.float32))
@@ -91,17 +94,19 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def quantize_linears(model: nn.Module, keep: set[int], compute_dtype: torch.dtype, double_quant: bool) -> int:
+def quantize_linears(model: nn.Module, keep: set[int], compute_dtype: torch.dtype, double_quant: bool,
+                     storage: torch.dtype = torch.uint8) -> int:
     """Replace every nn.Linear and Conv1D (on the meta device) except those whose id is in `keep` (the LM head)
     by an NF4Linear, as transformers' bitsandbytes integration (replace_with_bnb_linear) does: it quantizes
-    `isinstance(module, Conv1D) or type(module) is nn.Linear`. Returns how many were replaced."""
+    `isinstance(module, Conv1D) or type(module) is nn.Linear`. `storage`: bnb_4bit_quant_storage. Returns how
+    many were replaced."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             shape = linear_shape(child)
             if shape is not None and id(child) not in keep:
                 q = NF4Linear(shape[0], shape[1], child.bias is not None, compute_dtype,
-                              double_quant, bias_dtype=child.weight.dtype)
+                              double_quant, bias_dtype=child.weight.dtype, storage=storage)
                 setattr(parent, name, q)
                 count += 1
     return count

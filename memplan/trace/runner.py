@@ -13,7 +13,7 @@ from memplan.estimate.result import ModelStates, Peak, Result
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Precision, TrainingSetup
 from memplan.spec.traits import TRAITS
-from memplan.trace import cuda
+from memplan.trace import cuda, distributed
 from memplan.trace.build import Built, build
 from memplan.trace.session import make_batch, quiet, tracked_session
 from memplan.trace.timeline import TimelineRow
@@ -153,6 +153,13 @@ def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round
 
 def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) -> TraceRun:
     built = build(spec, setup)
+    if not distributed.engaged(setup) or torch.distributed.is_initialized():  # the caller's group, if any
+        return _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer)
+    with distributed.fake_world(distributed.worst_rank(built, setup), setup.gpus):
+        return _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer)
+
+
+def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer) -> TraceRun:
     tracker = AllocTracker(round_to=round_to, fake=fake, op_hooks=cuda.op_hooks() if cuda_kernels else None)
     warnings = list(built.warnings)
     if cuda_kernels and setup.precision is Precision.FP32 and setup.attention.value != "eager":
@@ -181,7 +188,14 @@ def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) ->
 
     at_end, at_step = tracker.by_tag(end), tracker.by_tag(grads_seq)
     states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
-                         gradients=at_step.get(G, 0), optimizer_states=at_end.get(OS, 0))
+                         gradients=tracker.categories_at(grads_seq)[Category.GRADIENTS],  # DDP buckets too
+                         optimizer_states=at_end.get(OS, 0),
+                         cpu_bytes=tracker.host_at(end) if setup.offload_params else 0)
+    rank = None
+    if distributed.engaged(setup):
+        r, n = distributed.world()
+        rank = r
+        warnings.append(distributed.rank_note(built, setup, r, n))
     cats = tracker.categories_at(tracker.peak_seq)
     p = tracker.peak
     assert sum(cats.values()) == p, (cats, p)
@@ -190,6 +204,7 @@ def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) ->
         peak=Peak(allocated_bytes=p, reserved_bytes=p, device_bytes=p, phase=tracker.peak_phase),
         trainable_params=built.trainable_params, total_params=built.total_params,
         phase_peaks={Phase.LOAD: load_peak, **tracker.phase_peaks}, tier="trace", warnings=tuple(warnings),
+        rank=rank,
     )
     rows = _rows(tracker, start, end) if timeline else []
     return TraceRun(result, rows, tracker, (start, end), backward_seq, built)

@@ -20,7 +20,7 @@ import torch
 from memplan.categories import Phase
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import TrainingSetup
-from memplan.trace import cuda
+from memplan.trace import cuda, distributed
 from memplan.trace.build import Built, materialize
 from memplan.trace.qlora import NF4Linear
 from memplan.trace.step import TrainLoop
@@ -151,7 +151,11 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
     """Open the step of `built` under `tracker` (see the module doc). `batch()`, when given, makes the batch
     inside the session's tensor mode, tagged before the load peak is read (the trace's one batch, the
     measurement's fixed one); None: the caller makes and tags each batch (Session.track_batch). fake=True runs on FakeTensorMode tensors
-    (values never computed) and materializes without initial values."""
+    (values never computed) and materializes without initial values. A --gpus/--zero setup runs its engine on
+    torch.distributed's current default process group (memplan.trace.distributed: the caller initializes it)."""
+    engine = distributed.engaged(setup)
+    if engine and distributed.uses_fsdp(setup):
+        distributed.apply_engine(built, setup)  # FSDP2 shards the meta model, before anything is allocated
     with contextlib.ExitStack() as stack:
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
@@ -160,10 +164,17 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
             stack.enter_context(as_real_tensors())
         stack.enter_context(cuda.cuda_semantics(autocast=setup.precision.autocast))
         stack.enter_context(tracker)
+        if engine:
+            stack.enter_context(distributed.engine_tagging(tracker, setup))
         NF4Linear.tagger = lambda w: tracker.track(w, DEQ)
         stack.callback(setattr, NF4Linear, "tagger", None)
-        for t in materialize(built.model, init_values=not fake):
-            tracker.track(t, W)
+        if engine and distributed.uses_fsdp(setup):
+            distributed.tag_sharded(tracker, *distributed.materialize_sharded(built.model, not fake), setup)
+        else:
+            for t in materialize(built.model, init_values=not fake):
+                tracker.track(t, W)
+            if engine:
+                distributed.apply_engine(built, setup, tracker)  # DDP wraps the materialized model
         stack.enter_context(checkpoint_tagging(built.model, tracker))
         made = batch() if batch is not None else None
         if made is not None:

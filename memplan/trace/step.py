@@ -59,20 +59,27 @@ class Scaler:
         self._inv = self._found = None
 
 
-def make_optimizer(kind: Optimizer, params: list) -> torch.optim.Optimizer:
-    if kind is Optimizer.ADAMW:
-        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    if kind is Optimizer.ADAMW_FUSED:
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    if kind is Optimizer.ADAMW_FORLOOP:
-        return torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    if kind is Optimizer.SGD:
-        return torch.optim.SGD(params, lr=1e-3, foreach=True)
-    if kind is Optimizer.MOMENTUM:
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
-    if kind is Optimizer.ADAFACTOR:
-        return torch.optim.Adafactor(params, lr=1e-2, foreach=True)
-    raise ValueError(kind)
+OPTIMIZERS = {  # what each --optimizer constructs (class, keyword arguments)
+    Optimizer.ADAMW: (torch.optim.AdamW, dict(lr=1e-4, foreach=True)),
+    Optimizer.ADAMW_FUSED: (torch.optim.AdamW, dict(lr=1e-4, fused=True)),
+    Optimizer.ADAMW_FORLOOP: (torch.optim.AdamW, dict(lr=1e-4, foreach=False)),
+    Optimizer.SGD: (torch.optim.SGD, dict(lr=1e-3, foreach=True)),
+    Optimizer.MOMENTUM: (torch.optim.SGD, dict(lr=1e-3, momentum=0.9, foreach=True)),
+    Optimizer.ADAFACTOR: (torch.optim.Adafactor, dict(lr=1e-2, foreach=True)),
+}
+
+
+def make_optimizer(kind: Optimizer, params: list, setup: TrainingSetup | None = None) -> torch.optim.Optimizer:
+    """The optimizer over `params`; under ZeRO-1 partitioned by ZeroRedundancyOptimizer (its default
+    parameters_as_bucket_view=False), the local optimizer the same class with the same arguments."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(kind)
+    cls, kw = OPTIMIZERS[kind]
+    if setup is not None and setup.zero == 1 and setup.gpus > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
+    return cls(params, **kw)
 
 
 class TrainLoop:
@@ -83,15 +90,18 @@ class TrainLoop:
         self.compute_dtype = compute_dtype
         self.params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
         self.master = setup.precision.master_weights
+        # FSDP2 CPU offload: gradients, masters and the optimizer step (states, temporaries) live on the host
+        self.host = setup.offload_params and setup.zero == 3
+        grad_tag = HOST if self.host else G
         if self.master:
             with torch.no_grad():
                 self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.params]
             for p, m in zip(self.params, self.masters):
                 if p.dtype is not torch.float32:  # .float() of an fp32 tensor is the tensor itself: no copy
-                    tracker.track(m, MW)
-        self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.params)
+                    tracker.track(m, HOST if self.host else MW)
+        self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.params, setup)
         self.scaler = Scaler() if setup.precision.grad_scaler else None
-        self._hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, G))
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, grad_tag))
                        for p in self.params]
         self.grads_seq = 0  # event at which the last optimizer step began (all gradients alive)
 
@@ -102,7 +112,7 @@ class TrainLoop:
 
     def iteration(self, batch: dict) -> None:
         t, n = self.tracker, self.setup.grad_accum
-        for _ in range(n):
+        for i in range(n):
             t.set_phase(Phase.FORWARD)
             with self._autocast():
                 loss = self.model(**batch).loss  # the output (logits) is dropped here, as Trainer does
@@ -112,18 +122,28 @@ class TrainLoop:
             t.set_mark("loss.backward")  # until the gradient reaches the LM head's output
             if self.scaler is not None:
                 loss = self.scaler.scale(loss)
-            loss.backward()
+            with self._sync(last=i == n - 1):
+                loss.backward()
             del loss
         t.set_phase(Phase.OPTIMIZER_STEP)
         self.grads_seq = t.seq
-        self._step()
+        with t.scope(HOST) if self.host else contextlib.nullcontext():
+            self._step()
+
+    def _sync(self, last: bool):
+        """Gradient accumulation under a data-parallel engine: memplan.trace.distributed.sync_context."""
+        if self.setup.gpus == 1 and self.setup.zero == 0:
+            return contextlib.nullcontext()
+        from memplan.trace.distributed import sync_context
+
+        return sync_context(self.model, self.setup, last)
 
     def _step(self) -> None:
         if self.master:
             for p, m in zip(self.params, self.masters):
                 if p.grad is not None:
                     m.grad = p.grad.float()
-                    self.tracker.track(m.grad, G)
+                    self.tracker.track(m.grad, HOST if self.host else G)
                     p.grad = None
         owned = self.masters if self.master else self.params
         if self.scaler is not None:
@@ -140,10 +160,11 @@ class TrainLoop:
     def tag_states(self) -> None:
         """After the first step: optimizer state is `optimizer_states`; non-fused step counters are host-side."""
         fused = self.setup.optimizer is Optimizer.ADAMW_FUSED
-        for state in self.optimizer.state.values():
+        local = getattr(self.optimizer, "optim", self.optimizer)  # ZeroRedundancyOptimizer: this rank's
+        for state in local.state.values():
             for k, v in state.items():
                 if isinstance(v, torch.Tensor):
-                    self.tracker.track(v, HOST if (k == "step" and not fused) else OS)
+                    self.tracker.track(v, HOST if (k == "step" and not fused) or self.host else OS)
 
     def close(self) -> None:
         for h in self._hooks:

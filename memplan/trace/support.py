@@ -1,16 +1,21 @@
-"""What the trace and measure tiers cannot run yet, and why (one rule for both: each runs one device's
-transformers step). Pure: imports no torch."""
+"""What the trace and measure tiers cannot run yet, and why (one rule for both, but for the data-parallel
+engines: the trace runs them on a fake process group, memplan.trace.distributed). Pure: imports no torch."""
 from __future__ import annotations
 
-from memplan.spec.setup import Checkpointing, Optimizer, TrainingSetup
+from memplan.spec.setup import Checkpointing, Engine, Optimizer, TrainingSetup
 
 BNB_OPTIMIZERS = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
 
 
-def unsupported(setup: TrainingSetup) -> str | None:
-    """What in a setup neither the trace nor the measure tier runs (both run one device's transformers step)."""
+def unsupported(setup: TrainingSetup, engines: bool = False) -> str | None:
+    """What in a setup the trace / measure tier does not run. engines=True (the trace): --engine fsdp setups
+    (DDP, ZeroRedundancyOptimizer, FSDP2) run; engines=False (a tier that runs one device's step): no --gpus /
+    --zero setup does. DeepSpeed ZeRO is never traced (estimate-only)."""
     if setup.zero > 0 or setup.gpus > 1:
-        return "ZeRO / multi-GPU setups"
+        if setup.engine is Engine.DEEPSPEED:
+            return "--engine deepspeed (DeepSpeed ZeRO is estimate-only: `memplan estimate`; trace --engine fsdp)"
+        if not engines:
+            return "ZeRO / multi-GPU setups"
     if setup.optimizer in BNB_OPTIMIZERS:
         return f"--optimizer {setup.optimizer.value} (bitsandbytes optimizers)"
     if setup.checkpointing is Checkpointing.SELECTIVE:

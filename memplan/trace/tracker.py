@@ -11,6 +11,7 @@ torch.distributed._tools.MemTracker, the reference, does far more per op. Runs o
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -22,14 +23,22 @@ from memplan.categories import Category, Phase
 
 # Internal tags (ints: they are compared on every op). Several map to one public Category.
 W, MW, G, OS, ACT, TMP, CAST, DEQ, WS, INPUT, HOST = range(11)
+# the data-parallel engines' buffers (memplan.trace.distributed tags them)
+ALL_GATHER, REDUCE_SCATTER, UNSHARDED_GRAD, DDP_BUCKET = range(11, 15)
 CATEGORY = {W: Category.WEIGHTS, MW: Category.MASTER_WEIGHTS, G: Category.GRADIENTS, OS: Category.OPTIMIZER_STATES,
             ACT: Category.ACTIVATIONS, TMP: Category.TEMPORARIES, CAST: Category.TEMPORARIES,
-            DEQ: Category.TEMPORARIES, WS: Category.TEMPORARIES, INPUT: Category.TEMPORARIES}
+            DEQ: Category.TEMPORARIES, WS: Category.TEMPORARIES, INPUT: Category.TEMPORARIES,
+            ALL_GATHER: Category.TEMPORARIES, REDUCE_SCATTER: Category.TEMPORARIES,
+            UNSHARDED_GRAD: Category.GRADIENTS, DDP_BUCKET: Category.GRADIENTS}
 DETAIL = {CAST: "temporaries.weight_casts",  # autocast weight cache and other copies of weights
           DEQ: "temporaries.dequantized",  # NF4 weights dequantized for one matmul
           WS: "temporaries.kernel_workspace",  # CUDA kernel scratch added explicitly (see memplan.trace.cuda)
-          INPUT: "temporaries.inputs"}  # the micro-batch's token ids and labels, alive for the whole step
-_WEIGHTS = (W, MW)
+          INPUT: "temporaries.inputs",  # the micro-batch's token ids and labels, alive for the whole step
+          ALL_GATHER: "temporaries.fsdp_all_gather",  # FSDP2 copy-in / all-gather buffers, unsharded parameters
+          REDUCE_SCATTER: "temporaries.fsdp_reduce_scatter",  # FSDP2 reduce-scatter input (and output in flight)
+          UNSHARDED_GRAD: "gradients.fsdp_unsharded",  # a unit's full gradients before (or between) reductions
+          DDP_BUCKET: "gradients.ddp_buckets"}  # DDP's flat all-reduce buckets
+_WEIGHTS = (W, MW, ALL_GATHER)  # a cast of these is a weight cast (unsharded FSDP parameters included)
 _TO_COPY = torch.ops.aten._to_copy.default
 _RESIZE = torch.ops.aten.resize_.default
 _ITEM = torch.ops.aten._local_scalar_dense.default
@@ -75,6 +84,8 @@ class AllocTracker(TorchDispatchMode):
         self.marks: list[tuple[int, Phase, str]] = []  # (event seq, phase, mark) in order
         self.mark = ""
         self._free_cb = self._on_free
+        self.default_tag = TMP  # what a new op output is tagged (a `scope` changes it)
+        self.subclass = None  # a tensor subclass (DTensor) to let desugar first, so its local ops are seen
 
     # ---- accounting -------------------------------------------------------------------------------------------
     def _round(self, n: int) -> int:
@@ -129,6 +140,35 @@ class AllocTracker(TorchDispatchMode):
         self._alloc(rec)
         self._release(rec)
 
+    @contextlib.contextmanager
+    def scope(self, tag: int):
+        """Tag every allocation made inside as `tag` (an engine's buffers; host-side work)."""
+        prev, self.default_tag = self.default_tag, tag
+        try:
+            yield
+        finally:
+            self.default_tag = prev
+
+    def storage_resized(self, st) -> None:
+        """`UntypedStorage.resize_` (FSDP2 frees and re-allocates unsharded parameters so; no dispatch mode sees
+        it): the old allocation ends and a new one of the new size begins, with the same tag."""
+        entry = self._live.get(id(st))
+        if entry is None:
+            return
+        old, ref = entry
+        new = self._round(st.nbytes())
+        if new == old.nbytes:
+            return
+        self._release(old)
+        rec = Rec(new, old.tag, 0, None, "resize_", self.mark)
+        self._live[id(st)] = (rec, ref)
+        self._alloc(rec)
+
+    def host_at(self, seq: int) -> int:
+        """Host (CPU RAM) bytes alive just after event `seq` (offloaded states; host-side step counters)."""
+        return sum(r.nbytes for r in self.recs
+                   if r.tag == HOST and r.born <= seq and (r.died is None or r.died > seq))
+
     def resize(self, t: torch.Tensor, nbytes: int) -> None:
         """Account a storage as `nbytes` (a CUDA kernel allocates a different size than the CPU one)."""
         rec = self._see(t, TMP, "resize")
@@ -141,8 +181,12 @@ class AllocTracker(TorchDispatchMode):
 
     # ---- tags -------------------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor, tag: int, op: str = "external") -> None:
-        """Register a tensor (made before tracking began, or outside dispatch) and force its tag."""
+        """Register a tensor (made before tracking began, or outside dispatch) and force its tag. A DTensor is
+        tracked by its local shard. A DDP bucket stays a bucket when a gradient viewing it is tracked."""
+        t = getattr(t, "_local_tensor", t) if self.subclass is not None else t
         rec = self._see(t, tag, op)
+        if rec is not None and rec.tag == DDP_BUCKET and tag == G:
+            return
         if rec is not None and rec.tag != tag:
             self._retag(rec, tag)
 
@@ -186,21 +230,23 @@ class AllocTracker(TorchDispatchMode):
         if func is _ITEM and self.fake:
             dt = args[0].dtype
             return True if dt is torch.bool else (1.0 if dt.is_floating_point else 1)
+        if self.subclass is not None and self.subclass in types:
+            return NotImplemented  # the subclass runs its local ops, which come back here
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor):
-            tag = TMP
-            if func is _TO_COPY and self.tag_of_arg(args[0]) in _WEIGHTS:
+            tag = self.default_tag
+            if func is _TO_COPY and tag == TMP and self.tag_of_arg(args[0]) in _WEIGHTS:
                 tag = CAST
             self._see(out, tag, func.__name__)
         elif isinstance(out, (tuple, list)):
             name = None
             for o in out:
                 if isinstance(o, torch.Tensor):
-                    self._see(o, TMP, name or (name := func.__name__))
+                    self._see(o, self.default_tag, name or (name := func.__name__))
                 elif isinstance(o, (tuple, list)):
                     for oo in o:
                         if isinstance(oo, torch.Tensor):
-                            self._see(oo, TMP, func.__name__)
+                            self._see(oo, self.default_tag, func.__name__)
         if func is _RESIZE:
             self._resized(args[0])
         hook = self.op_hooks.get(func)
