@@ -246,7 +246,7 @@ def test_cli_table_json_csv(capsys):
 
 
 def test_cli_constraints(capsys):
-    rc, out, _ = run(capsys, "fit", "--model", "llama-7b", "--gpu", "a100-80gb", "--gpus", "4", "--max-zero", "1",
+    rc, out, _ = run(capsys, "fit", "--model", "llama-3.2-1b", "--gpu", "a100-80gb", "--gpus", "4", "--max-zero", "1",
                      "--precision", "bf16", "--peft", "full", "--optimizer", "adamw", "--seq", "1024", "-f", "json")
     d = json.loads(out)
     assert rc == 0 and {r["zero"] for r in d["rows"]} <= {0, 1} and {r["precision"] for r in d["rows"]} == {"bf16"}
