@@ -4,8 +4,10 @@ A *choice* is one point of the setup space (precision × optimizer × PEFT metho
 engine × offload, the rest fixed by the query; combinations TrainingSetup refuses, such as fsdp-bf16 without
 FSDP or optimizer-only offload under FSDP2, are skipped and counted, not errors). Engine and offload are searched
 with --gpus > 1 (one GPU runs ZeRO-0, nothing to shard or offload). Rows with offload report the host RAM their
-node needs: the per-GPU offloaded bytes × the GPUs of one node (min(gpus, gpus_per_node)). For each choice the search finds, at the device level with a margin
-(peak.device_bytes ≤ (1 − margin) · GPU memory):
+node needs: the per-GPU offloaded bytes × the GPUs of one node (min(gpus, gpus_per_node)).
+
+For each choice the search finds, at the device level with a margin (peak.device_bytes ≤ (1 − margin) · GPU
+memory):
 
 - max_batch: the largest micro-batch in [min_batch, max_batch cap] that fits at the query's sequence length;
 - max_seq: the largest sequence length that fits at min_batch, among the query's length and the multiples of

@@ -78,7 +78,8 @@ def test_ranked_by_predicted_tokens_per_s(searched):
 
 def test_optimizers_that_tie_share_one_row(searched):
     """No two rows of one (precision, peft, ckpt, zero, engine, offload) give the same answer: the optimizers that
-    do not change it are listed on one row, every listed optimizer fits at that row's micro-batch, and nothing is lost."""
+    do not change it are listed on one row, every listed optimizer fits at that row's micro-batch, and nothing is
+    lost."""
     model, g, query, report, space = searched
     seen = {}
     for r in report.rows:

@@ -142,8 +142,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
-    base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets, train_layers=train_layers,
-                      attention=attention, grad_accum=grad_accum, zero=0)
+    base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,
+                      train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0)
     from memplan.estimate import gpu_checks
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"

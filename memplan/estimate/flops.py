@@ -271,7 +271,8 @@ def communication_per_step(model: ModelSpec, setup: TrainingSetup) -> Communicat
         out.append(Transfer(what, data, link, float(nbytes)))
 
     if z == 0 or (z == 1 and not ds):
-        add(f"all-reduce gradients ({'DeepSpeed' if ds else 'DDP'}), {per}", Data.GRADIENTS, Link.PEERS, 2 * r * t_red * reductions)
+        add(f"all-reduce gradients ({'DeepSpeed' if ds else 'DDP'}), {per}", Data.GRADIENTS, Link.PEERS,
+            2 * r * t_red * reductions)
         if z == 1:
             add("broadcast updated partitions (ZeroRedundancyOptimizer), once per step", Data.PARAMETERS,
                 Link.PEERS, r * t_sto)

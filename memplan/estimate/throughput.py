@@ -22,8 +22,9 @@ Pure: the utilization is an input (a Utilization: value and where it comes from)
 measurement files; memplan.measure.utilization finds the utilization of committed real-GPU records, and the
 callers (memplan.api, memplan.fit, the CLI, the report) choose which one to pass (DEFAULT when none is found).
 
-Not modelled: the CPU optimizer step of offload, NCCL's tree and NVLS algorithms (rings only), QLoRA's dequantization cost, small-batch
-inefficiency (utilization does not depend on the micro-batch), pipeline or tensor parallelism.
+Not modelled: the CPU optimizer step of offload, NCCL's tree and NVLS algorithms (rings only), QLoRA's
+dequantization cost, small-batch inefficiency (utilization does not depend on the micro-batch), pipeline or
+tensor parallelism.
 """
 from __future__ import annotations
 
