@@ -329,3 +329,15 @@ def test_design_card_command_does_no_throughput_work():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_every_gpu_profile_has_a_sourced_host_link_and_says_what_it_knows_between_nodes():
+    # every figure names its source beside it; a profile without a multi-node reference system says so
+    for path in sorted((ROOT / "profiles" / "gpus").glob("*.toml")):
+        g = resolve_gpu(path.stem)
+        lines = {ln.split("=")[0].strip(): ln for ln in path.read_text().splitlines()}
+        assert g.host_link_gbs > 0 and "#" in lines["host_link_gbs"], path.name
+        if g.inter_node_gbs:
+            assert "#" in lines["inter_node_gbs"] and g.inter_node_gbs <= g.interconnect_gbs, path.name
+        else:
+            assert any(k.startswith("# inter_node_gbs: unknown") for k in lines), path.name
