@@ -341,3 +341,11 @@ def test_cli_nothing_fits_hints_only_what_was_not_searched(capsys):
     assert rc == NOTHING_FITS_EXIT and "nothing fits" in err and "--peft qlora" not in err
     rc, _, err = run(capsys, "fit", "--model", "llama-2-70b", "--gpu", "t4", "--peft", "full", "--precision", "fp32")
     assert rc == NOTHING_FITS_EXIT and "--peft qlora" in err
+
+
+def test_default_precisions_add_fsdp_bf16_on_several_bf16_gpus():
+    # fsdp-bf16 needs FSDP2 ZeRO-2/3, so one GPU never searches it; GPUs without bf16 search the fp16 set
+    a100, t4 = resolve_gpu("a100-80gb"), resolve_gpu("t4")
+    assert Precision.FSDP_BF16 not in F.default_precisions(a100, 1)
+    assert F.default_precisions(a100, 8) == F.DEFAULT_PRECISIONS + (Precision.FSDP_BF16,)
+    assert F.default_precisions(t4, 8) == F.FP16_PRECISIONS
