@@ -1,8 +1,13 @@
 """`memplan fit`: which setups fit a GPU, with their largest micro-batch and sequence length, ranked by speed.
 
-A *choice* is one point of the setup space (precision × optimizer × PEFT method × checkpointing × ZeRO stage,
-the rest fixed by the query). For each choice the search finds, at the device level with a margin
-(peak.device_bytes ≤ (1 − margin) · GPU memory):
+A *choice* is one point of the setup space (precision × optimizer × PEFT method × checkpointing × ZeRO stage ×
+engine × offload, the rest fixed by the query; combinations TrainingSetup refuses, such as fsdp-bf16 without
+FSDP or optimizer-only offload under FSDP2, are skipped and counted, not errors). Engine and offload are searched
+with --gpus > 1 (one GPU runs ZeRO-0, nothing to shard or offload). Rows with offload report the host RAM their
+node needs: the per-GPU offloaded bytes × the GPUs of one node (min(gpus, gpus_per_node)).
+
+For each choice the search finds, at the device level with a margin (peak.device_bytes ≤ (1 − margin) · GPU
+memory):
 
 - max_batch: the largest micro-batch in [min_batch, max_batch cap] that fits at the query's sequence length;
 - max_seq: the largest sequence length that fits at min_batch, among the query's length and the multiples of
@@ -37,7 +42,8 @@ from typing import Callable
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import (ABSURD_TOKENS, Checkpointing, Optimizer, PeftMethod, Precision, TrainingSetup)
+from memplan.spec.setup import (ABSURD_TOKENS, Checkpointing, Engine, Optimizer, PeftMethod, Precision,
+                                TrainingSetup)
 
 SEQ_STEP = 128  # sequence lengths searched: multiples of 128 (kernel-friendly tile sizes)
 DEFAULT_MARGIN = 0.05  # keep 5% of device memory free: allocator spikes and library workspaces vary by version
@@ -52,9 +58,12 @@ DEFAULT_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.BF16_MASTER, Pre
 FP16_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.FP16_MASTER)
 
 
-def default_precisions(gpu) -> tuple[Precision, ...]:
-    """The precisions fit searches when none is asked for: bf16 ones where the GPU has bf16, else fp16 ones."""
-    return DEFAULT_PRECISIONS if gpu.bf16 else FP16_PRECISIONS
+def default_precisions(gpu, gpus: int = 1) -> tuple[Precision, ...]:
+    """The precisions fit searches when none is asked for: bf16 ones where the GPU has bf16, else fp16 ones;
+    on several bf16 GPUs FSDP2's fsdp-bf16 too (it needs ZeRO-2/3)."""
+    if not gpu.bf16:
+        return FP16_PRECISIONS
+    return DEFAULT_PRECISIONS + ((Precision.FSDP_BF16,) if gpus > 1 else ())
 # adamw-forloop, momentum and the paged variants add nothing a user picks for memory over these five.
 DEFAULT_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FUSED, Optimizer.ADAMW_8BIT, Optimizer.ADAFACTOR,
                       Optimizer.SGD)
@@ -67,6 +76,27 @@ DEFAULT_CHECKPOINTING = tuple(Checkpointing)
 TIE_FRACTION = 0.01
 BATCH_NOTE = ("utilization is assumed independent of the micro-batch (no measured dependence to draw on), so "
               "predicted tokens/s barely changes with it; each row is predicted at its largest micro-batch")
+
+
+class Offload(str, Enum):
+    """What a choice offloads to CPU RAM (TrainingSetup's offload flags per engine)."""
+
+    NONE = "none"
+    OPTIMIZER = "optimizer"  # DeepSpeed ZeRO-Offload: optimizer states and gradient partitions (--offload-optimizer)
+    ALL = "all"  # FSDP2 CPUOffloadPolicy (--offload-params); DeepSpeed ZeRO-3 --offload-optimizer --offload-params
+
+    def flags(self, engine: Engine) -> dict:
+        if self is Offload.NONE:
+            return {"offload_optimizer": False, "offload_params": False}
+        if self is Offload.OPTIMIZER:
+            return {"offload_optimizer": True, "offload_params": False}
+        return {"offload_optimizer": engine is Engine.DEEPSPEED, "offload_params": True}
+
+    @staticmethod
+    def of(setup: TrainingSetup) -> "Offload":
+        if setup.offload_params:
+            return Offload.ALL
+        return Offload.OPTIMIZER if setup.offload_optimizer else Offload.NONE
 
 
 class SortKey(str, Enum):
@@ -87,23 +117,29 @@ class Space:
     pefts: tuple[PeftMethod, ...] = DEFAULT_PEFTS
     checkpointing: tuple[Checkpointing, ...] = DEFAULT_CHECKPOINTING
     zeros: tuple[int, ...] = (0, 1, 2, 3)
+    engines: tuple[Engine, ...] = tuple(Engine)
+    offloads: tuple[Offload, ...] = tuple(Offload)
 
     def __post_init__(self):
-        for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros"):
+        for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros", "engines", "offloads"):
             if not getattr(self, name):
                 raise MemplanError(f"fit: the {name} list is empty")
         if any(z not in (0, 1, 2, 3) for z in self.zeros):
             raise MemplanError(f"fit: ZeRO stages are 0-3, got {list(self.zeros)}")
 
     def choices(self, gpus: int):
-        """(precision, optimizer, peft, checkpointing, zero) tuples; one GPU has nothing to shard: ZeRO 0 only."""
-        zeros = self.zeros if gpus > 1 else (min(self.zeros),)
-        return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros)
+        """(precision, optimizer, peft, checkpointing, zero, engine, offload) tuples; one GPU has nothing to shard
+        or offload: ZeRO 0, the first engine, no offload."""
+        if gpus > 1:
+            zeros, engines, offloads = self.zeros, self.engines, self.offloads
+        else:
+            zeros, engines, offloads = (min(self.zeros),), self.engines[:1], (Offload.NONE,)
+        return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads)
 
     @property
     def size(self) -> int:
         return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
-                * len(self.zeros))
+                * len(self.zeros) * len(self.engines) * len(self.offloads))
 
 
 @dataclass(frozen=True)
@@ -139,6 +175,12 @@ class FitRow:
     headroom_bytes: int  # against the whole GPU memory (the margin is inside it)
     throughput: dict  # memplan.estimate.throughput.Throughput.to_dict() at max_batch
     optimizers: tuple[Optimizer, ...] = field(default=())  # the optimizers that tie on this row (setup's included)
+    host_bytes: int = 0  # offloaded to CPU RAM per GPU at max_batch
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        """CPU RAM one node needs for the offloaded states of its GPUs."""
+        return self.host_bytes * min(self.setup.gpus, self.setup.gpus_per_node)
 
     def __post_init__(self):
         if not self.optimizers:
@@ -149,10 +191,12 @@ class FitRow:
         t = self.throughput
         return {"precision": s.precision.value, "optimizer": s.optimizer.value,
                 "optimizers": [o.value for o in self.optimizers], "peft": s.peft.value,
-                "checkpointing": s.checkpointing.value, "zero": s.zero, "gpus": s.gpus, "seq": s.seq,
+                "checkpointing": s.checkpointing.value, "zero": s.zero, "engine": s.engine.value,
+                "offload": Offload.of(s).value, "gpus": s.gpus, "gpus_per_node": s.gpus_per_node, "seq": s.seq,
                 "max_batch": self.max_batch, "batch_at_cap": self.batch_at_cap, "max_seq": self.max_seq,
                 "seq_at_cap": self.seq_at_cap, "peak_device_bytes": self.peak_device_bytes,
-                "headroom_bytes": self.headroom_bytes, "tokens_per_s": t["tokens_per_s"],
+                "headroom_bytes": self.headroom_bytes, "host_bytes_per_gpu": self.host_bytes,
+                "host_bytes_per_node": self.host_bytes_per_node, "tokens_per_s": t["tokens_per_s"],
                 "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"]}
 
 
@@ -233,6 +277,15 @@ def _largest(grid: _Grid, mem: Callable[[int], int | None], limit: int, guess: f
     return lo
 
 
+def _host_bytes(model: ModelSpec, gpu: GpuSpec, setup: TrainingSetup) -> int:
+    """Bytes one GPU's offloaded states take in CPU RAM (0 without offload)."""
+    from memplan.estimate import estimate_spec
+
+    if not (setup.offload_optimizer or setup.offload_params):
+        return 0
+    return int(estimate_spec(model, setup, gpu).model_states.cpu_bytes)
+
+
 def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
     from memplan.estimate import estimate_spec
 
@@ -246,10 +299,12 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
     return device_bytes
 
 
-def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero) -> TrainingSetup | None:
+def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
+                  offload=Offload.NONE) -> TrainingSetup | None:
     try:
-        return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero)
-    except MemplanError:  # an impossible combination (QLoRA with fp32 or ZeRO-3, offload without ZeRO, ...)
+        return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
+                       engine=engine, **offload.flags(engine))
+    except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
         return None
 
 
@@ -300,9 +355,12 @@ def _search_choice(setup: TrainingSetup, query: Query, max_seq: int, limit: int,
 
 
 def sort_key(key: SortKey):
-    """The ranking order for `key` (the first criterion), the others breaking ties."""
-    crit = {SortKey.TOKENS: lambda r: -r.throughput["tokens_per_s"], SortKey.BATCH: lambda r: -r.max_batch,
-            SortKey.SEQ: lambda r: -r.max_seq, SortKey.MEMORY: lambda r: r.peak_device_bytes}
+    """The ranking order for `key` (the first criterion), the others breaking ties. Ranked by speed, a choice
+    that offloads comes after one that does not at the same predicted speed: the throughput model does not time
+    the CPU optimizer step of offload, which is slower in practice, not faster."""
+    crit = {SortKey.TOKENS: lambda r: (-r.throughput["tokens_per_s"], r.host_bytes > 0),
+            SortKey.BATCH: lambda r: -r.max_batch, SortKey.SEQ: lambda r: -r.max_seq,
+            SortKey.MEMORY: lambda r: r.peak_device_bytes}
     order = [key] + [k for k in SortKey if k is not key]
     return lambda r: tuple(crit[k](r) for k in order)
 
@@ -317,12 +375,12 @@ def _ties(a: FitRow, b: FitRow, gpu: GpuSpec) -> bool:
 
 
 def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
-    """One row per run of optimizers that tie within a (precision, peft, checkpointing, zero) choice: the row of
-    the largest peak among them (every listed optimizer fits there), listing the optimizers by peak."""
+    """One row per run of optimizers that tie within a (precision, peft, checkpointing, zero, engine, offload) choice:
+    the row of the largest peak among them (every listed optimizer fits there), listing the optimizers by peak."""
     groups: dict[tuple, list[list[FitRow]]] = {}
     for r in rows:
         s = r.setup
-        runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero), [])
+        runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s)), [])
         for run in runs:
             if all(_ties(r, o, gpu) for o in run):
                 run.append(r)
@@ -378,7 +436,7 @@ def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space(),
         thr = predict(model, best, gpu, utils[setup.precision]).to_dict()
         rows.append(FitRow(setup=best, max_batch=batch, batch_at_cap=batch_cap, max_seq=longest,
                            seq_at_cap=seq_cap_hit, peak_device_bytes=peak, headroom_bytes=gpu.memory_bytes - peak,
-                           throughput=thr))
+                           throughput=thr, host_bytes=_host_bytes(model, gpu, best)))
     merged = sorted(merge_ties(rows, gpu), key=sort_key(sort))
     return FitReport(model=model.name, gpu=gpu, query=query, searched=searched, invalid=invalid, rows=tuple(merged),
                      estimates=counter[0], fitting=len(rows), sort=sort)

@@ -138,6 +138,7 @@ def load_gpu(name: str) -> GpuSpec:
         return GpuSpec(
             name=key, label=p["label"], memory_bytes=int(p["memory_bytes"]), tflops=dict(p["tflops"]),
             bandwidth_gbs=float(p.get("bandwidth_gbs", 0)), interconnect_gbs=float(p.get("interconnect_gbs", 0)),
+            inter_node_gbs=float(p.get("inter_node_gbs", 0)), host_link_gbs=float(p.get("host_link_gbs", 0)),
             nvml_names=tuple(p.get("nvml_names", ())), aliases=tuple(p.get("aliases", ())), source=p.get("source", ""),
             compute_capability=_capability(key, p.get("compute_capability")),
         )

@@ -12,8 +12,32 @@ from memplan.units import GiB
 PRECISION_LABEL = {
     "fp32": "fp32", "fp16": "fp16 autocast (fp32 params)", "bf16": "bf16 autocast (fp32 params)",
     "fp16-master": "fp16 weights + fp32 master", "bf16-master": "bf16 weights + fp32 master",
-    "pure-bf16": "pure bf16",
+    "pure-bf16": "pure bf16", "fsdp-bf16": "FSDP2 bf16 compute (fp32 shards, fp32 reduce)",
 }
+
+
+DEEPSPEED_NOTE = ("note: estimate-only: DeepSpeed's ZeRO buffers are modelled from its configuration defaults "
+                  "(reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size, "
+                  "stage3_max_live_parameters), not traced or measured")
+
+
+def engine_label(setup) -> str:
+    """What runs the data parallelism of a setup, in the engine's own terms (memplan.spec.setup.Engine)."""
+    if setup.gpus == 1 and setup.zero == 0:
+        return "one GPU"
+    if setup.engine.value == "deepspeed":
+        off = [n for n, on in (("optimizer", setup.offload_optimizer), ("parameters", setup.offload_params)) if on]
+        return f"DeepSpeed ZeRO-{setup.zero}" + (f", {' + '.join(off)} offloaded" if off else "")
+    label = {0: "DDP", 1: "DDP + ZeroRedundancyOptimizer", 2: "FSDP2 reshard_after_forward=False",
+             3: "FSDP2 reshard_after_forward=True"}[setup.zero]
+    return label + (" + CPUOffloadPolicy" if setup.offload_params else "")
+
+
+def host_ram_line(cpu_bytes: int, setup) -> str:
+    """Offloaded bytes in CPU RAM per GPU and per node (each node holds its own GPUs' shares)."""
+    per_node = min(setup.gpus, setup.gpus_per_node)
+    return (f"offloaded to CPU RAM: {cpu_bytes / GiB:.2f} GiB per GPU, {cpu_bytes * per_node / GiB:.2f} GiB per node "
+            f"({per_node} GPU{'s' if per_node > 1 else ''})")
 
 
 def flat(result: Result) -> dict:
@@ -28,7 +52,9 @@ def flat(result: Result) -> dict:
     row.update({f"{k}_bytes": v for k, v in d["categories"].items()})
     row.update({f"state_{k}": v for k, v in d["model_states"].items()})
     row.update({f"peak_{k}": v for k, v in d["peak"].items()})
-    row.update({"trainable_params": d["trainable_params"], "total_params": d["total_params"]})
+    row.update({"trainable_params": d["trainable_params"], "total_params": d["total_params"],
+                "cpu_bytes_per_node": result.model_states.cpu_bytes * min(result.setup.gpus,
+                                                                          result.setup.gpus_per_node)})
     if "gpu" in d:
         row.update({"gpu": d["gpu"]["name"], "gpu_memory_bytes": d["gpu"]["memory_bytes"], "fits": d["fits"],
                     "headroom_bytes": d["headroom_bytes"]})
@@ -62,7 +88,7 @@ def table(r: Result) -> str:
     lines = [
         f"{r.model} · {PRECISION_LABEL[s.precision.value]} · {s.optimizer.value} · peft {s.peft.value}"
         + (f" (r={s.lora.rank})" if s.peft.value in ("lora", "dora", "qlora") else "")
-        + f" · ZeRO-{s.zero} × {s.gpus} GPU{'s' if s.gpus > 1 else ''}"
+        + f" · ZeRO-{s.zero} × {s.gpus} GPU{'s' if s.gpus > 1 else ''} ({engine_label(s)})"
         + f" · micro-batch {s.batch} × seq {s.seq}"
         + (f" · grad-accum {s.grad_accum}" if s.grad_accum > 1 else "")
         + f" · checkpointing {s.checkpointing.value} · attention {s.attention.value}",
@@ -78,11 +104,14 @@ def table(r: Result) -> str:
         f"  {'peak reserved':<18}{_g(p.reserved_bytes)}",
         f"  {'peak device':<18}{_g(p.device_bytes)}",
         "model states (steady state, GiB): " + ", ".join(
-            f"{k} {v / GiB:.2f}" for k, v in r.model_states.to_dict().items() if k != "cpu_bytes")
-        + (f"; offloaded to CPU RAM {r.model_states.cpu_bytes / GiB:.2f}" if r.model_states.cpu_bytes else ""),
+            f"{k} {v / GiB:.2f}" for k, v in r.model_states.to_dict().items() if k != "cpu_bytes"),
         f"parameters: {r.trainable_params:,} trainable of {r.total_params:,}"
         + (f" ({100 * r.trainable_params / r.total_params:.3g}%)" if r.total_params else ""),
     ]
+    if r.model_states.cpu_bytes:
+        lines.append(host_ram_line(r.model_states.cpu_bytes, s))
+    if s.engine.value == "deepspeed" and (s.zero or s.gpus > 1) and r.tier == "estimate":
+        lines.append(DEEPSPEED_NOTE)
     if r.gpu is not None:
         verdict = "fits" if r.fits else "does NOT fit"
         lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "
@@ -92,6 +121,8 @@ def table(r: Result) -> str:
         many = t.get("tokens_per_s_total", 0) > t["tokens_per_s"]
         total = f" ({t['tokens_per_s_total']:,.0f} in all)" if many else ""
         comm = f", communication {t['comm_s']:.3f} s" if t.get("comm_s") else ""
+        if t.get("comm_s") and t.get("link"):
+            comm += f" over {t['link']}" + (f", {t['host_s']:.3f} s of it offload copies" if t.get("host_s") else "")
         lines.append(f"throughput: {t['tokens_per_s']:,.0f} tokens/s per GPU{total}, step {t['step_s']:.3f} s "
                      f"(compute {t.get('compute_s', t['step_s']):.3f} s{comm}), MFU {100 * t['mfu']:.0f}%; "
                      f"assumed utilization: {t['mfu_source']}")
@@ -183,8 +214,11 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
              f"{len(report.rows)} rows once optimizers that tie share a row",
              f"ranked by {SORT_LABEL[report.sort.value]} (--sort)"
              + (", grouped by PEFT method, best method first" if grouped else "")]
-    headers = ["#", "peft", "precision", "ckpt", "zero", "max batch", "max seq", "peak GiB", "tokens/s/GPU",
-               "step s", "MFU", "optimizers (tie)"]
+    many = q.base.gpus > 1
+    host = any(r.host_bytes for r in report.rows)
+    headers = (["#", "peft", "precision", "ckpt", "zero"] + (["engine", "offload"] if many else [])
+               + ["max batch", "max seq", "peak GiB"] + (["host GiB/node"] if host else [])
+               + ["tokens/s/GPU", "step s", "MFU", "optimizers (tie)"])
     body, starts, hidden = [], [], 0
     for method, rows in groups:
         shown = rows[:top] if top else rows
@@ -192,11 +226,16 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
         starts.append((len(body), method, len(rows), len(rows) - len(shown)))
         for r in shown:
             s, t = r.setup, r.throughput
-            body.append([ranks[id(r)], s.peft.value, s.precision.value, s.checkpointing.value, s.zero,
-                         f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",
-                         f"{r.peak_device_bytes / GiB:.2f}", f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}",
-                         f"{100 * t['mfu']:.0f}%", ", ".join(o.value for o in r.optimizers)])
-    text = columns(headers, body, right={0, 4, 5, 6, 7, 8, 9, 10})
+            body.append([ranks[id(r)], s.peft.value, s.precision.value, s.checkpointing.value, s.zero]
+                        + ([s.engine.value, F.Offload.of(s).value] if many else [])
+                        + [f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",
+                           f"{r.peak_device_bytes / GiB:.2f}"]
+                        + ([f"{r.host_bytes_per_node / GiB:.2f}" if r.host_bytes else "–"] if host else [])
+                        + [f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}", f"{100 * t['mfu']:.0f}%",
+                           ", ".join(o.value for o in r.optimizers)])
+    text = columns(headers, body, right={i for i, h in enumerate(headers)
+                                         if h in ("#", "zero", "max batch", "max seq", "peak GiB", "host GiB/node",
+                                                  "tokens/s/GPU", "step s", "MFU")})
     lines.append(text[0])
     for n, (start, method, count, more) in enumerate(starts):
         end = starts[n + 1][0] if n + 1 < len(starts) else len(body)
@@ -207,7 +246,8 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
     if hidden:
         lines.append(f"... {hidden} more rows (--top 0 shows all)")
     lines.append(f"max batch at seq {q.seq}; max seq at batch {q.min_batch}; '+' = at the search cap; # = overall "
-                 "rank.")
+                 "rank." + (f" host GiB/node = offloaded CPU RAM per GPU × {min(q.base.gpus, q.base.gpus_per_node)} "
+                            "GPUs per node." if host else ""))
     lines.append(f"Throughput: {F.BATCH_NOTE}; assumed utilization: "
                  f"{report.rows[0].throughput['mfu_source'] if report.rows else ''}")
     return "\n".join(lines)

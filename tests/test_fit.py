@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from memplan import fit as F
 from memplan.api import make_setup, resolve_gpu, resolve_model
-from memplan.spec.setup import Checkpointing, Optimizer, Precision
+from memplan.spec.setup import Checkpointing, Engine, Optimizer, PeftMethod, Precision
 from memplan.cli import main
 from memplan.errors import MemplanError
 from memplan.estimate import estimate_spec
@@ -77,13 +77,14 @@ def test_ranked_by_predicted_tokens_per_s(searched):
 
 
 def test_optimizers_that_tie_share_one_row(searched):
-    """No two rows of one (precision, peft, ckpt, zero) give the same answer: the optimizers that do not change it
-    are listed on one row, every listed optimizer fits at that row's micro-batch, and nothing is lost."""
+    """No two rows of one (precision, peft, ckpt, zero, engine, offload) give the same answer: the optimizers that
+    do not change it are listed on one row, every listed optimizer fits at that row's micro-batch, and nothing is
+    lost."""
     model, g, query, report, space = searched
     seen = {}
     for r in report.rows:
         s = r.setup
-        key = (s.precision, s.peft, s.checkpointing, s.zero)
+        key = (s.precision, s.peft, s.checkpointing, s.zero, s.engine, F.Offload.of(s))
         for other in seen.get(key, []):
             assert not F._ties(r, other, g), (key, r.optimizers, other.optimizers)
         seen.setdefault(key, []).append(r)
@@ -106,8 +107,8 @@ def test_sort_keys(key):
 def test_left_out_choices_do_not_fit(searched):
     """Completeness: every valid choice missing from the answer fails at (min_batch, seq)."""
     model, g, query, report, space = searched
-    got = {(r.setup.precision, o, r.setup.peft, r.setup.checkpointing, r.setup.zero)
-           for r in report.rows for o in r.optimizers}
+    got = {(r.setup.precision, o, r.setup.peft, r.setup.checkpointing, r.setup.zero, r.setup.engine,
+            F.Offload.of(r.setup)) for r in report.rows for o in r.optimizers}
     for choice in space.choices(query.base.gpus):
         if choice in got:
             continue
@@ -118,6 +119,55 @@ def test_left_out_choices_do_not_fit(searched):
             assert _device(model, replace(s, batch=query.min_batch, seq=query.seq), g) > report.limit_bytes
         except MemplanError:
             pass  # refused by the estimator (e.g. prefix tuning with checkpointing)
+
+
+def test_several_gpus_search_engine_and_offload_and_skip_what_setup_refuses(searched):
+    """With --gpus > 1 every engine × offload the space names is tried; TrainingSetup's refusals (optimizer-only
+    offload under FSDP2, fsdp-bf16 outside FSDP2 ZeRO-2/3, autocast under DeepSpeed) are skipped and counted."""
+    model, g, query, report, space = searched
+    choices = list(space.choices(query.base.gpus))
+    assert report.searched == len(choices)
+    refused = sum(F._choice_setup(query.base, *c) is None for c in choices)
+    assert report.invalid >= refused
+    if query.base.gpus == 1:
+        assert {(c[5], c[6]) for c in choices} == {(space.engines[0], F.Offload.NONE)}
+        return
+    assert {(c[5], c[6]) for c in choices} == {(e, o) for e in space.engines for o in space.offloads}
+    seen = {(r.setup.engine, F.Offload.of(r.setup)) for r in report.rows}
+    assert (Engine.FSDP, F.Offload.NONE) in seen and (Engine.DEEPSPEED, F.Offload.NONE) in seen
+    assert (Engine.FSDP, F.Offload.OPTIMIZER) not in seen
+    for r in report.rows:
+        s = r.setup
+        assert s.engine is Engine.DEEPSPEED or not s.offload_optimizer or s.offload_params
+        assert s.engine is Engine.FSDP or not s.precision.autocast
+
+
+def test_offload_rows_report_host_ram_per_node():
+    # host RAM per node = the estimator's offloaded bytes per GPU × the GPUs of one node, min(gpus, gpus_per_node)
+    model, g = resolve_model("llama-3.2-1b"), resolve_gpu("a100-40gb")
+    space = F.Space(precisions=(Precision.BF16_MASTER,), optimizers=(Optimizer.ADAMW,), pefts=(PeftMethod.FULL,),
+                    checkpointing=(Checkpointing.FULL,), zeros=(2, 3))
+    for gpus, per_node in ((4, 8), (16, 8), (16, 2)):
+        base = make_setup(gpus=gpus, gpus_per_node=per_node)
+        report = F.fit(model, g, F.Query(base=base, seq=1024, max_batch=8), space)
+        offloading = [r for r in report.rows if F.Offload.of(r.setup) is not F.Offload.NONE]
+        assert offloading and all(r.host_bytes == 0 for r in report.rows if r not in offloading)
+        for r in offloading:
+            cpu = estimate_spec(model, r.setup, g).model_states.cpu_bytes
+            assert r.host_bytes == cpu > 0
+            assert r.host_bytes_per_node == cpu * min(gpus, per_node)
+            assert r.to_dict()["host_bytes_per_node"] == r.host_bytes_per_node
+
+
+def test_equal_speed_prefers_no_offload():
+    model, g = resolve_model("llama-3.2-1b"), resolve_gpu("a100-80gb")
+    space = F.Space(precisions=(Precision.BF16_MASTER,), optimizers=(Optimizer.ADAMW,), pefts=(PeftMethod.LORA,),
+                    checkpointing=(Checkpointing.NONE,), zeros=(3,), engines=(Engine.DEEPSPEED,))
+    report = F.fit(model, g, F.Query(base=make_setup(gpus=2), seq=1024, max_batch=4), space)
+    rows = [r for r in report.rows if r.max_batch == 4]
+    speeds = {r.throughput["tokens_per_s"] for r in rows}
+    if len(speeds) == 1 and len(rows) > 1:
+        assert F.Offload.of(rows[0].setup) is F.Offload.NONE
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -197,10 +247,27 @@ def test_cli_table_json_csv(capsys):
 
 
 def test_cli_constraints(capsys):
-    rc, out, _ = run(capsys, "fit", "--model", "llama-7b", "--gpu", "a100-80gb", "--gpus", "4", "--max-zero", "1",
+    rc, out, _ = run(capsys, "fit", "--model", "llama-3.2-1b", "--gpu", "a100-80gb", "--gpus", "4", "--max-zero", "1",
                      "--precision", "bf16", "--peft", "full", "--optimizer", "adamw", "--seq", "1024", "-f", "json")
     d = json.loads(out)
     assert rc == 0 and {r["zero"] for r in d["rows"]} <= {0, 1} and {r["precision"] for r in d["rows"]} == {"bf16"}
+
+
+def test_cli_searches_engines_and_reports_host_ram_per_node(capsys):
+    rc, out, _ = run(capsys, "fit", "--model", "llama-3.2-1b", "--gpu", "a100-40gb", "--gpus", "16",
+                     "--gpus-per-node", "4", "--precision", "bf16-master", "--peft", "full", "--optimizer", "adamw",
+                     "--checkpointing", "full", "--zero", "3", "--engine", "deepspeed", "--offload", "none,all",
+                     "--max-batch", "4", "--seq", "1024", "-f", "json")
+    d = json.loads(out)
+    assert rc == 0 and d["gpus_per_node"] == 4
+    assert {(r["engine"], r["offload"]) for r in d["rows"]} == {("deepspeed", "none"), ("deepspeed", "all")}
+    for r in d["rows"]:
+        assert r["host_bytes_per_node"] == 4 * r["host_bytes_per_gpu"]
+        assert (r["host_bytes_per_gpu"] > 0) == (r["offload"] == "all")
+    rc, out, _ = run(capsys, "fit", "--model", "llama-3.2-1b", "--gpu", "a100-40gb", "--gpus", "16",
+                     "--gpus-per-node", "4", "--precision", "bf16-master", "--peft", "full", "--optimizer", "adamw",
+                     "--checkpointing", "full", "--zero", "3", "--max-batch", "4", "--seq", "1024")
+    assert rc == 0 and "engine" in out and "host GiB/node" in out and "× 4 GPUs per node" in out
 
 
 def test_cli_unknown_gpu_is_exit_2(capsys):
@@ -210,7 +277,8 @@ def test_cli_unknown_gpu_is_exit_2(capsys):
 
 @pytest.mark.parametrize("argv", [
     ["--precision", "fp64"], ["--peft", "magic"], ["--zero", "5"], ["--zero", "x"], ["--margin", "1"],
-    ["--min-batch", "0"], ["--seq", "4096"], ["--max-zero", "-1"], ["--top", "-1"],
+    ["--min-batch", "0"], ["--seq", "4096"], ["--max-zero", "-1"], ["--top", "-1"], ["--engine", "megatron"],
+    ["--offload", "disk"], ["--offload", ","], ["--gpus-per-node", "0"],
 ])
 def test_cli_bad_input_is_exit_2(capsys, argv):
     rc, _, err = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", *argv)
@@ -273,3 +341,11 @@ def test_cli_nothing_fits_hints_only_what_was_not_searched(capsys):
     assert rc == NOTHING_FITS_EXIT and "nothing fits" in err and "--peft qlora" not in err
     rc, _, err = run(capsys, "fit", "--model", "llama-2-70b", "--gpu", "t4", "--peft", "full", "--precision", "fp32")
     assert rc == NOTHING_FITS_EXIT and "--peft qlora" in err
+
+
+def test_default_precisions_add_fsdp_bf16_on_several_bf16_gpus():
+    # fsdp-bf16 needs FSDP2 ZeRO-2/3, so one GPU never searches it; GPUs without bf16 search the fp16 set
+    a100, t4 = resolve_gpu("a100-80gb"), resolve_gpu("t4")
+    assert Precision.FSDP_BF16 not in F.default_precisions(a100, 1)
+    assert F.default_precisions(a100, 8) == F.DEFAULT_PRECISIONS + (Precision.FSDP_BF16,)
+    assert F.default_precisions(t4, 8) == F.FP16_PRECISIONS

@@ -107,25 +107,137 @@ def test_encoder_decoder_counts_cross_attention():
     assert attention_layers(m) == m.encoder_layers + 2 * m.layers
 
 
-@pytest.mark.parametrize("precision", ["bf16-master", "pure-bf16"])
-def test_zero_communication_volumes_follow_the_zero_paper(precision):
-    # ZeRO (arXiv:1910.02054, section 7): DDP all-reduce 2Ψ; ZeRO-1/2 the same; ZeRO-3 3Ψ = 1.5× (16-bit
-    # parameters and gradients, as in the paper); ring factor (N−1)/N
+@pytest.mark.parametrize("precision", ["bf16-master", "fp16-master"])
+def test_deepspeed_communication_volumes_follow_the_zero_paper(precision):
+    # ZeRO (arXiv:1910.02054, section 7): DDP all-reduce 2Ψ; ZeRO-1/2 the same (reduce-scatter Ψ + all-gather Ψ);
+    # ZeRO-3 3Ψ = 1.5× (16-bit parameters and gradients, as DeepSpeed keeps them); ring factor (N−1)/N
     m = resolve_model("llama-7b")
-    s = make_setup(precision=precision, gpus=8)
+    s = make_setup(precision=precision, gpus=8, engine="deepspeed", zero=1)
     psi = m.total_params
-    ddp = communication_per_step(m, s).total
-    assert ddp == pytest.approx(2 * psi * 2 * 7 / 8, rel=1e-12)
+    ddp = 2 * psi * 2 * 7 / 8
+    assert communication_per_step(m, replace(s, zero=0)).total == pytest.approx(ddp, rel=1e-12)
     for z in (1, 2):
         assert communication_per_step(m, replace(s, zero=z)).total == pytest.approx(ddp, rel=1e-12)
     assert communication_per_step(m, replace(s, zero=3)).total == pytest.approx(1.5 * ddp, rel=1e-12)
     assert communication_per_step(m, replace(s, gpus=1)).total == 0
 
 
+def test_pytorch_engines_move_what_their_collectives_move():
+    # pure bf16 (2 B everywhere), 8 ranks, ring factor 7/8: DDP all-reduce 2Ψ; DDP + ZeroRedundancyOptimizer adds
+    # the owners' broadcasts of the updated partitions (Ψ in all); FSDP2 reshard_after_forward=False gathers once
+    # (forward) and reduce-scatters once = 2Ψ; reshard_after_forward=True gathers in backward too = 3Ψ
+    m = resolve_model("llama-7b")
+    s = make_setup(precision="pure-bf16", gpus=8)
+    psi = m.total_params * 2 * 7 / 8
+    want = {0: 2 * psi, 1: 3 * psi, 2: 2 * psi, 3: 3 * psi}
+    for z, v in want.items():
+        c = communication_per_step(m, replace(s, zero=z))
+        assert c.total == pytest.approx(v, rel=1e-12), z
+        assert c.to_gpu_bytes == c.to_host_bytes == 0
+
+
+def test_fsdp_bf16_gathers_bf16_and_reduces_fp32():
+    # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over fp32 shards: the all-gather moves
+    # 2 B/param twice (forward, backward), the reduce-scatter 4 B/param once: equal volumes. Without a policy
+    # (autocast --bf16) FSDP2 gathers the fp32 shards as stored: 4 B/param.
+    m = resolve_model("llama-3.1-8b")
+    psi = m.total_params
+    c = communication_per_step(m, make_setup(precision="fsdp-bf16", gpus=8, zero=3))
+    assert c.gradient_bytes == pytest.approx(psi * 4 * 7 / 8, rel=1e-12)
+    assert c.parameter_bytes == pytest.approx(2 * psi * 2 * 7 / 8, rel=1e-12)
+    auto = communication_per_step(m, make_setup(precision="bf16", gpus=8, zero=3))
+    assert auto.parameter_bytes == pytest.approx(2 * psi * 4 * 7 / 8, rel=1e-12)
+
+
+def test_gradient_accumulation_gathers_every_micro_batch_and_reduces_as_told():
+    # FSDP2 ZeRO-3 re-gathers in each micro-batch; gradients reduce once under no_sync (accelerate's default)
+    # or every micro-batch with --sync-each-batch; DeepSpeed ZeRO-2 reduces into partitions every micro-batch
+    m = resolve_model("llama-3.2-1b")
+    one = communication_per_step(m, make_setup(precision="fsdp-bf16", gpus=4, zero=3))
+    four = communication_per_step(m, make_setup(precision="fsdp-bf16", gpus=4, zero=3, grad_accum=4))
+    sync = communication_per_step(m, make_setup(precision="fsdp-bf16", gpus=4, zero=3, grad_accum=4,
+                                                sync_each_batch=True))
+    assert four.parameter_bytes == pytest.approx(4 * one.parameter_bytes, rel=1e-12)
+    assert four.gradient_bytes == pytest.approx(one.gradient_bytes, rel=1e-12)
+    assert sync.gradient_bytes == pytest.approx(4 * one.gradient_bytes, rel=1e-12)
+    ds = dict(precision="bf16-master", gpus=4, zero=2, engine="deepspeed")
+    assert communication_per_step(m, make_setup(grad_accum=4, **ds)).gradient_bytes == pytest.approx(
+        4 * communication_per_step(m, make_setup(**ds)).gradient_bytes, rel=1e-12)
+
+
 def test_peft_reduces_only_trainable_gradients():
     m = resolve_model("llama-7b")
     c = communication_per_step(m, make_setup(peft="lora", gpus=4))
     assert c.gradient_bytes == pytest.approx(2 * 4_194_304 * 4 * 3 / 4)  # fp32 adapters, all-reduce 2Ψ(N−1)/N
+
+
+def test_qlora_under_zero3_reduces_adapters_and_gathers_the_packed_4bit_weights():
+    # FSDP + QLoRA (quant_storage=bf16): the NF4 weights are sharded and all-gathered packed, 0.5 B/param (two
+    # codes per byte), where LoRA gathers the same weights in bf16 (2 B); the LM head stays bf16 in both; only the
+    # adapters (4,194,304 fp32 for LLaMA-7B r=8 on q,v; tests/test_peft_counts.py) are reduced
+    m = resolve_model("llama-7b")
+    kw = dict(gpus=2, zero=3, precision="pure-bf16")
+    lora = communication_per_step(m, make_setup(peft="lora", **kw))
+    qlora = communication_per_step(m, make_setup(peft="qlora", **kw))
+    assert qlora.gradient_bytes == lora.gradient_bytes == pytest.approx(4_194_304 * 4 / 2)
+    nf4 = non_embedding_matmul_params("llama-7b") - m.vocab * m.hidden  # the blocks' linear weights
+    assert lora.parameter_bytes - qlora.parameter_bytes == pytest.approx(2 * (2 - 0.5) * nf4 / 2, rel=1e-12)
+
+
+def test_offload_copies_shards_over_the_host_link():
+    # FSDP2 CPUOffloadPolicy: each all-gather (forward and backward) first copies the rank's fp32 shard to the
+    # GPU, 2·4Ψ/N; the reduced fp32 gradient shard goes back, 4Ψ/N. H100 SXM host link: PCIe Gen5 x16,
+    # 64 GB/s per direction (H100 datasheet: 128 GB/s); the link is full duplex, so the busier direction counts
+    m, g = resolve_model("llama-3.1-8b"), resolve_gpu("h100-sxm")
+    psi = m.total_params
+    s = make_setup(precision="fsdp-bf16", gpus=8, zero=3, offload_params=True, seq=2048)
+    c = communication_per_step(m, s)
+    assert c.to_gpu_bytes == pytest.approx(2 * 4 * psi / 8, rel=1e-12)
+    assert c.to_host_bytes == pytest.approx(4 * psi / 8, rel=1e-12)
+    t = predict(m, s, g, Utilization(0.4, "test"))
+    assert t.host_s == pytest.approx(2 * 4 * psi / 8 / 64e9, rel=1e-12)
+    assert t.comm_s == pytest.approx(c.total / 450e9 + t.host_s, rel=1e-12)  # NVLink 4: 450 GB/s per direction
+    # DeepSpeed ZeRO-Offload: bf16 gradient partitions out, updated bf16 partitions back, 2Ψ/N each way
+    d = communication_per_step(m, make_setup(precision="bf16-master", gpus=8, zero=2, engine="deepspeed",
+                                             offload_optimizer=True))
+    assert d.to_host_bytes == pytest.approx(2 * psi / 8, rel=1e-12) and d.to_gpu_bytes == d.to_host_bytes
+
+
+def test_traffic_between_nodes_uses_the_inter_node_bandwidth():
+    # DGX H100: NVLink 4 450 GB/s per GPU per direction inside the node; eight 400 Gb/s ConnectX-7 adapters,
+    # 50 GB/s per GPU, between nodes (DGX H100 datasheet). A ring leaves each node once: one rank's bytes leave
+    # the node over its 8 adapters, min(450, 8 × 50) = 400 GB/s; one GPU per node leaves 50 GB/s
+    m, g = resolve_model("llama-3.1-8b"), resolve_gpu("h100-sxm")
+    assert (g.interconnect_gbs, g.inter_node_gbs) == (450, 400 / 8)
+    u = Utilization(0.4, "test")
+    s = make_setup(precision="fsdp-bf16", gpus=16, zero=3, seq=2048)
+    c = communication_per_step(m, s).total
+    for per_node, gbs in ((16, 450), (8, 400), (4, 200), (1, 50)):
+        t = predict(m, replace(s, gpus_per_node=per_node), g, u)
+        assert t.network_gbs == gbs and t.comm_s == pytest.approx(c / (gbs * 1e9), rel=1e-12), per_node
+    # a profile naming no inter-node system keeps its own figure and says so
+    t = predict(m, make_setup(peft="lora", gpus=4, gpus_per_node=2), resolve_gpu("rtx-4090"), u)
+    assert t.network_gbs == 32 and "no inter-node bandwidth" in t.link
+
+
+def test_communication_time_is_monotone():
+    m, g = resolve_model("llama-3.2-1b"), resolve_gpu("h100-sxm")
+    u = Utilization(0.4, "test")
+    base = make_setup(precision="fsdp-bf16", zero=3, seq=1024)
+
+    def comm(**kw):
+        return predict(m, replace(base, **kw), g, u).comm_s
+
+    gpus = [comm(gpus=n) for n in (1, 2, 4, 8, 16, 64)]
+    assert gpus == sorted(gpus) and gpus[0] == 0
+    per_node = [comm(gpus=16, gpus_per_node=k) for k in (16, 8, 4, 2, 1)]
+    assert per_node == sorted(per_node)
+    accum = [comm(gpus=8, grad_accum=a) for a in (1, 2, 4)]
+    assert accum == sorted(accum) and accum[0] < accum[-1]
+    assert comm(gpus=8) < comm(gpus=8, offload_params=True)
+    zeros = [predict(m, make_setup(precision="bf16-master", engine="deepspeed", gpus=8, zero=z), g, u).comm_s
+             for z in (2, 3)]
+    assert zeros[0] < zeros[1]
 
 
 def test_step_time_is_compute_or_communication():
@@ -217,3 +329,15 @@ def test_design_card_command_does_no_throughput_work():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_every_gpu_profile_has_a_sourced_host_link_and_says_what_it_knows_between_nodes():
+    # every figure names its source beside it; a profile without a multi-node reference system says so
+    for path in sorted((ROOT / "profiles" / "gpus").glob("*.toml")):
+        g = resolve_gpu(path.stem)
+        lines = {ln.split("=")[0].strip(): ln for ln in path.read_text().splitlines()}
+        assert g.host_link_gbs > 0 and "#" in lines["host_link_gbs"], path.name
+        if g.inter_node_gbs:
+            assert "#" in lines["inter_node_gbs"] and g.inter_node_gbs <= g.interconnect_gbs, path.name
+        else:
+            assert any(k.startswith("# inter_node_gbs: unknown") for k in lines), path.name

@@ -44,7 +44,17 @@ def nothing_fits_hints(space, seq: int, gpus: int) -> list[str]:
     return hints
 
 
-def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu):
+def _offloads(text):
+    from memplan.fit import Offload
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in {o.value for o in Offload}]
+    if bad or not items:
+        raise MemplanError(f"--offload {text}: a comma-separated list of {', '.join(o.value for o in Offload)}")
+    return tuple(dict.fromkeys(Offload(t) for t in items))
+
+
+def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None):
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -57,11 +67,13 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu):
     if max_zero is not None:
         zeros = tuple(z for z in zeros if z <= max_zero)
     return F.Space(
-        precisions=parse_choices("precision", precision) if precision else F.default_precisions(gpu),
+        precisions=parse_choices("precision", precision) if precision else F.default_precisions(gpu, gpus),
         optimizers=parse_choices("optimizer", optimizer) if optimizer else F.DEFAULT_OPTIMIZERS,
         pefts=parse_choices("peft", peft) if peft else F.DEFAULT_PEFTS,
         checkpointing=parse_choices("checkpointing", checkpointing) if checkpointing else F.DEFAULT_CHECKPOINTING,
-        zeros=zeros)
+        zeros=zeros,
+        engines=parse_choices("engine", engine) if engine else F.Space.engines,
+        offloads=_offloads(offload) if offload else F.Space.offloads)
 
 
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
@@ -89,6 +101,15 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         zero: Annotated[Optional[str], typer.Option(
             "--zero", help="Comma-separated ZeRO stages [default: 0,1,2,3; only 0 on one GPU].")] = None,
         max_zero: Annotated[Optional[int], typer.Option("--max-zero", help="Highest ZeRO stage allowed.")] = None,
+        engine: Annotated[Optional[str], typer.Option(
+            "--engine", help="Comma-separated engines: fsdp (DDP / ZeroRedundancyOptimizer / FSDP2), deepspeed "
+            "[default: both; with --gpus > 1].")] = None,
+        offload: Annotated[Optional[str], typer.Option(
+            "--offload", help="Comma-separated: none, optimizer (DeepSpeed ZeRO-Offload), all (FSDP2 "
+            "CPUOffloadPolicy; DeepSpeed optimizer + parameters) [default: all three; with --gpus > 1].")] = None,
+        gpus_per_node: Annotated[int, typer.Option(
+            "--gpus-per-node", help="GPUs per node: traffic between nodes uses the inter-node link; host RAM is "
+            "reported per node.")] = 8,
         lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA/DoRA/QLoRA rank.")] = 8,
         lora_targets: Annotated[Optional[str], typer.Option(
             "--lora-targets", help="Comma-separated LoRA target modules [default: peft's].")] = None,
@@ -105,7 +126,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
                                                "ranking.")] = GroupBy.method,
         fmt: FormatOpt = Format.table):
     """Search the setup space for what fits a GPU: the largest micro-batch and sequence length per choice
-    (precision × optimizer × PEFT × checkpointing × ZeRO), ranked by predicted tokens/s per GPU.
+    (precision × optimizer × PEFT × checkpointing × ZeRO, and with --gpus > 1 engine × offload), ranked by
+    predicted tokens/s per GPU; offloading rows report the host RAM each node needs.
 
     Fits = peak device memory ≤ (1 − margin) × GPU memory by `memplan estimate`. Exit codes: 0 with results,
     1 when nothing fits, 2 on bad input.
@@ -117,11 +139,11 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     spec = resolve_model(model)
     g = resolve_gpu(gpu)
-    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g)
+    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
-    base = make_setup(gpus=gpus, lora_rank=lora_rank, lora_targets=lora_targets, train_layers=train_layers,
-                      attention=attention, grad_accum=grad_accum, zero=0)
+    base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,
+                      train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0)
     from memplan.estimate import gpu_checks
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"
@@ -146,7 +168,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         typer.echo(render.to_csv(rows), nl=False)
     else:
         q = report.query
-        typer.echo(render.to_json({"model": report.model, "gpu": g.name, "gpus": gpus, "seq": q.seq,
+        typer.echo(render.to_json({"model": report.model, "gpu": g.name, "gpus": gpus,
+                                   "gpus_per_node": gpus_per_node, "seq": q.seq,
                                    "min_batch": q.min_batch, "margin": q.margin, "limit_bytes": report.limit_bytes,
                                    "searched": report.searched, "invalid": report.invalid,
                                    "fitting": report.fitting, "estimates": report.estimates, "sort": sort.value,

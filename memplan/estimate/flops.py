@@ -21,20 +21,20 @@ re-runs only the attention core (Korthikanti et al. 2022, arXiv:2205.05198, sect
 Not counted: norms, activations functions, softmax, the loss, optimizer updates, DoRA's weight-norm, QLoRA's
 dequantization — element-wise work that PaLM's and Megatron's counts leave out too.
 
-Communication per GPU per optimizer step, ring collectives over N GPUs (Rajbhandari et al. 2019, ZeRO,
-arXiv:1910.02054, section 7): an all-reduce of Ψ elements moves 2Ψ·(N−1)/N, a reduce-scatter or an all-gather
-Ψ·(N−1)/N. "ZeRO-1/2 ... incur the same communication volume as DDP" (reduce-scatter of gradients + all-gather
-of parameters = 2Ψ); ZeRO-3 adds an all-gather of the parameters in backward: "3Ψ, 1.5x compared to the
-baseline DP". Ψ counts gradients for the reductions (trainable parameters only, in the gradient dtype) and
-parameters for the gathers (every parameter ZeRO partitions, in the compute dtype ZeRO-3 gathers in).
+Communication per GPU per optimizer step (see communication_per_step): the bytes each collective of the engine
+really moves, ring collectives over N GPUs (Rajbhandari et al. 2019, ZeRO, arXiv:1910.02054, section 7; NCCL's
+ring algorithm): an all-reduce of S bytes sends 2S·(N−1)/N per GPU, a reduce-scatter or an all-gather S·(N−1)/N;
+and the bytes offload copies over each GPU's host link.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from memplan.estimate.params import ParamGroup, param_groups
+from memplan.estimate.weights import grad_dtype_bytes
 from memplan.spec.model import ModelSpec, TensorKind
-from memplan.spec.setup import Checkpointing, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Checkpointing, Engine, PeftMethod, Precision, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -129,44 +129,167 @@ def compute_dtype(precision: Precision) -> str:
     return "fp16" if "fp16" in precision.value else "bf16"
 
 
-def _grad_bytes(precision: Precision) -> int:
-    """Bytes per gradient element as reduced: fp32 parameters have fp32 gradients (autocast keeps fp32
-    parameters); half-precision weights (master-weight and pure-bf16 setups) reduce half gradients."""
-    return 4 if precision.param_bytes == 4 else 2
+NF4_PACKED_BYTES = 0.5  # bitsandbytes Linear4bit with quant_storage=bf16: two 4-bit codes per byte, kept in a
+# bf16 tensor of numel/4 elements that FSDP shards and all-gathers as it is (the FSDP + QLoRA recipe, bitsandbytes
+# docs "FSDP-QLoRA"); the quant state (absmax) is not a parameter and stays on every rank
+
+
+class Link(str, Enum):
+    """Where a transfer runs."""
+
+    PEERS = "peers"  # GPU to GPU: NVLink / PCIe inside a node, the inter-node network between nodes
+    TO_GPU = "to-gpu"  # host RAM to the GPU over its host link (PCIe): offloaded parameters fetched
+    TO_HOST = "to-host"  # the GPU to host RAM: gradients of an offloaded optimizer step
+
+
+class Data(str, Enum):
+    """What a transfer carries."""
+
+    GRADIENTS = "gradients"
+    PARAMETERS = "parameters"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective (or one host copy) of a step: bytes one GPU sends per optimizer step."""
+
+    what: str  # e.g. "reduce-scatter gradients (fp32), once per step"
+    data: Data
+    link: Link
+    bytes: float
 
 
 @dataclass(frozen=True)
 class Communication:
-    """Bytes one GPU sends per optimizer step for data-parallel training (ring collectives)."""
+    """The transfers of one optimizer step, per GPU."""
 
-    gradient_bytes: float  # all-reduce (DDP) or reduce-scatter (ZeRO) of gradients
-    parameter_bytes: float  # all-gather of parameters (ZeRO ≥ 1 after the step, ZeRO-3 in forward and backward)
+    transfers: tuple[Transfer, ...] = ()
+
+    def _sum(self, links, data=None) -> float:
+        return sum(t.bytes for t in self.transfers if t.link in links and (data is None or t.data is data))
+
+    @property
+    def gradient_bytes(self) -> float:
+        """All-reduce (DDP) or reduce-scatter (ZeRO / FSDP) of gradients between GPUs."""
+        return self._sum((Link.PEERS,), Data.GRADIENTS)
+
+    @property
+    def parameter_bytes(self) -> float:
+        """All-gather (ZeRO / FSDP) or broadcast (ZeroRedundancyOptimizer) of parameters between GPUs."""
+        return self._sum((Link.PEERS,), Data.PARAMETERS)
 
     @property
     def total(self) -> float:
-        return self.gradient_bytes + self.parameter_bytes
+        """Bytes between GPUs (the host link's are apart: to_gpu_bytes, to_host_bytes)."""
+        return self._sum((Link.PEERS,))
+
+    @property
+    def to_gpu_bytes(self) -> float:
+        return self._sum((Link.TO_GPU,))
+
+    @property
+    def to_host_bytes(self) -> float:
+        return self._sum((Link.TO_HOST,))
+
+    def to_dict(self) -> dict:
+        return {t.what: t.bytes for t in self.transfers}
+
+
+def _stored(g: ParamGroup, setup: TrainingSetup) -> float:
+    """Bytes per element of group g as the engine keeps it (and shards it). DeepSpeed casts the whole module to
+    the half dtype before partitioning (deepspeed/runtime/engine.py, _configure_distributed_model:
+    module.half() / module.bfloat16()); PyTorch's engines keep what the model holds (peft's fp32 adapters)."""
+    if g.nf4:
+        return NF4_PACKED_BYTES
+    if setup.engine is Engine.DEEPSPEED:
+        return setup.precision.param_bytes
+    return grad_dtype_bytes(g, setup)
+
+
+def _gathered(g: ParamGroup, setup: TrainingSetup) -> float:
+    """Bytes per element all-gathered: FSDP2's MixedPrecisionPolicy.param_dtype (bf16 under fsdp-bf16) casts the
+    shard before the all-gather (torch/distributed/fsdp/_fully_shard/_fsdp_param.py, all_gather_inputs); without
+    a policy the shard is gathered as stored (fp32 under autocast)."""
+    if setup.precision is Precision.FSDP_BF16 and not g.nf4:
+        return 2
+    return _stored(g, setup)
+
+
+def _reduced(g: ParamGroup, setup: TrainingSetup) -> float:
+    """Bytes per gradient element reduced: MixedPrecisionPolicy.reduce_dtype (fp32 under fsdp-bf16), else the
+    gradient's own dtype, which is the parameter's."""
+    return 4 if setup.precision is Precision.FSDP_BF16 else _stored(g, setup)
 
 
 def communication_per_step(model: ModelSpec, setup: TrainingSetup) -> Communication:
-    """Per-GPU bytes per optimizer step (grad_accum micro-batches). DDP and ZeRO-1 reduce once per step (the
-    other micro-batches accumulate locally under no_sync); ZeRO-2 reduce-scatters every micro-batch (DeepSpeed
-    reduces gradients into the owner's partition as they are produced); ZeRO-3 gathers the parameters in every
-    micro-batch's forward and backward. With grad_accum = 1 this is the ZeRO paper's 2Ψ / 2Ψ / 3Ψ."""
+    """Per-GPU transfers per optimizer step (grad_accum = A micro-batches), ring factor r = (N−1)/N.
+
+    Gradients reduced are the trainable ones only (LoRA: the adapters); parameters gathered are every one the
+    engine shards (frozen and 4-bit base weights too under FSDP2 and ZeRO-3). "Reductions" is 1 when gradients
+    accumulate locally until the last micro-batch (DDP's and FSDP2's no_sync, accelerate's default), A with
+    --sync-each-batch (and always for DeepSpeed ZeRO-2/3, which reduce into the owner's partition as gradients
+    are produced, stage_1_and_2.py / stage3.py backward hooks).
+
+    --engine fsdp
+      ZeRO-0  DDP: all-reduce gradients, 2r·T per reduction (torch DistributedDataParallel buckets).
+      ZeRO-1  DDP all-reduce as ZeRO-0, then ZeroRedundancyOptimizer broadcasts each rank's updated partition
+              from its owner (torch/distributed/optim/zero_redundancy_optimizer.py, _sync_params): r·T_stored.
+      ZeRO-2  FSDP2 reshard_after_forward=False: all-gather in forward once per micro-batch, r·P_gathered·A
+              (post-backward reshards, reshard_after_backward defaults to True); reduce-scatter r·T_reduced per
+              reduction.
+      ZeRO-3  FSDP2 reshard_after_forward=True: all-gather in forward and again in backward, 2r·P_gathered·A;
+              reduce-scatter as ZeRO-2. (The root unit, left gathered after forward when fully_shard picks
+              reshard_after_forward itself, is counted as re-gathered: an upper bound of its embedding and head.)
+      offload FSDP2 CPUOffloadPolicy: each all-gather first copies the rank's fp32/stored shard to the GPU
+              (2·P_stored·A/N), each reduce-scatter's output shard goes back to the host (T_reduced/N per
+              reduction); the CPU optimizer step itself is not timed.
+    --engine deepspeed (the ZeRO paper's 2Ψ / 2Ψ / 3Ψ with A = 1)
+      ZeRO-0  all-reduce gradients, 2r·T per reduction.
+      ZeRO-1  reduce-scatter r·T (once per step), all-gather the updated half partitions r·T.
+      ZeRO-2  reduce-scatter r·T·A, all-gather r·T.
+      ZeRO-3  reduce-scatter r·T·A, all-gather in forward and backward 2r·P·A.
+      offload_optimizer: gradient partitions to the host T/N per reduction, updated half partitions back T/N;
+      offload_params: each gather fetches the partition first, 2·P·A/N.
+    """
     n = setup.gpus
     if n == 1:
-        return Communication(0.0, 0.0)
-    ring = (n - 1) / n
+        return Communication()
+    r = (n - 1) / n
+    a = setup.grad_accum
     groups = param_groups(model, setup)
-    trainable = sum(g.total for g in groups if g.trainable)
-    params = sum(g.total for g in groups)
-    grads = trainable * _grad_bytes(setup.precision)
-    accum = setup.grad_accum
-    if setup.zero == 0:
-        return Communication(2.0 * grads * ring, 0.0)
-    if setup.zero == 1:
-        # reduce-scatter + all-gather of the updated (trainable) parameters = the all-reduce's volume
-        return Communication(grads * ring, trainable * setup.precision.param_bytes * ring)
-    if setup.zero == 2:
-        return Communication(grads * ring * accum, trainable * setup.precision.param_bytes * ring)
-    gathered = params * setup.precision.compute_bytes
-    return Communication(grads * ring * accum, 2.0 * gathered * ring * accum)
+    t_red = sum(g.total * _reduced(g, setup) for g in groups if g.trainable)
+    t_sto = sum(g.total * _stored(g, setup) for g in groups if g.trainable)
+    p_gat = sum(g.total * _gathered(g, setup) for g in groups)
+    p_sto = sum(g.total * _stored(g, setup) for g in groups)
+    ds = setup.engine is Engine.DEEPSPEED
+    reductions = a if setup.sync_each_batch or (ds and setup.zero >= 2) else 1
+    per = "once per step" if reductions == 1 else f"{reductions} times per step"
+    z = setup.zero
+    out: list[Transfer] = []
+
+    def add(what, data, link, nbytes):
+        out.append(Transfer(what, data, link, float(nbytes)))
+
+    if z == 0 or (z == 1 and not ds):
+        add(f"all-reduce gradients ({'DeepSpeed' if ds else 'DDP'}), {per}", Data.GRADIENTS, Link.PEERS,
+            2 * r * t_red * reductions)
+        if z == 1:
+            add("broadcast updated partitions (ZeroRedundancyOptimizer), once per step", Data.PARAMETERS,
+                Link.PEERS, r * t_sto)
+        return Communication(tuple(out))
+    add(f"reduce-scatter gradients, {per}", Data.GRADIENTS, Link.PEERS, r * t_red * reductions)
+    if z == 3:
+        add(f"all-gather parameters in forward and backward, {a} micro-batch{'es' if a > 1 else ''}",
+            Data.PARAMETERS, Link.PEERS, 2 * r * p_gat * a)
+    elif ds:
+        add("all-gather updated partitions, once per step", Data.PARAMETERS, Link.PEERS, r * t_sto)
+    else:
+        add(f"all-gather parameters in forward, {a} micro-batch{'es' if a > 1 else ''}", Data.PARAMETERS,
+            Link.PEERS, r * p_gat * a)
+    if setup.offload_params:
+        add("offloaded parameter shards fetched for each all-gather", Data.PARAMETERS, Link.TO_GPU, 2 * p_sto * a / n)
+    if (setup.offload_params and not ds) or (ds and setup.offload_optimizer):
+        add(f"gradient shards to the host, {per}", Data.GRADIENTS, Link.TO_HOST, t_red * reductions / n)
+    if ds and setup.offload_optimizer:
+        add("updated partitions back from the host, once per step", Data.PARAMETERS, Link.TO_GPU, t_sto / n)
+    return Communication(tuple(out))

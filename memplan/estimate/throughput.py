@@ -4,9 +4,17 @@ step time = max(compute, communication) per optimizer step, per GPU:
 - compute = hardware FLOPs of the step / (the GPU profile's dense peak for the compute dtype × utilization),
   where utilization is the fraction of peak the executed FLOPs achieve (recomputation included: without
   checkpointing it *is* the MFU);
-- communication = the step's data-parallel bytes per GPU (memplan.estimate.flops.communication_per_step) /
-  the profile's per-GPU interconnect bandwidth, one direction. The profile holds one interconnect figure, so
-  runs that span nodes (more than 8 GPUs, over InfiniBand) are predicted too fast.
+- communication = the step's collectives (memplan.estimate.flops.communication_per_step: the bytes each one
+  really moves, per engine) over the network bandwidth (network_gbs), plus the offload copies over the GPU's host
+  link (the profile's host_link_gbs, PCIe; the busier direction, the link being full duplex). The copies and
+  the collectives on the same data depend on each other (a shard is fetched before it is gathered), so the
+  two times add.
+- network_gbs: inside one node, the profile's per-GPU interconnect (NVLink or PCIe). Across nodes (gpus >
+  gpus_per_node) a ring leaves each node once, so the bytes one rank sends also leave each node once, spread
+  over the node's network adapters: min(interconnect, GPUs per node × the profile's per-GPU inter-node
+  bandwidth). On a DGX A100 (8 × 200 Gb/s HDR) that is 200 GB/s; nccl-tests on nodes of 8 A100s with 4 HDR
+  adapters expect and measure ≈ 100 GB/s bus bandwidth, 4 × 25 GB/s (NVIDIA/nccl-tests issue 119). A profile
+  without an inter-node figure keeps the intra-node one, and the output says so.
 - Overlap.FULL (default) assumes communication hides under compute, as DDP's bucketed all-reduce during backward
   and FSDP / ZeRO-3's prefetched gathers are built to do; Overlap.NONE adds the two (a pessimistic bound).
 
@@ -14,8 +22,9 @@ Pure: the utilization is an input (a Utilization: value and where it comes from)
 measurement files; memplan.measure.utilization finds the utilization of committed real-GPU records, and the
 callers (memplan.api, memplan.fit, the CLI, the report) choose which one to pass (DEFAULT when none is found).
 
-Not modelled: CPU offload's PCIe traffic and CPU optimizer step, QLoRA's dequantization cost, small-batch
-inefficiency (utilization does not depend on the micro-batch), pipeline or tensor parallelism.
+Not modelled: the CPU optimizer step of offload, NCCL's tree and NVLS algorithms (rings only), QLoRA's
+dequantization cost, small-batch inefficiency (utilization does not depend on the micro-batch), pipeline or
+tensor parallelism.
 """
 from __future__ import annotations
 
@@ -68,6 +77,10 @@ class Throughput:
     utilization_source: str
     gpus: int
     overlap: Overlap
+    network_gbs: float = 0.0  # the bandwidth the collectives ran at (see network_gbs)
+    link: str = ""  # which link that is, in words
+    host_s: float = 0.0  # offload copies over the host link (part of comm_s)
+    host_bytes: float = 0.0  # the busier direction's bytes
 
     @property
     def tokens_per_s(self) -> float:
@@ -86,7 +99,29 @@ class Throughput:
                 "comm_bytes": self.comm_bytes, "tokens_per_step": self.tokens_per_step,
                 "flops_per_token": self.flops_per_token, "model_flops_per_token": self.model_flops_per_token,
                 "peak_tflops": self.peak_tflops, "mfu": self.mfu, "utilization": self.utilization,
-                "mfu_source": self.utilization_source, "overlap": self.overlap.value}
+                "mfu_source": self.utilization_source, "overlap": self.overlap.value,
+                "network_gbs": self.network_gbs, "link": self.link, "host_s": self.host_s,
+                "host_bytes": self.host_bytes}
+
+
+def network_gbs(gpu: GpuSpec, setup: TrainingSetup) -> tuple[float, str]:
+    """(GB/s one rank's ring traffic moves at, the link in words): see the module docstring."""
+    intra = gpu.interconnect_gbs
+    if setup.gpus <= setup.gpus_per_node:
+        return intra, f"{intra:g} GB/s per GPU inside the node"
+    nodes = setup.nodes
+    if gpu.inter_node_gbs <= 0:
+        return intra, (f"{nodes} nodes, but {gpu.name} names no inter-node bandwidth: the intra-node "
+                       f"{intra:g} GB/s is used, too fast")
+    per_node = setup.gpus_per_node * gpu.inter_node_gbs
+    return min(intra, per_node), (f"{nodes} nodes: min({intra:g} GB/s in the node, {setup.gpus_per_node} × "
+                                  f"{gpu.inter_node_gbs:g} GB/s between nodes)")
+
+
+def _seconds(nbytes: float, gbs: float) -> float:
+    if nbytes == 0:
+        return 0.0
+    return nbytes / (gbs * 1e9) if gbs > 0 else float("inf")
 
 
 def predict(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, util: Utilization,
@@ -96,13 +131,16 @@ def predict(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, util: Utilizat
     tokens = setup.tokens * setup.grad_accum
     peak = gpu.peak_tflops(compute_dtype(setup.precision))
     compute_s = tokens * fl.hardware / (peak * 1e12 * util.value) if peak > 0 and util.value > 0 else float("inf")
-    comm = communication_per_step(model, setup).total
-    bw = gpu.interconnect_gbs * 1e9
-    comm_s = comm / bw if bw > 0 else (0.0 if comm == 0 else float("inf"))
+    c = communication_per_step(model, setup)
+    bw, link = network_gbs(gpu, setup)
+    host = max(c.to_gpu_bytes, c.to_host_bytes)
+    host_s = _seconds(host, gpu.host_link_gbs or gpu.interconnect_gbs)  # no host-link figure: PCIe cards' own
+    comm_s = _seconds(c.total, bw) + host_s
     step = max(compute_s, comm_s) if overlap is Overlap.FULL else compute_s + comm_s
-    return Throughput(step_s=step, compute_s=compute_s, comm_s=comm_s, comm_bytes=comm, tokens_per_step=tokens,
+    return Throughput(step_s=step, compute_s=compute_s, comm_s=comm_s, comm_bytes=c.total, tokens_per_step=tokens,
                       flops_per_token=fl.hardware, model_flops_per_token=fl.model, peak_tflops=peak,
-                      utilization=util.value, utilization_source=util.source, gpus=setup.gpus, overlap=overlap)
+                      utilization=util.value, utilization_source=util.source, gpus=setup.gpus, overlap=overlap,
+                      network_gbs=bw, link=link if setup.gpus > 1 else "", host_s=host_s, host_bytes=host)
 
 
 def with_throughput(result, model: ModelSpec, util: Utilization):

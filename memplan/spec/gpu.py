@@ -17,7 +17,11 @@ class GpuSpec:
     memory_bytes: int  # total device memory as NVML reports it
     tflops: Mapping[str, float] = field(hash=False)  # dense peak per dtype ("fp32", "tf32", "bf16", "fp16", ...)
     bandwidth_gbs: float = 0.0  # memory bandwidth, GB/s
-    interconnect_gbs: float = 0.0  # per-GPU bandwidth to peers (NVLink or PCIe), GB/s, one direction
+    interconnect_gbs: float = 0.0  # per-GPU bandwidth to peers in the node (NVLink or PCIe), GB/s, one direction
+    # per-GPU bandwidth to other nodes (the node's network adapters / its GPUs, as the reference system of the
+    # profile's source is built), GB/s, one direction; 0 = unknown (the profile names no reference system)
+    inter_node_gbs: float = 0.0
+    host_link_gbs: float = 0.0  # GPU <-> CPU RAM (the PCIe link), GB/s, one direction; 0 = unknown
     nvml_names: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     source: str = ""
