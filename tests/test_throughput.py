@@ -110,9 +110,11 @@ def test_encoder_decoder_counts_cross_attention():
 @pytest.mark.parametrize("precision", ["bf16-master", "fp16-master"])
 def test_deepspeed_communication_volumes_follow_the_zero_paper(precision):
     # ZeRO (arXiv:1910.02054, section 7): DDP all-reduce 2Ψ; ZeRO-1/2 the same (reduce-scatter Ψ + all-gather Ψ);
-    # ZeRO-3 3Ψ = 1.5× (16-bit parameters and gradients, as DeepSpeed keeps them); ring factor (N−1)/N
+    # ZeRO-3 3Ψ = 1.5× (16-bit parameters and gradients, as DeepSpeed keeps them); ring factor (N−1)/N. The paper
+    # gathers every parameter again in the backward: DeepSpeed's reuse window and persistent parameters off
     m = resolve_model("llama-7b")
-    s = make_setup(precision=precision, gpus=8, engine="deepspeed", zero=1)
+    s = make_setup(precision=precision, gpus=8, engine="deepspeed", zero=1, ds_max_reuse_distance=0,
+                   ds_param_persistence_threshold=0)
     psi = m.total_params
     ddp = 2 * psi * 2 * 7 / 8
     assert communication_per_step(m, replace(s, zero=0)).total == pytest.approx(ddp, rel=1e-12)

@@ -196,8 +196,8 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
 
 def communication(model: ModelSpec, setup: TrainingSetup) -> tuple[float, float]:
     """(gradient, parameter) bytes one GPU sends per optimizer step under DeepSpeed (ring collectives), no offload
-    traffic: what memplan.estimate.flops.communication_per_step's DeepSpeed branch may take its stage-3 parameter
-    volume from (not wired here: that function is the throughput owner's). As the ZeRO paper's 2Ψ / 2Ψ / 3Ψ, but for what DeepSpeed skips at
+    traffic (memplan.estimate.flops.communication_per_step takes its DeepSpeed stage-3 parameter volume from
+    here). As the ZeRO paper's 2Ψ / 2Ψ / 3Ψ, but for what DeepSpeed skips at
     stage 3: parameters kept gathered over the forward-backward turn (the reuse window, gathered() above) are not
     gathered again by the backward, and persistent parameters are gathered once per step (after it), not per
     micro-batch. Stage 1 reduces once per step (at the accumulation boundary, stage_1_and_2.py

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from memplan.estimate import deepspeed
 from memplan.estimate.params import ParamGroup, param_groups
 from memplan.estimate.weights import grad_dtype_bytes
 from memplan.spec.model import ModelSpec, TensorKind
@@ -243,7 +244,8 @@ def communication_per_step(model: ModelSpec, setup: TrainingSetup) -> Communicat
       offload FSDP2 CPUOffloadPolicy: each all-gather first copies the rank's fp32/stored shard to the GPU
               (2·P_stored·A/N), each reduce-scatter's output shard goes back to the host (T_reduced/N per
               reduction); the CPU optimizer step itself is not timed.
-    --engine deepspeed (the ZeRO paper's 2Ψ / 2Ψ / 3Ψ with A = 1)
+    --engine deepspeed (the ZeRO paper's 2Ψ / 2Ψ / 3Ψ with A = 1; at ZeRO-3 less what DeepSpeed does not gather
+    again, memplan.estimate.deepspeed.communication)
       ZeRO-0  all-reduce gradients, 2r·T per reduction.
       ZeRO-1  reduce-scatter r·T (once per step), all-gather the updated half partitions r·T.
       ZeRO-2  reduce-scatter r·T·A, all-gather r·T.
@@ -278,7 +280,10 @@ def communication_per_step(model: ModelSpec, setup: TrainingSetup) -> Communicat
                 Link.PEERS, r * t_sto)
         return Communication(tuple(out))
     add(f"reduce-scatter gradients, {per}", Data.GRADIENTS, Link.PEERS, r * t_red * reductions)
-    if z == 3:
+    if z == 3 and ds:  # less the reuse window and the persistent parameters (memplan.estimate.deepspeed)
+        add(f"all-gather parameters in forward and backward, {a} micro-batch{'es' if a > 1 else ''}",
+            Data.PARAMETERS, Link.PEERS, deepspeed.communication(model, setup)[1])
+    elif z == 3:
         add(f"all-gather parameters in forward and backward, {a} micro-batch{'es' if a > 1 else ''}",
             Data.PARAMETERS, Link.PEERS, 2 * r * p_gat * a)
     elif ds:
