@@ -16,6 +16,11 @@ no allocator fragmentation and no CUDA context (overhead = 0); `phase_peaks` per
 materialization); `model_states` at the end of the iteration, gradients when the optimizer step begins.
 What CUDA allocates differently from the CPU step is applied explicitly: see memplan.trace.cuda.
 
+Multi-GPU (--gpus N / --zero K, --engine fsdp): the same step under the real engine (FSDP2 fully_shard, DDP,
+ZeroRedundancyOptimizer) on a fake process group, one rank traced: the worst one (`Result.rank`, of setup.gpus);
+its engine buffers have detail keys (temporaries.fsdp_all_gather, gradients.ddp_buckets, ...) and CPU offload's
+host RAM is model_states.cpu_bytes. See memplan.trace.distributed (also the contract the CPU measurement uses).
+
 `trace_run(...)` is the full interface (real tensors, raw bytes, an observer such as MemTracker, the records).
 Only this package imports torch, and only when a function is called.
 """

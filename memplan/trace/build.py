@@ -5,8 +5,8 @@ and, as by default, keeps them in fp32) and `materialize` later gives every
 parameter and buffer a (fake or real) CPU storage inside the tracker, so the load itself is accounted.
 `module.to()` is never used on fake tensors (it fails under FakeTensorMode: parameters are swapped in place).
 
-Dtypes: parameters are fp32 for fp32 / fp16 / bf16 (autocast) / fsdp-bf16 (FSDP2 casts its all-gather) and half for the master and pure-bf16 precisions,
-passed to `from_config(dtype=...)` as from_pretrained(dtype=...) would (buffers such as rotary inv_freq stay as
+Dtypes: parameters are fp32 for fp32 / fp16 / bf16 (autocast) / fsdp-bf16 (FSDP2 casts its all-gather) and half
+for the master and pure-bf16 precisions, passed to `from_config(dtype=...)` as from_pretrained(dtype=...) would (buffers such as rotary inv_freq stay as
 the modeling code makes them); adapters peft creates stay fp32, as peft's default does.
 PEFT: full (everything trains) · freeze (the last `train_layers` blocks and the output embedding, i.e. the LM
 head, tied embedding included) · lora / dora / ia3 / prompt / prefix through peft (targets = setup.lora.targets

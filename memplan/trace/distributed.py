@@ -29,6 +29,10 @@ Engines (Engine.FSDP, memplan.spec.setup):
 Gradient accumulation: setup.sync_each_batch False (accelerate's default) skips the reduction on all but the last
 micro-batch (`set_requires_gradient_sync(False)` under FSDP2, `no_sync()` under DDP: unsharded gradients are kept
 across micro-batches); True reduces every micro-batch. See `sync_context`.
+Optimizer: memplan.trace.step.TrainLoop steps FSDP2's local shards (the DTensors' `_local_tensor`s and their
+gradients' local tensors): the same local ops DTensor's foreach dispatch runs, without its sharding propagation
+(which alone took minutes on a 70B model). FakeDDP (fake tensors only) stands in for DDP, whose C++ Reducer reads
+parameter data; a real gloo run of DDP gives the same bytes at every phase peak (tests/test_trace_dist.py).
 QLoRA: memplan's NF4Linear keeps its packed weight as a frozen Parameter in the quant-storage dtype (the compute
 dtype: bitsandbytes' Linear4bit with quant_storage=bf16, the FSDP + QLoRA recipe) so FSDP shards and gathers it.
 
@@ -72,10 +76,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from memplan.spec.setup import Engine, PeftMethod, Precision, TrainingSetup
-from memplan.trace.tracker import (ALL_GATHER, DDP_BUCKET, G, HOST, REDUCE_SCATTER, UNSHARDED_GRAD, W,
+from memplan.spec.setup import Engine, Precision, TrainingSetup
+from memplan.trace.tracker import (ALL_GATHER, DDP_BUCKET, G, HOST, REDUCE_SCATTER, UNSHARDED_GRAD, UNTRACKED, W,
                                    AllocTracker)
 
+# Collectives write into the buffers the engine allocated; what a backend allocates inside one (gloo's staging
+# copies; NCCL's own buffers, outside the caching allocator) is no allocation of the step: untracked.
+COLLECTIVES = ("all_gather_single", "reduce_scatter_single",  # FSDP2's (torch 2.13 _fsdp_collectives.py)
+               "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "broadcast", "all_gather")
 DDP_BUCKET_CAP_MB = 25  # DistributedDataParallel's default bucket_cap_mb (torch/nn/parallel/distributed.py)
 
 
@@ -149,8 +157,16 @@ def wrap_ddp(built, setup: TrainingSetup, tracker: AllocTracker | None) -> None:
         if fake:
             built.model = FakeDDP(built.model, setup.bucket_view)
         else:
-            built.model = DDP(built.model, bucket_cap_mb=DDP_BUCKET_CAP_MB,
-                              gradient_as_bucket_view=setup.bucket_view, find_unused_parameters=False)
+            ddp = DDP(built.model, bucket_cap_mb=DDP_BUCKET_CAP_MB, gradient_as_bucket_view=setup.bucket_view,
+                      find_unused_parameters=False)
+            if tracker is not None:  # the Reducer rebuilds its buckets in the second forward's _pre_forward
+                pre = ddp._pre_forward
+
+                def pre_forward(*a, **k):
+                    with tracker.scope(DDP_BUCKET):
+                        return pre(*a, **k)
+                ddp._pre_forward = pre_forward
+            built.model = ddp
 
 
 def ddp_buckets(params: list[torch.Tensor]) -> list[list[int]]:
@@ -282,22 +298,29 @@ def _offload_grads(group, tracker: AllocTracker) -> None:
     mesh that copy is a no-op: make it (see the module doc)."""
     for fp in group.fsdp_params:
         g = fp.sharded_param.grad
-        if g is None or tracker.tag_of(_local(g)) == HOST:
+        if g is None or getattr(_local(g), "_memplan_host", False):
             continue
+        tracker.track(_local(g), REDUCE_SCATTER)  # the device output (a grad hook may have tagged it HOST)
         with tracker.scope(HOST):
             host = _local(g).clone()
+        host._memplan_host = True
         fp.sharded_param.grad = fp.to_sharded_dtensor(host)
 
 
 @contextlib.contextmanager
 def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None]:
     """Tag what FSDP2 allocates (see the module doc) and follow `UntypedStorage.resize_` while tracing."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
     orig_resize = torch.UntypedStorage.resize_
     orig = {n: getattr(FSDPParamGroup, n) for n in ("unshard", "wait_for_unshard", "post_backward")}
     offload = setup.offload_params
+    orig_meta = ShardingPropagator._propagate_tensor_meta_non_cached
+    collectives = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
 
     def resize_(st, size):
         out = orig_resize(st, size)
@@ -330,8 +353,37 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
                 tracker.track(_local(g), HOST if offload else G)
         return out
 
+    def untracked(fn):
+        def run(self, *a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(self, *a, **k)
+        return run
+
+    def untracked_call(fn):
+        def run(*a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(*a, **k)
+        return run
+
+    orig_reset = FSDPParam.reset_sharded_param
+
+    def reset_sharded_param(self):
+        # FSDP2 re-pads a shard unless its storage is still the padded one, which it checks by data_ptr(): 0 for
+        # every fake storage, so on a rank with a short shard the fake run would re-pad at lazy init (a second
+        # copy) where the real run does not. Compare the storages themselves.
+        data = getattr(self, "_sharded_param_data", None)
+        new = getattr(self._module_info.module, self._module_info.param_name)
+        if data is not None and new is self.sharded_param and is_fake(data) and \
+                data.untyped_storage()._cdata == new._local_tensor.untyped_storage()._cdata:
+            return None
+        return orig_reset(self)
+
     tracker.subclass = DTensor
     torch.UntypedStorage.resize_ = resize_
+    FSDPParam.reset_sharded_param = reset_sharded_param
+    ShardingPropagator._propagate_tensor_meta_non_cached = untracked(orig_meta)
+    for name, fn in collectives.items():
+        setattr(dist, name, untracked_call(fn))
     FSDPParamGroup.unshard = gathering("unshard")
     FSDPParamGroup.wait_for_unshard = gathering("wait_for_unshard")
     FSDPParamGroup.post_backward = post_backward
@@ -339,6 +391,11 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
         yield
     finally:
         torch.UntypedStorage.resize_ = orig_resize
+        ShardingPropagator._propagate_tensor_meta_non_cached = orig_meta
+        FSDPParam.reset_sharded_param = orig_reset
+        for name, fn in collectives.items():
+            setattr(dist, name, fn)
+        tracker.subclass = None
         for n, fn in orig.items():
             setattr(FSDPParamGroup, n, fn)
 
@@ -352,15 +409,13 @@ def tag_sharded(tracker: AllocTracker, params: list, others: list, setup: Traini
         tracker.track(t, W)
 
 
-def qlora_storage(setup: TrainingSetup) -> bool:
-    """Does the NF4 stand-in keep its packed weight in the quant-storage dtype (sharded by FSDP)?"""
-    return setup.peft is PeftMethod.QLORA and uses_fsdp(setup)
-
-
-def rank_note(built, setup: TrainingSetup, rank: int, world: int) -> str:
-    """The line the result carries about which rank it reports."""
+def rank_note(built, setup: TrainingSetup, rank: int, world: int, host_bytes: int = 0) -> str:
+    """The line the result carries about which rank it reports (and its host RAM under offload)."""
     why = "ZeroRedundancyOptimizer's largest partition" if setup.zero == 1 and world > 1 else \
         "FSDP2 pads every rank's shards to rank 0's; rank 0's optimizer states are the largest" if uses_fsdp(setup) \
         else "DDP ranks are identical"
-    host = " (host bytes: model_states.cpu_bytes)" if setup.offload_params else ""
+    per_node = min(world, setup.gpus_per_node)
+    host = (f"; host RAM {host_bytes / 2**30:.2f} GiB per rank, {host_bytes * per_node / 2**30:.2f} GiB per node "
+            f"of {per_node} (offloaded shards, gradients, optimizer step; model_states.cpu_bytes)") \
+        if setup.offload_params else ""
     return f"per-rank figures: rank {rank} of {world}, the worst rank ({why}){host}"

@@ -190,12 +190,12 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
     states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
                          gradients=tracker.categories_at(grads_seq)[Category.GRADIENTS],  # DDP buckets too
                          optimizer_states=at_end.get(OS, 0),
-                         cpu_bytes=tracker.host_at(end) if setup.offload_params else 0)
+                         cpu_bytes=tracker.host_peak(start, end) if setup.offload_params else 0)
     rank = None
     if distributed.engaged(setup):
         r, n = distributed.world()
         rank = r
-        warnings.append(distributed.rank_note(built, setup, r, n))
+        warnings.append(distributed.rank_note(built, setup, r, n, states.cpu_bytes))
     cats = tracker.categories_at(tracker.peak_seq)
     p = tracker.peak
     assert sum(cats.values()) == p, (cats, p)

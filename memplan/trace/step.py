@@ -89,17 +89,21 @@ class TrainLoop:
         self.model, self.setup, self.tracker = model, setup, tracker
         self.compute_dtype = compute_dtype
         self.params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        # FSDP2's parameters are DTensors: the optimizer steps their local shards, the same local ops DTensor's
+        # foreach dispatch would run, without its sharding propagation (minutes on a 70B model)
+        self.shards = [getattr(p, "_local_tensor", p) for p in self.params]
+        self.local = any(s is not p for s, p in zip(self.shards, self.params))
         self.master = setup.precision.master_weights
         # FSDP2 CPU offload: gradients, masters and the optimizer step (states, temporaries) live on the host
         self.host = setup.offload_params and setup.zero == 3
         grad_tag = HOST if self.host else G
         if self.master:
             with torch.no_grad():
-                self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.params]
+                self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.shards]
             for p, m in zip(self.params, self.masters):
                 if p.dtype is not torch.float32:  # .float() of an fp32 tensor is the tensor itself: no copy
                     tracker.track(m, HOST if self.host else MW)
-        self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.params, setup)
+        self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.shards, setup)
         self.scaler = Scaler() if setup.precision.grad_scaler else None
         self._hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, grad_tag))
                        for p in self.params]
@@ -142,10 +146,13 @@ class TrainLoop:
         if self.master:
             for p, m in zip(self.params, self.masters):
                 if p.grad is not None:
-                    m.grad = p.grad.float()
+                    m.grad = getattr(p.grad, "_local_tensor", p.grad).float()
                     self.tracker.track(m.grad, HOST if self.host else G)
                     p.grad = None
-        owned = self.masters if self.master else self.params
+        elif self.local:
+            for p, s in zip(self.params, self.shards):
+                s.grad = None if p.grad is None else p.grad._local_tensor
+        owned = self.masters if self.master else self.shards
         if self.scaler is not None:
             self.scaler.unscale_(owned)
         self.optimizer.step()
@@ -153,9 +160,12 @@ class TrainLoop:
             self.scaler.update()
         if self.master:
             with torch.no_grad():
-                for p, m in zip(self.params, self.masters):
+                for p, m in zip(self.shards, self.masters):
                     p.copy_(m)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.local:
+            for p in self.params:
+                p.grad = None
 
     def tag_states(self) -> None:
         """After the first step: optimizer state is `optimizer_states`; non-fused step counters are host-side."""

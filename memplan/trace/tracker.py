@@ -25,6 +25,7 @@ from memplan.categories import Category, Phase
 W, MW, G, OS, ACT, TMP, CAST, DEQ, WS, INPUT, HOST = range(11)
 # the data-parallel engines' buffers (memplan.trace.distributed tags them)
 ALL_GATHER, REDUCE_SCATTER, UNSHARDED_GRAD, DDP_BUCKET = range(11, 15)
+UNTRACKED = -1  # a `scope` whose tensors are no allocation of the step (DTensor's metadata propagation)
 CATEGORY = {W: Category.WEIGHTS, MW: Category.MASTER_WEIGHTS, G: Category.GRADIENTS, OS: Category.OPTIMIZER_STATES,
             ACT: Category.ACTIVATIONS, TMP: Category.TEMPORARIES, CAST: Category.TEMPORARIES,
             DEQ: Category.TEMPORARIES, WS: Category.TEMPORARIES, INPUT: Category.TEMPORARIES,
@@ -164,10 +165,24 @@ class AllocTracker(TorchDispatchMode):
         self._live[id(st)] = (rec, ref)
         self._alloc(rec)
 
-    def host_at(self, seq: int) -> int:
-        """Host (CPU RAM) bytes alive just after event `seq` (offloaded states; host-side step counters)."""
-        return sum(r.nbytes for r in self.recs
-                   if r.tag == HOST and r.born <= seq and (r.died is None or r.died > seq))
+    def host_peak(self, start: int, end: int) -> int:
+        """The most host (CPU RAM) bytes alive at once in events (start, end]: offloaded parameters, gradients
+        and optimizer states, the offloaded step's temporaries, host-side step counters."""
+        live, deltas = 0, []
+        for r in self.recs:
+            if r.tag != HOST:
+                continue
+            if r.born <= start and (r.died is None or r.died > start):
+                live += r.nbytes
+            if start < r.born <= end:
+                deltas.append((r.born, r.nbytes))
+            if r.died is not None and start < r.died <= end:
+                deltas.append((r.died, -r.nbytes))
+        peak = live
+        for _seq, n in sorted(deltas):
+            live += n
+            peak = max(peak, live)
+        return peak
 
     def resize(self, t: torch.Tensor, nbytes: int) -> None:
         """Account a storage as `nbytes` (a CUDA kernel allocates a different size than the CPU one)."""
@@ -233,6 +248,8 @@ class AllocTracker(TorchDispatchMode):
         if self.subclass is not None and self.subclass in types:
             return NotImplemented  # the subclass runs its local ops, which come back here
         out = func(*args, **(kwargs or {}))
+        if self.default_tag == UNTRACKED:
+            return out
         if isinstance(out, torch.Tensor):
             tag = self.default_tag
             if func is _TO_COPY and tag == TMP and self.tag_of_arg(args[0]) in _WEIGHTS:
