@@ -168,7 +168,7 @@ def main(n: int, seed: int = 0, cache_file: Path | None = None, cached_only: boo
         "# Estimate vs trace, multi-GPU (worst rank)",
         "",
         f"`python benchmarks/trace_grid_multi.py {n}{f' {seed}' if seed else ''}"
-        f"{' --cache FILE --cached-only' if cached_only else ''}`: {len(rows)} of the grid's {n} setups traced "
+        f"{f' --cache {cache_file}' if cache_file else ''}{' --cached-only' if cached_only else ''}`: {len(rows)} of the grid's {n} setups traced "
         f"({len(skipped)} not traceable), {time.time() - t0:.0f} s (tracing alone: "
         f"{trace_seconds:.0f} s). Error = (estimate − trace) / trace of the "
         f"allocated peak; a setup passes when |error| ≤ {PEAK_TOL:.0%} and every category is within 5% or 16 MiB.",

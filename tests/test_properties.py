@@ -164,22 +164,16 @@ ZERO_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 @SETTINGS
 @given(setups(), st.sampled_from(ZERO_PAIRS), st.sampled_from([2, 4, 8, 64]))
 def test_higher_zero_never_uses_more(case, stages, gpus):
+    """Model states only: the peak has no such order. FSDP2 all-gathers whole units (the root's embeddings and LM
+    head twice over as the forward starts; ZeRO-2 keeps every block gathered from its forward to its backward) and
+    DeepSpeed's fixed-size buckets (1 GB at its defaults) can outweigh what a higher stage saves on a small model,
+    as they do on the GPU (tests/test_deepspeed.py checks DeepSpeed's own ordering)."""
     name, kw = case
     lo, hi = stages
-    # PyTorch's engines: DeepSpeed's fixed-size buckets (1 GB at its defaults) can outweigh what a higher stage saves
-    # on a small model, as they do on the GPU (tests/test_deepspeed.py checks its own ordering)
     kw = {**kw, "gpus": gpus, "offload_optimizer": False, "offload_params": False, "engine": "fsdp"}
-    if kw["peft"] == "qlora":
-        assume(hi != 3)
     a = run_or_reject(name, {**kw, "zero": lo})
     b = run_or_reject(name, {**kw, "zero": hi})
     assert b.model_states.total <= a.model_states.total
-    if kw.get("engine", "fsdp") == "fsdp":
-        return  # FSDP2 all-gathers whole units (the root's embeddings and LM head twice over as the forward starts:
-        # its parameters and its flat all-gather output; ZeRO-2 keeps every block gathered from its forward to its
-        # backward): with small activations its peak can pass DDP's, which holds the model once
-    assert b.peak.allocated_bytes <= a.peak.allocated_bytes
-    assert b.peak.device_bytes <= a.peak.device_bytes
 
 
 # --- checkpointing --------------------------------------------------------------------------------------------------

@@ -389,9 +389,11 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         # frozen blocks save what the gradient passing through them needs when something below trains: a
         # tied LM head makes the token embedding trainable under --peft freeze
         below = peft is PeftMethod.FREEZE and model.tie_embeddings
-        # FSDP2 runs the backward through every block whatever trains (its per-rank trace: each block gathered
-        # again, recomputed and back-propagated), so frozen blocks save as when something below them trains
-        below = below or (peft is PeftMethod.FREEZE and fsdp_sharded(setup))
+        # FSDP2 with checkpointed blocks runs the backward through every block whatever trains (its per-rank
+        # trace: each block gathered again, recomputed and back-propagated), so frozen checkpointed blocks save
+        # as when something below them trains; without checkpointing they save nothing, as on one GPU
+        below = below or (peft is PeftMethod.FREEZE and fsdp_sharded(setup)
+                          and setup.checkpointing is Checkpointing.FULL)
         fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else none
         per += [fb] * frozen_n + [nb] * trained
         idx += n

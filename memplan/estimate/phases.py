@@ -33,7 +33,7 @@ from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, unsharded,
-                                      unsharded_grad_bytes)
+                                      unsharded_grad_bytes, zero1_step_bytes)
 from memplan.spec.model import ModelSpec, Role
 from memplan.spec.setup import Checkpointing, Engine, LoraConfig, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
@@ -329,7 +329,7 @@ def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
     gradient on its master and free the half one (memplan.trace.step): the fp32 copies replace them."""
     if setup.offload_optimizer or not u.fp32_grad_copy:
         return ms.gradients
-    n = setup.shards
+    n = 1 if ddp(setup) else setup.shards  # DDP (ZeRO-1 too): every rank copies every gradient to its master
     half = -(-u.half_grad_copied // n) if setup.zero >= 2 else u.half_grad_copied
     return max(ms.gradients - half, 0) + -(-u.fp32_grad_copy // n)
 
@@ -389,8 +389,10 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     if ckpt and h.half:  # frozen weights' casts are not cached, and checkpointed blocks save none
         half_fwd = p.half_cached
     loss_f, loss_b = loss_bytes(model, setup)
-    step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(
-        setup.optimizer, -(-u.trainable_state_dtype // setup.shards), u.largest_trainable)
+    stepped = -(-u.trainable_state_dtype // setup.shards)
+    if floor and setup.zero == 1:  # ZeroRedundancyOptimizer steps the busiest rank's whole tensors
+        stepped = zero1_step_bytes(u, setup)
+    step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(setup.optimizer, stepped, u.largest_trainable)
     states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),

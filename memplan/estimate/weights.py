@@ -254,31 +254,40 @@ def fsdp_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     return ModelStates(weights, master, grads, opt)
 
 
-def zero1_partition(u: Unsharded, setup: TrainingSetup) -> tuple[int, int]:
-    """(master, optimizer-state) bytes of the busiest rank under ZeroRedundancyOptimizer: _partition_parameters
-    sorts each group's parameters by numel, largest first, and gives each to the rank with the fewest elements so
-    far (whole tensors: a rank can hold more than 1/N)."""
+def zero1_partition(u: Unsharded, setup: TrainingSetup) -> int:
+    """Optimizer-state bytes of the busiest rank under ZeroRedundancyOptimizer: _partition_parameters sorts each
+    group's parameters by numel, largest first, and gives each to the rank with the fewest elements so far (whole
+    tensors: a rank can hold more than 1/N)."""
+    return _zero1_ranks(u, setup)[0]
+
+
+def zero1_step_bytes(u: Unsharded, setup: TrainingSetup) -> int:
+    """The busiest rank's stepped tensors in the state dtype (its foreach step temporaries' size)."""
+    return _zero1_ranks(u, setup)[1]
+
+
+def _zero1_ranks(u: Unsharded, setup: TrainingSetup) -> tuple[int, int]:
     n = setup.gpus
-    sizes, master, opt = [0] * n, [0] * n, [0] * n
+    sizes, opt, stepped = [0] * n, [0] * n, [0] * n
     tensors = sorted((g for g in u.groups if g.trainable for _ in range(g.count)), key=lambda g: -g.numel)
     for g in tensors:
         r = min(range(n), key=lambda i: (sizes[i], i))
         sizes[r] += g.numel
         shape = (g.rows, g.numel // g.rows) if g.rows else None
         opt[r] += state_bytes(setup.optimizer, g.numel, state_dtype_bytes(g, setup), shape)
-        master[r] += round_block(g.numel * 4) if has_master(g, setup) else 0
-    worst = max(range(n), key=lambda i: (master[i] + opt[i], -i))
-    return master[worst], opt[worst]
+        stepped[r] += round_block(g.numel * state_dtype_bytes(g, setup))
+    worst = max(range(n), key=lambda i: (opt[i], -i))
+    return opt[worst], stepped[worst]
 
 
 def ddp_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     """Per-rank model states under DDP: the whole model and its .grad tensors, and the Reducer's flat gradient
     buckets beside them (bucket_cap_mb 25; each bucket's `gradients` tensor is allocated when DDP is built,
     torch/csrc/distributed/c10d/reducer.cpp initialize_buckets) unless gradient_as_bucket_view makes each .grad a
-    view of its bucket. ZeRO-1 (ZeroRedundancyOptimizer): optimizer states (and master copies) of this rank's
-    parameters only (zero1_partition)."""
+    view of its bucket. ZeRO-1 (ZeroRedundancyOptimizer): optimizer states of this rank's parameters only
+    (zero1_partition); the fp32 master copies of master-weight precisions are the training loop's, one per
+    trainable parameter on every rank (memplan.trace.step), as the per-rank trace shows."""
     grads = u.grads * (1 if setup.bucket_view else 2)
     if setup.zero == 0:
         return ModelStates(u.weights, u.master, grads, u.optimizer)
-    master, opt = zero1_partition(u, setup)
-    return ModelStates(u.weights, master, grads, opt)
+    return ModelStates(u.weights, u.master, grads, zero1_partition(u, setup))
