@@ -16,10 +16,6 @@ PRECISION_LABEL = {
 }
 
 
-DEEPSPEED_NOTE = ("note: estimate-only: DeepSpeed's ZeRO buffers are modelled from its configuration defaults "
-                  "(reduce_bucket_size, allgather_bucket_size, stage3_prefetch_bucket_size, "
-                  "stage3_max_live_parameters), not traced or measured")
-
 
 def engine_label(setup) -> str:
     """What runs the data parallelism of a setup, in the engine's own terms (memplan.spec.setup.Engine)."""
@@ -110,8 +106,6 @@ def table(r: Result) -> str:
     ]
     if r.model_states.cpu_bytes:
         lines.append(host_ram_line(r.model_states.cpu_bytes, s))
-    if s.engine.value == "deepspeed" and (s.zero or s.gpus > 1) and r.tier == "estimate":
-        lines.append(DEEPSPEED_NOTE)
     if r.gpu is not None:
         verdict = "fits" if r.fits else "does NOT fit"
         lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "

@@ -78,6 +78,26 @@ def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup, blocks: int 
     return Unsharded(w, m, gr, o, ts, lt, f32, h, groups, blocks)
 
 
+_MEMO: dict = {}
+_MEMO_SIZE = 4096  # entries, as memplan.estimate.phases' parameter cache
+
+
+def per_setup(fn):
+    """Cache fn(u, setup) by u and the setup fields the sharding functions read (the micro-batch and sequence
+    are not among them): a sweep over batch, sequence, checkpointing or attention computes each once."""
+    def run(u: Unsharded, setup: TrainingSetup):
+        key = (fn, u, setup.engine, setup.gpus, setup.zero, setup.offload_params, setup.bucket_view, setup.precision,
+               setup.optimizer, setup.peft, setup.train_layers, setup.lora)
+        out = _MEMO.get(key)
+        if out is None:
+            if len(_MEMO) >= _MEMO_SIZE:
+                _MEMO.clear()
+            out = _MEMO[key] = fn(u, setup)
+        return out
+    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+    return run
+
+
 def _shard(nbytes: int, n: int) -> int:
     return -(-nbytes // n)
 
@@ -204,6 +224,7 @@ def trained_blocks(u: Unsharded, setup: TrainingSetup) -> int:
     return u.blocks if any(g.trainable and not g.outside for g in u.groups) else 0
 
 
+@per_setup
 def fsdp_units(u: Unsharded, setup: TrainingSetup) -> tuple[FsdpUnit, FsdpUnit, int]:
     """(the root unit, the unit of a block that trains (else of any block), how many blocks train). A block holds
     count / (the blocks the group spans) tensors of each group (--peft freeze splits a group into the frozen and
@@ -225,6 +246,7 @@ def fsdp_units(u: Unsharded, setup: TrainingSetup) -> tuple[FsdpUnit, FsdpUnit, 
     return root, block, t
 
 
+@per_setup
 def fsdp_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     """Per-rank model states under FSDP2 (ZeRO-2 / 3): every tensor's padded shard (weights, master copies,
     optimizer states on the local shard: AdamW's zeros_like of the sharded DTensor), and the sharded gradients:
@@ -266,6 +288,7 @@ def zero1_step_bytes(u: Unsharded, setup: TrainingSetup) -> int:
     return _zero1_ranks(u, setup)[1]
 
 
+@per_setup
 def _zero1_ranks(u: Unsharded, setup: TrainingSetup) -> tuple[int, int]:
     n = setup.gpus
     sizes, opt, stepped = [0] * n, [0] * n, [0] * n
