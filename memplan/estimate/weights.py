@@ -254,12 +254,13 @@ def fsdp_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     an as_strided view of reduce_output). CPUOffloadPolicy keeps all of them in host RAM (FSDPParam
     offload_to_cpu: the padded shard is moved to CPU and pinned; the sharded gradient is copied to CPU)."""
     n = setup.gpus
-    weights = master = opt = 0
+    weights = master = opt = quant_state = 0
     for g in u.groups:
         k = shard_numel(g, n, setup)
         if g.nf4:  # the packed codes are sharded; the quantization state (absmax, code books) is not a parameter
-            state = nf4_storages(g.numel, setup.lora.double_quant)[1:]
-            weights += (round_block(k * 2) + sum(round_block(b) for b in state)) * g.count
+            state = sum(round_block(b) for b in nf4_storages(g.numel, setup.lora.double_quant)[1:]) * g.count
+            weights += round_block(k * 2) * g.count + state
+            quant_state += state
         else:
             weights += round_block(k * storage_bytes(g, setup)) * g.count
         if not g.trainable:
@@ -271,8 +272,8 @@ def fsdp_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
             master += round_block(k * 4) * g.count
     root, block, trained = fsdp_units(u, setup)
     grads = root.rs_output + trained * block.rs_output
-    if setup.offload_params:
-        return ModelStates(0, 0, 0, 0, weights + master + opt + grads)
+    if setup.offload_params:  # CPUOffloadPolicy moves parameters; QLoRA's quantization state stays on the GPU
+        return ModelStates(quant_state, 0, 0, 0, weights - quant_state + master + opt + grads)
     return ModelStates(weights, master, grads, opt)
 
 
