@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from memplan.calibrate import PEAK_TOL, compare, features, grid
+from memplan.calibrate import PEAK_TOL, compare, grid, report_lines, write_rows
 from memplan.errors import MemplanError
 
 OUT = Path(__file__).resolve().parent.parent / "reports"
@@ -31,15 +31,7 @@ def main(n: int, seed: int = 0) -> None:
         print(f"\r{i + 1}/{n}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     OUT.mkdir(exist_ok=True)
-    with open(OUT / f"{name}.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps({"setup": r.setup, "estimate": r.estimate_bytes, "trace": r.trace_bytes,
-                                "error": r.error, "categories": r.categories,
-                                "category_failures": r.category_failures()}) + "\n")
-    groups = defaultdict(list)
-    for r in rows:
-        for feat in ["all"] + features(r.setup):
-            groups[feat].append(r)
+    write_rows(OUT / f"{name}.jsonl", rows)
     lines = [
         "# Estimate vs trace",
         "",
@@ -47,19 +39,7 @@ def main(n: int, seed: int = 0) -> None:
         f"{time.time() - t0:.0f} s. Error = (estimate − trace) / trace of the allocated peak; a setup passes when "
         f"|error| ≤ {PEAK_TOL:.0%} and every category is within 5% or 16 MiB.",
         "",
-        "| group | setups | pass | median abs error | max abs error |",
-        "|---|---|---|---|---|",
-    ]
-    for feat, rs in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
-        errs = [abs(r.error) * 100 for r in rs]
-        lines.append(f"| {feat} | {len(rs)} | {sum(r.ok for r in rs)} | {statistics.median(errs):.2f}% | "
-                     f"{max(errs):.2f}% |")
-    lines += ["", "## Failing setups", ""]
-    failing = [r for r in sorted(rows, key=lambda r: -abs(r.error)) if not r.ok]
-    lines += [f"- {r.error * 100:+.2f}% `{json.dumps(r.setup)}` {'; '.join(r.category_failures())}"
-              for r in failing] or ["None."]
-    if skipped:
-        lines += ["", "## Not traceable", ""] + [f"- `{json.dumps(k)}`: {e}" for k, e in skipped]
+    ] + report_lines(rows, skipped)
     (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:40]))
 

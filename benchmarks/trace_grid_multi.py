@@ -133,7 +133,7 @@ def load_cache(path: Path | None) -> dict:
 
 
 def main(n: int, seed: int = 0, cache_file: Path | None = None, cached_only: bool = False) -> None:
-    from memplan.calibrate import PEAK_TOL
+    from memplan.calibrate import PEAK_TOL, report_lines, write_rows
     from memplan.errors import MemplanError
 
     rows, skipped, t0 = [], [], time.time()
@@ -150,15 +150,7 @@ def main(n: int, seed: int = 0, cache_file: Path | None = None, cached_only: boo
         print(f"\r{i + 1}/{len(grid)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     OUT.mkdir(exist_ok=True)
-    with open(OUT / f"{name}.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps({"setup": r.setup, "estimate": r.estimate_bytes, "trace": r.trace_bytes,
-                                "error": r.error, "categories": r.categories,
-                                "category_failures": r.category_failures()}) + "\n")
-    groups = defaultdict(list)
-    for r in rows:
-        for feat in ["all"] + features(r.setup):
-            groups[feat].append(r)
+    write_rows(OUT / f"{name}.jsonl", rows)
     trace_seconds = sum(cache.get(json.dumps(kw, sort_keys=True), {}).get("seconds", 0) for kw in grid)
     cat_miss = defaultdict(int)
     for r in rows:
@@ -175,19 +167,7 @@ def main(n: int, seed: int = 0, cache_file: Path | None = None, cached_only: boo
         "",
         "Category misses: " + (", ".join(f"{c} {k}" for c, k in sorted(cat_miss.items())) or "none") + ".",
         "",
-        "| group | setups | pass | within 3% | median abs error | max abs error |",
-        "|---|---|---|---|---|---|",
-    ]
-    for feat, rs in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
-        errs = [abs(r.error) * 100 for r in rs]
-        lines.append(f"| {feat} | {len(rs)} | {sum(r.ok for r in rs)} | {sum(e <= PEAK_TOL * 100 for e in errs)} | "
-                     f"{statistics.median(errs):.2f}% | {max(errs):.2f}% |")
-    lines += ["", "## Failing setups", ""]
-    failing = [r for r in sorted(rows, key=lambda r: -abs(r.error)) if not r.ok]
-    lines += [f"- {r.error * 100:+.2f}% `{json.dumps(r.setup)}` {'; '.join(r.category_failures())}"
-              for r in failing] or ["None."]
-    if skipped:
-        lines += ["", "## Not traceable", ""] + [f"- `{json.dumps(k)}`: {e}" for k, e in skipped]
+    ] + report_lines(rows, skipped, by=features)
     (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
 

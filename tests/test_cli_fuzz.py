@@ -382,13 +382,21 @@ def test_ctrl_c_in_process(monkeypatch):
     assert call(["estimate", "--model", "gpt2", "--seq", "64"]) == (130, "", "memplan: aborted\n")
 
 
+def default_sigint():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_trace():
     import signal
     import time
 
     pytest.importorskip("torch")
+    # a Ctrl-C reaches a foreground command; started from a background job, SIGINT is ignored and the child would
+    # inherit that (POSIX shells ignore it in non-interactive background jobs): restore the default
     p = subprocess.Popen([*memplan_cmd(), "trace", "--model", "llama-7b", "--seq", "512"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(4)  # past the imports, inside the model build or the traced step (which takes 10 s or more)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)

@@ -243,6 +243,13 @@ def test_injected_failure_is_recorded_with_its_phase(tiny_config, tmp_path, monk
     assert ("did NOT fit" if status == "oom" else "failed") in stdout
 
 
+def default_sigint():
+    """The sweep must see a Ctrl-C even when pytest runs as a background job (SIGINT ignored, and inherited)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_path, capsys):
     """Worker b is SIGKILLed in its forward (no record of its own: the sweep writes the error record); during c's
     load the sweep receives SIGINT (a Ctrl-C): it stops, keeps a and b, exits 130; --resume measures only c."""
@@ -254,7 +261,8 @@ def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_p
     cmd = [sys.executable, "-m", "memplan", "measure", "--sweep", str(sweep_file), "--device", "cpu",
            "--results", str(results)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), faults.FAULT_ENV: "b:crash:forward;c:interrupt:load"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                       preexec_fn=default_sigint)
     assert p.returncode == 130, p.stderr
     assert "--resume" in p.stderr and "Traceback" not in p.stderr
     recs = {r["name"]: r for r in record.load_records(results)}
@@ -267,7 +275,8 @@ def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_p
     rc, _, err = run_cli(cmd[3:], capsys)
     assert rc == 2 and "--resume" in err  # never appends duplicates silently
     p2 = subprocess.run(cmd + ["--resume", "--no-retry-errors", "-f", "json"], capture_output=True, text=True,
-                        env=env, timeout=300)
+                        env=env, timeout=300,
+                       preexec_fn=default_sigint)
     assert p2.returncode == 0, p2.stderr
     assert "1 to measure on cpu, 2 already in" in p2.stderr and "measured again" not in p2.stderr
     recs2 = record.load_records(results)
@@ -275,7 +284,8 @@ def test_sweep_survives_a_crash_and_an_interrupt_then_resumes(tiny_config, tmp_p
     assert len({r["record_id"] for r in recs2}) == 3
     assert [r["name"] for r in json.loads(p2.stdout)["rows"]] == ["a", "b", "c"]
     # --resume retries the error record (b's crash is gone now); the retried error record is superseded: one row each
-    p3 = subprocess.run(cmd + ["--resume", "-f", "json"], capture_output=True, text=True, env=env, timeout=300)
+    p3 = subprocess.run(cmd + ["--resume", "-f", "json"], capture_output=True, text=True, env=env, timeout=300,
+                       preexec_fn=default_sigint)
     assert p3.returncode == 0, p3.stderr
     assert "1 to measure on cpu, 2 already in" in p3.stderr and "1 error record(s) measured again" in p3.stderr
     recs3 = record.load_records(results)

@@ -5,7 +5,10 @@ on one and returns a row of errors. tests/test_estimate_vs_trace.py and benchmar
 """
 from __future__ import annotations
 
+import json
 import random
+import statistics
+from collections import defaultdict
 from dataclasses import dataclass
 
 from memplan.categories import ALLOCATED_CATEGORIES
@@ -108,4 +111,35 @@ def features(setup: dict) -> list[str]:
             f"checkpointing={setup['checkpointing']}", f"attention={setup['attention']}"]
 
 
-__all__ = ["grid", "compare", "Row", "features", "MemplanError", "PEAK_TOL"]
+def write_rows(path, rows: list[Row]) -> None:
+    """The grid report's rows as JSON lines (reports/estimate_vs_trace*.jsonl)."""
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"setup": r.setup, "estimate": r.estimate_bytes, "trace": r.trace_bytes,
+                                "error": r.error, "categories": r.categories,
+                                "category_failures": r.category_failures()}) + "\n")
+
+
+def report_lines(rows: list[Row], skipped: list[tuple[dict, str]], by=None) -> list[str]:
+    """The grid report's table by feature ("all" first), its failing setups (largest error first) and the setups
+    no tier could run: the Markdown both benchmarks/trace_grid*.py write under their headers. by: the groups a
+    setup belongs to (default: features)."""
+    groups = defaultdict(list)
+    for r in rows:
+        for feat in ["all"] + (by or features)(r.setup):
+            groups[feat].append(r)
+    lines = ["| group | setups | pass | within 3% | median abs error | max abs error |", "|---|---|---|---|---|---|"]
+    for feat, rs in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
+        errs = [abs(r.error) * 100 for r in rs]
+        lines.append(f"| {feat} | {len(rs)} | {sum(r.ok for r in rs)} | {sum(e <= PEAK_TOL * 100 for e in errs)} | "
+                     f"{statistics.median(errs):.2f}% | {max(errs):.2f}% |")
+    lines += ["", "## Failing setups", ""]
+    failing = [r for r in sorted(rows, key=lambda r: -abs(r.error)) if not r.ok]
+    lines += [f"- {r.error * 100:+.2f}% `{json.dumps(r.setup)}` {'; '.join(r.category_failures())}"
+              for r in failing] or ["None."]
+    if skipped:
+        lines += ["", "## Not traceable", ""] + [f"- `{json.dumps(k)}`: {e}" for k, e in skipped]
+    return lines
+
+
+__all__ = ["grid", "compare", "Row", "features", "report_lines", "write_rows", "MemplanError", "PEAK_TOL"]
