@@ -35,10 +35,12 @@ SEQS = [256, 512, 1024, 2048]
 
 def multi_grid(n: int = 200, seed: int = 0) -> list[dict]:
     """`n` distinct multi-GPU setups (keyword dicts for memplan.spec.values.make_setup plus "model")."""
+    from memplan.calibrate import distinct
+
     rng = random.Random(seed)
     names, weights = zip(*MODELS)
-    out, seen = [], set()
-    while len(out) < n:
+
+    def draw():
         kw = dict(model=rng.choices(names, weights)[0], gpus=rng.choice(GPUS), zero=rng.choice([0, 1, 2, 3, 3]),
                   precision=rng.choice(PRECISIONS), peft=rng.choice(PEFTS), batch=rng.choice(BATCHES),
                   seq=rng.choice(SEQS), checkpointing=rng.choice(["none", "full"]))
@@ -50,13 +52,8 @@ def multi_grid(n: int = 200, seed: int = 0) -> list[dict]:
             kw.update(grad_accum=2, sync_each_batch=rng.random() < 0.5)
         if kw["zero"] <= 1 and rng.random() < 0.3:
             kw["bucket_view"] = True
-        if not valid(kw):
-            continue
-        key = tuple(sorted(kw.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(kw)
-    return out
+        return kw if valid(kw) else None
+    return distinct(n, draw)
 
 
 def valid(kw: dict) -> bool:

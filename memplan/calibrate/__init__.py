@@ -31,11 +31,25 @@ PEAK_TOL = 0.03  # allocated peak within 3% of the trace
 CAT_TOL, CAT_FLOOR = 0.05, 16 * 2**20  # each category within 5% or 16 MiB
 
 
+def distinct(n: int, draw) -> list[dict]:
+    """The first `n` distinct setups `draw()` makes (None: a draw rejected): one seeded grid, in draw order."""
+    out, seen = [], set()
+    while len(out) < n:
+        kw = draw()
+        if kw is None:
+            continue
+        key = tuple(sorted(kw.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(kw)
+    return out
+
+
 def grid(n: int = 220, seed: int = 0) -> list[dict]:
     """`n` distinct setups (plain keyword dicts for memplan.spec.values.make_setup plus "model")."""
     rng = random.Random(seed)
-    out, seen = [], set()
-    while len(out) < n:
+
+    def draw():
         model, max_seq, _ = rng.choice(MODELS)
         kw = dict(model=model, precision=rng.choice(PRECISIONS), peft=rng.choice(PEFTS),
                   batch=rng.choice(BATCHES), seq=rng.choice([s for s in SEQS if s <= max_seq]),
@@ -44,13 +58,8 @@ def grid(n: int = 220, seed: int = 0) -> list[dict]:
             kw["train_layers"] = rng.choice([0, 1, 2])
         if kw["attention"] == "eager" and kw["batch"] * kw["seq"] > 16384:
             kw["batch"] = max(1, 16384 // kw["seq"])  # keep eager's s² scores to realistic sizes
-        if not _valid(kw):
-            continue
-        key = tuple(sorted(kw.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(kw)
-    return out
+        return kw if _valid(kw) else None
+    return distinct(n, draw)
 
 
 def _valid(kw: dict) -> bool:
@@ -142,4 +151,4 @@ def report_lines(rows: list[Row], skipped: list[tuple[dict, str]], by=None) -> l
     return lines
 
 
-__all__ = ["grid", "compare", "Row", "features", "report_lines", "write_rows", "MemplanError", "PEAK_TOL"]
+__all__ = ["grid", "compare", "Row", "features", "report_lines", "write_rows", "distinct", "MemplanError", "PEAK_TOL"]
