@@ -235,8 +235,8 @@ def test_injected_failure_is_recorded_with_its_phase(tiny_config, tmp_path, monk
                                                      status):
     monkeypatch.setenv(faults.FAULT_ENV, f"*:{kind}:{phase}")
     out = tmp_path / "r.jsonl"
-    rc, stdout, _ = run_cli(["measure", "--model", tiny_config, *ARGS, "--results", str(out)], capsys)
-    assert rc == 1
+    rc, stdout, err = run_cli(["measure", "--model", tiny_config, *ARGS, "--results", str(out)], capsys)
+    assert rc == 1 and err.splitlines()[-1].startswith(f"memplan: the measurement ended {status} in {phase}: "), err
     (rec,) = record.load_records(out)
     assert rec["status"] == status and rec["failed_phase"] == phase and rec["measured"] is None
     assert "injected" in rec["error"] and rec["estimate"]["peak"]["allocated_bytes"] > 0

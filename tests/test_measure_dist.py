@@ -127,6 +127,22 @@ def test_an_oom_rank_makes_the_job_did_not_fit(tmp_path):
     assert (job.status, job.failed_phase, job.error) == ("oom", "backward", "rank 1: CUDA out of memory")
 
 
+def test_a_failure_after_every_rank_reported_keeps_the_measurement_and_says_what_ended(tmp_path):
+    """Seen once in CI (fuzz: measure --zero3 on one CPU rank): the rank wrote an ok result and then the launcher
+    exited non-zero before the gather file appeared. The figures stand; the warning names the launcher's exit."""
+    (tmp_path / dm.LAUNCHER_LOG).write_text("RuntimeError: teardown went wrong\n")
+    r0 = _measured(1000, {"forward": 900}, tps=100.0)
+    r1 = _measured(1200, {"forward": 800}, tps=80.0)
+    job = dm.collect(_jobdir(tmp_path, {0: _ok(0, r0), 1: _ok(1, r1)}, {}), 2, "torchrun", 1, None)
+    assert job.status == "ok" and job.measured["peak"]["allocated_bytes"] == 1200 and job.error is None
+    assert job.warnings == ["every rank reported its measurement, then torchrun exited with code 1 (last stderr "
+                            "line: RuntimeError: teardown went wrong); the ranks' own results are kept"]
+    # one rank silent: not a measurement (the error path above), and a timeout is never one either
+    (tmp_path / dm.rank_file(1)).unlink()
+    assert dm.collect(tmp_path, 2, "torchrun", 1, None).status == "error"
+    assert dm.collect(_jobdir(tmp_path, {1: _ok(1, r1)}, {}), 2, "torchrun", -9, 5.0).status == "error"
+
+
 def test_a_timed_out_job_names_the_ranks_that_did_not_report(tmp_path):
     job = dm.collect(_jobdir(tmp_path, {0: None, 1: None}, {0: f"{PHASE_LOG_PREFIX} backward\n"}), 2, "torchrun",
                      -9, 5.0)

@@ -266,7 +266,12 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
             typer.echo(f"warning: {w}", err=True)
     typer.echo(f"record {rec['record_id'][:12]} -> {out}", err=True)
     progress.done()
-    return 0 if outcome.status == "ok" else 1
+    if outcome.status == "ok":
+        return 0
+    typer.echo(f"memplan: the measurement ended {outcome.status}"
+               + (f" in {outcome.failed_phase}" if outcome.failed_phase else "")
+               + (f": {outcome.error}" if outcome.error else "") + "; the record says so", err=True)
+    return 1
 
 
 def _sweep(path, gpu_opt, device, results, resume, chunk, max_minutes, plan, timeout_s, memory_cap_gib,

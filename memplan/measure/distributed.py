@@ -275,6 +275,10 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
     gathered = _read_json(jobdir / GATHERED_FILE)
     if code == 0 and timed_out_s is None and isinstance(gathered, list) and len(gathered) == world:
         return combine(gathered, launcher)
+    reported = [_read_json(jobdir / rank_file(r)) for r in range(world)]
+    if timed_out_s is None and all(isinstance(e, dict) and e.get("status") == "ok" and e.get("measured")
+                                   for e in reported):
+        return _after_teardown(combine(reported, launcher), launcher, code, jobdir)
     root = root_cause(_read_text(jobdir / LAUNCHER_LOG))
     entries, silent = [], []
     for r in range(world):
@@ -306,6 +310,18 @@ def collect(jobdir: Path, world: int, launcher: str, code: int | None, timed_out
     phase = cause["failed_phase"] if cause is not None else None
     warns = sorted({w for e in entries for w in e.get("warnings") or []})
     return JobResult(status, phase, error, [_rank_entry(e) for e in entries], None, launcher, warns)
+
+
+def _after_teardown(res: JobResult, launcher: str, code: int | None, jobdir: Path) -> JobResult:
+    """Every rank measured its step and wrote it, and then the job failed (the launcher, the gather or a rank's
+    exit: nothing the measurement depends on): the ranks' figures stand, with a warning that says what ended."""
+    from memplan.measure.sweep import exit_text, stderr_tail
+
+    tail = stderr_tail(_read_text(jobdir / LAUNCHER_LOG))
+    how = exit_text(code if code is not None else -9) if code else "exited before rank 0 gathered the results"
+    note = f"every rank reported its measurement, then {launcher} {how}" + \
+        (f" (last stderr line: {tail})" if tail else "") + "; the ranks' own results are kept"
+    return replace(res, warnings=sorted({*res.warnings, note}))
 
 
 _PHASES = ("load", "forward", "backward", "optimizer_step")
