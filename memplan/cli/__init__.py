@@ -11,6 +11,8 @@ import math
 import os
 import sys
 
+from typing import Annotated
+
 import typer
 
 try:  # typer ≥ 0.20 vendors click as typer._click
@@ -22,12 +24,27 @@ from memplan.cli import estimate, fit, measure, profiles, reconcile, report, tra
 from memplan.cli.options import SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options, with_setup_options
 from memplan.errors import MemplanError
 from memplan.io import os_reason
+from memplan.version import __version__
 
 __all__ = ["app", "main", "entry", "SETUP_OPTIONS", "Format", "FormatOpt", "emit", "setup_from_options",
            "with_setup_options"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="GPU memory and throughput planner for training transformers.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memplan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print memplan's version and exit.")] = False) -> None:
+    """GPU memory and throughput planner for training transformers."""
+
+
 app.add_typer(profiles.app, name="profiles")
 app.command()(estimate.estimate)
 app.command()(trace.trace)

@@ -6,10 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from memplan.cli.gate import EXIT_DOES_NOT_FIT
 from memplan.cli.options import Format, FormatOpt
 from memplan.errors import MemplanError
 
-NOTHING_FITS_EXIT = 1  # a valid query with an empty answer (like grep's no match); bad input stays 2
+# a valid query with an empty answer: the exit code of estimate --require-fit's "does not fit" (memplan.cli.gate);
+# 1 is a failed run, 2 bad input
+NOTHING_FITS_EXIT = EXIT_DOES_NOT_FIT
+SPEED_KEYS = ("tokens_per_s", "tokens_per_s_total", "step_s", "mfu")  # FitRow.to_dict's predicted-speed fields
 
 
 class SortBy(str, Enum):
@@ -130,7 +134,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     predicted tokens/s per GPU; offloading rows report the host RAM each node needs.
 
     Fits = peak device memory ≤ (1 − margin) × GPU memory by `memplan estimate`. Exit codes: 0 with results,
-    1 when nothing fits, 2 on bad input.
+    3 when nothing fits, 2 on bad input. On a GPU without bf16 (T4, V100) or FlashAttention-2 (before Ampere)
+    nothing bf16 or flash is searched unless asked for, and asking says it is emulated or refuses.
 
     Example: memplan fit --model llama-3.1-8b --gpu a100-40gb --peft lora,qlora --seq 4096
     """
@@ -147,6 +152,15 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     from memplan.estimate import gpu_checks
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"
+    emulated = [p.value for p in space.precisions if "bf16" in p.value] if not g.bf16 else []
+    if emulated:  # asked for by name (the default space has none there): searched, but said
+        typer.echo(f"warning: --precision {','.join(emulated)} on the {g.label} (compute capability "
+                   f"{g.capability_label}): no bf16 tensor cores, torch emulates bf16 slowly; fp16 and "
+                   f"fp16-master are what run there", err=True)
+    if not g.has_flops and sort is SortBy.tokens:
+        typer.echo(f"warning: {g.label} has no FLOPS figure: no speed is predicted, rows ranked by micro-batch "
+                   f"(--sort batch)", err=True)
+        sort = SortBy.batch
     if seq is None:
         seq = min(2048, F.seq_cap(spec, F.Query(base=base, seq=1, max_seq=max_seq)))
     if top is not None and top < 0:
@@ -163,6 +177,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         typer.echo(render.fit_table(report, 5 if top is None else top, grouped=group is GroupBy.method))
         return
     rows = [{"rank": i, **r.to_dict()} for i, r in enumerate(report.rows[:top] if top else report.rows, 1)]
+    if not g.has_flops:  # nothing predicted: null, not 0 tokens/s and an infinite step
+        rows = [{**r, **dict.fromkeys(SPEED_KEYS)} for r in rows]
     if fmt is Format.csv:
         rows = [{**r, "optimizers": ",".join(r["optimizers"])} for r in rows]
         typer.echo(render.to_csv(rows), nl=False)
