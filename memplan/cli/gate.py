@@ -18,7 +18,9 @@ from memplan.errors import MemplanError
 
 EXIT_DOES_NOT_FIT = 3  # the answer is "no": 1 and 2 are taken (failed run, bad input), as in diff(1) / grep(1)
 EXIT_CODES_HELP = ("Exit codes: 0 done (with --require-fit: it fits), 1 an output that cannot be written, 2 bad "
-                   "input, 3 does not fit (--require-fit), 130 Ctrl-C.")
+                   "input, 3 does not fit (--require-fit; memplan fit: nothing fits), 130 Ctrl-C.")
+FIT_EXIT_CODES_HELP = ("Exit codes: 0 rows found, 1 an output that cannot be written, 2 bad input, 3 nothing fits, "
+                       "130 Ctrl-C.")
 
 RequireFitOpt = Annotated[bool, typer.Option(
     "--require-fit", help="Exit 3 when the peak device memory exceeds --gpu's memory less --margin (exit 0 when it "
