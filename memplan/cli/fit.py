@@ -157,6 +157,16 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         typer.echo(f"warning: --precision {','.join(emulated)} on the {g.label} (compute capability "
                    f"{g.capability_label}): no bf16 tensor cores, torch emulates bf16 slowly; fp16 and "
                    f"fp16-master are what run there", err=True)
+    from memplan.estimate.ignored import LORA_FAMILY
+    from memplan.spec.setup import LoraConfig, PeftMethod, TrainingSetup
+
+    lora = any(p in LORA_FAMILY for p in space.pefts)
+    for flag, given, used, where in (
+            ("--lora-rank", lora_rank != LoraConfig.rank, lora, "lora, dora or qlora"),
+            ("--lora-targets", lora_targets is not None, lora or PeftMethod.IA3 in space.pefts, "lora, dora, qlora or ia3"),
+            ("--train-layers", train_layers != TrainingSetup.train_layers, PeftMethod.FREEZE in space.pefts, "freeze")):
+        if given and not used:
+            typer.echo(f"warning: {flag} is ignored: no --peft {where} is searched", err=True)
     if not g.has_flops and sort is SortBy.tokens:
         typer.echo(f"warning: {g.label} has no FLOPS figure: no speed is predicted, rows ranked by micro-batch "
                    f"(--sort batch)", err=True)

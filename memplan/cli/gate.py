@@ -61,3 +61,20 @@ def gate(result, require_fit: bool, margin: float) -> int:
     typer.echo(f"memplan: does not fit: peak device {peak / GiB:.2f} GiB > {limit / GiB:.2f} GiB ({result.gpu.label} "
                f"{result.gpu.memory_bytes / GiB:.2f} GiB less the {margin:.0%} margin)", err=True)
     return EXIT_DOES_NOT_FIT
+
+
+def given_fields(shared: dict, options) -> dict:
+    """The setup fields (make_setup keywords) a command line set away from their defaults, by name -> value."""
+    from memplan.spec.values import SETUP_FLAGS
+
+    return {p.name: shared[p.name] for p in options
+            if p.name in SETUP_FLAGS and p.name in shared and shared[p.name] != p.default}
+
+
+def note_ignored(setup, given: dict) -> None:
+    """After a command succeeds: one `warning:` line on stderr per flag the setup does not read
+    (memplan.estimate.ignored)."""
+    from memplan.estimate.ignored import ignored_fields
+
+    for w in ignored_fields(setup, given):
+        typer.echo(f"warning: {w}", err=True)
