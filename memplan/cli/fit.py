@@ -81,7 +81,8 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
 
 
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
-        gpu: Annotated[str, typer.Option("--gpu", help="GPU profile to fit (memplan profiles list gpus).")],
+        gpu: Annotated[str, typer.Option("--gpu", help="GPU profile to fit (memplan profiles list gpus), a memory size (48GiB, 80GB, 24G: memory only, "
+            "ranked by micro-batch) or a FILE.toml in the profiles' schema.")],
         gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (data parallel).")] = 1,
         seq: Annotated[Optional[int], typer.Option(
             "--seq", "-s", help="Sequence length for the micro-batch search [default: 2048, or the model's "

@@ -49,7 +49,8 @@ def _setup(name, annotation, default, *short, help):
 SETUP_OPTIONS = [
     option("model", str, ..., "--model", "-m", help="Model profile key or alias (memplan profiles list), or a path "
            "to a Hugging Face config.json."),
-    option("gpu", Optional[str], None, "--gpu", help="GPU profile: report fit and headroom against its memory."),
+    option("gpu", Optional[str], None, "--gpu", help="GPU profile: report fit and headroom against its memory. Also "
+           "a memory size (48GiB, 80GB, 24G: memory only, no throughput) or a FILE.toml in the profiles' schema."),
     _setup("gpus", int, 1, help="Number of GPUs (data parallel)."),
     _setup("zero", Optional[int], None, help="ZeRO stage 0-3 (FSDP NO_SHARD/SHARD_GRAD_OP/FULL_SHARD = 0/2/3)."),
     *[option(f"zero{i}", bool, False, f"--zero{i}", help=f"Same as --zero {i}.") for i in range(4)],
