@@ -179,6 +179,12 @@ def test_bad_input_stays_one_line_even_with_ignored_flags(capsys):
     assert one_error_line(rc, err)
 
 
+def test_fit_bad_input_after_ignored_flags_is_one_line(capsys):
+    rc, _, err = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "full", "--lora-rank", "4",
+                     "--top", "-1")
+    assert one_error_line(rc, err)
+
+
 def test_fit_names_ignored_flags(capsys):
     rc, _, err = run(capsys, "fit", "--model", "gpt2", "--gpu", "t4", "--peft", "full", "--seq", "128",
                      "--lora-rank", "4", "--top", "1", "-f", "json")
@@ -265,7 +271,8 @@ def test_memory_only_gpu_predicts_no_throughput(capsys):
 
 
 def test_memory_only_gpu_in_fit(capsys):
-    rc, out, err = run(capsys, "fit", "--model", "gpt2", "--gpu", "8GiB", "--peft", "lora", "--seq", "128", "-f", "json")
+    rc, out, err = run(capsys, "fit", "--model", "gpt2", "--gpu", "8GiB", "--peft", "lora", "--seq", "128", "-f",
+                       "json")
     d = json.loads(out)
     assert rc == 0 and d["sort"] == "batch" and "no FLOPS figure" in err
     assert all(r["tokens_per_s"] is None and r["step_s"] is None for r in d["rows"])

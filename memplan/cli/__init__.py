@@ -22,7 +22,8 @@ except ImportError:  # pragma: no cover
 
 from memplan.cli import estimate, fit, measure, profiles, reconcile, report, trace
 from memplan.cli.gate import EXIT_CODES_HELP, FIT_EXIT_CODES_HELP
-from memplan.cli.options import FLAG_DEFAULTS, SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options, with_setup_options
+from memplan.cli.options import (FLAG_DEFAULTS, SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options,
+                                 with_setup_options)
 from memplan.errors import MemplanError
 from memplan.estimate.overhead import CUDA_CONTEXT_BYTES, FRAGMENTATION
 from memplan.io import os_reason

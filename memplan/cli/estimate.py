@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from memplan.cli.gate import EXIT_CODES_HELP, MarginOpt, RequireFitOpt, check_gate, gate
+from memplan.cli.gate import MarginOpt, RequireFitOpt, check_gate, gate
 from memplan.cli.options import Format, FormatOpt, emit, with_setup_options
 from memplan.cli.trace import trace_and_emit
 from memplan.errors import MemplanError

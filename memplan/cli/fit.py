@@ -48,6 +48,30 @@ def nothing_fits_hints(space, seq: int, gpus: int) -> list[str]:
     return hints
 
 
+def fit_notes(gpu, space, lora_rank: int, lora_targets, train_layers: int) -> list[str]:
+    """Warnings about the query: bf16 precisions asked for on a GPU without bf16 tensor cores (the default space
+    has none there; asked for by name they are searched, and said), and flags no searched method reads."""
+    from memplan.estimate.ignored import LORA_FAMILY
+    from memplan.spec.setup import LoraConfig, PeftMethod, TrainingSetup
+
+    notes = []
+    emulated = [p.value for p in space.precisions if "bf16" in p.value] if not gpu.bf16 else []
+    if emulated:
+        notes.append(f"--precision {','.join(emulated)} on the {gpu.label} (compute capability "
+                     f"{gpu.capability_label}): no bf16 tensor cores, torch emulates bf16 slowly; fp16 and "
+                     f"fp16-master are what run there")
+    lora = any(p in LORA_FAMILY for p in space.pefts)
+    for flag, given, used, where in (
+            ("--lora-rank", lora_rank != LoraConfig.rank, lora, "lora, dora or qlora"),
+            ("--lora-targets", lora_targets is not None, lora or PeftMethod.IA3 in space.pefts,
+             "lora, dora, qlora or ia3"),
+            ("--train-layers", train_layers != TrainingSetup.train_layers, PeftMethod.FREEZE in space.pefts,
+             "freeze")):
+        if given and not used:
+            notes.append(f"{flag} is ignored: no --peft {where} is searched")
+    return notes
+
+
 def _offloads(text):
     from memplan.fit import Offload
 
@@ -81,8 +105,9 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
 
 
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
-        gpu: Annotated[str, typer.Option("--gpu", help="GPU profile to fit (memplan profiles list gpus), a memory size (48GiB, 80GB, 24G: memory only, "
-            "ranked by micro-batch) or a FILE.toml in the profiles' schema.")],
+        gpu: Annotated[str, typer.Option(
+            "--gpu", help="GPU profile to fit (memplan profiles list gpus), a memory size (48GiB, 80GB, 24G: memory "
+            "only, ranked by micro-batch) or a FILE.toml in the profiles' schema.")],
         gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (data parallel).")] = 1,
         seq: Annotated[Optional[int], typer.Option(
             "--seq", "-s", help="Sequence length for the micro-batch search [default: 2048, or the model's "
@@ -153,24 +178,10 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     from memplan.estimate import gpu_checks
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"
-    emulated = [p.value for p in space.precisions if "bf16" in p.value] if not g.bf16 else []
-    if emulated:  # asked for by name (the default space has none there): searched, but said
-        typer.echo(f"warning: --precision {','.join(emulated)} on the {g.label} (compute capability "
-                   f"{g.capability_label}): no bf16 tensor cores, torch emulates bf16 slowly; fp16 and "
-                   f"fp16-master are what run there", err=True)
-    from memplan.estimate.ignored import LORA_FAMILY
-    from memplan.spec.setup import LoraConfig, PeftMethod, TrainingSetup
-
-    lora = any(p in LORA_FAMILY for p in space.pefts)
-    for flag, given, used, where in (
-            ("--lora-rank", lora_rank != LoraConfig.rank, lora, "lora, dora or qlora"),
-            ("--lora-targets", lora_targets is not None, lora or PeftMethod.IA3 in space.pefts, "lora, dora, qlora or ia3"),
-            ("--train-layers", train_layers != TrainingSetup.train_layers, PeftMethod.FREEZE in space.pefts, "freeze")):
-        if given and not used:
-            typer.echo(f"warning: {flag} is ignored: no --peft {where} is searched", err=True)
+    notes = fit_notes(g, space, lora_rank, lora_targets, train_layers)  # said once the search has run
     if not g.has_flops and sort is SortBy.tokens:
-        typer.echo(f"warning: {g.label} has no FLOPS figure: no speed is predicted, rows ranked by micro-batch "
-                   f"(--sort batch)", err=True)
+        notes.append(f"{g.label} has no FLOPS figure: no speed is predicted, rows ranked by micro-batch "
+                     f"(--sort batch)")
         sort = SortBy.batch
     if seq is None:
         seq = min(2048, F.seq_cap(spec, F.Query(base=base, seq=1, max_seq=max_seq)))
@@ -178,6 +189,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         raise MemplanError("--top must be ≥ 0")
     report = F.fit(spec, g, F.Query(base=base, seq=seq, min_batch=min_batch, max_batch=max_batch, max_seq=max_seq,
                                     margin=margin), space, F.SortKey(sort.value))
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
     if not report.rows:
         hints = nothing_fits_hints(space, seq, gpus)
         typer.echo(f"memplan: nothing fits: none of the {report.searched} choices fits {spec.name} on {g.label} "
