@@ -6,25 +6,43 @@ memplan.spec.values, where every tier can reach them; they are re-exported here 
 from __future__ import annotations
 
 from memplan.errors import MemplanError
+from memplan.fit import DEFAULT_MARGIN  # fit's and --require-fit's margin: the fraction of GPU memory kept free
 from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
 
-__all__ = ["estimate", "make_setup", "parse_choices", "resolve_gpu", "resolve_model", "setup_from_dict"]
+__all__ = ["estimate", "fits", "make_setup", "parse_choices", "resolve_gpu", "resolve_model", "setup_from_dict"]
+
 
 
 def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None, **setup_fields):
     """Estimate per-GPU memory: `memplan.estimate("llama-7b", precision="bf16", zero=3, gpus=8, gpu="h100")`.
     With a GPU the result also carries the predicted `throughput` (memplan.estimate.throughput.predict, at the
-    utilization memplan.measure.utilization finds in the committed measurement records)."""
-    from memplan.estimate import estimate_spec
+    utilization memplan.measure.utilization finds in the committed measurement records).
 
+    `gpu` is a profile name, a memory size ("48GiB", "80GB", "24G": memory only, no throughput predicted), a
+    TOML file of the profiles' schema, a byte count, or a GpuSpec (memplan.spec.values.resolve_gpu). Without
+    `seq`, the sequence is the CLI's default: 2048, or the model's positions when fewer
+    (memplan.spec.setup.default_seq). Fields the setup does not read (lora_rank with peft="full", ...) are named
+    in the result's warnings, as the CLI names them."""
+    from memplan.estimate import estimate_spec
+    from memplan.estimate.ignored import ignored_fields
+    from memplan.spec.setup import default_seq
+
+    spec = resolve_model(model)
     if setup is None:
-        setup = make_setup(**setup_fields)
+        fields = dict(setup_fields)
+        if fields.get("seq") is None:
+            fields["seq"] = default_seq(spec)
+        setup = make_setup(**fields)
     elif setup_fields:
         raise MemplanError("pass either setup= or setup fields, not both")
-    spec = resolve_model(model)
     gpu = resolve_gpu(gpu)
     result = estimate_spec(spec, setup, gpu) if overhead is None else estimate_spec(spec, setup, gpu, overhead)
+    ignored = ignored_fields(setup, {k: v for k, v in setup_fields.items() if v is not None})
+    if ignored:
+        from dataclasses import replace
+
+        result = replace(result, warnings=result.warnings + tuple(ignored))
     if result.gpu is None:
         return result
     # only with a GPU: the design-card path skips it
@@ -32,3 +50,14 @@ def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None,
     from memplan.measure.utilization import utilization
 
     return with_throughput(result, spec, utilization(result.gpu, setup))
+
+
+def fits(result, margin: float = DEFAULT_MARGIN) -> bool:
+    """Whether an estimated (or traced) result fits its GPU with `margin` of the memory kept free, as
+    `memplan estimate --require-fit --margin` decides (exit 0 or 3) and memplan fit counts a setup as fitting:
+    peak device bytes ≤ (1 − margin) × GPU memory. A result without a GPU is an error."""
+    if result.gpu is None:
+        raise MemplanError("fits() needs a result estimated against a GPU (gpu=...)")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise MemplanError(f"margin must be in [0, 1), got {margin!r}")
+    return result.peak.device_bytes <= int(result.gpu.memory_bytes * (1 - margin))

@@ -15,7 +15,7 @@ from pathlib import Path
 from memplan.errors import MemplanError
 from memplan.spec.families import spec_from_config
 from memplan.spec.files import read_text
-from memplan.spec.gpu import GpuSpec
+from memplan.spec.gpu import GpuSpec, gpu_from_table
 from memplan.spec.model import ModelSpec
 
 _HERE = Path(__file__).resolve().parent
@@ -132,29 +132,9 @@ def _model_from_file(path: Path) -> ModelSpec:
 
 @lru_cache(maxsize=64)
 def load_gpu(name: str) -> GpuSpec:
+    """A GPU by profile key or alias (memplan.spec.gpu.gpu_from_table reads the table)."""
     key = _resolve("gpus", name)
-    p = _read("gpus", key)
-    try:
-        return GpuSpec(
-            name=key, label=p["label"], memory_bytes=int(p["memory_bytes"]), tflops=dict(p["tflops"]),
-            bandwidth_gbs=float(p.get("bandwidth_gbs", 0)), interconnect_gbs=float(p.get("interconnect_gbs", 0)),
-            inter_node_gbs=float(p.get("inter_node_gbs", 0)), host_link_gbs=float(p.get("host_link_gbs", 0)),
-            nvml_names=tuple(p.get("nvml_names", ())), aliases=tuple(p.get("aliases", ())), source=p.get("source", ""),
-            compute_capability=_capability(key, p.get("compute_capability")),
-        )
-    except KeyError as exc:
-        raise MemplanError(f"GPU profile {key} lacks {exc}") from None
-
-
-def _capability(key: str, value) -> tuple[int, int] | None:
-    """A profile's compute_capability "major.minor" as a tuple (None when the profile gives none)."""
-    if value is None:
-        return None
-    try:
-        major, minor = (int(x) for x in str(value).split("."))
-    except ValueError:
-        raise MemplanError(f"GPU profile {key}: compute_capability must be \"major.minor\", got {value!r}") from None
-    return major, minor
+    return gpu_from_table(key, _read("gpus", key), f"GPU profile {key}")
 
 
 def gpu_for_nvml_name(nvml_name: str) -> GpuSpec | None:

@@ -210,9 +210,10 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
              + (", grouped by PEFT method, best method first" if grouped else "")]
     many = q.base.gpus > 1
     host = any(r.host_bytes for r in report.rows)
+    speed = g.has_flops  # a GPU given by its memory alone: no speed columns (nothing is predicted)
     headers = (["#", "peft", "precision", "ckpt", "zero"] + (["engine", "offload"] if many else [])
                + ["max batch", "max seq", "peak GiB"] + (["host GiB/node"] if host else [])
-               + ["tokens/s/GPU", "step s", "MFU", "optimizers (tie)"])
+               + (["tokens/s/GPU", "step s", "MFU"] if speed else []) + ["optimizers (tie)"])
     body, starts, hidden = [], [], 0
     for method, rows in groups:
         shown = rows[:top] if top else rows
@@ -225,8 +226,8 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
                         + [f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",
                            f"{r.peak_device_bytes / GiB:.2f}"]
                         + ([f"{r.host_bytes_per_node / GiB:.2f}" if r.host_bytes else "–"] if host else [])
-                        + [f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}", f"{100 * t['mfu']:.0f}%",
-                           ", ".join(o.value for o in r.optimizers)])
+                        + ([f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}", f"{100 * t['mfu']:.0f}%"] if speed
+                           else []) + [", ".join(o.value for o in r.optimizers)])
     text = columns(headers, body, right={i for i, h in enumerate(headers)
                                          if h in ("#", "zero", "max batch", "max seq", "peak GiB", "host GiB/node",
                                                   "tokens/s/GPU", "step s", "MFU")})
@@ -243,5 +244,6 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
                  "rank." + (f" host GiB/node = offloaded CPU RAM per GPU × {min(q.base.gpus, q.base.gpus_per_node)} "
                             "GPUs per node." if host else ""))
     lines.append(f"Throughput: {F.BATCH_NOTE}; assumed utilization: "
-                 f"{report.rows[0].throughput['mfu_source'] if report.rows else ''}")
+                 f"{report.rows[0].throughput['mfu_source'] if report.rows else ''}" if speed else
+                 f"Throughput: not predicted, {g.label} has no FLOPS figure.")
     return "\n".join(lines)

@@ -579,15 +579,15 @@ def call_any(argv: list[str]) -> tuple[int | str, str, str]:
 
 
 def check_any(argv, rc, out, err):
-    """The contract of every command: 0, 1 (nothing fits, an error above --max-error, an output that cannot be
-    written) or 2 (bad input, one `memplan: error:` line), never a traceback."""
+    """The contract of every command: 0, 1 (an error above --max-error, an output that cannot be written), 2 (bad
+    input, one `memplan: error:` line) or 3 (nothing fits / --require-fit over the margin), never a traceback."""
     if rc == "ran":
         return
-    assert rc in (0, 1, 2), (argv, rc, err)
+    assert rc in (0, 1, 2, 3), (argv, rc, err)
     assert "Traceback" not in out + err, (argv, err)
     if rc == 2:
         check_contract(argv, rc, out, err)
-    elif rc == 1:
+    elif rc in (1, 3):
         assert err.rstrip("\n").splitlines()[-1].startswith("memplan:"), (argv, err)
 
 

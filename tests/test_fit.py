@@ -288,7 +288,7 @@ def test_cli_bad_input_is_exit_2(capsys, argv):
 def test_cli_nothing_fits_is_exit_1_with_a_message(capsys):
     rc, out, err = run(capsys, "fit", "--model", "llama-2-70b", "--gpu", "t4", "--peft", "full", "--precision",
                        "fp32")
-    assert rc == NOTHING_FITS_EXIT == 1
+    assert rc == NOTHING_FITS_EXIT == 3
     assert out == "" and err.startswith("memplan: nothing fits") and "T4" in err
 
 

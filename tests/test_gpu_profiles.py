@@ -12,6 +12,7 @@ from published import PUBLISHED
 REQUIRED = {
     "h100-sxm", "h100-pcie", "h200", "a100-40gb", "a100-80gb", "a10g", "l4", "l40s", "t4",
     "v100-16gb", "v100-32gb", "rtx-3090", "rtx-4090",
+    "rtx-a6000", "l40", "rtx-4080", "rtx-5090", "b200", "mi300x",  # issue 12
 }
 MIB = 2**20
 
@@ -85,6 +86,12 @@ def test_a100_dense_bf16_matches_published(key):
         ("NVIDIA GeForce RTX 3090", "rtx-3090"),
         ("GeForce RTX 3090", "rtx-3090"),  # drivers before R470 leave out "NVIDIA"
         ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+        ("NVIDIA RTX A6000", "rtx-a6000"),
+        ("NVIDIA L40", "l40"),
+        ("NVIDIA GeForce RTX 4080", "rtx-4080"),
+        ("NVIDIA GeForce RTX 5090", "rtx-5090"),
+        ("NVIDIA B200", "b200"),
+        ("AMD Instinct MI300X", "mi300x"),  # torch.cuda.get_device_name() on ROCm (no NVML)
     ],
 )
 def test_nvml_name_maps_to_profile(nvml_name, key):

@@ -11,6 +11,8 @@ import math
 import os
 import sys
 
+from typing import Annotated
+
 import typer
 
 try:  # typer ≥ 0.20 vendors click as typer._click
@@ -19,19 +21,39 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
 from memplan.cli import estimate, fit, measure, profiles, reconcile, report, trace
-from memplan.cli.options import SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options, with_setup_options
+from memplan.cli.gate import EXIT_CODES_HELP, FIT_EXIT_CODES_HELP
+from memplan.cli.options import (FLAG_DEFAULTS, SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options,
+                                 with_setup_options)
 from memplan.errors import MemplanError
+from memplan.estimate.overhead import CUDA_CONTEXT_BYTES, FRAGMENTATION
 from memplan.io import os_reason
+from memplan.units import MiB
+from memplan.version import __version__
 
 __all__ = ["app", "main", "entry", "SETUP_OPTIONS", "Format", "FormatOpt", "emit", "setup_from_options",
            "with_setup_options"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="GPU memory and throughput planner for training transformers.")
+                  rich_markup_mode=None, help="GPU memory and throughput planner for training transformers.",
+                  epilog=EXIT_CODES_HELP)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memplan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print memplan's version and exit.")] = False) -> None:
+    """GPU memory and throughput planner for training transformers."""
+
+
 app.add_typer(profiles.app, name="profiles")
-app.command()(estimate.estimate)
-app.command()(trace.trace)
-app.command()(fit.fit)
+app.command(epilog=EXIT_CODES_HELP)(estimate.estimate)
+app.command(epilog=EXIT_CODES_HELP)(trace.trace)
+app.command(epilog=FIT_EXIT_CODES_HELP)(fit.fit)
 app.command()(report.report)
 app.command("measure")(measure.measure_cmd)
 app.command("reconcile")(reconcile.reconcile_cmd)
@@ -68,10 +90,32 @@ def _check_numbers(cmd) -> None:
         _check_numbers(sub)
 
 
+# What --help shows as the default of an option declared with None (None means "derived" or "not given"), per
+# option name, or per (command, name) where one command means another thing; options whose help already states
+# a "[default: ...]" are left as they are.
+DEFAULT_TEXTS = {
+    "zero": str(FLAG_DEFAULTS["zero"]), "optimizer": FLAG_DEFAULTS["optimizer"], "gpu": "none: no fit verdict",
+    "dropout": "as the model's config", "lora_targets": "peft's targets for the model type",
+    ("estimate", "context_mib"): f"{CUDA_CONTEXT_BYTES // MiB}", ("estimate", "fragmentation"): f"{FRAGMENTATION}",
+    ("measure", "gpu"): "the attached GPU's profile (NVML)", ("fit", "max_zero"): "3",
+}
+
+
+def _show_defaults(cmd, name: str = "") -> None:
+    """Give every option of DEFAULT_TEXTS its "[default: ...]" at the end of its --help line."""
+    for p in cmd.params:
+        text = DEFAULT_TEXTS.get((name, p.name), DEFAULT_TEXTS.get(p.name))
+        if text and p.default is None and "[default" not in (getattr(p, "help", None) or ""):
+            p.help = f"{p.help or ''}  [default: {text}]".strip()
+    for sub_name, sub in getattr(cmd, "commands", {}).items():
+        _show_defaults(sub, sub_name)
+
+
 def command():
-    """The click command tree of `app`, numeric options checked."""
+    """The click command tree of `app`, numeric options checked, defaults shown."""
     cmd = typer.main.get_command(app)
     _check_numbers(cmd)
+    _show_defaults(cmd)
     return cmd
 
 

@@ -4,6 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from memplan.cli.gate import MarginOpt, RequireFitOpt, check_gate, gate
 from memplan.cli.options import Format, FormatOpt, emit, with_setup_options
 from memplan.cli.trace import trace_and_emit
 from memplan.errors import MemplanError
@@ -16,17 +17,19 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
              fragmentation: Annotated[Optional[float], typer.Option(
                  "--fragmentation", help="Override the reserved/allocated fragmentation fraction.")] = None,
              exact: Annotated[bool, typer.Option(
-                 "--exact", help="Trace the real step on fake tensors instead (same as `memplan trace`).")] = False):
+                 "--exact", help="Trace the real step on fake tensors instead (same as `memplan trace`).")] = False,
+             require_fit: RequireFitOpt = False, margin: MarginOpt = None):
     """Estimate per-GPU memory of a training setup (analytical, instant, offline, no GPU).
 
-    Example: memplan estimate --model llama-7b --adam --bf16 --zero3 --gpus 8 --gpu h100-sxm
+    Example: memplan estimate --model llama-7b --adam --bf16 --zero3 --gpus 8 --gpu h100-sxm --require-fit
     """
     from memplan.estimate import Overhead, estimate_spec
     from memplan.estimate.overhead import MAX_FRAGMENTATION, MAX_OVERHEAD_BYTES
 
+    margin = check_gate(require_fit, margin, gpu)
     if exact:
-        trace_and_emit(model, gpu, setup, fmt, None, command="memplan estimate --exact")
-        return
+        result = trace_and_emit(model, gpu, setup, fmt, None, command="memplan estimate --exact")
+        return gate(result, require_fit, margin)
     kw = {}
     if context_mib is not None:
         if not 0 <= context_mib * 2**20 <= MAX_OVERHEAD_BYTES:
@@ -43,3 +46,4 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
 
         result = with_throughput(result, model, utilization(gpu, setup))
     emit(result, fmt)
+    return gate(result, require_fit, margin)

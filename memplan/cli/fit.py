@@ -6,10 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from memplan.cli.gate import EXIT_DOES_NOT_FIT
 from memplan.cli.options import Format, FormatOpt
 from memplan.errors import MemplanError
 
-NOTHING_FITS_EXIT = 1  # a valid query with an empty answer (like grep's no match); bad input stays 2
+# a valid query with an empty answer: the exit code of estimate --require-fit's "does not fit" (memplan.cli.gate);
+# 1 is a failed run, 2 bad input
+NOTHING_FITS_EXIT = EXIT_DOES_NOT_FIT
+SPEED_KEYS = ("tokens_per_s", "tokens_per_s_total", "step_s", "mfu")  # FitRow.to_dict's predicted-speed fields
 
 
 class SortBy(str, Enum):
@@ -42,6 +46,30 @@ def nothing_fits_hints(space, seq: int, gpus: int) -> list[str]:
         hints.append("--checkpointing full")
     hints.append("a larger GPU")
     return hints
+
+
+def fit_notes(gpu, space, lora_rank: int, lora_targets, train_layers: int) -> list[str]:
+    """Warnings about the query: bf16 precisions asked for on a GPU without bf16 tensor cores (the default space
+    has none there; asked for by name they are searched, and said), and flags no searched method reads."""
+    from memplan.estimate.ignored import LORA_FAMILY
+    from memplan.spec.setup import LoraConfig, PeftMethod, TrainingSetup
+
+    notes = []
+    emulated = [p.value for p in space.precisions if "bf16" in p.value] if not gpu.bf16 else []
+    if emulated:
+        notes.append(f"--precision {','.join(emulated)} on the {gpu.label} (compute capability "
+                     f"{gpu.capability_label}): no bf16 tensor cores, torch emulates bf16 slowly; fp16 and "
+                     f"fp16-master are what run there")
+    lora = any(p in LORA_FAMILY for p in space.pefts)
+    for flag, given, used, where in (
+            ("--lora-rank", lora_rank != LoraConfig.rank, lora, "lora, dora or qlora"),
+            ("--lora-targets", lora_targets is not None, lora or PeftMethod.IA3 in space.pefts,
+             "lora, dora, qlora or ia3"),
+            ("--train-layers", train_layers != TrainingSetup.train_layers, PeftMethod.FREEZE in space.pefts,
+             "freeze")):
+        if given and not used:
+            notes.append(f"{flag} is ignored: no --peft {where} is searched")
+    return notes
 
 
 def _offloads(text):
@@ -77,7 +105,9 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
 
 
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
-        gpu: Annotated[str, typer.Option("--gpu", help="GPU profile to fit (memplan profiles list gpus).")],
+        gpu: Annotated[str, typer.Option(
+            "--gpu", help="GPU profile to fit (memplan profiles list gpus), a memory size (48GiB, 80GB, 24G: memory "
+            "only, ranked by micro-batch) or a FILE.toml in the profiles' schema.")],
         gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (data parallel).")] = 1,
         seq: Annotated[Optional[int], typer.Option(
             "--seq", "-s", help="Sequence length for the micro-batch search [default: 2048, or the model's "
@@ -130,7 +160,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     predicted tokens/s per GPU; offloading rows report the host RAM each node needs.
 
     Fits = peak device memory ≤ (1 − margin) × GPU memory by `memplan estimate`. Exit codes: 0 with results,
-    1 when nothing fits, 2 on bad input.
+    3 when nothing fits, 2 on bad input. On a GPU without bf16 (T4, V100) or FlashAttention-2 (before Ampere)
+    nothing bf16 or flash is searched unless asked for, and asking says it is emulated or refuses.
 
     Example: memplan fit --model llama-3.1-8b --gpu a100-40gb --peft lora,qlora --seq 4096
     """
@@ -147,12 +178,19 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     from memplan.estimate import gpu_checks
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"
+    notes = fit_notes(g, space, lora_rank, lora_targets, train_layers)  # said once the search has run
+    if not g.has_flops and sort is SortBy.tokens:
+        notes.append(f"{g.label} has no FLOPS figure: no speed is predicted, rows ranked by micro-batch "
+                     f"(--sort batch)")
+        sort = SortBy.batch
     if seq is None:
         seq = min(2048, F.seq_cap(spec, F.Query(base=base, seq=1, max_seq=max_seq)))
     if top is not None and top < 0:
         raise MemplanError("--top must be ≥ 0")
     report = F.fit(spec, g, F.Query(base=base, seq=seq, min_batch=min_batch, max_batch=max_batch, max_seq=max_seq,
                                     margin=margin), space, F.SortKey(sort.value))
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
     if not report.rows:
         hints = nothing_fits_hints(space, seq, gpus)
         typer.echo(f"memplan: nothing fits: none of the {report.searched} choices fits {spec.name} on {g.label} "
@@ -163,6 +201,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         typer.echo(render.fit_table(report, 5 if top is None else top, grouped=group is GroupBy.method))
         return
     rows = [{"rank": i, **r.to_dict()} for i, r in enumerate(report.rows[:top] if top else report.rows, 1)]
+    if not g.has_flops:  # nothing predicted: null, not 0 tokens/s and an infinite step
+        rows = [{**r, **dict.fromkeys(SPEED_KEYS)} for r in rows]
     if fmt is Format.csv:
         rows = [{**r, "optimizers": ",".join(r["optimizers"])} for r in rows]
         typer.echo(render.to_csv(rows), nl=False)

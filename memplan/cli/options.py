@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from memplan.cli.gate import given_fields, note_ignored
 from memplan.errors import MemplanError
 from memplan.spec.setup import DEFAULT_SEQ, default_seq
 from memplan.spec.values import SETUP_FLAGS, make_setup, resolve_gpu, resolve_model
@@ -48,7 +49,8 @@ def _setup(name, annotation, default, *short, help):
 SETUP_OPTIONS = [
     option("model", str, ..., "--model", "-m", help="Model profile key or alias (memplan profiles list), or a path "
            "to a Hugging Face config.json."),
-    option("gpu", Optional[str], None, "--gpu", help="GPU profile: report fit and headroom against its memory."),
+    option("gpu", Optional[str], None, "--gpu", help="GPU profile: report fit and headroom against its memory. Also "
+           "a memory size (48GiB, 80GB, 24G: memory only, no throughput) or a FILE.toml in the profiles' schema."),
     _setup("gpus", int, 1, help="Number of GPUs (data parallel)."),
     _setup("zero", Optional[int], None, help="ZeRO stage 0-3 (FSDP NO_SHARD/SHARD_GRAD_OP/FULL_SHARD = 0/2/3)."),
     *[option(f"zero{i}", bool, False, f"--zero{i}", help=f"Same as --zero {i}.") for i in range(4)],
@@ -155,7 +157,7 @@ def setup_from_options(kw: dict):
 def note_default_seq(model, setup, seq_given: bool) -> None:
     """After a command succeeds: say when the --seq nobody gave is not DEFAULT_SEQ (default_seq's cap)."""
     if not seq_given and setup.seq != DEFAULT_SEQ:
-        typer.echo(f"warning: --seq not given: {setup.seq}, {model.name}'s {model.max_positions} learned positions "
+        typer.echo(f"warning: --seq not given: {setup.seq}, {model.name}'s {model.max_positions} positions "
                    f"(the default is {DEFAULT_SEQ})", err=True)
 
 
@@ -169,9 +171,11 @@ def with_setup_options(fn):
     def wrapper(**kw):
         shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS}
         seq_given = shared["seq"] is not None
+        given = given_fields(shared, SETUP_OPTIONS)  # memplan.cli.gate: flags the setup ignores are named
         model, gpu, setup = setup_from_options(shared)
         out = fn(model=model, gpu=gpu, setup=setup, **kw)
         note_default_seq(model, setup, seq_given)
+        note_ignored(setup, given)
         return out
 
     wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + own)
@@ -196,9 +200,11 @@ def with_setup_options_optional_model(fn):
         if shared["model"] is None:
             return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
         seq_given = shared["seq"] is not None
+        given = given_fields(shared, options)
         model, gpu, setup = setup_from_options(shared)
         out = fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
         note_default_seq(model, setup, seq_given)
+        note_ignored(setup, given)
         return out
 
     wrapper.__signature__ = sig.replace(parameters=options + own)

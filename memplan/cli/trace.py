@@ -4,6 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from memplan.cli.gate import MarginOpt, RequireFitOpt, check_gate, gate
 from memplan.cli.options import Format, FormatOpt, emit, with_setup_options
 from memplan.cli.progress import Progress, ProgressOpt
 from memplan.errors import MemplanError
@@ -40,6 +41,7 @@ def trace_and_emit(model, gpu, setup, fmt, timeline_path, progress: Progress | N
         write_timeline(rows, timeline_path)
         typer.echo(f"timeline: {len(rows)} rows -> {timeline_path}", err=True)
     progress.done()
+    return result
 
 
 def check_timeline_path(path: str) -> None:
@@ -63,9 +65,11 @@ def check_timeline_path(path: str) -> None:
 def trace(model, gpu, setup, fmt: FormatOpt = Format.table,
           timeline: Annotated[Optional[str], typer.Option(
               "--timeline", help="Write the live-bytes timeline by category (CSV or JSON, by suffix).")] = None,
-          progress: ProgressOpt = False):
+          progress: ProgressOpt = False, require_fit: RequireFitOpt = False, margin: MarginOpt = None):
     """Trace the real training step (transformers + peft + torch optimizer) on fake CPU tensors: exact bytes.
 
     Needs the torch extra. Example: memplan trace --model llama-2-7b --peft lora --batch 4 --seq 2048
     """
-    trace_and_emit(model, gpu, setup, fmt, timeline, Progress("trace", progress))
+    margin = check_gate(require_fit, margin, gpu)
+    result = trace_and_emit(model, gpu, setup, fmt, timeline, Progress("trace", progress))
+    return gate(result, require_fit, margin)

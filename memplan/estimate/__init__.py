@@ -14,7 +14,7 @@ from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
 from memplan.estimate.result import Peak, Result
 from memplan.estimate.weights import model_states
-from memplan.spec.gpu import GpuSpec
+from memplan.spec.gpu import ROCM_NOTE, GpuSpec, Platform
 from memplan.spec.model import ModelSpec, TensorKind
 from memplan.units import GiB
 from memplan.spec.setup import Attention, Checkpointing, Engine, PeftMethod, TrainingSetup
@@ -27,14 +27,16 @@ def gpu_checks(setup: TrainingSetup, gpu: GpuSpec | None) -> list[str]:
     before Ampere: no bf16 tensor cores); see GpuSpec.bf16 / flash_attention."""
     if gpu is None:
         return []
+    notes = [ROCM_NOTE] if gpu.platform is Platform.ROCM else []  # overheads measured on CUDA only
     if setup.attention is Attention.FLASH and not gpu.flash_attention:
         raise MemplanError(f"--attention flash: FlashAttention-2 needs compute capability 8.0 (Ampere) or newer; "
                            f"the {gpu.label} is {gpu.capability_label}: use --attention sdpa")
     if "bf16" in setup.precision.value and not gpu.bf16:
         fp16 = setup.precision.value.replace("pure-bf16", "fp16-master").replace("bf16", "fp16")
-        return [f"--precision {setup.precision.value} on the {gpu.label} (compute capability {gpu.capability_label}): "
-                f"no bf16 tensor cores before 8.0, torch emulates bf16 slowly; --precision {fp16} is what runs there"]
-    return []
+        return notes + [f"--precision {setup.precision.value} on the {gpu.label} (compute capability "
+                        f"{gpu.capability_label}): no bf16 tensor cores before 8.0, torch emulates bf16 slowly; "
+                        f"--precision {fp16} is what runs there"]
+    return notes
 
 
 def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None) -> list[str]:

@@ -148,4 +148,10 @@ def with_throughput(result, model: ModelSpec, util: Utilization):
     GPU."""
     if result.gpu is None:
         return result
+    if not result.gpu.has_flops:  # a GPU given by its memory alone (--gpu 48GiB): no speed is invented
+        return replace(result, warnings=result.warnings + (NO_FLOPS_NOTE.format(label=result.gpu.label),))
     return replace(result, throughput=predict(model, result.setup, result.gpu, util).to_dict())
+
+
+NO_FLOPS_NOTE = ("{label}: no FLOPS figure, so no throughput is predicted (a --gpu FILE.toml with a [tflops] table "
+                 "gives one)")

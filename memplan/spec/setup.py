@@ -128,10 +128,11 @@ DEFAULT_SEQ = 2048  # --seq when not given (memplan's default since 0.1; capped 
 
 
 def default_seq(model) -> int:
-    """--seq when the user gives none: DEFAULT_SEQ, or fewer where a position-embedding table has fewer rows
-    (GPT-2's 1,024, BERT's 512): the one value every tier and fit can run."""
-    if model.traits.learned_positions:
-        return max(1, min(DEFAULT_SEQ, model.max_positions))
+    """--seq when the user gives none: DEFAULT_SEQ, or the model's max_position_embeddings when fewer (GPT-2's
+    1,024 and BERT's 512 learned positions, T5's 512 training length): never past what the model was made for.
+    A model that states no positions (0) gets DEFAULT_SEQ."""
+    if model.max_positions > 0:
+        return min(DEFAULT_SEQ, model.max_positions)
     return DEFAULT_SEQ
 
 

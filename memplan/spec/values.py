@@ -10,7 +10,7 @@ from dataclasses import fields
 from enum import Enum
 
 from memplan.errors import MemplanError
-from memplan.spec.gpu import GpuSpec
+from memplan.spec.gpu import GpuSpec, gpu_from_memory, parse_memory
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import (Attention, Checkpointing, Engine, LoraConfig, Optimizer, PeftMethod, Precision,
                                 TrainingSetup)
@@ -131,6 +131,34 @@ def resolve_model(model) -> ModelSpec:
 
 
 def resolve_gpu(gpu) -> GpuSpec | None:
+    """A GpuSpec from a profile key or alias ("h100"), a memory size ("48GiB", "80GB", "24G": memory only, see
+    memplan.spec.gpu.parse_memory), a TOML file of the profiles' schema ("my-gpu.toml"), or bytes (an int)."""
     from memplan.profiles import load_gpu
 
-    return gpu if (gpu is None or isinstance(gpu, GpuSpec)) else load_gpu(str(gpu))
+    if gpu is None or isinstance(gpu, GpuSpec):
+        return gpu
+    if isinstance(gpu, int) and not isinstance(gpu, bool):
+        return gpu_from_memory(f"{gpu}B", gpu)
+    text = str(gpu)
+    nbytes = parse_memory(text)
+    if nbytes is not None:
+        return gpu_from_memory(text, nbytes)
+    if text.endswith(".toml") or "/" in text:
+        return gpu_from_file(text)
+    return load_gpu(text)
+
+
+def gpu_from_file(path: str) -> GpuSpec:
+    """--gpu FILE.toml: a GPU profile file outside profiles/gpus/ (same schema); its name is the file's stem."""
+    import tomllib
+    from pathlib import Path
+
+    from memplan.spec.files import read_text
+    from memplan.spec.gpu import MAX_GPU_FILE_BYTES, gpu_from_table
+
+    text = read_text(path, "--gpu", MAX_GPU_FILE_BYTES)
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise MemplanError(f"--gpu {path}: not a TOML file: {exc}") from None
+    return gpu_from_table(Path(path).stem, table, f"--gpu {path}")
