@@ -152,6 +152,7 @@ class ModelSpec:
     source: str = ""
     aliases: tuple[str, ...] = ()
     expected_params: int | None = None  # exact count from the profile (transformers on the meta device)
+    checkpoint: object = None  # memplan.spec.checkpoint.Checkpoint of a --model DIR: its stored weights
 
     def __post_init__(self):
         for name, limit in LIMITS.items():
