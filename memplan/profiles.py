@@ -143,6 +143,11 @@ def load_model(name: str) -> ModelSpec:
     )
 
 
+def load_model_path(path) -> ModelSpec:
+    """A model from a config.json or a checkpoint folder (a Path from the Python API), read afresh."""
+    return _model_from_file(Path(path))
+
+
 def _is_path(name: str) -> bool:
     """Whether --model NAME means a file: a *.json name, or a name with a '/' that exists (a folder or a file)."""
     if name.endswith(".json"):

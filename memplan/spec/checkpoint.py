@@ -219,7 +219,7 @@ def check_params(ckpt: Checkpoint, model) -> tuple[str, ...]:
         what.append(f"stored tensors the spec lacks: {_listed(extra)}")
     if missing:
         what.append(f"spec tensors not stored: {_listed(missing)}")
-    detail = "; ".join(what) or "every tensor name matches, so a shape differs"
+    detail = "; ".join(what) or "every tensor name matches: a shape or the number of blocks differs"
     return (f"{ckpt.folder}: the safetensors hold {stored:,} parameters, memplan's spec of config.json counts "
             f"{spec:,} ({stored - spec:+,}); {detail}. The estimate sizes the spec",)
 
