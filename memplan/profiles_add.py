@@ -156,9 +156,9 @@ def add_profile(source, key: str | None = None, aliases=(), force: bool = False)
     diffs = differences(spec, model)
     cls = type(model).__name__
     if diffs:
-        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-        raise MemplanError(f"{cfg_path}: memplan's {mt} spec disagrees with transformers' {cls}: {diffs[0]}{more}; "
-                           f"see {FAMILY_DOC}")
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise MemplanError(f"{cfg_path}: memplan's {mt} spec disagrees with transformers' {cls}: "
+                           f"{'; '.join(diffs[:3])}{more}; see {FAMILY_DOC}")
     params = sum(p.numel() for p in model.parameters())
     source_line = (f"config.json at {cfg_path.resolve()}; count from transformers {transformers.__version__} "
                    f"{cls} on the meta device (memplan profiles add)")
