@@ -2,7 +2,7 @@
 
 `model` is a profile key or alias, a path to a config.json or a checkpoint folder (a str with a '/', or any
 pathlib.Path: memplan.spec.checkpoint), or a ModelSpec. add_profile(CONFIG_OR_DIR, key=...) is
-`memplan profiles add` (memplan.profiles_add; needs torch and transformers).
+`memplan profiles add` (memplan.trace.add_profile; needs torch and transformers).
 
 The plain-value helpers (make_setup, setup_from_dict, parse_choices, resolve_model, resolve_gpu) live in
 memplan.spec.values, where every tier can reach them; they are re-exported here for the API's users.
@@ -10,7 +10,7 @@ memplan.spec.values, where every tier can reach them; they are re-exported here 
 from __future__ import annotations
 
 from memplan.errors import MemplanError
-from memplan.profiles_add import add_profile
+from memplan.trace.add_profile import add_profile
 from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
 

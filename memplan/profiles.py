@@ -154,11 +154,11 @@ def _is_path(name: str) -> bool:
         return True
     try:
         return "/" in name and Path(name).exists()
-    except OSError:  # a name the filesystem refuses (too long): a path all the same, and _read_config says why
+    except OSError:  # a name the filesystem refuses (too long): a path all the same, and read_config says why
         return True
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     """The JSON object in a config.json: a regular file of at most MAX_CONFIG_BYTES, UTF-8, one JSON object.
     Every failure is one MemplanError naming the file (and the line and column of a JSON syntax error)."""
     text = read_text(path, "config", MAX_CONFIG_BYTES)
@@ -184,8 +184,8 @@ def _model_from_file(path: Path) -> ModelSpec:
                 raise MemplanError(f"--model {folder}: no config.json in the folder (a model folder is what "
                                    f"save_pretrained writes)")
     except OSError:
-        pass  # _read_config names the failure
-    cfg = _read_config(path)
+        pass  # read_config names the failure
+    cfg = read_config(path)
     spec = spec_from_config(cfg, str(path), source=str(path))
     if folder is None:
         return spec

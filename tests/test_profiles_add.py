@@ -1,5 +1,5 @@
 """`memplan profiles add`: a user profile from a config.json, checked against transformers on the meta device
-(memplan.profiles_add, memplan.trace.check_family), written where memplan.profiles reads it."""
+(memplan.trace.add_profile, memplan.trace.check_family), written where memplan.profiles reads it."""
 from __future__ import annotations
 
 import json

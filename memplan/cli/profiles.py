@@ -1,4 +1,4 @@
-"""`memplan profiles list|show|add`: the model and GPU profiles (add: memplan.profiles_add)."""
+"""`memplan profiles list|show|add`: the model and GPU profiles (add: memplan.trace.add_profile)."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -67,14 +67,14 @@ def profiles_add(
     Needs the torch extra. Writes to $MEMPLAN_PROFILES/models, else ~/.config/memplan/profiles/models.
     Example: memplan profiles add ./my-model --key my-llama
     """
-    from memplan.profiles_add import add_profile
+    from memplan.trace.add_profile import add_profile
 
     added = add_profile(source, key=key, aliases=alias or (), force=force)
     typer.echo(f"wrote {added.path}: {added.key}, {added.params:,} parameters; memplan's spec equals transformers' "
                f"{added.model_class} (count, every linear, norms, positions)")
     typer.echo(f"use it: memplan estimate --model {added.key}")
     if check_trace:
-        from memplan.profiles_add import check_trace as run_check
+        from memplan.trace.add_profile import check_trace as run_check
 
         est, tr = run_check(added.key)
         e, t = est.peak.allocated_bytes, tr.peak.allocated_bytes

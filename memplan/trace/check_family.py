@@ -20,12 +20,17 @@ import torch
 import transformers
 from transformers.pytorch_utils import Conv1D
 
-from memplan.spec.model import ModelSpec
+from memplan.spec.model import Arch, ModelSpec
 from memplan.spec.traits import BlockLayout, NormKind, PositionKind
 from memplan.trace.adapters import submodule
-from memplan.trace.build import _auto_class, find_blocks
+from memplan.trace.build import find_blocks
 
 _BLOCK = re.compile(r"^.*?\.\d+\.")  # "model.layers.3." / "encoder.block.0." ...: the repeated-block prefix
+
+
+# transformers' task class of each stack layout (as memplan.trace.build builds the traced model)
+TASK_CLASS = {Arch.DECODER: "AutoModelForCausalLM", Arch.ENCODER: "AutoModelForMaskedLM",
+              Arch.ENCODER_DECODER: "AutoModelForSeq2SeqLM"}
 
 
 def build_meta(spec: ModelSpec) -> torch.nn.Module:
@@ -34,7 +39,7 @@ def build_meta(spec: ModelSpec) -> torch.nn.Module:
     cfg = transformers.AutoConfig.for_model(**dict(spec.hf_config))
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        return _auto_class(spec).from_config(cfg)
+        return getattr(transformers, TASK_CLASS[spec.arch]).from_config(cfg)
 
 
 def hf_linears(model) -> tuple[list[tuple[str, tuple[int, int, bool]]], int]:

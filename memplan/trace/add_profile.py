@@ -137,7 +137,7 @@ def add_profile(source, key: str | None = None, aliases=(), force: bool = False)
 
     src = Path(source)
     cfg_path = _config_path(src)
-    cfg = profiles._read_config(cfg_path)
+    cfg = profiles.read_config(cfg_path)
     mt = cfg.get("model_type")
     if mt not in FAMILIES:
         raise MemplanError(f"{cfg_path}: model_type {str(mt)[:40]!r} has no memplan family yet (supported: "
@@ -150,7 +150,7 @@ def add_profile(source, key: str | None = None, aliases=(), force: bool = False)
     require_torch("memplan profiles add")
     import transformers
 
-    from memplan.trace.check_family import build_meta, differences
+    from memplan.trace.check_family import build_meta, differences  # imports torch
 
     model = build_meta(spec)
     diffs = differences(spec, model)
