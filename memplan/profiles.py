@@ -133,7 +133,12 @@ def load_model(name: str) -> ModelSpec:
     """A model by profile key, alias (e.g. the Hugging Face repo id) or path to a local config.json."""
     if _is_path(name):
         return _model_from_file(Path(name))
-    key = _resolve("models", name)
+    try:
+        key = _resolve("models", name)
+    except MemplanError:
+        if _is_model_folder(name):  # `--model my-model`: a folder in the working directory, no profile of that name
+            return _model_from_file(Path(name))
+        raise
     prof = _read("models", key)
     if "hf_config" not in prof:
         raise MemplanError(f"model profile {key} has no [hf_config] table")
@@ -146,6 +151,13 @@ def load_model(name: str) -> ModelSpec:
 def load_model_path(path) -> ModelSpec:
     """A model from a config.json or a checkpoint folder (a Path from the Python API), read afresh."""
     return _model_from_file(Path(path))
+
+
+def _is_model_folder(name: str) -> bool:
+    try:
+        return (Path(name) / "config.json").is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _is_path(name: str) -> bool:

@@ -197,3 +197,11 @@ def test_estimate_from_a_folder_imports_no_torch(folders):
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(folders[1]), "False"]
+
+
+def test_a_bare_folder_name_when_no_profile_has_it(folders, monkeypatch):
+    paths, params = folders
+    monkeypatch.chdir(paths["single"].parent)
+    assert memplan.estimate("sharded", seq=64).total_params == params
+    with pytest.raises(MemplanError, match="unknown model"):
+        memplan.estimate("no-such-folder")

@@ -152,7 +152,11 @@ def add_profile(source, key: str | None = None, aliases=(), force: bool = False)
 
     from memplan.trace.check_family import build_meta, differences  # imports torch
 
-    model = build_meta(spec)
+    try:
+        model = build_meta(spec)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a config transformers cannot build
+        raise MemplanError(f"{cfg_path}: transformers {transformers.__version__} cannot build this config "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
     diffs = differences(spec, model)
     cls = type(model).__name__
     if diffs:
