@@ -193,7 +193,7 @@ def _model_from_file(path: Path) -> ModelSpec:
         if path.is_dir():
             folder, path = path, path / "config.json"
             if not path.exists():
-                raise MemplanError(f"--model {folder}: no config.json in the folder (a model folder is what "
+                raise MemplanError(f"--model {folder}: config.json not found in the folder (a model folder is what "
                                    f"save_pretrained writes)")
     except OSError:
         pass  # read_config names the failure

@@ -108,7 +108,7 @@ def test_folder_without_config_json(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     assert main(["estimate", "--model", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no config.json" in err
+    assert len(err.splitlines()) == 1 and "config.json not found" in err
 
 
 def _safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:

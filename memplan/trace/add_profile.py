@@ -102,7 +102,7 @@ def _config_path(source: Path) -> Path:
         if source.is_dir():
             path = source / "config.json"
             if not path.exists():
-                raise MemplanError(f"{source}: no config.json in the folder (a model folder is what save_pretrained "
+                raise MemplanError(f"{source}: config.json not found in the folder (a model folder is what save_pretrained "
                                    f"writes)")
             return path
     except OSError:
