@@ -10,9 +10,9 @@ memplan.spec.values, where every tier can reach them; they are re-exported here 
 from __future__ import annotations
 
 from memplan.errors import MemplanError
-from memplan.trace.add_profile import add_profile
 from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
+from memplan.trace.add_profile import add_profile
 
 __all__ = ["add_profile", "estimate", "make_setup", "parse_choices", "resolve_gpu", "resolve_model", "setup_from_dict"]
 
