@@ -1,5 +1,9 @@
 """The Python API: names and plain values in, Result out. `memplan.estimate(...)` is estimate() below.
 
+`model` is a profile key or alias, a path to a config.json or a checkpoint folder (a str with a '/', or any
+pathlib.Path: memplan.spec.checkpoint), or a ModelSpec. add_profile(CONFIG_OR_DIR, key=...) is
+`memplan profiles add` (memplan.trace.add_profile; needs torch and transformers).
+
 The plain-value helpers (make_setup, setup_from_dict, parse_choices, resolve_model, resolve_gpu) live in
 memplan.spec.values, where every tier can reach them; they are re-exported here for the API's users.
 """
@@ -9,9 +13,10 @@ from memplan.errors import MemplanError
 from memplan.fit import DEFAULT_MARGIN  # fit's and --require-fit's margin: the fraction of GPU memory kept free
 from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
+from memplan.trace.add_profile import add_profile
 
-__all__ = ["estimate", "fits", "make_setup", "parse_choices", "resolve_gpu", "resolve_model", "setup_from_dict"]
-
+__all__ = ["add_profile", "estimate", "fits", "make_setup", "parse_choices", "resolve_gpu", "resolve_model",
+           "setup_from_dict"]
 
 
 def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None, **setup_fields):

@@ -2,17 +2,24 @@
 
 A model profile holds a `source` line, `aliases` (the Hugging Face repo id among them), the exact
 `expected_params`, and an `[hf_config]` table with the config.json fields the model is built from.
-`--model` also takes a path to any local config.json.
+`--model` also takes a path to any local config.json, or to a checkpoint folder (memplan.spec.checkpoint).
+
+User profiles (`memplan profiles add`) live in the same layout under user_profiles_dir(): $MEMPLAN_PROFILES, else
+$XDG_CONFIG_HOME/memplan/profiles (~/.config/memplan/profiles). They are read after the shipped ones: a shipped
+key or alias always means the shipped profile, a user file of the same key is not listed.
 """
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import tomllib
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 from memplan.errors import MemplanError
+from memplan.spec.checkpoint import check_params, read_checkpoint
 from memplan.spec.families import spec_from_config
 from memplan.spec.files import read_text
 from memplan.spec.gpu import GpuSpec, gpu_from_table
@@ -33,26 +40,66 @@ def profiles_dir() -> Path:
     raise MemplanError("memplan's profiles/ folder is missing from this installation")
 
 
+USER_PROFILES_ENV = "MEMPLAN_PROFILES"  # the user profile folder (holding models/ and gpus/), when set
+
+
+def user_profiles_dir() -> Path:
+    """Where `memplan profiles add` writes and memplan reads user profiles: $MEMPLAN_PROFILES, else
+    $XDG_CONFIG_HOME/memplan/profiles, else ~/.config/memplan/profiles (the XDG base directory default)."""
+    env = os.environ.get(USER_PROFILES_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "memplan" / "profiles"
+
+
+def _user_keys(kind: str) -> list[str]:
+    try:
+        return sorted(p.stem for p in (user_profiles_dir() / kind).glob("*.toml") if p.is_file())
+    except OSError:  # an unreadable user folder hides its profiles, never the shipped ones
+        return []
+
+
 def _keys(kind: str) -> list[str]:
-    return sorted(p.stem for p in (profiles_dir() / kind).glob("*.toml"))
+    shipped = sorted(p.stem for p in (profiles_dir() / kind).glob("*.toml"))
+    return shipped + [k for k in _user_keys(kind) if k not in set(shipped)]
+
+
+def profile_path(kind: str, key: str) -> Path:
+    """The file of profile `key`: the shipped one, else the user's."""
+    shipped = profiles_dir() / kind / f"{key}.toml"
+    return shipped if shipped.exists() else user_profiles_dir() / kind / f"{key}.toml"
+
+
+def _read(kind: str, key: str) -> dict:
+    return _read_file(profile_path(kind, key))
 
 
 @lru_cache(maxsize=None)
-def _read(kind: str, key: str) -> dict:
-    path = profiles_dir() / kind / f"{key}.toml"
+def _read_file(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(read_text(path, "profile"))
     except tomllib.TOMLDecodeError as exc:
         raise MemplanError(f"profile {path}: {exc}") from None
 
 
-@lru_cache(maxsize=None)
 def _alias_index(kind: str) -> dict[str, str]:
+    return _alias_index_in(kind, user_profiles_dir(), tuple(_keys(kind)))
+
+
+@lru_cache(maxsize=None)
+def _alias_index_in(kind: str, user_dir: Path, keys: tuple[str, ...]) -> dict[str, str]:
     idx = {}
-    for key in _keys(kind):
+    for key in keys:  # shipped first: a user alias never takes over a shipped one
         for alias in _read(kind, key).get("aliases", []):
-            idx[alias.lower()] = key
+            idx.setdefault(alias.lower(), key)
     return idx
+
+
+def clear_caches() -> None:
+    """Forget every profile read (after `memplan profiles add` wrote one, or $MEMPLAN_PROFILES changed)."""
+    for fn in (_read_file, _alias_index_in, load_model, load_gpu):
+        fn.cache_clear()
 
 
 def _resolve(kind: str, name: str) -> str:
@@ -86,7 +133,12 @@ def load_model(name: str) -> ModelSpec:
     """A model by profile key, alias (e.g. the Hugging Face repo id) or path to a local config.json."""
     if _is_path(name):
         return _model_from_file(Path(name))
-    key = _resolve("models", name)
+    try:
+        key = _resolve("models", name)
+    except MemplanError:
+        if _is_model_folder(name):  # `--model my-model`: a folder in the working directory, no profile of that name
+            return _model_from_file(Path(name))
+        raise
     prof = _read("models", key)
     if "hf_config" not in prof:
         raise MemplanError(f"model profile {key} has no [hf_config] table")
@@ -96,17 +148,29 @@ def load_model(name: str) -> ModelSpec:
     )
 
 
+def load_model_path(path) -> ModelSpec:
+    """A model from a config.json or a checkpoint folder (a Path from the Python API), read afresh."""
+    return _model_from_file(Path(path))
+
+
+def _is_model_folder(name: str) -> bool:
+    try:
+        return (Path(name) / "config.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _is_path(name: str) -> bool:
     """Whether --model NAME means a file: a *.json name, or a name with a '/' that exists (a folder or a file)."""
     if name.endswith(".json"):
         return True
     try:
         return "/" in name and Path(name).exists()
-    except OSError:  # a name the filesystem refuses (too long): a path all the same, and _read_config says why
+    except OSError:  # a name the filesystem refuses (too long): a path all the same, and read_config says why
         return True
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     """The JSON object in a config.json: a regular file of at most MAX_CONFIG_BYTES, UTF-8, one JSON object.
     Every failure is one MemplanError naming the file (and the line and column of a JSON syntax error)."""
     text = read_text(path, "config", MAX_CONFIG_BYTES)
@@ -122,12 +186,23 @@ def _read_config(path: Path) -> dict:
 
 
 def _model_from_file(path: Path) -> ModelSpec:
+    """A config.json (the architecture alone) or a checkpoint folder (its config.json, and what its weight files
+    and quantization_config say: memplan.spec.checkpoint)."""
+    folder = None
     try:
         if path.is_dir():
-            path = path / "config.json"
+            folder, path = path, path / "config.json"
+            if not path.exists():
+                raise MemplanError(f"--model {folder}: config.json not found in the folder (a model folder is what "
+                                   f"save_pretrained writes)")
     except OSError:
-        pass  # _read_config names the failure
-    return spec_from_config(_read_config(path), str(path), source=str(path))
+        pass  # read_config names the failure
+    cfg = read_config(path)
+    spec = spec_from_config(cfg, str(path), source=str(path))
+    if folder is None:
+        return spec
+    ckpt = read_checkpoint(folder, cfg)
+    return replace(spec, checkpoint=replace(ckpt, notes=ckpt.notes + check_params(ckpt, spec)))
 
 
 @lru_cache(maxsize=64)
@@ -156,6 +231,6 @@ def find_profile(name: str) -> tuple[str, str, Path]:
             key = _resolve(kind, name)
         except MemplanError:
             continue
-        return kind, key, profiles_dir() / kind / f"{key}.toml"
+        return kind, key, profile_path(kind, key)
     _resolve("models", name)  # raises with close matches
     raise AssertionError("unreachable")

@@ -12,7 +12,10 @@ docs/testing.md describes both.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from hypothesis import settings
 
@@ -20,3 +23,8 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("explore", derandomize=False, database=None, print_blob=True, deadline=None,
                           max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The suite never reads the developer's own user profiles (~/.config/memplan/profiles, memplan.profiles): an empty
+# folder of this run's own stands for them (tests that add profiles point MEMPLAN_PROFILES at their tmp_path).
+os.environ["MEMPLAN_PROFILES"] = tempfile.mkdtemp(prefix="memplan-test-profiles-")
+atexit.register(shutil.rmtree, os.environ["MEMPLAN_PROFILES"], True)

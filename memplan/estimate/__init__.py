@@ -14,6 +14,7 @@ from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
 from memplan.estimate.result import Peak, Result
 from memplan.estimate.weights import model_states
+from memplan.spec.checkpoint import checkpoint_warnings
 from memplan.spec.gpu import ROCM_NOTE, GpuSpec, Platform
 from memplan.spec.model import ModelSpec, TensorKind
 from memplan.units import GiB
@@ -63,7 +64,7 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
         warns.append(f"QLoRA quantizes nn.Linear layers only (bitsandbytes replace_with_bnb_linear): "
                      f"{model.name}'s MoE experts are 3-D parameters and stay in {setup.precision.param_bytes * 8}-bit "
                      f"({experts * setup.precision.param_bytes / GiB:,.1f} GiB of weights)")
-    return warns
+    return warns + checkpoint_warnings(model, setup)
 
 
 def has_biases(model: ModelSpec) -> bool:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from memplan.errors import MemplanError
 from memplan.spec.traits import FamilyTraits
+
+if TYPE_CHECKING:
+    from memplan.spec.checkpoint import Checkpoint
 
 
 # Sane maxima for a model's numbers, checked when a ModelSpec is made (a config.json is read from anywhere: a count
@@ -152,6 +155,7 @@ class ModelSpec:
     source: str = ""
     aliases: tuple[str, ...] = ()
     expected_params: int | None = None  # exact count from the profile (transformers on the meta device)
+    checkpoint: Checkpoint | None = None  # what a --model DIR's files say of its stored weights
 
     def __post_init__(self):
         for name, limit in LIMITS.items():

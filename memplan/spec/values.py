@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from enum import Enum
+from os import PathLike
 
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec, gpu_from_memory, parse_memory
@@ -125,8 +126,10 @@ def setup_flags(cfg_setup: dict) -> list[str]:
 
 
 def resolve_model(model) -> ModelSpec:
-    from memplan.profiles import load_model
+    from memplan.profiles import load_model, load_model_path
 
+    if isinstance(model, PathLike):  # a Path is a config.json or a model folder, whatever its name
+        return load_model_path(model)
     return model if isinstance(model, ModelSpec) else load_model(str(model))
 
 
