@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -46,8 +47,8 @@ def _setup(name, annotation, default, *short, help):
 
 # Shared setup options, in --help order.
 SETUP_OPTIONS = [
-    option("model", str, ..., "--model", "-m", help="Model profile key or alias (memplan profiles list), or a path "
-           "to a Hugging Face config.json."),
+    option("model", Optional[str], None, "--model", "-m", help="Model profile key or alias (memplan profiles list), "
+           "or a path to a Hugging Face config.json. Required unless a --config file names one."),
     option("gpu", Optional[str], None, "--gpu", help="GPU profile: report fit and headroom against its memory."),
     _setup("gpus", int, 1, help="Number of GPUs (data parallel)."),
     _setup("zero", Optional[int], None, help="ZeRO stage 0-3 (FSDP NO_SHARD/SHARD_GRAD_OP/FULL_SHARD = 0/2/3)."),
@@ -143,6 +144,8 @@ def setup_from_options(kw: dict):
     deepspeed = str(kw.get("engine") or "").strip().lower() == "deepspeed"
     default_precision = DEEPSPEED_PRECISION if deepspeed else PEFT_PRECISION if peft in PEFT_BF16_BASE else None
     fields = {f: pick(kw, f, default_precision if f == "precision" else None) for f in FLAG_GROUPS}
+    if kw.get("model") is None:
+        raise MemplanError("Missing option '--model' / '-m' (or a --config file that names a model).")
     model = resolve_model(kw.pop("model"))
     gpu = resolve_gpu(kw.pop("gpu"))
     names = [p.name for p in SETUP_OPTIONS if p.name in kw]
@@ -150,6 +153,126 @@ def setup_from_options(kw: dict):
         kw["seq"] = default_seq(model)
     setup = make_setup(**fields, **{n: kw.pop(n) for n in names})
     return model, gpu, setup
+
+
+CONFIG_OPTIONS = [
+    option("config", Optional[list[str]], None, "--config", help="Read setup fields from a DeepSpeed JSON, an "
+           "accelerate config YAML, a transformers TrainingArguments JSON, a torchtune recipe or an axolotl YAML "
+           "(repeatable: later files override earlier ones, flags override every file; docs/config-files.md)."),
+    option("explain", bool, False, "--explain", help="With --config: print each field read, the flag it became "
+           "and its file (stderr)."),
+]
+
+
+def _given(name: str) -> bool:
+    """Whether option `name` came from the command line (not its default)."""
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+
+    ctx = get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
+def apply_config(kw: dict, params: dict | None = None) -> None:
+    """--config / --explain (popped from kw): each setup value of the files goes into kw where its option was not
+    given on the command line. params: memplan key -> (option name, value converter), default the setup options
+    themselves (and their shortcut flags); a key without an option is shown by --explain as not taken."""
+    from memplan.configfile import read_configs
+
+    paths, explain = kw.pop("config", None), kw.pop("explain", False)
+    if not paths:
+        if explain:
+            typer.echo("--explain: no --config file given", err=True)
+        return
+    merged = read_configs(paths)
+    values = merged.values
+    if params is None:
+        params = {k: (k, None) for k in values if k in kw}
+    params = {k: v for k, v in params.items() if v[0] in kw}
+    explicit, filled = {}, {}
+    for key, value in values.items():
+        name, convert = params.get(key, (None, None))
+        if name is None:
+            continue
+        flags = [name, *FLAG_GROUPS.get(name, {})]
+        given = [f for f in flags if _given(f)]
+        if given:
+            explicit[key] = " ".join(f"--{g.replace('_', '-')}" + ("" if isinstance(kw.get(g), bool) else
+                                                                     f" {kw.get(g)}") for g in given)
+            continue
+        filled[name], kw[name] = kw.get(name), convert(value, values) if convert else value
+    _engine_consistent(kw, filled, explicit)
+    for w in merged.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if explain:
+        def flag_of(key, value):
+            name = params.get(key, (None, None))[0]
+            if name is None:
+                return f"{key} = {value} (not an option of this command)"
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            return f"--{name.replace('_', '-')} {text}"
+        for line in merged.explain(flag_of, explicit):
+            typer.echo(line, err=True)
+
+
+def _join(v, values):
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def _offload(v, values):
+    return "all" if values.get("offload_params") else "optimizer" if values.get("offload_optimizer") else "none"
+
+
+# `memplan fit`'s options for the files' setup keys: a single value narrows its search to it; the file's
+# micro-batch becomes the smallest one a setup must fit
+FIT_CONFIG = {"model": ("model", None), "gpus": ("gpus", None), "gpus_per_node": ("gpus_per_node", None),
+              "seq": ("seq", None), "batch": ("min_batch", None), "grad_accum": ("grad_accum", None),
+              "lora_rank": ("lora_rank", None), "lora_targets": ("lora_targets", _join),
+              "train_layers": ("train_layers", None), "attention": ("attention", None),
+              "precision": ("precision", _join), "optimizer": ("optimizer", _join), "peft": ("peft", _join),
+              "checkpointing": ("checkpointing", _join), "zero": ("zero", _join), "engine": ("engine", _join),
+              "offload_params": ("offload", _offload), "offload_optimizer": ("offload", _offload)}
+
+
+def with_config(params: dict):
+    """Add --config / --explain to a command with its own options (fit): `params` maps the files' setup keys to
+    its options (apply_config). A required --model becomes optional: a file may name the model."""
+    def deco(fn):
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # a module with `from __future__ import annotations`
+        own = []
+        for p in sig.parameters.values():
+            p = p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+            if p.name == "model" and p.default is inspect.Parameter.empty:
+                p = p.replace(default=None)
+            own.append(p)
+
+        @functools.wraps(fn)
+        def wrapper(**kw):
+            apply_config(kw, params)
+            if "model" in kw and kw["model"] is None:
+                raise MemplanError("Missing option '--model' / '-m' (or a --config file that names a model).")
+            return fn(**kw)
+
+        wrapper.__signature__ = sig.replace(parameters=own + CONFIG_OPTIONS)
+        return wrapper
+    return deco
+
+
+def _engine_consistent(kw: dict, filled: dict, explicit: dict) -> None:
+    """Values a file set that the engine given on the command line cannot take: under --engine deepspeed a file's
+    autocast bf16 / fp16 is DeepSpeed's (bf16-master / fp16-master); under another engine a file's DeepSpeed
+    knobs are left at their defaults. filled: option -> its value before the files; explicit gets the reason."""
+    if "engine" not in kw:
+        return
+    deepspeed = str(kw.get("engine") or "").lower() == "deepspeed"
+    if deepspeed and "precision" in filled and str(kw["precision"]) in ("bf16", "fp16"):
+        kw["precision"] = f"{kw['precision']}-master"
+        explicit["precision"] = f"--engine deepspeed: {kw['precision']} (DeepSpeed keeps fp32 masters)"
+    for name in [n for n in filled if n.startswith("ds_")] if not deepspeed else []:
+        kw[name] = filled[name]
+        explicit[name] = f"--engine {kw.get('engine')} (a DeepSpeed knob: left at its default)"
 
 
 def note_default_seq(model, setup, seq_given: bool) -> None:
@@ -167,14 +290,15 @@ def with_setup_options(fn):
 
     @functools.wraps(fn)
     def wrapper(**kw):
-        shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS}
+        shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS + CONFIG_OPTIONS}
+        apply_config(shared)
         seq_given = shared["seq"] is not None
         model, gpu, setup = setup_from_options(shared)
         out = fn(model=model, gpu=gpu, setup=setup, **kw)
         note_default_seq(model, setup, seq_given)
         return out
 
-    wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + own)
+    wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + CONFIG_OPTIONS + own)
     return wrapper
 
 
@@ -191,8 +315,10 @@ def with_setup_options_optional_model(fn):
 
     @functools.wraps(fn)
     def wrapper(**kw):
-        shared = {p.name: kw.pop(p.name) for p in options}
-        changed = [p.name for p in options if p.name not in ("model", "gpu") and shared[p.name] != p.default]
+        shared = {p.name: kw.pop(p.name) for p in options + CONFIG_OPTIONS}
+        changed = [p.name for p in options + CONFIG_OPTIONS if p.name not in ("model", "gpu")
+                   and shared[p.name] != p.default]
+        apply_config(shared)
         if shared["model"] is None:
             return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
         seq_given = shared["seq"] is not None
@@ -201,7 +327,7 @@ def with_setup_options_optional_model(fn):
         note_default_seq(model, setup, seq_given)
         return out
 
-    wrapper.__signature__ = sig.replace(parameters=options + own)
+    wrapper.__signature__ = sig.replace(parameters=options + CONFIG_OPTIONS + own)
     return wrapper
 
 

@@ -131,7 +131,7 @@ class Merged:
                  + ", ".join(f"{r.path} ({dict(READERS)[_fmt(r)].FORMAT})" for r in self.readings)]
         wins = {k: id(self.winner(k)) for k in self.values}
         for f in self.fields:
-            raw = f.raw if isinstance(f.raw, str) else json.dumps(f.raw)
+            raw = f.raw if isinstance(f.raw, str) else json.dumps(f.raw, default=str)
             if f.key is None:
                 target = f"({f.note})" if f.note else "(read, sets nothing)"
             else:
