@@ -3,6 +3,7 @@ ZeRO stage, offload, bf16 / fp16, micro-batch, accumulation, bucket sizes, optim
 HF Trainer's to fill (transformers integrations/deepspeed.py): shown, and left to flags / defaults."""
 from __future__ import annotations
 
+from memplan.spec.setup import ABSURD_TOKENS
 from memplan.configfile.base import Collector, Reading, as_bool, as_int, is_auto, leftovers, unset
 
 FORMAT = "deepspeed"
@@ -94,7 +95,10 @@ def read_into(c: Collector, doc: dict, prefix: str) -> None:
             c.show(field, v, AUTO_NOTE)
         elif v is not None:
             conv = as_int(p, field, v) if name in ZERO_INTS else as_bool(p, field, v)
-            c.set(field, v, target, conv)
+            note = ""
+            if name in ZERO_INTS and conv > ABSURD_TOKENS:  # DeepSpeed's autotuning templates write 1e12
+                conv, note = ABSURD_TOKENS, "above 2**31 elements, memplan's bound for a count: taken as 2**31"
+            c.set(field, v, target, conv, note)
     bf16, fp16 = _enabled(c, doc, "bf16"), _enabled(c, doc, "fp16")
     if bf16:
         c.set(prefix + "bf16.enabled", True, "precision", "bf16-master", "bf16 weights, fp32 master partitions")

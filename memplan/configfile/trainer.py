@@ -85,13 +85,19 @@ def read(doc: dict, path: str, load=None) -> Reading:
     if not unset(doc.get("optim")):
         c.set("optim", doc["optim"], "optimizer", str(doc["optim"]))
     ckpt = next((n for n in ("activation_checkpointing", "gradient_checkpointing") if doc.get(n) is not None), None)
+    fsdp_ckpt = any(f.key == "checkpointing" for f in c.fields)  # fsdp_config's activation_checkpointing
     if ckpt is not None:
         on = as_bool(path, ckpt, doc[ckpt])
-        c.set(ckpt, doc[ckpt], "checkpointing", "full" if on else "none")
+        if on or not fsdp_ckpt:
+            c.set(ckpt, doc[ckpt], "checkpointing", "full" if on else "none")
+        else:
+            c.show(ckpt, doc[ckpt], "off here; FSDP's own activation checkpointing (fsdp_config) is on")
     seq_name = "max_seq_length" if doc.get("max_seq_length") is not None else (
         "max_length" if doc.get("max_length") is not None and "dataset_text_field" in doc else None)
     if seq_name:
         c.set(seq_name, doc[seq_name], "seq", as_int(path, seq_name, doc[seq_name]))
+    if doc.get("max_length") is not None and seq_name != "max_length":
+        c.skip("max_length", "a generation / collator length; --seq is read from TRL's SFTConfig only")
     acc = doc.get("accelerator_config")
     sync = ((acc or {}).get("gradient_accumulation_kwargs") or {}).get("sync_each_batch") if isinstance(
         acc, dict) else None
