@@ -16,7 +16,7 @@ from memplan.configfile import accelerate, axolotl, deepspeed, torchtune, traine
 from memplan.configfile.base import Read, Reading
 from memplan.errors import MemplanError
 
-__all__ = ["Merged", "Read", "Reading", "detect", "load_doc", "read_config", "read_configs"]
+__all__ = ["Merged", "Read", "Reading", "detect", "load_doc", "read_config", "read_configs", "setup_fields"]
 
 # Checked in this order: the first whose keys match (an accelerate file never has a DeepSpeed key at its top, a
 # DeepSpeed JSON never a TrainingArguments one; axolotl's keys are its own)
@@ -159,6 +159,21 @@ def _all(readings):
     for r in readings:
         yield r
         yield from r.included
+
+
+def setup_fields(merged: Merged, given: dict | None = None) -> dict:
+    """make_setup keywords (and "model") from the files, the `given` ones over them (the Python API's keyword
+    arguments, as flags on the command line), made consistent with the engine that wins: a file's autocast
+    bf16 / fp16 is DeepSpeed's -master form under --engine deepspeed, a file's DeepSpeed knobs are dropped under
+    another engine."""
+    given = dict(given or {})
+    out = {**merged.values, **{k: v for k, v in given.items() if v is not None}}
+    deepspeed_engine = str(out.get("engine", "fsdp")).lower() == "deepspeed"
+    if deepspeed_engine and "precision" not in given and str(out.get("precision")) in ("bf16", "fp16"):
+        out["precision"] = f"{out['precision']}-master"
+    if not deepspeed_engine:
+        out = {k: v for k, v in out.items() if not k.startswith("ds_") or k in given}
+    return out
 
 
 def read_configs(paths) -> Merged:
