@@ -63,7 +63,7 @@ def read(doc: dict, path: str, load=None) -> Reading:
     elif dist == "FSDP":
         fs = doc.get("fsdp_config") if isinstance(doc.get("fsdp_config"), dict) else {}
         read_fsdp(c, fs, "fsdp_config.")
-        zero = c.fields[[f.key for f in c.fields].index("zero")].value if any(f.key == "zero" for f in c.fields) else 3
+        zero = next((f.value for f in reversed(c.fields) if f.key == "zero"), 3)
     elif dist == "MULTI_GPU":
         c.set("distributed_type", dist, "engine", "fsdp", "DistributedDataParallel: --engine fsdp --zero 0")
         c.set("distributed_type", dist, "zero", 0)
