@@ -12,7 +12,7 @@ import typer
 
 from memplan.errors import MemplanError
 from memplan.spec.setup import DEFAULT_SEQ, default_seq
-from memplan.spec.values import SETUP_FLAGS, make_setup, resolve_gpu, resolve_model
+from memplan.spec.values import SETUP_FLAGS, make_setup, optimizer_name, resolve_gpu, resolve_model
 
 
 class Format(str, Enum):
@@ -156,9 +156,11 @@ def setup_from_options(kw: dict):
 
 
 CONFIG_OPTIONS = [
-    option("config", Optional[list[str]], None, "--config", help="Read setup fields from a DeepSpeed JSON, an "
-           "accelerate config YAML, a transformers TrainingArguments JSON, a torchtune recipe or an axolotl YAML "
-           "(repeatable: later files override earlier ones, flags override every file; docs/config-files.md)."),
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[list[str]], typer.Option("--config", metavar="FILE", help="Read setup fields from a DeepSpeed "
+                                          "JSON, an accelerate config YAML, a transformers TrainingArguments JSON, a "
+                                          "torchtune recipe or an axolotl YAML (repeatable: later files override "
+                                          "earlier ones, flags override every file; docs/config-files.md).")]),
     option("explain", bool, False, "--explain", help="With --config: print each field read, the flag it became "
            "and its file (stderr)."),
 ]
@@ -211,6 +213,11 @@ def apply_config(kw: dict, params: dict | None = None) -> None:
                 return f"{key} = {value} (not an option of this command)"
             text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).lower() \
                 if isinstance(value, bool) else str(value)
+            if key == "optimizer":
+                try:
+                    text = ",".join(optimizer_name(t) for t in text.split(","))
+                except MemplanError:
+                    pass  # named as the file has it; making the setup says what is wrong
             return f"--{name.replace('_', '-')} {text}"
         for line in merged.explain(flag_of, explicit):
             typer.echo(line, err=True)
