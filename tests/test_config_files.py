@@ -266,6 +266,8 @@ def test_no_model_anywhere_is_an_error(capsys):
     assert rc == 2 and "--model" in err
     rc, _, err = run(["estimate"], capsys)
     assert rc == 2 and "Missing option '--model'" in err
+    rc, _, err = run(["estimate", "--config", fx("axolotl_llama3_qlora_fsdp_70b.yaml")], capsys)
+    assert rc == 2 and "base_model casperhansen/llama-3-70b-fp16 is not a memplan profile" in err
 
 
 def test_fit_narrows_its_search_to_the_file(capsys):

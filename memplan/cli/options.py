@@ -204,6 +204,12 @@ def apply_config(kw: dict, params: dict | None = None) -> None:
             continue
         filled[name], kw[name] = kw.get(name), convert(value, values) if convert else value
     _engine_consistent(kw, filled, explicit)
+    if "model" in kw and kw["model"] is None:  # a file named a model memplan has no profile for: say which
+        named = next((f for f in merged.fields if f.name in ("base_model", "model._component_") and f.key is None),
+                     None)
+        if named is not None:
+            raise MemplanError(f"{named.path}: {named.name} {named.raw} is not a memplan profile or alias: give "
+                               f"--model")
     for w in merged.warnings:
         typer.echo(f"warning: {w}", err=True)
     if explain:
