@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from memplan.cli.options import FIT_CONFIG, Format, FormatOpt, with_config
+from memplan.cli.options import Format, FormatOpt, with_config
+from memplan.configfile.overlay import FIT_PARAMS
 from memplan.errors import MemplanError
 
 NOTHING_FITS_EXIT = 1  # a valid query with an empty answer (like grep's no match); bad input stays 2
@@ -76,7 +77,7 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         offloads=_offloads(offload) if offload else F.Space.offloads)
 
 
-@with_config(FIT_CONFIG)
+@with_config(FIT_PARAMS)
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
         gpu: Annotated[str, typer.Option("--gpu", help="GPU profile to fit (memplan profiles list gpus).")],
         gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (data parallel).")] = 1,

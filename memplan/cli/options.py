@@ -12,7 +12,7 @@ import typer
 
 from memplan.errors import MemplanError
 from memplan.spec.setup import DEFAULT_SEQ, default_seq
-from memplan.spec.values import SETUP_FLAGS, make_setup, optimizer_name, resolve_gpu, resolve_model
+from memplan.spec.values import SETUP_FLAGS, make_setup, resolve_gpu, resolve_model
 
 
 class Format(str, Enum):
@@ -176,10 +176,11 @@ def _given(name: str) -> bool:
 
 
 def apply_config(kw: dict, params: dict | None = None) -> None:
-    """--config / --explain (popped from kw): each setup value of the files goes into kw where its option was not
-    given on the command line. params: memplan key -> (option name, value converter), default the setup options
-    themselves (and their shortcut flags); a key without an option is shown by --explain as not taken."""
+    """--config / --explain (popped from kw): the files' setup values go into kw where their options were not given
+    on the command line (memplan.configfile.overlay); params: setup key -> (option, converter) for a command with
+    its own options (fit)."""
     from memplan.configfile import read_configs
+    from memplan.configfile.overlay import explain_lines, overlay
 
     paths, explain = kw.pop("config", None), kw.pop("explain", False)
     if not paths:
@@ -187,65 +188,10 @@ def apply_config(kw: dict, params: dict | None = None) -> None:
             typer.echo("--explain: no --config file given", err=True)
         return
     merged = read_configs(paths)
-    values = merged.values
-    if params is None:
-        params = {k: (k, None) for k in values if k in kw}
-    params = {k: v for k, v in params.items() if v[0] in kw}
-    explicit, filled = {}, {}
-    for key, value in values.items():
-        name, convert = params.get(key, (None, None))
-        if name is None:
-            continue
-        flags = [name, *FLAG_GROUPS.get(name, {})]
-        given = [f for f in flags if _given(f)]
-        if given:
-            explicit[key] = " ".join(f"--{g.replace('_', '-')}" + ("" if isinstance(kw.get(g), bool) else
-                                                                     f" {kw.get(g)}") for g in given)
-            continue
-        filled[name], kw[name] = kw.get(name), convert(value, values) if convert else value
-    _engine_consistent(kw, filled, explicit)
-    if "model" in kw and kw["model"] is None:  # a file named a model memplan has no profile for: say which
-        named = next((f for f in merged.fields if f.name in ("base_model", "model._component_") and f.key is None),
-                     None)
-        if named is not None:
-            raise MemplanError(f"{named.path}: {named.name} {named.raw} is not a memplan profile or alias: give "
-                               f"--model")
-    for w in merged.warnings:
-        typer.echo(f"warning: {w}", err=True)
-    if explain:
-        def flag_of(key, value):
-            name = params.get(key, (None, None))[0]
-            if name is None:
-                return f"{key} = {value} (not an option of this command)"
-            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).lower() \
-                if isinstance(value, bool) else str(value)
-            if key == "optimizer":
-                try:
-                    text = ",".join(optimizer_name(t) for t in text.split(","))
-                except MemplanError:
-                    pass  # named as the file has it; making the setup says what is wrong
-            return f"--{name.replace('_', '-')} {text}"
-        for line in merged.explain(flag_of, explicit):
-            typer.echo(line, err=True)
-
-
-def _join(v, values):
-    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-
-def _offload(v, values):
-    return "all" if values.get("offload_params") else "optimizer" if values.get("offload_optimizer") else "none"
-
-
-# `memplan fit`'s options for the files' setup keys: a single value narrows its search to it; the file's
-# micro-batch becomes the smallest one a setup must fit
-FIT_CONFIG = {"model": ("model", None), "gpus": ("gpus", None), "gpus_per_node": ("gpus_per_node", None),
-              "seq": ("seq", None), "batch": ("min_batch", None), "grad_accum": ("grad_accum", None),
-              "lora_rank": ("lora_rank", None), "lora_targets": ("lora_targets", _join),
-              "train_layers": ("train_layers", None), "attention": ("attention", None),
-              "precision": ("precision", _join), "optimizer": ("optimizer", _join), "peft": ("peft", _join),
-              "checkpointing": ("checkpointing", _join), "zero": ("zero", _join), "engine": ("engine", _join),
-              "offload_params": ("offload", _offload), "offload_optimizer": ("offload", _offload)}
+    done = overlay(merged, kw, _given, FLAG_GROUPS, params)
+    for line in [f"warning: {w}" for w in merged.warnings] + (explain_lines(merged, done.explicit, params)
+                                                                 if explain else []):
+        typer.echo(line, err=True)
 
 
 def with_config(params: dict):
@@ -271,21 +217,6 @@ def with_config(params: dict):
         wrapper.__signature__ = sig.replace(parameters=own + CONFIG_OPTIONS)
         return wrapper
     return deco
-
-
-def _engine_consistent(kw: dict, filled: dict, explicit: dict) -> None:
-    """Values a file set that the engine given on the command line cannot take: under --engine deepspeed a file's
-    autocast bf16 / fp16 is DeepSpeed's (bf16-master / fp16-master); under another engine a file's DeepSpeed
-    knobs are left at their defaults. filled: option -> its value before the files; explicit gets the reason."""
-    if "engine" not in kw:
-        return
-    deepspeed = str(kw.get("engine") or "").lower() == "deepspeed"
-    if deepspeed and "precision" in filled and str(kw["precision"]) in ("bf16", "fp16"):
-        kw["precision"] = f"{kw['precision']}-master"
-        explicit["precision"] = f"--engine deepspeed: {kw['precision']} (DeepSpeed keeps fp32 masters)"
-    for name in [n for n in filled if n.startswith("ds_")] if not deepspeed else []:
-        kw[name] = filled[name]
-        explicit[name] = f"--engine {kw.get('engine')} (a DeepSpeed knob: left at its default)"
 
 
 def note_default_seq(model, setup, seq_given: bool) -> None:
