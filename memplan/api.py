@@ -15,11 +15,23 @@ from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
 from memplan.trace.add_profile import add_profile
 
-__all__ = ["add_profile", "estimate", "fits", "make_setup", "parse_choices", "resolve_gpu", "resolve_model",
-           "setup_from_dict"]
+__all__ = ["add_profile", "config_setup", "estimate", "fits", "make_setup", "parse_choices", "resolve_gpu",
+           "resolve_model", "setup_from_dict"]
 
 
-def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None, **setup_fields):
+def config_setup(config, **setup_fields) -> tuple[str | None, TrainingSetup, list[str]]:
+    """(model named by the files or None, TrainingSetup, warnings) from config files (a path or a list: a DeepSpeed
+    JSON, accelerate YAML, TrainingArguments JSON, torchtune recipe or axolotl YAML; later files override earlier
+    ones) and setup fields, which override every file (docs/config-files.md)."""
+    from memplan.configfile import read_configs, setup_fields as merge
+
+    merged = read_configs(config)
+    fields = merge(merged, setup_fields)
+    model = fields.pop("model", None)
+    return model, make_setup(**fields), merged.warnings
+
+
+def estimate(model=None, setup: TrainingSetup | None = None, gpu=None, overhead=None, config=None, **setup_fields):
     """Estimate per-GPU memory: `memplan.estimate("llama-7b", precision="bf16", zero=3, gpus=8, gpu="h100")`.
     With a GPU the result also carries the predicted `throughput` (memplan.estimate.throughput.predict, at the
     utilization memplan.measure.utilization finds in the committed measurement records).
@@ -28,11 +40,25 @@ def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None,
     TOML file of the profiles' schema, a byte count, or a GpuSpec (memplan.spec.values.resolve_gpu). Without
     `seq`, the sequence is the CLI's default: 2048, or the model's positions when fewer
     (memplan.spec.setup.default_seq). Fields the setup does not read (lora_rank with peft="full", ...) are named
-    in the result's warnings, as the CLI names them."""
+    in the result's warnings, as the CLI names them.
+    config: config file path(s) whose fields the setup fields override, and which may name the model
+    (`memplan.estimate(config="ds_config.json", model="llama-2-7b", gpus=8)`); their warnings join the result's."""
+    from dataclasses import replace
+
     from memplan.estimate import estimate_spec
     from memplan.estimate.ignored import ignored_fields
     from memplan.spec.setup import default_seq
 
+    given = {k: v for k, v in setup_fields.items() if v is not None}
+    warnings = []
+    if config is not None:
+        if setup is not None:
+            raise MemplanError("pass either setup= or config=, not both")
+        named, setup, warnings = config_setup(config, **setup_fields)
+        model = model if model is not None else named
+        setup_fields = {}
+    if model is None:
+        raise MemplanError("estimate needs a model (or a config file that names one)")
     spec = resolve_model(model)
     if setup is None:
         fields = dict(setup_fields)
@@ -43,11 +69,9 @@ def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None,
         raise MemplanError("pass either setup= or setup fields, not both")
     gpu = resolve_gpu(gpu)
     result = estimate_spec(spec, setup, gpu) if overhead is None else estimate_spec(spec, setup, gpu, overhead)
-    ignored = ignored_fields(setup, {k: v for k, v in setup_fields.items() if v is not None})
-    if ignored:
-        from dataclasses import replace
-
-        result = replace(result, warnings=result.warnings + tuple(ignored))
+    extra = tuple(warnings) + tuple(ignored_fields(setup, given))
+    if extra:
+        result = replace(result, warnings=tuple(result.warnings) + extra)
     if result.gpu is None:
         return result
     # only with a GPU: the design-card path skips it

@@ -119,6 +119,8 @@ def test_readme_block_runs(index, tmp_path, monkeypatch, capsys):
     (tmp_path / "reports").mkdir()
     (tmp_path / "my-model").mkdir()
     (tmp_path / "my-model" / "config.json").write_text(json.dumps(TINY))
+    (tmp_path / "tests").mkdir()  # the README's `--config tests/fixtures/configs/...` examples, as in a checkout
+    (tmp_path / "tests" / "fixtures").symlink_to(README.parent / "tests" / "fixtures")
     ran = run_block(BLOCKS[index], tmp_path, capsys)
     assert ran
 

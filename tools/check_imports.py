@@ -27,7 +27,7 @@ PACKAGE = "memplan"
 # Lowest first. A module belongs to the tier of its longest matching prefix.
 TIERS = (
     ("vocab", ("memplan.units", "memplan.errors", "memplan.categories", "memplan.version", "memplan.io")),
-    ("spec", ("memplan.spec", "memplan.profiles")),
+    ("spec", ("memplan.spec", "memplan.profiles", "memplan.configfile")),  # configfile: --config files to setup fields
     ("estimate", ("memplan.estimate",)),
     ("trace", ("memplan.trace",)),
     ("measure", ("memplan.measure",)),

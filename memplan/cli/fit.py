@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from memplan.cli.gate import EXIT_DOES_NOT_FIT
-from memplan.cli.options import Format, FormatOpt
+from memplan.cli.options import Format, FormatOpt, with_config
+from memplan.configfile.overlay import FIT_PARAMS
 from memplan.errors import MemplanError
 
 # a valid query with an empty answer: the exit code of estimate --require-fit's "does not fit" (memplan.cli.gate);
@@ -104,6 +105,7 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         offloads=_offloads(offload) if offload else F.Space.offloads)
 
 
+@with_config(FIT_PARAMS)
 def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json.")],
         gpu: Annotated[str, typer.Option(
             "--gpu", help="GPU profile to fit (memplan profiles list gpus), a memory size (48GiB, 80GB, 24G: memory "

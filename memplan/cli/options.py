@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -47,8 +48,8 @@ def _setup(name, annotation, default, *short, help):
 
 # Shared setup options, in --help order.
 SETUP_OPTIONS = [
-    option("model", str, ..., "--model", "-m", help="Model profile key or alias (memplan profiles list), or a path "
-           "to a Hugging Face config.json."),
+    option("model", Optional[str], None, "--model", "-m", help="Model profile key or alias (memplan profiles list), "
+           "or a path to a Hugging Face config.json. Required unless a --config file names one."),
     option("gpu", Optional[str], None, "--gpu", help="GPU profile: report fit and headroom against its memory. Also "
            "a memory size (48GiB, 80GB, 24G: memory only, no throughput) or a FILE.toml in the profiles' schema."),
     _setup("gpus", int, 1, help="Number of GPUs (data parallel)."),
@@ -145,6 +146,8 @@ def setup_from_options(kw: dict):
     deepspeed = str(kw.get("engine") or "").strip().lower() == "deepspeed"
     default_precision = DEEPSPEED_PRECISION if deepspeed else PEFT_PRECISION if peft in PEFT_BF16_BASE else None
     fields = {f: pick(kw, f, default_precision if f == "precision" else None) for f in FLAG_GROUPS}
+    if kw.get("model") is None:
+        raise MemplanError("Missing option '--model' / '-m' (or a --config file that names a model).")
     model = resolve_model(kw.pop("model"))
     gpu = resolve_gpu(kw.pop("gpu"))
     names = [p.name for p in SETUP_OPTIONS if p.name in kw]
@@ -152,6 +155,70 @@ def setup_from_options(kw: dict):
         kw["seq"] = default_seq(model)
     setup = make_setup(**fields, **{n: kw.pop(n) for n in names})
     return model, gpu, setup
+
+
+CONFIG_OPTIONS = [
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[list[str]], typer.Option("--config", metavar="FILE", help="Read setup fields from a DeepSpeed "
+                                          "JSON, an accelerate config YAML, a transformers TrainingArguments JSON, a "
+                                          "torchtune recipe or an axolotl YAML (repeatable: later files override "
+                                          "earlier ones, flags override every file; docs/config-files.md).")]),
+    option("explain", bool, False, "--explain", help="With --config: print each field read, the flag it became "
+           "and its file (stderr)."),
+]
+
+
+def _given(name: str) -> bool:
+    """Whether option `name` came from the command line (not its default)."""
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+
+    ctx = get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
+def apply_config(kw: dict, params: dict | None = None) -> None:
+    """--config / --explain (popped from kw): the files' setup values go into kw where their options were not given
+    on the command line (memplan.configfile.overlay); params: setup key -> (option, converter) for a command with
+    its own options (fit)."""
+    from memplan.configfile import read_configs
+    from memplan.configfile.overlay import explain_lines, overlay
+
+    paths, explain = kw.pop("config", None), kw.pop("explain", False)
+    if not paths:
+        if explain:
+            typer.echo("--explain: no --config file given", err=True)
+        return
+    merged = read_configs(paths)
+    done = overlay(merged, kw, _given, FLAG_GROUPS, params)
+    for line in [f"warning: {w}" for w in merged.warnings] + (explain_lines(merged, done.explicit, params)
+                                                                 if explain else []):
+        typer.echo(line, err=True)
+
+
+def with_config(params: dict):
+    """Add --config / --explain to a command with its own options (fit): `params` maps the files' setup keys to
+    its options (apply_config). A required --model becomes optional: a file may name the model."""
+    def deco(fn):
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # a module with `from __future__ import annotations`
+        own = []
+        for p in sig.parameters.values():
+            p = p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+            if p.name == "model" and p.default is inspect.Parameter.empty:
+                p = p.replace(default=None)
+            own.append(p)
+
+        @functools.wraps(fn)
+        def wrapper(**kw):
+            apply_config(kw, params)
+            if "model" in kw and kw["model"] is None:
+                raise MemplanError("Missing option '--model' / '-m' (or a --config file that names a model).")
+            return fn(**kw)
+
+        wrapper.__signature__ = sig.replace(parameters=own + CONFIG_OPTIONS)
+        return wrapper
+    return deco
 
 
 def note_default_seq(model, setup, seq_given: bool) -> None:
@@ -169,16 +236,18 @@ def with_setup_options(fn):
 
     @functools.wraps(fn)
     def wrapper(**kw):
-        shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS}
+        shared = {p.name: kw.pop(p.name) for p in SETUP_OPTIONS + CONFIG_OPTIONS}
+        # memplan.cli.gate: flags (not config-file fields) the setup ignores are named
+        given = given_fields(shared, SETUP_OPTIONS)
+        apply_config(shared)
         seq_given = shared["seq"] is not None
-        given = given_fields(shared, SETUP_OPTIONS)  # memplan.cli.gate: flags the setup ignores are named
         model, gpu, setup = setup_from_options(shared)
         out = fn(model=model, gpu=gpu, setup=setup, **kw)
         note_default_seq(model, setup, seq_given)
         note_ignored(setup, given)
         return out
 
-    wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + own)
+    wrapper.__signature__ = sig.replace(parameters=SETUP_OPTIONS + CONFIG_OPTIONS + own)
     return wrapper
 
 
@@ -195,19 +264,21 @@ def with_setup_options_optional_model(fn):
 
     @functools.wraps(fn)
     def wrapper(**kw):
-        shared = {p.name: kw.pop(p.name) for p in options}
-        changed = [p.name for p in options if p.name not in ("model", "gpu") and shared[p.name] != p.default]
+        shared = {p.name: kw.pop(p.name) for p in options + CONFIG_OPTIONS}
+        changed = [p.name for p in options + CONFIG_OPTIONS if p.name not in ("model", "gpu")
+                   and shared[p.name] != p.default]
+        given = given_fields(shared, options)
+        apply_config(shared)
         if shared["model"] is None:
             return fn(model=None, gpu=resolve_gpu(shared["gpu"]), setup=None, changed=changed, **kw)
         seq_given = shared["seq"] is not None
-        given = given_fields(shared, options)
         model, gpu, setup = setup_from_options(shared)
         out = fn(model=model, gpu=gpu, setup=setup, changed=changed, **kw)
         note_default_seq(model, setup, seq_given)
         note_ignored(setup, given)
         return out
 
-    wrapper.__signature__ = sig.replace(parameters=options + own)
+    wrapper.__signature__ = sig.replace(parameters=options + CONFIG_OPTIONS + own)
     return wrapper
 
 

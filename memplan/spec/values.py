@@ -43,10 +43,43 @@ SETUP_FLAGS = {
 }
 
 
+# Optimizer names as transformers spells them (transformers 5.24, training_args.py OptimizerNames; `optim=` of
+# TrainingArguments, axolotl's `optimizer:`), matched after lower-casing with underscores read as dashes.
+OPTIMIZER_ALIASES = {
+    "adamw-torch": "adamw",  # torch.optim.AdamW, default implementation (foreach on CUDA)
+    "adamw-torch-fused": "adamw-fused",  # torch.optim.AdamW(fused=True)
+    "adamw-hf": "adamw-forloop",  # transformers ≤ 4.x's own AdamW (gone in 5.x): a per-parameter loop
+    "adamw-bnb-8bit": "adamw-8bit",  # bitsandbytes AdamW, optim_bits=8
+    "adamw-8bit": "adamw-8bit",  # transformers' alias of adamw_bnb_8bit
+    "paged-adamw-32bit": "paged-adamw",  # bitsandbytes PagedAdamW (32-bit states)
+    "paged-adamw-8bit": "paged-adamw-8bit",
+    "adafactor": "adafactor",  # transformers.optimization.Adafactor
+    "sgd": "sgd",  # torch.optim.SGD (transformers passes no momentum: 0)
+}
+# OptimizerNames memplan has no state model for: named in the error instead of "unknown optimizer"
+OPTIMIZERS_NOT_MODELLED = ("lion", "paged-lion", "ademamix", "paged-ademamix", "adagrad", "rmsprop", "galore",
+                           "apollo", "lomo", "adalomo", "grokadamw", "schedule-free", "stable-adamw",
+                           "adamw-torch-xla", "adamw-torch-npu", "adamw-anyprecision", "adamw-torch-4bit",
+                           "adamw-torch-8bit")
+
+
+def optimizer_name(value) -> str:
+    """memplan's spelling of an optimizer name: its own (adamw-8bit) or transformers' (adamw_bnb_8bit)."""
+    text = str(value).strip().lower().replace("_", "-")
+    if text in OPTIMIZER_ALIASES:
+        return OPTIMIZER_ALIASES[text]
+    if text not in {o.value for o in Optimizer} and text.startswith(OPTIMIZERS_NOT_MODELLED):
+        raise MemplanError(f"optimizer '{value}' is not modelled by memplan (its optimizer state models: "
+                           f"{', '.join(o.value for o in Optimizer)}; transformers' names for them are accepted too)")
+    return text
+
+
 def _coerce(name: str, value):
     enum = ENUM_FIELDS.get(name)
     if enum is None or isinstance(value, Enum):
         return value
+    if enum is Optimizer:
+        value = optimizer_name(value)
     try:
         return enum(str(value).lower())
     except ValueError:
