@@ -18,7 +18,7 @@ try:  # typer ≥ 0.20 vendors click as typer._click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from memplan.cli import estimate, fit, measure, profiles, reconcile, report, trace
+from memplan.cli import estimate, fit, measure, profiles, reconcile, report, serve, trace
 from memplan.cli.options import SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options, with_setup_options
 from memplan.errors import MemplanError
 from memplan.io import os_reason
@@ -35,6 +35,7 @@ app.command()(fit.fit)
 app.command()(report.report)
 app.command("measure")(measure.measure_cmd)
 app.command("reconcile")(reconcile.reconcile_cmd)
+app.command("serve")(serve.serve)
 
 EXIT_BAD_INPUT = 2  # bad input: one `memplan: error:` line (also click's usage-error code)
 EXIT_CANNOT_WRITE = 1  # the environment failed the run (full disk, unwritable output), not the input

@@ -54,6 +54,7 @@ class ServeResult:
     paged: PagedCache | None = None
     throughput: ServeThroughput | None = None
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what the estimate did that was not asked for (a solved value)
     tier: str = "estimate"
 
     @property
@@ -75,7 +76,7 @@ class ServeResult:
              "categories": dict(self.categories), "peak": {"allocated_bytes": self.allocated_bytes,
                                                            "reserved_bytes": self.reserved_bytes,
                                                            "device_bytes": self.device_bytes, "phase": self.phase},
-             "warnings": list(self.warnings)}
+             "warnings": list(self.warnings), "notes": list(self.notes)}
         if self.gpu is not None:
             d.update(gpu={"name": self.gpu.name, "label": self.gpu.label, "memory_bytes": self.gpu.memory_bytes},
                      fits=self.fits, headroom_bytes=self.headroom_bytes)
@@ -242,11 +243,10 @@ def _solve(model, setup, gpu, overhead, field, low, high) -> ServeResult:
     if field == "concurrency" and setup.engine is ServeEngine.VLLM:  # the pool does not depend on concurrency
         first = at(1)
         best = max(first.paged.concurrency_at_max_seq, 1)
-        return replace(at(best), warnings=_solved(at(best), field, first.paged.concurrency_at_max_seq))
+        return replace(at(best), notes=_solved(field, first.paged.concurrency_at_max_seq))
     if not at(low).fits:
         r = at(low)
-        return replace(r, warnings=r.warnings + (f"nothing fits: even {field} {low} needs "
-                                                  f"{r.device_bytes / 2**30:.2f} GiB",))
+        return replace(r, notes=(f"nothing fits: even {field.replace('max_seq', 'context')} {low} does not",))
     lo, hi = low, low
     while hi < high and at(min(hi * 2, high)).fits:
         lo = hi = min(hi * 2, high)
@@ -258,8 +258,8 @@ def _solve(model, setup, gpu, overhead, field, low, high) -> ServeResult:
         else:
             hi = mid - 1
     r = at(lo)
-    return replace(r, warnings=_solved(r, field, lo))
+    return replace(r, notes=_solved(field, lo))
 
 
-def _solved(r: ServeResult, field: str, value: int) -> tuple[str, ...]:
-    return r.warnings + (f"solved: the largest {field.replace('max_seq', 'context')} that fits is {value:,}",)
+def _solved(field: str, value: int) -> tuple[str, ...]:
+    return (f"solved: the largest {field.replace('max_seq', 'context')} that fits is {value:,}",)
