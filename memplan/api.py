@@ -9,7 +9,7 @@ from memplan.errors import MemplanError
 from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
 
-__all__ = ["estimate", "make_setup", "parse_choices", "resolve_gpu", "resolve_model", "setup_from_dict"]
+__all__ = ["estimate", "make_setup", "parse_choices", "resolve_gpu", "resolve_model", "serve", "setup_from_dict"]
 
 
 def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None, **setup_fields):
@@ -32,3 +32,21 @@ def estimate(model, setup: TrainingSetup | None = None, gpu=None, overhead=None,
     from memplan.measure.utilization import utilization
 
     return with_throughput(result, spec, utilization(result.gpu, setup))
+
+
+def serve(model, gpu=None, setup=None, overhead=None, **setup_fields):
+    """Estimate one serving deployment: `memplan.api.serve("llama-3.1-8b", gpu="l4", weights="awq-int4",
+    kv_dtype="fp8", engine="vllm", max_seq=8192, solve="concurrency")` -> a frozen memplan.serve.ServeResult
+    (memory per GPU by category, vLLM's blocks and concurrency, roofline speed). Fields: memplan.serve.ServeSetup."""
+    from memplan.serve import ServeSetup, estimate_serve
+
+    if setup is None:
+        from dataclasses import fields
+
+        unknown = sorted(set(setup_fields) - {f.name for f in fields(ServeSetup)})
+        if unknown:
+            raise MemplanError(f"unknown serving field(s): {', '.join(unknown)}")
+        setup = ServeSetup(**setup_fields)
+    elif setup_fields:
+        raise MemplanError("pass either setup= or setup fields, not both")
+    return estimate_serve(resolve_model(model), setup, resolve_gpu(gpu), overhead)
