@@ -122,7 +122,7 @@ def serve(
         solve = Solve.NONE  # no card to fit in: one sequence (the help says so)
     setup = ServeSetup(weights=weights, group_size=group_size, double_quant=double_quant, kv_dtype=kv_dtype,
                        tp=tp or gpus or 1, engine=engine, hf_cache=hf_cache, prompt_len=prompt_len, gen_len=gen_len,
-                       max_seq=max_seq, concurrency=concurrency or 1, solve=solve,
+                       max_seq=max_seq, concurrency=1 if concurrency is None else concurrency, solve=solve,
                        gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     result = estimate_serve(spec, setup, card)
