@@ -156,7 +156,7 @@ def test_vllm_block_arithmetic_as_its_code_writes_it():
     # L4 (23,034 MiB, no "a100", < 70 GiB): max_num_batched_tokens 2048, max_num_seqs 256 (EngineArgs defaults)
     assert (p.max_num_batched_tokens, p.max_num_seqs) == (2048, 256)
     peak = r.weights.total + CUBLAS_WORKSPACE_BYTES + max(layer_forward_bytes(m, 2048, 1, 2),
-                                                           logits_bytes(m, 256, 2))
+                                                           logits_bytes(m, 256, 2, 2))
     available = int(g.memory_bytes * 0.9 - peak - CUDA_CONTEXT_BYTES)  # determine_available_memory
     assert p.available_bytes == available
     page = 2 * 16 * 8 * 128 * 1  # real_page_size_bytes: 2 · block_size · kv heads · head_size · fp8

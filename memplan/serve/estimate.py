@@ -29,12 +29,17 @@ from memplan.serve.vllm import PagedCache, paged_cache, vllm_batch_defaults
 from memplan.serve.weights import PACK, WeightBytes, partition, weight_bytes
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import Arch, ModelSpec, Role, Stack
+from memplan.spec.traits import PositionKind
 
 FP8_TENSOR_CORES = (8, 9)  # vLLM fp8 docs: "FP8 computation is supported on ... compute capability >= 8.9"
 FP8_MARLIN = (7, 5)  # "FP8 models will run on compute capability >= 7.5 (Turing) as weight-only W8A16 ... Marlin"
 AMPERE = (8, 0)  # bf16 in vLLM: gpu_worker._check_if_gpu_supports_dtype needs capability 8.0
-FP32_LOGIT_COPIES = 2  # generate()'s / the sampler's fp32 logits and the fp32 sampling probabilities
-MAX_SEARCH = 2**30  # search ceiling (memplan.serve.setup.MAX_COUNT)
+# fp32 copies of the sampled logits: generate() (greedy, its default do_sample=False) keeps one, its
+# `.to(copy=True, dtype=torch.float32)`; vLLM's sampler upcasts and computes sampling probabilities: two
+HF_FP32_LOGIT_COPIES = 1
+VLLM_FP32_LOGIT_COPIES = 2
+MAX_SEARCH = 2**30
+BASE_HIDDEN_COPIES = 4  # hidden-size tensors alive through a layer (layer_forward_bytes; checked by the trace)  # search ceiling (memplan.serve.setup.MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -141,12 +146,16 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     routed = tokens * model.experts_per_token if model.experts > 1 else tokens
     i = -(-model.intermediate // tp)
     mlp = routed * 3 * i + (routed * h if model.experts > 1 else 0)  # gate, up, act(gate)·up (+ expert outputs)
-    return (2 * tokens * h + max(attn, mlp)) * elem
+    # alive beside them (transformers' decoder forward): the embedding output (the model's forward keeps its
+    # inputs_embeds), the layer's input (held by the loop over layers), the residual and the normed input; rotary
+    # families also keep the cos and sin tables for the whole forward
+    rotary = 2 * tokens * model.head_dim if model.traits.position is PositionKind.ROTARY else 0
+    return (BASE_HIDDEN_COPIES * tokens * h + rotary + max(attn, mlp)) * elem
 
 
-def logits_bytes(model: ModelSpec, rows: int, elem: int) -> int:
+def logits_bytes(model: ModelSpec, rows: int, elem: int, fp32_copies: int = HF_FP32_LOGIT_COPIES) -> int:
     """The sampled positions' logits: model dtype plus the fp32 copies (whole vocabulary after TP's gather)."""
-    return rows * model.vocab * (elem + FP32_LOGIT_COPIES * 4)
+    return rows * model.vocab * (elem + fp32_copies * 4)
 
 
 def _hf_memory(model: ModelSpec, setup: ServeSetup, w: WeightBytes, per_token: int, ovh: Overhead):
@@ -159,13 +168,15 @@ def _hf_memory(model: ModelSpec, setup: ServeSetup, w: WeightBytes, per_token: i
     cat_copy = 0 if static else kv_end // model.layers  # torch.cat's new tensors of one layer beside the old
     act = layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem)
     logits = logits_bytes(model, c, elem)
-    prefill = kv_prefill + act + logits
-    decode = kv_end + layer_forward_bytes(model, c, setup.tp, elem) + logits + cat_copy
+    # the layers' activations are freed before the head runs: the prefill peaks at one or the other
+    prefill = kv_prefill + max(act, logits)
+    decode = kv_end + max(layer_forward_bytes(model, c, setup.tp, elem), logits) + cat_copy
     phase = "prefill" if prefill >= decode else "decode"
+    layer = act if phase == "prefill" else layer_forward_bytes(model, c, setup.tp, elem)
     cats = {"weights": w.total,
             "kv_cache": kv_prefill if phase == "prefill" else kv_end,
-            "activations": act if phase == "prefill" else layer_forward_bytes(model, c, setup.tp, elem),
-            "temporaries": logits + (0 if phase == "prefill" else cat_copy)}
+            "activations": layer if layer >= logits else 0,
+            "temporaries": (logits if logits > layer else 0) + (0 if phase == "prefill" else cat_copy)}
     allocated = sum(cats.values())
     reserved = ovh.reserved(allocated)
     device = ovh.device(reserved, setup.tp)
@@ -179,7 +190,7 @@ def _vllm_memory(model: ModelSpec, setup: ServeSetup, gpu: GpuSpec, w: WeightByt
     mnbt = setup.max_num_batched_tokens or tokens_dflt
     mns = setup.max_num_seqs or seqs_dflt
     act = layer_forward_bytes(model, mnbt, setup.tp, elem)
-    logits = logits_bytes(model, min(mns, mnbt), elem)
+    logits = logits_bytes(model, min(mns, mnbt), elem, VLLM_FP32_LOGIT_COPIES)
     profile_peak = w.total + ovh.cublas_workspace + max(act, logits)
     non_torch = ovh.cuda_context + (ovh.nccl if setup.tp > 1 else 0)
     available = gpu.memory_bytes * setup.gpu_memory_utilization - profile_peak - non_torch
