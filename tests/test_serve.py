@@ -288,3 +288,69 @@ def test_estimate_path_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# --- estimate vs trace: the real generate() on fake tensors (memplan.trace.serve) --------------------------------
+
+TINY = {  # tiny configs of each family: activations are a large share, so the estimate's model shows
+    "llama": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
+              "max_position_embeddings": 4096},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
+              "max_position_embeddings": 4096, "tie_word_embeddings": True},
+    "mistral": {"model_type": "mistral", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
+                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
+                "max_position_embeddings": 4096, "sliding_window": 256},
+    "gpt2": {"model_type": "gpt2", "n_embd": 256, "n_layer": 3, "n_head": 8, "vocab_size": 32000, "n_positions": 4096},
+    "opt": {"model_type": "opt", "hidden_size": 256, "ffn_dim": 1024, "num_hidden_layers": 3,
+            "num_attention_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096,
+            "word_embed_proj_dim": 256},
+    "phi": {"model_type": "phi", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 3,
+            "num_attention_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096},
+    "mixtral": {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
+                "max_position_embeddings": 4096, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+# What the trace showed when this was written (docs/serving.md, "Estimate vs trace"): the Llama-block families within
+# 0.5%; GPT-2 (NewGELU's Python-op temporaries), OPT, Phi and Mixtral off by up to 6% on these tiny configs, where
+# activations are a third of the memory. The bounds below hold the estimator to that until the gaps are modelled.
+TOLERANCE = {"llama": 0.01, "qwen2": 0.01, "mistral": 0.01, "gpt2": 0.07, "opt": 0.07, "phi": 0.07, "mixtral": 0.07}
+
+
+def test_trace_cli_agrees_with_the_estimate(capsys, tmp_path):
+    pytest.importorskip("torch")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY["llama"]))
+    for cache in ("dynamic", "static"):
+        rc, out, err = cli(capsys, "--model", str(cfg), "-c", "2", "--prompt-len", "128", "--gen-len", "3",
+                           "--cache", cache, "--trace", "-f", "json")
+        assert rc == 0, err
+        d = json.loads(out)
+        assert d["trace"]["peak_allocated"] == pytest.approx(d["peak"]["allocated_bytes"], rel=0.01)
+        per_token = d["kv_bytes_per_token"]
+        kept = 2 * (128 + 3 - 1) if cache == "dynamic" else 2 * (128 + 3)  # the last token is never fed back
+        assert d["trace"]["kv_cache"] == pytest.approx(kept * per_token, rel=0.01)
+    rc, _, err = cli(capsys, "--model", str(cfg), "--engine", "vllm", "--gpu", "l4", "--trace")
+    assert rc == 2 and "estimate-only" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(TINY))
+def test_estimate_vs_trace_grid(family):
+    """Each family × cache × (bf16, 2 × 300 prompt tokens) and (fp32, 4 × 64): `pytest -m slow tests/test_serve.py
+    -k grid -s` prints the table docs/serving.md quotes."""
+    pytest.importorskip("torch")
+    from memplan.trace.serve import trace_serve
+
+    m = spec_from_config(TINY[family], f"tiny-{family}")
+    for cache in ("dynamic", "static"):
+        for c, p, g, w in ((2, 300, 4, "bf16"), (4, 64, 3, "fp32")):
+            if m.experts > 1 and w == "fp32":
+                continue  # not traceable: transformers' grouped expert matmul is bf16/fp16 only on the CPU
+            s = ServeSetup(concurrency=c, prompt_len=p, gen_len=g, max_seq=p + g + 40, hf_cache=cache, weights=w)
+            t, e = trace_serve(m, s), estimate_serve(m, s)
+            err = e.allocated_bytes / t.peak_allocated - 1
+            print(f"{family:8} {cache:7} {c}×({p}+{g}) {w}: trace {t.peak_allocated:,} estimate "
+                  f"{e.allocated_bytes:,} ({100 * err:+.2f}%)")
+            assert abs(err) <= TOLERANCE[family]

@@ -100,6 +100,9 @@ def serve(
         "--max-num-batched-tokens", help="vLLM chunked-prefill budget. [default: vLLM's for the GPU]")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(
         "--max-num-seqs", help="vLLM's cap on running sequences. [default: vLLM's for the GPU]")] = None,
+    trace: Annotated[bool, typer.Option("--trace", help="Also run the real transformers generate() on fake "
+                                        "tensors (memplan.trace.serve; --engine hf, --tp 1, fp32/bf16/fp16) and "
+                                        "print its peak beside the estimate's.")] = False,
     fmt: FormatOpt = Format.table,
 ):
     """Estimate inference memory per GPU: weights, KV cache, activations; vLLM's KV blocks; speed bounds.
@@ -126,12 +129,30 @@ def serve(
                        gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     result = estimate_serve(spec, setup, card)
+    traced = None
+    if trace:
+        from memplan.trace.serve import check_traceable, trace_serve
+
+        check_traceable(spec, result.setup)
+        traced = trace_serve(spec, result.setup)
     if fmt is Format.json:
-        typer.echo(render.to_json(result.to_dict()))
+        d = result.to_dict()
+        if traced is not None:
+            d["trace"] = traced.to_dict()
+        typer.echo(render.to_json(d))
     elif fmt is Format.csv:
-        typer.echo(render.to_csv([serve_row(result)]), nl=False)
+        row = serve_row(result)
+        if traced is not None:
+            row.update(trace_peak_allocated=traced.peak_allocated, trace_weights=traced.weights,
+                       trace_kv_cache=traced.kv_cache)
+        typer.echo(render.to_csv([row]), nl=False)
     else:
         typer.echo(serve_table(result))
+        if traced is not None:
+            err = 100 * (result.allocated_bytes / traced.peak_allocated - 1)
+            typer.echo(f"[trace] generate() on fake tensors: peak allocated {traced.peak_allocated / GiB:.3f} GiB "
+                       f"(estimate {result.allocated_bytes / GiB:.3f} GiB, {err:+.2f}%), weights "
+                       f"{traced.weights / GiB:.3f} GiB, cache at the end {traced.kv_cache / GiB:.3f} GiB")
     if fmt is not Format.table:
         for w in result.warnings:
             typer.echo(f"warning: {w}", err=True)

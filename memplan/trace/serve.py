@@ -61,6 +61,9 @@ def check_traceable(model: ModelSpec, setup: ServeSetup) -> None:
     if setup.weights not in (WeightFormat.FP32, WeightFormat.BF16, WeightFormat.FP16):
         raise MemplanError(f"--trace: --weights {setup.weights.value} is estimate-only (no quantized kernel runs "
                            "on fake CPU tensors here)")
+    if model.experts > 1 and setup.compute_dtype == "fp32":
+        raise MemplanError("--trace: transformers' grouped expert matmul runs bf16/fp16 only on the CPU; fp32 MoE "
+                           "is estimate-only")
     if model.arch is not Arch.DECODER:
         raise MemplanError(f"memplan serve models decoder-only causal LMs; {model.name} is {model.arch.value}")
 
