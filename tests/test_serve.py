@@ -312,10 +312,11 @@ TINY = {  # tiny configs of each family: activations are a large share, so the e
                 "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
                 "max_position_embeddings": 4096, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
-# What the trace showed when this was written (docs/serving.md, "Estimate vs trace"): the Llama-block families within
-# 0.5%; GPT-2 (NewGELU's Python-op temporaries), OPT, Phi and Mixtral off by up to 6% on these tiny configs, where
-# activations are a third of the memory. The bounds below hold the estimator to that until the gaps are modelled.
-TOLERANCE = {"llama": 0.01, "qwen2": 0.01, "mistral": 0.01, "gpt2": 0.07, "opt": 0.07, "phi": 0.07, "mixtral": 0.07}
+# The estimate's layer model (memplan.serve.estimate.layer_forward_bytes) was set from these traces; docs/serving.md
+# quotes the figures. Every family holds within 1.5% on the fixed grid and within 3% (issue 14's bar) on the seeded
+# grids.
+TOLERANCE = 0.015
+GRID_TOLERANCE = 0.03
 
 
 def test_trace_cli_agrees_with_the_estimate(capsys, tmp_path):
@@ -353,4 +354,38 @@ def test_estimate_vs_trace_grid(family):
             err = e.allocated_bytes / t.peak_allocated - 1
             print(f"{family:8} {cache:7} {c}×({p}+{g}) {w}: trace {t.peak_allocated:,} estimate "
                   f"{e.allocated_bytes:,} ({100 * err:+.2f}%)")
-            assert abs(err) <= TOLERANCE[family]
+            assert abs(err) <= TOLERANCE
+
+
+def seeded_grid(seed: int, per_family: int = 16) -> list[tuple[str, ServeSetup]]:
+    """per_family setups per family drawn with `seed`: concurrency 1-8, prompt 8-512, generation 2-6 tokens, cache,
+    weights dtype (bf16 / fp16 / fp32; fp32 not for MoE, see memplan.trace.serve)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for family in TINY:
+        for _ in range(per_family):
+            dtypes = ("bf16", "fp16") if family == "mixtral" else ("bf16", "fp16", "fp32")
+            p, g = rng.randint(8, 512), rng.randint(2, 6)
+            out.append((family, ServeSetup(concurrency=rng.randint(1, 8), prompt_len=p, gen_len=g,
+                                           max_seq=p + g + rng.randint(0, 64), hf_cache=rng.choice(("dynamic", "static")),
+                                           weights=rng.choice(dtypes))))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_estimate_vs_trace_seeded_grid(seed):
+    """7 families × 16 setups per seed (112 each): `pytest -m slow tests/test_serve.py -k seeded -s` prints the worst
+    error per family."""
+    pytest.importorskip("torch")
+    from memplan.trace.serve import trace_serve
+
+    worst: dict[str, float] = {}
+    for family, s in seeded_grid(seed):
+        m = spec_from_config(TINY[family], f"tiny-{family}")
+        err = estimate_serve(m, s).allocated_bytes / trace_serve(m, s).peak_allocated - 1
+        worst[family] = max(worst.get(family, 0.0), abs(err))
+    print(f"seed {seed}: " + ", ".join(f"{f} {100 * e:.2f}%" for f, e in worst.items()))
+    assert max(worst.values()) <= GRID_TOLERANCE, worst

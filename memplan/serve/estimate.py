@@ -29,7 +29,7 @@ from memplan.serve.vllm import PagedCache, paged_cache, vllm_batch_defaults
 from memplan.serve.weights import PACK, WeightBytes, partition, weight_bytes
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import Arch, ModelSpec, Role, Stack
-from memplan.spec.traits import PositionKind
+from memplan.spec.traits import Activation, PositionKind
 
 FP8_TENSOR_CORES = (8, 9)  # vLLM fp8 docs: "FP8 computation is supported on ... compute capability >= 8.9"
 FP8_MARLIN = (7, 5)  # "FP8 models will run on compute capability >= 7.5 (Turing) as weight-only W8A16 ... Marlin"
@@ -145,12 +145,25 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     attn = tokens * (2 * q + 2 * kv)  # q, k, v and the attention output
     routed = tokens * model.experts_per_token if model.experts > 1 else tokens
     i = -(-model.intermediate // tp)
-    mlp = routed * 3 * i + (routed * h if model.experts > 1 else 0)  # gate, up, act(gate)·up (+ expert outputs)
+    mlp = routed * mlp_intermediates(model) * i + (routed * h if model.experts > 1 else 0)
     # alive beside them (transformers' decoder forward): the embedding output (the model's forward keeps its
     # inputs_embeds), the layer's input (held by the loop over layers), the residual and the normed input; rotary
     # families also keep the cos and sin tables for the whole forward
+    # families with a learned position table keep its output too (`position_embeds` beside `inputs_embeds`)
     rotary = 2 * tokens * model.head_dim if model.traits.position is PositionKind.ROTARY else 0
-    return (BASE_HIDDEN_COPIES * tokens * h + rotary + max(attn, mlp)) * elem
+    copies = BASE_HIDDEN_COPIES + (1 if model.traits.position is PositionKind.LEARNED else 0)
+    return (copies * tokens * h + rotary + max(attn, mlp)) * elem
+
+
+def mlp_intermediates(model: ModelSpec) -> int:
+    """Intermediate-size tensors alive at the MLP's peak: gated (act(gate) · up): gate's activation, up, their
+    product; plain: the first projection and its activation; transformers' NewGELU (GPT-2, Phi) evaluates its tanh
+    formula in Python ops, holding the input, 0.5·x and an operation's input and output at once."""
+    if model.experts > 1:  # transformers 5's fused experts: gate_up_proj's [rows, 2·i] output stays beside both
+        return 4
+    if model.gated_mlp:
+        return 3
+    return 4 if model.traits.activation is Activation.GELU_NEW else 2
 
 
 def logits_bytes(model: ModelSpec, rows: int, elem: int, fp32_copies: int = HF_FP32_LOGIT_COPIES) -> int:
