@@ -34,9 +34,10 @@ from memplan.spec.traits import Activation, PositionKind
 FP8_TENSOR_CORES = (8, 9)  # vLLM fp8 docs: "FP8 computation is supported on ... compute capability >= 8.9"
 FP8_MARLIN = (7, 5)  # "FP8 models will run on compute capability >= 7.5 (Turing) as weight-only W8A16 ... Marlin"
 AMPERE = (8, 0)  # bf16 in vLLM: gpu_worker._check_if_gpu_supports_dtype needs capability 8.0
-# fp32 copies of the sampled logits: generate() (greedy, its default do_sample=False) keeps one, its
-# `.to(copy=True, dtype=torch.float32)`; vLLM's sampler upcasts and computes sampling probabilities: two
-HF_FP32_LOGIT_COPIES = 1
+# fp32 copies of the sampled logits alive at once: generate() (greedy, its default do_sample=False) holds two at its
+# peak, its `.to(copy=True, dtype=torch.float32)` and the processed scores (seen in the trace, memplan.trace.serve);
+# vLLM's sampler upcasts and computes sampling probabilities: two as well
+HF_FP32_LOGIT_COPIES = 2
 VLLM_FP32_LOGIT_COPIES = 2
 MAX_SEARCH = 2**30
 BASE_HIDDEN_COPIES = 4  # hidden-size tensors alive through a layer (layer_forward_bytes; checked by the trace)  # search ceiling (memplan.serve.setup.MAX_COUNT)

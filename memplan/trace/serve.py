@@ -61,9 +61,9 @@ def check_traceable(model: ModelSpec, setup: ServeSetup) -> None:
     if setup.weights not in (WeightFormat.FP32, WeightFormat.BF16, WeightFormat.FP16):
         raise MemplanError(f"--trace: --weights {setup.weights.value} is estimate-only (no quantized kernel runs "
                            "on fake CPU tensors here)")
-    if model.experts > 1 and setup.compute_dtype == "fp32":
-        raise MemplanError("--trace: transformers' grouped expert matmul runs bf16/fp16 only on the CPU; fp32 MoE "
-                           "is estimate-only")
+    if model.experts > 1 and setup.compute_dtype != "bf16":
+        raise MemplanError("--trace: transformers' grouped expert matmul runs bf16 only on the CPU; other MoE "
+                           "dtypes are estimate-only")
     if model.arch is not Arch.DECODER:
         raise MemplanError(f"memplan serve models decoder-only causal LMs; {model.name} is {model.arch.value}")
 
@@ -93,7 +93,7 @@ def trace_serve(model: ModelSpec, setup: ServeSetup) -> ServeTrace:
             kw["past_key_values"] = transformers.StaticCache(config=config, max_cache_len=setup.max_seq)
         steps = iter([True] * (setup.gen_len - 1) + [False])
         hf._has_unfinished_sequences = lambda *a, **k: next(steps, False)
-        out = hf.generate(ids, max_new_tokens=setup.gen_len, min_new_tokens=setup.gen_len, do_sample=False,
+        out = hf.generate(ids, max_new_tokens=setup.gen_len, do_sample=False,
                           pad_token_id=None, eos_token_id=None, return_dict_in_generate=True, **kw)
         cache = out.past_key_values
         kv = 0
