@@ -16,7 +16,7 @@ from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_
 from memplan.trace.add_profile import add_profile
 
 __all__ = ["add_profile", "config_setup", "estimate", "fits", "make_setup", "parse_choices", "resolve_gpu",
-           "resolve_model", "setup_from_dict"]
+           "resolve_model", "serve", "setup_from_dict"]
 
 
 def config_setup(config, **setup_fields) -> tuple[str | None, TrainingSetup, list[str]]:
@@ -90,3 +90,21 @@ def fits(result, margin: float = DEFAULT_MARGIN) -> bool:
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
         raise MemplanError(f"margin must be in [0, 1), got {margin!r}")
     return result.peak.device_bytes <= int(result.gpu.memory_bytes * (1 - margin))
+
+
+def serve(model, gpu=None, setup=None, overhead=None, **setup_fields):
+    """Estimate one serving deployment: `memplan.api.serve("llama-3.1-8b", gpu="l4", weights="awq-int4",
+    kv_dtype="fp8", engine="vllm", max_seq=8192, solve="concurrency")` -> a frozen memplan.serve.ServeResult
+    (memory per GPU by category, vLLM's blocks and concurrency, roofline speed). Fields: memplan.serve.ServeSetup."""
+    from memplan.serve import ServeSetup, estimate_serve
+
+    if setup is None:
+        from dataclasses import fields
+
+        unknown = sorted(set(setup_fields) - {f.name for f in fields(ServeSetup)})
+        if unknown:
+            raise MemplanError(f"unknown serving field(s): {', '.join(unknown)}")
+        setup = ServeSetup(**setup_fields)
+    elif setup_fields:
+        raise MemplanError("pass either setup= or setup fields, not both")
+    return estimate_serve(resolve_model(model), setup, resolve_gpu(gpu), overhead)

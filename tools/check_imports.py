@@ -28,7 +28,7 @@ PACKAGE = "memplan"
 TIERS = (
     ("vocab", ("memplan.units", "memplan.errors", "memplan.categories", "memplan.version", "memplan.io")),
     ("spec", ("memplan.spec", "memplan.profiles", "memplan.configfile")),  # configfile: --config files to setup fields
-    ("estimate", ("memplan.estimate",)),
+    ("estimate", ("memplan.estimate", "memplan.serve")),
     ("trace", ("memplan.trace",)),
     ("measure", ("memplan.measure",)),
     # what joins the tiers below: the report, the fit search (estimate + measured utilization), the

@@ -1,0 +1,158 @@
+"""`memplan serve`: the inference estimate of one deployment (memplan.serve): memory per GPU, vLLM's paged
+cache, roofline speed; --solve (or no --concurrency) searches for the largest concurrency or context that fits."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from memplan.cli.options import Format, FormatOpt
+from memplan.errors import MemplanError
+from memplan.serve.setup import DEFAULT_GROUP_SIZE, VLLM_BLOCK_SIZE, VLLM_GPU_MEMORY_UTILIZATION, HfCache, KvDtype, \
+    ServeEngine, Solve, WeightFormat
+from memplan.units import GiB
+
+
+def serve_table(r) -> str:
+    """The human-readable page of a ServeResult."""
+    s = r.setup
+    gpus = f"tp {s.tp}" if s.tp > 1 else "1 GPU"
+    lines = [f"{r.model} · weights {s.weights.value}" + (f" (group {s.group_size})" if s.weights.grouped else "")
+             + f" · KV {s.kv_dtype_name} · {gpus} · engine {s.engine.value}"
+             + (f" ({s.hf_cache.value} cache)" if s.engine is ServeEngine.HF else "")
+             + f" · {s.concurrency} × (prompt {s.prompt_len} + gen {s.gen_len}), context {s.max_seq}",
+             f"[{r.tier}] per GPU ({r.phase}):", f"  {'category':<18}{'GiB':>8}"]
+    for k, v in r.categories.items():
+        lines.append(f"  {k:<18}{v / GiB:8.2f}")
+    lines += [f"  {'peak allocated':<18}{r.allocated_bytes / GiB:8.2f}",
+              f"  {'peak device':<18}{r.device_bytes / GiB:8.2f}",
+              f"weights: {r.weights.packed / GiB:.2f} GiB stored + {r.weights.scales / GiB:.3f} GiB scales/zeros + "
+              f"{r.weights.unquantized / GiB:.2f} GiB unquantized (embeddings, norms, head)",
+              f"KV cache: {r.kv_bytes_per_token:,} B per token per GPU"]
+    p = r.paged
+    if p is not None:
+        lines += [f"vLLM: {p.available_bytes / GiB:.2f} GiB for the cache = {s.gpu_memory_utilization:g} × "
+                  f"{r.gpu.memory_bytes / GiB:.1f} GiB − weights, profiled activation peak and non-torch memory",
+                  f"  {p.num_blocks:,} blocks of {p.block_size} tokens ({p.page_size_bytes:,} B per block per layer); "
+                  f"{p.blocks_per_request:,} blocks per {s.max_seq}-token request",
+                  f"  max concurrency {p.max_concurrency:.2f} at {s.max_seq} tokens (vLLM's figure); "
+                  f"{p.concurrency_at_seq:,} sequences of {p.tokens_per_seq} tokens (max_num_seqs {p.max_num_seqs})",
+                  f"  waste per sequence: paged {p.paged_waste_tokens} token slots (< one block) vs a contiguous "
+                  f"cache sized to {s.max_seq}: {p.static_waste_tokens} slots "
+                  f"({p.static_waste_tokens * r.kv_bytes_per_token / GiB:.3f} GiB)"]
+    if r.gpu is not None:
+        verdict = "fits" if r.fits else "does NOT fit"
+        lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "
+                     f"{r.headroom_bytes / GiB:+.2f} GiB at the device level")
+    t = r.throughput
+    if t is not None:
+        lines.append(f"speed (roofline upper bound, {t.compute_dtype} {t.peak_tflops:g} TFLOPS, "
+                     f"{t.bandwidth_gbs:g} GB/s): time to first token {t.ttft_s:.3f} s ({t.prefill_bound} bound); "
+                     f"decode {t.tokens_per_s_per_seq:,.1f} tokens/s per sequence, {t.tokens_per_s_total:,.0f} in all "
+                     f"({t.decode_bound} bound)")
+    lines += [f"note: {n}" for n in r.notes] + [f"warning: {w}" for w in r.warnings]
+    return "\n".join(lines)
+
+
+def serve_row(r) -> dict:
+    """One flat CSV row."""
+    d = r.to_dict()
+    row = {"model": d["model"], "tier": d["tier"], **d["setup"], "kv_bytes_per_token": d["kv_bytes_per_token"]}
+    row.update({f"{k}_bytes": v for k, v in d["categories"].items()})
+    row.update({f"peak_{k}": v for k, v in d["peak"].items()})
+    row.update({f"weights_{k}": v for k, v in d["weights"].items()})
+    if "gpu" in d:
+        row.update(gpu=d["gpu"]["name"], gpu_memory_bytes=d["gpu"]["memory_bytes"], fits=d["fits"],
+                   headroom_bytes=d["headroom_bytes"])
+    row.update({f"vllm_{k}": v for k, v in d.get("vllm", {}).items()})
+    row.update(d.get("throughput", {}))
+    return row
+
+
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json path.")],
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU profile: fit, vLLM's blocks and speed.")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel GPUs: weights and KV heads split "
+                                              "across them. [default: 1]")] = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", help="Same as --tp.")] = None,
+    weights: Annotated[WeightFormat, typer.Option("--weights", help="How the weights are stored.")] = WeightFormat.BF16,
+    group_size: Annotated[int, typer.Option("--group-size", help="gptq-int4 / awq-int4 quantization group.")]
+    = DEFAULT_GROUP_SIZE,
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="nf4: double-quantize the absmax.")] = False,
+    kv_dtype: Annotated[KvDtype, typer.Option("--kv-dtype", help="KV cache dtype (auto: the compute dtype).")]
+    = KvDtype.AUTO,
+    max_seq: Annotated[Optional[int], typer.Option("--max-seq", help="Context per sequence (vLLM max_model_len, "
+                                                   "the StaticCache length). [default: prompt + gen]")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", "-c", help="Sequences at once. Left out: "
+                                                       "the largest that fits (without --gpu: 1).")] = None,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens per sequence.")] = 1024,
+    gen_len: Annotated[int, typer.Option("--gen-len", help="Generated tokens per sequence.")] = 256,
+    engine: Annotated[ServeEngine, typer.Option("--engine", help="hf (transformers generate) | vllm (paged).")]
+    = ServeEngine.HF,
+    hf_cache: Annotated[HfCache, typer.Option("--cache", help="--engine hf: static (StaticCache sized to --max-seq) "
+                                              "| dynamic (DynamicCache).")] = HfCache.STATIC,
+    solve: Annotated[Optional[Solve], typer.Option("--solve", help="concurrency | context: search for the largest "
+                                                   "that fits (context: the prompt grows, --gen-len kept).")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option("--gpu-memory-utilization", help="vLLM's fraction of "
+                                                          "the card.")] = VLLM_GPU_MEMORY_UTILIZATION,
+    block_size: Annotated[int, typer.Option("--block-size", help="vLLM tokens per KV block.")] = VLLM_BLOCK_SIZE,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(
+        "--max-num-batched-tokens", help="vLLM chunked-prefill budget. [default: vLLM's for the GPU]")] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(
+        "--max-num-seqs", help="vLLM's cap on running sequences. [default: vLLM's for the GPU]")] = None,
+    trace: Annotated[bool, typer.Option("--trace", help="Also run the real transformers generate() on fake "
+                                        "tensors (memplan.trace.serve; --engine hf, --tp 1, fp32/bf16/fp16) and "
+                                        "print its peak beside the estimate's.")] = False,
+    fmt: FormatOpt = Format.table,
+):
+    """Estimate inference memory per GPU: weights, KV cache, activations; vLLM's KV blocks; speed bounds.
+
+    Example: memplan serve --model llama-3.1-8b --gpu l4 --weights awq-int4 --kv-dtype fp8 --engine vllm --max-seq 8192
+    """
+    from memplan import render
+    from memplan.serve import ServeSetup, estimate_serve
+    from memplan.spec.values import resolve_gpu, resolve_model
+
+    if tp is not None and gpus is not None and tp != gpus:
+        raise MemplanError(f"conflicting tensor-parallel options: --tp {tp} and --gpus {gpus}")
+    if solve is None:
+        solve = Solve.NONE if concurrency is not None else Solve.CONCURRENCY
+    if solve is Solve.CONCURRENCY and concurrency is not None:
+        raise MemplanError("--solve concurrency searches for the concurrency: leave out --concurrency")
+    spec = resolve_model(model)
+    card = resolve_gpu(gpu)
+    if card is None and concurrency is None and solve is Solve.CONCURRENCY:
+        solve = Solve.NONE  # no card to fit in: one sequence (the help says so)
+    setup = ServeSetup(weights=weights, group_size=group_size, double_quant=double_quant, kv_dtype=kv_dtype,
+                       tp=tp or gpus or 1, engine=engine, hf_cache=hf_cache, prompt_len=prompt_len, gen_len=gen_len,
+                       max_seq=max_seq, concurrency=1 if concurrency is None else concurrency, solve=solve,
+                       gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
+                       max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+    result = estimate_serve(spec, setup, card)
+    traced = None
+    if trace:
+        from memplan.trace.serve import check_traceable, trace_serve
+
+        check_traceable(spec, result.setup)
+        traced = trace_serve(spec, result.setup)
+    if fmt is Format.json:
+        d = result.to_dict()
+        if traced is not None:
+            d["trace"] = traced.to_dict()
+        typer.echo(render.to_json(d))
+    elif fmt is Format.csv:
+        row = serve_row(result)
+        if traced is not None:
+            row.update(trace_peak_allocated=traced.peak_allocated, trace_weights=traced.weights,
+                       trace_kv_cache=traced.kv_cache)
+        typer.echo(render.to_csv([row]), nl=False)
+    else:
+        typer.echo(serve_table(result))
+        if traced is not None:
+            err = 100 * (result.allocated_bytes / traced.peak_allocated - 1)
+            typer.echo(f"[trace] generate() on fake tensors: peak allocated {traced.peak_allocated / GiB:.3f} GiB "
+                       f"(estimate {result.allocated_bytes / GiB:.3f} GiB, {err:+.2f}%), weights "
+                       f"{traced.weights / GiB:.3f} GiB, cache at the end {traced.kv_cache / GiB:.3f} GiB")
+    if fmt is not Format.table:
+        for w in result.warnings:
+            typer.echo(f"warning: {w}", err=True)
