@@ -15,7 +15,7 @@ from memplan.spec.traits import TRAITS, AttentionKind, BlockLayout, LossHead, No
 # one profile per family: the model each structural check builds
 REPRESENTATIVE = {"llama": "llama-3.2-1b", "mistral": "mistral-7b", "mixtral": "mixtral-8x7b", "qwen2": "qwen2.5-0.5b",
                   "gemma": "gemma-2b", "gpt2": "gpt2", "opt": "opt-125m", "bloom": "bloomz-7b1", "phi": "phi-1.5",
-                  "bert": "bert-base-uncased", "t5": "t5-3b"}
+                  "bert": "bert-base-uncased", "t5": "t5-3b", "qwen3": "qwen3-0.6b"}
 
 
 def test_every_family_with_a_builder_has_traits():

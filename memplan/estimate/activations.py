@@ -15,7 +15,7 @@ from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.estimate.weights import fsdp_sharded
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
-from memplan.spec.traits import BlockLayout, LossHead, NormKind, PositionKind, SoftmaxDtype
+from memplan.spec.traits import BlockLayout, LossHead, NormKind, PositionKind, QKNorm, SoftmaxDtype
 
 # transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
 # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·pow(x, 3)))) saves pow's input, tanh's output, 0.5·x and (1 + tanh);
@@ -71,12 +71,13 @@ class _Block:
     def t(self, name):
         return f"{self.p}.{name}"
 
-    def norm(self, name, inp, width, rms: bool):
-        """Norm of `inp` (key, bytes); returns the output tensor. Llama/T5 RMSNorm upcast to fp32 first."""
+    def norm(self, name, inp, width, rms: bool, rows: int = 1):
+        """Norm of `inp` (key, bytes); returns the output tensor. Llama/T5 RMSNorm upcast to fp32 first.
+        `width` is the elements per token, normalized in `rows` groups (per-head q/k norms: one per head)."""
         x, (key, b) = self.x, inp
         if rms:
             self.s.add(self.t(name + ".x32") if b != 4 else key, 4 * width)  # pow(2) saves the fp32 copy
-            self.s.add(self.t(name + ".rstd"), 4)
+            self.s.add(self.t(name + ".rstd"), 4 * rows)
             if x.w_train:  # weight * y saves y (in the input dtype)
                 self.s.add(self.t(name + ".y"), b * width)
         else:  # native_layer_norm saves its input, mean and rstd
@@ -156,6 +157,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         v = b.linear(L[Role.V], x)
         q_key, k_key, v_key = q[0], k[0], v[0]
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
+        if tr.qk_norm is QKNorm.ALWAYS:  # RMSNorm(head_dim) per head on q and k before the rotary embedding
+            _qk_norms(b, ctx, model, q, k)
     if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
     rep = model.heads // model.kv_heads
@@ -229,6 +232,16 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     if not pre_norm:
         b.norm("ln_post2", ("resid_sum2", r), h, rms)
     return s
+
+
+def _qk_norms(b: _Block, ctx: Ctx, model: ModelSpec, q, k) -> None:
+    """Per-head RMS norms of the q and k projections (Qwen3, Gemma 3): each saves its fp32 copy, one rstd per
+    head and, when the weight trains, its normalized input. Their (fp32 under autocast) outputs feed the rotary
+    embedding, whose products save only cos / sin; attention saves its own (cast) q and k as without them."""
+    qlora32 = ctx.qlora and ctx.autocast  # bitsandbytes returns the input's dtype: fp32 under autocast
+    for name, t, width, rows in (("q_norm", q, model.q_dim, model.heads), ("k_norm", k, model.kv_dim,
+                                                                          model.kv_heads)):
+        b.norm(name, (t[0], 4 if qlora32 else t[1]), width, rms=True, rows=rows)
 
 
 # Eager attention softmax dtypes: FamilyTraits.softmax (memplan.spec.traits.SoftmaxDtype). A softmax without

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from memplan.errors import MemplanError
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
-from memplan.spec.traits import TRAITS
+from memplan.spec.traits import TRAITS, QKNorm
 
 D, E, O = Stack.DECODER, Stack.ENCODER, Stack.OUTSIDE
 SELF_ATTN = (Role.Q, Role.K, Role.V, Role.O)
@@ -122,7 +122,7 @@ def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
     mt = cfg["model_type"]
     if mt == "qwen2":  # Qwen2Attention: bias=True on q/k/v, False on o_proj, whatever attention_bias says
         return True, False, False
-    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma")  # Mistral / Mixtral: always False
+    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3")  # Mistral / Mixtral: always False
     return attn, attn, bool(cfg.get("mlp_bias", False)) and mt == "llama"
 
 
@@ -133,11 +133,12 @@ _LLAMA_DEFAULTS = {
     "mixtral": dict(num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
     "qwen2": dict(num_key_value_heads=32),
     "gemma": dict(num_key_value_heads=16, head_dim=256, tie_word_embeddings=True),
+    "qwen3": dict(num_key_value_heads=32, head_dim=128),  # Qwen3Config
 }
 
 
 def llama(cfg: Mapping) -> dict:
-    """Llama, Mistral, Mixtral, Qwen2, Gemma, Yi: RMSNorm, rotary, gated MLP, optional GQA / MoE / qkv bias."""
+    """Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Yi: RMSNorm, rotary, gated MLP, optional GQA / MoE / qkv bias."""
     h = _get(cfg, "hidden_size")
     n = _get(cfg, "num_hidden_layers")
     heads = _get(cfg, "num_attention_heads")
@@ -167,6 +168,8 @@ def llama(cfg: Mapping) -> dict:
     else:
         lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
     ten += _norm("input_layernorm", h, n, D, False) + _norm("post_attention_layernorm", h, n, D, False)
+    if TRAITS[mt].qk_norm is QKNorm.ALWAYS:  # Qwen3Attention: RMSNorm(head_dim) on each head's q and k
+        ten += _norm("self_attn.q_norm", hd, n, D, False) + _norm("self_attn.k_norm", hd, n, D, False)
     ten += _norm("norm", h, 1, O, False)
     head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
@@ -365,7 +368,7 @@ def t5(cfg: Mapping) -> dict:
 
 
 FAMILIES: dict[str, Callable[[Mapping], dict]] = {
-    "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama,
+    "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama, "qwen3": llama,
     "gpt2": gpt2, "opt": opt, "bloom": bloom, "phi": phi, "bert": bert, "t5": t5,
 }
 

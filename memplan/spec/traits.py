@@ -68,7 +68,7 @@ class QKNorm(str, Enum):
 
     NONE = "none"
     CONFIG = "config"  # present when the config says so (Phi's qk_layernorm)
-    ALWAYS = "always"  # every layer has them (Qwen3, OLMo2, Gemma 3); no family here yet
+    ALWAYS = "always"  # every layer has them, RMSNorm over head_dim per head (Qwen3, Gemma 3)
 
 
 class Routing(str, Enum):
@@ -165,6 +165,10 @@ TRAITS: dict[str, FamilyTraits] = {
                           ia3_feedforward=("down_proj",)),
     "gemma": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"),
                           ia3_feedforward=("down_proj",)),
+    # Qwen3Attention: q_norm / k_norm (Qwen3RMSNorm over head_dim) on every layer's per-head queries and keys,
+    # before the rotary embedding; sliding window only when use_sliding_window (off in every published config)
+    "qwen3": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"),
+                          ia3_feedforward=("down_proj",), qk_norm=QKNorm.ALWAYS),
     "gpt2": FamilyTraits(
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
