@@ -23,6 +23,8 @@ from memplan.spec.families import spec_from_config  # noqa: E402
 CASES = [
     ("qwen3-0.6b", dict(precision="bf16", peft="full", batch=2, seq=1024)),  # per-head q/k RMSNorm
     ("qwen3-0.6b", dict(precision="pure-bf16", peft="lora", batch=2, seq=1024, attention="eager")),
+    # sandwich norms with fp32 weight products, soft-capped eager scores and logits (no SDPA path)
+    ("gemma-2-2b", dict(precision="pure-bf16", peft="lora", batch=2, seq=1024)),
 ]
 
 BLOCKS = 8

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 PROFILES = ["llama-7b", "mistral-7b", "gpt2", "opt-125m", "bert-base-uncased", "t5-3b", "phi-2", "qwen2.5-0.5b",
-            "bloomz-7b1", "qwen3-0.6b"]
+            "bloomz-7b1", "qwen3-0.6b", "gemma-2-2b"]
 TASK_CLASS = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}  # everything else: causal LM
 SEQ = 128  # any length valid for every profile; counts do not depend on it
 
@@ -73,6 +73,7 @@ EXPLICIT = {
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # c_proj: attn.c_proj and mlp.c_proj
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "bert": ["query", "key", "value", "dense"],  # dense: attention.output, intermediate, output and the MLM transform
@@ -204,6 +205,7 @@ BLOCK_RE = {
     "phi": r"model\.layers\.(\d+)\.", "gpt2": r"transformer\.h\.(\d+)\.", "bloom": r"transformer\.h\.(\d+)\.",
     "opt": r"model\.decoder\.layers\.(\d+)\.", "bert": r"bert\.encoder\.layer\.(\d+)\.",
     "t5": r"decoder\.block\.(\d+)\.", "qwen3": r"model\.layers\.(\d+)\.",
+    "gemma2": r"model\.layers\.(\d+)\.",
 }
 HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
     "llama": ("model.norm.", "lm_head."), "mistral": ("model.norm.", "lm_head."),
@@ -215,6 +217,7 @@ HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
     "bert": ("cls.predictions.", "bert.embeddings.word_embeddings."),  # MLM transform + bias, tied decoder
     "t5": ("decoder.final_layer_norm.", "shared."),
     "qwen3": ("model.norm.", "lm_head.", "model.embed_tokens."),  # qwen3-0.6b ties its head
+    "gemma2": ("model.norm.", "lm_head.", "model.embed_tokens."),  # tied
 }
 # --peft freeze trains only what comes after the blocks (was a memplan bug, fixed).
 

@@ -71,15 +71,19 @@ class _Block:
     def t(self, name):
         return f"{self.p}.{name}"
 
-    def norm(self, name, inp, width, rms: bool, rows: int = 1):
+    def norm(self, name, inp, width, rms: bool, rows: int = 1, y32: bool = False):
         """Norm of `inp` (key, bytes); returns the output tensor. Llama/T5 RMSNorm upcast to fp32 first.
-        `width` is the elements per token, normalized in `rows` groups (per-head q/k norms: one per head)."""
+        `width` is the elements per token, normalized in `rows` groups (per-head q/k norms: one per head).
+        y32: the weight multiplies the fp32 normalized input and the product is cast to the input's dtype
+        (NormKind.RMSNORM_FP32_WEIGHT: Gemma, OLMo 2)."""
         x, (key, b) = self.x, inp
         if rms:
             self.s.add(self.t(name + ".x32") if b != 4 else key, 4 * width)  # pow(2) saves the fp32 copy
             self.s.add(self.t(name + ".rstd"), 4 * rows)
-            if x.w_train:  # weight * y saves y (in the input dtype)
-                self.s.add(self.t(name + ".y"), b * width)
+            if x.w_train:  # weight * y saves y (in the input dtype; fp32 where the product is made in fp32)
+                self.s.add(self.t(name + ".y"), (4 if y32 else b) * width)
+            if y32:
+                return self.t(name + ".out"), b
         else:  # native_layer_norm saves its input, mean and rstd
             self.s.add(key, b * width)
             self.s.add(self.t(name + ".stats"), 8)
@@ -141,11 +145,10 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     L = _linears_by_role(model, stack)
     r = 4 if ctx.autocast else ctx.dtype_bytes  # residual stream dtype
     tr = model.traits
-    rms = tr.norm is NormKind.RMSNORM
-    pre_norm = tr.block is not BlockLayout.POST_NORM
+    rms, y32 = tr.rms, tr.norm is NormKind.RMSNORM_FP32_WEIGHT
     h, c = model.hidden, ctx.c
     resid = ("resid", r)
-    x = b.norm("ln1", resid, h, rms) if pre_norm else resid
+    x = b.norm("ln1", resid, h, rms, y32=y32) if tr.pre_norm else resid
     # attention projections
     if Role.QKV in L:
         qkv = b.linear(L[Role.QKV], x)
@@ -185,7 +188,9 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add(v_key, v_b)
         s.add("attn_out", c * model.q_dim)
         s.add("lse", 4 * model.heads)
-    b.linear(L[Role.O], ("attn_out", c))
+    o = b.linear(L[Role.O], ("attn_out", c))
+    if tr.post_sublayer_norms:  # a norm on the attention output before the residual add
+        b.norm("ln_attn_out", o, h, rms, y32=y32)
     if ctx.dropout:
         b.dropout("attn_drop", h, model.dropout)
     if cross:
@@ -199,8 +204,11 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         b.linear(L[Role.CROSS_O], ("cross_out", c))
     # MLP
     s.snapshot("attention")  # the attention half: what a block saves before its MLP
-    x3 = b.norm("ln2", ("resid2", r), h, rms) if tr.block is BlockLayout.PRE_NORM else x
-    if not pre_norm:  # BERT: LayerNorm(attn_out + residual) saves the sum
+    if tr.block in (BlockLayout.PRE_NORM, BlockLayout.SANDWICH):
+        x3 = b.norm("ln2", ("resid2", r), h, rms, y32=y32)
+    else:  # parallel: the attention's norm output; post-sublayer: the residual itself
+        x3 = ("resid2", r) if tr.block is BlockLayout.POST_SUBLAYER else x
+    if tr.block is BlockLayout.POST_NORM:  # BERT: LayerNorm(attn_out + residual) saves the sum
         b.norm("ln_post1", ("resid_sum1", r), h, rms)
         x3 = ("ln_post1.out", r)
     i, k_exp = model.intermediate, model.experts_per_token if model.experts > 1 else 1
@@ -217,19 +225,23 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add("act_out", k_exp * ci * i)  # act * up saves both
         s.add("up_out", k_exp * ci * i)
         if Role.GATE in L:
-            b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
+            down = b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
+            mlp_out = (down[0], ci if ctx.qlora else down[1])  # bitsandbytes: the input's dtype
         else:
             s.add("prod", k_exp * c * i)
             s.add("moe_out", k_exp * c * h)
+            mlp_out = ("moe_sum", c)
     else:
         b.linear(L[Role.UP], x3)
-        _plain_mlp(s, b, ctx, model, L[Role.DOWN])
+        mlp_out = _plain_mlp(s, b, ctx, model, L[Role.DOWN])
+    if tr.post_sublayer_norms:  # a norm on the MLP output before the residual add
+        b.norm("ln_mlp_out", mlp_out, h, rms, y32=y32)
     if ctx.adapters:  # two bottleneck adapters: each saves its input (down) and the ReLU output (up)
         s.add("adapter_in", 2 * c * h)
         s.add("adapter_relu", 2 * c * ctx.adapter_size)
     if ctx.dropout:
         b.dropout("mlp_drop", h, model.dropout)
-    if not pre_norm:
+    if tr.block is BlockLayout.POST_NORM:
         b.norm("ln_post2", ("resid_sum2", r), h, rms)
     return s
 
@@ -241,7 +253,8 @@ def _qk_norms(b: _Block, ctx: Ctx, model: ModelSpec, q, k) -> None:
     qlora32 = ctx.qlora and ctx.autocast  # bitsandbytes returns the input's dtype: fp32 under autocast
     for name, t, width, rows in (("q_norm", q, model.q_dim, model.heads), ("k_norm", k, model.kv_dim,
                                                                           model.kv_heads)):
-        b.norm(name, (t[0], 4 if qlora32 else t[1]), width, rms=True, rows=rows)
+        b.norm(name, (t[0], 4 if qlora32 else t[1]), width, rms=True, rows=rows,
+               y32=model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT)
 
 
 # Eager attention softmax dtypes: FamilyTraits.softmax (memplan.spec.traits.SoftmaxDtype). A softmax without
@@ -257,6 +270,8 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     c, h = ctx.c, model.heads
     sm = _softmax_bytes(model, ctx.autocast, c)
     h = h * ctx.kv_ratio  # s² terms span every key: the prefix's too
+    if softcap(model, model.traits.attn_softcap_key):  # cap·tanh(scores / cap): tanh saves its output
+        s.add("softcap_tanh", c * h, sq=True)
     s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
     s.snapshot("softmax")  # what its backward still finds alive
     # .to(query.dtype) / .type(value.dtype): a copy when sm != c; BERT feeds the softmax output on as it is
@@ -268,6 +283,11 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     else:
         key = "softmax_out" if p == sm else "probs"
     s.add(key if p == c else "probs_cast", c * h, sq=True)
+
+
+def softcap(model: ModelSpec, key: str) -> float:
+    """The tanh soft-capping value the config gives under a FamilyTraits *_softcap_key (0: none)."""
+    return float(model.hf_config.get(key) or 0) if key else 0.0
 
 
 def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -> None:
@@ -289,7 +309,7 @@ def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -
         s.add("ff_drop_mask", i)  # T5DenseActDense: dropout between the activation and wo
     # fc2 on the activation's output (the tanh-GELU product is cast back to the compute dtype under autocast):
     # saved as fc2's input when its weight trains, copied to fp32 for LoRA or (IA)3 feed-forward scaling
-    b.linear(down, ("act_out", a if act == "relu" else c))
+    return b.linear(down, ("act_out", a if act == "relu" else c))
 
 
 def stream_bytes(p: Precision) -> int:
@@ -457,8 +477,9 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     c, r = p.compute_bytes, (4 if p.autocast else stream_bytes(p))
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
     out = _embedding_saved(model, setup)
-    if model.traits.norm is NormKind.RMSNORM:
-        out += (4 * h if r != 4 else 0) + 4 + (r * h if head_trains else 0)  # fp32 copy (else the residual), rstd, y
+    if model.traits.rms:  # fp32 copy (else the residual), rstd, y (fp32 where the weight multiplies in fp32)
+        y = 4 if model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT else r
+        out += (4 * h if r != 4 else 0) + 4 + (y * h if head_trains else 0)
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
     out += c * h if p.autocast else r * h  # the LM head's input: the norm output (autocast: its half cast)
@@ -484,7 +505,9 @@ def _loss_saved(model: ModelSpec, setup: TrainingSetup) -> int:
     keeps the logits' dtype (fp32 after the causal-LM upcast); under autocast nll_loss (CUDA fp32 list) casts
     that to fp32 and saves the copy."""
     v = model.vocab
+    # final soft-capping, cap·tanh(logits / cap) before the loss: tanh saves its output (the logits' dtype)
+    capped = logits_bytes(setup) * v if softcap(model, model.traits.logit_softcap_key) else 0
     if logits_upcast(model):
-        return 4 * v
+        return 4 * v + capped
     lb = logits_bytes(setup)
-    return lb * v + (4 * v if setup.precision.autocast and lb != 4 else 0)
+    return lb * v + (4 * v if setup.precision.autocast and lb != 4 else 0) + capped

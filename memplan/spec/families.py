@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from memplan.errors import MemplanError
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
-from memplan.spec.traits import TRAITS, QKNorm
+from memplan.spec.traits import TRAITS, BlockLayout, QKNorm
 
 D, E, O = Stack.DECODER, Stack.ENCODER, Stack.OUTSIDE
 SELF_ATTN = (Role.Q, Role.K, Role.V, Role.O)
@@ -113,8 +113,16 @@ def _paths(prefix: str, *names: str) -> tuple[str, ...]:
 
 
 def _spec(cfg: Mapping, **kw) -> dict:
-    """Common keyword arguments for ModelSpec: the family's traits come from TRAITS by model_type."""
-    return dict(model_type=cfg["model_type"], traits=TRAITS[cfg["model_type"]], hf_config=dict(cfg), **kw)
+    """Common keyword arguments for ModelSpec: the family's traits come from TRAITS by model_type. The config's
+    soft-capping keys (FamilyTraits.*_softcap_key) that it omits get the config class's default, so the estimator
+    reads the cap the model runs with (an explicit null stays null: no capping)."""
+    mt = cfg["model_type"]
+    fills = {k: v for k, v in _SOFTCAP_DEFAULTS.get(mt, {}).items() if k not in cfg}
+    return dict(model_type=mt, traits=TRAITS[mt], hf_config={**cfg, **fills}, **kw)
+
+
+# Config-class defaults of the soft-capping keys FamilyTraits names (transformers 5 Gemma2Config)
+_SOFTCAP_DEFAULTS = {"gemma2": dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)}
 
 
 def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
@@ -122,7 +130,7 @@ def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
     mt = cfg["model_type"]
     if mt == "qwen2":  # Qwen2Attention: bias=True on q/k/v, False on o_proj, whatever attention_bias says
         return True, False, False
-    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3")  # Mistral / Mixtral: always False
+    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3", "gemma2")  # Mistral / Mixtral: always False
     return attn, attn, bool(cfg.get("mlp_bias", False)) and mt == "llama"
 
 
@@ -134,11 +142,12 @@ _LLAMA_DEFAULTS = {
     "qwen2": dict(num_key_value_heads=32),
     "gemma": dict(num_key_value_heads=16, head_dim=256, tie_word_embeddings=True),
     "qwen3": dict(num_key_value_heads=32, head_dim=128),  # Qwen3Config
+    "gemma2": dict(num_key_value_heads=4, head_dim=256, tie_word_embeddings=True),  # Gemma2Config
 }
 
 
 def llama(cfg: Mapping) -> dict:
-    """Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Yi: RMSNorm, rotary, gated MLP, optional GQA / MoE / qkv bias."""
+    """Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2, Yi: RMSNorm, rotary, gated MLP, optional GQA / MoE / qkv bias."""
     h = _get(cfg, "hidden_size")
     n = _get(cfg, "num_hidden_layers")
     heads = _get(cfg, "num_attention_heads")
@@ -168,6 +177,8 @@ def llama(cfg: Mapping) -> dict:
     else:
         lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
     ten += _norm("input_layernorm", h, n, D, False) + _norm("post_attention_layernorm", h, n, D, False)
+    if TRAITS[mt].block is BlockLayout.SANDWICH:  # Gemma2DecoderLayer: a norm before and after the MLP too
+        ten += _norm("pre_feedforward_layernorm", h, n, D, False) + _norm("post_feedforward_layernorm", h, n, D, False)
     if TRAITS[mt].qk_norm is QKNorm.ALWAYS:  # Qwen3Attention: RMSNorm(head_dim) on each head's q and k
         ten += _norm("self_attn.q_norm", hd, n, D, False) + _norm("self_attn.k_norm", hd, n, D, False)
     ten += _norm("norm", h, 1, O, False)
@@ -369,6 +380,7 @@ def t5(cfg: Mapping) -> dict:
 
 FAMILIES: dict[str, Callable[[Mapping], dict]] = {
     "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama, "qwen3": llama,
+    "gemma2": llama,
     "gpt2": gpt2, "opt": opt, "bloom": bloom, "phi": phi, "bert": bert, "t5": t5,
 }
 
