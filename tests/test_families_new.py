@@ -20,11 +20,20 @@ from memplan.profiles import model_profile  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
 
 # (profile, estimate-vs-trace setup): one per new family, its distinctive block under autocast
+SLOW = pytest.mark.slow  # more setups of the same families (~15 s each), in the -m slow run
 CASES = [
     ("qwen3-0.6b", dict(precision="bf16", peft="full", batch=2, seq=1024)),  # per-head q/k RMSNorm
-    ("qwen3-0.6b", dict(precision="pure-bf16", peft="lora", batch=2, seq=1024, attention="eager")),
+    pytest.param("qwen3-0.6b", dict(precision="pure-bf16", peft="lora", batch=2, seq=1024, attention="eager"),
+                 marks=SLOW),
     # sandwich norms with fp32 weight products, soft-capped eager scores and logits (no SDPA path)
     ("gemma-2-2b", dict(precision="pure-bf16", peft="lora", batch=2, seq=1024)),
+    # fused qkv / gate_up projections, rotary by concatenation, and a 2047-position window under 2048 positions
+    ("phi-3-mini-4k-instruct", dict(precision="pure-bf16", peft="full", batch=2, seq=2048)),
+    pytest.param("phi-3-mini-4k-instruct", dict(precision="bf16", peft="qlora", lora_targets="all-linear", batch=2,
+                                                seq=1024), marks=SLOW),
+    pytest.param("phi-3-mini-4k-instruct", dict(precision="pure-bf16", peft="lora", lora_targets="qkv_proj,o_proj",
+                                                batch=2, seq=1024, attention="eager"),
+                 marks=SLOW),  # v copied by the batched P·V matmul
 ]
 
 BLOCKS = 8
@@ -33,7 +42,8 @@ BLOCKS = 8
 def small(key: str):
     """The profile's model with BLOCKS blocks and a 1,024-token vocabulary."""
     cfg = dict(model_profile(key)["hf_config"])
-    cfg.update(num_hidden_layers=BLOCKS, vocab_size=1024)
+    # (special token ids inside the small vocabulary: Phi3Config's pad_token_id 32000 is an embedding row)
+    cfg.update(num_hidden_layers=BLOCKS, vocab_size=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if "max_window_layers" in cfg:  # a count of layers: every layer, as in the profile
         cfg["max_window_layers"] = BLOCKS
     if "layer_types" in cfg:  # one entry per layer: the profile's pattern, cut

@@ -15,7 +15,7 @@ from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.estimate.weights import fsdp_sharded
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
-from memplan.spec.traits import BlockLayout, LossHead, NormKind, PositionKind, QKNorm, SoftmaxDtype
+from memplan.spec.traits import AttentionKind, BlockLayout, LossHead, NormKind, PositionKind, QKNorm, SoftmaxDtype
 
 # transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
 # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·pow(x, 3)))) saves pow's input, tanh's output, 0.5·x and (1 + tanh);
@@ -60,6 +60,8 @@ class Ctx:
     dropout: float
     attention: Attention
     kv_ratio: float = 1.0  # keys per query position: (seq + virtual tokens) / seq under prefix tuning
+    batched: bool = False  # more than one sequence per micro-batch (batched matmuls copy strided views)
+    windowed: bool = False  # sliding-window attention over more positions than its window: an explicit mask
 
 
 class _Block:
@@ -164,11 +166,19 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
             _qk_norms(b, ctx, model, q, k)
     if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
+        q_b, k_b = c * model.q_dim, c * model.kv_dim  # (a fused projection's v stays a view of its whole output)
     rep = model.heads // model.kv_heads
     prefix = ctx.kv_ratio != 1.0
     if prefix:  # peft's past key/values are concatenated in front of each layer's keys and values
         k_key, v_key = "k_cat", "v_cat"
         k_b = v_b = c * model.kv_dim * ctx.kv_ratio
+    if Role.QKV in L and ctx.qlora and ctx.autocast:  # fp32 fused output (bitsandbytes): attention saves its
+        v_key, v_b = "v_cast", c * model.kv_dim  # autocast cast of v, not the fused output
+    elif Role.QKV in L and tr.position is PositionKind.ROTARY and rep == 1 and ctx.batched and (
+            ctx.attention is Attention.EAGER or not tr.sdpa):
+        # P·V's matmul folds [b, heads] into one batch dimension: v, a strided view of the fused output, is
+        # copied (one sequence: a view, which keeps the fused output alive)
+        v_key, v_b = "v_contig", c * model.kv_dim
     if ctx.attention is Attention.EAGER or not tr.sdpa:
         s.add(q_key, q_b)
         s.add(k_key if rep == 1 else "k_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else k_b)
@@ -176,8 +186,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         _eager_probs(s, ctx, model)  # (the output, transposed contiguous, is saved by o_proj if it needs it)
     else:  # SDPA / flash: q, k, v, output and a fp32 log-sum-exp per head
         s.add(q_key, q_b)
-        if prefix:
-            # the cached keys make transformers pass an explicit mask, so it repeats grouped keys/values for
+        if prefix or ctx.windowed:
+            # the cached keys (a window shorter than the sequence) make transformers pass an explicit mask, so it repeats grouped keys/values for
             # SDPA (sdpa_attention_forward: GQA in the kernel only without a mask), and SDPA saves the
             # boolean mask converted to a [b, 1, s, s + p] float mask in the query dtype
             if rep > 1:
@@ -188,7 +198,10 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add(v_key, v_b)
         s.add("attn_out", c * model.q_dim)
         s.add("lse", 4 * model.heads)
-    o = b.linear(L[Role.O], ("attn_out", c))
+    # the output projection reads attention's output transposed back: a copy where it is laid out per head
+    # (eager's P·V product; SDPA's after a rotary concatenation), else a view of SDPA's output
+    sdpa_view = ctx.attention is not Attention.EAGER and tr.sdpa and not tr.rotary_cat
+    o = b.linear(L[Role.O], ("attn_out" if sdpa_view else "attn_out_t", c))
     if tr.post_sublayer_norms:  # a norm on the attention output before the residual add
         b.norm("ln_attn_out", o, h, rms, y32=y32)
     if ctx.dropout:
@@ -216,6 +229,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         if Role.GATE in L:
             b.linear(L[Role.GATE], x3)
             b.linear(L[Role.UP], x3)
+        elif Role.UP in L:  # one fused gate_up projection (Phi-3), chunked into two views of its output: the
+            b.linear(L[Role.UP], x3)  # activation and the product save those views, as they save gate and up
         else:  # MoE experts: each routed token's input, gate_up output, act, product, expert output
             s.add("moe_in", k_exp * c * h)
             s.add("moe_route", 16)
@@ -224,7 +239,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add("gate_out", k_exp * ci * i)  # silu saves its input
         s.add("act_out", k_exp * ci * i)  # act * up saves both
         s.add("up_out", k_exp * ci * i)
-        if Role.GATE in L:
+        if Role.UP in L:
             down = b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
             mlp_out = (down[0], ci if ctx.qlora else down[1])  # bitsandbytes: the input's dtype
         else:
@@ -332,11 +347,20 @@ def kv_ratio(setup: TrainingSetup) -> float:
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
     return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, setup.adapter_size,
-                w_train, kv_ratio(setup))
+                w_train, kv_ratio(setup), setup.batch > 1, windowed(model, setup))
+
+
+def windowed(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Sliding-window attention (FamilyTraits.attention) whose window, config.sliding_window, is shorter than the
+    sequence: transformers then passes SDPA an explicit mask (within the window the mask is plain causal)."""
+    window = model.hf_config.get("sliding_window")
+    return (model.traits.attention is AttentionKind.SLIDING_WINDOW and isinstance(window, int) and window > 0
+            and setup.model_seq > window)
 
 
 @lru_cache(maxsize=4096)
-def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio) -> Ctx:
+def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio, batched=False,
+         windowed=False) -> Ctx:
     setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention,
                           zero=3 if p is Precision.FSDP_BF16 else 0,  # fsdp-bf16 needs ZeRO-2 / 3 (unread here)
                           adapter_size=adapter_size)
@@ -352,7 +376,7 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=stream_bytes(p), w_train=w_train, lora=lora,
                lora_bytes=adapter_compute_bytes(p), ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
                qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,
-               attention=setup.attention, kv_ratio=kv_ratio)
+               attention=setup.attention, kv_ratio=kv_ratio, batched=batched, windowed=windowed)
 
 
 @dataclass(frozen=True)

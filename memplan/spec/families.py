@@ -192,6 +192,33 @@ def llama(cfg: Mapping) -> dict:
     )
 
 
+def phi3(cfg: Mapping) -> dict:
+    """Phi-3 / Phi-4: Llama's block with a fused qkv_proj and a fused gate_up_proj, no biases (Phi3Config)."""
+    h = _get(cfg, "hidden_size")
+    n = _get(cfg, "num_hidden_layers")
+    heads = _get(cfg, "num_attention_heads")
+    kv = _get(cfg, "num_key_value_heads", default=heads)  # Phi3Config: None -> num_attention_heads
+    hd = _get(cfg, "head_dim", default=h // heads)
+    i = _get(cfg, "intermediate_size")
+    v = _get(cfg, "vocab_size")
+    tie = bool(cfg.get("tie_word_embeddings", False))
+    lin = [
+        _lin("self_attn.qkv_proj", h, (heads + 2 * kv) * hd, False, n, D, Role.QKV),
+        _lin("self_attn.o_proj", heads * hd, h, False, n, D, Role.O),
+        _lin("mlp.gate_up_proj", h, 2 * i, False, n, D, Role.UP),  # chunked into gate and up
+        _lin("mlp.down_proj", i, h, False, n, D, Role.DOWN),
+    ]
+    ten = [_embedding("embed_tokens", v, h), *_norm("input_layernorm", h, n, D, False),
+           *_norm("post_attention_layernorm", h, n, D, False), *_norm("norm", h, 1, O, False)]
+    head_lin, head_ten = _head("lm_head", h, v, tie, False)
+    return _spec(
+        cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
+        intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=4096), gated_mlp=True,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=_prob(cfg, "resid_pdrop", 0.0),
+        attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie,
+    )
+
+
 def gpt2(cfg: Mapping) -> dict:
     """GPT-2: learned positions, LayerNorm, Conv1D c_attn / c_proj / c_fc with biases, tied LM head."""
     h = _get(cfg, "n_embd", "hidden_size")
@@ -380,7 +407,7 @@ def t5(cfg: Mapping) -> dict:
 
 FAMILIES: dict[str, Callable[[Mapping], dict]] = {
     "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama, "qwen3": llama,
-    "gemma2": llama,
+    "gemma2": llama, "phi3": phi3,
     "gpt2": gpt2, "opt": opt, "bloom": bloom, "phi": phi, "bert": bert, "t5": t5,
 }
 

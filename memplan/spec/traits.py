@@ -137,6 +137,10 @@ class FamilyTraits:
     # (Gemma 2) and on the logits before the loss (Gemma 2); "" when the family's code has none
     attn_softcap_key: str = ""
     logit_softcap_key: str = ""
+    # apply_rotary_pos_emb concatenates the rotated part and the pass-through part (partial rotary, Phi-3):
+    # q and k come out as new [b, heads, s, d] tensors, SDPA's output keeps that layout, and its transpose back
+    # to [b, s, heads·d] is a copy (the output projection's input)
+    rotary_cat: bool = False
 
     @property
     def moe(self) -> bool:
@@ -204,6 +208,11 @@ TRAITS: dict[str, FamilyTraits] = {
            "activation": Activation.GELU_TANH, "attention": AttentionKind.SLIDING_WINDOW},
         lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
         sdpa=False, attn_softcap_key="attn_logit_softcapping", logit_softcap_key="final_logit_softcapping"),
+    # Phi3Attention: one fused qkv_proj sliced into q / k / v views; Phi3MLP: one gate_up_proj chunked into gate and
+    # up views. peft 0.21 has no default targets for phi3 (--lora-targets is required: qkv_proj, gate_up_proj, ...).
+    # config.sliding_window applies to every layer (Phi-3-mini-4k: 2047), null for Phi-4.
+    "phi3": FamilyTraits(**{**_LLAMA, "attention": AttentionKind.SLIDING_WINDOW}, lora_targets=(), ia3_targets=(),
+                         ia3_feedforward=(), rotary_cat=True),
     "gpt2": FamilyTraits(
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
