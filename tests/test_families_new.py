@@ -34,6 +34,8 @@ CASES = [
     pytest.param("phi-3-mini-4k-instruct", dict(precision="pure-bf16", peft="lora", lora_targets="qkv_proj,o_proj",
                                                 batch=2, seq=1024, attention="eager"),
                  marks=SLOW),  # v copied by the batched P·V matmul
+    # norms after the sub-layers only, q/k norms over the whole projections (fp32 weight products)
+    ("olmo-2-1124-7b", dict(precision="pure-bf16", peft="lora", lora_targets="q_proj,v_proj", batch=2, seq=1024)),
 ]
 
 BLOCKS = 8

@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 PROFILES = ["llama-7b", "mistral-7b", "gpt2", "opt-125m", "bert-base-uncased", "t5-3b", "phi-2", "qwen2.5-0.5b",
-            "bloomz-7b1", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini-4k-instruct"]
+            "bloomz-7b1", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini-4k-instruct",
+            "olmo-2-1124-7b"]
 TASK_CLASS = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}  # everything else: causal LM
 SEQ = 128  # any length valid for every profile; counts do not depend on it
 
@@ -76,6 +77,7 @@ EXPLICIT = {
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "olmo2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # c_proj: attn.c_proj and mlp.c_proj
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "bert": ["query", "key", "value", "dense"],  # dense: attention.output, intermediate, output and the MLM transform
@@ -223,6 +225,7 @@ BLOCK_RE = {
     "opt": r"model\.decoder\.layers\.(\d+)\.", "bert": r"bert\.encoder\.layer\.(\d+)\.",
     "t5": r"decoder\.block\.(\d+)\.", "qwen3": r"model\.layers\.(\d+)\.",
     "gemma2": r"model\.layers\.(\d+)\.", "phi3": r"model\.layers\.(\d+)\.",
+    "olmo2": r"model\.layers\.(\d+)\.",
 }
 HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
     "llama": ("model.norm.", "lm_head."), "mistral": ("model.norm.", "lm_head."),
@@ -236,6 +239,7 @@ HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
     "qwen3": ("model.norm.", "lm_head.", "model.embed_tokens."),  # qwen3-0.6b ties its head
     "gemma2": ("model.norm.", "lm_head.", "model.embed_tokens."),  # tied
     "phi3": ("model.norm.", "lm_head."),
+    "olmo2": ("model.norm.", "lm_head."),
 }
 # --peft freeze trains only what comes after the blocks (was a memplan bug, fixed).
 

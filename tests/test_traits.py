@@ -16,7 +16,8 @@ from memplan.spec.traits import TRAITS, AttentionKind, BlockLayout, LossHead, No
 REPRESENTATIVE = {"llama": "llama-3.2-1b", "mistral": "mistral-7b", "mixtral": "mixtral-8x7b", "qwen2": "qwen2.5-0.5b",
                   "gemma": "gemma-2b", "gpt2": "gpt2", "opt": "opt-125m", "bloom": "bloomz-7b1", "phi": "phi-1.5",
                   "bert": "bert-base-uncased", "t5": "t5-3b", "qwen3": "qwen3-0.6b",
-                  "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k-instruct"}
+                  "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k-instruct",
+                  "olmo2": "olmo-2-1124-7b"}
 
 
 def test_every_family_with_a_builder_has_traits():
@@ -108,7 +109,7 @@ def test_traits_match_transformers_modules(mt):
     if t.block is BlockLayout.POST_SUBLAYER:  # no norm before attention: the block has no input_layernorm
         assert not hasattr(block, "input_layernorm")
     qk = [n for n, _ in block.named_modules() if n.rsplit(".", 1)[-1] in ("q_norm", "k_norm")]
-    assert bool(qk) == (t.qk_norm is QKNorm.ALWAYS)
+    assert bool(qk) == (t.qk_norm in (QKNorm.ALWAYS, QKNorm.PROJECTION))
     softcaps = {k for k in (t.attn_softcap_key, t.logit_softcap_key) if k}
     assert softcaps <= set(base.config.to_dict())  # the config class names the soft-capping keys
 

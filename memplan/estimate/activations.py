@@ -162,7 +162,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         v = b.linear(L[Role.V], x)
         q_key, k_key, v_key = q[0], k[0], v[0]
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
-        if tr.qk_norm is QKNorm.ALWAYS:  # RMSNorm(head_dim) per head on q and k before the rotary embedding
+        if tr.qk_norm in (QKNorm.ALWAYS, QKNorm.PROJECTION):  # RMS norms on q and k before the rotary embedding
             _qk_norms(b, ctx, model, q, k)
     if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
@@ -262,12 +262,13 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
 
 
 def _qk_norms(b: _Block, ctx: Ctx, model: ModelSpec, q, k) -> None:
-    """Per-head RMS norms of the q and k projections (Qwen3, Gemma 3): each saves its fp32 copy, one rstd per
-    head and, when the weight trains, its normalized input. Their (fp32 under autocast) outputs feed the rotary
+    """RMS norms of the q and k projections, per head (Qwen3) or over the whole projection (OLMo 2): each saves
+    its fp32 copy, one rstd per head (per token) and, when the weight trains, its normalized input. Their (fp32 under autocast) outputs feed the rotary
     embedding, whose products save only cos / sin; attention saves its own (cast) q and k as without them."""
     qlora32 = ctx.qlora and ctx.autocast  # bitsandbytes returns the input's dtype: fp32 under autocast
-    for name, t, width, rows in (("q_norm", q, model.q_dim, model.heads), ("k_norm", k, model.kv_dim,
-                                                                          model.kv_heads)):
+    per_head = model.traits.qk_norm is QKNorm.ALWAYS
+    for name, t, width, rows in (("q_norm", q, model.q_dim, model.heads if per_head else 1),
+                                 ("k_norm", k, model.kv_dim, model.kv_heads if per_head else 1)):
         b.norm(name, (t[0], 4 if qlora32 else t[1]), width, rms=True, rows=rows,
                y32=model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT)
 

@@ -130,7 +130,7 @@ def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
     mt = cfg["model_type"]
     if mt == "qwen2":  # Qwen2Attention: bias=True on q/k/v, False on o_proj, whatever attention_bias says
         return True, False, False
-    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3", "gemma2")  # Mistral / Mixtral: always False
+    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3", "gemma2", "olmo2")  # Mistral / Mixtral: always False
     return attn, attn, bool(cfg.get("mlp_bias", False)) and mt == "llama"
 
 
@@ -176,11 +176,18 @@ def llama(cfg: Mapping) -> dict:
         ]
     else:
         lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
-    ten += _norm("input_layernorm", h, n, D, False) + _norm("post_attention_layernorm", h, n, D, False)
+    if TRAITS[mt].block is not BlockLayout.POST_SUBLAYER:  # OLMo 2: no norm before attention
+        ten += _norm("input_layernorm", h, n, D, False)
+    ten += _norm("post_attention_layernorm", h, n, D, False)
+    if TRAITS[mt].block in (BlockLayout.SANDWICH, BlockLayout.POST_SUBLAYER):  # a norm after the MLP (Gemma 2: and
+        # before it)
+        ten += _norm("post_feedforward_layernorm", h, n, D, False)
     if TRAITS[mt].block is BlockLayout.SANDWICH:  # Gemma2DecoderLayer: a norm before and after the MLP too
-        ten += _norm("pre_feedforward_layernorm", h, n, D, False) + _norm("post_feedforward_layernorm", h, n, D, False)
+        ten += _norm("pre_feedforward_layernorm", h, n, D, False)
     if TRAITS[mt].qk_norm is QKNorm.ALWAYS:  # Qwen3Attention: RMSNorm(head_dim) on each head's q and k
         ten += _norm("self_attn.q_norm", hd, n, D, False) + _norm("self_attn.k_norm", hd, n, D, False)
+    if TRAITS[mt].qk_norm is QKNorm.PROJECTION:  # Olmo2Attention: RMSNorm over the whole q / k projections
+        ten += _norm("self_attn.q_norm", heads * hd, n, D, False) + _norm("self_attn.k_norm", kv * hd, n, D, False)
     ten += _norm("norm", h, 1, O, False)
     head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
@@ -407,7 +414,7 @@ def t5(cfg: Mapping) -> dict:
 
 FAMILIES: dict[str, Callable[[Mapping], dict]] = {
     "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama, "qwen3": llama,
-    "gemma2": llama, "phi3": phi3,
+    "gemma2": llama, "phi3": phi3, "olmo2": llama,
     "gpt2": gpt2, "opt": opt, "bloom": bloom, "phi": phi, "bert": bert, "t5": t5,
 }
 

@@ -76,6 +76,7 @@ class QKNorm(str, Enum):
     NONE = "none"
     CONFIG = "config"  # present when the config says so (Phi's qk_layernorm)
     ALWAYS = "always"  # every layer has them, RMSNorm over head_dim per head (Qwen3, Gemma 3)
+    PROJECTION = "projection"  # every layer, RMSNorm over the whole q / k projection before the head split (OLMo 2)
 
 
 class Routing(str, Enum):
@@ -213,6 +214,11 @@ TRAITS: dict[str, FamilyTraits] = {
     # config.sliding_window applies to every layer (Phi-3-mini-4k: 2047), null for Phi-4.
     "phi3": FamilyTraits(**{**_LLAMA, "attention": AttentionKind.SLIDING_WINDOW}, lora_targets=(), ia3_targets=(),
                          ia3_feedforward=(), rotary_cat=True),
+    # Olmo2DecoderLayer: x + post_attention_layernorm(attn(x)), x + post_feedforward_layernorm(mlp(x)) (no norm
+    # before either); Olmo2Attention: q_norm / k_norm over the whole projections. peft 0.21 has no olmo2 defaults.
+    "olmo2": FamilyTraits(
+        **{**_LLAMA, "norm": NormKind.RMSNORM_FP32_WEIGHT, "block": BlockLayout.POST_SUBLAYER}, lora_targets=(),
+        ia3_targets=(), ia3_feedforward=(), qk_norm=QKNorm.PROJECTION),
     "gpt2": FamilyTraits(
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
