@@ -120,6 +120,21 @@ VARIANTS = {
                                  num_attention_heads=16, vocab_size=100),  # head_dim 256, 16 KV heads, tied
     "llama-null-kv-heads": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=None, vocab_size=100),
+    "qwen3-class-defaults-bias": dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=32, vocab_size=100, attention_bias=True),  # 32 kv, head_dim 128
+    "gemma2-class-defaults": dict(model_type="gemma2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=8, vocab_size=100),  # 4 KV heads, head_dim 256, tied
+    "gemma2-bias-untied": dict(model_type="gemma2", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+                               attention_bias=True, tie_word_embeddings=False),
+    "phi3-class-defaults-gqa-tied": dict(model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                         pad_token_id=0, tie_word_embeddings=True),
+    "phi3-null-kv-heads": dict(model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=None, vocab_size=100, pad_token_id=0),
+    "olmo2-class-defaults-bias": dict(model_type="olmo2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100, pad_token_id=0,
+                                      eos_token_id=1, attention_bias=True),
     "gpt2-untied-n-inner": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_inner=80, vocab_size=100,
                                 n_positions=32, tie_word_embeddings=False),
     "opt-350m-like": dict(model_type="opt", hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,

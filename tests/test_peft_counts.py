@@ -17,13 +17,15 @@ import pytest
 
 import memplan
 from memplan.profiles import model_profile
+from memplan.spec.traits import TRAITS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 PROFILES = ["llama-7b", "mistral-7b", "gpt2", "opt-125m", "bert-base-uncased", "t5-3b", "phi-2", "qwen2.5-0.5b",
-            "bloomz-7b1"]
+            "bloomz-7b1", "qwen3-0.6b", "gemma-2-2b", "phi-3-mini-4k-instruct",
+            "olmo-2-1124-7b"]
 TASK_CLASS = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}  # everything else: causal LM
 SEQ = 128  # any length valid for every profile; counts do not depend on it
 
@@ -72,6 +74,10 @@ EXPLICIT = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "olmo2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # c_proj: attn.c_proj and mlp.c_proj
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "bert": ["query", "key", "value", "dense"],  # dense: attention.output, intermediate, output and the MLM transform
@@ -87,13 +93,16 @@ EXPLICIT = {
 def _cases():
     for key in PROFILES:
         mt = model_type(key)
-        yield pytest.param(key, "lora-default-r8", id=f"{key}-lora-default-r8")
-        yield pytest.param(key, "lora-default-r16", id=f"{key}-lora-default-r16")
+        defaults = bool(TRAITS[mt].lora_targets)  # peft has default targets for the family (test_no_default_targets)
+        if defaults:
+            yield pytest.param(key, "lora-default-r8", id=f"{key}-lora-default-r8")
+            yield pytest.param(key, "lora-default-r16", id=f"{key}-lora-default-r16")
         yield pytest.param(key, "lora-explicit-r8", id=f"{key}-lora-explicit-r8")
         marks = []
         yield pytest.param(key, "lora-all-linear-r16", id=f"{key}-lora-all-linear-r16", marks=marks)
-        yield pytest.param(key, "dora-r8", id=f"{key}-dora-r8")
-        yield pytest.param(key, "ia3", id=f"{key}-ia3")
+        if defaults:
+            yield pytest.param(key, "dora-r8", id=f"{key}-dora-r8")
+            yield pytest.param(key, "ia3", id=f"{key}-ia3")
         yield pytest.param(key, "prompt", id=f"{key}-prompt")
         yield pytest.param(key, "prefix", id=f"{key}-prefix")
 
@@ -125,6 +134,18 @@ def _configs(key: str, method: str):
 def test_trainable_matches_peft(key, method):
     cfg, setup = _configs(key, method)
     assert memplan_trainable(key, **setup) == peft_trainable(key, cfg)
+
+
+@pytest.mark.parametrize("key", [k for k in PROFILES if not TRAITS[model_type(k)].lora_targets])
+def test_no_default_targets_refused_as_peft_refuses(key):
+    """A family peft 0.21 has no default targets for (phi3): peft refuses LoRA and (IA)3 without target_modules,
+    and so does memplan (one line naming --lora-targets), instead of counting some guessed default."""
+    for config, setup in ((peft.LoraConfig(r=8, task_type="CAUSAL_LM"), dict(peft="lora", lora_rank=8)),
+                          (peft.IA3Config(task_type="CAUSAL_LM"), dict(peft="ia3"))):
+        with pytest.raises(ValueError):
+            peft_trainable(key, config)
+        with pytest.raises(memplan.MemplanError):
+            memplan_trainable(key, **setup)
 
 
 def test_all_linear_opt_350m_projections():
@@ -202,7 +223,9 @@ BLOCK_RE = {
     "llama": r"model\.layers\.(\d+)\.", "mistral": r"model\.layers\.(\d+)\.", "qwen2": r"model\.layers\.(\d+)\.",
     "phi": r"model\.layers\.(\d+)\.", "gpt2": r"transformer\.h\.(\d+)\.", "bloom": r"transformer\.h\.(\d+)\.",
     "opt": r"model\.decoder\.layers\.(\d+)\.", "bert": r"bert\.encoder\.layer\.(\d+)\.",
-    "t5": r"decoder\.block\.(\d+)\.",
+    "t5": r"decoder\.block\.(\d+)\.", "qwen3": r"model\.layers\.(\d+)\.",
+    "gemma2": r"model\.layers\.(\d+)\.", "phi3": r"model\.layers\.(\d+)\.",
+    "olmo2": r"model\.layers\.(\d+)\.",
 }
 HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
     "llama": ("model.norm.", "lm_head."), "mistral": ("model.norm.", "lm_head."),
@@ -213,6 +236,10 @@ HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
     "opt": ("model.decoder.final_layer_norm.", "model.decoder.embed_tokens."),
     "bert": ("cls.predictions.", "bert.embeddings.word_embeddings."),  # MLM transform + bias, tied decoder
     "t5": ("decoder.final_layer_norm.", "shared."),
+    "qwen3": ("model.norm.", "lm_head.", "model.embed_tokens."),  # qwen3-0.6b ties its head
+    "gemma2": ("model.norm.", "lm_head.", "model.embed_tokens."),  # tied
+    "phi3": ("model.norm.", "lm_head."),
+    "olmo2": ("model.norm.", "lm_head."),
 }
 # --peft freeze trains only what comes after the blocks (was a memplan bug, fixed).
 

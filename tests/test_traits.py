@@ -10,12 +10,14 @@ import pytest
 from memplan.profiles import load_model, model_keys, model_profile
 from memplan.spec.families import FAMILIES
 from memplan.spec.model import Arch
-from memplan.spec.traits import TRAITS, AttentionKind, BlockLayout, LossHead, NormKind, PositionKind
+from memplan.spec.traits import TRAITS, AttentionKind, BlockLayout, LossHead, NormKind, PositionKind, QKNorm
 
 # one profile per family: the model each structural check builds
 REPRESENTATIVE = {"llama": "llama-3.2-1b", "mistral": "mistral-7b", "mixtral": "mixtral-8x7b", "qwen2": "qwen2.5-0.5b",
                   "gemma": "gemma-2b", "gpt2": "gpt2", "opt": "opt-125m", "bloom": "bloomz-7b1", "phi": "phi-1.5",
-                  "bert": "bert-base-uncased", "t5": "t5-3b"}
+                  "bert": "bert-base-uncased", "t5": "t5-3b", "qwen3": "qwen3-0.6b",
+                  "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k-instruct",
+                  "olmo2": "olmo-2-1124-7b"}
 
 
 def test_every_family_with_a_builder_has_traits():
@@ -31,12 +33,13 @@ def test_every_profile_has_traits(key):
 
 @pytest.mark.parametrize("mt", sorted(TRAITS))
 def test_default_targets_equal_peft(mt):
-    """The peft default-target tuples are peft 0.21's own tables (utils/constants.py), entry for entry."""
+    """The peft default-target tuples are peft 0.21's own tables (utils/constants.py), entry for entry; a family
+    peft has no entry for (phi3) has none either (the user names --lora-targets)."""
     c = pytest.importorskip("peft.utils.constants")
     t = TRAITS[mt]
-    assert list(t.lora_targets) == list(c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[mt])
-    assert list(t.ia3_targets) == list(c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[mt])
-    assert list(t.ia3_feedforward) == list(c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[mt])
+    assert list(t.lora_targets) == list(c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(mt, []))
+    assert list(t.ia3_targets) == list(c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(mt, []))
+    assert list(t.ia3_feedforward) == list(c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(mt, []))
 
 
 @pytest.mark.parametrize("key", model_keys())
@@ -98,6 +101,17 @@ def test_traits_match_transformers_modules(mt):
         assert t.block is BlockLayout.POST_NORM
     for b in built.blocks:
         assert all(submodule(b, p) is not None for p in t.adapter_sites)
+    # the norms a decoder block holds itself (T5 nests its own in sub-layers): two for a pre-norm block, four for a
+    # sandwich (pre- and post-norms), two after the sub-layers for a post-sublayer block
+    own = [m for m in block.children() if "norm" in type(m).__name__.lower()]
+    if t.block in (BlockLayout.SANDWICH, BlockLayout.POST_SUBLAYER) or (own and t.block is BlockLayout.PRE_NORM):
+        assert len(own) == {BlockLayout.PRE_NORM: 2, BlockLayout.SANDWICH: 4, BlockLayout.POST_SUBLAYER: 2}[t.block]
+    if t.block is BlockLayout.POST_SUBLAYER:  # no norm before attention: the block has no input_layernorm
+        assert not hasattr(block, "input_layernorm")
+    qk = [n for n, _ in block.named_modules() if n.rsplit(".", 1)[-1] in ("q_norm", "k_norm")]
+    assert bool(qk) == (t.qk_norm in (QKNorm.ALWAYS, QKNorm.PROJECTION))
+    softcaps = {k for k in (t.attn_softcap_key, t.logit_softcap_key) if k}
+    assert softcaps <= set(base.config.to_dict())  # the config class names the soft-capping keys
 
 
 @pytest.mark.parametrize("change, what", [(dict(first_k_dense=1), "first_k_dense"),

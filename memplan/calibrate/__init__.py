@@ -21,6 +21,8 @@ MODELS = [
     ("gpt2", 1024, "gpt2 (fused qkv, dropout, tanh-GELU)"),
     ("opt-125m", 2048, "opt (ReLU, dropout)"),
     ("bert-base-uncased", 512, "bert (encoder, MLM)"),
+    ("qwen3-0.6b", 8192, "qwen3 (GQA, per-head q/k RMSNorm, tied)"),
+    ("gemma-2-2b", 8192, "gemma2 (pre+post norms, soft-capping, eager only, tied)"),
 ]
 PRECISIONS = ["fp32", "fp16", "bf16", "fp16-master", "bf16-master", "pure-bf16"]
 PEFTS = ["full", "full", "lora", "dora", "qlora", "prompt", "freeze", "ia3", "adapter", "prefix"]

@@ -15,7 +15,7 @@ from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.estimate.weights import fsdp_sharded
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
-from memplan.spec.traits import BlockLayout, LossHead, NormKind, PositionKind, SoftmaxDtype
+from memplan.spec.traits import AttentionKind, BlockLayout, LossHead, NormKind, PositionKind, QKNorm, SoftmaxDtype
 
 # transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
 # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·pow(x, 3)))) saves pow's input, tanh's output, 0.5·x and (1 + tanh);
@@ -60,6 +60,8 @@ class Ctx:
     dropout: float
     attention: Attention
     kv_ratio: float = 1.0  # keys per query position: (seq + virtual tokens) / seq under prefix tuning
+    batched: bool = False  # more than one sequence per micro-batch (batched matmuls copy strided views)
+    windowed: bool = False  # sliding-window attention over more positions than its window: an explicit mask
 
 
 class _Block:
@@ -71,14 +73,19 @@ class _Block:
     def t(self, name):
         return f"{self.p}.{name}"
 
-    def norm(self, name, inp, width, rms: bool):
-        """Norm of `inp` (key, bytes); returns the output tensor. Llama/T5 RMSNorm upcast to fp32 first."""
+    def norm(self, name, inp, width, rms: bool, rows: int = 1, y32: bool = False):
+        """Norm of `inp` (key, bytes); returns the output tensor. Llama/T5 RMSNorm upcast to fp32 first.
+        `width` is the elements per token, normalized in `rows` groups (per-head q/k norms: one per head).
+        y32: the weight multiplies the fp32 normalized input and the product is cast to the input's dtype
+        (NormKind.RMSNORM_FP32_WEIGHT: Gemma, OLMo 2)."""
         x, (key, b) = self.x, inp
         if rms:
             self.s.add(self.t(name + ".x32") if b != 4 else key, 4 * width)  # pow(2) saves the fp32 copy
-            self.s.add(self.t(name + ".rstd"), 4)
-            if x.w_train:  # weight * y saves y (in the input dtype)
-                self.s.add(self.t(name + ".y"), b * width)
+            self.s.add(self.t(name + ".rstd"), 4 * rows)
+            if x.w_train:  # weight * y saves y (in the input dtype; fp32 where the product is made in fp32)
+                self.s.add(self.t(name + ".y"), (4 if y32 else b) * width)
+            if y32:
+                return self.t(name + ".out"), b
         else:  # native_layer_norm saves its input, mean and rstd
             self.s.add(key, b * width)
             self.s.add(self.t(name + ".stats"), 8)
@@ -140,11 +147,10 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     L = _linears_by_role(model, stack)
     r = 4 if ctx.autocast else ctx.dtype_bytes  # residual stream dtype
     tr = model.traits
-    rms = tr.norm is NormKind.RMSNORM
-    pre_norm = tr.block is not BlockLayout.POST_NORM
+    rms, y32 = tr.rms, tr.norm is NormKind.RMSNORM_FP32_WEIGHT
     h, c = model.hidden, ctx.c
     resid = ("resid", r)
-    x = b.norm("ln1", resid, h, rms) if pre_norm else resid
+    x = b.norm("ln1", resid, h, rms, y32=y32) if tr.pre_norm else resid
     # attention projections
     if Role.QKV in L:
         qkv = b.linear(L[Role.QKV], x)
@@ -156,13 +162,23 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         v = b.linear(L[Role.V], x)
         q_key, k_key, v_key = q[0], k[0], v[0]
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
+        if tr.qk_norm in (QKNorm.ALWAYS, QKNorm.PROJECTION):  # RMS norms on q and k before the rotary embedding
+            _qk_norms(b, ctx, model, q, k)
     if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
+        q_b, k_b = c * model.q_dim, c * model.kv_dim  # (a fused projection's v stays a view of its whole output)
     rep = model.heads // model.kv_heads
     prefix = ctx.kv_ratio != 1.0
     if prefix:  # peft's past key/values are concatenated in front of each layer's keys and values
         k_key, v_key = "k_cat", "v_cat"
         k_b = v_b = c * model.kv_dim * ctx.kv_ratio
+    if Role.QKV in L and ctx.qlora and ctx.autocast:  # fp32 fused output (bitsandbytes): attention saves its
+        v_key, v_b = "v_cast", c * model.kv_dim  # autocast cast of v, not the fused output
+    elif Role.QKV in L and tr.position is PositionKind.ROTARY and rep == 1 and ctx.batched and (
+            ctx.attention is Attention.EAGER or not tr.sdpa):
+        # P·V's matmul folds [b, heads] into one batch dimension: v, a strided view of the fused output, is
+        # copied (one sequence: a view, which keeps the fused output alive)
+        v_key, v_b = "v_contig", c * model.kv_dim
     if ctx.attention is Attention.EAGER or not tr.sdpa:
         s.add(q_key, q_b)
         s.add(k_key if rep == 1 else "k_rep", c * model.q_dim * ctx.kv_ratio if rep > 1 else k_b)
@@ -170,8 +186,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         _eager_probs(s, ctx, model)  # (the output, transposed contiguous, is saved by o_proj if it needs it)
     else:  # SDPA / flash: q, k, v, output and a fp32 log-sum-exp per head
         s.add(q_key, q_b)
-        if prefix:
-            # the cached keys make transformers pass an explicit mask, so it repeats grouped keys/values for
+        if prefix or ctx.windowed:
+            # the cached keys (a window shorter than the sequence) make transformers pass an explicit mask, so it repeats grouped keys/values for
             # SDPA (sdpa_attention_forward: GQA in the kernel only without a mask), and SDPA saves the
             # boolean mask converted to a [b, 1, s, s + p] float mask in the query dtype
             if rep > 1:
@@ -182,7 +198,12 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add(v_key, v_b)
         s.add("attn_out", c * model.q_dim)
         s.add("lse", 4 * model.heads)
-    b.linear(L[Role.O], ("attn_out", c))
+    # the output projection reads attention's output transposed back: a copy where it is laid out per head
+    # (eager's P·V product; SDPA's after a rotary concatenation), else a view of SDPA's output
+    sdpa_view = ctx.attention is not Attention.EAGER and tr.sdpa and not tr.rotary_cat
+    o = b.linear(L[Role.O], ("attn_out" if sdpa_view else "attn_out_t", c))
+    if tr.post_sublayer_norms:  # a norm on the attention output before the residual add
+        b.norm("ln_attn_out", o, h, rms, y32=y32)
     if ctx.dropout:
         b.dropout("attn_drop", h, model.dropout)
     if cross:
@@ -196,8 +217,11 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         b.linear(L[Role.CROSS_O], ("cross_out", c))
     # MLP
     s.snapshot("attention")  # the attention half: what a block saves before its MLP
-    x3 = b.norm("ln2", ("resid2", r), h, rms) if tr.block is BlockLayout.PRE_NORM else x
-    if not pre_norm:  # BERT: LayerNorm(attn_out + residual) saves the sum
+    if tr.block in (BlockLayout.PRE_NORM, BlockLayout.SANDWICH):
+        x3 = b.norm("ln2", ("resid2", r), h, rms, y32=y32)
+    else:  # parallel: the attention's norm output; post-sublayer: the residual itself
+        x3 = ("resid2", r) if tr.block is BlockLayout.POST_SUBLAYER else x
+    if tr.block is BlockLayout.POST_NORM:  # BERT: LayerNorm(attn_out + residual) saves the sum
         b.norm("ln_post1", ("resid_sum1", r), h, rms)
         x3 = ("ln_post1.out", r)
     i, k_exp = model.intermediate, model.experts_per_token if model.experts > 1 else 1
@@ -205,6 +229,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         if Role.GATE in L:
             b.linear(L[Role.GATE], x3)
             b.linear(L[Role.UP], x3)
+        elif Role.UP in L:  # one fused gate_up projection (Phi-3), chunked into two views of its output: the
+            b.linear(L[Role.UP], x3)  # activation and the product save those views, as they save gate and up
         else:  # MoE experts: each routed token's input, gate_up output, act, product, expert output
             s.add("moe_in", k_exp * c * h)
             s.add("moe_route", 16)
@@ -213,22 +239,38 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         s.add("gate_out", k_exp * ci * i)  # silu saves its input
         s.add("act_out", k_exp * ci * i)  # act * up saves both
         s.add("up_out", k_exp * ci * i)
-        if Role.GATE in L:
-            b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
+        if Role.UP in L:
+            down = b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
+            mlp_out = (down[0], ci if ctx.qlora else down[1])  # bitsandbytes: the input's dtype
         else:
             s.add("prod", k_exp * c * i)
             s.add("moe_out", k_exp * c * h)
+            mlp_out = ("moe_sum", c)
     else:
         b.linear(L[Role.UP], x3)
-        _plain_mlp(s, b, ctx, model, L[Role.DOWN])
+        mlp_out = _plain_mlp(s, b, ctx, model, L[Role.DOWN])
+    if tr.post_sublayer_norms:  # a norm on the MLP output before the residual add
+        b.norm("ln_mlp_out", mlp_out, h, rms, y32=y32)
     if ctx.adapters:  # two bottleneck adapters: each saves its input (down) and the ReLU output (up)
         s.add("adapter_in", 2 * c * h)
         s.add("adapter_relu", 2 * c * ctx.adapter_size)
     if ctx.dropout:
         b.dropout("mlp_drop", h, model.dropout)
-    if not pre_norm:
+    if tr.block is BlockLayout.POST_NORM:
         b.norm("ln_post2", ("resid_sum2", r), h, rms)
     return s
+
+
+def _qk_norms(b: _Block, ctx: Ctx, model: ModelSpec, q, k) -> None:
+    """RMS norms of the q and k projections, per head (Qwen3) or over the whole projection (OLMo 2): each saves
+    its fp32 copy, one rstd per head (per token) and, when the weight trains, its normalized input. Their (fp32 under autocast) outputs feed the rotary
+    embedding, whose products save only cos / sin; attention saves its own (cast) q and k as without them."""
+    qlora32 = ctx.qlora and ctx.autocast  # bitsandbytes returns the input's dtype: fp32 under autocast
+    per_head = model.traits.qk_norm is QKNorm.ALWAYS
+    for name, t, width, rows in (("q_norm", q, model.q_dim, model.heads if per_head else 1),
+                                 ("k_norm", k, model.kv_dim, model.kv_heads if per_head else 1)):
+        b.norm(name, (t[0], 4 if qlora32 else t[1]), width, rms=True, rows=rows,
+               y32=model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT)
 
 
 # Eager attention softmax dtypes: FamilyTraits.softmax (memplan.spec.traits.SoftmaxDtype). A softmax without
@@ -244,6 +286,8 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     c, h = ctx.c, model.heads
     sm = _softmax_bytes(model, ctx.autocast, c)
     h = h * ctx.kv_ratio  # s² terms span every key: the prefix's too
+    if softcap(model, model.traits.attn_softcap_key):  # cap·tanh(scores / cap): tanh saves its output
+        s.add("softcap_tanh", c * h, sq=True)
     s.add("softmax_out", sm * h, sq=True)  # softmax saves its output
     s.snapshot("softmax")  # what its backward still finds alive
     # .to(query.dtype) / .type(value.dtype): a copy when sm != c; BERT feeds the softmax output on as it is
@@ -255,6 +299,11 @@ def _eager_probs(s: _Saved, ctx: Ctx, model: ModelSpec) -> None:
     else:
         key = "softmax_out" if p == sm else "probs"
     s.add(key if p == c else "probs_cast", c * h, sq=True)
+
+
+def softcap(model: ModelSpec, key: str) -> float:
+    """The tanh soft-capping value the config gives under a FamilyTraits *_softcap_key (0: none)."""
+    return float(model.hf_config.get(key) or 0) if key else 0.0
 
 
 def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -> None:
@@ -276,7 +325,7 @@ def _plain_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, down: Linear) -
         s.add("ff_drop_mask", i)  # T5DenseActDense: dropout between the activation and wo
     # fc2 on the activation's output (the tanh-GELU product is cast back to the compute dtype under autocast):
     # saved as fc2's input when its weight trains, copied to fp32 for LoRA or (IA)3 feed-forward scaling
-    b.linear(down, ("act_out", a if act == "relu" else c))
+    return b.linear(down, ("act_out", a if act == "relu" else c))
 
 
 def stream_bytes(p: Precision) -> int:
@@ -299,11 +348,20 @@ def kv_ratio(setup: TrainingSetup) -> float:
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
     return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, setup.adapter_size,
-                w_train, kv_ratio(setup))
+                w_train, kv_ratio(setup), setup.batch > 1, windowed(model, setup))
+
+
+def windowed(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Sliding-window attention (FamilyTraits.attention) whose window, config.sliding_window, is shorter than the
+    sequence: transformers then passes SDPA an explicit mask (within the window the mask is plain causal)."""
+    window = model.hf_config.get("sliding_window")
+    return (model.traits.attention is AttentionKind.SLIDING_WINDOW and isinstance(window, int) and window > 0
+            and setup.model_seq > window)
 
 
 @lru_cache(maxsize=4096)
-def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio) -> Ctx:
+def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio, batched=False,
+         windowed=False) -> Ctx:
     setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention,
                           zero=3 if p is Precision.FSDP_BF16 else 0,  # fsdp-bf16 needs ZeRO-2 / 3 (unread here)
                           adapter_size=adapter_size)
@@ -319,7 +377,7 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=stream_bytes(p), w_train=w_train, lora=lora,
                lora_bytes=adapter_compute_bytes(p), ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
                qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,
-               attention=setup.attention, kv_ratio=kv_ratio)
+               attention=setup.attention, kv_ratio=kv_ratio, batched=batched, windowed=windowed)
 
 
 @dataclass(frozen=True)
@@ -444,8 +502,9 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     c, r = p.compute_bytes, (4 if p.autocast else stream_bytes(p))
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
     out = _embedding_saved(model, setup)
-    if model.traits.norm is NormKind.RMSNORM:
-        out += (4 * h if r != 4 else 0) + 4 + (r * h if head_trains else 0)  # fp32 copy (else the residual), rstd, y
+    if model.traits.rms:  # fp32 copy (else the residual), rstd, y (fp32 where the weight multiplies in fp32)
+        y = 4 if model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT else r
+        out += (4 * h if r != 4 else 0) + 4 + (y * h if head_trains else 0)
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
     out += c * h if p.autocast else r * h  # the LM head's input: the norm output (autocast: its half cast)
@@ -471,7 +530,9 @@ def _loss_saved(model: ModelSpec, setup: TrainingSetup) -> int:
     keeps the logits' dtype (fp32 after the causal-LM upcast); under autocast nll_loss (CUDA fp32 list) casts
     that to fp32 and saves the copy."""
     v = model.vocab
+    # final soft-capping, cap·tanh(logits / cap) before the loss: tanh saves its output (the logits' dtype)
+    capped = logits_bytes(setup) * v if softcap(model, model.traits.logit_softcap_key) else 0
     if logits_upcast(model):
-        return 4 * v
+        return 4 * v + capped
     lb = logits_bytes(setup)
-    return lb * v + (4 * v if setup.precision.autocast and lb != 4 else 0)
+    return lb * v + (4 * v if setup.precision.autocast and lb != 4 else 0) + capped

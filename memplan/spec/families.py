@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from memplan.errors import MemplanError
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
-from memplan.spec.traits import TRAITS
+from memplan.spec.traits import TRAITS, BlockLayout, QKNorm
 
 D, E, O = Stack.DECODER, Stack.ENCODER, Stack.OUTSIDE
 SELF_ATTN = (Role.Q, Role.K, Role.V, Role.O)
@@ -113,8 +113,16 @@ def _paths(prefix: str, *names: str) -> tuple[str, ...]:
 
 
 def _spec(cfg: Mapping, **kw) -> dict:
-    """Common keyword arguments for ModelSpec: the family's traits come from TRAITS by model_type."""
-    return dict(model_type=cfg["model_type"], traits=TRAITS[cfg["model_type"]], hf_config=dict(cfg), **kw)
+    """Common keyword arguments for ModelSpec: the family's traits come from TRAITS by model_type. The config's
+    soft-capping keys (FamilyTraits.*_softcap_key) that it omits get the config class's default, so the estimator
+    reads the cap the model runs with (an explicit null stays null: no capping)."""
+    mt = cfg["model_type"]
+    fills = {k: v for k, v in _SOFTCAP_DEFAULTS.get(mt, {}).items() if k not in cfg}
+    return dict(model_type=mt, traits=TRAITS[mt], hf_config={**cfg, **fills}, **kw)
+
+
+# Config-class defaults of the soft-capping keys FamilyTraits names (transformers 5 Gemma2Config)
+_SOFTCAP_DEFAULTS = {"gemma2": dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)}
 
 
 def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
@@ -122,7 +130,7 @@ def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
     mt = cfg["model_type"]
     if mt == "qwen2":  # Qwen2Attention: bias=True on q/k/v, False on o_proj, whatever attention_bias says
         return True, False, False
-    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma")  # Mistral / Mixtral: always False
+    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3", "gemma2", "olmo2")  # Mistral / Mixtral: always False
     return attn, attn, bool(cfg.get("mlp_bias", False)) and mt == "llama"
 
 
@@ -133,11 +141,13 @@ _LLAMA_DEFAULTS = {
     "mixtral": dict(num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
     "qwen2": dict(num_key_value_heads=32),
     "gemma": dict(num_key_value_heads=16, head_dim=256, tie_word_embeddings=True),
+    "qwen3": dict(num_key_value_heads=32, head_dim=128),  # Qwen3Config
+    "gemma2": dict(num_key_value_heads=4, head_dim=256, tie_word_embeddings=True),  # Gemma2Config
 }
 
 
 def llama(cfg: Mapping) -> dict:
-    """Llama, Mistral, Mixtral, Qwen2, Gemma, Yi: RMSNorm, rotary, gated MLP, optional GQA / MoE / qkv bias."""
+    """Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2, Yi: RMSNorm, rotary, gated MLP, optional GQA / MoE / qkv bias."""
     h = _get(cfg, "hidden_size")
     n = _get(cfg, "num_hidden_layers")
     heads = _get(cfg, "num_attention_heads")
@@ -166,7 +176,18 @@ def llama(cfg: Mapping) -> dict:
         ]
     else:
         lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
-    ten += _norm("input_layernorm", h, n, D, False) + _norm("post_attention_layernorm", h, n, D, False)
+    if TRAITS[mt].block is not BlockLayout.POST_SUBLAYER:  # OLMo 2: no norm before attention
+        ten += _norm("input_layernorm", h, n, D, False)
+    ten += _norm("post_attention_layernorm", h, n, D, False)
+    if TRAITS[mt].block in (BlockLayout.SANDWICH, BlockLayout.POST_SUBLAYER):  # a norm after the MLP (Gemma 2: and
+        # before it)
+        ten += _norm("post_feedforward_layernorm", h, n, D, False)
+    if TRAITS[mt].block is BlockLayout.SANDWICH:  # Gemma2DecoderLayer: a norm before and after the MLP too
+        ten += _norm("pre_feedforward_layernorm", h, n, D, False)
+    if TRAITS[mt].qk_norm is QKNorm.ALWAYS:  # Qwen3Attention: RMSNorm(head_dim) on each head's q and k
+        ten += _norm("self_attn.q_norm", hd, n, D, False) + _norm("self_attn.k_norm", hd, n, D, False)
+    if TRAITS[mt].qk_norm is QKNorm.PROJECTION:  # Olmo2Attention: RMSNorm over the whole q / k projections
+        ten += _norm("self_attn.q_norm", heads * hd, n, D, False) + _norm("self_attn.k_norm", kv * hd, n, D, False)
     ten += _norm("norm", h, 1, O, False)
     head_lin, head_ten = _head("lm_head", h, v, tie, False)
     return _spec(
@@ -174,6 +195,33 @@ def llama(cfg: Mapping) -> dict:
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048), gated_mlp=True,
         linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
         experts_per_token=top_k if experts > 1 else 1, dropout=0.0,
+        attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie,
+    )
+
+
+def phi3(cfg: Mapping) -> dict:
+    """Phi-3 / Phi-4: Llama's block with a fused qkv_proj and a fused gate_up_proj, no biases (Phi3Config)."""
+    h = _get(cfg, "hidden_size")
+    n = _get(cfg, "num_hidden_layers")
+    heads = _get(cfg, "num_attention_heads")
+    kv = _get(cfg, "num_key_value_heads", default=heads)  # Phi3Config: None -> num_attention_heads
+    hd = _get(cfg, "head_dim", default=h // heads)
+    i = _get(cfg, "intermediate_size")
+    v = _get(cfg, "vocab_size")
+    tie = bool(cfg.get("tie_word_embeddings", False))
+    lin = [
+        _lin("self_attn.qkv_proj", h, (heads + 2 * kv) * hd, False, n, D, Role.QKV),
+        _lin("self_attn.o_proj", heads * hd, h, False, n, D, Role.O),
+        _lin("mlp.gate_up_proj", h, 2 * i, False, n, D, Role.UP),  # chunked into gate and up
+        _lin("mlp.down_proj", i, h, False, n, D, Role.DOWN),
+    ]
+    ten = [_embedding("embed_tokens", v, h), *_norm("input_layernorm", h, n, D, False),
+           *_norm("post_attention_layernorm", h, n, D, False), *_norm("norm", h, 1, O, False)]
+    head_lin, head_ten = _head("lm_head", h, v, tie, False)
+    return _spec(
+        cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads, kv_heads=kv, head_dim=hd,
+        intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=4096), gated_mlp=True,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), dropout=_prob(cfg, "resid_pdrop", 0.0),
         attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie,
     )
 
@@ -365,7 +413,8 @@ def t5(cfg: Mapping) -> dict:
 
 
 FAMILIES: dict[str, Callable[[Mapping], dict]] = {
-    "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama,
+    "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama, "qwen3": llama,
+    "gemma2": llama, "phi3": phi3, "olmo2": llama,
     "gpt2": gpt2, "opt": opt, "bloom": bloom, "phi": phi, "bert": bert, "t5": t5,
 }
 

@@ -20,6 +20,9 @@ class NormKind(str, Enum):
 
     RMSNORM = "rmsnorm"  # LlamaRMSNorm / T5LayerNorm: x.to(float32), mean of squares, rsqrt, weight * y; saves the
     # fp32 copy and rstd (and y when the weight trains), whatever the input dtype
+    RMSNORM_FP32_WEIGHT = "rmsnorm-fp32-weight"  # GemmaRMSNorm / Olmo2RMSNorm: x.float(), rstd, then the weight
+    # (Gemma: 1 + weight) multiplies the fp32 normalized x and the product is cast to the input's dtype: saves the
+    # fp32 copy, rstd and (when the weight trains) the fp32 normalized x, whatever the parameter dtype
     LAYERNORM = "layernorm"  # nn.LayerNorm -> native_layer_norm in the input dtype (fp32 under autocast: autocast's
     # fp32 list); saves its input, mean and rstd
 
@@ -30,6 +33,9 @@ class BlockLayout(str, Enum):
     PRE_NORM = "pre-norm"  # x + attn(norm1(x)), then x + mlp(norm2(x)) (GPT-2, Llama, T5, ...)
     POST_NORM = "post-norm"  # norm1(x + attn(x)), then norm2(x + mlp(x)) (BERT)
     PARALLEL = "parallel"  # x + attn(norm(x)) + mlp(norm(x)): one norm feeds both (Phi, GPT-J)
+    SANDWICH = "sandwich"  # x + norm2(attn(norm1(x))), then x + norm4(mlp(norm3(x))): pre- and post-norms (Gemma 2/3)
+    POST_SUBLAYER = "post-sublayer"  # x + norm1(attn(x)), then x + norm2(mlp(x)): norms on the sub-layer outputs
+    # only (OLMo 2)
 
 
 class Activation(str, Enum):
@@ -37,6 +43,7 @@ class Activation(str, Enum):
 
     SILU = "silu"  # LlamaConfig / MistralConfig / ... hidden_act default (gated MLPs: act(gate) * up)
     GELU = "gelu"  # exact erf GELU: one aten op, saves its input
+    GELU_TANH = "gelu_pytorch_tanh"  # F.gelu(approximate="tanh"): one aten op, saves its input (Gemma 2/3)
     GELU_NEW = "gelu_new"  # transformers NewGELUActivation: tanh approximation in Python ops (GPT-2, Phi)
     RELU = "relu"  # saves its output
     BLOOM_GELU = "bloom_gelu"  # BloomGelu: a custom autograd function that saves its input
@@ -68,7 +75,8 @@ class QKNorm(str, Enum):
 
     NONE = "none"
     CONFIG = "config"  # present when the config says so (Phi's qk_layernorm)
-    ALWAYS = "always"  # every layer has them (Qwen3, OLMo2, Gemma 3); no family here yet
+    ALWAYS = "always"  # every layer has them, RMSNorm over head_dim per head (Qwen3, Gemma 3)
+    PROJECTION = "projection"  # every layer, RMSNorm over the whole q / k projection before the head split (OLMo 2)
 
 
 class Routing(str, Enum):
@@ -125,6 +133,15 @@ class FamilyTraits:
     sdpa: bool = True  # the modeling file has an SDPA path; False: attention always materializes the s² scores
     cross_attention_scores: bool = False  # cross-attention saves an s² softmax whatever the attention kernel
     mlp_inner_dropout: bool = False  # a dropout between the MLP activation and the down projection
+    # tanh soft-capping, cap·tanh(x / cap), where the config key names a cap (null / absent from the config: the
+    # config class's default, which the builder writes into the spec's hf_config): on eager attention's scores
+    # (Gemma 2) and on the logits before the loss (Gemma 2); "" when the family's code has none
+    attn_softcap_key: str = ""
+    logit_softcap_key: str = ""
+    # apply_rotary_pos_emb concatenates the rotated part and the pass-through part (partial rotary, Phi-3):
+    # q and k come out as new [b, heads, s, d] tensors, SDPA's output keeps that layout, and its transpose back
+    # to [b, s, heads·d] is a copy (the output projection's input)
+    rotary_cat: bool = False
 
     @property
     def moe(self) -> bool:
@@ -140,6 +157,21 @@ class FamilyTraits:
         if self.attention is AttentionKind.LATENT:
             return "multi-head latent attention"
         return ""
+
+    @property
+    def rms(self) -> bool:
+        """An RMS norm (upcast to fp32), whichever dtype its weight multiplies in."""
+        return self.norm is not NormKind.LAYERNORM
+
+    @property
+    def pre_norm(self) -> bool:
+        """A norm before attention and before the MLP (their inputs are norm outputs, not the residual)."""
+        return self.block in (BlockLayout.PRE_NORM, BlockLayout.SANDWICH, BlockLayout.PARALLEL)
+
+    @property
+    def post_sublayer_norms(self) -> bool:
+        """A norm on the attention output and on the MLP output before each residual add."""
+        return self.block in (BlockLayout.SANDWICH, BlockLayout.POST_SUBLAYER)
 
     @property
     def learned_positions(self) -> bool:
@@ -165,6 +197,28 @@ TRAITS: dict[str, FamilyTraits] = {
                           ia3_feedforward=("down_proj",)),
     "gemma": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"),
                           ia3_feedforward=("down_proj",)),
+    # Qwen3Attention: q_norm / k_norm (Qwen3RMSNorm over head_dim) on every layer's per-head queries and keys,
+    # before the rotary embedding; sliding window only when use_sliding_window (off in every published config)
+    "qwen3": FamilyTraits(**_LLAMA, lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"),
+                          ia3_feedforward=("down_proj",), qk_norm=QKNorm.ALWAYS),
+    # Gemma2DecoderLayer: input / post_attention / pre_feedforward / post_feedforward Gemma2RMSNorm; eager attention
+    # only (_supports_sdpa = False: SDPA has no soft-capping); sliding_window on alternate layers (layer_types),
+    # full attention while seq <= sliding_window
+    "gemma2": FamilyTraits(
+        **{**_LLAMA, "norm": NormKind.RMSNORM_FP32_WEIGHT, "block": BlockLayout.SANDWICH,
+           "activation": Activation.GELU_TANH, "attention": AttentionKind.SLIDING_WINDOW},
+        lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
+        sdpa=False, attn_softcap_key="attn_logit_softcapping", logit_softcap_key="final_logit_softcapping"),
+    # Phi3Attention: one fused qkv_proj sliced into q / k / v views; Phi3MLP: one gate_up_proj chunked into gate and
+    # up views. peft 0.21 has no default targets for phi3 (--lora-targets is required: qkv_proj, gate_up_proj, ...).
+    # config.sliding_window applies to every layer (Phi-3-mini-4k: 2047), null for Phi-4.
+    "phi3": FamilyTraits(**{**_LLAMA, "attention": AttentionKind.SLIDING_WINDOW}, lora_targets=(), ia3_targets=(),
+                         ia3_feedforward=(), rotary_cat=True),
+    # Olmo2DecoderLayer: x + post_attention_layernorm(attn(x)), x + post_feedforward_layernorm(mlp(x)) (no norm
+    # before either); Olmo2Attention: q_norm / k_norm over the whole projections. peft 0.21 has no olmo2 defaults.
+    "olmo2": FamilyTraits(
+        **{**_LLAMA, "norm": NormKind.RMSNORM_FP32_WEIGHT, "block": BlockLayout.POST_SUBLAYER}, lora_targets=(),
+        ia3_targets=(), ia3_feedforward=(), qk_norm=QKNorm.PROJECTION),
     "gpt2": FamilyTraits(
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
