@@ -6,7 +6,9 @@ block code, so the family's block walk dominates the peak instead of the logits)
 to their 16 MiB floor here: with so small a vocabulary the peak falls at another moment of the last block's backward,
 and ~25-45 MiB move between activations and temporaries for the calibrated Qwen2.5 as for the new families
 (qwen2.5-0.5b cut the same way, bf16 full, batch 2, seq 1024: activations +37 MiB, temporaries -42 MiB, peak -0.8%).
-The full-size profiles pass every category (benchmarks/trace_grid.py runs memplan.calibrate.MODELS).
+Full-size profiles, compared by hand with memplan.calibrate.compare (issue 12 session): qwen3-0.6b 11 setups within
+0.4%, gemma-2-2b 8 within 0.6%, phi-3-mini 6 within 1.5% (QLoRA's temporaries category 96 MiB high), olmo-2 7B 3
+within 1.6% (QLoRA's activations 536 MiB low); they are not in the seeded grids (memplan.calibrate.LATER_FAMILIES).
 """
 from __future__ import annotations
 

@@ -21,6 +21,11 @@ MODELS = [
     ("gpt2", 1024, "gpt2 (fused qkv, dropout, tanh-GELU)"),
     ("opt-125m", 2048, "opt (ReLU, dropout)"),
     ("bert-base-uncased", 512, "bert (encoder, MLM)"),
+]
+# The committed grids (reports/estimate_vs_trace*.md) were drawn from MODELS above; a model added to it changes every
+# seeded draw after it. Families added later are held to the trace by tests/test_families_new.py (and the figures in
+# its docstring) until the grids are traced again with them.
+LATER_FAMILIES = [
     ("qwen3-0.6b", 8192, "qwen3 (GQA, per-head q/k RMSNorm, tied)"),
     ("gemma-2-2b", 8192, "gemma2 (pre+post norms, soft-capping, eager only, tied)"),
 ]
