@@ -36,6 +36,13 @@ def host_ram_line(cpu_bytes: int, setup) -> str:
             f"({per_node} GPU{'s' if per_node > 1 else ''})")
 
 
+def paged_line(paged_bytes: int) -> str:
+    """bitsandbytes' paged optimizer states: their own line, outside the allocated categories (docs/optimizers.md)."""
+    return (f"paged optimizer states (CUDA unified memory): {paged_bytes / GiB:.2f} GiB per GPU, not in the figures "
+            f"above: cudaMallocManaged bypasses PyTorch's allocator (torch.cuda.memory_allocated does not count them; "
+            f"nvidia-smi does while they are resident); evicted to CPU RAM page by page when the GPU runs short")
+
+
 def flat(result: Result) -> dict:
     """One flat row: setup fields, categories, peaks (for CSV and sweeps)."""
     d = result.to_dict()
@@ -100,12 +107,14 @@ def table(r: Result) -> str:
         f"  {'peak reserved':<18}{_g(p.reserved_bytes)}",
         f"  {'peak device':<18}{_g(p.device_bytes)}",
         "model states (steady state, GiB): " + ", ".join(
-            f"{k} {v / GiB:.2f}" for k, v in r.model_states.to_dict().items() if k != "cpu_bytes"),
+            f"{k} {v / GiB:.2f}" for k, v in r.model_states.to_dict().items() if k not in ("cpu_bytes", "paged_bytes")),
         f"parameters: {r.trainable_params:,} trainable of {r.total_params:,}"
         + (f" ({100 * r.trainable_params / r.total_params:.3g}%)" if r.total_params else ""),
     ]
     if r.model_states.cpu_bytes:
         lines.append(host_ram_line(r.model_states.cpu_bytes, s))
+    if r.model_states.paged_bytes:
+        lines.append(paged_line(r.model_states.paged_bytes))
     if r.gpu is not None:
         verdict = "fits" if r.fits else "does NOT fit"
         lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "
