@@ -128,6 +128,8 @@ def model_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     opt = (_shard(u.optimizer, n) if z >= 1 else u.optimizer) + qmap_bytes(u, setup)
     paged = _shard(u.paged, n) if z >= 1 else u.paged
     grads = _shard(u.grads, n) if z >= 2 else u.grads
+    if setup.optimizer_in_backward:  # each gradient is freed by its own step, inside backward (phases.in_backward)
+        grads = 0
     if setup.gpus > 1 and z == 0:
         grads *= 2  # DDP keeps its own flat gradient buckets beside param.grad (gradient_as_bucket_view=False)
     cpu = 0
