@@ -53,6 +53,7 @@ class Moment(str, Enum):
     LOSS_BACKWARD = "loss backward"
     HEAD_BACKWARD = "LM-head backward"  # the head's gradient beside the logits' gradient
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
+    HEAD_STEP = "LM-head step in backward"  # --optimizer-in-backward: its gradient stepped (phases.in_backward)
     TOP_BLOCK = "top block backward"
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
@@ -434,8 +435,9 @@ def inflight(groups: tuple[ParamGroup, ...], setup: TrainingSetup, pick) -> tupl
 def in_backward(states: tuple[State, ...], model: ModelSpec, setup: TrainingSetup, p: Parameters) -> tuple[State, ...]:
     """The step's states under torchtune's optimizer_in_bwd. Each gradient is stepped and freed by its hook as soon
     as AccumulateGrad makes it (autograd runs AccumulateGrad nodes first among the ready ones), so:
-    - the LM head's (untied) gradient: its step temporaries join the moment its gradient is made in the parameter
-      dtype (a tied head's waits for the embedding's, unchanged);
+    - the LM head's (untied) gradient: stepped once cast to the parameter dtype, the compute-dtype one freed
+      (autograd releases ToCopyBackward's input before AccumulateGrad runs; a tied head's waits for the
+      embedding's, unchanged);
     - the top and the lowest block's backward: one tensor of the block in flight (the costliest: `inflight`), no
       other gradient; at the softmax backward none;
     - the end of backward: the embedding's gradient in flight (a tied one's out-of-place sum is the larger moment);
@@ -447,9 +449,14 @@ def in_backward(states: tuple[State, ...], model: ModelSpec, setup: TrainingSetu
     out = []
     for s in states:
         c = dict(s.categories)
-        if s.name is Moment.HEAD_GRAD_CAST:
-            c[C.TEMPORARIES] += head[1]
-        elif s.name in (Moment.TOP_BLOCK, Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_TRAINED_BLOCK):
+        if s.name is Moment.HEAD_GRAD_CAST and sum(head):
+            out.append(s)
+            c[C.TEMPORARIES] += head[1] - p.grads.head[2]
+            s = State(Moment.HEAD_STEP, s.phase, c)
+        elif s.name is Moment.TOP_BLOCK:  # the LM head's autocast weight cast was freed by its backward before
+            # the block's first tensor is stepped (the state keeps it: it bounds the blocks' backward)
+            c[C.GRADIENTS], c[C.TEMPORARIES] = block[0], c[C.TEMPORARIES] + block[1] - p.half_outside
+        elif s.name in (Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_TRAINED_BLOCK):
             c[C.GRADIENTS], c[C.TEMPORARIES] = block[0], c[C.TEMPORARIES] + block[1]
         elif s.name is Moment.BACKWARD_END:
             c[C.GRADIENTS], c[C.TEMPORARIES] = late[0], c[C.TEMPORARIES] + (0 if tied else late[1])
