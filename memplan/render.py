@@ -89,7 +89,8 @@ def table(r: Result) -> str:
     s = r.setup
     p = r.peak
     lines = [
-        f"{r.model} · {PRECISION_LABEL[s.precision.value]} · {s.optimizer.value} · peft {s.peft.value}"
+        f"{r.model} · {PRECISION_LABEL[s.precision.value]} · {s.optimizer.value}"
+        + (" stepped in backward" if s.optimizer_in_backward else "") + f" · peft {s.peft.value}"
         + (f" (r={s.lora.rank})" if s.peft.value in ("lora", "dora", "qlora") else "")
         + f" · ZeRO-{s.zero} × {s.gpus} GPU{'s' if s.gpus > 1 else ''} ({engine_label(s)})"
         + f" · micro-batch {s.batch} × seq {s.seq}"

@@ -17,7 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'memplan[bnb]')")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install --no-deps "
+                                                 "bitsandbytes==0.50.2)")
 
 from memplan.calibrate import PEAK_TOL, compare  # noqa: E402
 from memplan.cli import main  # noqa: E402
@@ -108,7 +109,8 @@ GRID = [  # qwen2.5-0.5b / llama-3.2-1b sized setups, as tests/test_estimate_vs_
 ]
 
 
-@pytest.mark.parametrize("kw", GRID, ids=["llama-lora-paged8", "qwen-full-8bit", "qwen-full-paged", "llama-master-paged8"])
+@pytest.mark.parametrize("kw", GRID, ids=["llama-lora-paged8", "qwen-full-8bit", "qwen-full-paged",
+                                          "llama-master-paged8"])
 def test_estimate_within_3_percent_of_trace(kw):
     row = compare(kw)
     assert abs(row.error) <= PEAK_TOL, row

@@ -23,7 +23,7 @@ STATES_PER_ELEMENT = {
 # 8-bit absmax vectors (torch.zeros), are ordinary device tensors.
 BNB_STATE_BYTES = 4
 QMAP_BYTES = 2 * round_block(256 * 4)  # qmap1 + qmap2
-PAGED_MIN_NUMEL = 100_000
+PAGED_MIN_NUMEL = 100_000  # get_state_buffer: `if not self.is_paged or p.numel() < 1e5` → an ordinary tensor
 
 
 def _bnb_states(opt: Optimizer, numel: int) -> tuple[int, int]:

@@ -28,6 +28,7 @@ import contextlib
 import torch
 
 from memplan.categories import Phase
+from memplan.estimate.optimizer import PAGED_MIN_NUMEL  # bitsandbytes get_state_buffer's paging threshold
 from memplan.spec.setup import Optimizer, TrainingSetup
 from memplan.trace.tracker import G, HOST, MW, OS, AllocTracker
 from memplan.units import round_block
@@ -96,8 +97,7 @@ def make_optimizer(kind: Optimizer, params: list, setup: TrainingSetup | None = 
 # optimizer_update_32bit / optimizer_update_8bit_blockwise) with fake-tensor kernels, so the step runs for real under
 # FakeTensorMode, in place, with no temporaries, as the CUDA kernels do.
 BNB_CLASSES = {Optimizer.ADAMW_8BIT: "AdamW8bit", Optimizer.PAGED_ADAMW: "PagedAdamW",
-                  Optimizer.PAGED_ADAMW_8BIT: "PagedAdamW8bit"}
-PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: `p.numel() < 1e5` stays a device tensor
+               Optimizer.PAGED_ADAMW_8BIT: "PagedAdamW8bit"}
 
 
 def bnb_optimizer(kind: Optimizer) -> tuple[type, dict]:
@@ -112,8 +112,8 @@ def bnb_optimizer(kind: Optimizer) -> tuple[type, dict]:
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise MemplanError(f"--optimizer {kind.value} runs bitsandbytes' optimizer: pip install "
-                           "'memplan[bnb]' (bitsandbytes 0.50.2)") from None
+        raise MemplanError(f"--optimizer {kind.value} runs bitsandbytes' optimizer: pip install --no-deps "
+                           "bitsandbytes==0.50.2") from None
     finally:
         log.setLevel(level)
     if not hasattr(torch.ops.bitsandbytes, "optimizer_update_8bit_blockwise"):
