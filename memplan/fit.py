@@ -119,6 +119,9 @@ class Space:
     zeros: tuple[int, ...] = (0, 1, 2, 3)
     engines: tuple[Engine, ...] = tuple(Engine)
     offloads: tuple[Offload, ...] = tuple(Offload)
+    # --optimizer-in-backward (fit's flag) searches (False, True): torchtune's optimizer_in_bwd frees each gradient
+    # inside backward (one GPU, --grad-accum 1; memplan.estimate.phases.in_backward)
+    in_backward: tuple[bool, ...] = (False,)
 
     def __post_init__(self):
         for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros", "engines", "offloads"):
@@ -128,18 +131,19 @@ class Space:
             raise MemplanError(f"fit: ZeRO stages are 0-3, got {list(self.zeros)}")
 
     def choices(self, gpus: int):
-        """(precision, optimizer, peft, checkpointing, zero, engine, offload) tuples; one GPU has nothing to shard
-        or offload: ZeRO 0, the first engine, no offload."""
+        """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward) tuples; one GPU has
+        nothing to shard or offload: ZeRO 0, the first engine, no offload; optimizer-in-backward runs on one GPU."""
         if gpus > 1:
-            zeros, engines, offloads = self.zeros, self.engines, self.offloads
+            zeros, engines, offloads, inb = self.zeros, self.engines, self.offloads, (False,)
         else:
-            zeros, engines, offloads = (min(self.zeros),), self.engines[:1], (Offload.NONE,)
-        return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads)
+            zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
+        return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads,
+                       inb)
 
     @property
     def size(self) -> int:
         return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
-                * len(self.zeros) * len(self.engines) * len(self.offloads))
+                * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward))
 
 
 @dataclass(frozen=True)
@@ -300,10 +304,10 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
-                  offload=Offload.NONE) -> TrainingSetup | None:
+                  offload=Offload.NONE, in_backward=False) -> TrainingSetup | None:
     try:
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
-                       engine=engine, **offload.flags(engine))
+                       engine=engine, optimizer_in_backward=in_backward, **offload.flags(engine))
     except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
         return None
 
@@ -380,7 +384,8 @@ def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
     groups: dict[tuple, list[list[FitRow]]] = {}
     for r in rows:
         s = r.setup
-        runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s)), [])
+        runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s),
+                                  s.optimizer_in_backward), [])
         for run in runs:
             if all(_ties(r, o, gpu) for o in run):
                 run.append(r)

@@ -36,6 +36,13 @@ def host_ram_line(cpu_bytes: int, setup) -> str:
             f"({per_node} GPU{'s' if per_node > 1 else ''})")
 
 
+def paged_line(paged_bytes: int) -> str:
+    """bitsandbytes' paged optimizer states: their own line, outside the allocated categories (docs/optimizers.md)."""
+    return (f"paged optimizer states (CUDA unified memory): {paged_bytes / GiB:.2f} GiB per GPU, not in the figures "
+            f"above: cudaMallocManaged bypasses PyTorch's allocator (torch.cuda.memory_allocated does not count them; "
+            f"nvidia-smi does while they are resident); evicted to CPU RAM page by page when the GPU runs short")
+
+
 def flat(result: Result) -> dict:
     """One flat row: setup fields, categories, peaks (for CSV and sweeps)."""
     d = result.to_dict()
@@ -82,7 +89,8 @@ def table(r: Result) -> str:
     s = r.setup
     p = r.peak
     lines = [
-        f"{r.model} · {PRECISION_LABEL[s.precision.value]} · {s.optimizer.value} · peft {s.peft.value}"
+        f"{r.model} · {PRECISION_LABEL[s.precision.value]} · {s.optimizer.value}"
+        + (" stepped in backward" if s.optimizer_in_backward else "") + f" · peft {s.peft.value}"
         + (f" (r={s.lora.rank})" if s.peft.value in ("lora", "dora", "qlora") else "")
         + f" · ZeRO-{s.zero} × {s.gpus} GPU{'s' if s.gpus > 1 else ''} ({engine_label(s)})"
         + f" · micro-batch {s.batch} × seq {s.seq}"
@@ -100,12 +108,14 @@ def table(r: Result) -> str:
         f"  {'peak reserved':<18}{_g(p.reserved_bytes)}",
         f"  {'peak device':<18}{_g(p.device_bytes)}",
         "model states (steady state, GiB): " + ", ".join(
-            f"{k} {v / GiB:.2f}" for k, v in r.model_states.to_dict().items() if k != "cpu_bytes"),
+            f"{k} {v / GiB:.2f}" for k, v in r.model_states.to_dict().items() if k not in ("cpu_bytes", "paged_bytes")),
         f"parameters: {r.trainable_params:,} trainable of {r.total_params:,}"
         + (f" ({100 * r.trainable_params / r.total_params:.3g}%)" if r.total_params else ""),
     ]
     if r.model_states.cpu_bytes:
         lines.append(host_ram_line(r.model_states.cpu_bytes, s))
+    if r.model_states.paged_bytes:
+        lines.append(paged_line(r.model_states.paged_bytes))
     if r.gpu is not None:
         verdict = "fits" if r.fits else "does NOT fit"
         lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "
@@ -227,7 +237,8 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
                            f"{r.peak_device_bytes / GiB:.2f}"]
                         + ([f"{r.host_bytes_per_node / GiB:.2f}" if r.host_bytes else "–"] if host else [])
                         + ([f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}", f"{100 * t['mfu']:.0f}%"] if speed
-                           else []) + [", ".join(o.value for o in r.optimizers)])
+                           else []) + [", ".join(o.value for o in r.optimizers)
+                                       + (" (in backward)" if s.optimizer_in_backward else "")])
     text = columns(headers, body, right={i for i, h in enumerate(headers)
                                          if h in ("#", "zero", "max batch", "max seq", "peak GiB", "host GiB/node",
                                                   "tokens/s/GPU", "step s", "MFU")})

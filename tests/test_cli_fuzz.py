@@ -89,7 +89,7 @@ OPTIONS = {
     "--offload-optimizer": None, "--offload-params": None,
     "--precision": choice_or_junk(PRECISIONS), "--fp32": None, "--fp16": None, "--bf16": None, "--pure-bf16": None,
     "--optimizer": choice_or_junk(OPTIMIZERS), "--adam": None, "--sgd": None, "--momentum": None, "--adafactor": None,
-    "--adam8bit": None,
+    "--adam8bit": None, "--optimizer-in-backward": None,
     "--peft": choice_or_junk(PEFTS), "--lora-rank": sizes, "--lora-alpha": sizes,
     "--lora-targets": choice_or_junk(["q_proj,v_proj", "all-linear", "c_attn", "query,value", "q,v", ",", "nope",
                                       "q_proj,,k_proj", "down_proj"]),

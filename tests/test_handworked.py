@@ -14,7 +14,7 @@ Sources of the per-tensor rules:
     full `variance`; `step` is a CPU scalar (torch/optim/_adafactor.py, Adafactor._init_group).
   * bitsandbytes AdamW8bit: tensors of ≥ 4096 elements keep two uint8 states + one fp32 absmax per 256 values each,
     smaller tensors two fp32 states (bitsandbytes/optim/optimizer.py, Optimizer2State.init_state,
-    min_8bit_size = 4096); the quantization maps are shared by the optimizer, not per tensor.
+    min_8bit_size = 4096); the two 256-entry fp32 quantization maps (qmap1 / qmap2) are the optimizer's, once.
   * bitsandbytes NF4 (QLoRA): packed uint8 codes (2 per byte), an absmax per 64-weight block (fp32, or uint8 under
     double quantization with an fp32 offset, a second-level fp32 absmax per 256 blocks and the 256-entry fp32
     dynamic code), plus the 16-entry fp32 NF4 code (bitsandbytes/functional.py, quantize_4bit / quantize_blockwise;
@@ -94,7 +94,8 @@ def expected_states(precision: str, opt: str) -> dict:
         "weights": sum(rb(numel(s) * pb) for s in TENSORS.values()),
         "master_weights": sum(rb(numel(s) * 4) for s in TENSORS.values()) if precision in MASTER else 0,
         "gradients": sum(rb(numel(s) * pb) for s in TENSORS.values()),
-        "optimizer_states": sum(opt_bytes(opt, s, sb) for s in TENSORS.values()),
+        "optimizer_states": sum(opt_bytes(opt, s, sb) for s in TENSORS.values())
+        + (2 * rb(256 * 4) if opt == "adamw-8bit" and any(numel(s) >= 4096 for s in TENSORS.values()) else 0),
     }
 
 

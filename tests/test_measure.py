@@ -442,7 +442,7 @@ def test_no_gpu_and_no_device_cpu_is_one_line_with_the_hint(tiny_config, capsys)
     (["--zero", "2", "--gpus", "2", "--engine", "deepspeed", "--precision", "bf16-master"], "--engine deepspeed"),
     (["--gpus", "100000"], "ranks on this machine"),  # multi-rank jobs run (tests/test_measure_dist.py) up to a cap
     (["--checkpointing", "selective"], "selective"),
-    (["--optimizer", "adamw-8bit"], "bitsandbytes"),
+    (["--optimizer", "adamw-8bit", "--gpus", "2"], "bitsandbytes"),  # one GPU only (tests/test_bnb_optimizers.py)
     (["--resume"], "need --sweep"),
     (["--steps", "0"], "--steps must be positive"),
     (["--attention", "flash", "--peft", "prefix"], "FlashAttention-2 does not take"),  # refused before any work

@@ -83,7 +83,8 @@ def _offloads(text):
     return tuple(dict.fromkeys(Offload(t) for t in items))
 
 
-def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None):
+def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None,
+           in_backward=False):
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -102,7 +103,8 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         checkpointing=parse_choices("checkpointing", checkpointing) if checkpointing else F.DEFAULT_CHECKPOINTING,
         zeros=zeros,
         engines=parse_choices("engine", engine) if engine else F.Space.engines,
-        offloads=_offloads(offload) if offload else F.Space.offloads)
+        offloads=_offloads(offload) if offload else F.Space.offloads,
+        in_backward=(False, True) if in_backward else F.Space.in_backward)
 
 
 @with_config(FIT_PARAMS)
@@ -149,6 +151,9 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
                                                                          "train.")] = 0,
         attention: Annotated[str, typer.Option("--attention", help="eager | sdpa | flash.")] = "sdpa",
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient-accumulation steps.")] = 1,
+        in_backward: Annotated[bool, typer.Option(
+            "--optimizer-in-backward", help="Also search torchtune's optimizer-in-backward (each gradient stepped "
+            "and freed inside backward; one GPU, --grad-accum 1).")] = False,
         top: Annotated[Optional[int], typer.Option(
             "--top", help="Show the first N rows (per PEFT method in a grouped table) [default: 5 per method in a "
             "table, all in json/csv; 0 = all].")] = None,
@@ -172,7 +177,7 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     spec = resolve_model(model)
     g = resolve_gpu(gpu)
-    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload)
+    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,

@@ -82,6 +82,8 @@ SETUP_OPTIONS = [
     option("momentum", bool, False, "--momentum", help="Same as --optimizer momentum."),
     option("adafactor", bool, False, "--adafactor", help="Same as --optimizer adafactor."),
     option("adam8bit", bool, False, "--adam8bit", help="Same as --optimizer adamw-8bit (bitsandbytes)."),
+    _setup("optimizer_in_backward", bool, False, help="torchtune's optimizer_in_bwd: each trainable tensor's "
+           "optimizer steps inside backward as its gradient is made (no full set of gradients; --grad-accum 1)."),
     _setup("peft", str, "full", help="full | freeze | lora | dora | qlora | ia3 | prompt | prefix | adapter | "
            "bitfit."),
     _setup("lora_rank", int, 8, help="LoRA/DoRA/QLoRA rank."),

@@ -17,6 +17,9 @@ bytes alive change at a few moments; a phase's peak is its largest state, the st
     backward end          every gradient made
     optimizer step        the gradients the optimizer reads and its step temporaries
 
+Under --optimizer-in-backward each trainable tensor is stepped by its own optimizer as soon as backward makes its
+gradient, which is then freed (`in_backward`): no state holds more than one tensor's gradient and step temporaries.
+
 Live bytes fall or grow linearly between the top and the lowest block, so the two ends bound the blocks between.
 """
 from __future__ import annotations
@@ -32,8 +35,8 @@ from memplan.estimate.activations import Activations, logits_bytes, logits_upcas
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
-from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, unsharded,
-                                      unsharded_grad_bytes, zero1_step_bytes)
+from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
+                                      unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.spec.model import ModelSpec, Role
 from memplan.spec.setup import Checkpointing, Engine, LoraConfig, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
@@ -50,6 +53,7 @@ class Moment(str, Enum):
     LOSS_BACKWARD = "loss backward"
     HEAD_BACKWARD = "LM-head backward"  # the head's gradient beside the logits' gradient
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
+    HEAD_STEP = "LM-head step in backward"  # --optimizer-in-backward: its gradient stepped (phases.in_backward)
     TOP_BLOCK = "top block backward"
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
@@ -403,7 +407,65 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     )
     if setup.engine is Engine.DEEPSPEED:  # its buckets and partitions (memplan.estimate.deepspeed)
         return deepspeed.adjust(states, model, setup, ms)
+    if setup.optimizer_in_backward:
+        return in_backward(states, model, setup, p)
     return states
+
+
+# ---- --optimizer-in-backward ------------------------------------------------------------------------------------
+def inflight(groups: tuple[ParamGroup, ...], setup: TrainingSetup, pick) -> tuple[int, int]:
+    """(gradient, temporary) bytes while the costliest tensor `pick(g)` selects is stepped by its own optimizer
+    (memplan.trace.step.InBackward): its gradient and the step's temporaries for that one tensor. Master-weight
+    precisions copy the half gradient to an fp32 one first (both alive), free the half one, then step."""
+    best = (0, 0)
+    for g in groups:
+        if not (g.trainable and pick(g)):
+            continue
+        sb = round_block(g.numel * state_dtype_bytes(g, setup))
+        tmp = step_temporary_bytes(setup.optimizer, sb, sb)
+        grad = round_block(g.numel * unsharded_grad_bytes(g, setup))
+        if has_master(g, setup):
+            fp32 = round_block(g.numel * 4)
+            grad, tmp = (fp32, tmp) if tmp >= grad else (fp32 + grad, 0)
+        if grad + tmp > sum(best):
+            best = (grad, tmp)
+    return best
+
+
+def in_backward(states: tuple[State, ...], model: ModelSpec, setup: TrainingSetup, p: Parameters) -> tuple[State, ...]:
+    """The step's states under torchtune's optimizer_in_bwd. Each gradient is stepped and freed by its hook as soon
+    as AccumulateGrad makes it (autograd runs AccumulateGrad nodes first among the ready ones), so:
+    - the LM head's (untied) gradient: stepped once cast to the parameter dtype, the compute-dtype one freed
+      (autograd releases ToCopyBackward's input before AccumulateGrad runs; a tied head's waits for the
+      embedding's, unchanged);
+    - the top and the lowest block's backward: one tensor of the block in flight (the costliest: `inflight`), no
+      other gradient; at the softmax backward none;
+    - the end of backward: the embedding's gradient in flight (a tied one's out-of-place sum is the larger moment);
+    - the optimizer step: nothing left to step."""
+    head = inflight(p.groups, setup, lambda g: g.outside and g.matmul and not embedding_side(g.name))
+    block = inflight(p.groups, setup, lambda g: not g.outside)
+    late = inflight(p.groups, setup, lambda g: g.outside and embedding_side(g.name))
+    tied = model.tie_embeddings and tied_trains(p.groups)
+    out = []
+    for s in states:
+        c = dict(s.categories)
+        if s.name is Moment.HEAD_GRAD_CAST and sum(head):
+            out.append(s)
+            c[C.TEMPORARIES] += head[1] - p.grads.head[2]
+            s = State(Moment.HEAD_STEP, s.phase, c)
+        elif s.name is Moment.TOP_BLOCK:  # the LM head's autocast weight cast was freed by its backward before
+            # the block's first tensor is stepped (the state keeps it: it bounds the blocks' backward)
+            c[C.GRADIENTS], c[C.TEMPORARIES] = block[0], c[C.TEMPORARIES] + block[1] - p.half_outside
+        elif s.name in (Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_TRAINED_BLOCK):
+            c[C.GRADIENTS], c[C.TEMPORARIES] = block[0], c[C.TEMPORARIES] + block[1]
+        elif s.name is Moment.BACKWARD_END:
+            c[C.GRADIENTS], c[C.TEMPORARIES] = late[0], c[C.TEMPORARIES] + (0 if tied else late[1])
+        elif s.phase is Phase.BACKWARD and s.name not in (Moment.LOSS_BACKWARD, Moment.HEAD_BACKWARD):
+            c[C.GRADIENTS] = 0
+        elif s.phase is Phase.OPTIMIZER_STEP:
+            c[C.GRADIENTS] = c[C.TEMPORARIES] = 0
+        out.append(State(s.name, s.phase, c))
+    return tuple(out)
 
 
 def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tuple[State, ...]:

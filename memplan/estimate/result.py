@@ -11,13 +11,16 @@ from memplan.spec.setup import TrainingSetup
 
 @dataclass(frozen=True)
 class ModelStates:
-    """Steady-state model-state bytes per GPU after ZeRO sharding; cpu_bytes is what offload moves to host RAM."""
+    """Steady-state model-state bytes per GPU after ZeRO sharding; cpu_bytes is what offload moves to host RAM;
+    paged_bytes bitsandbytes' paged optimizer states (CUDA unified memory from cudaMallocManaged: outside PyTorch's
+    caching allocator, so in no allocated category, peak or torch.cuda.memory_allocated; docs/optimizers.md)."""
 
     weights: int
     master_weights: int
     gradients: int
     optimizer_states: int
     cpu_bytes: int = 0
+    paged_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -25,7 +28,8 @@ class ModelStates:
 
     def to_dict(self) -> dict:
         return {"weights": self.weights, "master_weights": self.master_weights, "gradients": self.gradients,
-                "optimizer_states": self.optimizer_states, "cpu_bytes": self.cpu_bytes}
+                "optimizer_states": self.optimizer_states, "cpu_bytes": self.cpu_bytes,
+                **({"paged_bytes": self.paged_bytes} if self.paged_bytes else {})}
 
 
 @dataclass(frozen=True)

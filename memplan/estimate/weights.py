@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.estimate.optimizer import state_bytes
+from memplan.estimate.optimizer import QMAP_BYTES, paged_state_bytes, state_bytes, uses_qmaps
 from memplan.estimate.params import ParamGroup
 from memplan.estimate.quant import nf4_bytes, nf4_storages
 from memplan.estimate.result import ModelStates
@@ -55,12 +55,14 @@ class Unsharded:
     half_grad_copied: int  # ...and the half-precision gradients it is copied from (freed as each is copied)
     groups: tuple = ()  # the parameter groups (the FSDP engine shards each tensor: fsdp_states)
     blocks: int = 1  # the model's repeated blocks (one FSDP unit each)
+    paged: int = 0  # bitsandbytes' paged optimizer states (CUDA unified memory: not in `optimizer`)
+    qmap_tensors: int = 0  # trainable tensors whose states bitsandbytes quantizes to 8 bits (quantization maps)
 
 
 def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup, blocks: int = 1) -> Unsharded:
     """Model-state bytes of the whole model before sharding (reads the setup's precision, optimizer, PEFT method
     and double quantization only; memplan.estimate.phases.parameters caches it with the other parameter parts)."""
-    w = m = gr = o = ts = lt = f32 = h = 0
+    w = m = gr = o = ts = lt = f32 = h = paged = q8 = 0
     for g in groups:
         w += weight_bytes_per(g, setup) * g.count
         if not g.trainable:
@@ -69,13 +71,23 @@ def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup, blocks: int 
         sb = state_dtype_bytes(g, setup)
         shape = (g.rows, g.numel // g.rows) if g.rows else None
         o += state_bytes(setup.optimizer, g.numel, sb, shape) * g.count
+        paged += paged_state_bytes(setup.optimizer, g.numel) * g.count
+        q8 += g.count if uses_qmaps(setup.optimizer, g.numel) else 0
         ts += round_block(g.numel * sb) * g.count
         lt = max(lt, round_block(g.numel * sb))
         if has_master(g, setup):
             m += round_block(g.numel * 4) * g.count
             f32 += round_block(g.numel * 4) * g.count
             h += round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
-    return Unsharded(w, m, gr, o, ts, lt, f32, h, groups, blocks)
+    return Unsharded(w, m, gr, o, ts, lt, f32, h, groups, blocks, paged, q8)
+
+
+def qmap_bytes(u: Unsharded, setup: TrainingSetup) -> int:
+    """bitsandbytes' 8-bit quantization maps: one pair per optimizer (memplan.estimate.optimizer.QMAP_BYTES), so
+    one per 8-bit tensor under --optimizer-in-backward (an optimizer each)."""
+    if not u.qmap_tensors:
+        return 0
+    return QMAP_BYTES * (u.qmap_tensors if setup.optimizer_in_backward else 1)
 
 
 _MEMO: dict = {}
@@ -113,8 +125,11 @@ def model_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     n, z = setup.shards, setup.zero
     weights = _shard(u.weights, n) if z >= 3 else u.weights
     master = _shard(u.master, n) if z >= 1 else u.master
-    opt = _shard(u.optimizer, n) if z >= 1 else u.optimizer
+    opt = (_shard(u.optimizer, n) if z >= 1 else u.optimizer) + qmap_bytes(u, setup)
+    paged = _shard(u.paged, n) if z >= 1 else u.paged
     grads = _shard(u.grads, n) if z >= 2 else u.grads
+    if setup.optimizer_in_backward:  # each gradient is freed by its own step, inside backward (phases.in_backward)
+        grads = 0
     if setup.gpus > 1 and z == 0:
         grads *= 2  # DDP keeps its own flat gradient buckets beside param.grad (gradient_as_bucket_view=False)
     cpu = 0
@@ -127,7 +142,7 @@ def model_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     if setup.offload_params:
         cpu += weights
         weights = 0
-    return ModelStates(weights, master, grads, opt, cpu)
+    return ModelStates(weights, master, grads, opt, cpu, paged)
 
 
 # ---- the FSDP engine (Engine.FSDP with --gpus > 1): what PyTorch's DDP, ZeroRedundancyOptimizer and FSDP2 keep --

@@ -88,6 +88,11 @@ class Optimizer(str, Enum):
     def paged(self) -> bool:
         return self.value.startswith("paged")
 
+    @property
+    def bitsandbytes(self) -> bool:
+        """bitsandbytes' own optimizers (memplan.trace.step.BNB_CLASSES, docs/optimizers.md)."""
+        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
+
 
 class PeftMethod(str, Enum):
     """What is trained."""
@@ -202,6 +207,8 @@ class TrainingSetup:
     checkpointing: Checkpointing = Checkpointing.NONE
     attention: Attention = Attention.SDPA
     dropout: bool | None = None  # None: as the model config says
+    optimizer_in_backward: bool = False  # torchtune's optimizer_in_bwd: one optimizer per trainable tensor, stepped
+    # by its post-accumulate-grad hook inside backward (torchtune/training/memory.py register_optim_in_bwd_hooks)
     # --engine deepspeed: its zero_optimization config keys, DeepSpeed 0.19.8's defaults
     # (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig; sizes in elements; memplan.estimate.deepspeed)
     ds_reduce_bucket_size: int = 500_000_000  # reduce_bucket_size = pp_int(5e8)
@@ -217,7 +224,8 @@ class TrainingSetup:
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
                             "batch", "seq", "grad_accum", *DS_INTS),
-                     ("offload_optimizer", "offload_params", "sync_each_batch", "bucket_view", "ds_contiguous_gradients"),
+                     ("offload_optimizer", "offload_params", "sync_each_batch", "bucket_view", "ds_contiguous_gradients",
+                      "optimizer_in_backward"),
                      ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig)):
@@ -242,6 +250,21 @@ class TrainingSetup:
             raise MemplanError("QLoRA computes in half precision: use --bf16, --fp16 or --pure-bf16")
         self._check_engine()
         self._check_deepspeed()
+        self._check_in_backward()
+
+    def _check_in_backward(self) -> None:
+        """What torchtune's optimizer_in_bwd runs with (recipes/full_finetune_single_device.py refuses gradient
+        accumulation: each gradient is stepped and freed as soon as it is made)."""
+        if not self.optimizer_in_backward:
+            return
+        if self.grad_accum > 1:
+            raise MemplanError("--optimizer-in-backward steps each gradient as soon as backward makes it: it cannot "
+                               "accumulate gradients (use --grad-accum 1, as torchtune's optimizer_in_bwd requires)")
+        if self.precision.grad_scaler:
+            raise MemplanError("--optimizer-in-backward cannot run fp16 loss scaling (the scaler checks every "
+                               "gradient for inf before any step): use bf16, pure-bf16, bf16-master or fp32")
+        if self.gpus > 1 or self.zero > 0:
+            raise MemplanError("--optimizer-in-backward is modelled on one GPU (no --gpus / --zero)")
 
     def _check_deepspeed(self) -> None:
         """DeepSpeed's own bounds on its knobs (DeepSpeedZeroConfig: reduce_bucket_size gt=0, the rest ge=0); the

@@ -33,7 +33,7 @@ SETUP_FLAGS = {
     "double_quant": "--double-quant/--no-double-quant", "num_virtual_tokens": "--virtual-tokens",
     "adapter_size": "--adapter-size", "train_layers": "--train-layers", "batch": "--batch", "seq": "--seq",
     "grad_accum": "--grad-accum", "checkpointing": "--checkpointing", "attention": "--attention",
-    "dropout": "--dropout/--no-dropout",
+    "dropout": "--dropout/--no-dropout", "optimizer_in_backward": "--optimizer-in-backward",
     "ds_reduce_bucket_size": "--ds-reduce-bucket-size", "ds_allgather_bucket_size": "--ds-allgather-bucket-size",
     "ds_prefetch_bucket_size": "--ds-prefetch-bucket-size", "ds_max_live_parameters": "--ds-max-live-parameters",
     "ds_max_reuse_distance": "--ds-max-reuse-distance",

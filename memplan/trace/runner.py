@@ -181,7 +181,7 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
             loop.iteration(batch)
         end = tracker.seq
         backward_seq = max(s for s, p, m in tracker.marks if p is Phase.BACKWARD and m == "" and s <= end)
-        grads_seq = loop.grads_seq
+        grads_seq, paged = loop.grads_seq, loop.paged_bytes
         for h in handles:
             h.remove()
         del batch, loop, session
@@ -190,7 +190,7 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
     states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
                          gradients=tracker.categories_at(grads_seq)[Category.GRADIENTS],  # DDP buckets too
                          optimizer_states=at_end.get(OS, 0),
-                         cpu_bytes=tracker.host_peak(start, end) if setup.offload_params else 0)
+                         cpu_bytes=tracker.host_peak(start, end) if setup.offload_params else 0, paged_bytes=paged)
     rank = None
     if distributed.engaged(setup):
         r, n = distributed.world()

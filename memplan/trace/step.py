@@ -14,7 +14,10 @@ Precision:
 Optimizers (one parameter group over all trainable parameters, foreach where CUDA would default to it):
   adamw AdamW(foreach=True) · adamw-fused AdamW(fused=True) (torch has a CPU fused kernel; like CUDA's it keeps
   no step temporaries) · adamw-forloop AdamW(foreach=False) · sgd SGD(foreach=True) · momentum
-  SGD(momentum=0.9, foreach=True) · adafactor torch.optim.Adafactor(foreach=True).
+  SGD(momentum=0.9, foreach=True) · adafactor torch.optim.Adafactor(foreach=True) · adamw-8bit / paged-adamw /
+  paged-adamw-8bit bitsandbytes' AdamW8bit / PagedAdamW / PagedAdamW8bit (`bnb_optimizer`).
+--optimizer-in-backward: torchtune's optimizer_in_bwd, one optimizer per trainable tensor stepped by a
+  post-accumulate-grad hook inside backward (`InBackward`).
 The optimizer `step` counters of non-fused optimizers live on the host (torch keeps them on the CPU unless
 capturable / fused) and are not counted; fused ones live on the device and are.
 """
@@ -25,8 +28,10 @@ import contextlib
 import torch
 
 from memplan.categories import Phase
+from memplan.estimate.optimizer import PAGED_MIN_NUMEL  # bitsandbytes get_state_buffer's paging threshold
 from memplan.spec.setup import Optimizer, TrainingSetup
 from memplan.trace.tracker import G, HOST, MW, OS, AllocTracker
+from memplan.units import round_block
 
 
 class Scaler:
@@ -72,14 +77,92 @@ OPTIMIZERS = {  # what each --optimizer constructs (class, keyword arguments)
 def make_optimizer(kind: Optimizer, params: list, setup: TrainingSetup | None = None) -> torch.optim.Optimizer:
     """The optimizer over `params`; under ZeRO-1 partitioned by ZeroRedundancyOptimizer (its default
     parameters_as_bucket_view=False), the local optimizer the same class with the same arguments."""
-    if kind not in OPTIMIZERS:
+    if kind.bitsandbytes:
+        cls, kw = bnb_optimizer(kind)
+    elif kind not in OPTIMIZERS:
         raise ValueError(kind)
-    cls, kw = OPTIMIZERS[kind]
+    else:
+        cls, kw = OPTIMIZERS[kind]
     if setup is not None and setup.zero == 1 and setup.gpus > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
     return cls(params, **kw)
+
+
+# bitsandbytes' optimizers (bitsandbytes/optim/adamw.py), constructed with their defaults: blockwise 8-bit states
+# (blocksize 256) for tensors of min_8bit_size = 4096 elements or more, fp32 states below; paged states for tensors
+# of 1e5 elements or more on CUDA (Optimizer8bit.get_state_buffer: cudaMallocManaged unified memory; on the CPU it
+# falls back to ordinary tensors). Their update kernels are torch custom ops (bitsandbytes/_ops.py
+# optimizer_update_32bit / optimizer_update_8bit_blockwise) with fake-tensor kernels, so the step runs for real under
+# FakeTensorMode, in place, with no temporaries, as the CUDA kernels do.
+BNB_CLASSES = {Optimizer.ADAMW_8BIT: "AdamW8bit", Optimizer.PAGED_ADAMW: "PagedAdamW",
+               Optimizer.PAGED_ADAMW_8BIT: "PagedAdamW8bit"}
+
+
+def bnb_optimizer(kind: Optimizer) -> tuple[type, dict]:
+    """The bitsandbytes class of `kind` and its keyword arguments; one line if bitsandbytes cannot run it."""
+    import logging
+
+    from memplan.errors import MemplanError
+
+    log = logging.getLogger("bitsandbytes")  # it logs a missing optional CPU kernel package at import
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise MemplanError(f"--optimizer {kind.value} runs bitsandbytes' optimizer: pip install --no-deps "
+                           "bitsandbytes==0.50.2") from None
+    finally:
+        log.setLevel(level)
+    if not hasattr(torch.ops.bitsandbytes, "optimizer_update_8bit_blockwise"):
+        raise MemplanError(f"bitsandbytes {getattr(bnb, '__version__', '?')} has no torch custom ops for its "
+                           f"optimizers (fake-tensor tracing needs them): install bitsandbytes 0.50.2")
+    return getattr(bnb.optim, BNB_CLASSES[kind]), dict(lr=1e-4)
+
+
+def paged_state(kind: Optimizer, name: str, param: torch.Tensor) -> bool:
+    """A state tensor bitsandbytes allocates in CUDA unified memory (outside PyTorch's caching allocator)."""
+    return kind.paged and name in ("state1", "state2") and param.numel() >= PAGED_MIN_NUMEL
+
+
+class InBackward:
+    """torchtune 0.6.1's optimizer_in_bwd (torchtune/training/memory.py register_optim_in_bwd_hooks; recipes/
+    full_finetune_single_device.py _setup_optimizer): one optimizer per trainable tensor, whose post-accumulate-grad
+    hook calls `step()` then `zero_grad()`, so each gradient is freed as soon as it has been applied. Master-weight
+    precisions copy the half gradient to the fp32 master's, free the half one, step the master and copy it back (as
+    TrainLoop._step does for all of them at once)."""
+
+    def __init__(self, loop: "TrainLoop"):
+        self.loop = loop
+        owned = loop.masters if loop.master else loop.shards
+        self.optims = {p: make_optimizer(loop.setup.optimizer, [o]) for p, o in zip(loop.params, owned)}
+        self.owner = dict(zip(loop.params, owned))
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.optims.values() for k, v in o.state.items()}
+
+    def hook(self, p) -> None:
+        opt, m = self.optims[p], self.owner[p]
+        if m is not p:  # master weights
+            m.grad = p.grad.float()
+            self.loop.tracker.track(m.grad, G)
+            p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if m is not p:
+            with torch.no_grad():
+                p.copy_(m)
+
+    def handles(self) -> list:
+        """The hooks, registered after TrainLoop's gradient tagging hook (hooks run in registration order)."""
+        return [p.register_post_accumulate_grad_hook(self.hook) for p in self.optims]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optims.values():
+            o.zero_grad(set_to_none=set_to_none)
 
 
 class TrainLoop:
@@ -103,10 +186,17 @@ class TrainLoop:
             for p, m in zip(self.params, self.masters):
                 if p.dtype is not torch.float32:  # .float() of an fp32 tensor is the tensor itself: no copy
                     tracker.track(m, HOST if self.host else MW)
-        self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.shards, setup)
+        self.in_backward = setup.optimizer_in_backward
+        if self.in_backward:
+            self.optimizer = InBackward(self)
+        else:
+            self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.shards, setup)
         self.scaler = Scaler() if setup.precision.grad_scaler else None
         self._hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, grad_tag))
                        for p in self.params]
+        if self.in_backward:
+            self._hooks += self.optimizer.handles()
+        self.paged_bytes = 0  # bitsandbytes' paged states: CUDA unified memory, outside the allocator (tag_states)
         self.grads_seq = 0  # event at which the last optimizer step began (all gradients alive)
 
     def _autocast(self):
@@ -143,6 +233,8 @@ class TrainLoop:
         return sync_context(self.model, self.setup, last)
 
     def _step(self) -> None:
+        if self.in_backward:  # every tensor was stepped by its hook during backward
+            return
         if self.master:
             for p, m in zip(self.params, self.masters):
                 if p.grad is not None:
@@ -168,13 +260,22 @@ class TrainLoop:
                 p.grad = None
 
     def tag_states(self) -> None:
-        """After the first step: optimizer state is `optimizer_states`; non-fused step counters are host-side."""
+        """After the first step: optimizer state is `optimizer_states`; non-fused step counters are host-side.
+        bitsandbytes' paged states are outside the device allocator (tagged HOST: the tracker's one tag it does not
+        count on the device) and summed in `paged_bytes`."""
         fused = self.setup.optimizer is Optimizer.ADAMW_FUSED
         local = getattr(self.optimizer, "optim", self.optimizer)  # ZeroRedundancyOptimizer: this rank's
-        for state in local.state.values():
+        paged = {}
+        for p, state in local.state.items():
             for k, v in state.items():
-                if isinstance(v, torch.Tensor):
-                    self.tracker.track(v, HOST if (k == "step" and not fused) or self.host else OS)
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if not self.host and paged_state(self.setup.optimizer, k, p):
+                    self.tracker.track(v, HOST)
+                    paged[id(v.untyped_storage())] = round_block(v.untyped_storage().nbytes())
+                    continue
+                self.tracker.track(v, HOST if (k == "step" and not fused) or self.host else OS)
+        self.paged_bytes = sum(paged.values())
 
     def close(self) -> None:
         for h in self._hooks:

@@ -16,8 +16,8 @@ def unsupported(setup: TrainingSetup, engines: bool = False) -> str | None:
             return "--engine deepspeed (DeepSpeed ZeRO is estimate-only: `memplan estimate`; trace --engine fsdp)"
         if not engines:
             return "ZeRO / multi-GPU setups"
-    if setup.optimizer in BNB_OPTIMIZERS:
-        return f"--optimizer {setup.optimizer.value} (bitsandbytes optimizers)"
+    if setup.optimizer in BNB_OPTIMIZERS and (setup.zero > 0 or setup.gpus > 1):
+        return f"--optimizer {setup.optimizer.value} with --gpus / --zero (bitsandbytes optimizers run on one GPU here)"
     if setup.checkpointing is Checkpointing.SELECTIVE:
         return "selective activation checkpointing (use full or none)"
     return None
