@@ -181,7 +181,16 @@ def selective_drop(model: ModelSpec, ctx, saved, o_saves_input: bool) -> None:
     saved.lin.pop("lse", None)
     if not o_saves_input:
         saved.lin.pop("attn_out", None)
+    # the core's inputs as the checkpoint holds them: rotary q and k before autocast's casts (fp32 under autocast:
+    # the fp32 cos / sin promote them), the keys and values before GQA's repeat
+    rope = "q_rope" in saved.lin
+    qk = 4 if (rope and ctx.autocast) else ctx.c
+    if rope:
+        saved.lin["q_rope"] = qk * model.q_dim
     if "k_rep" in saved.lin and ctx.kv_ratio == 1.0:
         saved.lin.pop("k_rep")
         saved.lin.pop("v_rep", None)
-        saved.lin["k_core"] = saved.lin["v_core"] = ctx.c * model.kv_dim
+        saved.lin["k_rope" if rope else "k_core"] = qk * model.kv_dim
+        saved.lin["v_core"] = ctx.c * model.kv_dim
+    elif rope:
+        saved.lin["k_rope"] = qk * model.kv_dim
