@@ -18,11 +18,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memplan.spec.setup import Checkpointing, Loss, TrainingSetup
 
@@ -42,6 +44,27 @@ def _save_ops() -> frozenset:
     return frozenset(ops)
 
 
+# memplan.trace.session sets this while a step runs: called with each output op-level SAC caches for backward
+# (an activation the checkpoint keeps, though no autograd pack hook sees it)
+SAVED_TAGGER = None
+
+
+class _SavedTagging(TorchDispatchMode):
+    """Below the SAC caching mode: tags the outputs of the op the policy just chose to save."""
+
+    def __init__(self, meta: dict):
+        super().__init__()
+        self.meta = meta
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.meta.pop("save", False) and SAVED_TAGGER is not None:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    SAVED_TAGGER(t)
+        return out
+
+
 def op_sac_context():
     """A fresh (forward, recompute) context pair for one block: torchtitan's wrapped_policy, its mm counters reset."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -56,10 +79,18 @@ def op_sac_context():
         if func in save:
             if func in mm_ops and meta[key] % 2 == 0:
                 return CheckpointPolicy.PREFER_RECOMPUTE
+            meta["save"] = not ctx.is_recompute
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    return create_selective_checkpoint_contexts(policy)
+    caching, cached = create_selective_checkpoint_contexts(policy)
+    return _stacked(_SavedTagging(meta), caching), cached
+
+
+@contextlib.contextmanager
+def _stacked(tagging, caching):
+    with tagging, caching:  # the caching mode on top: it decides, then the tagging mode sees the op run
+        yield
 
 
 def checkpoint_kwargs(setup: TrainingSetup) -> dict:
