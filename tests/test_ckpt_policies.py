@@ -127,18 +127,31 @@ def test_policies_are_applied():
 
 
 # ---- estimate vs trace --------------------------------------------------------------------------------------------
-POLICIES = [  # a subset of memplan.calibrate.TECHNIQUES at smaller sizes (benchmarks/trace_grid.py techniques)
-    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=1, seq=256, checkpointing="full", ckpt_every=2),
-    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=1, seq=256, checkpointing="op-selective"),
-    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=1, seq=256, checkpointing="selective"),
-    dict(model="gpt2", precision="fp32", peft="full", batch=1, seq=256, checkpointing="full", ckpt_reentrant=True),
-]
+SMALL = dict(model_type="llama", hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=False)
+FAST = [dict(checkpointing="every-2"), dict(checkpointing="op-selective"), dict(checkpointing="selective"),
+        dict(checkpointing="full", ckpt_reentrant=True), dict(peft="lora", checkpointing="op-selective")]
+# the calibration grid's setups (memplan.calibrate.TECHNIQUES, benchmarks/trace_grid.py techniques): -m slow
+GRID = [kw for kw in __import__("memplan.calibrate", fromlist=["technique_grid"]).technique_grid()
+        if kw["checkpointing"] != "none"]
 
 
-@pytest.mark.parametrize("kw", POLICIES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
-def test_policy_estimate_within_3_percent_of_trace(kw):
+def _check(kw):
     from memplan.calibrate import compare
 
-    row = compare({"attention": "sdpa", **kw})
+    row = compare(kw)
     assert abs(row.error) <= 0.03, f"peak {row.error:+.2%}: {row}"
     assert not row.category_failures(), row.category_failures()
+
+
+@pytest.mark.parametrize("kw", FAST, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_policy_estimate_within_3_percent_of_trace(kw):
+    from memplan.spec.families import spec_from_config
+
+    _check({"model": spec_from_config(SMALL, "small-llama"), "precision": "bf16", "batch": 2, "seq": 512, **kw})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", GRID, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_grid_policy_estimate_within_3_percent_of_trace(kw):
+    _check(kw)
