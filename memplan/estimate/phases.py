@@ -401,7 +401,9 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         # blocks save none (the blocks a policy leaves alone keep theirs)
         half_fwd = p.half_cached + int((h.half - p.half_cached) * unwrapped_share(setup, model.blocks))
     lt = loss_terms_of(model, setup, p)
-    loss_f, loss_b = lt.fwd + lt.extra_casts + lt.head_grad_in_forward, lt.bwd + lt.extra_casts + lt.head_grad_in_forward
+    # the extra head casts and Liger's forward-made head gradient stay alive to the LM head's backward
+    loss_f = lt.fwd + lt.extra_casts + lt.head_grad_in_forward
+    loss_b = lt.bwd + lt.extra_casts + lt.head_grad_in_forward
     stepped = -(-u.trainable_state_dtype // setup.shards)
     if floor and setup.zero == 1:  # ZeroRedundancyOptimizer steps the busiest rank's whole tensors
         stepped = zero1_step_bytes(u, setup)

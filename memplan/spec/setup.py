@@ -236,7 +236,7 @@ class TrainingSetup:
     seq: int = DEFAULT_SEQ
     grad_accum: int = 1
     checkpointing: Checkpointing = Checkpointing.NONE
-    ckpt_every: int = 1  # full / op-selective: wrap every k-th block, (i + 1) % k == 0 (torchtitan selective_ac_option=k)
+    ckpt_every: int = 1  # full / op-selective: wrap every k-th block (torchtitan selective_ac_option=k; `wrapped`)
     ckpt_reentrant: bool = False  # torch.utils.checkpoint(use_reentrant=...): memplan's default, non-reentrant
     loss: Loss = Loss.STANDARD
     loss_chunks: int = DEFAULT_LOSS_CHUNKS  # --loss chunked: CEWithChunkedOutputLoss num_output_chunks
@@ -258,7 +258,8 @@ class TrainingSetup:
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
                             "batch", "seq", "grad_accum", "ckpt_every", "loss_chunks", "logits_to_keep", *DS_INTS),
-                     ("ckpt_reentrant", "offload_optimizer", "offload_params", "sync_each_batch", "bucket_view", "ds_contiguous_gradients"),
+                     ("ckpt_reentrant", "offload_optimizer", "offload_params", "sync_each_batch", "bucket_view",
+                      "ds_contiguous_gradients"),
                      ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig),
