@@ -107,6 +107,12 @@ def selective_attention(base, setup: TrainingSetup) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    from memplan.errors import MemplanError
+
+    if not getattr(base, "_supports_attention_backend", False):  # T5, BLOOM: attention written in their modules
+        raise MemplanError(f"--checkpointing selective: {type(base).__name__} computes attention in its own modules, "
+                           "not through transformers' attention interface, so the trace cannot recompute its core "
+                           "(estimate-only for this model)")
     for cfg in [base.config] + [getattr(base.config, k) for k in getattr(base.config, "sub_configs", {})]:
         impl = getattr(cfg, "_attn_implementation", None)
         if impl is None or impl.startswith("memplan-"):
