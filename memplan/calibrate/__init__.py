@@ -64,7 +64,8 @@ def grid(n: int = 220, seed: int = 0) -> list[dict]:
 
 # Checkpointing policies and losses (docs/memory-techniques.md), one setup each over the grid's families: every
 # k-th block, op-level SAC, Megatron selective, reentrant checkpointing, torchtune's chunked loss, logits_to_keep.
-# Liger's fused loss is estimate-only (Triton) and not here.
+# Liger's fused loss is estimate-only (Triton) and not here. Sizes put the peak in the forward / backward, where the
+# technique acts (not at the optimizer step of a full fine-tune).
 TECHNIQUES = [
     dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="full", ckpt_every=2),
     dict(model="llama-3.2-1b", precision="pure-bf16", peft="full", batch=4, seq=1024, checkpointing="full",
@@ -73,7 +74,7 @@ TECHNIQUES = [
          attention="eager"),
     dict(model="opt-125m", precision="fp16", peft="lora", batch=8, seq=512, checkpointing="full", ckpt_every=2),
     dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="op-selective"),
-    dict(model="llama-3.2-1b", precision="bf16", peft="full", batch=2, seq=1024, checkpointing="op-selective"),
+    dict(model="llama-3.2-1b", precision="bf16", peft="full", batch=8, seq=1024, checkpointing="op-selective"),
     dict(model="gpt2", precision="bf16", peft="full", batch=4, seq=512, checkpointing="op-selective",
          attention="eager"),
     dict(model="opt-125m", precision="pure-bf16", peft="full", batch=8, seq=1024, checkpointing="op-selective",
@@ -85,13 +86,13 @@ TECHNIQUES = [
     dict(model="bert-base-uncased", precision="bf16", peft="full", batch=8, seq=512, checkpointing="selective"),
     dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="full",
          ckpt_reentrant=True),
-    dict(model="llama-3.2-1b", precision="fp32", peft="full", batch=2, seq=512, checkpointing="full",
+    dict(model="llama-3.2-1b", precision="fp32", peft="full", batch=8, seq=1024, checkpointing="full",
          ckpt_reentrant=True),
     dict(model="gpt2", precision="bf16", peft="full", batch=4, seq=1024, checkpointing="full", ckpt_every=2,
          ckpt_reentrant=True),
     dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, loss="chunked"),
     dict(model="qwen2.5-0.5b", precision="pure-bf16", peft="full", batch=4, seq=1024, loss="chunked", loss_chunks=16),
-    dict(model="llama-3.2-1b", precision="bf16", peft="full", batch=2, seq=1024, loss="chunked"),
+    dict(model="llama-3.2-1b", precision="bf16", peft="full", batch=4, seq=1024, loss="chunked"),
     dict(model="gpt2", precision="fp32", peft="lora", batch=8, seq=512, loss="chunked", loss_chunks=4),
     dict(model="opt-125m", precision="bf16", peft="full", batch=8, seq=512, loss="chunked", checkpointing="full"),
     dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, logits_to_keep=64),

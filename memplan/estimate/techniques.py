@@ -125,9 +125,10 @@ def op_sac_saved(model: ModelSpec, ctx, stack: Stack, full_lin: dict) -> tuple[f
     torchtitan's op-level SAC keeps of one block beyond its input: the outputs of addmm (linears with a bias),
     every other aten.mm (no bias; LoRA's A and B are mms too, after their base layer), the attention kernel's
     output and log-sum-exp (SDPA) or eager attention's two bmm outputs (scores, P·V)."""
-    from memplan.estimate.activations import _linears_by_role
-
-    L = _linears_by_role(model, stack)
+    L = {}
+    for l in model.linears:  # the first linear of each role in the stack (as the block walk takes them)
+        if l.stack is stack:
+            L.setdefault(l.role, l)
     c = ctx.c
     order = [r for r in (Role.QKV, Role.Q, Role.K, Role.V) if r in L]
     lin = sq = shared = 0.0
