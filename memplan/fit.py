@@ -305,6 +305,8 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
                   offload=Offload.NONE, in_backward=False) -> TrainingSetup | None:
+    if not ckpt.wraps_blocks:  # --ckpt-every / --reentrant apply to the block-wrapping policies only
+        base = replace(base, ckpt_every=1, ckpt_reentrant=False)
     try:
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
                        engine=engine, optimizer_in_backward=in_backward, **offload.flags(engine))

@@ -17,6 +17,14 @@ PRECISION_LABEL = {
 
 
 
+
+def technique_label(s) -> str:
+    """The checkpointing-policy and loss knobs a setup changes from their defaults (docs/memory-techniques.md)."""
+    parts = [f"every {s.ckpt_every} blocks" if s.ckpt_every != 1 else "", "reentrant" if s.ckpt_reentrant else "",
+             f"loss {s.loss.value}" + (f":{s.loss_chunks}" if s.loss.value == "chunked" else "")
+             if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else ""]
+    return "".join(f" · {p}" for p in parts if p)
+
 def engine_label(setup) -> str:
     """What runs the data parallelism of a setup, in the engine's own terms (memplan.spec.setup.Engine)."""
     if setup.gpus == 1 and setup.zero == 0:
@@ -95,7 +103,7 @@ def table(r: Result) -> str:
         + f" · ZeRO-{s.zero} × {s.gpus} GPU{'s' if s.gpus > 1 else ''} ({engine_label(s)})"
         + f" · micro-batch {s.batch} × seq {s.seq}"
         + (f" · grad-accum {s.grad_accum}" if s.grad_accum > 1 else "")
-        + f" · checkpointing {s.checkpointing.value} · attention {s.attention.value}",
+        + f" · checkpointing {s.checkpointing.value} · attention {s.attention.value}" + technique_label(s),
         f"[{r.tier}] per GPU at the peak ({p.phase.value}):",
         f"  {'category':<18}{'GiB':>8}  {'share':>6}",
     ]

@@ -178,8 +178,10 @@ def test_higher_zero_never_uses_more(case, stages, gpus):
 
 # --- checkpointing --------------------------------------------------------------------------------------------------
 @SETTINGS
-@given(setups(), st.sampled_from(["full", "selective"]))
+@given(setups(), st.sampled_from(["full", "every-2"]))
 def test_checkpointing_never_increases_saved_activations(case, mode):
+    """(Megatron's selective is not in it: its checkpoint holds the attention core's inputs, which under autocast
+    are the fp32 rotary q and k where SDPA saved bf16 casts; the trace shows the extra, docs/memory-techniques.md.)"""
     name, kw = case
     assume(kw["peft"] != "prefix")
     none = activations(spec(name), make_setup(**{**kw, "checkpointing": "none"}))
@@ -189,7 +191,7 @@ def test_checkpointing_never_increases_saved_activations(case, mode):
 
 
 @SETTINGS
-@given(setups(peft="full"), st.sampled_from(["full", "selective"]))
+@given(setups(peft="full"), st.sampled_from(["full", "every-2"]))
 def test_checkpointing_never_increases_peak_full_finetuning(case, mode):
     """Full fine-tuning (every block trains, so every model has ≥ 2 checkpointed blocks): the forward's peak never
     grows with checkpointing, and the peak grows by at most one block input.

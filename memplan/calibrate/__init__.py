@@ -69,6 +69,50 @@ def grid(n: int = 220, seed: int = 0) -> list[dict]:
     return distinct(n, draw)
 
 
+# Checkpointing policies and losses (docs/memory-techniques.md), one setup each over the grid's families: every
+# k-th block, op-level SAC, Megatron selective, reentrant checkpointing, torchtune's chunked loss, logits_to_keep.
+# Liger's fused loss is estimate-only (Triton) and not here. Sizes put the peak in the forward / backward, where the
+# technique acts (not at the optimizer step of a full fine-tune).
+TECHNIQUES = [
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="full", ckpt_every=2),
+    dict(model="llama-3.2-1b", precision="pure-bf16", peft="full", batch=4, seq=1024, checkpointing="full",
+         ckpt_every=3),
+    dict(model="gpt2", precision="fp32", peft="full", batch=8, seq=512, checkpointing="full", ckpt_every=4,
+         attention="eager"),
+    dict(model="opt-125m", precision="fp16", peft="lora", batch=8, seq=512, checkpointing="full", ckpt_every=2),
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="op-selective"),
+    dict(model="llama-3.2-1b", precision="bf16", peft="full", batch=8, seq=1024, checkpointing="op-selective"),
+    dict(model="gpt2", precision="bf16", peft="full", batch=4, seq=512, checkpointing="op-selective",
+         attention="eager"),
+    dict(model="opt-125m", precision="pure-bf16", peft="full", batch=8, seq=1024, checkpointing="op-selective",
+         ckpt_every=2),
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="selective"),
+    dict(model="qwen2.5-0.5b", precision="pure-bf16", peft="lora", batch=4, seq=512, checkpointing="selective",
+         attention="eager"),
+    dict(model="gpt2", precision="fp32", peft="full", batch=4, seq=512, checkpointing="selective", attention="eager"),
+    dict(model="bert-base-uncased", precision="bf16", peft="full", batch=8, seq=512, checkpointing="selective"),
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="full",
+         ckpt_reentrant=True),
+    dict(model="llama-3.2-1b", precision="fp32", peft="full", batch=8, seq=1024, checkpointing="full",
+         ckpt_reentrant=True),
+    dict(model="gpt2", precision="bf16", peft="full", batch=4, seq=1024, checkpointing="full", ckpt_every=2,
+         ckpt_reentrant=True),
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, loss="chunked"),
+    dict(model="qwen2.5-0.5b", precision="pure-bf16", peft="full", batch=4, seq=1024, loss="chunked", loss_chunks=16),
+    dict(model="llama-3.2-1b", precision="bf16", peft="full", batch=4, seq=1024, loss="chunked"),
+    dict(model="gpt2", precision="fp32", peft="lora", batch=8, seq=512, loss="chunked", loss_chunks=4),
+    dict(model="opt-125m", precision="bf16", peft="full", batch=8, seq=512, loss="chunked", checkpointing="full"),
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, logits_to_keep=64),
+    dict(model="llama-3.2-1b", precision="pure-bf16", peft="lora", batch=4, seq=1024, logits_to_keep=256),
+    dict(model="gpt2", precision="bf16", peft="full", batch=8, seq=512, logits_to_keep=128),
+]
+
+
+def technique_grid() -> list[dict]:
+    """TECHNIQUES with the grid's defaults filled in (attention sdpa, checkpointing none)."""
+    return [{"attention": "sdpa", "checkpointing": "none", **kw} for kw in TECHNIQUES]
+
+
 def _valid(kw: dict) -> bool:
     """Combinations neither tier models: QLoRA needs half compute; peft refuses prefix with checkpointing and
     prompt/prefix on encoder-only models; BitFit-like freeze(0) on untied heads is fine."""
@@ -123,8 +167,9 @@ def compare(kw: dict) -> Row:
 
 def features(setup: dict) -> list[str]:
     """Labels a row is summarized under."""
+    extra = [f"{k}={setup[k]}" for k in ("ckpt_every", "ckpt_reentrant", "loss", "logits_to_keep") if k in setup]
     return [f"model={setup['model']}", f"precision={setup['precision']}", f"peft={setup['peft']}",
-            f"checkpointing={setup['checkpointing']}", f"attention={setup['attention']}"]
+            f"checkpointing={setup['checkpointing']}", f"attention={setup['attention']}"] + extra
 
 
 def write_rows(path, rows: list[Row]) -> None:
@@ -158,4 +203,4 @@ def report_lines(rows: list[Row], skipped: list[tuple[dict, str]], by=None) -> l
     return lines
 
 
-__all__ = ["grid", "compare", "Row", "features", "report_lines", "write_rows", "distinct", "MemplanError", "PEAK_TOL"]
+__all__ = ["grid", "technique_grid", "TECHNIQUES", "compare", "Row", "features", "report_lines", "write_rows", "distinct", "MemplanError", "PEAK_TOL"]

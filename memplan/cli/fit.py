@@ -131,7 +131,7 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         peft: Annotated[Optional[str], typer.Option(
             "--peft", help="Comma-separated PEFT methods [default: all but freeze].")] = None,
         checkpointing: Annotated[Optional[str], typer.Option(
-            "--checkpointing", help="Comma-separated: none,full,selective [default: all].")] = None,
+            "--checkpointing", help="Comma-separated: none,full,selective,op-selective [default: all].")] = None,
         zero: Annotated[Optional[str], typer.Option(
             "--zero", help="Comma-separated ZeRO stages [default: 0,1,2,3; only 0 on one GPU].")] = None,
         max_zero: Annotated[Optional[int], typer.Option("--max-zero", help="Highest ZeRO stage allowed.")] = None,
@@ -150,6 +150,10 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         train_layers: Annotated[int, typer.Option("--train-layers", help="--peft freeze: last blocks that "
                                                                          "train.")] = 0,
         attention: Annotated[str, typer.Option("--attention", help="eager | sdpa | flash.")] = "sdpa",
+        loss: Annotated[str, typer.Option("--loss", help="standard | chunked[:N] | liger-fused (every choice; "
+                                          "docs/memory-techniques.md).")] = "standard",
+        ckpt_every: Annotated[int, typer.Option("--ckpt-every", help="full / op-selective choices wrap every "
+                                                "K-th block.")] = 1,
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient-accumulation steps.")] = 1,
         in_backward: Annotated[bool, typer.Option(
             "--optimizer-in-backward", help="Also search torchtune's optimizer-in-backward (each gradient stepped "
@@ -181,7 +185,9 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,
-                      train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0)
+                      train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0, loss=loss,
+                      # --ckpt-every rides on the base; fit.py keeps it for the block-wrapping choices only
+                      **({"checkpointing": "full", "ckpt_every": ckpt_every} if ckpt_every != 1 else {}))
     from memplan.estimate import gpu_checks
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"

@@ -98,7 +98,16 @@ SETUP_OPTIONS = [
     _setup("seq", Optional[int], None, "-s", help="Sequence length (tokens). [default: 2048, or the model's "
            "positions when it has fewer (GPT-2: 1024, BERT: 512)]"),
     _setup("grad_accum", int, 1, help="Gradient-accumulation steps (gradients live across micro-batches)."),
-    _setup("checkpointing", str, "none", help="none | full | selective activation checkpointing."),
+    _setup("checkpointing", str, "none", help="none | full | selective (Megatron: attention core) | op-selective "
+           "(torchtitan per-op SAC) | every-K (full, every K-th block) activation checkpointing."),
+    _setup("ckpt_every", int, 1, help="Full / op-selective checkpointing of every K-th block (torchtitan "
+           "selective_ac_option=K)."),
+    _setup("ckpt_reentrant", bool, False, help="torch.utils.checkpoint use_reentrant=True (default: False)."),
+    _setup("loss", str, "standard", help="standard | chunked[:N] (torchtune CEWithChunkedOutputLoss, 8 chunks) | "
+           "liger-fused (Liger fused linear cross-entropy, estimate-only)."),
+    _setup("loss_chunks", int, 8, help="--loss chunked: number of output chunks."),
+    _setup("logits_to_keep", int, 0, help="Logits and loss of the last K positions only (transformers "
+           "logits_to_keep, TRL GRPO); 0 = all."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
     _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
     _setup("ds_reduce_bucket_size", int, 500_000_000, help="--engine deepspeed: reduce_bucket_size (elements)."),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from memplan.categories import Category as C
 from memplan.errors import MemplanError
-from memplan.estimate import deepspeed
+from memplan.estimate import deepspeed, techniques
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
@@ -51,6 +51,7 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
         raise MemplanError("prefix tuning does not work with gradient checkpointing (peft refuses it)")
     if setup.peft is PeftMethod.FREEZE and setup.train_layers > model.blocks:
         raise MemplanError(f"--train-layers {setup.train_layers} exceeds the model's {model.blocks} blocks")
+    warns += techniques.validate(model, setup)  # checkpointing policies and losses
     if setup.engine is Engine.DEEPSPEED:
         warns.append(deepspeed.ESTIMATE_ONLY)
     if setup.zero > 0 and setup.gpus == 1:

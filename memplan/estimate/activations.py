@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from memplan.estimate import techniques
 from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.estimate.weights import fsdp_sharded
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
@@ -394,6 +395,13 @@ class Activations:
     early: int = 0  # of `outside`, what the embeddings save before the first block (alive to the end of backward)
     loss: int = 0  # of `outside`, what the loss saves (freed first in backward)
     input_saved: tuple[int, ...] = ()  # of full_per_block, the block's own input (one storage with a checkpoint's)
+    # (and under op-selective the outputs the checkpoint caches, which the recomputation reuses)
+    wrapped: tuple[bool, ...] = ()  # which blocks run inside torch.utils.checkpoint (empty: none)
+    loss_chunks: int = 1  # the loss's saved tensors are freed 1/loss_chunks at a time (--loss chunked)
+
+    def ckpt(self, block: int) -> bool:
+        """Whether block `block` (negative: from the last) is recomputed in backward."""
+        return bool(self.wrapped) and self.wrapped[block]
 
     @property
     def total(self) -> int:
@@ -401,17 +409,24 @@ class Activations:
 
 
 @lru_cache(maxsize=8192)
-@lru_cache(maxsize=8192)
-def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, selective: bool) -> dict:
+def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, policy: Checkpointing) -> dict:
     """{"all": (bytes per token, bytes per token per key position) one block saves, "softmax" / "attention":
     the same for what is saved up to its softmax / before its MLP, "input": the block's input among them (the
     tensor a checkpoint holds, saved again by the recomputation)}; cached, the walk is the slow part."""
     saved = block_saved(model, ctx, stack, cross)
-    if selective:  # selective recomputation drops the attention core's s² tensors
-        saved.sq.clear()
-        saved.marks = {k: (lin, 0) for k, (lin, _) in saved.marks.items()}
+    if policy is Checkpointing.SELECTIVE:  # the attention core recomputed (memplan.estimate.techniques)
+        techniques.selective_drop(model, ctx, saved, _o_saves_input(model, ctx, stack))
     out = {"all": (sum(saved.lin.values()), sum(saved.sq.values())), "input": (saved.lin.get("resid", 0), 0)}
+    if policy is Checkpointing.OP_SELECTIVE:  # what torchtitan's op-level SAC keeps beyond the block's input
+        lin, sq, shared = techniques.op_sac_saved(model, ctx, stack, saved.lin)
+        out["sac"], out["sac_shared"] = (lin, sq), (shared, 0)
     return {**{k: saved.marks.get(k, out["all"]) for k in ("softmax", "attention")}, **out}
+
+
+def _o_saves_input(model: ModelSpec, ctx: Ctx, stack: Stack) -> bool:
+    """Whether the attention output projection saves its input (the attention core's output) for backward."""
+    o = _linears_by_role(model, stack).get(Role.O)
+    return o is not None and (ctx.w_train or o.qualname in ctx.lora or o.qualname in ctx.ia3_ff)
 
 
 def _block_bytes(model, setup, stack, w_train, cross=False) -> dict:
@@ -419,7 +434,7 @@ def _block_bytes(model, setup, stack, w_train, cross=False) -> dict:
     ("attention"). A block saves nothing when no gradient flows through it: frozen, no adapter, and nothing
     below it trains (--peft freeze below the trained blocks)."""
     ctx = make_ctx(model, setup, w_train)
-    rates = _block_rates(model, ctx, stack, cross, setup.checkpointing is Checkpointing.SELECTIVE)
+    rates = _block_rates(model, ctx, stack, cross, setup.checkpointing)
     t, s = setup.model_tokens, setup.model_seq
     return {k: int((lin + s * sq) * t) for k, (lin, sq) in rates.items()}
 
@@ -439,7 +454,7 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     first_trained = model.blocks - keep
     per: list[dict] = []  # each block's _block_bytes, first to last
     idx = 0
-    none = dict.fromkeys(("all", "softmax", "attention", "input"), 0)
+    none = dict.fromkeys(("all", "softmax", "attention", "input", "sac", "sac_shared"), 0)
     for stack, n, cross in _stacks(model):
         trained = max(0, min(n, idx + n - first_trained))  # how many of this stack's blocks train
         frozen_n = n - trained
@@ -457,20 +472,43 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         idx += n
     if peft is PeftMethod.ADAPTER and per:
         # nothing before the first block's attention adapter needs a gradient: its attention saves nothing
-        per[0] = {"all": per[0]["all"] - per[0]["attention"], "softmax": 0, "attention": 0, "input": 0}
+        per[0] = {**per[0], "all": per[0]["all"] - per[0]["attention"], "softmax": 0, "attention": 0, "input": 0}
     blocks = [b["all"] for b in per]
     pre = [b["softmax"] for b in per]
     inputs = tuple(b["input"] for b in per)
     outside = _outside_bytes(model, setup)
     early = _embedding_saved(model, setup) * setup.model_tokens
-    loss = _loss_saved(model, setup) * setup.model_tokens
+    loss = 0 if setup.loss.value == "liger-fused" else _loss_saved(model, setup) * techniques.loss_tokens(setup)
     block_input = r * model.hidden * setup.model_tokens
     recompute = max(blocks, default=0)
     tr = _bwd_transient(model, setup)
-    if setup.checkpointing is Checkpointing.FULL:
-        return Activations(tuple(block_input if b else 0 for b in blocks), outside, block_input, recompute,
-                           tuple(blocks), tr, tuple(pre), early, loss, inputs)
-    return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss, inputs)
+    if setup.checkpointing.wraps_blocks:
+        return _wrapped_activations(setup, per, outside, block_input, tr, early, loss)
+    return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss, inputs,
+                       loss_chunks=_loss_chunks(setup))
+
+
+def _loss_chunks(setup: TrainingSetup) -> int:
+    return setup.loss_chunks if setup.loss.value == "chunked" else 1
+
+
+def _wrapped_activations(setup: TrainingSetup, per: list[dict], outside: int, block_input: int, tr: int,
+                         early: int, loss: int) -> Activations:
+    """Activations under a block-wrapping policy (full or op-selective, every ckpt_every-th block): a wrapped block
+    keeps its input (and op-selective's saved op outputs); its recomputation in backward saves the block again,
+    the input and op-selective's cached outputs shared."""
+    wrapped = techniques.wrapped_blocks(setup, len(per))
+    kept, shared = [], []
+    for b, w in zip(per, wrapped):
+        if not w or not b["all"]:
+            kept.append(b["all"])
+            shared.append(0)
+            continue
+        kept.append(block_input + b.get("sac", 0))
+        shared.append(b["input"] + b.get("sac_shared", 0))
+    blocks = [b["all"] for b in per]
+    return Activations(tuple(kept), outside, block_input, max(blocks, default=0), tuple(blocks), tr,
+                       tuple(b["softmax"] for b in per), early, loss, tuple(shared), wrapped, _loss_chunks(setup))
 
 
 def _bwd_transient(model: ModelSpec, setup: TrainingSetup) -> int:
@@ -507,11 +545,22 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
         out += (4 * h if r != 4 else 0) + 4 + (y * h if head_trains else 0)
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
-    out += c * h if p.autocast else r * h  # the LM head's input: the norm output (autocast: its half cast)
     if model.traits.loss_head is LossHead.MASKED_LM:
         out += 3 * c * h + 8  # MLM transform: dense input, GELU input, LayerNorm input and stats
-    out += _loss_saved(model, setup)
-    return out * setup.model_tokens
+    return out * setup.model_tokens + _head_and_loss(model, setup)
+
+
+def _head_and_loss(model: ModelSpec, setup: TrainingSetup) -> int:
+    """Per micro-batch: what the LM head and the loss save. The head saves its input, the norm output (autocast:
+    its half cast, of the positions kept only under logits_to_keep); the loss its log-softmax (_loss_saved).
+    Liger's fused loss saves the hidden states' gradient it made in the forward instead (techniques.LossTerms)."""
+    p, h = setup.precision, model.hidden
+    c, r = p.compute_bytes, (4 if p.autocast else stream_bytes(p))
+    if setup.loss.value == "liger-fused":
+        return r * h * setup.model_tokens
+    kept = techniques.loss_tokens(setup)
+    head_in = c * h * kept if p.autocast else r * h * setup.model_tokens
+    return head_in + _loss_saved(model, setup) * kept
 
 
 def logits_upcast(model: ModelSpec) -> bool:

@@ -35,6 +35,7 @@ from memplan.estimate import deepspeed
 from memplan.estimate.params import ParamGroup, param_groups
 from memplan.estimate.weights import grad_dtype_bytes
 from memplan.spec.model import ModelSpec, TensorKind
+from memplan.estimate.techniques import unwrapped_share
 from memplan.spec.setup import Checkpointing, Engine, PeftMethod, Precision, TrainingSetup
 
 
@@ -111,8 +112,13 @@ def flops_per_token(model: ModelSpec, setup: TrainingSetup) -> Flops:
     backward_activation = 2.0 * (n_outside + n_blocks * frac)
     backward_weight = 2.0 * n_train
     attention = att_fwd + 2.0 * att_fwd * frac
+    wrapped = 1.0 - unwrapped_share(setup, model.blocks)  # the share of blocks a policy recomputes (every k-th)
     if setup.checkpointing is Checkpointing.FULL:
-        recompute = (2.0 * n_blocks + att_fwd) * frac
+        recompute = (2.0 * n_blocks + att_fwd) * frac * wrapped
+    elif setup.checkpointing is Checkpointing.OP_SELECTIVE:
+        # torchtitan's op SAC keeps the attention kernel's output and every other matmul's: about half the block's
+        # matmuls run again (a memplan approximation: the saved ones are the 1st, 3rd, ... mm of each block)
+        recompute = n_blocks * frac * wrapped
     elif setup.checkpointing is Checkpointing.SELECTIVE:
         recompute = att_fwd * frac
     else:

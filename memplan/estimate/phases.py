@@ -33,12 +33,13 @@ from memplan.categories import Category as C, Phase
 from memplan.estimate import deepspeed
 from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
 from memplan.estimate.optimizer import step_temporary_bytes
+from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.spec.model import ModelSpec, Role
-from memplan.spec.setup import Checkpointing, Engine, LoraConfig, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Engine, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 
@@ -241,6 +242,17 @@ def loss_bytes(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
     return fwd, bwd
 
 
+def loss_terms_of(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> LossTerms:
+    """The loss's transients (memplan.estimate.techniques.LossTerms); the standard loss's are loss_bytes'."""
+    if setup.loss is Loss.STANDARD and not setup.logits_to_keep:
+        f, b = loss_bytes(model, setup)
+        return LossTerms(setup.model_tokens, f, b, round_block(setup.model_tokens * model.vocab
+                                                                * setup.precision.compute_bytes))
+    head_cast = p.half_outside  # autocast's cast of the weights outside the blocks: the LM head's
+    frozen = head_cast > 0 and not p.grads.head[0] and not p.grads.head[1]
+    return loss_terms(model, setup, logits_upcast(model), logits_bytes(setup), head_cast, frozen)
+
+
 def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[int, int]:
     """(forward, backward) working buffers of sharded training: ZeRO-3 gathers a block's parameters (plus one
     prefetched), ZeRO-2/3 hold one block's unsharded gradients before the reduce-scatter. (The FSDP engine's
@@ -388,11 +400,14 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     zf, zb = (fs.fwd, fs.low) if fs else zero_buffers(model, setup, u)
     h = Held(base, accum_grads, 0 if zero3 else p.half, 0 if zero3 else p.half_outside, p.dequant, zf, zb, fs,
              floor, bool(fs or floor))
-    ckpt = setup.checkpointing is Checkpointing.FULL
     half_fwd = h.half
-    if ckpt and h.half:  # frozen weights' casts are not cached, and checkpointed blocks save none
-        half_fwd = p.half_cached
-    loss_f, loss_b = loss_bytes(model, setup)
+    if setup.checkpointing.wraps_blocks and h.half:  # frozen weights' casts are not cached, and checkpointed
+        # blocks save none (the blocks a policy leaves alone keep theirs)
+        half_fwd = p.half_cached + int((h.half - p.half_cached) * unwrapped_share(setup, model.blocks))
+    lt = loss_terms_of(model, setup, p)
+    # the extra head casts and Liger's forward-made head gradient stay alive to the LM head's backward
+    loss_f = lt.fwd + lt.extra_casts + lt.head_grad_in_forward
+    loss_b = lt.bwd + lt.extra_casts + lt.head_grad_in_forward
     stepped = -(-u.trainable_state_dtype // setup.shards)
     if floor and setup.zero == 1:  # ZeroRedundancyOptimizer steps the busiest rank's whole tensors
         stepped = zero1_step_bytes(u, setup)
@@ -402,7 +417,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
         State(Moment.FORWARD, Phase.FORWARD,
               _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
-        *backward_states(model, setup, p, ms, acts, h, loss_b),
+        *backward_states(model, setup, p, ms, acts, h, loss_b, lt),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
     if setup.engine is Engine.DEEPSPEED:  # its buckets and partitions (memplan.estimate.deepspeed)
@@ -479,10 +494,13 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tup
 
 
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
-                    loss_b: int) -> list[State]:
+                    loss_b: int, lt: LossTerms | None = None) -> list[State]:
     """The backward's states: its start, the LM head's backward, the top and the lowest block's backward, its end."""
-    ckpt = setup.checkpointing is Checkpointing.FULL
-    held = (h.half_outside if ckpt else h.half) + h.deq_outside + (h.fsdp.bwd if h.fsdp else h.z_f)
+    lt = lt or loss_terms_of(model, setup, p)
+    casts = h.half
+    if setup.checkpointing.wraps_blocks:  # only the blocks a policy leaves alone keep their casts saved
+        casts = h.half_outside + int((h.half - h.half_outside) * unwrapped_share(setup, model.blocks))
+    held = casts + h.deq_outside + (h.fsdp.bwd if h.fsdp else h.z_f)
 
     def at(name, gradients, activations, temporaries):
         return State(name, Phase.BACKWARD, _alive(h, gradients, activations, temporaries))
@@ -494,22 +512,26 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     # the LM head's backward, the loss's saved tensors freed: its weight gradient is made beside the logits'
     # gradient (in the compute dtype under autocast, cast to the parameter dtype once the logits' is freed)
     head_g, head_wait, head_half = p.grads.head
-    logits_grad = round_block(setup.model_tokens * model.vocab * setup.precision.compute_bytes)
+    logits_grad = lt.logits_grad
     head_acts = acts.total - acts.loss
+    # --loss chunked: the head's backward of the first chunk reached, the other chunks' saved log-softmax and their
+    # head-weight casts still alive (LossTerms)
+    first_acts = acts.total - acts.loss // lt.chunks
     # Under gradient accumulation the head's gradient is made just the same, as a new tensor beside the gradients
     # carried from the earlier micro-batches, and then added to them in place (AccumulateGrad; the trace shows it
     # as a temporary); sharded gradients (ZeRO-2/3) wait unsharded for their reduce-scatter as without it.
     new_g, carried = (0, h.accum_grads) if h.accum_grads else (head_g, 0)
     pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 else 0
-    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), head_acts,
-                  held + logits_grad + (head_half or head_wait) + (0 if head_half else head_g - new_g)),
+    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), first_acts,
+                  held + logits_grad + (head_half or head_wait) + (0 if head_half else head_g - new_g)
+                  + lt.extra_casts),
                # the head's matmul backward done, its saved weight cast (autocast's) is freed before the cast
                at(Moment.HEAD_GRAD_CAST, carried + new_g, head_acts,
                   held - h.half_outside + head_half + head_wait + head_g - new_g)]
     # the top block's backward (its recomputed activations under checkpointing), with the loss's, the head's and
     # the final norm's saved tensors freed; the recomputation saves the checkpoint's input again: one storage
     in_blocks = sum(acts.per_block) + acts.early
-    rec = acts.full_per_block[-1] - acts.input_saved[-1] if (ckpt and acts.full_per_block) else 0
+    rec = acts.full_per_block[-1] - acts.input_saved[-1] if (acts.full_per_block and acts.ckpt(-1)) else 0
     top_g = carried + new_g + pending
     # FSDP2: the top block gathered again, the next one's all-gather prefetched
     held += h.fsdp.top if h.fsdp else 0
@@ -519,7 +541,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
-        own = soft - acts.input_saved[-1] if ckpt else soft - last
+        own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce); the trace shows it when the block below has run its
@@ -565,7 +587,6 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     if fs:  # blocks above: sharded; the root's (unsharded until the end) made but the embedding's; this block's
         scale, tied_wait = 1, g.tied_wait
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
-    ckpt = setup.checkpointing is Checkpointing.FULL
     block_casts = (h.half - h.half_outside) // max(model.blocks, 1)
     out = []
     for j in {saved[0], lowest_trained}:  # one state when they coincide
@@ -576,7 +597,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         trains = setup.peft is not PeftMethod.FREEZE or j >= model.blocks - setup.train_layers
         block, pending = (g.block * scale, g.pending_qkv * scale) if trains else (0, 0)
         # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
-        below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if ckpt else 0)
+        below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if acts.ckpt(j) else 0)
         made = made_fsdp if fs else ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
         # under gradient accumulation every gradient is already there: block j's new ones are added in place

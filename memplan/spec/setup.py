@@ -114,11 +114,48 @@ class PeftMethod(str, Enum):
 
 
 class Checkpointing(str, Enum):
-    """Activation checkpointing."""
+    """Activation checkpointing (docs/memory-techniques.md). TrainingSetup.ckpt_every picks which blocks a full or
+    op-selective policy wraps (torchtitan's layer SAC: every k-th), ckpt_reentrant which torch.utils.checkpoint
+    implementation runs it.
+
+    none          nothing recomputed.
+    full          keep each wrapped block's input, recompute the block in backward.
+    selective     Megatron's selective recomputation: only the attention core (QK^T, softmax, dropout, P·V) is
+                  recomputed (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+                  Models"); every block.
+    op-selective  torchtitan's per-op SAC (torchtitan/distributed/activation_checkpoint.py SelectiveAC): inside each
+                  wrapped block the outputs of matmuls and attention kernels are saved, every second mm recomputed.
+    """
 
     NONE = "none"
     FULL = "full"  # keep each block's input, recompute the block in backward
     SELECTIVE = "selective"  # recompute only the attention core (Korthikanti et al. 2022)
+    OP_SELECTIVE = "op-selective"  # torchtitan SelectiveAC: save mm / attention outputs, every second mm recomputed
+
+    @property
+    def wraps_blocks(self) -> bool:
+        """Whether the policy wraps whole blocks in torch.utils.checkpoint (ckpt_every / ckpt_reentrant apply)."""
+        return self in (Checkpointing.FULL, Checkpointing.OP_SELECTIVE)
+
+
+class Loss(str, Enum):
+    """How the LM loss is computed (docs/memory-techniques.md).
+
+    standard     the model's own loss: transformers' ForCausalLMLoss upcasts the full logits to fp32.
+    chunked      torchtune's CEWithChunkedOutputLoss (torchtune 0.6.1 modules/loss/ce_chunked_output_loss.py): the
+                 LM head runs on loss_chunks slices of the hidden states, each chunk upcast and cross-entropied
+                 on its own (num_output_chunks, default 8).
+    liger-fused  Liger's LigerFusedLinearCrossEntropyLoss (liger-kernel 0.8.5 ops/fused_linear_cross_entropy.py):
+                 logits made chunk by chunk and their gradient computed in the forward; no logits kept. Triton
+                 kernels: estimate-only.
+    """
+
+    STANDARD = "standard"
+    CHUNKED = "chunked"
+    LIGER_FUSED = "liger-fused"
+
+
+DEFAULT_LOSS_CHUNKS = 8  # CEWithChunkedOutputLoss(num_output_chunks=8), torchtune 0.6.1
 
 
 class Attention(str, Enum):
@@ -205,6 +242,11 @@ class TrainingSetup:
     seq: int = DEFAULT_SEQ
     grad_accum: int = 1
     checkpointing: Checkpointing = Checkpointing.NONE
+    ckpt_every: int = 1  # full / op-selective: wrap every k-th block (torchtitan selective_ac_option=k; `wrapped`)
+    ckpt_reentrant: bool = False  # torch.utils.checkpoint(use_reentrant=...): memplan's default, non-reentrant
+    loss: Loss = Loss.STANDARD
+    loss_chunks: int = DEFAULT_LOSS_CHUNKS  # --loss chunked: CEWithChunkedOutputLoss num_output_chunks
+    logits_to_keep: int = 0  # transformers' logits_to_keep (TRL's GRPO): logits and loss of the last K positions only
     attention: Attention = Attention.SDPA
     dropout: bool | None = None  # None: as the model config says
     optimizer_in_backward: bool = False  # torchtune's optimizer_in_bwd: one optimizer per trainable tensor, stepped
@@ -223,12 +265,13 @@ class TrainingSetup:
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
-                            "batch", "seq", "grad_accum", *DS_INTS),
-                     ("offload_optimizer", "offload_params", "sync_each_batch", "bucket_view", "ds_contiguous_gradients",
-                      "optimizer_in_backward"),
+                            "batch", "seq", "grad_accum", "ckpt_every", "loss_chunks", "logits_to_keep", *DS_INTS),
+                     ("ckpt_reentrant", "offload_optimizer", "offload_params", "sync_each_batch", "bucket_view",
+                      "ds_contiguous_gradients", "optimizer_in_backward"),
                      ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
-                           ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig)):
+                           ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig),
+                           ("loss", Loss)):
             if not isinstance(getattr(self, name), kind):
                 raise MemplanError(f"setup field {name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         for name in ("batch", "seq", "grad_accum", "gpus", "gpus_per_node", "num_virtual_tokens", "adapter_size"):
@@ -251,6 +294,7 @@ class TrainingSetup:
         self._check_engine()
         self._check_deepspeed()
         self._check_in_backward()
+        self._check_techniques()
 
     def _check_in_backward(self) -> None:
         """What torchtune's optimizer_in_bwd runs with (recipes/full_finetune_single_device.py refuses gradient
@@ -265,6 +309,28 @@ class TrainingSetup:
                                "gradient for inf before any step): use bf16, pure-bf16, bf16-master or fp32")
         if self.gpus > 1 or self.zero > 0:
             raise MemplanError("--optimizer-in-backward is modelled on one GPU (no --gpus / --zero)")
+
+    def _check_techniques(self) -> None:
+        """Checkpointing policies and losses (Checkpointing, Loss): the knobs only mean something with their policy."""
+        if self.ckpt_every < 1:
+            raise MemplanError(f"--ckpt-every must be positive, got {self.ckpt_every}")
+        if (self.ckpt_every != 1 or self.ckpt_reentrant) and not self.checkpointing.wraps_blocks:
+            raise MemplanError("--ckpt-every / --reentrant need --checkpointing full or op-selective, not "
+                               f"{self.checkpointing.value}")
+        if self.ckpt_reentrant and self.checkpointing is Checkpointing.OP_SELECTIVE:
+            raise MemplanError("--checkpointing op-selective needs non-reentrant checkpointing (torch's "
+                               "create_selective_checkpoint_contexts only runs with use_reentrant=False)")
+        if self.loss_chunks < 1:
+            raise MemplanError(f"--loss chunked:N needs N ≥ 1, got {self.loss_chunks}")
+        if self.loss_chunks != DEFAULT_LOSS_CHUNKS and self.loss is not Loss.CHUNKED:
+            raise MemplanError(f"a number of loss chunks needs --loss chunked, not {self.loss.value}")
+        if self.logits_to_keep < 0:
+            raise MemplanError(f"--logits-to-keep must be ≥ 0, got {self.logits_to_keep}")
+        if self.logits_to_keep and self.loss is not Loss.STANDARD:
+            raise MemplanError(f"--logits-to-keep runs the model's own loss: it does not combine with --loss "
+                               f"{self.loss.value}")
+        if self.logits_to_keep > self.seq:
+            raise MemplanError(f"--logits-to-keep {self.logits_to_keep} is more than --seq {self.seq}")
 
     def _check_deepspeed(self) -> None:
         """DeepSpeed's own bounds on its knobs (DeepSpeedZeroConfig: reduce_bucket_size gt=0, the rest ge=0); the
@@ -294,6 +360,11 @@ class TrainingSetup:
         elif p.autocast or p is Precision.PURE_BF16:
             raise MemplanError(f"--engine deepspeed keeps fp32 master weights: use --precision bf16-master, "
                                f"fp16-master or fp32, not {p.value}")
+
+    def wrapped(self, block: int) -> bool:
+        """Whether block `block` (0-based, first to last) runs inside torch.utils.checkpoint: every k-th one under
+        torchtitan's layer SAC (its counter is incremented before `ptr % ac_freq == 0`: blocks k-1, 2k-1, ...)."""
+        return self.checkpointing.wraps_blocks and (block + 1) % self.ckpt_every == 0
 
     @property
     def tokens(self) -> int:

@@ -13,14 +13,14 @@ from os import PathLike
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec, gpu_from_memory, parse_memory
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import (Attention, Checkpointing, Engine, LoraConfig, Optimizer, PeftMethod, Precision,
-                                TrainingSetup)
+from memplan.spec.setup import (Attention, Checkpointing, Engine, LoraConfig, Loss, Optimizer, PeftMethod,
+                                Precision, TrainingSetup)
 
 # make_setup's flattened LoRA keywords -> LoraConfig fields
 LORA_FIELDS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "double_quant": "double_quant"}
 SETUP_FIELDS = {f.name for f in fields(TrainingSetup)}
 ENUM_FIELDS = {"precision": Precision, "optimizer": Optimizer, "peft": PeftMethod, "checkpointing": Checkpointing,
-               "attention": Attention, "engine": Engine}
+               "attention": Attention, "engine": Engine, "loss": Loss}
 
 # The command-line flag of each make_setup keyword, declared once: memplan.cli.options builds the shared setup
 # options from it, and a sweep rebuilds a configuration's flags from it for its worker process
@@ -34,6 +34,8 @@ SETUP_FLAGS = {
     "adapter_size": "--adapter-size", "train_layers": "--train-layers", "batch": "--batch", "seq": "--seq",
     "grad_accum": "--grad-accum", "checkpointing": "--checkpointing", "attention": "--attention",
     "dropout": "--dropout/--no-dropout", "optimizer_in_backward": "--optimizer-in-backward",
+    "ckpt_every": "--ckpt-every", "ckpt_reentrant": "--reentrant/--no-reentrant", "loss": "--loss",
+    "loss_chunks": "--loss-chunks", "logits_to_keep": "--logits-to-keep",
     "ds_reduce_bucket_size": "--ds-reduce-bucket-size", "ds_allgather_bucket_size": "--ds-allgather-bucket-size",
     "ds_prefetch_bucket_size": "--ds-prefetch-bucket-size", "ds_max_live_parameters": "--ds-max-live-parameters",
     "ds_max_reuse_distance": "--ds-max-reuse-distance",
@@ -95,6 +97,32 @@ def parse_choices(name: str, text: str) -> tuple:
     return tuple(dict.fromkeys(_coerce(name, t) for t in items))
 
 
+def _split_parametric(kw: dict) -> None:
+    """The two spellings with a number in them: --checkpointing every-K (full checkpointing of every K-th block,
+    ckpt_every=K) and --loss chunked:N (loss_chunks=N)."""
+    ck = kw.get("checkpointing")
+    if isinstance(ck, str) and ck.strip().lower().startswith("every-"):
+        kw["checkpointing"] = "full"
+        kw["ckpt_every"] = _int_part("--checkpointing", ck.strip()[6:], kw.get("ckpt_every"), "ckpt_every")
+    loss = kw.get("loss")
+    if isinstance(loss, str) and ":" in loss:
+        name, _, n = loss.partition(":")
+        kw["loss"] = name
+        kw["loss_chunks"] = _int_part("--loss", n, kw.get("loss_chunks"), "loss_chunks")
+
+
+def _int_part(flag: str, text: str, given, name: str) -> int:
+    """The number in a parametric spelling; the field's own option may repeat it or keep its default."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise MemplanError(f"{flag}: '{text}' is not a whole number") from None
+    default = next(f.default for f in fields(TrainingSetup) if f.name == name)
+    if given not in (None, n, default):
+        raise MemplanError(f"{flag} gives {n} but {SETUP_FLAGS[name]} gives {given}")
+    return n
+
+
 def make_setup(**kw) -> TrainingSetup:
     """A TrainingSetup from plain keyword values: enums by their string values, LoRA fields flattened
     (lora_rank, lora_alpha, lora_targets as a list or comma-separated string, double_quant)."""
@@ -110,6 +138,7 @@ def make_setup(**kw) -> TrainingSetup:
                                        f"got {repr(v)[:40]}")
                 v = tuple(t.strip() for t in (v.split(",") if isinstance(v, str) else v) if t.strip())
             lora[LORA_FIELDS[k]] = v
+    _split_parametric(kw)
     unknown = set(kw) - SETUP_FIELDS
     if unknown:
         raise MemplanError(f"unknown setup field(s): {', '.join(sorted(unknown))}")

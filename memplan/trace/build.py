@@ -247,17 +247,31 @@ def _build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer) -> Built:
             notes.append(f"{type(base).__name__} has no SDPA attention: traced with eager attention")
         blocks = find_blocks(base)
         model = _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype, quantize)
-        if setup.checkpointing is Checkpointing.FULL:
-            kwargs = {"use_reentrant": False, "preserve_rng_state": False}  # RNG state lives on the host
-            if hasattr(base, "activation_checkpointing_enable"):
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(base, blocks, setup)
     model.train()
     trainable, total = count_params(model)
     if trainable == 0:
         raise MemplanError(f"--peft {setup.peft.value} leaves nothing to train on {spec.name}")
     return Built(model, base, blocks, param_dtype, compute_dtype, trainable, total, notes)
+
+
+def enable_checkpointing(base: nn.Module, blocks: list[nn.Module], setup: TrainingSetup) -> None:
+    """The setup's checkpointing policy on `base` (memplan.trace.policies), through transformers' switch: every
+    block gets the checkpoint function, and those the policy does not wrap (ckpt_every) are turned off again."""
+    from memplan.trace.policies import checkpoint_kwargs, selective_attention
+
+    if setup.checkpointing is Checkpointing.SELECTIVE:
+        selective_attention(base, setup)
+        return
+    if not setup.checkpointing.wraps_blocks:
+        return
+    kwargs = checkpoint_kwargs(setup)
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = setup.wrapped(i)
 
 
 def materialize(model: nn.Module, init_values: bool, device="cpu") -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 from memplan.categories import Phase
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import TrainingSetup
-from memplan.trace import cuda, distributed
+from memplan.trace import cuda, distributed, policies
 from memplan.trace.build import Built, materialize
 from memplan.trace.qlora import NF4Linear
 from memplan.trace.step import TrainLoop
@@ -137,9 +137,11 @@ def checkpoint_tagging(model, tracker: AllocTracker):
             self.pack_hook = tagged
 
     cp._recomputation_hook = _Tagging
+    policies.SAVED_TAGGER = tracker.saved  # op-level SAC's cached outputs (memplan.trace.policies)
     try:
         yield
     finally:
+        policies.SAVED_TAGGER = None
         cp._recomputation_hook = orig
         for m, fn in wrapped:
             m._gradient_checkpointing_func = fn

@@ -209,7 +209,7 @@ class TrainLoop:
         for i in range(n):
             t.set_phase(Phase.FORWARD)
             with self._autocast():
-                loss = self.model(**batch).loss  # the output (logits) is dropped here, as Trainer does
+                loss = self._loss(batch)
             if n > 1:
                 loss = loss / n
             t.set_phase(Phase.BACKWARD)
@@ -223,6 +223,16 @@ class TrainLoop:
         self.grads_seq = t.seq
         with t.scope(HOST) if self.host else contextlib.nullcontext():
             self._step()
+
+    def _loss(self, batch: dict):
+        """The micro-batch's loss: the model's own (its output, the logits, dropped here as Trainer does), or the
+        setup's chunked / last-K loss (memplan.trace.policies)."""
+        from memplan.trace.policies import step_loss, uses_head_loss
+
+        if not uses_head_loss(self.setup):
+            return self.model(**batch).loss
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return step_loss(self.model, base, batch, self.setup)
 
     def _sync(self, last: bool):
         """Gradient accumulation under a data-parallel engine: memplan.trace.distributed.sync_context."""

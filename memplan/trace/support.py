@@ -2,7 +2,7 @@
 engines: the trace runs them on a fake process group, memplan.trace.distributed). Pure: imports no torch."""
 from __future__ import annotations
 
-from memplan.spec.setup import Checkpointing, Engine, Optimizer, TrainingSetup
+from memplan.spec.setup import Engine, Loss, Optimizer, TrainingSetup
 
 BNB_OPTIMIZERS = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
 
@@ -18,8 +18,10 @@ def unsupported(setup: TrainingSetup, engines: bool = False) -> str | None:
             return "ZeRO / multi-GPU setups"
     if setup.optimizer in BNB_OPTIMIZERS and (setup.zero > 0 or setup.gpus > 1):
         return f"--optimizer {setup.optimizer.value} with --gpus / --zero (bitsandbytes optimizers run on one GPU here)"
-    if setup.checkpointing is Checkpointing.SELECTIVE:
-        return "selective activation checkpointing (use full or none)"
+    if setup.loss is Loss.LIGER_FUSED:
+        return "--loss liger-fused (Liger's Triton kernels need a GPU with triton: estimate-only)"
+    if (setup.loss is Loss.CHUNKED or setup.logits_to_keep) and (setup.zero > 0 or setup.gpus > 1):
+        return "--loss chunked / --logits-to-keep with --gpus / --zero (the step calls the backbone past the engine)"
     return None
 
 
