@@ -305,9 +305,9 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
                   offload=Offload.NONE, in_backward=False) -> TrainingSetup | None:
-    if not ckpt.wraps_blocks:  # --ckpt-every / --reentrant apply to the block-wrapping policies only
-        base = replace(base, ckpt_every=1, ckpt_reentrant=False)
     try:
+        if not ckpt.wraps_blocks and (base.ckpt_every != 1 or base.ckpt_reentrant):
+            base = replace(base, ckpt_every=1, ckpt_reentrant=False)  # they apply to block-wrapping policies only
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
                        engine=engine, optimizer_in_backward=in_backward, **offload.flags(engine))
     except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
