@@ -99,9 +99,14 @@ def _skip_reason(rec: dict) -> str | None:
     if rec.get("device") != "cuda":
         return f"device {rec.get('device')!r} is not cuda"
     pk = (rec.get("measured") or {}).get("peak") or {}
-    if not pk.get("allocated_bytes") or pk.get("reserved_bytes") is None:
+    if not _count(pk.get("allocated_bytes")) or _count(pk.get("reserved_bytes")) is None:
         return "no allocated or reserved peak"
     return None
+
+
+def _count(v) -> int | None:
+    """A byte count of a record, or None where it holds none (null, a negative number, another type)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def record_figures(rec: dict, source: str, workspace: int) -> RecordFigures:
@@ -111,24 +116,24 @@ def record_figures(rec: dict, source: str, workspace: int) -> RecordFigures:
     name = rec.get("name") or rec.get("model") or "?"
     gpus = _gpus(rec) if rec.get("setup") else None
     reason = _skip_reason(rec)
-    blas = m.get("blas_workspace_bytes") if isinstance(m.get("blas_workspace_bytes"), int) else None
-    base = dict(source=source, name=name, gpus=gpus, allocated_bytes=pk.get("allocated_bytes"),
-                blas_workspace_bytes=blas, reserved_bytes=pk.get("reserved_bytes"),
-                device_bytes=pk.get("device_bytes"))
+    blas = _count(m.get("blas_workspace_bytes"))
+    base = dict(source=source, name=name, gpus=gpus, allocated_bytes=_count(pk.get("allocated_bytes")),
+                blas_workspace_bytes=blas, reserved_bytes=_count(pk.get("reserved_bytes")),
+                device_bytes=_count(pk.get("device_bytes")))
     if reason is not None:
         return RecordFigures(**base, fragmentation=None, cuda_context=None, nccl_plus_context=None, skipped=reason)
-    a = pk["allocated_bytes"] - (blas or 0)
+    a = base["allocated_bytes"] - (blas or 0)
     if a <= 0:
         return RecordFigures(**base, fragmentation=None, cuda_context=None, nccl_plus_context=None,
                              skipped="allocated peak not above the cuBLAS workspace in it")
-    frag = (pk["reserved_bytes"] - workspace - a) / a
-    dev = pk.get("device_bytes")
+    reserved, dev = base["reserved_bytes"], base["device_bytes"]
+    frag = (reserved - workspace - a) / a
     ctx = nccl = None
     if dev is not None:
         if gpus == 1:
-            ctx = dev - pk["reserved_bytes"]
+            ctx = dev - reserved
         else:
-            nccl = dev - pk["reserved_bytes"]
+            nccl = dev - reserved
     return RecordFigures(**base, fragmentation=frag, cuda_context=ctx, nccl_plus_context=nccl, skipped=None)
 
 
@@ -165,7 +170,9 @@ def calibrate(paths, warn=None) -> Calibration:
     workspace = Overhead().cublas_workspace
     rows = []
     for p in paths:
-        if not Path(p).is_file():
+        if Path(p).is_dir():
+            raise MemplanError(f"{p} is a folder, not a records file")
+        if not Path(p).exists():
             raise MemplanError(f"{p}: no such records file")
         for k, rec in enumerate(load_records(p, warn), 1):
             rows.append(record_figures(rec, f"{p}#{k}", workspace))

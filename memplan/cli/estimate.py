@@ -26,7 +26,7 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
     from dataclasses import replace
 
     from memplan.estimate import estimate_spec
-    from memplan.estimate.overhead import CALIBRATED_FIELDS, MAX_FRAGMENTATION, MAX_OVERHEAD_BYTES, default_overhead
+    from memplan.estimate.overhead import MAX_FRAGMENTATION, MAX_OVERHEAD_BYTES, default_overhead
 
     margin = check_gate(require_fit, margin, gpu)
     if exact:
@@ -41,9 +41,9 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
         if not 0 <= fragmentation < MAX_FRAGMENTATION:
             raise MemplanError(f"--fragmentation must be in [0, {MAX_FRAGMENTATION})")
         kw["fragmentation"] = fragmentation
-    base, note = default_overhead()  # the calibrated file's (`memplan calibrate --write`) when there is one
-    result = estimate_spec(model, setup, gpu, replace(base, **kw))
-    if note and set(CALIBRATED_FIELDS) - set(kw):  # some calibrated figure is still in use: say where it came from
+    overhead, note = default_overhead(**kw)  # the calibrated file's (`memplan calibrate --write`) when there is one
+    result = estimate_spec(model, setup, gpu, overhead)
+    if note:  # some calibrated figure is in use: say where it came from
         result = replace(result, warnings=tuple(result.warnings) + (note,))
     if gpu is not None:  # predicted step time, tokens/s and MFU: only with a GPU (the design-card path skips it)
         from memplan.estimate.throughput import with_throughput

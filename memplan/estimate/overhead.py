@@ -89,8 +89,10 @@ class Calibrated:
     path: str
     fields: tuple[str, ...]
 
-    def note(self) -> str:
-        return f"overhead calibrated from {self.records} records ({self.path}): {', '.join(self.fields)}"
+    def note(self, overridden=()) -> str | None:
+        """The line an estimate shows; None when every calibrated field was overridden (nothing of it is used)."""
+        used = [f for f in self.fields if f not in overridden]
+        return f"overhead calibrated from {self.records} records ({self.path}): {', '.join(used)}" if used else None
 
 
 @lru_cache(maxsize=None)
@@ -129,8 +131,12 @@ def forget_calibrated() -> None:
     _read_calibrated.cache_clear()
 
 
-def default_overhead() -> tuple[Overhead, str | None]:
+def default_overhead(**overrides) -> tuple[Overhead, str | None]:
     """The overhead an estimate uses when none is given: the calibrated file's when there is one (with the note
-    the output shows), else the sourced constants above."""
+    the output shows), else the sourced constants above; `overrides` (Overhead fields) replace either."""
+    from dataclasses import replace
+
     c = calibrated()
-    return (Overhead(), None) if c is None else (c.overhead, c.note())
+    if c is None:
+        return Overhead(**overrides), None
+    return replace(c.overhead, **overrides), c.note(overrides)
