@@ -50,10 +50,12 @@ def _table(cal) -> list[str]:
 
 def calibrate_cmd(
     records: Annotated[Optional[list[str]], typer.Argument(
-        help="JSON Lines records files (`memplan measure` writes them).", show_default=False)] = None,
+        help="JSON Lines records files (`memplan measure` writes them).", metavar="RECORDS...",
+        show_default=False)] = None,
     fmt: FormatOpt = Format.table,
-    write: Annotated[bool, typer.Option("--write", "--save", help="Store the derived overhead in the user config "
-                                        "file; later estimates use it and say so.")] = False,
+    write: Annotated[bool, typer.Option("--write", "--save", help="Store the derived overhead in overhead.toml "
+                                        "beside the user profiles ($MEMPLAN_PROFILES, else $XDG_CONFIG_HOME/memplan/"
+                                        "profiles); later estimates use it and say so.")] = False,
     reset: Annotated[bool, typer.Option("--reset", help="Remove the stored overhead (back to the defaults).")]
     = False,
 ):
