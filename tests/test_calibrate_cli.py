@@ -196,3 +196,38 @@ def test_a_malformed_line_among_records_is_named_and_skipped(tmp_path, capsys):
     assert main(["calibrate", str(p), "--format", "json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["used_records"] == 4 and f"{p}:7" in err
+
+
+# --- any record content: exit 0 or 2, one line on stderr for 2, never a traceback ---------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+ANY_JSON = st.one_of(st.none(), st.booleans(), st.integers(-2**60, 2**60), st.floats(allow_nan=True),
+                     st.text(max_size=4), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3),
+                                                                                                 st.integers(),
+                                                                                                 max_size=2))
+FIELDS = st.sampled_from(["allocated_bytes", "reserved_bytes", "device_bytes", "blas_workspace_bytes", "world",
+                          "status", "device", "gpus"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(FIELDS, ANY_JSON), min_size=1, max_size=3))
+def test_mutated_records_never_trace_back(tmp_path, capsys, changes):
+    r = rec(1000 * MiB, 1082 * MiB, 1582 * MiB)
+    for field, value in changes:
+        if field in ("status", "device"):
+            r[field] = value
+        elif field == "gpus":
+            r["setup"]["gpus"] = value
+        elif field in ("blas_workspace_bytes", "world"):
+            r["measured"][field] = value
+        else:
+            r["measured"]["peak"][field] = value
+    p = tmp_path / "fuzzed.jsonl"
+    p.write_text(json.dumps(r, allow_nan=True) + "\n")
+    rc = main(["calibrate", str(p), "--format", "json"])
+    out, err = capsys.readouterr()
+    assert rc in (0, 2), err
+    if rc == 2:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("memplan: error:")
+    else:
+        json.loads(out)
