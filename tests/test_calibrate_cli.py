@@ -231,3 +231,40 @@ def test_mutated_records_never_trace_back(tmp_path, capsys, changes):
         assert len(err.strip().splitlines()) == 1 and err.startswith("memplan: error:")
     else:
         json.loads(out)
+
+
+def _write_calibrated(tmp_path, text):
+    path = tmp_path / "config" / "overhead.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    forget_calibrated()
+    return path
+
+
+def test_fit_searches_with_the_calibrated_overhead(tmp_path, capsys):
+    argv = ["fit", "--model", "gpt2", "--gpu", "t4", "--max-batch", "4", "--max-seq", "512", "--format", "json"]
+    assert main(argv) == 0
+    assert "calibrated" not in capsys.readouterr().err
+    # a context that leaves the T4 (16 GB, profiles/gpus/t4.toml) under 1 GB: nothing of gpt2's training fits
+    _write_calibrated(tmp_path, f"records = 1\ncuda_context = {15 * 2**30}\n")
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc not in (0, 2) and "nothing fits" in err and "overhead calibrated from 1 records" in err
+
+
+def test_trace_adds_the_calibrated_overhead(tmp_path, capsys):
+    pytest.importorskip("torch")
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 256}))
+    argv = ["trace", "--model", str(cfg), "--seq", "16", "--format", "json"]
+    assert main(argv) == 0
+    before = json.loads(capsys.readouterr().out)["peak"]
+    _write_calibrated(tmp_path, f"records = 3\ncuda_context = {100 * MiB}\n")
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    after = json.loads(out)["peak"]
+    assert after["allocated_bytes"] == before["allocated_bytes"]
+    assert before["device_bytes"] - after["device_bytes"] == CUDA_CONTEXT_BYTES - 100 * MiB
+    assert "overhead calibrated from 3 records" in err and err.rstrip().endswith("cuda_context")
