@@ -64,6 +64,8 @@ def calibrate_cmd(
 
     Example: memplan calibrate reports/measurements/*.jsonl --write
     """
+    from dataclasses import asdict
+
     from memplan import render
     from memplan.calibrate import overhead as co
 
@@ -80,7 +82,7 @@ def calibrate_cmd(
     if fmt is Format.json:
         typer.echo(render.to_json(cal.to_dict()))
     elif fmt is Format.csv:
-        typer.echo(render.to_csv([{k: v for k, v in r.__dict__.items()} for r in cal.records]), nl=False)
+        typer.echo(render.to_csv([asdict(r) for r in cal.records]), nl=False)
     else:
         for line in _table(cal):
             typer.echo(line)

@@ -1,6 +1,9 @@
 """Memory outside torch.cuda.memory_allocated: allocator fragmentation, cuBLAS workspace, CUDA context, NCCL.
 
-Each constant names its source and can be overridden with an Overhead(...) passed to estimate().
+Each constant names its source and can be overridden with an Overhead(...) passed to estimate(). The user's own
+records can replace the defaults: `memplan calibrate RECORDS --write` (memplan.calibrate.overhead) stores the derived
+fragmentation, CUDA context and NCCL in calibrated_path(), which default_overhead() reads once per process; the
+estimate, trace and fit commands and memplan.api.estimate then use it and say so.
 """
 from __future__ import annotations
 
