@@ -8,7 +8,8 @@ Per usable record (status "ok", device "cuda", measured peak with the levels eac
     Overhead.reserved(a) = a × (1 + fragmentation) + cublas_workspace, so an estimate of a gives the record's reserved.
   * cuda_context = device − reserved, one-GPU records only (Overhead.device without NCCL); the device level is NVML's.
   * nccl = device − reserved − cuda_context, multi-GPU records only, with the calibrated cuda_context (the default
-    when no one-GPU record gave one).
+    when no one-GPU record gave one). A multi-GPU record's top-level peak is the max over its ranks
+    (docs/record-schema.md, `ranks`): the figure the worst GPU must hold, which is what the estimate predicts.
 
 Each derived value is the median over the records (robust to one odd run), reported with its min and max. A median
 below zero (reserved under the estimate's workspace, a device level under the reserved one) is clamped to 0, which
