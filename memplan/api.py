@@ -15,7 +15,7 @@ from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
 from memplan.trace.add_profile import add_profile
 
-__all__ = ["add_profile", "config_setup", "estimate", "fits", "make_setup", "parse_choices", "resolve_gpu",
+__all__ = ["add_profile", "calibrate", "config_setup", "estimate", "fits", "make_setup", "parse_choices", "resolve_gpu",
            "resolve_model", "serve", "setup_from_dict"]
 
 
@@ -68,8 +68,13 @@ def estimate(model=None, setup: TrainingSetup | None = None, gpu=None, overhead=
     elif setup_fields:
         raise MemplanError("pass either setup= or setup fields, not both")
     gpu = resolve_gpu(gpu)
-    result = estimate_spec(spec, setup, gpu) if overhead is None else estimate_spec(spec, setup, gpu, overhead)
-    extra = tuple(warnings) + tuple(ignored_fields(setup, given))
+    note = None
+    if overhead is None:  # the calibrated file's (`memplan calibrate --write`) when there is one
+        from memplan.estimate.overhead import default_overhead
+
+        overhead, note = default_overhead()
+    result = estimate_spec(spec, setup, gpu, overhead)
+    extra = tuple(warnings) + tuple(ignored_fields(setup, given)) + ((note,) if note else ())
     if extra:
         result = replace(result, warnings=tuple(result.warnings) + extra)
     if result.gpu is None:
@@ -79,6 +84,14 @@ def estimate(model=None, setup: TrainingSetup | None = None, gpu=None, overhead=
     from memplan.measure.utilization import utilization
 
     return with_throughput(result, spec, utilization(result.gpu, setup))
+
+
+def calibrate(paths):
+    """The per-GPU overhead derived from measurement records (`memplan calibrate`): a frozen
+    memplan.calibrate.overhead.Calibration (derived Figures, the Overhead they make, each record's figures)."""
+    from memplan.calibrate.overhead import calibrate as derive
+
+    return derive(paths)
 
 
 def fits(result, margin: float = DEFAULT_MARGIN) -> bool:

@@ -292,11 +292,14 @@ def _host_bytes(model: ModelSpec, gpu: GpuSpec, setup: TrainingSetup) -> int:
 
 def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
     from memplan.estimate import estimate_spec
+    from memplan.estimate.overhead import default_overhead
+
+    overhead = default_overhead()[0]  # the calibrated file's (`memplan calibrate --write`) when there is one
 
     def device_bytes(setup: TrainingSetup) -> int | None:
         counter[0] += 1
         try:
-            return estimate_spec(model, setup, gpu).peak.device_bytes
+            return estimate_spec(model, setup, gpu, overhead).peak.device_bytes
         except MemplanError:
             return None
 

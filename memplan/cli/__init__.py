@@ -20,7 +20,7 @@ try:  # typer ≥ 0.20 vendors click as typer._click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from memplan.cli import estimate, fit, measure, profiles, reconcile, report, serve, trace
+from memplan.cli import calibrate, estimate, fit, measure, profiles, reconcile, report, serve, trace
 from memplan.cli.gate import EXIT_CODES_HELP, FIT_EXIT_CODES_HELP
 from memplan.cli.options import (FLAG_DEFAULTS, SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options,
                                  with_setup_options)
@@ -58,6 +58,7 @@ app.command()(report.report)
 app.command("measure")(measure.measure_cmd)
 app.command("reconcile")(reconcile.reconcile_cmd)
 app.command("serve")(serve.serve)
+app.command("calibrate")(calibrate.calibrate_cmd)
 
 EXIT_BAD_INPUT = 2  # bad input: one `memplan: error:` line (also click's usage-error code)
 EXIT_CANNOT_WRITE = 1  # the environment failed the run (full disk, unwritable output), not the input

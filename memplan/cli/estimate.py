@@ -23,8 +23,10 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
 
     Example: memplan estimate --model llama-7b --adam --bf16 --zero3 --gpus 8 --gpu h100-sxm --require-fit
     """
-    from memplan.estimate import Overhead, estimate_spec
-    from memplan.estimate.overhead import MAX_FRAGMENTATION, MAX_OVERHEAD_BYTES
+    from dataclasses import replace
+
+    from memplan.estimate import estimate_spec
+    from memplan.estimate.overhead import MAX_FRAGMENTATION, MAX_OVERHEAD_BYTES, default_overhead
 
     margin = check_gate(require_fit, margin, gpu)
     if exact:
@@ -39,7 +41,10 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
         if not 0 <= fragmentation < MAX_FRAGMENTATION:
             raise MemplanError(f"--fragmentation must be in [0, {MAX_FRAGMENTATION})")
         kw["fragmentation"] = fragmentation
-    result = estimate_spec(model, setup, gpu, Overhead(**kw))
+    overhead, note = default_overhead(**kw)  # the calibrated file's (`memplan calibrate --write`) when there is one
+    result = estimate_spec(model, setup, gpu, overhead)
+    if note:  # some calibrated figure is in use: say where it came from
+        result = replace(result, warnings=tuple(result.warnings) + (note,))
     if gpu is not None:  # predicted step time, tokens/s and MFU: only with a GPU (the design-card path skips it)
         from memplan.estimate.throughput import with_throughput
         from memplan.measure.utilization import utilization

@@ -192,6 +192,9 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"
     notes = fit_notes(g, space, lora_rank, lora_targets, train_layers)  # said once the search has run
+    from memplan.estimate.overhead import default_overhead
+
+    notes += [n for n in default_overhead()[1:] if n]  # the calibrated overhead the search used, when there is one
     if not g.has_flops and sort is SortBy.tokens:
         notes.append(f"{g.label} has no FLOPS figure: no speed is predicted, rows ranked by micro-batch "
                      f"(--sort batch)")

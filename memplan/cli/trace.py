@@ -32,7 +32,12 @@ def trace_and_emit(model, gpu, setup, fmt, timeline_path, progress: Progress | N
     progress.phase(f"building {model.name} and tracing two training iterations on fake tensors")
     result, rows = run_trace(model, setup, timeline=timeline_path is not None)
     # the device level (headroom against --gpu) with the overhead the estimate adds, stated in a warning
-    result = with_overhead(result, replaces=NO_OVERHEAD)
+    from memplan.estimate.overhead import default_overhead  # the calibrated file's when there is one
+
+    overhead, note = default_overhead()
+    result = with_overhead(result, overhead, replaces=NO_OVERHEAD)
+    if note:
+        result = replace(result, warnings=(*result.warnings, note))
     if gpu is not None:
         result = replace(result, gpu=gpu, warnings=(*gpu_warnings, *result.warnings))
     emit(result, fmt)

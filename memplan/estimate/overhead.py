@@ -1,11 +1,15 @@
 """Memory outside torch.cuda.memory_allocated: allocator fragmentation, cuBLAS workspace, CUDA context, NCCL.
 
-Each constant names its source and can be overridden with an Overhead(...) passed to estimate().
+Each constant names its source and can be overridden with an Overhead(...) passed to estimate(). The user's own
+records can replace the defaults: `memplan calibrate RECORDS --write` (memplan.calibrate.overhead) stores the derived
+fragmentation, CUDA context and NCCL in calibrated_path(), which default_overhead() reads once per process; the
+estimate, trace and fit commands and memplan.api.estimate then use it and say so.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.units import MiB
@@ -62,3 +66,80 @@ class Overhead:
 
     def device(self, reserved: int, gpus: int) -> int:
         return reserved + self.cuda_context + (self.nccl if gpus > 1 else 0)
+
+
+# ---- calibrated defaults (`memplan calibrate --write`) ----------------------------------------------------------
+# The file `memplan calibrate --write` stores the overhead derived from the user's own records in: beside the user
+# profiles (memplan.profiles.user_profiles_dir: $MEMPLAN_PROFILES, else $XDG_CONFIG_HOME/memplan/profiles), so a
+# test run, whose conftest points $MEMPLAN_PROFILES at an empty folder, never reads the developer's file.
+CALIBRATED_FILE = "overhead.toml"
+CALIBRATED_FIELDS = ("fragmentation", "cuda_context", "nccl")  # what calibrate derives; cublas_workspace is not
+
+
+def calibrated_path():
+    """Where the calibrated overhead lives (whether or not it exists)."""
+    from memplan.profiles import user_profiles_dir
+
+    return user_profiles_dir() / CALIBRATED_FILE
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The overhead a calibrated file gives (its fields over the defaults), how many records it came from, where."""
+
+    overhead: Overhead
+    records: int
+    path: str
+    fields: tuple[str, ...]
+
+    def note(self, overridden=()) -> str | None:
+        """The line an estimate shows; None when every calibrated field was overridden (nothing of it is used)."""
+        used = [f for f in self.fields if f not in overridden]
+        return f"overhead calibrated from {self.records} records ({self.path}): {', '.join(used)}" if used else None
+
+
+@lru_cache(maxsize=None)
+def _read_calibrated(path: str) -> Calibrated | None:
+    """The calibrated file at `path`, read once per process (forget_calibrated() after writing it); None when
+    there is none. A file that is there but broken is one MemplanError naming it."""
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    hint = "fix it or remove it with `memplan calibrate --reset`"
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise MemplanError(f"calibrated overhead {p} cannot be read ({exc}); {hint}") from None
+    given = {k: data[k] for k in CALIBRATED_FIELDS if k in data}
+    records = data.get("records")
+    if not given or not isinstance(records, int) or isinstance(records, bool) or records < 1:
+        raise MemplanError(f"calibrated overhead {p} holds no calibrated field or no record count; {hint}")
+    try:
+        ovh = Overhead(**given)
+    except MemplanError as exc:
+        raise MemplanError(f"calibrated overhead {p}: {exc}; {hint}") from None
+    return Calibrated(ovh, records, str(p), tuple(given))
+
+
+def calibrated() -> Calibrated | None:
+    """The user's calibrated overhead (`memplan calibrate --write`), or None when there is none."""
+    return _read_calibrated(str(calibrated_path()))
+
+
+def forget_calibrated() -> None:
+    """Drop the cached read (after `memplan calibrate --write` or `--reset` changed the file)."""
+    _read_calibrated.cache_clear()
+
+
+def default_overhead(**overrides) -> tuple[Overhead, str | None]:
+    """The overhead an estimate uses when none is given: the calibrated file's when there is one (with the note
+    the output shows), else the sourced constants above; `overrides` (Overhead fields) replace either."""
+    from dataclasses import replace
+
+    c = calibrated()
+    if c is None:
+        return Overhead(**overrides), None
+    return replace(c.overhead, **overrides), c.note(overrides)
