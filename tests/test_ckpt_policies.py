@@ -75,24 +75,12 @@ def test_estimate_orders_the_policies():
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, tie_word_embeddings=False)
+from tiny_step import TINY, tiny_loss  # noqa: E402
 
 
 def _grads(**kw):
     """Loss and gradients of one real step of a tiny llama under `kw` (fixed weights and tokens)."""
-    from memplan.spec.families import spec_from_config
-    from memplan.trace.build import build, materialize
-    from memplan.trace.step import TrainLoop
-    from memplan.trace.tracker import AllocTracker
-
-    setup = make_setup(precision="fp32", batch=2, seq=32, **kw)
-    built = build(spec_from_config(TINY, "tiny-llama"), setup)
-    torch.manual_seed(0)
-    materialize(built.model, init_values=True)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
-    loop = TrainLoop(built.model, setup, AllocTracker(), built.compute_dtype)
-    loss = loop._loss({"input_ids": ids, "labels": ids})
+    loss, built, _ = tiny_loss(TINY, **kw)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None}
 

@@ -8,7 +8,6 @@ A few tiny configs exercise the branches the profiles do not reach (untied heads
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from functools import lru_cache
 
@@ -21,10 +20,9 @@ from memplan.spec.model import ModelSpec
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+from memplan.trace.check_family import hf_linears  # noqa: E402  (the check `memplan profiles add` runs too)
 
 TASK_CLASS = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}  # everything else: causal LM
-_BLOCK = re.compile(r"^.*?\.\d+\.")  # "model.layers.3." / "encoder.block.0." ...: the repeated-block prefix
 
 
 def build_hf(hf_config: dict):
@@ -38,23 +36,6 @@ def build_hf(hf_config: dict):
 @lru_cache(maxsize=None)  # each profile's model is built once for all the tests below
 def hf_model(key: str):
     return build_hf(dict(model_profile(key)["hf_config"]))
-
-
-def hf_linears(model) -> tuple[list[tuple[str, tuple[int, int, bool]]], int]:
-    """(in-block path, (in, out, bias)) of every nn.Linear / Conv1D that owns its weight, and the number of tied
-    ones (whose weight is an embedding's: memplan lists that matrix once, as the embedding)."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    out, tied = [], 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (torch.nn.Linear, Conv1D)):
-            continue
-        if id(mod.weight) in embedding_weights:
-            tied += 1
-            continue
-        # nn.Linear stores (out, in); transformers' Conv1D (GPT-2) stores (in, out)
-        fan_in, fan_out = mod.weight.shape[::-1] if isinstance(mod, torch.nn.Linear) else mod.weight.shape
-        out.append((_BLOCK.sub("", name), (fan_in, fan_out, mod.bias is not None)))
-    return out, tied
 
 
 def check_against_hf(spec: ModelSpec, model) -> None:

@@ -99,11 +99,4 @@ def read(doc: dict, path: str, load=None) -> Reading:
         c.skip("use_cpu", "a CPU run")
     if doc.get("dynamo_config"):
         c.skip("dynamo_config", "torch.compile is not modelled")
-    for k, v in doc.items():
-        if k in read_keys:
-            continue
-        if k in NO_EFFECT:
-            c.no_effect.append(k)
-        elif not unset(v) and v is not False:
-            c.skip(k)
-    return c.reading()
+    return c.rest(doc, read_keys, NO_EFFECT)

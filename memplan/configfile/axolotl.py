@@ -132,11 +132,4 @@ def read(doc: dict, path: str, load=None) -> Reading:
     if doc.get("sample_packing"):
         c.skip("sample_packing", "several samples packed into each sequence_len row: memplan assumes full rows "
                "of sequence_len tokens")
-    for k, v in doc.items():
-        if k in done:
-            continue
-        if k in NO_EFFECT:
-            c.no_effect.append(k)
-        elif not unset(v) and v is not False:
-            c.skip(k)
-    return c.reading()
+    return c.rest(doc, done, NO_EFFECT)

@@ -57,6 +57,19 @@ class Collector:
     def skip(self, name: str, why: str = "") -> None:
         self.unmodelled.append(f"{name} ({why})" if why else name)
 
+    def rest(self, doc: dict, read, no_effect, why: dict | None = None) -> Reading:
+        """Every field of `doc` not in `read`: listed as having no effect on memory (`no_effect`, by its name or
+        its first dotted part) or named as not modelled (with `why`'s reason), unless it holds nothing; then the
+        reading."""
+        for k, v in doc.items():
+            if k in read:
+                continue
+            if k in no_effect or k.split(".")[0] in no_effect:
+                self.no_effect.append(k)
+            elif not unset(v) and v is not False:
+                self.skip(k, (why or {}).get(k, ""))
+        return self.reading()
+
     def reading(self) -> Reading:
         return Reading(self.path, self.format, tuple(self.fields), tuple(self.unmodelled), tuple(self.no_effect),
                        tuple(self.included))

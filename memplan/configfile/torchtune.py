@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from memplan.configfile.base import Collector, Reading, as_bool, as_int, unset
+from memplan.configfile.base import Collector, Reading, as_bool, as_int
 
 FORMAT = "torchtune recipe"
 # torchtune 0.6.1 model builders (torchtune/models/<family>/_model_builders.py) -> memplan profile keys; a
@@ -111,14 +111,7 @@ def read(doc: dict, path: str, load=None) -> Reading:
         off = as_bool(path, "fsdp_cpu_offload", doc.get("fsdp_cpu_offload") or False)
         c.set("fsdp_cpu_offload", off, "offload_params", off)
         c.set("fsdp_cpu_offload", off, "offload_optimizer", off, "FSDP2 CPUOffloadPolicy")
-    for k, v in _flat(doc).items():
-        if k in done or k.split(".")[0] in NO_EFFECT or k in NO_EFFECT:
-            if k not in done:
-                c.no_effect.append(k)
-            continue
-        if not unset(v) and v is not False:
-            c.skip(k)
-    return c.reading()
+    return c.rest(_flat(doc), done, NO_EFFECT)
 
 
 def _flat(doc: dict) -> dict:

@@ -104,13 +104,6 @@ def read(doc: dict, path: str, load=None) -> Reading:
     if sync is not None:
         c.set("accelerator_config.gradient_accumulation_kwargs.sync_each_batch", sync, "sync_each_batch",
               as_bool(path, "sync_each_batch", sync))
-    for k, v in doc.items():
-        if k in READ or k in ("bf16", "fp16"):
-            continue
-        if k in NO_EFFECT:
-            c.no_effect.append(k)
-        elif not unset(v) and v is not False:
-            why = {"torch_compile": "torch.compile", "use_liger_kernel": "Liger's fused kernels and loss",
-                   "max_length": "a data-collator length (TRL)" }.get(k, "")
-            c.skip(k, why)
-    return c.reading()
+    return c.rest(doc, {*READ, "bf16", "fp16"}, NO_EFFECT,
+                  {"torch_compile": "torch.compile", "use_liger_kernel": "Liger's fused kernels and loss",
+                   "max_length": "a data-collator length (TRL)"})
