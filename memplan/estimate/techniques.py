@@ -13,6 +13,7 @@ Losses (memplan.spec.setup.Loss) and logits_to_keep: see LossTerms.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.spec.model import ModelSpec, Role, Stack
@@ -109,8 +110,13 @@ def loss_terms(model: ModelSpec, setup: TrainingSetup, upcast: bool, logits_b: i
 
 # ---- checkpointing --------------------------------------------------------------------------------------------
 def wrapped_blocks(setup: TrainingSetup, blocks: int) -> tuple[bool, ...]:
-    """Which blocks (first to last) run inside torch.utils.checkpoint."""
-    return tuple(setup.wrapped(i) for i in range(blocks))
+    """Which blocks (first to last) run inside torch.utils.checkpoint (TrainingSetup.wrapped, for every block)."""
+    return _wrapped(setup.checkpointing.wraps_blocks, setup.ckpt_every, blocks)
+
+
+@lru_cache(maxsize=1024)
+def _wrapped(wraps: bool, every: int, blocks: int) -> tuple[bool, ...]:
+    return tuple(wraps and (i + 1) % every == 0 for i in range(blocks))
 
 
 def unwrapped_share(setup: TrainingSetup, blocks: int) -> float:

@@ -306,15 +306,25 @@ def zero1_step_bytes(u: Unsharded, setup: TrainingSetup) -> int:
 
 @per_setup
 def _zero1_ranks(u: Unsharded, setup: TrainingSetup) -> tuple[int, int]:
+    import heapq
+
     n = setup.gpus
-    sizes, opt, stepped = [0] * n, [0] * n, [0] * n
-    tensors = sorted((g for g in u.groups if g.trainable for _ in range(g.count)), key=lambda g: -g.numel)
-    for g in tensors:
-        r = min(range(n), key=lambda i: (sizes[i], i))
-        sizes[r] += g.numel
-        shape = (g.rows, g.numel // g.rows) if g.rows else None
-        opt[r] += state_bytes(setup.optimizer, g.numel, state_dtype_bytes(g, setup), shape)
-        stepped[r] += round_block(g.numel * state_dtype_bytes(g, setup))
+    opt, stepped = [0] * n, [0] * n
+    loads = [(0, i) for i in range(n)]  # (elements so far, rank): the heap's smallest is min(sizes) by rank on ties
+    # each group's bytes once (its tensors are alike), then its tensors one by one, largest first (a stable sort:
+    # equal sizes keep the groups' order, as the expanded list did)
+    per = []
+    for g in u.groups:
+        if g.trainable:
+            dt = state_dtype_bytes(g, setup)
+            shape = (g.rows, g.numel // g.rows) if g.rows else None
+            per.append((g.numel, state_bytes(setup.optimizer, g.numel, dt, shape), round_block(g.numel * dt), g.count))
+    for numel, o, st, count in sorted(per, key=lambda t: -t[0]):
+        for _ in range(count):
+            size, r = heapq.heappop(loads)
+            heapq.heappush(loads, (size + numel, r))
+            opt[r] += o
+            stepped[r] += st
     worst = max(range(n), key=lambda i: (opt[i], -i))
     return opt[worst], stepped[worst]
 
