@@ -161,18 +161,30 @@ def _all(readings):
         yield from r.included
 
 
+def engine_fixes(values: dict, from_files) -> dict:
+    """The values the files set (`from_files`: their names) that the engine that wins cannot take, each as
+    name -> (replacement, why): under --engine deepspeed a file's autocast bf16 / fp16 is DeepSpeed's -master form;
+    under another engine a file's DeepSpeed knobs go back to their defaults (replacement None)."""
+    deepspeed = str(values.get("engine") or "fsdp").lower() == "deepspeed"
+    if deepspeed:
+        p = str(values.get("precision"))
+        if "precision" in from_files and p in ("bf16", "fp16"):
+            return {"precision": (f"{p}-master", f"--engine deepspeed: {p}-master (DeepSpeed keeps fp32 masters)")}
+        return {}
+    return {n: (None, f"--engine {values.get('engine')} (a DeepSpeed knob: left at its default)")
+            for n in from_files if n.startswith("ds_")}
+
+
 def setup_fields(merged: Merged, given: dict | None = None) -> dict:
     """make_setup keywords (and "model") from the files, the `given` ones over them (the Python API's keyword
-    arguments, as flags on the command line), made consistent with the engine that wins: a file's autocast
-    bf16 / fp16 is DeepSpeed's -master form under --engine deepspeed, a file's DeepSpeed knobs are dropped under
-    another engine."""
+    arguments, as flags on the command line), made consistent with the engine that wins (engine_fixes)."""
     given = dict(given or {})
     out = {**merged.values, **{k: v for k, v in given.items() if v is not None}}
-    deepspeed_engine = str(out.get("engine", "fsdp")).lower() == "deepspeed"
-    if deepspeed_engine and "precision" not in given and str(out.get("precision")) in ("bf16", "fp16"):
-        out["precision"] = f"{out['precision']}-master"
-    if not deepspeed_engine:
-        out = {k: v for k, v in out.items() if not k.startswith("ds_") or k in given}
+    for name, (value, _) in engine_fixes(out, [k for k in merged.values if k not in given]).items():
+        if value is None:
+            del out[name]
+        else:
+            out[name] = value
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from memplan.configfile import Merged
+from memplan.configfile import Merged, engine_fixes
 from memplan.errors import MemplanError
 from memplan.spec.values import optimizer_name
 
@@ -68,19 +68,13 @@ def overlay(merged: Merged, kw: dict, given: Callable[[str], bool], groups: dict
 
 
 def _engine_consistent(kw: dict, filled: dict, explicit: dict) -> None:
-    """Values a file set that the engine that wins cannot take: under --engine deepspeed a file's autocast bf16 /
-    fp16 is DeepSpeed's (bf16-master / fp16-master); under another engine a file's DeepSpeed knobs stay at their
-    defaults (memplan.configfile.setup_fields does the same for the Python API). filled: option -> its value
-    before the files; explicit gets the reason."""
+    """memplan.configfile.engine_fixes on the command's options: filled: option -> its value before the files (what
+    a dropped DeepSpeed knob goes back to); explicit gets the reason."""
     if "engine" not in kw:
         return
-    deepspeed = str(kw.get("engine") or "").lower() == "deepspeed"
-    if deepspeed and "precision" in filled and str(kw["precision"]) in ("bf16", "fp16"):
-        kw["precision"] = f"{kw['precision']}-master"
-        explicit["precision"] = f"--engine deepspeed: {kw['precision']} (DeepSpeed keeps fp32 masters)"
-    for name in [n for n in filled if n.startswith("ds_")] if not deepspeed else []:
-        kw[name] = filled[name]
-        explicit[name] = f"--engine {kw.get('engine')} (a DeepSpeed knob: left at its default)"
+    for name, (value, why) in engine_fixes(kw, filled).items():
+        kw[name] = filled[name] if value is None else value
+        explicit[name] = why
 
 
 def explain_lines(merged: Merged, explicit: dict, params: dict | None = None) -> list[str]:
