@@ -27,6 +27,12 @@ FAST = [
     dict(M, gpus=8, zero=3, precision="fsdp-bf16", peft="full"),  # MixedPrecisionPolicy(bf16, fp32)
     dict(M, gpus=4, zero=3, precision="fsdp-bf16", peft="full", grad_accum=2),  # no-sync accumulation
     dict(M, gpus=2, zero=3, precision="bf16", peft="qlora", offload_params=True, offload_optimizer=True),
+    # --peft freeze: a frozen block's post_backward drops the reduce-scatter input held before it (block 0's is
+    # not held at the tied embedding's backward); the trained block below the top one finishes its backward
+    # with the top one's reduce-scatter input still held
+    dict(M, batch=2, gpus=2, zero=3, precision="fp32", peft="freeze", train_layers=1, checkpointing="full",
+         offload_params=True, offload_optimizer=True),
+    dict(M, model="qwen2.5-0.5b", gpus=8, zero=3, precision="fp16", peft="freeze", train_layers=2),
 ]
 
 

@@ -58,6 +58,8 @@ class Moment(str, Enum):
     TOP_BLOCK = "top block backward"
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
+    BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
+    # input still held
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
     LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
@@ -163,6 +165,14 @@ def half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, mod
     return sum(round_block(g.numel * c) * g.count for g in groups
                if g.matmul and not g.nf4 and (g.trainable or flows) and (g.outside or not outside_only)
                and (g.outside or g.trainable or not cached_only))
+
+
+def block_cast_bytes(model: ModelSpec, setup: TrainingSetup, h: "Held", groups: tuple[ParamGroup, ...]) -> int:
+    """One block's autocast weight casts saved for backward (half_weight_copies: under --peft freeze only the
+    trained blocks keep theirs, unless a trained tied embedding lets a gradient flow through every block)."""
+    flows = setup.peft is not PeftMethod.FREEZE or (model.tie_embeddings and tied_trains(groups))
+    n = model.blocks if flows else min(setup.train_layers, model.blocks)
+    return (h.half - h.half_outside) // max(n, 1)
 
 
 def head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int, int]:
@@ -303,6 +313,7 @@ class FsdpBuffers:
     end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
     root_reduce: int  # ... at the root's reduce-scatter: its input
     rs: int  # a trained block's reduce-scatter input
+    block_sharded: int  # a trained block's sharded gradients, on the GPU (0 under CPU offload)
     blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
@@ -333,7 +344,11 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # the lowest blocks: ZeRO-3's next-lower block's all-gather prefetched (block 1's moment, one block's shard
         # of gradients short of block 0's)
         low=root.gathered + blk.gathered + (blk.flat if z3 else 0) + (rs if trained > 1 else 0),
-        end=root.gathered + rs + emb_add, root_reduce=root.rs_input, rs=rs,
+        # a frozen unit's post_backward drops the reduce-scatter input held before it (FSDPParamGroup.post_backward
+        # recycles comm_ctx.reduce_scatter_states before it returns for want of gradients): block 0's is held at
+        # the embeddings' backward only when block 0 trains
+        end=root.gathered + (rs if trained == L else 0) + emb_add, root_reduce=root.rs_input, rs=rs,
+        block_sharded=0 if off else blk.rs_output,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
@@ -544,13 +559,23 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
-        # into its reduce-scatter input (foreach_reduce); the trace shows it when the block below has run its
-        # backward too (RegisterPostBackwardFunction fires once its inputs' gradients are accumulated)
-        top_saved = sum(acts.per_block[-2:])
+        # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
+        # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
+        # freed; the blocks below keep theirs (RegisterPostBackwardFunction fires as the gradient of the block's
+        # input is complete, before the block below runs its backward)
+        block_casts = block_cast_bytes(model, setup, h, p.groups)
+        top_casts = 0 if acts.ckpt(-1) else block_casts
         # (under no-sync accumulation they were added into the carried ones first, and freed)
         grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
-        states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - top_saved,
-                         held + head_wait + h.fsdp.rs))
+        states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
+                         held - h.fsdp.top - top_casts + head_wait + h.fsdp.rs))
+        if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
+            # ... and the block below's backward done: its gradients all made, still gathered (its post_backward
+            # recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather
+            # prefetched, the two blocks' saved tensors and weight casts freed
+            grads = h.accum_grads if h.accum_grads else top_g + p.grads.block + h.fsdp.block_sharded
+            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]),
+                             held - top_casts - (0 if acts.ckpt(-2) else block_casts) + head_wait + h.fsdp.rs))
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
@@ -587,7 +612,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     if fs:  # blocks above: sharded; the root's (unsharded until the end) made but the embedding's; this block's
         scale, tied_wait = 1, g.tied_wait
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
-    block_casts = (h.half - h.half_outside) // max(model.blocks, 1)
+    block_casts = block_cast_bytes(model, setup, h, p.groups)
     out = []
     for j in {saved[0], lowest_trained}:  # one state when they coincide
         names = ((Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_SAVED_BLOCK_SOFTMAX) if j == saved[0] else
