@@ -55,3 +55,24 @@ def test_one_cuda_step_gives_a_complete_sane_record(precision):
     est = estimate_spec(spec, setup).peak.allocated_bytes
     ours = peak["allocated_bytes"] - m["blas_workspace_bytes"]
     assert est / SANE_FACTOR <= ours <= est * SANE_FACTOR, (ours, est, m["blas_workspace_bytes"])
+
+
+@pytest.mark.parametrize("zero", [3, 0])
+def test_one_rank_engine_job_on_cuda(zero, tmp_path):
+    """`memplan measure --gpus 1 --zero K` on one GPU: the worker launcher, an NCCL group of one, FSDP2 (ZeRO-3) or
+    DDP (ZeRO-0) applied as the trace applies them, one record with the rank's figures (issue 11 §4: a one-GPU
+    machine still exercises the whole FSDP path)."""
+    import json
+
+    from memplan.cli import main
+
+    cfg = tmp_path / "small.json"
+    cfg.write_text(json.dumps(SMALL))
+    out = tmp_path / "r.jsonl"
+    rc = main(["measure", "--model", str(cfg), "--device", "cuda", "--gpus", "1", "--zero", str(zero), "--bf16",
+               "--batch", "2", "--seq", "256", "--steps", "1", "--warmup", "1", "--results", str(out)])
+    (rec,) = record.load_records(out)
+    assert rc == 0 and rec["status"] == "ok", rec.get("error")
+    m = rec["measured"]
+    assert m["peak"]["reserved_bytes"] >= m["peak"]["allocated_bytes"] > 0
+    assert len(rec["ranks"]) == 1 and m["world"] == 1 and m["tokens_per_s"] > 0

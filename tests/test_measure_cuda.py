@@ -514,3 +514,42 @@ def test_reconcile_compares_the_allocated_level_without_the_blas_workspace():
     assert row["meas_allocated_bytes"] == 100 * MiB and row["meas_blas_workspace_bytes"] == WORKSPACE
     del rec["measured"]["blas_workspace_bytes"]  # a record without the reading compares as measured
     assert compare(rec, estimate="recorded")["meas_allocated_bytes"] == 100 * MiB + WORKSPACE
+
+
+# ---- --gpus / --zero on CUDA: one rank of the engine through the CUDA path ---------------------------------------
+@pytest.fixture
+def one_rank_group():
+    """A real one-rank gloo group (mesh on the CPU: the simulated CUDA's tensors are CPU tensors)."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kw", [dict(zero=3, precision="fsdp-bf16"), dict(zero=2, precision="bf16"),
+                                dict(zero=1, precision="bf16"), dict(zero=3, precision="bf16", peft="lora",
+                                                                      checkpointing="full")],
+                         ids=["fsdp2-zero3", "fsdp2-zero2", "ddp-zero1", "fsdp2-lora-ckpt"])
+def test_engine_runs_through_the_cuda_path(one_rank_group, kw):
+    """build_on_device applies the trace's engine (FSDP2 on the meta model, then only the shards materialized;
+    DDP once materialized), and the CUDA path's step, phases and record work on it. On a real GPU node the same
+    path runs under NCCL (tests/test_gpu_smoke.py)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = FakeCuda()
+    setup = make_setup(batch=2, seq=16, gpus=1, **kw)
+    built = mcuda.build_on_device(SPEC, setup, torch.device("cpu"))
+    wrapped = FSDPModule if setup.zero >= 2 else DistributedDataParallel
+    assert isinstance(built.model, wrapped)
+    opts = MeasureOptions(device="cuda", steps=1, warmup=1, marks=False)
+    book = phases.PhaseBook(None, None, None, False)
+    book.clock = CudaClock(cuda)
+    out = mcuda.measure_cuda(SPEC, setup, opts, book, book.clock, 989.0, cuda=cuda, nvml=FakeNvml(cuda))
+    assert out.status == "ok", out.error
+    assert set(out.measured["phases"]) == {"load", "forward", "backward", "optimizer_step"}
+    assert out.measured["tokens_per_step"] == 2 * 16

@@ -234,6 +234,20 @@ def test_check_job_refuses_more_ranks_than_the_machine_has():
     dm.check_job(setup, "cpu", cpu_count=1)  # 2 ≤ 4: accepted
 
 
+def test_check_job_on_cuda_needs_nccl_and_refuses_sharded_qlora():
+    import torch.distributed as dist
+
+    setup = make_setup(batch=2, seq=64, gpus=2, zero=3)
+    if dist.is_nccl_available():
+        dm.check_job(setup, "cuda", cuda_count=2)  # accepted: one rank per GPU
+    else:
+        with pytest.raises(MemplanError, match="no nccl backend"):
+            dm.check_job(setup, "cuda", cuda_count=2)
+    with pytest.raises(MemplanError, match="--peft qlora with --gpus / --zero on CUDA"):
+        dm.check_job(make_setup(batch=2, seq=64, gpus=2, zero=3, peft="qlora", precision="bf16"), "cuda",
+                     cuda_count=2)
+
+
 def _cli_error(argv, capsys) -> tuple[int, str]:
     rc = main(argv)
     err = capsys.readouterr().err

@@ -219,9 +219,13 @@ def quantize_on_device(model, device) -> None:
 
 
 def build_on_device(spec, setup, device):
-    """The model on the GPU: memplan.trace.build (meta, the one build path), then materialize there."""
+    """The model on the GPU: memplan.trace.build (meta, the one build path), then materialize there; a --gpus /
+    --zero setup under its engine (build_engine_on_device)."""
+    from memplan.trace import distributed
     from memplan.trace.build import build, materialize
 
+    if distributed.engaged(setup):
+        return build_engine_on_device(spec, setup, device)
     if setup.peft is PeftMethod.QLORA:
         built = build(spec, setup, quantize=bnb_quantizer)
         quantize_on_device(built.model, device)
@@ -230,6 +234,28 @@ def build_on_device(spec, setup, device):
         built = build(spec, setup)
     materialize(built.model, True, device=device)
     recompute_rotary(built.model, device)
+    return built
+
+
+def build_engine_on_device(spec, setup, device):
+    """One rank of a --gpus / --zero measurement on the GPU: the trace's engine (memplan.trace.distributed, on the
+    default process group the worker joined: NCCL, a CUDA device mesh) applied as the trace applies it. FSDP2
+    (ZeRO-2 / 3) shards the meta model, then only the shards are allocated on the GPU (`to_empty`; under
+    --offload-params CPUOffloadPolicy keeps them in pinned host memory); DDP (ZeRO-0 / 1) wraps the model once
+    materialized (the real DistributedDataParallel; ZeroRedundancyOptimizer is the loop's, as in the trace).
+    QLoRA under an engine is refused on CUDA before any work (memplan.measure.distributed.check_job)."""
+    from memplan.trace import distributed
+    from memplan.trace.build import build, materialize
+
+    built = build(spec, setup)
+    if distributed.uses_fsdp(setup):
+        distributed.apply_engine(built, setup)
+        distributed.materialize_sharded(built.model, True, device=device)
+    else:
+        materialize(built.model, True, device=device)
+    recompute_rotary(built.model, device)
+    if not distributed.uses_fsdp(setup):
+        distributed.apply_engine(built, setup)
     return built
 
 

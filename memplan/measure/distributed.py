@@ -3,8 +3,12 @@
 The parent (run_job) writes the job (model spec, setup, options) to a private folder, launches N workers and
 waits for them with a deadline; each worker (main(), `python -m memplan.measure.distributed JOBDIR`) joins the
 default process group (gloo with --device cpu, NCCL on GPUs) and runs the same instrumented measurement as one
-device (memplan.measure.harness.measure: the trace's tracked session, which applies the data-parallel engine on
-the current default group, memplan.trace.distributed.apply_engine: DDP, DDP + ZeroRedundancyOptimizer, FSDP2).
+device (memplan.measure.harness.measure) with the data-parallel engine the trace applies
+(memplan.trace.distributed.apply_engine: DDP, DDP + ZeroRedundancyOptimizer, FSDP2) on the current default group:
+on the CPU inside the trace's tracked session, on CUDA through memplan.measure.cuda.build_engine_on_device (a CUDA
+device mesh; NOT RUN yet: no GPU has been lent to this project, tests/test_measure_cuda.py runs the path against
+its simulated torch.cuda on a one-rank gloo group, tests/test_gpu_smoke.py's `--gpus 1 --zero 3` case is the
+first thing a GPU session checks).
 
 Launcher (choose_launcher): the env contract is torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), which both launchers set.
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from memplan.errors import MemplanError
-from memplan.spec.setup import Engine, TrainingSetup
+from memplan.spec.setup import Engine, PeftMethod, TrainingSetup
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # torch.distributed backends per device
 # --device cpu: at most this many ranks per core (os.cpu_count()); past it the ranks only time-slice and a typo
@@ -112,9 +116,13 @@ def check_job(setup: TrainingSetup, device: str, cuda_count: int | None = None, 
         n = cuda_count if cuda_count is not None else _cuda_count()
         if setup.gpus > n:
             raise MemplanError(f"--gpus {setup.gpus}: this node has {n} CUDA GPU(s) (one rank per GPU)")
-        raise MemplanError("memplan measure --device cuda --gpus/--zero: the engines are applied on a CPU device "
-                           "mesh only so far (memplan.trace.distributed); measure with --device cpu, or estimate "
-                           "/ trace this setup")
+        if setup.peft is PeftMethod.QLORA:
+            raise MemplanError("--peft qlora with --gpus / --zero on CUDA: bitsandbytes' Linear4bit under FSDP2 "
+                               "(quant_storage) is not wired into the measurement yet; measure it with --device "
+                               "cpu (memplan's NF4 stand-in), or estimate / trace it")
+        if not _backend_available(BACKENDS[device]):
+            raise MemplanError("--device cuda --gpus: torch.distributed has no nccl backend here")
+        return
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     cap = cores * CPU_RANKS_PER_CORE
     if setup.gpus > cap:

@@ -118,10 +118,15 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def mesh_device() -> str:
+    """The device type of the default group's mesh: "cuda" under NCCL (memplan measure on GPUs), else "cpu"."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def _mesh():
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (dist.get_world_size(),))
+    return init_device_mesh(mesh_device(), (dist.get_world_size(),))
 
 
 def check_world(setup: TrainingSetup) -> None:
@@ -139,7 +144,8 @@ def shard(built, setup: TrainingSetup) -> None:
     mesh = _mesh()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if setup.precision is Precision.FSDP_BF16 else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy(pin_memory=False) if setup.offload_params else OffloadPolicy()
+    # pinned host memory on CUDA, as users run it (a CPU-only torch cannot pin: the same host bytes unpinned)
+    offload = CPUOffloadPolicy(pin_memory=mesh_device() == "cuda") if setup.offload_params else OffloadPolicy()
     kw = dict(mesh=mesh, reshard_after_forward=setup.zero == 3, mp_policy=mp, offload_policy=offload)
     for block in built.blocks:
         fully_shard(block, **kw)
@@ -236,20 +242,21 @@ def apply_engine(built, setup: TrainingSetup, tracker: AllocTracker | None = Non
         wrap_ddp(built, setup, tracker)
 
 
-def materialize_sharded(model: nn.Module, init_values: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Allocate the sharded model's storages (FSDP2's `to_empty`, then whatever else is still on meta); with
-    init_values fill them N(0, 0.02) as memplan.trace.build.materialize does. Returns (the parameters' local
-    shards, the buffers and other tensors)."""
+def materialize_sharded(model: nn.Module, init_values: bool,
+                        device="cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Allocate the sharded model's storages on `device` (FSDP2's `to_empty`, then whatever else is still on
+    meta); with init_values fill them N(0, 0.02) as memplan.trace.build.materialize does. Returns (the
+    parameters' local shards, the buffers and other tensors)."""
     from memplan.trace.build import materialize
 
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     params = [_local(p) for p in dict.fromkeys(model.parameters())]
     buffers = list(model.buffers())
     if init_values:
         with torch.no_grad():
             for t in params + buffers:
                 t.normal_(0.0, 0.02) if t.is_floating_point() else t.zero_()
-    return params, buffers + materialize(model, init_values)
+    return params, buffers + materialize(model, init_values, device=device)
 
 
 def zero1_partition(numels: list[int], world: int) -> list[int]:
