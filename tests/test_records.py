@@ -390,3 +390,22 @@ def test_a_fifo_as_results_is_refused_before_any_work(tmp_path, capsys):
     rc, _, err = run_cli(["measure", "--model", "gpt2", "--device", "cpu", "--seq", "64", "--results", str(fifo)],
                          capsys)
     assert rc == 2 and err == f"memplan: error: results path {fifo} is not a regular file\n"
+
+
+def test_record_ids_ignore_defaulted_fields_and_resume_matches_old_ids(tmp_path):
+    """A setup field added later (at its default) changes no record_id, and a record whose stored id came from an
+    earlier scheme still counts for --resume (its id recomputed from its content)."""
+    from memplan.measure import record
+    from memplan.spec.setup import TrainingSetup
+
+    full = TrainingSetup(batch=4, seq=512).to_dict()
+    older = {k: v for k, v in full.items() if k not in ("loss", "logits_to_keep", "optimizer_in_backward")}
+    assert record.record_id("m", full, "cpu", 3, 1, "fixed") == record.record_id("m", older, "cpu", 3, 1, "fixed")
+    assert record.record_id("m", full, "cpu", 3, 1, "fixed") != record.record_id(
+        "m", {**full, "batch": 8}, "cpu", 3, 1, "fixed")
+    rec = {"record_id": "0" * 40, "model": "m", "setup": older, "device": "cpu", "status": "ok",
+           "measured": {"steps": 3, "warmup": 1, "lengths": "fixed"}}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    done = record.finished_ids(path)
+    assert record.record_id("m", full, "cpu", 3, 1, "fixed") in done and "0" * 40 in done

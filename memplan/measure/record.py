@@ -66,10 +66,44 @@ def canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+_SETUP_DEFAULTS: dict | None = None
+
+
+def _setup_defaults() -> dict:
+    global _SETUP_DEFAULTS
+    if _SETUP_DEFAULTS is None:
+        from memplan.spec.setup import TrainingSetup
+
+        _SETUP_DEFAULTS = json.loads(canonical(TrainingSetup().to_dict()))
+    return _SETUP_DEFAULTS
+
+
+def id_setup(setup: dict) -> dict:
+    """The setup fields that tell measurements apart: those at TrainingSetup's defaults are left out, so a field
+    added later (with its default) changes no earlier record's id, and a record written before it existed
+    resumes as the same measurement."""
+    defaults = _setup_defaults()
+    plain = json.loads(canonical(setup))
+    return {k: v for k, v in plain.items() if k not in defaults or defaults[k] != v}
+
+
 def record_id(model: str, setup: dict, device: str, steps: int, warmup: int, lengths: str) -> str:
-    """sha1 of the canonical JSON of what defines a measurement: the --resume key."""
-    key = {"model": model, "setup": setup, "device": device, "steps": steps, "warmup": warmup, "lengths": lengths}
+    """sha1 of the canonical JSON of what defines a measurement (the setup as id_setup gives it): the --resume
+    key."""
+    key = {"model": model, "setup": id_setup(setup), "device": device, "steps": steps, "warmup": warmup,
+           "lengths": lengths}
     return hashlib.sha1(canonical(key).encode()).hexdigest()
+
+
+def content_id(rec: dict) -> str | None:
+    """A record's id recomputed from its content by the current record_id (None when it lacks the fields):
+    what --resume matches, so records written under an earlier id scheme still count."""
+    m = rec.get("measured") or {}
+    steps, warmup = rec.get("steps") or m.get("steps"), rec.get("warmup") or m.get("warmup")
+    if not (rec.get("model") and isinstance(rec.get("setup"), dict) and steps is not None):
+        return None
+    return record_id(rec["model"], rec["setup"], rec.get("device") or "cuda", steps, warmup or 0,
+                     rec.get("lengths") or m.get("lengths") or "fixed")
 
 
 # ---- environment ----------------------------------------------------------------------------------------------
@@ -543,8 +577,8 @@ def recorded_statuses(path: str | os.PathLike, warn: Callable[[str], None] | Non
         return {}
     out: dict[str, set[str]] = {}
     for r in iter_records(path, warn):
-        if r.get("record_id"):
-            out.setdefault(r["record_id"], set()).add(r["status"])
+        for rid in {r.get("record_id"), content_id(r)} - {None}:
+            out.setdefault(rid, set()).add(r["status"])
     return out
 
 
