@@ -263,9 +263,11 @@ class Watcher:
         if "autocast" not in self.observed:
             self.observed["autocast"] = self._autocast(torch)
 
-    def forward_post(self, module, args, kwargs, output):
+    def forward_post(self, module, args, *rest):
         """The batch shape (a global pre-hook sees no keyword arguments; this hook does): input_ids, or the
-        first positional argument when it is a 2-D integer tensor."""
+        first positional argument when it is a 2-D integer tensor. `rest`: (kwargs, output), or (output,) when
+        torch calls the hook for a forward that raised (always_call)."""
+        kwargs = rest[0] if len(rest) == 2 else {}
         self.depth = max(0, self.depth - 1)
         if self.depth or not self.training_call or id(module) != self.top:
             return
@@ -286,15 +288,20 @@ class Watcher:
         if self.bwd_depth == 0 and self.top is not None and self.depth == 0:
             self.enter("backward")
         self.bwd_depth += 1
+        depth = self.depth
         try:
             return fn(*args, **kwargs)
         finally:
             self.bwd_depth -= 1
+            # checkpoint recomputation inside backward may stop a module's forward early (torch.utils.checkpoint's
+            # early stop) without its forward hook: the module depth is what it was before backward
+            self.depth = depth
 
     def opt_pre(self, opt, args, kwargs):
         self.opt_depth += 1
         if self.opt_depth != 1:
             return
+        self.depth = 0  # no module forward runs around an optimizer step
         if self.device == "cpu":
             self.memory.tag([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None],
                             "gradients")

@@ -36,6 +36,7 @@ from memplan.measure.wrap.detect import Detection, detect_setup
 from memplan.measure.wrap.hooks import ENV_DEVICE, ENV_DIR, ENV_ROOT
 
 SITE_DIR = Path(__file__).resolve().parent / "site"
+MEMPLAN_ROOT = Path(__file__).resolve().parents[3]  # the folder holding this memplan package (the child imports it)
 SOURCE = "wrapped"
 KILL_WAIT_S = 10.0  # after SIGINT / SIGTERM, how long the command gets to write its results and exit
 # Ctrl-C in a terminal reaches the command too (one process group): it gets this long to stop on its own before
@@ -56,13 +57,11 @@ class Run:
 
 def command_env(job_dir: str, device: str, base: dict | None = None) -> dict:
     """The command's environment: the hooks' folder first on PYTHONPATH, the job folder, device and memplan root."""
-    import memplan
-
     env = dict(os.environ if base is None else base)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(SITE_DIR) + (os.pathsep + old if old else "")
     env[ENV_DIR], env[ENV_DEVICE] = job_dir, device
-    env[ENV_ROOT] = str(Path(memplan.__file__).resolve().parents[1])
+    env[ENV_ROOT] = str(MEMPLAN_ROOT)
     return env
 
 
