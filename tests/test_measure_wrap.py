@@ -165,3 +165,59 @@ def test_site_chains_to_an_existing_sitecustomize(tmp_path):
     assert out.returncode == 0, out.stderr
     ran, path = out.stdout.split()
     assert ran == "yes" and Path(path).parent == SITE_DIR
+
+
+SLEEPER = [PY, "-c", "import time; time.sleep(120)"]  # trains nothing: stopped by memplan
+
+
+def test_timeout_stops_the_command(capsys, tmp_path):
+    out = tmp_path / "r.jsonl"
+    rc = main(["measure", "--device", "cpu", "--results", str(out), "--timeout-s", "1", "--", *SLEEPER])
+    err = capsys.readouterr().err
+    rec = load_records(out)[0]
+    assert rc == 1 and "timed out" in err
+    assert rec["status"] == "error" and rec["wrapped"]["ended"] == "timeout" and rec["wrapped"]["exit_code"] is None
+
+
+def test_ctrl_c_stops_the_command_and_keeps_the_record(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    real_wait = subprocess.Popen.wait
+    calls = []
+
+    def wait(self, timeout=None):
+        if self.args == SLEEPER and not calls:  # memplan's own wait for the command: Ctrl-C arrives
+            calls.append(timeout)
+            raise KeyboardInterrupt
+        return real_wait(self, timeout=timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait)
+    monkeypatch.setattr("memplan.measure.wrap.job.OWN_STOP_S", 0.1)
+    rc = main(["measure", "--device", "cpu", "--results", str(out), "--", *SLEEPER])
+    err = capsys.readouterr().err
+    rec = load_records(out)[0]
+    assert rc == 130 and "interrupted" in err
+    assert rec["wrapped"]["ended"] == "interrupted" and "interrupted" in rec["error"]
+
+
+def test_measured_block_takes_the_steps_after_warmup():
+    """A CUDA-like payload (reserved peaks per phase): the first step (optimizer state creation) is left out of the
+    phase peaks, load is kept, the peak phase is the largest window phase."""
+    from memplan.measure.wrap.job import measured_block
+
+    def step(fwd, bwd, opt, t):
+        ph = {p: {"peak_allocated_bytes": v, "end_allocated_bytes": v // 2, "peak_reserved_bytes": 2 * v}
+              for p, v in (("forward", fwd), ("backward", bwd), ("optimizer_step", opt))}
+        return {"time_s": t, "tokens": 64, "forwards": 1, "shapes": [[2, 32]], "phases": ph}
+
+    payload = {"load": {"peak_allocated_bytes": 10, "end_allocated_bytes": 10, "peak_reserved_bytes": 20},
+               "steps": [step(100, 900, 50, 5.0), step(300, 400, 350, 1.0), step(310, 390, 340, 3.0)],
+               "memory": {"device_bytes": 5000, "device_reason": None, "context_bytes": 100}}
+    m, warns = measured_block(payload, warmup=1)
+    assert m["steps"] == 2 and m["warmup"] == 1 and m["steps_seen"] == 3 and not warns
+    assert m["phases"]["backward"]["peak_allocated_bytes"] == 400  # not the first step's 900
+    assert m["peak"] == {"allocated_bytes": 400, "reserved_bytes": 800, "device_bytes": 5000, "device_reason": None,
+                         "phase": "backward"}
+    assert m["phases"]["load"]["peak_allocated_bytes"] == 10
+    assert m["step_time_s"]["median"] == 2.0 and m["tokens_per_s"] == 128 / 4.0
+    short, warns = measured_block({**payload, "steps": payload["steps"][:1]}, warmup=1)
+    assert short["warmup"] == 0 and short["peak"]["allocated_bytes"] == 900 and "include the first step" in warns[0]
