@@ -204,7 +204,8 @@ class Watcher:
         self.finished = False
         self.last_write = 0.0
         self.rank = os.environ.get("RANK", "0")
-        self.path = os.path.join(job_dir, f"rank-{self.rank}-{os.getpid()}.json")
+        self.pid = os.getpid()
+        self.path = os.path.join(job_dir, f"rank-{self.rank}-{self.pid}.json")
 
     @staticmethod
     def _new_step() -> dict:
@@ -413,13 +414,15 @@ class Watcher:
 
     # ---- the rank file -----------------------------------------------------------------------------------------
     def payload(self, final: bool) -> dict:
-        return {"rank": int(self.rank) if self.rank.isdigit() else 0, "pid": os.getpid(), "device": self.device,
+        return {"rank": int(self.rank) if self.rank.isdigit() else 0, "pid": self.pid, "device": self.device,
                 "final": final, "phase": self.phase, "error": self.error, "load": self.load, "steps": self.steps,
                 "observed": self.observed, "wall_s": time.perf_counter() - self.t0}
 
     def write(self, final: bool = False) -> None:
         if not self.steps and self.top is None:
             return  # trained nothing: a launcher, a helper process
+        if os.getpid() != self.pid:
+            return  # a forked child (a DataLoader worker) holds a copy of this state: the parent's to write
         data = self.payload(final)
         if final:
             data["memory"] = self._finish()
