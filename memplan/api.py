@@ -15,8 +15,8 @@ from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
 from memplan.trace.add_profile import add_profile
 
-__all__ = ["add_profile", "calibrate", "config_setup", "estimate", "fits", "make_setup", "parse_choices", "resolve_gpu",
-           "resolve_model", "serve", "setup_from_dict"]
+__all__ = ["add_profile", "calibrate", "config_setup", "estimate", "fits", "make_setup", "measure_command",
+           "parse_choices", "resolve_gpu", "resolve_model", "serve", "setup_from_dict"]
 
 
 def config_setup(config, **setup_fields) -> tuple[str | None, TrainingSetup, list[str]]:
@@ -121,3 +121,35 @@ def serve(model, gpu=None, setup=None, overhead=None, **setup_fields):
     elif setup_fields:
         raise MemplanError("pass either setup= or setup fields, not both")
     return estimate_serve(resolve_model(model), setup, resolve_gpu(gpu), overhead)
+
+
+def measure_command(argv, device: str = "auto", warmup: int = 1, gpu=None, results=None, name: str | None = None,
+                    timeout_s: float | None = None) -> dict:
+    """Run a training command unchanged with memplan's hooks injected, as `memplan measure -- COMMAND` does
+    (memplan.measure.wrap): `memplan.api.measure_command(["python3", "train.py"], device="cpu")` -> the record (a
+    dict: the detected setup under record["wrapped"], the estimate for it, the measured phases). `results`: a JSON
+    Lines file the record is also appended to. The command's exit code is record["wrapped"]["exit_code"]."""
+    from memplan.measure.devices import resolve_device
+    from memplan.measure.record import append_record, capture_env, check_writable
+    from memplan.measure.wrap import measure_command as run
+
+    if isinstance(argv, str) or not all(isinstance(a, str) for a in argv or ()):
+        raise MemplanError("measure_command needs the command as a list of strings (['python3', 'train.py'])")
+    dev = resolve_device(device)
+    gpu = resolve_gpu(gpu)
+    block, driver = None, None
+    if dev == "cuda":
+        from memplan.measure.memory import detect_gpu
+        from memplan.profiles import load_gpu
+
+        info = detect_gpu()
+        gpu = gpu or (load_gpu(info.profile) if info.profile else None)
+        block, driver = info.to_dict(), info.driver
+        if block is not None and gpu is not None:
+            block["profile"] = gpu.name
+    if results is not None:
+        check_writable(results)
+    rec = run(list(argv), dev, warmup, gpu, block, capture_env(driver), name, timeout_s)
+    if results is not None:
+        append_record(results, rec)
+    return rec

@@ -140,12 +140,22 @@ def _os_error(exc: OSError) -> str:
     return f"cannot write the output: {what}" if exc.filename is None else f"{exc.filename}: {what}"
 
 
+def split_command(args: list[str]) -> tuple[list[str], list[str] | None]:
+    """`memplan measure [OPTIONS] -- COMMAND ...`: (memplan's own arguments, the user's command or None). Split
+    before click parses, so the command's own options are never read as memplan's."""
+    if args and args[0] == "measure" and "--" in args:
+        i = args.index("--")
+        return args[:i], args[i + 1:]
+    return args, None
+
+
 def _run(args: list[str]) -> int:
     if any("\x00" in a for a in args):  # no file name holds one, and os.stat raises ValueError on it
         return _error("an argument contains a NUL character", EXIT_BAD_INPUT)
     try:
         cmd = command()
-        with cmd.make_context("memplan", args) as ctx:
+        args, wrapped = split_command(args)
+        with cmd.make_context("memplan", args, obj={"command": wrapped}) as ctx:
             rv = cmd.invoke(ctx)
         sys.stdout.flush()  # a full disk shows here for buffered output, not at interpreter exit
         return rv if isinstance(rv, int) else 0

@@ -100,8 +100,9 @@ def summary_text(rec: dict, row: dict) -> str:
         return "\n".join(lines)
     m = rec["measured"]
     st = m["step_time_s"]
+    tps = "tokens/s unknown" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f} tokens/s"
     lines.append(f"[measure] {m['steps']} timed steps after {m['warmup']} warm-up: step {st['median']:.4f} s "
-                 f"(median), {m['tokens_per_s']:,.0f} tokens/s"
+                 f"(median), {tps}"
                  + (f", MFU {100 * m['mfu']:.1f}% of {m['peak_tflops']:g} TFLOPS" if m.get("mfu") is not None else ""))
     lines.append(f"  {'level':<12}{'estimate':>14}{'measured':>14}{'error':>9}")
     for lv in LEVELS:
@@ -188,11 +189,26 @@ def measure_cmd(
     Examples: memplan measure --model llama-3.2-1b --bf16 --batch 8 --seq 2048 ·
     memplan measure --model ./tiny/config.json --device cpu --batch 2 --seq 64 ·
     memplan measure --model ./tiny/config.json --device cpu --gpus 2 --zero 3 (a worker per rank, gloo) ·
-    memplan measure --sweep validation --chunk 1
+    memplan measure --sweep validation --chunk 1 ·
+    memplan measure --device cpu -- python3 train.py --lr 1e-4 (your own command, instrumented: its setup
+    detected, docs/measure-wrap.md)
     """
     for flag, v in (("--max-minutes", max_minutes), ("--timeout-s", timeout_s), ("--memory-cap-gib", memory_cap_gib)):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise MemplanError(f"{flag} must be a finite number > 0, got {v:g}")
+    command = wrapped_command()
+    if command is not None:  # `memplan measure [OPTIONS] -- COMMAND ...` (memplan.measure.wrap)
+        given = [f for f, on in (("--model", model is not None), ("--sweep", sweep is not None),
+                                 ("--snapshot", snapshot), ("--record-to", record_to), ("--resume", resume),
+                                 ("--chunk", chunk is not None), ("--plan", plan), ("--max-minutes", max_minutes),
+                                 ("--memory-cap-gib", memory_cap_gib), ("--steps", steps != 3),
+                                 ("--lengths", lengths is not Lengths.fixed), ("--no-retry-errors", not retry_errors))
+                 if on] + [f"--{c.replace('_', '-')}" for c in changed]
+        if given:
+            raise MemplanError(f"with a command after --, the setup and the steps are the command's own: "
+                               f"{', '.join(given)} do not apply")
+        return _measure_wrapped(command, gpu, device.value, warmup, results, name, timeout_s, fmt,
+                                Progress("measure", progress))
     if sweep is not None:
         if model is not None or changed:
             flags = ["--model"] * (model is not None) + [f"--{c.replace('_', '-')}" for c in changed]
@@ -210,6 +226,59 @@ def measure_cmd(
                            "(--timeout-s also applies to a --gpus / --zero job)")
     return _measure_one(model, gpu, setup, device, steps, warmup, lengths.value, snapshot, results, memory_cap_gib,
                         name, record_to, fmt, Progress("measure", progress and record_to is None), timeout_s)
+
+
+def wrapped_command() -> list[str] | None:
+    """The user's command after `--` (memplan.cli.split_command put it in the context), or None."""
+    try:  # the click typer runs on (typer ≥ 0.20 vendors it as typer._click), as memplan.cli.options reads it
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover
+        from click import get_current_context
+
+    ctx = get_current_context(silent=True)
+    obj = ctx.obj if ctx is not None else None
+    return obj.get("command") if isinstance(obj, dict) else None
+
+
+def _measure_wrapped(command, gpu_opt, device, warmup, results, name, timeout_s, fmt, progress: Progress) -> int:
+    """Run the user's command with memplan's hooks (memplan.measure.wrap); the record appended as measure's. Exit:
+    the command's own code when it failed (one line says so), 130 on Ctrl-C, 1 on --timeout-s or no step seen."""
+    from memplan.measure.devices import resolve_device
+    from memplan.measure.record import append_record, capture_env, check_writable
+    from memplan.measure.wrap import describe, measure_command
+
+    if not command:
+        raise MemplanError("give the training command after -- (memplan measure --device cpu -- python3 train.py)")
+    if warmup < 0:
+        raise MemplanError(f"--warmup must be ≥ 0, got {warmup}")
+    dev = resolve_device(device)
+    info, gpu, warns = _gpu_context(dev, gpu_opt)
+    out = Path(results or default_results("measure", dev, gpu.name if gpu else None))
+    check_writable(out)
+    progress.phase(f"running {' '.join(command)} on {dev} with memplan's hooks")
+    rec = measure_command(command, dev, warmup, gpu, _gpu_block(info, gpu), capture_env(info.driver if info else None),
+                          name, timeout_s)
+    if warns:
+        rec["warnings"] = list(dict.fromkeys(warns + rec.get("warnings", [])))
+    append_record(out, rec)
+    progress.done()
+    if fmt is Format.table:
+        for line in describe(rec):
+            typer.echo(line)
+    _emit_record(rec, fmt)
+    typer.echo(f"record {rec['record_id'][:12]} -> {out}", err=True)
+    w = rec["wrapped"]
+    if w["ended"] == "interrupted":
+        typer.echo(f"memplan: interrupted: what was measured is in the record ({out})", err=True)
+        return 130
+    if w["exit_code"]:
+        typer.echo(f"memplan: the command exited with code {w['exit_code']}; the steps it finished are in the "
+                   f"record ({out})", err=True)
+        return w["exit_code"]
+    if rec["status"] != "ok":
+        typer.echo(f"memplan: the measurement ended {rec['status']}: {rec['error']}", err=True)
+        return 1
+    return 0
 
 
 def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot, results, memory_cap_gib, name,

@@ -23,8 +23,21 @@ def current_estimate(rec: dict) -> dict:
     from memplan.spec.values import resolve_gpu, resolve_model, setup_from_dict
 
     gpu = (rec.get("gpu") or {}).get("profile")
-    return estimate_spec(resolve_model(rec["model"]), setup_from_dict(rec["setup"]),
+    return estimate_spec(record_model(rec), setup_from_dict(rec["setup"]),
                          resolve_gpu(gpu) if gpu else None).to_dict()
+
+
+def record_model(rec: dict):
+    """The record's model: from the config it carries (`memplan measure -- COMMAND` stores the run's own,
+    memplan.measure.wrap), else by its name (a profile key, alias or config path)."""
+    from memplan.spec.families import spec_from_config
+    from memplan.spec.values import resolve_model
+
+    if isinstance(rec.get("model_config"), dict):
+        return spec_from_config(rec["model_config"], rec["model"])
+    if rec.get("source") == "wrapped":
+        raise MemplanError((rec.get("wrapped") or {}).get("estimate_note") or "the wrapped run showed no model config")
+    return resolve_model(rec["model"])
 
 
 def _err(est, meas):
