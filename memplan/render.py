@@ -22,7 +22,8 @@ def technique_label(s) -> str:
     """The checkpointing-policy and loss knobs a setup changes from their defaults (docs/memory-techniques.md)."""
     parts = [f"every {s.ckpt_every} blocks" if s.ckpt_every != 1 else "", "reentrant" if s.ckpt_reentrant else "",
              f"loss {s.loss.value}" + (f":{s.loss_chunks}" if s.loss.value == "chunked" else "")
-             if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else ""]
+             if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else "",
+             f"fp8 {s.fp8.value}" if s.fp8.value != "none" else ""]
     return "".join(f" · {p}" for p in parts if p)
 
 def engine_label(setup) -> str:
