@@ -30,26 +30,13 @@ ALIGN = 16  # torchtitan module_filter_fn: "All dims must be divisible by 16 due
 
 
 def _torchao():
-    import logging
-    import warnings
-
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [q.level for q in quiet]
+    """torchao's float8 pieces (its import logs are silenced in memplan.trace)."""
     try:
-        # torchao's import logs one warning per CUDA extension a CPU build cannot load, and torch one about its
-        # enum registration: neither concerns the float8 linear
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torchao.float8 import Float8LinearConfig
-            from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
+        from torchao.float8 import Float8LinearConfig
+        from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
     except ImportError:
         raise MemplanError("--fp8 traces torchao's float8 linear: pip install 'memplan[fp8]' (torchao 0.18)") \
             from None
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
     return Float8LinearConfig, Float8Linear, matmul_with_hp_or_float8_args
 
 
