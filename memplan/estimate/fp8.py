@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec
-from memplan.spec.model import Linear, ModelSpec, Role
+from memplan.spec.model import Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Fp8Recipe, TrainingSetup
 from memplan.units import round_block
 
@@ -58,8 +58,6 @@ def converted_outside(model: ModelSpec, setup: TrainingSetup) -> int:
     """... of those, the bytes of converted linears outside the blocks (BERT's pooler, MLM transform)."""
     if not setup.precision.autocast:
         return 0
-    from memplan.spec.model import Stack
-
     c = setup.precision.compute_bytes
     return sum(round_block(l.weight_numel * c) * l.count for l in converted(model, setup) if l.stack is Stack.OUTSIDE)
 
