@@ -42,7 +42,7 @@ from typing import Callable
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import (ABSURD_TOKENS, Checkpointing, Engine, Optimizer, PeftMethod, Precision,
+from memplan.spec.setup import (ABSURD_TOKENS, Checkpointing, Engine, Fp8Recipe, Optimizer, PeftMethod, Precision,
                                 TrainingSetup)
 
 SEQ_STEP = 128  # sequence lengths searched: multiples of 128 (kernel-friendly tile sizes)
@@ -122,6 +122,9 @@ class Space:
     # --optimizer-in-backward (fit's flag) searches (False, True): torchtune's optimizer_in_bwd frees each gradient
     # inside backward (one GPU, --grad-accum 1; memplan.estimate.phases.in_backward)
     in_backward: tuple[bool, ...] = (False,)
+    # --fp8 (fit's flag) searches these torchao float8 recipes beside none, on GPUs with fp8 tensor cores only
+    # (GpuSpec.fp8; memplan.estimate.fp8): they change autocast's weight cache and the matmul rate
+    fp8s: tuple[Fp8Recipe, ...] = (Fp8Recipe.NONE,)
 
     def __post_init__(self):
         for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros", "engines", "offloads"):
@@ -138,12 +141,13 @@ class Space:
         else:
             zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
         return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads,
-                       inb)
+                       inb, self.fp8s)
 
     @property
     def size(self) -> int:
         return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
-                * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward))
+                * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward)
+                * len(self.fp8s))
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ class FitRow:
         return {"precision": s.precision.value, "optimizer": s.optimizer.value,
                 "optimizers": [o.value for o in self.optimizers], "peft": s.peft.value,
                 "checkpointing": s.checkpointing.value, "zero": s.zero, "engine": s.engine.value,
-                "offload": Offload.of(s).value, "gpus": s.gpus, "gpus_per_node": s.gpus_per_node, "seq": s.seq,
+                "offload": Offload.of(s).value, "fp8": s.fp8.value, "gpus": s.gpus, "gpus_per_node": s.gpus_per_node, "seq": s.seq,
                 "max_batch": self.max_batch, "batch_at_cap": self.batch_at_cap, "max_seq": self.max_seq,
                 "seq_at_cap": self.seq_at_cap, "peak_device_bytes": self.peak_device_bytes,
                 "headroom_bytes": self.headroom_bytes, "host_bytes_per_gpu": self.host_bytes,
@@ -307,12 +311,12 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
-                  offload=Offload.NONE, in_backward=False) -> TrainingSetup | None:
+                  offload=Offload.NONE, in_backward=False, fp8=Fp8Recipe.NONE) -> TrainingSetup | None:
     try:
         if not ckpt.wraps_blocks and (base.ckpt_every != 1 or base.ckpt_reentrant):
             base = replace(base, ckpt_every=1, ckpt_reentrant=False)  # they apply to block-wrapping policies only
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
-                       engine=engine, optimizer_in_backward=in_backward, **offload.flags(engine))
+                       engine=engine, optimizer_in_backward=in_backward, fp8=fp8, **offload.flags(engine))
     except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
         return None
 
@@ -390,7 +394,7 @@ def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
     for r in rows:
         s = r.setup
         runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s),
-                                  s.optimizer_in_backward), [])
+                                  s.optimizer_in_backward, s.fp8), [])
         for run in runs:
             if all(_ties(r, o, gpu) for o in run):
                 run.append(r)
@@ -421,6 +425,9 @@ def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space(),
 
     if gpu is None:
         raise MemplanError("memplan fit needs --gpu")
+    if any(f is not Fp8Recipe.NONE for f in space.fp8s) and not gpu.fp8:  # never proposed where it cannot run
+        raise MemplanError(f"--fp8: the {gpu.label} (compute capability {gpu.capability_label}) has no fp8 tensor "
+                           f"cores (8.9 or newer: L4, L40, RTX 4090, H100, H200, B200; MI300X)")
     limit = int(gpu.memory_bytes * (1 - query.margin))
     counter = [0]
     device_bytes = _estimator(model, gpu, counter)

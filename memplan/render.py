@@ -22,7 +22,8 @@ def technique_label(s) -> str:
     """The checkpointing-policy and loss knobs a setup changes from their defaults (docs/memory-techniques.md)."""
     parts = [f"every {s.ckpt_every} blocks" if s.ckpt_every != 1 else "", "reentrant" if s.ckpt_reentrant else "",
              f"loss {s.loss.value}" + (f":{s.loss_chunks}" if s.loss.value == "chunked" else "")
-             if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else ""]
+             if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else "",
+             f"fp8 {s.fp8.value}" if s.fp8.value != "none" else ""]
     return "".join(f" · {p}" for p in parts if p)
 
 def engine_label(setup) -> str:
@@ -246,7 +247,8 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
                         + ([f"{r.host_bytes_per_node / GiB:.2f}" if r.host_bytes else "–"] if host else [])
                         + ([f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}", f"{100 * t['mfu']:.0f}%"] if speed
                            else []) + [", ".join(o.value for o in r.optimizers)
-                                       + (" (in backward)" if s.optimizer_in_backward else "")])
+                                       + (" (in backward)" if s.optimizer_in_backward else "")
+                                       + (f" · fp8 {s.fp8.value}" if s.fp8.value != "none" else "")])
     text = columns(headers, body, right={i for i, h in enumerate(headers)
                                          if h in ("#", "zero", "max batch", "max seq", "peak GiB", "host GiB/node",
                                                   "tokens/s/GPU", "step s", "MFU")})

@@ -105,6 +105,18 @@ TECHNIQUES = [
     dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, logits_to_keep=64),
     dict(model="llama-3.2-1b", precision="pure-bf16", peft="lora", batch=4, seq=1024, logits_to_keep=256),
     dict(model="gpt2", precision="bf16", peft="full", batch=8, seq=512, logits_to_keep=128),
+    # --fp8 (torchao's Float8Linear, memplan.estimate.fp8): each recipe over the families, with and without
+    # autocast's weight cache and checkpointing, one FSDP2 setup; GPT-2's Conv1D projections convert nothing
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="full", batch=4, seq=512, loss="chunked", fp8="tensorwise"),
+    dict(model="llama-3.2-1b", precision="bf16", peft="full", optimizer="sgd", batch=4, seq=1024,
+         checkpointing="full", fp8="rowwise"),
+    dict(model="opt-125m", precision="bf16", peft="full", batch=8, seq=512, fp8="rowwise-with-gw-hp"),
+    dict(model="bert-base-uncased", precision="bf16", peft="full", batch=8, seq=512, fp8="tensorwise"),
+    dict(model="qwen2.5-0.5b", precision="pure-bf16", peft="full", batch=4, seq=1024, checkpointing="op-selective",
+         fp8="rowwise"),
+    dict(model="gpt2", precision="bf16", peft="full", batch=8, seq=512, fp8="tensorwise"),
+    dict(model="qwen2.5-0.5b", precision="fsdp-bf16", peft="full", batch=2, seq=1024, zero=3, gpus=2,
+         fp8="tensorwise"),
 ]
 
 
@@ -167,7 +179,8 @@ def compare(kw: dict) -> Row:
 
 def features(setup: dict) -> list[str]:
     """Labels a row is summarized under."""
-    extra = [f"{k}={setup[k]}" for k in ("ckpt_every", "ckpt_reentrant", "loss", "logits_to_keep") if k in setup]
+    extra = [f"{k}={setup[k]}" for k in ("ckpt_every", "ckpt_reentrant", "loss", "logits_to_keep", "fp8")
+             if k in setup]
     return [f"model={setup['model']}", f"precision={setup['precision']}", f"peft={setup['peft']}",
             f"checkpointing={setup['checkpointing']}", f"attention={setup['attention']}"] + extra
 

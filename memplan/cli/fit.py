@@ -84,7 +84,7 @@ def _offloads(text):
 
 
 def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None,
-           in_backward=False):
+           in_backward=False, fp8=None):
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -104,7 +104,8 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         zeros=zeros,
         engines=parse_choices("engine", engine) if engine else F.Space.engines,
         offloads=_offloads(offload) if offload else F.Space.offloads,
-        in_backward=(False, True) if in_backward else F.Space.in_backward)
+        in_backward=(False, True) if in_backward else F.Space.in_backward,
+        fp8s=tuple(dict.fromkeys((F.Fp8Recipe.NONE, *parse_choices("fp8", fp8)))) if fp8 else F.Space.fp8s)
 
 
 @with_config(FIT_PARAMS)
@@ -158,6 +159,10 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         in_backward: Annotated[bool, typer.Option(
             "--optimizer-in-backward", help="Also search torchtune's optimizer-in-backward (each gradient stepped "
             "and freed inside backward; one GPU, --grad-accum 1).")] = False,
+        fp8: Annotated[Optional[str], typer.Option(
+            "--fp8", help="Also search these torchao float8 recipes (comma-separated: tensorwise, rowwise, "
+            "rowwise-with-gw-hp) beside none; bf16 full-training choices only; refused on GPUs without fp8 "
+            "(compute capability < 8.9).")] = None,
         top: Annotated[Optional[int], typer.Option(
             "--top", help="Show the first N rows (per PEFT method in a grouped table) [default: 5 per method in a "
             "table, all in json/csv; 0 = all].")] = None,
@@ -181,7 +186,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     spec = resolve_model(model)
     g = resolve_gpu(gpu)
-    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward)
+    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward,
+                   fp8)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,

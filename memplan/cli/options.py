@@ -108,6 +108,9 @@ SETUP_OPTIONS = [
     _setup("loss_chunks", int, 8, help="--loss chunked: number of output chunks."),
     _setup("logits_to_keep", int, 0, help="Logits and loss of the last K positions only (transformers "
            "logits_to_keep, TRL GRPO); 0 = all."),
+    _setup("fp8", str, "none", help="none | tensorwise | rowwise | rowwise-with-gw-hp: torchao float8 training of "
+           "the linears torchtitan converts (dims divisible by 16, not the LM head); needs an fp8 GPU (compute "
+           "capability >= 8.9: L4, L40, RTX 4090/5090, H100, H200, B200; MI300X) and bf16 compute."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
     _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
     _setup("ds_reduce_bucket_size", int, 500_000_000, help="--engine deepspeed: reduce_bucket_size (elements)."),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from memplan.categories import Category as C
 from memplan.errors import MemplanError
-from memplan.estimate import deepspeed, techniques
+from memplan.estimate import deepspeed, fp8, techniques
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
@@ -44,7 +44,7 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
     """Refuse (MemplanError) what no tier can run for this model (and GPU, when given), and return the warnings.
     Every tier calls it before its work: estimate_spec here, the trace and the measurement in
     memplan.trace.build.build."""
-    warns = gpu_checks(setup, gpu)
+    warns = gpu_checks(setup, gpu) + fp8.gpu_check(setup, gpu) + fp8.validate(model, setup)
     if model.hidden % model.heads and "head_dim" not in model.hf_config:
         raise MemplanError(f"{model.name}: {model.heads} heads do not divide hidden size {model.hidden}")
     if setup.peft is PeftMethod.PREFIX and setup.checkpointing is not Checkpointing.NONE:

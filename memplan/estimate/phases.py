@@ -30,7 +30,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from memplan.categories import Category as C, Phase
-from memplan.estimate import deepspeed
+from memplan.estimate import deepspeed, fp8
 from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
@@ -39,7 +39,7 @@ from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.spec.model import ModelSpec, Role
-from memplan.spec.setup import Engine, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 
@@ -127,8 +127,12 @@ class Parameters:
 def parameters(model: ModelSpec, setup: TrainingSetup) -> Parameters:
     """The estimator's one cache: keyed by the model and the setup fields the parameters depend on, so a sweep over
     batch, sequence, checkpointing, attention or ZeRO computes them once."""
-    return _parameters(model, setup.precision, setup.optimizer, setup.peft, setup.lora, setup.num_virtual_tokens,
-                       setup.adapter_size, setup.train_layers)
+    p = _parameters(model, setup.precision, setup.optimizer, setup.peft, setup.lora, setup.num_virtual_tokens,
+                    setup.adapter_size, setup.train_layers)
+    if setup.fp8 is not Fp8Recipe.NONE:  # Float8Linear makes no autocast cast of its weight (memplan.estimate.fp8)
+        cached, outside = fp8.cast_cache_bytes(model, setup), fp8.converted_outside(model, setup)
+        p = replace(p, half=p.half - cached, half_cached=p.half_cached - cached, half_outside=p.half_outside - outside)
+    return p
 
 
 def _zero_for(precision: Precision) -> int:

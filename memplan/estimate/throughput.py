@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from memplan.estimate import fp8
 from memplan.estimate.flops import communication_per_step, compute_dtype, flops_per_token
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
@@ -130,6 +131,9 @@ def predict(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, util: Utilizat
     fl = flops_per_token(model, setup)
     tokens = setup.tokens * setup.grad_accum
     peak = gpu.peak_tflops(compute_dtype(setup.precision))
+    if fl.hardware > 0:  # --fp8: the converted linears' matmuls at the fp8 peak (memplan.estimate.fp8)
+        peak = fp8.effective_peak(peak, float(gpu.tflops.get("fp8", 0.0)),
+                                  fp8.fp8_flops_per_token(model, setup) / fl.hardware)
     compute_s = tokens * fl.hardware / (peak * 1e12 * util.value) if peak > 0 and util.value > 0 else float("inf")
     c = communication_per_step(model, setup)
     bw, link = network_gbs(gpu, setup)

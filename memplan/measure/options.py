@@ -90,6 +90,8 @@ def check_measurable(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions
 def check_environment(setup: TrainingSetup, opts: MeasureOptions) -> None:
     """What this machine must have installed for the setup (separate from check_measurable: a sweep plans its
     configurations anywhere, and a worker missing a library records an error for that configuration only)."""
+    if setup.fp8.value != "none":  # torchao's Float8Linear (memplan.trace.fp8) on either device
+        check_fp8(opts.device)
     if opts.device == "cuda" and setup.peft is PeftMethod.QLORA:
         from importlib import metadata
 
@@ -99,3 +101,23 @@ def check_environment(setup: TrainingSetup, opts: MeasureOptions) -> None:
             raise MemplanError("--peft qlora on CUDA needs bitsandbytes (pip install 'bitsandbytes>=0.43')") from None
         if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < BNB_MIN_VERSION:
             raise MemplanError(f"--peft qlora needs bitsandbytes >= 0.43, found {version}")
+
+
+def check_fp8(device: str) -> None:
+    """--fp8 runs torchao's Float8Linear: torchao installed, and on CUDA a GPU with fp8 tensor cores (compute
+    capability >= 8.9, torch._scaled_mm's own check; memplan.spec.gpu.ADA). The CPU runs torch._scaled_mm's CPU
+    kernel (tests/test_fp8.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise MemplanError("--fp8 needs torchao (pip install 'memplan[fp8]')")
+    if device != "cuda":
+        return
+    import torch
+
+    from memplan.spec.gpu import ADA
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < ADA:
+        major, minor = torch.cuda.get_device_capability()
+        raise MemplanError(f"--fp8: this GPU ({torch.cuda.get_device_name()}) is compute capability {major}.{minor}; "
+                           "fp8 matmuls need 8.9 or newer")

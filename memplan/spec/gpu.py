@@ -10,6 +10,10 @@ from memplan.errors import MemplanError
 
 
 AMPERE = (8, 0)  # the first compute capability with bf16 tensor cores and FlashAttention-2 support
+# the first with fp8 tensor cores (Ada 8.9, Hopper 9.0, Blackwell 10.0 / 12.0): torch._scaled_mm's CUDA check
+# ("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0 or 8.9") and torchtitan's
+# float8 converter (has_cuda_capability(8, 9))
+ADA = (8, 9)
 
 
 class Platform(str, Enum):
@@ -51,6 +55,9 @@ class GpuSpec:
     bf16_tensor_cores: bool | None = None
     flash_attention_2: bool | None = None
     platform: Platform = Platform.CUDA
+    # fp8 matmul units stated by the profile (AMD's, which have no CUDA compute capability); None: derived from
+    # compute_capability (see fp8)
+    fp8_tensor_cores: bool | None = None
 
     def __post_init__(self):
         if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
@@ -71,6 +78,19 @@ class GpuSpec:
         if self.flash_attention_2 is not None:
             return self.flash_attention_2
         return self.compute_capability is None or self.compute_capability >= AMPERE
+
+    @property
+    def fp8(self) -> bool:
+        """fp8 tensor cores, what torchao's float8 training needs: compute capability >= 8.9 (ADA) or the profile's
+        fp8_tensor_cores. Unknown (a GPU given by its memory): True, as bf16 above."""
+        if self.fp8_tensor_cores is not None:
+            return self.fp8_tensor_cores
+        return self.compute_capability is None or self.compute_capability >= ADA
+
+    @property
+    def fp8_formats(self) -> str:
+        """The fp8 formats torchao casts to (torchao/float8/config.py Float8TypeConfig: the fnuz variants on MI300)."""
+        return "e4m3fnuz / e5m2fnuz" if self.platform is Platform.ROCM else "e4m3fn / e5m2"
 
     @property
     def has_flops(self) -> bool:
@@ -96,7 +116,7 @@ class GpuSpec:
 # be silently ignored). label and memory_bytes are required.
 PROFILE_FIELDS = ("source", "label", "aliases", "nvml_names", "memory_bytes", "compute_capability",
                   "bf16_tensor_cores", "flash_attention_2", "platform", "bandwidth_gbs", "interconnect_gbs",
-                  "host_link_gbs", "inter_node_gbs", "tflops")
+                  "host_link_gbs", "inter_node_gbs", "tflops", "fp8_tensor_cores")
 MAX_GPU_FILE_BYTES = 2**20  # a GPU profile is under 3 KiB; a larger --gpu file is not one
 # Largest memory a --gpu size or file may give: 2**50 B (1 PiB), far past any one device (B200: 180 GB); a larger
 # figure is a typo and would only make every setup "fit".
@@ -168,7 +188,8 @@ def gpu_from_table(key: str, p: dict, where: str) -> GpuSpec:
         aliases=_names(where, "aliases", p.get("aliases", ())), source=str(p.get("source", "")),
         compute_capability=_capability(where, p.get("compute_capability")),
         bf16_tensor_cores=_flag(where, "bf16_tensor_cores", p.get("bf16_tensor_cores")),
-        flash_attention_2=_flag(where, "flash_attention_2", p.get("flash_attention_2")), platform=platform)
+        flash_attention_2=_flag(where, "flash_attention_2", p.get("flash_attention_2")), platform=platform,
+        fp8_tensor_cores=_flag(where, "fp8_tensor_cores", p.get("fp8_tensor_cores")))
 
 
 def parse_memory(text: str) -> int | None:

@@ -158,6 +158,31 @@ class Loss(str, Enum):
 DEFAULT_LOSS_CHUNKS = 8  # CEWithChunkedOutputLoss(num_output_chunks=8), torchtune 0.6.1
 
 
+class Fp8Recipe(str, Enum):
+    """FP8 training of the transformer blocks' linear layers: torchao's float8 linear (torchao 0.18.0
+    torchao/float8/config.py Float8LinearRecipeName), as torchtitan's Float8LinearConverter turns it on
+    (docs/memory-techniques.md, memplan.estimate.fp8). Weights, gradients and optimizer states keep the --precision's
+    dtypes; the fp8 casts of inputs, weights and output gradients are per-matmul temporaries.
+
+    none            nn.Linear as the precision runs it.
+    tensorwise      one dynamic scale per tensor, e4m3 inputs / weights, e5m2 output gradients (cuBLAS kernel).
+    rowwise         one scale per row, e4m3 everywhere, power-of-2 scales (CUTLASS rowwise kernel).
+    rowwise-with-gw-hp
+                    rowwise, but the weight gradient computed in high precision (input and output gradient
+                    unscaled); the weight cast for the input gradient tensorwise.
+    """
+
+    NONE = "none"
+    TENSORWISE = "tensorwise"
+    ROWWISE = "rowwise"
+    ROWWISE_WITH_GW_HP = "rowwise-with-gw-hp"
+
+    @property
+    def torchao_name(self) -> str:
+        """The recipe name Float8LinearConfig.from_recipe_name takes (and torchtitan's float8.recipe_name)."""
+        return self.value.replace("-", "_")
+
+
 class Attention(str, Enum):
     """Attention implementation."""
 
@@ -262,6 +287,7 @@ class TrainingSetup:
     ds_sub_group_size: int = 1_000_000_000  # sub_group_size = pp_int(1e9)
     ds_contiguous_gradients: bool = True  # contiguous_gradients = True
     ds_overlap_comm: bool | None = None  # overlap_comm = None: True at stage 3, else False (overlap_comm_valid)
+    fp8: Fp8Recipe = Fp8Recipe.NONE  # torchao float8 training of the blocks' linears (Fp8Recipe)
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
@@ -271,7 +297,7 @@ class TrainingSetup:
                      ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig),
-                           ("loss", Loss)):
+                           ("loss", Loss), ("fp8", Fp8Recipe)):
             if not isinstance(getattr(self, name), kind):
                 raise MemplanError(f"setup field {name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         for name in ("batch", "seq", "grad_accum", "gpus", "gpus_per_node", "num_virtual_tokens", "adapter_size"):
@@ -295,6 +321,22 @@ class TrainingSetup:
         self._check_deepspeed()
         self._check_in_backward()
         self._check_techniques()
+        self._check_fp8()
+
+    def _check_fp8(self) -> None:
+        """What torchao's float8 training runs with (Fp8Recipe): half-precision compute, full training of the
+        linears it converts (torchtitan's recipe), PyTorch's own engines."""
+        if self.fp8 is Fp8Recipe.NONE:
+            return
+        if self.precision is Precision.FP32 or self.precision.grad_scaler:
+            raise MemplanError(f"--fp8 {self.fp8.value} computes outside the matmuls in bf16: use --precision bf16, "
+                               f"pure-bf16, bf16-master or fsdp-bf16, not {self.precision.value}")
+        if self.peft is not PeftMethod.FULL:
+            raise MemplanError(f"--fp8 is modelled for full training (torchtitan's float8 converter), not --peft "
+                               f"{self.peft.value}")
+        if self.engine is Engine.DEEPSPEED:
+            raise MemplanError("--fp8 runs torchao's Float8Linear under PyTorch's engines (--engine fsdp), not "
+                               "DeepSpeed")
 
     def _check_in_backward(self) -> None:
         """What torchtune's optimizer_in_bwd runs with (recipes/full_finetune_single_device.py refuses gradient
@@ -394,4 +436,6 @@ class TrainingSetup:
             v = getattr(self, f.name)
             out[f.name] = asdict(v) if f.name == "lora" else (v.value if isinstance(v, Enum) else v)
         out["lora"]["targets"] = list(self.lora.targets)
+        if self.fp8 is Fp8Recipe.NONE:  # added after records were written: left out at its default, so the
+            del out["fp8"]  # record ids (memplan.measure.record.record_id) of earlier setups stay the same
         return out

@@ -26,8 +26,16 @@ Only this package imports torch, and only when a function is called.
 """
 from __future__ import annotations
 
+import logging
+
 from memplan.trace.support import BNB_OPTIMIZERS, require_torch, unsupported
 from memplan.trace.timeline import TimelineRow, write_timeline
+
+# torchao (the fp8 extra, memplan.trace.fp8), which transformers / peft import whenever it is installed, logs a
+# warning per CUDA extension a CPU build cannot load and makes torch log one about its enum registration: neither
+# concerns a trace. Loggers only: nothing is imported here.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 def trace(model, setup, timeline: bool = False):
     """(Result, timeline rows) of two traced iterations of `setup` on `model` (a ModelSpec); see the module doc."""

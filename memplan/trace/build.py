@@ -247,6 +247,11 @@ def _build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer) -> Built:
             notes.append(f"{type(base).__name__} has no SDPA attention: traced with eager attention")
         blocks = find_blocks(base)
         model = _apply_peft(spec, setup, base, blocks, param_dtype, compute_dtype, quantize)
+        if setup.fp8.value != "none":
+            from memplan.trace.fp8 import convert
+
+            notes.append(f"--fp8 {setup.fp8.value}: {convert(base, setup)} linears run torchao's Float8Linear "
+                         "(eager: the high-precision input is saved, the fp8 casts are remade in backward)")
         enable_checkpointing(base, blocks, setup)
     model.train()
     trainable, total = count_params(model)
