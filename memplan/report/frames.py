@@ -1,8 +1,9 @@
 """The report's data: setups and records in, one row per entry out (pandas only where a frame is built).
 
 An entry is a setup to show: either a named setup from a --setups file, estimated now, or a measurement record
-(docs/record-schema.md, schema_version 2), re-estimated now with the current estimator (the record's stored estimate
-is used when its model or setup no longer resolves). Records are read with memplan.measure.record.iter_records.
+(docs/record-schema.md, schema_version 3), re-estimated now with the current estimator (the record's stored estimate
+is used when its model or setup no longer resolves). Serving setups (`kind = "serve"` in a --setups table, or a
+record of kind "serve") are estimated with memplan.serve and rowed by serve_row. Records are read with memplan.measure.record.iter_records.
 """
 from __future__ import annotations
 
