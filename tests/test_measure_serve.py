@@ -107,6 +107,22 @@ def test_api_dynamic_cache(cfg, tmp_path):
     assert m["categories"]["kv_cache"] == rec["estimate"]["categories"]["kv_cache"] == 2 * 48 * per_token
 
 
+def test_out_of_memory_in_a_phase_is_a_result(cfg, monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    from memplan.measure import serve as ms
+
+    def oom(hf, ids, setup, cache, on_token):
+        on_token(0)  # the prompt went out: the prefill runs
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(ms, "_generate", oom)
+    rec = ms.measure_record(resolve_model(cfg), ServeSetup(concurrency=1, prompt_len=8, gen_len=2), "cpu")
+    assert (rec["status"], rec["failed_phase"], rec["measured"]) == ("oom", "prefill", None)
+    p = tmp_path / "oom.jsonl"
+    record.append_record(p, rec)
+    assert record.load_records(p)[0]["failed_phase"] == "prefill"
+
+
 def test_old_training_records_still_load(tmp_path):
     from memplan.spec.values import make_setup
 
@@ -159,3 +175,37 @@ def test_serve_uses_the_calibrated_overhead(tmp_path, monkeypatch, capsys):
         assert "calibrated from 3 records" in capsys.readouterr().out
     finally:
         forget_calibrated()
+
+
+@pytest.mark.slow
+def test_measure_vs_estimate_grid(tmp_path):
+    """Every tiny family of tests/test_serve.py × cache × (2 × (300 + 4) bf16, 4 × (64 + 3) fp32; MoE bf16 only) on
+    the CPU: `pytest -m slow tests/test_measure_serve.py -k grid -s` prints the table docs/serving.md quotes. Bound:
+    tests/test_serve.py's GRID_TOLERANCE, the estimate-vs-trace bound (the CPU measure counts with the trace's
+    tracker on real tensors). Weights are exact; the KV cache is exact for a StaticCache."""
+    pytest.importorskip("torch")
+    from test_serve import GRID_TOLERANCE, TINY as FAMILIES
+
+    from memplan.measure.serve import measure_serve
+
+    rows = []
+    for fam, conf in FAMILIES.items():
+        p = tmp_path / f"{fam}.json"
+        p.write_text(json.dumps(conf))
+        m = resolve_model(str(p))
+        shapes = [(2, 300, 4, "bf16")] + ([] if m.experts > 1 else [(4, 64, 3, "fp32")])
+        for c, prompt, gen, w in shapes:
+            for cache in ("dynamic", "static"):
+                s = ServeSetup(concurrency=c, prompt_len=prompt, gen_len=gen, max_seq=prompt + gen + 40,
+                               hf_cache=cache, weights=w)
+                out, e = measure_serve(m, s), estimate_serve(m, s)
+                assert out.status == "ok", out.error
+                x = out.measured
+                err = 100 * (e.allocated_bytes / x["peak"]["allocated_bytes"] - 1)
+                rows.append((fam, cache, w, c, prompt, gen, err))
+                print(f"{fam:<8}{cache:<9}{w:<6}{c} × ({prompt} + {gen})  allocated {err:+.2f}%")
+                assert x["weights_bytes"] == e.weights.total
+                if cache == "static":
+                    assert x["kv_cache_bytes"] == e.categories["kv_cache"]
+    worst = max(rows, key=lambda r: abs(r[-1]))
+    assert abs(worst[-1]) <= 100 * GRID_TOLERANCE, worst

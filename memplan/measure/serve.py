@@ -159,7 +159,7 @@ def measure_serve(model: ModelSpec, setup: ServeSetup, device: str = "cpu", warm
     run → "error" (bad input raises MemplanError before any work)."""
     import torch
 
-    from memplan.measure.harness import OOM_MESSAGES, _one_line
+    from memplan.measure.harness import OOM_MESSAGES
 
     check_measurable(model, setup)
     if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup <= 100:
@@ -179,8 +179,10 @@ def measure_serve(model: ModelSpec, setup: ServeSetup, device: str = "cpu", warm
         return ServeOutcome(kind, where["phase"], f"{type(exc).__name__}: {_one_line(exc)}")
 
 
-def _phase_at(k: int) -> str:
-    return ServePhase.PREFILL.value if k == 0 else ServePhase.DECODE.value
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's message (at most 500 characters), as the training measure records."""
+    lines = [l for l in str(exc).splitlines() if l.strip()]
+    return lines[0][:500] if lines else type(exc).__name__
 
 
 def _measure_cpu(model, setup, warmup, where) -> ServeOutcome:
