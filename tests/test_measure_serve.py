@@ -123,6 +123,33 @@ def test_out_of_memory_in_a_phase_is_a_result(cfg, monkeypatch, tmp_path):
     assert record.load_records(p)[0]["failed_phase"] == "prefill"
 
 
+def test_cuda_bookkeeping_against_the_simulated_allocator(cfg):
+    """The CUDA path's bookkeeping (no GPU: tests/test_measure_cuda.py's simulated torch.cuda and NVML, the model on
+    CPU tensors): a phase per boundary, times from CUDA events only (1 ms per recorded event in the simulation),
+    no synchronize or NVML call inside the measured generation."""
+    pytest.importorskip("torch")
+    from test_measure_cuda import FakeCuda, FakeNvml
+
+    from memplan.measure.serve import measure_serve
+
+    cuda = FakeCuda()
+    out = measure_serve(resolve_model(cfg), ServeSetup(concurrency=1, prompt_len=8, gen_len=3), "cuda", cuda=cuda,
+                        nvml=FakeNvml(cuda))
+    assert out.status == "ok", out.error
+    m = out.measured
+    assert set(m["phases"]) == {"load", "prefill", "decode"} and m["clock"] == "cuda-events"
+    # start, the prompt's put, the first token's put: 2 events; then the 2 decode tokens' puts
+    assert m["ttft_s"] == pytest.approx(0.002) and m["decode_s"] == pytest.approx(0.002)
+    assert m["decode_tokens_per_s_per_seq"] == pytest.approx(1000.0)
+    assert m["peak"]["reserved_bytes"] is not None and m["device_level"]["process_match"] == "new-process"  # the simulation: a host PID
+    log = cuda.log
+    events = [i for i, x in enumerate(log) if x == "event"]
+    assert len(events) == 2 + 1 + 4 + 1  # the load's two; start, 4 puts (the prompt, 3 tokens), stop
+    window = log[events[2]:events[-1]]  # the measured generation, from its start event to its stop event
+    assert set(window) <= {"event", "memory_stats", "reset"}, window
+    assert log[events[-1] + 1] == "sync"  # one synchronize, after it, before the events are read
+
+
 def test_old_training_records_still_load(tmp_path):
     from memplan.spec.values import make_setup
 

@@ -15,11 +15,12 @@ device). Memory and time per phase:
                of the weights, the inputs, the KV cache (every tensor the cache holds at a step's end is tagged
                KV) and the rest (activations and temporaries); time from time.perf_counter. No reserved or device
                level. Speed on the CPU is the CPU's: no GPU roofline is compared with it.
---device cuda  torch.cuda.memory_stats per phase (allocated and reserved peaks, reset at each boundary), NVML at
-               each boundary with the reserved-peak + context floor (memplan.measure.memory.DeviceLevel), CUDA
-               events for time (memplan.measure.timing.CudaClock). NOT RUN where this was written (no GPU): it
-               uses the training measure's helpers (memplan.measure.cuda.TorchCuda, memplan.measure.memory) and
-               no test runs it here.
+--device cuda  torch.cuda.memory_stats per phase (allocated and reserved peaks, reset at each boundary; host-side
+               counters, no synchronisation), NVML after the load and after the generation (never inside it) with
+               the reserved-peak + context floor (memplan.measure.memory.DeviceLevel), CUDA events for time
+               (memplan.measure.timing.CudaClock). NOT RUN on a GPU where this was written: it uses the training
+               measure's helpers (memplan.measure.cuda.TorchCuda, memplan.measure.memory); its bookkeeping runs in
+               tests/test_measure_serve.py against tests/test_measure_cuda.py's simulated torch.cuda and NVML.
 
 Measurable: --engine hf, --tp 1, weights fp32 / bf16 / fp16 (as the trace; quantized formats and vLLM are
 estimate-only). torch is imported inside the functions only.
@@ -252,8 +253,9 @@ def _measure_cpu(model, setup, warmup, where) -> ServeOutcome:
     return ServeOutcome("ok", measured=measured)
 
 
-def _measure_cuda(model, setup, warmup, where, cuda=None, nvml=None) -> ServeOutcome:  # pragma: no cover - GPU
-    """NOT RUN here (no GPU): the training measure's helpers (TorchCuda, CudaStats, DeviceLevel, CudaClock)."""
+def _measure_cuda(model, setup, warmup, where, cuda=None, nvml=None) -> ServeOutcome:
+    """NOT RUN on a GPU here: the training measure's helpers (TorchCuda, CudaStats, DeviceLevel, CudaClock);
+    `cuda` and `nvml` are the seams the simulation replaces (tests/test_measure_cuda.py's FakeCuda, FakeNvml)."""
     import torch
 
     from memplan.measure.cuda import NO_GPU, TorchCuda
@@ -274,11 +276,12 @@ def _measure_cuda(model, setup, warmup, where, cuda=None, nvml=None) -> ServeOut
     phases: dict = {}
     events: dict = {}
 
-    def close(phase: str) -> None:
+    def close(phase: str, sample: bool = True) -> None:
         s = CudaStats.read_from(cuda, device)  # host-side counters: no synchronisation needed
         phases[phase] = {"peak_allocated_bytes": s.peak_allocated, "end_allocated_bytes": s.allocated,
                          "peak_reserved_bytes": s.peak_reserved}
-        dl.sample()
+        if sample:  # NVML (an ioctl) only outside the timed generation; the reserved-peak floor covers its peak
+            dl.sample()
         cuda.reset_peak_memory_stats(device)
 
     with quiet(), torch.inference_mode():
@@ -296,7 +299,7 @@ def _measure_cuda(model, setup, warmup, where, cuda=None, nvml=None) -> ServeOut
         def on_token(k):
             events[k] = clock.mark()
             if k == 1:
-                close(ServePhase.PREFILL.value)
+                close(ServePhase.PREFILL.value, sample=False)
                 where["phase"] = ServePhase.DECODE.value
 
         cuda.reset_peak_memory_stats(device)
