@@ -187,6 +187,12 @@ def test_what_cannot_be_measured_is_one_line_exit_2(cfg, capsys, tmp_path, args,
     assert not (tmp_path / "x.jsonl").exists() or not (tmp_path / "x.jsonl").read_text()
 
 
+def test_measure_serve_points_to_serve_measure(capsys):
+    assert main(["measure", "--serve", "--model", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "memplan serve --measure" in err
+
+
 def test_serve_uses_the_calibrated_overhead(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEMPLAN_PROFILES", str(tmp_path))
     forget_calibrated()
