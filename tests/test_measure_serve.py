@@ -189,6 +189,11 @@ def test_what_cannot_be_measured_is_one_line_exit_2(cfg, capsys, tmp_path, args,
     assert not (tmp_path / "x.jsonl").exists() or not (tmp_path / "x.jsonl").read_text()
 
 
+def test_measure_options_without_measure_are_refused(capsys):
+    assert main(["serve", "--model", "gpt2", "--device", "cpu"]) == 2
+    assert "apply to --measure" in capsys.readouterr().err
+
+
 def test_measure_serve_points_to_serve_measure(capsys):
     assert main(["measure", "--serve", "--model", "gpt2"]) == 2
     err = capsys.readouterr().err

@@ -135,6 +135,8 @@ def serve(
     from memplan.serve import ServeSetup, estimate_serve
     from memplan.spec.values import resolve_gpu, resolve_model
 
+    if not measure and (device is not MeasureDevice.auto or warmup != 1 or results is not None or name is not None):
+        raise MemplanError("--device, --warmup, --results and --name apply to --measure")
     if tp is not None and gpus is not None and tp != gpus:
         raise MemplanError(f"conflicting tensor-parallel options: --tp {tp} and --gpus {gpus}")
     if solve is None:
