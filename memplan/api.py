@@ -16,7 +16,7 @@ from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_
 from memplan.trace.add_profile import add_profile
 
 __all__ = ["add_profile", "calibrate", "config_setup", "estimate", "fits", "make_setup", "measure_command",
-           "parse_choices", "resolve_gpu", "resolve_model", "serve", "setup_from_dict"]
+           "measure_serve", "parse_choices", "resolve_gpu", "resolve_model", "serve", "setup_from_dict"]
 
 
 def config_setup(config, **setup_fields) -> tuple[str | None, TrainingSetup, list[str]]:
@@ -120,7 +120,18 @@ def serve(model, gpu=None, setup=None, overhead=None, **setup_fields):
         setup = ServeSetup(**setup_fields)
     elif setup_fields:
         raise MemplanError("pass either setup= or setup fields, not both")
-    return estimate_serve(resolve_model(model), setup, resolve_gpu(gpu), overhead)
+    note = None
+    if overhead is None:  # the calibrated file's (`memplan calibrate --write`) when there is one
+        from memplan.estimate.overhead import default_overhead
+
+        overhead, note = default_overhead()
+    result = estimate_serve(resolve_model(model), setup, resolve_gpu(gpu), overhead)
+    if note:
+        from dataclasses import replace
+
+        result = replace(result, notes=tuple(result.notes) + (note,))
+    return result
+
 
 
 def measure_command(argv, device: str = "auto", warmup: int = 1, gpu=None, results=None, name: str | None = None,
@@ -150,6 +161,32 @@ def measure_command(argv, device: str = "auto", warmup: int = 1, gpu=None, resul
     if results is not None:
         check_writable(results)
     rec = run(list(argv), dev, warmup, gpu, block, capture_env(driver), name, timeout_s)
+    if results is not None:
+        append_record(results, rec)
+    return rec
+
+
+def measure_serve(model, device: str = "cpu", gpu=None, setup=None, warmup: int = 0, results=None,
+                  name: str | None = None, overhead=None, **setup_fields) -> dict:
+    """`memplan serve --measure`: run the serving generate() on `device` ("cpu" for CI, "cuda"; memplan.measure.
+    serve) and return its record (docs/record-schema.md, kind "serve": measured levels per phase, time to first
+    token, decode tokens/s, the serve estimate beside them); appended to `results` (a .jsonl path) when given.
+    Setup as for serve(): `measure_serve("./tiny/config.json", concurrency=2, prompt_len=64, gen_len=4)`."""
+    from memplan.measure.devices import resolve_device
+    from memplan.measure.record import append_record, check_writable
+    from memplan.measure.serve import measure_record
+
+    est = serve(model, gpu=gpu, setup=setup, overhead=overhead, **setup_fields)  # validates the setup
+    dev = resolve_device(device)
+    if results is not None:
+        check_writable(results)
+    ovh = overhead
+    if ovh is None:
+        from memplan.estimate.overhead import default_overhead
+
+        ovh, _ = default_overhead()
+    rec = measure_record(resolve_model(model), est.setup, dev, warmup=warmup, gpu=est.gpu, overhead=ovh,
+                         name=name)
     if results is not None:
         append_record(results, rec)
     return rec

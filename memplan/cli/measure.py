@@ -182,6 +182,8 @@ def measure_cmd(
                                                      "nothing, report phases on stderr.")] = None,
     fmt: FormatOpt = Format.table,
     progress: ProgressOpt = False,
+    serve: Annotated[bool, typer.Option("--serve", help="Serving is measured by `memplan serve --measure` (the "
+                                        "serving flags are memplan serve's); this flag says so.")] = False,
 ):
     """Run the configuration on the attached GPU (or --device cpu): peak memory per phase and level, tokens/s, MFU,
     and memplan's estimate beside them, appended as a JSON Lines record.
@@ -193,6 +195,9 @@ def measure_cmd(
     memplan measure --device cpu -- python3 train.py --lr 1e-4 (your own command, instrumented: its setup
     detected, docs/measure-wrap.md)
     """
+    if serve:
+        raise MemplanError("a serving setup is measured by `memplan serve --measure` (with --weights, --kv-dtype, "
+                           "--cache, --concurrency, --prompt-len, --gen-len, --device); docs/serving.md")
     for flag, v in (("--max-minutes", max_minutes), ("--timeout-s", timeout_s), ("--memory-cap-gib", memory_cap_gib)):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise MemplanError(f"{flag} must be a finite number > 0, got {v:g}")

@@ -36,7 +36,8 @@ def reconcile_cmd(
     = EstimateSource.current,
 ):
     """Estimate vs measured per configuration: each level, phase and category, absolute and % error, and a summary
-    (median, max, by feature).
+    (median, max, by feature). Serving records (`memplan serve --measure`) also compare weights, KV cache,
+    activations, time to first token and decode tokens/s (against the roofline of a GPU record only).
 
     Example: memplan reconcile reports/measurements/h100-sxm/*.jsonl --max-error 5
     """
@@ -58,6 +59,8 @@ def reconcile_cmd(
     else:
         typer.echo(render.reconcile_table(rows, summary))
         for line in rc.rank_table(recs):  # multi-rank records: each rank's figures
+            typer.echo(line)
+        for line in rc.serve_lines(rows):  # serving records (kind serve): per quantity, then speed
             typer.echo(line)
     if max_error is not None:
         w = rc.worst(rows, level.value)

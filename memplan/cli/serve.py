@@ -2,6 +2,8 @@
 cache, roofline speed; --solve (or no --concurrency) searches for the largest concurrency or context that fits."""
 from __future__ import annotations
 
+from dataclasses import replace
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -11,6 +13,14 @@ from memplan.errors import MemplanError
 from memplan.serve.setup import DEFAULT_GROUP_SIZE, VLLM_BLOCK_SIZE, VLLM_GPU_MEMORY_UTILIZATION, HfCache, KvDtype, \
     ServeEngine, Solve, WeightFormat
 from memplan.units import GiB
+
+
+class MeasureDevice(str, Enum):
+    """Where --measure runs (memplan.measure.devices.resolve_device)."""
+
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
 
 
 def serve_table(r) -> str:
@@ -103,6 +113,18 @@ def serve(
     trace: Annotated[bool, typer.Option("--trace", help="Also run the real transformers generate() on fake "
                                         "tensors (memplan.trace.serve; --engine hf, --tp 1, fp32/bf16/fp16) and "
                                         "print its peak beside the estimate's.")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="Run the same generate() on the device with random "
+                                          "weights (memplan.measure.serve): peak memory per phase and level, time "
+                                          "to first token, decode tokens/s; appends a serving record (kind serve) "
+                                          "to --results.")] = False,
+    device: Annotated[MeasureDevice, typer.Option("--device", help="--measure: cuda, cpu (CI: real CPU tensors "
+                                                  "under memplan's tracker) or auto (cuda when available).")]
+    = MeasureDevice.auto,
+    warmup: Annotated[int, typer.Option("--warmup", help="--measure: untimed generations first.")] = 1,
+    results: Annotated[Optional[str], typer.Option("--results", help="--measure: JSON Lines file the record is "
+                                                   "appended to (default reports/measurements/<gpu>/serve.jsonl "
+                                                   "on a GPU, reports/serve-cpu.jsonl on the CPU).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="--measure: label stored in the record.")] = None,
     fmt: FormatOpt = Format.table,
 ):
     """Estimate inference memory per GPU: weights, KV cache, activations; vLLM's KV blocks; speed bounds.
@@ -113,6 +135,8 @@ def serve(
     from memplan.serve import ServeSetup, estimate_serve
     from memplan.spec.values import resolve_gpu, resolve_model
 
+    if not measure and (device is not MeasureDevice.auto or warmup != 1 or results is not None or name is not None):
+        raise MemplanError("--device, --warmup, --results and --name apply to --measure")
     if tp is not None and gpus is not None and tp != gpus:
         raise MemplanError(f"conflicting tensor-parallel options: --tp {tp} and --gpus {gpus}")
     if solve is None:
@@ -128,7 +152,16 @@ def serve(
                        max_seq=max_seq, concurrency=1 if concurrency is None else concurrency, solve=solve,
                        gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
-    result = estimate_serve(spec, setup, card)
+    from memplan.estimate.overhead import default_overhead
+
+    overhead, calibrated = default_overhead()  # the calibrated file's (`memplan calibrate --write`) when there is one
+    result = estimate_serve(spec, setup, card, overhead)
+    if calibrated:
+        result = replace(result, notes=tuple(result.notes) + (calibrated,))
+    if measure:
+        if trace:
+            raise MemplanError("--trace and --measure: pick one (each runs generate() once)")
+        return _measure(spec, result.setup, card, overhead, device, warmup, results, name, fmt)
     traced = None
     if trace:
         from memplan.trace.serve import check_traceable, trace_serve
@@ -156,3 +189,37 @@ def serve(
     if fmt is not Format.table:
         for w in result.warnings:
             typer.echo(f"warning: {w}", err=True)
+
+
+def _measure(spec, setup, card, overhead, device, warmup, results, name, fmt) -> int:
+    """--measure: one served batch on the device, its record appended; exit 1 when it did not fit or failed."""
+    from pathlib import Path
+
+    from memplan import render
+    from memplan.cli.measure import default_results
+    from memplan.measure import reconcile
+    from memplan.measure.devices import resolve_device
+    from memplan.measure.record import append_record, check_writable
+    from memplan.measure.serve import check_measurable, measure_record
+
+    if warmup < 0:
+        raise MemplanError(f"--warmup must be ≥ 0, got {warmup}")
+    check_measurable(spec, setup)
+    dev = resolve_device(device.value)
+    out = Path(results or default_results("serve", dev, card.name if card and dev == "cuda" else None))
+    check_writable(out)
+    rec = measure_record(spec, setup, dev, warmup=warmup, gpu=card, overhead=overhead, name=name)
+    append_record(out, rec)
+    row = reconcile.compare(rec, estimate="recorded")
+    if fmt is Format.json:
+        typer.echo(render.to_json(rec))
+    elif fmt is Format.csv:
+        typer.echo(render.to_csv([row]), nl=False)
+    else:
+        typer.echo("\n".join(reconcile.serve_lines([row])))
+    typer.echo(f"record {rec['record_id'][:12]} -> {out}", err=True)
+    if rec["status"] == "ok":
+        return 0
+    typer.echo(f"memplan: the measurement ended {rec['status']} in {rec['failed_phase']}: {rec['error']}; the "
+               "record says so", err=True)
+    return 1

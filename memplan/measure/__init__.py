@@ -14,7 +14,7 @@ cpu.py       --device cpu: the trace's tracked session (memplan.trace.session), 
 cuda.py      --device cuda: build on the GPU, CUDA-events-only timed steps, the untimed memory pass
 memory.py    the levels: torch.cuda.memory_stats, NVML (failing soft, process match recorded), the context
 timing.py    CUDA events / perf_counter
-record.py    the JSON Lines record (schema_version 2), environment capture, atomic append, schema upgrades
+record.py    the JSON Lines record (schema_version 3), environment capture, atomic append, schema upgrades
 sweep.py     sweep / suite files, chunking, a fresh subprocess per configuration, --resume
 reconcile.py estimate vs measured rows and summaries
 Nothing here imports torch at import time.

@@ -51,7 +51,10 @@ def _less(measured, held: int):
 
 
 def compare(rec: dict, estimate: str = "current") -> dict:
-    """One flat row: setup features, status, and estimate / measured / error per level, phase and category."""
+    """One flat row: setup features, status, and estimate / measured / error per level, phase and category (a
+    serving record: compare_serve)."""
+    if rec.get("kind") == "serve":
+        return compare_serve(rec, estimate)
     s = rec.get("setup") or {}
     row = {"name": rec.get("name"), "model": rec.get("model"), "record_id": rec.get("record_id"),
            "device": rec.get("device"), "gpu": (rec.get("gpu") or {}).get("profile"), "status": rec.get("status"),
@@ -101,6 +104,98 @@ def compare(rec: dict, estimate: str = "current") -> dict:
     pred = tc[0]["predicted_tokens_per_s"] if tc else None
     row["pred_tokens_per_s"], row["err_tokens_per_s_pct"] = pred, _err(pred, row["tokens_per_s"])[1]
     return row
+
+
+# ---- serving records (kind "serve", memplan.measure.serve) -------------------------------------------------------
+SERVE_QUANTITIES = ("weights", "kv_cache", "activations", "ttft", "decode")
+CPU_SPEED = "cpu: perf_counter on the CPU, no GPU roofline to compare with"
+
+
+def current_serve_estimate(rec: dict) -> dict:
+    """The current serve estimate's ServeResult.to_dict() for a serving record's model, setup and GPU profile."""
+    from dataclasses import fields
+
+    from memplan.serve import ServeSetup, estimate_serve
+    from memplan.spec.values import resolve_gpu, resolve_model
+
+    gpu = (rec.get("gpu") or {}).get("profile")
+    names = {f.name for f in fields(ServeSetup)}
+    setup = ServeSetup(**{k: v for k, v in (rec.get("setup") or {}).items() if k in names})
+    return estimate_serve(resolve_model(rec["model"]), setup, resolve_gpu(gpu) if gpu else None).to_dict()
+
+
+def compare_serve(rec: dict, estimate: str = "current") -> dict:
+    """One flat row of a serving record: the levels (as compare), then weights (the parameters' bytes), the KV
+    cache (at the peak where the CPU tracker tagged it, else the cache at the end), activations and temporaries
+    (CPU: the peak less weights, KV cache and inputs), time to first token and decode tokens/s per sequence
+    against the roofline of the record's GPU (none for a CPU record: `speed` says so)."""
+    s = rec.get("setup") or {}
+    row = {"name": rec.get("name"), "model": rec.get("model"), "record_id": rec.get("record_id"), "kind": "serve",
+           "device": rec.get("device"), "gpu": (rec.get("gpu") or {}).get("profile"), "status": rec.get("status"),
+           "failed_phase": rec.get("failed_phase"), **{f: None for f in FEATURES},
+           **{k: s.get(k) for k in ("weights", "kv_dtype", "hf_cache", "concurrency", "prompt_len", "gen_len",
+                                    "max_seq")}, "note": None}
+    try:
+        est = current_serve_estimate(rec) if estimate == "current" else rec.get("estimate")
+    except (MemplanError, TypeError) as exc:
+        est, row["note"] = None, f"estimate failed: {exc}"
+    if est is None and row["note"] is None:
+        row["note"] = "no estimate in the record"
+    est = est or {}
+    m = rec.get("measured") or {}
+    mp, ep = m.get("peak") or {}, est.get("peak") or {}
+    for lv in LEVELS:
+        e, x = ep.get(f"{lv}_bytes"), mp.get(f"{lv}_bytes")
+        row[f"est_{lv}_bytes"], row[f"meas_{lv}_bytes"] = e, x
+        row[f"err_{lv}_bytes"], row[f"err_{lv}_pct"] = _err(e, x)
+    row["est_peak_phase"], row["meas_peak_phase"] = ep.get("phase"), mp.get("phase")
+    for p in ("prefill", "decode"):
+        row[f"meas_{p}_bytes"] = ((m.get("phases") or {}).get(p) or {}).get("peak_allocated_bytes")
+    ec, mc = est.get("categories") or {}, m.get("categories") or {}
+    kv = mc.get("kv_cache") if mc.get("kv_cache") is not None else m.get("kv_cache_bytes")
+    act = None if ec.get("activations") is None else ec["activations"] + (ec.get("temporaries") or 0)
+    for q, e, x in (("weights", (est.get("weights") or {}).get("total"), m.get("weights_bytes")),
+                    ("kv_cache", ec.get("kv_cache"), kv),
+                    ("activations", act, mc.get("activations"))):
+        row[f"est_{q}_bytes"], row[f"meas_{q}_bytes"] = e, x
+        row[f"err_{q}_bytes"], row[f"err_{q}_pct"] = _err(e, x)
+    thr = est.get("throughput") or {}
+    cpu = rec.get("device") == "cpu"
+    row["speed"] = CPU_SPEED if cpu else (f"roofline of {row['gpu']}" if thr else "no GPU profile: no roofline")
+    pred_ttft = None if cpu else thr.get("ttft_s")
+    pred_dec = None if cpu else thr.get("tokens_per_s_per_seq")
+    row.update(meas_ttft_s=m.get("ttft_s"), pred_ttft_s=pred_ttft, err_ttft_pct=_err(pred_ttft, m.get("ttft_s"))[1],
+               meas_decode_tokens_per_s_per_seq=m.get("decode_tokens_per_s_per_seq"),
+               pred_decode_tokens_per_s_per_seq=pred_dec,
+               err_decode_pct=_err(pred_dec, m.get("decode_tokens_per_s_per_seq"))[1],
+               meas_decode_tokens_per_s=m.get("decode_tokens_per_s"), tokens_per_s=None, mfu=None)
+    return row
+
+
+def serve_lines(rows: list[dict]) -> list[str]:
+    """Text lines for the serving rows: memory per quantity (estimate, measured, error), then speed."""
+    lines = []
+    for r in rows:
+        if r.get("kind") != "serve":
+            continue
+        lines.append(f"{r['name'] or r['model']} [serve {r['device']}] {r['status']}"
+                     + (f" in {r['failed_phase']}" if r.get("failed_phase") else "")
+                     + f" · {r['weights']} · {r['hf_cache']} cache · {r['concurrency']} × (prompt {r['prompt_len']}"
+                     f" + gen {r['gen_len']})" + (f"  ({r['note']})" if r.get("note") else ""))
+        lines.append(f"  {'':<14}{'estimate':>14}{'measured':>14}{'error':>9}")
+        for q in ("allocated", "reserved", "device", "weights", "kv_cache", "activations"):
+            if r.get(f"est_{q}_bytes") is None and r.get(f"meas_{q}_bytes") is None:
+                continue
+            lines.append(f"  {q:<14}{fmt_bytes(r.get(f'est_{q}_bytes')):>14}{fmt_bytes(r.get(f'meas_{q}_bytes')):>14}"
+                         f"{fmt_pct(r.get(f'err_{q}_pct')):>9}")
+        if r.get("meas_ttft_s") is not None:
+            pt, pd = r.get("pred_ttft_s"), r.get("pred_decode_tokens_per_s_per_seq")
+            lines.append(f"  time to first token {r['meas_ttft_s']:.4f} s"
+                         + (f" (roofline {pt:.4f} s)" if pt is not None else "")
+                         + f"; decode {r['meas_decode_tokens_per_s_per_seq'] or 0:,.1f} tokens/s per sequence"
+                         + (f" (roofline {pd:,.1f})" if pd is not None else "")
+                         + f", {r['meas_decode_tokens_per_s'] or 0:,.1f} in all — {r['speed']}")
+    return lines
 
 
 def rank_summary(rec: dict) -> dict:
@@ -169,6 +264,11 @@ def summarize(rows: list[dict]) -> dict:
            "error": sum(r["status"] == "error" for r in rows), "levels": {}, "by_feature": {}}
     for lv in LEVELS:
         out["levels"][lv] = _stats([r[f"err_{lv}_pct"] for r in ok if r.get(f"err_{lv}_pct") is not None])
+    serve = [r for r in ok if r.get("kind") == "serve"]
+    if serve:  # serving records: each quantity's |error| (speed only against a GPU's roofline, never a CPU's)
+        out["serve"] = {q: _stats([r[f"err_{q}_pct"] for r in serve if r.get(f"err_{q}_pct") is not None])
+                        for q in SERVE_QUANTITIES}
+    ok = [r for r in ok if r.get("kind") != "serve"]
     for f in FEATURES:
         groups: dict = {}
         for r in ok:

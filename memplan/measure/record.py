@@ -1,8 +1,9 @@
 """Measurement records: schema, environment capture, atomic append, tolerant loading with schema upgrades.
 
 One record per measured configuration, one JSON object per line (JSON Lines); the field list is
-docs/record-schema.md (schema_version 2: version 1 plus `ranks`, the per-rank figures of a multi-GPU job),
-summarised in SCHEMA_FIELDS below. Readers ignore unknown
+docs/record-schema.md (schema_version 3: version 1 plus `ranks`, the per-rank figures of a multi-GPU job, in 2;
+plus `kind`, "train" or "serve", in 3: a serving record of `memplan serve --measure`), summarised in SCHEMA_FIELDS
+below. Readers ignore unknown
 keys; writers never drop a known one (None where not known).
 
 Atomic append: the whole line (ending in "\n") goes out in ONE os.write on a file descriptor opened with
@@ -41,14 +42,20 @@ from memplan.errors import MemplanError
 from memplan.io import os_reason
 from memplan.spec.files import parse_json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 STATUSES = ("ok", "oom", "error")
 PHASES = ("load", "forward", "backward", "optimizer_step")
-# Top-level fields of schema_version 2 (every record has every one of them, None where unknown). Version 2 added
+# Version 3: what a record measured. "train": a training step (memplan measure; every record before version 3);
+# "serve": a served batch of memplan serve --measure (memplan.measure.serve), whose setup is a ServeSetup and whose
+# phases are SERVE_PHASES.
+KINDS = ("train", "serve")
+SERVE_PHASES = ("load", "prefill", "decode")  # memplan.measure.serve.ServePhase
+# Top-level fields of schema_version 3 (every record has every one of them, None where unknown). Version 2 added
 # "ranks": a --gpus N / --zero K job's per-rank entries (memplan.measure.distributed), None for one device.
+# Version 3 added "kind" (KINDS).
 SCHEMA_FIELDS = ("schema_version", "record_id", "name", "model", "setup", "device", "status", "failed_phase",
-                 "error", "estimate", "measured", "gpu", "env", "started_at", "finished_at", "ranks")
+                 "error", "estimate", "measured", "gpu", "env", "started_at", "finished_at", "ranks", "kind")
 RANK_FIELDS = ("rank", "status", "failed_phase", "error", "measured")
 MEASURED_FIELDS = ("peak", "phases", "categories", "context_bytes", "alloc_retries", "num_ooms", "layers", "steps",
                    "warmup", "tokens_per_step", "step_time_s", "tokens_per_s", "model_flops_per_token", "mfu",
@@ -233,7 +240,7 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
 # ---- reading ----------------------------------------------------------------------------------------------------
 def _upgrade_0(rec: dict) -> dict:
     """Version 0 (no schema_version): fill every schema-1 field, compute the record_id from the content."""
-    out = {k: rec.get(k) for k in SCHEMA_FIELDS if k != "ranks"}
+    out = {k: rec.get(k) for k in SCHEMA_FIELDS if k not in ("ranks", "kind")}
     out.update({k: v for k, v in rec.items() if k not in out})  # unknown keys are kept, not interpreted
     if out.get("measured"):
         out["measured"] = {**{k: None for k in MEASURED_FIELDS}, **out["measured"]}
@@ -256,7 +263,15 @@ def _upgrade_1(rec: dict) -> dict:
     return out
 
 
-UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_0, 1: _upgrade_1}
+def _upgrade_2(rec: dict) -> dict:
+    """Version 2 → 3: `kind` added ("train": every version-2 record measured a training step); record_id kept."""
+    out = dict(rec)
+    out.setdefault("kind", "train")
+    out["schema_version"] = 3
+    return out
+
+
+UPGRADES: dict[int, Callable[[dict], dict]] = {0: _upgrade_0, 1: _upgrade_1, 2: _upgrade_2}
 
 
 def upgrade(rec: dict) -> dict:
@@ -346,6 +361,10 @@ SETUP_INTS = ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpu
 SETUP_BOOLS = ("offload_optimizer", "offload_params", "dropout", "double_quant", "sync_each_batch", "bucket_view",
                "ds_contiguous_gradients", "ds_overlap_comm")
 SETUP_STRS = ("precision", "optimizer", "peft", "checkpointing", "attention", "engine")
+# a serving record's setup (ServeSetup.to_dict(); kind "serve"): its whole numbers and strings
+SERVE_SETUP_INTS = ("group_size", "tp", "prompt_len", "gen_len", "max_seq", "concurrency", "block_size",
+                    "max_num_batched_tokens", "max_num_seqs")
+SERVE_SETUP_STRS = ("weights", "kv_dtype", "hf_cache", "solve")
 LORA_INTS = ("rank",)
 
 
@@ -403,20 +422,23 @@ def _counts(d, what: str) -> dict | None:
     return out
 
 
-def check_setup(d, what: str = "setup") -> dict:
-    """The types of a setup object (a record's `setup`, TrainingSetup.to_dict(); or a sweep configuration's
-    make_setup keywords): whole numbers, true/false, strings; the values themselves are make_setup's to judge."""
+def check_setup(d, what: str = "setup", kind: str = "train") -> dict:
+    """The types of a setup object (a record's `setup`, TrainingSetup.to_dict() or, kind "serve",
+    ServeSetup.to_dict(); or a sweep configuration's make_setup keywords): whole numbers, true/false, strings; the
+    values themselves are make_setup's (ServeSetup's) to judge."""
     if not isinstance(d, dict):
         raise MemplanError(f"{what} must be an object, got {_kind(d)}")
     out = dict(d)
+    ints = SETUP_INTS + (SERVE_SETUP_INTS if kind == "serve" else ())
+    strs = SETUP_STRS + (SERVE_SETUP_STRS if kind == "serve" else ())
     for k, v in d.items():
         if v is None:
             continue
-        if k in SETUP_INTS:
+        if k in ints:
             out[k] = check_whole(v, f"{what}.{k}")
         elif k in SETUP_BOOLS:
             _typed(v, (bool,), f"{what}.{k}")
-        elif k in SETUP_STRS:
+        elif k in strs:
             _typed(v, (str,), f"{what}.{k}")
         elif k == "lora_alpha":
             out[k] = _number(v, f"{what}.{k}")
@@ -450,7 +472,9 @@ def _check_measured(m) -> dict | None:
               "worst_rank"):
         if m.get(k) is not None:
             out[k] = check_whole(m[k], f"measured.{k}")
-    for k in ("tokens_per_s", "model_flops_per_token", "mfu", "peak_tflops", "tokens_per_s_total"):
+    for k in ("tokens_per_s", "model_flops_per_token", "mfu", "peak_tflops", "tokens_per_s_total", "ttft_s",
+              "decode_s", "decode_step_s", "decode_tokens_per_s_per_seq", "decode_tokens_per_s",
+              "prefill_tokens_per_s"):
         if m.get(k) is not None:
             _number(m[k], f"measured.{k}")
     st = _typed(m.get("step_time_s"), (dict,), "measured.step_time_s") or {}
@@ -514,11 +538,12 @@ def check_record(rec: dict) -> dict:
         raise MemplanError(f"model must be a model name, got {_kind(model)}")
     if "setup" not in rec:
         raise MemplanError("no setup")
-    out["setup"] = check_setup(rec["setup"])
+    kind = _typed(rec.get("kind"), (str,), "kind", KINDS) or "train"
+    out["setup"] = check_setup(rec["setup"], kind=kind)
     status = rec.get("status")
     if status not in STATUSES:
         raise MemplanError(f"status must be one of {', '.join(STATUSES)}, got {_kind(status)}")
-    _typed(rec.get("failed_phase"), (str,), "failed_phase", PHASES)
+    _typed(rec.get("failed_phase"), (str,), "failed_phase", SERVE_PHASES if kind == "serve" else PHASES)
     for k in ("name", "device", "error", "record_id", "started_at", "finished_at"):
         _typed(rec.get(k), (str,), k)
     gpu = _typed(rec.get("gpu"), (dict,), "gpu")
@@ -599,20 +624,25 @@ def make_record(*, name: str | None, model: str, setup: dict, device: str, steps
                 status: str, started_at: str, failed_phase: str | None = None, error: str | None = None,
                 estimate: dict | None = None, measured: dict | None = None, gpu: dict | None = None,
                 env: dict | None = None, finished_at: str | None = None, warnings: list[str] | None = None,
-                ranks: list[dict] | None = None) -> dict:
-    """A schema-2 record; every field present (None where unknown). `ranks`: a multi-rank job's per-rank entries
-    (RANK_FIELDS each; memplan.measure.distributed), None for one device."""
+                ranks: list[dict] | None = None, kind: str = "train") -> dict:
+    """A schema-3 record; every field present (None where unknown). `ranks`: a multi-rank job's per-rank entries
+    (RANK_FIELDS each; memplan.measure.distributed), None for one device. `kind`: "train" or "serve" (a served
+    batch, memplan.measure.serve: setup is ServeSetup.to_dict(), phases SERVE_PHASES). The record_id does not
+    include the kind (a training record's id is what it was before version 3)."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
-    if failed_phase is not None and failed_phase not in PHASES:
-        raise ValueError(f"failed_phase {failed_phase!r} not in {PHASES}")
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} not in {KINDS}")
+    phases = SERVE_PHASES if kind == "serve" else PHASES
+    if failed_phase is not None and failed_phase not in phases:
+        raise ValueError(f"failed_phase {failed_phase!r} not in {phases}")
     rec = {
         "schema_version": SCHEMA_VERSION,
         "record_id": record_id(model, setup, device, steps, warmup, lengths),
         "name": name, "model": model, "setup": setup, "device": device, "status": status,
         "failed_phase": failed_phase, "error": error, "estimate": estimate, "measured": measured, "gpu": gpu,
         "env": env if env is not None else capture_env(), "started_at": started_at,
-        "finished_at": finished_at or now(), "ranks": ranks,
+        "finished_at": finished_at or now(), "ranks": ranks, "kind": kind,
     }
     if warnings:
         rec["warnings"] = list(warnings)

@@ -10,6 +10,9 @@ with its total and a verdict per GPU, against the chosen GPUs' memory and margin
 at a time (a drop-down; the first record with measured phases, else the first setup, on load); a `memplan trace
 --timeline` file's live bytes when given; tokens/s and MFU per setup (predicted for the setup's GPU: a record's
 own GPU profile, the first --gpu for setups; measured where recorded; caveats marked); a sortable table.
+Serving setups (`kind = "serve"` tables in --setups, `memplan serve --measure` records) get their own section on the
+same page: memory per GPU by category (KV cache included) against the card's line, vLLM's KV blocks and maximum
+concurrency, time to first token and decode tokens/s (roofline and measured; a CPU measurement marked as such).
 
 frames (the rows), figures (plotly) and html (the page) are imported only when a report is built.
 """
@@ -72,21 +75,37 @@ def build_report(results=(), setups=None, gpus=(), timeline=None, title: str = "
     entries += frames.record_entries(frames.read_records(results), seen)
     if not entries:
         raise MemplanError("nothing to report: pass RESULTS.jsonl files and/or --setups FILE")
-    rows = [frames.entry_row(e) for e in entries]
-    first, tl_what = _first_timeline(entries)
-    figs = {
-        "chart-memory": ("Memory per setup", figures.memory_bars(rows, gpu_specs), ""),
-        "chart-accuracy": ("Estimate vs measured", figures.estimate_vs_measured(rows), figures.NO_RECORDS),
-        "chart-timeline": ("Peak memory by phase, per setup (pick one)",
-                           figures.timeline_per_setup(rows, entries, first), ""),
-    }
+    train = [e for e in entries if e.kind != "serve"]
+    serve = [e for e in entries if e.kind == "serve"]
+    rows = [frames.entry_row(e) for e in train]
+    serve_rows = [frames.serve_row(e) for e in serve]
+    figs, notes = {}, []
+    if train:
+        first, tl_what = _first_timeline(train)
+        figs = {
+            "chart-memory": ("Memory per setup", figures.memory_bars(rows, gpu_specs), ""),
+            "chart-accuracy": ("Estimate vs measured", figures.estimate_vs_measured(rows), figures.NO_RECORDS),
+            "chart-timeline": ("Peak memory by phase, per setup (pick one)",
+                               figures.timeline_per_setup(rows, train, first), ""),
+        }
+        notes.append(f"timeline: {tl_what} on load; the menu above the chart shows any other setup")
     if timeline_rows is not None:
         figs["chart-trace"] = ("Trace timeline", figures.timeline_from_trace(timeline_rows, Path(timeline).name), "")
-    figs["chart-throughput"] = ("Tokens/s and MFU", figures.throughput(rows), figures.NO_THROUGHPUT)
+    if train:
+        figs["chart-throughput"] = ("Tokens/s and MFU", figures.throughput(rows), figures.NO_THROUGHPUT)
+    if serve:  # the serving section: memory by category, vLLM's blocks and concurrency, speed
+        figs["chart-serve-memory"] = ("Serving: memory per GPU", figures.serve_memory(serve_rows, gpu_specs), "")
+        figs["chart-serve-capacity"] = ("Serving: KV blocks and maximum concurrency",
+                                        figures.serve_capacity(serve_rows), figures.NO_SERVE_CAPACITY)
+        figs["chart-serve-speed"] = ("Serving: time to first token and decode tokens/s",
+                                     figures.serve_speed(serve_rows), figures.NO_SERVE_SPEED)
     figs = {k: (h, None if f is None else pio.to_json(f, validate=False), why) for k, (h, f, why) in figs.items()}
-    notes = [f"timeline: {tl_what} on load; the menu above the chart shows any other setup"]
+    rows = rows + serve_rows
     if timeline_rows is not None:
         notes.append(f"trace timeline {Path(timeline).name}")
+    if serve:
+        notes.append(f"{len(serve)} serving setup(s) (memplan serve; records of `memplan serve --measure`): the "
+                     "charts headed 'Serving' and the table's serve_* columns")
     n_rec = sum(1 for e in entries if e.record is not None)
     n_meas = sum(1 for e in entries if e.measured)
     sources = sorted({e.source for e in entries})

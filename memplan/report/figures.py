@@ -306,3 +306,134 @@ def throughput(rows: list[dict]):
                                               "recorded)") + "<br><span style='font-size:12px;color:#a33'>* "
                                      + esc("; ".join(flagged)) + "</span>"), margin=dict(t=100))
     return fig
+
+
+# ---- serving (memplan.serve estimates, `memplan serve --measure` records) ------------------------------------------
+KV_COLOR = "#FF6692"  # the KV cache: the next colour of plotly's default qualitative palette after COLORS'
+SERVE_COLORS = {"weights": COLORS["weights"], "kv_cache": KV_COLOR, "activations": COLORS["activations"],
+                "temporaries": COLORS["temporaries"], "overhead": COLORS["overhead"]}
+NO_SERVE_CAPACITY = "No vLLM setup: KV blocks and maximum concurrency are vLLM's (a --setups table with " \
+                    "kind = \"serve\" and engine = \"vllm\")."
+NO_SERVE_SPEED = "No serving speed: give --gpu for the roofline, or serving records with a measured speed."
+
+
+def serve_label(r: dict) -> str:
+    """A serving setup's name, then its weights, engine and concurrency × (prompt + generation)."""
+    what = " · ".join(str(x) for x in (r.get("serve_weights"), r.get("serve_engine")) if x)
+    size = (f"{r['serve_concurrency']}×({r['serve_prompt_len']}+{r['serve_gen_len']})"
+            if r.get("serve_concurrency") else "")
+    extra = " · ".join(x for x in (what, size) if x)
+    return esc(r["name"]) + (f"<br>{esc(extra)}" if extra else "")
+
+
+def serve_memory(rows: list[dict], gpus: list, margin: float = DEFAULT_MARGIN) -> "go.Figure":
+    """Memory per GPU of each serving setup by category (weights, KV cache, activations, temporaries, overhead:
+    the estimate at the device level), the measurement beside it where recorded (by category where the CPU
+    tracker attributed bytes, else its allocated and device levels), against each GPU's line and margin (and,
+    without --gpu, the card each setup was estimated for)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    names = [serve_label(r) for r in rows]
+    kind = "estimate (device)"
+    for c, color in SERVE_COLORS.items():
+        fig.add_bar(x=[names, [kind] * len(rows)], y=[_gib(r.get(f"est_{c}")) for r in rows], name=c,
+                    legendgroup=c, marker_color=color, hovertemplate="%{x}<br>" + c + ": %{y:.2f} GiB<extra></extra>")
+    totals = [(n, kind, r["est_device"], r) for n, r in zip(names, rows) if r.get("est_device") is not None]
+    by_cat = [r for r in rows if r.get("meas_allocated") is not None and r.get("meas_activations") is not None]
+    if by_cat:
+        mk = "measured (allocated)"
+        for c in ("weights", "kv_cache", "activations"):
+            fig.add_bar(x=[[serve_label(r) for r in by_cat], [mk] * len(by_cat)],
+                        y=[_gib(r[f"meas_{c}"]) for r in by_cat], name=c, legendgroup=c, showlegend=False,
+                        marker=dict(color=SERVE_COLORS[c], pattern=dict(shape="/")),
+                        hovertemplate="%{x}<br>measured " + c + ": %{y:.2f} GiB<extra></extra>")
+        totals += [(serve_label(r), mk, r["meas_allocated"], r) for r in by_cat]
+    plain = [r for r in rows if r.get("meas_allocated") is not None and r.get("meas_activations") is None]
+    if plain:
+        mk = "measured (device)"
+        x = [[serve_label(r) for r in plain], [mk] * len(plain)]
+        fig.add_bar(x=x, y=[_gib(r["meas_allocated"]) for r in plain], name="measured allocated",
+                    marker=dict(color="#444", pattern=dict(shape="/")),
+                    hovertemplate="%{x}<br>measured allocated: %{y:.2f} GiB<extra></extra>")
+        fig.add_bar(x=x, y=[_gib((r["meas_device"] or r["meas_allocated"]) - r["meas_allocated"]) for r in plain],
+                    name="measured device − allocated", marker=dict(color="#999", pattern=dict(shape="/")),
+                    hovertemplate="%{x}<br>device − allocated: %{y:.2f} GiB<extra></extra>")
+        totals += [(serve_label(r), mk, r["meas_device"] or r["meas_allocated"], r) for r in plain]
+    if totals:
+        fig.add_scatter(x=[[t[0] for t in totals], [t[1] for t in totals]], y=[_gib(t[2]) for t in totals],
+                        mode="text", text=[_total_text(t[2], t[3], gpus, margin) for t in totals],
+                        textposition="top center", textfont=dict(size=11), name="total · " + VERDICT_LEGEND,
+                        hoverinfo="skip", cliponaxis=False)
+    lines = [(g.label, g.memory_bytes) for g in gpus]
+    if not gpus:  # the cards the setups were estimated for
+        lines = sorted({(r["gpu"], r["gpu_memory"]) for r in rows if r.get("gpu") and r.get("gpu_memory")})
+    for i, (label, mem) in enumerate(lines):
+        y = mem / GiB
+        side = "top left" if i % 2 == 0 else "top right"
+        fig.add_hline(y=y, line=dict(color="#d62728", dash="dash", width=1.5),
+                      annotation_text=esc(f"{label}: {y:.1f} GiB"), annotation_position=side)
+        fig.add_hline(y=y * (1 - margin), line=dict(color="#d62728", dash="dot", width=1),
+                      annotation_text=esc(f"− {margin:.0%} margin"), annotation_font=dict(size=10, color="#a33"),
+                      annotation_position=side.replace("top", "bottom"))
+    top = max([_gib(t[2]) for t in totals] + [m / GiB for _, m in lines] + [0.0])
+    return _layout(fig, "Serving: memory per GPU by category (estimate, and measured where recorded)",
+                   barmode="stack", yaxis_title="peak GiB per GPU (level: under each bar)",
+                   yaxis_range=[0, 1.18 * top] if top else None, height=600)
+
+
+def serve_capacity(rows: list[dict]):
+    """vLLM's paged cache per serving setup: KV blocks (of block_size tokens) and the maximum concurrency at
+    --max-seq (vLLM's logged figure) and at prompt + generation; None when no setup is a vLLM one."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    pts = [r for r in rows if r.get("vllm_num_blocks") is not None]
+    if not pts:
+        return None
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("KV blocks", "maximum concurrent sequences"),
+                        horizontal_spacing=0.08)
+    names = [serve_label(r) for r in pts]
+    fig.add_bar(x=names, y=[r["vllm_num_blocks"] for r in pts], name="KV blocks", marker_color=KV_COLOR,
+                text=[f"{r['vllm_num_blocks']:,} × {r['vllm_block_size']}" for r in pts], textposition="outside",
+                cliponaxis=False, row=1, col=1, hovertemplate="%{x}: %{y:,} blocks<extra></extra>")
+    fig.add_bar(x=names, y=[r["vllm_max_concurrency"] for r in pts], name="at --max-seq (vLLM's figure)",
+                marker_color="#636EFA", text=[f"{r['vllm_max_concurrency']:.2f}" for r in pts],
+                textposition="outside", cliponaxis=False, row=1, col=2,
+                hovertemplate="%{x}: %{y:.2f} at max-seq<extra></extra>")
+    fig.add_bar(x=names, y=[r["vllm_concurrency_at_seq"] for r in pts], name="at prompt + generation",
+                marker_color="#00CC96", text=[r["vllm_concurrency_at_seq"] for r in pts], textposition="outside",
+                cliponaxis=False, row=1, col=2, hovertemplate="%{x}: %{y} at prompt + gen<extra></extra>")
+    return _layout(fig, "Serving: vLLM's KV blocks and maximum concurrency", barmode="group", height=500)
+
+
+def serve_speed(rows: list[dict]):
+    """Time to first token and decode tokens/s per sequence: the roofline bound for the setup's GPU (an upper
+    bound on speed) and measured where recorded, a CPU measurement labelled as such; None when there is none."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    pts = [r for r in rows if r.get("pred_ttft_s") is not None or r.get("meas_ttft_s") is not None]
+    if not pts:
+        return None
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("time to first token (s)", "decode tokens/s per sequence"),
+                        horizontal_spacing=0.08)
+    names = [serve_label(r) for r in pts]
+    for col, key, fmt in ((1, "ttft_s", ".4f"), (2, "decode_tokens_per_s_per_seq", ",.1f")):
+        for kind, color, label in (("pred", "#636EFA", "roofline (GPU profile)"), ("meas", "#EF553B", "measured")):
+            ys = [r.get(f"{kind}_{key}") for r in pts]
+            if not any(y is not None for y in ys):
+                continue
+            where = [("" if kind == "pred" or r.get("speed_clock") is None else f" · {r['speed_clock']}")
+                     for r in pts]
+            text = [None if y is None else format(y, fmt) + ("*" if "CPU" in w else "") for y, w in zip(ys, where)]
+            fig.add_bar(x=names, y=ys, name=label, marker_color=color, legendgroup=kind, showlegend=col == 1,
+                        row=1, col=col, text=text, textposition="outside", customdata=[esc(w) for w in where],
+                        cliponaxis=False, hovertemplate="%{x}: %{y:" + fmt + "}%{customdata}<extra></extra>")
+    title = "Serving speed (roofline for the setup's GPU; measured where recorded)"
+    if any("CPU" in (r.get("speed_clock") or "") for r in pts):
+        title = esc(title) + "<br><span style='font-size:12px;color:#a33'>* " + \
+            esc("measured on the CPU: not comparable with a GPU's roofline") + "</span>"
+    fig = _layout(fig, "", barmode="group", height=520)
+    fig.update_layout(title=dict(text=title if "<br>" in title else esc(title)), margin=dict(t=100))
+    return fig

@@ -1,8 +1,9 @@
 """The report's data: setups and records in, one row per entry out (pandas only where a frame is built).
 
 An entry is a setup to show: either a named setup from a --setups file, estimated now, or a measurement record
-(docs/record-schema.md, schema_version 2), re-estimated now with the current estimator (the record's stored estimate
-is used when its model or setup no longer resolves). Records are read with memplan.measure.record.iter_records.
+(docs/record-schema.md, schema_version 3), re-estimated now with the current estimator (the record's stored estimate
+is used when its model or setup no longer resolves). Serving setups (`kind = "serve"` in a --setups table, or a
+record of kind "serve") are estimated with memplan.serve and rowed by serve_row. Records are read with memplan.measure.record.iter_records.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Entry:
     record: dict | None = None  # the measurement record, for entries read from results files
     gpu: str | None = None  # GPU profile the estimate and the prediction are for
     notes: tuple[str, ...] = field(default=())
+    kind: str = "train"  # "train" | "serve" (a serving setup: estimate is ServeResult.to_dict(), rowed by serve_row)
 
     @property
     def measured(self) -> dict | None:
@@ -93,7 +95,10 @@ def setup_entries(setups: list[dict], source: str, gpu, seen: dict) -> list[Entr
 
     out = []
     for i, d in enumerate(setups, 1):
-        fields = {k: v for k, v in d.items() if k not in ("name", "model")}
+        if d.get("kind") == "serve":
+            out.append(_serve_setup_entry(d, i, source, gpu, seen))
+            continue
+        fields = {k: v for k, v in d.items() if k not in ("name", "model", "kind")}
         try:
             fields = check_setup(fields)  # whole numbers, true/false, strings: a fraction is no batch or GPU count
             model = resolve_model(d["model"])
@@ -117,6 +122,9 @@ def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
 
     out = []
     for source, rec in records:
+        if rec.get("kind") == "serve":
+            out.append(_serve_record_entry(source, rec, seen))
+            continue
         prof = (rec.get("gpu") or {}).get("profile")
         notes = []
         try:
@@ -133,6 +141,100 @@ def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
         out.append(Entry(name=_unique(str(label), seen), model=str(rec["model"]), source=source, estimate=est,
                          estimate_from=how, record=rec, gpu=g.name if g else None, notes=tuple(notes)))
     return out
+
+
+# ---- serving setups (memplan.serve) and serving records (kind "serve", memplan.measure.serve) ---------------------
+SERVE_CATEGORIES = ("weights", "kv_cache", "activations", "temporaries", "overhead")  # memplan.serve.estimate
+
+
+def _serve_estimate(model, fields: dict, gpu) -> dict:
+    from memplan.serve import ServeSetup, estimate_serve
+
+    return estimate_serve(model, ServeSetup(**fields), gpu).to_dict()
+
+
+def _serve_setup_entry(d: dict, i: int, source: str, gpu, seen: dict) -> Entry:
+    """A `kind = "serve"` table of a --setups file: ServeSetup fields, estimated for the first --gpu."""
+    from memplan.measure.record import check_setup
+    from memplan.spec.values import resolve_model
+
+    fields = {k: v for k, v in d.items() if k not in ("name", "model", "kind")}
+    try:
+        model = resolve_model(d["model"])
+        est = _serve_estimate(model, check_setup(fields, kind="serve"), gpu)
+    except MemplanError as exc:
+        raise MemplanError(f"--setups {source}: setup {i} ({d.get('name') or d['model']}): {exc}") from None
+    except TypeError as exc:
+        raise MemplanError(f"--setups {source}: setup {i}: bad serving field: {exc}") from None
+    name = _unique(str(d.get("name") or f"{d['model']} serve {i}"), seen)
+    return Entry(name=name, model=model.name, source=source, estimate=est, estimate_from="current",
+                 gpu=gpu.name if gpu else None, kind="serve")
+
+
+def _serve_record_entry(source: str, rec: dict, seen: dict) -> Entry:
+    """A serving record, estimated now for its own GPU profile (none for a CPU record: no roofline)."""
+    from dataclasses import fields as dc_fields
+
+    from memplan.serve import ServeSetup
+    from memplan.spec.values import resolve_gpu, resolve_model
+
+    prof = (rec.get("gpu") or {}).get("profile")
+    notes = []
+    try:
+        g = resolve_gpu(prof) if prof else None
+    except MemplanError:
+        g, notes = None, [f"unknown GPU profile {prof}"]
+    names = {f.name for f in dc_fields(ServeSetup)}
+    try:
+        model = resolve_model(rec["model"])
+        est, how = _serve_estimate(model, {k: v for k, v in rec["setup"].items() if k in names}, g), "current"
+    except (MemplanError, TypeError) as exc:
+        est, how = rec.get("estimate") or None, "record" if rec.get("estimate") else "none"
+        notes.append(f"not re-estimated: {exc}")
+    label = rec.get("name") or f"{rec['model']} {(rec.get('record_id') or '')[:8]}".strip()
+    return Entry(name=_unique(str(label), seen), model=str(rec["model"]), source=source, estimate=est,
+                 estimate_from=how, record=rec, gpu=g.name if g else None, notes=tuple(notes), kind="serve")
+
+
+def serve_row(e: Entry) -> dict:
+    """Every number of one serving entry, flat: memory per GPU by category (estimate, device level) and measured,
+    vLLM's KV blocks and concurrency, speed (the roofline for the GPU; measured where recorded, its clock named)."""
+    est = e.estimate or {}
+    setup = est.get("setup") or (e.record or {}).get("setup") or {}
+    peak, thr, vllm = est.get("peak") or {}, est.get("throughput") or {}, est.get("vllm") or {}
+    m = e.measured or {}
+    mpeak, mcat = m.get("peak") or {}, m.get("categories") or {}
+    row = {"name": e.name, "source": e.source, "model": e.model, "kind": "serve",
+           "status": (e.record or {}).get("status", "estimate"), "device": (e.record or {}).get("device"),
+           "gpu": e.gpu or (est.get("gpu") or {}).get("name")}
+    for k in ("weights", "kv_dtype", "engine", "hf_cache", "tp", "concurrency", "prompt_len", "gen_len", "max_seq"):
+        row[f"serve_{k}"] = setup.get(k)
+    for c in SERVE_CATEGORIES:
+        row[f"est_{c}"] = (est.get("categories") or {}).get(c)
+    row.update(est_allocated=peak.get("allocated_bytes"), est_reserved=peak.get("reserved_bytes"),
+               est_device=peak.get("device_bytes"), est_phase=peak.get("phase"), fits=est.get("fits"),
+               headroom=est.get("headroom_bytes"), estimate_from=e.estimate_from,
+               gpu_memory=(est.get("gpu") or {}).get("memory_bytes"))
+    row.update(meas_allocated=mpeak.get("allocated_bytes"), meas_reserved=mpeak.get("reserved_bytes"),
+               meas_device=mpeak.get("device_bytes"), meas_phase=mpeak.get("phase"),
+               meas_weights=m.get("weights_bytes"),
+               meas_kv_cache=mcat.get("kv_cache", m.get("kv_cache_bytes")),
+               meas_activations=mcat.get("activations"))
+    row.update(err_allocated_pct=_pct(row["est_allocated"], row["meas_allocated"]),
+               err_reserved_pct=_pct(row["est_reserved"], row["meas_reserved"]),
+               err_device_pct=_pct(row["est_device"], row["meas_device"]),
+               err_weights_pct=_pct((est.get("weights") or {}).get("total"), row["meas_weights"]),
+               err_kv_cache_pct=_pct(row["est_kv_cache"], row["meas_kv_cache"]))
+    row.update(vllm_num_blocks=vllm.get("num_blocks"), vllm_block_size=vllm.get("block_size"),
+               vllm_max_concurrency=vllm.get("max_concurrency"),
+               vllm_concurrency_at_seq=vllm.get("concurrency_at_seq"))
+    row.update(pred_ttft_s=thr.get("ttft_s"), pred_decode_tokens_per_s_per_seq=thr.get("tokens_per_s_per_seq"),
+               pred_decode_tokens_per_s=thr.get("tokens_per_s_total"),
+               meas_ttft_s=m.get("ttft_s"), meas_decode_tokens_per_s_per_seq=m.get("decode_tokens_per_s_per_seq"),
+               meas_decode_tokens_per_s=m.get("decode_tokens_per_s"),
+               speed_clock=("CPU (perf_counter)" if m.get("clock") == "perf_counter" else
+                            "GPU (CUDA events)" if m.get("clock") else None))
+    return row
 
 
 def _pct(est, meas):

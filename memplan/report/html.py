@@ -114,8 +114,14 @@ def _cell(key: str, v) -> tuple[str, str]:
             return f"{100 * v:.1f}%", repr(v)
         if key.endswith("tokens_per_s"):
             return f"{v:,.0f}", repr(v)
+        if "tokens_per_s" in key:  # serving: decode tokens/s per sequence
+            return f"{v:,.1f}", repr(v)
         if key.endswith("_step_s"):
             return f"{v:.3f}", repr(v)
+        if key.endswith("_ttft_s"):  # serving: time to first token
+            return f"{v:.4f}", repr(v)
+        if key.startswith("vllm_"):  # serving: vLLM's blocks and concurrency (counts, not bytes)
+            return (f"{v:,}" if isinstance(v, int) else f"{v:,.2f}"), repr(v)
         if key.startswith(("est_", "meas_")) or key == "headroom":
             return f"{v / GiB:.2f}", repr(v)
         return f"{v:,}" if isinstance(v, int) else f"{v:.4g}", repr(v)
@@ -124,7 +130,8 @@ def _cell(key: str, v) -> tuple[str, str]:
 
 def header(key: str) -> str:
     """Column headings name the unit: byte columns are shown in GiB (the sort uses exact bytes)."""
-    if (key.startswith(("est_", "meas_")) and not key.endswith(("_phase", "tokens_per_s", "_mfu", "_step_s"))) \
+    if (key.startswith(("est_", "meas_")) and not key.endswith(("_phase", "tokens_per_s", "_mfu", "_step_s",
+                                                                 "_ttft_s", "tokens_per_s_per_seq"))) \
             or key == "headroom":
         return f"{key} (GiB)"
     return key
