@@ -400,7 +400,9 @@ def _run_sweep(suite, planned, selected, out, dev, info, gpu, chunk, nchunks, re
     done = done_ids(statuses, retry_errors)
     todo = [p for p in selected if p.record_id not in done]
     skipped = len(selected) - len(todo)
-    ranks = sw.rank_capacity(dev)
+    from memplan.measure.distributed import rank_capacity
+
+    ranks = rank_capacity(dev)
     todo, too_big = sw.split_by_capacity(todo, ranks)
     for p in too_big:
         typer.echo(f"{p.cfg.name}: skipped: needs {p.setup.gpus} GPUs, this node has {ranks} "

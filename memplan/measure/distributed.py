@@ -163,6 +163,14 @@ def _cuda_count() -> int:
 
 
 # ---- launching ---------------------------------------------------------------------------------------------------
+def rank_capacity(device: str) -> int:
+    """How many ranks a --gpus N configuration may use here: the CUDA GPUs present, or on the CPU
+    CPU_RANKS_PER_CORE per core."""
+    if device == "cuda":
+        return _cuda_count()
+    return (os.cpu_count() or 1) * CPU_RANKS_PER_CORE
+
+
 def choose_launcher(device: str, accelerate: bool | None = None) -> str:
     """"accelerate" on CUDA when accelerate is installed, else "torchrun" (see the module doc)."""
     if accelerate is None:

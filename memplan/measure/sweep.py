@@ -317,16 +317,6 @@ def plan(suite: Suite, device: str, gpu, max_minutes: float) -> list[Planned]:
     return out
 
 
-def rank_capacity(device: str) -> int:
-    """How many ranks a --gpus N configuration may use here: the CUDA GPUs present, or on the CPU
-    memplan.measure.distributed.CPU_RANKS_PER_CORE per core."""
-    from memplan.measure import distributed as dm
-
-    if device == "cuda":
-        return dm._cuda_count()
-    return (os.cpu_count() or 1) * dm.CPU_RANKS_PER_CORE
-
-
 def split_by_capacity(todo: list[Planned], capacity: int) -> tuple[list[Planned], list[Planned]]:
     """(the configurations this node can run, those needing more ranks than it has: skipped, no record written,
     so a bigger node measures them with --resume)."""
