@@ -51,6 +51,18 @@ def paged_line(paged_bytes: int) -> str:
             f"nvidia-smi does while they are resident); evicted to CPU RAM page by page when the GPU runs short")
 
 
+def lengths_lines(d: dict) -> list[str]:
+    """A length distribution's lines (Result.lengths, memplan.estimate.lengths)."""
+    if d["packing"]:
+        head = f"lengths: {d['distribution']}, packed into rows of {d['worst_length']} tokens (no padding)"
+    else:
+        head = (f"lengths: {d['distribution']}, padded to each batch's longest: worst batch {d['worst_length']} "
+                f"tokens (the peak above), expected {d['expected_length']:,.1f}, real {d['real_tokens_per_row']:,.1f} "
+                f"per row: {100 * d['padding_waste']:.1f}% of the tokens computed are padding")
+    return [head, f"  typical batch ({d['typical_length']} tokens): {d['typical_allocated_bytes'] / GiB:.2f} GiB "
+                  f"allocated, {d['typical_device_bytes'] / GiB:.2f} GiB device"]
+
+
 def flat(result: Result) -> dict:
     """One flat row: setup fields, categories, peaks (for CSV and sweeps)."""
     d = result.to_dict()
@@ -124,6 +136,8 @@ def table(r: Result) -> str:
         lines.append(host_ram_line(r.model_states.cpu_bytes, s))
     if r.model_states.paged_bytes:
         lines.append(paged_line(r.model_states.paged_bytes))
+    if r.lengths:
+        lines += lengths_lines(r.lengths)
     if r.gpu is not None:
         verdict = "fits" if r.fits else "does NOT fit"
         lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "
@@ -138,6 +152,9 @@ def table(r: Result) -> str:
         lines.append(f"throughput: {t['tokens_per_s']:,.0f} tokens/s per GPU{total}, step {t['step_s']:.3f} s "
                      f"(compute {t.get('compute_s', t['step_s']):.3f} s{comm}), MFU {100 * t['mfu']:.0f}%; "
                      f"assumed utilization: {t['mfu_source']}")
+        if "computed_tokens_per_s" in t:
+            lines.append(f"  real tokens only; {t['computed_tokens_per_s']:,.0f} tokens/s computed, "
+                         f"{100 * t['padding_waste']:.1f}% of them padding")
     for w in r.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -290,7 +290,7 @@ def plan(suite: Suite, device: str, gpu, max_minutes: float) -> list[Planned]:
     for cfg in suite.configs:
         try:
             spec = resolve_model(cfg.model)
-            setup = make_setup(**cfg.setup)
+            setup = make_setup(**cfg.setup, **({"lengths": cfg.lengths} if cfg.lengths != "fixed" else {}))
             g = resolve_gpu(cfg.gpu) if cfg.gpu else gpu
             check_measurable(spec, setup, MeasureOptions(device=device, steps=cfg.steps, warmup=cfg.warmup,
                                                          lengths=cfg.lengths))
@@ -358,7 +358,8 @@ def exit_text(code: int) -> str:
 
 def worker_command(p: Planned, device: str, results: Path, memory_cap_gib: float | None) -> list[str]:
     cmd = [sys.executable, "-m", "memplan", "measure", "--model", p.cfg.model, *p.flags, "--device", device,
-           "--steps", str(p.cfg.steps), "--warmup", str(p.cfg.warmup), "--lengths", p.cfg.lengths,
+           "--steps", str(p.cfg.steps), "--warmup", str(p.cfg.warmup),
+           *(["--lengths", p.cfg.lengths] if p.cfg.lengths != "fixed" else []),
            "--name", p.cfg.name, "--record-to", str(results)]
     if p.cfg.gpu:
         cmd += ["--gpu", p.cfg.gpu]
