@@ -100,6 +100,21 @@ def at_length(setup: TrainingSetup, length: int) -> TrainingSetup:
                    logits_to_keep=min(setup.logits_to_keep, length))
 
 
+def pack_row(setup: TrainingSetup, seed: int = 0) -> tuple[int, ...]:
+    """Document lengths of one packed row of --seq tokens: documents drawn from the distribution (a seeded draw)
+    laid end to end, the last one cut at the row's end (the trace's position_ids restart at 0 at each one)."""
+    import random
+
+    pairs = histogram(setup.lengths, setup.seq)
+    rng, docs, left = random.Random(seed), [], setup.seq
+    values, weights = [l for l, _ in pairs], [c for _, c in pairs]
+    while left > 0:
+        n = min(rng.choices(values, weights)[0], left)
+        docs.append(n)
+        left -= n
+    return tuple(docs)
+
+
 PACKING_MASK_NOTE = ("--packing with --attention {att}: transformers 5.24 reads the packed position_ids "
                      "(masking_utils.find_packed_sequence_indices) and builds a block-diagonal {b}×1×{s}×{s} boolean "
                      "mask ({mib:,.0f} MiB) for {att}; the fake-tensor trace cannot read the position_ids (data) and "
