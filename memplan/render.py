@@ -246,7 +246,9 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
     many = q.base.gpus > 1
     host = any(r.host_bytes for r in report.rows)
     speed = g.has_flops  # a GPU given by its memory alone: no speed columns (nothing is predicted)
+    shaped = q.base.lengths != "fixed" or any(r.setup.packing for r in report.rows)  # --lengths: padded / packed
     headers = (["#", "peft", "precision", "ckpt", "zero"] + (["engine", "offload"] if many else [])
+               + (["batches"] if shaped else [])
                + ["max batch", "max seq", "peak GiB"] + (["host GiB/node"] if host else [])
                + (["tokens/s/GPU", "step s", "MFU"] if speed else []) + ["optimizers (tie)"])
     body, starts, hidden = [], [], 0
@@ -258,6 +260,7 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
             s, t = r.setup, r.throughput
             body.append([ranks[id(r)], s.peft.value, s.precision.value, s.checkpointing.value, s.zero]
                         + ([s.engine.value, F.Offload.of(s).value] if many else [])
+                        + (["packed" if s.packing else "padded"] if shaped else [])
                         + [f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",
                            f"{r.peak_device_bytes / GiB:.2f}"]
                         + ([f"{r.host_bytes_per_node / GiB:.2f}" if r.host_bytes else "–"] if host else [])
@@ -279,6 +282,9 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
     lines.append(f"max batch at seq {q.seq}; max seq at batch {q.min_batch}; '+' = at the search cap; # = overall "
                  "rank." + (f" host GiB/node = offloaded CPU RAM per GPU × {min(q.base.gpus, q.base.gpus_per_node)} "
                             "GPUs per node." if host else ""))
+    if shaped:
+        lines.append(f"lengths {q.base.lengths[:60]}: padded rows at their worst batch's memory, packed rows of "
+                     "--seq; tokens/s counts real tokens only (padding left out)")
     lines.append(f"Throughput: {F.BATCH_NOTE}; assumed utilization: "
                  f"{report.rows[0].throughput['mfu_source'] if report.rows else ''}" if speed else
                  f"Throughput: not predicted, {g.label} has no FLOPS figure.")

@@ -60,6 +60,14 @@ def worst_length(setup: TrainingSetup) -> int:
     return padded(histogram(setup.lengths, setup.seq)[-1][0], setup.seq, setup.pad_multiple)
 
 
+def seq_bound(setup: TrainingSetup) -> int | None:
+    """The longest --seq that still changes padded batches of an absolute distribution (uniform / histogram): its
+    largest length; past it --seq truncates nothing (fit's sequence search stops there). None otherwise."""
+    if setup.packing or setup.lengths in ("fixed", "varied"):
+        return None
+    return histogram(setup.lengths, setup.seq)[-1][0]
+
+
 @dataclass(frozen=True)
 class LengthStats:
     """One setup's batches over its length distribution (per micro-batch row, tokens)."""
