@@ -125,12 +125,15 @@ def read_file(path: str) -> str:
                 raise MemplanError(f"--lengths {path}: entries are lengths or [length, count], got {item!r:.40}")
             counts[_int(pair[0], path)] += _int(pair[1], path)
     else:
+        first = True
         for i, line in enumerate(text.splitlines()):
             cells = [c.strip() for c in line.replace(";", ",").replace("\t", ",").split(",") if c.strip()]
             if not cells or cells[0].startswith("#"):
                 continue
-            if i == 0 and not cells[0].isdigit():  # a header: length,count
+            if first and not cells[0].isdigit():  # a header: length,count
+                first = False
                 continue
+            first = False
             if len(cells) > 2:
                 raise MemplanError(f"--lengths {path}: line {i + 1} has more than length,count")
             counts[_int(cells[0], path)] += _int(cells[1], path) if len(cells) == 2 else 1
