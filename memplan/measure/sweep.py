@@ -235,7 +235,8 @@ def _config(c: dict, suite: dict, i: int, where: str) -> SweepConfig:
     if unknown:
         raise MemplanError(f"{where}: configuration {label}: unknown key(s) {', '.join(sorted(unknown))}")
     c = _run_keys(c, f"{where}: configuration {label}: ")
-    setup = check_setup({k: v for k, v in c.items() if k in setup_keys}, f"{where}: configuration {label}: setup")
+    setup = check_setup({k: v for k, v in c.items() if k in setup_keys and k not in RUN_KEYS},  # lengths: a run key
+                        f"{where}: configuration {label}: setup")
     name = c.get("name") or f"{c['model']}-" + "-".join(f"{k}{v}" for k, v in sorted(setup.items())) or str(i)
     est = c.get("est_minutes")
     if est is not None and (isinstance(est, bool) or not isinstance(est, (int, float)) or not math.isfinite(est)
