@@ -108,7 +108,11 @@ def read_file(path: str) -> str:
 
     from memplan.spec.files import read_text
 
-    if not Path(path).exists():
+    try:
+        exists = Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        exists = False
+    if not exists:
         raise MemplanError(f"--lengths must be fixed, varied, uniform:A-B, hist:L*C,... or an existing file, "
                            f"got {path[:60]!r}")
     text = read_text(path, "--lengths", MAX_LENGTHS_FILE_BYTES)
