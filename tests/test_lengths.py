@@ -30,7 +30,7 @@ def test_canonical_spellings(text, want):
 
 
 @pytest.mark.parametrize("text", ["uniform:9-3", "uniform:0-5", "uniform:a-b", "hist:10*0", "hist:20*1,10*1",
-                                  "hist:10", "nope", "uniform:1-99999999"])
+                                  "hist:10", "nope", "uniform:1-99999999", "a" * 5000, "x\0y"])
 def test_bad_spellings_are_one_error(text):
     with pytest.raises(MemplanError):
         S.canonical(text)
