@@ -125,6 +125,9 @@ class Space:
     # --fp8 (fit's flag) searches these torchao float8 recipes beside none, on GPUs with fp8 tensor cores only
     # (GpuSpec.fp8; memplan.estimate.fp8): they change autocast's weight cache and the matmul rate
     fp8s: tuple[Fp8Recipe, ...] = (Fp8Recipe.NONE,)
+    # padded batches and/or packed rows (TrainingSetup.packing); fit's CLI searches both when --lengths gives a
+    # distribution (memplan.estimate.lengths: the worst padded batch vs a row of --seq, real tokens/s)
+    packings: tuple[bool, ...] = (False,)
 
     def __post_init__(self):
         for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros", "engines", "offloads"):
@@ -134,20 +137,20 @@ class Space:
             raise MemplanError(f"fit: ZeRO stages are 0-3, got {list(self.zeros)}")
 
     def choices(self, gpus: int):
-        """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward) tuples; one GPU has
+        """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward, fp8, packing) tuples; one GPU has
         nothing to shard or offload: ZeRO 0, the first engine, no offload; optimizer-in-backward runs on one GPU."""
         if gpus > 1:
             zeros, engines, offloads, inb = self.zeros, self.engines, self.offloads, (False,)
         else:
             zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
         return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads,
-                       inb, self.fp8s)
+                       inb, self.fp8s, self.packings)
 
     @property
     def size(self) -> int:
         return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
                 * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward)
-                * len(self.fp8s))
+                * len(self.fp8s) * len(self.packings))
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,9 @@ class FitRow:
                 "seq_at_cap": self.seq_at_cap, "peak_device_bytes": self.peak_device_bytes,
                 "headroom_bytes": self.headroom_bytes, "host_bytes_per_gpu": self.host_bytes,
                 "host_bytes_per_node": self.host_bytes_per_node, "tokens_per_s": t["tokens_per_s"],
-                "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"]}
+                "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"],
+                **({"packing": s.packing, "padding_waste": t.get("padding_waste", 0.0)}
+                   if s.lengths != "fixed" or s.packing else {})}
 
 
 @dataclass(frozen=True)
@@ -311,12 +316,13 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
-                  offload=Offload.NONE, in_backward=False, fp8=Fp8Recipe.NONE) -> TrainingSetup | None:
+                  offload=Offload.NONE, in_backward=False, fp8=Fp8Recipe.NONE, packing=False) -> TrainingSetup | None:
     try:
         if not ckpt.wraps_blocks and (base.ckpt_every != 1 or base.ckpt_reentrant):
             base = replace(base, ckpt_every=1, ckpt_reentrant=False)  # they apply to block-wrapping policies only
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
-                       engine=engine, optimizer_in_backward=in_backward, fp8=fp8, **offload.flags(engine))
+                       engine=engine, optimizer_in_backward=in_backward, fp8=fp8, **offload.flags(engine),
+                       packing=packing, pad_multiple=1 if packing else base.pad_multiple)
     except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
         return None
 
@@ -394,7 +400,7 @@ def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
     for r in rows:
         s = r.setup
         runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s),
-                                  s.optimizer_in_backward, s.fp8), [])
+                                  s.optimizer_in_backward, s.fp8, s.packing), [])
         for run in runs:
             if all(_ties(r, o, gpu) for o in run):
                 run.append(r)
@@ -420,7 +426,8 @@ def by_method(rows) -> list[tuple[PeftMethod, list[FitRow]]]:
 def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space(),
         sort: SortKey = SortKey.TOKENS) -> FitReport:
     """Search the space; see the module docstring."""
-    from memplan.estimate.throughput import predict
+    from memplan.estimate import lengths
+    from memplan.estimate.throughput import shaped_throughput
     from memplan.measure.utilization import utilization
 
     if gpu is None:
@@ -445,12 +452,13 @@ def fit(model: ModelSpec, gpu: GpuSpec, query: Query, space: Space = Space(),
             continue
         if m0 > limit:
             continue
-        batch, batch_cap, peak, longest, seq_cap_hit = _search_choice(setup, query, max_seq, limit, m0,
-                                                                      device_bytes)
+        bound = lengths.seq_bound(setup)  # an absolute length distribution: a longer --seq changes nothing
+        cap = max_seq if bound is None else max(query.seq, min(max_seq, bound))
+        batch, batch_cap, peak, longest, seq_cap_hit = _search_choice(setup, query, cap, limit, m0, device_bytes)
         best = replace(setup, batch=batch, seq=query.seq)
         if setup.precision not in utils:
             utils[setup.precision] = utilization(gpu, best)
-        thr = predict(model, best, gpu, utils[setup.precision]).to_dict()
+        thr = shaped_throughput(model, best, gpu, utils[setup.precision])  # real tokens/s over --lengths
         rows.append(FitRow(setup=best, max_batch=batch, batch_at_cap=batch_cap, max_seq=longest,
                            seq_at_cap=seq_cap_hit, peak_device_bytes=peak, headroom_bytes=gpu.memory_bytes - peak,
                            throughput=thr, host_bytes=_host_bytes(model, gpu, best)))

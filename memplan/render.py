@@ -52,6 +52,18 @@ def paged_line(paged_bytes: int) -> str:
             f"nvidia-smi does while they are resident); evicted to CPU RAM page by page when the GPU runs short")
 
 
+def lengths_lines(d: dict) -> list[str]:
+    """A length distribution's lines (Result.lengths, memplan.estimate.lengths)."""
+    if d["packing"]:
+        head = f"lengths: {d['distribution']}, packed into rows of {d['worst_length']} tokens (no padding)"
+    else:
+        head = (f"lengths: {d['distribution']}, padded to each batch's longest: worst batch {d['worst_length']} "
+                f"tokens (the peak above), expected {d['expected_length']:,.1f}, real {d['real_tokens_per_row']:,.1f} "
+                f"per row: {100 * d['padding_waste']:.1f}% of the tokens computed are padding")
+    return [head, f"  typical batch ({d['typical_length']} tokens): {d['typical_allocated_bytes'] / GiB:.2f} GiB "
+                  f"allocated, {d['typical_device_bytes'] / GiB:.2f} GiB device"]
+
+
 def flat(result: Result) -> dict:
     """One flat row: setup fields, categories, peaks (for CSV and sweeps)."""
     d = result.to_dict()
@@ -125,6 +137,8 @@ def table(r: Result) -> str:
         lines.append(host_ram_line(r.model_states.cpu_bytes, s))
     if r.model_states.paged_bytes:
         lines.append(paged_line(r.model_states.paged_bytes))
+    if r.lengths:
+        lines += lengths_lines(r.lengths)
     if r.gpu is not None:
         verdict = "fits" if r.fits else "does NOT fit"
         lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): {verdict}, headroom "
@@ -139,6 +153,9 @@ def table(r: Result) -> str:
         lines.append(f"throughput: {t['tokens_per_s']:,.0f} tokens/s per GPU{total}, step {t['step_s']:.3f} s "
                      f"(compute {t.get('compute_s', t['step_s']):.3f} s{comm}), MFU {100 * t['mfu']:.0f}%; "
                      f"assumed utilization: {t['mfu_source']}")
+        if "computed_tokens_per_s" in t:
+            lines.append(f"  real tokens only; {t['computed_tokens_per_s']:,.0f} tokens/s computed, "
+                         f"{100 * t['padding_waste']:.1f}% of them padding")
     for w in r.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -230,7 +247,9 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
     many = q.base.gpus > 1
     host = any(r.host_bytes for r in report.rows)
     speed = g.has_flops  # a GPU given by its memory alone: no speed columns (nothing is predicted)
+    shaped = q.base.lengths != "fixed" or any(r.setup.packing for r in report.rows)  # --lengths: padded / packed
     headers = (["#", "peft", "precision", "ckpt", "zero"] + (["engine", "offload"] if many else [])
+               + (["batches"] if shaped else [])
                + ["max batch", "max seq", "peak GiB"] + (["host GiB/node"] if host else [])
                + (["tokens/s/GPU", "step s", "MFU"] if speed else []) + ["optimizers (tie)"])
     body, starts, hidden = [], [], 0
@@ -242,6 +261,7 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
             s, t = r.setup, r.throughput
             body.append([ranks[id(r)], s.peft.value, s.precision.value, s.checkpointing.value, s.zero]
                         + ([s.engine.value, F.Offload.of(s).value] if many else [])
+                        + (["packed" if s.packing else "padded"] if shaped else [])
                         + [f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",
                            f"{r.peak_device_bytes / GiB:.2f}"]
                         + ([f"{r.host_bytes_per_node / GiB:.2f}" if r.host_bytes else "–"] if host else [])
@@ -264,6 +284,9 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
     lines.append(f"max batch at seq {q.seq}; max seq at batch {q.min_batch}; '+' = at the search cap; # = overall "
                  "rank." + (f" host GiB/node = offloaded CPU RAM per GPU × {min(q.base.gpus, q.base.gpus_per_node)} "
                             "GPUs per node." if host else ""))
+    if shaped:
+        lines.append(f"lengths {q.base.lengths[:60]}: padded rows at their worst batch's memory, packed rows of "
+                     "--seq; tokens/s counts real tokens only (padding left out)")
     lines.append(f"Throughput: {F.BATCH_NOTE}; assumed utilization: "
                  f"{report.rows[0].throughput['mfu_source'] if report.rows else ''}" if speed else
                  f"Throughput: not predicted, {g.label} has no FLOPS figure.")

@@ -117,6 +117,20 @@ TECHNIQUES = [
     dict(model="gpt2", precision="bf16", peft="full", batch=8, seq=512, fp8="tensorwise"),
     dict(model="qwen2.5-0.5b", precision="fsdp-bf16", peft="full", batch=2, seq=1024, zero=3, gpus=2,
          fp8="tensorwise"),
+    # length distributions (issue 13): the worst padded batch, and packed rows (position_ids restarting per document)
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=1024, lengths="uniform:64-768"),
+    dict(model="llama-3.2-1b", precision="pure-bf16", peft="full", batch=4, seq=1024, lengths="uniform:100-900",
+         pad_multiple=64),
+    dict(model="gpt2", precision="fp32", peft="full", batch=8, seq=1024, lengths="uniform:32-500", pad_multiple=8,
+         attention="eager"),
+    dict(model="opt-125m", precision="bf16", peft="lora", batch=8, seq=512,
+         lengths="hist:48*30,96*25,180*20,300*15,420*7,700*3"),
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, lengths="uniform:64-256",
+         packing=True),
+    dict(model="llama-3.2-1b", precision="bf16", peft="full", batch=2, seq=1024, lengths="uniform:100-600",
+         packing=True, checkpointing="full"),
+    dict(model="gpt2", precision="bf16", peft="full", batch=4, seq=1024, lengths="varied", packing=True,
+         attention="eager"),
 ]
 
 
@@ -179,8 +193,9 @@ def compare(kw: dict) -> Row:
 
 def features(setup: dict) -> list[str]:
     """Labels a row is summarized under."""
-    extra = [f"{k}={setup[k]}" for k in ("ckpt_every", "ckpt_reentrant", "loss", "logits_to_keep", "fp8")
-             if k in setup]
+    extra = [f"{k}={setup[k]}" for k in ("ckpt_every", "ckpt_reentrant", "loss", "logits_to_keep", "fp8", "packing",
+                                         "pad_multiple") if k in setup]
+    extra += ["lengths=" + setup["lengths"].split(":")[0]] if "lengths" in setup else []
     return [f"model={setup['model']}", f"precision={setup['precision']}", f"peft={setup['peft']}",
             f"checkpointing={setup['checkpointing']}", f"attention={setup['attention']}"] + extra
 

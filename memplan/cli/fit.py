@@ -84,7 +84,7 @@ def _offloads(text):
 
 
 def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None,
-           in_backward=False, fp8=None):
+           in_backward=False, fp8=None, packings=(False,)):
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -105,7 +105,8 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         engines=parse_choices("engine", engine) if engine else F.Space.engines,
         offloads=_offloads(offload) if offload else F.Space.offloads,
         in_backward=(False, True) if in_backward else F.Space.in_backward,
-        fp8s=tuple(dict.fromkeys((F.Fp8Recipe.NONE, *parse_choices("fp8", fp8)))) if fp8 else F.Space.fp8s)
+        fp8s=tuple(dict.fromkeys((F.Fp8Recipe.NONE, *parse_choices("fp8", fp8)))) if fp8 else F.Space.fp8s,
+        packings=packings)
 
 
 @with_config(FIT_PARAMS)
@@ -156,6 +157,13 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         ckpt_every: Annotated[int, typer.Option("--ckpt-every", help="full / op-selective choices wrap every "
                                                 "K-th block.")] = 1,
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient-accumulation steps.")] = 1,
+        lengths: Annotated[str, typer.Option("--lengths", help="Sequence lengths: fixed | varied | uniform:A-B | "
+                                             "FILE (memplan estimate --help): padded batches at their worst "
+                                             "batch's memory; packing searched too.")] = "fixed",
+        packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Only packed rows / only "
+                                                        "padded batches [default: both with --lengths].")] = None,
+        pad_multiple: Annotated[int, typer.Option("--pad-to-multiple-of", help="Padded batches: round up to a "
+                                                  "multiple of N.")] = 1,
         in_backward: Annotated[bool, typer.Option(
             "--optimizer-in-backward", help="Also search torchtune's optimizer-in-backward (each gradient stepped "
             "and freed inside backward; one GPU, --grad-accum 1).")] = False,
@@ -186,12 +194,17 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     spec = resolve_model(model)
     g = resolve_gpu(gpu)
+    from memplan.spec.lengths import canonical
+
+    lengths = canonical(lengths)
+    packings = (packing,) if packing is not None else (False, True) if lengths != "fixed" else (False,)
     space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward,
-                   fp8)
+                   fp8, packings)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,
                       train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0, loss=loss,
+                      lengths=lengths, pad_multiple=pad_multiple,
                       # --ckpt-every rides on the base; fit.py keeps it for the block-wrapping choices only
                       **({"checkpointing": "full", "ckpt_every": ckpt_every} if ckpt_every != 1 else {}))
     from memplan.estimate import gpu_checks

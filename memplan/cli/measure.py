@@ -25,11 +25,6 @@ class Device(str, Enum):
     cpu = "cpu"
 
 
-class Lengths(str, Enum):
-    fixed = "fixed"
-    varied = "varied"
-
-
 def default_results(stem: str, device: str, gpu_profile: str | None) -> Path:
     """reports/measurements/<gpu>/<stem>.jsonl for a GPU with a profile (the committed records); reports/
     <stem>-<device>.jsonl otherwise (CPU records are CI artefacts, never committed under measurements/)."""
@@ -146,8 +141,6 @@ def measure_cmd(
                                            "cuda when available, else an error.")] = Device.auto,
     steps: StepsOpt = 3,
     warmup: WarmupOpt = 1,
-    lengths: Annotated[Lengths, typer.Option("--lengths", help="Synthetic batches: fixed (batch × seq every step) "
-                                             "or varied (sequence lengths drawn in [seq/2, seq]).")] = Lengths.fixed,
     snapshot: Annotated[Optional[str], typer.Option("--snapshot", help="CUDA: write the memory-history snapshot "
                                                     "(torch.cuda.memory._record_memory_history) to FILE; open it at "
                                                     "pytorch.org/memory_viz.")] = None,
@@ -229,7 +222,7 @@ def measure_cmd(
             (timeout_s is not None and not multi):
         raise MemplanError("--resume, --no-retry-errors, --chunk, --max-minutes, --plan and --timeout-s need --sweep "
                            "(--timeout-s also applies to a --gpus / --zero job)")
-    return _measure_one(model, gpu, setup, device, steps, warmup, lengths.value, snapshot, results, memory_cap_gib,
+    return _measure_one(model, gpu, setup, device, steps, warmup, step_lengths(setup), snapshot, results, memory_cap_gib,
                         name, record_to, fmt, Progress("measure", progress and record_to is None), timeout_s)
 
 
@@ -284,6 +277,13 @@ def _measure_wrapped(command, gpu_opt, device, warmup, results, name, timeout_s,
         typer.echo(f"memplan: the measurement ended {rec['status']}: {rec['error']}", err=True)
         return 1
     return 0
+def step_lengths(setup) -> str:
+    """The record's run key `lengths` from the setup's --lengths (shared with estimate and trace since issue 13):
+    "fixed" when every step has the same shape (fixed lengths, or packed rows), else "varied" (padded batches drawn
+    per step from the distribution: memplan.measure.phases.lengths_for)."""
+    from memplan.estimate.lengths import shaped
+
+    return "varied" if shaped(setup) and not setup.packing else "fixed"
 
 
 def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot, results, memory_cap_gib, name,

@@ -97,6 +97,13 @@ SETUP_OPTIONS = [
     _setup("batch", int, 1, "-b", help="Micro-batch per GPU."),
     _setup("seq", Optional[int], None, "-s", help="Sequence length (tokens). [default: 2048, or the model's "
            "positions when it has fewer (GPT-2: 1024, BERT: 512)]"),
+    _setup("lengths", str, "fixed", help="Sequence lengths: fixed (every sequence --seq) | varied (uniform in "
+           "[seq/2, seq]) | uniform:A-B | FILE (CSV/JSON of length,count rows, or one length a line). Padded batches "
+           "take the batch's longest (capped at --seq): the peak is the worst batch's, speed the expected one's."),
+    _setup("packing", bool, False, help="Pack the sequences into rows of --seq tokens (TRL packing, torchtune "
+           "PackedDataset): no padding; the peak is a row of --seq."),
+    _setup("pad_multiple", int, 1, help="Padded batches: round the length up to a multiple of N "
+           "(DataCollatorWithPadding pad_to_multiple_of)."),
     _setup("grad_accum", int, 1, help="Gradient-accumulation steps (gradients live across micro-batches)."),
     _setup("checkpointing", str, "none", help="none | full | selective (Megatron: attention core) | op-selective "
            "(torchtitan per-op SAC) | every-K (full, every K-th block) activation checkpointing."),

@@ -6,9 +6,11 @@ the three levels.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from memplan.categories import Category as C
 from memplan.errors import MemplanError
-from memplan.estimate import deepspeed, fp8, techniques
+from memplan.estimate import deepspeed, fp8, lengths, techniques
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
@@ -92,6 +94,22 @@ def with_overhead(result: Result, overhead: Overhead = Overhead(), replaces: str
 
 def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None,
                   overhead: Overhead = Overhead()) -> Result:
+    """The estimate of one setup; with a length distribution or packing (memplan.estimate.lengths), the peak of the
+    worst padded batch (packing: a row of --seq), and the typical batch's peaks and the padding waste in `lengths`."""
+    if not lengths.shaped(setup):
+        return _estimate(model, setup, gpu, overhead)
+    validate(model, setup, gpu)
+    st = lengths.stats(setup)
+    worst = _estimate(model, lengths.at_length(setup, st.worst_length), gpu, overhead)
+    typical = worst if st.typical_length == st.worst_length else _estimate(
+        model, lengths.at_length(setup, st.typical_length), gpu, overhead)
+    note = lengths.mask_note(setup, st.worst_length)
+    return replace(worst, setup=setup, warnings=worst.warnings + ((note,) if note else ()), lengths={
+        **st.to_dict(), "typical_allocated_bytes": typical.peak.allocated_bytes,
+        "typical_device_bytes": typical.peak.device_bytes})
+
+
+def _estimate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None, overhead: Overhead) -> Result:
     warns = validate(model, setup, gpu)
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)

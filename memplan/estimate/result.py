@@ -62,6 +62,8 @@ class Result:
     warnings: tuple[str, ...] = ()
     throughput: Mapping[str, float] | None = None
     rank: int | None = None  # a traced / measured multi-GPU setup: the rank these bytes are (of setup.gpus)
+    lengths: Mapping | None = None  # a length distribution / packing: memplan.estimate.lengths.LengthStats.to_dict()
+    # with the allocated / device peaks of the typical batch ("typical_*_bytes")
 
     @property
     def fits(self) -> bool | None:
@@ -91,6 +93,8 @@ class Result:
             out["rank"], out["world"] = self.rank, self.setup.gpus
         if self.throughput:
             out["throughput"] = dict(self.throughput)
+        if self.lengths:
+            out["lengths"] = dict(self.lengths)
         if self.warnings:
             out["warnings"] = list(self.warnings)
         return out

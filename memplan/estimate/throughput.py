@@ -154,7 +154,23 @@ def with_throughput(result, model: ModelSpec, util: Utilization):
         return result
     if not result.gpu.has_flops:  # a GPU given by its memory alone (--gpu 48GiB): no speed is invented
         return replace(result, warnings=result.warnings + (NO_FLOPS_NOTE.format(label=result.gpu.label),))
-    return replace(result, throughput=predict(model, result.setup, result.gpu, util).to_dict())
+    return replace(result, throughput=shaped_throughput(model, result.setup, result.gpu, util))
+
+
+def shaped_throughput(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec, util: Utilization,
+                      overlap: Overlap = Overlap.FULL) -> dict:
+    """Throughput.to_dict(); over a length distribution (memplan.estimate.lengths) the step is the expected padded
+    batch's, tokens_per_s counts real tokens only and computed_tokens_per_s the padded ones (MFU is of the latter:
+    the GPU does that work)."""
+    from memplan.estimate import lengths
+
+    if not lengths.shaped(setup):
+        return predict(model, setup, gpu, util, overlap).to_dict()
+    st = lengths.stats(setup)
+    d = predict(model, lengths.at_length(setup, st.typical_length), gpu, util, overlap).to_dict()
+    real = (1 - st.waste) * st.expected_length / st.typical_length  # real tokens per computed (rounded) token
+    return {**d, "computed_tokens_per_s": d["tokens_per_s"], "tokens_per_s": d["tokens_per_s"] * real,
+            "tokens_per_s_total": d["tokens_per_s_total"] * real, "padding_waste": st.waste}
 
 
 NO_FLOPS_NOTE = ("{label}: no FLOPS figure, so no throughput is predicted (a --gpu FILE.toml with a [tflops] table "

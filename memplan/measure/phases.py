@@ -118,12 +118,19 @@ class Recorder:
 
 # ---- batches and steps -------------------------------------------------------------------------------------------
 def lengths_for(setup: TrainingSetup, lengths: str, seed: int, n: int) -> list[int]:
-    """Sequence length of each of n steps: the setup's, or ("varied") drawn uniformly in [seq/2, seq]."""
-    if lengths == "fixed":
+    """Padded length of each of n steps' batches: --seq ("fixed", and packed rows), or ("varied") the longest of
+    `batch` lengths drawn from the setup's distribution (memplan.spec.lengths; `varied` = uniform in [seq/2, seq]),
+    capped at --seq and rounded up to --pad-to-multiple-of (memplan.estimate.lengths.padded)."""
+    from memplan.estimate.lengths import padded
+    from memplan.spec.lengths import VARIED, histogram, is_fixed
+
+    if lengths == "fixed" or setup.packing:
         return [setup.seq] * n
     rng = random.Random(seed)
-    lo = max(1, setup.seq // 2)
-    return [rng.randint(lo, setup.seq) for _ in range(n)]
+    pairs = histogram(VARIED if is_fixed(setup.lengths) else setup.lengths, setup.seq)
+    values, weights = [l for l, _ in pairs], [c for _, c in pairs]
+    return [padded(max(rng.choices(values, weights, k=setup.batch)), setup.seq, setup.pad_multiple)
+            for _ in range(n)]
 
 
 Batches = Callable[[int], tuple[dict, int]]  # step index -> (batch, tokens the optimizer step trains on)

@@ -235,7 +235,8 @@ def _config(c: dict, suite: dict, i: int, where: str) -> SweepConfig:
     if unknown:
         raise MemplanError(f"{where}: configuration {label}: unknown key(s) {', '.join(sorted(unknown))}")
     c = _run_keys(c, f"{where}: configuration {label}: ")
-    setup = check_setup({k: v for k, v in c.items() if k in setup_keys}, f"{where}: configuration {label}: setup")
+    setup = check_setup({k: v for k, v in c.items() if k in setup_keys and k not in RUN_KEYS},  # lengths: a run key
+                        f"{where}: configuration {label}: setup")
     name = c.get("name") or f"{c['model']}-" + "-".join(f"{k}{v}" for k, v in sorted(setup.items())) or str(i)
     est = c.get("est_minutes")
     if est is not None and (isinstance(est, bool) or not isinstance(est, (int, float)) or not math.isfinite(est)
@@ -290,7 +291,7 @@ def plan(suite: Suite, device: str, gpu, max_minutes: float) -> list[Planned]:
     for cfg in suite.configs:
         try:
             spec = resolve_model(cfg.model)
-            setup = make_setup(**cfg.setup)
+            setup = make_setup(**cfg.setup, **({"lengths": cfg.lengths} if cfg.lengths != "fixed" else {}))
             g = resolve_gpu(cfg.gpu) if cfg.gpu else gpu
             check_measurable(spec, setup, MeasureOptions(device=device, steps=cfg.steps, warmup=cfg.warmup,
                                                          lengths=cfg.lengths))
@@ -364,7 +365,8 @@ def exit_text(code: int) -> str:
 
 def worker_command(p: Planned, device: str, results: Path, memory_cap_gib: float | None) -> list[str]:
     cmd = [sys.executable, "-m", "memplan", "measure", "--model", p.cfg.model, *p.flags, "--device", device,
-           "--steps", str(p.cfg.steps), "--warmup", str(p.cfg.warmup), "--lengths", p.cfg.lengths,
+           "--steps", str(p.cfg.steps), "--warmup", str(p.cfg.warmup),
+           *(["--lengths", p.cfg.lengths] if p.cfg.lengths != "fixed" else []),
            "--name", p.cfg.name, "--record-to", str(results)]
     if p.cfg.gpu:
         cmd += ["--gpu", p.cfg.gpu]

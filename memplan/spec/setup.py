@@ -238,6 +238,9 @@ class LoraConfig:
             raise MemplanError(f"--lora-alpha must be positive, got {self.alpha}")
 
 
+# Fields added after measurement records existed: left out of to_dict() at their default (record ids unchanged)
+LATE_FIELDS = ("fp8", "lengths", "packing", "pad_multiple")
+
 # TrainingSetup's DeepSpeed integer knobs (element counts)
 DS_INTS = ("ds_reduce_bucket_size", "ds_allgather_bucket_size", "ds_prefetch_bucket_size", "ds_max_live_parameters",
            "ds_max_reuse_distance", "ds_param_persistence_threshold", "ds_sub_group_size")
@@ -288,12 +291,19 @@ class TrainingSetup:
     ds_contiguous_gradients: bool = True  # contiguous_gradients = True
     ds_overlap_comm: bool | None = None  # overlap_comm = None: True at stage 3, else False (overlap_comm_valid)
     fp8: Fp8Recipe = Fp8Recipe.NONE  # torchao float8 training of the blocks' linears (Fp8Recipe)
+    # Sequence lengths (memplan.spec.lengths, docs/memory-techniques.md): the distribution as canonical text; padded
+    # batches (HF dynamic padding to the batch's longest, capped at seq, rounded up to pad_multiple) or packing
+    # (documents concatenated into rows of seq tokens, TRL packing / torchtune PackedDataset)
+    lengths: str = "fixed"
+    packing: bool = False
+    pad_multiple: int = 1  # DataCollatorWithPadding(pad_to_multiple_of=...); 1 = none
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
-                            "batch", "seq", "grad_accum", "ckpt_every", "loss_chunks", "logits_to_keep", *DS_INTS),
+                            "batch", "seq", "grad_accum", "ckpt_every", "loss_chunks", "logits_to_keep", *DS_INTS,
+                            "pad_multiple"),
                      ("ckpt_reentrant", "offload_optimizer", "offload_params", "sync_each_batch", "bucket_view",
-                      "ds_contiguous_gradients", "optimizer_in_backward"),
+                      "ds_contiguous_gradients", "optimizer_in_backward", "packing"),
                      ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig),
@@ -322,6 +332,7 @@ class TrainingSetup:
         self._check_in_backward()
         self._check_techniques()
         self._check_fp8()
+        self._check_lengths()
 
     def _check_fp8(self) -> None:
         """What torchao's float8 training runs with (Fp8Recipe): half-precision compute, full training of the
@@ -337,6 +348,19 @@ class TrainingSetup:
         if self.engine is Engine.DEEPSPEED:
             raise MemplanError("--fp8 runs torchao's Float8Linear under PyTorch's engines (--engine fsdp), not "
                                "DeepSpeed")
+
+    def _check_lengths(self) -> None:
+        """--lengths / --packing / --pad-to-multiple-of (memplan.spec.lengths): a distribution that parses; rounding
+        only pads a padded batch."""
+        from memplan.spec.lengths import histogram
+
+        if not isinstance(self.lengths, str):
+            raise MemplanError(f"setup field lengths must be text (fixed, uniform:A-B, ...), got {self.lengths!r:.40}")
+        histogram(self.lengths, self.seq)  # raises on a bad spelling
+        if self.pad_multiple < 1:
+            raise MemplanError(f"--pad-to-multiple-of must be positive, got {self.pad_multiple}")
+        if self.pad_multiple > 1 and self.packing:
+            raise MemplanError("--pad-to-multiple-of pads a padded batch; --packing makes full rows of --seq tokens")
 
     def _check_in_backward(self) -> None:
         """What torchtune's optimizer_in_bwd runs with (recipes/full_finetune_single_device.py refuses gradient
@@ -431,11 +455,13 @@ class TrainingSetup:
         return -(-self.gpus // self.gpus_per_node)
 
     def to_dict(self) -> dict:
+        """Every field, except those of LATE_FIELDS at their default (so a record's id, a hash of this, stays what it
+        was before they existed: memplan.measure.record.record_id)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name in LATE_FIELDS and v == f.default:
+                continue
             out[f.name] = asdict(v) if f.name == "lora" else (v.value if isinstance(v, Enum) else v)
         out["lora"]["targets"] = list(self.lora.targets)
-        if self.fp8 is Fp8Recipe.NONE:  # added after records were written: left out at its default, so the
-            del out["fp8"]  # record ids (memplan.measure.record.record_id) of earlier setups stay the same
         return out

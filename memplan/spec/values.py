@@ -44,6 +44,7 @@ SETUP_FLAGS = {
     "ds_contiguous_gradients": "--ds-contiguous-gradients/--no-ds-contiguous-gradients",
     "ds_overlap_comm": "--ds-overlap-comm/--no-ds-overlap-comm",
     "fp8": "--fp8",
+    "lengths": "--lengths", "packing": "--packing/--no-packing", "pad_multiple": "--pad-to-multiple-of",
 }
 
 
@@ -147,6 +148,10 @@ def make_setup(**kw) -> TrainingSetup:
     if unknown:
         raise MemplanError(f"unknown setup field(s): {', '.join(sorted(unknown))}")
     args = {k: _coerce(k, v) for k, v in kw.items() if v is not None}
+    if "lengths" in args:  # the user's spelling (a FILE is read here) as the stored text (memplan.spec.lengths)
+        from memplan.spec.lengths import canonical
+
+        args["lengths"] = canonical(args["lengths"])
     if lora:
         args["lora"] = LoraConfig(**lora)
     return TrainingSetup(**args)

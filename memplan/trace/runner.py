@@ -9,6 +9,7 @@ import torch
 
 from memplan.categories import Category, Phase
 from memplan.errors import MemplanError
+from memplan.estimate import lengths
 from memplan.estimate.result import ModelStates, Peak, Result
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Precision, TrainingSetup
@@ -140,9 +141,10 @@ def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round
     corrections (memplan.trace.cuda, item 4). observer(model, optimizer, batch) may return a context manager
     entered around the reported iteration (e.g. a MemTracker, to compare its peak with result.peak).
     """
+    run = _shaped_run if lengths.shaped(setup) else _trace_run
     with quiet():
         try:
-            return _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer)
+            return run(spec, setup, fake, round_to, cuda_kernels, timeline, observer)
         except RuntimeError as exc:
             if "Expected inputs of BF16 type" in str(exc):  # torch's grouped_mm (MoE experts) meta kernel
                 raise MemplanError(f"{spec.name} with {setup.precision.value} is not traceable: its MoE experts "
@@ -151,15 +153,46 @@ def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round
             raise
 
 
-def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) -> TraceRun:
+def _shaped_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) -> TraceRun:
+    """A length distribution / packing (memplan.estimate.lengths): the step of the worst padded batch (the padding
+    mask all ones, as the estimate assumes: lengths.mask_note), or of a packed row with its position_ids restarting
+    at each document (TRL's padding-free / torchtune's packed batches)."""
+    from dataclasses import replace
+
+    length = lengths.worst_length(setup)
+    docs = lengths.pack_row(setup) if setup.packing else None
+    run = _trace_run(spec, lengths.at_length(setup, length), fake, round_to, cuda_kernels, timeline, observer, docs)
+    shape = (f"a packed row of {length} tokens ({len(docs)} documents, position_ids restarting at each)" if docs
+             else f"the worst padded batch, {setup.batch} × {length} tokens")
+    note = lengths.mask_note(setup, length)
+    run.result = replace(run.result, setup=setup, warnings=run.result.warnings + (f"traced at {shape}",)
+                         + ((note,) if note else ()))
+    return run
+
+
+def packed_positions(docs: tuple[int, ...], batch: int) -> torch.Tensor:
+    """position_ids of `batch` packed rows of documents `docs` (each restarting at 0), as TRL's padding-free
+    collator (DataCollatorWithFlattening) and torchtune's PackedDataset make them."""
+    row = torch.cat([torch.arange(n) for n in docs])
+    return row.unsqueeze(0).expand(batch, -1).contiguous()
+
+
+def _trace_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer, docs=None) -> TraceRun:
     built = build(spec, setup)
     if not distributed.engaged(setup) or torch.distributed.is_initialized():  # the caller's group, if any
-        return _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer)
+        return _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer, docs)
     with distributed.fake_world(distributed.worst_rank(built, setup), setup.gpus):
-        return _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer)
+        return _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer, docs)
 
 
-def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer) -> TraceRun:
+def _batch(spec, setup, docs) -> dict:
+    b = make_batch(spec, setup.batch, setup.seq)
+    if docs:
+        b["position_ids"] = packed_positions(docs, setup.batch)
+    return b
+
+
+def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer, docs=None) -> TraceRun:
     tracker = AllocTracker(round_to=round_to, fake=fake, op_hooks=cuda.op_hooks() if cuda_kernels else None)
     warnings = list(built.warnings)
     if cuda_kernels and setup.precision is Precision.FP32 and setup.attention.value != "eager":
@@ -169,7 +202,7 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
                             "and torch falls back to the math kernel (s² scores); the trace shows the fused kernel")
     warnings.append(NO_OVERHEAD)
     with tracked_session(built, setup, tracker, fake=fake,
-                         batch=lambda: make_batch(spec, setup.batch, setup.seq)) as session:
+                         batch=lambda: _batch(spec, setup, docs)) as session:
         loop, batch, load_peak = session.loop, session.batch, session.load_peak
         handles = install_marks(built, tracker)
         for it in range(ITERATIONS - 1):
