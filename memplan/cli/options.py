@@ -108,6 +108,8 @@ SETUP_OPTIONS = [
     _setup("loss_chunks", int, 8, help="--loss chunked: number of output chunks."),
     _setup("logits_to_keep", int, 0, help="Logits and loss of the last K positions only (transformers "
            "logits_to_keep, TRL GRPO); 0 = all."),
+    _setup("offload_activations", bool, False, help="torchtune's enable_activation_offloading (OffloadActivations): "
+           "saved activations of 1 KiB or more copied to pinned host RAM in forward, brought back in backward."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
     _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
     _setup("ds_reduce_bucket_size", int, 500_000_000, help="--engine deepspeed: reduce_bucket_size (elements)."),

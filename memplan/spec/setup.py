@@ -213,6 +213,9 @@ class LoraConfig:
             raise MemplanError(f"--lora-alpha must be positive, got {self.alpha}")
 
 
+# TrainingSetup fields to_dict leaves out while at their default (record ids stay those of earlier records)
+OMIT_AT_DEFAULT = ("offload_activations",)
+
 # TrainingSetup's DeepSpeed integer knobs (element counts)
 DS_INTS = ("ds_reduce_bucket_size", "ds_allgather_bucket_size", "ds_prefetch_bucket_size", "ds_max_live_parameters",
            "ds_max_reuse_distance", "ds_param_persistence_threshold", "ds_sub_group_size")
@@ -262,12 +265,15 @@ class TrainingSetup:
     ds_sub_group_size: int = 1_000_000_000  # sub_group_size = pp_int(1e9)
     ds_contiguous_gradients: bool = True  # contiguous_gradients = True
     ds_overlap_comm: bool | None = None  # overlap_comm = None: True at stage 3, else False (overlap_comm_valid)
+    offload_activations: bool = False  # torchtune's enable_activation_offloading (training.OffloadActivations,
+    # torchtune 0.6.1 training/_activation_offloading.py): saved activations copied to pinned host memory in forward,
+    # brought back in backward (memplan.estimate.offload, memplan.trace.offload)
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
                             "batch", "seq", "grad_accum", "ckpt_every", "loss_chunks", "logits_to_keep", *DS_INTS),
                      ("ckpt_reentrant", "offload_optimizer", "offload_params", "sync_each_batch", "bucket_view",
-                      "ds_contiguous_gradients", "optimizer_in_backward"),
+                      "ds_contiguous_gradients", "optimizer_in_backward", "offload_activations"),
                      ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig),
@@ -295,6 +301,7 @@ class TrainingSetup:
         self._check_deepspeed()
         self._check_in_backward()
         self._check_techniques()
+        self._check_offload_activations()
 
     def _check_in_backward(self) -> None:
         """What torchtune's optimizer_in_bwd runs with (recipes/full_finetune_single_device.py refuses gradient
@@ -309,6 +316,12 @@ class TrainingSetup:
                                "gradient for inf before any step): use bf16, pure-bf16, bf16-master or fp32")
         if self.gpus > 1 or self.zero > 0:
             raise MemplanError("--optimizer-in-backward is modelled on one GPU (no --gpus / --zero)")
+
+    def _check_offload_activations(self) -> None:
+        """torchtune runs OffloadActivations in its single-device and distributed recipes; memplan models it on one
+        GPU (the engines' per-rank states are not combined with it yet)."""
+        if self.offload_activations and (self.gpus > 1 or self.zero > 0):
+            raise MemplanError("--offload-activations is modelled on one GPU (no --gpus / --zero)")
 
     def _check_techniques(self) -> None:
         """Checkpointing policies and losses (Checkpointing, Loss): the knobs only mean something with their policy."""
@@ -389,9 +402,13 @@ class TrainingSetup:
         return -(-self.gpus // self.gpus_per_node)
 
     def to_dict(self) -> dict:
+        """Every field, but those of OMIT_AT_DEFAULT left at their default (a record's id hashes this dict: fields
+        added later keep the ids of records that do not use them)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name in OMIT_AT_DEFAULT and v == f.default:
+                continue
             out[f.name] = asdict(v) if f.name == "lora" else (v.value if isinstance(v, Enum) else v)
         out["lora"]["targets"] = list(self.lora.targets)
         return out

@@ -42,6 +42,7 @@ SETUP_FLAGS = {
     "ds_param_persistence_threshold": "--ds-param-persistence-threshold", "ds_sub_group_size": "--ds-sub-group-size",
     "ds_contiguous_gradients": "--ds-contiguous-gradients/--no-ds-contiguous-gradients",
     "ds_overlap_comm": "--ds-overlap-comm/--no-ds-overlap-comm",
+    "offload_activations": "--offload-activations",
 }
 
 
