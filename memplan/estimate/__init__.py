@@ -95,6 +95,13 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     warns = validate(model, setup, gpu)
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)
+    if setup.offload_activations:  # the offloaded copies are host RAM (memplan.estimate.offload)
+        from dataclasses import replace
+
+        from memplan.estimate import offload
+
+        ms = replace(ms, cpu_bytes=ms.cpu_bytes + offload.terms_of(model, setup).host)
+        warns += offload.warnings(setup)
     states = step_states(model, setup, p, ms, activations(model, setup))
     peak, phase_totals = peaks(states)
     allocated = peak.total

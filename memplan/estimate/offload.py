@@ -7,6 +7,14 @@ NoOpManager around model.output) and the loss (outside the context) keep theirs 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
+from memplan.categories import Category as C, Phase
+from memplan.spec.model import Arch, ModelSpec, Stack
+from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
+from memplan.units import round_block
+
 MIN_OFFLOAD_SIZE = 1024  # OffloadActivations(min_offload_size=1024), torchtune 0.6.1
 MAX_FWD_STASH_SIZE = 5  # OffloadActivations(max_fwd_stash_size=5), torchtune 0.6.1
 
@@ -16,3 +24,131 @@ def pinned_bytes(nbytes: int) -> int:
     (torch 2.13 ATen/core/CachingHostAllocator.h, `c10::llvm::PowerOf2Ceil(size)` below pinned_max_round_threshold,
     unlimited by default)."""
     return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+# ---- the estimator's terms ------------------------------------------------------------------------------------
+ESTIMATE_NOTE = ("--offload-activations: torchtune's OffloadActivations (use_streams=True, max_fwd_stash_size 5, "
+                 "min_offload_size 1024 B); host RAM is pinned (power-of-two blocks); the PCIe copies are assumed to "
+                 "overlap compute on their own stream up to the host link's time (memplan.estimate.throughput)")
+NO_CKPT_NOTE = ("--offload-activations without --checkpointing: torchtune's recipes refuse it "
+                "(enable_activation_offloading needs enable_activation_checkpointing); OffloadActivations itself "
+                "runs so, offloading every saved tensor (weight views included) and bringing each back in backward")
+
+
+@dataclass(frozen=True)
+class OffloadTerms:
+    """What OffloadActivations leaves on the device and moves to the host, per micro-batch (bytes).
+
+    head_loss  what the LM head and the loss save (NoOpManager / outside the context): on the device.
+    stash      the forward stash at the forward's end: the tensors the last saves before the head offloaded
+               (the final norm's saves and its input), held until the first backward node that brings any back.
+    window     without checkpointing, the tensors brought back while a block's backward runs: the current
+               autograd node's and the previous one's (bwd_tensor_stash), at most two of a block's largest saves
+               and two of its matmul weights (a saved `weight.t()` is a view, not a Parameter: offloaded too).
+    host       pinned host bytes of one forward's offloaded copies (each save its own copy).
+    """
+
+    head_loss: int
+    stash: int
+    window: int
+    host: int
+
+
+def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, block_saves) -> OffloadTerms:
+    """OffloadTerms of `setup`; `block_saves` is [(bytes per token of each storage a block saves, bytes per token
+    per key position of its s² ones, that block's matmul weights saved)] first block to last (memplan.estimate.
+    activations.block_saves)."""
+    t, s = setup.model_tokens, setup.model_seq
+    r = 4 if setup.precision.autocast else (2 if setup.precision.param_bytes == 2 else 4)
+    stash = max(acts.outside - acts.early - head_loss, 0) + r * model.hidden * t
+    host = pinned_bytes(acts.early) if acts.early else 0
+    host += pinned_bytes(stash - r * model.hidden * t) + pinned_bytes(r * model.hidden * t)
+    window = 0
+    for i, (lin, sq, weights) in enumerate(block_saves):
+        if acts.ckpt(i):
+            host += pinned_bytes(acts.block_input) if acts.per_block[i] else 0
+            continue
+        sizes = [int(b * t) for b in lin if b * t >= MIN_OFFLOAD_SIZE] + [int(b * t * s) for b in sq]
+        host += sum(pinned_bytes(n) for n in sizes) + sum(pinned_bytes(w) for w in weights)
+        top = sorted(sizes, reverse=True)[:2] + sorted(weights, reverse=True)[:2]
+        window = max(window, sum(top))
+    return OffloadTerms(head_loss, stash, window, host)
+
+
+def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
+           half_outside: int, blocks: int) -> tuple:
+    """The step's states (memplan.estimate.phases.State) with what OffloadActivations moves off the device:
+    activations at each moment as OffloadTerms says, the weight casts saved in the blocks offloaded (autocast's
+    cache keeps the trainable ones to the forward's end; the head's stays saved)."""
+    from memplan.estimate.phases import Moment, State
+
+    hl, st = terms.head_loss, terms.stash
+    block_casts = max(casts_bwd - half_outside, 0) // max(blocks, 1)
+
+    def own(j: int, softmax: bool) -> int:
+        if acts.ckpt(j):  # recomputed on the device (the checkpoint's recomputation is not offloaded)
+            return (acts.at_softmax_bwd[j] if softmax and acts.at_softmax_bwd else acts.full_per_block[j])
+        return terms.window if (acts.full_per_block and acts.full_per_block[j]) else 0
+
+    resident = {Moment.FORWARD: hl + st, Moment.BACKWARD_START: hl + st, Moment.LOSS_BACKWARD: hl + st,
+                Moment.HEAD_BACKWARD: hl - acts.loss // max(acts.loss_chunks, 1) + st,
+                Moment.HEAD_GRAD_CAST: hl - acts.loss + st}
+    low = next((i for i, b in enumerate(acts.full_per_block) if b), 0)
+    out = []
+    for s in states:
+        c = dict(s.categories)
+        if s.name in resident:
+            c[C.ACTIVATIONS] = resident[s.name]
+        elif s.name is Moment.TOP_BLOCK:
+            c[C.ACTIVATIONS] = own(-1, False)
+        elif s.name is Moment.TOP_BLOCK_SOFTMAX:
+            c[C.ACTIVATIONS] = own(-1, True)
+        elif s.name in (Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_TRAINED_BLOCK):
+            c[C.ACTIVATIONS] = own(low, False)
+            c[C.TEMPORARIES] -= block_casts
+        elif s.name in (Moment.LOWEST_SAVED_BLOCK_SOFTMAX, Moment.LOWEST_TRAINED_BLOCK_SOFTMAX):
+            c[C.ACTIVATIONS] = own(low, True)
+            c[C.TEMPORARIES] -= block_casts
+        if s.name is Moment.FORWARD:
+            c[C.TEMPORARIES] += half_cached - half_fwd
+        elif s.phase is Phase.BACKWARD and s.name in (Moment.BACKWARD_START, Moment.LOSS_BACKWARD,
+                                                      Moment.HEAD_BACKWARD, Moment.HEAD_GRAD_CAST,
+                                                      Moment.TOP_BLOCK, Moment.TOP_BLOCK_SOFTMAX):
+            c[C.TEMPORARIES] += half_outside - casts_bwd
+        out.append(State(s.name, s.phase, c))
+    return tuple(out)
+
+
+def warnings(setup: TrainingSetup) -> list[str]:
+    if not setup.offload_activations:
+        return []
+    return [ESTIMATE_NOTE] + ([NO_CKPT_NOTE] if setup.checkpointing is Checkpointing.NONE else [])
+
+
+def stack_of_blocks(model: ModelSpec) -> list[Stack]:
+    """The stack of each block, first to last (encoder blocks before the decoder's)."""
+    main = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER
+    return [Stack.ENCODER] * model.encoder_layers + [main] * model.layers
+
+
+@lru_cache(maxsize=256)
+def terms_of(model: ModelSpec, setup: TrainingSetup) -> OffloadTerms:
+    """OffloadTerms of `setup` on `model` (cached: the step's states and the host line both read them)."""
+    from memplan.estimate.activations import activations, block_saved, head_and_loss, make_ctx
+
+    acts = activations(model, setup)
+    t = setup.model_tokens
+    wb = setup.precision.compute_bytes if setup.precision.autocast else setup.precision.param_bytes
+    w_train = setup.peft in (PeftMethod.FULL, PeftMethod.BITFIT, PeftMethod.FREEZE)
+    saves, cache = [], {}
+    for i, stack in enumerate(stack_of_blocks(model)):
+        if not acts.full_per_block or not acts.full_per_block[i]:
+            saves.append(((), (), ()))
+            continue
+        if stack not in cache:
+            sv = block_saved(model, make_ctx(model, setup, w_train), stack)
+            weights = tuple(round_block(wb * l.in_features * l.out_features) for l in model.linears
+                            if l.stack is stack and not l.output)
+            cache[stack] = (tuple(sv.lin.values()), tuple(sv.sq.values()), weights)
+        saves.append(cache[stack])
+    return offload_terms(model, setup, acts, head_and_loss(model, setup), saves)
