@@ -122,6 +122,9 @@ class Space:
     # --optimizer-in-backward (fit's flag) searches (False, True): torchtune's optimizer_in_bwd frees each gradient
     # inside backward (one GPU, --grad-accum 1; memplan.estimate.phases.in_backward)
     in_backward: tuple[bool, ...] = (False,)
+    # --offload-activations (fit's flag) searches (False, True): torchtune's OffloadActivations (one GPU;
+    # memplan.estimate.offload): less device memory, host RAM and host-link time in its place
+    offload_activations: tuple[bool, ...] = (False,)
 
     def __post_init__(self):
         for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros", "engines", "offloads"):
@@ -131,19 +134,22 @@ class Space:
             raise MemplanError(f"fit: ZeRO stages are 0-3, got {list(self.zeros)}")
 
     def choices(self, gpus: int):
-        """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward) tuples; one GPU has
-        nothing to shard or offload: ZeRO 0, the first engine, no offload; optimizer-in-backward runs on one GPU."""
+        """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward, offload_activations)
+        tuples; one GPU has nothing to shard or offload: ZeRO 0, the first engine, no offload; optimizer-in-backward
+        and activation offloading run on one GPU."""
         if gpus > 1:
-            zeros, engines, offloads, inb = self.zeros, self.engines, self.offloads, (False,)
+            zeros, engines, offloads, inb, acts = self.zeros, self.engines, self.offloads, (False,), (False,)
         else:
             zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
+            acts = self.offload_activations
         return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads,
-                       inb)
+                       inb, acts)
 
     @property
     def size(self) -> int:
         return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
-                * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward))
+                * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward)
+                * len(self.offload_activations))
 
 
 @dataclass(frozen=True)
@@ -307,12 +313,13 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
-                  offload=Offload.NONE, in_backward=False) -> TrainingSetup | None:
+                  offload=Offload.NONE, in_backward=False, offload_activations=False) -> TrainingSetup | None:
     try:
         if not ckpt.wraps_blocks and (base.ckpt_every != 1 or base.ckpt_reentrant):
             base = replace(base, ckpt_every=1, ckpt_reentrant=False)  # they apply to block-wrapping policies only
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
-                       engine=engine, optimizer_in_backward=in_backward, **offload.flags(engine))
+                       engine=engine, optimizer_in_backward=in_backward, offload_activations=offload_activations,
+                       **offload.flags(engine))
     except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
         return None
 
@@ -390,7 +397,7 @@ def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
     for r in rows:
         s = r.setup
         runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s),
-                                  s.optimizer_in_backward), [])
+                                  s.optimizer_in_backward, s.offload_activations), [])
         for run in runs:
             if all(_ties(r, o, gpu) for o in run):
                 run.append(r)

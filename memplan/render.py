@@ -22,7 +22,8 @@ def technique_label(s) -> str:
     """The checkpointing-policy and loss knobs a setup changes from their defaults (docs/memory-techniques.md)."""
     parts = [f"every {s.ckpt_every} blocks" if s.ckpt_every != 1 else "", "reentrant" if s.ckpt_reentrant else "",
              f"loss {s.loss.value}" + (f":{s.loss_chunks}" if s.loss.value == "chunked" else "")
-             if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else ""]
+             if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else "",
+             "activations offloaded" if getattr(s, "offload_activations", False) else ""]
     return "".join(f" · {p}" for p in parts if p)
 
 def engine_label(setup) -> str:
@@ -239,7 +240,8 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
         starts.append((len(body), method, len(rows), len(rows) - len(shown)))
         for r in shown:
             s, t = r.setup, r.throughput
-            body.append([ranks[id(r)], s.peft.value, s.precision.value, s.checkpointing.value, s.zero]
+            body.append([ranks[id(r)], s.peft.value, s.precision.value,
+                         s.checkpointing.value + (" +offload" if s.offload_activations else ""), s.zero]
                         + ([s.engine.value, F.Offload.of(s).value] if many else [])
                         + [f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",
                            f"{r.peak_device_bytes / GiB:.2f}"]

@@ -84,7 +84,7 @@ def _offloads(text):
 
 
 def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None,
-           in_backward=False):
+           in_backward=False, offload_activations=False):
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -104,7 +104,8 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         zeros=zeros,
         engines=parse_choices("engine", engine) if engine else F.Space.engines,
         offloads=_offloads(offload) if offload else F.Space.offloads,
-        in_backward=(False, True) if in_backward else F.Space.in_backward)
+        in_backward=(False, True) if in_backward else F.Space.in_backward,
+        offload_activations=(False, True) if offload_activations else F.Space.offload_activations)
 
 
 @with_config(FIT_PARAMS)
@@ -158,6 +159,9 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         in_backward: Annotated[bool, typer.Option(
             "--optimizer-in-backward", help="Also search torchtune's optimizer-in-backward (each gradient stepped "
             "and freed inside backward; one GPU, --grad-accum 1).")] = False,
+        offload_activations: Annotated[bool, typer.Option(
+            "--offload-activations", help="Also search torchtune's activation offloading (saved activations in "
+            "pinned host RAM, one GPU).")] = False,
         top: Annotated[Optional[int], typer.Option(
             "--top", help="Show the first N rows (per PEFT method in a grouped table) [default: 5 per method in a "
             "table, all in json/csv; 0 = all].")] = None,
@@ -181,7 +185,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     spec = resolve_model(model)
     g = resolve_gpu(gpu)
-    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward)
+    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward,
+                   offload_activations)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,

@@ -52,6 +52,10 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
     if setup.peft is PeftMethod.FREEZE and setup.train_layers > model.blocks:
         raise MemplanError(f"--train-layers {setup.train_layers} exceeds the model's {model.blocks} blocks")
     warns += techniques.validate(model, setup)  # checkpointing policies and losses
+    if setup.offload_activations:
+        from memplan.estimate import offload
+
+        warns += offload.warnings(setup)
     if setup.engine is Engine.DEEPSPEED:
         warns.append(deepspeed.ESTIMATE_ONLY)
     if setup.zero > 0 and setup.gpus == 1:
@@ -101,7 +105,7 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
         from memplan.estimate import offload
 
         ms = replace(ms, cpu_bytes=ms.cpu_bytes + offload.terms_of(model, setup).host)
-        warns += offload.warnings(setup)
+        warns.append(offload.ESTIMATE_NOTE)
     states = step_states(model, setup, p, ms, activations(model, setup))
     peak, phase_totals = peaks(states)
     allocated = peak.total

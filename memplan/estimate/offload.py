@@ -27,9 +27,16 @@ def pinned_bytes(nbytes: int) -> int:
 
 
 # ---- the estimator's terms ------------------------------------------------------------------------------------
-ESTIMATE_NOTE = ("--offload-activations: torchtune's OffloadActivations (use_streams=True, max_fwd_stash_size 5, "
-                 "min_offload_size 1024 B); host RAM is pinned (power-of-two blocks); the PCIe copies are assumed to "
-                 "overlap compute on their own stream up to the host link's time (memplan.estimate.throughput)")
+ESTIMATE_NOTE = ("--offload-activations: the host-link copies (each offloaded save to the host in forward and back "
+                 "in backward) are timed over the GPU profile's host_link_gbs and assumed to overlap compute on "
+                 "OffloadActivations' second stream (use_streams=True): the step takes the longer of the two")
+TRACE_NOTE = ("--offload-activations: the trace runs torchtune 0.6.1's OffloadActivations decisions "
+              "(memplan.trace.offload); streams are no-ops on the CPU, so the forward stash is held as its code holds "
+              "it with every copy finished at once (the no-overlap bound); host copies are counted as host RAM "
+              "(pinned, power-of-two blocks), not device memory")
+MEASURE_CPU_NOTE = ("--offload-activations on --device cpu: host and device are the same memory, so the measurement "
+                    "shows the hook running and what stays on the device side of memplan's tracker (host copies "
+                    "counted apart), not a device saving or PCIe time")
 NO_CKPT_NOTE = ("--offload-activations without --checkpointing: torchtune's recipes refuse it "
                 "(enable_activation_offloading needs enable_activation_checkpointing); OffloadActivations itself "
                 "runs so, offloading every saved tensor (weight views included) and bringing each back in backward")
@@ -46,12 +53,14 @@ class OffloadTerms:
                autograd node's and the previous one's (bwd_tensor_stash), at most two of a block's largest saves
                and two of its matmul weights (a saved `weight.t()` is a view, not a Parameter: offloaded too).
     host       pinned host bytes of one forward's offloaded copies (each save its own copy).
+    copied     bytes those copies move over the host link each way (before the pinned rounding).
     """
 
     head_loss: int
     stash: int
     window: int
     host: int
+    copied: int = 0
 
 
 def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, block_saves) -> OffloadTerms:
@@ -61,18 +70,18 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
     t, s = setup.model_tokens, setup.model_seq
     r = 4 if setup.precision.autocast else (2 if setup.precision.param_bytes == 2 else 4)
     stash = max(acts.outside - acts.early - head_loss, 0) + r * model.hidden * t
-    host = pinned_bytes(acts.early) if acts.early else 0
-    host += pinned_bytes(stash - r * model.hidden * t) + pinned_bytes(r * model.hidden * t)
+    sizes = [acts.early, stash - r * model.hidden * t, r * model.hidden * t]  # embeddings', final norm's
     window = 0
     for i, (lin, sq, weights) in enumerate(block_saves):
         if acts.ckpt(i):
-            host += pinned_bytes(acts.block_input) if acts.per_block[i] else 0
+            sizes.append(acts.block_input if acts.per_block[i] else 0)
             continue
-        sizes = [int(b * t) for b in lin if b * t >= MIN_OFFLOAD_SIZE] + [int(b * t * s) for b in sq]
-        host += sum(pinned_bytes(n) for n in sizes) + sum(pinned_bytes(w) for w in weights)
-        top = sorted(sizes, reverse=True)[:2] + sorted(weights, reverse=True)[:2]
-        window = max(window, sum(top))
-    return OffloadTerms(head_loss, stash, window, host)
+        block = [int(b * t) for b in lin] + [int(b * t * s) for b in sq] + list(weights)
+        sizes += block
+        acts_only = sorted(block[:len(lin) + len(sq)], reverse=True)[:2]
+        window = max(window, sum(acts_only) + sum(sorted(weights, reverse=True)[:2]))
+    sizes = [n for n in sizes if n >= MIN_OFFLOAD_SIZE]
+    return OffloadTerms(head_loss, stash, window, sum(pinned_bytes(n) for n in sizes), sum(sizes))
 
 
 def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
@@ -120,9 +129,10 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
 
 
 def warnings(setup: TrainingSetup) -> list[str]:
+    """Every tier's note on an offloading setup (estimate.validate)."""
     if not setup.offload_activations:
         return []
-    return [ESTIMATE_NOTE] + ([NO_CKPT_NOTE] if setup.checkpointing is Checkpointing.NONE else [])
+    return [NO_CKPT_NOTE] if setup.checkpointing is Checkpointing.NONE else []
 
 
 def stack_of_blocks(model: ModelSpec) -> list[Stack]:

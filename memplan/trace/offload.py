@@ -21,6 +21,8 @@ and torchtune.modules, and calls torch.cuda at construction), so its code cannot
   stay on the device. Here the head's forward pre-hook pauses offloading until the forward-with-loss returns.
   (torchtune's recipes refuse offloading without activation checkpointing; the context itself runs either way.)
 
+On CUDA (memplan measure --device cuda) the same class runs with pinned host copies on the one compute stream:
+torchtune's decisions and holding rules, without its second stream's overlap (its time is the no-overlap bound).
 On the CPU streams do not exist: every copy is complete when it returns, so the trace is the no-overlap bound of
 the stash (the device tensors the stash keeps are held exactly as the code holds them; CUDA only frees them
 later when a copy is still running, and keeps record_stream'd tensors until their stream work completes).
@@ -47,7 +49,7 @@ class OffloadActivations(saved_tensors_hooks):
         self.tracker = tracker
         self.min_tensor_size_bytes = min_offload_size
         self.max_fwd_stash_size = max_fwd_stash_size
-        self.saved: dict[int, tuple[torch.Tensor, bool]] = {}  # torchtune's `tracker`: id -> (tensor, offloaded)
+        self.saved: dict = {}  # torchtune's `tracker`: id -> (tensor, its device if offloaded, else None)
         self.tensor_id = 0
         self.fwd_stash: dict[int, torch.Tensor] = {}
         self.bwd_tensor_stash: dict[int, torch.Tensor] = {}
@@ -79,18 +81,19 @@ class OffloadActivations(saved_tensors_hooks):
                     del self.fwd_stash[i]
                 else:
                     break
+            pin = activation.device.type == "cuda"  # use_pin_memory=True (a CPU-only build cannot pin)
             with self._host():
-                cpu_tensor = torch.empty_like(activation, device="cpu")
+                cpu_tensor = torch.empty_like(activation, pin_memory=pin, device="cpu")
                 cpu_tensor.copy_(activation)
             if self.tracker is not None:
                 self.tracker.resize(cpu_tensor, pinned_bytes(num_bytes))
             self.offloaded_bytes += pinned_bytes(num_bytes)
-            self.saved[tensor_id] = (cpu_tensor, True)
+            self.saved[tensor_id] = (cpu_tensor, activation.device)
             self._mark_saved(activation)  # held by the stash until the copy is known done
             self.fwd_stash[tensor_id] = activation
         else:
             self._mark_saved(activation)
-            self.saved[tensor_id] = (activation, False)
+            self.saved[tensor_id] = (activation, None)
         return tensor_id
 
     # ---- backward -------------------------------------------------------------------------------------------
@@ -102,8 +105,8 @@ class OffloadActivations(saved_tensors_hooks):
             torch.autograd.variable.Variable._execution_engine.queue_callback(self._release_all)
             self.is_first_backward_call = False
             self.is_first_forward_call = True
-        tensor, modified = self.saved.pop(tensor_id)
-        if not modified:
+        tensor, device = self.saved.pop(tensor_id)  # device: where an offloaded tensor came from (None: kept)
+        if device is None:
             return tensor
         graph_id = torch._C._current_graph_task_id()
         node = torch._C._current_autograd_node()
@@ -115,7 +118,7 @@ class OffloadActivations(saved_tensors_hooks):
         if not brought_back:
             tensor = self.fwd_stash[tensor_id]
         else:
-            tensor = tensor.clone()  # the host-to-device copy (`.to("cuda", non_blocking=True)`): a new device tensor
+            tensor = tensor.to(device, copy=True)  # `.to("cuda", non_blocking=True)`: a new device tensor
             self._mark_saved(tensor)
             self.bwd_tensor_stash[tensor_id] = tensor
             storage_refcount = torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)

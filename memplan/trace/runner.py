@@ -167,6 +167,10 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
         if spec.kv_heads != spec.heads:
             warnings.append("fp32 SDPA with grouped-query attention: CUDA's memory-efficient kernel rejects GQA "
                             "and torch falls back to the math kernel (s² scores); the trace shows the fused kernel")
+    if setup.offload_activations:
+        from memplan.estimate.offload import TRACE_NOTE
+
+        warnings.append(TRACE_NOTE)
     warnings.append(NO_OVERHEAD)
     with tracked_session(built, setup, tracker, fake=fake,
                          batch=lambda: make_batch(spec, setup.batch, setup.seq)) as session:
