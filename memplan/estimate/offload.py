@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from memplan.categories import Category as C, Phase
 from memplan.spec.model import Arch, ModelSpec, Stack
+from memplan.spec.traits import PositionKind
 from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
 from memplan.units import round_block
 
@@ -52,6 +53,10 @@ class OffloadTerms:
     window     without checkpointing, the tensors brought back while a block's backward runs: the current
                autograd node's and the previous one's (bwd_tensor_stash), at most two of a block's largest saves
                and two of its matmul weights (a saved `weight.t()` is a view, not a Parameter: offloaded too).
+    carry      the previous step's first-block input, when that block is checkpointed and its input needs no
+               gradient (frozen embeddings: LoRA and the other PEFT methods): OffloadActivations keeps a reference
+               to the last autograd node that brought tensors back (`curr_autograd_node`), which holds it until
+               the next backward's first such node (the final norm's). The trace shows it; so does CUDA.
     host       pinned host bytes of one forward's offloaded copies (each save its own copy).
     copied     bytes those copies move over the host link each way (before the pinned rounding).
     """
@@ -59,6 +64,7 @@ class OffloadTerms:
     head_loss: int
     stash: int
     window: int
+    carry: int
     host: int
     copied: int = 0
 
@@ -81,7 +87,14 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
         acts_only = sorted(block[:len(lin) + len(sq)], reverse=True)[:2]
         window = max(window, sum(acts_only) + sum(sorted(weights, reverse=True)[:2]))
     sizes = [n for n in sizes if n >= MIN_OFFLOAD_SIZE]
-    return OffloadTerms(head_loss, stash, window, sum(pinned_bytes(n) for n in sizes), sum(sizes))
+    w_train = setup.peft in (PeftMethod.FULL, PeftMethod.BITFIT)
+    if acts.ckpt(-1) and not w_train:  # a frozen final norm offloads four saves: the last block's input stays
+        stash += acts.block_input
+    carry = 0
+    if acts.ckpt(0) and not w_train:  # the first block's inputs: its hidden states and the rotary cos / sin
+        rotary = model.traits.position is PositionKind.ROTARY
+        carry = acts.block_input + (2 * r * t * (model.q_dim // model.heads) if rotary else 0)
+    return OffloadTerms(head_loss, stash, window, carry, sum(pinned_bytes(n) for n in sizes), sum(sizes))
 
 
 def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
@@ -91,7 +104,7 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
     cache keeps the trainable ones to the forward's end; the head's stays saved)."""
     from memplan.estimate.phases import Moment, State
 
-    hl, st = terms.head_loss, terms.stash
+    hl, st = terms.head_loss, terms.stash + terms.carry
     block_casts = max(casts_bwd - half_outside, 0) // max(blocks, 1)
 
     def own(j: int, softmax: bool) -> int:
@@ -108,6 +121,8 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
         c = dict(s.categories)
         if s.name in resident:
             c[C.ACTIVATIONS] = resident[s.name]
+        elif s.phase is Phase.OPTIMIZER_STEP:
+            c[C.ACTIVATIONS] += terms.carry
         elif s.name is Moment.TOP_BLOCK:
             c[C.ACTIVATIONS] = own(-1, False)
         elif s.name is Moment.TOP_BLOCK_SOFTMAX:
