@@ -207,7 +207,8 @@ class FitRow:
                 "seq_at_cap": self.seq_at_cap, "peak_device_bytes": self.peak_device_bytes,
                 "headroom_bytes": self.headroom_bytes, "host_bytes_per_gpu": self.host_bytes,
                 "host_bytes_per_node": self.host_bytes_per_node, "tokens_per_s": t["tokens_per_s"],
-                "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"]}
+                "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"],
+                "offload_activations": s.offload_activations}
 
 
 @dataclass(frozen=True)
@@ -288,10 +289,10 @@ def _largest(grid: _Grid, mem: Callable[[int], int | None], limit: int, guess: f
 
 
 def _host_bytes(model: ModelSpec, gpu: GpuSpec, setup: TrainingSetup) -> int:
-    """Bytes one GPU's offloaded states take in CPU RAM (0 without offload)."""
+    """Bytes one GPU's offloaded states (or activations) take in CPU RAM (0 without offload)."""
     from memplan.estimate import estimate_spec
 
-    if not (setup.offload_optimizer or setup.offload_params):
+    if not (setup.offload_optimizer or setup.offload_params or setup.offload_activations):
         return 0
     return int(estimate_spec(model, setup, gpu).model_states.cpu_bytes)
 
