@@ -174,3 +174,12 @@ def test_fit_searches_offloading(capsys):
     by = {r["offload_activations"]: r for r in rows}
     assert set(by) == {False, True}
     assert by[True]["max_batch"] >= by[False]["max_batch"] and by[True]["host_bytes_per_gpu"] > 0
+
+
+def test_the_moments_offload_adjusts_are_the_estimators():
+    """memplan.estimate.offload names the step's moments by value (it cannot import phases): each is a Moment."""
+    from memplan.estimate import offload
+    from memplan.estimate.phases import Moment
+
+    names = {offload.FORWARD, *offload.HELD_CASTS, *offload.LOWEST, *offload.LOWEST_SOFTMAX}
+    assert names <= {m.value for m in Moment}

@@ -97,13 +97,21 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
     return OffloadTerms(head_loss, stash, window, carry, sum(pinned_bytes(n) for n in sizes), sum(sizes))
 
 
+# the step's moments (memplan.estimate.phases.Moment, a str enum: compared by value, so this module does not
+# import phases, which imports it)
+FORWARD, BACKWARD_START, LOSS_BACKWARD = "forward", "backward start", "loss backward"
+HEAD_BACKWARD, HEAD_GRAD_CAST = "LM-head backward", "LM-head gradient cast"
+TOP_BLOCK, TOP_BLOCK_SOFTMAX = "top block backward", "top block softmax backward"
+LOWEST = ("lowest saved block backward", "lowest trained block backward")
+LOWEST_SOFTMAX = ("lowest saved block softmax backward", "lowest trained block softmax backward")
+HELD_CASTS = (BACKWARD_START, LOSS_BACKWARD, HEAD_BACKWARD, HEAD_GRAD_CAST, TOP_BLOCK, TOP_BLOCK_SOFTMAX)
+
+
 def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
            half_outside: int, blocks: int) -> tuple:
     """The step's states (memplan.estimate.phases.State) with what OffloadActivations moves off the device:
     activations at each moment as OffloadTerms says, the weight casts saved in the blocks offloaded (autocast's
     cache keeps the trainable ones to the forward's end; the head's stays saved)."""
-    from memplan.estimate.phases import Moment, State
-
     hl, st = terms.head_loss, terms.stash + terms.carry
     block_casts = max(casts_bwd - half_outside, 0) // max(blocks, 1)
 
@@ -112,34 +120,27 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
             return (acts.at_softmax_bwd[j] if softmax and acts.at_softmax_bwd else acts.full_per_block[j])
         return terms.window if (acts.full_per_block and acts.full_per_block[j]) else 0
 
-    resident = {Moment.FORWARD: hl + st, Moment.BACKWARD_START: hl + st, Moment.LOSS_BACKWARD: hl + st,
-                Moment.HEAD_BACKWARD: hl - acts.loss // max(acts.loss_chunks, 1) + st,
-                Moment.HEAD_GRAD_CAST: hl - acts.loss + st}
+    resident = {FORWARD: hl + st, BACKWARD_START: hl + st, LOSS_BACKWARD: hl + st,
+                HEAD_BACKWARD: hl - acts.loss // max(acts.loss_chunks, 1) + st, HEAD_GRAD_CAST: hl - acts.loss + st}
     low = next((i for i, b in enumerate(acts.full_per_block) if b), 0)
     out = []
     for s in states:
         c = dict(s.categories)
-        if s.name in resident:
-            c[C.ACTIVATIONS] = resident[s.name]
+        name = s.name.value
+        if name in resident:
+            c[C.ACTIVATIONS] = resident[name]
         elif s.phase is Phase.OPTIMIZER_STEP:
             c[C.ACTIVATIONS] += terms.carry
-        elif s.name is Moment.TOP_BLOCK:
-            c[C.ACTIVATIONS] = own(-1, False)
-        elif s.name is Moment.TOP_BLOCK_SOFTMAX:
-            c[C.ACTIVATIONS] = own(-1, True)
-        elif s.name in (Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_TRAINED_BLOCK):
-            c[C.ACTIVATIONS] = own(low, False)
+        elif name in (TOP_BLOCK, TOP_BLOCK_SOFTMAX):
+            c[C.ACTIVATIONS] = own(-1, name == TOP_BLOCK_SOFTMAX)
+        elif name in LOWEST + LOWEST_SOFTMAX:
+            c[C.ACTIVATIONS] = own(low, name in LOWEST_SOFTMAX)
             c[C.TEMPORARIES] -= block_casts
-        elif s.name in (Moment.LOWEST_SAVED_BLOCK_SOFTMAX, Moment.LOWEST_TRAINED_BLOCK_SOFTMAX):
-            c[C.ACTIVATIONS] = own(low, True)
-            c[C.TEMPORARIES] -= block_casts
-        if s.name is Moment.FORWARD:
+        if name == FORWARD:
             c[C.TEMPORARIES] += half_cached - half_fwd
-        elif s.phase is Phase.BACKWARD and s.name in (Moment.BACKWARD_START, Moment.LOSS_BACKWARD,
-                                                      Moment.HEAD_BACKWARD, Moment.HEAD_GRAD_CAST,
-                                                      Moment.TOP_BLOCK, Moment.TOP_BLOCK_SOFTMAX):
+        elif name in HELD_CASTS:
             c[C.TEMPORARIES] += half_outside - casts_bwd
-        out.append(State(s.name, s.phase, c))
+        out.append(s._replace(categories=c))
     return tuple(out)
 
 
