@@ -134,8 +134,9 @@ def table(r: Result) -> str:
         many = t.get("tokens_per_s_total", 0) > t["tokens_per_s"]
         total = f" ({t['tokens_per_s_total']:,.0f} in all)" if many else ""
         comm = f", communication {t['comm_s']:.3f} s" if t.get("comm_s") else ""
-        if t.get("comm_s") and t.get("link"):
-            comm += f" over {t['link']}" + (f", {t['host_s']:.3f} s of it offload copies" if t.get("host_s") else "")
+        if t.get("comm_s") and (t.get("link") or t.get("host_s")):  # (one GPU: activation offloading's copies)
+            comm += (f" over {t['link']}" if t.get("link") else "") + (
+                f", {t['host_s']:.3f} s of it offload copies" if t.get("host_s") else "")
         lines.append(f"throughput: {t['tokens_per_s']:,.0f} tokens/s per GPU{total}, step {t['step_s']:.3f} s "
                      f"(compute {t.get('compute_s', t['step_s']):.3f} s{comm}), MFU {100 * t['mfu']:.0f}%; "
                      f"assumed utilization: {t['mfu_source']}")
