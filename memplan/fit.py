@@ -128,6 +128,9 @@ class Space:
     # padded batches and/or packed rows (TrainingSetup.packing); fit's CLI searches both when --lengths gives a
     # distribution (memplan.estimate.lengths: the worst padded batch vs a row of --seq, real tokens/s)
     packings: tuple[bool, ...] = (False,)
+    # --offload-activations (fit's flag) searches (False, True): torchtune's OffloadActivations (one GPU;
+    # memplan.estimate.offload): less device memory, host RAM and host-link time in its place
+    offload_activations: tuple[bool, ...] = (False,)
 
     def __post_init__(self):
         for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros", "engines", "offloads"):
@@ -137,20 +140,22 @@ class Space:
             raise MemplanError(f"fit: ZeRO stages are 0-3, got {list(self.zeros)}")
 
     def choices(self, gpus: int):
-        """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward, fp8, packing) tuples; one GPU has
-        nothing to shard or offload: ZeRO 0, the first engine, no offload; optimizer-in-backward runs on one GPU."""
+        """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward, fp8, packing,
+        offload_activations) tuples; one GPU has nothing to shard or offload: ZeRO 0, the first engine, no offload;
+        optimizer-in-backward and activation offloading run on one GPU."""
         if gpus > 1:
-            zeros, engines, offloads, inb = self.zeros, self.engines, self.offloads, (False,)
+            zeros, engines, offloads, inb, acts = self.zeros, self.engines, self.offloads, (False,), (False,)
         else:
             zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
+            acts = self.offload_activations
         return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads,
-                       inb, self.fp8s, self.packings)
+                       inb, self.fp8s, self.packings, acts)
 
     @property
     def size(self) -> int:
         return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
                 * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward)
-                * len(self.fp8s) * len(self.packings))
+                * len(self.fp8s) * len(self.packings) * len(self.offload_activations))
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,7 @@ class FitRow:
                 "headroom_bytes": self.headroom_bytes, "host_bytes_per_gpu": self.host_bytes,
                 "host_bytes_per_node": self.host_bytes_per_node, "tokens_per_s": t["tokens_per_s"],
                 "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"],
+                "offload_activations": s.offload_activations,
                 **({"packing": s.packing, "padding_waste": t.get("padding_waste", 0.0)}
                    if s.lengths != "fixed" or s.packing else {})}
 
@@ -291,10 +297,10 @@ def _largest(grid: _Grid, mem: Callable[[int], int | None], limit: int, guess: f
 
 
 def _host_bytes(model: ModelSpec, gpu: GpuSpec, setup: TrainingSetup) -> int:
-    """Bytes one GPU's offloaded states take in CPU RAM (0 without offload)."""
+    """Bytes one GPU's offloaded states (or activations) take in CPU RAM (0 without offload)."""
     from memplan.estimate import estimate_spec
 
-    if not (setup.offload_optimizer or setup.offload_params):
+    if not (setup.offload_optimizer or setup.offload_params or setup.offload_activations):
         return 0
     return int(estimate_spec(model, setup, gpu).model_states.cpu_bytes)
 
@@ -316,13 +322,15 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
-                  offload=Offload.NONE, in_backward=False, fp8=Fp8Recipe.NONE, packing=False) -> TrainingSetup | None:
+                  offload=Offload.NONE, in_backward=False, fp8=Fp8Recipe.NONE, packing=False,
+                  offload_activations=False) -> TrainingSetup | None:
     try:
         if not ckpt.wraps_blocks and (base.ckpt_every != 1 or base.ckpt_reentrant):
             base = replace(base, ckpt_every=1, ckpt_reentrant=False)  # they apply to block-wrapping policies only
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
                        engine=engine, optimizer_in_backward=in_backward, fp8=fp8, **offload.flags(engine),
-                       packing=packing, pad_multiple=1 if packing else base.pad_multiple)
+                       packing=packing, pad_multiple=1 if packing else base.pad_multiple,
+                       offload_activations=offload_activations)
     except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
         return None
 
@@ -400,7 +408,7 @@ def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
     for r in rows:
         s = r.setup
         runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s),
-                                  s.optimizer_in_backward, s.fp8, s.packing), [])
+                                  s.optimizer_in_backward, s.fp8, s.packing, s.offload_activations), [])
         for run in runs:
             if all(_ties(r, o, gpu) for o in run):
                 run.append(r)

@@ -23,7 +23,8 @@ def technique_label(s) -> str:
     parts = [f"every {s.ckpt_every} blocks" if s.ckpt_every != 1 else "", "reentrant" if s.ckpt_reentrant else "",
              f"loss {s.loss.value}" + (f":{s.loss_chunks}" if s.loss.value == "chunked" else "")
              if s.loss.value != "standard" else "", f"logits-to-keep {s.logits_to_keep}" if s.logits_to_keep else "",
-             f"fp8 {s.fp8.value}" if s.fp8.value != "none" else ""]
+             f"fp8 {s.fp8.value}" if s.fp8.value != "none" else "",
+             "activations offloaded" if getattr(s, "offload_activations", False) else ""]
     return "".join(f" · {p}" for p in parts if p)
 
 def engine_label(setup) -> str:
@@ -148,8 +149,9 @@ def table(r: Result) -> str:
         many = t.get("tokens_per_s_total", 0) > t["tokens_per_s"]
         total = f" ({t['tokens_per_s_total']:,.0f} in all)" if many else ""
         comm = f", communication {t['comm_s']:.3f} s" if t.get("comm_s") else ""
-        if t.get("comm_s") and t.get("link"):
-            comm += f" over {t['link']}" + (f", {t['host_s']:.3f} s of it offload copies" if t.get("host_s") else "")
+        if t.get("comm_s") and (t.get("link") or t.get("host_s")):  # (one GPU: activation offloading's copies)
+            comm += (f" over {t['link']}" if t.get("link") else "") + (
+                f", {t['host_s']:.3f} s of it offload copies" if t.get("host_s") else "")
         lines.append(f"throughput: {t['tokens_per_s']:,.0f} tokens/s per GPU{total}, step {t['step_s']:.3f} s "
                      f"(compute {t.get('compute_s', t['step_s']):.3f} s{comm}), MFU {100 * t['mfu']:.0f}%; "
                      f"assumed utilization: {t['mfu_source']}")
@@ -259,7 +261,8 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
         starts.append((len(body), method, len(rows), len(rows) - len(shown)))
         for r in shown:
             s, t = r.setup, r.throughput
-            body.append([ranks[id(r)], s.peft.value, s.precision.value, s.checkpointing.value, s.zero]
+            body.append([ranks[id(r)], s.peft.value, s.precision.value,
+                         s.checkpointing.value + (" +offload" if s.offload_activations else ""), s.zero]
                         + ([s.engine.value, F.Offload.of(s).value] if many else [])
                         + (["packed" if s.packing else "padded"] if shaped else [])
                         + [f"{r.max_batch}{'+' if r.batch_at_cap else ''}", f"{r.max_seq}{'+' if r.seq_at_cap else ''}",

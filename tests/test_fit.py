@@ -108,8 +108,8 @@ def test_left_out_choices_do_not_fit(searched):
     """Completeness: every valid choice missing from the answer fails at (min_batch, seq)."""
     model, g, query, report, space = searched
     got = {(r.setup.precision, o, r.setup.peft, r.setup.checkpointing, r.setup.zero, r.setup.engine,
-            F.Offload.of(r.setup), r.setup.optimizer_in_backward, r.setup.fp8, r.setup.packing) for r in report.rows
-           for o in r.optimizers}
+            F.Offload.of(r.setup), r.setup.optimizer_in_backward, r.setup.fp8, r.setup.packing,
+            r.setup.offload_activations) for r in report.rows for o in r.optimizers}
     for choice in space.choices(query.base.gpus):
         if choice in got:
             continue

@@ -131,6 +131,18 @@ TECHNIQUES = [
          packing=True, checkpointing="full"),
     dict(model="gpt2", precision="bf16", peft="full", batch=4, seq=1024, lengths="varied", packing=True,
          attention="eager"),
+    # --offload-activations (torchtune OffloadActivations; memplan.estimate.offload / memplan.trace.offload)
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, checkpointing="full",
+         offload_activations=True),
+    dict(model="qwen2.5-0.5b", precision="bf16", peft="lora", batch=4, seq=512, offload_activations=True),
+    dict(model="llama-3.2-1b", precision="pure-bf16", peft="full", batch=4, seq=1024, checkpointing="full",
+         offload_activations=True),
+    dict(model="llama-3.2-1b", precision="pure-bf16", peft="lora", batch=4, seq=1024, offload_activations=True),
+    dict(model="gpt2", precision="fp32", peft="full", batch=4, seq=512, offload_activations=True),
+    dict(model="gpt2", precision="bf16", peft="full", batch=4, seq=512, checkpointing="full", attention="eager",
+         offload_activations=True),
+    dict(model="opt-125m", precision="bf16", peft="lora", batch=8, seq=512, checkpointing="full",
+         offload_activations=True),
 ]
 
 
@@ -194,7 +206,7 @@ def compare(kw: dict) -> Row:
 def features(setup: dict) -> list[str]:
     """Labels a row is summarized under."""
     extra = [f"{k}={setup[k]}" for k in ("ckpt_every", "ckpt_reentrant", "loss", "logits_to_keep", "fp8", "packing",
-                                         "pad_multiple") if k in setup]
+                                         "pad_multiple", "offload_activations") if k in setup]
     extra += ["lengths=" + setup["lengths"].split(":")[0]] if "lengths" in setup else []
     return [f"model={setup['model']}", f"precision={setup['precision']}", f"peft={setup['peft']}",
             f"checkpointing={setup['checkpointing']}", f"attention={setup['attention']}"] + extra

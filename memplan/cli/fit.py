@@ -84,7 +84,7 @@ def _offloads(text):
 
 
 def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None,
-           in_backward=False, fp8=None, packings=(False,)):
+           in_backward=False, fp8=None, packings=(False,), offload_activations=False):
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -106,7 +106,8 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         offloads=_offloads(offload) if offload else F.Space.offloads,
         in_backward=(False, True) if in_backward else F.Space.in_backward,
         fp8s=tuple(dict.fromkeys((F.Fp8Recipe.NONE, *parse_choices("fp8", fp8)))) if fp8 else F.Space.fp8s,
-        packings=packings)
+        packings=packings,
+        offload_activations=(False, True) if offload_activations else F.Space.offload_activations)
 
 
 @with_config(FIT_PARAMS)
@@ -171,6 +172,9 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
             "--fp8", help="Also search these torchao float8 recipes (comma-separated: tensorwise, rowwise, "
             "rowwise-with-gw-hp) beside none; bf16 full-training choices only; refused on GPUs without fp8 "
             "(compute capability < 8.9).")] = None,
+        offload_activations: Annotated[bool, typer.Option(
+            "--offload-activations", help="Also search torchtune's activation offloading (saved activations in "
+            "pinned host RAM, one GPU).")] = False,
         top: Annotated[Optional[int], typer.Option(
             "--top", help="Show the first N rows (per PEFT method in a grouped table) [default: 5 per method in a "
             "table, all in json/csv; 0 = all].")] = None,
@@ -199,7 +203,7 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     lengths = canonical(lengths)
     packings = (packing,) if packing is not None else (False, True) if lengths != "fixed" else (False,)
     space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward,
-                   fp8, packings)
+                   fp8, packings, offload_activations)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,

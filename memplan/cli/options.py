@@ -118,6 +118,8 @@ SETUP_OPTIONS = [
     _setup("fp8", str, "none", help="none | tensorwise | rowwise | rowwise-with-gw-hp: torchao float8 training of "
            "the linears torchtitan converts (dims divisible by 16, not the LM head); needs an fp8 GPU (compute "
            "capability >= 8.9: L4, L40, RTX 4090/5090, H100, H200, B200; MI300X) and bf16 compute."),
+    _setup("offload_activations", bool, False, help="torchtune's enable_activation_offloading (OffloadActivations): "
+           "saved activations of 1 KiB or more copied to pinned host RAM in forward, brought back in backward."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
     _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
     _setup("ds_reduce_bucket_size", int, 500_000_000, help="--engine deepspeed: reduce_bucket_size (elements)."),

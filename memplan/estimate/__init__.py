@@ -54,6 +54,10 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
     if setup.peft is PeftMethod.FREEZE and setup.train_layers > model.blocks:
         raise MemplanError(f"--train-layers {setup.train_layers} exceeds the model's {model.blocks} blocks")
     warns += techniques.validate(model, setup)  # checkpointing policies and losses
+    if setup.offload_activations:
+        from memplan.estimate import offload
+
+        warns += offload.warnings(setup)
     if setup.engine is Engine.DEEPSPEED:
         warns.append(deepspeed.ESTIMATE_ONLY)
     if setup.zero > 0 and setup.gpus == 1:
@@ -113,6 +117,13 @@ def _estimate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None, overh
     warns = validate(model, setup, gpu)
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)
+    if setup.offload_activations:  # the offloaded copies are host RAM (memplan.estimate.offload)
+        from dataclasses import replace
+
+        from memplan.estimate import offload
+
+        ms = replace(ms, cpu_bytes=ms.cpu_bytes + offload.terms_of(model, setup).host)
+        warns.append(offload.ESTIMATE_NOTE)
     states = step_states(model, setup, p, ms, activations(model, setup))
     peak, phase_totals = peaks(states)
     allocated = peak.total

@@ -563,6 +563,11 @@ def _head_and_loss(model: ModelSpec, setup: TrainingSetup) -> int:
     return head_in + _loss_saved(model, setup) * kept
 
 
+def head_and_loss(model: ModelSpec, setup: TrainingSetup) -> int:
+    """What the LM head and the loss save, per micro-batch (memplan.estimate.offload: what stays on the device)."""
+    return _head_and_loss(model, setup)
+
+
 def logits_upcast(model: ModelSpec) -> bool:
     """transformers' ForCausalLMLoss (loss/loss_utils.py) runs `logits = logits.float()` before cross_entropy;
     BertForMaskedLM and T5ForConditionalGeneration call CrossEntropyLoss on the logits as they are."""

@@ -154,6 +154,7 @@ class Data(str, Enum):
 
     GRADIENTS = "gradients"
     PARAMETERS = "parameters"
+    ACTIVATIONS = "activations"  # --offload-activations' copies to and from the host
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,20 @@ def _reduced(g: ParamGroup, setup: TrainingSetup) -> float:
     return 4 if setup.precision is Precision.FSDP_BF16 else _stored(g, setup)
 
 
+def _activation_copies(model: ModelSpec, setup: TrainingSetup) -> tuple[Transfer, ...]:
+    """--offload-activations (one GPU): every micro-batch's offloaded saves go to the host in forward and come
+    back in backward (memplan.estimate.offload.OffloadTerms.copied; the forward stash's few are not copied back)."""
+    if not setup.offload_activations:
+        return ()
+    from memplan.estimate.offload import terms_of
+
+    copied = terms_of(model, setup).copied * setup.grad_accum
+    return (Transfer("saved activations to the host (OffloadActivations), every micro-batch", Data.ACTIVATIONS,
+                     Link.TO_HOST, float(copied)),
+            Transfer("saved activations back to the GPU in backward, every micro-batch", Data.ACTIVATIONS,
+                     Link.TO_GPU, float(copied)))
+
+
 def communication_per_step(model: ModelSpec, setup: TrainingSetup) -> Communication:
     """Per-GPU transfers per optimizer step (grad_accum = A micro-batches), ring factor r = (N−1)/N.
 
@@ -261,7 +276,7 @@ def communication_per_step(model: ModelSpec, setup: TrainingSetup) -> Communicat
     """
     n = setup.gpus
     if n == 1:
-        return Communication()
+        return Communication(_activation_copies(model, setup))
     r = (n - 1) / n
     a = setup.grad_accum
     groups = param_groups(model, setup)

@@ -439,6 +439,13 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         *backward_states(model, setup, p, ms, acts, h, loss_b, lt),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
+    if setup.offload_activations:  # what OffloadActivations moves to the host (memplan.estimate.offload)
+        from memplan.estimate import offload
+
+        casts = h.half_outside + int((h.half - h.half_outside) * unwrapped_share(setup, model.blocks)) \
+            if setup.checkpointing.wraps_blocks else h.half
+        states = offload.adjust(states, offload.terms_of(model, setup), acts, half_fwd, casts, p.half_cached,
+                                h.half_outside, model.blocks)
     if setup.engine is Engine.DEEPSPEED:  # its buckets and partitions (memplan.estimate.deepspeed)
         return deepspeed.adjust(states, model, setup, ms)
     if setup.optimizer_in_backward:

@@ -108,4 +108,9 @@ def measure_cpu(spec, setup, opts: MeasureOptions, book: PhaseBook, clock) -> Ou
         "categories": {c.value: int(n) for c, n in cats.items()},
         "context_bytes": None, "alloc_retries": None, "num_ooms": None, "layers": book.marks,
     })
-    return Outcome("ok", measured=measured, warnings=list(built.warnings))
+    notes = list(built.warnings)
+    if setup.offload_activations:
+        from memplan.estimate.offload import MEASURE_CPU_NOTE
+
+        notes.append(MEASURE_CPU_NOTE)
+    return Outcome("ok", measured=measured, warnings=notes)

@@ -239,7 +239,7 @@ class LoraConfig:
 
 
 # Fields added after measurement records existed: left out of to_dict() at their default (record ids unchanged)
-LATE_FIELDS = ("fp8", "lengths", "packing", "pad_multiple")
+LATE_FIELDS = ("fp8", "lengths", "packing", "pad_multiple", "offload_activations")
 
 # TrainingSetup's DeepSpeed integer knobs (element counts)
 DS_INTS = ("ds_reduce_bucket_size", "ds_allgather_bucket_size", "ds_prefetch_bucket_size", "ds_max_live_parameters",
@@ -297,13 +297,16 @@ class TrainingSetup:
     lengths: str = "fixed"
     packing: bool = False
     pad_multiple: int = 1  # DataCollatorWithPadding(pad_to_multiple_of=...); 1 = none
+    offload_activations: bool = False  # torchtune's enable_activation_offloading (training.OffloadActivations,
+    # torchtune 0.6.1 training/_activation_offloading.py): saved activations copied to pinned host memory in forward,
+    # brought back in backward (memplan.estimate.offload, memplan.trace.offload)
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
                             "batch", "seq", "grad_accum", "ckpt_every", "loss_chunks", "logits_to_keep", *DS_INTS,
                             "pad_multiple"),
                      ("ckpt_reentrant", "offload_optimizer", "offload_params", "sync_each_batch", "bucket_view",
-                      "ds_contiguous_gradients", "optimizer_in_backward", "packing"),
+                      "ds_contiguous_gradients", "optimizer_in_backward", "packing", "offload_activations"),
                      ("dropout", "ds_overlap_comm"))
         for name, kind in (("precision", Precision), ("optimizer", Optimizer), ("peft", PeftMethod), ("engine", Engine),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("lora", LoraConfig),
@@ -333,6 +336,7 @@ class TrainingSetup:
         self._check_techniques()
         self._check_fp8()
         self._check_lengths()
+        self._check_offload_activations()
 
     def _check_fp8(self) -> None:
         """What torchao's float8 training runs with (Fp8Recipe): half-precision compute, full training of the
@@ -375,6 +379,12 @@ class TrainingSetup:
                                "gradient for inf before any step): use bf16, pure-bf16, bf16-master or fp32")
         if self.gpus > 1 or self.zero > 0:
             raise MemplanError("--optimizer-in-backward is modelled on one GPU (no --gpus / --zero)")
+
+    def _check_offload_activations(self) -> None:
+        """torchtune runs OffloadActivations in its single-device and distributed recipes; memplan models it on one
+        GPU (the engines' per-rank states are not combined with it yet)."""
+        if self.offload_activations and (self.gpus > 1 or self.zero > 0):
+            raise MemplanError("--offload-activations is modelled on one GPU (no --gpus / --zero)")
 
     def _check_techniques(self) -> None:
         """Checkpointing policies and losses (Checkpointing, Loss): the knobs only mean something with their policy."""

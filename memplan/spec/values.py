@@ -45,6 +45,7 @@ SETUP_FLAGS = {
     "ds_overlap_comm": "--ds-overlap-comm/--no-ds-overlap-comm",
     "fp8": "--fp8",
     "lengths": "--lengths", "packing": "--packing/--no-packing", "pad_multiple": "--pad-to-multiple-of",
+    "offload_activations": "--offload-activations",
 }
 
 

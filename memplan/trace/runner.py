@@ -200,6 +200,10 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
         if spec.kv_heads != spec.heads:
             warnings.append("fp32 SDPA with grouped-query attention: CUDA's memory-efficient kernel rejects GQA "
                             "and torch falls back to the math kernel (s² scores); the trace shows the fused kernel")
+    if setup.offload_activations:
+        from memplan.estimate.offload import TRACE_NOTE
+
+        warnings.append(TRACE_NOTE)
     warnings.append(NO_OVERHEAD)
     with tracked_session(built, setup, tracker, fake=fake,
                          batch=lambda: _batch(spec, setup, docs)) as session:
@@ -223,7 +227,8 @@ def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer
     states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
                          gradients=tracker.categories_at(grads_seq)[Category.GRADIENTS],  # DDP buckets too
                          optimizer_states=at_end.get(OS, 0),
-                         cpu_bytes=tracker.host_peak(start, end) if setup.offload_params else 0, paged_bytes=paged)
+                         cpu_bytes=tracker.host_peak(start, end) if (setup.offload_params or setup.offload_activations)
+                         else 0, paged_bytes=paged)
     rank = None
     if distributed.engaged(setup):
         r, n = distributed.world()

@@ -196,6 +196,11 @@ class TrainLoop:
                        for p in self.params]
         if self.in_backward:
             self._hooks += self.optimizer.handles()
+        self.offloader = None  # --offload-activations: torchtune's OffloadActivations (memplan.trace.offload)
+        if setup.offload_activations:
+            from memplan.trace.offload import OffloadActivations
+
+            self.offloader = OffloadActivations(tracker)
         self.paged_bytes = 0  # bitsandbytes' paged states: CUDA unified memory, outside the allocator (tag_states)
         self.grads_seq = 0  # event at which the last optimizer step began (all gradients alive)
 
@@ -208,7 +213,7 @@ class TrainLoop:
         t, n = self.tracker, self.setup.grad_accum
         for i in range(n):
             t.set_phase(Phase.FORWARD)
-            with self._autocast():
+            with self._autocast(), self._offloading():
                 loss = self._loss(batch)
             if n > 1:
                 loss = loss / n
@@ -223,6 +228,14 @@ class TrainLoop:
         self.grads_seq = t.seq
         with t.scope(HOST) if self.host else contextlib.nullcontext():
             self._step()
+
+    def _offloading(self):
+        """--offload-activations: the forward under OffloadActivations, the LM head and the loss left on the device."""
+        from memplan.trace.offload import offloading
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        head = base.get_output_embeddings() if self.offloader is not None else None
+        return offloading(self.offloader, head)
 
     def _loss(self, batch: dict):
         """The micro-batch's loss: the model's own (its output, the logits, dropped here as Trainer does), or the
