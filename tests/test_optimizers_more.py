@@ -32,7 +32,9 @@ from memplan.trace.step import make_optimizer  # noqa: E402
 TINY = dict(model_type="llama", hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256, tie_word_embeddings=False)
 SPEC = spec_from_config(TINY, "tiny-llama-optim")
-NEEDS = {Optimizer.LION: "lion_pytorch", Optimizer.LION_FOREACH: "lion_pytorch", Optimizer.ADAM_MINI: "adam_mini"}
+NEEDS = {Optimizer.LION: "lion_pytorch", Optimizer.LION_FOREACH: "lion_pytorch", Optimizer.ADAM_MINI: "adam_mini",
+         **{o: "bitsandbytes" for o in (Optimizer.LION_32BIT, Optimizer.LION_8BIT, Optimizer.PAGED_LION,
+                                        Optimizer.PAGED_LION_8BIT)}}
 STEPPED = [o for variants in IMPLEMENTATIONS.values() for o in variants.values()]
 
 
@@ -42,7 +44,7 @@ def _need(opt: Optimizer) -> None:
 
 
 # every implementation under autocast (fp32 states); the new optimizers' states in bf16 too (pure-bf16)
-CASES = [(o, "bf16") for o in STEPPED] + [(o, "pure-bf16") for o in NEEDS]
+CASES = [(o, "bf16") for o in dict.fromkeys([*STEPPED, *NEEDS])] + [(o, "pure-bf16") for o in NEEDS]
 
 
 @pytest.mark.parametrize("opt,precision", CASES, ids=lambda v: getattr(v, "value", v))
@@ -103,10 +105,13 @@ def test_cli_impl_and_bad_input(capsys):
     assert len(err) == 1 and "adam-mini has no foreach implementation" in err[0]
 
 
-def test_transformers_bnb_lion_names_are_named_not_modelled():
-    """transformers' lion_32bit / lion_8bit are bitsandbytes' Lion (its own fp32 / 8-bit states), not lion-pytorch."""
-    with pytest.raises(MemplanError, match="not modelled"):
-        make_setup(optimizer="lion_8bit")
+def test_transformers_lion_names_are_bitsandbytes_lion():
+    """transformers' lion_32bit / lion_8bit / paged_lion_* are bitsandbytes' Lion (trainer_optimizer.py), with
+    states of its own (fp32 whatever the parameter dtype, or 8-bit), not lion-pytorch's."""
+    names = {"lion_32bit": Optimizer.LION_32BIT, "lion_8bit": Optimizer.LION_8BIT,
+             "paged_lion_32bit": Optimizer.PAGED_LION, "paged_lion_8bit": Optimizer.PAGED_LION_8BIT}
+    for name, opt in names.items():
+        assert make_setup(optimizer=name).optimizer is opt and opt.bitsandbytes
 
 
 def test_missing_package_is_one_line(monkeypatch, capsys):

@@ -78,13 +78,20 @@ QMAP_BYTES = 2 * round_block(256 * 4)  # qmap1 + qmap2
 PAGED_MIN_NUMEL = 100_000  # get_state_buffer: `if not self.is_paged or p.numel() < 1e5` → an ordinary tensor
 
 
+BNB_8BIT = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT, Optimizer.LION_8BIT, Optimizer.PAGED_LION_8BIT)
+# Lion is bitsandbytes' Optimizer1State (bitsandbytes/optim/lion.py): one state (state1, absmax1, qmap1) per tensor;
+# its init_state moves only the signed "dynamic" map to the device (qmap1), so one quantization map on the GPU.
+BNB_ONE_STATE = (Optimizer.LION_32BIT, Optimizer.LION_8BIT, Optimizer.PAGED_LION, Optimizer.PAGED_LION_8BIT)
+
+
 def _bnb_states(opt: Optimizer, numel: int) -> tuple[int, int]:
-    """(device, paged) bytes of one tensor's two bitsandbytes Adam states."""
-    eight = opt in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT)
-    total = adam8bit_state_bytes(numel) if eight else 2 * round_block(numel * BNB_STATE_BYTES)
+    """(device, paged) bytes of one tensor's bitsandbytes states (Adam: two, Lion: one)."""
+    eight = opt in BNB_8BIT
+    n = 1 if opt in BNB_ONE_STATE else 2
+    total = (adam8bit_state_bytes(numel) if eight else 2 * round_block(numel * BNB_STATE_BYTES)) * n // 2
     if not opt.paged or numel < PAGED_MIN_NUMEL:
         return total, 0
-    paged = 2 * round_block(numel * (1 if eight and numel >= OPT8_MIN_SIZE else BNB_STATE_BYTES))
+    paged = n * round_block(numel * (1 if eight and numel >= OPT8_MIN_SIZE else BNB_STATE_BYTES))
     return total - paged, paged
 
 
@@ -94,9 +101,14 @@ def paged_state_bytes(opt: Optimizer, numel: int) -> int:
     return _bnb_states(opt, numel)[1] if opt.bitsandbytes else 0
 
 
+def qmap_bytes_of(opt: Optimizer) -> int:
+    """Device bytes of one bitsandbytes 8-bit optimizer's quantization maps: two for Adam, one for Lion."""
+    return QMAP_BYTES // 2 if opt in BNB_ONE_STATE else QMAP_BYTES
+
+
 def uses_qmaps(opt: Optimizer, numel: int) -> bool:
     """A tensor whose states bitsandbytes quantizes to 8 bits (and so needs the quantization maps)."""
-    return opt in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT) and numel >= OPT8_MIN_SIZE
+    return opt in BNB_8BIT and numel >= OPT8_MIN_SIZE
 
 
 def state_bytes(opt: Optimizer, numel: int, state_dtype_bytes: int, shape=None) -> int:

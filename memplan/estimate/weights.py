@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.estimate.optimizer import (QMAP_BYTES, adam_mini_state_bytes, paged_state_bytes, state_bytes,
+from memplan.estimate.optimizer import (adam_mini_state_bytes, paged_state_bytes, qmap_bytes_of, state_bytes,
                                        uses_qmaps)
 from memplan.estimate.params import ParamGroup
 from memplan.estimate.quant import nf4_bytes, nf4_storages
@@ -91,7 +91,7 @@ def qmap_bytes(u: Unsharded, setup: TrainingSetup) -> int:
     one per 8-bit tensor under --optimizer-in-backward (an optimizer each)."""
     if not u.qmap_tensors:
         return 0
-    return QMAP_BYTES * (u.qmap_tensors if setup.optimizer_in_backward else 1)
+    return qmap_bytes_of(setup.optimizer) * (u.qmap_tensors if setup.optimizer_in_backward else 1)
 
 
 _MEMO: dict = {}

@@ -91,6 +91,10 @@ class Optimizer(str, Enum):
     MOMENTUM_FUSED = "momentum-fused"  # SGD(momentum=0.9, fused=True)
     MOMENTUM_FORLOOP = "momentum-forloop"  # SGD(momentum=0.9, foreach=False)
     ADAFACTOR_FORLOOP = "adafactor-forloop"  # torch.optim.Adafactor(foreach=False)
+    LION_32BIT = "lion-32bit"  # bitsandbytes Lion (optim_bits=32): one fp32 state (transformers' lion_32bit)
+    LION_8BIT = "lion-8bit"  # bitsandbytes Lion8bit: one uint8 state + block-wise fp32 absmax (lion_8bit)
+    PAGED_LION = "paged-lion"  # bitsandbytes PagedLion (32-bit state in unified memory; paged_lion_32bit)
+    PAGED_LION_8BIT = "paged-lion-8bit"  # bitsandbytes PagedLion8bit (paged_lion_8bit)
 
     @property
     def paged(self) -> bool:
@@ -99,7 +103,8 @@ class Optimizer(str, Enum):
     @property
     def bitsandbytes(self) -> bool:
         """bitsandbytes' own optimizers (memplan.trace.step.BNB_CLASSES, docs/optimizers.md)."""
-        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
+        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT, Optimizer.LION_32BIT,
+                        Optimizer.LION_8BIT, Optimizer.PAGED_LION, Optimizer.PAGED_LION_8BIT)
 
     @property
     def impl(self) -> "OptimizerImpl | None":

@@ -58,9 +58,12 @@ OPTIMIZER_ALIASES = {
     "paged-adamw-8bit": "paged-adamw-8bit",
     "adafactor": "adafactor",  # transformers.optimization.Adafactor
     "sgd": "sgd",  # torch.optim.SGD (transformers passes no momentum: 0)
+    # bitsandbytes' Lion (trainer_optimizer.py: bitsandbytes.optim.Lion, optim_bits 32 / 8, is_paged)
+    "lion-32bit": "lion-32bit", "lion-8bit": "lion-8bit", "paged-lion-32bit": "paged-lion",
+    "paged-lion-8bit": "paged-lion-8bit",
 }
 # OptimizerNames memplan has no state model for: named in the error instead of "unknown optimizer"
-OPTIMIZERS_NOT_MODELLED = ("lion-8bit", "lion-32bit", "paged-lion", "ademamix", "paged-ademamix", "adagrad", "rmsprop", "galore",
+OPTIMIZERS_NOT_MODELLED = ("ademamix", "paged-ademamix", "adagrad", "rmsprop", "galore",
                            "apollo", "lomo", "adalomo", "grokadamw", "schedule-free", "stable-adamw",
                            "adamw-torch-xla", "adamw-torch-npu", "adamw-anyprecision", "adamw-torch-4bit",
                            "adamw-torch-8bit")

@@ -142,7 +142,9 @@ def make_optimizer(kind: Optimizer, params: list, setup: TrainingSetup | None = 
 # optimizer_update_32bit / optimizer_update_8bit_blockwise) with fake-tensor kernels, so the step runs for real under
 # FakeTensorMode, in place, with no temporaries, as the CUDA kernels do.
 BNB_CLASSES = {Optimizer.ADAMW_8BIT: "AdamW8bit", Optimizer.PAGED_ADAMW: "PagedAdamW",
-               Optimizer.PAGED_ADAMW_8BIT: "PagedAdamW8bit"}
+               Optimizer.PAGED_ADAMW_8BIT: "PagedAdamW8bit", Optimizer.LION_32BIT: "Lion32bit",
+               Optimizer.LION_8BIT: "Lion8bit", Optimizer.PAGED_LION: "PagedLion32bit",
+               Optimizer.PAGED_LION_8BIT: "PagedLion8bit"}
 
 
 def bnb_optimizer(kind: Optimizer) -> tuple[type, dict]:
