@@ -190,3 +190,18 @@ def test_adam_mini_trace_with_lora_on_values():
     est, (tr, _) = estimate_spec(SPEC, setup), trace(SPEC, setup)
     assert est.model_states.optimizer_states == tr.model_states.optimizer_states
     assert abs(est.peak.allocated_bytes - tr.peak.allocated_bytes) <= PEAK_TOL * tr.peak.allocated_bytes
+
+
+@pytest.mark.parametrize("opt", ["lion", "adam-mini"])
+def test_measure_cpu_runs_the_real_optimizer_and_agrees_with_the_trace(opt, tmp_path, capsys):
+    """`memplan measure --device cpu` steps real tensors with lion-pytorch's / Adam-mini's optimizer; its
+    allocated peak equals the trace's."""
+    _need(Optimizer(opt))
+    config, results = tmp_path / "config.json", tmp_path / "r.jsonl"
+    config.write_text(json.dumps(TINY))
+    rc = main(["measure", "--model", str(config), "--device", "cpu", "--optimizer", opt, "--precision", "fp32",
+               "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "1", "--results", str(results), "-f", "json"])
+    assert rc == 0, capsys.readouterr().err
+    (rec,) = [json.loads(line) for line in results.read_text().splitlines()]
+    traced, _ = trace(spec_from_config(TINY, "config"), make_setup(batch=1, seq=16, optimizer=opt, precision="fp32"))
+    assert rec["measured"]["peak"]["allocated_bytes"] == traced.peak.allocated_bytes
