@@ -72,7 +72,8 @@ def test_implementations_differ_as_the_trace_says():
 
 @pytest.mark.parametrize("opt,kw", [(Optimizer.ADAMW, dict(foreach=True)), (Optimizer.ADAMW_FUSED, dict(fused=True)),
                                     (Optimizer.ADAMW_FORLOOP, dict(foreach=False)),
-                                    (Optimizer.SGD_FUSED, dict(fused=True)), (Optimizer.SGD_FORLOOP, dict(foreach=False)),
+                                    (Optimizer.SGD_FUSED, dict(fused=True)),
+                                    (Optimizer.SGD_FORLOOP, dict(foreach=False)),
                                     (Optimizer.MOMENTUM_FUSED, dict(fused=True, momentum=0.9)),
                                     (Optimizer.ADAFACTOR_FORLOOP, dict(foreach=False))])
 def test_each_implementation_is_forced(opt, kw):

@@ -15,7 +15,7 @@ STATES_PER_ELEMENT = {
     Optimizer.MOMENTUM_FUSED: 1, Optimizer.MOMENTUM_FORLOOP: 1,
     Optimizer.LION: 1, Optimizer.LION_FOREACH: 1,  # exp_avg = torch.zeros_like(p) (lion_pytorch 0.2.5, both)
 }
-# torch.optim.AdamW / SGD (fused=True) keep `step` on the device (AdamW) — SGD has no step counter
+# Optimizers whose fused kernel keeps each tensor's `step` as a device tensor: AdamW (SGD keeps no step counter)
 FUSED_DEVICE_STEP = (Optimizer.ADAMW_FUSED,)
 
 

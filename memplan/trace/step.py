@@ -15,7 +15,10 @@ Optimizers (one parameter group over all trainable parameters, foreach where CUD
   adamw AdamW(foreach=True) · adamw-fused AdamW(fused=True) (torch has a CPU fused kernel; like CUDA's it keeps
   no step temporaries) · adamw-forloop AdamW(foreach=False) · sgd SGD(foreach=True) · momentum
   SGD(momentum=0.9, foreach=True) · adafactor torch.optim.Adafactor(foreach=True) · adamw-8bit / paged-adamw /
-  paged-adamw-8bit bitsandbytes' AdamW8bit / PagedAdamW / PagedAdamW8bit (`bnb_optimizer`).
+  paged-adamw-8bit bitsandbytes' AdamW8bit / PagedAdamW / PagedAdamW8bit, lion-32bit / lion-8bit / paged-lion /
+  paged-lion-8bit its Lion32bit / Lion8bit / PagedLion32bit / PagedLion8bit (`bnb_optimizer`) · lion / lion-foreach
+  lion-pytorch's Lion / foreach Lion, adam-mini Adam-mini with the named parameters (`EXTERNAL`) · --optimizer-impl
+  variants (sgd-fused, momentum-forloop, adafactor-forloop, ...) with their implementation forced (`OPTIMIZERS`).
 --optimizer-in-backward: torchtune's optimizer_in_bwd, one optimizer per trainable tensor stepped by a
   post-accumulate-grad hook inside backward (`InBackward`).
 The optimizer `step` counters of non-fused optimizers live on the host (torch keeps them on the CPU unless
