@@ -302,7 +302,8 @@ TRANSFORMERS_NAMES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw-fused"
                       "adamw_bnb_8bit": "adamw-8bit", "adamw_8bit": "adamw-8bit",
                       "paged_adamw_32bit": "paged-adamw", "paged_adamw_8bit": "paged-adamw-8bit",
                       "adafactor": "adafactor", "sgd": "sgd", "adamw_fused": "adamw-fused",
-                      "PAGED_ADAMW_8BIT": "paged-adamw-8bit"}
+                      "PAGED_ADAMW_8BIT": "paged-adamw-8bit", "lion_8bit": "lion-8bit", "lion_32bit": "lion-32bit",
+                      "paged_lion_8bit": "paged-lion-8bit", "paged_lion_32bit": "paged-lion"}
 
 
 @pytest.mark.parametrize("name, ours", sorted(TRANSFORMERS_NAMES.items()))
@@ -312,7 +313,7 @@ def test_transformers_optimizer_names(name, ours, capsys):
     assert s["optimizer"] == ours
 
 
-@pytest.mark.parametrize("name", ["lion_8bit", "lion_32bit", "paged_lion_8bit", "galore_adamw", "rmsprop"])
+@pytest.mark.parametrize("name", ["ademamix_8bit", "galore_adamw", "rmsprop"])
 def test_optimizers_memplan_does_not_model_are_a_clear_error(name, capsys):
     rc, _, err = run(["estimate", "-m", "gpt2", "--optimizer", name], capsys)
     assert rc == 2 and "not modelled by memplan" in err

@@ -151,6 +151,77 @@ def technique_grid() -> list[dict]:
     return [{"attention": "sdpa", "checkpointing": "none", **kw} for kw in TECHNIQUES]
 
 
+# ---- the held-out technique draw --------------------------------------------------------------------------------
+# Each technique axis is one line: its name and the setup fields of each of its values ({} = the technique off).
+# A setup draws every axis from its own seeded stream (random.Random(f"{seed}/{i}/{attempt}/{axis}")), so an axis
+# appended here leaves the values every other axis draws unchanged.
+TECHNIQUE_AXES = [
+    ("checkpointing", [{}, {}, dict(checkpointing="full"), dict(checkpointing="full", ckpt_every=2),
+                       dict(checkpointing="full", ckpt_every=3), dict(checkpointing="op-selective"),
+                       dict(checkpointing="op-selective", ckpt_every=2), dict(checkpointing="selective"),
+                       dict(checkpointing="full", ckpt_reentrant=True)]),
+    ("loss", [{}, {}, dict(loss="chunked"), dict(loss="chunked", loss_chunks=4), dict(logits_to_keep=32)]),
+    ("optimizer", [{}, dict(optimizer="adamw-8bit"), dict(optimizer="paged-adamw"),
+                   dict(optimizer="paged-adamw-8bit"), dict(optimizer="lion"), dict(optimizer="lion-foreach"),
+                   dict(optimizer="adam-mini"), dict(optimizer="adamw-fused"), dict(optimizer="adamw-forloop"),
+                   dict(optimizer="adafactor-forloop"), dict(optimizer="sgd-fused"),
+                   dict(optimizer="momentum-forloop")]),
+    ("optimizer_in_backward", [{}, {}, {}, dict(optimizer_in_backward=True)]),
+]
+# The families × PEFT × precision the techniques are drawn over: small models and sizes (a trace each, ~10-20 s on
+# one core), with the peak in the forward / backward or the step, where the techniques act.
+TECHNIQUE_MODELS = [m for m, _, _ in MODELS if m != "llama-3.2-1b"] + ["qwen3-0.6b"]
+TECHNIQUE_PEFTS = ["full", "full", "full", "lora", "dora", "qlora", "freeze", "bitfit", "adapter"]
+TECHNIQUE_BATCHES = [1, 2, 4]
+TECHNIQUE_SEQS = [128, 256, 512]
+DRAW_ATTEMPTS = 50  # redraws of one setup before the draw gives up on it (every axis value rejected)
+
+
+def technique_draw(n: int, seed: int = 1) -> list[dict]:
+    """`n` setups, each a seeded draw of family × PEFT × precision × size and one value of every TECHNIQUE_AXES
+    axis; a draw memplan refuses (or the trace cannot run: memplan.trace.support) is drawn again."""
+    out, seen = [], set()
+    for i in range(10 * n):
+        if len(out) == n:
+            break
+        for attempt in range(DRAW_ATTEMPTS):
+            kw = _draw_one(seed, i, attempt)
+            key = tuple(sorted(kw.items()))
+            if key not in seen and _valid(kw) and _accepted(kw):
+                seen.add(key)
+                out.append(kw)
+                break
+    return out
+
+
+def _draw_one(seed: int, i: int, attempt: int) -> dict:
+    rng = random.Random(f"{seed}/{i}/{attempt}/base")
+    kw = dict(model=rng.choice(TECHNIQUE_MODELS), precision=rng.choice(PRECISIONS), peft=rng.choice(TECHNIQUE_PEFTS),
+              batch=rng.choice(TECHNIQUE_BATCHES), seq=rng.choice(TECHNIQUE_SEQS), attention="sdpa",
+              checkpointing="none")
+    if kw["peft"] == "freeze":
+        kw["train_layers"] = rng.choice([0, 1, 2])
+    for axis, values in TECHNIQUE_AXES:
+        kw.update(random.Random(f"{seed}/{i}/{attempt}/{axis}").choice(values))
+    return kw
+
+
+def _accepted(kw: dict) -> bool:
+    """Whether memplan's estimate and its trace both take the setup (a refusal is one MemplanError line)."""
+    from memplan.spec.values import make_setup, resolve_model
+    from memplan.estimate import estimate_spec
+    from memplan.trace.support import unsupported
+
+    kw = dict(kw)
+    try:
+        model = resolve_model(kw.pop("model"))
+        setup = make_setup(**kw)
+        estimate_spec(model, setup)
+    except MemplanError:
+        return False
+    return unsupported(setup) is None
+
+
 def _valid(kw: dict) -> bool:
     """Combinations neither tier models: QLoRA needs half compute; peft refuses prefix with checkpointing and
     prompt/prefix on encoder-only models; BitFit-like freeze(0) on untied heads is fine."""
@@ -206,7 +277,8 @@ def compare(kw: dict) -> Row:
 def features(setup: dict) -> list[str]:
     """Labels a row is summarized under."""
     extra = [f"{k}={setup[k]}" for k in ("ckpt_every", "ckpt_reentrant", "loss", "logits_to_keep", "fp8", "packing",
-                                         "pad_multiple", "offload_activations") if k in setup]
+                                         "pad_multiple", "offload_activations", "optimizer", "optimizer_in_backward")
+             if k in setup]
     extra += ["lengths=" + setup["lengths"].split(":")[0]] if "lengths" in setup else []
     return [f"model={setup['model']}", f"precision={setup['precision']}", f"peft={setup['peft']}",
             f"checkpointing={setup['checkpointing']}", f"attention={setup['attention']}"] + extra
@@ -243,4 +315,4 @@ def report_lines(rows: list[Row], skipped: list[tuple[dict, str]], by=None) -> l
     return lines
 
 
-__all__ = ["grid", "technique_grid", "TECHNIQUES", "compare", "Row", "features", "report_lines", "write_rows", "distinct", "MemplanError", "PEAK_TOL"]
+__all__ = ["grid", "technique_grid", "technique_draw", "TECHNIQUE_AXES", "TECHNIQUES", "compare", "Row", "features", "report_lines", "write_rows", "distinct", "MemplanError", "PEAK_TOL"]

@@ -76,7 +76,9 @@ SETUP_OPTIONS = [
     option("fsdp_bf16", bool, False, "--fsdp-bf16", help="Same as --precision fsdp-bf16 (FSDP2 MixedPrecisionPolicy: "
            "fp32 shards, bf16 all-gathered compute weights, fp32 gradient reduce)."),
     _setup("optimizer", Optional[str], None, help="adamw (foreach) | adamw-fused | adamw-forloop | sgd | momentum | "
-           "adafactor | adamw-8bit | paged-adamw | paged-adamw-8bit."),
+           "adafactor | adamw-8bit | paged-adamw | paged-adamw-8bit | lion (lion-pytorch) | adam-mini (Adam-mini)."),
+    _setup("optimizer_impl", Optional[str], None, help="foreach | fused | for-loop: how torch runs the optimizer's "
+           "update [default: what torch picks on CUDA, foreach; lion and adam-mini: their loops]."),
     option("adam", bool, False, "--adam", help="Same as --optimizer adamw (torch AdamW, foreach)."),
     option("sgd", bool, False, "--sgd", help="Same as --optimizer sgd."),
     option("momentum", bool, False, "--momentum", help="Same as --optimizer momentum."),

@@ -148,7 +148,8 @@ def _parameters(model, precision, optimizer, peft, lora: LoraConfig, num_virtual
     groups = param_groups(model, setup)
     tied = model.tie_embeddings
     return Parameters(
-        groups=groups, unsharded=unsharded(groups, setup, model.blocks), grads=grad_parts(model, groups, setup),
+        groups=groups, unsharded=unsharded(groups, setup, model.blocks, model.hidden * model.hidden // model.heads),
+        grads=grad_parts(model, groups, setup),
         half=half_weight_copies(groups, setup, tied), half_outside=half_weight_copies(groups, setup, tied, True),
         half_cached=half_weight_copies(groups, setup, tied, cached_only=True), dequant=dequant_temp(groups, setup),
         trainable_params=trainable_params(groups), total_params=all_params(groups))

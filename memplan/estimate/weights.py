@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan.estimate.optimizer import QMAP_BYTES, paged_state_bytes, state_bytes, uses_qmaps
+from memplan.estimate.optimizer import (adam_mini_state_bytes, paged_state_bytes, qmap_bytes_of, state_bytes,
+                                       uses_qmaps)
 from memplan.estimate.params import ParamGroup
 from memplan.estimate.quant import nf4_bytes, nf4_storages
 from memplan.estimate.result import ModelStates
-from memplan.spec.setup import Engine, PeftMethod, Precision, TrainingSetup
+from memplan.spec.setup import Engine, Optimizer, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 # peft's default autocast_adapter_dtype=True keeps adapter weights in fp32 whatever the base dtype
@@ -59,7 +60,7 @@ class Unsharded:
     qmap_tensors: int = 0  # trainable tensors whose states bitsandbytes quantizes to 8 bits (quantization maps)
 
 
-def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup, blocks: int = 1) -> Unsharded:
+def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup, blocks: int = 1, head_numel: int = 0) -> Unsharded:
     """Model-state bytes of the whole model before sharding (reads the setup's precision, optimizer, PEFT method
     and double quantization only; memplan.estimate.phases.parameters caches it with the other parameter parts)."""
     w = m = gr = o = ts = lt = f32 = h = paged = q8 = 0
@@ -70,7 +71,10 @@ def unsharded(groups: tuple[ParamGroup, ...], setup: TrainingSetup, blocks: int 
         gr += round_block(g.numel * grad_dtype_bytes(g, setup)) * g.count
         sb = state_dtype_bytes(g, setup)
         shape = (g.rows, g.numel // g.rows) if g.rows else None
-        o += state_bytes(setup.optimizer, g.numel, sb, shape) * g.count
+        if setup.optimizer is Optimizer.ADAM_MINI:  # partitioned by name (head_numel = dim²/n_heads)
+            o += adam_mini_state_bytes(g.name, g.numel, g.rows, head_numel, sb) * g.count
+        else:
+            o += state_bytes(setup.optimizer, g.numel, sb, shape) * g.count
         paged += paged_state_bytes(setup.optimizer, g.numel) * g.count
         q8 += g.count if uses_qmaps(setup.optimizer, g.numel) else 0
         ts += round_block(g.numel * sb) * g.count
@@ -87,7 +91,7 @@ def qmap_bytes(u: Unsharded, setup: TrainingSetup) -> int:
     one per 8-bit tensor under --optimizer-in-backward (an optimizer each)."""
     if not u.qmap_tensors:
         return 0
-    return QMAP_BYTES * (u.qmap_tensors if setup.optimizer_in_backward else 1)
+    return qmap_bytes_of(setup.optimizer) * (u.qmap_tensors if setup.optimizer_in_backward else 1)
 
 
 _MEMO: dict = {}

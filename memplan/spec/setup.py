@@ -83,6 +83,18 @@ class Optimizer(str, Enum):
     ADAMW_8BIT = "adamw-8bit"  # bitsandbytes AdamW8bit: two uint8 states + block-wise fp32 absmax
     PAGED_ADAMW = "paged-adamw"  # bitsandbytes PagedAdamW (32-bit states in unified memory)
     PAGED_ADAMW_8BIT = "paged-adamw-8bit"  # bitsandbytes PagedAdamW8bit
+    LION = "lion"  # lion-pytorch 0.2.5 Lion: one state (exp_avg) in the parameter's dtype, a per-parameter loop
+    LION_FOREACH = "lion-foreach"  # lion_pytorch.foreach.Lion: the same state, torch._foreach_* over the group
+    ADAM_MINI = "adam-mini"  # adam-mini 1.1.1 Adam_mini: full first moment, one second moment per head / row / block
+    SGD_FUSED = "sgd-fused"  # torch.optim.SGD(fused=True)
+    SGD_FORLOOP = "sgd-forloop"  # torch.optim.SGD(foreach=False)
+    MOMENTUM_FUSED = "momentum-fused"  # SGD(momentum=0.9, fused=True)
+    MOMENTUM_FORLOOP = "momentum-forloop"  # SGD(momentum=0.9, foreach=False)
+    ADAFACTOR_FORLOOP = "adafactor-forloop"  # torch.optim.Adafactor(foreach=False)
+    LION_32BIT = "lion-32bit"  # bitsandbytes Lion (optim_bits=32): one fp32 state (transformers' lion_32bit)
+    LION_8BIT = "lion-8bit"  # bitsandbytes Lion8bit: one uint8 state + block-wise fp32 absmax (lion_8bit)
+    PAGED_LION = "paged-lion"  # bitsandbytes PagedLion (32-bit state in unified memory; paged_lion_32bit)
+    PAGED_LION_8BIT = "paged-lion-8bit"  # bitsandbytes PagedLion8bit (paged_lion_8bit)
 
     @property
     def paged(self) -> bool:
@@ -91,7 +103,58 @@ class Optimizer(str, Enum):
     @property
     def bitsandbytes(self) -> bool:
         """bitsandbytes' own optimizers (memplan.trace.step.BNB_CLASSES, docs/optimizers.md)."""
-        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
+        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT, Optimizer.LION_32BIT,
+                        Optimizer.LION_8BIT, Optimizer.PAGED_LION, Optimizer.PAGED_LION_8BIT)
+
+    @property
+    def impl(self) -> "OptimizerImpl | None":
+        """Which implementation of its algorithm this optimizer runs (None: one kernel of its own, bitsandbytes')."""
+        return next((i for variants in IMPLEMENTATIONS.values() for i, o in variants.items() if o is self), None)
+
+    @property
+    def base(self) -> "Optimizer":
+        """The optimizer this one is an implementation of (adamw for adamw-fused; itself when it has no variants)."""
+        return next((b for b, variants in IMPLEMENTATIONS.items() if self in variants.values()), self)
+
+    def with_impl(self, impl: "OptimizerImpl") -> "Optimizer":
+        """This optimizer run by implementation `impl` (--optimizer-impl); one line if it has no such one."""
+        variants = IMPLEMENTATIONS.get(self.base, {})
+        if impl not in variants:
+            have = ", ".join(i.value for i in variants) or "only its own"
+            raise MemplanError(f"--optimizer {self.base.value} has no {impl.value} implementation (it has: {have})")
+        return variants[impl]
+
+
+class OptimizerImpl(str, Enum):
+    """How torch runs an optimizer's update (--optimizer-impl; docs/optimizers.md). The default is what torch picks
+    on CUDA (torch/optim/optimizer.py _default_to_fused_or_foreach: foreach for CUDA tensors, never fused).
+
+    foreach   torch._foreach_* kernels over the whole parameter group: their intermediates are group-sized.
+    fused     one fused kernel per group (AdamW, SGD): updates in place, no temporaries; `step` on the device.
+    for-loop  one parameter at a time (foreach=False): intermediates of one tensor at a time.
+    """
+
+    FOREACH = "foreach"
+    FUSED = "fused"
+    FOR_LOOP = "for-loop"
+
+
+# Each optimizer's implementations (the base one is the CUDA default). torch 2.13: AdamW and SGD have all three
+# (torch/optim/adamw.py, sgd.py: `fused` with a CPU kernel too); Adafactor has no fused kernel
+# (torch/optim/_adafactor.py raises "`fused=True` is not currently supported"); lion-pytorch 0.2.5 ships a loop
+# (lion_pytorch.Lion, its default) and a foreach version (lion_pytorch.foreach.Lion); Adam-mini only its loop.
+IMPLEMENTATIONS = {
+    Optimizer.ADAMW: {OptimizerImpl.FOREACH: Optimizer.ADAMW, OptimizerImpl.FUSED: Optimizer.ADAMW_FUSED,
+                      OptimizerImpl.FOR_LOOP: Optimizer.ADAMW_FORLOOP},
+    Optimizer.SGD: {OptimizerImpl.FOREACH: Optimizer.SGD, OptimizerImpl.FUSED: Optimizer.SGD_FUSED,
+                    OptimizerImpl.FOR_LOOP: Optimizer.SGD_FORLOOP},
+    Optimizer.MOMENTUM: {OptimizerImpl.FOREACH: Optimizer.MOMENTUM, OptimizerImpl.FUSED: Optimizer.MOMENTUM_FUSED,
+                         OptimizerImpl.FOR_LOOP: Optimizer.MOMENTUM_FORLOOP},
+    Optimizer.ADAFACTOR: {OptimizerImpl.FOREACH: Optimizer.ADAFACTOR,
+                          OptimizerImpl.FOR_LOOP: Optimizer.ADAFACTOR_FORLOOP},
+    Optimizer.LION: {OptimizerImpl.FOR_LOOP: Optimizer.LION, OptimizerImpl.FOREACH: Optimizer.LION_FOREACH},
+    Optimizer.ADAM_MINI: {OptimizerImpl.FOR_LOOP: Optimizer.ADAM_MINI},
+}
 
 
 class PeftMethod(str, Enum):
@@ -334,6 +397,13 @@ class TrainingSetup:
         self._check_deepspeed()
         self._check_in_backward()
         self._check_techniques()
+        if self.optimizer is Optimizer.ADAM_MINI:
+            if self.gpus > 1 or self.zero > 0:
+                raise MemplanError("--optimizer adam-mini is modelled on one GPU (no --gpus / --zero): it partitions "
+                                   "by parameter name, which ZeroRedundancyOptimizer and DeepSpeed do not pass it")
+            if self.peft in (PeftMethod.IA3, PeftMethod.PROMPT, PeftMethod.PREFIX):
+                raise MemplanError(f"--optimizer adam-mini with --peft {self.peft.value} is not modelled (its "
+                                   f"partition of those adapters' tensors is not in memplan's parameter table)")
         self._check_fp8()
         self._check_lengths()
         self._check_offload_activations()

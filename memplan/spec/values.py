@@ -13,7 +13,7 @@ from os import PathLike
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec, gpu_from_memory, parse_memory
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import (Attention, Checkpointing, Engine, Fp8Recipe, LoraConfig, Loss, Optimizer,
+from memplan.spec.setup import (Attention, Checkpointing, Engine, Fp8Recipe, LoraConfig, Loss, Optimizer, OptimizerImpl,
                                 PeftMethod, Precision, TrainingSetup)
 
 # make_setup's flattened LoRA keywords -> LoraConfig fields
@@ -46,6 +46,7 @@ SETUP_FLAGS = {
     "fp8": "--fp8",
     "lengths": "--lengths", "packing": "--packing/--no-packing", "pad_multiple": "--pad-to-multiple-of",
     "offload_activations": "--offload-activations",
+    "optimizer_impl": "--optimizer-impl",  # not a field: picks the optimizer's implementation (Optimizer.with_impl)
 }
 
 
@@ -61,9 +62,12 @@ OPTIMIZER_ALIASES = {
     "paged-adamw-8bit": "paged-adamw-8bit",
     "adafactor": "adafactor",  # transformers.optimization.Adafactor
     "sgd": "sgd",  # torch.optim.SGD (transformers passes no momentum: 0)
+    # bitsandbytes' Lion (trainer_optimizer.py: bitsandbytes.optim.Lion, optim_bits 32 / 8, is_paged)
+    "lion-32bit": "lion-32bit", "lion-8bit": "lion-8bit", "paged-lion-32bit": "paged-lion",
+    "paged-lion-8bit": "paged-lion-8bit",
 }
 # OptimizerNames memplan has no state model for: named in the error instead of "unknown optimizer"
-OPTIMIZERS_NOT_MODELLED = ("lion", "paged-lion", "ademamix", "paged-ademamix", "adagrad", "rmsprop", "galore",
+OPTIMIZERS_NOT_MODELLED = ("ademamix", "paged-ademamix", "adagrad", "rmsprop", "galore",
                            "apollo", "lomo", "adalomo", "grokadamw", "schedule-free", "stable-adamw",
                            "adamw-torch-xla", "adamw-torch-npu", "adamw-anyprecision", "adamw-torch-4bit",
                            "adamw-torch-8bit")
@@ -117,6 +121,21 @@ def _split_parametric(kw: dict) -> None:
         kw["loss_chunks"] = _int_part("--loss", n, kw.get("loss_chunks"), "loss_chunks")
 
 
+def _apply_impl(kw: dict) -> None:
+    """optimizer_impl (--optimizer-impl foreach | fused | for-loop) folded into the optimizer it names
+    (adamw + fused = adamw-fused; memplan.spec.setup.IMPLEMENTATIONS); the optimizer defaults to adamw."""
+    impl = kw.pop("optimizer_impl", None)
+    if impl is None:
+        return
+    try:
+        impl = impl if isinstance(impl, OptimizerImpl) else OptimizerImpl(str(impl).strip().lower())
+    except ValueError:
+        raise MemplanError(f"unknown optimizer implementation '{impl}' (choose from "
+                           f"{', '.join(i.value for i in OptimizerImpl)})") from None
+    opt = _coerce("optimizer", kw.get("optimizer") or Optimizer.ADAMW)
+    kw["optimizer"] = opt.with_impl(impl) if opt.impl is not impl else opt
+
+
 def _int_part(flag: str, text: str, given, name: str) -> int:
     """The number in a parametric spelling; the field's own option may repeat it or keep its default."""
     try:
@@ -145,6 +164,7 @@ def make_setup(**kw) -> TrainingSetup:
                 v = tuple(t.strip() for t in (v.split(",") if isinstance(v, str) else v) if t.strip())
             lora[LORA_FIELDS[k]] = v
     _split_parametric(kw)
+    _apply_impl(kw)
     unknown = set(kw) - SETUP_FIELDS
     if unknown:
         raise MemplanError(f"unknown setup field(s): {', '.join(sorted(unknown))}")

@@ -15,7 +15,10 @@ Optimizers (one parameter group over all trainable parameters, foreach where CUD
   adamw AdamW(foreach=True) · adamw-fused AdamW(fused=True) (torch has a CPU fused kernel; like CUDA's it keeps
   no step temporaries) · adamw-forloop AdamW(foreach=False) · sgd SGD(foreach=True) · momentum
   SGD(momentum=0.9, foreach=True) · adafactor torch.optim.Adafactor(foreach=True) · adamw-8bit / paged-adamw /
-  paged-adamw-8bit bitsandbytes' AdamW8bit / PagedAdamW / PagedAdamW8bit (`bnb_optimizer`).
+  paged-adamw-8bit bitsandbytes' AdamW8bit / PagedAdamW / PagedAdamW8bit, lion-32bit / lion-8bit / paged-lion /
+  paged-lion-8bit its Lion32bit / Lion8bit / PagedLion32bit / PagedLion8bit (`bnb_optimizer`) · lion / lion-foreach
+  lion-pytorch's Lion / foreach Lion, adam-mini Adam-mini with the named parameters (`EXTERNAL`) · --optimizer-impl
+  variants (sgd-fused, momentum-forloop, adafactor-forloop, ...) with their implementation forced (`OPTIMIZERS`).
 --optimizer-in-backward: torchtune's optimizer_in_bwd, one optimizer per trainable tensor stepped by a
   post-accumulate-grad hook inside backward (`InBackward`).
 The optimizer `step` counters of non-fused optimizers live on the host (torch keeps them on the CPU unless
@@ -71,13 +74,58 @@ OPTIMIZERS = {  # what each --optimizer constructs (class, keyword arguments)
     Optimizer.SGD: (torch.optim.SGD, dict(lr=1e-3, foreach=True)),
     Optimizer.MOMENTUM: (torch.optim.SGD, dict(lr=1e-3, momentum=0.9, foreach=True)),
     Optimizer.ADAFACTOR: (torch.optim.Adafactor, dict(lr=1e-2, foreach=True)),
+    # --optimizer-impl (memplan.spec.setup.IMPLEMENTATIONS): each implementation forced, as CUDA would run it
+    # (on CPU tensors torch defaults to the for-loop; fused SGD has a CPU kernel in torch 2.13, like AdamW's)
+    Optimizer.SGD_FUSED: (torch.optim.SGD, dict(lr=1e-3, fused=True)),
+    Optimizer.SGD_FORLOOP: (torch.optim.SGD, dict(lr=1e-3, foreach=False)),
+    Optimizer.MOMENTUM_FUSED: (torch.optim.SGD, dict(lr=1e-3, momentum=0.9, fused=True)),
+    Optimizer.MOMENTUM_FORLOOP: (torch.optim.SGD, dict(lr=1e-3, momentum=0.9, foreach=False)),
+    Optimizer.ADAFACTOR_FORLOOP: (torch.optim.Adafactor, dict(lr=1e-2, foreach=False)),
 }
+# Optimizers of other packages (optional extra `optim`): module, class, keyword arguments. Adam-mini also takes the
+# named parameters and the model's dim / n_heads / n_kv_heads, as its README passes them (`adam_mini_kwargs`).
+EXTERNAL = {
+    Optimizer.LION: ("lion_pytorch", "Lion", dict(lr=1e-4)),  # lion-pytorch 0.2.5: use_triton=False, a loop
+    Optimizer.LION_FOREACH: ("lion_pytorch.foreach", "Lion", dict(lr=1e-4)),
+    Optimizer.ADAM_MINI: ("adam_mini", "Adam_mini", dict(lr=1e-4, verbose=False)),
+}
+EXTERNAL_PINS = {"lion_pytorch": "lion-pytorch==0.2.5", "adam_mini": "adam-mini==1.1.1"}
 
 
-def make_optimizer(kind: Optimizer, params: list, setup: TrainingSetup | None = None) -> torch.optim.Optimizer:
+def external_optimizer(kind: Optimizer) -> tuple[type, dict]:
+    """The class of an optimizer from another package and its keyword arguments; one line if it is not installed."""
+    import importlib
+
+    from memplan.errors import MemplanError
+
+    module, name, kw = EXTERNAL[kind]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise MemplanError(f"--optimizer {kind.value} runs {top}'s optimizer: pip install --no-deps "
+                           f"{EXTERNAL_PINS[top]} (or memplan[optim])") from None
+    return getattr(mod, name), dict(kw)
+
+
+def adam_mini_kwargs(model) -> dict:
+    """Adam-mini's model config (its README: dim, n_heads, n_kv_heads) read from a transformers model's config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return dict(dim=cfg.hidden_size, n_heads=heads, n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads)
+
+
+def make_optimizer(kind: Optimizer, params: list, setup: TrainingSetup | None = None, names: list | None = None,
+                   model=None) -> torch.optim.Optimizer:
     """The optimizer over `params`; under ZeRO-1 partitioned by ZeroRedundancyOptimizer (its default
-    parameters_as_bucket_view=False), the local optimizer the same class with the same arguments."""
-    if kind.bitsandbytes:
+    parameters_as_bucket_view=False), the local optimizer the same class with the same arguments. Adam-mini gets
+    `names` (the model's parameter names of `params`) and the model's head config."""
+    if kind is Optimizer.ADAM_MINI:
+        cls, kw = external_optimizer(kind)
+        return cls(list(zip(names, params)), **kw, **adam_mini_kwargs(model))
+    if kind in EXTERNAL:
+        cls, kw = external_optimizer(kind)
+    elif kind.bitsandbytes:
         cls, kw = bnb_optimizer(kind)
     elif kind not in OPTIMIZERS:
         raise ValueError(kind)
@@ -97,7 +145,9 @@ def make_optimizer(kind: Optimizer, params: list, setup: TrainingSetup | None = 
 # optimizer_update_32bit / optimizer_update_8bit_blockwise) with fake-tensor kernels, so the step runs for real under
 # FakeTensorMode, in place, with no temporaries, as the CUDA kernels do.
 BNB_CLASSES = {Optimizer.ADAMW_8BIT: "AdamW8bit", Optimizer.PAGED_ADAMW: "PagedAdamW",
-               Optimizer.PAGED_ADAMW_8BIT: "PagedAdamW8bit"}
+               Optimizer.PAGED_ADAMW_8BIT: "PagedAdamW8bit", Optimizer.LION_32BIT: "Lion32bit",
+               Optimizer.LION_8BIT: "Lion8bit", Optimizer.PAGED_LION: "PagedLion32bit",
+               Optimizer.PAGED_LION_8BIT: "PagedLion8bit"}
 
 
 def bnb_optimizer(kind: Optimizer) -> tuple[type, dict]:
@@ -137,7 +187,8 @@ class InBackward:
     def __init__(self, loop: "TrainLoop"):
         self.loop = loop
         owned = loop.masters if loop.master else loop.shards
-        self.optims = {p: make_optimizer(loop.setup.optimizer, [o]) for p, o in zip(loop.params, owned)}
+        self.optims = {p: make_optimizer(loop.setup.optimizer, [o], names=[n], model=loop.model)
+                       for p, o, n in zip(loop.params, owned, loop.names)}
         self.owner = dict(zip(loop.params, owned))
 
     @property
@@ -171,7 +222,9 @@ class TrainLoop:
     def __init__(self, model, setup: TrainingSetup, tracker: AllocTracker, compute_dtype):
         self.model, self.setup, self.tracker = model, setup, tracker
         self.compute_dtype = compute_dtype
+        named = {p: n for n, p in model.named_parameters()}  # (named_parameters lists a tied tensor once)
         self.params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        self.names = [named[p] for p in self.params]
         # FSDP2's parameters are DTensors: the optimizer steps their local shards, the same local ops DTensor's
         # foreach dispatch would run, without its sharding propagation (minutes on a 70B model)
         self.shards = [getattr(p, "_local_tensor", p) for p in self.params]
@@ -190,7 +243,8 @@ class TrainLoop:
         if self.in_backward:
             self.optimizer = InBackward(self)
         else:
-            self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.shards, setup)
+            self.optimizer = make_optimizer(setup.optimizer, self.masters if self.master else self.shards, setup,
+                                            names=self.names, model=model)
         self.scaler = Scaler() if setup.precision.grad_scaler else None
         self._hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, grad_tag))
                        for p in self.params]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memplan.spec.setup import Engine, Loss, Optimizer, TrainingSetup
 
-BNB_OPTIMIZERS = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
+BNB_OPTIMIZERS = tuple(o for o in Optimizer if o.bitsandbytes)
 
 
 def unsupported(setup: TrainingSetup, engines: bool = False) -> str | None:
