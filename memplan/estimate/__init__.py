@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from memplan.categories import Category as C
 from memplan.errors import MemplanError
-from memplan.estimate import deepspeed, techniques
+from memplan.estimate import deepspeed, distill, techniques
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
@@ -52,6 +52,7 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
     if setup.peft is PeftMethod.FREEZE and setup.train_layers > model.blocks:
         raise MemplanError(f"--train-layers {setup.train_layers} exceeds the model's {model.blocks} blocks")
     warns += techniques.validate(model, setup)  # checkpointing policies and losses
+    warns += distill.validate(model, setup)  # --teacher (memplan.estimate.distill)
     if setup.engine is Engine.DEEPSPEED:
         warns.append(deepspeed.ESTIMATE_ONLY)
     if setup.zero > 0 and setup.gpus == 1:
@@ -96,6 +97,8 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     p = parameters(model, setup)
     ms = model_states(p.unsharded, setup)
     states = step_states(model, setup, p, ms, activations(model, setup))
+    if setup.teacher:
+        states = distill.adjust(states, model, setup)
     peak, phase_totals = peaks(states)
     allocated = peak.total
     reserved = overhead.reserved(allocated)

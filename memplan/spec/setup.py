@@ -5,6 +5,8 @@ from dataclasses import dataclass, field, fields, asdict
 from enum import Enum
 
 from memplan.errors import MemplanError
+from memplan.spec.distill import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DISTILL_FIELDS, TeacherWeights,  # noqa: F401
+                                   check_distill)
 
 
 class Precision(str, Enum):
@@ -262,6 +264,11 @@ class TrainingSetup:
     ds_sub_group_size: int = 1_000_000_000  # sub_group_size = pp_int(1e9)
     ds_contiguous_gradients: bool = True  # contiguous_gradients = True
     ds_overlap_comm: bool | None = None  # overlap_comm = None: True at stage 3, else False (overlap_comm_valid)
+    # knowledge distillation (memplan.spec.distill): a frozen teacher's forward beside the student's step
+    teacher: str = ""  # profile key / alias / config path of the teacher; "" = no distillation
+    teacher_weights: TeacherWeights = TeacherWeights.AUTO
+    distill_alpha: float = DEFAULT_ALPHA  # loss = (1 - alpha) * class loss + alpha * KL (torchtune kd_ratio)
+    temperature: float = DEFAULT_TEMPERATURE  # both logits divided by T, the KL scaled by T²
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
@@ -295,6 +302,7 @@ class TrainingSetup:
         self._check_deepspeed()
         self._check_in_backward()
         self._check_techniques()
+        check_distill(self.teacher, self.teacher_weights, self.distill_alpha, self.temperature)
 
     def _check_in_backward(self) -> None:
         """What torchtune's optimizer_in_bwd runs with (recipes/full_finetune_single_device.py refuses gradient
@@ -394,4 +402,7 @@ class TrainingSetup:
             v = getattr(self, f.name)
             out[f.name] = asdict(v) if f.name == "lora" else (v.value if isinstance(v, Enum) else v)
         out["lora"]["targets"] = list(self.lora.targets)
+        if not self.teacher:  # no distillation: the record ids of earlier setups stay as they were
+            for name in DISTILL_FIELDS:
+                del out[name]
         return out

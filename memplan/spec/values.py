@@ -14,13 +14,13 @@ from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec, gpu_from_memory, parse_memory
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import (Attention, Checkpointing, Engine, LoraConfig, Loss, Optimizer, PeftMethod,
-                                Precision, TrainingSetup)
+                                Precision, TeacherWeights, TrainingSetup)
 
 # make_setup's flattened LoRA keywords -> LoraConfig fields
 LORA_FIELDS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "double_quant": "double_quant"}
 SETUP_FIELDS = {f.name for f in fields(TrainingSetup)}
 ENUM_FIELDS = {"precision": Precision, "optimizer": Optimizer, "peft": PeftMethod, "checkpointing": Checkpointing,
-               "attention": Attention, "engine": Engine, "loss": Loss}
+               "attention": Attention, "engine": Engine, "loss": Loss, "teacher_weights": TeacherWeights}
 
 # The command-line flag of each make_setup keyword, declared once: memplan.cli.options builds the shared setup
 # options from it, and a sweep rebuilds a configuration's flags from it for its worker process
@@ -42,6 +42,8 @@ SETUP_FLAGS = {
     "ds_param_persistence_threshold": "--ds-param-persistence-threshold", "ds_sub_group_size": "--ds-sub-group-size",
     "ds_contiguous_gradients": "--ds-contiguous-gradients/--no-ds-contiguous-gradients",
     "ds_overlap_comm": "--ds-overlap-comm/--no-ds-overlap-comm",
+    "teacher": "--teacher", "teacher_weights": "--teacher-weights", "distill_alpha": "--distill-alpha",
+    "temperature": "--temperature",
 }
 
 

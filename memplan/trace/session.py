@@ -175,6 +175,9 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
         else:
             for t in materialize(built.model, init_values=not fake):
                 tracker.track(t, W)
+        if built.teacher is not None:  # --teacher: its frozen weights are weights too
+            for t in materialize(built.teacher, init_values=not fake):
+                tracker.track(t, W)
             if engine:
                 distributed.apply_engine(built, setup, tracker)  # DDP wraps the materialized model
         stack.enter_context(checkpoint_tagging(built.model, tracker))
@@ -183,6 +186,7 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
             for t in made.values():
                 tracker.track(t, INPUT)
         loop = TrainLoop(built.model, setup, tracker, built.compute_dtype)
+        loop.teacher = built.teacher
         stack.callback(loop.close)
         load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
 

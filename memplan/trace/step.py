@@ -229,6 +229,10 @@ class TrainLoop:
         setup's chunked / last-K loss (memplan.trace.policies)."""
         from memplan.trace.policies import step_loss, uses_head_loss
 
+        if getattr(self, "teacher", None) is not None:  # --teacher: memplan.trace.distill
+            from memplan.trace.distill import distill_loss
+
+            return distill_loss(self.model, self.teacher, batch, self.setup, self.tracker.set_mark)
         if not uses_head_loss(self.setup):
             return self.model(**batch).loss
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
