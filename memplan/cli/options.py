@@ -108,6 +108,13 @@ SETUP_OPTIONS = [
     _setup("loss_chunks", int, 8, help="--loss chunked: number of output chunks."),
     _setup("logits_to_keep", int, 0, help="Logits and loss of the last K positions only (transformers "
            "logits_to_keep, TRL GRPO); 0 = all."),
+    _setup("teacher", Optional[str], None, help="Knowledge distillation: a frozen teacher model (profile key, alias or "
+           "config path) whose no-grad forward and KL loss run beside the student's step (docs/distillation.md). "
+           "Same vocabulary as the student."),
+    _setup("teacher_weights", str, "auto", help="--teacher: its weights, auto (the compute dtype) | fp32 | bf16 | fp16 "
+           "| nf4 | int8 (bitsandbytes; int8 estimate-only)."),
+    _setup("distill_alpha", float, 0.5, help="--teacher: loss = (1 - alpha) * CE + alpha * KL (torchtune kd_ratio)."),
+    _setup("temperature", float, 1.0, help="--teacher: softmax temperature of both logits (KL scaled by T²)."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
     _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
     _setup("ds_reduce_bucket_size", int, 500_000_000, help="--engine deepspeed: reduce_bucket_size (elements)."),

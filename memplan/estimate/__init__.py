@@ -99,6 +99,7 @@ def estimate_spec(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = 
     states = step_states(model, setup, p, ms, activations(model, setup))
     if setup.teacher:
         states = distill.adjust(states, model, setup)
+        ms = distill.with_teacher(ms, setup)
     peak, phase_totals = peaks(states)
     allocated = peak.total
     reserved = overhead.reserved(allocated)

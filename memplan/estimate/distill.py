@@ -68,7 +68,10 @@ def validate(model: ModelSpec, setup: TrainingSetup) -> list[str]:
                            "logits' length; not modelled")
     if setup.optimizer_in_backward or setup.gpus > 1 or setup.zero > 0:
         raise MemplanError("--teacher is modelled on one GPU without ZeRO or --optimizer-in-backward")
-    warns = []
+    w = teacher_weight_bytes(teacher, setup)
+    warns = [f"distillation: teacher {teacher.name} ({setup.teacher_weights.value}) adds {w / 2**30:,.2f} GiB of "
+             f"weights (counted in weights), its no-grad forward and the KL's fp32 soft targets (loss = "
+             f"{1 - setup.distill_alpha:g}·CE + {setup.distill_alpha:g}·KL, T = {setup.temperature:g})"]
     if setup.teacher_weights is TeacherWeights.INT8:
         warns.append("--teacher-weights int8 is estimate-only (bitsandbytes LLM.int8: no trace stand-in)")
     return warns
@@ -166,3 +169,8 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup) -> tuple:
             c[C.TEMPORARIES] += ls  # the KL's gradient of the logits, waiting to be added to the class loss's
         out.append(State(s.name, s.phase, c))
     return tuple(out)
+
+
+def with_teacher(ms, setup: TrainingSetup):
+    """The student's model states with the teacher's weights in `weights` (as the trace counts them)."""
+    return replace(ms, weights=ms.weights + teacher_weight_bytes(teacher_spec(setup), setup))
