@@ -80,15 +80,15 @@ def _compare(configs, **kw):
     return model, setup, estimate_spec(model, setup), trace(model, setup)[0]
 
 
-TINY_SETUPS = [
+TINY_SETUPS = [  # the last two slow-marked: the whole file stays under a minute in the default run
     dict(precision="bf16"),
-    dict(precision="fp32", temperature=2.0, distill_alpha=0.9),
     dict(precision="pure-bf16", peft="lora", teacher_weights="nf4"),
-    dict(precision="bf16", teacher_weights="fp32", checkpointing="full"),
+    pytest.param(dict(precision="fp32", temperature=2.0, distill_alpha=0.9), marks=pytest.mark.slow),
+    pytest.param(dict(precision="bf16", teacher_weights="fp32", checkpointing="full"), marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("kw", TINY_SETUPS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.parametrize("kw", TINY_SETUPS, ids=["bf16", "lora-nf4-teacher", "fp32-T2", "fp32-teacher-ckpt"])
 def test_estimate_within_3_percent_of_the_two_model_trace(configs, kw):
     pytest.importorskip("torch")
     _, _, est, tr = _compare(configs, **kw)
@@ -96,7 +96,8 @@ def test_estimate_within_3_percent_of_the_two_model_trace(configs, kw):
     assert abs(err) <= 0.03, (err, est.categories, tr.categories)
 
 
-@pytest.mark.parametrize("fmt", ["auto", "fp32", "nf4"])
+@pytest.mark.parametrize("fmt", ["nf4", pytest.param("auto", marks=pytest.mark.slow),
+                                 pytest.param("fp32", marks=pytest.mark.slow)])
 def test_teacher_weights_are_byte_exact_against_the_trace(configs, fmt):
     """The teacher's frozen parameters (and NF4 buffers) as the trace materializes them, to the block: what the
     estimate leaves out, as for the student, is the rotary embedding's two inv_freq buffers (one 512-byte block
@@ -125,8 +126,11 @@ def test_the_teacher_is_frozen_and_in_eval_mode(configs):
     pytest.importorskip("torch")
     from memplan.spec.values import resolve_model
     from memplan.trace.build import build
+    from memplan.trace.distill import attach_teacher
 
-    built = build(resolve_model(configs["student"]), make_setup(teacher=configs["teacher"], seq=64))
+    setup = make_setup(teacher=configs["teacher"], seq=64)
+    built = build(resolve_model(configs["student"]), setup)
+    attach_teacher(built, setup)
     assert not built.teacher.training
     assert not any(p.requires_grad for p in built.teacher.parameters())
     assert built.trainable_params == built.total_params  # the teacher is no parameter of the student
@@ -194,3 +198,34 @@ def test_profile_setups_within_3_percent_of_trace(kw):
     row = compare(kw)
     assert abs(row.error) <= 0.03, row
     assert not row.category_failures(), row.category_failures()
+
+
+def test_gpu_path_runs_the_two_model_step_driven_on_the_cpu(configs):
+    """The GPU measurement's build (memplan.measure.cuda.build_on_device) and loop, driven with device="cpu" as
+    tests/test_measure.py drives them: the teacher materialized on the device and called by the loop."""
+    pytest.importorskip("torch")
+    import warnings
+
+    from memplan.measure import cuda as mcuda, phases
+    from memplan.measure.timing import CpuClock
+    from memplan.spec.values import resolve_model
+    from memplan.trace.session import make_batch
+
+    spec = resolve_model(configs["student"])
+    setup = make_setup(precision="bf16", batch=2, seq=16, teacher=configs["teacher"])
+    built = mcuda.build_on_device(spec, setup, "cpu")
+    assert all(p.device.type == "cpu" for p in built.teacher.parameters())
+    book = phases.PhaseBook(CpuClock(), None, None, phase_log=False)
+
+    class Cuda:
+        autocast_device = "cpu"
+
+    loop = mcuda._default_loop(built, setup, phases.Recorder(book), "cpu", Cuda)
+    assert loop.teacher is built.teacher
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop.iteration(make_batch(spec, 2, 16, "cpu"))
+    assert loop.optimizer.state
+    with pytest.raises(MemplanError, match="--device cpu"):
+        mcuda.build_on_device(spec, make_setup(batch=2, seq=16, teacher=configs["teacher"], teacher_weights="nf4"),
+                              "cpu")

@@ -50,7 +50,7 @@ class Built:
     trainable_params: int
     total_params: int
     warnings: list[str] = field(default_factory=list)
-    teacher: nn.Module | None = None  # --teacher: the frozen teacher (memplan.trace.distill)
+    teacher: nn.Module | None = None  # --teacher: the frozen teacher (memplan.trace.distill.attach_teacher)
 
 
 def check_traceable(setup: TrainingSetup) -> None:
@@ -221,11 +221,6 @@ def build(spec: ModelSpec, setup: TrainingSetup, quantize: Quantizer = quantize_
     try:
         built = _build(spec, setup, quantize)
         built.warnings[:0] = checked
-        if setup.teacher:
-            from memplan.spec.values import resolve_model
-            from memplan.trace.distill import build_teacher
-
-            built.teacher = build_teacher(resolve_model(setup.teacher), setup)
         return built
     finally:
         transformers.logging.set_verbosity(verbosity)

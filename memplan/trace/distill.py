@@ -20,14 +20,14 @@ from memplan.errors import MemplanError
 from memplan.spec.distill import TeacherWeights
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Attention, PeftMethod, TrainingSetup
+from memplan.trace.build import DTYPES, Built, from_config, hf_config
+from memplan.trace.qlora import quantize_linears
 
 IGNORE_INDEX = -100  # ForwardKLLoss(ignore_index=-100), torchtune 0.6.1
 
 
 def teacher_dtype(setup: TrainingSetup) -> torch.dtype:
     """The dtype the teacher's (unquantized) parameters are stored in."""
-    from memplan.trace.build import DTYPES
-
     w = setup.teacher_weights
     name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(w.value, setup.precision.half_dtype)
     return DTYPES[name]
@@ -36,9 +36,6 @@ def teacher_dtype(setup: TrainingSetup) -> torch.dtype:
 def build_teacher(spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
     """The teacher on the meta device: the transformers model in its dtype (NF4 linears through memplan's
     bitsandbytes stand-in, memplan.trace.qlora), eval mode, every parameter frozen."""
-    from memplan.trace.build import DTYPES, from_config, hf_config
-    from memplan.trace.qlora import quantize_linears
-
     if setup.teacher_weights is TeacherWeights.INT8:
         raise MemplanError("--teacher-weights int8 (bitsandbytes LLM.int8) is estimate-only: the trace has no int8 "
                            "stand-in (use nf4, bf16, fp16 or fp32)")
@@ -55,6 +52,14 @@ def build_teacher(spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def attach_teacher(built: Built, setup: TrainingSetup) -> None:
+    """Build the setup's teacher beside `built` (once; memplan.trace.session opens the step with it)."""
+    if built.teacher is None:
+        from memplan.spec.values import resolve_model
+
+        built.teacher = build_teacher(resolve_model(setup.teacher), setup)
 
 
 def forward_kl(student_logits, teacher_logits, labels, ignore_index: int = IGNORE_INDEX):
@@ -79,7 +84,7 @@ def distill_loss(model, teacher, batch: dict, setup: TrainingSetup, mark=None):
         teacher_logits = teacher(input_ids=batch["input_ids"]).logits
     mark("distill_loss")
     labels = batch["labels"]
-    ignore = torch.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype)
+    ignore = torch.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
     labels = torch.hstack((labels[..., 1:], ignore)).reshape(-1)  # torchtune's shift
     logits = logits.reshape(-1, logits.size(-1))
     teacher_logits = teacher_logits.reshape(-1, teacher_logits.size(-1))

@@ -155,6 +155,10 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
     measurement's fixed one); None: the caller makes and tags each batch (Session.track_batch). fake=True runs on FakeTensorMode tensors
     (values never computed) and materializes without initial values. A --gpus/--zero setup runs its engine on
     torch.distributed's current default process group (memplan.trace.distributed: the caller initializes it)."""
+    if setup.teacher:  # --teacher: the frozen teacher beside the student (memplan.trace.distill)
+        from memplan.trace.distill import attach_teacher
+
+        attach_teacher(built, setup)
     engine = distributed.engaged(setup)
     if engine and distributed.uses_fsdp(setup):
         distributed.apply_engine(built, setup)  # FSDP2 shards the meta model, before anything is allocated
