@@ -229,3 +229,23 @@ def test_gpu_path_runs_the_two_model_step_driven_on_the_cpu(configs):
     with pytest.raises(MemplanError, match="--device cpu"):
         mcuda.build_on_device(spec, make_setup(batch=2, seq=16, teacher=configs["teacher"], teacher_weights="nf4"),
                               "cpu")
+
+
+def test_the_teachers_forward_flops_join_the_step():
+    """Predicted speed: the teacher's no-grad forward (2·N_teacher + its attention core per token) is added to the
+    student's forward FLOPs; nothing else changes."""
+    from memplan.estimate.flops import flops_per_token, teacher_forward_flops
+
+    alone = flops_per_token(_spec("llama-3.2-1b"), make_setup(seq=1024))
+    setup = make_setup(seq=1024, teacher="llama-3.2-3b")
+    both = flops_per_token(_spec("llama-3.2-1b"), setup)
+    assert both.forward - alone.forward == pytest.approx(teacher_forward_flops(setup))
+    assert both.backward_weight == alone.backward_weight
+    # 2·N of llama-3.2-3b's matmuls dominates: more than 2·3e9 FLOPs per token (3.2B parameters, tied head)
+    assert teacher_forward_flops(setup) > 2 * 3e9
+
+
+def _spec(name):
+    from memplan.spec.values import resolve_model
+
+    return resolve_model(name)

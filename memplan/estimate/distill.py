@@ -69,7 +69,8 @@ def validate(model: ModelSpec, setup: TrainingSetup) -> list[str]:
     if setup.optimizer_in_backward or setup.gpus > 1 or setup.zero > 0:
         raise MemplanError("--teacher is modelled on one GPU without ZeRO or --optimizer-in-backward")
     w = teacher_weight_bytes(teacher, setup)
-    warns = [f"distillation: teacher {teacher.name} ({setup.teacher_weights.value}) adds {w / 2**30:,.2f} GiB of "
+    size = f"{w / 2**30:,.2f} GiB" if w >= 2**30 else f"{w / 2**20:,.1f} MiB"
+    warns = [f"distillation: teacher {teacher.name} ({setup.teacher_weights.value}) adds {size} of "
              f"weights (counted in weights), its no-grad forward and the KL's fp32 soft targets (loss = "
              f"{1 - setup.distill_alpha:g}·CE + {setup.distill_alpha:g}·KL, T = {setup.temperature:g})"]
     if setup.teacher_weights is TeacherWeights.INT8:
