@@ -38,13 +38,13 @@ def test_different_models_sum_their_own_terms():
 
 
 def test_averaging_holds_every_members_logits():
-    """Decode-sized steps of a large-vocabulary model: the averaged logits (every member's row, the fp32 stack and
-    mean, generate()'s two fp32 copies) outgrow one decode layer."""
+    """Decode-sized steps of a large-vocabulary model: the averaged logits (every member's fp32 copy, their stack
+    and the mean: (2K + 1) fp32 rows) outgrow one decode layer."""
     m = resolve_model("qwen2.5-0.5b")
     s = ServeSetup(concurrency=64, prompt_len=1, gen_len=1, hf_cache="dynamic")
     e = estimate_ensemble([m] * 3, s)
     rows = 64 * m.vocab
-    assert e.categories["temporaries"] >= 3 * rows * 2 + 4 * rows * 4
+    assert e.categories["temporaries"] == 7 * rows * 4 and e.categories["activations"] == 0
 
 
 def test_members_with_other_vocabularies_are_refused():
@@ -87,3 +87,41 @@ def test_cli_vocab_mismatch_is_one_line_exit_2(capsys):
     rc = main(["serve", "-m", "qwen2.5-0.5b", "-m", "qwen2.5-7b", "-c", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "vocabulary" in err[0]
+
+
+TINY_A = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
+          "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 4096}
+TINY_B = dict(TINY_A, hidden_size=384, intermediate_size=1024, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("models, kw", [
+    ("ab", dict(concurrency=2, prompt_len=128, gen_len=3, hf_cache="dynamic")),  # prefill: a layer beside a copy
+    ("aaa", dict(concurrency=16, prompt_len=8, gen_len=3, hf_cache="dynamic")),  # decode: the averaged logits
+    pytest.param("ab", dict(concurrency=8, prompt_len=512, gen_len=2, hf_cache="static"), marks=pytest.mark.slow),
+])
+def test_estimate_within_1_percent_of_the_traced_ensemble(models, kw):
+    """memplan.trace.ensemble runs the members' real forwards with their caches and the average on fake tensors."""
+    pytest.importorskip("torch")
+    from memplan.spec.families import spec_from_config
+    from memplan.trace.ensemble import trace_ensemble
+
+    specs = {"a": spec_from_config(TINY_A, "tiny-a"), "b": spec_from_config(TINY_B, "tiny-b")}
+    members = [specs[c] for c in models]
+    s = ServeSetup(**kw)
+    t, e = trace_ensemble(members, s), estimate_ensemble(members, s)
+    assert e.allocated_bytes == pytest.approx(t.peak_allocated, rel=0.01)
+    assert e.categories["kv_cache"] == pytest.approx(t.kv_cache, rel=0.1)  # the last token is never fed back
+
+
+def test_cli_trace_of_two_models(capsys, tmp_path):
+    pytest.importorskip("torch")
+    paths = []
+    for name, cfg in (("a", TINY_A), ("b", TINY_B)):
+        p = tmp_path / name / "config.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps(cfg))
+        paths += ["-m", str(p)]
+    assert main(["serve", *paths, "-c", "2", "--prompt-len", "64", "--gen-len", "2", "--cache", "dynamic",
+                 "--trace", "-f", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["trace"]["peak_allocated"] == pytest.approx(d["peak"]["allocated_bytes"], rel=0.01)

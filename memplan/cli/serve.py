@@ -136,9 +136,7 @@ def serve(
                        gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     if len(specs) > 1:
-        if trace:
-            raise MemplanError("--trace runs one model's generate(): not with --ensemble / several --model")
-        return _emit_ensemble(specs, setup, card, fmt)
+        return _emit_ensemble(specs, setup, card, fmt, trace)
     result = estimate_serve(spec, setup, card)
     traced = None
     if trace:
@@ -169,14 +167,22 @@ def serve(
             typer.echo(f"warning: {w}", err=True)
 
 
-def _emit_ensemble(specs, setup, card, fmt) -> None:
-    """An ensemble's page (memplan.serve.ensemble)."""
+def _emit_ensemble(specs, setup, card, fmt, trace: bool = False) -> None:
+    """An ensemble's page (memplan.serve.ensemble); --trace: memplan.trace.ensemble beside it."""
     from memplan import render
     from memplan.serve.ensemble import estimate_ensemble
 
     r = estimate_ensemble(specs, setup, card)
+    traced = None
+    if trace:
+        from memplan.trace.ensemble import trace_ensemble
+
+        traced = trace_ensemble(specs, r.setup)
     if fmt is Format.json:
-        typer.echo(render.to_json(r.to_dict()))
+        d = r.to_dict()
+        if traced is not None:
+            d["trace"] = traced.to_dict()
+        typer.echo(render.to_json(d))
     elif fmt is Format.csv:
         d = r.to_dict()
         row = {"models": ",".join(d["models"]), "ensemble": d["ensemble"], **d["setup"]}
@@ -203,6 +209,11 @@ def _emit_ensemble(specs, setup, card, fmt) -> None:
                          f"{'fits' if r.fits else 'does NOT fit'}, headroom {r.headroom_bytes / GiB:+.2f} GiB at the "
                          f"device level")
         lines += [f"note: {n}" for n in r.notes] + [f"warning: {w}" for w in r.warnings]
+        if traced is not None:
+            err = 100 * (r.allocated_bytes / traced.peak_allocated - 1)
+            lines.append(f"[trace] the members' forwards and the average on fake tensors: peak allocated "
+                         f"{traced.peak_allocated / GiB:.3f} GiB (estimate {r.allocated_bytes / GiB:.3f} GiB, "
+                         f"{err:+.2f}%), caches at the end {traced.kv_cache / GiB:.3f} GiB")
         typer.echo("\n".join(lines))
     if fmt is not Format.table:
         for w in r.warnings:

@@ -9,10 +9,11 @@ forwards). Per GPU, with the members' own terms from memplan.serve.estimate (`--
     weights       Σ members' weights (memplan.serve.weights.weight_bytes, each in --weights)
     kv_cache      Σ members' caches (each its own layers, KV heads and head size)
     activations   one member's forward at a time: the largest member's layer (prefill or decode)
-    temporaries   every member's logits of the sampled rows kept in its dtype until averaged, the average in fp32
-                  (torch.stack(...).float().mean(0): the stacked fp32 copy and the mean) and generate()'s fp32 logit
-                  copies (HF_FP32_LOGIT_COPIES) of the averaged row; while member j runs, the logits of the members
-                  before it are alive beside its layer
+    temporaries   each member's sampled logits copied to fp32 as generate() copies them
+                  (`logits[:, -1, :].to(copy=True, dtype=torch.float32)`), kept until averaged; the average
+                  `torch.stack(copies).mean(0)`: K copies + their stack + the mean = (2K + 1) fp32 rows; while member
+                  j runs, the copies of the members before it are alive beside its layer
+memplan.trace.ensemble runs exactly this loop on fake tensors (`memplan serve --trace` with several models).
 The members must share one vocabulary (one tokenizer): different vocabulary sizes are refused.
 vLLM serves one model per engine: ensembles are --engine hf.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from memplan.errors import MemplanError
 from memplan.estimate.overhead import Overhead
-from memplan.serve.estimate import HF_FP32_LOGIT_COPIES, ServeResult, check, layer_forward_bytes
+from memplan.serve.estimate import ServeResult, check, layer_forward_bytes
 from memplan.serve.kv import dynamic_tokens, kv_bytes_per_token, static_tokens
 from memplan.serve.setup import DTYPE_BYTES, HfCache, ServeEngine, ServeSetup, Solve
 from memplan.serve.weights import weight_bytes
@@ -96,7 +97,7 @@ def _terms(model: ModelSpec, setup: ServeSetup) -> dict:
             "cat_copy": 0 if static else kv_end // model.layers,
             "act_prefill": layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem),
             "act_decode": layer_forward_bytes(model, c, setup.tp, elem),
-            "logits": c * model.vocab * elem}
+            "logits": c * model.vocab * 4}  # the fp32 copy of its sampled logits
 
 
 def _phase(terms: list[dict], rows_fp32: int, kv_key: str, act_key: str, extra_key: str | None) -> tuple[int, dict]:
@@ -110,7 +111,7 @@ def _phase(terms: list[dict], rows_fp32: int, kv_key: str, act_key: str, extra_k
         if total > best_layer[0]:
             best_layer = (total, t[act_key], before + extra)
         before += t["logits"]
-    averaging = before + (2 + HF_FP32_LOGIT_COPIES) * rows_fp32  # stacked fp32 copy, the mean, generate()'s copies
+    averaging = 2 * before + rows_fp32  # the K fp32 copies, their stack, the mean
     if averaging >= best_layer[0]:
         acts, temps = 0, averaging
     else:
