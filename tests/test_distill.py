@@ -249,3 +249,15 @@ def _spec(name):
     from memplan.spec.values import resolve_model
 
     return resolve_model(name)
+
+
+def test_records_carry_the_teacher_and_check_its_types():
+    """A measured record's setup round-trips with the teacher (memplan.measure.record.check_setup, setup_from_dict)."""
+    from memplan.measure.record import check_setup
+    from memplan.spec.values import setup_from_dict
+
+    setup = make_setup(teacher="gpt2-medium", teacher_weights="nf4", distill_alpha=0.25, temperature=2.0)
+    assert setup_from_dict(check_setup(setup.to_dict())) == setup
+    for bad in ({"teacher": 3}, {"temperature": "hot"}, {"distill_alpha": -1}):
+        with pytest.raises(MemplanError):
+            check_setup(bad)
