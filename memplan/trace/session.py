@@ -179,11 +179,11 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
         else:
             for t in materialize(built.model, init_values=not fake):
                 tracker.track(t, W)
+            if engine:
+                distributed.apply_engine(built, setup, tracker)  # DDP wraps the materialized model
         if built.teacher is not None:  # --teacher: its frozen weights are weights too
             for t in materialize(built.teacher, init_values=not fake):
                 tracker.track(t, W)
-            if engine:
-                distributed.apply_engine(built, setup, tracker)  # DDP wraps the materialized model
         stack.enter_context(checkpoint_tagging(built.model, tracker))
         made = batch() if batch is not None else None
         if made is not None:
