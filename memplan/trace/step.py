@@ -198,6 +198,7 @@ class TrainLoop:
             self._hooks += self.optimizer.handles()
         self.paged_bytes = 0  # bitsandbytes' paged states: CUDA unified memory, outside the allocator (tag_states)
         self.grads_seq = 0  # event at which the last optimizer step began (all gradients alive)
+        self.teacher = None  # --teacher: the frozen teacher the session attaches (memplan.trace.distill)
 
     def _autocast(self):
         if self.setup.precision.autocast:
@@ -229,7 +230,7 @@ class TrainLoop:
         setup's chunked / last-K loss (memplan.trace.policies)."""
         from memplan.trace.policies import step_loss, uses_head_loss
 
-        if getattr(self, "teacher", None) is not None:  # --teacher: memplan.trace.distill
+        if self.teacher is not None:  # --teacher: memplan.trace.distill
             from memplan.trace.distill import distill_loss
 
             return distill_loss(self.model, self.teacher, batch, self.setup, self.tracker.set_mark)
