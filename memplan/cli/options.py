@@ -110,7 +110,7 @@ SETUP_OPTIONS = [
            "logits_to_keep, TRL GRPO); 0 = all."),
     _setup("teacher", Optional[str], None, help="Knowledge distillation: a frozen teacher model (profile key, alias or "
            "config path) whose no-grad forward and KL loss run beside the student's step (docs/distillation.md). "
-           "Same vocabulary as the student."),
+           "Same vocabulary as the student. [default: none, no distillation]"),
     _setup("teacher_weights", str, "auto", help="--teacher: its weights, auto (the compute dtype) | fp32 | bf16 | fp16 "
            "| nf4 | int8 (bitsandbytes; int8 estimate-only)."),
     _setup("distill_alpha", float, 0.5, help="--teacher: loss = (1 - alpha) * CE + alpha * KL (torchtune kd_ratio)."),
