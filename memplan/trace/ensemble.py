@@ -5,19 +5,34 @@ counted by the AllocTracker as memplan.trace.serve counts one model's generate()
 The loop is generate()'s own step written out for K models (transformers 5 `_sample`): each member's forward with
 `logits_to_keep=1` and its cache (prefill: the prompts; then one token per step), `logits[:, -1, :].to(copy=True,
 dtype=torch.float32)` of each, `torch.stack(...).mean(0)` of the copies, argmax; gen_len steps. Fake tensors hold
-no values: scalar reads answer True / 1 (memplan.trace.serve._Scalars).
+no values: scalar reads answer True / 1 (ScalarAnswers, as memplan.trace.serve does).
 """
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memplan.serve.setup import HfCache, ServeSetup
 from memplan.spec.model import ModelSpec
 from memplan.trace import cuda
 from memplan.trace.build import materialize
-from memplan.trace.serve import DTYPES, ServeTrace, _Scalars, check_traceable
+from memplan.trace.serve import DTYPES, ServeTrace, check_traceable
 from memplan.trace.session import as_real_tensors, quiet
 from memplan.trace.tracker import INPUT, W, AllocTracker
+
+
+SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                torch.ops.aten.item.default)
+
+
+class ScalarAnswers(TorchDispatchMode):
+    """Data-dependent scalar reads of fake tensors answered True / 1 / 1.0, as memplan.trace.serve answers them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SCALAR_READS:
+            dt = args[0].dtype
+            return True if dt is torch.bool else (1.0 if dt.is_floating_point else 1)
+        return func(*args, **(kwargs or {}))
 
 
 def trace_ensemble(models: list[ModelSpec], setup: ServeSetup) -> ServeTrace:
@@ -40,7 +55,7 @@ def trace_ensemble(models: list[ModelSpec], setup: ServeSetup) -> ServeTrace:
             hfs.append(hf)
             configs.append(config)
     tracker = AllocTracker(round_to=512, fake=True, op_hooks=cuda.op_hooks())
-    with quiet(), FakeTensorMode(allow_non_fake_inputs=True), as_real_tensors(), _Scalars(), tracker, \
+    with quiet(), FakeTensorMode(allow_non_fake_inputs=True), as_real_tensors(), ScalarAnswers(), tracker, \
             torch.inference_mode():
         for hf in hfs:
             for t in materialize(hf, init_values=False):
