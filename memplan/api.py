@@ -105,10 +105,12 @@ def fits(result, margin: float = DEFAULT_MARGIN) -> bool:
     return result.peak.device_bytes <= int(result.gpu.memory_bytes * (1 - margin))
 
 
-def serve(model, gpu=None, setup=None, overhead=None, **setup_fields):
+def serve(model, gpu=None, setup=None, overhead=None, ensemble: int = 1, **setup_fields):
     """Estimate one serving deployment: `memplan.api.serve("llama-3.1-8b", gpu="l4", weights="awq-int4",
     kv_dtype="fp8", engine="vllm", max_seq=8192, solve="concurrency")` -> a frozen memplan.serve.ServeResult
-    (memory per GPU by category, vLLM's blocks and concurrency, roofline speed). Fields: memplan.serve.ServeSetup."""
+    (memory per GPU by category, vLLM's blocks and concurrency, roofline speed). Fields: memplan.serve.ServeSetup.
+    An ensemble (memplan.serve.ensemble): `model` a list of models and/or `ensemble=K` copies of each -> a frozen
+    EnsembleResult (every member resident, their logits averaged)."""
     from memplan.serve import ServeSetup, estimate_serve
 
     if setup is None:
@@ -120,18 +122,24 @@ def serve(model, gpu=None, setup=None, overhead=None, **setup_fields):
         setup = ServeSetup(**setup_fields)
     elif setup_fields:
         raise MemplanError("pass either setup= or setup fields, not both")
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= 64:
+        raise MemplanError(f"ensemble must be an integer in [1, 64], got {ensemble!r}")
     note = None
     if overhead is None:  # the calibrated file's (`memplan calibrate --write`) when there is one
         from memplan.estimate.overhead import default_overhead
 
         overhead, note = default_overhead()
-    result = estimate_serve(resolve_model(model), setup, resolve_gpu(gpu), overhead)
+    if len(models) * ensemble > 1:
+        from memplan.serve.ensemble import estimate_ensemble
+
+        return estimate_ensemble([resolve_model(m) for m in models] * ensemble, setup, resolve_gpu(gpu), overhead)
+    result = estimate_serve(resolve_model(models[0]), setup, resolve_gpu(gpu), overhead)
     if note:
         from dataclasses import replace
 
         result = replace(result, notes=tuple(result.notes) + (note,))
     return result
-
 
 
 def measure_command(argv, device: str = "auto", warmup: int = 1, gpu=None, results=None, name: str | None = None,

@@ -165,6 +165,13 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
                                                         "padded batches [default: both with --lengths].")] = None,
         pad_multiple: Annotated[int, typer.Option("--pad-to-multiple-of", help="Padded batches: round up to a "
                                                   "multiple of N.")] = 1,
+        teacher: Annotated[Optional[str], typer.Option(
+            "--teacher", help="Knowledge distillation: a frozen teacher beside every choice (docs/"
+            "distillation.md).")] = None,
+        teacher_weights: Annotated[str, typer.Option("--teacher-weights", help="--teacher: auto | fp32 | bf16 | "
+                                                     "fp16 | nf4 | int8.")] = "auto",
+        distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="--teacher: KL weight.")] = 0.5,
+        temperature: Annotated[float, typer.Option("--temperature", help="--teacher: softmax temperature.")] = 1.0,
         in_backward: Annotated[bool, typer.Option(
             "--optimizer-in-backward", help="Also search torchtune's optimizer-in-backward (each gradient stepped "
             "and freed inside backward; one GPU, --grad-accum 1).")] = False,
@@ -209,6 +216,8 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,
                       train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0, loss=loss,
                       lengths=lengths, pad_multiple=pad_multiple,
+                      teacher=teacher, teacher_weights=teacher_weights, distill_alpha=distill_alpha,
+                      temperature=temperature,
                       # --ckpt-every rides on the base; fit.py keeps it for the block-wrapping choices only
                       **({"checkpointing": "full", "ckpt_every": ckpt_every} if ckpt_every != 1 else {}))
     from memplan.estimate import gpu_checks

@@ -122,6 +122,13 @@ SETUP_OPTIONS = [
            "capability >= 8.9: L4, L40, RTX 4090/5090, H100, H200, B200; MI300X) and bf16 compute."),
     _setup("offload_activations", bool, False, help="torchtune's enable_activation_offloading (OffloadActivations): "
            "saved activations of 1 KiB or more copied to pinned host RAM in forward, brought back in backward."),
+    _setup("teacher", Optional[str], None, help="Knowledge distillation: a frozen teacher model (profile key, alias or "
+           "config path) whose no-grad forward and KL loss run beside the student's step (docs/distillation.md). "
+           "Same vocabulary as the student. [default: none, no distillation]"),
+    _setup("teacher_weights", str, "auto", help="--teacher: its weights, auto (the compute dtype) | fp32 | bf16 | fp16 "
+           "| nf4 | int8 (bitsandbytes; int8 estimate-only)."),
+    _setup("distill_alpha", float, 0.5, help="--teacher: loss = (1 - alpha) * CE + alpha * KL (torchtune kd_ratio)."),
+    _setup("temperature", float, 1.0, help="--teacher: softmax temperature of both logits (KL scaled by T²)."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),
     _setup("dropout", Optional[bool], None, help="Override the model config's dropout."),
     _setup("ds_reduce_bucket_size", int, 500_000_000, help="--engine deepspeed: reduce_bucket_size (elements)."),

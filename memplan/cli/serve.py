@@ -80,7 +80,9 @@ def serve_row(r) -> dict:
 
 
 def serve(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model profile key or alias, or a config.json path.")],
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Model profile key or alias, or a config.json "
+                                              "path. Repeat it for an ensemble of different models (their logits "
+                                              "averaged; docs/distillation.md).")],
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU profile: fit, vLLM's blocks and speed.")] = None,
     tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel GPUs: weights and KV heads split "
                                               "across them. [default: 1]")] = None,
@@ -125,6 +127,8 @@ def serve(
                                                    "appended to (default reports/measurements/<gpu>/serve.jsonl "
                                                    "on a GPU, reports/serve-cpu.jsonl on the CPU).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="--measure: label stored in the record.")] = None,
+    ensemble: Annotated[int, typer.Option("--ensemble", help="K copies of each --model resident at once, their "
+                                          "logits averaged (--engine hf).")] = 1,
     fmt: FormatOpt = Format.table,
 ):
     """Estimate inference memory per GPU: weights, KV cache, activations; vLLM's KV blocks; speed bounds.
@@ -143,7 +147,10 @@ def serve(
         solve = Solve.NONE if concurrency is not None else Solve.CONCURRENCY
     if solve is Solve.CONCURRENCY and concurrency is not None:
         raise MemplanError("--solve concurrency searches for the concurrency: leave out --concurrency")
-    spec = resolve_model(model)
+    if not isinstance(ensemble, int) or not 1 <= ensemble <= 64:
+        raise MemplanError(f"--ensemble must be in [1, 64], got {ensemble}")
+    specs = [resolve_model(m) for m in model] * ensemble
+    spec = specs[0]
     card = resolve_gpu(gpu)
     if card is None and concurrency is None and solve is Solve.CONCURRENCY:
         solve = Solve.NONE  # no card to fit in: one sequence (the help says so)
@@ -155,6 +162,10 @@ def serve(
     from memplan.estimate.overhead import default_overhead
 
     overhead, calibrated = default_overhead()  # the calibrated file's (`memplan calibrate --write`) when there is one
+    if len(specs) > 1:
+        if measure:
+            raise MemplanError("--measure runs one model; an ensemble is estimated (and traced with --trace)")
+        return _emit_ensemble(specs, setup, card, fmt, trace)
     result = estimate_serve(spec, setup, card, overhead)
     if calibrated:
         result = replace(result, notes=tuple(result.notes) + (calibrated,))
@@ -223,3 +234,54 @@ def _measure(spec, setup, card, overhead, device, warmup, results, name, fmt) ->
     typer.echo(f"memplan: the measurement ended {rec['status']} in {rec['failed_phase']}: {rec['error']}; the "
                "record says so", err=True)
     return 1
+def _emit_ensemble(specs, setup, card, fmt, trace: bool = False) -> None:
+    """An ensemble's page (memplan.serve.ensemble); --trace: memplan.trace.ensemble beside it."""
+    from memplan import render
+    from memplan.serve.ensemble import estimate_ensemble
+
+    r = estimate_ensemble(specs, setup, card)
+    traced = None
+    if trace:
+        from memplan.trace.ensemble import trace_ensemble
+
+        traced = trace_ensemble(specs, r.setup)
+    if fmt is Format.json:
+        d = r.to_dict()
+        if traced is not None:
+            d["trace"] = traced.to_dict()
+        typer.echo(render.to_json(d))
+    elif fmt is Format.csv:
+        d = r.to_dict()
+        row = {"models": ",".join(d["models"]), "ensemble": d["ensemble"], **d["setup"]}
+        row.update({f"{k}_bytes": v for k, v in d["categories"].items()})
+        row.update({f"peak_{k}": v for k, v in d["peak"].items()})
+        if "gpu" in d:
+            row.update(gpu=d["gpu"]["name"], fits=d["fits"], headroom_bytes=d["headroom_bytes"])
+        typer.echo(render.to_csv([row]), nl=False)
+    else:
+        s = r.setup
+        lines = [f"ensemble of {len(r.models)}: {', '.join(r.models)} · weights {s.weights.value} · KV "
+                 f"{s.kv_dtype_name} · engine hf ({s.hf_cache.value} cache) · {s.concurrency} × (prompt "
+                 f"{s.prompt_len} + gen {s.gen_len}), context {s.max_seq}",
+                 f"[{r.tier}] per GPU ({r.phase}), every member resident, logits averaged:",
+                 f"  {'category':<18}{'GiB':>8}"]
+        lines += [f"  {k:<18}{v / GiB:8.2f}" for k, v in r.categories.items()]
+        lines += [f"  {'peak allocated':<18}{r.allocated_bytes / GiB:8.2f}",
+                  f"  {'peak device':<18}{r.device_bytes / GiB:8.2f}"]
+        for m in r.members:
+            lines.append(f"  member {m.model}: weights {m.categories['weights'] / GiB:.2f} GiB, KV "
+                         f"{m.kv_bytes_per_token:,} B per token")
+        if r.gpu is not None:
+            lines.append(f"{r.gpu.label} ({r.gpu.memory_bytes / GiB:.1f} GiB): "
+                         f"{'fits' if r.fits else 'does NOT fit'}, headroom {r.headroom_bytes / GiB:+.2f} GiB at the "
+                         f"device level")
+        lines += [f"note: {n}" for n in r.notes] + [f"warning: {w}" for w in r.warnings]
+        if traced is not None:
+            err = 100 * (r.allocated_bytes / traced.peak_allocated - 1)
+            lines.append(f"[trace] the members' forwards and the average on fake tensors: peak allocated "
+                         f"{traced.peak_allocated / GiB:.3f} GiB (estimate {r.allocated_bytes / GiB:.3f} GiB, "
+                         f"{err:+.2f}%), caches at the end {traced.kv_cache / GiB:.3f} GiB")
+        typer.echo("\n".join(lines))
+    if fmt is not Format.table:
+        for w in r.warnings:
+            typer.echo(f"warning: {w}", err=True)

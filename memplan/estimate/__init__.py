@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from memplan.categories import Category as C
 from memplan.errors import MemplanError
-from memplan.estimate import deepspeed, fp8, lengths, techniques
+from memplan.estimate import deepspeed, distill, fp8, lengths, techniques
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
@@ -58,6 +58,7 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
         from memplan.estimate import offload
 
         warns += offload.warnings(setup)
+    warns += distill.validate(model, setup)  # --teacher (memplan.estimate.distill)
     if setup.engine is Engine.DEEPSPEED:
         warns.append(deepspeed.ESTIMATE_ONLY)
     if setup.zero > 0 and setup.gpus == 1:
@@ -125,6 +126,9 @@ def _estimate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None, overh
         ms = replace(ms, cpu_bytes=ms.cpu_bytes + offload.terms_of(model, setup).host)
         warns.append(offload.ESTIMATE_NOTE)
     states = step_states(model, setup, p, ms, activations(model, setup))
+    if setup.teacher:
+        states = distill.adjust(states, model, setup)
+        ms = distill.with_teacher(ms, setup)
     peak, phase_totals = peaks(states)
     allocated = peak.total
     reserved = overhead.reserved(allocated)

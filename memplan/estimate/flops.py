@@ -123,9 +123,20 @@ def flops_per_token(model: ModelSpec, setup: TrainingSetup) -> Flops:
         recompute = att_fwd * frac
     else:
         recompute = 0.0
+    if setup.teacher:  # --teacher: its no-grad forward runs every step too (memplan.estimate.distill)
+        forward += teacher_forward_flops(setup)
     per_training_token = setup.model_seq / setup.seq  # prompt tuning runs seq + virtual positions
     return Flops(*(x * per_training_token for x in (forward, backward_activation, backward_weight, attention,
                                                       recompute)))
+
+
+def teacher_forward_flops(setup: TrainingSetup) -> float:
+    """FLOPs per token of the distillation teacher's forward (no backward): 2·N plus its attention core."""
+    from memplan.spec.values import resolve_model
+
+    t = resolve_model(setup.teacher)
+    n = sum(_matmul_numel(g, t) for g in param_groups(t, TrainingSetup()))
+    return 2.0 * n + 4.0 * attention_layers(t) * t.q_dim * setup.seq
 
 
 def compute_dtype(precision: Precision) -> str:

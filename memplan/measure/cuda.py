@@ -234,6 +234,15 @@ def build_on_device(spec, setup, device):
         built = build(spec, setup)
     materialize(built.model, True, device=device)
     recompute_rotary(built.model, device)
+    if setup.teacher:  # --teacher: the frozen teacher beside it (memplan.trace.distill)
+        from memplan.trace.distill import attach_teacher
+
+        if setup.teacher_weights.value in ("nf4", "int8"):
+            raise MemplanError(f"--teacher-weights {setup.teacher_weights.value}: the GPU measurement runs "
+                               "unquantized teachers (fp32, bf16, fp16, auto); measure it with --device cpu")
+        attach_teacher(built, setup)
+        materialize(built.teacher, True, device=device)
+        recompute_rotary(built.teacher, device)
     return built
 
 
@@ -320,7 +329,9 @@ def _cap(cuda, device, cap: int, context: int, warnings: list, when: str) -> Non
 
 
 def _default_loop(built, setup, recorder, device, cuda):
-    return cuda_loop_class(cuda.autocast_device)(built.model, setup, recorder, built.compute_dtype, device)
+    loop = cuda_loop_class(cuda.autocast_device)(built.model, setup, recorder, built.compute_dtype, device)
+    loop.teacher = built.teacher  # --teacher: the two-model step (memplan.trace.distill)
+    return loop
 
 
 def measure_cuda(spec, setup, opts: MeasureOptions, book: PhaseBook, clock, peak: float | None, cuda=None,

@@ -360,7 +360,8 @@ SETUP_INTS = ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpu
               "ds_max_live_parameters", "ds_max_reuse_distance", "ds_param_persistence_threshold", "ds_sub_group_size")
 SETUP_BOOLS = ("offload_optimizer", "offload_params", "dropout", "double_quant", "sync_each_batch", "bucket_view",
                "ds_contiguous_gradients", "ds_overlap_comm")
-SETUP_STRS = ("precision", "optimizer", "peft", "checkpointing", "attention", "engine")
+SETUP_STRS = ("precision", "optimizer", "peft", "checkpointing", "attention", "engine", "teacher", "teacher_weights")
+SETUP_NUMBERS = ("lora_alpha", "distill_alpha", "temperature")  # --teacher's mix and temperature (spec.distill)
 # a serving record's setup (ServeSetup.to_dict(); kind "serve"): its whole numbers and strings
 SERVE_SETUP_INTS = ("group_size", "tp", "prompt_len", "gen_len", "max_seq", "concurrency", "block_size",
                     "max_num_batched_tokens", "max_num_seqs")
@@ -440,7 +441,7 @@ def check_setup(d, what: str = "setup", kind: str = "train") -> dict:
             _typed(v, (bool,), f"{what}.{k}")
         elif k in strs:
             _typed(v, (str,), f"{what}.{k}")
-        elif k == "lora_alpha":
+        elif k in SETUP_NUMBERS:
             out[k] = _number(v, f"{what}.{k}")
         elif k == "lora_targets" and not (isinstance(v, str) or (isinstance(v, list) and all(
                 isinstance(t, str) for t in v))):

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field, fields, asdict
 from enum import Enum
 
 from memplan.errors import MemplanError
+from memplan.spec.distill import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DISTILL_FIELDS, TeacherWeights,  # noqa: F401
+                                   check_distill)
 
 
 class Precision(str, Enum):
@@ -363,6 +365,11 @@ class TrainingSetup:
     offload_activations: bool = False  # torchtune's enable_activation_offloading (training.OffloadActivations,
     # torchtune 0.6.1 training/_activation_offloading.py): saved activations copied to pinned host memory in forward,
     # brought back in backward (memplan.estimate.offload, memplan.trace.offload)
+    # knowledge distillation (memplan.spec.distill): a frozen teacher's forward beside the student's step
+    teacher: str = ""  # profile key / alias / config path of the teacher; "" = no distillation
+    teacher_weights: TeacherWeights = TeacherWeights.AUTO
+    distill_alpha: float = DEFAULT_ALPHA  # loss = (1 - alpha) * class loss + alpha * KL (torchtune kd_ratio)
+    temperature: float = DEFAULT_TEMPERATURE  # both logits divided by T, the KL scaled by T²
 
     def __post_init__(self):
         _check_types(self, ("num_virtual_tokens", "adapter_size", "train_layers", "zero", "gpus", "gpus_per_node",
@@ -407,6 +414,7 @@ class TrainingSetup:
         self._check_fp8()
         self._check_lengths()
         self._check_offload_activations()
+        check_distill(self.teacher, self.teacher_weights, self.distill_alpha, self.temperature)
 
     def _check_fp8(self) -> None:
         """What torchao's float8 training runs with (Fp8Recipe): half-precision compute, full training of the
@@ -544,4 +552,7 @@ class TrainingSetup:
                 continue
             out[f.name] = asdict(v) if f.name == "lora" else (v.value if isinstance(v, Enum) else v)
         out["lora"]["targets"] = list(self.lora.targets)
+        if not self.teacher:  # no distillation: the record ids of earlier setups stay as they were
+            for name in DISTILL_FIELDS:
+                del out[name]
         return out

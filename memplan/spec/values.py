@@ -14,14 +14,14 @@ from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec, gpu_from_memory, parse_memory
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import (Attention, Checkpointing, Engine, Fp8Recipe, LoraConfig, Loss, Optimizer, OptimizerImpl,
-                                PeftMethod, Precision, TrainingSetup)
+                                PeftMethod, Precision, TeacherWeights, TrainingSetup)
 
 # make_setup's flattened LoRA keywords -> LoraConfig fields
 LORA_FIELDS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets", "double_quant": "double_quant"}
 SETUP_FIELDS = {f.name for f in fields(TrainingSetup)}
 ENUM_FIELDS = {"precision": Precision, "optimizer": Optimizer, "peft": PeftMethod, "checkpointing": Checkpointing,
                "attention": Attention, "engine": Engine, "loss": Loss,
-               "fp8": Fp8Recipe}
+               "fp8": Fp8Recipe, "teacher_weights": TeacherWeights}
 
 # The command-line flag of each make_setup keyword, declared once: memplan.cli.options builds the shared setup
 # options from it, and a sweep rebuilds a configuration's flags from it for its worker process
@@ -47,6 +47,8 @@ SETUP_FLAGS = {
     "lengths": "--lengths", "packing": "--packing/--no-packing", "pad_multiple": "--pad-to-multiple-of",
     "offload_activations": "--offload-activations",
     "optimizer_impl": "--optimizer-impl",  # not a field: picks the optimizer's implementation (Optimizer.with_impl)
+    "teacher": "--teacher", "teacher_weights": "--teacher-weights", "distill_alpha": "--distill-alpha",
+    "temperature": "--temperature",
 }
 
 

@@ -50,6 +50,7 @@ class Built:
     trainable_params: int
     total_params: int
     warnings: list[str] = field(default_factory=list)
+    teacher: nn.Module | None = None  # --teacher: the frozen teacher (memplan.trace.distill.attach_teacher)
 
 
 def check_traceable(setup: TrainingSetup) -> None:

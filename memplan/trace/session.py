@@ -155,6 +155,10 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
     measurement's fixed one); None: the caller makes and tags each batch (Session.track_batch). fake=True runs on FakeTensorMode tensors
     (values never computed) and materializes without initial values. A --gpus/--zero setup runs its engine on
     torch.distributed's current default process group (memplan.trace.distributed: the caller initializes it)."""
+    if setup.teacher:  # --teacher: the frozen teacher beside the student (memplan.trace.distill)
+        from memplan.trace.distill import attach_teacher
+
+        attach_teacher(built, setup)
     engine = distributed.engaged(setup)
     if engine and distributed.uses_fsdp(setup):
         distributed.apply_engine(built, setup)  # FSDP2 shards the meta model, before anything is allocated
@@ -177,12 +181,16 @@ def tracked_session(built: Built, setup: TrainingSetup, tracker: AllocTracker, *
                 tracker.track(t, W)
             if engine:
                 distributed.apply_engine(built, setup, tracker)  # DDP wraps the materialized model
+        if built.teacher is not None:  # --teacher: its frozen weights are weights too
+            for t in materialize(built.teacher, init_values=not fake):
+                tracker.track(t, W)
         stack.enter_context(checkpoint_tagging(built.model, tracker))
         made = batch() if batch is not None else None
         if made is not None:
             for t in made.values():
                 tracker.track(t, INPUT)
         loop = TrainLoop(built.model, setup, tracker, built.compute_dtype)
+        loop.teacher = built.teacher
         stack.callback(loop.close)
         load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
 

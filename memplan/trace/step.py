@@ -257,6 +257,7 @@ class TrainLoop:
             self.offloader = OffloadActivations(tracker)
         self.paged_bytes = 0  # bitsandbytes' paged states: CUDA unified memory, outside the allocator (tag_states)
         self.grads_seq = 0  # event at which the last optimizer step began (all gradients alive)
+        self.teacher = None  # --teacher: the frozen teacher the session attaches (memplan.trace.distill)
 
     def _autocast(self):
         if self.setup.precision.autocast:
@@ -296,6 +297,10 @@ class TrainLoop:
         setup's chunked / last-K loss (memplan.trace.policies)."""
         from memplan.trace.policies import step_loss, uses_head_loss
 
+        if self.teacher is not None:  # --teacher: memplan.trace.distill
+            from memplan.trace.distill import distill_loss
+
+            return distill_loss(self.model, self.teacher, batch, self.setup, self.tracker.set_mark)
         if not uses_head_loss(self.setup):
             return self.model(**batch).loss
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
