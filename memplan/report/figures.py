@@ -85,22 +85,9 @@ def memory_bars(rows: list[dict], gpus: list, margin: float = DEFAULT_MARGIN) ->
                         showlegend=False, marker=dict(color=COLORS[c.value], pattern=dict(shape="/")),
                         hovertemplate="%{x}<br>measured " + c.value + ": %{y:.2f} GiB<extra></extra>")
         totals += [(setup_label(r), kind, sum(r[f"meas_{c.value}"] or 0 for c in Category), r) for r in by_cat]
-    plain = [r for r in measured if r["meas_weights"] is None]
-    if plain:  # peaks only (CUDA): allocated, and the rest up to the device level where NVML gave it
-        kind = "measured (device)"
-        x = [[setup_label(r) for r in plain], [kind] * len(plain)]
-        fig.add_bar(x=x, y=[_gib(r["meas_allocated"]) for r in plain], name="measured allocated",
-                    marker=dict(color="#444", pattern=dict(shape="/")),
-                    hovertemplate="%{x}<br>measured allocated: %{y:.2f} GiB<extra></extra>")
-        fig.add_bar(x=x, y=[_gib((r["meas_device"] or r["meas_allocated"]) - r["meas_allocated"]) for r in plain],
-                    name="measured device − allocated", marker=dict(color="#999", pattern=dict(shape="/")),
-                    hovertemplate="%{x}<br>device − allocated: %{y:.2f} GiB<extra></extra>")
-        totals += [(setup_label(r), kind, r["meas_device"] or r["meas_allocated"], r) for r in plain]
-    if totals:
-        fig.add_scatter(x=[[t[0] for t in totals], [t[1] for t in totals]], y=[_gib(t[2]) for t in totals],
-                        mode="text", text=[_total_text(t[2], t[3], gpus, margin) for t in totals],
-                        textposition="top center", textfont=dict(size=11), name="total · " + VERDICT_LEGEND,
-                        hoverinfo="skip", cliponaxis=False)
+    # peaks only (CUDA): allocated, and the rest up to the device level where NVML gave it
+    totals += _device_bars(fig, [r for r in measured if r["meas_weights"] is None], setup_label)
+    _totals(fig, totals, gpus, margin)
     for i, g in enumerate(gpus):
         y = g.memory_bytes / GiB
         side = "top left" if i % 2 == 0 else "top right"  # close lines: alternate
@@ -113,6 +100,31 @@ def memory_bars(rows: list[dict], gpus: list, margin: float = DEFAULT_MARGIN) ->
     return _layout(fig, "Peak memory per GPU by category (estimate, and measured where recorded)",
                    barmode="stack", yaxis_title="peak GiB per GPU (level: under each bar)",
                    yaxis_range=[0, 1.18 * top] if top else None, height=600)  # room above for the labels
+
+
+def _device_bars(fig, plain: list[dict], label) -> list[tuple]:
+    """Measured rows without categories: the allocated level and the rest up to the device level (where NVML gave
+    it), hatched; returns their totals (label, kind, bytes, row) for _totals."""
+    if not plain:
+        return []
+    kind = "measured (device)"
+    x = [[label(r) for r in plain], [kind] * len(plain)]
+    fig.add_bar(x=x, y=[_gib(r["meas_allocated"]) for r in plain], name="measured allocated",
+                marker=dict(color="#444", pattern=dict(shape="/")),
+                hovertemplate="%{x}<br>measured allocated: %{y:.2f} GiB<extra></extra>")
+    fig.add_bar(x=x, y=[_gib((r["meas_device"] or r["meas_allocated"]) - r["meas_allocated"]) for r in plain],
+                name="measured device − allocated", marker=dict(color="#999", pattern=dict(shape="/")),
+                hovertemplate="%{x}<br>device − allocated: %{y:.2f} GiB<extra></extra>")
+    return [(label(r), kind, r["meas_device"] or r["meas_allocated"], r) for r in plain]
+
+
+def _totals(fig, totals: list[tuple], gpus, margin) -> None:
+    """Each bar's total and verdict as text above it."""
+    if totals:
+        fig.add_scatter(x=[[t[0] for t in totals], [t[1] for t in totals]], y=[_gib(t[2]) for t in totals],
+                        mode="text", text=[_total_text(t[2], t[3], gpus, margin) for t in totals],
+                        textposition="top center", textfont=dict(size=11), name="total · " + VERDICT_LEGEND,
+                        hoverinfo="skip", cliponaxis=False)
 
 
 def _total_text(total: int, row: dict, gpus: list, margin: float) -> str:
@@ -349,22 +361,9 @@ def serve_memory(rows: list[dict], gpus: list, margin: float = DEFAULT_MARGIN) -
                         marker=dict(color=SERVE_COLORS[c], pattern=dict(shape="/")),
                         hovertemplate="%{x}<br>measured " + c + ": %{y:.2f} GiB<extra></extra>")
         totals += [(serve_label(r), mk, r["meas_allocated"], r) for r in by_cat]
-    plain = [r for r in rows if r.get("meas_allocated") is not None and r.get("meas_activations") is None]
-    if plain:
-        mk = "measured (device)"
-        x = [[serve_label(r) for r in plain], [mk] * len(plain)]
-        fig.add_bar(x=x, y=[_gib(r["meas_allocated"]) for r in plain], name="measured allocated",
-                    marker=dict(color="#444", pattern=dict(shape="/")),
-                    hovertemplate="%{x}<br>measured allocated: %{y:.2f} GiB<extra></extra>")
-        fig.add_bar(x=x, y=[_gib((r["meas_device"] or r["meas_allocated"]) - r["meas_allocated"]) for r in plain],
-                    name="measured device − allocated", marker=dict(color="#999", pattern=dict(shape="/")),
-                    hovertemplate="%{x}<br>device − allocated: %{y:.2f} GiB<extra></extra>")
-        totals += [(serve_label(r), mk, r["meas_device"] or r["meas_allocated"], r) for r in plain]
-    if totals:
-        fig.add_scatter(x=[[t[0] for t in totals], [t[1] for t in totals]], y=[_gib(t[2]) for t in totals],
-                        mode="text", text=[_total_text(t[2], t[3], gpus, margin) for t in totals],
-                        textposition="top center", textfont=dict(size=11), name="total · " + VERDICT_LEGEND,
-                        hoverinfo="skip", cliponaxis=False)
+    totals += _device_bars(fig, [r for r in rows if r.get("meas_allocated") is not None
+                                 and r.get("meas_activations") is None], serve_label)
+    _totals(fig, totals, gpus, margin)
     lines = [(g.label, g.memory_bytes) for g in gpus]
     if not gpus:  # the cards the setups were estimated for
         lines = sorted({(r["gpu"], r["gpu_memory"]) for r in rows if r.get("gpu") and r.get("gpu_memory")})

@@ -118,19 +118,14 @@ def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
     """Entries for records, each estimated for the record's own GPU profile (fit, headroom and predicted
     throughput for the GPU it ran on). A record without one — a CPU run, or a GPU memplan has no profile for —
     gets no prediction: speed measured on one device says nothing about memplan's prediction for another."""
-    from memplan.spec.values import resolve_gpu, resolve_model, setup_from_dict
+    from memplan.spec.values import resolve_model, setup_from_dict
 
     out = []
     for source, rec in records:
         if rec.get("kind") == "serve":
             out.append(_serve_record_entry(source, rec, seen))
             continue
-        prof = (rec.get("gpu") or {}).get("profile")
-        notes = []
-        try:
-            g = resolve_gpu(prof) if prof else None
-        except MemplanError:
-            g, notes = None, [f"unknown GPU profile {prof}"]
+        g, notes = _record_gpu(rec)
         try:
             model = resolve_model(rec["model"])
             est, how = _estimate(model, setup_from_dict(rec["setup"]), g), "current"
@@ -171,19 +166,25 @@ def _serve_setup_entry(d: dict, i: int, source: str, gpu, seen: dict) -> Entry:
                  gpu=gpu.name if gpu else None, kind="serve")
 
 
+def _record_gpu(rec: dict):
+    """(the GPU profile a record was measured on, or None; notes: an unknown profile named)."""
+    from memplan.spec.values import resolve_gpu
+
+    prof = (rec.get("gpu") or {}).get("profile")
+    try:
+        return (resolve_gpu(prof) if prof else None), []
+    except MemplanError:
+        return None, [f"unknown GPU profile {prof}"]
+
+
 def _serve_record_entry(source: str, rec: dict, seen: dict) -> Entry:
     """A serving record, estimated now for its own GPU profile (none for a CPU record: no roofline)."""
     from dataclasses import fields as dc_fields
 
     from memplan.serve import ServeSetup
-    from memplan.spec.values import resolve_gpu, resolve_model
+    from memplan.spec.values import resolve_model
 
-    prof = (rec.get("gpu") or {}).get("profile")
-    notes = []
-    try:
-        g = resolve_gpu(prof) if prof else None
-    except MemplanError:
-        g, notes = None, [f"unknown GPU profile {prof}"]
+    g, notes = _record_gpu(rec)
     names = {f.name for f in dc_fields(ServeSetup)}
     try:
         model = resolve_model(rec["model"])

@@ -10,29 +10,14 @@ no values: scalar reads answer True / 1 (ScalarAnswers, as memplan.trace.serve d
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from memplan.serve.setup import HfCache, ServeSetup
 from memplan.spec.model import ModelSpec
 from memplan.trace import cuda
 from memplan.trace.build import materialize
-from memplan.trace.serve import DTYPES, ServeTrace, check_traceable
+from memplan.trace.serve import DTYPES, ScalarAnswers, ServeTrace, check_traceable
 from memplan.trace.session import as_real_tensors, quiet
 from memplan.trace.tracker import INPUT, W, AllocTracker
-
-
-SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                torch.ops.aten.item.default)
-
-
-class ScalarAnswers(TorchDispatchMode):
-    """Data-dependent scalar reads of fake tensors answered True / 1 / 1.0, as memplan.trace.serve answers them."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in SCALAR_READS:
-            dt = args[0].dtype
-            return True if dt is torch.bool else (1.0 if dt.is_floating_point else 1)
-        return func(*args, **(kwargs or {}))
 
 
 def trace_ensemble(models: list[ModelSpec], setup: ServeSetup) -> ServeTrace:

@@ -24,15 +24,15 @@ from memplan.trace.tracker import INPUT, W, AllocTracker
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KV = 100  # the tracker's tag for the cache's keys and values (a serving tag; training has no cache)
-_SCALARS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
             torch.ops.aten.item.default)
 
 
-class _Scalars(TorchDispatchMode):
+class ScalarAnswers(TorchDispatchMode):
     """Answer data-dependent scalar reads of fake tensors: True, 1 or 1.0 (see the module doc)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _SCALARS:
+        if func in SCALAR_READS:
             dt = args[0].dtype
             return True if dt is torch.bool else (1.0 if dt.is_floating_point else 1)
         return func(*args, **(kwargs or {}))
@@ -81,7 +81,7 @@ def trace_serve(model: ModelSpec, setup: ServeSetup) -> ServeTrace:
     tracker = AllocTracker(round_to=512, fake=True, op_hooks=cuda.op_hooks())
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with quiet(), FakeTensorMode(allow_non_fake_inputs=True), as_real_tensors(), _Scalars(), tracker, \
+    with quiet(), FakeTensorMode(allow_non_fake_inputs=True), as_real_tensors(), ScalarAnswers(), tracker, \
             torch.inference_mode():
         for t in materialize(hf, init_values=False):
             tracker.track(t, W)
