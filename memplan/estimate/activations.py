@@ -422,8 +422,25 @@ def windowed(model: ModelSpec, setup: TrainingSetup) -> bool:
     """Sliding-window attention (FamilyTraits.attention) whose window, config.sliding_window, is shorter than the
     sequence: transformers then passes SDPA an explicit mask (within the window the mask is plain causal)."""
     window = model.hf_config.get("sliding_window")
+    # masking_utils._ignore_causal_mask_sdpa: a mask as soon as kv_length >= the window
     return (model.traits.attention is AttentionKind.SLIDING_WINDOW and isinstance(window, int) and window > 0
-            and setup.model_seq > window)
+            and setup.model_seq >= window)
+
+
+def full_attention_layers(model: ModelSpec, setup: TrainingSetup) -> frozenset:
+    """The decoder layers of a sliding-window model that attend to every position (no explicit mask) when the
+    others are windowed: config.layer_types' "full_attention" entries, or Gemma 3's every sliding_window_pattern-th
+    layer (Gemma3TextConfig); empty when every layer slides (Mistral, Phi-3) or none is windowed."""
+    if not windowed(model, setup):
+        return frozenset()
+    cfg = model.hf_config
+    types = cfg.get("layer_types")
+    if isinstance(types, (list, tuple)):
+        return frozenset(j for j, t in enumerate(types) if t == "full_attention")
+    pattern = cfg.get("sliding_window_pattern")
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+        return frozenset(j for j in range(model.layers) if (j + 1) % pattern == 0)
+    return frozenset()
 
 
 @lru_cache(maxsize=4096)
@@ -465,6 +482,7 @@ class Activations:
     wrapped: tuple[bool, ...] = ()  # which blocks run inside torch.utils.checkpoint (empty: none)
     loss_chunks: int = 1  # the loss's saved tensors are freed 1/loss_chunks at a time (--loss chunked)
     experts_transient: int = 0  # peak transient bytes inside the top MoE block's expert forward (moe_transient)
+    final_norm: tuple[int, int] = (0, 0)  # (saved, backward transient) bytes of the final norm (final_norm_bwd)
 
     def ckpt(self, block: int) -> bool:
         """Whether block `block` (negative: from the last) is recomputed in backward."""
@@ -497,11 +515,13 @@ def _o_saves_input(model: ModelSpec, ctx: Ctx, stack: Stack) -> bool:
     return o is not None and (ctx.w_train or o.qualname in ctx.lora or o.qualname in ctx.ia3_ff)
 
 
-def _block_bytes(model, setup, stack, w_train, cross=False, dense=False) -> dict:
+def _block_bytes(model, setup, stack, w_train, cross=False, dense=False, unmasked=False) -> dict:
     """Bytes one block saves ("all"), and of them those saved up to its softmax ("softmax") and before its MLP
     ("attention"). A block saves nothing when no gradient flows through it: frozen, no adapter, and nothing
     below it trains (--peft freeze below the trained blocks)."""
     ctx = make_ctx(model, setup, w_train)
+    if unmasked:
+        ctx = replace(ctx, windowed=False)
     rates = _block_rates(model, ctx, stack, cross, setup.checkpointing, dense)
     t, s = setup.model_tokens, setup.model_seq
     return {k: int((lin + s * sq) * t) for k, (lin, sq) in rates.items()}
@@ -538,12 +558,14 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
                           and setup.checkpointing is Checkpointing.FULL)
         fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else none
         kinds = [fb] * frozen_n + [nb] * trained
-        if stack is Stack.DECODER and model.dense_blocks:  # an MoE model's first blocks keep a dense MLP
-            for j in range(min(model.dense_blocks, n)):
-                if j >= frozen_n:
-                    kinds[j] = _block_bytes(model, setup, stack, w, cross, dense=True)
-                elif fb is not none:  # frozen, and the gradient passes through it
-                    kinds[j] = _block_bytes(model, setup, stack, False, cross, dense=True)
+        if stack is Stack.DECODER:  # blocks unlike the others: dense first blocks of an MoE model, full-attention
+            # layers among sliding-window ones (no explicit mask)
+            full = full_attention_layers(model, setup)
+            for j in range(n):
+                dense, unmasked = j < model.dense_blocks, j in full
+                if (dense or unmasked) and (j >= frozen_n or fb is not none):  # (a frozen one the gradient crosses)
+                    kinds[j] = _block_bytes(model, setup, stack, w if j >= frozen_n else False, cross, dense,
+                                            unmasked)
         per += kinds
         idx += n
     if peft is PeftMethod.ADAPTER and per:
@@ -558,11 +580,30 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     block_input = r * model.hidden * setup.model_tokens
     recompute = max(blocks, default=0)
     tr = _bwd_transient(model, setup)
+    extra = dict(experts_transient=moe_transient(model, setup), final_norm=final_norm_bwd(model, setup))
     if setup.checkpointing.wraps_blocks:
-        return replace(_wrapped_activations(setup, per, outside, block_input, tr, early, loss),
-                       experts_transient=moe_transient(model, setup))
+        return replace(_wrapped_activations(setup, per, outside, block_input, tr, early, loss), **extra)
     return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss, inputs,
-                       loss_chunks=_loss_chunks(setup), experts_transient=moe_transient(model, setup))
+                       loss_chunks=_loss_chunks(setup), **extra)
+
+
+# The backward of an RMS norm whose weight multiplies in fp32 (NormKind.RMSNORM_FP32_WEIGHT: Gemma's
+# (1 + weight.float()) · x32 · rstd) makes five fp32 [tokens, hidden] temporaries at once (the trace of
+# gemma-3-4b's final norm: mul.Tensor, div.Scalar, pow.Tensor_Scalar, mul.Scalar, mul.Tensor, 4 bytes each).
+FP32_WEIGHT_NORM_BWD_COPIES = 5
+
+
+def final_norm_bwd(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """(what the final norm saves, its backward's fp32 temporaries) per micro-batch, for the norm kind whose
+    backward temporaries outgrow the LM head's (0, 0 otherwise): the moment after the head's backward, before the
+    top block's, where a small vocabulary puts the peak."""
+    if model.traits.norm is not NormKind.RMSNORM_FP32_WEIGHT or not model.traits.final_norm:
+        return 0, 0
+    p, h, t = setup.precision, model.hidden, setup.model_tokens
+    r = 4 if p.autocast else stream_bytes(p)
+    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
+    saved = (4 * h if r != 4 else 0) + 4 + (4 * h if head_trains else 0)
+    return saved * t, FP32_WEIGHT_NORM_BWD_COPIES * 4 * h * t
 
 
 def moe_transient(model: ModelSpec, setup: TrainingSetup) -> int:

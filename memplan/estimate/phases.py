@@ -56,6 +56,7 @@ class Moment(str, Enum):
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
     HEAD_STEP = "LM-head step in backward"  # --optimizer-in-backward: its gradient stepped (phases.in_backward)
     TOP_BLOCK = "top block backward"
+    FINAL_NORM_BACKWARD = "final norm backward"  # its fp32 temporaries (activations.final_norm_bwd)
     TOP_BLOCK_EXPERTS = "top block experts"  # an MoE block's expert rows, in its forward (or recomputation)
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
@@ -541,6 +542,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     held += h.fsdp.top if h.fsdp else 0
     if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
         held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
+    if acts.final_norm[1]:  # the final norm's backward, before the top block's
+        states.append(at(Moment.FINAL_NORM_BACKWARD, top_g, in_blocks + acts.final_norm[0],
+                         held + head_wait + acts.final_norm[1]))
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     if rec and acts.experts_transient:  # its recomputation runs the experts' forward again
         states.append(at(Moment.TOP_BLOCK_EXPERTS, top_g, in_blocks + rec, held + head_wait + acts.experts_transient))
