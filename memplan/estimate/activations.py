@@ -155,7 +155,9 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False, d
     resid = ("resid", r)
     x = b.norm("ln1", resid, h, rms, y32=y32) if tr.pre_norm else resid
     # attention projections
-    if Role.QKV in L:
+    if model.latent:  # multi-head latent attention: q, k new tensors, v a view of kv_b_proj's output
+        q_key, q_b, k_key, k_b, v_key, v_b = _latent_qkv(b, ctx, model, x)
+    elif Role.QKV in L:
         qkv = b.linear(L[Role.QKV], x)
         q_key = k_key = v_key = qkv[0]  # q, k, v are views of one fused output: one storage
         q_b = k_b = v_b = c * (model.q_dim + 2 * model.kv_dim)
@@ -167,7 +169,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False, d
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
         if tr.qk_norm in (QKNorm.ALWAYS, QKNorm.PROJECTION):  # RMS norms on q and k before the rotary embedding
             _qk_norms(b, ctx, model, q, k)
-    if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
+    if tr.position is PositionKind.ROTARY and not model.latent:  # q·cos + rot(q)·sin makes new q, k: the
+        # projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
         q_b, k_b = c * model.q_dim, c * model.kv_dim  # (a fused projection's v stays a view of its whole output)
     rep = model.heads // model.kv_heads
@@ -199,7 +202,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False, d
             s.add("attn_mask", c * ctx.kv_ratio, sq=True)
         s.add(k_key, k_b)
         s.add(v_key, v_b)
-        s.add("attn_out", c * model.q_dim)
+        s.add("attn_out", c * (model.heads * model.latent.v_dim if model.latent else model.q_dim))
         s.add("lse", 4 * model.heads)
     # the output projection reads attention's output transposed back: a copy where it is laid out per head
     # (eager's P·V product; SDPA's after a rotary concatenation), else a view of SDPA's output
@@ -256,6 +259,24 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False, d
     if tr.block is BlockLayout.POST_NORM:
         b.norm("ln_post2", ("resid_sum2", r), h, rms)
     return s
+
+
+def _latent_qkv(b: _Block, ctx: Ctx, model: ModelSpec, x):
+    """DeepseekV3Attention's projections: q through q_a_proj, its RMSNorm and q_b_proj (or one q_proj), keys and
+    values from kv_a_proj_with_mqa's latent (RMSNorm on its kv_rank part, a view: the fp32 copy is new) through
+    kv_b_proj. What attention reads: q = cat(q_pass, q_rot) and k (new_empty, filled) as new [b, heads, s,
+    nope + rope] tensors, v a view of kv_b_proj's output (which it keeps alive whole). Returns their (key, bytes)."""
+    m, c, heads = model.latent, ctx.c, model.heads
+    lin = {l.qualname: l for l in model.linears if l.stack is Stack.DECODER}
+    if m.q_rank:
+        qa = b.linear(lin["self_attn.q_a_proj"], x)
+        b.linear(lin["self_attn.q_b_proj"], b.norm("q_a_norm", qa, m.q_rank, rms=True))
+    else:
+        b.linear(lin["self_attn.q_proj"], x)
+    kva = b.linear(lin["self_attn.kv_a_proj_with_mqa"], x)
+    kvn = b.norm("kv_a_norm", (b.t("kv_a_view"), kva[1]), m.kv_rank, rms=True)
+    kv = b.linear(lin["self_attn.kv_b_proj"], kvn)
+    return "q_cat", c * heads * m.qk_dim, "k_full", c * heads * m.qk_dim, kv[0], c * heads * (m.nope_dim + m.v_dim)
 
 
 def _moe_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, x):
