@@ -196,7 +196,7 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False, d
             # the cached keys (a window shorter than the sequence) make transformers pass an explicit mask, so it repeats grouped keys/values for
             # SDPA (sdpa_attention_forward: GQA in the kernel only without a mask), and SDPA saves the
             # boolean mask converted to a [b, 1, s, s + p] float mask in the query dtype
-            if rep > 1:
+            if rep > 1 and model.kv_heads > 1:  # (one KV head: repeat_kv's reshape of the expand is a view)
                 k_key, v_key = "k_rep", "v_rep"
                 k_b = v_b = c * model.q_dim * ctx.kv_ratio
             s.add("attn_mask", c * ctx.kv_ratio, sq=True)
