@@ -98,7 +98,9 @@ CASES = [
                                            lora_targets="q_proj,v_proj,gate_proj,up_proj,down_proj", batch=2,
                                            seq=1024), marks=SLOW),  # -0.23% (LoRA on the shared expert)
     pytest.param("gemma-3-4b", dict(precision="pure-bf16", peft="lora", batch=2, seq=1024), marks=SLOW),  # +0.63%
-    pytest.param("gemma-3-1b", dict(precision="pure-bf16", peft="lora", batch=2, seq=512), marks=SLOW),
+    pytest.param("gemma-3-1b", dict(precision="pure-bf16", peft="lora", batch=2, seq=512), marks=SLOW),  # -0.69%
+    # past the 512-position window: 5 of every 6 layers masked, one KV head (its repeat a view)
+    pytest.param("gemma-3-1b", dict(precision="pure-bf16", peft="lora", batch=2, seq=2048), marks=SLOW),  # -0.93%
     # MLA with eager attention (SDPA: see docs/adding-a-family.md, the trace falls back to CPU's math kernel)
     pytest.param("deepseek-v3", dict(precision="pure-bf16", peft="lora", lora_targets="q_a_proj,kv_a_proj_with_mqa",
                                      batch=1, seq=512, attention="eager"), marks=SLOW),  # -1.21%
