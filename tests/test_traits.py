@@ -17,7 +17,8 @@ REPRESENTATIVE = {"llama": "llama-3.2-1b", "mistral": "mistral-7b", "mixtral": "
                   "gemma": "gemma-2b", "gpt2": "gpt2", "opt": "opt-125m", "bloom": "bloomz-7b1", "phi": "phi-1.5",
                   "bert": "bert-base-uncased", "t5": "t5-3b", "qwen3": "qwen3-0.6b",
                   "gemma2": "gemma-2-2b", "phi3": "phi-3-mini-4k-instruct",
-                  "olmo2": "olmo-2-1124-7b"}
+                  "olmo2": "olmo-2-1124-7b", "qwen2_moe": "qwen1.5-moe-a2.7b", "qwen3_moe": "qwen3-30b-a3b",
+                  "gemma3_text": "gemma-3-1b", "deepseek_v3": "deepseek-v3"}
 
 
 def test_every_family_with_a_builder_has_traits():

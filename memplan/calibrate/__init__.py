@@ -28,6 +28,14 @@ MODELS = [
 LATER_FAMILIES = [
     ("qwen3-0.6b", 8192, "qwen3 (GQA, per-head q/k RMSNorm, tied)"),
     ("gemma-2-2b", 8192, "gemma2 (pre+post norms, soft-capping, eager only, tied)"),
+    # issue 12 §2's MoE / MLA families, held by tests/test_families_moe.py (8 blocks, 1,024-token vocabulary, fewer
+    # routed experts; MoE experts trace in bf16 only). Gemma 3 past its window (gemma-3-1b, seq 2048 > 512): peak
+    # -0.9%, activations +2.0%. DeepSeek-V3 with SDPA is not held to the trace: CUDA runs the memory-efficient
+    # kernel (q/k head dim 192 ≠ v's 128 rules FlashAttention out), the CPU trace the math path with s² fp32 scores.
+    ("qwen3-30b-a3b", 8192, "qwen3_moe (routed experts, per-head q/k RMSNorm)"),
+    ("qwen1.5-moe-a2.7b", 8192, "qwen2_moe (routed + shared expert with sigmoid gate, qkv bias)"),
+    ("gemma-3-1b", 512, "gemma3_text (sandwich norms, q/k norms, sliding:full 5:1, tied)"),
+    ("deepseek-v3", 4096, "deepseek_v3 (latent attention, dense-first MoE, fp32 sigmoid router): eager only"),
 ]
 PRECISIONS = ["fp32", "fp16", "bf16", "fp16-master", "bf16-master", "pure-bf16"]
 PEFTS = ["full", "full", "lora", "dora", "qlora", "prompt", "freeze", "ia3", "adapter", "prefix"]

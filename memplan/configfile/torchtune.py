@@ -14,7 +14,12 @@ MODELS = {"llama3_2_1b": "llama-3.2-1b", "llama3_2_3b": "llama-3.2-3b", "llama3_
           "llama3_1_70b": "llama-3.1-70b", "llama3_8b": "llama-3-8b", "llama2_7b": "llama-2-7b",
           "llama2_13b": "llama-2-13b", "llama2_70b": "llama-2-70b", "mistral_7b": "mistral-7b",
           "gemma_2b": "gemma-2b", "qwen2_5_0_5b": "qwen2.5-0.5b", "qwen2_5_7b_base": "qwen2.5-7b",
-          "qwen2_5_7b_instruct": "qwen2.5-7b"}
+          "qwen2_5_7b_instruct": "qwen2.5-7b",
+          # torchtune 0.6.1 has gemma2, phi3 and phi4 builders (no qwen3, MoE, gemma3 or deepseek ones). Its Phi-3 /
+          # Phi-4 split Hugging Face's fused qkv_proj and gate_up_proj into separate linears: the full model is the
+          # same; LoRA on its q_proj / v_proj has no Hugging Face counterpart (give --lora-targets qkv_proj,...)
+          "gemma2_2b": "gemma-2-2b", "gemma2_9b": "gemma-2-9b", "phi3_mini": "phi-3-mini-4k-instruct",
+          "phi4_14b": "phi-4"}
 # torchtune module names (torchtune/modules/peft/lora.py LORA_ATTN_MODULES) -> Hugging Face names memplan takes
 ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 MLP = ("gate_proj", "up_proj", "down_proj")  # apply_lora_to_mlp: torchtune's w1 / w3 / w2

@@ -8,7 +8,7 @@ per token; attention's s² terms are bytes per token per key position.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from memplan.estimate import techniques
@@ -16,7 +16,8 @@ from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.estimate.weights import fsdp_sharded
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
-from memplan.spec.traits import AttentionKind, BlockLayout, LossHead, NormKind, PositionKind, QKNorm, SoftmaxDtype
+from memplan.spec.traits import (AttentionKind, BlockLayout, LossHead, NormKind, PositionKind, QKNorm, Routing,
+                                 SoftmaxDtype)
 
 # transformers/activations.py NewGELUActivation (gelu_new) is written in Python ops:
 # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·pow(x, 3)))) saves pow's input, tanh's output, 0.5·x and (1 + tanh);
@@ -141,8 +142,9 @@ def _act_name(model: ModelSpec) -> str:
     return cfg.get("hidden_act") or cfg.get("activation_function") or model.traits.activation.value
 
 
-def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -> _Saved:
-    """Saved bytes per token of one block (attention + MLP) of `stack`."""
+def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False, dense: bool = False) -> _Saved:
+    """Saved bytes per token of one block (attention + MLP) of `stack`; dense: one of an MoE model's first blocks
+    that keep a dense MLP (ModelSpec.dense_blocks)."""
     s = _Saved()
     b = _Block(ctx, s, "blk")
     L = _linears_by_role(model, stack)
@@ -153,7 +155,9 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     resid = ("resid", r)
     x = b.norm("ln1", resid, h, rms, y32=y32) if tr.pre_norm else resid
     # attention projections
-    if Role.QKV in L:
+    if model.latent:  # multi-head latent attention: q, k new tensors, v a view of kv_b_proj's output
+        q_key, q_b, k_key, k_b, v_key, v_b = _latent_qkv(b, ctx, model, x)
+    elif Role.QKV in L:
         qkv = b.linear(L[Role.QKV], x)
         q_key = k_key = v_key = qkv[0]  # q, k, v are views of one fused output: one storage
         q_b = k_b = v_b = c * (model.q_dim + 2 * model.kv_dim)
@@ -165,7 +169,8 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
         q_b, k_b, v_b = c * model.q_dim, c * model.kv_dim, c * model.kv_dim
         if tr.qk_norm in (QKNorm.ALWAYS, QKNorm.PROJECTION):  # RMS norms on q and k before the rotary embedding
             _qk_norms(b, ctx, model, q, k)
-    if tr.position is PositionKind.ROTARY:  # q·cos + rot(q)·sin makes new q, k: the projections' outputs aren't saved
+    if tr.position is PositionKind.ROTARY and not model.latent:  # q·cos + rot(q)·sin makes new q, k: the
+        # projections' outputs aren't saved
         q_key, k_key = "q_rope", "k_rope"
         q_b, k_b = c * model.q_dim, c * model.kv_dim  # (a fused projection's v stays a view of its whole output)
     rep = model.heads // model.kv_heads
@@ -191,13 +196,13 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
             # the cached keys (a window shorter than the sequence) make transformers pass an explicit mask, so it repeats grouped keys/values for
             # SDPA (sdpa_attention_forward: GQA in the kernel only without a mask), and SDPA saves the
             # boolean mask converted to a [b, 1, s, s + p] float mask in the query dtype
-            if rep > 1:
+            if rep > 1 and model.kv_heads > 1:  # (one KV head: repeat_kv's reshape of the expand is a view)
                 k_key, v_key = "k_rep", "v_rep"
                 k_b = v_b = c * model.q_dim * ctx.kv_ratio
             s.add("attn_mask", c * ctx.kv_ratio, sq=True)
         s.add(k_key, k_b)
         s.add(v_key, v_b)
-        s.add("attn_out", c * model.q_dim)
+        s.add("attn_out", c * (model.heads * model.latent.v_dim if model.latent else model.q_dim))
         s.add("lse", 4 * model.heads)
     # the output projection reads attention's output transposed back: a copy where it is laid out per head
     # (eager's P·V product; SDPA's after a rotary concatenation), else a view of SDPA's output
@@ -225,28 +230,22 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     if tr.block is BlockLayout.POST_NORM:  # BERT: LayerNorm(attn_out + residual) saves the sum
         b.norm("ln_post1", ("resid_sum1", r), h, rms)
         x3 = ("ln_post1.out", r)
-    i, k_exp = model.intermediate, model.experts_per_token if model.experts > 1 else 1
-    if model.gated_mlp:
+    i, k_exp = model.intermediate, 1
+    if model.experts > 1 and not dense:  # routed experts (and shared ones): memplan.estimate.activations._moe_mlp
+        mlp_out = _moe_mlp(s, b, ctx, model, x3)
+    elif model.gated_mlp:
         if Role.GATE in L:
             b.linear(L[Role.GATE], x3)
             b.linear(L[Role.UP], x3)
-        elif Role.UP in L:  # one fused gate_up projection (Phi-3), chunked into two views of its output: the
+        else:  # one fused gate_up projection (Phi-3), chunked into two views of its output: the
             b.linear(L[Role.UP], x3)  # activation and the product save those views, as they save gate and up
-        else:  # MoE experts: each routed token's input, gate_up output, act, product, expert output
-            s.add("moe_in", k_exp * c * h)
-            s.add("moe_route", 16)
         # bitsandbytes casts a 4-bit layer's output back to its input's dtype: fp32 under autocast (QLoRA)
         ci = 4 if (ctx.qlora and ctx.autocast) else c
         s.add("gate_out", k_exp * ci * i)  # silu saves its input
         s.add("act_out", k_exp * ci * i)  # act * up saves both
         s.add("up_out", k_exp * ci * i)
-        if Role.UP in L:
-            down = b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
-            mlp_out = (down[0], ci if ctx.qlora else down[1])  # bitsandbytes: the input's dtype
-        else:
-            s.add("prod", k_exp * c * i)
-            s.add("moe_out", k_exp * c * h)
-            mlp_out = ("moe_sum", c)
+        down = b.linear(L[Role.DOWN], ("prod", ci))  # down_proj's input, if its weight trains
+        mlp_out = (down[0], ci if ctx.qlora else down[1])  # bitsandbytes: the input's dtype
     else:
         b.linear(L[Role.UP], x3)
         mlp_out = _plain_mlp(s, b, ctx, model, L[Role.DOWN])
@@ -260,6 +259,94 @@ def block_saved(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool = False) -
     if tr.block is BlockLayout.POST_NORM:
         b.norm("ln_post2", ("resid_sum2", r), h, rms)
     return s
+
+
+def _latent_qkv(b: _Block, ctx: Ctx, model: ModelSpec, x):
+    """DeepseekV3Attention's projections: q through q_a_proj, its RMSNorm and q_b_proj (or one q_proj), keys and
+    values from kv_a_proj_with_mqa's latent (RMSNorm on its kv_rank part, a view: the fp32 copy is new) through
+    kv_b_proj. What attention reads: q = cat(q_pass, q_rot) and k (new_empty, filled) as new [b, heads, s,
+    nope + rope] tensors, v a view of kv_b_proj's output (which it keeps alive whole). Returns their (key, bytes)."""
+    m, c, heads = model.latent, ctx.c, model.heads
+    lin = {l.qualname: l for l in model.linears if l.stack is Stack.DECODER}
+    if m.q_rank:
+        qa = b.linear(lin["self_attn.q_a_proj"], x)
+        b.linear(lin["self_attn.q_b_proj"], b.norm("q_a_norm", qa, m.q_rank, rms=True))
+    else:
+        b.linear(lin["self_attn.q_proj"], x)
+    kva = b.linear(lin["self_attn.kv_a_proj_with_mqa"], x)
+    kvn = b.norm("kv_a_norm", (b.t("kv_a_view"), kva[1]), m.kv_rank, rms=True)
+    kv = b.linear(lin["self_attn.kv_b_proj"], kvn)
+    return "q_cat", c * heads * m.qk_dim, "k_full", c * heads * m.qk_dim, kv[0], c * heads * (m.nope_dim + m.v_dim)
+
+
+def _moe_mlp(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, x):
+    """An MoE block's MLP (transformers 5's grouped_mm experts, integrations/moe.py): the router, the k routed
+    (token, expert) rows per token through the 3-D experts, and the shared experts. Shapes are static: the rows
+    are sorted by expert and grouped_mm runs over all k·tokens of them whatever the routing, so what is saved does
+    not depend on which experts the router picks (no balanced-routing assumption is needed; the trace, with its
+    seeded random weights, runs the same shapes). Returns the MLP output tensor."""
+    c, h, k = ctx.c, model.hidden, model.experts_per_token
+    i, e = model.moe_width, model.experts
+    eb = ctx.dtype_bytes  # grouped_mm is not autocast: it casts its input to the experts' own dtype
+    rb = _router_saved(s, b, ctx, model, x)  # the routing weights' dtype
+    s.add("moe_gather_idx", 8 * k)  # hidden_states[perm // k]: the int64 index
+    s.add("moe_perm", 8 * k)  # sample_weights[perm]
+    s.add("moe_inv_perm", 8 * k)  # weighted_out[inv_perm]
+    if ctx.w_train:  # the grouped matmuls save their inputs when the expert weights train
+        s.add("moe_in", eb * k * h)
+        s.add("moe_prod", eb * k * i)
+    s.add("moe_gate_up", eb * k * 2 * i)  # act(gate) and act·up save gate and up: views of one [rows, 2i] output
+    s.add("moe_act", eb * k * i)
+    s.add("moe_down", eb * k * h)  # proj_out * routing weight saves both
+    s.add("moe_weight", rb * k)
+    if model.shared_intermediate:
+        _shared_experts(s, b, ctx, model, x)
+    return ("moe_sum", c)
+
+
+def _router_saved(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, x) -> int:
+    """What the router saves per token; returns the routing weights' dtype bytes. Routing.TOP_K_SOFTMAX (Mixtral,
+    Qwen-MoE): logits in the compute dtype, softmax(dtype=float32) saved, top-k indices, the renormalization
+    (norm_topk_prob) saves the sum and the top-k values; weights cast to the logits' dtype.
+    Routing.SIGMOID_GROUPED (DeepSeek-V3): the router runs in fp32 (its input copied to fp32), the sigmoid output,
+    the per-group top-2 and top-groups indices, the bool group mask, top-k indices, renormalization; fp32
+    weights."""
+    cfg, k, e, h = model.hf_config, model.experts_per_token, model.experts, model.hidden
+    if model.traits.routing is Routing.SIGMOID_GROUPED:
+        if ctx.w_train:
+            s.add(x[0] if x[1] == 4 else "router_x32", 4 * h)
+        groups = int(cfg.get("n_group") or 1)
+        s.add("router_sigmoid", 4 * e)
+        s.add("router_group_top2", 8 * 2 * groups)
+        s.add("router_top_groups", 8 * int(cfg.get("topk_group") or 1))
+        s.add("router_mask", e)
+        rb = 4
+    else:
+        b.linear(Linear("gate", model.hidden, e, False, 1, Stack.DECODER, Role.ROUTER, path="mlp.gate"), x)
+        s.add("router_probs", 4 * e)
+        rb = ctx.c
+    s.add("router_topk", 8 * k)
+    if cfg.get("norm_topk_prob"):
+        s.add("router_norm", 4 + 4 * k)
+    return rb
+
+
+def _shared_experts(s: _Saved, b: _Block, ctx: Ctx, model: ModelSpec, x) -> None:
+    """The shared experts' gated MLP (nn.Linear modules: LoRA can target them) beside the routed ones, and
+    Qwen2-MoE's sigmoid(shared_expert_gate(x)) scaling of its output (saves the sigmoid and the MLP output)."""
+    c, si = ctx.c, model.shared_intermediate
+    shared = {l.role: l for l in model.linears if ".shared_expert" in l.qualname and l.role is not Role.ROUTER}
+    b.linear(shared[Role.GATE], x)
+    b.linear(shared[Role.UP], x)
+    ci = 4 if (ctx.qlora and ctx.autocast) else c
+    for name in ("shared_gate_out", "shared_act_out", "shared_up_out"):
+        s.add(name, ci * si)
+    out = b.linear(shared[Role.DOWN], ("shared_prod", ci))
+    if model.shared_gate:
+        gate = next(l for l in model.linears if l.role is Role.ROUTER and "shared_expert_gate" in l.qualname)
+        b.linear(gate, x)
+        s.add("shared_sigmoid", c)
+        s.add(out[0], c * model.hidden)
 
 
 def _qk_norms(b: _Block, ctx: Ctx, model: ModelSpec, q, k) -> None:
@@ -356,8 +443,25 @@ def windowed(model: ModelSpec, setup: TrainingSetup) -> bool:
     """Sliding-window attention (FamilyTraits.attention) whose window, config.sliding_window, is shorter than the
     sequence: transformers then passes SDPA an explicit mask (within the window the mask is plain causal)."""
     window = model.hf_config.get("sliding_window")
+    # masking_utils._ignore_causal_mask_sdpa: a mask as soon as kv_length >= the window
     return (model.traits.attention is AttentionKind.SLIDING_WINDOW and isinstance(window, int) and window > 0
-            and setup.model_seq > window)
+            and setup.model_seq >= window)
+
+
+def full_attention_layers(model: ModelSpec, setup: TrainingSetup) -> frozenset:
+    """The decoder layers of a sliding-window model that attend to every position (no explicit mask) when the
+    others are windowed: config.layer_types' "full_attention" entries, or Gemma 3's every sliding_window_pattern-th
+    layer (Gemma3TextConfig); empty when every layer slides (Mistral, Phi-3) or none is windowed."""
+    if not windowed(model, setup):
+        return frozenset()
+    cfg = model.hf_config
+    types = cfg.get("layer_types")
+    if isinstance(types, (list, tuple)):
+        return frozenset(j for j, t in enumerate(types) if t == "full_attention")
+    pattern = cfg.get("sliding_window_pattern")
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+        return frozenset(j for j in range(model.layers) if (j + 1) % pattern == 0)
+    return frozenset()
 
 
 @lru_cache(maxsize=4096)
@@ -398,6 +502,8 @@ class Activations:
     # (and under op-selective the outputs the checkpoint caches, which the recomputation reuses)
     wrapped: tuple[bool, ...] = ()  # which blocks run inside torch.utils.checkpoint (empty: none)
     loss_chunks: int = 1  # the loss's saved tensors are freed 1/loss_chunks at a time (--loss chunked)
+    experts_transient: int = 0  # peak transient bytes inside the top MoE block's expert forward (moe_transient)
+    final_norm: tuple[int, int] = (0, 0)  # (saved, backward transient) bytes of the final norm (final_norm_bwd)
 
     def ckpt(self, block: int) -> bool:
         """Whether block `block` (negative: from the last) is recomputed in backward."""
@@ -409,11 +515,12 @@ class Activations:
 
 
 @lru_cache(maxsize=8192)
-def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, policy: Checkpointing) -> dict:
+def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, policy: Checkpointing,
+                 dense: bool = False) -> dict:
     """{"all": (bytes per token, bytes per token per key position) one block saves, "softmax" / "attention":
     the same for what is saved up to its softmax / before its MLP, "input": the block's input among them (the
     tensor a checkpoint holds, saved again by the recomputation)}; cached, the walk is the slow part."""
-    saved = block_saved(model, ctx, stack, cross)
+    saved = block_saved(model, ctx, stack, cross, dense)
     if policy is Checkpointing.SELECTIVE:  # the attention core recomputed (memplan.estimate.techniques)
         techniques.selective_drop(model, ctx, saved, _o_saves_input(model, ctx, stack))
     out = {"all": (sum(saved.lin.values()), sum(saved.sq.values())), "input": (saved.lin.get("resid", 0), 0)}
@@ -429,12 +536,14 @@ def _o_saves_input(model: ModelSpec, ctx: Ctx, stack: Stack) -> bool:
     return o is not None and (ctx.w_train or o.qualname in ctx.lora or o.qualname in ctx.ia3_ff)
 
 
-def _block_bytes(model, setup, stack, w_train, cross=False) -> dict:
+def _block_bytes(model, setup, stack, w_train, cross=False, dense=False, unmasked=False) -> dict:
     """Bytes one block saves ("all"), and of them those saved up to its softmax ("softmax") and before its MLP
     ("attention"). A block saves nothing when no gradient flows through it: frozen, no adapter, and nothing
     below it trains (--peft freeze below the trained blocks)."""
     ctx = make_ctx(model, setup, w_train)
-    rates = _block_rates(model, ctx, stack, cross, setup.checkpointing)
+    if unmasked:
+        ctx = replace(ctx, windowed=False)
+    rates = _block_rates(model, ctx, stack, cross, setup.checkpointing, dense)
     t, s = setup.model_tokens, setup.model_seq
     return {k: int((lin + s * sq) * t) for k, (lin, sq) in rates.items()}
 
@@ -458,7 +567,8 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     for stack, n, cross in _stacks(model):
         trained = max(0, min(n, idx + n - first_trained))  # how many of this stack's blocks train
         frozen_n = n - trained
-        nb = _block_bytes(model, setup, stack, w_train or peft is PeftMethod.FREEZE, cross) if trained else none
+        w = w_train or peft is PeftMethod.FREEZE
+        nb = _block_bytes(model, setup, stack, w, cross) if trained else none
         # frozen blocks save what the gradient passing through them needs when something below trains: a
         # tied LM head makes the token embedding trainable under --peft freeze
         below = peft is PeftMethod.FREEZE and model.tie_embeddings
@@ -468,7 +578,16 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         below = below or (peft is PeftMethod.FREEZE and fsdp_sharded(setup)
                           and setup.checkpointing is Checkpointing.FULL)
         fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else none
-        per += [fb] * frozen_n + [nb] * trained
+        kinds = [fb] * frozen_n + [nb] * trained
+        if stack is Stack.DECODER:  # blocks unlike the others: dense first blocks of an MoE model, full-attention
+            # layers among sliding-window ones (no explicit mask)
+            full = full_attention_layers(model, setup)
+            for j in range(n):
+                dense, unmasked = j < model.dense_blocks, j in full
+                if (dense or unmasked) and (j >= frozen_n or fb is not none):  # (a frozen one the gradient crosses)
+                    kinds[j] = _block_bytes(model, setup, stack, w if j >= frozen_n else False, cross, dense,
+                                            unmasked)
+        per += kinds
         idx += n
     if peft is PeftMethod.ADAPTER and per:
         # nothing before the first block's attention adapter needs a gradient: its attention saves nothing
@@ -482,10 +601,43 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     block_input = r * model.hidden * setup.model_tokens
     recompute = max(blocks, default=0)
     tr = _bwd_transient(model, setup)
+    extra = dict(experts_transient=moe_transient(model, setup), final_norm=final_norm_bwd(model, setup))
     if setup.checkpointing.wraps_blocks:
-        return _wrapped_activations(setup, per, outside, block_input, tr, early, loss)
+        return replace(_wrapped_activations(setup, per, outside, block_input, tr, early, loss), **extra)
     return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss, inputs,
-                       loss_chunks=_loss_chunks(setup))
+                       loss_chunks=_loss_chunks(setup), **extra)
+
+
+# The backward of an RMS norm whose weight multiplies in fp32 (NormKind.RMSNORM_FP32_WEIGHT: Gemma's
+# (1 + weight.float()) · x32 · rstd) makes five fp32 [tokens, hidden] temporaries at once (the trace of
+# gemma-3-4b's final norm: mul.Tensor, div.Scalar, pow.Tensor_Scalar, mul.Scalar, mul.Tensor, 4 bytes each).
+FP32_WEIGHT_NORM_BWD_COPIES = 5
+
+
+def final_norm_bwd(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """(what the final norm saves, its backward's fp32 temporaries) per micro-batch, for the norm kind whose
+    backward temporaries outgrow the LM head's (0, 0 otherwise): the moment after the head's backward, before the
+    top block's, where a small vocabulary puts the peak."""
+    if model.traits.norm is not NormKind.RMSNORM_FP32_WEIGHT or not model.traits.final_norm:
+        return 0, 0
+    p, h, t = setup.precision, model.hidden, setup.model_tokens
+    r = 4 if p.autocast else stream_bytes(p)
+    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
+    saved = (4 * h if r != 4 else 0) + 4 + (4 * h if head_trains else 0)
+    return saved * t, FP32_WEIGHT_NORM_BWD_COPIES * 4 * h * t
+
+
+def moe_transient(model: ModelSpec, setup: TrainingSetup) -> int:
+    """Per micro-batch, the routed experts' forward temporaries at their peak (grouped_mm_experts_forward): the
+    routing-weighted rows proj_out · w and their copy in token order (weighted_out[inv_perm]), k·tokens × hidden
+    each, and, when the expert weights are frozen (then not saved for backward), the gathered input rows that the
+    function's locals keep alive to its end; beside them the per-token sum. 0 for a model without experts."""
+    if model.moe_blocks == 0:
+        return 0
+    p = setup.precision
+    rows = model.experts_per_token * model.hidden * stream_bytes(p)
+    w_train = setup.peft in (PeftMethod.FULL, PeftMethod.BITFIT, PeftMethod.FREEZE)
+    return int((rows * (2 if w_train else 3) + p.compute_bytes * model.hidden) * setup.model_tokens)
 
 
 def _loss_chunks(setup: TrainingSetup) -> int:

@@ -56,6 +56,8 @@ class Moment(str, Enum):
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
     HEAD_STEP = "LM-head step in backward"  # --optimizer-in-backward: its gradient stepped (phases.in_backward)
     TOP_BLOCK = "top block backward"
+    FINAL_NORM_BACKWARD = "final norm backward"  # its fp32 temporaries (activations.final_norm_bwd)
+    TOP_BLOCK_EXPERTS = "top block experts"  # an MoE block's expert rows, in its forward (or recomputation)
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
@@ -437,6 +439,9 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
         State(Moment.FORWARD, Phase.FORWARD,
               _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
+        *((State(Moment.TOP_BLOCK_EXPERTS, Phase.FORWARD,  # the top block's experts before the head and loss
+                 _alive(h, accum_grads, acts.total - acts.outside + acts.early,
+                        half_fwd + h.deq_outside + h.z_f + acts.experts_transient)),) if acts.experts_transient else ()),
         *backward_states(model, setup, p, ms, acts, h, loss_b, lt),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
@@ -564,7 +569,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     held += h.fsdp.top if h.fsdp else 0
     if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
         held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
+    if acts.final_norm[1]:  # the final norm's backward, before the top block's
+        states.append(at(Moment.FINAL_NORM_BACKWARD, top_g, in_blocks + acts.final_norm[0],
+                         held + head_wait + acts.final_norm[1]))
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
+    if rec and acts.experts_transient:  # its recomputation runs the experts' forward again
+        states.append(at(Moment.TOP_BLOCK_EXPERTS, top_g, in_blocks + rec, held + head_wait + acts.experts_transient))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
         last = acts.full_per_block[-1] if acts.full_per_block else 0
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from memplan.errors import MemplanError
-from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
+from memplan.spec.model import Arch, LatentAttention, Linear, ModelSpec, Role, Stack, Tensor, TensorKind
 from memplan.spec.traits import TRAITS, BlockLayout, QKNorm
 
 D, E, O = Stack.DECODER, Stack.ENCODER, Stack.OUTSIDE
@@ -130,7 +130,10 @@ def _llama_biases(cfg: Mapping) -> tuple[bool, bool, bool]:
     mt = cfg["model_type"]
     if mt == "qwen2":  # Qwen2Attention: bias=True on q/k/v, False on o_proj, whatever attention_bias says
         return True, False, False
-    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3", "gemma2", "olmo2")  # Mistral / Mixtral: always False
+    if mt == "qwen2_moe":  # Qwen2MoeAttention: q/k/v bias from config.qkv_bias (Qwen2MoeConfig: True), o_proj none
+        return bool(cfg.get("qkv_bias", True)), False, False
+    attn = bool(cfg.get("attention_bias", False)) and mt in ("llama", "gemma", "qwen3", "gemma2", "olmo2",
+                                                                 "qwen3_moe", "gemma3_text")  # Mistral / Mixtral: always False
     return attn, attn, bool(cfg.get("mlp_bias", False)) and mt == "llama"
 
 
@@ -143,7 +146,68 @@ _LLAMA_DEFAULTS = {
     "gemma": dict(num_key_value_heads=16, head_dim=256, tie_word_embeddings=True),
     "qwen3": dict(num_key_value_heads=32, head_dim=128),  # Qwen3Config
     "gemma2": dict(num_key_value_heads=4, head_dim=256, tie_word_embeddings=True),  # Gemma2Config
+    # Qwen2MoeConfig, Qwen3MoeConfig, Gemma3TextConfig (transformers 5)
+    "qwen2_moe": dict(num_key_value_heads=16, intermediate_size=5632, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, decoder_sparse_step=1),
+    "qwen3_moe": dict(num_key_value_heads=4, intermediate_size=6144, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                      decoder_sparse_step=1),
+    "gemma3_text": dict(num_key_value_heads=4, head_dim=256, tie_word_embeddings=True),
 }
+
+
+def _dense_first(cfg: Mapping, n: int) -> int:
+    """How many first blocks keep a dense MLP: DeepSeek's first_k_dense_replace, or Qwen-MoE's mlp_only_layers /
+    decoder_sparse_step (a block is dense when listed or when (index + 1) % step != 0). Only a run of first blocks
+    is modelled: the estimator walks a dense kind and a routed kind of block."""
+    mt = cfg["model_type"]
+    if mt == "deepseek_v3":
+        return min(n, _get(cfg, "first_k_dense_replace", default=3))  # DeepseekV3Config
+    if mt not in ("qwen2_moe", "qwen3_moe"):
+        return 0
+    step = _get(cfg, "decoder_sparse_step", default=1)
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in only):
+        raise MemplanError(f"mlp_only_layers must be a list of layer indices, got {_show(only)}")
+    if step < 1:
+        raise MemplanError(f"decoder_sparse_step must be ≥ 1, got {step}")
+    dense = [i in only or (i + 1) % step != 0 for i in range(n)]
+    k = dense.index(False) if False in dense else n
+    if any(dense[k:]):
+        raise MemplanError("dense MLP blocks between MoE blocks (mlp_only_layers / decoder_sparse_step) are not "
+                           "modelled: only the first blocks may be dense")
+    return k
+
+
+def _moe_params(cfg: Mapping, mt: str, h: int, i: int, n: int, dflt: Mapping, mlp_bias: bool):
+    """An MoE model's MLP parameters: dense gated MLPs in the first blocks, then per block the router, the 3-D routed
+    experts (transformers 5: gate_up_proj [E, 2·I, h], down_proj [E, h, I]; none is an nn.Linear, so LoRA's
+    target_modules cannot name them) and the shared experts (nn.Linear MLP, Qwen2-MoE's sigmoid gate).
+    Returns (linears, tensors, spec fields)."""
+    experts = _get(cfg, "num_local_experts", "num_experts", "n_routed_experts",
+                   default=dflt.get("num_local_experts", dflt.get("num_experts", 1)))
+    ei = _get(cfg, "moe_intermediate_size", default=dflt.get("moe_intermediate_size", i))
+    dense = _dense_first(cfg, n) if experts > 1 else n
+    moe = n - dense
+    lin = _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, dense, D, mlp_bias) if dense else []
+    ten, shared = [], 0
+    if mt == "qwen2_moe":
+        shared = _get(cfg, "shared_expert_intermediate_size", default=dflt["shared_expert_intermediate_size"])
+    elif mt == "deepseek_v3":  # DeepseekV3MoE: one MLP of moe_intermediate_size × n_shared_experts
+        shared = ei * _get(cfg, "n_shared_experts", default=1)
+    if moe:
+        ten += [
+            Tensor("mlp.gate.weight", experts * h, moe, D, TensorKind.ROUTER),
+            Tensor("mlp.experts.gate_up_proj", experts * 2 * ei * h, moe, D, TensorKind.EXPERTS),
+            Tensor("mlp.experts.down_proj", experts * ei * h, moe, D, TensorKind.EXPERTS),
+        ]
+        if shared:
+            sp = "mlp.shared_expert." if mt == "qwen2_moe" else "mlp.shared_experts."
+            lin += _mlp(_paths(sp, "gate_proj", "up_proj", "down_proj"), h, shared, moe, D, False)
+        if mt == "qwen2_moe":  # Qwen2MoeSparseMoeBlock.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+            lin.append(_lin("mlp.shared_expert_gate", h, 1, False, moe, D, Role.ROUTER))
+    fields = dict(expert_intermediate=ei if moe else 0, shared_intermediate=shared if moe else 0,
+                  shared_gate=bool(moe) and mt == "qwen2_moe", dense_blocks=dense if moe else 0)
+    return lin, ten, experts if moe else 1, fields
 
 
 def llama(cfg: Mapping) -> dict:
@@ -156,25 +220,24 @@ def llama(cfg: Mapping) -> dict:
     kv = cfg.get("num_key_value_heads", dflt.get("num_key_value_heads"))
     kv = heads if kv is None else kv  # explicit null: MHA (0 is refused by ModelSpec)
     hd = _get(cfg, "head_dim", default=dflt.get("head_dim", h // heads))
-    i = _get(cfg, "intermediate_size")
+    i = _get(cfg, "intermediate_size", default=dflt.get("intermediate_size"))
     v = _get(cfg, "vocab_size")
     qkv_bias, o_bias, mlp_bias = _llama_biases(cfg)
     routed = TRAITS[mt].moe
-    experts = int(_get(cfg, "num_local_experts", default=dflt.get("num_local_experts", 1))) if routed else 1
     top_k = int(_get(cfg, "num_experts_per_tok", default=dflt.get("num_experts_per_tok", 1)))
     tie = bool(cfg.get("tie_word_embeddings", dflt.get("tie_word_embeddings", False)))
     attn = _paths("self_attn.", "q_proj", "k_proj", "v_proj", "o_proj")
     lin = _attention(attn, h, heads * hd, kv * hd, n, D, qkv_bias, o_bias)
     ten = [_embedding("embed_tokens", v, h)]
-    if experts > 1:
+    moe_fields = {}
+    if routed:
         # transformers 5 stores experts as 3-D parameters (MixtralExperts) and the router as a bare weight
         # (MixtralTopKRouter): none of them is an nn.Linear, so LoRA's target_modules cannot name them.
-        ten += [
-            Tensor("mlp.gate.weight", experts * h, n, D, TensorKind.ROUTER),
-            Tensor("mlp.experts.gate_up_proj", experts * 2 * i * h, n, D, TensorKind.EXPERTS),
-            Tensor("mlp.experts.down_proj", experts * i * h, n, D, TensorKind.EXPERTS),
-        ]
+        moe_lin, moe_ten, experts, moe_fields = _moe_params(cfg, mt, h, i, n, dflt, mlp_bias)
+        lin += moe_lin
+        ten += moe_ten
     else:
+        experts = 1
         lin += _mlp(_paths("mlp.", "gate_proj", "up_proj", "down_proj"), h, i, n, D, mlp_bias)
     if TRAITS[mt].block is not BlockLayout.POST_SUBLAYER:  # OLMo 2: no norm before attention
         ten += _norm("input_layernorm", h, n, D, False)
@@ -195,7 +258,54 @@ def llama(cfg: Mapping) -> dict:
         intermediate=i, vocab=v, max_positions=_get(cfg, "max_position_embeddings", default=2048), gated_mlp=True,
         linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
         experts_per_token=top_k if experts > 1 else 1, dropout=0.0,
-        attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie,
+        attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie, **moe_fields,
+    )
+
+
+def deepseek_v3(cfg: Mapping) -> dict:
+    """DeepSeek-V3: multi-head latent attention (DeepseekV3Attention), first_k_dense_replace dense blocks, then
+    DeepseekV3MoE (fp32 sigmoid router, routed experts, shared experts); Llama's norms, rotary, untied head.
+    Defaults are DeepseekV3Config's (transformers 5)."""
+    h = _get(cfg, "hidden_size")
+    n = _get(cfg, "num_hidden_layers")
+    heads = _get(cfg, "num_attention_heads")
+    i = _get(cfg, "intermediate_size", default=18432)
+    v = _get(cfg, "vocab_size", default=129280)
+    q_rank = _get(cfg, "q_lora_rank", default=0) if "q_lora_rank" in cfg else 1536  # explicit null: q_proj
+    mla = LatentAttention(q_rank=q_rank, kv_rank=_get(cfg, "kv_lora_rank", default=512),
+                          rope_dim=_get(cfg, "qk_rope_head_dim", default=64),
+                          nope_dim=_get(cfg, "qk_nope_head_dim", default=128), v_dim=_get(cfg, "v_head_dim", default=128))
+    bias = bool(cfg.get("attention_bias", False))
+    qk = mla.qk_dim
+    if q_rank:
+        lin = [_lin("self_attn.q_a_proj", h, q_rank, bias, n, D, Role.Q),
+               _lin("self_attn.q_b_proj", q_rank, heads * qk, False, n, D, Role.Q)]
+    else:
+        lin = [_lin("self_attn.q_proj", h, heads * qk, False, n, D, Role.Q)]
+    lin += [
+        _lin("self_attn.kv_a_proj_with_mqa", h, mla.kv_rank + mla.rope_dim, bias, n, D, Role.K),
+        _lin("self_attn.kv_b_proj", mla.kv_rank, heads * (mla.nope_dim + mla.v_dim), False, n, D, Role.V),
+        _lin("self_attn.o_proj", heads * mla.v_dim, h, bias, n, D, Role.O),
+    ]
+    ten = [_embedding("embed_tokens", v, h)]
+    if q_rank:
+        ten += _norm("self_attn.q_a_layernorm", q_rank, n, D, False)
+    ten += _norm("self_attn.kv_a_layernorm", mla.kv_rank, n, D, False)
+    dflt = dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048)
+    moe_lin, moe_ten, experts, moe_fields = _moe_params(cfg, "deepseek_v3", h, i, n, dflt, False)
+    lin += moe_lin
+    ten += moe_ten + _norm("input_layernorm", h, n, D, False) + _norm("post_attention_layernorm", h, n, D, False)
+    ten += _norm("norm", h, 1, O, False)
+    tie = bool(cfg.get("tie_word_embeddings", False))
+    head_lin, head_ten = _head("lm_head", h, v, tie, False)
+    top_k = _get(cfg, "num_experts_per_tok", default=8)
+    return _spec(
+        cfg, arch=Arch.DECODER, hidden=h, layers=n, encoder_layers=0, heads=heads,
+        kv_heads=_get(cfg, "num_key_value_heads", default=heads), head_dim=qk, intermediate=i, vocab=v,
+        max_positions=_get(cfg, "max_position_embeddings", default=4096), gated_mlp=True,
+        linears=tuple(lin + head_lin), tensors=tuple(ten + head_ten), experts=experts,
+        experts_per_token=top_k if experts > 1 else 1, dropout=0.0,
+        attention_dropout=_prob(cfg, "attention_dropout", 0.0), tie_embeddings=tie, latent=mla, **moe_fields,
     )
 
 
@@ -414,9 +524,15 @@ def t5(cfg: Mapping) -> dict:
 
 FAMILIES: dict[str, Callable[[Mapping], dict]] = {
     "llama": llama, "mistral": llama, "mixtral": llama, "qwen2": llama, "gemma": llama, "qwen3": llama,
-    "gemma2": llama, "phi3": phi3, "olmo2": llama,
+    "gemma2": llama, "phi3": phi3, "olmo2": llama, "qwen2_moe": llama, "qwen3_moe": llama, "gemma3_text": llama,
+    "deepseek_v3": deepseek_v3,
     "gpt2": gpt2, "opt": opt, "bloom": bloom, "phi": phi, "bert": bert, "t5": t5,
 }
+
+
+# Multimodal model types whose text model memplan does support: refused with the way to it.
+MULTIMODAL = {"gemma3": "Gemma3ForConditionalGeneration (vision tower + text model), not modelled: use its "
+                        "text_config (model_type gemma3_text; google/gemma-3-1b-pt is text-only)"}
 
 
 def spec_from_config(cfg: Mapping, name: str, **profile) -> ModelSpec:
@@ -426,6 +542,8 @@ def spec_from_config(cfg: Mapping, name: str, **profile) -> ModelSpec:
     if not isinstance(mt, str) or not mt:
         raise MemplanError(f"{name}: config has no model_type")
     fn = FAMILIES.get(mt)
+    if mt in MULTIMODAL:
+        raise MemplanError(f"{name}: model_type '{mt}' is {MULTIMODAL[mt]}")
     if fn is None:
         raise MemplanError(f"{name}: model_type '{mt}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     try:

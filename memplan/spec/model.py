@@ -13,7 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Mapping
 
 from memplan.errors import MemplanError
-from memplan.spec.traits import FamilyTraits
+from memplan.spec.traits import AttentionKind, FamilyTraits
 
 if TYPE_CHECKING:
     from memplan.spec.checkpoint import Checkpoint
@@ -123,6 +123,23 @@ class Tensor:
     # final norm (--peft freeze trains the head side only)
 
 
+@dataclass(frozen=True)
+class LatentAttention:
+    """Multi-head latent attention's widths (DeepSeek-V2/V3 config.json; DeepseekV3Attention): queries through a
+    rank-`q_rank` bottleneck (0: one q_proj), keys and values from one `kv_rank` latent plus a `rope_dim` rotary key
+    shared by every head; per head a query / key of nope_dim + rope_dim and a value of v_dim."""
+
+    q_rank: int  # q_lora_rank (0 when null: q_proj)
+    kv_rank: int  # kv_lora_rank
+    rope_dim: int  # qk_rope_head_dim
+    nope_dim: int  # qk_nope_head_dim
+    v_dim: int  # v_head_dim
+
+    @property
+    def qk_dim(self) -> int:
+        return self.nope_dim + self.rope_dim
+
+
 @dataclass(frozen=True, eq=False)
 class ModelSpec:
     """A transformer's architecture numbers and parameter table.
@@ -156,6 +173,14 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     expected_params: int | None = None  # exact count from the profile (transformers on the meta device)
     checkpoint: Checkpoint | None = None  # what a --model DIR's files say of its stored weights
+    # MoE layouts beyond Mixtral's (Qwen2/3-MoE, DeepSeek-V3): the routed experts' width (0: `intermediate`), the
+    # shared expert MLP every token runs (its width: moe width × n_shared_experts or shared_expert_intermediate_size;
+    # 0: none), Qwen2-MoE's sigmoid gate on it, and how many first blocks keep a dense MLP of `intermediate`
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    shared_gate: bool = False
+    dense_blocks: int = 0
+    latent: LatentAttention | None = None  # multi-head latent attention (FamilyTraits.attention LATENT)
 
     def __post_init__(self):
         for name, limit in LIMITS.items():
@@ -182,6 +207,22 @@ class ModelSpec:
             raise MemplanError(f"model {self.name}: {self.heads} heads not divisible by {self.kv_heads} kv heads")
         if self.traits.unmodelled():
             raise MemplanError(f"model {self.name}: {self.traits.unmodelled()} not modelled yet")
+        if (self.latent is None) != (self.traits.attention is not AttentionKind.LATENT):
+            raise MemplanError(f"model {self.name}: multi-head latent attention without its widths "
+                               "(q_lora_rank, kv_lora_rank, ...) is not modelled")
+        if not 0 <= self.dense_blocks <= self.layers or (self.dense_blocks and self.experts == 1):
+            raise MemplanError(f"model {self.name}: {self.dense_blocks} dense blocks of {self.layers} "
+                               f"with {self.experts} experts")
+
+    @property
+    def moe_width(self) -> int:
+        """One routed expert's intermediate width."""
+        return self.expert_intermediate or self.intermediate
+
+    @property
+    def moe_blocks(self) -> int:
+        """Blocks whose MLP is routed experts (the others, first, keep a dense MLP)."""
+        return self.layers - self.dense_blocks if self.experts > 1 else 0
 
     @property
     def total_params(self) -> int:

@@ -58,7 +58,8 @@ class AttentionKind(str, Enum):
     MQA = "mqa"  # one key/value head for all query heads (Falcon-7B, GPT-BigCode); no family here yet
     SLIDING_WINDOW = "sliding-window"  # GQA whose keys stop config.sliding_window positions back (Mistral);
     # modelled as full attention, exact while seq <= window
-    LATENT = "latent"  # multi-head latent attention (DeepSeek-V2/V3): low-rank compressed K/V; not modelled yet
+    LATENT = "latent"  # multi-head latent attention (DeepSeek-V2/V3): keys and values from a low-rank latent
+    # (ModelSpec.latent holds its widths)
 
 
 class PositionKind(str, Enum):
@@ -84,7 +85,8 @@ class Routing(str, Enum):
 
     DENSE = "dense"  # no experts: one MLP per block
     TOP_K_SOFTMAX = "top-k-softmax"  # softmax over router logits, top-k experts, weights renormalized (Mixtral)
-    SIGMOID_GROUPED = "sigmoid-grouped"  # sigmoid scores, group-limited top-k (DeepSeek-V3); no family here yet
+    SIGMOID_GROUPED = "sigmoid-grouped"  # sigmoid scores over an fp32 router, group-limited top-k, weights
+    # renormalized and scaled by routed_scaling_factor (DeepSeek-V3)
 
 
 class SoftmaxDtype(str, Enum):
@@ -128,6 +130,8 @@ class FamilyTraits:
     adapter_sites: tuple[str, str]
     qk_norm: QKNorm = QKNorm.NONE
     routing: Routing = Routing.DENSE
+    # kept for profiles written before the config-driven fields: shared experts and dense first blocks are config
+    # values now (ModelSpec.shared_intermediate / dense_blocks, read by the builder); non-zero here is refused
     shared_experts: int = 0  # experts every token runs beside the routed ones (DeepSeek-MoE, Qwen2-MoE)
     first_k_dense: int = 0  # blocks before the first MoE block that keep a dense MLP (0: every block alike)
     sdpa: bool = True  # the modeling file has an SDPA path; False: attention always materializes the s² scores
@@ -154,8 +158,6 @@ class FamilyTraits:
             return "dense-then-MoE layer patterns (first_k_dense)"
         if self.shared_experts:
             return "shared MoE experts"
-        if self.attention is AttentionKind.LATENT:
-            return "multi-head latent attention"
         return ""
 
     @property
@@ -219,6 +221,29 @@ TRAITS: dict[str, FamilyTraits] = {
     "olmo2": FamilyTraits(
         **{**_LLAMA, "norm": NormKind.RMSNORM_FP32_WEIGHT, "block": BlockLayout.POST_SUBLAYER}, lora_targets=(),
         ia3_targets=(), ia3_feedforward=(), qk_norm=QKNorm.PROJECTION),
+    # Qwen2MoeSparseMoeBlock: softmax top-k router (Qwen2MoeTopKRouter), 3-D routed experts (Qwen2MoeExperts) and a
+    # shared expert MLP scaled by sigmoid(shared_expert_gate(x)); q/k/v bias from config.qkv_bias. peft 0.21 has no
+    # qwen2_moe / qwen3_moe / deepseek_v3 defaults (--lora-targets is required).
+    "qwen2_moe": FamilyTraits(**_LLAMA, lora_targets=(), ia3_targets=(), ia3_feedforward=(),
+                              routing=Routing.TOP_K_SOFTMAX),
+    # Qwen3MoeSparseMoeBlock: the same router and experts, no shared expert; Qwen3's per-head q/k RMSNorm
+    "qwen3_moe": FamilyTraits(**_LLAMA, lora_targets=(), ia3_targets=(), ia3_feedforward=(),
+                              routing=Routing.TOP_K_SOFTMAX, qk_norm=QKNorm.ALWAYS),
+    # Gemma3DecoderLayer: Gemma 2's four norms with fp32 weight products, per-head q/k norms (Gemma3RMSNorm), an
+    # SDPA path (_supports_sdpa = True: no soft-capping in the published configs, attn_logit_softcapping null),
+    # sliding_window on the "sliding_attention" entries of layer_types (5 of every 6), full attention while
+    # seq <= sliding_window. Gemma3ForCausalLM (model_type gemma3_text) only: the multimodal gemma3 is refused.
+    "gemma3_text": FamilyTraits(
+        **{**_LLAMA, "norm": NormKind.RMSNORM_FP32_WEIGHT, "block": BlockLayout.SANDWICH,
+           "activation": Activation.GELU_TANH, "attention": AttentionKind.SLIDING_WINDOW},
+        lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
+        qk_norm=QKNorm.ALWAYS, attn_softcap_key="attn_logit_softcapping", logit_softcap_key="final_logit_softcapping"),
+    # DeepseekV3Attention (multi-head latent attention: q_a/q_b, kv_a_proj_with_mqa, kv_a/q_a RMSNorms, kv_b) and
+    # DeepseekV3MoE (sigmoid grouped router in fp32, routed experts, shared experts MLP) after first_k_dense_replace
+    # dense blocks. transformers' DeepseekV3ForCausalLM has no multi-token-prediction layer (num_mtp_layers is
+    # read by no module): the published checkpoint's 62nd layer (MTP) is not part of the model trained here.
+    "deepseek_v3": FamilyTraits(**{**_LLAMA, "attention": AttentionKind.LATENT}, lora_targets=(), ia3_targets=(),
+                                ia3_feedforward=(), routing=Routing.SIGMOID_GROUPED),
     "gpt2": FamilyTraits(
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
