@@ -4,6 +4,8 @@
     python benchmarks/trace_grid.py techniques   # the checkpointing-policy / loss setups (calibrate.TECHNIQUES)
     python benchmarks/trace_grid.py techniques N SEED   # the held-out technique draw (calibrate.technique_draw):
                                                  # reports/estimate_vs_trace_techniques_seedS.md
+    ... --reuse-traces FILE.jsonl [...]          # after an estimator change: the traced bytes of setups already in
+                                                 # these rows files are reused (re-estimated only), others traced
 
 Seed 0 is the calibration grid the tests hold to 3% (reports/estimate_vs_trace.md); another seed draws a
 held-out grid of the same space (reports/estimate_vs_trace_seedS.md), a check that the model was not fitted.
@@ -17,14 +19,44 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from memplan.calibrate import PEAK_TOL, compare, grid, report_lines, technique_draw, technique_grid, write_rows
+from memplan.calibrate import (ALLOCATED_CATEGORIES, PEAK_TOL, Row, compare, grid, report_lines, technique_draw,
+                               technique_grid, write_rows)
 from memplan.errors import MemplanError
 
 OUT = Path(__file__).resolve().parent.parent / "reports"
 
 
-def main(n: int, seed: int = 0, techniques: bool = False) -> None:
+def _key(setup: dict) -> str:
+    return json.dumps(setup, sort_keys=True)
+
+
+def load_traces(paths: list[str]) -> dict[str, dict]:
+    """{setup key: a rows file's row} of earlier runs (write_rows' JSON lines: setup, trace bytes, categories)."""
+    out = {}
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[_key(r["setup"])] = r
+    return out
+
+
+def reestimate(kw: dict, traced: dict) -> Row:
+    """compare(kw) with the trace's figures taken from an earlier run's row (the trace code unchanged)."""
+    from memplan.estimate import estimate_spec
+    from memplan.spec.values import make_setup, resolve_model
+
+    rest = dict(kw)
+    model = resolve_model(rest.pop("model"))
+    est = estimate_spec(model, make_setup(**rest))
+    cats = {c.value: (int(est.categories[c]), int(traced["categories"][c.value][1])) for c in ALLOCATED_CATEGORIES}
+    return Row({"model": model.name, **rest}, est.peak.allocated_bytes, traced["trace"], est.peak.phase.value,
+               "", cats)
+
+
+def main(n: int, seed: int = 0, techniques: bool = False, reuse: dict | None = None) -> None:
     rows, skipped, t0 = [], [], time.time()
+    reuse, reused = reuse or {}, 0
     drawn = techniques and n > 0  # the technique draw (technique_draw), not the fixed TECHNIQUES list
     if drawn:
         name = f"estimate_vs_trace_techniques_seed{seed}"
@@ -35,7 +67,9 @@ def main(n: int, seed: int = 0, techniques: bool = False) -> None:
     n = len(setups)
     for i, kw in enumerate(setups):
         try:
-            rows.append(compare(kw))
+            hit = reuse.get(_key({**kw, "model": kw["model"]}))
+            rows.append(reestimate(kw, hit) if hit else compare(kw))
+            reused += bool(hit)
         except MemplanError as exc:
             skipped.append((kw, str(exc)))
         print(f"\r{i + 1}/{n}", end="", file=sys.stderr, flush=True)
@@ -47,7 +81,8 @@ def main(n: int, seed: int = 0, techniques: bool = False) -> None:
         "",
         f"`python benchmarks/trace_grid.py {'techniques' if techniques else n}{f' {n}' if drawn else ''}"
         f"{f' {seed}' if seed else ''}`: {len(rows)} setups traced ({len(skipped)} not traceable), "
-        f"{time.time() - t0:.0f} s. Error = (estimate − trace) / trace of the allocated peak; a setup passes when "
+        f"{time.time() - t0:.0f} s" + (f" ({reused} re-estimated against their traces from an earlier run, "
+                                       "--reuse-traces)" if reused else "") + ". Error = (estimate − trace) / trace of the allocated peak; a setup passes when "
         f"|error| ≤ {PEAK_TOL:.0%} and every category is within 5% or 16 MiB.",
         "",
     ] + report_lines(rows, skipped)
@@ -56,10 +91,16 @@ def main(n: int, seed: int = 0, techniques: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["techniques"]:  # the checkpointing-policy and loss setups (memplan.calibrate.TECHNIQUES)
-        if len(sys.argv) > 2:  # ... or N setups of the seeded technique draw
-            main(int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1, techniques=True)
+    argv = sys.argv[1:]
+    traces = {}
+    if "--reuse-traces" in argv:
+        k = argv.index("--reuse-traces")
+        files = [a for a in argv[k + 1:] if not a.startswith("--")]
+        traces, argv = load_traces(files), argv[:k]
+    if argv[:1] == ["techniques"]:  # the checkpointing-policy and loss setups (memplan.calibrate.TECHNIQUES)
+        if len(argv) > 1:  # ... or N setups of the seeded technique draw
+            main(int(argv[1]), int(argv[2]) if len(argv) > 2 else 1, techniques=True, reuse=traces)
         else:
-            main(0, techniques=True)
+            main(0, techniques=True, reuse=traces)
     else:
-        main(int(sys.argv[1]) if len(sys.argv) > 1 else 220, int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+        main(int(argv[0]) if argv else 220, int(argv[1]) if len(argv) > 1 else 0, reuse=traces)

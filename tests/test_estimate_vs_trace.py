@@ -40,6 +40,10 @@ FAST = [
     dict(model="opt-125m", precision="pure-bf16", peft="dora", batch=2, seq=256),
     dict(model="llama-3.2-1b", precision="fp16", peft="full", batch=1, seq=2048, checkpointing="full",
          attention="eager"),  # the last block's softmax backward under checkpointing
+    dict(model="gpt2", precision="bf16", peft="bitfit", batch=2, seq=256),  # biases only: frozen weights' saves
+    # --loss chunked, a trained (tied) head, the peak at its per-chunk weight gradients' sum
+    dict(model="qwen2.5-0.5b", precision="fp16", peft="freeze", train_layers=2, batch=1, seq=256, loss="chunked",
+         loss_chunks=4),
 ]
 
 

@@ -558,7 +558,9 @@ def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
 def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     peft = setup.peft
     r = 4 if setup.precision.autocast else stream_bytes(setup.precision)
-    w_train = peft in (PeftMethod.FULL, PeftMethod.BITFIT)  # BitFit's biases need the same saved inputs
+    # BitFit trains biases only: a bias's gradient is the output gradient summed, nothing saved for it, so its
+    # blocks save what frozen weights with a gradient flowing through them save
+    w_train = peft is PeftMethod.FULL
     keep = setup.train_layers if peft is PeftMethod.FREEZE else model.blocks
     first_trained = model.blocks - keep
     per: list[dict] = []  # each block's _block_bytes, first to last
@@ -622,7 +624,7 @@ def final_norm_bwd(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
         return 0, 0
     p, h, t = setup.precision, model.hidden, setup.model_tokens
     r = 4 if p.autocast else stream_bytes(p)
-    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
+    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE)
     saved = (4 * h if r != 4 else 0) + 4 + (4 * h if head_trains else 0)
     return saved * t, FP32_WEIGHT_NORM_BWD_COPIES * 4 * h * t
 
@@ -636,7 +638,7 @@ def moe_transient(model: ModelSpec, setup: TrainingSetup) -> int:
         return 0
     p = setup.precision
     rows = model.experts_per_token * model.hidden * stream_bytes(p)
-    w_train = setup.peft in (PeftMethod.FULL, PeftMethod.BITFIT, PeftMethod.FREEZE)
+    w_train = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE)
     return int((rows * (2 if w_train else 3) + p.compute_bytes * model.hidden) * setup.model_tokens)
 
 
@@ -690,7 +692,7 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     h = model.hidden
     p = setup.precision
     c, r = p.compute_bytes, (4 if p.autocast else stream_bytes(p))
-    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE, PeftMethod.BITFIT)
+    head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE)
     out = _embedding_saved(model, setup)
     if model.traits.rms:  # fp32 copy (else the residual), rstd, y (fp32 where the weight multiplies in fp32)
         y = 4 if model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT else r

@@ -55,6 +55,7 @@ class Moment(str, Enum):
     HEAD_BACKWARD = "LM-head backward"  # the head's gradient beside the logits' gradient
     HEAD_GRAD_CAST = "LM-head gradient cast"  # ... the logits' gradient freed
     HEAD_STEP = "LM-head step in backward"  # --optimizer-in-backward: its gradient stepped (phases.in_backward)
+    HEAD_CHUNK_SUM = "LM-head chunk gradients summed"  # --loss chunked: a trained head's per-chunk gradients added
     TOP_BLOCK = "top block backward"
     FINAL_NORM_BACKWARD = "final norm backward"  # its fp32 temporaries (activations.final_norm_bwd)
     TOP_BLOCK_EXPERTS = "top block experts"  # an MoE block's expert rows, in its forward (or recomputation)
@@ -505,8 +506,9 @@ def in_backward(states: tuple[State, ...], model: ModelSpec, setup: TrainingSetu
             c[C.GRADIENTS], c[C.TEMPORARIES] = block[0], c[C.TEMPORARIES] + block[1] - p.half_outside
         elif s.name in (Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_TRAINED_BLOCK):
             c[C.GRADIENTS], c[C.TEMPORARIES] = block[0], c[C.TEMPORARIES] + block[1]
-        elif s.name is Moment.BACKWARD_END:
-            c[C.GRADIENTS], c[C.TEMPORARIES] = late[0], c[C.TEMPORARIES] + (0 if tied else late[1])
+        elif s.name is Moment.BACKWARD_END:  # a tied embedding: the larger of its out-of-place sum and its step
+            c[C.GRADIENTS] = late[0]
+            c[C.TEMPORARIES] = max(c[C.TEMPORARIES], late[1]) if tied else c[C.TEMPORARIES] + late[1]
         elif s.phase is Phase.BACKWARD and s.name not in (Moment.LOSS_BACKWARD, Moment.HEAD_BACKWARD):
             c[C.GRADIENTS] = 0
         elif s.phase is Phase.OPTIMIZER_STEP:
@@ -554,9 +556,15 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     # as a temporary); sharded gradients (ZeRO-2/3) wait unsharded for their reduce-scatter as without it.
     new_g, carried = (0, h.accum_grads) if h.accum_grads else (head_g, 0)
     pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 else 0
-    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), first_acts,
-                  held + logits_grad + (head_half or head_wait) + (0 if head_half else head_g - new_g)
-                  + lt.extra_casts),
+    # --loss chunked, a trained head: its weight gradient is made chunk by chunk and summed out of place in
+    # autograd's input buffer (two chunks' gradients beside their sum, in the compute dtype under autocast)
+    chunk_sum = 2 * (head_half or head_g or head_wait) if lt.chunks > 1 and (head_g or head_wait) else 0
+    head_tmp = (held + logits_grad + (head_half or head_wait) + (0 if head_half else head_g - new_g)
+                + lt.extra_casts)
+    if chunk_sum:  # the last chunk's (the trace's moment): every chunk's saved log-softmax freed by then
+        states.append(at(Moment.HEAD_CHUNK_SUM, carried + (0 if head_half else new_g), head_acts,
+                         head_tmp + chunk_sum))
+    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), first_acts, head_tmp),
                # the head's matmul backward done, its saved weight cast (autocast's) is freed before the cast
                at(Moment.HEAD_GRAD_CAST, carried + new_g, head_acts,
                   held - h.half_outside + head_half + head_wait + head_g - new_g)]
