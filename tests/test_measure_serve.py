@@ -103,10 +103,10 @@ def test_api_dynamic_cache(cfg, tmp_path):
     assert m["kv_cache_bytes"] == 2 * (48 + 3 - 1) * per_token  # the last token is never fed back
     assert m["weights_bytes"] == rec["estimate"]["weights"]["total"]
     # both peak at the last decode step (its logits over a 32,000-token vocabulary outweigh 96 prompt tokens'
-    # activations), where the cache holds prompt + generation − 1 tokens; the estimate counts one token more
+    # activations), where the cache holds prompt + generation − 1 tokens, as the estimate counts them
     assert m["peak"]["phase"] == rec["estimate"]["peak"]["phase"] == "decode"
     assert m["categories"]["kv_cache"] == 2 * (48 + 3 - 1) * per_token
-    assert rec["estimate"]["categories"]["kv_cache"] == 2 * (48 + 3) * per_token
+    assert rec["estimate"]["categories"]["kv_cache"] == 2 * (48 + 3 - 1) * per_token
 
 
 def test_out_of_memory_in_a_phase_is_a_result(cfg, monkeypatch, tmp_path):

@@ -200,7 +200,7 @@ def measure_cmd(
                                  ("--snapshot", snapshot), ("--record-to", record_to), ("--resume", resume),
                                  ("--chunk", chunk is not None), ("--plan", plan), ("--max-minutes", max_minutes),
                                  ("--memory-cap-gib", memory_cap_gib), ("--steps", steps != 3),
-                                 ("--lengths", lengths is not Lengths.fixed), ("--no-retry-errors", not retry_errors))
+                                 ("--no-retry-errors", not retry_errors))
                  if on] + [f"--{c.replace('_', '-')}" for c in changed]
         if given:
             raise MemplanError(f"with a command after --, the setup and the steps are the command's own: "

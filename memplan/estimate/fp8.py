@@ -31,15 +31,13 @@ from memplan.spec.setup import Fp8Recipe, TrainingSetup
 from memplan.units import round_block
 
 ALIGN = 16  # torchtitan module_filter_fn: both dims divisible by 16 (fp8 tensor-core alignment)
-# model_types whose projections are transformers' Conv1D (modeling_gpt2.py), not nn.Linear: nothing converts
-CONV1D_MODEL_TYPES = ("gpt2",)
 EAGER_NOTE = ("--fp8: torchao Float8Linear in eager mode saves the high-precision inputs and recasts them in "
               "backward; under torch.compile the saved tensors may be the 1-byte casts instead (not modelled)")
 
 
 def converted(model: ModelSpec, setup: TrainingSetup) -> tuple[Linear, ...]:
     """The linears torchtitan's float8 converter swaps for Float8Linear (the module doc)."""
-    if setup.fp8 is Fp8Recipe.NONE or model.model_type in CONV1D_MODEL_TYPES:
+    if setup.fp8 is Fp8Recipe.NONE or model.traits.conv1d:
         return ()
     return tuple(l for l in model.linears if not l.output and l.role is not Role.HEAD
                  and l.in_features % ALIGN == 0 and l.out_features % ALIGN == 0)
@@ -79,7 +77,7 @@ def validate(model: ModelSpec, setup: TrainingSetup) -> list[str]:
     if setup.fp8 is Fp8Recipe.NONE:
         return []
     if not converted(model, setup):
-        why = ("its projections are Conv1D, not nn.Linear" if model.model_type in CONV1D_MODEL_TYPES
+        why = ("its projections are Conv1D, not nn.Linear" if model.traits.conv1d
                else "no linear has both dims divisible by 16")
         return [f"--fp8: nothing in {model.name} converts to Float8Linear ({why}): it trains as without --fp8"]
     return [EAGER_NOTE]

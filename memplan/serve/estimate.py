@@ -153,7 +153,10 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     # families with a learned position table keep its output too (`position_embeds` beside `inputs_embeds`)
     rotary = 2 * tokens * model.head_dim if model.traits.position is PositionKind.ROTARY else 0
     copies = BASE_HIDDEN_COPIES + (1 if model.traits.position is PositionKind.LEARNED else 0)
-    return (copies * tokens * h + rotary + max(attn, mlp)) * elem
+    # a layer that calls its MLP's projections inline rebinds the normed input to fc1's output: it is freed
+    # before the activation runs (an MLP submodule's argument stays alive to its end)
+    mlp_copies = copies - model.traits.inline_mlp  # (FamilyTraits.inline_mlp: OPT)
+    return (rotary + max(copies * tokens * h + attn, mlp_copies * tokens * h + mlp)) * elem
 
 
 def mlp_intermediates(model: ModelSpec) -> int:
@@ -177,20 +180,24 @@ def _hf_memory(model: ModelSpec, setup: ServeSetup, w: WeightBytes, per_token: i
     static = setup.hf_cache is HfCache.STATIC
     kv_prefill = c * per_token * (static_tokens(model, setup.max_seq) if static
                                   else dynamic_tokens(model, setup.prompt_len))
+    # the last decode step feeds the token before the last: a DynamicCache then holds prompt + gen - 1 tokens
     kv_end = c * per_token * (static_tokens(model, setup.max_seq) if static
-                              else dynamic_tokens(model, setup.seq_len))
+                              else dynamic_tokens(model, setup.seq_len - 1))
     cat_copy = 0 if static else kv_end // model.layers  # torch.cat's new tensors of one layer beside the old
     act = layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem)
     logits = logits_bytes(model, c, elem)
     # the layers' activations are freed before the head runs: the prefill peaks at one or the other
     prefill = kv_prefill + max(act, logits)
-    decode = kv_end + max(layer_forward_bytes(model, c, setup.tp, elem), logits) + cat_copy
+    # a decode step's cat copy lives inside its layer's forward, freed before the head makes the logits
+    step = layer_forward_bytes(model, c, setup.tp, elem)
+    decode = kv_end + max(step + cat_copy, logits)
     phase = "prefill" if prefill >= decode else "decode"
-    layer = act if phase == "prefill" else layer_forward_bytes(model, c, setup.tp, elem)
+    layer, cat = (act, 0) if phase == "prefill" else (step, cat_copy)
+    in_layer = layer + cat >= logits
     cats = {"weights": w.total,
             "kv_cache": kv_prefill if phase == "prefill" else kv_end,
-            "activations": layer if layer >= logits else 0,
-            "temporaries": (logits if logits > layer else 0) + (0 if phase == "prefill" else cat_copy)}
+            "activations": layer if in_layer else 0,
+            "temporaries": cat if in_layer else logits}
     allocated = sum(cats.values())
     reserved = ovh.reserved(allocated)
     device = ovh.device(reserved, setup.tp)

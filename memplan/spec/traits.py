@@ -146,6 +146,12 @@ class FamilyTraits:
     # q and k come out as new [b, heads, s, d] tensors, SDPA's output keeps that layout, and its transpose back
     # to [b, s, heads·d] is a copy (the output projection's input)
     rotary_cat: bool = False
+    # the projections are transformers' Conv1D (modeling_gpt2.py), not nn.Linear: torchao's float8 converter
+    # swaps none of them (memplan.estimate.fp8)
+    conv1d: bool = False
+    # the decoder layer calls fc1 -> activation -> fc2 inline, rebinding the normed input to fc1's output (freed
+    # before the activation runs; an MLP submodule's argument stays alive to its end): memplan.serve's layer
+    inline_mlp: bool = False
 
     @property
     def moe(self) -> bool:
@@ -248,12 +254,13 @@ TRAITS: dict[str, FamilyTraits] = {
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
         softmax=SoftmaxDtype.INPUT_CAST_BACK, lora_targets=("c_attn",), ia3_targets=("c_attn", "mlp.c_proj"),
-        ia3_feedforward=("mlp.c_proj",), final_norm="ln_f", adapter_sites=("attn", "mlp")),
+        ia3_feedforward=("mlp.c_proj",), final_norm="ln_f", adapter_sites=("attn", "mlp"), conv1d=True),
     "opt": FamilyTraits(  # OPTDecoderLayer runs fc1 -> activation -> fc2 inline: fc2 is the MLP's last module
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.RELU,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
         softmax=SoftmaxDtype.FP32, lora_targets=_QV, ia3_targets=("q_proj", "k_proj", "fc2"),
-        ia3_feedforward=("fc2",), final_norm="final_layer_norm", adapter_sites=("self_attn", "fc2")),
+        ia3_feedforward=("fc2",), final_norm="final_layer_norm", adapter_sites=("self_attn", "fc2"),
+        inline_mlp=True),
     "bloom": FamilyTraits(  # BloomAttention: baddbmm with the ALiBi bias, no SDPA path
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.BLOOM_GELU,
         attention=AttentionKind.MHA, position=PositionKind.ALIBI, loss_head=LossHead.CAUSAL_LM,
