@@ -15,7 +15,7 @@ from memplan.serve.setup import HfCache, ServeSetup
 from memplan.spec.model import ModelSpec
 from memplan.trace import cuda
 from memplan.trace.build import materialize
-from memplan.trace.serve import DTYPES, ScalarAnswers, ServeTrace, check_traceable
+from memplan.trace.serve import DTYPES, ScalarAnswers, ServeTrace, cache_bytes, check_traceable, named_at_peak
 from memplan.trace.session import as_real_tensors, quiet
 from memplan.trace.tracker import INPUT, W, AllocTracker
 
@@ -67,14 +67,7 @@ def trace_ensemble(models: list[ModelSpec], setup: ServeSetup) -> ServeTrace:
             tokens = scores.argmax(-1, keepdim=True)
             del scores
             past += n
-        kv = 0
-        for cache in caches:
-            for layer in getattr(cache, "layers", ()):
-                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                    if isinstance(t, torch.Tensor):
-                        kv += t.untyped_storage().nbytes()
-        tags = tracker.by_tag(tracker.peak_seq)
-    named = {"weights": tags.get(W, 0), "inputs": tags.get(INPUT, 0),
-             "other": sum(v for k, v in tags.items() if k not in (W, INPUT))}
+        kv = sum(cache_bytes(cache) for cache in caches)
+        named = named_at_peak(tracker)
     return ServeTrace(model=",".join(m.name for m in models), setup=setup, weights=weights, kv_cache=kv,
                       peak_allocated=tracker.peak, by_tag_at_peak=named)

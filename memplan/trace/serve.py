@@ -95,14 +95,24 @@ def trace_serve(model: ModelSpec, setup: ServeSetup) -> ServeTrace:
         hf._has_unfinished_sequences = lambda *a, **k: next(steps, False)
         out = hf.generate(ids, max_new_tokens=setup.gen_len, do_sample=False,
                           pad_token_id=None, eos_token_id=None, return_dict_in_generate=True, **kw)
-        cache = out.past_key_values
-        kv = 0
-        for layer in getattr(cache, "layers", ()):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    kv += t.untyped_storage().nbytes()
-        tags = tracker.by_tag(tracker.peak_seq)
-    named = {"weights": tags.get(W, 0), "inputs": tags.get(INPUT, 0),
-             "other": sum(v for k, v in tags.items() if k not in (W, INPUT))}
+        kv = cache_bytes(out.past_key_values)
+        named = named_at_peak(tracker)
     return ServeTrace(model=model.name, setup=setup, weights=weights, kv_cache=kv, peak_allocated=tracker.peak,
                       by_tag_at_peak=named)
+
+
+def cache_bytes(cache) -> int:
+    """The storage bytes of a transformers cache's keys and values at the end of generation."""
+    kv = 0
+    for layer in getattr(cache, "layers", ()):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                kv += t.untyped_storage().nbytes()
+    return kv
+
+
+def named_at_peak(tracker: AllocTracker) -> dict:
+    """The tracker's bytes at its peak as ServeTrace.by_tag_at_peak names them: weights, inputs, the rest."""
+    tags = tracker.by_tag(tracker.peak_seq)
+    return {"weights": tags.get(W, 0), "inputs": tags.get(INPUT, 0),
+            "other": sum(v for k, v in tags.items() if k not in (W, INPUT))}
