@@ -221,3 +221,17 @@ def test_measured_block_takes_the_steps_after_warmup():
     assert m["step_time_s"]["median"] == 2.0 and m["tokens_per_s"] == 128 / 4.0
     short, warns = measured_block({**payload, "steps": payload["steps"][:1]}, warmup=1)
     assert short["warmup"] == 0 and short["peak"]["allocated_bytes"] == 900 and "include the first step" in warns[0]
+
+
+def test_torchrun_command_gathers_every_rank(tmp_path_factory):
+    """`memplan measure -- python -m torch.distributed.run --nproc_per_node 2 train.py`: each rank's hooks report,
+    the record holds both ranks (the max over them at every level) and the world size the launcher set."""
+    from memplan.measure.distributed import free_port
+
+    rc, rec, err, _, _ = wrapped(tmp_path_factory, "torchrun", "-m", "torch.distributed.run", "--nnodes", "1",
+                                 "--nproc_per_node", "2", "--master_port", str(free_port()),
+                                 str(FIX / "hf_trainer.py"))
+    assert rc == 0 and rec["status"] == "ok", err[-800:]
+    assert len(rec["ranks"]) == 2 and rec["measured"]["world"] == 2
+    assert rec["wrapped"]["detected"]["gpus"]["value"] == 2
+    assert all(r["status"] == "ok" for r in rec["ranks"])
