@@ -1,6 +1,7 @@
 """The held-out technique draw (memplan.calibrate.technique_draw): seeded setups over every technique axis
 (TECHNIQUE_AXES: checkpointing policies, chunked / last-K losses, the optimizers and their implementations,
-optimizer-in-backward) × families × PEFT × precision, each held to the trace like the calibration grid.
+optimizer-in-backward, activation offloading, length distributions and packing, fp8) × families × PEFT ×
+precision, each held to the trace like the calibration grid.
 
 `python benchmarks/trace_grid.py techniques 45 1` writes reports/estimate_vs_trace_techniques_seed1.md; the
 default run traces a few of its small-model setups, `-m slow` all of them.
@@ -67,10 +68,12 @@ def test_a_few_drawn_setups_within_tolerance(drawn):
         assert row.ok, (kw, f"{row.error:+.2%}", row.category_failures())
 
 
-# The draw's setups outside tolerance in reports/estimate_vs_trace_techniques_seed1.md (docs/optimizers.md: six are
-# --loss chunked with a frozen / in-backward LM head, one --optimizer-in-backward with a tied embedding under
-# --peft freeze); their draw indices. Any other setup failing is a regression.
-KNOWN_FAILING = {33}  # opt-125m adapter, op-selective, chunked loss: activations 19 MiB under (docs/optimizers.md)
+# The draw's setups outside tolerance in reports/estimate_vs_trace_techniques_seed1.md (docs/optimizers.md), by draw
+# index: 22 (opt-125m, --offload-activations with the chunked loss and optimizer-in-backward: the trace's offload
+# hook is paused by the LM head module's call, which the chunked loss's per-chunk head matmuls never make, so it
+# offloads the loss's saves that torchtune keeps on the device) and 33 (opt-125m fp16-master adapters,
+# op-selective, chunked loss, offloading). Any other setup failing is a regression.
+KNOWN_FAILING = {22, 33}
 
 
 @pytest.mark.slow

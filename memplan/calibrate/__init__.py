@@ -175,6 +175,10 @@ TECHNIQUE_AXES = [
                    dict(optimizer="adafactor-forloop"), dict(optimizer="sgd-fused"),
                    dict(optimizer="momentum-forloop")]),
     ("optimizer_in_backward", [{}, {}, {}, dict(optimizer_in_backward=True)]),
+    # issue 13's later techniques, one line each (appended: the axes above draw the same values as before)
+    ("offload_activations", [{}, {}, {}, dict(offload_activations=True)]),
+    ("lengths", [{}, {}, {}, dict(lengths="uniform:32-128"), dict(lengths="uniform:32-128", packing=True)]),
+    ("fp8", [{}, {}, {}, dict(fp8="tensorwise"), dict(fp8="rowwise")]),
 ]
 # The families × PEFT × precision the techniques are drawn over: small models and sizes (a trace each, ~10-20 s on
 # one core), with the peak in the forward / backward or the step, where the techniques act.
