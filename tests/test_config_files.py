@@ -218,7 +218,7 @@ def test_one_warning_line_per_file_names_what_is_not_modelled(capsys):
     assert rc == 0
     lines = [ln for ln in err.splitlines() if ln.startswith("warning: ") and "not modelled" in ln]
     assert [ln.split(":")[1].strip() for ln in lines] == files
-    assert "tensor_parallel_plan" in lines[0] and "CEWithChunkedOutputLoss" in lines[0]
+    assert "tensor_parallel_plan" in lines[0] and "CEWithChunkedOutputLoss" not in lines[0]  # read: --loss chunked
     assert "sample_packing" in lines[1]
 
 
@@ -226,12 +226,12 @@ def test_warnings_name_unmodelled_fields_of_each_format(tmp_path):
     cases = {
         "ds.json": {"zero_optimization": {"stage": 2, "zero_quantized_weights": True}, "train_batch_size": 8},
         "tt.yaml": {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"},
-                    "tokenizer": {"_component_": "x"}, "enable_activation_offloading": True},
+                    "tokenizer": {"_component_": "x"}, "compile": True},
         "args.json": {"per_device_train_batch_size": 2, "output_dir": "o", "use_liger_kernel": True},
         "acc.yaml": {"distributed_type": "MULTI_GPU", "mixed_precision": "fp8", "num_processes": 2},
         "ax.yaml": {"base_model": "gpt2", "micro_batch_size": 1, "sequence_len": 64, "brand_new_option": 3},
     }
-    expect = {"ds.json": "zero_optimization.zero_quantized_weights", "tt.yaml": "enable_activation_offloading",
+    expect = {"ds.json": "zero_optimization.zero_quantized_weights", "tt.yaml": "compile",
               "args.json": "use_liger_kernel", "acc.yaml": "mixed_precision", "ax.yaml": "brand_new_option"}
     for name, d in cases.items():
         (tmp_path / name).write_text(json.dumps(d))
@@ -290,7 +290,8 @@ def test_python_api(tmp_path):
     r = memplan.estimate(config=fx("torchtune_llama3_2_1B_lora.yaml"), seq=128, batch=1)
     v = values("torchtune_llama3_2_1B_lora.yaml")
     assert r.model == v["model"] and r.setup.batch == 1 and r.setup.lora.rank == v["lora_rank"]
-    assert any("CEWithChunkedOutputLoss" in w for w in r.warnings)
+    assert r.setup.loss.value == "chunked"  # the recipe's CEWithChunkedOutputLoss
+    assert not any("CEWithChunkedOutputLoss" in w for w in r.warnings)
     with pytest.raises(MemplanError, match="needs a model"):
         memplan.estimate(config=fx("ds_zero3_bf16_offload_all.json"))
 
@@ -351,3 +352,16 @@ def test_config_readers_import_no_torch():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr
+
+
+def test_torchtune_offloading_in_bwd_and_chunked_loss_are_read(tmp_path):
+    """torchtune's enable_activation_offloading, optimizer_in_bwd and CEWithChunkedOutputLoss map to memplan's
+    --offload-activations, --optimizer-in-backward and --loss chunked (issue 13 models all three)."""
+    d = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "tokenizer": {"_component_": "x"},
+         "enable_activation_checkpointing": True, "enable_activation_offloading": True, "optimizer_in_bwd": True,
+         "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}}
+    (tmp_path / "tt.yaml").write_text(json.dumps(d))
+    r = read_configs([str(tmp_path / "tt.yaml")])
+    assert not r.warnings, r.warnings
+    got = {f.key: f.value for f in r.fields if f.key}
+    assert got["offload_activations"] is True and got["optimizer_in_backward"] is True and got["loss"] == "chunked"

@@ -90,8 +90,9 @@ def read(doc: dict, path: str, load=None) -> Reading:
     if doc.get("enable_activation_checkpointing") is not None:
         on = as_bool(path, "enable_activation_checkpointing", doc["enable_activation_checkpointing"])
         c.set("enable_activation_checkpointing", on, "checkpointing", "full" if on else "none")
-    if doc.get("enable_activation_offloading"):
-        c.skip("enable_activation_offloading", "activation offloading to the CPU")
+    if doc.get("enable_activation_offloading") is not None:  # torchtune.training.OffloadActivations
+        on = as_bool(path, "enable_activation_offloading", doc["enable_activation_offloading"])
+        c.set("enable_activation_offloading", on, "offload_activations", on)
     opt = doc.get("optimizer") or {}
     oc = opt.get("_component_")
     if oc:
@@ -101,12 +102,15 @@ def read(doc: dict, path: str, load=None) -> Reading:
         if name == "sgd" and opt.get("momentum"):
             name = "momentum"
         c.set("optimizer._component_", oc, "optimizer", name)
-    if doc.get("optimizer_in_bwd"):
-        c.skip("optimizer_in_bwd", "the optimizer step inside backward")
+    if doc.get("optimizer_in_bwd") is not None:  # the step per parameter inside backward
+        on = as_bool(path, "optimizer_in_bwd", doc["optimizer_in_bwd"])
+        c.set("optimizer_in_bwd", on, "optimizer_in_backward", on)
     if doc.get("compile"):
         c.skip("compile", "torch.compile")
     loss = (doc.get("loss") or {}).get("_component_")
-    if loss and not str(loss).endswith("CrossEntropyLoss"):
+    if loss and str(loss).endswith("CEWithChunkedOutputLoss"):  # num_output_chunks 8, --loss chunked's default
+        c.set("loss._component_", loss, "loss", "chunked")
+    elif loss and not str(loss).endswith("CrossEntropyLoss"):
         c.skip("loss._component_", f"{str(loss).rsplit('.', 1)[-1]}: memplan models the full-logits loss")
     if "fsdp_cpu_offload" in doc or "fsdp_reshard_after_forward" in doc:
         reshard = as_bool(path, "fsdp_reshard_after_forward", doc.get("fsdp_reshard_after_forward", True))
