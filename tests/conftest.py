@@ -13,10 +13,12 @@ docs/testing.md describes both.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
@@ -28,3 +30,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # folder of this run's own stands for them (tests that add profiles point MEMPLAN_PROFILES at their tmp_path).
 os.environ["MEMPLAN_PROFILES"] = tempfile.mkdtemp(prefix="memplan-test-profiles-")
 atexit.register(shutil.rmtree, os.environ["MEMPLAN_PROFILES"], True)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(request, tmp_path_factory) -> str:
+    """The test module's TINY model config written as a config.json (`memplan ... --model PATH`)."""
+    p = tmp_path_factory.mktemp("tiny") / "config.json"
+    p.write_text(json.dumps(request.module.TINY))
+    return str(p)

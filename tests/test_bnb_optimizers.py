@@ -20,8 +20,8 @@ pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install --no-deps "
                                                  "bitsandbytes==0.50.2)")
 
+from cli_run import run_cli  # noqa: E402
 from memplan.calibrate import PEAK_TOL, compare  # noqa: E402
-from memplan.cli import main  # noqa: E402
 from memplan.estimate import estimate_spec  # noqa: E402
 from memplan.estimate.optimizer import QMAP_BYTES, paged_state_bytes, state_bytes  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
@@ -115,19 +115,6 @@ def test_estimate_within_3_percent_of_trace(kw):
     row = compare(kw)
     assert abs(row.error) <= PEAK_TOL, row
     assert not row.category_failures(), row.category_failures()
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("tiny-bnb") / "config.json"
-    p.write_text(json.dumps(TINY))
-    return str(p)
-
-
-def run_cli(argv, capsys):
-    rc = main(argv)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def test_estimate_and_trace_show_the_paged_line(tiny_config, capsys):

@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import memplan  # noqa: E402
+from cli_run import run_cli  # noqa: E402
 from memplan.trace.session import make_batch  # noqa: E402
 from memplan.api import make_setup  # noqa: E402
 from memplan.cli import main  # noqa: E402
@@ -38,13 +39,6 @@ ARGS = ["--device", "cpu", "--batch", "2", "--seq", "64", "--steps", "2", "--war
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("tiny") / "config.json"
-    p.write_text(json.dumps(TINY))
-    return str(p)
-
-
-@pytest.fixture(scope="module")
 def cpu_record(tiny_config, tmp_path_factory) -> tuple[dict, Path, str]:
     """One measured record through the CLI (shared by the schema and reconcile tests), and its stdout."""
     import contextlib
@@ -57,12 +51,6 @@ def cpu_record(tiny_config, tmp_path_factory) -> tuple[dict, Path, str]:
     assert rc == 0
     (rec,) = record.load_records(out)
     return rec, out, buf.getvalue()
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    rc = main(argv)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def test_tokens_per_step_count_every_accumulated_micro_batch(tiny_config, tmp_path):

@@ -254,13 +254,6 @@ def _cli_error(argv, capsys) -> tuple[int, str]:
     return rc, err
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("tiny") / "config.json"
-    p.write_text(json.dumps(TINY))
-    return str(p)
-
-
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_config, tmp_path, capsys):
     too_many = (os.cpu_count() or 1) * dm.CPU_RANKS_PER_CORE + 1
     out = str(tmp_path / "r.jsonl")

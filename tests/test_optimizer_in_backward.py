@@ -16,9 +16,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from cli_run import run_cli  # noqa: E402
 from memplan.calibrate import PEAK_TOL, compare  # noqa: E402
 from memplan.categories import Category, Phase  # noqa: E402
-from memplan.cli import main  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.estimate import estimate_spec  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
@@ -130,19 +130,6 @@ def test_estimate_within_3_percent_of_trace(kw):
 def test_what_it_cannot_run_is_refused(kw, needle):
     with pytest.raises(MemplanError, match=needle):
         setup_(**kw)
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("tiny-inbwd") / "config.json"
-    p.write_text(json.dumps(TINY))
-    return str(p)
-
-
-def run_cli(argv, capsys):
-    rc = main(argv)
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 @pytest.mark.parametrize("cmd", ["estimate", "trace", "measure"])

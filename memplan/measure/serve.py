@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from memplan.errors import MemplanError
-from memplan.serve.setup import HfCache, ServeEngine, ServeSetup, WeightFormat
+from memplan.serve.setup import HfCache, ServeSetup
 from memplan.spec.model import Arch, ModelSpec
 
 
@@ -66,13 +66,9 @@ def check_measurable(model: ModelSpec, setup: ServeSetup) -> None:
     """Refuse what this measure cannot run (one line, MemplanError) before any work."""
     if model.arch is not Arch.DECODER:
         raise MemplanError(f"memplan serve models decoder-only causal LMs; {model.name} is {model.arch.value}")
-    if setup.engine is not ServeEngine.HF:
-        raise MemplanError("--measure runs transformers generate(): --engine vllm is estimate-only")
-    if setup.tp != 1:
-        raise MemplanError("--measure runs one device: --tp > 1 is estimate-only")
-    if setup.weights not in (WeightFormat.FP32, WeightFormat.BF16, WeightFormat.FP16):
-        raise MemplanError(f"--measure: --weights {setup.weights.value} is estimate-only (fp32, bf16 and fp16 "
-                           "weights are measured)")
+    from memplan.trace.serve import check_generate_runs
+
+    check_generate_runs(setup, "--measure", "device", "fp32, bf16 and fp16 weights are measured")
 
 
 def _build(model: ModelSpec, setup: ServeSetup, device):

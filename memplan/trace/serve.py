@@ -53,14 +53,19 @@ class ServeTrace:
                 "by_tag_at_peak": dict(self.by_tag_at_peak)}
 
 
-def check_traceable(model: ModelSpec, setup: ServeSetup) -> None:
+def check_generate_runs(setup: ServeSetup, flag: str, one: str, weights_why: str) -> None:
+    """What `flag` (--trace / --measure: transformers generate() on one `one`) cannot run, refused in one line: the
+    vLLM engine, tensor parallelism and quantized weights (`weights_why` says why) are estimate-only."""
     if setup.engine is not ServeEngine.HF:
-        raise MemplanError("--trace runs transformers generate(): --engine vllm is estimate-only")
+        raise MemplanError(f"{flag} runs transformers generate(): --engine vllm is estimate-only")
     if setup.tp != 1:
-        raise MemplanError("--trace runs one GPU: --tp > 1 is estimate-only")
+        raise MemplanError(f"{flag} runs one {one}: --tp > 1 is estimate-only")
     if setup.weights not in (WeightFormat.FP32, WeightFormat.BF16, WeightFormat.FP16):
-        raise MemplanError(f"--trace: --weights {setup.weights.value} is estimate-only (no quantized kernel runs "
-                           "on fake CPU tensors here)")
+        raise MemplanError(f"{flag}: --weights {setup.weights.value} is estimate-only ({weights_why})")
+
+
+def check_traceable(model: ModelSpec, setup: ServeSetup) -> None:
+    check_generate_runs(setup, "--trace", "GPU", "no quantized kernel runs on fake CPU tensors here")
     if model.experts > 1 and setup.compute_dtype != "bf16":
         raise MemplanError("--trace: transformers' grouped expert matmul runs bf16 only on the CPU; other MoE "
                            "dtypes are estimate-only")
