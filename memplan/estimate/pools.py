@@ -1,0 +1,66 @@
+"""FSDP2's side-stream pools: reserved bytes the default stream can never reuse.
+
+The CUDA caching allocator hands a cached block only to a request on the stream the block was allocated on
+(c10/cuda/CUDACachingAllocator.cpp, DeviceCachingAllocator::get_free_block: `if (it == pool.blocks.end() ||
+(*it)->stream != p.stream()) return false;`; torch.Tensor.record_stream's note: "The caching allocator is aware of
+only the stream where a tensor was allocated"). Until a cudaMalloc fails (num_alloc_retries, which then frees every
+cached block) or empty_cache() is called, memory_reserved() is therefore the sum over streams of each stream's own
+high-water mark, not the high-water mark of their sum. FSDP2 allocates two kinds of buffers off the default stream
+(torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py; the same streams in torch 2.6's
+torch/distributed/_composable/fsdp/_fsdp_collectives.py, which torchtitan's December 2024 benchmarks ran):
+
+- all-gather copy-in stream: foreach_all_gather allocates each unit's flat all-gather output under
+  `device_handle.stream(all_gather_copy_in_stream)`; the unsharded parameters are copied out of it on the default
+  stream (foreach_all_gather_copy_out) and the flat buffer is freed. Its pool keeps the largest flat output made
+  (the root's when the embeddings and the LM head are larger than a block, as in every decoder memplan ships).
+- reduce-scatter stream: foreach_reduce allocates `reduce_output` under `device_handle.stream(reduce_scatter_stream)`
+  and every sharded .grad is an as_strided view of it (the comment there: "the GPU sharded gradient is allocated in
+  the RS stream"); they live until zero_grad(set_to_none=True). Its pool keeps every unit's sharded gradients (under
+  CPUOffloadPolicy each output is copied to the host and freed: one unit's, the largest).
+
+The estimator's allocated peak counts these buffers only at the moments they are alive; the pools add, at the
+reserved level, what the default stream cannot reuse: the largest flat all-gather output (counted once more: at the
+default stream's peak a block's flat output may already be counted, which this overstates by at most one block's,
+`FsdpBuffers.fwd` / `bwd` in memplan.estimate.phases) and the sharded gradients not already alive at the peak.
+Checked against torchtitan's published FSDP2 runs (tests/test_published.py, docs/multi-gpu.md "Published runs").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.estimate.weights import Unsharded, fsdp_sharded, fsdp_units
+from memplan.spec.setup import TrainingSetup
+
+
+@dataclass(frozen=True)
+class SidePools:
+    """Per-rank bytes FSDP2 keeps reserved on its side streams (0, 0 for every other engine)."""
+
+    all_gather: int  # all-gather copy-in stream: the largest unit's flat all-gather output
+    reduce_scatter: int  # reduce-scatter stream: the sharded gradients (reduce_output views)
+
+    @property
+    def total(self) -> int:
+        return self.all_gather + self.reduce_scatter
+
+
+NO_POOLS = SidePools(0, 0)
+
+
+def side_pools(u: Unsharded, setup: TrainingSetup) -> SidePools:
+    """FSDP2's side-stream pools of `setup` (see the module docstring); none unless FSDP2 shards (--engine fsdp,
+    ZeRO-2 / 3, more than one GPU)."""
+    if not fsdp_sharded(setup):
+        return NO_POOLS
+    root, block, trained = fsdp_units(u, setup)
+    if setup.offload_params:  # each reduce_output is copied to a host gradient and freed (foreach_reduce)
+        rs = max(root.rs_output, block.rs_output if trained else 0)
+    else:
+        rs = root.rs_output + trained * block.rs_output
+    return SidePools(max(root.flat, block.flat), rs)
+
+
+def reserved_extra(pools: SidePools, gradients_at_peak: int) -> int:
+    """Bytes the side pools add to the reserved level: the reduce-scatter pool less the sharded gradients the
+    allocated peak already counts (they live in that pool), and the all-gather pool."""
+    return pools.all_gather + max(0, pools.reduce_scatter - gradients_at_peak)
