@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from memplan.categories import Category as C
 from memplan.errors import MemplanError
-from memplan.estimate import deepspeed, distill, fp8, lengths, pools, techniques
+from memplan.estimate import deepspeed, distill, fp8, lengths, techniques
 from memplan.estimate.activations import activations
 from memplan.estimate.overhead import Overhead
 from memplan.estimate.phases import parameters, peaks, step_states
@@ -131,9 +131,7 @@ def _estimate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None, overh
         ms = distill.with_teacher(ms, setup)
     peak, phase_totals = peaks(states)
     allocated = peak.total
-    # FSDP2's side-stream pools stay reserved beside the default stream's (memplan.estimate.pools)
-    reserved = overhead.reserved(allocated) + pools.reserved_extra(pools.side_pools(p.unsharded, setup),
-                                                                   peak.categories.get(C.GRADIENTS, 0))
+    reserved = overhead.reserved(allocated)
     device = overhead.device(reserved, setup.gpus)
     cats = {**{c: 0 for c in C}, **peak.categories, C.OVERHEAD: device - allocated}
     return Result(

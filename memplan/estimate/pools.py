@@ -18,17 +18,28 @@ torch/distributed/_composable/fsdp/_fsdp_collectives.py, which torchtitan's Dece
   the RS stream"); they live until zero_grad(set_to_none=True). Its pool keeps every unit's sharded gradients (under
   CPUOffloadPolicy each output is copied to the host and freed: one unit's, the largest).
 
-The estimator's allocated peak counts these buffers only at the moments they are alive; the pools add, at the
-reserved level, what the default stream cannot reuse: the largest flat all-gather output (counted once more: at the
-default stream's peak a block's flat output may already be counted, which this overstates by at most one block's,
-`FsdpBuffers.fwd` / `bwd` in memplan.estimate.phases) and the sharded gradients not already alive at the peak.
-Checked against torchtitan's published FSDP2 runs (tests/test_published.py, docs/multi-gpu.md "Published runs").
+The estimator's allocated peak counts these buffers only at the moments they are alive; the pools add, to what
+memory_reserved() reports on a GPU with room to spare, what the default stream cannot reuse: the largest flat
+all-gather output (counted once more: at the default stream's peak a block's flat output may already be counted, which
+this overstates by at most one block's, `FsdpBuffers.fwd` / `bwd` in memplan.estimate.phases) and the sharded
+gradients not already alive at the peak.
+
+They are not part of the estimate's reserved and device levels, nor of its fit verdict: on a full GPU a failed
+cudaMalloc makes the allocator "free all non-split cached blocks and retry" whatever their stream
+(CUDACachingAllocator.cpp DeviceCachingAllocator::malloc: release_cached_blocks, counted in num_alloc_retries), and
+the reduce-scatter pool is free from zero_grad to the backward's first reduce-scatter, where the default stream peaks.
+A published or measured reserved figure from a roomy GPU is compared with roomy_reserved(). Checked against
+torchtitan's published FSDP2 runs (tests/test_published_multi.py, docs/multi-gpu.md "Published runs").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.categories import Category as C
+from memplan.estimate.phases import parameters
+from memplan.estimate.result import Result
 from memplan.estimate.weights import Unsharded, fsdp_sharded, fsdp_units
+from memplan.spec.model import ModelSpec
 from memplan.spec.setup import TrainingSetup
 
 
@@ -64,3 +75,10 @@ def reserved_extra(pools: SidePools, gradients_at_peak: int) -> int:
     """Bytes the side pools add to the reserved level: the reduce-scatter pool less the sharded gradients the
     allocated peak already counts (they live in that pool), and the all-gather pool."""
     return pools.all_gather + max(0, pools.reduce_scatter - gradients_at_peak)
+
+
+def roomy_reserved(model: ModelSpec, result: Result) -> int:
+    """memory_reserved()'s high-water mark on a GPU with room to spare (no allocation retry): the estimate's reserved
+    level plus FSDP2's side-stream pools; the estimate's own reserved level otherwise."""
+    pools = side_pools(parameters(model, result.setup).unsharded, result.setup)
+    return result.peak.reserved_bytes + reserved_extra(pools, result.categories.get(C.GRADIENTS, 0))
