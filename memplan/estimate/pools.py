@@ -6,8 +6,10 @@ The CUDA caching allocator hands a cached block only to a request on the stream 
 only the stream where a tensor was allocated"). Until a cudaMalloc fails (num_alloc_retries, which then frees every
 cached block) or empty_cache() is called, memory_reserved() is therefore the sum over streams of each stream's own
 high-water mark, not the high-water mark of their sum. FSDP2 allocates two kinds of buffers off the default stream
-(torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py; the same streams in torch 2.6's
-torch/distributed/_composable/fsdp/_fsdp_collectives.py, which torchtitan's December 2024 benchmarks ran):
+(torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py; FSDP2's earlier home,
+torch/distributed/_composable/fsdp/_fsdp_collectives.py, which torchtitan's December 2024 benchmarks ran, allocates
+the reduce-scatter output on the reduce-scatter stream too, "The RS output is allocated in the RS stream", and its
+first version the reduce-scatter input as well, which this does not count):
 
 - all-gather copy-in stream: foreach_all_gather allocates each unit's flat all-gather output under
   `device_handle.stream(all_gather_copy_in_stream)`; the unsharded parameters are copied out of it on the default
