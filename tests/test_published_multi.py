@@ -109,3 +109,44 @@ def test_answerai_lora_7b_allocated_peak(i):
     adapters = r.trainable_params * (ADAPTER_BYTES - PEFT_2024_ADAPTER_BYTES) * (1 + ADAM_STATES) // AA["gpus"]
     got = (r.peak.allocated_bytes - adapters) / GiB
     assert abs(got / published - 1) <= BARS["llmem_multi_gpu_error"], (got, published)
+
+
+# --- the side-stream pools themselves (memplan.estimate.pools) -----------------------------------------------------
+
+POOL_MODEL = "llama-3.2-1b"  # tied embeddings: the root unit is one 128256 × 2048 table
+
+
+def pools_of(**kw):
+    model = load_model(POOL_MODEL)
+    setup = make_setup(seq=256, **kw)
+    return model, estimate_spec(model, setup), pools.side_pools(parameters(model, setup).unsharded, setup)
+
+
+@pytest.mark.parametrize("kw", [dict(gpus=8, zero=3, precision="fsdp-bf16"), dict(gpus=4, zero=2),
+                                dict(gpus=2, zero=3, peft="lora"), dict(gpus=2, zero=3, peft="qlora"),
+                                dict(gpus=4, zero=3, peft="freeze", train_layers=2)])
+def test_reduce_scatter_pool_is_the_sharded_gradients(kw):
+    """The reduce-scatter pool (summed over fsdp_units' reduce-scatter outputs) is the per-rank sharded gradient
+    bytes the model states count by another path (weights.fsdp_states), and the all-gather pool is the root's flat
+    output, the embedding table in the gathered dtype (4 B: fp32 shards; 2 B: MixedPrecisionPolicy's bf16)."""
+    model, r, sp = pools_of(**kw)
+    assert sp.reduce_scatter == r.model_states.gradients > 0
+    gathered = 2 if kw.get("precision") == "fsdp-bf16" else 4
+    assert sp.all_gather == pytest.approx(model.vocab * model.hidden * gathered, rel=1e-3)
+
+
+def test_offloaded_gradients_leave_one_unit_in_the_pool():
+    """CPUOffloadPolicy copies each reduce-scatter output to the host and frees it: the pool keeps the largest
+    unit's, and no sharded gradient stays on the GPU."""
+    _, r, sp = pools_of(gpus=4, zero=3, offload_params=True)
+    _, _, kept = pools_of(gpus=4, zero=3)
+    assert r.model_states.gradients == 0 < sp.reduce_scatter < kept.reduce_scatter
+
+
+@pytest.mark.parametrize("kw", [dict(gpus=4, zero=1), dict(gpus=4, zero=0), dict(gpus=1, zero=3),
+                                dict(gpus=4, zero=3, engine="deepspeed", precision="bf16-master")])
+def test_no_side_pools_without_fsdp2(kw):
+    """DDP (ZeRO-0 / 1), one GPU and DeepSpeed allocate no FSDP2 side-stream buffers: the roomy reserved level is
+    the estimate's own."""
+    model, r, sp = pools_of(**kw)
+    assert sp == pools.NO_POOLS and pools.roomy_reserved(model, r) == r.peak.reserved_bytes
