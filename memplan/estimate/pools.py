@@ -1,4 +1,4 @@
-"""FSDP2's side-stream pools: reserved bytes the default stream can never reuse.
+"""FSDP2's side-stream pools: reserved bytes the default stream cannot reuse (short of an allocation retry).
 
 The CUDA caching allocator hands a cached block only to a request on the stream the block was allocated on
 (c10/cuda/CUDACachingAllocator.cpp, DeviceCachingAllocator::get_free_block: `if (it == pool.blocks.end() ||
@@ -14,7 +14,8 @@ first version the reduce-scatter input as well, which this does not count):
 - all-gather copy-in stream: foreach_all_gather allocates each unit's flat all-gather output under
   `device_handle.stream(all_gather_copy_in_stream)`; the unsharded parameters are copied out of it on the default
   stream (foreach_all_gather_copy_out) and the flat buffer is freed. Its pool keeps the largest flat output made
-  (the root's when the embeddings and the LM head are larger than a block, as in every decoder memplan ships).
+  (the root's or a block's, whichever is larger: the root's for dense decoders, whose embeddings and LM head
+  outweigh a block).
 - reduce-scatter stream: foreach_reduce allocates `reduce_output` under `device_handle.stream(reduce_scatter_stream)`
   and every sharded .grad is an as_strided view of it (the comment there: "the GPU sharded gradient is allocated in
   the RS stream"); they live until zero_grad(set_to_none=True). Its pool keeps every unit's sharded gradients (under
