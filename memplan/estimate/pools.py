@@ -14,8 +14,8 @@ first version the reduce-scatter input as well, which this does not count):
 - all-gather copy-in stream: foreach_all_gather allocates each unit's flat all-gather output under
   `device_handle.stream(all_gather_copy_in_stream)`; the unsharded parameters are copied out of it on the default
   stream (foreach_all_gather_copy_out) and the flat buffer is freed. Its pool keeps the largest flat output made
-  (the root's or a block's, whichever is larger: the root's for dense decoders, whose embeddings and LM head
-  outweigh a block).
+  (the root's or a block's, whichever is larger: the root's for Llama 3.1 8B, 1.05 B parameters against a block's
+  0.22 B; a block's for Llama 2 70B, 0.86 B against 0.52 B).
 - reduce-scatter stream: foreach_reduce allocates `reduce_output` under `device_handle.stream(reduce_scatter_stream)`
   and every sharded .grad is an as_strided view of it (the comment there: "the GPU sharded gradient is allocated in
   the RS stream"); they live until zero_grad(set_to_none=True). Its pool keeps every unit's sharded gradients (under
