@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from memplan.categories import Category as C, Phase
 from memplan.estimate import deepspeed, fp8
-from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
+from memplan.estimate.activations import Activations, logits_bytes, logits_upcast, stream_bytes
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
@@ -60,12 +60,16 @@ class Moment(str, Enum):
     FINAL_NORM_BACKWARD = "final norm backward"  # its fp32 temporaries (activations.final_norm_bwd)
     TOP_BLOCK_EXPERTS = "top block experts"  # an MoE block's expert rows, in its forward (or recomputation)
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
+    TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
+    BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
     # input still held
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
     LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
+    LOWEST_SAVED_BLOCK_MLP = "lowest saved block MLP backward"  # FSDP2 (mlp_backward)
+    LOWEST_TRAINED_BLOCK_MLP = "lowest trained block MLP backward"  # FSDP2 (mlp_backward)
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
@@ -109,6 +113,7 @@ class GradParts:
     tied_wait: int  # a tied LM head's, waiting for the embedding's own
     block: int  # one trained block's
     pending_qkv: int  # ... of its query/key/value projections (made after its softmax backward)
+    down: int  # ... of its MLP output projection's weight (the first made in its backward)
     head: tuple[int, int, int]  # head_grad(): (gradient, waiting, compute-dtype) bytes of the LM head's
 
 
@@ -221,6 +226,7 @@ def dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 def grad_parts(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> GradParts:
     gb = {g: round_block(g.numel * unsharded_grad_bytes(g, setup)) * g.count for g in groups if g.trainable}
     qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
+    down = tuple("." + l.qualname + ".weight" for l in model.linears if l.role is Role.DOWN)
     inner = [g for g in gb if not g.outside]
     return GradParts(
         trainable=sum(gb.values()),
@@ -228,6 +234,7 @@ def grad_parts(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: Training
         tied_wait=sum(n for g, n in gb.items() if g.outside and g.matmul and embedding_side(g.name)),
         block=sum(gb[g] // g.count for g in inner),  # one tensor of each trainable group per trained block
         pending_qkv=sum(gb[g] // g.count for g in inner if g.name.startswith(qkv)),
+        down=sum(gb[g] // g.count for g in inner if not g.adapter and ("." + g.name).endswith(down)),
         head=head_grad(groups, setup))
 
 
@@ -289,6 +296,52 @@ def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[
 
 
 @dataclass(frozen=True)
+class MlpBackward:
+    """A block's MLP backward as the per-rank FSDP2 trace shows it (bytes per micro-batch). In a gated MLP
+    down(act(gate(x)) · up(x)) the output projection's backward (MmBackward0) makes its weight gradient (autograd
+    runs the AccumulateGrad first) and its input gradient, a [tokens, intermediate] tensor; its saved input (act · up)
+    is released once the node has run when only its weight gradient needed it. MulBackward0 then makes both
+    factors' gradients (grad · up, grad · act) while its incoming gradient is still alive: three [tokens,
+    intermediate] tensors in the MLP's dtype. A plain MLP's activation backward makes one beside its input: two.
+    The moment follows the block's recomputation, every other saved tensor of the block still alive."""
+
+    row: int  # one [tokens, intermediate] gradient
+    copies: int  # ... alive at once: 3 (gated), 2
+    weight_grad: int  # the output projection's weight gradient (one block's, unsharded; 0 when frozen)
+
+    @property
+    def transient(self) -> int:
+        return self.row * self.copies
+
+    @property
+    def freed(self) -> int:
+        """The output projection's saved input, released by its backward when only its weight gradient needed it."""
+        return self.row if self.weight_grad else 0
+
+
+def mlp_moment(mb: MlpBackward, trains: bool, no_sync: bool) -> tuple[int, int, int]:
+    """(gradients added, activations freed, temporaries added) at a block's MLP backward moment (MlpBackward).
+    Under no-sync accumulation the new weight gradient is a temporary, added into the carried one and freed
+    (AccumulateGrad) before MulBackward0 runs, so the larger of two moments: just after the output projection's
+    backward (its weight gradient and input gradient beside its saved input) and at MulBackward0."""
+    wg, freed = (mb.weight_grad, mb.freed) if trains else (0, 0)
+    if not no_sync:
+        return wg, freed, mb.transient
+    after_mm = (0, 0, wg + mb.row)
+    at_mul = (0, freed, mb.transient)
+    return after_mm if after_mm[2] >= at_mul[2] - at_mul[1] else at_mul
+
+
+def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBackward:
+    """The MLP backward terms of `setup` (MlpBackward); none for MoE blocks (their experts' backward differs)."""
+    if model.experts > 1:
+        return MlpBackward(0, 0, 0)
+    prec = setup.precision
+    row = model.intermediate * setup.model_tokens * (prec.compute_bytes if prec.autocast else stream_bytes(prec))
+    return MlpBackward(round_block(row), 3 if model.gated_mlp else 2, p.grads.down)
+
+
+@dataclass(frozen=True)
 class FsdpBuffers:
     """Per-rank FSDP2 (ZeRO-2 / 3) transients and gradients at the estimator's moments, as the per-rank trace
     shows them (memplan.trace.distributed). Sources, torch 2.13 torch/distributed/fsdp/_fully_shard/:
@@ -318,10 +371,14 @@ class FsdpBuffers:
     bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
     top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
     low: int  # ... at the lowest blocks' backward: R + B (+ B_f prefetched) + the reduce-scatter input held
+    low_frozen: int  # ... at the frozen block right below the lowest trained one (--peft freeze, checkpointed)
     end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
     root_reduce: int  # ... at the root's reduce-scatter: its input
     rs: int  # a trained block's reduce-scatter input
     block_sharded: int  # a trained block's sharded gradients, on the GPU (0 under CPU offload)
+    block_accumulated: int  # a trained block's unsharded gradients carried across no-sync micro-batches, freed
+    # once the last micro-batch reduce-scatters them
+    resharded: int  # ZeRO-2: a block's gathered parameters, freed by its post_backward's reshard (ZeRO-3's: `top`)
     blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
@@ -352,11 +409,17 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # the lowest blocks: ZeRO-3's next-lower block's all-gather prefetched (block 1's moment, one block's shard
         # of gradients short of block 0's)
         low=root.gathered + blk.gathered + (blk.flat if z3 else 0) + (rs if trained > 1 else 0),
+        # the frozen block right below the lowest trained one (block L - trained - 1): that block's reduce-scatter
+        # input still held (the frozen block's post_backward drops it), the block below it prefetched unless it is
+        # block 0; the frozen blocks below drop both, so this one bounds them
+        low_frozen=root.gathered + blk.gathered + (blk.flat if z3 and L - trained > 1 else 0) + rs,
         # a frozen unit's post_backward drops the reduce-scatter input held before it (FSDPParamGroup.post_backward
         # recycles comm_ctx.reduce_scatter_states before it returns for want of gradients): block 0's is held at
         # the embeddings' backward only when block 0 trains
         end=root.gathered + (rs if trained == L else 0) + emb_add, root_reduce=root.rs_input, rs=rs,
         block_sharded=0 if off else blk.rs_output,
+        block_accumulated=blk.grads_accumulated if trained and setup.grad_accum > 1 and not setup.sync_each_batch
+        else 0, resharded=0 if z3 else blk.gathered,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
@@ -555,7 +618,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     # carried from the earlier micro-batches, and then added to them in place (AccumulateGrad; the trace shows it
     # as a temporary); sharded gradients (ZeRO-2/3) wait unsharded for their reduce-scatter as without it.
     new_g, carried = (0, h.accum_grads) if h.accum_grads else (head_g, 0)
-    pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 else 0
+    # (no-sync accumulation keeps the root's unsharded gradient across micro-batches: the new one is added into it)
+    pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 and (
+        setup.sync_each_batch or not h.fsdp) else 0
     # --loss chunked, a trained head: its weight gradient is made chunk by chunk and summed out of place in
     # autograd's input buffer (two chunks' gradients beside their sum, in the compute dtype under autocast)
     chunk_sum = 2 * (head_half or head_g or head_wait) if lt.chunks > 1 and (head_g or head_wait) else 0
@@ -588,6 +653,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
+    mb = mlp_backward(model, setup, p) if h.fsdp else MlpBackward(0, 0, 0)
+    no_sync = bool(h.accum_grads) and not setup.sync_each_batch
+    mlp_g, mlp_a, mlp_t = mlp_moment(mb, True, no_sync)
+    if mb.transient and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP
+        # backward (MlpBackward), after its recomputation
+        states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a, held + head_wait + mlp_t))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
         # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
@@ -598,14 +669,24 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # (under no-sync accumulation they were added into the carried ones first, and freed)
         grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
         states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
-                         held - h.fsdp.top - top_casts + head_wait + h.fsdp.rs))
+                         held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
         if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
             # ... and the block below's backward done: its gradients all made, still gathered (its post_backward
             # recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather
             # prefetched, the two blocks' saved tensors and weight casts freed
-            grads = h.accum_grads if h.accum_grads else top_g + p.grads.block + h.fsdp.block_sharded
+            # ... and before that, inside its MLP backward (MlpBackward), the top block resharded and reduced: its
+            # sharded gradients made (added into the carried ones under sync_each_batch) and, the last no-sync
+            # micro-batch, its carried unsharded ones freed
+            below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
+            fs = h.fsdp
+            reduced = fs.block_sharded - fs.block_accumulated if not setup.sync_each_batch else 0
+            states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
+                             in_blocks - acts.per_block[-1] + below_own - mlp_a,
+                             held - fs.resharded - top_casts + head_wait + fs.rs + mlp_t))
+            grads = (h.accum_grads - fs.block_accumulated + fs.block_sharded if h.accum_grads
+                     else top_g + p.grads.block + fs.block_sharded)
             states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]),
-                             held - top_casts - (0 if acts.ckpt(-2) else block_casts) + head_wait + h.fsdp.rs))
+                             held - h.fsdp.resharded - top_casts - (0 if acts.ckpt(-2) else block_casts) + head_wait + h.fsdp.rs))
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
@@ -643,10 +724,16 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         scale, tied_wait = 1, g.tied_wait
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     block_casts = block_cast_bytes(model, setup, h, p.groups)
+    mb = mlp_backward(model, setup, p) if fs else MlpBackward(0, 0, 0)
+    lowest_saved = saved[0]
+    if fs and saved[0] < lowest_trained:  # FSDP2, frozen checkpointed blocks below the trained ones: the highest
+        # of them holds the lowest trained block's reduce-scatter input, the others nothing more (low_frozen)
+        lowest_saved = max(saved[0], lowest_trained - 1)
     out = []
-    for j in {saved[0], lowest_trained}:  # one state when they coincide
-        names = ((Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_SAVED_BLOCK_SOFTMAX) if j == saved[0] else
-                 (Moment.LOWEST_TRAINED_BLOCK, Moment.LOWEST_TRAINED_BLOCK_SOFTMAX))
+    for j in {lowest_saved, lowest_trained}:  # one state when they coincide
+        names = ((Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_SAVED_BLOCK_SOFTMAX, Moment.LOWEST_SAVED_BLOCK_MLP)
+                 if j == lowest_saved else
+                 (Moment.LOWEST_TRAINED_BLOCK, Moment.LOWEST_TRAINED_BLOCK_SOFTMAX, Moment.LOWEST_TRAINED_BLOCK_MLP))
         # block j's own gradients (when block j trains), and of them those of its query/key/value projections,
         # still to come when its softmax backward runs
         trains = setup.peft is not PeftMethod.FREEZE or j >= model.blocks - setup.train_layers
@@ -655,14 +742,26 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if acts.ckpt(j) else 0)
         made = made_fsdp if fs else ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
+        # the last no-sync micro-batch: the trained blocks above j reduced, their carried unsharded gradients freed
+        accum = h.accum_grads
+        if fs and accum:
+            accum -= (model.blocks - first_trained - trains) * (fs.block_accumulated - fs.block_sharded)
+        if fs and not trains and j < lowest_trained:  # every trained block reduced (low_frozen)
+            made = fs.sharded_blocks + fs.root_grads - g.late
+            temps += fs.low_frozen - fs.low
         # under gradient accumulation every gradient is already there: block j's new ones are added in place
         out.append(State(names[0], Phase.BACKWARD,
-                         _alive(h, max(int(made - block), h.accum_grads, 0), below + acts.full_per_block[j], temps)))
+                         _alive(h, max(int(made - block), accum, 0), below + acts.full_per_block[j], temps)))
         if acts.bwd_transient:
-            out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), h.accum_grads, 0),
+            out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), accum, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
+        if mb.transient and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
+            new, freed, tmp = mlp_moment(mb, trains, bool(h.accum_grads) and not setup.sync_each_batch)
+            out.append(State(names[2], Phase.BACKWARD,
+                             _alive(h, max(int(made - block), accum, 0) + new,
+                                    below + acts.full_per_block[j] - freed, temps + tmp)))
         if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
-                             _alive(h, h.accum_grads or int(made), below, int(tied_wait) + h.z_b)))
+                             _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
     return out
