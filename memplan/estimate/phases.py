@@ -297,48 +297,60 @@ def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[
 
 @dataclass(frozen=True)
 class MlpBackward:
-    """A block's MLP backward as the per-rank FSDP2 trace shows it (bytes per micro-batch). In a gated MLP
-    down(act(gate(x)) · up(x)) the output projection's backward (MmBackward0) makes its weight gradient (autograd
-    runs the AccumulateGrad first) and its input gradient, a [tokens, intermediate] tensor; its saved input (act · up)
-    is released once the node has run when only its weight gradient needed it. MulBackward0 then makes both
-    factors' gradients (grad · up, grad · act) while its incoming gradient is still alive: three [tokens,
-    intermediate] tensors in the MLP's dtype. A plain MLP's activation backward makes one beside its input: two.
-    The moment follows the block's recomputation, every other saved tensor of the block still alive."""
+    """A gated MLP's backward, down(act(gate(x)) · up(x)), as the per-rank FSDP2 trace shows it, in autograd's order
+    (bytes per micro-batch). Each projection's MmBackward0 makes its weight gradient (in the compute dtype under
+    autocast; ToCopyBackward0 then casts it to the parameter's gradient dtype and frees it) and its input gradient;
+    its saved input (under autocast a compute-dtype copy of its own) and its autocast weight cast are released once
+    the node has run. MulBackward0 makes both factors' gradients beside its incoming one; the activation's backward
+    makes the gate's. The block's other saved tensors stay alive throughout. Without autocast the largest moment is
+    MulBackward0's (three [tokens, intermediate] gradients); under autocast the gate's weight gradient cast (each
+    projection's fp32 gradient outgrows the cast it releases)."""
 
-    row: int  # one [tokens, intermediate] gradient
-    copies: int  # ... alive at once: 3 (gated), 2
-    weight_grad: int  # the output projection's weight gradient (one block's, unsharded; 0 when frozen)
+    row: int  # one [tokens, intermediate] tensor in the MLP's dtype
+    x: int  # one [tokens, hidden] input gradient (or autocast copy of the input) in the MLP's dtype
+    weight_grad: int  # one projection's weight gradient (unsharded; 0 when the block's MLP is frozen)
+    weight_half: int  # ... made first in the compute dtype under autocast (0 otherwise); its weight cast as big
 
-    @property
-    def transient(self) -> int:
-        return self.row * self.copies
+    def walk(self, trains: bool, casts: bool, no_sync: bool) -> tuple[int, int, int]:
+        """(gradients added, activations freed, temporaries added) at the walk's largest moment (the first of
+        equals). trains: the block's projections train; casts: their autocast weight casts are counted alive
+        before the block's backward; no_sync: each new weight gradient is added into the carried one and freed."""
+        r, x = self.row, self.x
+        w, wh = (self.weight_grad, self.weight_half) if trains else (0, 0)
+        k = self.weight_half if casts else 0
 
-    @property
-    def freed(self) -> int:
-        """The output projection's saved input, released by its backward when only its weight gradient needed it."""
-        return self.row if self.weight_grad else 0
+        def proj(grad_in: int, saved: int, incoming: int) -> list[tuple[int, int, int]]:
+            # the weight gradient first, the input gradient, the node's incoming gradient, weight cast and saved
+            # input released; then the weight gradient's cast (and the compute-dtype one freed)
+            if no_sync:  # made as a temporary beside the carried one, added into it and freed
+                first, rest = (0, 0, wh or w), ([(0, 0, w), (0, 0, -wh)] if wh else []) + [(0, 0, -w)]
+            else:
+                first, rest = ((0, 0, wh), [(w, 0, 0), (0, 0, -wh)]) if wh else ((w, 0, 0), [])
+            return [first, (0, 0, grad_in), (0, 0, -incoming), (0, 0, -k), (0, -saved, 0)] + rest
+
+        ev = proj(r, r if w else 0, 0)  # the output projection: its input saved for its weight gradient only
+        ev += [(0, 0, r), (0, 0, r), (0, -r, 0), (0, -r, 0), (0, 0, -r)]  # MulBackward0
+        ev += proj(x, x if wh else 0, r)  # up (under autocast its own copy of the norm's output)
+        ev += [(0, 0, r), (0, 0, -r), (0, -r, 0)]  # the activation's backward, its saved gate output released
+        ev += proj(x, x if wh else 0, r)  # gate
+        best = cur = (0, 0, 0)
+        for d in ev:
+            cur = (cur[0] + d[0], cur[1] + d[1], cur[2] + d[2])
+            if sum(cur) > sum(best):
+                best = cur
+        return best[0], -best[1], best[2]
 
 
-def mlp_moment(mb: MlpBackward, trains: bool, no_sync: bool) -> tuple[int, int, int]:
-    """(gradients added, activations freed, temporaries added) at a block's MLP backward moment (MlpBackward).
-    Under no-sync accumulation the new weight gradient is a temporary, added into the carried one and freed
-    (AccumulateGrad) before MulBackward0 runs, so the larger of two moments: just after the output projection's
-    backward (its weight gradient and input gradient beside its saved input) and at MulBackward0."""
-    wg, freed = (mb.weight_grad, mb.freed) if trains else (0, 0)
-    if not no_sync:
-        return wg, freed, mb.transient
-    after_mm = (0, 0, wg + mb.row)
-    at_mul = (0, freed, mb.transient)
-    return after_mm if after_mm[2] >= at_mul[2] - at_mul[1] else at_mul
-
-
-def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBackward:
-    """The MLP backward terms of `setup` (MlpBackward); none for MoE blocks (their experts' backward differs)."""
-    if model.experts > 1:
-        return MlpBackward(0, 0, 0)
+def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBackward | None:
+    """The MLP backward terms of `setup` (MlpBackward); None for a plain MLP or MoE blocks (not walked)."""
+    if model.experts > 1 or not model.gated_mlp:
+        return None
     prec = setup.precision
-    row = model.intermediate * setup.model_tokens * (prec.compute_bytes if prec.autocast else stream_bytes(prec))
-    return MlpBackward(round_block(row), 3 if model.gated_mlp else 2, p.grads.down)
+    c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
+    t = setup.model_tokens
+    half = round_block(model.hidden * model.intermediate * prec.compute_bytes) if prec.autocast else 0
+    return MlpBackward(round_block(model.intermediate * t * c), round_block(model.hidden * t * c), p.grads.down,
+                       half if p.grads.down else 0)
 
 
 @dataclass(frozen=True)
@@ -629,7 +641,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     if chunk_sum:  # the last chunk's (the trace's moment): every chunk's saved log-softmax freed by then
         states.append(at(Moment.HEAD_CHUNK_SUM, carried + (0 if head_half else new_g), head_acts,
                          head_tmp + chunk_sum))
-    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), first_acts, head_tmp),
+    # the head's MmBackward0 makes its input gradient too, [tokens, hidden], when a gradient flows below the head
+    flows = setup.peft is not PeftMethod.FREEZE or setup.train_layers > 0 or (model.tie_embeddings
+                                                                               and tied_trains(p.groups))
+    prec = setup.precision
+    head_x = round_block(setup.model_tokens * model.hidden * (prec.compute_bytes if prec.autocast
+                                                               else stream_bytes(prec))) if flows else 0
+    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), first_acts,
+                  head_tmp + (head_x if lt.chunks == 1 else 0)),
                # the head's matmul backward done, its saved weight cast (autocast's) is freed before the cast
                at(Moment.HEAD_GRAD_CAST, carried + new_g, head_acts,
                   held - h.half_outside + head_half + head_wait + head_g - new_g)]
@@ -653,11 +672,13 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
-    mb = mlp_backward(model, setup, p) if h.fsdp else MlpBackward(0, 0, 0)
+    mb = mlp_backward(model, setup, p) if h.fsdp else None
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
-    mlp_g, mlp_a, mlp_t = mlp_moment(mb, True, no_sync)
-    if mb.transient and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP
-        # backward (MlpBackward), after its recomputation
+    casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
+    # backward unless it is recomputed (a checkpointed block's are not)
+    if mb and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP backward
+        # (MlpBackward), after its recomputation
+        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1), no_sync)
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a, held + head_wait + mlp_t))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
@@ -679,10 +700,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # micro-batch, its carried unsharded ones freed
             below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
             fs = h.fsdp
+            mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0)
             reduced = fs.block_sharded - fs.block_accumulated if not setup.sync_each_batch else 0
-            states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
-                             in_blocks - acts.per_block[-1] + below_own - mlp_a,
-                             held - fs.resharded - top_casts + head_wait + fs.rs + mlp_t))
+            if mb:
+                states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
+                                 in_blocks - acts.per_block[-1] + below_own - mlp_a,
+                                 held - fs.resharded - top_casts + head_wait + fs.rs + mlp_t))
             grads = (h.accum_grads - fs.block_accumulated + fs.block_sharded if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
             states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]),
@@ -724,7 +747,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         scale, tied_wait = 1, g.tied_wait
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     block_casts = block_cast_bytes(model, setup, h, p.groups)
-    mb = mlp_backward(model, setup, p) if fs else MlpBackward(0, 0, 0)
+    mb = mlp_backward(model, setup, p) if fs else None
     lowest_saved = saved[0]
     if fs and saved[0] < lowest_trained:  # FSDP2, frozen checkpointed blocks below the trained ones: the highest
         # of them holds the lowest trained block's reduce-scatter input, the others nothing more (low_frozen)
@@ -756,8 +779,9 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), accum, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
-        if mb.transient and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
-            new, freed, tmp = mlp_moment(mb, trains, bool(h.accum_grads) and not setup.sync_each_batch)
+        if mb and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
+            new, freed, tmp = mb.walk(trains, block_casts > 0 and not acts.ckpt(j),
+                                      bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
                              _alive(h, max(int(made - block), accum, 0) + new,
                                     below + acts.full_per_block[j] - freed, temps + tmp)))
