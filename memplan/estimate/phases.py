@@ -391,6 +391,8 @@ class FsdpBuffers:
     block_accumulated: int  # a trained block's unsharded gradients carried across no-sync micro-batches, freed
     # once the last micro-batch reduce-scatters them
     resharded: int  # ZeRO-2: a block's gathered parameters, freed by its post_backward's reshard (ZeRO-3's: `top`)
+    copy_in: int  # of `top`, the prefetched all-gather's bf16 copy-in of the local shard (MixedPrecisionPolicy),
+    # freed once its all-gather has run: gone by the block below's MLP backward
     blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
@@ -431,7 +433,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         end=root.gathered + (rs if trained == L else 0) + emb_add, root_reduce=root.rs_input, rs=rs,
         block_sharded=0 if off else blk.rs_output,
         block_accumulated=blk.grads_accumulated if trained and setup.grad_accum > 1 and not setup.sync_each_batch
-        else 0, resharded=0 if z3 else blk.gathered,
+        else 0, resharded=0 if z3 else blk.gathered, copy_in=copy_in if z3 else 0,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
@@ -705,11 +707,17 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             if mb:
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
-                                 held - fs.resharded - top_casts + head_wait + fs.rs + mlp_t))
+                                 held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t))
             grads = (h.accum_grads - fs.block_accumulated + fs.block_sharded if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
-            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]),
-                             held - h.fsdp.resharded - top_casts - (0 if acts.ckpt(-2) else block_casts) + head_wait + h.fsdp.rs))
+            # (its last weight gradients, its first projections' (query / key / value), made while the attention
+            # norm's saved input and output are alive, two [tokens, hidden], beside three input gradients: query's
+            # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
+            # fp32 residual stream's norm backward differs, not modelled)
+            qkv_x = mb.x if mb and not setup.precision.autocast else 0
+            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
+                             held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
+                             + head_wait + fs.rs + 3 * qkv_x))
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
