@@ -342,8 +342,10 @@ class MlpBackward:
 
 
 def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBackward | None:
-    """The MLP backward terms of `setup` (MlpBackward); None for a plain MLP or MoE blocks (not walked)."""
-    if model.experts > 1 or not model.gated_mlp:
+    """The MLP backward terms of `setup` (MlpBackward); None for a plain MLP or MoE blocks, and for no-sync
+    accumulation into a separate fp32 copy (fsdp-bf16; FsdpBuffers.carry_reduced): not walked."""
+    no_sync = setup.grad_accum > 1 and not setup.sync_each_batch
+    if model.experts > 1 or not model.gated_mlp or (no_sync and setup.precision is Precision.FSDP_BF16):
         return None
     prec = setup.precision
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
@@ -388,8 +390,8 @@ class FsdpBuffers:
     root_reduce: int  # ... at the root's reduce-scatter: its input
     rs: int  # a trained block's reduce-scatter input
     block_sharded: int  # a trained block's sharded gradients, on the GPU (0 under CPU offload)
-    block_accumulated: int  # a trained block's unsharded gradients carried across no-sync micro-batches, freed
-    # once the last micro-batch reduce-scatters them
+    carry_reduced: int  # no-sync accumulation: what one trained block's reduction frees in the last micro-batch,
+    # its carried unsharded gradients less its sharded ones (0 where not walked: separate_carry)
     resharded: int  # ZeRO-2: a block's gathered parameters, freed by its post_backward's reshard (ZeRO-3's: `top`)
     copy_in: int  # of `top`, the prefetched all-gather's bf16 copy-in of the local shard (MixedPrecisionPolicy),
     # freed once its all-gather has run: gone by the block below's MLP backward
@@ -412,6 +414,11 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
     emb_add = 2 * round_block(model.vocab * model.hidden * (2 if setup.precision is Precision.FSDP_BF16 else
                                                             setup.precision.param_bytes)) if tied else 0
     carried = 0
+    # no-sync accumulation: None without it; True where the carried gradient is a separate reduce-dtype copy
+    # (FSDPParam.unsharded_accumulated_grad, MixedPrecisionPolicy's fp32 reduce): its last micro-batch's reduction
+    # is not walked (the estimator keeps every carried gradient to the end of backward there)
+    separate_carry = (None if setup.grad_accum == 1 or setup.sync_each_batch
+                      else setup.precision is Precision.FSDP_BF16)
     if setup.grad_accum > 1:
         carried = ms_grads if setup.sync_each_batch else root.grads_accumulated + trained * blk.grads_accumulated
     return FsdpBuffers(
@@ -432,7 +439,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # the embeddings' backward only when block 0 trains
         end=root.gathered + (rs if trained == L else 0) + emb_add, root_reduce=root.rs_input, rs=rs,
         block_sharded=0 if off else blk.rs_output,
-        block_accumulated=blk.grads_accumulated if trained and setup.grad_accum > 1 and not setup.sync_each_batch
+        carry_reduced=blk.grads_accumulated - blk.rs_output * (not off) if trained and separate_carry is False
         else 0, resharded=0 if z3 else blk.gathered, copy_in=copy_in if z3 else 0,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
@@ -703,12 +710,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
             fs = h.fsdp
             mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0)
-            reduced = fs.block_sharded - fs.block_accumulated if not setup.sync_each_batch else 0
+            reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
             if mb:
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
                                  held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t))
-            grads = (h.accum_grads - fs.block_accumulated + fs.block_sharded if h.accum_grads
+            grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
             # (its last weight gradients, its first projections' (query / key / value), made while the attention
             # norm's saved input and output are alive, two [tokens, hidden], beside three input gradients: query's
@@ -776,7 +783,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         # the last no-sync micro-batch: the trained blocks above j reduced, their carried unsharded gradients freed
         accum = h.accum_grads
         if fs and accum:
-            accum -= (model.blocks - first_trained - trains) * (fs.block_accumulated - fs.block_sharded)
+            accum -= (model.blocks - first_trained - trains) * fs.carry_reduced
         if fs and not trains and j < lowest_trained:  # every trained block reduced (low_frozen)
             made = fs.sharded_blocks + fs.root_grads - g.late
             temps += fs.low_frozen - fs.low
