@@ -14,6 +14,8 @@ bytes alive change at a few moments; a phase's peak is its largest state, the st
                           own recomputed under checkpointing; and at its softmax backward (attention transients)
     lowest block backward the lowest block that saved anything, and the lowest that trains: nearly every gradient
                           made, the blocks below still holding what they saved; and at its softmax backward
+    (FSDP2, per rank)     also each of those blocks' MLP backward (MlpBackward), the top block's reduce-scatter,
+                          and the block below the top finishing with the top one's reduce-scatter input held
     backward end          every gradient made
     optimizer step        the gradients the optimizer reads and its step temporaries
 
