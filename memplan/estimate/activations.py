@@ -694,8 +694,9 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     c, r = p.compute_bytes, (4 if p.autocast else stream_bytes(p))
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE)
     out = _embedding_saved(model, setup)
-    # --peft freeze with no trained block and an untied head: no gradient flows below the head and the final norm's
-    # weight is frozen, so the norm saves nothing (the per-rank trace of llama-2-7b: the head's input alone)
+    # --peft freeze with no trained block and an untied head: no gradient flows below the head, and the final norm's
+    # weight is frozen as the trace freezes it (memplan.trace.build: the kept blocks and the output embedding train),
+    # so the norm saves nothing (the per-rank trace of llama-2-7b holds the head's input alone)
     no_grad_below = setup.peft is PeftMethod.FREEZE and setup.train_layers == 0 and not model.tie_embeddings
     if model.traits.rms:  # fp32 copy (else the residual), rstd, y (fp32 where the weight multiplies in fp32)
         y = 4 if model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT else r
