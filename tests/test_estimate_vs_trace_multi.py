@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from trace_grid_multi import multi_grid  # noqa: E402
 
 from memplan.calibrate import compare  # noqa: E402
+from memplan.spec.families import spec_from_config  # noqa: E402
 
 M = dict(model="llama-3.2-1b", batch=1, seq=256)
 FAST = [
@@ -33,6 +34,20 @@ FAST = [
     dict(M, batch=2, gpus=2, zero=3, precision="fp32", peft="freeze", train_layers=1, checkpointing="full",
          offload_params=True, offload_optimizer=True),
     dict(M, model="qwen2.5-0.5b", gpus=8, zero=3, precision="fp16", peft="freeze", train_layers=2),
+]
+
+# llama-2-7b's proportions (intermediate 2.6875 × hidden, vocab 7.8 × hidden) cut to 4 blocks of width 512: its
+# blocks' backward, not the logits, holds the peak, as in the grid's 7B setups that missed before the FSDP2 MLP
+# backward was walked (phases.MlpBackward; before: −7.4% and −5.3% here)
+SMALL_7B = spec_from_config(dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                                 num_attention_heads=8, num_key_value_heads=8, vocab_size=4000,
+                                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                            "small-llama-2")
+S = dict(model=SMALL_7B, batch=2, seq=256, gpus=8, zero=3, precision="fp32", checkpointing="full")
+FAST += [
+    dict(S, peft="full"),  # the MLP backward's three [tokens, intermediate] gradients (MulBackward0)
+    # the frozen block below the lowest trained one: the reduce-scatter input it holds, the trained ones reduced
+    dict(S, peft="freeze", train_layers=2),
 ]
 
 

@@ -694,9 +694,15 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     c, r = p.compute_bytes, (4 if p.autocast else stream_bytes(p))
     head_trains = setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE)
     out = _embedding_saved(model, setup)
+    # --peft freeze with no trained block and an untied head: no gradient flows below the head, and the final norm's
+    # weight is frozen as the trace freezes it (memplan.trace.build: the kept blocks and the output embedding train),
+    # so the norm saves nothing (the per-rank trace of llama-2-7b holds the head's input alone)
+    # (FSDP2 runs the backward through checkpointed frozen blocks all the same: _block_bytes' `below`)
+    no_grad_below = (setup.peft is PeftMethod.FREEZE and setup.train_layers == 0 and not model.tie_embeddings
+                     and not (fsdp_sharded(setup) and setup.checkpointing is Checkpointing.FULL))
     if model.traits.rms:  # fp32 copy (else the residual), rstd, y (fp32 where the weight multiplies in fp32)
         y = 4 if model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT else r
-        out += (4 * h if r != 4 else 0) + 4 + (y * h if head_trains else 0)
+        out += 0 if no_grad_below else (4 * h if r != 4 else 0) + 4 + (y * h if head_trains else 0)
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
     if model.traits.loss_head is LossHead.MASKED_LM:

@@ -14,6 +14,8 @@ bytes alive change at a few moments; a phase's peak is its largest state, the st
                           own recomputed under checkpointing; and at its softmax backward (attention transients)
     lowest block backward the lowest block that saved anything, and the lowest that trains: nearly every gradient
                           made, the blocks below still holding what they saved; and at its softmax backward
+    (FSDP2, per rank)     also each of those blocks' MLP backward (MlpBackward), the top block's reduce-scatter,
+                          and the block below the top finishing with the top one's reduce-scatter input held
     backward end          every gradient made
     optimizer step        the gradients the optimizer reads and its step temporaries
 
@@ -31,7 +33,7 @@ from typing import NamedTuple
 
 from memplan.categories import Category as C, Phase
 from memplan.estimate import deepspeed, fp8
-from memplan.estimate.activations import Activations, logits_bytes, logits_upcast
+from memplan.estimate.activations import Activations, logits_bytes, logits_upcast, stream_bytes
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
 from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
@@ -60,12 +62,16 @@ class Moment(str, Enum):
     FINAL_NORM_BACKWARD = "final norm backward"  # its fp32 temporaries (activations.final_norm_bwd)
     TOP_BLOCK_EXPERTS = "top block experts"  # an MoE block's expert rows, in its forward (or recomputation)
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
+    TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
+    BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
     # input still held
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
     LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
+    LOWEST_SAVED_BLOCK_MLP = "lowest saved block MLP backward"  # FSDP2 (mlp_backward)
+    LOWEST_TRAINED_BLOCK_MLP = "lowest trained block MLP backward"  # FSDP2 (mlp_backward)
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
@@ -109,6 +115,7 @@ class GradParts:
     tied_wait: int  # a tied LM head's, waiting for the embedding's own
     block: int  # one trained block's
     pending_qkv: int  # ... of its query/key/value projections (made after its softmax backward)
+    down: int  # ... of its MLP output projection's weight (the first made in its backward)
     head: tuple[int, int, int]  # head_grad(): (gradient, waiting, compute-dtype) bytes of the LM head's
 
 
@@ -221,6 +228,7 @@ def dequant_temp(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 def grad_parts(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> GradParts:
     gb = {g: round_block(g.numel * unsharded_grad_bytes(g, setup)) * g.count for g in groups if g.trainable}
     qkv = tuple(l.qualname + "." for l in model.linears if l.role in (Role.Q, Role.K, Role.V, Role.QKV))
+    down = tuple("." + l.qualname + ".weight" for l in model.linears if l.role is Role.DOWN)
     inner = [g for g in gb if not g.outside]
     return GradParts(
         trainable=sum(gb.values()),
@@ -228,6 +236,7 @@ def grad_parts(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: Training
         tied_wait=sum(n for g, n in gb.items() if g.outside and g.matmul and embedding_side(g.name)),
         block=sum(gb[g] // g.count for g in inner),  # one tensor of each trainable group per trained block
         pending_qkv=sum(gb[g] // g.count for g in inner if g.name.startswith(qkv)),
+        down=sum(gb[g] // g.count for g in inner if not g.adapter and ("." + g.name).endswith(down)),
         head=head_grad(groups, setup))
 
 
@@ -289,6 +298,66 @@ def zero_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> tuple[
 
 
 @dataclass(frozen=True)
+class MlpBackward:
+    """A gated MLP's backward, down(act(gate(x)) · up(x)), as the per-rank FSDP2 trace shows it, in autograd's order
+    (bytes per micro-batch). Each projection's MmBackward0 makes its weight gradient (in the compute dtype under
+    autocast; ToCopyBackward0 then casts it to the parameter's gradient dtype and frees it) and its input gradient;
+    its saved input (under autocast a compute-dtype copy of its own) and its autocast weight cast are released once
+    the node has run. MulBackward0 makes both factors' gradients beside its incoming one; the activation's backward
+    makes the gate's. The block's other saved tensors stay alive throughout. Without autocast the largest moment is
+    MulBackward0's (three [tokens, intermediate] gradients); under autocast the gate's weight gradient cast (each
+    projection's fp32 gradient outgrows the cast it releases)."""
+
+    row: int  # one [tokens, intermediate] tensor in the MLP's dtype
+    x: int  # one [tokens, hidden] input gradient (or autocast copy of the input) in the MLP's dtype
+    weight_grad: int  # one projection's weight gradient (unsharded; 0 when the block's MLP is frozen)
+    weight_half: int  # ... made first in the compute dtype under autocast (0 otherwise); its weight cast as big
+
+    def walk(self, trains: bool, casts: bool, no_sync: bool) -> tuple[int, int, int]:
+        """(gradients added, activations freed, temporaries added) at the walk's largest moment (the first of
+        equals). trains: the block's projections train; casts: their autocast weight casts are counted alive
+        before the block's backward; no_sync: each new weight gradient is added into the carried one and freed."""
+        r, x = self.row, self.x
+        w, wh = (self.weight_grad, self.weight_half) if trains else (0, 0)
+        k = self.weight_half if casts else 0
+
+        def proj(grad_in: int, saved: int, incoming: int) -> list[tuple[int, int, int]]:
+            # the weight gradient first, the input gradient, the node's incoming gradient, weight cast and saved
+            # input released; then the weight gradient's cast (and the compute-dtype one freed)
+            if no_sync:  # made as a temporary beside the carried one, added into it and freed
+                first, rest = (0, 0, wh or w), ([(0, 0, w), (0, 0, -wh)] if wh else []) + [(0, 0, -w)]
+            else:
+                first, rest = ((0, 0, wh), [(w, 0, 0), (0, 0, -wh)]) if wh else ((w, 0, 0), [])
+            return [first, (0, 0, grad_in), (0, 0, -incoming), (0, 0, -k), (0, -saved, 0)] + rest
+
+        ev = proj(r, r if w else 0, 0)  # the output projection: its input saved for its weight gradient only
+        ev += [(0, 0, r), (0, 0, r), (0, -r, 0), (0, -r, 0), (0, 0, -r)]  # MulBackward0
+        ev += proj(x, x if wh else 0, r)  # up (under autocast its own copy of the norm's output)
+        ev += [(0, 0, r), (0, 0, -r), (0, -r, 0)]  # the activation's backward, its saved gate output released
+        ev += proj(x, x if wh else 0, r)  # gate
+        best = cur = (0, 0, 0)
+        for d in ev:
+            cur = (cur[0] + d[0], cur[1] + d[1], cur[2] + d[2])
+            if sum(cur) > sum(best):
+                best = cur
+        return best[0], -best[1], best[2]
+
+
+def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBackward | None:
+    """The MLP backward terms of `setup` (MlpBackward); None for a plain MLP or MoE blocks, and for no-sync
+    accumulation into a separate fp32 copy (fsdp-bf16; FsdpBuffers.carry_reduced): not walked."""
+    no_sync = setup.grad_accum > 1 and not setup.sync_each_batch
+    if model.experts > 1 or not model.gated_mlp or (no_sync and setup.precision is Precision.FSDP_BF16):
+        return None
+    prec = setup.precision
+    c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
+    t = setup.model_tokens
+    half = round_block(model.hidden * model.intermediate * prec.compute_bytes) if prec.autocast else 0
+    return MlpBackward(round_block(model.intermediate * t * c), round_block(model.hidden * t * c), p.grads.down,
+                       half if p.grads.down else 0)
+
+
+@dataclass(frozen=True)
 class FsdpBuffers:
     """Per-rank FSDP2 (ZeRO-2 / 3) transients and gradients at the estimator's moments, as the per-rank trace
     shows them (memplan.trace.distributed). Sources, torch 2.13 torch/distributed/fsdp/_fully_shard/:
@@ -318,10 +387,16 @@ class FsdpBuffers:
     bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
     top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
     low: int  # ... at the lowest blocks' backward: R + B (+ B_f prefetched) + the reduce-scatter input held
+    low_frozen: int  # ... at the frozen block right below the lowest trained one (--peft freeze, checkpointed)
     end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
     root_reduce: int  # ... at the root's reduce-scatter: its input
     rs: int  # a trained block's reduce-scatter input
     block_sharded: int  # a trained block's sharded gradients, on the GPU (0 under CPU offload)
+    carry_reduced: int  # no-sync accumulation: what one trained block's reduction frees in the last micro-batch,
+    # its carried unsharded gradients less its sharded ones (0 where not walked: separate_carry)
+    resharded: int  # ZeRO-2: a block's gathered parameters, freed by its post_backward's reshard (ZeRO-3's: `top`)
+    copy_in: int  # of `top`, the prefetched all-gather's bf16 copy-in of the local shard (MixedPrecisionPolicy),
+    # freed once its all-gather has run: gone by the block below's MLP backward
     blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
@@ -341,6 +416,11 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
     emb_add = 2 * round_block(model.vocab * model.hidden * (2 if setup.precision is Precision.FSDP_BF16 else
                                                             setup.precision.param_bytes)) if tied else 0
     carried = 0
+    # no-sync accumulation: None without it; True where the carried gradient is a separate reduce-dtype copy
+    # (FSDPParam.unsharded_accumulated_grad, MixedPrecisionPolicy's fp32 reduce): its last micro-batch's reduction
+    # is not walked (the estimator keeps every carried gradient to the end of backward there)
+    separate_carry = (None if setup.grad_accum == 1 or setup.sync_each_batch
+                      else setup.precision is Precision.FSDP_BF16)
     if setup.grad_accum > 1:
         carried = ms_grads if setup.sync_each_batch else root.grads_accumulated + trained * blk.grads_accumulated
     return FsdpBuffers(
@@ -352,11 +432,17 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # the lowest blocks: ZeRO-3's next-lower block's all-gather prefetched (block 1's moment, one block's shard
         # of gradients short of block 0's)
         low=root.gathered + blk.gathered + (blk.flat if z3 else 0) + (rs if trained > 1 else 0),
+        # the frozen block right below the lowest trained one (block L - trained - 1): that block's reduce-scatter
+        # input still held (the frozen block's post_backward drops it), the block below it prefetched unless it is
+        # block 0; the frozen blocks below drop both, so this one bounds them
+        low_frozen=root.gathered + blk.gathered + (blk.flat if z3 and L - trained > 1 else 0) + rs,
         # a frozen unit's post_backward drops the reduce-scatter input held before it (FSDPParamGroup.post_backward
         # recycles comm_ctx.reduce_scatter_states before it returns for want of gradients): block 0's is held at
         # the embeddings' backward only when block 0 trains
         end=root.gathered + (rs if trained == L else 0) + emb_add, root_reduce=root.rs_input, rs=rs,
         block_sharded=0 if off else blk.rs_output,
+        carry_reduced=blk.grads_accumulated - blk.rs_output * (not off) if trained and separate_carry is False
+        else 0, resharded=0 if z3 else blk.gathered, copy_in=copy_in if z3 else 0,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
@@ -555,7 +641,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     # carried from the earlier micro-batches, and then added to them in place (AccumulateGrad; the trace shows it
     # as a temporary); sharded gradients (ZeRO-2/3) wait unsharded for their reduce-scatter as without it.
     new_g, carried = (0, h.accum_grads) if h.accum_grads else (head_g, 0)
-    pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 else 0
+    # (no-sync accumulation keeps the root's unsharded gradient across micro-batches: the new one is added into it)
+    pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 and (
+        setup.sync_each_batch or not h.fsdp) else 0
     # --loss chunked, a trained head: its weight gradient is made chunk by chunk and summed out of place in
     # autograd's input buffer (two chunks' gradients beside their sum, in the compute dtype under autocast)
     chunk_sum = 2 * (head_half or head_g or head_wait) if lt.chunks > 1 and (head_g or head_wait) else 0
@@ -564,7 +652,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     if chunk_sum:  # the last chunk's (the trace's moment): every chunk's saved log-softmax freed by then
         states.append(at(Moment.HEAD_CHUNK_SUM, carried + (0 if head_half else new_g), head_acts,
                          head_tmp + chunk_sum))
-    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), first_acts, head_tmp),
+    # the head's MmBackward0 makes its input gradient too, [tokens, hidden], when a gradient flows below the head
+    flows = setup.peft is not PeftMethod.FREEZE or setup.train_layers > 0 or (model.tie_embeddings
+                                                                               and tied_trains(p.groups))
+    prec = setup.precision
+    head_x = round_block(setup.model_tokens * model.hidden * (prec.compute_bytes if prec.autocast
+                                                               else stream_bytes(prec))) if flows else 0
+    states += [at(Moment.HEAD_BACKWARD, carried + (0 if head_half else new_g), first_acts,
+                  head_tmp + (head_x if lt.chunks == 1 else 0)),
                # the head's matmul backward done, its saved weight cast (autocast's) is freed before the cast
                at(Moment.HEAD_GRAD_CAST, carried + new_g, head_acts,
                   held - h.half_outside + head_half + head_wait + head_g - new_g)]
@@ -588,6 +683,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
+    mb = mlp_backward(model, setup, p) if h.fsdp else None
+    no_sync = bool(h.accum_grads) and not setup.sync_each_batch
+    casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
+    # backward unless it is recomputed (a checkpointed block's are not)
+    if mb and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP backward
+        # (MlpBackward), after its recomputation
+        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1), no_sync)
+        states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a, held + head_wait + mlp_t))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
         # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
@@ -598,14 +701,32 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # (under no-sync accumulation they were added into the carried ones first, and freed)
         grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
         states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
-                         held - h.fsdp.top - top_casts + head_wait + h.fsdp.rs))
+                         held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
         if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
             # ... and the block below's backward done: its gradients all made, still gathered (its post_backward
             # recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather
             # prefetched, the two blocks' saved tensors and weight casts freed
-            grads = h.accum_grads if h.accum_grads else top_g + p.grads.block + h.fsdp.block_sharded
-            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]),
-                             held - top_casts - (0 if acts.ckpt(-2) else block_casts) + head_wait + h.fsdp.rs))
+            # ... and before that, inside its MLP backward (MlpBackward), the top block resharded and reduced: its
+            # sharded gradients made (added into the carried ones under sync_each_batch) and, the last no-sync
+            # micro-batch, its carried unsharded ones freed
+            below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
+            fs = h.fsdp
+            mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0)
+            reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
+            if mb:
+                states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
+                                 in_blocks - acts.per_block[-1] + below_own - mlp_a,
+                                 held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t))
+            grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
+                     else top_g + p.grads.block + fs.block_sharded)
+            # (its last weight gradients, its first projections' (query / key / value), made while the attention
+            # norm's saved input and output are alive, two [tokens, hidden], beside three input gradients: query's
+            # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
+            # fp32 residual stream's norm backward differs, not modelled)
+            qkv_x = mb.x if mb and not setup.precision.autocast else 0
+            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
+                             held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
+                             + head_wait + fs.rs + 3 * qkv_x))
     states += lowest_block_states(model, setup, p, ms, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
@@ -643,10 +764,16 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         scale, tied_wait = 1, g.tied_wait
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     block_casts = block_cast_bytes(model, setup, h, p.groups)
+    mb = mlp_backward(model, setup, p) if fs else None
+    lowest_saved = saved[0]
+    if fs and saved[0] < lowest_trained:  # FSDP2, frozen checkpointed blocks below the trained ones: the highest
+        # of them holds the lowest trained block's reduce-scatter input, the others nothing more (low_frozen)
+        lowest_saved = max(saved[0], lowest_trained - 1)
     out = []
-    for j in {saved[0], lowest_trained}:  # one state when they coincide
-        names = ((Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_SAVED_BLOCK_SOFTMAX) if j == saved[0] else
-                 (Moment.LOWEST_TRAINED_BLOCK, Moment.LOWEST_TRAINED_BLOCK_SOFTMAX))
+    for j in {lowest_saved, lowest_trained}:  # one state when they coincide
+        names = ((Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_SAVED_BLOCK_SOFTMAX, Moment.LOWEST_SAVED_BLOCK_MLP)
+                 if j == lowest_saved else
+                 (Moment.LOWEST_TRAINED_BLOCK, Moment.LOWEST_TRAINED_BLOCK_SOFTMAX, Moment.LOWEST_TRAINED_BLOCK_MLP))
         # block j's own gradients (when block j trains), and of them those of its query/key/value projections,
         # still to come when its softmax backward runs
         trains = setup.peft is not PeftMethod.FREEZE or j >= model.blocks - setup.train_layers
@@ -655,14 +782,27 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if acts.ckpt(j) else 0)
         made = made_fsdp if fs else ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
+        # the last no-sync micro-batch: the trained blocks above j reduced, their carried unsharded gradients freed
+        accum = h.accum_grads
+        if fs and accum:
+            accum -= (model.blocks - first_trained - trains) * fs.carry_reduced
+        if fs and not trains and j < lowest_trained:  # every trained block reduced (low_frozen)
+            made = fs.sharded_blocks + fs.root_grads - g.late
+            temps += fs.low_frozen - fs.low
         # under gradient accumulation every gradient is already there: block j's new ones are added in place
         out.append(State(names[0], Phase.BACKWARD,
-                         _alive(h, max(int(made - block), h.accum_grads, 0), below + acts.full_per_block[j], temps)))
+                         _alive(h, max(int(made - block), accum, 0), below + acts.full_per_block[j], temps)))
         if acts.bwd_transient:
-            out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), h.accum_grads, 0),
+            out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), accum, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
+        if mb and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
+            new, freed, tmp = mb.walk(trains, block_casts > 0 and not acts.ckpt(j),
+                                      bool(h.accum_grads) and not setup.sync_each_batch)
+            out.append(State(names[2], Phase.BACKWARD,
+                             _alive(h, max(int(made - block), accum, 0) + new,
+                                    below + acts.full_per_block[j] - freed, temps + tmp)))
         if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
-                             _alive(h, h.accum_grads or int(made), below, int(tied_wait) + h.z_b)))
+                             _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
     return out
