@@ -100,7 +100,7 @@ def check(model: ModelSpec, setup: ServeSetup, gpu: GpuSpec | None) -> tuple[str
     if setup.max_seq > model.max_positions:
         raise MemplanError(f"--max-seq {setup.max_seq} exceeds {model.name}'s {model.max_positions} positions")
     check_tp(model, setup.tp)
-    if setup.weights.grouped:
+    if setup.weights in (WeightFormat.GPTQ_INT4, WeightFormat.AWQ_INT4):  # torchao's: memplan.serve.weights
         for lin in model.linears:
             if lin.stack is Stack.OUTSIDE or lin.role is Role.ROUTER:
                 continue
@@ -129,6 +129,9 @@ def check(model: ModelSpec, setup: ServeSetup, gpu: GpuSpec | None) -> tuple[str
             raise MemplanError(f"--weights fp8 needs compute capability 7.5 (vLLM's FP8 Marlin); {gpu.label} has "
                                f"{gpu.capability_label}")
         warnings.append(f"{gpu.label} has no fp8 tensor cores: fp8 weights run weight-only (W8A16, FP8 Marlin)")
+    if setup.weights is WeightFormat.TORCHAO_FP8_DYNAMIC and cc < FP8_TENSOR_CORES:  # quant_api._check_hardware_support
+        raise MemplanError(f"--weights torchao-fp8-dynamic: torchao needs compute capability 8.9 (fp8 matmuls); "
+                           f"{gpu.label} has {gpu.capability_label}")
     if setup.kv_dtype is KvDtype.FP8 and cc < FP8_TENSOR_CORES:
         if cc < AMPERE:
             raise MemplanError(f"--kv-dtype fp8: {gpu.label} (compute capability {gpu.capability_label}) lacks fp8 "
@@ -250,7 +253,8 @@ def _one(model, setup, gpu, ovh, warnings) -> ServeResult:
         cats, allocated, reserved, device, phase = _hf_memory(model, setup, w, per_token, ovh)
     tp = None
     if gpu is not None:
-        dtype = "fp8" if setup.weights is WeightFormat.FP8 and "fp8" in gpu.tflops else setup.compute_dtype
+        fp8 = setup.weights in (WeightFormat.FP8, WeightFormat.TORCHAO_FP8_DYNAMIC)
+        dtype = "fp8" if fp8 and "fp8" in gpu.tflops else setup.compute_dtype
         window = sliding_window(model)
         mean_ctx = setup.prompt_len + setup.gen_len / 2
         tp = serve_throughput(model, gpu, tp=setup.tp, concurrency=setup.concurrency, prompt_len=setup.prompt_len,
