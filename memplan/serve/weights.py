@@ -79,7 +79,7 @@ class Packing:
         return f"{self.modelled}; estimate-only ({self.why_estimate_only})"
 
 
-_VLLM = "vLLM is not installed here and its quantized kernels need a GPU"
+_VLLM = "vLLM is not installed here"
 PACKINGS = {
     WeightFormat.FP32: Packing("plain fp32 tensors", "transformers on the CPU"),
     WeightFormat.BF16: Packing("plain bf16 tensors", "transformers on the CPU"),
@@ -92,10 +92,10 @@ PACKINGS = {
                               "torchao-fp8-dynamic where every dimension is a multiple of 16)", None, _VLLM),
     WeightFormat.GPTQ_INT4: Packing("GPTQ checkpoints as vLLM's GPTQLinearMethod / transformers' GPTQ loader hold "
                                     "them (qweight int32, qzeros int32, fp16 scales, g_idx)", None,
-                                    "auto-gptq / gptqmodel are not installed here; their kernels need a GPU"),
+                                    "auto-gptq / gptqmodel are not installed here"),
     WeightFormat.AWQ_INT4: Packing("AutoAWQ checkpoints as vLLM's AWQLinearMethod / transformers' AWQ loader hold "
                                    "them (qweight int32, qzeros int32, fp16 scales)", None,
-                                   "autoawq is not installed here; its kernels need a GPU"),
+                                   "autoawq is not installed here"),
     WeightFormat.TORCHAO_INT8: Packing("torchao Int8WeightOnlyConfig via TorchAoConfig (Int8Tensor)",
                                        "torchao's quantize_ on the CPU"),
     WeightFormat.TORCHAO_FP8: Packing("torchao Float8WeightOnlyConfig via TorchAoConfig (Float8Tensor, per row)",
