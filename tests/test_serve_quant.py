@@ -207,6 +207,46 @@ def test_torchao_intx4_refuses_an_undivided_input_like_torchao():
         memplan_bytes(CONFIG_A, "torchao-intx4", group_size=32)
 
 
+# --- serve --trace: generate() on fake tensors with torchao's packed weights ---------------------------------------
+
+def rounded(n: int) -> int:
+    return -(-n // 512) * 512  # the trace's AllocTracker rounds every storage to 512 B (CUDA's caching allocator)
+
+
+@pytest.mark.parametrize("fmt,group", [(WeightFormat.TORCHAO_INT8, 128), (WeightFormat.TORCHAO_FP8, 128),
+                                       (WeightFormat.TORCHAO_FP8_DYNAMIC, 128), (WeightFormat.TORCHAO_INTX4, 16)],
+                         ids=lambda x: x.value if isinstance(x, WeightFormat) else str(x))
+def test_serve_trace_holds_the_real_packing(checkpoints, fp8_dynamic_on_cpu, fmt, group):
+    """The traced model's weights are the storages TorchAoConfig really loads (each rounded as the trace rounds it,
+    buffers included as the trace includes them), and generate() runs to the same cache as bf16."""
+    from memplan.trace.serve import trace_serve
+    from memplan.trace.serve_quant import torchao_config as traced_config
+
+    assert type(traced_config(fmt, group)) is type(torchao_config(fmt, group))
+    spec = spec_from_config(CONFIG_A, "tiny")
+    setup = ServeSetup(weights=fmt, group_size=group, prompt_len=8, gen_len=3, concurrency=2)
+    traced = trace_serve(spec, setup)
+    real = load(checkpoints["A"], transformers.TorchAoConfig(torchao_config(fmt, group)), torch.bfloat16)
+    seen, want = set(), 0
+    for t in [*real.parameters(), *real.buffers()]:
+        for leaf in leaves(t):
+            st = leaf.untyped_storage()
+            if (st.data_ptr(), st.nbytes()) not in seen:
+                seen.add((st.data_ptr(), st.nbytes()))
+                want += rounded(st.nbytes())
+    assert traced.weights == want
+    assert traced.kv_cache == trace_serve(spec, ServeSetup(prompt_len=8, gen_len=3, concurrency=2)).kv_cache > 0
+
+
+def test_serve_trace_refuses_what_cannot_pack_here():
+    from memplan.trace.serve import check_traceable
+
+    spec = spec_from_config(CONFIG_A, "tiny")
+    for fmt in ("torchao-int4", "int8", "nf4", "awq-int4"):
+        with pytest.raises(MemplanError, match="estimate-only"):
+            check_traceable(spec, ServeSetup(weights=fmt, group_size=16, prompt_len=8, gen_len=3))
+
+
 # --- what cannot run here says so, and really cannot run -----------------------------------------------------------
 
 @pytest.mark.parametrize("packing", ["plain", "plain_int32", "tile_packed_to_4d", "preshuffled"])
