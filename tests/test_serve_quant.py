@@ -31,7 +31,11 @@ CONFIG_A = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, 
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
             "tie_word_embeddings": False}
 CONFIG_B = {**CONFIG_A, "hidden_size": 80, "intermediate_size": 200, "tie_word_embeddings": True}
-CONFIGS = {"A": CONFIG_A, "B": CONFIG_B}
+# C: Mixtral-style MoE (transformers 5's fused 3-D experts and its router are not nn.Linear).
+CONFIG_C = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
+            "num_local_experts": 4, "num_experts_per_tok": 2}
+CONFIGS = {"A": CONFIG_A, "B": CONFIG_B, "C": CONFIG_C}
 # Linear shapes (n_in, n_out) for the per-tensor check: divisible and not by 16, 32 and 128.
 SHAPES = [(64, 64), (64, 176), (176, 64), (100, 30), (96, 40), (256, 48), (200, 72)]
 
@@ -95,7 +99,7 @@ def memplan_bytes(cfg: dict, fmt: str, **kw) -> int:
 
 # --- plain dtypes: the baseline the quantized formats are measured against -----------------------------------------
 
-@pytest.mark.parametrize("cfg", ["A", "B"])
+@pytest.mark.parametrize("cfg", ["A", "B", "C"])
 @pytest.mark.parametrize("fmt,dtype", [("bf16", "bfloat16"), ("fp32", "float32")])
 def test_plain_weights_equal_transformers(checkpoints, cfg, fmt, dtype):
     model = load(checkpoints[cfg], None, getattr(torch, dtype))
@@ -104,7 +108,7 @@ def test_plain_weights_equal_transformers(checkpoints, cfg, fmt, dtype):
 
 # --- bitsandbytes: LLM.int8 and NF4 -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", ["A", "B"])
+@pytest.mark.parametrize("cfg", ["A", "B", "C"])
 @pytest.mark.parametrize("fmt,double_quant", [("int8", False), ("nf4", False), ("nf4", True)])
 def test_bitsandbytes_model_bytes(checkpoints, cfg, fmt, double_quant):
     pytest.importorskip("bitsandbytes")
@@ -190,6 +194,8 @@ def test_torchao_tensor_bytes(fp8_dynamic_on_cpu, fmt, n_in, n_out, dtype):
     (WeightFormat.TORCHAO_FP8, "A", 128), (WeightFormat.TORCHAO_FP8, "B", 128),
     (WeightFormat.TORCHAO_FP8_DYNAMIC, "A", 128), (WeightFormat.TORCHAO_FP8_DYNAMIC, "B", 128),  # B: skipped dims
     (WeightFormat.TORCHAO_INTX4, "A", 16), (WeightFormat.TORCHAO_INTX4, "B", 8),
+    (WeightFormat.TORCHAO_INT8, "C", 128), (WeightFormat.TORCHAO_FP8_DYNAMIC, "C", 128),
+    (WeightFormat.TORCHAO_INTX4, "C", 32),
 ], ids=lambda x: x.value if isinstance(x, WeightFormat) else str(x))
 def test_torchao_model_bytes(checkpoints, fp8_dynamic_on_cpu, fmt, cfg, group):
     q = transformers.TorchAoConfig(torchao_config(fmt, group))

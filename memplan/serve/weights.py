@@ -22,8 +22,8 @@ Layouts, per linear of `n_in` inputs and `n_out` outputs (as each GPU holds it, 
   scales fp16 [groups, n_out]; no g_idx. The fused-MoE layouts (AWQMoEMethod) are the same per expert.
 - torchao-* (torchao 0.18, as transformers' TorchAoConfig applies it: quantize_ on the weight of every nn.Linear
   but the output embedding, transformers/quantizers/quantizer_torchao.py param_needs_quantization; 3-D MoE expert
-  parameters are not nn.Linear and keep the compute dtype). Each weight becomes a tensor subclass whose
-  __tensor_flatten__ names the tensors it holds (torchao/quantization/quantize_/workflows/...):
+  parameters and GPT-2's Conv1D projections are not nn.Linear and keep the compute dtype). Each weight becomes a
+  tensor subclass whose __tensor_flatten__ names the tensors it holds (torchao/quantization/quantize_/workflows/...):
   - torchao-int8, Int8WeightOnlyConfig() (granularity PerRow) → int8/int8_tensor.py Int8Tensor: qdata int8
     [n_out, n_in], scale fp32 [n_out, 1], zero_point int8 [n_out, 1].
   - torchao-fp8, Float8WeightOnlyConfig() (PerRow) → float8/float8_tensor.py Float8Tensor: qdata float8_e4m3fn
@@ -63,6 +63,22 @@ AO_ROW_SCALE_BYTES = 4  # torchao Int8Tensor / Float8Tensor (PerRow): scale fp32
 AO_INT8_ZERO_BYTES = 1  # torchao Int8Tensor: zero_point int8 [n_out, 1]; IntxUnpackedToInt8Tensor: int8 per group
 AO_FP8_MM_MULTIPLE = 16  # torchao utils._fp8_mm_compat: both dims multiples of 16, else the weight is not quantized
 TORCHAO = frozenset(f for f in WeightFormat if f.value.startswith("torchao-"))
+# Formats transformers applies by swapping or quantizing nn.Linear modules (integrations/bitsandbytes.py
+# replace_with_bnb_linear, which also takes GPT-2's Conv1D; quantizers/quantizer_torchao.py): MoE experts stored as
+# 3-D parameters (transformers 5's fused experts) keep the compute dtype. vLLM's fused-MoE methods quantize them.
+LINEAR_ONLY = TORCHAO | {WeightFormat.INT8, WeightFormat.NF4}
+# Bytes per weight element alive while one torchao weight-only linear runs in eager mode (torch ops, the same on any
+# device; measured by the serving trace, tests/test_serve_quant.py):
+# - torchao-int8, Int8Tensor's linear (int8/int8_tensor.py, per-row path): w_vals_int8_t.to(output_dtype), one copy
+#   of the weight in the compute dtype;
+# - torchao-intx4, IntxUnpackedToInt8Tensor's linear: weight_tensor.dequantize(), the same;
+# - torchao-fp8, Float8Tensor's weight-only matmul(input, weight_tensor.dequantize()): quant_primitives.py
+#   _dequantize_affine_float8 holds tensor.to(float32) (4 B), its product with the scale (4 B) and the result in the
+#   compute dtype together.
+# torchao-fp8-dynamic quantizes the activation instead: quant_primitives.py _quantize_affine_float8 holds
+# tensor.to(float32), its quotient by the scale and the clamped quotient (4 B each) and the float8 result (1 B).
+DEQUANT_FP32_COPIES = 2
+FP8_ACT_QUANT_BYTES = 3 * 4 + 1
 
 
 @dataclass(frozen=True)
@@ -219,6 +235,9 @@ def weight_bytes(model: ModelSpec, setup: ServeSetup) -> WeightBytes:
         if lin.stack is Stack.OUTSIDE or lin.role is Role.ROUTER:
             plain += n_in * n_out * half * lin.count
             continue
+        if fmt in TORCHAO and model.traits.conv1d:  # GPT-2's Conv1D is no nn.Linear: TorchAoConfig leaves it
+            plain += n_in * n_out * half * lin.count
+            continue
         p, s = quantized_bytes(fmt, n_in, n_out, setup.group_size, setup.double_quant, half)
         packed += p * lin.count
         scales += s * lin.count
@@ -230,7 +249,7 @@ def weight_bytes(model: ModelSpec, setup: ServeSetup) -> WeightBytes:
             else:
                 n_out = -(-n_out // tp)
             p, s = quantized_bytes(fmt, n_in, n_out, setup.group_size, setup.double_quant, half)
-            if fmt in TORCHAO:  # a 3-D parameter, not an nn.Linear: TorchAoConfig leaves it as it is
+            if fmt in LINEAR_ONLY:  # a 3-D parameter, not an nn.Linear: transformers leaves it as it is
                 p, s = n_in * n_out * half, 0
             packed += p * mats * t.count
             scales += s * mats * t.count
@@ -240,3 +259,36 @@ def weight_bytes(model: ModelSpec, setup: ServeSetup) -> WeightBytes:
         else:
             plain += t.numel * half * t.count
     return WeightBytes(packed, scales, plain, experts)
+
+
+def dequant_bytes(fmt: WeightFormat, n_in: int, n_out: int, group_size: int, half: int) -> int:
+    """Bytes one n_in × n_out weight's eager torchao linear allocates for its weight while it runs (the constants'
+    sources above); 0 for the other formats and for a weight torchao leaves unquantized."""
+    if fmt not in (WeightFormat.TORCHAO_INT8, WeightFormat.TORCHAO_INTX4, WeightFormat.TORCHAO_FP8):
+        return 0
+    if fmt is WeightFormat.TORCHAO_INTX4 and n_in % group_size:
+        return 0  # refused by quantized_bytes
+    return n_in * n_out * (half + (DEQUANT_FP32_COPIES * 4 if fmt is WeightFormat.TORCHAO_FP8 else 0))
+
+
+def largest_dequant(model: ModelSpec, setup: ServeSetup) -> tuple[int, int]:
+    """(bytes, bytes per token) a torchao linear allocates beside its input while it runs, for the block linear that
+    allocates the most on one GPU: the dequantized weight and, alive with it, the output (int8, intx4; fp8's
+    float32 copies are freed when dequantize() returns, before the matmul makes the output); fp8-dynamic's
+    activation quantization, FP8_ACT_QUANT_BYTES per input element. (0, 0) for the other formats."""
+    half = DTYPE_BYTES[setup.compute_dtype]
+    fixed = per_token = 0
+    if model.traits.conv1d:  # nothing quantized (weight_bytes)
+        return 0, 0
+    for lin in model.linears:
+        if lin.stack is Stack.OUTSIDE or lin.role is Role.ROUTER:
+            continue
+        n_in, n_out, _ = partition(lin, model, setup.tp)
+        d = dequant_bytes(setup.weights, n_in, n_out, setup.group_size, half)
+        if d:
+            fixed = max(fixed, d)
+            per_token = max(per_token, 0 if setup.weights is WeightFormat.TORCHAO_FP8 else n_out * half)
+        elif setup.weights is WeightFormat.TORCHAO_FP8_DYNAMIC and not (n_in % AO_FP8_MM_MULTIPLE
+                                                                        or n_out % AO_FP8_MM_MULTIPLE):
+            per_token = max(per_token, n_in * FP8_ACT_QUANT_BYTES)
+    return fixed, per_token
