@@ -244,6 +244,61 @@ def test_serve_trace_holds_the_real_packing(checkpoints, fp8_dynamic_on_cpu, fmt
     assert traced.kv_cache == trace_serve(spec, ServeSetup(prompt_len=8, gen_len=3, concurrency=2)).kv_cache > 0
 
 
+# The estimate's torchao term (memplan.serve.estimate.dequant_moment) against the trace: the peak falls inside a
+# linear that holds its dequantized weight (or fp8-dynamic's quantized activation). The bar: the serving fixed
+# grid's 1.5% (tests/test_serve.py TOLERANCE); issue 14's 3% for the family grid below.
+TRACE_TOLERANCE = 0.015
+GRID_BAR = 0.03
+MEDIUM = {**CONFIG_A, "hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8, "vocab_size": 1024,
+          "max_position_embeddings": 4096}
+
+
+TRACED_FORMATS = [WeightFormat.TORCHAO_INT8, WeightFormat.TORCHAO_FP8, WeightFormat.TORCHAO_FP8_DYNAMIC,
+                  WeightFormat.TORCHAO_INTX4]
+
+
+@pytest.mark.parametrize("fmt,c,p,g,cache", [  # each format once, prefill-heavy and short prompts both covered
+    (WeightFormat.TORCHAO_INT8, 2, 96, 3, "dynamic"), (WeightFormat.TORCHAO_FP8, 1, 8, 3, "static"),
+    (WeightFormat.TORCHAO_FP8_DYNAMIC, 2, 96, 3, "static"), (WeightFormat.TORCHAO_INTX4, 1, 8, 3, "dynamic"),
+], ids=lambda x: x.value if isinstance(x, WeightFormat) else str(x))
+def test_estimate_vs_trace_torchao(fmt, c, p, g, cache):
+    pytest.importorskip("torchao")
+    from memplan.serve import estimate_serve
+    from memplan.trace.serve import trace_serve
+
+    m = spec_from_config(MEDIUM, "medium")
+    s = ServeSetup(weights=fmt, group_size=32, concurrency=c, prompt_len=p, gen_len=g, max_seq=p + g + 8,
+                   hf_cache=cache)
+    err = estimate_serve(m, s).allocated_bytes / trace_serve(m, s).peak_allocated - 1
+    print(f"{fmt.value} {c}×({p}+{g}) {cache}: {100 * err:+.2f}%")
+    assert abs(err) <= TRACE_TOLERANCE, f"{100 * err:+.2f}%"
+
+
+@pytest.mark.slow
+def test_estimate_vs_trace_torchao_families():
+    """tests/test_serve.py's 7 tiny families × 4 traced torchao formats × 2 setups: `pytest -m slow
+    tests/test_serve_quant.py -k families -s` prints the table docs/serving.md quotes."""
+    pytest.importorskip("torchao")
+    from test_serve import TINY
+
+    from memplan.serve import estimate_serve
+    from memplan.trace.serve import trace_serve
+
+    worst = 0.0
+    for family, cfg in TINY.items():
+        m = spec_from_config(cfg, f"tiny-{family}")
+        for fmt in TRACED_FORMATS:
+            for c, p, g, cache in ((2, 300, 4, "dynamic"), (1, 16, 3, "static")):
+                s = ServeSetup(weights=fmt, group_size=32, concurrency=c, prompt_len=p, gen_len=g, max_seq=p + g + 40,
+                               hf_cache=cache)
+                t, e = trace_serve(m, s), estimate_serve(m, s)
+                err = e.allocated_bytes / t.peak_allocated - 1
+                worst = max(worst, abs(err))
+                print(f"{family:8} {fmt.value:20} {c}×({p}+{g}) {cache:7}: trace {t.peak_allocated:,} estimate "
+                      f"{e.allocated_bytes:,} ({100 * err:+.2f}%)")
+    assert worst <= GRID_BAR, f"{100 * worst:.2f}%"
+
+
 def test_serve_trace_refuses_what_cannot_pack_here():
     from memplan.trace.serve import check_traceable
 
