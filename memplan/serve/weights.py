@@ -3,7 +3,9 @@
 What is quantized: the linear layers inside the blocks and the MoE experts. Embeddings, norms, biases, the MoE
 router and the LM head keep the compute dtype (bitsandbytes' get_keys_to_not_convert keeps the output embedding;
 vLLM's fp8 docs: "all Linear modules (except for the final lm_head)"; GPTQ / AWQ checkpoints leave lm_head fp16;
-vLLM builds the Mixtral gate as a ReplicatedLinear without a quant_config).
+vLLM builds the Mixtral gate as a ReplicatedLinear without a quant_config). bitsandbytes and torchao formats, which
+transformers applies to nn.Linear modules, leave the MoE experts (3-D parameters in transformers 5) in the compute
+dtype too (LINEAR_ONLY below).
 
 Layouts, per linear of `n_in` inputs and `n_out` outputs (as each GPU holds it, see `partition`):
 - fp32 / bf16 / fp16: n_in·n_out elements of 4 / 2 / 2 bytes.
@@ -106,10 +108,10 @@ PACKINGS = {
                               "+ QuantState, blocksize 64)", "bitsandbytes' Params4bit on the CPU"),
     WeightFormat.FP8: Packing("vLLM Fp8LinearMethod (E4M3, one fp32 scale per tensor; the layout of "
                               "torchao-fp8-dynamic where every dimension is a multiple of 16)", None, _VLLM),
-    WeightFormat.GPTQ_INT4: Packing("GPTQ checkpoints as vLLM's GPTQLinearMethod / transformers' GPTQ loader hold "
+    WeightFormat.GPTQ_INT4: Packing("GPTQ checkpoints as vLLM's GPTQLinearMethod.create_weights holds "
                                     "them (qweight int32, qzeros int32, fp16 scales, g_idx)", None,
                                     "auto-gptq / gptqmodel are not installed here"),
-    WeightFormat.AWQ_INT4: Packing("AutoAWQ checkpoints as vLLM's AWQLinearMethod / transformers' AWQ loader hold "
+    WeightFormat.AWQ_INT4: Packing("AutoAWQ checkpoints as vLLM's AWQLinearMethod.create_weights holds "
                                    "them (qweight int32, qzeros int32, fp16 scales)", None,
                                    "autoawq is not installed here"),
     WeightFormat.TORCHAO_INT8: Packing("torchao Int8WeightOnlyConfig via TorchAoConfig (Int8Tensor)",
