@@ -12,6 +12,7 @@ from memplan.cli.options import Format, FormatOpt
 from memplan.errors import MemplanError
 from memplan.serve.setup import DEFAULT_GROUP_SIZE, VLLM_BLOCK_SIZE, VLLM_GPU_MEMORY_UTILIZATION, HfCache, KvDtype, \
     ServeEngine, Solve, WeightFormat
+from memplan.serve.weights import PACKINGS
 from memplan.units import GiB
 
 
@@ -38,6 +39,7 @@ def serve_table(r) -> str:
               f"  {'peak device':<18}{r.device_bytes / GiB:8.2f}",
               f"weights: {r.weights.packed / GiB:.2f} GiB stored + {r.weights.scales / GiB:.3f} GiB scales/zeros + "
               f"{r.weights.unquantized / GiB:.2f} GiB unquantized (embeddings, norms, head)",
+              f"packing ({s.weights.value}): {PACKINGS[s.weights].line()}",
               f"KV cache: {r.kv_bytes_per_token:,} B per token per GPU"]
     p = r.paged
     if p is not None:
@@ -87,8 +89,11 @@ def serve(
     tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel GPUs: weights and KV heads split "
                                               "across them. [default: 1]")] = None,
     gpus: Annotated[Optional[int], typer.Option("--gpus", help="Same as --tp.")] = None,
-    weights: Annotated[WeightFormat, typer.Option("--weights", help="How the weights are stored.")] = WeightFormat.BF16,
-    group_size: Annotated[int, typer.Option("--group-size", help="gptq-int4 / awq-int4 quantization group.")]
+    weights: Annotated[WeightFormat, typer.Option("--weights", help=(
+        "How the weights are stored: int8 / nf4 bitsandbytes, fp8 vLLM, gptq-int4 / awq-int4 GPTQ / AutoAWQ "
+        "checkpoints, torchao-* torchao 0.18 configs (the output names the packing modelled)."))] = WeightFormat.BF16,
+    group_size: Annotated[int, typer.Option("--group-size", help="gptq-int4 / awq-int4 / torchao-int4 / "
+                                                 "torchao-intx4 quantization group.")]
     = DEFAULT_GROUP_SIZE,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="nf4: double-quantize the absmax.")] = False,
     kv_dtype: Annotated[KvDtype, typer.Option("--kv-dtype", help="KV cache dtype (auto: the compute dtype).")]

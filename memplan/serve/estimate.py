@@ -26,7 +26,7 @@ from memplan.serve.kv import check_tp, dynamic_tokens, kv_bytes_per_token, kv_he
 from memplan.serve.setup import DTYPE_BYTES, HfCache, KvDtype, ServeEngine, ServeSetup, Solve, WeightFormat
 from memplan.serve.throughput import ServeThroughput, serve_throughput
 from memplan.serve.vllm import PagedCache, paged_cache, vllm_batch_defaults
-from memplan.serve.weights import PACK, WeightBytes, partition, weight_bytes
+from memplan.serve.weights import PACK, WeightBytes, largest_dequant, partition, weight_bytes
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import Arch, ModelSpec, Role, Stack
 from memplan.spec.traits import Activation, PositionKind
@@ -100,7 +100,7 @@ def check(model: ModelSpec, setup: ServeSetup, gpu: GpuSpec | None) -> tuple[str
     if setup.max_seq > model.max_positions:
         raise MemplanError(f"--max-seq {setup.max_seq} exceeds {model.name}'s {model.max_positions} positions")
     check_tp(model, setup.tp)
-    if setup.weights.grouped:
+    if setup.weights in (WeightFormat.GPTQ_INT4, WeightFormat.AWQ_INT4):  # torchao's: memplan.serve.weights
         for lin in model.linears:
             if lin.stack is Stack.OUTSIDE or lin.role is Role.ROUTER:
                 continue
@@ -129,6 +129,9 @@ def check(model: ModelSpec, setup: ServeSetup, gpu: GpuSpec | None) -> tuple[str
             raise MemplanError(f"--weights fp8 needs compute capability 7.5 (vLLM's FP8 Marlin); {gpu.label} has "
                                f"{gpu.capability_label}")
         warnings.append(f"{gpu.label} has no fp8 tensor cores: fp8 weights run weight-only (W8A16, FP8 Marlin)")
+    if setup.weights is WeightFormat.TORCHAO_FP8_DYNAMIC and cc < FP8_TENSOR_CORES:  # quant_api._check_hardware_support
+        raise MemplanError(f"--weights torchao-fp8-dynamic: torchao needs compute capability 8.9 (fp8 matmuls); "
+                           f"{gpu.label} has {gpu.capability_label}")
     if setup.kv_dtype is KvDtype.FP8 and cc < FP8_TENSOR_CORES:
         if cc < AMPERE:
             raise MemplanError(f"--kv-dtype fp8: {gpu.label} (compute capability {gpu.capability_label}) lacks fp8 "
@@ -159,6 +162,20 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     return (rotary + max(copies * tokens * h + attn, mlp_copies * tokens * h + mlp)) * elem
 
 
+def dequant_moment(model: ModelSpec, tokens: int, tp: int, elem: int, fixed: int, per_token: int) -> int:
+    """Live bytes while a torchao linear runs (memplan.serve.weights.largest_dequant: `fixed` bytes, `per_token`
+    bytes per token): the layer's hidden-size tensors (as layer_forward_bytes counts them) and one intermediate-size
+    tensor (an MLP projection's input, or the gate's activation beside up's call) beside them. 0 when the format
+    allocates nothing there."""
+    if not (fixed or per_token):
+        return 0
+    rotary = 2 * tokens * model.head_dim if model.traits.position is PositionKind.ROTARY else 0
+    # the MLP's hidden-size copies (an inline MLP has freed its normed input: FamilyTraits.inline_mlp)
+    copies = BASE_HIDDEN_COPIES + (1 if model.traits.position is PositionKind.LEARNED else 0) - model.traits.inline_mlp
+    return (rotary + copies * tokens * model.hidden + tokens * -(-model.intermediate // tp)) * elem + fixed \
+        + tokens * per_token
+
+
 def mlp_intermediates(model: ModelSpec) -> int:
     """Intermediate-size tensors alive at the MLP's peak: gated (act(gate) · up): gate's activation, up, their
     product; plain: the first projection and its activation; transformers' NewGELU (GPT-2, Phi) evaluates its tanh
@@ -186,18 +203,25 @@ def _hf_memory(model: ModelSpec, setup: ServeSetup, w: WeightBytes, per_token: i
     cat_copy = 0 if static else kv_end // model.layers  # torch.cat's new tensors of one layer beside the old
     act = layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem)
     logits = logits_bytes(model, c, elem)
+    dq = largest_dequant(model, setup)  # torchao's eager linears dequantize their weight (memplan.serve.weights)
+    act_dq = dequant_moment(model, c * setup.prompt_len, setup.tp, elem, *dq)
     # the layers' activations are freed before the head runs: the prefill peaks at one or the other
-    prefill = kv_prefill + max(act, logits)
+    prefill = kv_prefill + max(act, act_dq, logits)
     # a decode step's cat copy lives inside its layer's forward, freed before the head makes the logits
     step = layer_forward_bytes(model, c, setup.tp, elem)
-    decode = kv_end + max(step + cat_copy, logits)
+    step_dq = dequant_moment(model, c, setup.tp, elem, *dq)
+    decode = kv_end + max(step + cat_copy, step_dq, logits)
     phase = "prefill" if prefill >= decode else "decode"
     layer, cat = (act, 0) if phase == "prefill" else (step, cat_copy)
+    moment = act_dq if phase == "prefill" else step_dq
     in_layer = layer + cat >= logits
+    at_linear = moment > max(layer + cat, logits)  # the peak is inside a torchao linear
+    if at_linear:
+        layer, cat = moment - dq[0], dq[0]  # its dequantized weight is a temporary
     cats = {"weights": w.total,
             "kv_cache": kv_prefill if phase == "prefill" else kv_end,
-            "activations": layer if in_layer else 0,
-            "temporaries": cat if in_layer else logits}
+            "activations": layer if in_layer or at_linear else 0,
+            "temporaries": cat if in_layer or at_linear else logits}
     allocated = sum(cats.values())
     reserved = ovh.reserved(allocated)
     device = ovh.device(reserved, setup.tp)
@@ -250,7 +274,8 @@ def _one(model, setup, gpu, ovh, warnings) -> ServeResult:
         cats, allocated, reserved, device, phase = _hf_memory(model, setup, w, per_token, ovh)
     tp = None
     if gpu is not None:
-        dtype = "fp8" if setup.weights is WeightFormat.FP8 and "fp8" in gpu.tflops else setup.compute_dtype
+        fp8 = setup.weights in (WeightFormat.FP8, WeightFormat.TORCHAO_FP8_DYNAMIC)
+        dtype = "fp8" if fp8 and "fp8" in gpu.tflops else setup.compute_dtype
         window = sliding_window(model)
         mean_ctx = setup.prompt_len + setup.gen_len / 2
         tp = serve_throughput(model, gpu, tp=setup.tp, concurrency=setup.concurrency, prompt_len=setup.prompt_len,

@@ -38,11 +38,18 @@ class WeightFormat(str, Enum):
     FP8 = "fp8"  # vLLM fp8 (E4M3) weights with one fp32 scale per tensor
     GPTQ_INT4 = "gptq-int4"  # GPTQ 4-bit: packed int32 weights and zeros, fp16 scales per group, int32 g_idx
     AWQ_INT4 = "awq-int4"  # AWQ 4-bit: packed int32 weights and zeros, fp16 scales per group
+    # torchao 0.18 through transformers' TorchAoConfig (quantize_ on each nn.Linear but the LM head):
+    TORCHAO_INT8 = "torchao-int8"  # Int8WeightOnlyConfig: int8 weights, fp32 scale and int8 zero point per row
+    TORCHAO_FP8 = "torchao-fp8"  # Float8WeightOnlyConfig: E4M3 weights, one fp32 scale per row
+    TORCHAO_FP8_DYNAMIC = "torchao-fp8-dynamic"  # Float8DynamicActivationFloat8WeightConfig: one fp32 scale/tensor
+    TORCHAO_INT4 = "torchao-int4"  # Int4WeightOnlyConfig (plain): packed int4, scale and zero per group
+    TORCHAO_INTX4 = "torchao-intx4"  # IntxWeightOnlyConfig(int4): one int8 per value, scale and zero per group
 
     @property
     def grouped(self) -> bool:
         """Whether --group-size applies."""
-        return self in (WeightFormat.GPTQ_INT4, WeightFormat.AWQ_INT4)
+        return self in (WeightFormat.GPTQ_INT4, WeightFormat.AWQ_INT4, WeightFormat.TORCHAO_INT4,
+                        WeightFormat.TORCHAO_INTX4)
 
 
 class KvDtype(str, Enum):

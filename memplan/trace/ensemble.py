@@ -14,8 +14,8 @@ import torch
 from memplan.serve.setup import HfCache, ServeSetup
 from memplan.spec.model import ModelSpec
 from memplan.trace import cuda
-from memplan.trace.build import materialize
 from memplan.trace.serve import DTYPES, ScalarAnswers, ServeTrace, cache_bytes, check_traceable, named_at_peak
+from memplan.trace.serve_quant import stored_weights
 from memplan.trace.session import as_real_tensors, quiet
 from memplan.trace.tracker import INPUT, W, AllocTracker
 
@@ -43,7 +43,7 @@ def trace_ensemble(models: list[ModelSpec], setup: ServeSetup) -> ServeTrace:
     with quiet(), FakeTensorMode(allow_non_fake_inputs=True), as_real_tensors(), ScalarAnswers(), tracker, \
             torch.inference_mode():
         for hf in hfs:
-            for t in materialize(hf, init_values=False):
+            for t in stored_weights(hf, setup, tracker):
                 tracker.track(t, W)
         weights = tracker.total
         tokens = torch.randint(0, models[0].vocab, (setup.concurrency, setup.prompt_len))

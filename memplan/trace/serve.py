@@ -5,7 +5,8 @@ AllocTracker (512 B CUDA rounding), as the training trace does it.
 Fake tensors hold no values, so what generate() decides from data is answered here: every boolean check reads
 True (no right padding, the all-ones attention mask dropped as it is for a real unpadded batch), and the loop runs
 exactly gen_len tokens (the stopping check is replaced by a step count; eos and pad tokens are off). Traceable:
---engine hf, --tp 1, weights fp32 / bf16 / fp16 (quantized formats and vLLM are estimate-only).
+--engine hf, --tp 1, weights fp32 / bf16 / fp16 and torchao's formats that pack on the CPU (memplan.trace.serve_quant;
+the other quantized formats and vLLM are estimate-only).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from memplan.errors import MemplanError
 from memplan.serve.setup import DTYPE_BYTES, HfCache, ServeEngine, ServeSetup, WeightFormat
 from memplan.spec.model import Arch, ModelSpec
 from memplan.trace import cuda
-from memplan.trace.build import find_blocks, materialize
+from memplan.trace.build import find_blocks
+from memplan.trace.serve_quant import TRACED, stored_weights
 from memplan.trace.session import as_real_tensors, quiet
 from memplan.trace.tracker import INPUT, W, AllocTracker
 
@@ -53,19 +55,21 @@ class ServeTrace:
                 "by_tag_at_peak": dict(self.by_tag_at_peak)}
 
 
-def check_generate_runs(setup: ServeSetup, flag: str, one: str, weights_why: str) -> None:
+def check_generate_runs(setup: ServeSetup, flag: str, one: str, weights_why: str, quantized: tuple = ()) -> None:
     """What `flag` (--trace / --measure: transformers generate() on one `one`) cannot run, refused in one line: the
-    vLLM engine, tensor parallelism and quantized weights (`weights_why` says why) are estimate-only."""
+    vLLM engine, tensor parallelism and quantized weights but `quantized` (`weights_why` says why) are
+    estimate-only."""
     if setup.engine is not ServeEngine.HF:
         raise MemplanError(f"{flag} runs transformers generate(): --engine vllm is estimate-only")
     if setup.tp != 1:
         raise MemplanError(f"{flag} runs one {one}: --tp > 1 is estimate-only")
-    if setup.weights not in (WeightFormat.FP32, WeightFormat.BF16, WeightFormat.FP16):
+    if setup.weights not in (WeightFormat.FP32, WeightFormat.BF16, WeightFormat.FP16, *quantized):
         raise MemplanError(f"{flag}: --weights {setup.weights.value} is estimate-only ({weights_why})")
 
 
 def check_traceable(model: ModelSpec, setup: ServeSetup) -> None:
-    check_generate_runs(setup, "--trace", "GPU", "no quantized kernel runs on fake CPU tensors here")
+    check_generate_runs(setup, "--trace", "GPU", "traced: torchao-int8, torchao-fp8, torchao-fp8-dynamic, "
+                        "torchao-intx4 (memplan.trace.serve_quant)", quantized=TRACED)
     if model.experts > 1 and setup.compute_dtype != "bf16":
         raise MemplanError("--trace: transformers' grouped expert matmul runs bf16 only on the CPU; other MoE "
                            "dtypes are estimate-only")
@@ -88,7 +92,7 @@ def trace_serve(model: ModelSpec, setup: ServeSetup) -> ServeTrace:
 
     with quiet(), FakeTensorMode(allow_non_fake_inputs=True), as_real_tensors(), ScalarAnswers(), tracker, \
             torch.inference_mode():
-        for t in materialize(hf, init_values=False):
+        for t in stored_weights(hf, setup, tracker):
             tracker.track(t, W)
         weights = tracker.total
         ids = torch.randint(0, model.vocab, (setup.concurrency, setup.prompt_len))
