@@ -22,7 +22,7 @@ Memory (torchao 0.18.0 torchao/float8/float8_linear.py, matmul_with_hp_or_float8
   per element alive at once, whatever the operand's dtype (an fp32 operand's `.to` is free, but the product is
   not). They are transient inside one matmul, so only the largest converted linear of a block counts, at the top
   block's forward and backward. On most models the logits set the peak instead; where a block's linear is wide
-  beside the vocabulary (a wide MLP, a small vocabulary) they set it (−14% to −20% before this term on a 256-wide
+  beside the vocabulary (a wide MLP, a small vocabulary) they set it (−18% to −20% before this term on a 256-wide
   toy with a 2048-wide MLP and a 512 vocabulary, within 3% with it: tests/test_fp8.py).
 Under torch.compile (torchtitan's default with float8) the partitioner may save the 1-byte casts instead of the
 high-precision input; memplan estimates and traces eager mode and says so.
