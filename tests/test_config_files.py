@@ -297,6 +297,15 @@ def test_fit_narrows_its_search_to_the_file(capsys):
     assert {r["packing"] for r in rows} == {True}  # sample_packing: only packed rows are searched
 
 
+def test_fit_takes_a_recipes_loss(capsys):
+    """torchtune's CEWithChunkedOutputLoss reaches fit as --loss chunked (every choice; 8 chunks, its default)."""
+    rc, out, err = run(["fit", "--config", fx("torchtune_llama3_2_1B_lora.yaml"), "--gpu", "l4", "--seq", "256",
+                        "-f", "json"], capsys)
+    assert rc == 0, err
+    rows = json.loads(out)["rows"]
+    assert rows and {r.get("loss") for r in rows} == {"chunked:8"}
+
+
 def test_measure_sweep_with_a_config_is_an_error(capsys):
     rc, _, err = run(["measure", "--sweep", "validation", "--config", fx("trainer_args_bf16.json")], capsys)
     assert rc == 2 and "--config" in err
