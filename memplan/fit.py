@@ -13,6 +13,15 @@ memory):
 - max_seq: the largest sequence length that fits at min_batch, among the query's length and the multiples of
   128 above it up to the model's max_position_embeddings (and the --max-seq cap).
 
+Technique axes (issue 13): the memory techniques that are opt-in are searched when asked for, each beside its
+absence, and left at the query's base setup otherwise, so the default space is the one above:
+--optimizer-in-backward, --offload-activations, --fp8 RECIPES, --loss a comma list (standard, chunked[:N],
+liger-fused), --ckpt-every a comma list (full / op-selective choices), packing with --lengths, --optimizer-impl a
+comma list (folded into the optimizers searched: with_impls). --reentrant and --logits-to-keep are flags applied to
+every choice, not searched: reentrant and non-reentrant checkpointing keep the same storages at the peak in every
+setup traced, so their estimate is the same (docs/memory-techniques.md "Reentrant vs non-reentrant"), and keeping
+K logits changes the job (its loss), not how it is run. docs/memory-techniques.md "fit" lists every technique flag.
+
 Choices that do not fit at (min_batch, seq) are left out. The rest are ranked (SortKey, `--sort`) by predicted
 tokens/sec per GPU (memplan.estimate.throughput.predict at max_batch), then by larger micro-batch, longer sequence,
 less memory; or by micro-batch, sequence length or memory first.
@@ -42,8 +51,8 @@ from typing import Callable
 from memplan.errors import MemplanError
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import (ABSURD_TOKENS, Checkpointing, Engine, Fp8Recipe, Optimizer, PeftMethod, Precision,
-                                TrainingSetup)
+from memplan.spec.setup import (ABSURD_TOKENS, DEFAULT_LOSS_CHUNKS, Checkpointing, Engine, Fp8Recipe, Loss, Optimizer,
+                                OptimizerImpl, PeftMethod, Precision, TrainingSetup)
 
 SEQ_STEP = 128  # sequence lengths searched: multiples of 128 (kernel-friendly tile sizes)
 DEFAULT_MARGIN = 0.05  # keep 5% of device memory free: allocator spikes and library workspaces vary by version
@@ -99,6 +108,45 @@ class Offload(str, Enum):
         return Offload.OPTIMIZER if setup.offload_optimizer else Offload.NONE
 
 
+@dataclass(frozen=True)
+class LossChoice:
+    """One value of fit's loss axis (--loss standard,chunked:N,liger-fused): the loss and its chunk count."""
+
+    loss: Loss = Loss.STANDARD
+    chunks: int = DEFAULT_LOSS_CHUNKS  # --loss chunked:N; the default for the other losses (TrainingSetup's rule)
+
+    @property
+    def text(self) -> str:
+        return f"{self.loss.value}:{self.chunks}" if self.loss is Loss.CHUNKED else self.loss.value
+
+
+def with_impls(optimizers: tuple[Optimizer, ...], impls: tuple[OptimizerImpl, ...]
+               ) -> tuple[tuple[Optimizer, ...], tuple[str, ...]]:
+    """--optimizer-impl foreach,fused,for-loop over the searched optimizers: each one run by every asked
+    implementation it has (the implementation is folded into the Optimizer value: adamw + fused = adamw-fused,
+    memplan.spec.setup.IMPLEMENTATIONS). An optimizer with no torch implementations (bitsandbytes' kernels) is
+    searched as it is; one whose implementations are all unasked is left out. Returns the optimizers and one note
+    per optimizer left out."""
+    from memplan.spec.setup import IMPLEMENTATIONS
+
+    out, notes = [], []
+    for o in optimizers:
+        variants = IMPLEMENTATIONS.get(o.base)
+        if variants is None:
+            notes.append(f"--optimizer-impl: {o.value} runs its own kernel (no torch implementations); searched as "
+                         f"it is")
+            out.append(o)
+            continue
+        mine = [variants[i] for i in impls if i in variants]
+        if not mine:
+            notes.append(f"--optimizer-impl {','.join(i.value for i in impls)}: {o.base.value} has no such "
+                         f"implementation (it has {', '.join(i.value for i in variants)}); left out")
+        out.extend(mine)
+    if not out:
+        raise MemplanError(f"--optimizer-impl {','.join(i.value for i in impls)} leaves no optimizer to search")
+    return tuple(dict.fromkeys(out)), tuple(dict.fromkeys(notes))
+
+
 class SortKey(str, Enum):
     """What fit ranks by first (`--sort`); the rest break ties in the order tokens, batch, seq, memory."""
 
@@ -131,6 +179,12 @@ class Space:
     # --offload-activations (fit's flag) searches (False, True): torchtune's OffloadActivations (one GPU;
     # memplan.estimate.offload): less device memory, host RAM and host-link time in its place
     offload_activations: tuple[bool, ...] = (False,)
+    # --loss as a comma list (fit's CLI): every choice with each loss (torchtune's chunked CE, Liger's fused CE:
+    # memplan.estimate, the logits they never materialize); empty: the query's base setup's loss
+    losses: tuple[LossChoice, ...] = ()
+    # --ckpt-every as a comma list: each full / op-selective choice wrapping every K-th block for each K
+    # (torchtitan's selective_ac_option=K); empty: the base setup's ckpt_every
+    ckpt_everys: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("precisions", "optimizers", "pefts", "checkpointing", "zeros", "engines", "offloads"):
@@ -138,24 +192,31 @@ class Space:
                 raise MemplanError(f"fit: the {name} list is empty")
         if any(z not in (0, 1, 2, 3) for z in self.zeros):
             raise MemplanError(f"fit: ZeRO stages are 0-3, got {list(self.zeros)}")
+        if any(k < 1 for k in self.ckpt_everys):
+            raise MemplanError(f"--ckpt-every must be positive, got {list(self.ckpt_everys)}")
 
     def choices(self, gpus: int):
         """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward, fp8, packing,
-        offload_activations) tuples; one GPU has nothing to shard or offload: ZeRO 0, the first engine, no offload;
-        optimizer-in-backward and activation offloading run on one GPU."""
+        offload_activations, loss, ckpt_every) tuples; one GPU has nothing to shard or offload: ZeRO 0, the first
+        engine, no offload; optimizer-in-backward and activation offloading run on one GPU. loss / ckpt_every None:
+        the base setup's; a policy that wraps no blocks takes only the first ckpt_every (it has none)."""
         if gpus > 1:
             zeros, engines, offloads, inb, acts = self.zeros, self.engines, self.offloads, (False,), (False,)
         else:
             zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
             acts = self.offload_activations
-        return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads,
-                       inb, self.fp8s, self.packings, acts)
+        everys = self.ckpt_everys or (None,)
+        return (c for c in product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines,
+                                   offloads, inb, self.fp8s, self.packings, acts, self.losses or (None,), everys)
+                if c[-1] is everys[0] or c[3].wraps_blocks)
 
     @property
     def size(self) -> int:
+        """Choices at most (one GPU and the policies that wrap no blocks collapse some axes)."""
         return (len(self.precisions) * len(self.optimizers) * len(self.pefts) * len(self.checkpointing)
                 * len(self.zeros) * len(self.engines) * len(self.offloads) * len(self.in_backward)
-                * len(self.fp8s) * len(self.packings) * len(self.offload_activations))
+                * len(self.fp8s) * len(self.packings) * len(self.offload_activations) * max(1, len(self.losses))
+                * max(1, len(self.ckpt_everys)))
 
 
 @dataclass(frozen=True)
@@ -215,6 +276,8 @@ class FitRow:
                 "host_bytes_per_node": self.host_bytes_per_node, "tokens_per_s": t["tokens_per_s"],
                 "tokens_per_s_total": t["tokens_per_s_total"], "step_s": t["step_s"], "mfu": t["mfu"],
                 "offload_activations": s.offload_activations,
+                **({"loss": LossChoice(s.loss, s.loss_chunks).text} if s.loss is not Loss.STANDARD else {}),
+                **({"ckpt_every": s.ckpt_every} if s.ckpt_every != 1 else {}),
                 **({"packing": s.packing, "padding_waste": t.get("padding_waste", 0.0)}
                    if s.lengths != "fixed" or s.packing else {})}
 
@@ -323,14 +386,18 @@ def _estimator(model: ModelSpec, gpu: GpuSpec, counter: list[int]):
 
 def _choice_setup(base: TrainingSetup, precision, optimizer, peft, ckpt, zero, engine=Engine.FSDP,
                   offload=Offload.NONE, in_backward=False, fp8=Fp8Recipe.NONE, packing=False,
-                  offload_activations=False) -> TrainingSetup | None:
+                  offload_activations=False, loss: LossChoice | None = None,
+                  ckpt_every: int | None = None) -> TrainingSetup | None:
+    every, reentrant = (base.ckpt_every if ckpt_every is None else ckpt_every), base.ckpt_reentrant
+    if not ckpt.wraps_blocks:
+        every, reentrant = 1, False  # they apply to block-wrapping policies only
+    losses = {} if loss is None else {"loss": loss.loss, "loss_chunks": loss.chunks}
     try:
-        if not ckpt.wraps_blocks and (base.ckpt_every != 1 or base.ckpt_reentrant):
-            base = replace(base, ckpt_every=1, ckpt_reentrant=False)  # they apply to block-wrapping policies only
         return replace(base, precision=precision, optimizer=optimizer, peft=peft, checkpointing=ckpt, zero=zero,
                        engine=engine, optimizer_in_backward=in_backward, fp8=fp8, **offload.flags(engine),
                        packing=packing, pad_multiple=1 if packing else base.pad_multiple,
-                       offload_activations=offload_activations)
+                       offload_activations=offload_activations, ckpt_every=every, ckpt_reentrant=reentrant,
+                       **losses)
     except MemplanError:  # an impossible combination (QLoRA with fp32, offload without ZeRO, fsdp-bf16 under DDP...)
         return None
 
@@ -408,7 +475,8 @@ def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
     for r in rows:
         s = r.setup
         runs = groups.setdefault((s.precision, s.peft, s.checkpointing, s.zero, s.engine, Offload.of(s),
-                                  s.optimizer_in_backward, s.fp8, s.packing, s.offload_activations), [])
+                                  s.optimizer_in_backward, s.fp8, s.packing, s.offload_activations, s.loss,
+                                  s.loss_chunks, s.ckpt_every), [])
         for run in runs:
             if all(_ties(r, o, gpu) for o in run):
                 run.append(r)
@@ -421,6 +489,14 @@ def merge_ties(rows: list[FitRow], gpu: GpuSpec) -> list[FitRow]:
             run.sort(key=lambda r: (r.peak_device_bytes, r.setup.optimizer.value))
             out.append(replace(run[-1], optimizers=tuple(r.setup.optimizer for r in run)))
     return out
+
+
+def technique_suffix(s: TrainingSetup) -> str:
+    """The searched technique values of a row beside its optimizers in fit's table (fp8 recipe, loss, every-k)."""
+    parts = [f"fp8 {s.fp8.value}" if s.fp8 is not Fp8Recipe.NONE else "",
+             f"loss {LossChoice(s.loss, s.loss_chunks).text}" if s.loss is not Loss.STANDARD else "",
+             f"every {s.ckpt_every} blocks" if s.ckpt_every != 1 else ""]
+    return "".join(f" · {p}" for p in parts if p)
 
 
 def by_method(rows) -> list[tuple[PeftMethod, list[FitRow]]]:

@@ -271,7 +271,7 @@ def fit_table(report, top: int, grouped: bool = True) -> str:
                         + ([f"{t['tokens_per_s']:,.0f}", f"{t['step_s']:.3f}", f"{100 * t['mfu']:.0f}%"] if speed
                            else []) + [", ".join(o.value for o in r.optimizers)
                                        + (" (in backward)" if s.optimizer_in_backward else "")
-                                       + (f" · fp8 {s.fp8.value}" if s.fp8.value != "none" else "")])
+                                       + F.technique_suffix(s)])
     text = columns(headers, body, right={i for i, h in enumerate(headers)
                                          if h in ("#", "zero", "max batch", "max seq", "peak GiB", "host GiB/node",
                                                   "tokens/s/GPU", "step s", "MFU")})

@@ -161,9 +161,26 @@ def test_axolotl_yaml():
     assert list(v["lora_targets"]) == d["lora_target_modules"]
     assert v["seq"] == d["sequence_len"] and v["batch"] == d["micro_batch_size"]
     assert v["checkpointing"] == "full" and v["attention"] == "flash" and v["precision"] == "pure-bf16"
+    assert v["packing"] is d["sample_packing"] is True  # sample_packing: true -> --packing
     v = values("axolotl_llama3_qlora_fsdp_70b.yaml")
     assert "model" not in v  # casperhansen/llama-3-70b-fp16 is no profile: said in --explain
     assert v["lora_targets"] == "all-linear" and v["zero"] == 3 and v["offload_params"] is True
+    assert v["packing"] is doc("axolotl_llama3_qlora_fsdp_70b.yaml")["sample_packing"] is False
+
+
+def test_axolotl_sample_packing_packs_rows_and_says_what_is_assumed(capsys):
+    f = fx("axolotl_llama3_qlora_1b.yml")
+    rc, out, err = run(["estimate", "--config", f, "--seq", "128", "-f", "json", "--explain"], capsys)
+    assert rc == 0, err
+    s = json.loads(out)["setup"]
+    assert s["packing"] is True and s.get("lengths", "fixed") == "fixed"  # no distribution in the file: full rows
+    assert "sample_packing = true -> --packing" in err and "no length distribution" in err
+    assert not any("not modelled" in ln and "sample_packing" in ln for ln in err.splitlines())
+    # a distribution from the command line joins the file's packing: padded batches' waste is gone, not the tokens
+    s = setup_of(["--config", f, "--seq", "128", "--lengths", "uniform:16-128"], capsys)
+    assert s["packing"] is True and s["lengths"] == "uniform:16-128"
+    s = setup_of(["--config", f, "--seq", "128", "--no-packing"], capsys)  # the flag wins
+    assert s.get("packing", False) is False  # (to_dict leaves packing out at its default)
 
 
 # --- the CLI: override order, --explain, warnings ----------------------------------------------------------------
@@ -217,9 +234,9 @@ def test_one_warning_line_per_file_names_what_is_not_modelled(capsys):
                         *[a for f in files for a in ("--config", f)]], capsys)
     assert rc == 0
     lines = [ln for ln in err.splitlines() if ln.startswith("warning: ") and "not modelled" in ln]
-    assert [ln.split(":")[1].strip() for ln in lines] == files
+    # the axolotl file's last unmodelled field was sample_packing, read now (--packing): it has no warning line
+    assert [ln.split(":")[1].strip() for ln in lines] == files[:1]
     assert "tensor_parallel_plan" in lines[0] and "CEWithChunkedOutputLoss" not in lines[0]  # read: --loss chunked
-    assert "sample_packing" in lines[1]
 
 
 def test_warnings_name_unmodelled_fields_of_each_format(tmp_path):
@@ -277,6 +294,16 @@ def test_fit_narrows_its_search_to_the_file(capsys):
     rows = json.loads(out)["rows"]
     assert rows and {(r["peft"], r["precision"], r["checkpointing"]) for r in rows} == {("qlora", "pure-bf16", "full")}
     assert json.loads(out)["min_batch"] == doc("axolotl_llama3_qlora_1b.yml")["micro_batch_size"]
+    assert {r["packing"] for r in rows} == {True}  # sample_packing: only packed rows are searched
+
+
+def test_fit_takes_a_recipes_loss(capsys):
+    """torchtune's CEWithChunkedOutputLoss reaches fit as --loss chunked (every choice; 8 chunks, its default)."""
+    rc, out, err = run(["fit", "--config", fx("torchtune_llama3_2_1B_lora.yaml"), "--gpu", "l4", "--seq", "256",
+                        "-f", "json"], capsys)
+    assert rc == 0, err
+    rows = json.loads(out)["rows"]
+    assert rows and {r.get("loss") for r in rows} == {"chunked:8"}
 
 
 def test_measure_sweep_with_a_config_is_an_error(capsys):

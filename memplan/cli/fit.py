@@ -83,8 +83,44 @@ def _offloads(text):
     return tuple(dict.fromkeys(Offload(t) for t in items))
 
 
+def _losses(text):
+    """--loss standard,chunked:4,liger-fused: each spelled as estimate's --loss (make_setup checks it)."""
+    from memplan.fit import LossChoice
+    from memplan.spec.values import make_setup
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise MemplanError(f"--loss {text}: a comma-separated list of standard, chunked[:N], liger-fused")
+    made = [make_setup(loss=t) for t in items]
+    return tuple(dict.fromkeys(LossChoice(m.loss, m.loss_chunks) for m in made))
+
+
+def _everys(text):
+    try:
+        ks = tuple(dict.fromkeys(int(k) for k in text.split(",") if k.strip()))
+    except ValueError:
+        raise MemplanError(f"--ckpt-every {text}: a comma-separated list of block counts K ≥ 1") from None
+    if not ks or min(ks) < 1:
+        raise MemplanError(f"--ckpt-every {text}: a comma-separated list of block counts K ≥ 1")
+    return ks
+
+
+def _impls(optimizers, text):
+    """--optimizer-impl foreach,fused,for-loop folded into the searched optimizers (memplan.fit.with_impls)."""
+    from memplan.fit import with_impls
+    from memplan.spec.setup import OptimizerImpl
+
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    known = {i.value for i in OptimizerImpl}
+    if not items or any(t not in known for t in items):
+        raise MemplanError(f"--optimizer-impl {text}: a comma-separated list of {', '.join(sorted(known))}")
+    return with_impls(optimizers, tuple(dict.fromkeys(OptimizerImpl(t) for t in items)))
+
+
 def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=1, engine=None, offload=None,
-           in_backward=False, fp8=None, packings=(False,), offload_activations=False):
+           in_backward=False, fp8=None, packings=(False,), offload_activations=False, loss=None, ckpt_every=None,
+           optimizer_impl=None):
+    """The searched space, and the notes about it (optimizers an --optimizer-impl leaves out)."""
     from memplan import fit as F
     from memplan.spec.values import parse_choices
 
@@ -96,9 +132,12 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
             raise MemplanError(f"--zero {zero}: a comma-separated list of stages 0-3") from None
     if max_zero is not None:
         zeros = tuple(z for z in zeros if z <= max_zero)
+    optimizers, notes = parse_choices("optimizer", optimizer) if optimizer else F.DEFAULT_OPTIMIZERS, ()
+    if optimizer_impl:
+        optimizers, notes = _impls(optimizers, optimizer_impl)
     return F.Space(
         precisions=parse_choices("precision", precision) if precision else F.default_precisions(gpu, gpus),
-        optimizers=parse_choices("optimizer", optimizer) if optimizer else F.DEFAULT_OPTIMIZERS,
+        optimizers=optimizers,
         pefts=parse_choices("peft", peft) if peft else F.DEFAULT_PEFTS,
         checkpointing=parse_choices("checkpointing", checkpointing) if checkpointing else F.DEFAULT_CHECKPOINTING,
         zeros=zeros,
@@ -107,7 +146,9 @@ def _space(precision, optimizer, peft, checkpointing, zero, max_zero, gpu, gpus=
         in_backward=(False, True) if in_backward else F.Space.in_backward,
         fp8s=tuple(dict.fromkeys((F.Fp8Recipe.NONE, *parse_choices("fp8", fp8)))) if fp8 else F.Space.fp8s,
         packings=packings,
-        offload_activations=(False, True) if offload_activations else F.Space.offload_activations)
+        offload_activations=(False, True) if offload_activations else F.Space.offload_activations,
+        losses=_losses(loss) if loss and "," in loss else F.Space.losses,  # one loss: the base's (below)
+        ckpt_everys=_everys(ckpt_every) if ckpt_every else F.Space.ckpt_everys), notes
 
 
 @with_config(FIT_PARAMS)
@@ -153,10 +194,21 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
         train_layers: Annotated[int, typer.Option("--train-layers", help="--peft freeze: last blocks that "
                                                                          "train.")] = 0,
         attention: Annotated[str, typer.Option("--attention", help="eager | sdpa | flash.")] = "sdpa",
-        loss: Annotated[str, typer.Option("--loss", help="standard | chunked[:N] | liger-fused (every choice; "
-                                          "docs/memory-techniques.md).")] = "standard",
-        ckpt_every: Annotated[int, typer.Option("--ckpt-every", help="full / op-selective choices wrap every "
-                                                "K-th block.")] = 1,
+        loss: Annotated[Optional[str], typer.Option(
+            "--loss", help="Comma-separated losses searched: standard, chunked[:N] (torchtune), liger-fused "
+            "(docs/memory-techniques.md) [default: standard].")] = None,
+        ckpt_every: Annotated[Optional[str], typer.Option(
+            "--ckpt-every", help="Comma-separated K: full / op-selective choices wrap every K-th block, each K "
+            "searched [default: 1].")] = None,
+        reentrant: Annotated[bool, typer.Option(
+            "--reentrant/--no-reentrant", help="torch.utils.checkpoint use_reentrant for full checkpointing (same "
+            "estimate as non-reentrant, so not searched; op-selective needs non-reentrant).")] = False,
+        logits_to_keep: Annotated[int, typer.Option(
+            "--logits-to-keep", help="Logits and loss of the last K positions only (transformers logits_to_keep, "
+            "TRL GRPO); every choice; 0 = all.")] = 0,
+        optimizer_impl: Annotated[Optional[str], typer.Option(
+            "--optimizer-impl", help="Comma-separated foreach, fused, for-loop: each searched optimizer run by "
+            "each it has (bitsandbytes' as they are) [default: as --optimizer names them].")] = None,
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient-accumulation steps.")] = 1,
         lengths: Annotated[str, typer.Option("--lengths", help="Sequence lengths: fixed | varied | uniform:A-B | "
                                              "FILE (memplan estimate --help): padded batches at their worst "
@@ -209,21 +261,22 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
 
     lengths = canonical(lengths)
     packings = (packing,) if packing is not None else (False, True) if lengths != "fixed" else (False,)
-    space = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload, in_backward,
-                   fp8, packings, offload_activations)
+    space, impl_notes = _space(precision, optimizer, peft, checkpointing, zero, max_zero, g, gpus, engine, offload,
+                               in_backward, fp8, packings, offload_activations, loss, ckpt_every, optimizer_impl)
     if not space.zeros:
         raise MemplanError("--zero / --max-zero leave no ZeRO stage to search")
     base = make_setup(gpus=gpus, gpus_per_node=gpus_per_node, lora_rank=lora_rank, lora_targets=lora_targets,
-                      train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0, loss=loss,
+                      train_layers=train_layers, attention=attention, grad_accum=grad_accum, zero=0,
+                      loss=loss if loss and "," not in loss else None,
                       lengths=lengths, pad_multiple=pad_multiple,
                       teacher=teacher, teacher_weights=teacher_weights, distill_alpha=distill_alpha,
-                      temperature=temperature,
-                      # --ckpt-every rides on the base; fit.py keeps it for the block-wrapping choices only
-                      **({"checkpointing": "full", "ckpt_every": ckpt_every} if ckpt_every != 1 else {}))
+                      temperature=temperature, logits_to_keep=logits_to_keep,
+                      # --reentrant rides on the base; fit.py keeps it for the block-wrapping choices only
+                      **({"checkpointing": "full", "ckpt_reentrant": True} if reentrant else {}))
     from memplan.estimate import gpu_checks
 
     gpu_checks(base, g)  # --attention flash on a GPU without FlashAttention-2: one line, not "nothing fits"
-    notes = fit_notes(g, space, lora_rank, lora_targets, train_layers)  # said once the search has run
+    notes = fit_notes(g, space, lora_rank, lora_targets, train_layers) + list(impl_notes)  # said after the search
     from memplan.estimate.overhead import default_overhead
 
     notes += [n for n in default_overhead()[1:] if n]  # the calibrated overhead the search used, when there is one

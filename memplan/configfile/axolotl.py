@@ -1,6 +1,6 @@
 """An axolotl YAML (axolotl 0.21, examples/**.yml; src/axolotl/utils/schemas/config.py AxolotlInputConfig):
 the base model, adapter and LoRA fields, 4/8-bit loading, sequence_len, micro-batch, accumulation, precision,
-optimizer (transformers' names), checkpointing, attention, DeepSpeed / FSDP."""
+optimizer (transformers' names), checkpointing, attention, sample_packing, DeepSpeed / FSDP."""
 from __future__ import annotations
 
 from memplan.configfile.base import Collector, Reading, as_bool, as_int, is_auto, unset
@@ -24,6 +24,12 @@ NO_EFFECT = frozenset({
     "s2_attention", "lora_on_cpu", "bnb_config_kwargs", "lr_scheduler_kwargs", "optim_args", "cosine_min_lr_ratio",
     "eval_batch_size", "deepspeed_config",
 })
+# What memplan assumes for sample_packing: true. An axolotl config names its datasets, not their token lengths, so no
+# length distribution is read (--lengths, e.g. a FILE of the tokenized dataset's lengths, gives one); the packed
+# rows are taken full, micro_batch_size × sequence_len tokens a step, the memory of fixed rows of sequence_len
+# with position_ids restarting per sample (memplan.estimate.lengths, docs/memory-techniques.md).
+PACKING_NOTE = ("--packing: rows of sequence_len tokens, taken full (the config gives no length distribution: "
+                "--lengths FILE for the dataset's real tokens/s)")
 ATTENTION = {"flash_attention_2": "flash", "flash_attention_3": "flash", "sdpa": "sdpa", "eager": "eager"}
 
 
@@ -129,7 +135,7 @@ def read(doc: dict, path: str, load=None) -> Reading:
         c.set("sdp_attention", True, "attention", "sdpa")
     if doc.get("xformers_attention"):
         c.skip("xformers_attention", "xformers attention")
-    if doc.get("sample_packing"):
-        c.skip("sample_packing", "several samples packed into each sequence_len row: memplan assumes full rows "
-               "of sequence_len tokens")
+    if doc.get("sample_packing") is not None:  # axolotl's multipack sampler: samples packed into sequence_len rows
+        on = as_bool(path, "sample_packing", doc["sample_packing"])
+        c.set("sample_packing", on, "packing", on, PACKING_NOTE if on else "")
     return c.rest(doc, done, NO_EFFECT)

@@ -27,7 +27,11 @@ FIT_PARAMS = {"model": ("model", None), "gpus": ("gpus", None), "gpus_per_node":
               "train_layers": ("train_layers", None), "attention": ("attention", None),
               "precision": ("precision", _join), "optimizer": ("optimizer", _join), "peft": ("peft", _join),
               "checkpointing": ("checkpointing", _join), "zero": ("zero", _join), "engine": ("engine", _join),
-              "offload_params": ("offload", _offload), "offload_optimizer": ("offload", _offload)}
+              "offload_params": ("offload", _offload), "offload_optimizer": ("offload", _offload),
+              # a file's technique switches: packing (axolotl sample_packing) narrows fit to packed rows; the rest
+              # are fixed for every choice (--loss) or add their setting to the search (fit's boolean flags)
+              "packing": ("packing", None), "loss": ("loss", None), "offload_activations": ("offload_activations", None),
+              "optimizer_in_backward": ("in_backward", None)}
 
 
 @dataclass(frozen=True)

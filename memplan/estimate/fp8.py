@@ -16,9 +16,14 @@ Memory (torchao 0.18.0 torchao/float8/float8_linear.py, matmul_with_hp_or_float8
   for the whole forward and backward (`cast_cache_bytes`).
 - scaling state: dynamic scaling keeps none between steps (torchao 0.18 removed delayed scaling's amax history
   buffers); each cast's amax and scale are fp32 scalars (tensorwise) or one per row (rowwise), temporaries.
-- the casts' temporaries: hp_tensor_and_scale_to_float8 upcasts the tensor to fp32, scales and clamps it before
-  the 1-byte cast, per operand, transiently inside the matmul; below the phase peaks of the setups memplan
-  calibrates (the trace includes them; TECHNIQUES holds the comparison).
+- the casts' temporaries (`cast_transients`): each operand cast (float8_training_tensor.py
+  _ToFloat8ConstrFunc.forward, float8_utils.py to_fp8_saturated) makes `tensor.to(float32) * scale` (4 B/element),
+  clamps it into a new fp32 tensor (4 B) while the scaled one is still referenced, then casts that to 1 byte: 9 B
+  per element alive at once, whatever the operand's dtype (an fp32 operand's `.to` is free, but the product is
+  not). They are transient inside one matmul, so only the largest converted linear of a block counts, at the top
+  block's forward and backward. On most models the logits set the peak instead; where a block's linear is wide
+  beside the vocabulary (a wide MLP, a small vocabulary) they set it (−18% to −20% before this term on a 256-wide
+  toy with a 2048-wide MLP and a 512 vocabulary, within 3% with it: tests/test_fp8.py).
 Under torch.compile (torchtitan's default with float8) the partitioner may save the 1-byte casts instead of the
 high-precision input; memplan estimates and traces eager mode and says so.
 """
@@ -58,6 +63,51 @@ def converted_outside(model: ModelSpec, setup: TrainingSetup) -> int:
         return 0
     c = setup.precision.compute_bytes
     return sum(round_block(l.weight_numel * c) * l.count for l in converted(model, setup) if l.stack is Stack.OUTSIDE)
+
+
+CAST_BYTES = 9  # per element of a cast operand: scaled fp32 (4) + clamped fp32 (4) + the fp8 bits (1), the module doc
+
+
+def _cast(n: int) -> int:
+    """Peak bytes of one operand's cast to fp8 (n elements): two fp32 tensors and the 1-byte result."""
+    return 2 * round_block(4 * n) + round_block(n)
+
+
+def cast_transients(model: ModelSpec, setup: TrainingSetup, checkpointed: bool = False) -> tuple[int, int]:
+    """(forward, backward) peak transient bytes of the fp8 casts inside the top block's converted linears, per
+    micro-batch, beside every saved tensor of the blocks. torchao 0.18.0 float8_linear.py
+    matmul_with_hp_or_float8_args:
+
+    forward   the input cast (9 B/element of the input), then the weight cast with the fp8 input alive; the
+              largest over the block's converted linears. In a checkpointed block's forward nothing is saved, so
+              the linear's input (compute dtype) counts too (`checkpointed`).
+    backward  the output gradient cast (dim 0); the weight cast for the input gradient beside it; the input
+              gradient (compute dtype) made; the output gradient cast again (dim 1, for the weight gradient)
+              beside them; then the input cast again beside the two output-gradient casts and the weight's. Under
+              rowwise-with-gw-hp the weight gradient runs in high precision: no dim-1 casts (its
+              cast_config_input_for_grad_weight / grad_output_for_grad_weight are disabled).
+              The block's last linear in forward order (the MLP's down projection) runs its backward first, with
+              every saved tensor of the block alive: its steps count with its input gradient. The others run
+              after their consumers freed what they saved (at least the input gradient's worth), so their steps
+              count without it.
+    Amax and scale tensors are fp32 scalars or one per row: one 512-byte block each, left out."""
+    lins = [l for l in converted(model, setup) if l.stack is not Stack.OUTSIDE]
+    if not lins:
+        return 0, 0
+    t, c = setup.model_tokens, setup.precision.compute_bytes
+    fwd = bwd = 0
+    gw_hp = setup.fp8 is Fp8Recipe.ROWWISE_WITH_GW_HP
+    for k, l in enumerate(lins):
+        n_in, n_out, n_w = t * l.in_features, t * l.out_features, l.weight_numel
+        i8, o8, w8 = round_block(n_in), round_block(n_out), round_block(n_w)
+        gi = round_block(n_in * c) if k == len(lins) - 1 else 0
+        held = round_block(n_in * c) if checkpointed else 0
+        fwd = max(fwd, held + _cast(n_in), held + i8 + _cast(n_w))
+        steps = [_cast(n_out), o8 + _cast(n_w)]
+        if not gw_hp:
+            steps += [o8 + w8 + gi + _cast(n_out), 2 * o8 + w8 + gi + _cast(n_in)]
+        bwd = max(bwd, *steps)
+    return fwd, bwd
 
 
 def gpu_check(setup: TrainingSetup, gpu: GpuSpec | None) -> list[str]:

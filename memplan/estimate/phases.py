@@ -61,6 +61,8 @@ class Moment(str, Enum):
     TOP_BLOCK = "top block backward"
     FINAL_NORM_BACKWARD = "final norm backward"  # its fp32 temporaries (activations.final_norm_bwd)
     TOP_BLOCK_EXPERTS = "top block experts"  # an MoE block's expert rows, in its forward (or recomputation)
+    TOP_BLOCK_FP8_CAST = "top block fp8 cast"  # --fp8: a converted linear's operand casts (fp8.cast_transients)
+    LOWEST_BLOCK_FP8_CAST = "lowest block fp8 cast"  # ... in the lowest saved / trained block's backward
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
@@ -529,6 +531,10 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         *((State(Moment.TOP_BLOCK_EXPERTS, Phase.FORWARD,  # the top block's experts before the head and loss
                  _alive(h, accum_grads, acts.total - acts.outside + acts.early,
                         half_fwd + h.deq_outside + h.z_f + acts.experts_transient)),) if acts.experts_transient else ()),
+        *((State(Moment.TOP_BLOCK_FP8_CAST, Phase.FORWARD,  # the top block's largest fp8 cast, before the head
+                 _alive(h, accum_grads, acts.total - acts.outside + acts.early,
+                        half_fwd + h.deq_outside + h.z_f + fp8.cast_transients(model, setup, acts.ckpt(-1))[0])),)
+          if setup.fp8 is not Fp8Recipe.NONE else ()),
         *backward_states(model, setup, p, ms, acts, h, loss_b, lt),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
@@ -676,6 +682,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         states.append(at(Moment.FINAL_NORM_BACKWARD, top_g, in_blocks + acts.final_norm[0],
                          held + head_wait + acts.final_norm[1]))
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
+    if setup.fp8 is not Fp8Recipe.NONE:  # its largest converted linear's backward casts (fp8.cast_transients)
+        states.append(at(Moment.TOP_BLOCK_FP8_CAST, top_g, in_blocks + rec,
+                         held + head_wait + fp8.cast_transients(model, setup)[1]))
     if rec and acts.experts_transient:  # its recomputation runs the experts' forward again
         states.append(at(Moment.TOP_BLOCK_EXPERTS, top_g, in_blocks + rec, held + head_wait + acts.experts_transient))
     if acts.bwd_transient:  # ... and at its softmax backward, the MLP's and P·V's saved tensors already freed
@@ -792,6 +801,10 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         # under gradient accumulation every gradient is already there: block j's new ones are added in place
         out.append(State(names[0], Phase.BACKWARD,
                          _alive(h, max(int(made - block), accum, 0), below + acts.full_per_block[j], temps)))
+        if setup.fp8 is not Fp8Recipe.NONE:  # its largest converted linear's backward casts (fp8.cast_transients)
+            out.append(State(Moment.LOWEST_BLOCK_FP8_CAST, Phase.BACKWARD,
+                             _alive(h, max(int(made - block), accum, 0), below + acts.full_per_block[j],
+                                    temps + fp8.cast_transients(model, setup)[1])))
         if acts.bwd_transient:
             out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), accum, 0),
                                                               below + acts.at_softmax_bwd[j],
