@@ -101,10 +101,12 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
 # import phases, which imports it)
 FORWARD, BACKWARD_START, LOSS_BACKWARD = "forward", "backward start", "loss backward"
 HEAD_BACKWARD, HEAD_GRAD_CAST = "LM-head backward", "LM-head gradient cast"
+HEAD_CHUNK_SUM = "LM-head chunk gradients summed"  # --loss chunked, a trained head: its last chunk's moment
 TOP_BLOCK, TOP_BLOCK_SOFTMAX = "top block backward", "top block softmax backward"
 LOWEST = ("lowest saved block backward", "lowest trained block backward")
 LOWEST_SOFTMAX = ("lowest saved block softmax backward", "lowest trained block softmax backward")
-HELD_CASTS = (BACKWARD_START, LOSS_BACKWARD, HEAD_BACKWARD, HEAD_GRAD_CAST, TOP_BLOCK, TOP_BLOCK_SOFTMAX)
+HELD_CASTS = (BACKWARD_START, LOSS_BACKWARD, HEAD_BACKWARD, HEAD_GRAD_CAST, HEAD_CHUNK_SUM, TOP_BLOCK,
+              TOP_BLOCK_SOFTMAX)
 
 
 def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
@@ -112,7 +114,11 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
     """The step's states (memplan.estimate.phases.State) with what OffloadActivations moves off the device:
     activations at each moment as OffloadTerms says, the weight casts saved in the blocks offloaded (autocast's
     cache keeps the trainable ones to the forward's end; the head's stays saved)."""
-    hl, st = terms.head_loss, terms.stash + terms.carry
+    # op-selective checkpointing: the op outputs a wrapped block's checkpoint caches (torch.utils.checkpoint's
+    # selective-checkpoint dispatch mode keeps them itself, never through saved-tensor hooks) stay on the device
+    # until that block's backward; only the checkpoint's saved inputs (_NoopSaveInputs) reach OffloadActivations
+    sac = [max(b - acts.block_input, 0) if acts.ckpt(i) and b else 0 for i, b in enumerate(acts.per_block)]
+    hl, st = terms.head_loss, terms.stash + terms.carry + sum(sac)
     block_casts = max(casts_bwd - half_outside, 0) // max(blocks, 1)
 
     def own(j: int, softmax: bool) -> int:
@@ -121,7 +127,8 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
         return terms.window if (acts.full_per_block and acts.full_per_block[j]) else 0
 
     resident = {FORWARD: hl + st, BACKWARD_START: hl + st, LOSS_BACKWARD: hl + st,
-                HEAD_BACKWARD: hl - acts.loss // max(acts.loss_chunks, 1) + st, HEAD_GRAD_CAST: hl - acts.loss + st}
+                HEAD_BACKWARD: hl - acts.loss // max(acts.loss_chunks, 1) + st, HEAD_GRAD_CAST: hl - acts.loss + st,
+                HEAD_CHUNK_SUM: hl - acts.loss + st}  # the last chunk's: every chunk's loss saves freed
     low = next((i for i, b in enumerate(acts.full_per_block) if b), 0)
     out = []
     for s in states:
@@ -131,8 +138,8 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
             c[C.ACTIVATIONS] = resident[name]
         elif s.phase is Phase.OPTIMIZER_STEP:
             c[C.ACTIVATIONS] += terms.carry
-        elif name in (TOP_BLOCK, TOP_BLOCK_SOFTMAX):
-            c[C.ACTIVATIONS] = own(-1, name == TOP_BLOCK_SOFTMAX)
+        elif name in (TOP_BLOCK, TOP_BLOCK_SOFTMAX):  # the blocks below keep their cached op outputs
+            c[C.ACTIVATIONS] = own(-1, name == TOP_BLOCK_SOFTMAX) + sum(sac[:-1])
         elif name in LOWEST + LOWEST_SOFTMAX:
             c[C.ACTIVATIONS] = own(low, name in LOWEST_SOFTMAX)
             c[C.TEMPORARIES] -= block_casts
