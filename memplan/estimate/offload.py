@@ -13,7 +13,7 @@ from functools import lru_cache
 from memplan.categories import Category as C, Phase
 from memplan.spec.model import Arch, ModelSpec, Stack
 from memplan.spec.traits import PositionKind
-from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
+from memplan.spec.setup import Checkpointing, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 MIN_OFFLOAD_SIZE = 1024  # OffloadActivations(min_offload_size=1024), torchtune 0.6.1
@@ -74,7 +74,7 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
     per key position of its s² ones, that block's matmul weights saved)] first block to last (memplan.estimate.
     activations.block_saves)."""
     t, s = setup.model_tokens, setup.model_seq
-    r = 4 if setup.precision.autocast else (2 if setup.precision.param_bytes == 2 else 4)
+    r = 4 if setup.precision.autocast else _stream_bytes(setup)
     stash = max(acts.outside - acts.early - head_loss, 0) + r * model.hidden * t
     sizes = [acts.early, stash - r * model.hidden * t, r * model.hidden * t]  # embeddings', final norm's
     window = 0
@@ -107,6 +107,11 @@ LOWEST = ("lowest saved block backward", "lowest trained block backward")
 LOWEST_SOFTMAX = ("lowest saved block softmax backward", "lowest trained block softmax backward")
 HELD_CASTS = (BACKWARD_START, LOSS_BACKWARD, HEAD_BACKWARD, HEAD_GRAD_CAST, HEAD_CHUNK_SUM, TOP_BLOCK,
               TOP_BLOCK_SOFTMAX)
+FINAL_NORM_BACKWARD, TOP_BLOCK_EXPERTS = "final norm backward", "top block experts"
+# FSDP2's own moments (phases.fsdp_forward_states, backward_states): in the blocks' forward, and each block's
+# post_backward (its reduce-scatter) with the blocks above done
+FORWARD_START, FORWARD_BLOCKS = "forward start", "forward blocks"
+TOP_BLOCK_REDUCE, BLOCK_BELOW_TOP_DONE = "top block reduce-scatter", "block below the top done"
 
 
 def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
@@ -143,12 +148,31 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
         elif name in LOWEST + LOWEST_SOFTMAX:
             c[C.ACTIVATIONS] = own(low, name in LOWEST_SOFTMAX)
             c[C.TEMPORARIES] -= block_casts
+        elif name in (FORWARD_START, FORWARD_BLOCKS):  # the blocks' saves so far: on the host, but the stash's
+            c[C.ACTIVATIONS] = min(c[C.ACTIVATIONS], st)
+        elif name == FINAL_NORM_BACKWARD:  # the head's saves freed, the final norm's in the stash
+            c[C.ACTIVATIONS] = st
+        elif name == TOP_BLOCK_EXPERTS:
+            c[C.ACTIVATIONS] = own(-1, False) + sum(sac[:-1])
+        elif name in (TOP_BLOCK_REDUCE, BLOCK_BELOW_TOP_DONE):  # the blocks below: on the host but their cached
+            done = 1 if name == TOP_BLOCK_REDUCE else 2  # op outputs; their casts went with them (none held)
+            c[C.ACTIVATIONS] = sum(sac[:-done])
+            c[C.TEMPORARIES] += half_outside - casts_bwd + block_casts * sum(not acts.ckpt(-k) for k in
+                                                                              range(1, done + 1))
         if name == FORWARD:
             c[C.TEMPORARIES] += half_cached - half_fwd
+        elif name == FORWARD_BLOCKS:  # (FsdpBuffers: the casts of the blocks before the last)
+            c[C.TEMPORARIES] += (half_cached - half_fwd) * (blocks - 1) // max(blocks, 1)
         elif name in HELD_CASTS:
             c[C.TEMPORARIES] += half_outside - casts_bwd
         out.append(s._replace(categories=c))
     return tuple(out)
+
+
+def _stream_bytes(setup: TrainingSetup) -> int:
+    """The parameters' dtype as the forward sees them outside autocast (activations.stream_bytes: fsdp-bf16's
+    FSDP2 gathers bf16 parameters from fp32 shards)."""
+    return 2 if setup.precision is Precision.FSDP_BF16 else setup.precision.param_bytes
 
 
 def warnings(setup: TrainingSetup) -> list[str]:
@@ -171,7 +195,7 @@ def terms_of(model: ModelSpec, setup: TrainingSetup) -> OffloadTerms:
 
     acts = activations(model, setup)
     t = setup.model_tokens
-    wb = setup.precision.compute_bytes if setup.precision.autocast else setup.precision.param_bytes
+    wb = setup.precision.compute_bytes if setup.precision.autocast else _stream_bytes(setup)
     w_train = setup.peft in (PeftMethod.FULL, PeftMethod.BITFIT, PeftMethod.FREEZE)
     saves, cache = [], {}
     for i, stack in enumerate(stack_of_blocks(model)):
