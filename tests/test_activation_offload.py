@@ -149,9 +149,16 @@ def test_record_ids_of_other_setups_are_unchanged():
     assert make_setup(offload_activations=True).to_dict()["offload_activations"] is True
 
 
-def test_refused_beyond_one_gpu():
-    with pytest.raises(MemplanError, match="one GPU"):
-        make_setup(offload_activations=True, gpus=2, zero=2)
+def test_refused_under_ddp_and_deepspeed():
+    """torchtune runs it on one GPU and under FSDP2 (tests/test_activation_offload_fsdp.py); no recipe of its runs it
+    under DDP or DeepSpeed."""
+    with pytest.raises(MemplanError, match="DDP"):
+        make_setup(offload_activations=True, gpus=2, zero=0)
+    with pytest.raises(MemplanError, match="DDP"):
+        make_setup(offload_activations=True, gpus=2, zero=1)
+    with pytest.raises(MemplanError, match="DeepSpeed"):
+        make_setup(offload_activations=True, gpus=2, zero=2, engine="deepspeed")
+    assert make_setup(offload_activations=True, gpus=2, zero=2).offload_activations
 
 
 def test_cli(capsys):
@@ -159,9 +166,9 @@ def test_cli(capsys):
                  "--seq", "512", "--offload-activations"]) == 0
     out = capsys.readouterr().out
     assert "offloaded to CPU RAM" in out and "activations offloaded" in out
-    assert main(["estimate", "--model", "qwen2.5-0.5b", "--offload-activations", "--gpus", "2", "--zero", "2"]) == 2
+    assert main(["estimate", "--model", "qwen2.5-0.5b", "--offload-activations", "--gpus", "2", "--zero", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "one GPU" in err[0]
+    assert len(err) == 1 and "FSDP2" in err[0] and "DDP" in err[0]
 
 
 def test_fit_searches_offloading(capsys):

@@ -18,6 +18,9 @@ from memplan.units import round_block
 
 MIN_OFFLOAD_SIZE = 1024  # OffloadActivations(min_offload_size=1024), torchtune 0.6.1
 MAX_FWD_STASH_SIZE = 5  # OffloadActivations(max_fwd_stash_size=5), torchtune 0.6.1
+# Of the stash's last MAX_FWD_STASH_SIZE saves inside a block, how many are activations: one at least is a linear's
+# weight view (Llama's MLP tail: the SiLU's input, its output, up_proj's output, down_proj's input and weight)
+FWD_WINDOW_SAVES = MAX_FWD_STASH_SIZE - 1
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -59,6 +62,11 @@ class OffloadTerms:
                the next backward's first such node (the final norm's). The trace shows it; so does CUDA.
     host       pinned host bytes of one forward's offloaded copies (each save its own copy).
     copied     bytes those copies move over the host link each way (before the pinned rounding).
+    fwd_window inside an unwrapped block's forward (FSDP2's blocks moment): the most any FWD_WINDOW_SAVES
+               consecutive saved storages of the block take (the stash keeps the last MAX_FWD_STASH_SIZE saves'
+               device tensors; a linear's weight view is one of them, already counted as the weight cast).
+    fwd_weights the two largest weight casts of such a block, which the stash keeps on the device too (a frozen
+               weight's autocast cast is not cached: without the stash it would be on the host only).
     """
 
     head_loss: int
@@ -67,6 +75,8 @@ class OffloadTerms:
     carry: int
     host: int
     copied: int = 0
+    fwd_window: int = 0  # in an unwrapped block's forward, the most the forward stash holds of its saves
+    fwd_weights: int = 0  # ... and of its saved weight views: its two largest matmul weights
 
 
 def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, block_saves) -> OffloadTerms:
@@ -77,13 +87,17 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
     r = 4 if setup.precision.autocast else _stream_bytes(setup)
     stash = max(acts.outside - acts.early - head_loss, 0) + r * model.hidden * t
     sizes = [acts.early, stash - r * model.hidden * t, r * model.hidden * t]  # embeddings', final norm's
-    window = 0
+    window = fwd_window = fwd_weights = 0
     for i, (lin, sq, weights) in enumerate(block_saves):
         if acts.ckpt(i):
             sizes.append(acts.block_input if acts.per_block[i] else 0)
             continue
         block = [int(b * t) for b in lin] + [int(b * t * s) for b in sq] + list(weights)
         sizes += block
+        acts_lin = block[:len(lin)]
+        fwd_weights = max(fwd_weights, sum(sorted(weights, reverse=True)[:2]))
+        fwd_window = max([fwd_window] + [sum(acts_lin[j:j + FWD_WINDOW_SAVES])
+                                         for j in range(max(len(acts_lin) - FWD_WINDOW_SAVES, 0) + 1)])
         acts_only = sorted(block[:len(lin) + len(sq)], reverse=True)[:2]
         window = max(window, sum(acts_only) + sum(sorted(weights, reverse=True)[:2]))
     sizes = [n for n in sizes if n >= MIN_OFFLOAD_SIZE]
@@ -94,7 +108,8 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
     if acts.ckpt(0) and not w_train:  # the first block's inputs: its hidden states and the rotary cos / sin
         rotary = model.traits.position is PositionKind.ROTARY
         carry = acts.block_input + (2 * r * t * (model.q_dim // model.heads) if rotary else 0)
-    return OffloadTerms(head_loss, stash, window, carry, sum(pinned_bytes(n) for n in sizes), sum(sizes))
+    return OffloadTerms(head_loss, stash, window, carry, sum(pinned_bytes(n) for n in sizes), sum(sizes),
+                        fwd_window, fwd_weights)
 
 
 # the step's moments (memplan.estimate.phases.Moment, a str enum: compared by value, so this module does not
@@ -148,8 +163,12 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
         elif name in LOWEST + LOWEST_SOFTMAX:
             c[C.ACTIVATIONS] = own(low, name in LOWEST_SOFTMAX)
             c[C.TEMPORARIES] -= block_casts
-        elif name in (FORWARD_START, FORWARD_BLOCKS):  # the blocks' saves so far: on the host, but the stash's
+        elif name == FORWARD_START:
             c[C.ACTIVATIONS] = min(c[C.ACTIVATIONS], st)
+        elif name == FORWARD_BLOCKS:  # the blocks' saves so far on the host, but the stash's last few and the
+            # residual stream alive (offloaded, still the block's value); the cached op outputs stay
+            inside = terms.fwd_window + acts.block_input if terms.fwd_window else terms.stash
+            c[C.ACTIVATIONS] = min(c[C.ACTIVATIONS], inside + terms.carry + sum(sac[:-1]))
         elif name == FINAL_NORM_BACKWARD:  # the head's saves freed, the final norm's in the stash
             c[C.ACTIVATIONS] = st
         elif name == TOP_BLOCK_EXPERTS:
@@ -161,8 +180,10 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
                                                                               range(1, done + 1))
         if name == FORWARD:
             c[C.TEMPORARIES] += half_cached - half_fwd
-        elif name == FORWARD_BLOCKS:  # (FsdpBuffers: the casts of the blocks before the last)
+        elif name == FORWARD_BLOCKS:  # (FsdpBuffers: the casts of the blocks before the last; the stash keeps
+            # the current block's last uncached ones)
             c[C.TEMPORARIES] += (half_cached - half_fwd) * (blocks - 1) // max(blocks, 1)
+            c[C.TEMPORARIES] += min(terms.fwd_weights, half_fwd - half_cached) if terms.fwd_window else 0
         elif name in HELD_CASTS:
             c[C.TEMPORARIES] += half_outside - casts_bwd
         out.append(s._replace(categories=c))
