@@ -142,14 +142,13 @@ class Space:
     def choices(self, gpus: int):
         """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward, fp8, packing,
         offload_activations) tuples; one GPU has nothing to shard or offload: ZeRO 0, the first engine, no offload;
-        optimizer-in-backward and activation offloading run on one GPU."""
+        optimizer-in-backward runs on one GPU, activation offloading there and under FSDP2 (setup refuses the rest)."""
         if gpus > 1:
-            zeros, engines, offloads, inb, acts = self.zeros, self.engines, self.offloads, (False,), (False,)
+            zeros, engines, offloads, inb = self.zeros, self.engines, self.offloads, (False,)
         else:
             zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
-            acts = self.offload_activations
         return product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines, offloads,
-                       inb, self.fp8s, self.packings, acts)
+                       inb, self.fp8s, self.packings, self.offload_activations)
 
     @property
     def size(self) -> int:

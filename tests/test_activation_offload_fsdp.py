@@ -43,6 +43,7 @@ SLOW = [
 
 def _check(kw):
     row = compare(kw)
+    print(f"\n{row.error:+.2%} at {row.estimate_phase} / {row.trace_phase}: {kw}")  # the figures (pytest -s)
     assert abs(row.error) <= PEAK_TOL, f"peak {row.error:+.2%}: {row}"
     assert not row.category_failures(), row.category_failures()
 
@@ -61,7 +62,7 @@ def test_real_sized_within_3_percent_of_the_per_rank_trace(kw):
 def test_the_per_rank_trace_offloads():
     """The hook runs inside FSDP2's step: host copies on the rank's host line, a lower device peak than without."""
     spec = resolve_model("gpt2")
-    kw = dict(batch=2, seq=256, gpus=2, zero=3, precision="bf16", peft="full", checkpointing="full")
+    kw = dict(batch=2, seq=256, gpus=2, zero=3, precision="bf16", peft="full", checkpointing="none")
     on = trace_run(spec, make_setup(offload_activations=True, **kw)).result
     off = trace_run(spec, make_setup(**kw)).result
     assert on.model_states.cpu_bytes > 0 == off.model_states.cpu_bytes
@@ -81,3 +82,16 @@ def test_estimate_cli_under_fsdp(capsys):
                  "--checkpointing", "full", "--batch", "2", "--seq", "256"]) == 0
     out = capsys.readouterr().out
     assert "offloaded to CPU RAM" in out and "activations offloaded" in out
+
+
+def test_fit_searches_offloading_under_fsdp(capsys):
+    """fit --gpus N --offload-activations: offloaded rows only under FSDP2 (ZeRO-2 / 3), none under DDP."""
+    import json
+
+    assert main(["fit", "--model", "qwen2.5-0.5b", "--gpu", "rtx-4090", "--gpus", "4", "--peft", "full",
+                 "--precision", "bf16", "--optimizer", "adamw", "--checkpointing", "full", "--offload-activations",
+                 "--seq", "2048", "-f", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    on = [r for r in rows if r["offload_activations"]]
+    assert on and all(r["zero"] >= 2 for r in on), rows
+    assert any(not r["offload_activations"] and r["zero"] < 2 for r in rows)
