@@ -128,7 +128,7 @@ class Space:
     # padded batches and/or packed rows (TrainingSetup.packing); fit's CLI searches both when --lengths gives a
     # distribution (memplan.estimate.lengths: the worst padded batch vs a row of --seq, real tokens/s)
     packings: tuple[bool, ...] = (False,)
-    # --offload-activations (fit's flag) searches (False, True): torchtune's OffloadActivations (one GPU;
+    # --offload-activations (fit's flag) searches (False, True): torchtune's OffloadActivations (one GPU, FSDP2;
     # memplan.estimate.offload): less device memory, host RAM and host-link time in its place
     offload_activations: tuple[bool, ...] = (False,)
 
