@@ -157,7 +157,7 @@ def test_refused_under_ddp_and_deepspeed():
     with pytest.raises(MemplanError, match="DDP"):
         make_setup(offload_activations=True, gpus=2, zero=1)
     with pytest.raises(MemplanError, match="DeepSpeed"):
-        make_setup(offload_activations=True, gpus=2, zero=2, engine="deepspeed")
+        make_setup(offload_activations=True, gpus=2, zero=2, engine="deepspeed", precision="bf16-master")
     assert make_setup(offload_activations=True, gpus=2, zero=2).offload_activations
 
 

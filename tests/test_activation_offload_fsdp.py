@@ -32,6 +32,9 @@ SLOW = [
     # the peak inside the blocks' forward (FSDP2's three blocks gathered): the forward stash's last saves
     dict(model="llama-2-7b", batch=1, seq=512, gpus=8, zero=3, precision="bf16", peft="full", checkpointing="none",
          offload_activations=True),
+    # ... with LoRA: the stash also keeps the frozen weights' last autocast casts
+    dict(model="llama-2-7b", batch=2, seq=512, gpus=8, zero=3, precision="bf16", peft="lora", checkpointing="none",
+         offload_activations=True),
     dict(model="llama-3.2-1b", batch=1, seq=256, gpus=2, zero=3, precision="bf16", peft="lora", checkpointing="full",
          offload_activations=True),
     dict(model="qwen2.5-0.5b", batch=2, seq=512, gpus=8, zero=3, precision="bf16", peft="full", checkpointing="none",
