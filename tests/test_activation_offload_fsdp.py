@@ -98,3 +98,30 @@ def test_fit_searches_offloading_under_fsdp(capsys):
     on = [r for r in rows if r["offload_activations"]]
     assert on and all(r["zero"] >= 2 for r in on), rows
     assert any(not r["offload_activations"] and r["zero"] < 2 for r in rows)
+
+
+# the measure's model (conftest's tiny_config writes this module's TINY as a config.json)
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+@pytest.mark.slow
+def test_cpu_measurement_of_two_fsdp_ranks_equals_the_per_rank_trace(tiny_config, tmp_path):
+    """`memplan measure --device cpu --gpus 2 --zero 3 --offload-activations`: two gloo ranks (torchrun) run the
+    hook inside the real FSDP2 step; each rank's allocated peak equals its fake per-rank trace's (as without
+    offloading, tests/test_measure_dist.py)."""
+    from memplan.measure import record
+    from memplan.spec.families import spec_from_config
+    from memplan.trace.distributed import fake_world
+
+    out = tmp_path / "r.jsonl"
+    args = ["--batch", "2", "--seq", "64", "--checkpointing", "full"]
+    assert main(["measure", "--model", tiny_config, "--device", "cpu", "--steps", "2", "--warmup", "1", "--gpus", "2",
+                 "--zero", "3", "--offload-activations", "--results", str(out), *args]) == 0
+    (rec,) = record.load_records(out)
+    assert rec["status"] == "ok" and len(rec["ranks"]) == 2
+    setup = make_setup(batch=2, seq=64, gpus=2, zero=3, checkpointing="full", offload_activations=True)
+    for r, e in enumerate(rec["ranks"]):
+        with fake_world(r, 2):
+            tr = trace_run(spec_from_config(TINY, "tiny-llama"), setup, fake=True).result
+        assert e["measured"]["peak"]["allocated_bytes"] == tr.peak.allocated_bytes, r
