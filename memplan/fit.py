@@ -176,7 +176,7 @@ class Space:
     # padded batches and/or packed rows (TrainingSetup.packing); fit's CLI searches both when --lengths gives a
     # distribution (memplan.estimate.lengths: the worst padded batch vs a row of --seq, real tokens/s)
     packings: tuple[bool, ...] = (False,)
-    # --offload-activations (fit's flag) searches (False, True): torchtune's OffloadActivations (one GPU;
+    # --offload-activations (fit's flag) searches (False, True): torchtune's OffloadActivations (one GPU, FSDP2;
     # memplan.estimate.offload): less device memory, host RAM and host-link time in its place
     offload_activations: tuple[bool, ...] = (False,)
     # --loss as a comma list (fit's CLI): every choice with each loss (torchtune's chunked CE, Liger's fused CE:
@@ -198,16 +198,17 @@ class Space:
     def choices(self, gpus: int):
         """(precision, optimizer, peft, checkpointing, zero, engine, offload, in_backward, fp8, packing,
         offload_activations, loss, ckpt_every) tuples; one GPU has nothing to shard or offload: ZeRO 0, the first
-        engine, no offload; optimizer-in-backward and activation offloading run on one GPU. loss / ckpt_every None:
-        the base setup's; a policy that wraps no blocks takes only the first ckpt_every (it has none)."""
+        engine, no offload; optimizer-in-backward runs on one GPU, activation offloading there and under FSDP2 (setup
+        refuses the rest). loss / ckpt_every None: the base setup's; a policy that wraps no blocks takes only the first
+        ckpt_every (it has none)."""
         if gpus > 1:
-            zeros, engines, offloads, inb, acts = self.zeros, self.engines, self.offloads, (False,), (False,)
+            zeros, engines, offloads, inb = self.zeros, self.engines, self.offloads, (False,)
         else:
             zeros, engines, offloads, inb = (min(self.zeros),), self.engines[:1], (Offload.NONE,), self.in_backward
-            acts = self.offload_activations
         everys = self.ckpt_everys or (None,)
         return (c for c in product(self.precisions, self.optimizers, self.pefts, self.checkpointing, zeros, engines,
-                                   offloads, inb, self.fp8s, self.packings, acts, self.losses or (None,), everys)
+                                   offloads, inb, self.fp8s, self.packings, self.offload_activations,
+                                   self.losses or (None,), everys)
                 if c[-1] is everys[0] or c[3].wraps_blocks)
 
     @property

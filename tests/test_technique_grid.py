@@ -69,11 +69,10 @@ def test_a_few_drawn_setups_within_tolerance(drawn):
 
 
 # The draw's setups outside tolerance in reports/estimate_vs_trace_techniques_seed1.md (docs/optimizers.md), by draw
-# index: 22 (opt-125m, --offload-activations with the chunked loss and optimizer-in-backward: the trace's offload
-# hook is paused by the LM head module's call, which the chunked loss's per-chunk head matmuls never make, so it
-# offloads the loss's saves that torchtune keeps on the device) and 33 (opt-125m fp16-master adapters,
-# op-selective, chunked loss, offloading). Any other setup failing is a regression.
-KNOWN_FAILING = {22, 33}
+# index: none since issue 13's offloading fixes (22 and 33, offloading with the chunked loss, were estimator misses:
+# the last chunk's head moment left unadjusted, and op-selective's cached outputs, which stay on the device).
+# Any setup failing is a regression.
+KNOWN_FAILING: set[int] = set()
 
 
 @pytest.mark.slow

@@ -233,7 +233,7 @@ def fit(model: Annotated[str, typer.Option("--model", "-m", help="Model profile 
             "(compute capability < 8.9).")] = None,
         offload_activations: Annotated[bool, typer.Option(
             "--offload-activations", help="Also search torchtune's activation offloading (saved activations in "
-            "pinned host RAM, one GPU).")] = False,
+            "pinned host RAM; one GPU or FSDP2 ZeRO-2 / 3).")] = False,
         top: Annotated[Optional[int], typer.Option(
             "--top", help="Show the first N rows (per PEFT method in a grouped table) [default: 5 per method in a "
             "table, all in json/csv; 0 = all].")] = None,

@@ -241,7 +241,7 @@ def _reduced(g: ParamGroup, setup: TrainingSetup) -> float:
 
 
 def _activation_copies(model: ModelSpec, setup: TrainingSetup) -> tuple[Transfer, ...]:
-    """--offload-activations (one GPU): every micro-batch's offloaded saves go to the host in forward and come
+    """--offload-activations (per GPU): every micro-batch's offloaded saves go to the host in forward and come
     back in backward (memplan.estimate.offload.OffloadTerms.copied; the forward stash's few are not copied back)."""
     if not setup.offload_activations:
         return ()

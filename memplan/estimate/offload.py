@@ -13,11 +13,14 @@ from functools import lru_cache
 from memplan.categories import Category as C, Phase
 from memplan.spec.model import Arch, ModelSpec, Stack
 from memplan.spec.traits import PositionKind
-from memplan.spec.setup import Checkpointing, PeftMethod, TrainingSetup
+from memplan.spec.setup import Checkpointing, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
 MIN_OFFLOAD_SIZE = 1024  # OffloadActivations(min_offload_size=1024), torchtune 0.6.1
 MAX_FWD_STASH_SIZE = 5  # OffloadActivations(max_fwd_stash_size=5), torchtune 0.6.1
+# Of the stash's last MAX_FWD_STASH_SIZE saves inside a block, how many are activations: one at least is a linear's
+# weight view (Llama's MLP tail: the SiLU's input, its output, up_proj's output, down_proj's input and weight)
+FWD_WINDOW_SAVES = MAX_FWD_STASH_SIZE - 1
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -59,6 +62,11 @@ class OffloadTerms:
                the next backward's first such node (the final norm's). The trace shows it; so does CUDA.
     host       pinned host bytes of one forward's offloaded copies (each save its own copy).
     copied     bytes those copies move over the host link each way (before the pinned rounding).
+    fwd_window inside an unwrapped block's forward (FSDP2's blocks moment): the most any FWD_WINDOW_SAVES
+               consecutive saved storages of the block take (the stash keeps the last MAX_FWD_STASH_SIZE saves'
+               device tensors; a linear's weight view is one of them, already counted as the weight cast).
+    fwd_weights the two largest weight casts of such a block, which the stash keeps on the device too (a frozen
+               weight's autocast cast is not cached: without the stash it would be on the host only).
     """
 
     head_loss: int
@@ -67,6 +75,8 @@ class OffloadTerms:
     carry: int
     host: int
     copied: int = 0
+    fwd_window: int = 0  # in an unwrapped block's forward, the most the forward stash holds of its saves
+    fwd_weights: int = 0  # ... and of its saved weight views: its two largest matmul weights
 
 
 def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, block_saves) -> OffloadTerms:
@@ -74,16 +84,20 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
     per key position of its s² ones, that block's matmul weights saved)] first block to last (memplan.estimate.
     activations.block_saves)."""
     t, s = setup.model_tokens, setup.model_seq
-    r = 4 if setup.precision.autocast else (2 if setup.precision.param_bytes == 2 else 4)
+    r = 4 if setup.precision.autocast else _stream_bytes(setup)
     stash = max(acts.outside - acts.early - head_loss, 0) + r * model.hidden * t
     sizes = [acts.early, stash - r * model.hidden * t, r * model.hidden * t]  # embeddings', final norm's
-    window = 0
+    window = fwd_window = fwd_weights = 0
     for i, (lin, sq, weights) in enumerate(block_saves):
         if acts.ckpt(i):
             sizes.append(acts.block_input if acts.per_block[i] else 0)
             continue
         block = [int(b * t) for b in lin] + [int(b * t * s) for b in sq] + list(weights)
         sizes += block
+        acts_lin = block[:len(lin)]
+        fwd_weights = max(fwd_weights, sum(sorted(weights, reverse=True)[:2]))
+        fwd_window = max([fwd_window] + [sum(acts_lin[j:j + FWD_WINDOW_SAVES])
+                                         for j in range(max(len(acts_lin) - FWD_WINDOW_SAVES, 0) + 1)])
         acts_only = sorted(block[:len(lin) + len(sq)], reverse=True)[:2]
         window = max(window, sum(acts_only) + sum(sorted(weights, reverse=True)[:2]))
     sizes = [n for n in sizes if n >= MIN_OFFLOAD_SIZE]
@@ -94,17 +108,25 @@ def offload_terms(model: ModelSpec, setup: TrainingSetup, acts, head_loss: int, 
     if acts.ckpt(0) and not w_train:  # the first block's inputs: its hidden states and the rotary cos / sin
         rotary = model.traits.position is PositionKind.ROTARY
         carry = acts.block_input + (2 * r * t * (model.q_dim // model.heads) if rotary else 0)
-    return OffloadTerms(head_loss, stash, window, carry, sum(pinned_bytes(n) for n in sizes), sum(sizes))
+    return OffloadTerms(head_loss, stash, window, carry, sum(pinned_bytes(n) for n in sizes), sum(sizes),
+                        fwd_window, fwd_weights)
 
 
 # the step's moments (memplan.estimate.phases.Moment, a str enum: compared by value, so this module does not
 # import phases, which imports it)
 FORWARD, BACKWARD_START, LOSS_BACKWARD = "forward", "backward start", "loss backward"
 HEAD_BACKWARD, HEAD_GRAD_CAST = "LM-head backward", "LM-head gradient cast"
+HEAD_CHUNK_SUM = "LM-head chunk gradients summed"  # --loss chunked, a trained head: its last chunk's moment
 TOP_BLOCK, TOP_BLOCK_SOFTMAX = "top block backward", "top block softmax backward"
 LOWEST = ("lowest saved block backward", "lowest trained block backward")
 LOWEST_SOFTMAX = ("lowest saved block softmax backward", "lowest trained block softmax backward")
-HELD_CASTS = (BACKWARD_START, LOSS_BACKWARD, HEAD_BACKWARD, HEAD_GRAD_CAST, TOP_BLOCK, TOP_BLOCK_SOFTMAX)
+HELD_CASTS = (BACKWARD_START, LOSS_BACKWARD, HEAD_BACKWARD, HEAD_GRAD_CAST, HEAD_CHUNK_SUM, TOP_BLOCK,
+              TOP_BLOCK_SOFTMAX)
+FINAL_NORM_BACKWARD, TOP_BLOCK_EXPERTS = "final norm backward", "top block experts"
+# FSDP2's own moments (phases.fsdp_forward_states, backward_states): in the blocks' forward, and each block's
+# post_backward (its reduce-scatter) with the blocks above done
+FORWARD_START, FORWARD_BLOCKS = "forward start", "forward blocks"
+TOP_BLOCK_REDUCE, BLOCK_BELOW_TOP_DONE = "top block reduce-scatter", "block below the top done"
 
 
 def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
@@ -112,7 +134,11 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
     """The step's states (memplan.estimate.phases.State) with what OffloadActivations moves off the device:
     activations at each moment as OffloadTerms says, the weight casts saved in the blocks offloaded (autocast's
     cache keeps the trainable ones to the forward's end; the head's stays saved)."""
-    hl, st = terms.head_loss, terms.stash + terms.carry
+    # op-selective checkpointing: the op outputs a wrapped block's checkpoint caches (torch.utils.checkpoint's
+    # selective-checkpoint dispatch mode keeps them itself, never through saved-tensor hooks) stay on the device
+    # until that block's backward; only the checkpoint's saved inputs (_NoopSaveInputs) reach OffloadActivations
+    sac = [max(b - acts.block_input, 0) if acts.ckpt(i) and b else 0 for i, b in enumerate(acts.per_block)]
+    hl, st = terms.head_loss, terms.stash + terms.carry + sum(sac)
     block_casts = max(casts_bwd - half_outside, 0) // max(blocks, 1)
 
     def own(j: int, softmax: bool) -> int:
@@ -121,7 +147,8 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
         return terms.window if (acts.full_per_block and acts.full_per_block[j]) else 0
 
     resident = {FORWARD: hl + st, BACKWARD_START: hl + st, LOSS_BACKWARD: hl + st,
-                HEAD_BACKWARD: hl - acts.loss // max(acts.loss_chunks, 1) + st, HEAD_GRAD_CAST: hl - acts.loss + st}
+                HEAD_BACKWARD: hl - acts.loss // max(acts.loss_chunks, 1) + st, HEAD_GRAD_CAST: hl - acts.loss + st,
+                HEAD_CHUNK_SUM: hl - acts.loss + st}  # the last chunk's: every chunk's loss saves freed
     low = next((i for i, b in enumerate(acts.full_per_block) if b), 0)
     out = []
     for s in states:
@@ -131,17 +158,42 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
             c[C.ACTIVATIONS] = resident[name]
         elif s.phase is Phase.OPTIMIZER_STEP:
             c[C.ACTIVATIONS] += terms.carry
-        elif name in (TOP_BLOCK, TOP_BLOCK_SOFTMAX):
-            c[C.ACTIVATIONS] = own(-1, name == TOP_BLOCK_SOFTMAX)
+        elif name in (TOP_BLOCK, TOP_BLOCK_SOFTMAX):  # the blocks below keep their cached op outputs
+            c[C.ACTIVATIONS] = own(-1, name == TOP_BLOCK_SOFTMAX) + sum(sac[:-1])
         elif name in LOWEST + LOWEST_SOFTMAX:
             c[C.ACTIVATIONS] = own(low, name in LOWEST_SOFTMAX)
             c[C.TEMPORARIES] -= block_casts
+        elif name == FORWARD_START:
+            c[C.ACTIVATIONS] = min(c[C.ACTIVATIONS], st)
+        elif name == FORWARD_BLOCKS:  # the blocks' saves so far on the host, but the stash's last few and the
+            # residual stream alive (offloaded, still the block's value); the cached op outputs stay
+            inside = terms.fwd_window + acts.block_input if terms.fwd_window else terms.stash
+            c[C.ACTIVATIONS] = min(c[C.ACTIVATIONS], inside + terms.carry + sum(sac[:-1]))
+        elif name == FINAL_NORM_BACKWARD:  # the head's saves freed, the final norm's in the stash
+            c[C.ACTIVATIONS] = st
+        elif name == TOP_BLOCK_EXPERTS:
+            c[C.ACTIVATIONS] = own(-1, False) + sum(sac[:-1])
+        elif name in (TOP_BLOCK_REDUCE, BLOCK_BELOW_TOP_DONE):  # the blocks below: on the host but their cached
+            done = 1 if name == TOP_BLOCK_REDUCE else 2  # op outputs; their casts went with them (none held)
+            c[C.ACTIVATIONS] = sum(sac[:-done])
+            c[C.TEMPORARIES] += half_outside - casts_bwd + block_casts * sum(not acts.ckpt(-k) for k in
+                                                                              range(1, done + 1))
         if name == FORWARD:
             c[C.TEMPORARIES] += half_cached - half_fwd
+        elif name == FORWARD_BLOCKS:  # (FsdpBuffers: the casts of the blocks before the last; the stash keeps
+            # the current block's last uncached ones)
+            c[C.TEMPORARIES] += (half_cached - half_fwd) * (blocks - 1) // max(blocks, 1)
+            c[C.TEMPORARIES] += min(terms.fwd_weights, half_fwd - half_cached) if terms.fwd_window else 0
         elif name in HELD_CASTS:
             c[C.TEMPORARIES] += half_outside - casts_bwd
         out.append(s._replace(categories=c))
     return tuple(out)
+
+
+def _stream_bytes(setup: TrainingSetup) -> int:
+    """The parameters' dtype as the forward sees them outside autocast (activations.stream_bytes: fsdp-bf16's
+    FSDP2 gathers bf16 parameters from fp32 shards)."""
+    return 2 if setup.precision is Precision.FSDP_BF16 else setup.precision.param_bytes
 
 
 def warnings(setup: TrainingSetup) -> list[str]:
@@ -164,7 +216,7 @@ def terms_of(model: ModelSpec, setup: TrainingSetup) -> OffloadTerms:
 
     acts = activations(model, setup)
     t = setup.model_tokens
-    wb = setup.precision.compute_bytes if setup.precision.autocast else setup.precision.param_bytes
+    wb = setup.precision.compute_bytes if setup.precision.autocast else _stream_bytes(setup)
     w_train = setup.peft in (PeftMethod.FULL, PeftMethod.BITFIT, PeftMethod.FREEZE)
     saves, cache = [], {}
     for i, stack in enumerate(stack_of_blocks(model)):

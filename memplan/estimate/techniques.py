@@ -176,6 +176,8 @@ def op_sac_saved(model: ModelSpec, ctx, stack: Stack, full_lin: dict) -> tuple[f
     elif Role.UP in L:
         linear(L[Role.UP], "act_in")
         linear(L[Role.DOWN])
+    if ctx.adapters:  # two bottleneck adapters (memplan.trace.adapters: Linears with bias): four addmm outputs
+        lin += 2 * c * (ctx.adapter_size + model.hidden)  # (the ReLU saves its own output: none shared)
     return lin, sq, shared
 
 

@@ -459,10 +459,16 @@ class TrainingSetup:
             raise MemplanError("--optimizer-in-backward is modelled on one GPU (no --gpus / --zero)")
 
     def _check_offload_activations(self) -> None:
-        """torchtune runs OffloadActivations in its single-device and distributed recipes; memplan models it on one
-        GPU (the engines' per-rank states are not combined with it yet)."""
-        if self.offload_activations and (self.gpus > 1 or self.zero > 0):
-            raise MemplanError("--offload-activations is modelled on one GPU (no --gpus / --zero)")
+        """torchtune runs OffloadActivations in its single-device recipes and, under FSDP2 (fully_shard), in its
+        distributed ones (full_finetune_distributed, lora_finetune_distributed): one GPU or --engine fsdp
+        --zero 2 / 3. No torchtune recipe runs it under DDP / ZeroRedundancyOptimizer or DeepSpeed (whose own
+        activation_checkpointing.cpu_checkpointing is another mechanism)."""
+        if not self.offload_activations or (self.gpus == 1 and self.zero == 0):
+            return
+        if self.engine is Engine.DEEPSPEED or self.zero < 2:
+            raise MemplanError("--offload-activations runs on one GPU or under FSDP2 (--engine fsdp --zero 2 / 3), "
+                               "as torchtune's recipes run it; not under "
+                               + ("DeepSpeed" if self.engine is Engine.DEEPSPEED else "DDP (--zero 0 / 1)"))
 
     def _check_techniques(self) -> None:
         """Checkpointing policies and losses (Checkpointing, Loss): the knobs only mean something with their policy."""
