@@ -20,7 +20,7 @@ try:  # typer ≥ 0.20 vendors click as typer._click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from memplan.cli import calibrate, estimate, fit, measure, profiles, reconcile, report, serve, trace
+from memplan.cli import calibrate, coerce, estimate, fit, measure, profiles, reconcile, report, serve, trace
 from memplan.cli.gate import EXIT_CODES_HELP, FIT_EXIT_CODES_HELP
 from memplan.cli.options import (FLAG_DEFAULTS, SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options,
                                  with_setup_options)
@@ -116,6 +116,7 @@ def _show_defaults(cmd, name: str = "") -> None:
 def command():
     """The click command tree of `app`, numeric options checked, defaults shown."""
     cmd = typer.main.get_command(app)
+    coerce.install(cmd)  # option values converted without importing pydantic (memplan.cli.coerce)
     _check_numbers(cmd)
     _show_defaults(cmd)
     return cmd
