@@ -25,6 +25,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted([*globals(), "add_profile"])
+
+
 __all__ = ["add_profile", "calibrate", "config_setup", "estimate", "fits", "make_setup", "measure_command",
            "measure_serve", "parse_choices", "resolve_gpu", "resolve_model", "serve", "setup_from_dict"]
 
