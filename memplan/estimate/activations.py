@@ -618,7 +618,7 @@ def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         if stack is Stack.DECODER:  # blocks unlike the others: dense first blocks of an MoE model, full-attention
             # layers among sliding-window ones (no explicit mask)
             full = full_attention_layers(model, setup)
-            for j in range(n):
+            for j in range(n) if (model.dense_blocks or full) else ():  # (none such: no walk over the layers)
                 dense, unmasked = j < model.dense_blocks, j in full
                 if (dense or unmasked) and (j >= frozen_n or fb is not none):  # (a frozen one the gradient crosses)
                     kinds[j] = _block_bytes(model, setup, stack, w if j >= frozen_n else False, cross, dense,
