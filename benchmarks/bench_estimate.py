@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import shutil
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CLI_ARGS = ["estimate", "--model", "llama-7b", "--adam", "--bf16", "--zero3"]
 MODELS = ["llama-7b", "llama-3.1-8b", "mistral-7b", "gpt2", "t5-3b"]
@@ -31,21 +32,38 @@ SWEEP_TARGET = 10_000
 
 
 def cli_command() -> list[str]:
-    exe = shutil.which("memplan")
-    return [exe] if exe else [sys.executable, "-m", "memplan"]
+    """The installed console script beside this interpreter (not a version manager's shim on PATH, such as
+    pyenv's, a bash script that starts another process first), else `python -m memplan`."""
+    exe = Path(sys.executable).with_name("memplan")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "memplan"]
 
 
-def bench_cli(runs: int) -> tuple[float, float]:
-    cmd = cli_command() + CLI_ARGS
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one fresh process. The CPU time is what the process itself
+    spent, so it stays meaningful on a loaded machine, where the wall time also counts the waiting."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def bench_cli(runs: int, cmd: list[str] | None = None) -> tuple[float, float, float]:
+    """(median wall, p90 wall, median CPU seconds) of `runs` fresh processes of cmd (default: the estimate)."""
+    cmd = cmd or cli_command() + CLI_ARGS
     subprocess.run(cmd, check=True, capture_output=True)  # warm the OS file cache once, untimed
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        times.append(time.perf_counter() - t)
-    times.sort()
+    walls, cpus = zip(*(_timed(cmd) for _ in range(runs)))
+    times = sorted(walls)
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return statistics.median(times), p90
+    return statistics.median(times), p90, statistics.median(cpus)
+
+
+def load_average() -> str:
+    try:
+        return "load average " + ", ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:  # not Linux
+        return "load average unknown"
 
 
 def configurations(n: int, seed: int) -> list[tuple[str, dict]]:
@@ -80,10 +98,11 @@ def bench_sweep(n: int, seed: int) -> tuple[float, float]:
     specs = {m: load_model(m) for m in MODELS}
     prepared = [(specs[m], make_setup(**kw)) for m, kw in configs]
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for spec, setup in prepared:
         estimate_spec(spec, setup)
     spec_rate = n / (time.perf_counter() - t)
+    print(f"    (estimate_spec: {n / (time.process_time() - c):,.0f} configurations per CPU second)")
 
     t = time.perf_counter()
     for name, kw in configs:
@@ -100,10 +119,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     print(f"python {platform.python_version()} on {platform.machine()} {platform.system()}")
 
-    median, p90 = bench_cli(a.runs)
+    print(load_average())
+    median, p90, cpu = bench_cli(a.runs)
     ok = "meets" if median <= CLI_TARGET_S else "MISSES"
     print(f"(a) `memplan {' '.join(CLI_ARGS)}`, {a.runs} fresh processes: median {median:.3f} s, p90 {p90:.3f} s "
-          f"({ok} the ≤ {CLI_TARGET_S} s median target)")
+          f"({ok} the ≤ {CLI_TARGET_S} s median target); CPU time median {cpu:.3f} s")
+    # what no change to memplan can remove: the interpreter's own start-up, with its site-packages' .pth files
+    # (python -S skips them)
+    bare, _, bare_cpu = bench_cli(a.runs, [sys.executable, "-c", "pass"])
+    no_site, _, _ = bench_cli(a.runs, [sys.executable, "-S", "-c", "pass"])
+    print(f"    of which the interpreter's start-up: `python -c pass` median {bare:.3f} s (CPU {bare_cpu:.3f} s), "
+          f"`python -S -c pass` {no_site:.3f} s; {load_average()}")
 
     spec_rate, api_rate = bench_sweep(a.configs, a.seed)
     for label, rate in (("estimate_spec, pre-resolved specs", spec_rate),

@@ -13,7 +13,21 @@ from memplan.errors import MemplanError
 from memplan.fit import DEFAULT_MARGIN  # fit's and --require-fit's margin: the fraction of GPU memory kept free
 from memplan.spec.setup import TrainingSetup
 from memplan.spec.values import make_setup, parse_choices, resolve_gpu, resolve_model, setup_from_dict
-from memplan.trace.add_profile import add_profile
+
+
+def __getattr__(name: str):
+    """add_profile is memplan.trace.add_profile's, imported on first use: the estimate path never loads the trace
+    package (start-up time; benchmarks/bench_estimate.py)."""
+    if name == "add_profile":
+        from memplan.trace.add_profile import add_profile
+
+        return add_profile
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "add_profile"])
+
 
 __all__ = ["add_profile", "calibrate", "config_setup", "estimate", "fits", "make_setup", "measure_command",
            "measure_serve", "parse_choices", "resolve_gpu", "resolve_model", "serve", "setup_from_dict"]

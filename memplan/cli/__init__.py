@@ -7,6 +7,7 @@ exit code 1; Ctrl-C is `memplan: aborted` and exit code 130; a reader that close
 ends the run quietly. Never a traceback for any of them.
 """
 import errno
+import importlib
 import math
 import os
 import sys
@@ -20,7 +21,7 @@ try:  # typer ≥ 0.20 vendors click as typer._click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from memplan.cli import calibrate, estimate, fit, measure, profiles, reconcile, report, serve, trace
+from memplan.cli import coerce
 from memplan.cli.gate import EXIT_CODES_HELP, FIT_EXIT_CODES_HELP
 from memplan.cli.options import (FLAG_DEFAULTS, SETUP_OPTIONS, Format, FormatOpt, emit, setup_from_options,
                                  with_setup_options)
@@ -33,9 +34,20 @@ from memplan.version import __version__
 __all__ = ["app", "main", "entry", "SETUP_OPTIONS", "Format", "FormatOpt", "emit", "setup_from_options",
            "with_setup_options"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="GPU memory and throughput planner for training transformers.",
-                  epilog=EXIT_CODES_HELP)
+# The commands, in --help's order: name -> (module of memplan.cli, its function, typer.command's keywords). A
+# command line that names one imports and builds that one alone (start-up time: benchmarks/bench_estimate.py);
+# `memplan --help`, an unknown name and `app` build them all.
+COMMANDS = {
+    "profiles": ("profiles", "app", None),  # a group of its own (typer.add_typer)
+    "estimate": ("estimate", "estimate", {"epilog": EXIT_CODES_HELP}),
+    "trace": ("trace", "trace", {"epilog": EXIT_CODES_HELP}),
+    "fit": ("fit", "fit", {"epilog": FIT_EXIT_CODES_HELP}),
+    "report": ("report", "report", {}),
+    "measure": ("measure", "measure_cmd", {}),
+    "reconcile": ("reconcile", "reconcile_cmd", {}),
+    "serve": ("serve", "serve", {}),
+    "calibrate": ("calibrate", "calibrate_cmd", {}),
+}
 
 
 def _version(value: bool) -> None:
@@ -44,21 +56,37 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print memplan's version and exit.")] = False) -> None:
     """GPU memory and throughput planner for training transformers."""
 
 
-app.add_typer(profiles.app, name="profiles")
-app.command(epilog=EXIT_CODES_HELP)(estimate.estimate)
-app.command(epilog=EXIT_CODES_HELP)(trace.trace)
-app.command(epilog=FIT_EXIT_CODES_HELP)(fit.fit)
-app.command()(report.report)
-app.command("measure")(measure.measure_cmd)
-app.command("reconcile")(reconcile.reconcile_cmd)
-app.command("serve")(serve.serve)
-app.command("calibrate")(calibrate.calibrate_cmd)
+def build_app(names=tuple(COMMANDS)) -> typer.Typer:
+    """The typer app of the commands `names` (default: all of them)."""
+    a = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                    rich_markup_mode=None, help="GPU memory and throughput planner for training transformers.",
+                    epilog=EXIT_CODES_HELP)
+    a.callback()(_root)
+    for name in names:
+        module, function, keywords = COMMANDS[name]
+        target = getattr(importlib.import_module(f"memplan.cli.{module}"), function)
+        if keywords is None:
+            a.add_typer(target, name=name)
+        else:
+            a.command(name, **keywords)(target)
+    return a
+
+
+def __getattr__(name: str):
+    """`app`, every command's, built on first use (a command line builds only the command it runs)."""
+    if name == "app":
+        globals()["app"] = built = build_app()  # kept: module attributes are looked up before __getattr__
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def _app() -> typer.Typer:
+    return globals().get("app") or __getattr__("app")
+
 
 EXIT_BAD_INPUT = 2  # bad input: one `memplan: error:` line (also click's usage-error code)
 EXIT_CANNOT_WRITE = 1  # the environment failed the run (full disk, unwritable output), not the input
@@ -113,9 +141,11 @@ def _show_defaults(cmd, name: str = "") -> None:
         _show_defaults(sub, sub_name)
 
 
-def command():
-    """The click command tree of `app`, numeric options checked, defaults shown."""
-    cmd = typer.main.get_command(app)
+def command(name: str | None = None):
+    """The click command tree of `app`, or of an app of command `name` alone, numeric options checked, defaults
+    shown."""
+    cmd = typer.main.get_command(build_app((name,)) if name in COMMANDS else _app())
+    coerce.install(cmd)  # option values converted without importing pydantic (memplan.cli.coerce)
     _check_numbers(cmd)
     _show_defaults(cmd)
     return cmd
@@ -153,7 +183,7 @@ def _run(args: list[str]) -> int:
     if any("\x00" in a for a in args):  # no file name holds one, and os.stat raises ValueError on it
         return _error("an argument contains a NUL character", EXIT_BAD_INPUT)
     try:
-        cmd = command()
+        cmd = command(args[0] if args else None)  # the command named first (no group option precedes it)
         args, wrapped = split_command(args)
         with cmd.make_context("memplan", args, obj={"command": wrapped}) as ctx:
             rv = cmd.invoke(ctx)

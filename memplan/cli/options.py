@@ -213,14 +213,14 @@ def apply_config(kw: dict, params: dict | None = None) -> None:
     """--config / --explain (popped from kw): the files' setup values go into kw where their options were not given
     on the command line (memplan.configfile.overlay); params: setup key -> (option, converter) for a command with
     its own options (fit)."""
-    from memplan.configfile import read_configs
-    from memplan.configfile.overlay import explain_lines, overlay
-
     paths, explain = kw.pop("config", None), kw.pop("explain", False)
     if not paths:
         if explain:
             typer.echo("--explain: no --config file given", err=True)
         return
+    from memplan.configfile import read_configs  # only with --config (start-up time)
+    from memplan.configfile.overlay import explain_lines, overlay
+
     merged = read_configs(paths)
     done = overlay(merged, kw, _given, FLAG_GROUPS, params)
     for line in [f"warning: {w}" for w in merged.warnings] + (explain_lines(merged, done.explicit, params)

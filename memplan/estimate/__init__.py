@@ -22,7 +22,25 @@ from memplan.spec.model import ModelSpec, TensorKind
 from memplan.units import GiB
 from memplan.spec.setup import Attention, Checkpointing, Engine, PeftMethod, TrainingSetup
 
-__all__ = ["estimate_spec", "validate", "gpu_checks", "Overhead"]
+__all__ = ["estimate_spec", "validate", "gpu_checks", "Overhead", "clear_caches"]
+
+
+def clear_caches() -> int:
+    """Empty every cache of the estimator and the specs (each module-level function with a `cache_clear`: the
+    lru_caches and memplan.estimate.weights.per_setup), so the next estimate computes everything again; the number
+    emptied. tests/test_estimate_cache.py compares answers computed so with cached ones."""
+    import sys
+
+    done = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("memplan.estimate", "memplan.spec")):
+            continue
+        for obj in list(vars(module).values()):
+            clear = getattr(obj, "cache_clear", None)
+            if callable(clear) and getattr(obj, "__module__", None) == name:
+                clear()
+                done += 1
+    return done
 
 
 def gpu_checks(setup: TrainingSetup, gpu: GpuSpec | None) -> list[str]:

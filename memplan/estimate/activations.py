@@ -555,7 +555,41 @@ def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
     return enc + [(main, model.layers, model.arch is Arch.ENCODER_DECODER)]
 
 
+# TrainingSetup fields no function of this module (or of memplan.estimate.techniques, which it calls) reads: the
+# optimizer, accumulation and sharding engine's own options. ZeRO, GPUs and engine are read only through
+# fsdp_sharded(setup), which the key holds instead. Every other field, present or future, is part of the key.
+UNREAD_FIELDS = frozenset({
+    "optimizer", "grad_accum", "gpus_per_node", "sync_each_batch", "bucket_view", "offload_optimizer",
+    "offload_params", "optimizer_in_backward", "ds_reduce_bucket_size", "ds_allgather_bucket_size",
+    "ds_prefetch_bucket_size", "ds_max_live_parameters", "ds_max_reuse_distance", "ds_param_persistence_threshold",
+    "ds_sub_group_size", "ds_contiguous_gradients", "ds_overlap_comm", "zero", "gpus", "engine"})
+_KEY_FIELDS: tuple = ()
+_MEMO: dict = {}
+_MEMO_SIZE = 8192  # entries (an Activations is a few tuples of ints)
+
+
 def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
+    """What one micro-batch saves for backward (_activations), cached by the model and the setup fields read: a
+    search over optimizers, ZeRO stages or offload (memplan fit) computes each once (tests/test_estimate_cache.py
+    checks that caching changes no answer)."""
+    global _KEY_FIELDS
+    if not _KEY_FIELDS:
+        _KEY_FIELDS = tuple(f for f in setup.__dataclass_fields__ if f not in UNREAD_FIELDS)
+    key = (id(model), fsdp_sharded(setup), *[getattr(setup, f) for f in _KEY_FIELDS])
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is model:  # id(model) is reused only once the model is gone
+        return hit[1]
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+    out = _activations(model, setup)
+    _MEMO[key] = (model, out)
+    return out
+
+
+activations.cache_clear = _MEMO.clear  # as an lru_cache's (memplan.estimate.clear_caches)
+
+
+def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     peft = setup.peft
     r = 4 if setup.precision.autocast else stream_bytes(setup.precision)
     # BitFit trains biases only: a bias's gradient is the output gradient summed, nothing saved for it, so its
@@ -584,7 +618,7 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         if stack is Stack.DECODER:  # blocks unlike the others: dense first blocks of an MoE model, full-attention
             # layers among sliding-window ones (no explicit mask)
             full = full_attention_layers(model, setup)
-            for j in range(n):
+            for j in range(n) if (model.dense_blocks or full) else ():  # (none such: no walk over the layers)
                 dense, unmasked = j < model.dense_blocks, j in full
                 if (dense or unmasked) and (j >= frozen_n or fb is not none):  # (a frozen one the gradient crosses)
                     kinds[j] = _block_bytes(model, setup, stack, w if j >= frozen_n else False, cross, dense,

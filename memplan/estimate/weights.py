@@ -102,15 +102,20 @@ def per_setup(fn):
     """Cache fn(u, setup) by u and the setup fields the sharding functions read (the micro-batch and sequence
     are not among them): a sweep over batch, sequence, checkpointing or attention computes each once."""
     def run(u: Unsharded, setup: TrainingSetup):
-        key = (fn, u, setup.engine, setup.gpus, setup.zero, setup.offload_params, setup.bucket_view, setup.precision,
-               setup.optimizer, setup.peft, setup.train_layers, setup.lora)
-        out = _MEMO.get(key)
-        if out is None:
-            if len(_MEMO) >= _MEMO_SIZE:
-                _MEMO.clear()
-            out = _MEMO[key] = fn(u, setup)
+        # u by identity (hashing its parameter groups costs more than fn), checked on a hit: an id is reused once
+        # its object is gone (memplan.estimate.phases.parameters caches the Unsharded, so it recurs)
+        key = (fn, id(u), setup.engine, setup.gpus, setup.zero, setup.offload_params, setup.bucket_view,
+               setup.precision, setup.optimizer, setup.peft, setup.train_layers, setup.lora)
+        hit = _MEMO.get(key)
+        if hit is not None and hit[0] is u:
+            return hit[1]
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.clear()
+        out = fn(u, setup)
+        _MEMO[key] = (u, out)
         return out
     run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+    run.cache_clear = _MEMO.clear  # as an lru_cache's (memplan.estimate.clear_caches)
     return run
 
 
