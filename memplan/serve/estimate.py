@@ -155,7 +155,9 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     copies = BASE_HIDDEN_COPIES + (1 if model.traits.position is PositionKind.LEARNED else 0)
     # a layer that calls its MLP's projections inline rebinds the normed input to fc1's output: it is freed
     # before the activation runs (an MLP submodule's argument stays alive to its end)
-    mlp_copies = copies - model.traits.inline_mlp  # (FamilyTraits.inline_mlp: OPT)
+    # (FamilyTraits.inline_mlp: OPT); a layer that keeps its attention output bound holds it through the MLP
+    # (FamilyTraits.attn_output_kept: GPT-2)
+    mlp_copies = copies - model.traits.inline_mlp + model.traits.attn_output_kept
     return (rotary + max(copies * tokens * h + attn, mlp_copies * tokens * h + mlp)) * elem
 
 
