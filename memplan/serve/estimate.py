@@ -172,6 +172,26 @@ def mlp_intermediates(model: ModelSpec) -> int:
     return 4 if model.traits.activation is Activation.GELU_NEW else 2
 
 
+def sliding_mask_bytes(model: ModelSpec, setup: ServeSetup) -> int:
+    """The prefill's boolean sliding-window mask, alive through the whole forward: transformers 5.24 SDPA skips the
+    mask only while kv_length < the window (masking_utils._ignore_causal_mask_sdpa: `if local_attention_size is not
+    None and kv_length >= local_attention_size: return False`), else builds [1, 1, q, kv] booleans expanded over the
+    batch (sdpa_mask: `attention_mask.expand(batch_size, -1, q_length, kv_length)`, a view). With a StaticCache
+    (compileable) generate builds it in prepare_inputs_for_generation and stores `attention_mask.contiguous()`:
+    batch · q · kv bytes. kv_length is the cache layer's get_mask_sizes: the prompt for a DynamicCache; for a
+    StaticCache the prompt when it overflows the layer's slots, else the slots (StaticSlidingWindowLayer)."""
+    w = sliding_window(model)
+    if w is None:
+        return 0
+    p = setup.prompt_len
+    if setup.hf_cache is HfCache.STATIC:
+        slots = static_tokens(model, setup.max_seq)
+        kv, rows = (p if p > slots else slots), setup.concurrency
+    else:
+        kv, rows = p, 1
+    return rows * p * kv if kv >= w else 0
+
+
 def logits_bytes(model: ModelSpec, rows: int, elem: int, fp32_copies: int = HF_FP32_LOGIT_COPIES) -> int:
     """The sampled positions' logits: model dtype plus the fp32 copies (whole vocabulary after TP's gather)."""
     return rows * model.vocab * (elem + fp32_copies * 4)
@@ -181,12 +201,14 @@ def _hf_memory(model: ModelSpec, setup: ServeSetup, w: WeightBytes, per_token: i
     c, elem = setup.concurrency, DTYPE_BYTES[setup.compute_dtype]
     static = setup.hf_cache is HfCache.STATIC
     kv_prefill = c * per_token * (static_tokens(model, setup.max_seq) if static
-                                  else dynamic_tokens(model, setup.prompt_len))
+                                  else dynamic_tokens(model, setup.prompt_len, setup.prompt_len))
     # the last decode step feeds the token before the last: a DynamicCache then holds prompt + gen - 1 tokens
+    # (gen_len 1: no decode step, the prefill's cache is the last)
+    last = 1 if setup.gen_len > 1 else setup.prompt_len
     kv_end = c * per_token * (static_tokens(model, setup.max_seq) if static
-                              else dynamic_tokens(model, setup.seq_len - 1))
+                              else dynamic_tokens(model, setup.seq_len - 1, last))
     cat_copy = 0 if static else kv_end // model.layers  # torch.cat's new tensors of one layer beside the old
-    act = layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem)
+    act = layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem) + sliding_mask_bytes(model, setup)
     logits = logits_bytes(model, c, elem)
     # the layers' activations are freed before the head runs: the prefill peaks at one or the other
     prefill = kv_prefill + max(act, logits)
