@@ -29,7 +29,7 @@ from memplan.serve.vllm import PagedCache, paged_cache, vllm_batch_defaults
 from memplan.serve.weights import PACK, WeightBytes, partition, weight_bytes
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import Arch, ModelSpec, Role, Stack
-from memplan.spec.traits import Activation, PositionKind
+from memplan.spec.traits import Activation, PositionKind, Routing
 
 FP8_TENSOR_CORES = (8, 9)  # vLLM fp8 docs: "FP8 computation is supported on ... compute capability >= 8.9"
 FP8_MARLIN = (7, 5)  # "FP8 models will run on compute capability >= 7.5 (Turing) as weight-only W8A16 ... Marlin"
@@ -144,14 +144,19 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     q = model.q_dim // tp
     kv = kv_heads_per_gpu(model, tp) * model.head_dim
     attn = tokens * (2 * q + 2 * kv)  # q, k, v and the attention output
-    routed = tokens * model.experts_per_token if model.experts > 1 else tokens
+    if model.latent is not None:
+        attn = latent_attention_elems(model, tokens, tp)
     i = -(-model.intermediate // tp)
-    mlp = routed * mlp_intermediates(model) * i + (routed * h if model.experts > 1 else 0)
+    mlp = tokens * mlp_intermediates(model) * i
+    if model.experts > 1:  # every block routed (or the dense first blocks' MLP, whichever is larger)
+        moe = moe_mlp_bytes(model, tokens, tp, elem)
+        mlp = max(mlp if model.dense_blocks else 0, -(-moe // elem))
     # alive beside them (transformers' decoder forward): the embedding output (the model's forward keeps its
     # inputs_embeds), the layer's input (held by the loop over layers), the residual and the normed input; rotary
     # families also keep the cos and sin tables for the whole forward
     # families with a learned position table keep its output too (`position_embeds` beside `inputs_embeds`)
-    rotary = 2 * tokens * model.head_dim if model.traits.position is PositionKind.ROTARY else 0
+    rotary_dim = model.latent.rope_dim if model.latent is not None else model.head_dim  # MLA: qk_rope_head_dim
+    rotary = 2 * tokens * rotary_dim if model.traits.position is PositionKind.ROTARY else 0
     copies = BASE_HIDDEN_COPIES + (1 if model.traits.position is PositionKind.LEARNED else 0)
     # a layer that calls its MLP's projections inline rebinds the normed input to fc1's output: it is freed
     # before the activation runs (an MLP submodule's argument stays alive to its end)
@@ -161,11 +166,57 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     return (rotary + max(copies * tokens * h + attn, mlp_copies * tokens * h + mlp)) * elem
 
 
+def latent_attention_elems(model: ModelSpec, tokens: int, tp: int) -> int:
+    """Multi-head latent attention's live elements over `tokens` tokens of a prefill (transformers 5.24
+    DeepseekV3Attention.forward and expand_kv): the query (per head nope + rope: q_states, its rotated part and the
+    cat), the latent (kv_a_proj_with_mqa's output and its normed part), kv_b_proj's per-head [nope + v] expansion,
+    the new key_states (nope + rope per head) and SDPA's output (v per head)."""
+    lat, heads = model.latent, model.heads // tp
+    return tokens * (2 * heads * lat.qk_dim + heads * lat.rope_dim + 2 * lat.kv_rank + lat.rope_dim
+                     + heads * (lat.nope_dim + lat.v_dim) + heads * lat.qk_dim + heads * lat.v_dim)
+
+
+# the routing's per-(token, expert) index tensors alive through transformers 5.24 grouped_mm_experts_forward
+# (integrations/moe.py): top_k_index, the sort's values and permutation, inv_perm (int64, 8 B each) and the
+# histc input (fp32 on the CPU: `expert_ids_g.float()`), beside the routing weights and their sorted copy
+ROUTING_INDEX_BYTES = 4 * 8 + 4
+
+
+def moe_mlp_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> int:
+    """Live bytes of a routed MoE MLP over `tokens` tokens beyond the layer's hidden-size copies (transformers 5.24
+    grouped_mm_experts_forward, integrations/moe.py, the default experts implementation; S = tokens · top-k rows):
+    - up: the gathered inputs `selected_hidden_states_g` [S, h] (alive to the end), gate_up's [S, 2·i] output and
+      the gate's act(gate) · up ([S, i] each);
+    - down: the gathered inputs, the down projection's [S, h], `weighted_out = proj_out * sample_weights_g` and
+      its un-permuted copy `weighted_out[inv_perm]` ([S, h] each, in the routing weights' dtype: fp32 for
+      DeepSeek-V3's fp32 sigmoid router, Routing.SIGMOID_GROUPED; the model dtype for the softmax routers);
+    - the router's logits [tokens, experts] (fp32 for DeepSeek-V3) and the routing index tensors;
+    - shared experts: their gated MLP over every token. Qwen2MoeSparseMoeBlock (the family with the shared
+      expert's sigmoid gate, ModelSpec.shared_gate) runs it first and keeps its [tokens, h] output through the
+      routed experts; DeepseekV3MoE runs it after them, beside the routed [tokens, h] output.
+    Experts are not split by tensor parallelism here (vLLM shards each expert's width: i / tp)."""
+    h, k, e = model.hidden, model.experts_per_token, model.experts
+    rows = tokens * k
+    i = -(-model.moe_width // tp)
+    fp32_router = model.traits.routing is Routing.SIGMOID_GROUPED
+    wb = 4 if fp32_router else elem
+    up = rows * (h + 4 * i) * elem
+    down = rows * h * 2 * elem + rows * h * 2 * wb
+    routing = tokens * e * (4 if fp32_router else elem) + rows * (ROUTING_INDEX_BYTES + 2 * wb)
+    routed = max(up, down) + routing
+    if not model.shared_intermediate:
+        return routed
+    shared = tokens * 3 * -(-model.shared_intermediate // tp) * elem  # gated: act(gate), up, their product
+    if model.shared_gate:  # shared first (Qwen2-MoE)
+        return max(shared, routed + tokens * h * elem)
+    return max(routed, shared + tokens * h * elem)
+
+
 def mlp_intermediates(model: ModelSpec) -> int:
     """Intermediate-size tensors alive at the MLP's peak: gated (act(gate) · up): gate's activation, up, their
     product; plain: the first projection and its activation; transformers' NewGELU (GPT-2, Phi) evaluates its tanh
     formula in Python ops, holding the input, 0.5·x and an operation's input and output at once."""
-    if model.experts > 1:  # transformers 5's fused experts: gate_up_proj's [rows, 2·i] output stays beside both
+    if model.experts > 1 and not model.dense_blocks:  # MoE blocks: moe_mlp_bytes
         return 4
     if model.gated_mlp:
         return 3

@@ -41,7 +41,13 @@ def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
 
 
 def kv_bytes_per_token(model: ModelSpec, tp: int, elem_bytes: int) -> int:
-    """Bytes one token's keys and values take on one GPU, all layers."""
+    """Bytes one token's keys and values take on one GPU, all layers. Multi-head latent attention (DeepSeek-V3)
+    caches the compressed latent, not per-head keys and values: transformers 5.24 DeepseekV3Attention.forward
+    ("Cache read / write is performed while latent KV is still compressed") updates the cache with kv_nope
+    [b, 1, s, kv_lora_rank] and k_rot [b, 1, s, qk_rope_head_dim] and expands them to per-head keys and values
+    after the read (expand_kv); one latent per token, the same on every tensor-parallel GPU."""
+    if model.latent is not None:
+        return model.layers * (model.latent.kv_rank + model.latent.rope_dim) * elem_bytes
     return 2 * model.layers * kv_heads_per_gpu(model, tp) * model.head_dim * elem_bytes
 
 

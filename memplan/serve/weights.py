@@ -87,6 +87,10 @@ def partition(lin: Linear, model: ModelSpec, tp: int) -> tuple[int, int, int]:
     """(n_in, n_out, bias elements) of one linear on one of `tp` GPUs."""
     n_in, n_out = lin.in_features, lin.out_features
     kv_out = kv_heads_per_gpu(model, tp) * model.head_dim
+    if lin.role in (Role.K, Role.V) and model.latent is not None:  # MLA (DeepseekV3Attention): kv_a_proj_with_mqa
+        # makes the latent (replicated), kv_b_proj expands it per head (split with the heads)
+        n_out = n_out if n_out == model.latent.kv_rank + model.latent.rope_dim else n_out // tp
+        return n_in, n_out, (n_out if lin.bias else 0)
     if lin.role is Role.Q:
         n_out = n_out // tp
     elif lin.role in (Role.K, Role.V):
