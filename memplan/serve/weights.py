@@ -35,6 +35,7 @@ from memplan.estimate.quant import nf4_storages
 from memplan.serve.kv import kv_heads_per_gpu
 from memplan.serve.setup import DTYPE_BYTES, ServeSetup, WeightFormat
 from memplan.spec.model import Linear, ModelSpec, Role, Stack, Tensor, TensorKind
+from memplan.spec.traits import Routing
 
 PACK = 8  # 4-bit values per int32 (GPTQ / AWQ pack_factor = 32 // 4)
 FP8_SCALE_BYTES = 4  # one fp32 weight_scale per fp8 tensor
@@ -141,6 +142,8 @@ def weight_bytes(model: ModelSpec, setup: ServeSetup) -> WeightBytes:
             packed += p * mats * t.count
             scales += s * mats * t.count
             experts += (p + s) * mats * t.count
+        elif t.kind is TensorKind.ROUTER and model.traits.routing is Routing.SIGMOID_GROUPED:
+            plain += t.numel * 4 * t.count  # DeepseekV3TopkRouter.weight: created in torch.float32, kept so
         elif t.kind is TensorKind.EMBEDDING:
             plain += -(-t.numel // tp) * half * t.count
         else:
