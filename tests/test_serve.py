@@ -53,6 +53,18 @@ def test_gqa_vs_mha_vs_mqa():
     assert kv_bytes_per_token(mqa, 1, 2) == 2 * 32 * 1 * 128 * 2
 
 
+def test_mla_caches_the_latent():
+    # deepseek-ai/DeepSeek-V3 config.json (the profile): 61 layers, kv_lora_rank 512, qk_rope_head_dim 64; transformers
+    # 5.24's DeepseekV3Attention caches kv_nope [b, 1, s, 512] and k_rot [b, 1, s, 64]; vLLM's MLAAttentionSpec
+    # pages one latent of 576 per token, replicated on every TP rank
+    m = load_model("deepseek-v3")
+    assert (m.layers, m.latent.kv_rank, m.latent.rope_dim) == (61, 512, 64)
+    assert kv_bytes_per_token(m, 1, 2) == kv_bytes_per_token(m, 8, 2) == 61 * (512 + 64) * 2 == 70_272
+    r = serve(m, gpu="h200", engine="vllm", tp=8, weights="fp8", concurrency=1, prompt_len=1000, gen_len=100,
+              max_seq=4096)
+    assert r.paged.page_size_bytes == 16 * 576 * 2
+
+
 def test_published_opt13b_800kb_per_token():
     # Kwon et al. 2023 (PagedAttention, section 3): "for the 13B parameter OPT model, the KV cache of a single token
     # demands 800 KB of space, calculated as 2 (key and value vectors) × 5120 (hidden state size) × 40 (number of
