@@ -13,7 +13,8 @@ dtype=torch.float32)`; vLLM's sampler upcasts to fp32 likewise; a DynamicCache's
 --engine hf: the peak is the larger of prefill (all prompts at once: concurrency · prompt_len tokens) and the last
 decode step. --engine vllm: the profiled peak is one forward of max_num_batched_tokens tokens (chunked prefill) or
 the sampler's max_num_seqs rows, and the cache takes what gpu_memory_utilization leaves (memplan.serve.vllm).
-Estimate-only: no trace or measurement checks these serving terms yet (docs/serving.md says what is not modelled).
+The --engine hf terms are checked against the real generate() on fake tensors (memplan.trace.serve; the grids of
+tests/test_serve.py, docs/serving.md); vLLM's are estimate-only (docs/serving.md says what is not modelled).
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ from memplan.spec.traits import Activation, PositionKind, Routing
 FP8_TENSOR_CORES = (8, 9)  # vLLM fp8 docs: "FP8 computation is supported on ... compute capability >= 8.9"
 FP8_MARLIN = (7, 5)  # "FP8 models will run on compute capability >= 7.5 (Turing) as weight-only W8A16 ... Marlin"
 AMPERE = (8, 0)  # bf16 in vLLM: gpu_worker._check_if_gpu_supports_dtype needs capability 8.0
-# fp32 copies of the sampled logits alive at once: generate() (greedy, its default do_sample=False) holds two at its
-# peak, its `.to(copy=True, dtype=torch.float32)` and the processed scores (seen in the trace, memplan.trace.serve);
+# fp32 copies of the sampled logits alive at once: at a decode step generate() (transformers 5.24 _sample, greedy)
+# makes `next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)` while the previous step's
+# is still bound (the processed scores are the same tensor without logits processors): two (memplan.trace.serve);
 # vLLM's sampler upcasts and computes sampling probabilities: two as well
 HF_FP32_LOGIT_COPIES = 2
 VLLM_FP32_LOGIT_COPIES = 2
