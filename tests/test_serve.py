@@ -389,6 +389,23 @@ def test_estimate_vs_trace_grid(family):
             assert abs(err) <= TOLERANCE
 
 
+def test_mla_attention_peak_follows_the_trace():
+    """DeepSeek-V3 with its attention as the peak (16 heads of 64 + 16, one narrow expert per token): the MLA terms
+    (memplan.serve.estimate.latent_attention_elems) against the real generate() on fake tensors."""
+    pytest.importorskip("torch")
+    from memplan.trace.serve import trace_serve
+
+    cfg = dict(TINY["deepseek_v3"], num_attention_heads=16, num_key_value_heads=16, qk_nope_head_dim=64,
+               v_head_dim=64, moe_intermediate_size=32, intermediate_size=128, num_experts_per_tok=1)
+    m = spec_from_config(cfg, "tiny-mla-attention")
+    s = ServeSetup(concurrency=2, prompt_len=300, gen_len=3, max_seq=323, hf_cache="dynamic", weights="bf16")
+    e, t = estimate_serve(m, s), trace_serve(m, s)
+    per_token = 3 * (32 + 16) * 2  # the latent: layers · (kv_lora_rank + qk_rope_head_dim) · bf16
+    assert t.kv_cache == 2 * (300 + 3 - 1) * per_token  # the cache at the end of generate()
+    assert e.phase == "prefill" and e.categories["kv_cache"] == 2 * 300 * per_token
+    assert abs(e.allocated_bytes / t.peak_allocated - 1) <= TOLERANCE
+
+
 def seeded_grid(seed: int, per_family: int = 16) -> list[tuple[str, ServeSetup]]:
     """per_family setups per family drawn with `seed`: concurrency 1-8, prompt 8-512, generation 2-6 tokens, cache,
     weights dtype (bf16 / fp16 / fp32; MoE bf16 only, see memplan.trace.serve)."""

@@ -170,12 +170,13 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
 
 def latent_attention_elems(model: ModelSpec, tokens: int, tp: int) -> int:
     """Multi-head latent attention's live elements over `tokens` tokens of a prefill (transformers 5.24
-    DeepseekV3Attention.forward and expand_kv): the query (per head nope + rope: q_states, its rotated part and the
-    cat), the latent (kv_a_proj_with_mqa's output and its normed part), kv_b_proj's per-head [nope + v] expansion,
-    the new key_states (nope + rope per head) and SDPA's output (v per head)."""
+    DeepseekV3Attention.forward and expand_kv; the trace's live tensors at the output's copy): the query (per head
+    nope + rope: q_states, its rotated part and the cat), kv_a_proj_with_mqa's latent output, kv_b_proj's per-head
+    [nope + v] expansion, the new key_states (nope + rope per head), SDPA's output and its `.contiguous()` copy
+    (v per head each)."""
     lat, heads = model.latent, model.heads // tp
-    return tokens * (2 * heads * lat.qk_dim + heads * lat.rope_dim + 2 * lat.kv_rank + lat.rope_dim
-                     + heads * (lat.nope_dim + lat.v_dim) + heads * lat.qk_dim + heads * lat.v_dim)
+    return tokens * (2 * heads * lat.qk_dim + heads * lat.rope_dim + lat.kv_rank + lat.rope_dim
+                     + heads * (lat.nope_dim + lat.v_dim) + heads * lat.qk_dim + 2 * heads * lat.v_dim)
 
 
 # the routing's per-(token, expert) index tensors alive through transformers 5.24 grouped_mm_experts_forward
