@@ -22,6 +22,11 @@ DISTILL = [
          seq=512),
     dict(model="opt-125m", teacher="opt-1.3b", precision="fp32", peft="full", batch=8, seq=512, temperature=2.0,
          distill_alpha=0.7),
+    # int8 teachers (bitsandbytes LLM.int8 through memplan.trace.int8's stand-in): a gated MLP under bf16 autocast,
+    # GPT-2's Conv1D under fp16 (the input already fp16: no cast copy)
+    dict(model="llama-3.2-1b", teacher="llama-3.1-8b", teacher_weights="int8", precision="bf16", peft="lora", batch=2,
+         seq=1024),
+    dict(model="gpt2", teacher="gpt2-large", teacher_weights="int8", precision="fp16", peft="full", batch=2, seq=512),
 ]
 
 __all__ = ["DISTILL"]

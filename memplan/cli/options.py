@@ -126,7 +126,7 @@ SETUP_OPTIONS = [
            "config path) whose no-grad forward and KL loss run beside the student's step (docs/distillation.md). "
            "Same vocabulary as the student. [default: none, no distillation]"),
     _setup("teacher_weights", str, "auto", help="--teacher: its weights, auto (the compute dtype) | fp32 | bf16 | fp16 "
-           "| nf4 | int8 (bitsandbytes; int8 estimate-only)."),
+           "| nf4 | int8 (bitsandbytes)."),
     _setup("distill_alpha", float, 0.5, help="--teacher: loss = (1 - alpha) * CE + alpha * KL (torchtune kd_ratio)."),
     _setup("temperature", float, 1.0, help="--teacher: softmax temperature of both logits (KL scaled by T²)."),
     _setup("attention", str, "sdpa", help="eager | sdpa | flash."),

@@ -74,7 +74,8 @@ def validate(model: ModelSpec, setup: TrainingSetup) -> list[str]:
              f"weights (counted in weights), its no-grad forward and the KL's fp32 soft targets (loss = "
              f"{1 - setup.distill_alpha:g}·CE + {setup.distill_alpha:g}·KL, T = {setup.temperature:g})"]
     if setup.teacher_weights is TeacherWeights.INT8:
-        warns.append("--teacher-weights int8 is estimate-only (bitsandbytes LLM.int8: no trace stand-in)")
+        warns.append("--teacher-weights int8: LLM.int8's outlier columns (inputs with |x| >= 6) are data and not "
+                     "counted; each adds a column of the input and of the dequantized weight")
     return warns
 
 
@@ -122,8 +123,42 @@ def teacher_forward_bytes(teacher: ModelSpec, setup: TrainingSetup) -> int:
 
     t, c = setup.tokens, logits_dtype_bytes(setup)
     layer = layer_forward_bytes(teacher, t, 1, c)
+    if setup.teacher_weights is TeacherWeights.INT8:
+        layer = max(layer, int8_mlp_bytes(teacher, t, c, setup.precision.half_dtype == "float16"))
     head = round_block(t * teacher.hidden * c) + round_block(t * teacher.vocab * c)
     return max(layer, head)
+
+
+def int8_linear_extra(tokens: int, n_in: int, n_out: int, fp16: bool) -> tuple[int, int]:
+    """Transients of one bitsandbytes Linear8bitLt forward on CUDA beyond its input and output (memplan.trace.int8
+    cites bitsandbytes 0.50.2 line by line): (quantize, matmul). Quantize: the fp16 copy of the input (none when it
+    is fp16), out_row int8, the abs in fp16 and its bool compare ([T, in] each), row_stats fp32 [T]. Matmul: out_row
+    and row_stats kept, int8_linear_matmul's int32 [T, out] and int8_mm_dequant's fp16 [T, out] (the output itself
+    when the input is fp16, else beside its `.to(dtype)` copy)."""
+    quant = tokens * n_in * ((0 if fp16 else 2) + 1 + 2 + 1) + tokens * 4
+    matmul = tokens * n_in + tokens * 4 + tokens * n_out * (4 + (0 if fp16 else 2))
+    return quant, matmul
+
+
+def int8_mlp_bytes(teacher: ModelSpec, tokens: int, c: int, fp16: bool) -> int:
+    """A decoder layer's live bytes at its MLP with int8 linears: the hidden-size copies and rotary tables the
+    serving layer model keeps (memplan.serve.estimate.layer_forward_bytes) plus, at each linear, what is alive
+    around it (LlamaMLP: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`: act(gate) beside up_proj's call, the
+    product beside down_proj's; a plain MLP: fc1 then fc2 on the activation) and its int8 transients."""
+    from memplan.serve.estimate import BASE_HIDDEN_COPIES
+    from memplan.spec.traits import PositionKind
+
+    h, i, t = teacher.hidden, teacher.intermediate, tokens
+    copies = BASE_HIDDEN_COPIES + (1 if teacher.traits.position is PositionKind.LEARNED else 0)
+    rotary = 2 * t * teacher.head_dim * c if teacher.traits.position is PositionKind.ROTARY else 0
+    up_q, up_m = int8_linear_extra(t, h, i, fp16)
+    down_q, down_m = int8_linear_extra(t, i, h, fp16)
+    if teacher.gated_mlp:
+        mlp = max(t * i * c + max(up_q, up_m + t * i * c),  # up_proj beside act(gate)
+                  t * i * c + max(down_q, down_m + t * h * c))  # down_proj on the product
+    else:
+        mlp = max(max(up_q, up_m + t * i * c), t * i * c + max(down_q, down_m + t * h * c))
+    return rotary + copies * t * h * c + mlp
 
 
 def terms(model: ModelSpec, setup: TrainingSetup) -> dict:

@@ -91,7 +91,7 @@ def _terms(model: ModelSpec, setup: ServeSetup) -> dict:
     per_token = kv_bytes_per_token(model, setup.tp, setup.kv_bytes)
     static = setup.hf_cache is HfCache.STATIC
     kv_prefill = c * per_token * (static_tokens(model, setup.max_seq) if static
-                                  else dynamic_tokens(model, setup.prompt_len))
+                                  else dynamic_tokens(model, setup.prompt_len, setup.prompt_len))
     kv_end = c * per_token * (static_tokens(model, setup.max_seq) if static else dynamic_tokens(model, setup.seq_len))
     return {"weights": weight_bytes(model, setup).total, "kv_prefill": kv_prefill, "kv_end": kv_end,
             "cat_copy": 0 if static else kv_end // model.layers,

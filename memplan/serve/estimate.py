@@ -13,7 +13,8 @@ dtype=torch.float32)`; vLLM's sampler upcasts to fp32 likewise; a DynamicCache's
 --engine hf: the peak is the larger of prefill (all prompts at once: concurrency · prompt_len tokens) and the last
 decode step. --engine vllm: the profiled peak is one forward of max_num_batched_tokens tokens (chunked prefill) or
 the sampler's max_num_seqs rows, and the cache takes what gpu_memory_utilization leaves (memplan.serve.vllm).
-Estimate-only: no trace or measurement checks these serving terms yet (docs/serving.md says what is not modelled).
+The --engine hf terms are checked against the real generate() on fake tensors (memplan.trace.serve; the grids of
+tests/test_serve.py, docs/serving.md); vLLM's are estimate-only (docs/serving.md says what is not modelled).
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ from memplan.serve.vllm import PagedCache, paged_cache, vllm_batch_defaults
 from memplan.serve.weights import PACK, WeightBytes, largest_dequant, partition, weight_bytes
 from memplan.spec.gpu import GpuSpec
 from memplan.spec.model import Arch, ModelSpec, Role, Stack
-from memplan.spec.traits import Activation, PositionKind
+from memplan.spec.traits import Activation, PositionKind, Routing
 
 FP8_TENSOR_CORES = (8, 9)  # vLLM fp8 docs: "FP8 computation is supported on ... compute capability >= 8.9"
 FP8_MARLIN = (7, 5)  # "FP8 models will run on compute capability >= 7.5 (Turing) as weight-only W8A16 ... Marlin"
 AMPERE = (8, 0)  # bf16 in vLLM: gpu_worker._check_if_gpu_supports_dtype needs capability 8.0
-# fp32 copies of the sampled logits alive at once: generate() (greedy, its default do_sample=False) holds two at its
-# peak, its `.to(copy=True, dtype=torch.float32)` and the processed scores (seen in the trace, memplan.trace.serve);
+# fp32 copies of the sampled logits alive at once: at a decode step generate() (transformers 5.24 _sample, greedy)
+# makes `next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)` while the previous step's
+# is still bound (the processed scores are the same tensor without logits processors): two (memplan.trace.serve);
 # vLLM's sampler upcasts and computes sampling probabilities: two as well
 HF_FP32_LOGIT_COPIES = 2
 VLLM_FP32_LOGIT_COPIES = 2
@@ -147,18 +149,25 @@ def layer_forward_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> in
     q = model.q_dim // tp
     kv = kv_heads_per_gpu(model, tp) * model.head_dim
     attn = tokens * (2 * q + 2 * kv)  # q, k, v and the attention output
-    routed = tokens * model.experts_per_token if model.experts > 1 else tokens
+    if model.latent is not None:
+        attn = latent_attention_elems(model, tokens, tp)
     i = -(-model.intermediate // tp)
-    mlp = routed * mlp_intermediates(model) * i + (routed * h if model.experts > 1 else 0)
+    mlp = tokens * mlp_intermediates(model) * i
+    if model.experts > 1:  # every block routed (or the dense first blocks' MLP, whichever is larger)
+        moe = moe_mlp_bytes(model, tokens, tp, elem)
+        mlp = max(mlp if model.dense_blocks else 0, -(-moe // elem))
     # alive beside them (transformers' decoder forward): the embedding output (the model's forward keeps its
     # inputs_embeds), the layer's input (held by the loop over layers), the residual and the normed input; rotary
     # families also keep the cos and sin tables for the whole forward
     # families with a learned position table keep its output too (`position_embeds` beside `inputs_embeds`)
-    rotary = 2 * tokens * model.head_dim if model.traits.position is PositionKind.ROTARY else 0
+    rotary_dim = model.latent.rope_dim if model.latent is not None else model.head_dim  # MLA: qk_rope_head_dim
+    rotary = 2 * tokens * rotary_dim if model.traits.position is PositionKind.ROTARY else 0
     copies = BASE_HIDDEN_COPIES + (1 if model.traits.position is PositionKind.LEARNED else 0)
     # a layer that calls its MLP's projections inline rebinds the normed input to fc1's output: it is freed
     # before the activation runs (an MLP submodule's argument stays alive to its end)
-    mlp_copies = copies - model.traits.inline_mlp  # (FamilyTraits.inline_mlp: OPT)
+    # (FamilyTraits.inline_mlp: OPT); a layer that keeps its attention output bound holds it through the MLP
+    # (FamilyTraits.attn_output_kept: GPT-2)
+    mlp_copies = copies - model.traits.inline_mlp + model.traits.attn_output_kept
     return (rotary + max(copies * tokens * h + attn, mlp_copies * tokens * h + mlp)) * elem
 
 
@@ -174,17 +183,82 @@ def dequant_moment(model: ModelSpec, tokens: int, tp: int, elem: int, fixed: int
     copies = BASE_HIDDEN_COPIES + (1 if model.traits.position is PositionKind.LEARNED else 0) - model.traits.inline_mlp
     return (rotary + copies * tokens * model.hidden + tokens * -(-model.intermediate // tp)) * elem + fixed \
         + tokens * per_token
+def latent_attention_elems(model: ModelSpec, tokens: int, tp: int) -> int:
+    """Multi-head latent attention's live elements over `tokens` tokens of a prefill (transformers 5.24
+    DeepseekV3Attention.forward and expand_kv; the trace's live tensors at the output's copy): the query (per head
+    nope + rope: q_states, its rotated part and the cat), kv_a_proj_with_mqa's latent output, kv_b_proj's per-head
+    [nope + v] expansion, the new key_states (nope + rope per head), SDPA's output and its `.contiguous()` copy
+    (v per head each)."""
+    lat, heads = model.latent, model.heads // tp
+    return tokens * (2 * heads * lat.qk_dim + heads * lat.rope_dim + lat.kv_rank + lat.rope_dim
+                     + heads * (lat.nope_dim + lat.v_dim) + heads * lat.qk_dim + 2 * heads * lat.v_dim)
+
+
+# the routing's per-(token, expert) index tensors alive through transformers 5.24 grouped_mm_experts_forward
+# (integrations/moe.py): top_k_index, the sort's values and permutation, inv_perm (int64, 8 B each) and the
+# histc input (fp32 on the CPU: `expert_ids_g.float()`), beside the routing weights and their sorted copy
+ROUTING_INDEX_BYTES = 4 * 8 + 4
+
+
+def moe_mlp_bytes(model: ModelSpec, tokens: int, tp: int, elem: int) -> int:
+    """Live bytes of a routed MoE MLP over `tokens` tokens beyond the layer's hidden-size copies (transformers 5.24
+    grouped_mm_experts_forward, integrations/moe.py, the default experts implementation; S = tokens · top-k rows):
+    - up: the gathered inputs `selected_hidden_states_g` [S, h] (alive to the end), gate_up's [S, 2·i] output and
+      the gate's act(gate) · up ([S, i] each);
+    - down: the gathered inputs, the down projection's [S, h], `weighted_out = proj_out * sample_weights_g` and
+      its un-permuted copy `weighted_out[inv_perm]` ([S, h] each, in the routing weights' dtype: fp32 for
+      DeepSeek-V3's fp32 sigmoid router, Routing.SIGMOID_GROUPED; the model dtype for the softmax routers);
+    - the router's logits [tokens, experts] (fp32 for DeepSeek-V3) and the routing index tensors;
+    - shared experts: their gated MLP over every token. Qwen2MoeSparseMoeBlock (the family with the shared
+      expert's sigmoid gate, ModelSpec.shared_gate) runs it first and keeps its [tokens, h] output through the
+      routed experts; DeepseekV3MoE runs it after them, beside the routed [tokens, h] output.
+    Experts are not split by tensor parallelism here (vLLM shards each expert's width: i / tp)."""
+    h, k, e = model.hidden, model.experts_per_token, model.experts
+    rows = tokens * k
+    i = -(-model.moe_width // tp)
+    fp32_router = model.traits.routing is Routing.SIGMOID_GROUPED
+    wb = 4 if fp32_router else elem
+    up = rows * (h + 4 * i) * elem
+    down = rows * h * 2 * elem + rows * h * 2 * wb
+    routing = tokens * e * (4 if fp32_router else elem) + rows * (ROUTING_INDEX_BYTES + 2 * wb)
+    routed = max(up, down) + routing
+    if not model.shared_intermediate:
+        return routed
+    shared = tokens * 3 * -(-model.shared_intermediate // tp) * elem  # gated: act(gate), up, their product
+    if model.shared_gate:  # shared first (Qwen2-MoE)
+        return max(shared, routed + tokens * h * elem)
+    return max(routed, shared + tokens * h * elem)
 
 
 def mlp_intermediates(model: ModelSpec) -> int:
     """Intermediate-size tensors alive at the MLP's peak: gated (act(gate) · up): gate's activation, up, their
     product; plain: the first projection and its activation; transformers' NewGELU (GPT-2, Phi) evaluates its tanh
     formula in Python ops, holding the input, 0.5·x and an operation's input and output at once."""
-    if model.experts > 1:  # transformers 5's fused experts: gate_up_proj's [rows, 2·i] output stays beside both
+    if model.experts > 1 and not model.dense_blocks:  # MoE blocks: moe_mlp_bytes
         return 4
     if model.gated_mlp:
         return 3
     return 4 if model.traits.activation is Activation.GELU_NEW else 2
+
+
+def sliding_mask_bytes(model: ModelSpec, setup: ServeSetup) -> int:
+    """The prefill's boolean sliding-window mask, alive through the whole forward: transformers 5.24 SDPA skips the
+    mask only while kv_length < the window (masking_utils._ignore_causal_mask_sdpa: `if local_attention_size is not
+    None and kv_length >= local_attention_size: return False`), else builds [1, 1, q, kv] booleans expanded over the
+    batch (sdpa_mask: `attention_mask.expand(batch_size, -1, q_length, kv_length)`, a view). With a StaticCache
+    (compileable) generate builds it in prepare_inputs_for_generation and stores `attention_mask.contiguous()`:
+    batch · q · kv bytes. kv_length is the cache layer's get_mask_sizes: the prompt for a DynamicCache; for a
+    StaticCache the prompt when it overflows the layer's slots, else the slots (StaticSlidingWindowLayer)."""
+    w = sliding_window(model)
+    if w is None:
+        return 0
+    p = setup.prompt_len
+    if setup.hf_cache is HfCache.STATIC:
+        slots = static_tokens(model, setup.max_seq)
+        kv, rows = (p if p > slots else slots), setup.concurrency
+    else:
+        kv, rows = p, 1
+    return rows * p * kv if kv >= w else 0
 
 
 def logits_bytes(model: ModelSpec, rows: int, elem: int, fp32_copies: int = HF_FP32_LOGIT_COPIES) -> int:
@@ -196,12 +270,14 @@ def _hf_memory(model: ModelSpec, setup: ServeSetup, w: WeightBytes, per_token: i
     c, elem = setup.concurrency, DTYPE_BYTES[setup.compute_dtype]
     static = setup.hf_cache is HfCache.STATIC
     kv_prefill = c * per_token * (static_tokens(model, setup.max_seq) if static
-                                  else dynamic_tokens(model, setup.prompt_len))
+                                  else dynamic_tokens(model, setup.prompt_len, setup.prompt_len))
     # the last decode step feeds the token before the last: a DynamicCache then holds prompt + gen - 1 tokens
+    # (gen_len 1: no decode step, the prefill's cache is the last)
+    last = 1 if setup.gen_len > 1 else setup.prompt_len
     kv_end = c * per_token * (static_tokens(model, setup.max_seq) if static
-                              else dynamic_tokens(model, setup.seq_len - 1))
+                              else dynamic_tokens(model, setup.seq_len - 1, last))
     cat_copy = 0 if static else kv_end // model.layers  # torch.cat's new tensors of one layer beside the old
-    act = layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem)
+    act = layer_forward_bytes(model, c * setup.prompt_len, setup.tp, elem) + sliding_mask_bytes(model, setup)
     logits = logits_bytes(model, c, elem)
     dq = largest_dequant(model, setup)  # torchao's eager linears dequantize their weight (memplan.serve.weights)
     act_dq = dequant_moment(model, c * setup.prompt_len, setup.tp, elem, *dq)

@@ -7,7 +7,10 @@ OPT-13B; with grouped-query attention the hidden size becomes kv_heads · head_d
 spec's kv_heads (MQA: 1).
 
 Sliding-window layers (traits AttentionKind.SLIDING_WINDOW with a config sliding_window) cap what they keep:
-- transformers 5 DynamicCache (DynamicSlidingWindowLayer.update, cache_utils.py): the last sliding_window − 1 tokens;
+- transformers 5 DynamicCache (DynamicSlidingWindowLayer.update, cache_utils.py): `self.keys =
+  full_key_states[:, :, -self.sliding_window + 1 :, :]`, a view of the last sliding_window − 1 tokens of the
+  torch.cat's output, whose storage stays whole: the whole prompt after the prefill, min(length, window) tokens
+  after a decode step (the kept window − 1 and the new token);
 - transformers 5 StaticCache (StaticSlidingWindowLayer.__init__): min(sliding_window, max_cache_len) slots;
 - vLLM (SlidingWindowSpec.max_memory_usage_bytes, memplan.serve.vllm): window − 1 plus the scheduled tokens.
 
@@ -38,7 +41,13 @@ def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
 
 
 def kv_bytes_per_token(model: ModelSpec, tp: int, elem_bytes: int) -> int:
-    """Bytes one token's keys and values take on one GPU, all layers."""
+    """Bytes one token's keys and values take on one GPU, all layers. Multi-head latent attention (DeepSeek-V3)
+    caches the compressed latent, not per-head keys and values: transformers 5.24 DeepseekV3Attention.forward
+    ("Cache read / write is performed while latent KV is still compressed") updates the cache with kv_nope
+    [b, 1, s, kv_lora_rank] and k_rot [b, 1, s, qk_rope_head_dim] and expands them to per-head keys and values
+    after the read (expand_kv); one latent per token, the same on every tensor-parallel GPU."""
+    if model.latent is not None:
+        return model.layers * (model.latent.kv_rank + model.latent.rope_dim) * elem_bytes
     return 2 * model.layers * kv_heads_per_gpu(model, tp) * model.head_dim * elem_bytes
 
 
@@ -52,10 +61,13 @@ def sliding_window(model: ModelSpec) -> int | None:
     return w
 
 
-def dynamic_tokens(model: ModelSpec, length: int) -> int:
-    """Tokens a transformers DynamicCache keeps per layer for a sequence of `length` tokens."""
+def dynamic_tokens(model: ModelSpec, length: int, last: int = 1) -> int:
+    """Tokens of storage a transformers DynamicCache holds per layer once `length` tokens went through, the last
+    forward feeding `last` of them (the prefill: last = length; a decode step: 1). A sliding-window layer keeps a view
+    of window − 1 tokens of its last torch.cat, whose storage holds what it kept before (at most window − 1) and the
+    `last` new tokens (see the module doc)."""
     w = sliding_window(model)
-    return length if w is None else min(length, w - 1)
+    return length if w is None else min(length - last, w - 1) + last
 
 
 def static_tokens(model: ModelSpec, max_len: int) -> int:

@@ -115,6 +115,9 @@ def paged_cache(model: ModelSpec, available: int, kv_heads_per_gpu: int, elem_by
                 max_model_len: int, tokens_per_seq: int, max_num_batched_tokens: int,
                 max_num_seqs: int) -> PagedCache:
     page = page_size_bytes(kv_heads_per_gpu, model.head_dim, block_size, elem_bytes)
+    if model.latent is not None:  # MLAAttentionSpec.real_page_size_bytes: block_size · num_kv_heads (1) · head_size
+        # (kv_lora_rank + qk_rope_head_dim) · dtype bytes, one latent with no separate V; replicated across TP
+        page = block_size * (model.latent.kv_rank + model.latent.rope_dim) * elem_bytes
     blocks = num_blocks(available, page, model.layers)
     per_request = blocks_per_request(model, max_model_len, block_size, max_num_batched_tokens)
     per_seq = blocks_per_request(model, tokens_per_seq, block_size, max_num_batched_tokens)

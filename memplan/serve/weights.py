@@ -57,6 +57,7 @@ from memplan.estimate.quant import nf4_storages
 from memplan.serve.kv import kv_heads_per_gpu
 from memplan.serve.setup import DTYPE_BYTES, ServeSetup, WeightFormat
 from memplan.spec.model import Linear, ModelSpec, Role, Stack, Tensor, TensorKind
+from memplan.spec.traits import Routing
 
 PACK = 8  # 4-bit values per int32 (GPTQ / AWQ pack_factor = 32 // 4)
 FP8_SCALE_BYTES = 4  # one fp32 weight_scale per fp8 tensor
@@ -201,6 +202,10 @@ def partition(lin: Linear, model: ModelSpec, tp: int) -> tuple[int, int, int]:
     """(n_in, n_out, bias elements) of one linear on one of `tp` GPUs."""
     n_in, n_out = lin.in_features, lin.out_features
     kv_out = kv_heads_per_gpu(model, tp) * model.head_dim
+    if lin.role in (Role.K, Role.V) and model.latent is not None:  # MLA (DeepseekV3Attention): kv_a_proj_with_mqa
+        # makes the latent (replicated), kv_b_proj expands it per head (split with the heads)
+        n_out = n_out if n_out == model.latent.kv_rank + model.latent.rope_dim else n_out // tp
+        return n_in, n_out, (n_out if lin.bias else 0)
     if lin.role is Role.Q:
         n_out = n_out // tp
     elif lin.role in (Role.K, Role.V):
@@ -256,6 +261,8 @@ def weight_bytes(model: ModelSpec, setup: ServeSetup) -> WeightBytes:
             packed += p * mats * t.count
             scales += s * mats * t.count
             experts += (p + s) * mats * t.count
+        elif t.kind is TensorKind.ROUTER and model.traits.routing is Routing.SIGMOID_GROUPED:
+            plain += t.numel * 4 * t.count  # DeepseekV3TopkRouter.weight: created in torch.float32, kept so
         elif t.kind is TensorKind.EMBEDDING:
             plain += -(-t.numel // tp) * half * t.count
         else:

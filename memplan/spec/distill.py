@@ -28,7 +28,7 @@ class TeacherWeights(str, Enum):
     fp32 / bf16 / fp16  every parameter in that dtype
     nf4          bitsandbytes 4-bit NormalFloat linears (BitsAndBytesConfig(load_in_4bit=True), no double
                  quantization: its default), the rest (embeddings, norms, LM head) in the compute dtype
-    int8         bitsandbytes LLM.int8 linears (int8 weights, one fp32 scale per row): estimate-only
+    int8         bitsandbytes LLM.int8 linears (int8 weights, one fp32 scale per row; traced: memplan.trace.int8)
     """
 
     AUTO = "auto"

@@ -152,6 +152,10 @@ class FamilyTraits:
     # the decoder layer calls fc1 -> activation -> fc2 inline, rebinding the normed input to fc1's output (freed
     # before the activation runs; an MLP submodule's argument stays alive to its end): memplan.serve's layer
     inline_mlp: bool = False
+    # the decoder layer keeps the attention output bound through the MLP (GPT2Block, transformers 5.24:
+    # `attn_output, _ = self.attn(...)`; `hidden_states = attn_output + residual`; the name lives to the end of
+    # forward): one more hidden-size tensor alive at the MLP's peak, memplan.serve's layer
+    attn_output_kept: bool = False
 
     @property
     def moe(self) -> bool:
@@ -254,7 +258,8 @@ TRAITS: dict[str, FamilyTraits] = {
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.GELU_NEW,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,
         softmax=SoftmaxDtype.INPUT_CAST_BACK, lora_targets=("c_attn",), ia3_targets=("c_attn", "mlp.c_proj"),
-        ia3_feedforward=("mlp.c_proj",), final_norm="ln_f", adapter_sites=("attn", "mlp"), conv1d=True),
+        ia3_feedforward=("mlp.c_proj",), final_norm="ln_f", adapter_sites=("attn", "mlp"), conv1d=True,
+        attn_output_kept=True),
     "opt": FamilyTraits(  # OPTDecoderLayer runs fc1 -> activation -> fc2 inline: fc2 is the MLP's last module
         norm=NormKind.LAYERNORM, block=BlockLayout.PRE_NORM, activation=Activation.RELU,
         attention=AttentionKind.MHA, position=PositionKind.LEARNED, loss_head=LossHead.CAUSAL_LM,

@@ -21,6 +21,7 @@ from memplan.spec.distill import TeacherWeights
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Attention, PeftMethod, TrainingSetup
 from memplan.trace.build import DTYPES, Built, from_config, hf_config
+from memplan.trace.int8 import quantize_linears_int8
 from memplan.trace.qlora import quantize_linears
 
 IGNORE_INDEX = -100  # ForwardKLLoss(ignore_index=-100), torchtune 0.6.1
@@ -34,11 +35,9 @@ def teacher_dtype(setup: TrainingSetup) -> torch.dtype:
 
 
 def build_teacher(spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
-    """The teacher on the meta device: the transformers model in its dtype (NF4 linears through memplan's
-    bitsandbytes stand-in, memplan.trace.qlora), eval mode, every parameter frozen."""
-    if setup.teacher_weights is TeacherWeights.INT8:
-        raise MemplanError("--teacher-weights int8 (bitsandbytes LLM.int8) is estimate-only: the trace has no int8 "
-                           "stand-in (use nf4, bf16, fp16 or fp32)")
+    """The teacher on the meta device: the transformers model in its dtype (NF4 / int8 linears through memplan's
+    bitsandbytes stand-ins, memplan.trace.qlora / memplan.trace.int8: bitsandbytes' own Linear8bitLt does not run
+    on fake tensors, the latter's doc says why), eval mode, every parameter frozen."""
     plain = TrainingSetup(dropout=setup.dropout)  # the teacher's own config: no PEFT, no KV cache
     config = hf_config(spec, plain)
     impl = "eager" if setup.attention is Attention.EAGER else "sdpa"
@@ -48,6 +47,9 @@ def build_teacher(spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
             head = teacher.get_output_embeddings()
             quantize_linears(teacher, {id(head)} if head is not None else set(),
                              DTYPES[setup.precision.half_dtype], False)  # BitsAndBytesConfig: no double quant
+        elif setup.teacher_weights is TeacherWeights.INT8:
+            head = teacher.get_output_embeddings()
+            quantize_linears_int8(teacher, {id(head)} if head is not None else set())
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -100,7 +100,10 @@ def trace_serve(model: ModelSpec, setup: ServeSetup) -> ServeTrace:
         kw = {}
         if setup.hf_cache is HfCache.STATIC:
             kw["past_key_values"] = transformers.StaticCache(config=config, max_cache_len=setup.max_seq)
-        steps = iter([True] * (setup.gen_len - 1) + [False])
+        # generate()'s loop makes one token per pass (the first from the prefill's logits), so gen_len passes:
+        # gen_len - 1 decode forwards, the cache ending at prompt + gen_len - 1 tokens (transformers 5.24
+        # GenerationMixin._sample: `while self._has_unfinished_sequences(...)`, the forward skipped on the first pass)
+        steps = iter([True] * setup.gen_len + [False])
         hf._has_unfinished_sequences = lambda *a, **k: next(steps, False)
         out = hf.generate(ids, max_new_tokens=setup.gen_len, do_sample=False,
                           pad_token_id=None, eos_token_id=None, return_dict_in_generate=True, **kw)
