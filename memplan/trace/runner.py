@@ -12,7 +12,7 @@ from memplan.errors import MemplanError
 from memplan.estimate import lengths
 from memplan.estimate.result import ModelStates, Peak, Result
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Precision, TrainingSetup
+from memplan.spec.setup import Engine, Precision, TrainingSetup
 from memplan.spec.traits import TRAITS
 from memplan.trace import cuda, distributed
 from memplan.trace.build import Built, build
@@ -193,6 +193,10 @@ def _batch(spec, setup, docs) -> dict:
 
 
 def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer, docs=None) -> TraceRun:
+    if setup.engine is Engine.DEEPSPEED and distributed.engaged(setup):  # DeepSpeed's own engine, real tensors
+        from memplan.trace.deepspeed import trace_built
+
+        return trace_built(spec, setup, built, round_to, timeline)
     tracker = AllocTracker(round_to=round_to, fake=fake, op_hooks=cuda.op_hooks() if cuda_kernels else None)
     warnings = list(built.warnings)
     if cuda_kernels and setup.precision is Precision.FP32 and setup.attention.value != "eager":

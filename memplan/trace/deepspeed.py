@@ -1,0 +1,329 @@
+"""DeepSpeed ZeRO 1 / 2 / 3 (--engine deepspeed) in the trace: DeepSpeed 0.19.8's own engine, one rank of an
+N-rank job on a fake process group, on REAL CPU tensors.
+
+What runs: `deepspeed.initialize` over memplan's model (memplan.trace.build, with its peft adapters and activation
+checkpointing), materialized with real values, on the fake process group of torch.testing (backend "fake",
+FakeStore: every collective returns at once and writes nothing), with DeepSpeed's CPU accelerator
+(DS_ACCELERATOR=cpu). Then the engine's forward, `engine.backward` and `engine.step` for ITERATIONS steps under
+memplan's AllocTracker; the last step is reported (DeepSpeed records its stage-3 module trace in the first).
+
+Why real tensors, not FakeTensorMode: DeepSpeed's ZeRO builds its flat partitions by real `.data` swaps
+(stage3.py _create_fp16_partitions_with_defragmentation reads `param.partition_numel()`, which its Init conversion
+attaches to the parameter objects; under FakeTensorMode the parameters it converted are not the ones the optimizer
+sees, and `_create_fp16_sub_groups` fails with "'Parameter' object has no attribute 'partition_numel'"). With real
+tensors the whole engine runs unchanged, so the trace is limited to models whose one rank fits in host RAM
+(MAX_PARAMS) and takes the CPU's time for one real step of that model.
+
+The patches (`patched`), each replacing one DeepSpeed function that does not allocate a byte of the step:
+  deepspeed/comm/torch.py build_shm_op   JIT-builds (ninja + a C++ compiler) and initializes the CPU accelerator's
+                                         shared-memory all-reduce, which waits on shared-memory flags of the peer
+                                         ranks a fake group does not have (the process hangs in
+                                         TorchBackend.__init__). It serves inference_all_reduce only; returning None
+                                         is DeepSpeed's own "no shm op" path (torch.distributed collectives).
+
+Against a real two-process gloo run of the same step under the same tracker (tests/deepspeed_cpu.py): equal to the
+byte at every phase peak at stage 1 and 2, and at stage 3 but for the backward's peak, where gloo allocates
+staging copies inside the reduce-scatter that the fake backend does not (docs/deepspeed.md). The trace leaves
+collectives' internal allocations out (memplan.trace.distributed.COLLECTIVES, as under FSDP): NCCL's buffers are
+outside the CUDA caching allocator.
+
+Tags: DeepSpeed's flat half-precision weights (stage 1/2 `bit16_groups_flat`, stage 3 `fp16_partitioned_groups_flat`)
+and the frozen parameters = weights; the fp32 master partitions = master_weights; the gradient partitions
+(`grads_in_partition`, `grad_partitions_flat_buffer`), parameters' `.grad` and the fp32 gradient the optimizer
+steps = gradients; the optimizer's states = optimizer_states; stage 3's gathered parameters
+(fetch_sub_module) = temporaries.fsdp_all_gather; everything else a temporary until autograd saves it.
+Ranks: DeepSpeed pads every rank's flat partition to the same size (stage_1_and_2.py
+get_data_parallel_partitions: equal slices of a buffer padded to a multiple of the world size; stage 3 partitions
+each parameter in ceil(numel / N) slices), so every rank holds the same bytes: rank 0 is reported.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+import torch
+
+from memplan.categories import Phase
+from memplan.errors import MemplanError
+from memplan.spec.setup import Precision, TrainingSetup
+from memplan.trace.support import deepspeed_unsupported
+from memplan.trace.tracker import ALL_GATHER, G, INPUT, MW, OS, UNTRACKED, W, AllocTracker
+
+ITERATIONS = 3  # DeepSpeed's stage 3 records its module trace in step 1 and prefetches from step 2 on
+MAX_PARAMS = 2 * 10**9  # real tensors: one rank's model, fp32 init and states in host RAM (~16 B/param at worst)
+COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "broadcast", "all_gather",
+               "reduce_scatter", "all_to_all_single", "barrier")
+NOTE = ("DeepSpeed 0.19.8 traced on real CPU tensors over a fake process group (memplan.trace.deepspeed): one rank "
+        "of the job; collectives' own buffers not counted")
+
+
+def ds_config(setup: TrainingSetup) -> dict:
+    """The DeepSpeed config a user of `setup` writes (memplan.configfile.deepspeed reads the same keys)."""
+    zero = {"stage": setup.zero, "reduce_bucket_size": setup.ds_reduce_bucket_size,
+            "allgather_bucket_size": setup.ds_allgather_bucket_size,
+            "stage3_prefetch_bucket_size": setup.ds_prefetch_bucket_size,
+            "stage3_max_live_parameters": setup.ds_max_live_parameters,
+            "stage3_max_reuse_distance": setup.ds_max_reuse_distance,
+            "stage3_param_persistence_threshold": setup.ds_param_persistence_threshold,
+            "sub_group_size": setup.ds_sub_group_size, "contiguous_gradients": setup.ds_contiguous_gradients}
+    if setup.ds_overlap_comm is not None:
+        zero["overlap_comm"] = setup.ds_overlap_comm
+    return {"train_micro_batch_size_per_gpu": setup.batch, "gradient_accumulation_steps": setup.grad_accum,
+            "bf16": {"enabled": setup.precision is Precision.BF16_MASTER},
+            "fp16": {"enabled": setup.precision is Precision.FP16_MASTER},
+            "zero_allow_untested_optimizer": True, "zero_optimization": zero, "steps_per_print": 10**9}
+
+
+def import_deepspeed():
+    """deepspeed on the CPU accelerator, or one line naming the extra."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise MemplanError("--engine deepspeed needs deepspeed: pip install 'memplan[deepspeed]' "
+                           "(DS_BUILD_OPS=0)") from None
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+    return deepspeed
+
+
+@contextlib.contextmanager
+def patched() -> Iterator[None]:
+    """The module doc's patches, undone after."""
+    comm = sys.modules["deepspeed.comm.torch"]  # `import deepspeed.comm.torch` would name torch itself
+    orig = comm.build_shm_op
+    comm.build_shm_op = lambda: None
+    # DeepSpeed keeps its process groups (deepspeed/utils/groups.py) and its backend (deepspeed/comm/comm.py cdb)
+    # in module globals: a later trace runs on a new fake group, so each trace starts from what it found
+    groups, cdb = sys.modules["deepspeed.utils.groups"], sys.modules["deepspeed.comm.comm"]
+    saved = {k: v for k, v in vars(groups).items() if k.startswith("_") and k[1:2].isupper() or k == "mesh_device"}
+    backend = cdb.cdb
+    try:
+        yield
+    finally:
+        comm.build_shm_op = orig
+        for k, v in saved.items():
+            setattr(groups, k, v.copy() if isinstance(v, dict) else v)
+        cdb.cdb = backend
+
+
+@contextlib.contextmanager
+def untracked_collectives(tracker: AllocTracker) -> Iterator[None]:
+    """What a backend allocates inside a collective is no allocation of the step (as under FSDP)."""
+    import torch.distributed as dist
+
+    saved = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
+
+    def wrap(fn):
+        def run(*a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(*a, **k)
+        return run
+    for n, fn in saved.items():
+        setattr(dist, n, wrap(fn))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+
+
+@contextlib.contextmanager
+def gather_tagging(tracker: AllocTracker) -> Iterator[None]:
+    """Stage 3: parameters gathered for a module (partitioned_param_coordinator.py fetch_sub_module) are the
+    all-gather temporaries FSDP's are."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coord
+
+    orig = Coord.fetch_sub_module
+
+    def fetch(self, *a, **k):
+        with tracker.scope(ALL_GATHER):
+            return orig(self, *a, **k)
+    Coord.fetch_sub_module = fetch
+    try:
+        yield
+    finally:
+        Coord.fetch_sub_module = orig
+
+
+class DsTracker(AllocTracker):
+    """memplan's tracker, blind to the meta device: DeepSpeed sizes its flat buffers from meta copies of the
+    parameters (stage_1_and_2.py __init__: `torch.zeros_like(param.data, device="meta")`), which allocate nothing."""
+
+    def _see(self, t, tag, op):
+        return None if t.device.type == "meta" else super()._see(t, tag, op)
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+# the optimizer's attributes by tag (deepspeed/runtime/zero/stage_1_and_2.py and stage3.py __init__ / backward)
+STATE_ATTRS = {W: ("bit16_groups_flat", "fp16_partitioned_groups_flat"),
+               MW: ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"),
+               G: ("grads_in_partition", "grad_partitions_flat_buffer", "averaged_gradients")}
+
+
+def tag_engine(engine, tracker: AllocTracker) -> None:
+    """Tag what DeepSpeed holds (module doc): its flat buffers, the fp32 masters' gradients, the optimizer states,
+    the parameters' gradients."""
+    zero = engine.optimizer
+    for tag, names in STATE_ATTRS.items():
+        for n in names:
+            for t in _tensors(getattr(zero, n, None)):
+                if t.numel():
+                    tracker.track(t, tag)
+    for p in engine.module.parameters():
+        if getattr(p, "ds_tensor", None) is None and p.numel():  # stage 3's gathered ones are all-gather buffers
+            tracker.track(p, W)
+        if p.grad is not None:
+            tracker.track(p.grad, G)
+    for t in (t for n in STATE_ATTRS[MW] for t in _tensors(getattr(zero, n, None))):
+        if t.grad is not None:
+            tracker.track(t.grad, G)
+    inner = getattr(zero, "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                tracker.track(v, OS)
+
+
+def check(setup: TrainingSetup, total_params: int) -> None:
+    what = deepspeed_unsupported(setup)
+    if what:
+        raise MemplanError(f"{what}: not traceable yet (use `memplan estimate`)")
+    if total_params > MAX_PARAMS:
+        raise MemplanError(f"--engine deepspeed is traced on real CPU tensors: {total_params:,} parameters is over "
+                           f"{MAX_PARAMS:,} (use `memplan estimate`)")
+
+
+def open_engine(built, setup: TrainingSetup, tracker: AllocTracker):
+    """deepspeed.initialize over `built` (materialized here with real values) under `tracker`, on the current
+    default process group."""
+    from memplan.trace.build import materialize
+    from memplan.trace.step import make_optimizer
+
+    deepspeed = import_deepspeed()
+    for t in materialize(built.model, init_values=True):
+        tracker.track(t, W)
+    params = [p for p in dict.fromkeys(built.model.parameters()) if p.requires_grad]
+    optimizer = make_optimizer(setup.optimizer, params)  # DeepSpeed's ZeRO replaces its parameter groups
+    engine, *_ = deepspeed.initialize(model=built.model, optimizer=optimizer, config=ds_config(setup),
+                                      dist_init_required=False)
+    tag_engine(engine, tracker)
+    inner = engine.optimizer.optimizer
+    step = inner.step
+
+    def tagged_step(*a, **k):  # the fp32 gradient DeepSpeed hands its optimizer is a gradient, not a temporary
+        tag_engine(engine, tracker)
+        return step(*a, **k)
+    inner.step = tagged_step
+    return engine
+
+
+@contextlib.contextmanager
+def rank_env(rank: int, world: int) -> Iterator[None]:
+    """The launcher's variables DeepSpeed's engine reads (LOCAL_RANK for its device; RANK / WORLD_SIZE), set for
+    the session and restored after."""
+    keys = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world)}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _save(tracker: AllocTracker):
+    def pack(x):
+        tracker.saved(x)
+        return x
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x)
+
+
+def iteration(engine, batch: dict, setup: TrainingSetup, tracker: AllocTracker) -> int:
+    """One optimizer step (grad_accum micro-batches; DeepSpeed steps at the boundary); returns the event at which
+    the step began."""
+    for _ in range(setup.grad_accum):
+        tracker.set_phase(Phase.FORWARD)
+        loss = engine(**batch).loss
+        tracker.set_phase(Phase.BACKWARD)
+        tracker.set_mark("loss.backward")
+        engine.backward(loss)
+        del loss
+        tracker.set_phase(Phase.OPTIMIZER_STEP)
+        tag_engine(engine, tracker)  # the gradients of this micro-batch (DeepSpeed's partitions, `.grad`)
+        seq = tracker.seq
+        engine.step()
+    return seq
+
+
+def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, timeline: bool = False):
+    """Trace `setup` (an --engine deepspeed one) on `built` on the current default process group; report the last
+    of ITERATIONS steps as memplan.trace.runner does (a TraceRun)."""
+    from memplan.estimate.result import ModelStates, Peak, Result
+    from memplan.trace import distributed
+    from memplan.trace.runner import NO_OVERHEAD, TraceRun, _rows, install_marks
+    from memplan.trace.session import checkpoint_tagging, make_batch
+
+    check(setup, built.total_params)
+    deepspeed = import_deepspeed()
+    rank, world = distributed.world()
+    tracker = DsTracker(round_to=round_to)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rank_env(rank, world))
+        stack.enter_context(patched())
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        stack.enter_context(tracker)
+        stack.enter_context(untracked_collectives(tracker))
+        stack.enter_context(gather_tagging(tracker))
+        engine = open_engine(built, setup, tracker)
+        batch = make_batch(spec, setup.batch, setup.seq)
+        for t in batch.values():
+            tracker.track(t, INPUT)
+        load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
+        stack.enter_context(checkpoint_tagging(built.model, tracker))
+        stack.enter_context(_save(tracker))
+        handles = install_marks(built, tracker)
+        for _ in range(ITERATIONS - 1):
+            iteration(engine, batch, setup, tracker)
+            tag_engine(engine, tracker)
+        start = tracker.start_window()
+        grads_seq = iteration(engine, batch, setup, tracker)
+        tag_engine(engine, tracker)
+        end = tracker.seq
+        backward_seq = max(s for s, p, m in tracker.marks if p is Phase.BACKWARD and m == "" and s <= end)
+        for h in handles:
+            h.remove()
+        engine.destroy()
+        del engine, batch
+    at_end = tracker.by_tag(end)
+    states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
+                         gradients=tracker.by_tag(grads_seq).get(G, 0), optimizer_states=at_end.get(OS, 0))
+    cats = tracker.categories_at(tracker.peak_seq)
+    p = tracker.peak
+    warnings = (*built.warnings, NO_OVERHEAD, NOTE,
+                f"per-rank figures: rank {rank} of {world} (DeepSpeed pads every rank's partition to the same size)")
+    result = Result(model=spec.name, setup=setup, model_states=states, categories=cats,
+                    peak=Peak(allocated_bytes=p, reserved_bytes=p, device_bytes=p, phase=tracker.peak_phase),
+                    trainable_params=built.trainable_params, total_params=built.total_params,
+                    phase_peaks={Phase.LOAD: load_peak, **tracker.phase_peaks}, tier="trace", warnings=warnings,
+                    rank=rank)
+    rows = _rows(tracker, start, end) if timeline else []
+    return TraceRun(result, rows, tracker, (start, end), backward_seq, built)
