@@ -20,6 +20,11 @@ The patches (`patched`), each replacing one DeepSpeed function that does not all
                                          ranks a fake group does not have (the process hangs in
                                          TorchBackend.__init__). It serves inference_all_reduce only; returning None
                                          is DeepSpeed's own "no shm op" path (torch.distributed collectives).
+  deepspeed/runtime/zero/utils.py        assert_ints_same_as_other_ranks (stage 3's check that every rank traced
+                                         the same modules): a fake broadcast leaves -1 on ranks > 0; `same_as_rank0`
+                                         makes the same two small tensors and skips the comparison.
+  deepspeed/utils/groups.py, comm/comm.py   module-level process groups and backend, reset after each trace (a
+                                         later trace runs on a new fake group).
 
 Against a real two-process gloo run of the same step under the same tracker (tests/deepspeed_cpu.py): equal to the
 byte at every phase peak at stage 1 and 2, and at stage 3 but for the backward's peak, where gloo allocates
@@ -34,7 +39,10 @@ steps = gradients; the optimizer's states = optimizer_states; stage 3's gathered
 (fetch_sub_module) = temporaries.fsdp_all_gather; everything else a temporary until autograd saves it.
 Ranks: DeepSpeed pads every rank's flat partition to the same size (stage_1_and_2.py
 get_data_parallel_partitions: equal slices of a buffer padded to a multiple of the world size; stage 3 partitions
-each parameter in ceil(numel / N) slices), so every rank holds the same bytes: rank 0 is reported.
+each parameter in ceil(numel / N) slices), so the model states are alike, but the backward is not: at stage 1/2 the
+gradients a rank reduces into its partition, and the moment it does, depend on where its slice lies (measured on
+the tiny Llama, world 2: rank 1's stage-2 backward peak is 3.4 % above rank 0's, rank 0's stage-1 one 7.9 % above
+rank 1's). `trace_ranks` traces the first and the last rank and reports the larger peak.
 """
 from __future__ import annotations
 
@@ -92,6 +100,19 @@ def import_deepspeed():
     return deepspeed
 
 
+# the modules that import deepspeed/runtime/zero/utils.py assert_ints_same_as_other_ranks by name
+CHECKING = ("utils", "partitioned_param_coordinator", "partition_parameters", "stage3")
+
+
+def same_as_rank0(ints: list) -> None:
+    """deepspeed/runtime/zero/utils.py assert_ints_same_as_other_ranks: stage 3 checks that every rank traced the
+    same module order by broadcasting rank 0's list (a length, then the ints) and comparing. A fake group's
+    broadcast writes nothing, so a rank other than 0 reads -1 and raises. The same two int64 tensors are made here
+    (the bytes of the real check), and the comparison, which a single-process trace cannot fail, is skipped."""
+    torch.tensor(len(ints), dtype=int)
+    torch.tensor(ints if ints else [], dtype=int)
+
+
 @contextlib.contextmanager
 def patched() -> Iterator[None]:
     """The module doc's patches, undone after."""
@@ -100,6 +121,11 @@ def patched() -> Iterator[None]:
     comm.build_shm_op = lambda: None
     # DeepSpeed keeps its process groups (deepspeed/utils/groups.py) and its backend (deepspeed/comm/comm.py cdb)
     # in module globals: a later trace runs on a new fake group, so each trace starts from what it found
+    checks = [m for m in (sys.modules.get("deepspeed.runtime.zero." + n) for n in CHECKING)
+              if m is not None and hasattr(m, "assert_ints_same_as_other_ranks")]
+    asserts = [m.assert_ints_same_as_other_ranks for m in checks]
+    for m in checks:
+        m.assert_ints_same_as_other_ranks = same_as_rank0
     groups, cdb = sys.modules["deepspeed.utils.groups"], sys.modules["deepspeed.comm.comm"]
     saved = {k: v for k, v in vars(groups).items() if k.startswith("_") and k[1:2].isupper() or k == "mesh_device"}
     backend = cdb.cdb
@@ -107,6 +133,8 @@ def patched() -> Iterator[None]:
         yield
     finally:
         comm.build_shm_op = orig
+        for m, fn in zip(checks, asserts):
+            m.assert_ints_same_as_other_ranks = fn
         for k, v in saved.items():
             setattr(groups, k, v.copy() if isinstance(v, dict) else v)
         cdb.cdb = backend
@@ -289,9 +317,10 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, timeline
     with contextlib.ExitStack() as stack:
         stack.enter_context(rank_env(rank, world))
         stack.enter_context(patched())
+        # before DeepSpeed's backend exists: TorchBackend keeps references to the collectives it will call
+        stack.enter_context(untracked_collectives(tracker))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         stack.enter_context(tracker)
-        stack.enter_context(untracked_collectives(tracker))
         stack.enter_context(gather_tagging(tracker))
         engine = open_engine(built, setup, tracker)
         batch = make_batch(spec, setup.batch, setup.seq)
@@ -318,8 +347,7 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, timeline
                          gradients=tracker.by_tag(grads_seq).get(G, 0), optimizer_states=at_end.get(OS, 0))
     cats = tracker.categories_at(tracker.peak_seq)
     p = tracker.peak
-    warnings = (*built.warnings, NO_OVERHEAD, NOTE,
-                f"per-rank figures: rank {rank} of {world} (DeepSpeed pads every rank's partition to the same size)")
+    warnings = (*built.warnings, NO_OVERHEAD, NOTE, f"per-rank figures: rank {rank} of {world}{RANKS_NOTE}")
     result = Result(model=spec.name, setup=setup, model_states=states, categories=cats,
                     peak=Peak(allocated_bytes=p, reserved_bytes=p, device_bytes=p, phase=tracker.peak_phase),
                     trainable_params=built.trainable_params, total_params=built.total_params,
@@ -327,3 +355,30 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, timeline
                     rank=rank)
     rows = _rows(tracker, start, end) if timeline else []
     return TraceRun(result, rows, tracker, (start, end), backward_seq, built)
+
+
+RANKS_NOTE = (", the larger peak of the first and the last rank (DeepSpeed's partitions are equal-sized, but which "
+              "gradients each rank reduces into its partition, and when, differs by rank)")
+
+
+def candidate_ranks(world: int) -> tuple[int, ...]:
+    """The ranks traced when no process group is given: the first and the last, whose partitions hold the two ends
+    of the flat buffers (the top of the network, reduced first, and the embeddings)."""
+    return tuple(dict.fromkeys((0, world - 1)))
+
+
+def trace_ranks(spec, setup: TrainingSetup, round_to: int = 512, timeline: bool = False, ranks=None):
+    """memplan.trace.runner.trace_run for --engine deepspeed: on the caller's process group if one is initialized,
+    else each of `ranks` (default candidate_ranks) on its own fake group, the larger peak reported."""
+    from memplan.trace import distributed
+    from memplan.trace.build import build
+
+    if torch.distributed.is_initialized():
+        return trace_built(spec, setup, build(spec, setup), round_to, timeline)
+    best = None
+    for r in ranks if ranks is not None else candidate_ranks(setup.gpus):
+        with distributed.fake_world(r, setup.gpus):
+            run = trace_built(spec, setup, build(spec, setup), round_to, timeline)
+        if best is None or run.result.peak.allocated_bytes > best.result.peak.allocated_bytes:
+            best = run
+    return best

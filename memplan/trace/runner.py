@@ -142,6 +142,11 @@ def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round
     entered around the reported iteration (e.g. a MemTracker, to compare its peak with result.peak).
     """
     run = _shaped_run if lengths.shaped(setup) else _trace_run
+    if setup.engine is Engine.DEEPSPEED and distributed.engaged(setup):  # DeepSpeed's engine, real tensors
+        from memplan.trace.deepspeed import trace_ranks
+
+        with quiet():
+            return trace_ranks(spec, setup, round_to, timeline)
     with quiet():
         try:
             return run(spec, setup, fake, round_to, cuda_kernels, timeline, observer)
@@ -193,10 +198,6 @@ def _batch(spec, setup, docs) -> dict:
 
 
 def _traced(spec, setup, built, fake, round_to, cuda_kernels, timeline, observer, docs=None) -> TraceRun:
-    if setup.engine is Engine.DEEPSPEED and distributed.engaged(setup):  # DeepSpeed's own engine, real tensors
-        from memplan.trace.deepspeed import trace_built
-
-        return trace_built(spec, setup, built, round_to, timeline)
     tracker = AllocTracker(round_to=round_to, fake=fake, op_hooks=cuda.op_hooks() if cuda_kernels else None)
     warnings = list(built.warnings)
     if cuda_kernels and setup.precision is Precision.FP32 and setup.attention.value != "eager":

@@ -20,6 +20,10 @@ def deepspeed_unsupported(setup: TrainingSetup) -> str | None:
         return f"--engine deepspeed --precision {setup.precision.value}"
     if setup.optimizer not in DS_OPTIMIZERS:
         return f"--engine deepspeed --optimizer {setup.optimizer.value} (traced: AdamW and SGD)"
+    from memplan.estimate import lengths
+
+    if lengths.shaped(setup):
+        return "--engine deepspeed with --lengths / --packing (estimate-only)"
     if setup.peft.value == "qlora" or setup.teacher or setup.offload_activations or setup.fp8.value != "none":
         return "--engine deepspeed with QLoRA, --teacher, --offload-activations or --fp8 (estimate-only)"
     return None
