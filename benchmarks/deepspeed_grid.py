@@ -1,7 +1,7 @@
 """Estimate vs trace for --engine deepspeed (memplan.trace.deepspeed: DeepSpeed 0.19.8 itself on a fake process
 group, real CPU tensors): stages 1-3 x bf16-master / fp32 x full / LoRA x checkpointing off / on, on a 4-block
 Llama (hidden 256), world 2, DeepSpeed's buckets scaled to the model (KNOBS). Prints one row per setup and the
-count within 3 % of the traced peak. `PYTHONPATH=. python3 benchmarks/deepspeed_grid.py [--quick]`."""
+count within 3 % of the traced peak. `PYTHONPATH=. python3 benchmarks/deepspeed_grid.py [--quick] [--from K]`."""
 from __future__ import annotations
 
 import itertools
@@ -36,6 +36,8 @@ def rows(grid=GRID, seq=128, batch=2):
 
 def main() -> None:
     grid = GRID[::4] if "--quick" in sys.argv else GRID
+    if "--from" in sys.argv:  # resume a run cut short: the grid's rows from index K on
+        grid = grid[int(sys.argv[sys.argv.index("--from") + 1]):]
     ok = 0
     for key, est, tr, err, dt in rows(grid):
         ok += abs(err) <= 0.03
