@@ -21,7 +21,7 @@ from deepspeed_cpu import SEQ, TINY, summary
 pytest.importorskip("deepspeed")
 
 from memplan.api import make_setup  # noqa: E402
-from memplan.trace.deepspeed import trace_ranks  # noqa: E402
+from memplan.trace.runner import deepspeed_run  # noqa: E402
 
 P = 98_624  # the tiny Llama's parameters (tests/deepspeed_cpu.py TINY)
 BASE = dict(precision="bf16-master", optimizer="adamw-forloop", gpus=2, engine="deepspeed", seq=SEQ, batch=1,
@@ -33,7 +33,7 @@ SETUPS = {"z1": dict(BASE, zero=1), "z2": dict(BASE, zero=2),
 
 
 def _trace(name, rank):
-    return trace_ranks(spec_from_config(TINY, "tiny-llama"), make_setup(**SETUPS[name]), 1, ranks=(rank,)).result
+    return deepspeed_run(spec_from_config(TINY, "tiny-llama"), make_setup(**SETUPS[name]), 1, ranks=(rank,)).result
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_model_states_are_the_zero_papers():
 def test_larger_rank_is_reported():
     """Without a caller's group, the first and the last rank are traced and the larger peak reported."""
     spec, s = spec_from_config(TINY, "tiny-llama"), make_setup(**SETUPS["z2"])
-    both = trace_ranks(spec, s, 1).result
+    both = deepspeed_run(spec, s, 1).result
     assert both.peak.allocated_bytes == max(_trace("z2", r).peak.allocated_bytes for r in (0, 1))
     assert any("rank" in w and "larger peak" in w for w in both.warnings)
 

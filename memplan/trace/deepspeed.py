@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 import sys
 from typing import Iterator
 
@@ -302,12 +303,25 @@ def iteration(engine, batch: dict, setup: TrainingSetup, tracker: AllocTracker) 
     return seq
 
 
-def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, timeline: bool = False):
-    """Trace `setup` (an --engine deepspeed one) on `built` on the current default process group; report the last
-    of ITERATIONS steps as memplan.trace.runner does (a TraceRun)."""
-    from memplan.estimate.result import ModelStates, Peak, Result
+@dataclass
+class Traced:
+    """What one rank's DeepSpeed trace leaves (memplan.trace.runner.deepspeed_run makes the Result of it)."""
+
+    tracker: AllocTracker
+    built: object
+    window: tuple[int, int]  # events (start, end] of the reported step
+    grads_seq: int  # event at which its optimizer step began (every gradient alive)
+    backward_seq: int  # event at which its (last) backward began
+    load_peak: int
+    rank: int
+    world: int
+
+
+def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=None) -> Traced:
+    """Trace `setup` (an --engine deepspeed one) on `built` on the current default process group, the last of
+    ITERATIONS steps reported. marks(built, tracker) installs region marks and returns hook handles
+    (memplan.trace.runner.install_marks)."""
     from memplan.trace import distributed
-    from memplan.trace.runner import NO_OVERHEAD, TraceRun, _rows, install_marks
     from memplan.trace.session import checkpoint_tagging, make_batch
 
     check(setup, built.total_params)
@@ -329,7 +343,7 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, timeline
         load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
         stack.enter_context(checkpoint_tagging(built.model, tracker))
         stack.enter_context(_save(tracker))
-        handles = install_marks(built, tracker)
+        handles = marks(built, tracker) if marks is not None else []
         for _ in range(ITERATIONS - 1):
             iteration(engine, batch, setup, tracker)
             tag_engine(engine, tracker)
@@ -342,19 +356,7 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, timeline
             h.remove()
         engine.destroy()
         del engine, batch
-    at_end = tracker.by_tag(end)
-    states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
-                         gradients=tracker.by_tag(grads_seq).get(G, 0), optimizer_states=at_end.get(OS, 0))
-    cats = tracker.categories_at(tracker.peak_seq)
-    p = tracker.peak
-    warnings = (*built.warnings, NO_OVERHEAD, NOTE, f"per-rank figures: rank {rank} of {world}{RANKS_NOTE}")
-    result = Result(model=spec.name, setup=setup, model_states=states, categories=cats,
-                    peak=Peak(allocated_bytes=p, reserved_bytes=p, device_bytes=p, phase=tracker.peak_phase),
-                    trainable_params=built.trainable_params, total_params=built.total_params,
-                    phase_peaks={Phase.LOAD: load_peak, **tracker.phase_peaks}, tier="trace", warnings=warnings,
-                    rank=rank)
-    rows = _rows(tracker, start, end) if timeline else []
-    return TraceRun(result, rows, tracker, (start, end), backward_seq, built)
+    return Traced(tracker, built, (start, end), grads_seq, backward_seq, load_peak, rank, world)
 
 
 RANKS_NOTE = (", the larger peak of the first and the last rank (DeepSpeed's partitions are equal-sized, but which "
@@ -367,18 +369,18 @@ def candidate_ranks(world: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys((0, world - 1)))
 
 
-def trace_ranks(spec, setup: TrainingSetup, round_to: int = 512, timeline: bool = False, ranks=None):
-    """memplan.trace.runner.trace_run for --engine deepspeed: on the caller's process group if one is initialized,
-    else each of `ranks` (default candidate_ranks) on its own fake group, the larger peak reported."""
+def trace_ranks(spec, setup: TrainingSetup, round_to: int = 512, ranks=None, marks=None) -> Traced:
+    """On the caller's process group if one is initialized, else each of `ranks` (default candidate_ranks) on its
+    own fake group, the larger peak kept."""
     from memplan.trace import distributed
     from memplan.trace.build import build
 
     if torch.distributed.is_initialized():
-        return trace_built(spec, setup, build(spec, setup), round_to, timeline)
+        return trace_built(spec, setup, build(spec, setup), round_to, marks)
     best = None
     for r in ranks if ranks is not None else candidate_ranks(setup.gpus):
         with distributed.fake_world(r, setup.gpus):
-            run = trace_built(spec, setup, build(spec, setup), round_to, timeline)
-        if best is None or run.result.peak.allocated_bytes > best.result.peak.allocated_bytes:
+            run = trace_built(spec, setup, build(spec, setup), round_to, marks)
+        if best is None or run.tracker.peak > best.tracker.peak:
             best = run
     return best
