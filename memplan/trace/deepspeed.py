@@ -215,7 +215,10 @@ def tag_engine(engine, tracker: AllocTracker) -> None:
                 if t.numel():
                     tracker.track(t, tag)
     for p in engine.module.parameters():
-        if getattr(p, "ds_tensor", None) is None and p.numel():  # stage 3's gathered ones are all-gather buffers
+        part = getattr(p, "ds_tensor", None)  # stage 3: the partition (frozen ones too); the gathered p is not W
+        if part is not None and part.numel():
+            tracker.track(part, W)
+        elif part is None and p.numel():
             tracker.track(p, W)
         if p.grad is not None:
             tracker.track(p.grad, G)
