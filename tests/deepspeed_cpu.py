@@ -1,6 +1,12 @@
 """Run DeepSpeed ZeRO for real on the CPU (gloo, DS_ACCELERATOR=cpu, world size 2) under memplan's AllocTracker and
 write what each configuration holds: `python tests/deepspeed_cpu.py OUT.json CONFIGS.json`.
 
+`python tests/deepspeed_cpu.py --trace OUT.json SETUPS.json` runs memplan's own DeepSpeed trace
+(memplan.trace.runner.trace_run -> memplan.trace.deepspeed) on the real two-rank gloo group instead of the fake one:
+SETUPS.json is {name: make_setup keyword arguments}; each rank r writes OUT.json.r{r} with its phase peaks, its
+categories at the peak and its model states, raw bytes (round_to=1). tests/test_deepspeed_trace.py compares them
+with the fake-process-group trace of the same rank.
+
 CONFIGS.json: {name: {"stage": k, "zero": {zero_optimization keys}}}. For each, rank 0 writes the live bytes after
 deepspeed.initialize ("load") and, on the third step (DeepSpeed records its stage-3 module trace in the first),
 the live bytes at its start, at the forward's end, and the forward's and backward's peaks. Used by
@@ -79,9 +85,37 @@ def worker(rank: int, world: int, port: int, configs: dict, path: str) -> None:
             json.dump(rows, f)
 
 
+def summary(result) -> dict:
+    """What the comparison reads of a trace's Result (raw bytes)."""
+    return {"phase_peaks": {k.value: v for k, v in result.phase_peaks.items()},
+            "categories": {k.value: v for k, v in result.categories.items()},
+            "model_states": [result.model_states.weights, result.model_states.master_weights,
+                             result.model_states.gradients, result.model_states.optimizer_states],
+            "peak": result.peak.allocated_bytes, "rank": result.rank}
+
+
+def trace_worker(rank: int, world: int, port: int, setups: dict, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    import torch.distributed as dist
+
+    from memplan.api import make_setup
+    from memplan.spec.families import spec_from_config
+    from memplan.trace.runner import trace_run
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    spec = spec_from_config(TINY, "tiny-llama")
+    rows = {name: summary(trace_run(spec, make_setup(**kw), fake=False, round_to=1).result)
+            for name, kw in setups.items()}
+    with open(f"{path}.r{rank}", "w") as f:
+        json.dump(rows, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    out_path, configs_path = sys.argv[1], sys.argv[2]
+    trace = sys.argv[1] == "--trace"
+    out_path, configs_path = sys.argv[1 + trace], sys.argv[2 + trace]
     with open(configs_path) as f:
         configs = json.load(f)
     port = 29000 + os.getpid() % 2000
-    mp.spawn(worker, args=(2, port, configs, out_path), nprocs=2, join=True)
+    mp.spawn(trace_worker if trace else worker, args=(2, port, configs, out_path), nprocs=2, join=True)

@@ -117,7 +117,9 @@ def test_estimate_only_warning():
 
 @pytest.mark.parametrize("command", [["trace"], ["measure", "--device", "cpu"]])
 def test_trace_and_measure_refuse_deepspeed(command, capsys):
-    """Both tiers refuse a DeepSpeed setup in one line with exit 2 (memplan.trace.support.unsupported)."""
+    """measure refuses a DeepSpeed setup in one line with exit 2 (memplan.trace.support.unsupported); trace runs
+    DeepSpeed on real CPU tensors (memplan.trace.deepspeed) and refuses llama-7b by its size, or names the missing
+    deepspeed extra (tests/test_deepspeed_trace.py traces a tiny model)."""
     from memplan.cli import main
 
     assert main([*command, "--model", "llama-7b", "--engine", "deepspeed", "--zero", "3", "--gpus", "2",

@@ -33,7 +33,8 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    flat weights themselves (runtime/utils.py all_gather_dp_groups): allgather_bucket_size sizes no
                    buffer when the backend has all_gather_into_tensor (NCCL and gloo on torch >= 2.0).
 
-The figure is an estimate only: memplan does not trace DeepSpeed (ESTIMATE_ONLY).
+The trace runs DeepSpeed itself (memplan.trace.deepspeed, real CPU tensors, models up to 2B parameters); measure
+does not (ESTIMATE_ONLY says so in the output).
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Engine, TrainingSetup
 from memplan.units import round_block
 
-ESTIMATE_ONLY = ("--engine deepspeed is estimate-only: memplan does not trace or measure DeepSpeed; its buffers are "
-                 "sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
-                 "docs/deepspeed.md)")
+ESTIMATE_ONLY = ("--engine deepspeed: DeepSpeed's buffers are sized from DeepSpeed 0.19.8's code and config defaults "
+                 "(memplan.estimate.deepspeed, docs/deepspeed.md); `memplan trace` runs DeepSpeed itself on the CPU "
+                 "(models up to 2B parameters), `memplan measure` does not run it")
 
 
 def overlap_comm(setup: TrainingSetup) -> bool:

@@ -134,6 +134,10 @@ def model_states(u: Unsharded, setup: TrainingSetup) -> ModelStates:
     n, z = setup.shards, setup.zero
     weights = _shard(u.weights, n) if z >= 3 else u.weights
     master = _shard(u.master, n) if z >= 1 else u.master
+    if setup.engine is Engine.DEEPSPEED and z >= 1 and n > 1 and not setup.precision.master_weights:
+        # DeepSpeed's fp32 partition is a copy even of fp32 weights (stage_1_and_2.py `.clone().float().detach()`,
+        # stage3.py _create_fp32_partitions `.clone()`; traced: memplan.trace.deepspeed)
+        master = _shard(u.trainable_state_dtype, n)
     opt = (_shard(u.optimizer, n) if z >= 1 else u.optimizer) + qmap_bytes(u, setup)
     paged = _shard(u.paged, n) if z >= 1 else u.paged
     grads = _shard(u.grads, n) if z >= 2 else u.grads

@@ -270,8 +270,9 @@ def zero1_partition(numels: list[int], world: int) -> list[int]:
 
 
 def worst_rank(built, setup: TrainingSetup) -> int:
-    """The rank with the most bytes (see the module doc): rank 0 but for ZeRO-1's largest partition."""
-    if setup.zero == 1 and setup.gpus > 1:
+    """The rank with the most bytes (see the module doc): rank 0 but for ZeRO-1's largest partition (DeepSpeed:
+    every rank alike, memplan.trace.deepspeed)."""
+    if setup.zero == 1 and setup.gpus > 1 and setup.engine is Engine.FSDP:
         numels = [p.numel() for p in dict.fromkeys(built.model.parameters()) if p.requires_grad]
         sizes = zero1_partition(numels, setup.gpus)
         return sizes.index(max(sizes))

@@ -12,7 +12,7 @@ from memplan.errors import MemplanError
 from memplan.estimate import lengths
 from memplan.estimate.result import ModelStates, Peak, Result
 from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Precision, TrainingSetup
+from memplan.spec.setup import Engine, Precision, TrainingSetup
 from memplan.spec.traits import TRAITS
 from memplan.trace import cuda, distributed
 from memplan.trace.build import Built, build
@@ -142,6 +142,8 @@ def trace_run(spec: ModelSpec, setup: TrainingSetup, *, fake: bool = True, round
     entered around the reported iteration (e.g. a MemTracker, to compare its peak with result.peak).
     """
     run = _shaped_run if lengths.shaped(setup) else _trace_run
+    if setup.engine is Engine.DEEPSPEED and distributed.engaged(setup):  # DeepSpeed's engine, real tensors
+        return deepspeed_run(spec, setup, round_to, timeline)
     with quiet():
         try:
             return run(spec, setup, fake, round_to, cuda_kernels, timeline, observer)
@@ -168,6 +170,31 @@ def _shaped_run(spec, setup, fake, round_to, cuda_kernels, timeline, observer) -
     run.result = replace(run.result, setup=setup, warnings=run.result.warnings + (f"traced at {shape}",)
                          + ((note,) if note else ()))
     return run
+
+
+def deepspeed_run(spec: ModelSpec, setup: TrainingSetup, round_to: int = 512, timeline: bool = False,
+                  ranks=None) -> TraceRun:
+    """--engine deepspeed: DeepSpeed's own engine on real CPU tensors (memplan.trace.deepspeed), the worse of
+    `ranks` (default: the first and the last) reported."""
+    from memplan.trace.deepspeed import NOTE, RANKS_NOTE, trace_ranks
+
+    with quiet():
+        t = trace_ranks(spec, setup, round_to, ranks, marks=install_marks)
+    tracker, (start, end) = t.tracker, t.window
+    at_end = tracker.by_tag(end)
+    states = ModelStates(weights=at_end.get(W, 0), master_weights=at_end.get(MW, 0),
+                         gradients=tracker.categories_at(t.grads_seq)[Category.GRADIENTS],
+                         optimizer_states=at_end.get(OS, 0))
+    p = tracker.peak
+    warnings = (*t.built.warnings, NO_OVERHEAD, NOTE, f"per-rank figures: rank {t.rank} of {t.world}{RANKS_NOTE}")
+    cats = tracker.categories_at(tracker.peak_seq)
+    result = Result(model=spec.name, setup=setup, model_states=states, categories=cats,
+                    peak=Peak(allocated_bytes=p, reserved_bytes=p, device_bytes=p, phase=tracker.peak_phase),
+                    trainable_params=t.built.trainable_params, total_params=t.built.total_params,
+                    phase_peaks={Phase.LOAD: t.load_peak, **tracker.phase_peaks}, tier="trace", warnings=warnings,
+                    rank=t.rank)
+    return TraceRun(result, _rows(tracker, start, end) if timeline else [], tracker, (start, end), t.backward_seq,
+                    t.built)
 
 
 def packed_positions(docs: tuple[int, ...], batch: int) -> torch.Tensor:

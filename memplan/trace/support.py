@@ -2,18 +2,45 @@
 engines: the trace runs them on a fake process group, memplan.trace.distributed). Pure: imports no torch."""
 from __future__ import annotations
 
-from memplan.spec.setup import Engine, Loss, Optimizer, TrainingSetup
+from memplan.spec.setup import Engine, Loss, Optimizer, Precision, TrainingSetup
 
 BNB_OPTIMIZERS = tuple(o for o in Optimizer if o.bitsandbytes)
+# what the DeepSpeed trace runs (memplan.trace.deepspeed): DeepSpeed's bf16 and fp32 modes (its CPU accelerator
+# refuses fp16: "Type fp16 is not supported on your device.", docs/deepspeed.md), torch optimizers
+DS_PRECISIONS = (Precision.BF16_MASTER, Precision.FP32)
+DS_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FORLOOP, Optimizer.ADAMW_FUSED, Optimizer.SGD)
+
+
+def deepspeed_unsupported(setup: TrainingSetup) -> str | None:
+    """What of an --engine deepspeed setup the trace does not run (None: memplan.trace.deepspeed runs it)."""
+    if setup.zero == 0:
+        return "--engine deepspeed --zero 0 (DeepSpeed's stage 0 is plain data parallelism: trace --engine fsdp)"
+    if setup.offload_params or setup.offload_optimizer:
+        return "--engine deepspeed with offload (DeepSpeedCPUAdam is a compiled op: estimate-only)"
+    if setup.precision not in DS_PRECISIONS:
+        return f"--engine deepspeed --precision {setup.precision.value}"
+    if setup.optimizer not in DS_OPTIMIZERS:
+        return f"--engine deepspeed --optimizer {setup.optimizer.value} (traced: AdamW and SGD)"
+    from memplan.estimate import lengths
+
+    if lengths.shaped(setup):
+        return "--engine deepspeed with --lengths / --packing (estimate-only)"
+    if setup.peft.value == "qlora" or setup.teacher or setup.offload_activations or setup.fp8.value != "none":
+        return "--engine deepspeed with QLoRA, --teacher, --offload-activations or --fp8 (estimate-only)"
+    return None
 
 
 def unsupported(setup: TrainingSetup, engines: bool = False) -> str | None:
     """What in a setup the trace / measure tier does not run. engines=True (the trace): --engine fsdp setups
     (DDP, ZeroRedundancyOptimizer, FSDP2) run; engines=False (a tier that runs one device's step): no --gpus /
-    --zero setup does. DeepSpeed ZeRO is never traced (estimate-only)."""
+    --zero setup does. DeepSpeed ZeRO is traced (memplan.trace.deepspeed, `deepspeed_unsupported`), not measured."""
     if setup.zero > 0 or setup.gpus > 1:
         if setup.engine is Engine.DEEPSPEED:
-            return "--engine deepspeed (DeepSpeed ZeRO is estimate-only: `memplan estimate`; trace --engine fsdp)"
+            if not engines:
+                return "--engine deepspeed (DeepSpeed ZeRO is traced, not measured: `memplan trace`)"
+            what = deepspeed_unsupported(setup)
+            if what:
+                return what
         if not engines:
             return "ZeRO / multi-GPU setups"
     if setup.optimizer in BNB_OPTIMIZERS and (setup.zero > 0 or setup.gpus > 1):

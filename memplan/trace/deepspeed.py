@@ -1,0 +1,389 @@
+"""DeepSpeed ZeRO 1 / 2 / 3 (--engine deepspeed) in the trace: DeepSpeed 0.19.8's own engine, one rank of an
+N-rank job on a fake process group, on REAL CPU tensors.
+
+What runs: `deepspeed.initialize` over memplan's model (memplan.trace.build, with its peft adapters and activation
+checkpointing), materialized with real values, on the fake process group of torch.testing (backend "fake",
+FakeStore: every collective returns at once and writes nothing), with DeepSpeed's CPU accelerator
+(DS_ACCELERATOR=cpu). Then the engine's forward, `engine.backward` and `engine.step` for ITERATIONS steps under
+memplan's AllocTracker; the last step is reported (DeepSpeed records its stage-3 module trace in the first).
+
+Why real tensors, not FakeTensorMode: DeepSpeed's ZeRO builds its flat partitions by real `.data` swaps
+(stage3.py _create_fp16_partitions_with_defragmentation reads `param.partition_numel()`, which its Init conversion
+attaches to the parameter objects; under FakeTensorMode the parameters it converted are not the ones the optimizer
+sees, and `_create_fp16_sub_groups` fails with "'Parameter' object has no attribute 'partition_numel'"). With real
+tensors the whole engine runs unchanged, so the trace is limited to models whose one rank fits in host RAM
+(MAX_PARAMS) and takes the CPU's time for one real step of that model.
+
+The patches (`patched`), each replacing one DeepSpeed function that does not allocate a byte of the step:
+  deepspeed/comm/torch.py build_shm_op   JIT-builds (ninja + a C++ compiler) and initializes the CPU accelerator's
+                                         shared-memory all-reduce, which waits on shared-memory flags of the peer
+                                         ranks a fake group does not have (the process hangs in
+                                         TorchBackend.__init__). It serves inference_all_reduce only; returning None
+                                         is DeepSpeed's own "no shm op" path (torch.distributed collectives).
+  deepspeed/runtime/zero/utils.py        assert_ints_same_as_other_ranks (stage 3's check that every rank traced
+                                         the same modules): a fake broadcast leaves -1 on ranks > 0; `same_as_rank0`
+                                         makes the same two small tensors and skips the comparison.
+  deepspeed/utils/groups.py, comm/comm.py   module-level process groups and backend, reset after each trace (a
+                                         later trace runs on a new fake group).
+
+Against a real two-process gloo run of the same step under the same tracker (tests/deepspeed_cpu.py): equal to the
+byte at every phase peak at stage 1 and 2, and at stage 3 but for the backward's peak, where gloo allocates
+staging copies inside the reduce-scatter that the fake backend does not (docs/deepspeed.md). The trace leaves
+collectives' internal allocations out (memplan.trace.distributed.COLLECTIVES, as under FSDP): NCCL's buffers are
+outside the CUDA caching allocator.
+
+Tags: DeepSpeed's flat half-precision weights (stage 1/2 `bit16_groups_flat`, stage 3 `fp16_partitioned_groups_flat`)
+and the frozen parameters = weights; the fp32 master partitions = master_weights; the gradient partitions
+(`grads_in_partition`, `grad_partitions_flat_buffer`), parameters' `.grad` and the fp32 gradient the optimizer
+steps = gradients; the optimizer's states = optimizer_states; stage 3's gathered parameters
+(fetch_sub_module) = temporaries.fsdp_all_gather; everything else a temporary until autograd saves it.
+Ranks: DeepSpeed pads every rank's flat partition to the same size (stage_1_and_2.py
+get_data_parallel_partitions: equal slices of a buffer padded to a multiple of the world size; stage 3 partitions
+each parameter in ceil(numel / N) slices), so the model states are alike, but the backward is not: at stage 1/2 the
+gradients a rank reduces into its partition, and the moment it does, depend on where its slice lies (measured on
+the tiny Llama, world 2: rank 1's stage-2 backward peak is 3.4 % above rank 0's, rank 0's stage-1 one 7.9 % above
+rank 1's). `trace_ranks` traces the first and the last rank and reports the larger peak.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+import sys
+from typing import Iterator
+
+import torch
+
+from memplan.categories import Phase
+from memplan.errors import MemplanError
+from memplan.spec.setup import Precision, TrainingSetup
+from memplan.trace.support import deepspeed_unsupported
+from memplan.trace.tracker import ALL_GATHER, G, INPUT, MW, OS, UNTRACKED, W, AllocTracker
+
+ITERATIONS = 3  # DeepSpeed's stage 3 records its module trace in step 1 and prefetches from step 2 on
+MAX_PARAMS = 2 * 10**9  # real tensors: one rank's model, fp32 init and states in host RAM (~16 B/param at worst)
+COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "broadcast", "all_gather",
+               "reduce_scatter", "all_to_all_single", "barrier")
+NOTE = ("DeepSpeed 0.19.8 traced on real CPU tensors over a fake process group (memplan.trace.deepspeed): one rank "
+        "of the job; collectives' own buffers not counted")
+
+
+def ds_config(setup: TrainingSetup) -> dict:
+    """The DeepSpeed config a user of `setup` writes (memplan.configfile.deepspeed reads the same keys)."""
+    zero = {"stage": setup.zero, "reduce_bucket_size": setup.ds_reduce_bucket_size,
+            "allgather_bucket_size": setup.ds_allgather_bucket_size,
+            "stage3_prefetch_bucket_size": setup.ds_prefetch_bucket_size,
+            "stage3_max_live_parameters": setup.ds_max_live_parameters,
+            "stage3_max_reuse_distance": setup.ds_max_reuse_distance,
+            "stage3_param_persistence_threshold": setup.ds_param_persistence_threshold,
+            "sub_group_size": setup.ds_sub_group_size, "contiguous_gradients": setup.ds_contiguous_gradients}
+    if setup.ds_overlap_comm is not None:
+        zero["overlap_comm"] = setup.ds_overlap_comm
+    return {"train_micro_batch_size_per_gpu": setup.batch, "gradient_accumulation_steps": setup.grad_accum,
+            "bf16": {"enabled": setup.precision is Precision.BF16_MASTER},
+            "fp16": {"enabled": setup.precision is Precision.FP16_MASTER},
+            "zero_allow_untested_optimizer": True, "zero_optimization": zero, "steps_per_print": 10**9}
+
+
+def import_deepspeed():
+    """deepspeed on the CPU accelerator, or one line naming the extra."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise MemplanError("--engine deepspeed needs deepspeed: pip install 'memplan[deepspeed]' "
+                           "(DS_BUILD_OPS=0)") from None
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+    return deepspeed
+
+
+# the modules that import deepspeed/runtime/zero/utils.py assert_ints_same_as_other_ranks by name
+CHECKING = ("utils", "partitioned_param_coordinator", "partition_parameters", "stage3")
+
+
+def same_as_rank0(ints: list) -> None:
+    """deepspeed/runtime/zero/utils.py assert_ints_same_as_other_ranks: stage 3 checks that every rank traced the
+    same module order by broadcasting rank 0's list (a length, then the ints) and comparing. A fake group's
+    broadcast writes nothing, so a rank other than 0 reads -1 and raises. The same two int64 tensors are made here
+    (the bytes of the real check), and the comparison, which a single-process trace cannot fail, is skipped."""
+    torch.tensor(len(ints), dtype=int)
+    torch.tensor(ints if ints else [], dtype=int)
+
+
+@contextlib.contextmanager
+def patched() -> Iterator[None]:
+    """The module doc's patches, undone after."""
+    comm = sys.modules["deepspeed.comm.torch"]  # `import deepspeed.comm.torch` would name torch itself
+    orig = comm.build_shm_op
+    comm.build_shm_op = lambda: None
+    # DeepSpeed keeps its process groups (deepspeed/utils/groups.py) and its backend (deepspeed/comm/comm.py cdb)
+    # in module globals: a later trace runs on a new fake group, so each trace starts from what it found
+    checks = [m for m in (sys.modules.get("deepspeed.runtime.zero." + n) for n in CHECKING)
+              if m is not None and hasattr(m, "assert_ints_same_as_other_ranks")]
+    asserts = [m.assert_ints_same_as_other_ranks for m in checks]
+    for m in checks:
+        m.assert_ints_same_as_other_ranks = same_as_rank0
+    groups, cdb = sys.modules["deepspeed.utils.groups"], sys.modules["deepspeed.comm.comm"]
+    saved = {k: v for k, v in vars(groups).items() if k.startswith("_") and k[1:2].isupper() or k == "mesh_device"}
+    backend = cdb.cdb
+    try:
+        yield
+    finally:
+        comm.build_shm_op = orig
+        for m, fn in zip(checks, asserts):
+            m.assert_ints_same_as_other_ranks = fn
+        for k, v in saved.items():
+            setattr(groups, k, v.copy() if isinstance(v, dict) else v)
+        cdb.cdb = backend
+
+
+@contextlib.contextmanager
+def untracked_collectives(tracker: AllocTracker) -> Iterator[None]:
+    """What a backend allocates inside a collective is no allocation of the step (as under FSDP)."""
+    import torch.distributed as dist
+
+    saved = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
+
+    def wrap(fn):
+        def run(*a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(*a, **k)
+        return run
+    for n, fn in saved.items():
+        setattr(dist, n, wrap(fn))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+
+
+@contextlib.contextmanager
+def gather_tagging(tracker: AllocTracker) -> Iterator[None]:
+    """Stage 3: parameters gathered for a module (partitioned_param_coordinator.py fetch_sub_module) are the
+    all-gather temporaries FSDP's are."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coord
+
+    orig = Coord.fetch_sub_module
+
+    def fetch(self, *a, **k):
+        with tracker.scope(ALL_GATHER):
+            return orig(self, *a, **k)
+    Coord.fetch_sub_module = fetch
+    try:
+        yield
+    finally:
+        Coord.fetch_sub_module = orig
+
+
+class DsTracker(AllocTracker):
+    """memplan's tracker, blind to the meta device: DeepSpeed sizes its flat buffers from meta copies of the
+    parameters (stage_1_and_2.py __init__: `torch.zeros_like(param.data, device="meta")`), which allocate nothing."""
+
+    def _see(self, t, tag, op):
+        return None if t.device.type == "meta" else super()._see(t, tag, op)
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+# the optimizer's attributes by tag (deepspeed/runtime/zero/stage_1_and_2.py and stage3.py __init__ / backward)
+STATE_ATTRS = {W: ("bit16_groups_flat", "fp16_partitioned_groups_flat"),
+               MW: ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"),
+               G: ("grads_in_partition", "grad_partitions_flat_buffer", "averaged_gradients")}
+
+
+def tag_engine(engine, tracker: AllocTracker) -> None:
+    """Tag what DeepSpeed holds (module doc): its flat buffers, the fp32 masters' gradients, the optimizer states,
+    the parameters' gradients."""
+    zero = engine.optimizer
+    for tag, names in STATE_ATTRS.items():
+        for n in names:
+            for t in _tensors(getattr(zero, n, None)):
+                if t.numel():
+                    tracker.track(t, tag)
+    for p in engine.module.parameters():
+        part = getattr(p, "ds_tensor", None)  # stage 3: the partition (frozen ones too); the gathered p is not W
+        if part is not None and part.numel():
+            tracker.track(part, W)
+        elif part is None and p.numel():
+            tracker.track(p, W)
+        if p.grad is not None:
+            tracker.track(p.grad, G)
+    for t in (t for n in STATE_ATTRS[MW] for t in _tensors(getattr(zero, n, None))):
+        if t.grad is not None:
+            tracker.track(t.grad, G)
+    inner = getattr(zero, "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                tracker.track(v, OS)
+
+
+def check(setup: TrainingSetup, total_params: int) -> None:
+    what = deepspeed_unsupported(setup)
+    if what:
+        raise MemplanError(f"{what}: not traceable yet (use `memplan estimate`)")
+    if total_params > MAX_PARAMS:
+        raise MemplanError(f"--engine deepspeed is traced on real CPU tensors: {total_params:,} parameters is over "
+                           f"{MAX_PARAMS:,} (use `memplan estimate`)")
+
+
+def open_engine(built, setup: TrainingSetup, tracker: AllocTracker):
+    """deepspeed.initialize over `built` (materialized here with real values) under `tracker`, on the current
+    default process group."""
+    from memplan.trace.build import materialize
+    from memplan.trace.step import make_optimizer
+
+    deepspeed = import_deepspeed()
+    for t in materialize(built.model, init_values=True):
+        tracker.track(t, W)
+    params = [p for p in dict.fromkeys(built.model.parameters()) if p.requires_grad]
+    optimizer = make_optimizer(setup.optimizer, params)  # DeepSpeed's ZeRO replaces its parameter groups
+    engine, *_ = deepspeed.initialize(model=built.model, optimizer=optimizer, config=ds_config(setup),
+                                      dist_init_required=False)
+    tag_engine(engine, tracker)
+    inner = engine.optimizer.optimizer
+    step = inner.step
+
+    def tagged_step(*a, **k):  # the fp32 gradient DeepSpeed hands its optimizer is a gradient, not a temporary
+        tag_engine(engine, tracker)
+        return step(*a, **k)
+    inner.step = tagged_step
+    return engine
+
+
+@contextlib.contextmanager
+def rank_env(rank: int, world: int) -> Iterator[None]:
+    """The launcher's variables DeepSpeed's engine reads (LOCAL_RANK for its device; RANK / WORLD_SIZE), set for
+    the session and restored after."""
+    keys = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world)}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _save(tracker: AllocTracker):
+    def pack(x):
+        tracker.saved(x)
+        return x
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x)
+
+
+def iteration(engine, batch: dict, setup: TrainingSetup, tracker: AllocTracker) -> int:
+    """One optimizer step (grad_accum micro-batches; DeepSpeed steps at the boundary); returns the event at which
+    the step began."""
+    for _ in range(setup.grad_accum):
+        tracker.set_phase(Phase.FORWARD)
+        loss = engine(**batch).loss
+        tracker.set_phase(Phase.BACKWARD)
+        tracker.set_mark("loss.backward")
+        engine.backward(loss)
+        del loss
+        tracker.set_phase(Phase.OPTIMIZER_STEP)
+        tag_engine(engine, tracker)  # the gradients of this micro-batch (DeepSpeed's partitions, `.grad`)
+        seq = tracker.seq
+        engine.step()
+    return seq
+
+
+@dataclass
+class Traced:
+    """What one rank's DeepSpeed trace leaves (memplan.trace.runner.deepspeed_run makes the Result of it)."""
+
+    tracker: AllocTracker
+    built: object
+    window: tuple[int, int]  # events (start, end] of the reported step
+    grads_seq: int  # event at which its optimizer step began (every gradient alive)
+    backward_seq: int  # event at which its (last) backward began
+    load_peak: int
+    rank: int
+    world: int
+
+
+def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=None) -> Traced:
+    """Trace `setup` (an --engine deepspeed one) on `built` on the current default process group, the last of
+    ITERATIONS steps reported. marks(built, tracker) installs region marks and returns hook handles
+    (memplan.trace.runner.install_marks)."""
+    from memplan.trace import distributed
+    from memplan.trace.session import checkpoint_tagging, make_batch
+
+    check(setup, built.total_params)
+    deepspeed = import_deepspeed()
+    rank, world = distributed.world()
+    tracker = DsTracker(round_to=round_to)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rank_env(rank, world))
+        stack.enter_context(patched())
+        # before DeepSpeed's backend exists: TorchBackend keeps references to the collectives it will call
+        stack.enter_context(untracked_collectives(tracker))
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        stack.enter_context(tracker)
+        stack.enter_context(gather_tagging(tracker))
+        engine = open_engine(built, setup, tracker)
+        batch = make_batch(spec, setup.batch, setup.seq)
+        for t in batch.values():
+            tracker.track(t, INPUT)
+        load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
+        stack.enter_context(checkpoint_tagging(built.model, tracker))
+        stack.enter_context(_save(tracker))
+        handles = marks(built, tracker) if marks is not None else []
+        for _ in range(ITERATIONS - 1):
+            iteration(engine, batch, setup, tracker)
+            tag_engine(engine, tracker)
+        start = tracker.start_window()
+        grads_seq = iteration(engine, batch, setup, tracker)
+        tag_engine(engine, tracker)
+        end = tracker.seq
+        backward_seq = max(s for s, p, m in tracker.marks if p is Phase.BACKWARD and m == "" and s <= end)
+        for h in handles:
+            h.remove()
+        engine.destroy()
+        del engine, batch
+    return Traced(tracker, built, (start, end), grads_seq, backward_seq, load_peak, rank, world)
+
+
+RANKS_NOTE = (", the larger peak of the first and the last rank (DeepSpeed's partitions are equal-sized, but which "
+              "gradients each rank reduces into its partition, and when, differs by rank)")
+
+
+def candidate_ranks(world: int) -> tuple[int, ...]:
+    """The ranks traced when no process group is given: the first and the last, whose partitions hold the two ends
+    of the flat buffers (the top of the network, reduced first, and the embeddings)."""
+    return tuple(dict.fromkeys((0, world - 1)))
+
+
+def trace_ranks(spec, setup: TrainingSetup, round_to: int = 512, ranks=None, marks=None) -> Traced:
+    """On the caller's process group if one is initialized, else each of `ranks` (default candidate_ranks) on its
+    own fake group, the larger peak kept."""
+    from memplan.trace import distributed
+    from memplan.trace.build import build
+
+    if torch.distributed.is_initialized():
+        return trace_built(spec, setup, build(spec, setup), round_to, marks)
+    best = None
+    for r in ranks if ranks is not None else candidate_ranks(setup.gpus):
+        with distributed.fake_world(r, setup.gpus):
+            run = trace_built(spec, setup, build(spec, setup), round_to, marks)
+        if best is None or run.tracker.peak > best.tracker.peak:
+            best = run
+    return best
