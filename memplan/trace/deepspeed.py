@@ -25,6 +25,9 @@ The patches (`patched`), each replacing one DeepSpeed function that does not all
                                          makes the same two small tensors and skips the comparison.
   deepspeed/utils/groups.py, comm/comm.py   module-level process groups and backend, reset after each trace (a
                                          later trace runs on a new fake group).
+  torch.nn.functional.linear             stage 3 replaces it with its memory-efficient linear for the rest of the
+                                         process (partition_parameters.py _enable_mem_efficient_linear); it runs
+                                         in this trace, as on a GPU, and torch's own is put back after it.
 
 Against a real two-process gloo run of the same step under the same tracker (tests/deepspeed_cpu.py): equal to the
 byte at every phase peak at stage 1 and 2, and at stage 3 but for the backward's peak, where gloo allocates
@@ -130,9 +133,14 @@ def patched() -> Iterator[None]:
     groups, cdb = sys.modules["deepspeed.utils.groups"], sys.modules["deepspeed.comm.comm"]
     saved = {k: v for k, v in vars(groups).items() if k.startswith("_") and k[1:2].isupper() or k == "mesh_device"}
     backend = cdb.cdb
+    # stage 3's Init swaps in its memory-efficient linear for the rest of the process ("This will persist unless
+    # manually reset": runtime/zero/partition_parameters.py _enable_mem_efficient_linear, memory_efficient_linear
+    # true by default); it serves this trace and is undone after, so a later trace runs torch's own F.linear
+    linear = torch.nn.functional.linear
     try:
         yield
     finally:
+        torch.nn.functional.linear = linear
         comm.build_shm_op = orig
         for m, fn in zip(checks, asserts):
             m.assert_ints_same_as_other_ranks = fn
