@@ -1,5 +1,5 @@
 """`memplan estimate` with several GPUs: the engine each ZeRO stage runs is named, offloaded host RAM is shown per
-GPU and per node, DeepSpeed figures say they are estimate-only, and bad multi-GPU input is one line, exit 2."""
+GPU and per node, DeepSpeed figures say where their buffers come from, and bad multi-GPU input is one line, exit 2."""
 from __future__ import annotations
 
 import csv
@@ -30,7 +30,8 @@ def run(capsys, *argv):
 def test_estimate_names_the_engine(capsys, flags, label):
     rc, out, _ = run(capsys, "estimate", "--model", "gpt2", "--seq", "128", *flags)
     assert rc == 0 and f"GPU{'s' if '--gpus' in flags else ''} ({label})" in out.splitlines()[0]
-    assert ("estimate-only" in out) == ("deepspeed" in flags)
+    # DeepSpeed's buffers are sized from its code and config defaults: the output says so (ESTIMATE_ONLY)
+    assert ("sized from DeepSpeed 0.19.8's code" in out) == ("deepspeed" in flags)
 
 
 @pytest.mark.parametrize("gpus,per_node", [(2, 8), (16, 8), (16, 4)])
