@@ -147,6 +147,60 @@ def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
     return round_block(min(setup.ds_reduce_bucket_size, sum(g.total for g in train)) * _half(setup))
 
 
+# stage_1_and_2.py __init__: nccl_start_alignment_factor = 2, the flat buffer padded to a multiple of it x world size
+ALIGNMENT = 2
+
+
+def flat_order(groups: tuple[ParamGroup, ...], blocks: int) -> list[int]:
+    """Elements of each trainable tensor in the order DeepSpeed flattens them (the model's parameters() order, as
+    the optimizer's parameter group lists them): the embeddings, then block by block, then the rest outside the
+    blocks (the final norm, the LM head)."""
+    train = [g for g in groups if g.trainable]
+    first = [g for g in train if g.outside and "embed" in g.name]
+    inside = [g for g in train if not g.outside]
+    last = [g for g in train if g.outside and g not in first]
+    per_block = [(g.numel, max(1, g.count // max(blocks, 1))) for g in inside]
+    out = [g.numel for g in first for _ in range(g.count)]
+    for _ in range(max(blocks, 1) if inside else 0):
+        out += [n for n, k in per_block for _ in range(k)]
+    out += [g.numel for g in last for _ in range(g.count)]
+    return out
+
+
+def partition_tensor_numel(groups: tuple[ParamGroup, ...], blocks: int, n: int) -> list[int]:
+    """Per rank: the elements of the whole tensors whose slice of the flat buffer overlaps the rank's partition
+    (stage_1_and_2.py params_in_partition: a tensor crossing a partition boundary is in both ranks' lists)."""
+    sizes = flat_order(groups, blocks)
+    total = sum(sizes)
+    step = ALIGNMENT * n
+    part = -(-total // step) * step // n
+    out = [0] * n
+    start = 0
+    for numel in sizes:
+        end = start + numel
+        for r in range(start // part, min(n, -(-end // part))):
+            out[r] += numel
+        start = end
+    return out
+
+
+def grads_in_partition(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """Stage 1 / 2 with contiguous_gradients (no offload): stage_1_and_2.py copy_grads_in_partition allocates
+    `grads_in_partition = torch.empty(sum of params_in_partition numel)` in the gradient dtype at the first reduced
+    bucket holding one of the rank's tensors (whole tensors: a boundary-crossing one counts whole), and the rank's
+    `.grad`s become views of it; _release_ipg_buffers drops the reference, but averaged_gradients
+    (independent_gradient_partition_epilogue -> get_flat_partition(return_tensor_list=True)) keeps views of it to
+    the step. (_use_compact_grad_partition_buffer skips it only when grad_accum_dtype is fp32 and the model dtype is
+    not: grad_accum_dtype defaults to the model dtype, engine.py get_data_types.) Returns (last rank, worst rank)
+    bytes: the last rank holds the top of the network, reduced first."""
+    if setup.zero not in (1, 2) or setup.shards == 1 or not setup.ds_contiguous_gradients or setup.offload_optimizer:
+        return 0, 0
+    per = partition_tensor_numel(param_groups(model, setup), model.blocks, setup.shards)
+    if not any(per):
+        return 0, 0
+    return round_block(per[-1] * _half(setup)), round_block(max(per) * _half(setup))
+
+
 def zero_buffers(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
     """phases.zero_buffers for DeepSpeed: the (forward, backward) working buffers the step's states hold. Stage 1
     reduces only at the backward's end (the full gradients are model states there); the IPG bucket is adjust()'s."""
@@ -170,11 +224,25 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     gradient partition from initialize on and its persistent parameters, and the optimizer step's fp32 gradient."""
     if setup.engine is not Engine.DEEPSPEED or setup.shards == 1:
         return states
+    from memplan.estimate.phases import Moment  # phases imports this module
+
     t = terms(model, setup)
     z3 = setup.zero == 3
-    out, backward_seen = [], False
+    gip_last, gip_max = grads_in_partition(model, setup)
+    out, backward_seen, head_done = [], False, False
     for s in states:
         cats = s.categories
+        if s.phase is Phase.BACKWARD and gip_max:  # the flat gradient partition of the rank (grads_in_partition)
+            cats = dict(cats)
+            if s.name is Moment.BACKWARD_END:
+                # stage 1 reduces after the backward (reduce_gradients: process_gradients reduces in the hooks only
+                # when partition_gradients or overlap_comm), every `.grad` still alive beside the buffer
+                cats[C.GRADIENTS] = (cats[C.GRADIENTS] + gip_max if setup.zero == 1
+                                     else max(cats[C.GRADIENTS], gip_max))
+            elif setup.zero == 2 and head_done:  # the last rank's first bucket: right after the LM head's
+                cats[C.GRADIENTS] = max(cats[C.GRADIENTS], gip_last)
+            head_done = head_done or s.name is Moment.HEAD_BACKWARD
+            s = s._replace(categories=cats)
         # gathered at their first forward; released for the optimizer step and gathered again after it (measured:
         # the step's peak is the same with every parameter persistent as with none)
         pers = 0 if s.phase in (Phase.LOAD, Phase.OPTIMIZER_STEP) else t.persistent
