@@ -695,7 +695,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
-    mb = mlp_backward(model, setup, p) if h.fsdp else None
+    mb = mlp_backward(model, setup, p) if h.fsdp or deepspeed.walks_mlp(setup) else None
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
@@ -776,7 +776,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         scale, tied_wait = 1, g.tied_wait
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     block_casts = block_cast_bytes(model, setup, h, p.groups)
-    mb = mlp_backward(model, setup, p) if fs else None
+    mb = mlp_backward(model, setup, p) if fs or deepspeed.walks_mlp(setup) else None
     lowest_saved = saved[0]
     if fs and saved[0] < lowest_trained:  # FSDP2, frozen checkpointed blocks below the trained ones: the highest
         # of them holds the lowest trained block's reduce-scatter input, the others nothing more (low_frozen)
