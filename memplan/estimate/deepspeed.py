@@ -165,6 +165,8 @@ def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
     return round_block(min(setup.ds_reduce_bucket_size, sum(g.total for g in train)) * _half(setup))
 
 
+# memplan.estimate.phases.Moment values this module reads (by value: it cannot import phases, which imports it)
+HEAD_BACKWARD, BACKWARD_END = "LM-head backward", "backward end"
 # stage_1_and_2.py __init__: nccl_start_alignment_factor = 2, the flat buffer padded to a multiple of it x world size
 ALIGNMENT = 2
 
@@ -242,8 +244,6 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     gradient partition from initialize on and its persistent parameters, and the optimizer step's fp32 gradient."""
     if setup.engine is not Engine.DEEPSPEED or setup.shards == 1:
         return states
-    from memplan.estimate.phases import Moment  # phases imports this module
-
     t = terms(model, setup)
     z3 = setup.zero == 3
     gip_last, gip_max = grads_in_partition(model, setup)
@@ -252,14 +252,14 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
         cats = s.categories
         if s.phase is Phase.BACKWARD and gip_max:  # the flat gradient partition of the rank (grads_in_partition)
             cats = dict(cats)
-            if s.name is Moment.BACKWARD_END:
+            if s.name.value == BACKWARD_END:
                 # stage 1 reduces after the backward (reduce_gradients: process_gradients reduces in the hooks only
                 # when partition_gradients or overlap_comm), every `.grad` still alive beside the buffer
                 cats[C.GRADIENTS] = (cats[C.GRADIENTS] + gip_max if setup.zero == 1
                                      else max(cats[C.GRADIENTS], gip_max))
             elif setup.zero == 2 and head_done:  # the last rank's first bucket: right after the LM head's
                 cats[C.GRADIENTS] = max(cats[C.GRADIENTS], gip_last)
-            head_done = head_done or s.name is Moment.HEAD_BACKWARD
+            head_done = head_done or s.name.value == HEAD_BACKWARD
             s = s._replace(categories=cats)
         # gathered at their first forward; released for the optimizer step and gathered again after it (measured:
         # the step's peak is the same with every parameter persistent as with none)
