@@ -162,7 +162,9 @@ def main(argv: list[str]) -> None:
            "ranks 0 and 1), a 4-block Llama of hidden 256 (3.2M parameters), world 2, seq 128, batch 2, AdamW, "
            f"buckets scaled to the model: {KNOBS}. Error = (estimate − trace) / trace of the allocated peak; "
            "the last column is the allocated category (never overhead: the trace has none) furthest from the "
-           "trace's, estimate − trace in bytes.", "", *summary, "",
+           "trace's, estimate − trace in bytes. What each estimator term is and where it comes from: "
+           "docs/multi-gpu.md (Estimate vs the DeepSpeed trace), docs/deepspeed.md, memplan/estimate/deepspeed.py.",
+           "", *summary, "",
            "| stage | precision | peft | checkpointing | trace (phase) | estimate (phase) | error | worst category |",
            "|---|---|---|---|---|---|---|---|", *lines]
     OUT.mkdir(exist_ok=True)

@@ -25,7 +25,12 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    top of the network is reused by the backward soon after, so at the forward's end the last
                    ~max_reuse_distance / 2 elements stay gathered (forward to the end, then back). The prefetcher
                    gathers up to stage3_prefetch_bucket_size elements ahead, no more than stage3_max_live_parameters
-                   less what is live.
+                   less what is live; with a prefetch bucket the traced forward keeps every parameter it gathered
+                   into the backward, up to stage3_max_live_parameters (gathered() below).
+  grads in         stage 1/2: stage_1_and_2.py copy_grads_in_partition's flat buffer of the rank's whole tensors
+  partition        (grads_in_partition below), from the first reduced bucket holding one of them to the step.
+  half adapters    bf16 / fp16 enabled: engine.py _cast_module_mixed_precision casts the LoRA adapters too
+                   (memplan.estimate.weights.half_adapters).
   fp32 gradient    stage_1_and_2.py step(): `flat_grad_partition.to(fp32)` for the whole partition, the half one
                    freed first; stage3.py _prepare_fp32_grad_for_sub_group(): one sub-group (sub_group_size elements)
                    at a time, the half buffer kept. On the host under offload_optimizer.
@@ -122,13 +127,14 @@ def gathered(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int,
     fwd = min(part, kept + prefetch)
     bwd = min(part, largest + prefetch)
     # what the trace of DeepSpeed itself shows (benchmarks/deepspeed_grid.py, reports/estimate_vs_trace_deepspeed.md):
-    # from the second step on (a complete module trace) the prefetcher marks each parameter it pops from the
-    # parameter trace with the step of its later use (partitioned_param_coordinator.py fetch_sub_module:
-    # __most_recent_step_id_param_fetched_for = max(..., step_id_last_used_at)), and __params_to_release keeps every
-    # parameter so marked: the parameters gathered in the forward stay gathered into the backward, up to
-    # stage3_max_live_parameters (the prefetch's bound, __max_n_available_params; no prefetch, no mark). At the loss's backward every
-    # partitioned parameter is gathered (traced: 6,291,456 B of all-gather outputs, the whole 3.1M-parameter model
-    # in bf16, less the persistent norms).
+    # with a prefetch bucket, from the second step on (a complete module trace), the parameters gathered in the
+    # forward stay gathered into the backward; at the loss's backward every partitioned parameter is gathered
+    # (traced: 6,291,456 B of all-gather outputs, the whole 3.1M-parameter model in bf16 less the persistent norms;
+    # its MLP weights gathered at block 0 / 1 are freed by their own block's backward). The likely mechanism, not
+    # confirmed step by step: partitioned_param_coordinator.py fetch_sub_module marks each parameter it pops from
+    # the parameter trace with the step of that use (__most_recent_step_id_param_fetched_for), and
+    # __params_to_release keeps a parameter so marked for a later step ("reuse skipped by prefetch"). Bounded by
+    # stage3_max_live_parameters (the prefetch's bound, __max_n_available_params); no prefetch, no mark.
     live = min(part, setup.ds_max_live_parameters) if setup.ds_prefetch_bucket_size > 0 else 0
     fwd, bwd = max(fwd, live), max(bwd, live)
     trainable = sum(g.total for g in groups if g.trainable)
