@@ -52,9 +52,10 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Engine, TrainingSetup
 from memplan.units import round_block
 
-ESTIMATE_ONLY = ("--engine deepspeed: DeepSpeed's buffers are sized from DeepSpeed 0.19.8's code and config defaults "
-                 "(memplan.estimate.deepspeed, docs/deepspeed.md); `memplan trace` runs DeepSpeed itself on the CPU "
-                 "(models up to 2B parameters), `memplan measure` does not run it")
+ESTIMATE_ONLY = ("--engine deepspeed: estimate-only on a GPU (`memplan measure` does not run DeepSpeed); its buffers "
+                 "are sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
+                 "docs/deepspeed.md), checked against `memplan trace`, which runs DeepSpeed itself on the CPU (models "
+                 "up to 2B parameters)")
 
 
 def overlap_comm(setup: TrainingSetup) -> bool:
