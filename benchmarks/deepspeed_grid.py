@@ -1,18 +1,28 @@
 """Estimate vs trace for --engine deepspeed (memplan.trace.deepspeed: DeepSpeed 0.19.8 itself on a fake process
 group, real CPU tensors): stages 1-3 x bf16-master / fp32 x full / LoRA x checkpointing off / on, on a 4-block
-Llama (hidden 256), world 2, DeepSpeed's buckets scaled to the model (KNOBS). Prints one row per setup and the
-count within 3 % of the traced peak. `PYTHONPATH=. python3 benchmarks/deepspeed_grid.py [--quick] [--from K]`."""
+Llama (hidden 256), world 2, DeepSpeed's buckets scaled to the model (KNOBS). Prints one row per setup, the count
+within 3 % of the traced peak and the per-category agreement; writes reports/estimate_vs_trace_deepspeed.md.
+
+    PYTHONPATH=. python3 benchmarks/deepspeed_grid.py [--quick] [--from K] [--cache FILE [--cached-only]]
+
+--cache keeps each setup's traced result (peak, phase, categories at the peak and at every phase peak, the largest
+allocations alive at the peak) in FILE (JSON lines, keyed by the setup) and reuses it, so re-scoring the estimate
+after a change traces nothing (seconds); --cached-only scores only the setups FILE holds. The committed cache is
+reports/trace_cache_deepspeed.jsonl."""
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
+from pathlib import Path
 
 from memplan.api import make_setup
+from memplan.categories import ALLOCATED_CATEGORIES, Category
 from memplan.estimate import estimate_spec
 from memplan.spec.families import spec_from_config
-from memplan.trace.runner import trace_run
 
+OUT = Path(__file__).resolve().parent.parent / "reports"
 # a 4-block Llama, 3.2M parameters: big enough that activations and states matter beside DeepSpeed's buffers
 MODEL = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=1024, max_position_embeddings=256)
@@ -20,33 +30,146 @@ MODEL = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hid
 KNOBS = dict(ds_reduce_bucket_size=200_000, ds_prefetch_bucket_size=100_000, ds_max_reuse_distance=200_000,
              ds_param_persistence_threshold=10_000)
 GRID = list(itertools.product((1, 2, 3), ("bf16-master", "fp32"), ("full", "lora"), ("none", "full")))
+SEQ, BATCH = 128, 2
+PEAK_TOL = 0.03  # issue 11 §3: within 3 % of the traced allocated peak
+CAT_TOL, CAT_FLOOR = 0.05, 16 * 2**20  # issue 11 §3: every category within 5 % or 16 MiB
+TIGHT = 0.02  # at this model's size 16 MiB covers every category: also checked within 2 % of the traced peak
+TOP = 25  # largest allocations alive at the peak kept in the cache (what the estimator is checked against)
 
 
-def rows(grid=GRID, seq=128, batch=2):
+def setup_of(key: tuple):
+    zero, precision, peft, ckpt = key
+    return make_setup(precision=precision, optimizer="adamw", gpus=2, zero=zero, engine="deepspeed", seq=SEQ,
+                      batch=BATCH, peft=peft, checkpointing=ckpt, **KNOBS)
+
+
+def cache_key(key: tuple) -> str:
+    zero, precision, peft, ckpt = key
+    return json.dumps(dict(MODEL=MODEL, KNOBS=KNOBS, seq=SEQ, batch=BATCH, zero=zero, precision=precision,
+                           peft=peft, checkpointing=ckpt), sort_keys=True)
+
+
+def load_cache(path: Path | None) -> dict:
+    cache = {}
+    if path and path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            cache[rec.pop("setup")] = rec
+    return cache
+
+
+def trace_record(spec, setup) -> dict:
+    """What the estimator is scored on, from one DeepSpeed trace (memplan.trace.runner.trace_run)."""
+    from memplan.trace.runner import trace_run
+    from memplan.trace.tracker import CATEGORY
+
+    t0 = time.time()
+    run = trace_run(spec, setup)
+    tr, tk = run.result, run.tracker
+    phases = {p.value: {c.value: int(n) for c, n in tk.categories_at(seq).items() if c in ALLOCATED_CATEGORIES}
+              for p, seq in tk.phase_peak_seq.items()}
+    top = [{"bytes": r.nbytes, "category": CATEGORY[r.tag].value, "tag": r.tag, "op": r.op, "mark": r.mark,
+            "born_mark": run.mark_at(r.born)} for r in run.top_at_peak(TOP)]
+    return {"peak": tr.peak.allocated_bytes, "phase": tr.peak.phase.value, "rank": tr.rank,
+            "seconds": round(time.time() - t0, 1),
+            "categories": {c.value: int(tr.categories[c]) for c in ALLOCATED_CATEGORIES},
+            "phase_peaks": {p.value: int(b) for p, b in tr.phase_peaks.items()},
+            "phase_categories": phases, "model_states": tr.model_states.to_dict(),
+            "detail_at_peak": run.detail_at_peak(), "top_at_peak": top}
+
+
+def traced(key: tuple, spec, cache: dict, cache_file: Path | None) -> dict:
+    k = cache_key(key)
+    if k not in cache:
+        cache[k] = trace_record(spec, setup_of(key))
+        if cache_file:
+            with open(cache_file, "a") as f:
+                f.write(json.dumps({"setup": k, **cache[k]}) + "\n")
+    return cache[k]
+
+
+def category_misses(est_cats: dict, tr_cats: dict, floor: float = CAT_FLOOR) -> list[str]:
+    """The allocated categories (never overhead: the trace has none) off by more than 5 % and `floor` bytes."""
+    out = []
+    for c in ALLOCATED_CATEGORIES:
+        e, t = int(est_cats[c]), tr_cats[c.value]
+        if abs(e - t) > max(CAT_TOL * t, floor):
+            out.append(f"{c.value} {e - t:+,}")
+    return out
+
+
+def worst_category(est_cats: dict, tr_cats: dict) -> tuple[Category, int]:
+    """The allocated category whose estimate is furthest from the trace's, in bytes."""
+    c = max(ALLOCATED_CATEGORIES, key=lambda c: abs(int(est_cats[c]) - tr_cats[c.value]))
+    return c, int(est_cats[c]) - tr_cats[c.value]
+
+
+def rows(grid=GRID, cache: dict | None = None, cache_file: Path | None = None):
     spec = spec_from_config(MODEL, "llama-4x256")
-    for zero, precision, peft, ckpt in grid:
-        s = make_setup(precision=precision, optimizer="adamw", gpus=2, zero=zero, engine="deepspeed", seq=seq,
-                       batch=batch, peft=peft, checkpointing=ckpt, **KNOBS)
-        t0 = time.time()
-        tr = trace_run(spec, s).result
-        est = estimate_spec(spec, s)
-        err = est.peak.allocated_bytes / tr.peak.allocated_bytes - 1
-        yield (zero, precision, peft, ckpt), est, tr, err, time.time() - t0
+    cache = {} if cache is None else cache
+    for key in grid:
+        tr = traced(key, spec, cache, cache_file)
+        est = estimate_spec(spec, setup_of(key))
+        yield key, est, tr, est.peak.allocated_bytes / tr["peak"] - 1
 
 
-def main() -> None:
-    grid = GRID[::4] if "--quick" in sys.argv else GRID
-    if "--from" in sys.argv:  # resume a run cut short: the grid's rows from index K on
-        grid = grid[int(sys.argv[sys.argv.index("--from") + 1]):]
-    ok = 0
-    for key, est, tr, err, dt in rows(grid):
-        ok += abs(err) <= 0.03
-        worst = max(tr.categories, key=lambda c: abs(est.categories[c] - tr.categories[c]))
-        print(f"{key!s:45} trace {tr.peak.allocated_bytes:>10,} ({tr.peak.phase.value:14}) estimate "
-              f"{est.peak.allocated_bytes:>10,} ({est.peak.phase.value:14}) {err:+7.2%}  worst category "
-              f"{worst.value} {est.categories[worst] - tr.categories[worst]:+,}  {dt:.1f}s")
-    print(f"{ok}/{len(grid)} within 3%")
+def main(argv: list[str]) -> None:
+    cache_file = Path(argv[argv.index("--cache") + 1]) if "--cache" in argv else None
+    cache = load_cache(cache_file)
+    grid = GRID[::4] if "--quick" in argv else GRID
+    if "--from" in argv:  # resume a run cut short: the grid's rows from index K on
+        grid = grid[int(argv[argv.index("--from") + 1]):]
+    if "--cached-only" in argv:
+        grid = [k for k in grid if cache_key(k) in cache]
+    ok = cats_ok = tight_ok = 0
+    tight_miss: dict[str, int] = {}
+    cat_rel: dict[str, list[float]] = {}
+    lines = []
+    t0 = time.time()
+    for key, est, tr, err in rows(grid, cache, cache_file):
+        ok += abs(err) <= PEAK_TOL
+        misses = category_misses(est.categories, tr["categories"])
+        cats_ok += not misses
+        tight = category_misses(est.categories, tr["categories"], floor=TIGHT * tr["peak"])
+        tight_ok += not tight
+        for m in tight:
+            tight_miss[m.split()[0]] = tight_miss.get(m.split()[0], 0) + 1
+        worst, diff = worst_category(est.categories, tr["categories"])
+        for c in ALLOCATED_CATEGORIES:
+            cat_rel.setdefault(c.value, []).append(int(est.categories[c]) - tr["categories"][c.value])
+        line = (f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {tr['peak']:,} ({tr['phase']}) | "
+                f"{est.peak.allocated_bytes:,} ({est.peak.phase.value}) | {err:+.2%} | {worst.value} {diff:+,} |")
+        lines.append(line)
+        print(line, flush=True)
+    n = len(grid)
+    summary = [f"**{ok}/{n} within 3 %** of the traced allocated peak; {cats_ok}/{n} with every allocated category "
+               f"within 5 % or 16 MiB (at this model's size 16 MiB covers every category: the criterion that bites "
+               f"is the peak's)."]
+    worst_abs = {c: max(v, key=abs) for c, v in cat_rel.items()}
+    summary.append("Largest per-category difference over the grid (estimate − trace, bytes): "
+                   + ", ".join(f"{c} {d:+,}" for c, d in worst_abs.items()) + ".")
+    summary.append(f"A tighter per-category test, every allocated category within 5 % of the trace's or "
+                   f"{TIGHT:.0%} of the traced peak: {tight_ok}/{n} setups; misses by category: "
+                   + (", ".join(f"{c} {k}" for c, k in sorted(tight_miss.items())) or "none") + ".")
+    print("\n".join(summary))
+    if "--quick" in argv or "--from" in argv:
+        return
+    cmd = "PYTHONPATH=. python3 benchmarks/deepspeed_grid.py " + " ".join(argv)
+    doc = ["# Estimate vs the DeepSpeed trace (--engine deepspeed)", "",
+           f"`{cmd.strip()}` ({time.time() - t0:.0f} s; tracing alone "
+           f"{sum(cache[cache_key(k)]['seconds'] for k in grid):.0f} s when the cache was filled). "
+           "DeepSpeed 0.19.8 traced per rank on a fake process group (memplan.trace.deepspeed, the larger peak of "
+           "ranks 0 and 1), a 4-block Llama of hidden 256 (3.2M parameters), world 2, seq 128, batch 2, AdamW, "
+           f"buckets scaled to the model: {KNOBS}. Error = (estimate − trace) / trace of the allocated peak; "
+           "the last column is the allocated category (never overhead: the trace has none) furthest from the "
+           "trace's, estimate − trace in bytes. What each estimator term is and where it comes from: "
+           "docs/multi-gpu.md (Estimate vs the DeepSpeed trace), docs/deepspeed.md, memplan/estimate/deepspeed.py.",
+           "", *summary, "",
+           "| stage | precision | peft | checkpointing | trace (phase) | estimate (phase) | error | worst category |",
+           "|---|---|---|---|---|---|---|---|", *lines]
+    OUT.mkdir(exist_ok=True)
+    (OUT / "estimate_vs_trace_deepspeed.md").write_text("\n".join(doc) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

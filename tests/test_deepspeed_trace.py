@@ -102,3 +102,30 @@ def test_stage3_linear_is_undone_after_the_trace():
     before = torch.nn.functional.linear
     _trace("z3", 0)
     assert torch.nn.functional.linear is before
+# ---- the estimate against the trace (benchmarks/deepspeed_grid.py, reports/estimate_vs_trace_deepspeed.md) -------
+# the grid's 4-block Llama and knobs (benchmarks/deepspeed_grid.py MODEL, KNOBS): DeepSpeed's buffers scaled to it
+GRID_MODEL = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1024, max_position_embeddings=256)
+GRID_KNOBS = dict(ds_reduce_bucket_size=200_000, ds_prefetch_bucket_size=100_000, ds_max_reuse_distance=200_000,
+                  ds_param_persistence_threshold=10_000)
+PEAK_TOL = 0.03  # issue 11 §3: the estimate within 3 % of the traced allocated peak
+
+
+@pytest.mark.parametrize("zero, precision, peft, ckpt, rank", [
+    # each exercises one estimator term fixed against the trace, on the rank the grid's trace peaks on
+    # (reports/trace_cache_deepspeed.jsonl "rank"): stage 1's grads_in_partition beside every .grad (was -10.7 %)
+    (1, "fp32", "full", "full", 0),
+    # DeepSpeed's bf16 cast of the LoRA adapters and stage 2's gradient partition (was +10.7 %)
+    (2, "bf16-master", "lora", "none", 0),
+    # stage 3's prefetched parameters kept gathered into the backward (was -11.7 %)
+    (3, "bf16-master", "full", "none", 0),
+])
+def test_estimate_within_3_percent_of_the_trace(zero, precision, peft, ckpt, rank):
+    from memplan.estimate import estimate_spec
+
+    spec = spec_from_config(GRID_MODEL, "llama-4x256")
+    s = make_setup(precision=precision, optimizer="adamw", gpus=2, zero=zero, engine="deepspeed", seq=128, batch=2,
+                   peft=peft, checkpointing=ckpt, **GRID_KNOBS)
+    traced = deepspeed_run(spec, s, ranks=(rank,)).result.peak.allocated_bytes
+    estimated = estimate_spec(spec, s).peak.allocated_bytes
+    assert abs(estimated / traced - 1) <= PEAK_TOL, (estimated, traced)

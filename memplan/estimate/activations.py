@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from memplan.estimate import techniques
 from memplan.estimate.params import ia3_targets, lora_targets
-from memplan.estimate.weights import fsdp_sharded
+from memplan.estimate.weights import fsdp_sharded, half_adapters
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.setup import Attention, Checkpointing, PeftMethod, Precision, TrainingSetup
 from memplan.spec.traits import (AttentionKind, BlockLayout, LossHead, NormKind, PositionKind, QKNorm, Routing,
@@ -423,10 +423,11 @@ def stream_bytes(p: Precision) -> int:
     return 2 if p is Precision.FSDP_BF16 else p.param_bytes
 
 
-def adapter_compute_bytes(p: Precision) -> int:
+def adapter_compute_bytes(p: Precision, half_adapters: bool = False) -> int:
     """The dtype peft casts a LoRA / (IA)3 input to (the adapter weight's): fp32 adapters (peft's
-    autocast_adapter_dtype), but bf16 under fsdp-bf16, whose all-gathered adapters are bf16 like every parameter."""
-    return 2 if p is Precision.FSDP_BF16 else 4
+    autocast_adapter_dtype), but bf16 under fsdp-bf16, whose all-gathered adapters are bf16 like every parameter,
+    and the half dtype under DeepSpeed's bf16 / fp16 (memplan.estimate.weights.half_adapters: it casts them)."""
+    return 2 if p is Precision.FSDP_BF16 or half_adapters else 4
 
 
 def kv_ratio(setup: TrainingSetup) -> float:
@@ -436,7 +437,7 @@ def kv_ratio(setup: TrainingSetup) -> float:
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
     return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, setup.adapter_size,
-                w_train, kv_ratio(setup), setup.batch > 1, windowed(model, setup))
+                w_train, kv_ratio(setup), setup.batch > 1, windowed(model, setup), half_adapters(setup))
 
 
 def windowed(model: ModelSpec, setup: TrainingSetup) -> bool:
@@ -466,7 +467,7 @@ def full_attention_layers(model: ModelSpec, setup: TrainingSetup) -> frozenset:
 
 @lru_cache(maxsize=4096)
 def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio, batched=False,
-         windowed=False) -> Ctx:
+         windowed=False, ds_half_adapters=False) -> Ctx:
     setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention,
                           zero=3 if p is Precision.FSDP_BF16 else 0,  # fsdp-bf16 needs ZeRO-2 / 3 (unread here)
                           adapter_size=adapter_size)
@@ -480,7 +481,7 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv
         ia3 = frozenset(l.qualname for l in hit)
     drop = 0.0 if setup.dropout is False else model.dropout
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=stream_bytes(p), w_train=w_train, lora=lora,
-               lora_bytes=adapter_compute_bytes(p), ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
+               lora_bytes=adapter_compute_bytes(p, ds_half_adapters), ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
                qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,
                attention=setup.attention, kv_ratio=kv_ratio, batched=batched, windowed=windowed)
 
@@ -557,7 +558,7 @@ def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
 
 # TrainingSetup fields no function of this module (or of memplan.estimate.techniques, which it calls) reads: the
 # optimizer, accumulation and sharding engine's own options. ZeRO, GPUs and engine are read only through
-# fsdp_sharded(setup), which the key holds instead. Every other field, present or future, is part of the key.
+# fsdp_sharded(setup) and half_adapters(setup), which the key holds instead. Every other field, present or future, is part of the key.
 UNREAD_FIELDS = frozenset({
     "optimizer", "grad_accum", "gpus_per_node", "sync_each_batch", "bucket_view", "offload_optimizer",
     "offload_params", "optimizer_in_backward", "ds_reduce_bucket_size", "ds_allgather_bucket_size",
@@ -575,7 +576,7 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     global _KEY_FIELDS
     if not _KEY_FIELDS:
         _KEY_FIELDS = tuple(f for f in setup.__dataclass_fields__ if f not in UNREAD_FIELDS)
-    key = (id(model), fsdp_sharded(setup), *[getattr(setup, f) for f in _KEY_FIELDS])
+    key = (id(model), fsdp_sharded(setup), half_adapters(setup), *[getattr(setup, f) for f in _KEY_FIELDS])
     hit = _MEMO.get(key)
     if hit is not None and hit[0] is model:  # id(model) is reused only once the model is gone
         return hit[1]

@@ -25,7 +25,12 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    top of the network is reused by the backward soon after, so at the forward's end the last
                    ~max_reuse_distance / 2 elements stay gathered (forward to the end, then back). The prefetcher
                    gathers up to stage3_prefetch_bucket_size elements ahead, no more than stage3_max_live_parameters
-                   less what is live.
+                   less what is live; with a prefetch bucket the traced forward keeps every parameter it gathered
+                   into the backward, up to stage3_max_live_parameters (gathered() below).
+  grads in         stage 1/2: stage_1_and_2.py copy_grads_in_partition's flat buffer of the rank's whole tensors
+  partition        (grads_in_partition below), from the first reduced bucket holding one of them to the step.
+  half adapters    bf16 / fp16 enabled: engine.py _cast_module_mixed_precision casts the LoRA adapters too
+                   (memplan.estimate.weights.half_adapters).
   fp32 gradient    stage_1_and_2.py step(): `flat_grad_partition.to(fp32)` for the whole partition, the half one
                    freed first; stage3.py _prepare_fp32_grad_for_sub_group(): one sub-group (sub_group_size elements)
                    at a time, the half buffer kept. On the host under offload_optimizer.
@@ -47,9 +52,10 @@ from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Engine, TrainingSetup
 from memplan.units import round_block
 
-ESTIMATE_ONLY = ("--engine deepspeed: DeepSpeed's buffers are sized from DeepSpeed 0.19.8's code and config defaults "
-                 "(memplan.estimate.deepspeed, docs/deepspeed.md); `memplan trace` runs DeepSpeed itself on the CPU "
-                 "(models up to 2B parameters), `memplan measure` does not run it")
+ESTIMATE_ONLY = ("--engine deepspeed: estimate-only on a GPU (`memplan measure` does not run DeepSpeed); its buffers "
+                 "are sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
+                 "docs/deepspeed.md), checked against `memplan trace`, which runs DeepSpeed itself on the CPU (models "
+                 "up to 2B parameters)")
 
 
 def overlap_comm(setup: TrainingSetup) -> bool:
@@ -72,6 +78,14 @@ class DsTerms:
 
 def _half(setup: TrainingSetup) -> int:
     return setup.precision.param_bytes
+
+
+def walks_mlp(setup: TrainingSetup) -> bool:
+    """Whether memplan.estimate.phases walks a block's MLP backward (MlpBackward) under DeepSpeed: stage 1 / 2
+    (whole parameters) peak inside it as FSDP2 does (the DeepSpeed grid's fp32 LoRA + checkpointing setups: -8.6 %
+    without the walk, -0.6 % with it; reports/estimate_vs_trace_deepspeed.md). Not stage 3, whose gathered
+    parameters (gathered below) already bound its backward."""
+    return setup.engine is Engine.DEEPSPEED and setup.zero in (1, 2) and setup.shards > 1
 
 
 def ipg_bucket(setup: TrainingSetup, trains: bool) -> int:
@@ -113,6 +127,17 @@ def gathered(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int,
     prefetch = min(setup.ds_prefetch_bucket_size, setup.ds_max_live_parameters, part)
     fwd = min(part, kept + prefetch)
     bwd = min(part, largest + prefetch)
+    # what the trace of DeepSpeed itself shows (benchmarks/deepspeed_grid.py, reports/estimate_vs_trace_deepspeed.md):
+    # with a prefetch bucket, from the second step on (a complete module trace), the parameters gathered in the
+    # forward stay gathered into the backward; at the loss's backward every partitioned parameter is gathered
+    # (traced: 6,291,456 B of all-gather outputs, the whole 3.1M-parameter model in bf16 less the persistent norms;
+    # its MLP weights gathered at block 0 / 1 are freed by their own block's backward). The likely mechanism, not
+    # confirmed step by step: partitioned_param_coordinator.py fetch_sub_module marks each parameter it pops from
+    # the parameter trace with the step of that use (__most_recent_step_id_param_fetched_for), and
+    # __params_to_release keeps a parameter so marked for a later step ("reuse skipped by prefetch"). Bounded by
+    # stage3_max_live_parameters (the prefetch's bound, __max_n_available_params); no prefetch, no mark.
+    live = min(part, setup.ds_max_live_parameters) if setup.ds_prefetch_bucket_size > 0 else 0
+    fwd, bwd = max(fwd, live), max(bwd, live)
     trainable = sum(g.total for g in groups if g.trainable)
     grad = largest if trainable else 0
     # the reduce-scatter of a full bucket copies it (runtime/comm/coalesced_collectives.py reduce_scatter_coalesced:
@@ -147,6 +172,62 @@ def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
     return round_block(min(setup.ds_reduce_bucket_size, sum(g.total for g in train)) * _half(setup))
 
 
+# memplan.estimate.phases.Moment values this module reads (by value: it cannot import phases, which imports it)
+HEAD_BACKWARD, BACKWARD_END = "LM-head backward", "backward end"
+# stage_1_and_2.py __init__: nccl_start_alignment_factor = 2, the flat buffer padded to a multiple of it x world size
+ALIGNMENT = 2
+
+
+def flat_order(groups: tuple[ParamGroup, ...], blocks: int) -> list[int]:
+    """Elements of each trainable tensor in the order DeepSpeed flattens them (the model's parameters() order, as
+    the optimizer's parameter group lists them): the embeddings, then block by block, then the rest outside the
+    blocks (the final norm, the LM head)."""
+    train = [g for g in groups if g.trainable]
+    first = [g for g in train if g.outside and "embed" in g.name]
+    inside = [g for g in train if not g.outside]
+    last = [g for g in train if g.outside and g not in first]
+    per_block = [(g.numel, max(1, g.count // max(blocks, 1))) for g in inside]
+    out = [g.numel for g in first for _ in range(g.count)]
+    for _ in range(max(blocks, 1) if inside else 0):
+        out += [n for n, k in per_block for _ in range(k)]
+    out += [g.numel for g in last for _ in range(g.count)]
+    return out
+
+
+def partition_tensor_numel(groups: tuple[ParamGroup, ...], blocks: int, n: int) -> list[int]:
+    """Per rank: the elements of the whole tensors whose slice of the flat buffer overlaps the rank's partition
+    (stage_1_and_2.py params_in_partition: a tensor crossing a partition boundary is in both ranks' lists)."""
+    sizes = flat_order(groups, blocks)
+    total = sum(sizes)
+    step = ALIGNMENT * n
+    part = -(-total // step) * step // n
+    out = [0] * n
+    start = 0
+    for numel in sizes:
+        end = start + numel
+        for r in range(start // part, min(n, -(-end // part))):
+            out[r] += numel
+        start = end
+    return out
+
+
+def grads_in_partition(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """Stage 1 / 2 with contiguous_gradients (no offload): stage_1_and_2.py copy_grads_in_partition allocates
+    `grads_in_partition = torch.empty(sum of params_in_partition numel)` in the gradient dtype at the first reduced
+    bucket holding one of the rank's tensors (whole tensors: a boundary-crossing one counts whole), and the rank's
+    `.grad`s become views of it; _release_ipg_buffers drops the reference, but averaged_gradients
+    (independent_gradient_partition_epilogue -> get_flat_partition(return_tensor_list=True)) keeps views of it to
+    the step. (_use_compact_grad_partition_buffer skips it only when grad_accum_dtype is fp32 and the model dtype is
+    not: grad_accum_dtype defaults to the model dtype, engine.py get_data_types.) Returns (last rank, worst rank)
+    bytes: the last rank holds the top of the network, reduced first."""
+    if setup.zero not in (1, 2) or setup.shards == 1 or not setup.ds_contiguous_gradients or setup.offload_optimizer:
+        return 0, 0
+    per = partition_tensor_numel(param_groups(model, setup), model.blocks, setup.shards)
+    if not any(per):
+        return 0, 0
+    return round_block(per[-1] * _half(setup)), round_block(max(per) * _half(setup))
+
+
 def zero_buffers(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
     """phases.zero_buffers for DeepSpeed: the (forward, backward) working buffers the step's states hold. Stage 1
     reduces only at the backward's end (the full gradients are model states there); the IPG bucket is adjust()'s."""
@@ -172,9 +253,21 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
         return states
     t = terms(model, setup)
     z3 = setup.zero == 3
-    out, backward_seen = [], False
+    gip_last, gip_max = grads_in_partition(model, setup)
+    out, backward_seen, head_done = [], False, False
     for s in states:
         cats = s.categories
+        if s.phase is Phase.BACKWARD and gip_max:  # the flat gradient partition of the rank (grads_in_partition)
+            cats = dict(cats)
+            if s.name.value == BACKWARD_END:
+                # stage 1 reduces after the backward (reduce_gradients: process_gradients reduces in the hooks only
+                # when partition_gradients or overlap_comm), every `.grad` still alive beside the buffer
+                cats[C.GRADIENTS] = (cats[C.GRADIENTS] + gip_max if setup.zero == 1
+                                     else max(cats[C.GRADIENTS], gip_max))
+            elif setup.zero == 2 and head_done:  # the last rank's first bucket: right after the LM head's
+                cats[C.GRADIENTS] = max(cats[C.GRADIENTS], gip_last)
+            head_done = head_done or s.name.value == HEAD_BACKWARD
+            s = s._replace(categories=cats)
         # gathered at their first forward; released for the optimizer step and gathered again after it (measured:
         # the step's peak is the same with every parameter persistent as with none)
         pers = 0 if s.phase in (Phase.LOAD, Phase.OPTIMIZER_STEP) else t.persistent

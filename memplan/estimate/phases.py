@@ -40,6 +40,7 @@ from memplan.estimate.params import ParamGroup, all_params, param_groups, traina
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
+from memplan.estimate.weights import half_adapters
 from memplan.spec.model import ModelSpec, Role
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
@@ -140,7 +141,7 @@ def parameters(model: ModelSpec, setup: TrainingSetup) -> Parameters:
     """The estimator's one cache: keyed by the model and the setup fields the parameters depend on, so a sweep over
     batch, sequence, checkpointing, attention or ZeRO computes them once."""
     p = _parameters(model, setup.precision, setup.optimizer, setup.peft, setup.lora, setup.num_virtual_tokens,
-                    setup.adapter_size, setup.train_layers)
+                    setup.adapter_size, setup.train_layers, half_adapters(setup))
     if setup.fp8 is not Fp8Recipe.NONE:  # Float8Linear makes no autocast cast of its weight (memplan.estimate.fp8)
         cached, outside = fp8.cast_cache_bytes(model, setup), fp8.converted_outside(model, setup)
         p = replace(p, half=p.half - cached, half_cached=p.half_cached - cached, half_outside=p.half_outside - outside)
@@ -153,10 +154,12 @@ def _zero_for(precision: Precision) -> int:
 
 @lru_cache(maxsize=4096)
 def _parameters(model, precision, optimizer, peft, lora: LoraConfig, num_virtual_tokens, adapter_size,
-                train_layers) -> Parameters:
-    # fsdp-bf16 is valid only under ZeRO-2 / 3, which the parameter sizes do not otherwise read
+                train_layers, ds_half_adapters: bool = False) -> Parameters:
+    # fsdp-bf16 is valid only under ZeRO-2 / 3, which the parameter sizes do not otherwise read; DeepSpeed's
+    # engine only through weights.half_adapters (its bf16 / fp16 cast of every parameter)
     setup = TrainingSetup(precision=precision, optimizer=optimizer, peft=peft, lora=lora, zero=_zero_for(precision),
-                          num_virtual_tokens=num_virtual_tokens, adapter_size=adapter_size, train_layers=train_layers)
+                          num_virtual_tokens=num_virtual_tokens, adapter_size=adapter_size, train_layers=train_layers,
+                          engine=Engine.DEEPSPEED if ds_half_adapters else Engine.FSDP)
     groups = param_groups(model, setup)
     tied = model.tie_embeddings
     return Parameters(
@@ -692,7 +695,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
-    mb = mlp_backward(model, setup, p) if h.fsdp else None
+    mb = mlp_backward(model, setup, p) if h.fsdp or deepspeed.walks_mlp(setup) else None
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
@@ -773,7 +776,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         scale, tied_wait = 1, g.tied_wait
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     block_casts = block_cast_bytes(model, setup, h, p.groups)
-    mb = mlp_backward(model, setup, p) if fs else None
+    mb = mlp_backward(model, setup, p) if fs or deepspeed.walks_mlp(setup) else None
     lowest_saved = saved[0]
     if fs and saved[0] < lowest_trained:  # FSDP2, frozen checkpointed blocks below the trained ones: the highest
         # of them holds the lowest trained block's reduce-scatter input, the others nothing more (low_frozen)

@@ -17,8 +17,18 @@ from memplan.units import round_block
 ADAPTER_BYTES = 4
 
 
+def half_adapters(setup: TrainingSetup) -> bool:
+    """DeepSpeed with bf16 / fp16 enabled (--precision bf16-master / fp16-master) casts every parameter to the half
+    dtype, peft's fp32 adapters included (deepspeed 0.19.8 runtime/engine.py _configure_distributed_model ->
+    _cast_module_mixed_precision: `p.data = p.data.to(param_dtype)` for every module parameter); its fp32 master
+    partition is the adapters' master copy."""
+    return setup.engine is Engine.DEEPSPEED and setup.precision in (Precision.BF16_MASTER, Precision.FP16_MASTER)
+
+
 def adapter_bytes(setup: TrainingSetup) -> int:
-    return setup.precision.param_bytes if setup.peft is PeftMethod.ADAPTER else ADAPTER_BYTES
+    if setup.peft is PeftMethod.ADAPTER or half_adapters(setup):
+        return setup.precision.param_bytes
+    return ADAPTER_BYTES
 
 
 def weight_bytes_per(g: ParamGroup, setup: TrainingSetup) -> int:
