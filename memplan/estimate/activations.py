@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from memplan.estimate import techniques
+from memplan.estimate.memo import IdentityMemo
 from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.estimate.weights import fsdp_sharded, half_adapters
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
@@ -565,8 +566,7 @@ UNREAD_FIELDS = frozenset({
     "ds_prefetch_bucket_size", "ds_max_live_parameters", "ds_max_reuse_distance", "ds_param_persistence_threshold",
     "ds_sub_group_size", "ds_contiguous_gradients", "ds_overlap_comm", "zero", "gpus", "engine"})
 _KEY_FIELDS: tuple = ()
-_MEMO: dict = {}
-_MEMO_SIZE = 8192  # entries (an Activations is a few tuples of ints)
+_MEMO = IdentityMemo(8192)  # entries (an Activations is a few tuples of ints)
 
 
 def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
@@ -577,14 +577,7 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     if not _KEY_FIELDS:
         _KEY_FIELDS = tuple(f for f in setup.__dataclass_fields__ if f not in UNREAD_FIELDS)
     key = (id(model), fsdp_sharded(setup), half_adapters(setup), *[getattr(setup, f) for f in _KEY_FIELDS])
-    hit = _MEMO.get(key)
-    if hit is not None and hit[0] is model:  # id(model) is reused only once the model is gone
-        return hit[1]
-    if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.clear()
-    out = _activations(model, setup)
-    _MEMO[key] = (model, out)
-    return out
+    return _MEMO.get(key, model, lambda: _activations(model, setup))
 
 
 activations.cache_clear = _MEMO.clear  # as an lru_cache's (memplan.estimate.clear_caches)

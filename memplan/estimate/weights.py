@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.estimate.memo import IdentityMemo
 from memplan.estimate.optimizer import (adam_mini_state_bytes, paged_state_bytes, qmap_bytes_of, state_bytes,
                                        uses_qmaps)
 from memplan.estimate.params import ParamGroup
@@ -104,8 +105,7 @@ def qmap_bytes(u: Unsharded, setup: TrainingSetup) -> int:
     return qmap_bytes_of(setup.optimizer) * (u.qmap_tensors if setup.optimizer_in_backward else 1)
 
 
-_MEMO: dict = {}
-_MEMO_SIZE = 4096  # entries, as memplan.estimate.phases' parameter cache
+_MEMO = IdentityMemo(4096)  # entries, as memplan.estimate.phases' parameter cache
 
 
 def per_setup(fn):
@@ -116,14 +116,7 @@ def per_setup(fn):
         # its object is gone (memplan.estimate.phases.parameters caches the Unsharded, so it recurs)
         key = (fn, id(u), setup.engine, setup.gpus, setup.zero, setup.offload_params, setup.bucket_view,
                setup.precision, setup.optimizer, setup.peft, setup.train_layers, setup.lora)
-        hit = _MEMO.get(key)
-        if hit is not None and hit[0] is u:
-            return hit[1]
-        if len(_MEMO) >= _MEMO_SIZE:
-            _MEMO.clear()
-        out = fn(u, setup)
-        _MEMO[key] = (u, out)
-        return out
+        return _MEMO.get(key, u, lambda: fn(u, setup))
     run.__doc__, run.__name__ = fn.__doc__, fn.__name__
     run.cache_clear = _MEMO.clear  # as an lru_cache's (memplan.estimate.clear_caches)
     return run
