@@ -21,6 +21,7 @@ from memplan.api import make_setup
 from memplan.categories import ALLOCATED_CATEGORIES, Category
 from memplan.estimate import estimate_spec
 from memplan.spec.families import spec_from_config
+from trace_grid_multi import load_cache  # benchmarks/, the multi-GPU grid's cache file format
 
 OUT = Path(__file__).resolve().parent.parent / "reports"
 # a 4-block Llama, 3.2M parameters: big enough that activations and states matter beside DeepSpeed's buffers
@@ -47,15 +48,6 @@ def cache_key(key: tuple) -> str:
     zero, precision, peft, ckpt = key
     return json.dumps(dict(MODEL=MODEL, KNOBS=KNOBS, seq=SEQ, batch=BATCH, zero=zero, precision=precision,
                            peft=peft, checkpointing=ckpt), sort_keys=True)
-
-
-def load_cache(path: Path | None) -> dict:
-    cache = {}
-    if path and path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            cache[rec.pop("setup")] = rec
-    return cache
 
 
 def trace_record(spec, setup) -> dict:
