@@ -292,12 +292,20 @@ def test_load_and_forward_agree_with_deepspeed(deepspeed_cpu, name):
     assert r.phase_peaks[Phase.BACKWARD] == pytest.approx(got["peaks"]["backward"], rel=0.06)
 
 
+GLOO_STAGING = 16_512  # bytes: see test_buffers_agree_with_deepspeed
+
+
 def test_buffers_agree_with_deepspeed(deepspeed_cpu):
     """Each modelled buffer as the difference of two real runs that differ in its knob alone."""
     m = deepspeed_cpu
     # the IPG bucket: at initialize under stage 3, in the backward under stage 2 (2 B per element, to the byte)
     assert m["B"]["load"] - m["A"]["load"] == (20480 - 10240) * 2
-    assert m["S2b"]["peaks"]["backward"] - m["S2"]["peaks"]["backward"] == (20480 - 10240) * 2
+    # Two processes on a real gloo group are not byte-deterministic in the backward: one fresh-clone CI run
+    # (2026-12-03, under load) read S2's backward peak 16,512 B above every local run (993,560 vs 977,048), the
+    # size of a staging buffer gloo allocates inside a collective (memplan.trace.deepspeed leaves those out). The
+    # bucket's difference is asserted to the byte, with or without that one buffer in either run.
+    diff = m["S2b"]["peaks"]["backward"] - m["S2"]["peaks"]["backward"]
+    assert diff in {(20480 - 10240) * 2 + k * GLOO_STAGING for k in (-1, 0, 1)}, diff
     assert (_estimate("B")[0].phase_peaks[Phase.LOAD] - _estimate("A")[0].phase_peaks[Phase.LOAD]
             == (20480 - 10240) * 2)
     # the reuse window kept gathered at the forward's end
