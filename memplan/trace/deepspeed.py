@@ -61,7 +61,7 @@ from memplan.categories import Phase
 from memplan.errors import MemplanError
 from memplan.spec.setup import Precision, TrainingSetup
 from memplan.trace.support import deepspeed_unsupported
-from memplan.trace.tracker import ALL_GATHER, G, INPUT, MW, OS, UNTRACKED, W, AllocTracker
+from memplan.trace.tracker import ALL_GATHER, G, INPUT, MW, OS, W, AllocTracker
 
 ITERATIONS = 3  # DeepSpeed's stage 3 records its module trace in step 1 and prefetches from step 2 on
 MAX_PARAMS = 2 * 10**9  # real tensors: one rank's model, fp32 init and states in host RAM (~16 B/param at worst)
@@ -147,27 +147,6 @@ def patched() -> Iterator[None]:
         for k, v in saved.items():
             setattr(groups, k, v.copy() if isinstance(v, dict) else v)
         cdb.cdb = backend
-
-
-@contextlib.contextmanager
-def untracked_collectives(tracker: AllocTracker) -> Iterator[None]:
-    """What a backend allocates inside a collective is no allocation of the step (as under FSDP)."""
-    import torch.distributed as dist
-
-    saved = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
-
-    def wrap(fn):
-        def run(*a, **k):
-            with tracker.scope(UNTRACKED):
-                return fn(*a, **k)
-        return run
-    for n, fn in saved.items():
-        setattr(dist, n, wrap(fn))
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(dist, n, fn)
 
 
 @contextlib.contextmanager
@@ -343,7 +322,7 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=No
         stack.enter_context(rank_env(rank, world))
         stack.enter_context(patched())
         # before DeepSpeed's backend exists: TorchBackend keeps references to the collectives it will call
-        stack.enter_context(untracked_collectives(tracker))
+        stack.enter_context(distributed.untracked_collectives(tracker, COLLECTIVES))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         stack.enter_context(tracker)
         stack.enter_context(gather_tagging(tracker))

@@ -316,6 +316,26 @@ def _offload_grads(group, tracker: AllocTracker) -> None:
 
 
 @contextlib.contextmanager
+def untracked_collectives(tracker: AllocTracker, names: tuple[str, ...] = COLLECTIVES) -> Iterator[None]:
+    """torch.distributed's `names` run untracked for the duration: what a backend allocates inside a collective is
+    no allocation of the step (NCCL's buffers are outside the caching allocator)."""
+    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def untracked_call(fn):
+        def run(*a, **k):
+            with tracker.scope(UNTRACKED):
+                return fn(*a, **k)
+        return run
+    for n, fn in saved.items():
+        setattr(dist, n, untracked_call(fn))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+
+
+@contextlib.contextmanager
 def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None]:
     """Tag what FSDP2 allocates (see the module doc) and follow `UntypedStorage.resize_` while tracing."""
     from torch._subclasses.fake_tensor import is_fake
@@ -328,7 +348,6 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
     orig = {n: getattr(FSDPParamGroup, n) for n in ("unshard", "wait_for_unshard", "post_backward")}
     offload = setup.offload_params
     orig_meta = ShardingPropagator._propagate_tensor_meta_non_cached
-    collectives = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
 
     def resize_(st, size):
         out = orig_resize(st, size)
@@ -367,12 +386,6 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
                 return fn(self, *a, **k)
         return run
 
-    def untracked_call(fn):
-        def run(*a, **k):
-            with tracker.scope(UNTRACKED):
-                return fn(*a, **k)
-        return run
-
     orig_reset = FSDPParam.reset_sharded_param
 
     def reset_sharded_param(self):
@@ -390,19 +403,16 @@ def engine_tagging(tracker: AllocTracker, setup: TrainingSetup) -> Iterator[None
     torch.UntypedStorage.resize_ = resize_
     FSDPParam.reset_sharded_param = reset_sharded_param
     ShardingPropagator._propagate_tensor_meta_non_cached = untracked(orig_meta)
-    for name, fn in collectives.items():
-        setattr(dist, name, untracked_call(fn))
     FSDPParamGroup.unshard = gathering("unshard")
     FSDPParamGroup.wait_for_unshard = gathering("wait_for_unshard")
     FSDPParamGroup.post_backward = post_backward
     try:
-        yield
+        with untracked_collectives(tracker):
+            yield
     finally:
         torch.UntypedStorage.resize_ = orig_resize
         ShardingPropagator._propagate_tensor_meta_non_cached = orig_meta
         FSDPParam.reset_sharded_param = orig_reset
-        for name, fn in collectives.items():
-            setattr(dist, name, fn)
         tracker.subclass = None
         for n, fn in orig.items():
             setattr(FSDPParamGroup, n, fn)
