@@ -75,8 +75,9 @@ def fit_notes(gpu, space, lora_rank: int, lora_targets, train_layers: int) -> li
 
 def _offloads(text):
     from memplan.fit import Offload
+    from memplan.spec.values import split_list
 
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = split_list(text)
     bad = [t for t in items if t not in {o.value for o in Offload}]
     if bad or not items:
         raise MemplanError(f"--offload {text}: a comma-separated list of {', '.join(o.value for o in Offload)}")
@@ -86,9 +87,9 @@ def _offloads(text):
 def _losses(text):
     """--loss standard,chunked:4,liger-fused: each spelled as estimate's --loss (make_setup checks it)."""
     from memplan.fit import LossChoice
-    from memplan.spec.values import make_setup
+    from memplan.spec.values import make_setup, split_list
 
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = split_list(text)
     if not items:
         raise MemplanError(f"--loss {text}: a comma-separated list of standard, chunked[:N], liger-fused")
     made = [make_setup(loss=t) for t in items]
@@ -109,8 +110,9 @@ def _impls(optimizers, text):
     """--optimizer-impl foreach,fused,for-loop folded into the searched optimizers (memplan.fit.with_impls)."""
     from memplan.fit import with_impls
     from memplan.spec.setup import OptimizerImpl
+    from memplan.spec.values import split_list
 
-    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    items = [t.lower() for t in split_list(text)]
     known = {i.value for i in OptimizerImpl}
     if not items or any(t not in known for t in items):
         raise MemplanError(f"--optimizer-impl {text}: a comma-separated list of {', '.join(sorted(known))}")

@@ -101,9 +101,14 @@ def _coerce(name: str, value):
         raise MemplanError(f"unknown {name} '{value}' (choose from {choices})") from None
 
 
+def split_list(text) -> list[str]:
+    """A comma-separated list's non-empty items, stripped ("bf16, pure-bf16," -> ["bf16", "pure-bf16"])."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
 def parse_choices(name: str, text: str) -> tuple:
     """A comma-separated list of one setup field's enum values ("bf16,pure-bf16") as enum members."""
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    items = split_list(text)
     if not items:
         raise MemplanError(f"empty list for {name}")
     return tuple(dict.fromkeys(_coerce(name, t) for t in items))
