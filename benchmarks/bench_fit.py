@@ -17,14 +17,9 @@ import subprocess
 import sys
 import time
 
+from bench_estimate import load_average  # benchmarks/
+
 TARGET_S = 1.0
-
-
-def load_average() -> str:
-    try:
-        return "load average " + ", ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:  # not Linux
-        return "load average unknown"
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from memplan.trace.qlora import linear_shape
+from memplan.trace.qlora import replace_linears
 
 THRESHOLD = 6.0  # transformers BitsAndBytesConfig(llm_int8_threshold=6.0): the outlier threshold
 
@@ -66,11 +66,5 @@ class Int8Linear(nn.Module):
 def quantize_linears_int8(model: nn.Module, keep: set[int]) -> int:
     """Replace every nn.Linear and Conv1D (on the meta device) except those whose id is in `keep` (the LM head) by
     an Int8Linear, as transformers' replace_with_bnb_linear does for load_in_8bit. Returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            shape = linear_shape(child)
-            if shape is not None and id(child) not in keep:
-                setattr(parent, name, Int8Linear(shape[0], shape[1], child.bias is not None, child.weight.dtype))
-                count += 1
-    return count
+    return replace_linears(model, keep, lambda shape, child: Int8Linear(shape[0], shape[1], child.bias is not None,
+                                                                         child.weight.dtype))

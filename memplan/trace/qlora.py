@@ -100,13 +100,19 @@ def quantize_linears(model: nn.Module, keep: set[int], compute_dtype: torch.dtyp
     by an NF4Linear, as transformers' bitsandbytes integration (replace_with_bnb_linear) does: it quantizes
     `isinstance(module, Conv1D) or type(module) is nn.Linear`. `storage`: bnb_4bit_quant_storage. Returns how
     many were replaced."""
+    return replace_linears(model, keep, lambda shape, child: NF4Linear(
+        shape[0], shape[1], child.bias is not None, compute_dtype, double_quant, bias_dtype=child.weight.dtype,
+        storage=storage))
+
+
+def replace_linears(model: nn.Module, keep: set[int], make) -> int:
+    """Replace every nn.Linear and Conv1D except those whose id is in `keep` by make(linear_shape(child), child),
+    as transformers' replace_with_bnb_linear walks the model. Returns how many were replaced."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             shape = linear_shape(child)
             if shape is not None and id(child) not in keep:
-                q = NF4Linear(shape[0], shape[1], child.bias is not None, compute_dtype,
-                              double_quant, bias_dtype=child.weight.dtype, storage=storage)
-                setattr(parent, name, q)
+                setattr(parent, name, make(shape, child))
                 count += 1
     return count
