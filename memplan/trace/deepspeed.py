@@ -82,15 +82,24 @@ def ds_config(setup: TrainingSetup) -> dict:
             "sub_group_size": setup.ds_sub_group_size, "contiguous_gradients": setup.ds_contiguous_gradients}
     if setup.ds_overlap_comm is not None:
         zero["overlap_comm"] = setup.ds_overlap_comm
+    # ZeRO-Offload / ZeRO-Infinity to the host (the trace refuses offload: memplan.trace.support; the CUDA measure
+    # runs it, memplan.measure.deepspeed): pinned host buffers, DeepSpeed's own default (runtime/zero/
+    # offload_config.py DeepSpeedZeroOffloadOptimizerConfig / ...ParamConfig pin_memory=False) is what a config that
+    # names only the device gets; the HF / accelerate examples (ds_config_zero3.json) set pin_memory true
+    if setup.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if setup.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {"train_micro_batch_size_per_gpu": setup.batch, "gradient_accumulation_steps": setup.grad_accum,
             "bf16": {"enabled": setup.precision is Precision.BF16_MASTER},
             "fp16": {"enabled": setup.precision is Precision.FP16_MASTER},
             "zero_allow_untested_optimizer": True, "zero_optimization": zero, "steps_per_print": 10**9}
 
 
-def import_deepspeed():
-    """deepspeed on the CPU accelerator, or one line naming the extra."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def import_deepspeed(accelerator: str = "cpu"):
+    """deepspeed on the CPU accelerator (the CUDA one for a GPU measurement: memplan.measure.deepspeed; DeepSpeed
+    picks its accelerator once, at its first import, from DS_ACCELERATOR), or one line naming the extra."""
+    os.environ.setdefault("DS_ACCELERATOR", accelerator)
     try:
         import deepspeed
     except ImportError:
@@ -228,19 +237,31 @@ def check(setup: TrainingSetup, total_params: int) -> None:
                            f"{MAX_PARAMS:,} (use `memplan estimate`)")
 
 
-def open_engine(built, setup: TrainingSetup, tracker: AllocTracker):
-    """deepspeed.initialize over `built` (materialized here with real values) under `tracker`, on the current
-    default process group."""
+OFFLOAD_OPTIMIZER = {"type": "AdamW", "params": {"lr": 1e-4}}  # memplan.trace.step.OPTIMIZERS' AdamW lr
+
+
+def open_engine(built, setup: TrainingSetup, tracker: AllocTracker, accelerator: str = "cpu"):
+    """deepspeed.initialize over `built` (materialized here with real values, on the host: deepspeed.initialize
+    moves it to the accelerator's device) under `tracker` (a memplan.measure.phases.Recorder on CUDA, which tags
+    nothing), on the current default process group."""
     from memplan.trace.build import materialize
     from memplan.trace.step import make_optimizer
 
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed(accelerator)
     for t in materialize(built.model, init_values=True):
         tracker.track(t, W)
     params = [p for p in dict.fromkeys(built.model.parameters()) if p.requires_grad]
-    optimizer = make_optimizer(setup.optimizer, params)  # DeepSpeed's ZeRO replaces its parameter groups
-    engine, *_ = deepspeed.initialize(model=built.model, optimizer=optimizer, config=ds_config(setup),
-                                      dist_init_required=False)
+    config = ds_config(setup)
+    if setup.offload_optimizer or setup.offload_params:
+        # ZeRO-Offload steps on the host with DeepSpeedCPUAdam, which DeepSpeed builds from the config's optimizer
+        # (runtime/engine.py _configure_basic_optimizer); a client torch optimizer is refused under offload
+        # (zero_force_ds_cpu_optimizer). CUDA only: DeepSpeedCPUAdam is a compiled op (memplan.measure.deepspeed)
+        engine, *_ = deepspeed.initialize(model=built.model, model_parameters=params,
+                                          config={**config, "optimizer": OFFLOAD_OPTIMIZER}, dist_init_required=False)
+    else:
+        optimizer = make_optimizer(setup.optimizer, params)  # DeepSpeed's ZeRO replaces its parameter groups
+        engine, *_ = deepspeed.initialize(model=built.model, optimizer=optimizer, config=config,
+                                          dist_init_required=False)
     tag_engine(engine, tracker)
     inner = engine.optimizer.optimizer
     step = inner.step
@@ -307,17 +328,27 @@ class Traced:
     world: int
 
 
-def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=None) -> Traced:
-    """Trace `setup` (an --engine deepspeed one) on `built` on the current default process group, the last of
-    ITERATIONS steps reported. marks(built, tracker) installs region marks and returns hook handles
-    (memplan.trace.runner.install_marks)."""
+@dataclass
+class Session:
+    """An opened DeepSpeed step (session): the engine, the batch, the load's peak. Emptied at the session's end."""
+
+    engine: object
+    batch: dict | None
+    load_peak: int
+
+
+@contextlib.contextmanager
+def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterator[Session]:
+    """Everything before the first step, on the current default process group under `tracker` (entered here): the
+    launcher's variables, the patches, the untracked collectives, deepspeed.initialize, the batch, the stage-3
+    gather and checkpoint tags, the saved-tensor hook; the engine's teardown after. The trace (trace_built) and
+    the CPU measurement (memplan.measure.deepspeed) step in it alike."""
     from memplan.trace import distributed
     from memplan.trace.session import checkpoint_tagging, make_batch
 
     check(setup, built.total_params)
     deepspeed = import_deepspeed()
     rank, world = distributed.world()
-    tracker = DsTracker(round_to=round_to)
     with contextlib.ExitStack() as stack:
         stack.enter_context(rank_env(rank, world))
         stack.enter_context(patched())
@@ -333,20 +364,37 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=No
         load_peak = max(tracker.phase_peaks.get(Phase.LOAD, 0), tracker.total)
         stack.enter_context(checkpoint_tagging(built.model, tracker))
         stack.enter_context(_save(tracker))
+        s = Session(engine, batch, load_peak)
+        del batch
+        try:
+            yield s
+        finally:
+            engine.destroy()
+            s.engine = s.batch = None
+            del engine
+
+
+def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=None) -> Traced:
+    """Trace `setup` (an --engine deepspeed one) on `built` on the current default process group, the last of
+    ITERATIONS steps reported. marks(built, tracker) installs region marks and returns hook handles
+    (memplan.trace.runner.install_marks)."""
+    from memplan.trace import distributed
+
+    rank, world = distributed.world()
+    tracker = DsTracker(round_to=round_to)
+    with session(spec, setup, built, tracker) as ses:
         handles = marks(built, tracker) if marks is not None else []
         for _ in range(ITERATIONS - 1):
-            iteration(engine, batch, setup, tracker)
-            tag_engine(engine, tracker)
+            iteration(ses.engine, ses.batch, setup, tracker)
+            tag_engine(ses.engine, tracker)
         start = tracker.start_window()
-        grads_seq = iteration(engine, batch, setup, tracker)
-        tag_engine(engine, tracker)
+        grads_seq = iteration(ses.engine, ses.batch, setup, tracker)
+        tag_engine(ses.engine, tracker)
         end = tracker.seq
         backward_seq = max(s for s, p, m in tracker.marks if p is Phase.BACKWARD and m == "" and s <= end)
         for h in handles:
             h.remove()
-        engine.destroy()
-        del engine, batch
-    return Traced(tracker, built, (start, end), grads_seq, backward_seq, load_peak, rank, world)
+    return Traced(tracker, built, (start, end), grads_seq, backward_seq, ses.load_peak, rank, world)
 
 
 RANKS_NOTE = (", the larger peak of the first and the last rank (DeepSpeed's partitions are equal-sized, but which "
