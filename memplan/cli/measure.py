@@ -311,7 +311,7 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     started = now()
     ranks = None
     if multi:
-        launcher = dm.choose_launcher(dev)
+        launcher = dm.job_launcher(setup, dev)
         progress.phase(f"measuring {spec.name} on {setup.gpus} {dev} rank(s) ({launcher}, "
                        f"{dm.BACKENDS[dev]}): {warmup} warm-up and {steps} timed steps each")
         job = dm.run_job(dm.Job(spec, setup, opts, peak_tflops(gpu, setup, dev), timeout_s or dm.DEFAULT_TIMEOUT_S),

@@ -15,12 +15,16 @@ CPU_DEVICE_REASON = "--device cpu: no device level (allocated bytes from memplan
 ROUND_TO = 512  # as the trace: the CUDA caching allocator's rounding (memplan.trace.tracker)
 
 
-def _book_tracker(book: PhaseBook):
-    """An AllocTracker that also feeds the PhaseBook (subclassing changes no accounting)."""
+def book_tracker(book: PhaseBook, base=None, **kw):
+    """A tracker of class `base` (default: AllocTracker with the trace's CUDA-semantics op hooks) that also feeds
+    the PhaseBook (subclassing changes no accounting); kw: base's arguments."""
     from memplan.trace import cuda as trace_cuda
     from memplan.trace.tracker import AllocTracker
 
-    class BookTracker(AllocTracker):
+    if base is None:
+        base, kw = AllocTracker, dict(round_to=ROUND_TO, fake=False, op_hooks=trace_cuda.op_hooks())
+
+    class BookTracker(base):
         def set_phase(self, phase):
             super().set_phase(phase)
             book.enter(phase)
@@ -35,7 +39,7 @@ def _book_tracker(book: PhaseBook):
         def current(self):
             return self.total
 
-    return BookTracker(round_to=ROUND_TO, fake=False, op_hooks=trace_cuda.op_hooks())
+    return BookTracker(**kw)
 
 
 def measure_cpu(spec, setup, opts: MeasureOptions, book: PhaseBook, clock) -> Outcome:
@@ -48,7 +52,7 @@ def measure_cpu(spec, setup, opts: MeasureOptions, book: PhaseBook, clock) -> Ou
         stack.enter_context(quiet())
         built = build(spec, setup)
         if opts.instrument:
-            tracker = _book_tracker(book)
+            tracker = book_tracker(book)
             book.reader = tracker
             book.reading = True
             fixed = (lambda: make_batch(spec, setup.batch, setup.seq)) if opts.lengths == "fixed" else None

@@ -105,11 +105,14 @@ def check_job(setup: TrainingSetup, device: str, cuda_count: int | None = None, 
     CPU_RANKS_PER_CORE × cores, an engine that is not installed or not measurable."""
     if setup.engine is Engine.DEEPSPEED:
         if not _importable("deepspeed"):
-            raise MemplanError("--engine deepspeed: deepspeed is not installed (pip install deepspeed); "
-                               "--engine fsdp runs with torch alone")
-        raise MemplanError("--engine deepspeed: DeepSpeed ZeRO is estimate-only (`memplan estimate`); measure "
-                           "--engine fsdp")
-    if not _fsdp_available():
+            raise MemplanError("--engine deepspeed: deepspeed is not installed (pip install 'memplan[deepspeed]', "
+                               "DS_BUILD_OPS=0); --engine fsdp runs with torch alone")
+        from memplan.measure.deepspeed import refusal
+
+        what = refusal(setup, device)
+        if what:
+            raise MemplanError(f"{what}: memplan measure cannot run this (use `memplan estimate`)")
+    elif not _fsdp_available():
         raise MemplanError("--engine fsdp needs torch.distributed with FSDP2 (torch.distributed.fsdp.fully_shard, "
                            "torch ≥ 2.6); this torch has none")
     if device == "cuda":
@@ -171,11 +174,19 @@ def rank_capacity(device: str) -> int:
     return (os.cpu_count() or 1) * CPU_RANKS_PER_CORE
 
 
-def choose_launcher(device: str, accelerate: bool | None = None) -> str:
-    """"accelerate" on CUDA when accelerate is installed, else "torchrun" (see the module doc)."""
+def choose_launcher(device: str, accelerate: bool | None = None, deepspeed: bool = False) -> str:
+    """"accelerate" on CUDA when accelerate is installed, else "torchrun"; for DeepSpeed "accelerate-deepspeed" on
+    either device when accelerate is installed, else "torchrun" (see the module doc)."""
     if accelerate is None:
         accelerate = _importable("accelerate")
+    if deepspeed:
+        return "accelerate-deepspeed" if accelerate else "torchrun"
     return "accelerate" if device == "cuda" and accelerate else "torchrun"
+
+
+def job_launcher(setup: TrainingSetup, device: str) -> str:
+    """The launcher of `setup`'s job (choose_launcher for its engine)."""
+    return choose_launcher(device, deepspeed=setup.engine is Engine.DEEPSPEED)
 
 
 def free_port() -> int:
@@ -185,9 +196,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(launcher: str, nproc: int, port: int, jobdir: str) -> list[str]:
-    """The command that starts nproc workers of this module on this host."""
+def launch_command(launcher: str, nproc: int, port: int, jobdir: str, mixed_precision: str = "no") -> list[str]:
+    """The command that starts nproc workers of this module on this host. mixed_precision: accelerate's flag for
+    the DeepSpeed launcher (memplan.measure.deepspeed.LAUNCH_PRECISION; the config file's bf16 / fp16 block)."""
     worker = ["-m", "memplan.measure.distributed", jobdir]
+    if launcher == "accelerate-deepspeed":
+        from memplan.measure.deepspeed import CONFIG_FILE
+
+        return [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
+                str(Path(jobdir) / CONFIG_FILE), "--num_processes", str(nproc), "--num_machines", "1",
+                "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                "--mixed_precision", mixed_precision, "--dynamo_backend", "no", *worker]
     if launcher == "accelerate":
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
                 "--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
@@ -199,31 +218,42 @@ def launch_command(launcher: str, nproc: int, port: int, jobdir: str) -> list[st
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
-def _env(port: int) -> dict:
+def _env(port: int, device: str = "cpu", deepspeed: bool = False) -> dict:
     """Workers import this same memplan (its source folder first on PYTHONPATH); the rendezvous address for a
-    launcher that sets none itself (accelerate with one process)."""
+    launcher that sets none itself (accelerate with one process); DeepSpeed's accelerator for the device (it
+    picks one at its first import, the launcher's too: DS_ACCELERATOR)."""
     from memplan.measure.sweep import worker_env
 
     env = worker_env()
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several ranks on one host
+    if deepspeed:
+        env["DS_ACCELERATOR"] = device
     return env
 
 
 def run_job(job: Job, launcher: str | None = None) -> JobResult:
     """Launch setup.gpus workers, wait (at most job.timeout_s), and compose the job's outcome."""
-    launcher = launcher or choose_launcher(job.opts.device)
+    launcher = launcher or job_launcher(job.setup, job.opts.device)
     world = job.setup.gpus
+    ds = job.setup.engine is Engine.DEEPSPEED
     with tempfile.TemporaryDirectory(prefix="memplan-measure-") as d:
         jobdir = Path(d)
         (jobdir / JOB_FILE).write_bytes(pickle.dumps(job))
+        precision = "no"
+        if ds:  # the config the launcher is given is the one each rank's engine runs (memplan.trace.deepspeed)
+            from memplan.measure.deepspeed import CONFIG_FILE, LAUNCH_PRECISION
+            from memplan.trace.deepspeed import engine_config
+
+            (jobdir / CONFIG_FILE).write_text(json.dumps(engine_config(job.setup), indent=1))
+            precision = LAUNCH_PRECISION.get(job.setup.precision, "no")
         port = free_port()
         from memplan.measure.sweep import die_with_parent
 
         with open(jobdir / LAUNCHER_LOG, "wb") as log:
-            proc = subprocess.Popen(launch_command(launcher, world, port, d), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, env=_env(port), start_new_session=True,
-                                    preexec_fn=die_with_parent())
+            proc = subprocess.Popen(launch_command(launcher, world, port, d, precision), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, env=_env(port, job.opts.device, ds),
+                                    start_new_session=True, preexec_fn=die_with_parent())
         timed_out = _wait(proc, job.timeout_s, jobdir)
         return collect(jobdir, world, launcher, proc.returncode, job.timeout_s if timed_out else None)
 

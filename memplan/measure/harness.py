@@ -47,6 +47,15 @@ def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tf
     torch.manual_seed(opts.seed)
     book = PhaseBook(None, None, opts.name, opts.phase_log)
     try:
+        from memplan.measure import deepspeed
+
+        if deepspeed.is_deepspeed(setup) and opts.device == "cpu":  # DeepSpeed's own engine
+            book.clock = CpuClock()
+            return deepspeed.measure_cpu(spec, setup, opts, book, book.clock)
+        if deepspeed.is_deepspeed(setup):
+            cuda = cuda or _torch_cuda()
+            book.clock = CudaClock(cuda)
+            return deepspeed.measure_cuda(spec, setup, opts, book, book.clock, peak_tflops, cuda=cuda)
         if opts.device == "cpu":
             from memplan.measure.cpu import measure_cpu
 
@@ -64,6 +73,12 @@ def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tf
     except Exception as exc:  # a failing step is a result of the sweep (recorded), not a crash of the tool
         kind = "oom" if any(s in str(exc) for s in OOM_MESSAGES) else "error"
         return Outcome(kind, _phase_name(book), f"{type(exc).__name__}: {_one_line(exc)}")
+
+
+def _torch_cuda():
+    from memplan.measure.cuda import TorchCuda
+
+    return TorchCuda()
 
 
 def _phase_name(book: PhaseBook) -> str:

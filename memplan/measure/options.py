@@ -74,7 +74,10 @@ def flash_refusal(spec: ModelSpec, setup: TrainingSetup) -> str | None:
 
 def check_measurable(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions) -> None:
     """Bad combinations fail here, before any work (exit 2 from the CLI)."""
-    what = unsupported(setup, engines=True)  # --gpus / --zero: one worker per rank (memplan.measure.distributed)
+    from memplan.measure import deepspeed
+
+    # --gpus / --zero: one worker per rank (memplan.measure.distributed); DeepSpeed's engine runs more on CUDA
+    what = deepspeed.refusal(setup, opts.device) if deepspeed.is_deepspeed(setup) else unsupported(setup, engines=True)
     if what:
         raise MemplanError(f"{what}: memplan measure cannot run this yet (use `memplan estimate`)")
     if opts.device == "cpu" and opts.snapshot:

@@ -240,6 +240,17 @@ def check(setup: TrainingSetup, total_params: int) -> None:
 OFFLOAD_OPTIMIZER = {"type": "AdamW", "params": {"lr": 1e-4}}  # memplan.trace.step.OPTIMIZERS' AdamW lr
 
 
+def engine_config(setup: TrainingSetup) -> dict:
+    """The config deepspeed.initialize is given: ds_config, and under offload the optimizer DeepSpeed builds itself.
+    ZeRO-Offload steps on the host with DeepSpeedCPUAdam, which DeepSpeed makes from the config's optimizer
+    (runtime/engine.py _configure_basic_optimizer); a client torch optimizer is refused under offload
+    (zero_force_ds_cpu_optimizer). CUDA only: DeepSpeedCPUAdam is a compiled op (memplan.measure.deepspeed)."""
+    config = ds_config(setup)
+    if setup.offload_optimizer or setup.offload_params:
+        config["optimizer"] = OFFLOAD_OPTIMIZER
+    return config
+
+
 def open_engine(built, setup: TrainingSetup, tracker: AllocTracker, accelerator: str = "cpu"):
     """deepspeed.initialize over `built` (materialized here with real values, on the host: deepspeed.initialize
     moves it to the accelerator's device) under `tracker` (a memplan.measure.phases.Recorder on CUDA, which tags
@@ -251,13 +262,10 @@ def open_engine(built, setup: TrainingSetup, tracker: AllocTracker, accelerator:
     for t in materialize(built.model, init_values=True):
         tracker.track(t, W)
     params = [p for p in dict.fromkeys(built.model.parameters()) if p.requires_grad]
-    config = ds_config(setup)
-    if setup.offload_optimizer or setup.offload_params:
-        # ZeRO-Offload steps on the host with DeepSpeedCPUAdam, which DeepSpeed builds from the config's optimizer
-        # (runtime/engine.py _configure_basic_optimizer); a client torch optimizer is refused under offload
-        # (zero_force_ds_cpu_optimizer). CUDA only: DeepSpeedCPUAdam is a compiled op (memplan.measure.deepspeed)
-        engine, *_ = deepspeed.initialize(model=built.model, model_parameters=params,
-                                          config={**config, "optimizer": OFFLOAD_OPTIMIZER}, dist_init_required=False)
+    config = engine_config(setup)
+    if "optimizer" in config:  # DeepSpeed builds DeepSpeedCPUAdam (engine_config)
+        engine, *_ = deepspeed.initialize(model=built.model, model_parameters=params, config=config,
+                                          dist_init_required=False)
     else:
         optimizer = make_optimizer(setup.optimizer, params)  # DeepSpeed's ZeRO replaces its parameter groups
         engine, *_ = deepspeed.initialize(model=built.model, optimizer=optimizer, config=config,
