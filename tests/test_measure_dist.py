@@ -261,10 +261,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_config, tmp_path, capsys):
                          capsys)
     assert rc == 2 and err.count("\n") == 1 and f"--gpus {too_many}" in err and "ranks on this machine" in err
     rc, err = _cli_error(["measure", "--model", tiny_config, *ARGS, "--gpus", "2", "--zero", "2", "--engine",
-                          "deepspeed", "--precision", "bf16-master", "--results", out], capsys)
+                          "deepspeed", "--precision", "fp16-master", "--results", out], capsys)
     import importlib.util
 
-    want = "deepspeed is not installed" if importlib.util.find_spec("deepspeed") is None else "estimate-only"
+    # DeepSpeed's CPU accelerator runs no fp16 (memplan.measure.deepspeed.refusal)
+    want = "deepspeed is not installed" if importlib.util.find_spec("deepspeed") is None else "--device cuda only"
     assert rc == 2 and err.count("\n") == 1 and want in err
     rc, err = _cli_error(["measure", "--model", tiny_config, *ARGS, "--timeout-s", "5", "--results", out], capsys)
     assert rc == 2 and "--timeout-s" in err  # one device: --timeout-s is a sweep's or a multi-rank job's

@@ -1,0 +1,220 @@
+"""`memplan measure --engine deepspeed --zero K --gpus N` (memplan.measure.deepspeed through
+memplan.measure.distributed): DeepSpeed 0.19.8's engine per rank, launched by accelerate's DeepSpeed launcher, two
+gloo ranks on the CPU, checked rank by rank against the DeepSpeed trace of the same rank (memplan.trace.deepspeed on
+a fake process group).
+
+The first part is pure (refusals, the launcher command, the config file). The jobs start real workers (≈ 45 s each
+on the 2-core box under load, most of it two processes importing torch, transformers and deepspeed): ZeRO-3 every
+time; ZeRO-1, ZeRO-2 and a killed rank under -m slow. Skipped when deepspeed is not installed (the `deepspeed` extra).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+pytest.importorskip("accelerate")
+
+from deepspeed_cpu import SEQ, TINY  # noqa: E402  (the tiny Llama tests/test_deepspeed_trace.py traces)
+
+from memplan.api import make_setup  # noqa: E402
+from memplan.categories import Category as C  # noqa: E402
+from memplan.cli import main  # noqa: E402
+from memplan.errors import MemplanError  # noqa: E402
+from memplan.measure import deepspeed as md, distributed as dm, faults, record  # noqa: E402
+from memplan.spec.families import spec_from_config  # noqa: E402
+from memplan.trace import deepspeed as tds  # noqa: E402
+
+SPEC = spec_from_config(TINY, "tiny-llama")
+# tests/test_deepspeed_trace.py SETUPS: small buckets so that each buffer shows on a 98,624-parameter model
+BASE = dict(precision="bf16-master", optimizer="adamw-forloop", gpus=2, engine="deepspeed", seq=SEQ, batch=1,
+            ds_reduce_bucket_size=10240)
+STAGE3 = dict(ds_param_persistence_threshold=0, ds_max_reuse_distance=0, ds_prefetch_bucket_size=0)
+SETUPS = {1: dict(BASE, zero=1), 2: dict(BASE, zero=2), 3: dict(BASE, zero=3, **STAGE3)}
+# the trace reports the last of tds.ITERATIONS steps (stage 3 records its module trace in the first): the same
+# number of warm-up steps puts the first measured step where the trace's is; then one timed step and the untimed
+# per-layer-marks step
+WARMUP = tds.ITERATIONS - 1
+# gloo allocates a staging copy inside a collective that the trace leaves out (memplan.trace.deepspeed module doc);
+# its size is tests/test_deepspeed.py GLOO_STAGING (16,512 B, read off a CI run), rounded up to the tracker's 512 B
+# blocks (memplan.measure.cpu.ROUND_TO) as the measurement counts it
+GLOO_STAGING_ROUNDED = -(-16_512 // 512) * 512
+STATES = (C.WEIGHTS, C.MASTER_WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES)
+
+
+def _args(zero: int) -> list[str]:
+    kw = SETUPS[zero]
+    out = ["--device", "cpu", "--gpus", "2", "--zero", str(zero), "--engine", "deepspeed", "--precision",
+           kw["precision"], "--optimizer", kw["optimizer"], "--seq", str(SEQ), "--batch", "1", "--steps", "1",
+           "--warmup", str(WARMUP)]
+    for k, v in kw.items():
+        if k.startswith("ds_"):
+            out += ["--" + k.replace("_", "-"), str(v)]
+    return out
+
+
+# ---- pure ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, what", [
+    (dict(zero=0), "--zero 0"),
+    (dict(zero=3, offload_optimizer=True), "offload"),
+    (dict(zero=2, precision="fp16-master"), "fp16-master"),
+])
+def test_what_only_cuda_runs_is_refused_on_the_cpu_and_run_on_cuda(extra, what):
+    s = make_setup(**{**BASE, **extra})
+    cpu = md.refusal(s, "cpu")
+    assert what in cpu and md.CUDA_ONLY in cpu
+    assert md.refusal(s, "cuda") is None
+
+
+def test_what_neither_device_runs_is_refused_on_both():
+    qlora = make_setup(**{**BASE, "zero": 3, "peft": "qlora"})
+    assert "QLoRA" in md.refusal(qlora, "cpu") and "QLoRA" in md.refusal(qlora, "cuda")
+    sgd = make_setup(**{**BASE, "zero": 3, "offload_optimizer": True, "optimizer": "sgd"})
+    assert "DeepSpeedCPUAdam" in md.refusal(sgd, "cuda")
+    assert md.refusal(make_setup(**SETUPS[3]), "cpu") is None
+
+
+def test_the_launcher_is_accelerates_deepspeed_launcher_on_both_devices(tmp_path):
+    assert dm.job_launcher(make_setup(**SETUPS[2]), "cpu") == "accelerate-deepspeed"
+    assert dm.choose_launcher("cuda", accelerate=True, deepspeed=True) == "accelerate-deepspeed"
+    assert dm.choose_launcher("cpu", accelerate=False, deepspeed=True) == "torchrun"
+    assert dm.job_launcher(make_setup(batch=2, seq=64, gpus=2, zero=3), "cpu") == "torchrun"  # FSDP: unchanged
+    cmd = dm.launch_command("accelerate-deepspeed", 2, 29500, str(tmp_path), "bf16")
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--use_deepspeed"]
+    assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(tmp_path / md.CONFIG_FILE)
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    assert cmd[-3:] == ["-m", "memplan.measure.distributed", str(tmp_path)]
+
+
+def test_the_engine_config_is_the_traces_and_offload_adds_deepspeeds_own_optimizer():
+    s = make_setup(**SETUPS[3])
+    assert tds.engine_config(s) == tds.ds_config(s)  # what the trace runs: unchanged
+    off = make_setup(**{**SETUPS[3], "offload_optimizer": True, "offload_params": True})
+    cfg = tds.engine_config(off)
+    assert cfg["optimizer"]["type"] == "AdamW"
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_check_job_refuses_one_line(capsys, tmp_path):
+    with pytest.raises(MemplanError, match="fp16-master.*--device cuda only"):
+        dm.check_job(make_setup(**{**BASE, "zero": 2, "precision": "fp16-master"}), "cpu")
+    dm.check_job(make_setup(**SETUPS[2]), "cpu", cpu_count=1)  # accepted
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    args = _args(1)
+    args[args.index("--zero") + 1] = "0"
+    rc = main(["measure", "--model", str(cfg), *args, "--results", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--zero 0" in err and "cuda" in err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+# ---- real jobs: two gloo ranks ---------------------------------------------------------------------------------------
+def _job(tmp_path, zero: int, env=None) -> tuple[int, dict, str]:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "r.jsonl"
+    buf = io.StringIO()
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = main(["measure", "--model", str(cfg), *_args(zero), "--name", "job", "--results", str(out)])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    (rec,) = record.load_records(out)
+    return rc, rec, buf.getvalue()
+
+
+def _traced(zero: int, rank: int):
+    from memplan.trace.runner import deepspeed_run
+
+    return deepspeed_run(SPEC, make_setup(**SETUPS[zero]), ranks=(rank,)).result
+
+
+def _check_against_the_trace(rec: dict, zero: int) -> None:
+    """Per rank: every phase peak equal to that rank's trace, or above it by gloo's one staging buffer at most (a
+    raw gloo run is not byte-deterministic: tests/test_deepspeed.py test_buffers_agree_with_deepspeed); the
+    model states at the peak to the byte; the job's figures the max over ranks."""
+    assert rec["status"] == "ok" and [e["rank"] for e in rec["ranks"]] == [0, 1]
+    for e in rec["ranks"]:
+        t, m = _traced(zero, e["rank"]), e["measured"]
+        want = {p.value: v for p, v in t.phase_peaks.items()}
+        got = {p: v["peak_allocated_bytes"] for p, v in m["phases"].items()}
+        assert set(got) == set(want)
+        for p in want:
+            assert 0 <= got[p] - want[p] <= GLOO_STAGING_ROUNDED, (e["rank"], p, got[p], want[p])
+        assert 0 <= m["peak"]["allocated_bytes"] - t.peak.allocated_bytes <= GLOO_STAGING_ROUNDED
+        assert {c.value: t.categories[c] for c in STATES} == {c.value: m["categories"][c.value] for c in STATES}
+    top = rec["measured"]
+    assert top["peak"]["allocated_bytes"] == max(e["measured"]["peak"]["allocated_bytes"] for e in rec["ranks"])
+    for p, v in top["phases"].items():
+        assert v["peak_allocated_bytes"] == max(e["measured"]["phases"][p]["peak_allocated_bytes"]
+                                                for e in rec["ranks"])
+
+
+@pytest.fixture(scope="module")
+def zero3_job(tmp_path_factory):
+    return _job(tmp_path_factory.mktemp("ds3"), 3)
+
+
+def test_zero3_matches_the_trace_per_rank(zero3_job):
+    rc, rec, text = zero3_job
+    assert rc == 0, rec.get("error")
+    _check_against_the_trace(rec, 3)
+    m = rec["measured"]
+    assert m["launcher"] == "accelerate-deepspeed" and m["backend"] == "gloo" and m["world"] == 2
+    assert m["tokens_per_step"] == SEQ and m["tokens_per_step_total"] == 2 * SEQ  # --batch 1 per rank
+    assert m["tokens_per_s"] == pytest.approx(m["tokens_per_s_total"] / 2)
+    assert rec["setup"]["engine"] == "deepspeed" and rec["setup"]["zero"] == 3
+    assert "2 rank(s) (accelerate-deepspeed, gloo)" in text
+    assert any("measured on real CPU tensors over gloo" in w for w in rec["warnings"])
+
+
+def test_reconcile_shows_each_deepspeed_rank(zero3_job, tmp_path, capsys):
+    _, rec, _ = zero3_job
+    p = tmp_path / "r.jsonl"
+    record.append_record(p, rec)
+    assert main(["reconcile", str(p), "-f", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["ranks"] == 2 and row["worst_rank"] in (0, 1)
+    assert row["meas_min_rank_allocated_bytes"] == min(e["measured"]["peak"]["allocated_bytes"] for e in rec["ranks"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero1_and_zero2_match_the_trace_per_rank(tmp_path, zero):
+    rc, rec, _ = _job(tmp_path, zero)
+    assert rc == 0, rec.get("error")
+    _check_against_the_trace(rec, zero)
+
+
+@pytest.mark.slow
+def test_a_killed_deepspeed_rank_ends_the_job_with_an_error_record(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the job's folder: here
+    rc, rec, text = _job(tmp_path, 2, env={faults.FAULT_ENV: "job@1:crash:backward"})
+    assert rc == 1 and rec["status"] == "error" and rec["failed_phase"] == "backward"
+    assert rec["error"].startswith("rank 1: was killed") and rec["measured"] is None
+    assert _left_behind(tmp_path) == []  # the launcher and both ranks are gone
+
+
+def _left_behind(folder: Path) -> list[int]:
+    """Processes whose command line names `folder` (the job's folder lies inside it: its launcher and ranks)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(folder).encode() in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            pass
+    return out
