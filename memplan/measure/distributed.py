@@ -4,7 +4,8 @@ The parent (run_job) writes the job (model spec, setup, options) to a private fo
 waits for them with a deadline; each worker (main(), `python -m memplan.measure.distributed JOBDIR`) joins the
 default process group (gloo with --device cpu, NCCL on GPUs) and runs the same instrumented measurement as one
 device (memplan.measure.harness.measure) with the data-parallel engine the trace applies
-(memplan.trace.distributed.apply_engine: DDP, DDP + ZeroRedundancyOptimizer, FSDP2) on the current default group:
+(memplan.trace.distributed.apply_engine: DDP, DDP + ZeroRedundancyOptimizer, FSDP2; --engine deepspeed: DeepSpeed's
+own ZeRO engine, memplan.measure.deepspeed) on the current default group:
 on the CPU inside the trace's tracked session, on CUDA through memplan.measure.cuda.build_engine_on_device (a CUDA
 device mesh; NOT RUN yet: no GPU has been lent to this project, tests/test_measure_cuda.py runs the path against
 its simulated torch.cuda on a one-rank gloo group, tests/test_gpu_smoke.py's `--gpus 1 --zero 3` case is the
@@ -16,9 +17,16 @@ MASTER_PORT), which both launchers set.
               installed (its multi-GPU launcher is torch.distributed.run underneath, with accelerate's env).
   torchrun    `python -m torch.distributed.run --nproc_per_node N ...` otherwise, and always with --device cpu:
               accelerate runs several CPU processes only through MPI (`--mpirun_hostfile`), which a CI box lacks.
+  accelerate-deepspeed  --engine deepspeed, on either device: `python -m accelerate.commands.launch --use_deepspeed
+              --deepspeed_config_file JOBDIR/ds_config.json --num_processes N ...`, what DeepSpeed users of
+              accelerate / HF Trainer run. On one node accelerate 1.16's deepspeed_launcher
+              (commands/launch.py) hands the job to torch.distributed.run too (_run_torchrun, with
+              ACCELERATE_USE_DEEPSPEED and the config file in the env); only multi-node jobs go through DeepSpeed's
+              own pdsh runner. Unlike --multi_gpu, it starts CPU ranks without MPI, so --device cpu uses it as well.
+              The config file is the one each rank's engine runs (memplan.trace.deepspeed.engine_config).
 The engine itself is memplan's (the trace's: one fully_shard unit per block plus the root, as accelerate's FSDP2
-plugin and torchtitan wrap it), not accelerate's Accelerator.prepare, so the trace and the measurement run the
-same wrapping.
+plugin and torchtitan wrap it; DeepSpeed's deepspeed.initialize with the trace's config, memplan.measure.deepspeed),
+not accelerate's Accelerator.prepare, so the trace and the measurement run the same wrapping.
 
 Gathering: each rank writes its outcome to JOBDIR/rank<r>.json; on success the ranks gather their outcomes to rank 0
 (torch.distributed.gather_object), which writes JOBDIR/gathered.json; the parent composes ONE record from it
