@@ -271,7 +271,9 @@ def open_engine(built, setup: TrainingSetup, tracker: AllocTracker, accelerator:
         engine, *_ = deepspeed.initialize(model=built.model, optimizer=optimizer, config=config,
                                           dist_init_required=False)
     tag_engine(engine, tracker)
-    inner = engine.optimizer.optimizer
+    # the optimizer that steps: ZeRO's and the bf16 / fp16 wrappers keep it as .optimizer; fp32 at stage 0 (CUDA only)
+    # steps the client optimizer itself
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     step = inner.step
 
     def tagged_step(*a, **k):  # the fp32 gradient DeepSpeed hands its optimizer is a gradient, not a temporary
