@@ -27,7 +27,7 @@ from memplan.api import make_setup  # noqa: E402
 from memplan.categories import Category as C  # noqa: E402
 from memplan.cli import main  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
-from memplan.measure import deepspeed as md, distributed as dm, faults, record  # noqa: E402
+from memplan.measure import deepspeed_support as md, distributed as dm, faults, record  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
 from memplan.trace import deepspeed as tds  # noqa: E402
 

@@ -14,58 +14,20 @@ same DeepSpeed step and differ only where the hardware does.
                  boundaries by memplan.measure.cuda.measure_cuda (its `build` / `make_loop` seams). WRITTEN, NEVER
                  RUN: no GPU has been lent to this project. There fp16 (DeepSpeed's loss scaler), ZeRO-0 and
                  ZeRO-Offload (DeepSpeedCPUAdam, JIT-built by DeepSpeed's op builder at the first step) are allowed,
-                 which the CPU cannot run (refusal).
+                 which the CPU cannot run (memplan.measure.deepspeed_support.refusal).
 
-What neither device runs gets one line and exit 2 (refusal): the trace's limits (memplan.trace.support
-.deepspeed_unsupported), less, on CUDA, the three above.
+What neither device runs gets one line and exit 2 (deepspeed_support.refusal): the trace's limits
+(memplan.trace.support.deepspeed_unsupported), less, on CUDA, the three above.
 """
 from __future__ import annotations
-
-from dataclasses import replace
 
 from memplan.categories import Phase
 from memplan.measure.options import MeasureOptions
 from memplan.measure.phases import Outcome, PhaseBook, phase_times, phases_block, run_steps, throughput
-from memplan.spec.setup import Engine, Precision, TrainingSetup
-from memplan.trace.support import unsupported
+from memplan.spec.setup import TrainingSetup
 
-CONFIG_FILE = "ds_config.json"  # in the job's folder: the config the launcher is given and the engine runs
-# what DeepSpeed runs on CUDA and not on the CPU (memplan.trace.support.deepspeed_unsupported): stage 0 (the trace
-# sends it to --engine fsdp), offload (DeepSpeedCPUAdam is a compiled op, DS_BUILD_OPS=0 here), fp16 (DeepSpeed's
-# CPU accelerator: "Type fp16 is not supported on your device.")
-CUDA_ONLY = "--zero 0, --precision fp16-master and --offload-* run on --device cuda only"
-# accelerate launch --mixed_precision for each DeepSpeed precision (the same as the config's bf16 / fp16 blocks;
-# accelerate's DeepSpeedPlugin reads the config file's, memplan's worker uses the config itself)
 CPU_NOTE = ("DeepSpeed 0.19.8 measured on real CPU tensors over gloo (memplan.measure.deepspeed): allocated bytes per "
             "rank under memplan's tracker; collectives' own buffers not counted")
-LAUNCH_PRECISION = {Precision.BF16_MASTER: "bf16", Precision.FP16_MASTER: "fp16", Precision.FP32: "no"}
-
-
-def is_deepspeed(setup: TrainingSetup) -> bool:
-    """A multi-rank setup on DeepSpeed's engine (this module) rather than memplan's torch engines."""
-    return setup.engine is Engine.DEEPSPEED and (setup.gpus > 1 or setup.zero > 0)
-
-
-def cpu_equivalent(setup: TrainingSetup) -> TrainingSetup:
-    """The setup with what only CUDA runs (CUDA_ONLY) replaced by what the CPU runs, for the remaining checks."""
-    return replace(setup, zero=max(setup.zero, 1), offload_params=False, offload_optimizer=False,
-                   precision=Precision.BF16_MASTER if setup.precision is Precision.FP16_MASTER else setup.precision)
-
-
-def refusal(setup: TrainingSetup, device: str) -> str | None:
-    """Why an --engine deepspeed setup cannot be measured on `device`, or None. The CPU refuses what the trace does;
-    CUDA runs CUDA_ONLY too, but offload only with AdamW (DeepSpeed builds DeepSpeedCPUAdam from the config's
-    optimizer: memplan.trace.deepspeed.OFFLOAD_OPTIMIZER)."""
-    if device == "cpu":
-        what = unsupported(setup, engines=True)
-        if what and (setup.zero == 0 or setup.offload_params or setup.offload_optimizer
-                     or setup.precision is Precision.FP16_MASTER):
-            return f"{what}; {CUDA_ONLY}"
-        return what
-    if (setup.offload_params or setup.offload_optimizer) and not setup.optimizer.value.startswith("adamw"):
-        return (f"--engine deepspeed with offload and --optimizer {setup.optimizer.value}: ZeRO-Offload steps "
-                "DeepSpeedCPUAdam (--optimizer adamw)")
-    return unsupported(cpu_equivalent(setup), engines=True)
 
 
 # ---- --device cpu ---------------------------------------------------------------------------------------------------
@@ -140,7 +102,7 @@ def measure_cpu(spec, setup: TrainingSetup, opts: MeasureOptions, book: PhaseBoo
     return Outcome("ok", measured=measured, warnings=[*built.warnings, CPU_NOTE])
 
 
-# ---- --device cuda (written, never run: no GPU has been lent) ---------------------------------------------------------
+# ---- --device cuda (written, never run: no GPU has been lent) -------------------------------------------------
 class _Untracked:
     """open_engine's tracker on CUDA: the allocator's counters are read instead, nothing is tagged."""
 

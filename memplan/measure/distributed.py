@@ -115,7 +115,7 @@ def check_job(setup: TrainingSetup, device: str, cuda_count: int | None = None, 
         if not _importable("deepspeed"):
             raise MemplanError("--engine deepspeed: deepspeed is not installed (pip install 'memplan[deepspeed]', "
                                "DS_BUILD_OPS=0); --engine fsdp runs with torch alone")
-        from memplan.measure.deepspeed import refusal
+        from memplan.measure.deepspeed_support import refusal
 
         what = refusal(setup, device)
         if what:
@@ -209,7 +209,7 @@ def launch_command(launcher: str, nproc: int, port: int, jobdir: str, mixed_prec
     the DeepSpeed launcher (memplan.measure.deepspeed.LAUNCH_PRECISION; the config file's bf16 / fp16 block)."""
     worker = ["-m", "memplan.measure.distributed", jobdir]
     if launcher == "accelerate-deepspeed":
-        from memplan.measure.deepspeed import CONFIG_FILE
+        from memplan.measure.deepspeed_support import CONFIG_FILE
 
         return [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
                 str(Path(jobdir) / CONFIG_FILE), "--num_processes", str(nproc), "--num_machines", "1",
@@ -250,7 +250,7 @@ def run_job(job: Job, launcher: str | None = None) -> JobResult:
         (jobdir / JOB_FILE).write_bytes(pickle.dumps(job))
         precision = "no"
         if ds:  # the config the launcher is given is the one each rank's engine runs (memplan.trace.deepspeed)
-            from memplan.measure.deepspeed import CONFIG_FILE, LAUNCH_PRECISION
+            from memplan.measure.deepspeed_support import CONFIG_FILE, LAUNCH_PRECISION
             from memplan.trace.deepspeed import engine_config
 
             (jobdir / CONFIG_FILE).write_text(json.dumps(engine_config(job.setup), indent=1))

@@ -48,11 +48,12 @@ def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tf
     book = PhaseBook(None, None, opts.name, opts.phase_log)
     try:
         from memplan.measure import deepspeed
+        from memplan.measure.deepspeed_support import is_deepspeed
 
-        if deepspeed.is_deepspeed(setup) and opts.device == "cpu":  # DeepSpeed's own engine
+        if is_deepspeed(setup) and opts.device == "cpu":  # DeepSpeed's own engine
             book.clock = CpuClock()
             return deepspeed.measure_cpu(spec, setup, opts, book, book.clock)
-        if deepspeed.is_deepspeed(setup):
+        if is_deepspeed(setup):
             cuda = cuda or _torch_cuda()
             book.clock = CudaClock(cuda)
             return deepspeed.measure_cuda(spec, setup, opts, book, book.clock, peak_tflops, cuda=cuda)

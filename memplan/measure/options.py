@@ -74,7 +74,7 @@ def flash_refusal(spec: ModelSpec, setup: TrainingSetup) -> str | None:
 
 def check_measurable(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions) -> None:
     """Bad combinations fail here, before any work (exit 2 from the CLI)."""
-    from memplan.measure import deepspeed
+    from memplan.measure import deepspeed_support as deepspeed
 
     # --gpus / --zero: one worker per rank (memplan.measure.distributed); DeepSpeed's engine runs more on CUDA
     what = deepspeed.refusal(setup, opts.device) if deepspeed.is_deepspeed(setup) else unsupported(setup, engines=True)
