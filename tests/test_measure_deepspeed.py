@@ -116,6 +116,45 @@ def test_check_job_refuses_one_line(capsys, tmp_path):
     assert not (tmp_path / "r.jsonl").exists()
 
 
+# ---- --device cuda: the path a GPU rank runs, on test_measure_cuda's simulated CUDA ------------------------------------
+@pytest.fixture
+def one_rank_group():
+    """A real one-rank gloo group (the simulated CUDA's tensors are CPU tensors; DeepSpeed on its CPU accelerator)."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_cuda_path_builds_steps_and_closes_the_deepspeed_engine(one_rank_group):
+    """memplan.measure.deepspeed.measure_cuda (CudaStep's build / make_loop seams of memplan.measure.cuda) on the
+    simulated torch.cuda of tests/test_measure_cuda.py, one rank, ZeRO-3. What a GPU adds (NCCL, DeepSpeed's CUDA
+    accelerator, the allocator's real counters) is NOT checked: no GPU has run this path."""
+    from test_measure_cuda import FakeCuda, FakeNvml
+
+    from memplan.measure import deepspeed, phases
+    from memplan.measure.options import MeasureOptions
+    from memplan.measure.timing import CudaClock
+
+    cuda = FakeCuda()
+    setup = make_setup(**{**SETUPS[3], "gpus": 1})
+    opts = MeasureOptions(device="cuda", steps=1, warmup=1)
+    book = phases.PhaseBook(None, None, None, False)
+    book.clock = CudaClock(cuda)
+    # the launcher's variables (a real job's launcher sets them) and DeepSpeed's CPU accelerator patched here (its
+    # shared-memory op: memplan.trace.deepspeed)
+    with tds.rank_env(0, 1), tds.patched():
+        out = deepspeed.measure_cuda(SPEC, setup, opts, book, book.clock, 989.0, cuda=cuda, nvml=FakeNvml(cuda))
+    assert out.status == "ok", out.error
+    m = out.measured
+    assert set(m["phases"]) == {"load", "forward", "backward", "optimizer_step"}
+    assert m["tokens_per_step"] == SEQ and m["mfu"] is not None and m["layers"]
+
+
 # ---- real jobs: two gloo ranks ---------------------------------------------------------------------------------------
 def _job(tmp_path, zero: int, env=None) -> tuple[int, dict, str]:
     cfg = tmp_path / "config.json"

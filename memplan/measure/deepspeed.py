@@ -141,9 +141,11 @@ class CudaStep:
 
 
 def measure_cuda(spec, setup: TrainingSetup, opts: MeasureOptions, book: PhaseBook, clock, peak: float | None,
-                 cuda=None) -> Outcome:
-    """One rank on its GPU (module doc; NOT RUN yet): memplan.measure.cuda.measure_cuda with DeepSpeed's engine."""
+                 cuda=None, nvml=None) -> Outcome:
+    """One rank on its GPU (module doc; NOT RUN yet): memplan.measure.cuda.measure_cuda with DeepSpeed's engine.
+    `cuda` / `nvml`: measure_cuda's seams (tests/test_measure_deepspeed.py runs this path on its simulated CUDA)."""
     from memplan.measure.cuda import measure_cuda as run
 
     step = CudaStep()
-    return run(spec, setup, opts, book, clock, peak, cuda=cuda, build=step.build, make_loop=step.make_loop)
+    return run(spec, setup, opts, book, clock, peak, cuda=cuda, nvml=nvml, build=step.build,
+               make_loop=step.make_loop)
