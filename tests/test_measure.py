@@ -427,7 +427,8 @@ def test_no_gpu_and_no_device_cpu_is_one_line_with_the_hint(tiny_config, capsys)
 @pytest.mark.parametrize("argv, needle", [
     (["--snapshot", "x.pickle"], "needs --device cuda"),
     (["--memory-cap-gib", "10"], "needs --device cuda"),
-    (["--zero", "2", "--gpus", "2", "--engine", "deepspeed", "--precision", "bf16-master"], "--engine deepspeed"),
+    # DeepSpeed runs on the CPU but not in fp16 (tests/test_measure_deepspeed.py)
+    (["--zero", "2", "--gpus", "2", "--engine", "deepspeed", "--precision", "fp16-master"], "--engine deepspeed"),
     (["--gpus", "100000"], "ranks on this machine"),  # multi-rank jobs run (tests/test_measure_dist.py) up to a cap
     (["--loss", "liger-fused"], "liger-fused"),  # Triton kernels: estimate-only (selective runs since issue 13)
     (["--optimizer", "adamw-8bit", "--gpus", "2"], "bitsandbytes"),  # one GPU only (tests/test_bnb_optimizers.py)
