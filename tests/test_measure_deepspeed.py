@@ -259,3 +259,30 @@ def _left_behind(folder: Path) -> list[int]:
         except OSError:
             pass
     return out
+
+
+# ---- on a GPU node (pytest -m gpu; deselected by default, skipped without CUDA): NOT RUN YET ---------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero, precision", [(3, "bf16-master"), (2, "fp16-master"), (1, "fp32")])
+def test_one_rank_deepspeed_job_on_cuda(tmp_path, zero, precision):
+    """`memplan measure --device cuda --gpus 1 --engine deepspeed`: accelerate's DeepSpeed launcher, an NCCL group of
+    one, DeepSpeed's CUDA accelerator; fp16, which the CPU refuses, among them. The first GPU session runs it. Left
+    out: ZeRO-0 (one rank at --zero 0 is no engine at all: two GPUs, the validation suite) and ZeRO-Offload
+    (DeepSpeedCPUAdam is JIT-built: a compiler and the CUDA toolkit on the node)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from test_gpu_smoke import SMALL
+
+    cfg = tmp_path / "small.json"
+    cfg.write_text(json.dumps(SMALL))
+    out = tmp_path / "r.jsonl"
+    rc = main(["measure", "--model", str(cfg), "--device", "cuda", "--gpus", "1", "--zero", str(zero), "--engine",
+               "deepspeed", "--precision", precision, "--batch", "2", "--seq", "256", "--steps", "1", "--warmup",
+               str(WARMUP), "--results", str(out)])
+    (rec,) = record.load_records(out)
+    assert rc == 0 and rec["status"] == "ok", rec.get("error")
+    m = rec["measured"]
+    assert m["launcher"] == "accelerate-deepspeed" and m["backend"] == "nccl" and m["world"] == 1
+    assert m["peak"]["reserved_bytes"] >= m["peak"]["allocated_bytes"] > 0 and m["tokens_per_s"] > 0
