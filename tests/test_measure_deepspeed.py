@@ -267,7 +267,7 @@ def _left_behind(folder: Path) -> list[int]:
 def test_one_rank_deepspeed_job_on_cuda(tmp_path, zero, precision):
     """`memplan measure --device cuda --gpus 1 --engine deepspeed`: accelerate's DeepSpeed launcher, an NCCL group of
     one, DeepSpeed's CUDA accelerator; fp16, which the CPU refuses, among them. The first GPU session runs it. Left
-    out: ZeRO-0 (one rank at --zero 0 is no engine at all: two GPUs, the validation suite) and ZeRO-Offload
+    out: ZeRO-0 (one rank at --zero 0 runs no engine at all; it needs two GPUs) and ZeRO-Offload
     (DeepSpeedCPUAdam is JIT-built: a compiler and the CUDA toolkit on the node)."""
     import torch
 
