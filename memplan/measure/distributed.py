@@ -206,7 +206,7 @@ def free_port() -> int:
 
 def launch_command(launcher: str, nproc: int, port: int, jobdir: str, mixed_precision: str = "no") -> list[str]:
     """The command that starts nproc workers of this module on this host. mixed_precision: accelerate's flag for
-    the DeepSpeed launcher (memplan.measure.deepspeed.LAUNCH_PRECISION; the config file's bf16 / fp16 block)."""
+    the DeepSpeed launcher (memplan.measure.deepspeed_support.LAUNCH_PRECISION; the config file's bf16 / fp16 block)."""
     worker = ["-m", "memplan.measure.distributed", jobdir]
     if launcher == "accelerate-deepspeed":
         from memplan.measure.deepspeed_support import CONFIG_FILE

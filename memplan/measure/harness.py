@@ -50,23 +50,18 @@ def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tf
         from memplan.measure import deepspeed
         from memplan.measure.deepspeed_support import is_deepspeed
 
-        if is_deepspeed(setup) and opts.device == "cpu":  # DeepSpeed's own engine
-            book.clock = CpuClock()
-            return deepspeed.measure_cpu(spec, setup, opts, book, book.clock)
-        if is_deepspeed(setup):
-            cuda = cuda or _torch_cuda()
-            book.clock = CudaClock(cuda)
-            return deepspeed.measure_cuda(spec, setup, opts, book, book.clock, peak_tflops, cuda=cuda)
+        ds = is_deepspeed(setup)  # DeepSpeed's own engine (memplan.measure.deepspeed)
         if opts.device == "cpu":
             from memplan.measure.cpu import measure_cpu
 
             book.clock = CpuClock()
-            return measure_cpu(spec, setup, opts, book, book.clock)
+            return (deepspeed.measure_cpu if ds else measure_cpu)(spec, setup, opts, book, book.clock)
         from memplan.measure.cuda import TorchCuda, measure_cuda
 
         cuda = cuda or TorchCuda()
         book.clock = CudaClock(cuda)
-        return measure_cuda(spec, setup, opts, book, book.clock, peak_tflops, cuda=cuda)
+        return (deepspeed.measure_cuda if ds else measure_cuda)(spec, setup, opts, book, book.clock, peak_tflops,
+                                                                cuda=cuda)
     except torch.cuda.OutOfMemoryError as exc:
         return Outcome("oom", _phase_name(book), _one_line(exc))
     except MemplanError:
@@ -74,12 +69,6 @@ def measure(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions, peak_tf
     except Exception as exc:  # a failing step is a result of the sweep (recorded), not a crash of the tool
         kind = "oom" if any(s in str(exc) for s in OOM_MESSAGES) else "error"
         return Outcome(kind, _phase_name(book), f"{type(exc).__name__}: {_one_line(exc)}")
-
-
-def _torch_cuda():
-    from memplan.measure.cuda import TorchCuda
-
-    return TorchCuda()
 
 
 def _phase_name(book: PhaseBook) -> str:
