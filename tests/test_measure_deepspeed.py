@@ -5,7 +5,8 @@ a fake process group).
 
 The first part is pure (refusals, the launcher command, the config file). The jobs start real workers (≈ 45 s each
 on the 2-core box under load, most of it two processes importing torch, transformers and deepspeed): ZeRO-3 every
-time; ZeRO-1, ZeRO-2 and a killed rank under -m slow. Skipped when deepspeed is not installed (the `deepspeed` extra).
+time; ZeRO-1, ZeRO-2, a killed rank and the CUDA path on a simulated torch.cuda under -m slow; one-rank CUDA jobs
+under -m gpu. Skipped when deepspeed is not installed (the `deepspeed` extra).
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ≈ 25 s under load: the default run keeps to the ZeRO-3 job (the file's ≈ 60 s budget)
 def test_the_cuda_path_builds_steps_and_closes_the_deepspeed_engine(one_rank_group):
     """memplan.measure.deepspeed.measure_cuda (CudaStep's build / make_loop seams of memplan.measure.cuda) on the
     simulated torch.cuda of tests/test_measure_cuda.py, one rank, ZeRO-3. What a GPU adds (NCCL, DeepSpeed's CUDA
