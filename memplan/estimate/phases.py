@@ -703,6 +703,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # (MlpBackward), after its recomputation
         mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1), no_sync)
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a, held + head_wait + mlp_t))
+    states += ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
         # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
@@ -755,6 +756,28 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
     return states
+
+
+def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: int, activations_: int,
+                temps: int) -> list[State]:
+    """DDP / ZeRO-1 (the engine's per-rank trace): the top block's MLP backward (MlpBackward), after its
+    recomputation under checkpointing, beside `grads`, `activations_` and `temps` of the top block's state. The
+    block output's gradient ([tokens, hidden], the residual stream's dtype) stays alive through it (the residual
+    branch's AddBackward0 hands the same tensor to the MLP and to the residual), and no dequantized NF4 weight is
+    (bitsandbytes frees each after its matmul). QLoRA under autocast: bitsandbytes' Linear4bit returns its input's
+    dtype, so the MLP's rows are fp32 (as activations.py saves them)."""
+    mb = mlp_backward(model, setup, p) if h.grad_floor and setup.engine is Engine.FSDP else None
+    if not (mb and acts.full_per_block and acts.full_per_block[-1]) or mb.weight_grad:  # a trained MLP's weight
+        # gradients go through the reducer's hooks (copied into their buckets, or views of them): not walked
+        return []
+    prec = setup.precision
+    if setup.peft is PeftMethod.QLORA and prec.autocast:
+        mb = replace(mb, row=round_block(model.intermediate * setup.model_tokens * 4))
+    grad_out = round_block(setup.model_tokens * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
+    casts = block_cast_bytes(model, setup, h, p.groups) > 0 and not acts.ckpt(-1)
+    g, a, t = mb.walk(False, casts, False)
+    return [State(Moment.TOP_BLOCK_MLP, Phase.BACKWARD,
+                  _alive(h, grads + g, activations_ - a, temps - h.deq + grad_out + t))]
 
 
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
