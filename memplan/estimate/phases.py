@@ -66,6 +66,8 @@ class Moment(str, Enum):
     LOWEST_BLOCK_FP8_CAST = "lowest block fp8 cast"  # ... in the lowest saved / trained block's backward
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
+    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA under autocast: its dequantized
+    # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
@@ -776,8 +778,22 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
     grad_out = round_block(setup.model_tokens * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
     casts = block_cast_bytes(model, setup, h, p.groups) > 0 and not acts.ckpt(-1)
     g, a, t = mb.walk(False, casts, False)
-    return [State(Moment.TOP_BLOCK_MLP, Phase.BACKWARD,
-                  _alive(h, grads + g, activations_ - a, temps - h.deq + grad_out + t))]
+    out = [State(Moment.TOP_BLOCK_MLP, Phase.BACKWARD,
+                 _alive(h, grads + g, activations_ - a, temps - h.deq + grad_out + t))]
+    down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
+    if (setup.peft is PeftMethod.QLORA and prec.autocast and acts.ckpt(-1)
+            and not any(g.adapter and any(d in g.name for d in down) for g in p.groups)):
+        # bitsandbytes' MatMul4Bit saves no tensor for backward (its weight rides on ctx), so the down projection's
+        # input gradient (fp32: the input's dtype) is made before anything unpacks the checkpoint; the
+        # recomputation then runs, and its up projection (the last MLP one) holds the norm's fp32 output, that
+        # output cast to the compute dtype, its dequantized weight (`temps` has it) and its compute-dtype product
+        # (before the fp32 cast the block saves: not yet made), beside the block output's gradient
+        x, c = model.hidden * setup.model_tokens, prec.compute_bytes
+        out.append(State(Moment.TOP_BLOCK_RECOMPUTE_UP, Phase.BACKWARD, _alive(
+            h, grads, activations_ - mb.row,
+            temps + grad_out + mb.row + round_block(x * 4) + round_block(x * c)
+            + round_block(model.intermediate * setup.model_tokens * c))))
+    return out
 
 
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
