@@ -42,6 +42,7 @@ from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, 
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.estimate.weights import half_adapters
 from memplan.spec.model import ModelSpec, Role
+from memplan.spec.traits import BlockLayout, NormKind
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
@@ -77,6 +78,8 @@ class Moment(str, Enum):
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
     LOWEST_SAVED_BLOCK_MLP = "lowest saved block MLP backward"  # FSDP2 (mlp_backward)
     LOWEST_TRAINED_BLOCK_MLP = "lowest trained block MLP backward"  # FSDP2 (mlp_backward)
+    BLOCK_ABOVE_LOWEST_NORM = "block above the lowest, input norm backward"  # FSDP2, a half-precision stream:
+    # its RMSNorm's fp32 backward (fsdp_norm_backward)
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
@@ -743,6 +746,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                              held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
                              + head_wait + fs.rs + 3 * qkv_x))
     states += lowest_block_states(model, setup, p, ms, acts, h)
+    states += fsdp_norm_backward(model, setup, p, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
     if h.grad_floor and setup.bucket_view:  # DDP's bucket views: the embeddings' new gradient is a temporary
@@ -794,6 +798,35 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
             temps + grad_out + mb.row + round_block(x * 4) + round_block(x * c)
             + round_block(model.intermediate * setup.model_tokens * c))))
     return out
+
+
+def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) -> list[State]:
+    """FSDP2 with a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), checkpointed blocks:
+    the block just above the lowest saved one (block 1: FsdpBuffers.low's moment), at the end of its backward, its
+    input RMSNorm's backward. transformers 5.24's LlamaRMSNorm computes in fp32 (`hidden_states.to(torch.float32)`,
+    saved by its pow and mul), so its backward holds fp32 [tokens, hidden] tensors: the gradient through
+    `hidden * rsqrt(variance)` waiting to be summed with the variance path's, whose mean backward (div) and
+    PowBackward0 (`grad * exponent * self.pow(exponent - 1)`: three) are alive together, five in all, beside the
+    block output's half gradient (the residual stream's). Alive too: every gradient above and this block's own
+    (unsharded), the blocks below's checkpointed inputs, this block's input and its fp32 copy. (As the per-rank
+    trace of a 4-block cut-down Llama-2-70B shows it; the block's other saved tensors are freed by then.)"""
+    fs, prec = h.fsdp, setup.precision
+    saved = [i for i, b in enumerate(acts.full_per_block) if b]
+    tr = model.traits
+    if not (fs and saved and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads
+            and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM):
+        return []
+    j = saved[0] + 1
+    first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+    if j >= model.blocks or j < first_trained or not acts.ckpt(j):
+        return []
+    g = p.grads
+    grads = (model.blocks - 1 - j) * fs.block_sharded + fs.root_grads - g.late + g.block  # lowest_block_states'
+    below = acts.early + sum(acts.per_block[:j + 1])  # block j's: its checkpoint's input
+    x = setup.model_tokens * model.hidden
+    temps = g.tied_wait + block_cast_bytes(model, setup, h, p.groups) + h.deq + h.z_b
+    return [State(Moment.BLOCK_ABOVE_LOWEST_NORM, Phase.BACKWARD, _alive(
+        h, grads, below + round_block(x * 4), temps + round_block(x * stream_bytes(prec)) + 5 * round_block(x * 4)))]
 
 
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
