@@ -771,7 +771,8 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
     block output's gradient ([tokens, hidden], the residual stream's dtype) stays alive through it (the residual
     branch's AddBackward0 hands the same tensor to the MLP and to the residual), and no dequantized NF4 weight is
     (bitsandbytes frees each after its matmul). QLoRA under autocast: bitsandbytes' Linear4bit returns its input's
-    dtype, so the MLP's rows are fp32 (as activations.py saves them)."""
+    dtype, so the MLP's rows are fp32 (as activations.py saves them). As the per-rank traces of Llama-2-70B cut to
+    4 blocks show it (tests/test_estimate_vs_trace_multi.py); a trained MLP's walk is not modelled here."""
     mb = mlp_backward(model, setup, p) if h.grad_floor and setup.engine is Engine.FSDP else None
     if not (mb and acts.full_per_block and acts.full_per_block[-1]) or mb.weight_grad:  # a trained MLP's weight
         # gradients go through the reducer's hooks (copied into their buckets, or views of them): not walked
@@ -786,10 +787,10 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
                  _alive(h, grads + g, activations_ - a, temps - h.deq + grad_out + t))]
     down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
     if (setup.peft is PeftMethod.QLORA and prec.autocast and acts.ckpt(-1)
-            and not any(g.adapter and any(d in g.name for d in down) for g in p.groups)):
-        # bitsandbytes' MatMul4Bit saves no tensor for backward (its weight rides on ctx), so the down projection's
-        # input gradient (fp32: the input's dtype) is made before anything unpacks the checkpoint; the
-        # recomputation then runs, and its up projection (the last MLP one) holds the norm's fp32 output, that
+            and not any(q.adapter and any(d in q.name for d in down) for q in p.groups)):
+        # bitsandbytes 0.50.2's MatMul4Bit.forward saves no tensor for backward (`ctx.tensors = (None, B)`: its
+        # weight rides on ctx), so the down projection's input gradient (fp32: the input's dtype) is made before
+        # anything unpacks the checkpoint; the recomputation then runs, and its up projection (the last MLP one) holds the norm's fp32 output, that
         # output cast to the compute dtype, its dequantized weight (`temps` has it) and its compute-dtype product
         # (before the fp32 cast the block saves: not yet made), beside the block output's gradient
         x, c = model.hidden * setup.model_tokens, prec.compute_bytes
@@ -806,8 +807,8 @@ def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) 
     input RMSNorm's backward. transformers 5.24's LlamaRMSNorm computes in fp32 (`hidden_states.to(torch.float32)`,
     saved by its pow and mul), so its backward holds fp32 [tokens, hidden] tensors: the gradient through
     `hidden * rsqrt(variance)` waiting to be summed with the variance path's, whose mean backward (div) and
-    PowBackward0 (`grad * exponent * self.pow(exponent - 1)`: three) are alive together, five in all, beside the
-    block output's half gradient (the residual stream's). Alive too: every gradient above and this block's own
+    PowBackward0 (torch 2.13 pow_backward, `grad * (exponent * self.pow(exponent - 1))`: three) are alive
+    together, five in all, beside the block output's half gradient (the residual stream's). Alive too: every gradient above and this block's own
     (unsharded), the blocks below's checkpointed inputs, this block's input and its fp32 copy. (As the per-rank
     trace of a 4-block cut-down Llama-2-70B shows it; the block's other saved tensors are freed by then.)"""
     fs, prec = h.fsdp, setup.precision
