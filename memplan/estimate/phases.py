@@ -815,8 +815,8 @@ def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) 
     saved = [i for i, b in enumerate(acts.full_per_block) if b]
     tr = model.traits
     if not (fs and saved and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads
-            and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM):
-        return []
+            and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM) or setup.offload_activations:
+        return []  # (not traced under accumulation or activation offloading: not modelled there)
     j = saved[0] + 1
     first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
     if j >= model.blocks or j < first_trained or not acts.ckpt(j):
