@@ -68,6 +68,9 @@ FAST += [
     dict(B, gpus=64, zero=0, precision="fp16", peft="qlora", batch=2, seq=256),
     # FSDP2 fsdp-bf16: the block above the lowest, its input RMSNorm's fp32 backward (phases.fsdp_norm_backward)
     dict(B, gpus=64, zero=3, precision="fsdp-bf16", peft="full", batch=2, seq=1024),
+    # ... ZeRO-2: the block below the top one's, the top one's reduce-scatter input held (before: gradients −288,
+    # activations +264 MiB)
+    dict(B, gpus=8, zero=2, precision="fsdp-bf16", peft="full", batch=1, seq=2048),
 ]
 
 

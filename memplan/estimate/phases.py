@@ -73,6 +73,8 @@ class Moment(str, Enum):
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
     # input still held
+    BLOCK_BELOW_TOP_NORM = "block below the top, input norm backward"  # ... then its RMSNorm's fp32 backward
+    # (rmsnorm_backward)
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
     LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
@@ -742,9 +744,13 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
             # fp32 residual stream's norm backward differs, not modelled)
             qkv_x = mb.x if mb and not setup.precision.autocast else 0
+            done_tmp = (held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
+                        + head_wait + fs.rs)
             states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
-                             held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
-                             + head_wait + fs.rs + 3 * qkv_x))
+                             done_tmp + 3 * qkv_x))
+            # ... and then its input RMSNorm's backward, its checkpoint's input still saved (rmsnorm_backward)
+            states += rmsnorm_backward(model, setup, acts, h, model.blocks - 2, Moment.BLOCK_BELOW_TOP_NORM, grads,
+                                       in_blocks - acts.per_block[-1], done_tmp)
     states += lowest_block_states(model, setup, p, ms, acts, h)
     states += fsdp_norm_backward(model, setup, p, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
@@ -801,33 +807,42 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
     return out
 
 
-def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) -> list[State]:
-    """FSDP2 with a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), checkpointed blocks:
-    the block just above the lowest saved one (block 1: FsdpBuffers.low's moment), at the end of its backward, its
-    input RMSNorm's backward. transformers 5.24's LlamaRMSNorm computes in fp32 (`hidden_states.to(torch.float32)`,
-    saved by its pow and mul), so its backward holds fp32 [tokens, hidden] tensors: the gradient through
-    `hidden * rsqrt(variance)` waiting to be summed with the variance path's, whose mean backward (div) and
-    PowBackward0 (torch 2.13 pow_backward, `grad * (exponent * self.pow(exponent - 1))`: three) are alive
-    together, five in all, beside the block output's half gradient (the residual stream's). Alive too: every gradient above and this block's own
-    (unsharded), the blocks below's checkpointed inputs, this block's input and its fp32 copy. (As the per-rank
-    trace of a 4-block cut-down Llama-2-70B shows it; the block's other saved tensors are freed by then.)"""
-    fs, prec = h.fsdp, setup.precision
-    saved = [i for i, b in enumerate(acts.full_per_block) if b]
-    tr = model.traits
-    if not (fs and saved and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads
+def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Moment, grads: int, below: int,
+                     temps: int) -> list[State]:
+    """FSDP2 with a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), checkpointed block `j`:
+    the end of its backward, its input RMSNorm's backward, beside `grads`, `below` (activations: the blocks below's
+    and block j's checkpointed inputs) and `temps`. transformers 5.24's LlamaRMSNorm computes in fp32
+    (`hidden_states.to(torch.float32)`, saved by its pow and mul), so its backward holds fp32 [tokens, hidden]
+    tensors: the gradient through `hidden * rsqrt(variance)` waiting to be summed with the variance path's, whose
+    mean backward (div) and PowBackward0 (torch 2.13 pow_backward, `grad * (exponent * self.pow(exponent - 1))`:
+    three) are alive together, five in all, beside the block output's half gradient (the residual stream's) and
+    the fp32 copy it saved. (As the per-rank traces of Llama-2-70B cut to 4 blocks show it; the block's other saved
+    tensors are freed by then. Not traced under accumulation or activation offloading: not modelled there.)"""
+    prec, tr = setup.precision, model.traits
+    if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads and acts.ckpt(j)
             and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM) or setup.offload_activations:
-        return []  # (not traced under accumulation or activation offloading: not modelled there)
+        return []
+    x = setup.model_tokens * model.hidden
+    return [State(name, Phase.BACKWARD, _alive(h, grads, below + round_block(x * 4),
+                                               temps + round_block(x * stream_bytes(prec)) + 5 * round_block(x * 4)))]
+
+
+def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) -> list[State]:
+    """FSDP2: the block just above the lowest saved one (block 1: FsdpBuffers.low's moment), its input RMSNorm's
+    backward (rmsnorm_backward), when it trains: every gradient above sharded, its own unsharded."""
+    fs = h.fsdp
+    saved = [i for i, b in enumerate(acts.full_per_block) if b]
+    if not (fs and saved):
+        return []
     j = saved[0] + 1
     first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
-    if j >= model.blocks or j < first_trained or not acts.ckpt(j):
+    if j >= model.blocks or j < first_trained:
         return []
     g = p.grads
     grads = (model.blocks - 1 - j) * fs.block_sharded + fs.root_grads - g.late + g.block  # lowest_block_states'
     below = acts.early + sum(acts.per_block[:j + 1])  # block j's: its checkpoint's input
-    x = setup.model_tokens * model.hidden
     temps = g.tied_wait + block_cast_bytes(model, setup, h, p.groups) + h.deq + h.z_b
-    return [State(Moment.BLOCK_ABOVE_LOWEST_NORM, Phase.BACKWARD, _alive(
-        h, grads, below + round_block(x * 4), temps + round_block(x * stream_bytes(prec)) + 5 * round_block(x * 4)))]
+    return rmsnorm_backward(model, setup, acts, h, j, Moment.BLOCK_ABOVE_LOWEST_NORM, grads, below, temps)
 
 
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
