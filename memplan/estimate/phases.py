@@ -67,7 +67,7 @@ class Moment(str, Enum):
     LOWEST_BLOCK_FP8_CAST = "lowest block fp8 cast"  # ... in the lowest saved / trained block's backward
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
-    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA under autocast: its dequantized
+    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA: its dequantized
     # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
@@ -792,18 +792,24 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
     out = [State(Moment.TOP_BLOCK_MLP, Phase.BACKWARD,
                  _alive(h, grads + g, activations_ - a, temps - h.deq + grad_out + t))]
     down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
-    if (setup.peft is PeftMethod.QLORA and prec.autocast and acts.ckpt(-1)
+    if (setup.peft is PeftMethod.QLORA and acts.ckpt(-1)
             and not any(q.adapter and any(d in q.name for d in down) for q in p.groups)):
         # bitsandbytes 0.50.2's MatMul4Bit.forward saves no tensor for backward (`ctx.tensors = (None, B)`: its
-        # weight rides on ctx), so the down projection's input gradient (fp32: the input's dtype) is made before
-        # anything unpacks the checkpoint; the recomputation then runs, and its up projection (the last MLP one) holds the norm's fp32 output, that
-        # output cast to the compute dtype, its dequantized weight (`temps` has it) and its compute-dtype product
-        # (before the fp32 cast the block saves: not yet made), beside the block output's gradient
+        # weight rides on ctx), so the down projection's input gradient (`mb.row`, in the input's dtype) is made
+        # before anything unpacks the checkpoint; the recomputation then runs, and its up projection (the last MLP
+        # one) holds its dequantized weight (`temps` has it) beside the block output's gradient and the norm's
+        # output. Under autocast: that output is fp32 and the block's mid-residual is saved by the norm; the input
+        # cast to the compute dtype and the compute-dtype product (before the fp32 cast the block saves: not yet
+        # made) are alive. Otherwise the product is saved as it is, and the norm keeps its own fp32 copy, so the
+        # mid-residual is a local of the recomputation
         x, c = model.hidden * setup.model_tokens, prec.compute_bytes
+        if prec.autocast:
+            unsaved, extra = mb.row, (round_block(x * 4) + round_block(x * c)
+                                      + round_block(model.intermediate * setup.model_tokens * c))
+        else:
+            unsaved, extra = 0, 2 * round_block(x * stream_bytes(prec))
         out.append(State(Moment.TOP_BLOCK_RECOMPUTE_UP, Phase.BACKWARD, _alive(
-            h, grads, activations_ - mb.row,
-            temps + grad_out + mb.row + round_block(x * 4) + round_block(x * c)
-            + round_block(model.intermediate * setup.model_tokens * c))))
+            h, grads, activations_ - unsaved, temps + grad_out + mb.row + extra)))
     return out
 
 
