@@ -63,6 +63,9 @@ FAST += [
     # DDP: the top block's MLP backward after its recomputation, the block output's gradient alive
     # (phases.ddp_top_mlp)
     dict(B, gpus=4, zero=0, precision="pure-bf16", peft="lora", batch=4, seq=1024),
+    # ... under autocast, the end of its recomputation: the block's weight casts made again (before: activations
+    # −96, temporaries −136 MiB)
+    dict(B, gpus=2, zero=0, precision="bf16", peft="lora", batch=2, seq=512),
     # DDP QLoRA under autocast: the recomputed up projection's dequantized matmul, the down projection's fp32 input
     # gradient made before the recomputation (bitsandbytes' MatMul4Bit saves no tensor)
     dict(B, gpus=64, zero=0, precision="fp16", peft="qlora", batch=2, seq=256),

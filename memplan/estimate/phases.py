@@ -67,6 +67,7 @@ class Moment(str, Enum):
     LOWEST_BLOCK_FP8_CAST = "lowest block fp8 cast"  # ... in the lowest saved / trained block's backward
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
+    TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
     TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA: its dequantized
     # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
@@ -791,6 +792,16 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
     g, a, t = mb.walk(False, casts, False)
     out = [State(Moment.TOP_BLOCK_MLP, Phase.BACKWARD,
                  _alive(h, grads + g, activations_ - a, temps - h.deq + grad_out + t))]
+    if prec.autocast and setup.peft is not PeftMethod.QLORA and acts.ckpt(-1):
+        # the recomputation's end under autocast: it re-makes the block's weight casts (autocast's cache is gone
+        # with the forward's autocast context), each saved by its matmul; alive beside them the block output's
+        # gradient, that gradient cast to the down projection's output dtype (made before anything unpacks the
+        # checkpoint), the post-attention norm's fp32 output and the MLP's product (the down projection's input:
+        # the recomputation stops once the last saved tensor, its weight cast, is made)
+        x, c = model.hidden * setup.model_tokens, prec.compute_bytes
+        out.append(State(Moment.TOP_BLOCK_RECOMPUTED, Phase.BACKWARD, _alive(
+            h, grads, activations_, temps + block_cast_bytes(model, setup, h, p.groups) + grad_out
+            + round_block(x * c) + round_block(x * 4) + mb.row)))
     down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
     if (setup.peft is PeftMethod.QLORA and acts.ckpt(-1)
             and not any(q.adapter and any(d in q.name for d in down) for q in p.groups)):
