@@ -626,6 +626,10 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tup
     fs, L = h.fsdp, max(model.blocks, 1)
     casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
     below = acts.early + sum(acts.per_block[:-1])
+    if acts.ckpt(-1) and not h.accum_grads:  # the last block's pre-forward (its parameters copied out, the block
+        # before's all-gather output still held): its input, which its checkpoint saves, already made. (Not under
+        # accumulation: there it displaced a backward moment whose categories are not modelled)
+        below += acts.per_block[-1]
     return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
             State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + h.deq)))
 
