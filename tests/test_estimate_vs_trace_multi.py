@@ -74,6 +74,9 @@ FAST += [
     # ... ZeRO-2: the block below the top one's, the top one's reduce-scatter input held (before: gradients −288,
     # activations +264 MiB)
     dict(B, gpus=8, zero=2, precision="fsdp-bf16", peft="full", batch=1, seq=2048),
+    # FSDP2's forward: the last block's pre-forward, its checkpointed input made (phases.fsdp_forward_states;
+    # before: activations −32 MiB)
+    dict(B, gpus=8, zero=3, precision="fsdp-bf16", peft="lora", batch=2, seq=1024),
 ]
 
 
