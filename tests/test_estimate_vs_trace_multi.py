@@ -50,6 +50,35 @@ FAST += [
     dict(S, peft="freeze", train_layers=2),
 ]
 
+# profiles/models/llama-2-70b.toml (the config.json of meta-llama/Llama-2-70b-hf) cut to 4 blocks: each block's
+# bytes are the 70B's, so the three moments that held the grids' last 70B every-category misses show at the 70B's
+# sizes (fake tensors: a few seconds each). Before the terms below, each missed as on the 70B (activations
+# −637 / −92 / +232 MiB)
+SMALL_70B = spec_from_config(dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=4,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                                  max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                             "llama-2-70b-4-blocks")
+B = dict(model=SMALL_70B, checkpointing="full")
+FAST += [
+    # DDP: the top block's MLP backward after its recomputation, the block output's gradient alive
+    # (phases.ddp_top_mlp)
+    dict(B, gpus=4, zero=0, precision="pure-bf16", peft="lora", batch=4, seq=1024),
+    # ... under autocast, the end of its recomputation: the block's weight casts made again (before: activations
+    # −96, temporaries −136 MiB)
+    dict(B, gpus=2, zero=0, precision="bf16", peft="lora", batch=2, seq=512),
+    # DDP QLoRA under autocast: the recomputed up projection's dequantized matmul, the down projection's fp32 input
+    # gradient made before the recomputation (bitsandbytes' MatMul4Bit saves no tensor)
+    dict(B, gpus=64, zero=0, precision="fp16", peft="qlora", batch=2, seq=256),
+    # FSDP2 fsdp-bf16: the block above the lowest, its input RMSNorm's fp32 backward (phases.fsdp_norm_backward)
+    dict(B, gpus=64, zero=3, precision="fsdp-bf16", peft="full", batch=2, seq=1024),
+    # ... ZeRO-2: the block below the top one's, the top one's reduce-scatter input held (before: gradients −288,
+    # activations +264 MiB)
+    dict(B, gpus=8, zero=2, precision="fsdp-bf16", peft="full", batch=1, seq=2048),
+    # FSDP2's forward: the last block's pre-forward, its checkpointed input made (phases.fsdp_forward_states;
+    # before: activations −32 MiB)
+    dict(B, gpus=8, zero=3, precision="fsdp-bf16", peft="lora", batch=2, seq=1024),
+]
+
 
 def _check(kw):
     row = compare(kw)

@@ -42,6 +42,7 @@ from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, 
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.estimate.weights import half_adapters
 from memplan.spec.model import ModelSpec, Role
+from memplan.spec.traits import BlockLayout, NormKind
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
@@ -66,15 +67,22 @@ class Moment(str, Enum):
     LOWEST_BLOCK_FP8_CAST = "lowest block fp8 cast"  # ... in the lowest saved / trained block's backward
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
+    TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
+    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA: its dequantized
+    # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
     # input still held
+    BLOCK_BELOW_TOP_NORM = "block below the top, input norm backward"  # ... then its RMSNorm's fp32 backward
+    # (rmsnorm_backward)
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
     LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
     LOWEST_SAVED_BLOCK_MLP = "lowest saved block MLP backward"  # FSDP2 (mlp_backward)
     LOWEST_TRAINED_BLOCK_MLP = "lowest trained block MLP backward"  # FSDP2 (mlp_backward)
+    BLOCK_ABOVE_LOWEST_NORM = "block above the lowest, input norm backward"  # FSDP2, a half-precision stream:
+    # its RMSNorm's fp32 backward (fsdp_norm_backward)
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
@@ -618,6 +626,10 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tup
     fs, L = h.fsdp, max(model.blocks, 1)
     casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
     below = acts.early + sum(acts.per_block[:-1])
+    if acts.ckpt(-1) and not h.accum_grads:  # the last block's pre-forward (its parameters copied out, the block
+        # before's all-gather output still held): its input, which its checkpoint saves, already made. (Not under
+        # accumulation: there it displaced a backward moment whose categories are not modelled)
+        below += acts.per_block[-1]
     return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
             State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + h.deq)))
 
@@ -703,6 +715,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # (MlpBackward), after its recomputation
         mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1), no_sync)
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a, held + head_wait + mlp_t))
+    states += ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
         # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
@@ -736,10 +749,15 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
             # fp32 residual stream's norm backward differs, not modelled)
             qkv_x = mb.x if mb and not setup.precision.autocast else 0
+            done_tmp = (held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
+                        + head_wait + fs.rs)
             states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
-                             held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
-                             + head_wait + fs.rs + 3 * qkv_x))
+                             done_tmp + 3 * qkv_x))
+            # ... and then its input RMSNorm's backward, its checkpoint's input still saved (rmsnorm_backward)
+            states += rmsnorm_backward(model, setup, acts, h, model.blocks - 2, Moment.BLOCK_BELOW_TOP_NORM, grads,
+                                       in_blocks - acts.per_block[-1], done_tmp)
     states += lowest_block_states(model, setup, p, ms, acts, h)
+    states += fsdp_norm_backward(model, setup, p, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
     if h.grad_floor and setup.bucket_view:  # DDP's bucket views: the embeddings' new gradient is a temporary
@@ -755,6 +773,97 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
     return states
+
+
+def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: int, activations_: int,
+                temps: int) -> list[State]:
+    """DDP / ZeRO-1 (the engine's per-rank trace): the top block's MLP backward (MlpBackward), after its
+    recomputation under checkpointing, beside `grads`, `activations_` and `temps` of the top block's state. The
+    block output's gradient ([tokens, hidden], the residual stream's dtype) stays alive through it (the residual
+    branch's AddBackward0 hands the same tensor to the MLP and to the residual), and no dequantized NF4 weight is
+    (bitsandbytes frees each after its matmul). QLoRA under autocast: bitsandbytes' Linear4bit returns its input's
+    dtype, so the MLP's rows are fp32 (as activations.py saves them). As the per-rank traces of Llama-2-70B cut to
+    4 blocks show it (tests/test_estimate_vs_trace_multi.py); a trained MLP's walk is not modelled here."""
+    mb = mlp_backward(model, setup, p) if h.grad_floor and setup.engine is Engine.FSDP else None
+    if not (mb and acts.full_per_block and acts.full_per_block[-1]) or mb.weight_grad:  # a trained MLP's weight
+        # gradients go through the reducer's hooks (copied into their buckets, or views of them): not walked
+        return []
+    prec = setup.precision
+    if setup.peft is PeftMethod.QLORA and prec.autocast:
+        mb = replace(mb, row=round_block(model.intermediate * setup.model_tokens * 4))
+    grad_out = round_block(setup.model_tokens * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
+    casts = block_cast_bytes(model, setup, h, p.groups) > 0 and not acts.ckpt(-1)
+    g, a, t = mb.walk(False, casts, False)
+    out = [State(Moment.TOP_BLOCK_MLP, Phase.BACKWARD,
+                 _alive(h, grads + g, activations_ - a, temps - h.deq + grad_out + t))]
+    if prec.autocast and setup.peft is not PeftMethod.QLORA and acts.ckpt(-1):
+        # the recomputation's end under autocast: it re-makes the block's weight casts (autocast's cache is gone
+        # with the forward's autocast context), each saved by its matmul; alive beside them the block output's
+        # gradient, that gradient cast to the down projection's output dtype (made before anything unpacks the
+        # checkpoint), the post-attention norm's fp32 output and the MLP's product (the down projection's input:
+        # the recomputation stops once the last saved tensor, its weight cast, is made)
+        x, c = model.hidden * setup.model_tokens, prec.compute_bytes
+        out.append(State(Moment.TOP_BLOCK_RECOMPUTED, Phase.BACKWARD, _alive(
+            h, grads, activations_, temps + block_cast_bytes(model, setup, h, p.groups) + grad_out
+            + round_block(x * c) + round_block(x * 4) + mb.row)))
+    down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
+    if (setup.peft is PeftMethod.QLORA and acts.ckpt(-1)
+            and not any(q.adapter and any(d in q.name for d in down) for q in p.groups)):
+        # bitsandbytes 0.50.2's MatMul4Bit.forward saves no tensor for backward (`ctx.tensors = (None, B)`: its
+        # weight rides on ctx), so the down projection's input gradient (`mb.row`, in the input's dtype) is made
+        # before anything unpacks the checkpoint; the recomputation then runs, and its up projection (the last MLP
+        # one) holds its dequantized weight (`temps` has it) beside the block output's gradient and the norm's
+        # output. Under autocast: that output is fp32 and the block's mid-residual is saved by the norm; the input
+        # cast to the compute dtype and the compute-dtype product (before the fp32 cast the block saves: not yet
+        # made) are alive. Otherwise the product is saved as it is, and the norm keeps its own fp32 copy, so the
+        # mid-residual is a local of the recomputation
+        x, c = model.hidden * setup.model_tokens, prec.compute_bytes
+        if prec.autocast:
+            unsaved, extra = mb.row, (round_block(x * 4) + round_block(x * c)
+                                      + round_block(model.intermediate * setup.model_tokens * c))
+        else:
+            unsaved, extra = 0, 2 * round_block(x * stream_bytes(prec))
+        out.append(State(Moment.TOP_BLOCK_RECOMPUTE_UP, Phase.BACKWARD, _alive(
+            h, grads, activations_ - unsaved, temps + grad_out + mb.row + extra)))
+    return out
+
+
+def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Moment, grads: int, below: int,
+                     temps: int) -> list[State]:
+    """FSDP2 with a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), checkpointed block `j`:
+    the end of its backward, its input RMSNorm's backward, beside `grads`, `below` (activations: the blocks below's
+    and block j's checkpointed inputs) and `temps`. transformers 5.24's LlamaRMSNorm computes in fp32
+    (`hidden_states.to(torch.float32)`, saved by its pow and mul), so its backward holds fp32 [tokens, hidden]
+    tensors: the gradient through `hidden * rsqrt(variance)` waiting to be summed with the variance path's, whose
+    mean backward (div) and PowBackward0 (torch 2.13 pow_backward, `grad * (exponent * self.pow(exponent - 1))`:
+    three) are alive together, five in all, beside the block output's half gradient (the residual stream's) and
+    the fp32 copy it saved. (As the per-rank traces of Llama-2-70B cut to 4 blocks show it; the block's other saved
+    tensors are freed by then. Not traced under accumulation or activation offloading: not modelled there.)"""
+    prec, tr = setup.precision, model.traits
+    if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads and acts.ckpt(j)
+            and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM) or setup.offload_activations:
+        return []
+    x = setup.model_tokens * model.hidden
+    return [State(name, Phase.BACKWARD, _alive(h, grads, below + round_block(x * 4),
+                                               temps + round_block(x * stream_bytes(prec)) + 5 * round_block(x * 4)))]
+
+
+def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) -> list[State]:
+    """FSDP2: the block just above the lowest saved one (block 1: FsdpBuffers.low's moment), its input RMSNorm's
+    backward (rmsnorm_backward), when it trains: every gradient above sharded, its own unsharded."""
+    fs = h.fsdp
+    saved = [i for i, b in enumerate(acts.full_per_block) if b]
+    if not (fs and saved):
+        return []
+    j = saved[0] + 1
+    first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+    if j >= model.blocks or j < first_trained:
+        return []
+    g = p.grads
+    grads = (model.blocks - 1 - j) * fs.block_sharded + fs.root_grads - g.late + g.block  # lowest_block_states'
+    below = acts.early + sum(acts.per_block[:j + 1])  # block j's: its checkpoint's input
+    temps = g.tied_wait + block_cast_bytes(model, setup, h, p.groups) + h.deq + h.z_b
+    return rmsnorm_backward(model, setup, acts, h, j, Moment.BLOCK_ABOVE_LOWEST_NORM, grads, below, temps)
 
 
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
