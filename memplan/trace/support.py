@@ -47,8 +47,6 @@ def unsupported(setup: TrainingSetup, engines: bool = False) -> str | None:
         return f"--optimizer {setup.optimizer.value} with --gpus / --zero (bitsandbytes optimizers run on one GPU here)"
     if setup.loss is Loss.LIGER_FUSED:
         return "--loss liger-fused (Liger's Triton kernels need a GPU with triton: estimate-only)"
-    if (setup.loss is Loss.CHUNKED or setup.logits_to_keep) and (setup.zero > 0 or setup.gpus > 1):
-        return "--loss chunked / --logits-to-keep with --gpus / --zero (the step calls the backbone past the engine)"
     return None
 
 
