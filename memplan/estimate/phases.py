@@ -658,9 +658,11 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     chunk_sum = 2 * (head_half or head_g or head_wait) if lt.chunks > 1 and (head_g or head_wait) else 0
     head_tmp = (held + logits_grad + (head_half or head_wait) + (0 if head_half else head_g - new_g)
                 + lt.extra_casts)
-    if chunk_sum:  # the last chunk's (the trace's moment): every chunk's saved log-softmax freed by then
+    if chunk_sum:  # the first sum (the second chunk's head backward). The loss's backward ran first for every
+        # chunk (its nodes come after every head matmul in autograd's sequence order), so every saved log-softmax
+        # is freed and the n − 2 chunks' logits gradients the head has not consumed yet are alive (not one)
         states.append(at(Moment.HEAD_CHUNK_SUM, carried + (0 if head_half else new_g), head_acts,
-                         head_tmp + chunk_sum))
+                         head_tmp + chunk_sum + (lt.chunks - 3) * logits_grad))
     # the head's MmBackward0 makes its input gradient too, [tokens, hidden], when a gradient flows below the head
     flows = setup.peft is not PeftMethod.FREEZE or setup.train_layers > 0 or (model.tie_embeddings
                                                                                and tied_trains(p.groups))
