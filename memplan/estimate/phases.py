@@ -563,15 +563,16 @@ def loss_past_root(states: tuple[State, ...], fs: FsdpBuffers, lt: LossTerms, ac
     unit reshards at its post-forward, before the loss runs, and its pre-backward hook (on the returned logits) gathers
     it again only once the loss's backward has reached them. So the forward's end (the loss) and the loss's backward
     hold no all-gather bytes (no R, no block's flat output), and the regather moment comes after the loss's backward:
-    the loss's saved tensors freed, every chunk's logits gradient alive."""
+    the loss's saved tensors freed, every chunk's logits gradient alive (and under autocast a frozen head's per-chunk
+    weight casts, LossTerms.extra_casts, saved until each chunk's head backward)."""
     out = []
     for s in states:
         c = dict(s.categories)
         if s.name in (Moment.FORWARD, Moment.LOSS_BACKWARD):
             c[C.TEMPORARIES] -= fs.fwd if s.name is Moment.FORWARD else fs.bwd
         elif s.name is Moment.BACKWARD_START:  # beside the root gathered again: every chunk's logits gradient
-            c[C.ACTIVATIONS] = acts.total - acts.loss
-            c[C.TEMPORARIES] += lt.chunks * lt.logits_grad
+            c[C.ACTIVATIONS] = acts.total - acts.loss  # and a frozen head's per-chunk casts, still saved
+            c[C.TEMPORARIES] += lt.chunks * lt.logits_grad + lt.extra_casts
         out.append(State(s.name, s.phase, c))
     return tuple(out)
 
