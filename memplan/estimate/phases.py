@@ -541,7 +541,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         *backward_states(model, setup, p, ms, acts, h, loss_b, lt),
         State(Moment.OPTIMIZER_STEP, Phase.OPTIMIZER_STEP, _alive(h, step_grads(u, ms, setup), 0, step_tmp)),
     )
-    if fs and fs.regather and (setup.loss is Loss.CHUNKED or setup.logits_to_keep):
+    if fs and (setup.loss is Loss.CHUNKED or setup.logits_to_keep):
         states = loss_past_root(states, fs, lt, acts)
     if setup.offload_activations:  # what OffloadActivations moves to the host (memplan.estimate.offload)
         from memplan.estimate import offload
@@ -558,17 +558,21 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
 
 
 def loss_past_root(states: tuple[State, ...], fs: FsdpBuffers, lt: LossTerms, acts: Activations) -> tuple[State, ...]:
-    """ZeRO-3 with the loss computed past the model (--loss chunked, --logits-to-keep; memplan.trace.policies, as
-    torchtune's distributed recipes call `self._model(**batch)` and then the loss on the returned logits): the root
-    unit reshards at its post-forward, before the loss runs, and its pre-backward hook (on the returned logits) gathers
-    it again only once the loss's backward has reached them. So the forward's end (the loss) and the loss's backward
-    hold no all-gather bytes (no R, no block's flat output), and the regather moment comes after the loss's backward:
-    the loss's saved tensors freed, every chunk's logits gradient alive (and under autocast a frozen head's per-chunk
-    weight casts, LossTerms.extra_casts, saved until each chunk's head backward)."""
+    """FSDP2 with the loss computed past the model (--loss chunked, --logits-to-keep; memplan.trace.policies, as
+    torchtune's distributed recipes call `self._model(**batch)` and then the loss on the returned logits): the root's
+    post-forward runs before the loss. It frees the last block's flat all-gather output (ZeRO-2: the loss holds
+    R + L·B, fs.bwd, not fs.fwd). Under ZeRO-3 it also reshards the root, whose pre-backward hook (on the returned
+    logits) gathers it again only once the loss's backward has reached them. So the forward's end (the loss) and the
+    loss's backward hold no all-gather bytes (no R, no block's flat output), and the regather moment comes after the
+    loss's backward: the loss's saved tensors freed, every chunk's logits gradient alive (and under autocast a frozen
+    head's per-chunk weight casts, LossTerms.extra_casts, saved until each chunk's head backward)."""
     out = []
     for s in states:
         c = dict(s.categories)
-        if s.name in (Moment.FORWARD, Moment.LOSS_BACKWARD):
+        if not fs.regather:  # ZeRO-2
+            if s.name is Moment.FORWARD:
+                c[C.TEMPORARIES] -= fs.fwd - fs.bwd
+        elif s.name in (Moment.FORWARD, Moment.LOSS_BACKWARD):
             c[C.TEMPORARIES] -= fs.fwd if s.name is Moment.FORWARD else fs.bwd
         elif s.name is Moment.BACKWARD_START:  # beside the root gathered again: every chunk's logits gradient
             c[C.ACTIVATIONS] = acts.total - acts.loss  # and a frozen head's per-chunk casts, still saved
