@@ -1,7 +1,7 @@
 """Estimate vs the per-rank trace with --loss chunked / --logits-to-keep under --gpus / --zero (docs/memory-techniques.md,
 "Under --gpus / --zero"): allocated peak within 3%, every category within 5% / 16 MiB (memplan.calibrate.Row).
 
-    python benchmarks/chunked_loss_multi.py reports/trace_cache_chunked_multi.jsonl [--cached-only] [--held | --all]
+    python benchmarks/chunked_loss_multi.py reports/trace_cache_chunked_multi.jsonl [--cached-only] [--held | --fresh | --all]
 
 Traces not in the cache file are run (10–35 s each on 2 cores) and appended; --cached-only re-estimates the cached
 ones only. SETUPS were used to find the estimator's terms (phases.loss_past_root, the chunk-sum moment); HELD were
@@ -39,14 +39,24 @@ HELD = [  # added after the first two terms (see the module doc)
  dict(B, model="qwen2.5-0.5b", gpus=2, zero=1, precision="fp32", peft="freeze", train_layers=2, loss="chunked"),
  dict(B, model="gpt2", gpus=8, zero=3, precision="pure-bf16", peft="full", loss="chunked", loss_chunks=4),
 ]
+FRESH = [  # held out: traced once after every term was in place, never looked at before
+ dict(B, model="qwen2.5-0.5b", gpus=2, zero=2, precision="bf16", peft="lora", loss="chunked"),
+ dict(B, model="llama-3.2-1b", gpus=4, zero=3, precision="pure-bf16", peft="full", loss="chunked", checkpointing="full"),
+ dict(B, model="gpt2", gpus=8, zero=1, precision="fp32", peft="lora", logits_to_keep=256),
+ dict(B, model="llama-3.2-1b", gpus=2, zero=2, precision="fsdp-bf16", peft="full", logits_to_keep=128),
+ dict(B, model="gpt2", gpus=2, zero=3, precision="bf16", peft="freeze", train_layers=1, loss="chunked",
+      checkpointing="full"),
+ dict(B, model="qwen2.5-0.5b", gpus=4, zero=0, precision="pure-bf16", peft="full", loss="chunked", loss_chunks=16),
+]
 if "--held" in sys.argv: SETUPS = HELD
+if "--fresh" in sys.argv: SETUPS = FRESH
 cache = sys.argv[1]
 done = {}
 if os.path.exists(cache):
     for l in open(cache):
         d = json.loads(l); done[json.dumps(d["setup"], sort_keys=True)] = d
 only_cached = "--cached-only" in sys.argv
-if "--all" in sys.argv: SETUPS = SETUPS + HELD
+if "--all" in sys.argv: SETUPS = SETUPS + HELD + FRESH
 for kw in SETUPS:
     key = json.dumps(kw, sort_keys=True)
     k = dict(kw); model = resolve_model(k.pop("model")); setup = make_setup(**k)
