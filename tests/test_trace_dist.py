@@ -66,6 +66,18 @@ def test_chunked_loss_traces_through_every_engine(zero, world):
     assert result.model_states == standard.model_states  # the loss changes transients only
 
 
+def test_deepspeed_refuses_the_chunked_and_last_k_losses():
+    """DeepSpeed's trace runs the model's own loss (memplan.trace.deepspeed: `engine(**batch).loss`): the losses
+    past the model stay refused there, with one line, while the FSDP2 / DDP engines run them."""
+    from memplan.spec.setup import Engine
+    from memplan.trace.support import unsupported
+
+    for kw in (dict(loss=Loss.CHUNKED), dict(logits_to_keep=8)):
+        assert "--engine deepspeed" in unsupported(setup_(gpus=2, zero=2, engine=Engine.DEEPSPEED,
+                                                          precision=Precision.BF16_MASTER, **kw), engines=True)
+        assert unsupported(setup_(gpus=2, zero=2, **kw), engines=True) is None
+
+
 def test_chunked_forward_runs_the_root_hooks():
     """Under FSDP2 the chunked head runs inside the root unit's forward: its parameters are gathered (the trace
     would fail on a sharded LM head otherwise) and the base's forward is restored after the step."""
