@@ -1,7 +1,8 @@
-"""Estimate vs the per-rank trace with --loss chunked / --logits-to-keep under --gpus / --zero (docs/memory-techniques.md,
-"Under --gpus / --zero"): allocated peak within 3%, every category within 5% / 16 MiB (memplan.calibrate.Row).
+"""Estimate vs the per-rank trace with --loss chunked / --logits-to-keep under --gpus / --zero
+(docs/memory-techniques.md, "Under --gpus / --zero"): allocated peak within 3%, every category within 5% / 16 MiB (memplan.calibrate.Row).
 
-    python benchmarks/chunked_loss_multi.py reports/trace_cache_chunked_multi.jsonl [--cached-only] [--held | --fresh | --all]
+    python benchmarks/chunked_loss_multi.py reports/trace_cache_chunked_multi.jsonl [--cached-only]
+                                                                              [--held | --fresh | --all]
 
 Traces not in the cache file are run (10–35 s each on 2 cores) and appended; --cached-only re-estimates the cached
 ones only. SETUPS were used to find the estimator's terms (phases.loss_past_root, the chunk-sum moment); HELD were
@@ -41,7 +42,8 @@ HELD = [  # added after the first two terms (see the module doc)
 ]
 FRESH = [  # held out: traced once after every term was in place, never looked at before
  dict(B, model="qwen2.5-0.5b", gpus=2, zero=2, precision="bf16", peft="lora", loss="chunked"),
- dict(B, model="llama-3.2-1b", gpus=4, zero=3, precision="pure-bf16", peft="full", loss="chunked", checkpointing="full"),
+ dict(B, model="llama-3.2-1b", gpus=4, zero=3, precision="pure-bf16", peft="full", loss="chunked",
+      checkpointing="full"),
  dict(B, model="gpt2", gpus=8, zero=1, precision="fp32", peft="lora", logits_to_keep=256),
  dict(B, model="llama-3.2-1b", gpus=2, zero=2, precision="fsdp-bf16", peft="full", logits_to_keep=128),
  dict(B, model="gpt2", gpus=2, zero=3, precision="bf16", peft="freeze", train_layers=1, loss="chunked",
