@@ -217,8 +217,11 @@ def test_bitfit_written_out():
 
 
 # --peft freeze --train-layers k: "only the last k blocks and the head (0 = head only)" (setup.py), the head being the
-# final norm and the LM head (for tied models the embedding that is the LM head) — params.py. Hand-worked from
-# transformers' parameter names: the last k blocks of the main / decoder stack plus these head tensors.
+# LM head: the module transformers' get_output_embeddings() returns (for tied models the embedding that is its weight,
+# and its bias), which memplan.trace.build unfreezes. The final norm stays frozen, as in LLaMA-Factory's freeze tuning
+# (src/llamafactory/model/adapter.py _setup_freeze_tuning: nothing outside the blocks trains unless named in
+# freeze_extra_modules, default None) and in the trace. Hand-worked from transformers' parameter names: the last k
+# blocks of the main / decoder stack plus these head tensors.
 BLOCK_RE = {
     "llama": r"model\.layers\.(\d+)\.", "mistral": r"model\.layers\.(\d+)\.", "qwen2": r"model\.layers\.(\d+)\.",
     "phi": r"model\.layers\.(\d+)\.", "gpt2": r"transformer\.h\.(\d+)\.", "bloom": r"transformer\.h\.(\d+)\.",
@@ -227,19 +230,19 @@ BLOCK_RE = {
     "gemma2": r"model\.layers\.(\d+)\.", "phi3": r"model\.layers\.(\d+)\.",
     "olmo2": r"model\.layers\.(\d+)\.",
 }
-HEAD = {  # final norm, LM head (for tied models the word embedding it shares)
-    "llama": ("model.norm.", "lm_head."), "mistral": ("model.norm.", "lm_head."),
-    "qwen2": ("model.norm.", "lm_head.", "model.embed_tokens."),  # qwen2.5-0.5b ties its head
-    "phi": ("model.final_layernorm.", "lm_head."),
-    "gpt2": ("transformer.ln_f.", "transformer.wte."),
-    "bloom": ("transformer.ln_f.", "transformer.word_embeddings."),
-    "opt": ("model.decoder.final_layer_norm.", "model.decoder.embed_tokens."),
-    "bert": ("cls.predictions.", "bert.embeddings.word_embeddings."),  # MLM transform + bias, tied decoder
-    "t5": ("decoder.final_layer_norm.", "shared."),
-    "qwen3": ("model.norm.", "lm_head.", "model.embed_tokens."),  # qwen3-0.6b ties its head
-    "gemma2": ("model.norm.", "lm_head.", "model.embed_tokens."),  # tied
-    "phi3": ("model.norm.", "lm_head."),
-    "olmo2": ("model.norm.", "lm_head."),
+HEAD = {  # the LM head's parameters (for tied models the word embedding it shares)
+    "llama": ("lm_head.",), "mistral": ("lm_head.",),
+    "qwen2": ("lm_head.", "model.embed_tokens."),  # qwen2.5-0.5b ties its head
+    "phi": ("lm_head.",),  # weight and bias
+    "gpt2": ("transformer.wte.",),
+    "bloom": ("transformer.word_embeddings.",),
+    "opt": ("model.decoder.embed_tokens.",),
+    "bert": ("cls.predictions.bias", "bert.embeddings.word_embeddings."),  # the tied decoder's weight and bias
+    "t5": ("shared.",),
+    "qwen3": ("lm_head.", "model.embed_tokens."),  # qwen3-0.6b ties its head
+    "gemma2": ("lm_head.", "model.embed_tokens."),  # tied
+    "phi3": ("lm_head.",),
+    "olmo2": ("lm_head.",),
 }
 # --peft freeze trains only what comes after the blocks (was a memplan bug, fixed).
 
@@ -263,18 +266,31 @@ def test_freeze_counts_last_blocks_and_head(key, k):
 
 
 def test_freeze_written_out():
-    # llama-7b, k = 0: final norm 4096 + lm_head 32000·4096 = 131,076,096
-    assert memplan_trainable("llama-7b", peft="freeze", train_layers=0) == 131_076_096
+    # llama-7b, k = 0: lm_head 32000·4096 = 131,072,000 (the final norm is frozen)
+    assert memplan_trainable("llama-7b", peft="freeze", train_layers=0) == 131_072_000
     # k = 1 adds one block: 4·4096² + 3·4096·11008 + 2·4096 = 202,383,360
-    assert memplan_trainable("llama-7b", peft="freeze", train_layers=1) == 131_076_096 + 202_383_360
-    # gpt2, k = 0: ln_f (2·768 = 1,536) + the tied wte 50257·768 = 38,597,376 -> 38,598,912
-    assert memplan_trainable("gpt2", peft="freeze", train_layers=0) == 38_598_912
+    assert memplan_trainable("llama-7b", peft="freeze", train_layers=1) == 131_072_000 + 202_383_360
+    # gpt2, k = 0: the tied wte 50257·768 = 38,597,376 (ln_f frozen)
+    assert memplan_trainable("gpt2", peft="freeze", train_layers=0) == 38_597_376
+
+
+@pytest.mark.parametrize("key", ["gpt2", "bert-base-uncased", "phi-2", "qwen2.5-0.5b"])
+def test_freeze_counts_equal_the_trace(key):
+    """The estimate trains what the trace's model trains (memplan.trace.build on the meta device): the same tensors
+    outside the blocks (a final norm and BERT's MLM transform frozen, the LM head and its bias trained)."""
+    from memplan.spec.values import make_setup, resolve_model
+    from memplan.trace.build import build
+
+    setup = make_setup(peft="freeze", train_layers=1, seq=SEQ)
+    built = build(resolve_model(key), setup)
+    traced = sum(p.numel() for p in dict.fromkeys(built.model.parameters()) if p.requires_grad)
+    assert memplan_trainable(key, peft="freeze", train_layers=1) == traced
 
 
 def test_freeze_tied_head_saves_frozen_block_activations():
     """Under --peft freeze of a tied-embedding model the head is the input embedding, so autograd back-propagates
     through every frozen block to reach the embedding lookup, and those blocks save activations. A tiny GPT-2 on CPU,
-    frozen as memplan's --peft freeze --train-layers 0 says (wte and ln_f train): the real model saves tensors inside
+    frozen as memplan's --peft freeze --train-layers 0 says (wte trains): the real model saves tensors inside
     the frozen block, and memplan's per-block activations must not be 0 there."""
     from memplan.api import make_setup
     from memplan.estimate.activations import activations
@@ -285,7 +301,7 @@ def test_freeze_tied_head_saves_frozen_block_activations():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
     for n, p in model.named_parameters():
-        p.requires_grad_(n.startswith(("transformer.wte.", "transformer.ln_f.")))
+        p.requires_grad_(n.startswith("transformer.wte."))
     params = {p.data_ptr() for p in model.parameters()}
     where, saved = [None], {}
 

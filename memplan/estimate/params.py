@@ -95,22 +95,36 @@ def _base_groups(model: ModelSpec, setup: TrainingSetup) -> list[ParamGroup]:
     quant = peft is PeftMethod.QLORA
     for l in model.linears:
         w_train = not base_frozen and peft is not PeftMethod.BITFIT
-        if peft is PeftMethod.FREEZE and l.role is Role.HEAD:
-            w_train = True  # the head always trains under --peft freeze
+        b_train = not base_frozen or peft is PeftMethod.BITFIT
+        if peft is PeftMethod.FREEZE and l.stack is Stack.OUTSIDE:
+            w_train = b_train = _freeze_head(model, l)
         add(f"{l.qualname}.weight", l.weight_numel, l.count, l.stack, w_train,
             nf4=quant and l.role is not Role.HEAD, matmul=True, rows=l.out_features)
         if l.bias:
-            add(f"{l.qualname}.bias", l.out_features, l.count, l.stack, not base_frozen or peft is PeftMethod.BITFIT)
+            add(f"{l.qualname}.bias", l.out_features, l.count, l.stack, b_train)
+    norms = {t.name.rsplit(".", 1)[0] for t in model.tensors if t.kind is TensorKind.NORM_WEIGHT}
     for t in model.tensors:
         train = not base_frozen and (peft is not PeftMethod.BITFIT or t.kind is TensorKind.BIAS)
         tied = model.tie_embeddings and t is _tied_embedding(model)
         if peft is PeftMethod.FREEZE and t.stack is Stack.OUTSIDE:
-            # head only: what comes after the blocks (final norm, MLM transform) and, for tied models, the
-            # embedding that is the LM head; embedding-side norms and an encoder's final norm stay frozen
-            train = not (t.kind is TensorKind.EMBEDDING or t.input_side) or tied
+            # the LM head only (`_freeze_head`): for tied models the embedding that is its weight, and its own bias
+            # (BERT's cls.predictions.bias, a bias beside no norm weight); norms, the MLM transform and the other
+            # embeddings stay frozen
+            train = tied or (t.kind is TensorKind.BIAS and not t.input_side
+                             and t.name.rsplit(".", 1)[0] not in norms)
         add(t.name, t.numel, t.count, t.stack, train, matmul=tied,
             rows=t.numel // model.hidden if t.kind is TensorKind.EMBEDDING else 0, kind=t.kind)
     return out
+
+
+def _freeze_head(model: ModelSpec, l) -> bool:
+    """Does an nn.Linear outside the blocks train under --peft freeze? Only the LM head (the module transformers'
+    get_output_embeddings() returns, which memplan.trace.build unfreezes): the untied head. A tied model's head is
+    its embedding, so a HEAD-role linear there is something else (BERT's MLM transform dense), frozen. The final
+    norm stays frozen too, as the trace does and as LLaMA-Factory's freeze tuning does by default
+    (src/llamafactory/model/adapter.py _setup_freeze_tuning: a module outside the blocks trains only when named in
+    freeze_extra_modules, default None)."""
+    return l.role is Role.HEAD and not model.tie_embeddings
 
 
 def _tied_embedding(model: ModelSpec):

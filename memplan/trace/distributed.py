@@ -232,6 +232,13 @@ class FakeDDP(nn.Module):
             self.sync = True
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DDP / FakeDDP (itself otherwise: FSDP2 shards the model in place)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, (DDP, FakeDDP)) else model
+
+
 def apply_engine(built, setup: TrainingSetup, tracker: AllocTracker | None = None) -> None:
     """Wrap `built` in place for `setup`'s engine on the default process group: FSDP2 on the meta model (call
     before materializing), DDP on the materialized one (after). tracked_session calls it at the right point."""

@@ -156,14 +156,41 @@ def step_loss(model, base, batch: dict, setup: TrainingSetup):
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
         return loss
-    backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
-    head = base.get_output_embeddings()
-    logits = [head(chunk) for chunk in hidden.chunk(setup.loss_chunks, dim=1)]
+    if setup.gpus > 1 or setup.zero > 0:  # through the engine: its root unit's forward returns the chunks
+        with chunked_forward(base, setup.loss_chunks):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    else:
+        logits = _chunked_logits(base, batch["input_ids"], batch.get("attention_mask"), setup.loss_chunks)
     labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as torchtune's recipes do
     loss = chunked_loss(logits, labels, setup.loss_chunks)
     del logits
     return loss
+
+
+def _chunked_logits(base, input_ids, attention_mask, chunks: int) -> list:
+    """torchtune 0.6.1 TransformerDecoder.forward with num_output_chunks (modules/transformer.py chunked_output):
+    the backbone (its final norm included), then the output projection applied chunk by chunk."""
+    backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = base.get_output_embeddings()
+    return [head(chunk) for chunk in hidden.chunk(chunks, dim=1)]
+
+
+@contextlib.contextmanager
+def chunked_forward(base, chunks: int):
+    """`base` (the causal LM inside peft's wrappers and the engine) made to return the chunked logits from its own
+    forward, as torchtune's distributed recipes call their model (recipes/full_finetune_distributed.py and
+    lora_finetune_distributed.py: `logits = self._model(**batch)` on the FSDP2 root, then the loss outside): so the
+    engine's forward hooks run (FSDP2's root unit gathers the embedding, final norm and LM head, which stay gathered
+    into the backward; DDP prepares its reducer) and the loss is computed past the model, on the returned list."""
+    def forward(input_ids=None, attention_mask=None, **_ignored):
+        return _chunked_logits(base, input_ids, attention_mask, chunks)
+
+    base.forward = forward  # an instance attribute: nn.Module.__call__ (and the engine's hooks) run it
+    try:
+        yield
+    finally:
+        del base.forward
 
 
 def chunked_loss(logits: list, labels, num_output_chunks: int, ignore_index: int = IGNORE_INDEX):

@@ -303,7 +303,10 @@ class TrainLoop:
             return distill_loss(self.model, self.teacher, batch, self.setup, self.tracker.set_mark)
         if not uses_head_loss(self.setup):
             return self.model(**batch).loss
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        from memplan.trace.distributed import unwrapped
+
+        inner = unwrapped(self.model)  # DDP's module (FSDP2 shards in place)
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
         return step_loss(self.model, base, batch, self.setup)
 
     def _sync(self, last: bool):
