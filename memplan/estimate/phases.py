@@ -695,14 +695,24 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
-    mb = mlp_backward(model, setup, p) if h.fsdp or deepspeed.walks_mlp(setup) else None
+    # (DDP / ZeRO-1 too: the per-rank trace peaks there once the blocks' saved tensors outgrow the loss's)
+    mb = mlp_backward(model, setup, p) if h.fsdp or h.grad_floor or deepspeed.walks_mlp(setup) else None
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
     if mb and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP backward
         # (MlpBackward), after its recomputation
-        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1), no_sync)
-        states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a, held + head_wait + mlp_t))
+        ddp_walk = bool(h.grad_floor) and not h.fsdp
+        # DDP: with bucket views each new weight gradient is a temporary, copied into its bucket by the reducer's
+        # hook and freed (walked as no-sync's add into the carried one); the block's incoming gradient, the
+        # residual stream's [tokens, hidden] from the final norm's backward, stays alive through the block's
+        # backward (DDP / ZeRO-1 per-rank traces of llama-2-7b and -70b, checkpointed and not)
+        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1),
+                                      no_sync or (ddp_walk and setup.bucket_view))
+        resid = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
+                                                                 else stream_bytes(setup.precision)))
+        states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
+                         held + head_wait + mlp_t + (resid if ddp_walk else 0)))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
         # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
