@@ -36,12 +36,12 @@ from memplan.estimate import deepspeed, fp8
 from memplan.estimate.activations import Activations, logits_bytes, logits_upcast, stream_bytes
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
-from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
+from memplan.estimate.params import ParamGroup, all_params, lora_targets, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.estimate.weights import half_adapters
-from memplan.spec.model import ModelSpec, Role
+from memplan.spec.model import ModelSpec, Role, Stack
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
@@ -65,6 +65,8 @@ class Moment(str, Enum):
     TOP_BLOCK_FP8_CAST = "top block fp8 cast"  # --fp8: a converted linear's operand casts (fp8.cast_transients)
     LOWEST_BLOCK_FP8_CAST = "lowest block fp8 cast"  # ... in the lowest saved / trained block's backward
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
+    TOP_BLOCK_RECOMPUTE = "top block recomputation"  # a checkpointed top block under autocast: its recomputed
+    # forward at its MLP output projection's weight cast (recompute_transients)
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
@@ -360,6 +362,22 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
     half = round_block(model.hidden * model.intermediate * prec.compute_bytes) if prec.autocast else 0
     return MlpBackward(round_block(model.intermediate * t * c), round_block(model.hidden * t * c), p.grads.down,
                        half if p.grads.down else 0)
+
+
+def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
+    """Temporaries of a checkpointed top block's recomputed forward under autocast, at its MLP output projection's
+    weight cast (the per-rank FSDP2 trace of llama-2-7b, fp16, checkpointed, LoRA and DoRA: the top block's
+    backward peaks there). Alive beside what the step holds: the block's incoming gradient, the residual stream's
+    [tokens, hidden] in fp32, and its compute-dtype cast (the MLP output's AddBackward0 casts it to the dtype of
+    the input it came from, before the down projection's backward unpacks a saved tensor and so starts the
+    recomputation: torch.utils.checkpoint, non-reentrant); the block's weight casts made again (autocast,
+    block_cast_bytes); the MLP's input, its norm's fp32 output, still held by the block's forward; and
+    act(gate)·up, the output projection's input (an activation instead when that projection saves it)."""
+    resid = round_block(setup.model_tokens * model.hidden * 4)
+    down = next((l for l in model.linears if l.role is Role.DOWN and l.stack is not Stack.OUTSIDE), None)
+    targets = lora_targets(model, setup) if setup.peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA) else ()
+    saves = bool(p.grads.down) or (down is not None and down in targets)
+    return 2 * resid + mb.x + block_cast_bytes(model, setup, h, p.groups) + (0 if saves else mb.row)
 
 
 @dataclass(frozen=True)
@@ -700,6 +718,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
+    if mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast:  # its recomputation (recompute_transients)
+        states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
+                         held + head_wait + recompute_transients(model, setup, p, h, mb)))
     if mb and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP backward
         # (MlpBackward), after its recomputation
         ddp_walk = bool(h.grad_floor) and not h.fsdp
