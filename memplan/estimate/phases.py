@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 from memplan.categories import Category as C, Phase
 from memplan.estimate import deepspeed, fp8
-from memplan.estimate.activations import Activations, logits_bytes, logits_upcast, stream_bytes
+from memplan.estimate.activations import (Activations, adapter_compute_bytes, logits_bytes, logits_upcast,
+                                          stream_bytes)
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
 from memplan.estimate.params import ParamGroup, all_params, lora_targets, param_groups, trainable_params
@@ -52,6 +53,8 @@ class Moment(str, Enum):
     LOAD = "load"
     FORWARD_START = "forward start"  # FSDP2: the root and the first block gathered
     FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
+    TOP_BLOCK_DORA_NORM = "top block DoRA weight norm"  # --peft dora: a linear's weight norm in the last block's
+    # forward (dora_norm_states)
     FORWARD = "forward"
     BACKWARD_START = "backward start"  # FSDP2 ZeRO-3: the root gathered again (R + R_f)
     LOSS_BACKWARD = "loss backward"
@@ -547,6 +550,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
+        *dora_norm_states(model, setup, acts, h, half_fwd),
         State(Moment.FORWARD, Phase.FORWARD,
               _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
         *((State(Moment.TOP_BLOCK_EXPERTS, Phase.FORWARD,  # the top block's experts before the head and loss
@@ -571,6 +575,56 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     if setup.optimizer_in_backward:
         return in_backward(states, model, setup, p)
     return states
+
+
+# ---- --peft dora ----------------------------------------------------------------------------------------------------
+def dora_norm_bytes(lin, setup: TrainingSetup) -> tuple[int, int]:
+    """(activations, temporaries) peft 0.21's DoRA forward holds beyond the block's saves while it computes linear
+    `lin`'s weight norm (peft/tuners/lora/dora.py, DoraLinearLayer.forward: get_lora_weight, then get_weight_norm
+    on the base weight cast to the input's dtype; the input x was cast to the adapter dtype by lora.Linear.forward):
+    - get_lora_weight runs lora_B(lora_A(eye(in))): lora_A's matmul saves the [in, in] identity (under autocast its
+      compute-dtype cast: the fp32 identity is freed when get_lora_weight returns) and lora_B's saves lora_A's
+      [in, rank] output, both alive while `lora_weight` is (activations); lora_B's [in, out] output is
+      `lora_weight`, cast to x's dtype (under autocast a new fp32 copy, the compute-dtype one freed);
+    - get_weight_norm: the base weight cast to x's dtype (none when already in it), scaling · lora_weight and
+      weight + that, [out, in] each in x's dtype, alive together as linalg.norm runs.
+    Checked against the per-rank trace of llama-2-7b (ZeRO-1, pure-bf16) at its last block's v_proj."""
+    p = setup.precision
+    i, o, r = lin.in_features, lin.out_features, setup.lora.rank
+    a = adapter_compute_bytes(p, half_adapters(setup))  # x's dtype: the adapter's
+    w = stream_bytes(p) if not p.autocast else p.param_bytes  # the base weight as the forward sees it
+    e = p.compute_bytes if p.autocast else a  # the identity and lora_A's output, as saved
+    acts = round_block(i * i * e) + round_block(i * r * e)
+    temps = round_block(i * o * a) + (round_block(o * i * a) if w != a else 0) + 2 * round_block(o * i * a)
+    return acts, temps
+
+
+def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, h: "Held",
+                     half_fwd: int) -> tuple[State, ...]:
+    """--peft dora: the last block's forward at the DoRA linear whose weight norm holds the most (dora_norm_bytes),
+    the blocks below and what that block saved before it alive (Activations.dora_norm; the last block is not
+    checkpointed there), beside the residual stream in flight: the block's input and its norm's output, and the
+    earlier query / key projections' outputs still waiting for the rotary embedding (the per-rank trace)."""
+    if not acts.dora_norm or h.fsdp:  # (FSDP2's last block runs beside other all-gather buffers: not walked)
+        return ()
+    by_name = {l.qualname: l for l in model.linears if l.stack is not Stack.OUTSIDE}
+    prec, t = setup.precision, setup.model_tokens
+    resid = round_block(t * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
+    c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
+    earlier = {Role.K: model.q_dim, Role.V: model.q_dim + model.kv_dim}  # q (and k) made before, in the block
+    below = acts.total - acts.outside + acts.early - acts.per_block[-1]
+    best = None
+    for name, saved in acts.dora_norm:
+        lin = by_name.get(name)
+        if lin is None:
+            continue
+        a, tmp = dora_norm_bytes(lin, setup)
+        tmp += 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)
+        s = State(Moment.TOP_BLOCK_DORA_NORM, Phase.FORWARD,
+                  _alive(h, h.accum_grads, below + saved + a, half_fwd + h.deq_outside + h.z_f + tmp))
+        if best is None or s.total > best.total:
+            best = s
+    return (best,) if best else ()
 
 
 # ---- --optimizer-in-backward ------------------------------------------------------------------------------------
