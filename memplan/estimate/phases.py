@@ -613,6 +613,12 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
     earlier = {Role.K: model.q_dim, Role.V: model.q_dim + model.kv_dim}  # q (and k) made before, in the block
     below = acts.total - acts.outside + acts.early - acts.per_block[-1]
+    # autocast's weight casts made by then: every block's below, and this block's up to this linear (in the block's
+    # order, each as big as its weight); the LM head's not yet
+    L = max(model.blocks, 1)
+    per_block = (half_fwd - h.half_outside) // L if half_fwd else 0
+    order = [l for l in model.linears if l.stack is not Stack.OUTSIDE]
+    sizes = [l.in_features * l.out_features for l in order]
     best = None
     for name, saved in acts.dora_norm:
         lin = by_name.get(name)
@@ -620,8 +626,9 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
             continue
         a, tmp = dora_norm_bytes(lin, setup)
         tmp += 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)
+        casts = per_block * (L - 1) + per_block * sum(sizes[:order.index(lin) + 1]) // max(sum(sizes), 1)
         s = State(Moment.TOP_BLOCK_DORA_NORM, Phase.FORWARD,
-                  _alive(h, h.accum_grads, below + saved + a, half_fwd + h.deq_outside + h.z_f + tmp))
+                  _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + h.z_f + tmp))
         if best is None or s.total > best.total:
             best = s
     return (best,) if best else ()
