@@ -42,7 +42,7 @@ from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.estimate.weights import half_adapters
-from memplan.spec.model import ModelSpec, Role, Stack
+from memplan.spec.model import Arch, ModelSpec, Role, Stack
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
@@ -607,7 +607,8 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     earlier query / key projections' outputs still waiting for the rotary embedding (the per-rank trace)."""
     if not acts.dora_norm or h.fsdp:  # (FSDP2's last block runs beside other all-gather buffers: not walked)
         return ()
-    by_name = {l.qualname: l for l in model.linears if l.stack is not Stack.OUTSIDE}
+    stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER  # the last block's (activations._stacks)
+    by_name = {l.qualname: l for l in model.linears if l.stack is stack}
     prec, t = setup.precision, setup.model_tokens
     resid = round_block(t * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
@@ -617,7 +618,7 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     # order, each as big as its weight); the LM head's not yet
     L = max(model.blocks, 1)
     per_block = (half_fwd - h.half_outside) // L if half_fwd else 0
-    order = [l for l in model.linears if l.stack is not Stack.OUTSIDE]
+    order = [l for l in model.linears if l.stack is stack]
     sizes = [l.in_features * l.out_features for l in order]
     best = None
     for name, saved in acts.dora_norm:
