@@ -605,7 +605,8 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     the blocks below and what that block saved before it alive (Activations.dora_norm; the last block is not
     checkpointed there), beside the residual stream in flight: the block's input and its norm's output, and the
     earlier query / key projections' outputs still waiting for the rotary embedding (the per-rank trace)."""
-    if not acts.dora_norm or h.fsdp:  # (FSDP2's last block runs beside other all-gather buffers: not walked)
+    if not acts.dora_norm or h.fsdp or setup.offload_activations:  # (not walked: FSDP2's last block runs beside
+        # other all-gather buffers; activation offloading's states are memplan.estimate.offload's)
         return ()
     stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER  # the last block's (activations._stacks)
     by_name = {l.qualname: l for l in model.linears if l.stack is stack}
@@ -780,7 +781,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
-    if mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast:  # its recomputation (recompute_transients)
+    if mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast and not setup.offload_activations:
+        # its recomputation (recompute_transients; not walked under activation offloading, whose states
+        # memplan.estimate.offload adjusts by name)
         states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
                          held + head_wait + recompute_transients(model, setup, p, h, mb)))
     if mb and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP backward
