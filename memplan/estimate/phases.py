@@ -383,6 +383,16 @@ def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, 
     return 2 * resid + mb.x + block_cast_bytes(model, setup, h, p.groups) + (0 if saves else mb.row)
 
 
+def recomputed_casts(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
+    """A checkpointed top block's autocast weight casts still alive at its MLP backward's largest moment
+    (MlpBackward.walk): made again by its recomputation (recompute_transients), less those of the projections whose
+    backward has run by then, each freeing its cast: the output projection's (MulBackward0's moment) and, when the
+    MLP trains, the up projection's too (the gate's weight-gradient cast). The per-rank traces of a 1024-wide
+    4-block llama, checkpointed, bf16 / fp16: DDP and FSDP2, LoRA, DoRA and full."""
+    one = round_block(model.hidden * model.intermediate * setup.precision.compute_bytes)
+    return max(block_cast_bytes(model, setup, h, p.groups) - (2 if mb.weight_half else 1) * one, 0)
+
+
 @dataclass(frozen=True)
 class FsdpBuffers:
     """Per-rank FSDP2 (ZeRO-2 / 3) transients and gradients at the estimator's moments, as the per-rank trace
@@ -790,15 +800,17 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # (MlpBackward), after its recomputation
         ddp_walk = bool(h.grad_floor) and not h.fsdp
         # DDP: with bucket views each new weight gradient is a temporary, copied into its bucket by the reducer's
-        # hook and freed (walked as no-sync's add into the carried one); the block's incoming gradient, the
-        # residual stream's [tokens, hidden] from the final norm's backward, stays alive through the block's
-        # backward (DDP / ZeRO-1 per-rank traces of llama-2-7b and -70b, checkpointed and not)
+        # hook and freed (walked as no-sync's add into the carried one). Every engine: the block's incoming
+        # gradient, the residual stream's [tokens, hidden] from the final norm's backward, stays alive through the
+        # block's backward (per-rank traces: DDP / ZeRO-1 llama-2-7b and -70b, FSDP2 llama-2-7b and a 1024-wide
+        # 4-block llama, checkpointed and not); a checkpointed block's recomputed weight casts (recomputed_casts)
         mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1),
                                       no_sync or (ddp_walk and setup.bucket_view))
         resid = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
                                                                  else stream_bytes(setup.precision)))
+        again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
-                         held + head_wait + mlp_t + (resid if ddp_walk else 0)))
+                         held + head_wait + mlp_t + resid + again))
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
         # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
