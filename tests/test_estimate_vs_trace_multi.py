@@ -93,6 +93,24 @@ TOY = spec_from_config(dict(model_type="llama", hidden_size=256, intermediate_si
                             num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048,
                             tie_word_embeddings=False), "small-llama")
 FAST += [dict(model=TOY, batch=1, seq=128, gpus=2, zero=3, precision="fsdp-bf16")]
+# --peft dora (peft 0.21's DoRA forward, fp32 adapters) on a 4-block llama of width 1024 (llama-2-7b's MLP ratio) with
+# a small vocabulary, so that the blocks, not the logits, hold the peak: the three moments the grid's 7B DoRA setups
+# missed in their categories (errors before each term, same traces)
+SMALL_DORA = spec_from_config(dict(model_type="llama", hidden_size=1024, intermediate_size=2752, num_hidden_layers=4,
+                                   num_attention_heads=16, num_key_value_heads=16, vocab_size=1000,
+                                   max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                              "small-dora")
+D = dict(model=SMALL_DORA, peft="dora", batch=1, gpus=2)
+FAST += [
+    # ZeRO-1: the last block's forward at a DoRA linear's weight norm, the [in, in] identity, lora_B's product and
+    # the [out, in] sums alive (phases.dora_norm_states; before: -28.9%)
+    dict(D, zero=1, precision="pure-bf16", lora_targets="all-linear", seq=128),
+    # ZeRO-1, checkpointed: the top block's MLP backward walked under DDP (phases.MlpBackward; before: -21.0%)
+    dict(D, zero=1, precision="fp32", seq=4096, checkpointing="full"),
+    # FSDP2 ZeRO-3 under autocast, checkpointed: the top block's recomputed forward, its weight casts made again
+    # (phases.recompute_transients; before: -7.2%)
+    dict(D, zero=3, precision="bf16", seq=2048, checkpointing="full"),
+]
 
 
 def _check(kw):

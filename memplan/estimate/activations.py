@@ -112,6 +112,9 @@ class _Block:
             if x.dora:  # (m/‖W‖ - 1)·base + m/‖W‖·lora·s saves the base and LoRA results
                 # base_result - bias: an fp32 bias promotes it to fp32 under autocast
                 self.s.add(self.t(name + ".dora_base"), (4 if (x.autocast and lin.bias) else x.c) * lin.out_features)
+                # what the block has saved when peft's DoRA forward computes this linear's weight norm (its base
+                # result and input cast made, its LoRA branch not yet): memplan.estimate.phases.dora_norm_states
+                self.s.snapshot("dora:" + name)
                 lb = x.c if x.autocast else x.lora_bytes  # the LoRA branch's output: the adapter dtype
                 self.s.add(self.t(name + ".dora_lora"), lb * lin.out_features)
         out_b = x.c if (x.autocast or x.c == b) else b
@@ -506,6 +509,9 @@ class Activations:
     loss_chunks: int = 1  # the loss's saved tensors are freed 1/loss_chunks at a time (--loss chunked)
     experts_transient: int = 0  # peak transient bytes inside the top MoE block's expert forward (moe_transient)
     final_norm: tuple[int, int] = (0, 0)  # (saved, backward transient) bytes of the final norm (final_norm_bwd)
+    # --peft dora, the last block not checkpointed: (linear qualname, what that block has saved when the linear's
+    # weight norm is computed in its forward), in the block's order (memplan.estimate.phases.dora_norm_states)
+    dora_norm: tuple[tuple[str, int], ...] = ()
 
     def ckpt(self, block: int) -> bool:
         """Whether block `block` (negative: from the last) is recomputed in backward."""
@@ -529,7 +535,8 @@ def _block_rates(model: ModelSpec, ctx: Ctx, stack: Stack, cross: bool, policy: 
     if policy is Checkpointing.OP_SELECTIVE:  # what torchtitan's op-level SAC keeps beyond the block's input
         lin, sq, shared = techniques.op_sac_saved(model, ctx, stack, saved.lin)
         out["sac"], out["sac_shared"] = (lin, sq), (shared, 0)
-    return {**{k: saved.marks.get(k, out["all"]) for k in ("softmax", "attention")}, **out}
+    dora = {k: v for k, v in saved.marks.items() if k.startswith("dora:")}  # (each DoRA linear's weight norm)
+    return {**{k: saved.marks.get(k, out["all"]) for k in ("softmax", "attention")}, **out, **dora}
 
 
 def _o_saves_input(model: ModelSpec, ctx: Ctx, stack: Stack) -> bool:
@@ -634,8 +641,9 @@ def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     extra = dict(experts_transient=moe_transient(model, setup), final_norm=final_norm_bwd(model, setup))
     if setup.checkpointing.wraps_blocks:
         return replace(_wrapped_activations(setup, per, outside, block_input, tr, early, loss), **extra)
+    dora = tuple((k[len("dora:"):], v) for k, v in per[-1].items() if k.startswith("dora:")) if per else ()
     return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss, inputs,
-                       loss_chunks=_loss_chunks(setup), **extra)
+                       loss_chunks=_loss_chunks(setup), dora_norm=dora, **extra)
 
 
 # The backward of an RMS norm whose weight multiplies in fp32 (NormKind.RMSNORM_FP32_WEIGHT: Gemma's

@@ -33,15 +33,16 @@ from typing import NamedTuple
 
 from memplan.categories import Category as C, Phase
 from memplan.estimate import deepspeed, fp8
-from memplan.estimate.activations import Activations, logits_bytes, logits_upcast, stream_bytes
+from memplan.estimate.activations import (Activations, adapter_compute_bytes, logits_bytes, logits_upcast,
+                                          stream_bytes)
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
-from memplan.estimate.params import ParamGroup, all_params, param_groups, trainable_params
+from memplan.estimate.params import ParamGroup, all_params, lora_targets, param_groups, trainable_params
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.estimate.weights import half_adapters
-from memplan.spec.model import ModelSpec, Role
+from memplan.spec.model import Arch, ModelSpec, Role, Stack
 from memplan.spec.traits import BlockLayout, NormKind
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
@@ -53,6 +54,8 @@ class Moment(str, Enum):
     LOAD = "load"
     FORWARD_START = "forward start"  # FSDP2: the root and the first block gathered
     FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
+    TOP_BLOCK_DORA_NORM = "top block DoRA weight norm"  # --peft dora: a linear's weight norm in the last block's
+    # forward (dora_norm_states)
     FORWARD = "forward"
     BACKWARD_START = "backward start"  # FSDP2 ZeRO-3: the root gathered again (R + R_f)
     LOSS_BACKWARD = "loss backward"
@@ -66,6 +69,8 @@ class Moment(str, Enum):
     TOP_BLOCK_FP8_CAST = "top block fp8 cast"  # --fp8: a converted linear's operand casts (fp8.cast_transients)
     LOWEST_BLOCK_FP8_CAST = "lowest block fp8 cast"  # ... in the lowest saved / trained block's backward
     TOP_BLOCK_SOFTMAX = "top block softmax backward"
+    TOP_BLOCK_RECOMPUTE = "top block recomputation"  # a checkpointed top block under autocast: its recomputed
+    # forward at its MLP output projection's weight cast (recompute_transients)
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
     TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
     TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA: its dequantized
@@ -370,6 +375,32 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
                        half if p.grads.down else 0)
 
 
+def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
+    """Temporaries of a checkpointed top block's recomputed forward under autocast, at its MLP output projection's
+    weight cast (the per-rank FSDP2 trace of llama-2-7b, fp16, checkpointed, LoRA and DoRA: the top block's
+    backward peaks there). Alive beside what the step holds: the block's incoming gradient, the residual stream's
+    [tokens, hidden] in fp32, and its compute-dtype cast (the MLP output's AddBackward0 casts it to the dtype of
+    the input it came from, before the down projection's backward unpacks a saved tensor and so starts the
+    recomputation: torch.utils.checkpoint, non-reentrant); the block's weight casts made again (autocast,
+    block_cast_bytes); the MLP's input, its norm's fp32 output, still held by the block's forward; and
+    act(gate)·up, the output projection's input (an activation instead when that projection saves it)."""
+    resid = round_block(setup.model_tokens * model.hidden * 4)
+    down = next((l for l in model.linears if l.role is Role.DOWN and l.stack is not Stack.OUTSIDE), None)
+    targets = lora_targets(model, setup) if setup.peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA) else ()
+    saves = bool(p.grads.down) or (down is not None and down in targets)
+    return 2 * resid + mb.x + block_cast_bytes(model, setup, h, p.groups) + (0 if saves else mb.row)
+
+
+def recomputed_casts(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
+    """A checkpointed top block's autocast weight casts still alive at its MLP backward's largest moment
+    (MlpBackward.walk): made again by its recomputation (recompute_transients), less those of the projections whose
+    backward has run by then, each freeing its cast: the output projection's (MulBackward0's moment) and, when the
+    MLP trains, the up projection's too (the gate's weight-gradient cast). The per-rank traces of a 1024-wide
+    4-block llama, checkpointed, bf16 / fp16: DDP and FSDP2, LoRA, DoRA and full."""
+    one = round_block(model.hidden * model.intermediate * setup.precision.compute_bytes)
+    return max(block_cast_bytes(model, setup, h, p.groups) - (2 if mb.weight_half else 1) * one, 0)
+
+
 @dataclass(frozen=True)
 class FsdpBuffers:
     """Per-rank FSDP2 (ZeRO-2 / 3) transients and gradients at the estimator's moments, as the per-rank trace
@@ -537,6 +568,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
+        *dora_norm_states(model, setup, acts, h, half_fwd),
         State(Moment.FORWARD, Phase.FORWARD,
               _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
         *((State(Moment.TOP_BLOCK_EXPERTS, Phase.FORWARD,  # the top block's experts before the head and loss
@@ -587,6 +619,63 @@ def loss_past_root(states: tuple[State, ...], fs: FsdpBuffers, lt: LossTerms, ac
             c[C.TEMPORARIES] += lt.chunks * lt.logits_grad + lt.extra_casts
         out.append(State(s.name, s.phase, c))
     return tuple(out)
+# ---- --peft dora ----------------------------------------------------------------------------------------------------
+def dora_norm_bytes(lin, setup: TrainingSetup) -> tuple[int, int]:
+    """(activations, temporaries) peft 0.21's DoRA forward holds beyond the block's saves while it computes linear
+    `lin`'s weight norm (peft/tuners/lora/dora.py, DoraLinearLayer.forward: get_lora_weight, then get_weight_norm
+    on the base weight cast to the input's dtype; the input x was cast to the adapter dtype by lora.Linear.forward):
+    - get_lora_weight runs lora_B(lora_A(eye(in))): lora_A's matmul saves the [in, in] identity (under autocast its
+      compute-dtype cast: the fp32 identity is freed when get_lora_weight returns) and lora_B's saves lora_A's
+      [in, rank] output, both alive while `lora_weight` is (activations); lora_B's [in, out] output is
+      `lora_weight`, cast to x's dtype (under autocast a new fp32 copy, the compute-dtype one freed);
+    - get_weight_norm: the base weight cast to x's dtype (none when already in it), scaling · lora_weight and
+      weight + that, [out, in] each in x's dtype, alive together as linalg.norm runs.
+    Checked against the per-rank trace of llama-2-7b (ZeRO-1, pure-bf16) at its last block's v_proj."""
+    p = setup.precision
+    i, o, r = lin.in_features, lin.out_features, setup.lora.rank
+    a = adapter_compute_bytes(p, half_adapters(setup))  # x's dtype: the adapter's
+    w = stream_bytes(p) if not p.autocast else p.param_bytes  # the base weight as the forward sees it
+    e = p.compute_bytes if p.autocast else a  # the identity and lora_A's output, as saved
+    acts = round_block(i * i * e) + round_block(i * r * e)
+    temps = round_block(i * o * a) + (round_block(o * i * a) if w != a else 0) + 2 * round_block(o * i * a)
+    return acts, temps
+
+
+def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, h: "Held",
+                     half_fwd: int) -> tuple[State, ...]:
+    """--peft dora: the last block's forward at the DoRA linear whose weight norm holds the most (dora_norm_bytes),
+    the blocks below and what that block saved before it alive (Activations.dora_norm; the last block is not
+    checkpointed there), beside the residual stream in flight: the block's input and its norm's output, and the
+    earlier query / key projections' outputs still waiting for the rotary embedding (the per-rank trace)."""
+    if not acts.dora_norm or h.fsdp or setup.offload_activations:  # (not walked: FSDP2's last block runs beside
+        # other all-gather buffers; activation offloading's states are memplan.estimate.offload's)
+        return ()
+    stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER  # the last block's (activations._stacks)
+    by_name = {l.qualname: l for l in model.linears if l.stack is stack}
+    prec, t = setup.precision, setup.model_tokens
+    resid = round_block(t * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
+    c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
+    earlier = {Role.K: model.q_dim, Role.V: model.q_dim + model.kv_dim}  # q (and k) made before, in the block
+    below = acts.total - acts.outside + acts.early - acts.per_block[-1]
+    # autocast's weight casts made by then: every block's below, and this block's up to this linear (in the block's
+    # order, each as big as its weight); the LM head's not yet
+    L = max(model.blocks, 1)
+    per_block = (half_fwd - h.half_outside) // L if half_fwd else 0
+    order = [l for l in model.linears if l.stack is stack]
+    sizes = [l.in_features * l.out_features for l in order]
+    best = None
+    for name, saved in acts.dora_norm:
+        lin = by_name.get(name)
+        if lin is None:
+            continue
+        a, tmp = dora_norm_bytes(lin, setup)
+        tmp += 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)
+        casts = per_block * (L - 1) + per_block * sum(sizes[:order.index(lin) + 1]) // max(sum(sizes), 1)
+        s = State(Moment.TOP_BLOCK_DORA_NORM, Phase.FORWARD,
+                  _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + h.z_f + tmp))
+        if best is None or s.total > best.total:
+            best = s
+    return (best,) if best else ()
 
 
 # ---- --optimizer-in-backward ------------------------------------------------------------------------------------
@@ -735,14 +824,31 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
-    mb = mlp_backward(model, setup, p) if h.fsdp or deepspeed.walks_mlp(setup) else None
+    # (DDP / ZeRO-1 too: the per-rank trace peaks there once the blocks' saved tensors outgrow the loss's)
+    mb = mlp_backward(model, setup, p) if h.fsdp or h.grad_floor or deepspeed.walks_mlp(setup) else None
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
+    if mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast and not setup.offload_activations:
+        # its recomputation (recompute_transients; not walked under activation offloading, whose states
+        # memplan.estimate.offload adjusts by name)
+        states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
+                         held + head_wait + recompute_transients(model, setup, p, h, mb)))
     if mb and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP backward
         # (MlpBackward), after its recomputation
-        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1), no_sync)
-        states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a, held + head_wait + mlp_t))
+        ddp_walk = bool(h.grad_floor) and not h.fsdp
+        # DDP: with bucket views each new weight gradient is a temporary, copied into its bucket by the reducer's
+        # hook and freed (walked as no-sync's add into the carried one). Every engine: the block's incoming
+        # gradient, the residual stream's [tokens, hidden] from the final norm's backward, stays alive through the
+        # block's backward (per-rank traces: DDP / ZeRO-1 llama-2-7b and -70b, FSDP2 llama-2-7b and a 1024-wide
+        # 4-block llama, checkpointed and not); a checkpointed block's recomputed weight casts (recomputed_casts)
+        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1),
+                                      no_sync or (ddp_walk and setup.bucket_view))
+        resid = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
+                                                                 else stream_bytes(setup.precision)))
+        again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
+        states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
+                         held + head_wait + mlp_t + resid + again))
     states += ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
