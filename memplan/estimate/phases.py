@@ -834,9 +834,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # memplan.estimate.offload adjusts by name)
         states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
                          held + head_wait + recompute_transients(model, setup, p, h, mb)))
-    if mb and acts.full_per_block and acts.full_per_block[-1]:  # FSDP2: inside the top block's MLP backward
-        # (MlpBackward), after its recomputation
-        ddp_walk = bool(h.grad_floor) and not h.fsdp
+    ddp_walk = bool(h.grad_floor) and not h.fsdp
+    if mb and acts.full_per_block and acts.full_per_block[-1] and not (ddp_walk and not mb.weight_grad):
+        # FSDP2: inside the top block's MLP backward (MlpBackward), after its recomputation; DDP with a trained MLP
+        # (a frozen one's is ddp_top_mlp's)
         # DDP: with bucket views each new weight gradient is a temporary, copied into its bucket by the reducer's
         # hook and freed (walked as no-sync's add into the carried one). Every engine: the block's incoming
         # gradient, the residual stream's [tokens, hidden] from the final norm's backward, stays alive through the
