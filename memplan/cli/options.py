@@ -196,7 +196,7 @@ CONFIG_OPTIONS = [
                                           "torchtune recipe or an axolotl YAML (repeatable: later files override "
                                           "earlier ones, flags override every file; docs/config-files.md).")]),
     option("explain", bool, False, "--explain", help="With --config: print each field read, the flag it became "
-           "and its file (stderr)."),
+           "and its file (stderr). estimate under FSDP2: what its roomy-reserved line means."),
 ]
 
 
