@@ -218,6 +218,11 @@ def reconcile_table(rows: list[dict], summary: dict) -> str:
         if st["n"]:
             lines.append(f"  {lv:<10} |error| median {st['median_abs_pct']:.2f}%  max {st['max_abs_pct']:.2f}%  "
                          f"mean {st['mean_pct']:+.2f}%  (n={st['n']})")
+    if "roomy_reserved" in summary:  # FSDP2: measured reserved vs memplan.estimate.pools' roomy level
+        st = summary["roomy_reserved"]
+        lines.append(f"  reserved vs reserved on a roomy GPU (side-stream pools) |error| median "
+                     f"{st['median_abs_pct']:.2f}%  max {st['max_abs_pct']:.2f}%  mean {st['mean_pct']:+.2f}%  "
+                     f"(n={st['n']}, FSDP2 records)")
     for f, groups in summary["by_feature"].items():
         if len(groups) > 1:
             lines.append(f"  allocated by {f}: " + ", ".join(

@@ -58,7 +58,7 @@ def reconcile_cmd(
         typer.echo(render.to_csv(rows), nl=False)
     else:
         typer.echo(render.reconcile_table(rows, summary))
-        for line in rc.rank_table(recs):  # multi-rank records: each rank's figures
+        for line in rc.rank_table(recs, rows):  # multi-rank records: each rank's figures and errors
             typer.echo(line)
         for line in rc.serve_lines(rows):  # serving records (kind serve): per quantity, then speed
             typer.echo(line)
