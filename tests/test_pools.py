@@ -91,3 +91,20 @@ def test_the_design_card_command_never_computes_it():
             "'--zero3']); print('memplan.estimate.pools' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "False False"
+
+
+def test_the_docs_example_runs_and_its_figure_is_the_line(capsys):
+    """docs/multi-gpu.md "Reserved memory under FSDP2": its example runs, and the 8-GPU figure the section quotes is
+    what the line prints (the published-run comparison itself: tests/test_published_multi.py)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "multi-gpu.md").read_text()
+    section = doc.split("### Reserved memory under FSDP2\n", 1)[1].split("\n### ", 1)[0]
+    (cmd,) = re.findall(r"^memplan (.+)$", section, re.M)
+    rc, out, err = run_cli(shlex.split(cmd), capsys)
+    assert rc == 0 and all(line in err for line in pools.EXPLAIN)
+    (line,) = [x for x in out.splitlines() if x.startswith(pools.LABEL)]
+    got = re.search(r": ([\d.]+) GiB per GPU", line).group(1)
+    assert f"this line reads {got} GiB on 8 GPUs" in " ".join(section.split())
