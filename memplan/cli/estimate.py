@@ -52,11 +52,11 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
 
         result = with_throughput(result, model, utilization(gpu, setup))
     if fsdp_sharded(setup):  # FSDP2's side-stream pools: their own line, not in the verdict (memplan.estimate.pools)
-        from memplan.cli.options import _given
+        from memplan.cli.options import explain_given
         from memplan.estimate import pools
 
         result = pools.with_roomy(model, result)
-        if _given("explain"):
+        if explain_given():
             for line in pools.EXPLAIN:
                 typer.echo(line, err=True)
     emit(result, fmt)

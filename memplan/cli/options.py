@@ -209,6 +209,11 @@ def _given(name: str) -> bool:
     return ctx is not None and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
 
 
+def explain_given() -> bool:
+    """Whether --explain was on the command line (estimate adds its own lines under FSDP2: memplan.estimate.pools)."""
+    return _given("explain")
+
+
 def apply_config(kw: dict, params: dict | None = None) -> None:
     """--config / --explain (popped from kw): the files' setup values go into kw where their options were not given
     on the command line (memplan.configfile.overlay); params: setup key -> (option, converter) for a command with
