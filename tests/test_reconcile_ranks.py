@@ -87,8 +87,10 @@ def test_a_cuda_fsdp2_record_is_compared_with_the_roomy_reserved_level_per_rank(
     assert code == 0 and "vs roomy" in out and "reserved on a roomy GPU (side-stream pools): estimate" in out
     assert "reserved vs reserved on a roomy GPU" in out  # the summary line
     code, out, _ = run_cli(["reconcile", str(p), "-f", "json"], capsys)
-    (jrow,) = json.loads(out)["rows"]
+    j = json.loads(out)
+    (jrow,) = j["rows"]
     assert jrow["err_roomy_reserved_pct"] == 0 and jrow["est_roomy_reserved_bytes"] == roomy.reserved
+    assert [(x["rank"], x["err_roomy_reserved_pct"]) for x in j["ranks"]] == [(0, 0), (1, r1["err_roomy_reserved_pct"])]
 
 
 def test_no_roomy_comparison_outside_fsdp2(cpu_rec):

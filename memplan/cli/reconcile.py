@@ -53,7 +53,8 @@ def reconcile_cmd(
     rows = [rc.compare(r, estimate.value) for r in recs]
     summary = rc.summarize(rows)
     if fmt is Format.json:
-        typer.echo(render.to_json({"rows": rows, "summary": summary}))
+        ranks = [r for rec, row in zip(recs, rows) for r in rc.rank_rows(rec, row)]  # multi-rank records
+        typer.echo(render.to_json({"rows": rows, "summary": summary, **({"ranks": ranks} if ranks else {})}))
     elif fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
     else:

@@ -33,6 +33,11 @@ cudaMalloc makes the allocator "free all non-split cached blocks and retry" what
 the reduce-scatter pool is free from zero_grad to the backward's first reduce-scatter, where the default stream peaks.
 A published or measured reserved figure from a roomy GPU is compared with roomy_reserved(). Checked against
 torchtitan's published FSDP2 runs (tests/test_published_multi.py, docs/multi-gpu.md "Published runs").
+
+Where it is used: `memplan estimate` prints it on its own line, "reserved on a roomy GPU (side-stream pools)"
+(with_roomy; --explain prints EXPLAIN); `memplan reconcile` and `memplan report` compare an FSDP2 record's measured
+reserved level with it, worst rank and each rank (memplan.measure.reconcile); `memplan calibrate` takes Roomy.extra
+off an FSDP2 record's reserved level before deriving the fragmentation (memplan.calibrate.overhead).
 """
 from __future__ import annotations
 
