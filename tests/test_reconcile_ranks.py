@@ -115,3 +115,18 @@ def test_report_shows_each_rank(cpu_rec):
     assert [x["meas_allocated_bytes"] for x in ranks] == [e["measured"]["peak"]["allocated_bytes"]
                                                          for e in cpu_rec["ranks"]]
     assert "Per rank (multi-GPU records)" in rep.html and 'id="memplan-ranks"' in rep.html
+
+
+def test_a_ranks_cublas_workspace_is_compared_without_it_as_the_top_level_is(cpu_rec):
+    """A CUDA rank's allocated peak holds the cuBLAS workspace, which compare() takes off before the allocated
+    error (memplan.measure.reconcile): each rank's error takes it off too, so the worst rank's equals the row's."""
+    rec = _cuda_copy(cpu_rec, [10**8, 10**8])
+    blas = 2**20
+    for e in [*rec["ranks"], {"measured": rec["measured"]}]:
+        e["measured"]["blas_workspace_bytes"] = blas
+        e["measured"]["peak"]["allocated_bytes"] += blas
+    row = rc.compare(rec)
+    ranks = rc.rank_rows(rec, row)
+    worst = next(x for x in ranks if x["worst"])
+    assert worst["err_allocated_pct"] == pytest.approx(row["err_allocated_pct"])
+    assert row["err_allocated_pct"] == pytest.approx(rc.compare(cpu_rec)["err_allocated_pct"])  # the workspace: off

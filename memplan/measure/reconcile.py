@@ -240,10 +240,14 @@ def rank_rows(rec: dict, est_row: dict | None = None) -> list[dict]:
         row["tokens_per_s"] = m.get("tokens_per_s")
         row["worst"] = e.get("rank") == (rec.get("measured") or {}).get("worst_rank")
         out.append(row)
-    for r in out if est_row is not None else ():
+    top_blas = (rec.get("measured") or {}).get("blas_workspace_bytes")
+    for r, e in zip(out, rec.get("ranks") or []) if est_row is not None else ():
+        # the cuBLAS workspace inside a CUDA rank's allocated peak is compared without it, as in compare()
+        blas = (e.get("measured") or {}).get("blas_workspace_bytes", top_blas) or 0
         for lv in ("allocated", "reserved"):
             r[f"est_{lv}_bytes"] = est_row.get(f"est_{lv}_bytes")
-            r[f"err_{lv}_pct"] = _err(r[f"est_{lv}_bytes"], r[f"meas_{lv}_bytes"])[1]
+            meas = _less(r[f"meas_{lv}_bytes"], blas if lv == "allocated" else 0)
+            r[f"err_{lv}_pct"] = _err(r[f"est_{lv}_bytes"], meas)[1]
         if "est_roomy_reserved_bytes" in est_row:
             r["est_roomy_reserved_bytes"] = est_row["est_roomy_reserved_bytes"]
             r["err_roomy_reserved_pct"] = _err(r["est_roomy_reserved_bytes"], r["meas_reserved_bytes"])[1]
