@@ -130,3 +130,17 @@ def test_a_ranks_cublas_workspace_is_compared_without_it_as_the_top_level_is(cpu
     worst = next(x for x in ranks if x["worst"])
     assert worst["err_allocated_pct"] == pytest.approx(row["err_allocated_pct"])
     assert row["err_allocated_pct"] == pytest.approx(rc.compare(cpu_rec)["err_allocated_pct"])  # the workspace: off
+
+
+def test_measures_summary_shows_the_roomy_comparison_and_each_ranks_error(cpu_rec):
+    """`memplan measure`'s summary of a record (memplan.cli.measure.summary_text; the record's estimate carries the
+    roomy level from measure time on): the roomy line and the per-rank errors."""
+    from memplan.cli.measure import summary_text
+
+    model, r = _estimate(cpu_rec)
+    roomy = pools.roomy(model, r)
+    rec = _cuda_copy(cpu_rec, [roomy.reserved, r.peak.reserved_bytes])
+    text = summary_text(rec, rc.compare(rec))
+    assert (f"reserved on a roomy GPU (side-stream pools): estimate {rc.fmt_bytes(roomy.reserved)}, measured "
+            f"{rc.fmt_bytes(roomy.reserved)}, error +0.0%") in text
+    assert "vs roomy" in text and text.count("  worst") == 1

@@ -265,7 +265,7 @@ def rank_table(recs: list[dict], rows: list[dict] | None = None) -> list[str]:
         if not rrows:
             continue
         head = f"{rec.get('name') or rec.get('model')}: {len(rrows)} rank(s) (figures above: the max over ranks)"
-        if est is not None and "est_roomy_reserved_bytes" in est:
+        if est is not None and "est_roomy_reserved_bytes" in est and est["meas_reserved_bytes"] is not None:
             head += (f"; reserved on a roomy GPU (side-stream pools): estimate "
                      f"{fmt_bytes(est['est_roomy_reserved_bytes'])}, worst rank "
                      f"{fmt_bytes(est['meas_reserved_bytes'])} ({fmt_pct(est['err_roomy_reserved_pct'])})")
