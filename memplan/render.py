@@ -53,6 +53,17 @@ def paged_line(paged_bytes: int) -> str:
             f"nvidia-smi does while they are resident); evicted to CPU RAM page by page when the GPU runs short")
 
 
+def roomy_line(d: dict, gradients_at_peak: int) -> str:
+    """FSDP2's reserved level on a roomy GPU (Result.roomy, memplan.estimate.pools.Roomy): its own line, outside the
+    peak levels and the fit verdict (--explain says why)."""
+    rs, ag = d["reduce_scatter_pool_bytes"], d["all_gather_pool_bytes"]
+    held = min(rs, gradients_at_peak)  # sharded gradients alive at the peak: already in peak reserved
+    return (f"{d['label']}: {d['bytes'] / GiB:.2f} GiB per GPU = peak reserved + {d['pools_extra_bytes'] / GiB:.2f} "
+            f"GiB (FSDP2 all-gather stream {ag / GiB:.2f} GiB, reduce-scatter stream {rs / GiB:.2f} GiB"
+            + (f" less the {held / GiB:.2f} GiB of gradients the peak counts" if held else "")
+            + "); not in the fit verdict (--explain says why)")
+
+
 def lengths_lines(d: dict) -> list[str]:
     """A length distribution's lines (Result.lengths, memplan.estimate.lengths)."""
     if d["packing"]:
@@ -80,6 +91,10 @@ def flat(result: Result) -> dict:
     row.update({"trainable_params": d["trainable_params"], "total_params": d["total_params"],
                 "cpu_bytes_per_node": result.model_states.cpu_bytes * min(result.setup.gpus,
                                                                           result.setup.gpus_per_node)})
+    if "roomy_reserved" in d:  # FSDP2 only (memplan.estimate.pools.Roomy)
+        rr = d["roomy_reserved"]
+        row.update({"roomy_reserved_bytes": rr["bytes"], "roomy_all_gather_pool_bytes": rr["all_gather_pool_bytes"],
+                    "roomy_reduce_scatter_pool_bytes": rr["reduce_scatter_pool_bytes"]})
     if "gpu" in d:
         row.update({"gpu": d["gpu"]["name"], "gpu_memory_bytes": d["gpu"]["memory_bytes"], "fits": d["fits"],
                     "headroom_bytes": d["headroom_bytes"]})
@@ -129,6 +144,7 @@ def table(r: Result) -> str:
         f"  {'peak allocated':<18}{_g(p.allocated_bytes)}",
         f"  {'peak reserved':<18}{_g(p.reserved_bytes)}",
         f"  {'peak device':<18}{_g(p.device_bytes)}",
+    ] + ([roomy_line(r.roomy, int(r.categories.get(Category.GRADIENTS, 0)))] if r.roomy else []) + [
         "model states (steady state, GiB): " + ", ".join(
             f"{k} {v / GiB:.2f}" for k, v in r.model_states.to_dict().items() if k not in ("cpu_bytes", "paged_bytes")),
         f"parameters: {r.trainable_params:,} trainable of {r.total_params:,}"
@@ -202,6 +218,11 @@ def reconcile_table(rows: list[dict], summary: dict) -> str:
         if st["n"]:
             lines.append(f"  {lv:<10} |error| median {st['median_abs_pct']:.2f}%  max {st['max_abs_pct']:.2f}%  "
                          f"mean {st['mean_pct']:+.2f}%  (n={st['n']})")
+    if "roomy_reserved" in summary:  # FSDP2: measured reserved vs memplan.estimate.pools' roomy level
+        st = summary["roomy_reserved"]
+        lines.append(f"  reserved vs reserved on a roomy GPU (side-stream pools) |error| median "
+                     f"{st['median_abs_pct']:.2f}%  max {st['max_abs_pct']:.2f}%  mean {st['mean_pct']:+.2f}%  "
+                     f"(n={st['n']}, FSDP2 records)")
     for f, groups in summary["by_feature"].items():
         if len(groups) > 1:
             lines.append(f"  allocated by {f}: " + ", ".join(

@@ -35,8 +35,9 @@ def own_config_dir(tmp_path, monkeypatch):
     forget_calibrated()
 
 
-def rec(alloc, reserved, device, gpus=1, device_kind="cuda", status="ok", blas=None, name="r"):
-    setup = make_setup(gpus=gpus, zero=3 if gpus > 1 else 0, batch=1, seq=128).to_dict()
+def rec(alloc, reserved, device, gpus=1, device_kind="cuda", status="ok", blas=None, name="r", zero=None):
+    zero = (3 if gpus > 1 else 0) if zero is None else zero
+    setup = make_setup(gpus=gpus, zero=zero, batch=1, seq=128).to_dict()
     measured = {"peak": {"allocated_bytes": alloc, "reserved_bytes": reserved, "device_bytes": device,
                          "device_reason": None, "phase": "backward"}, "blas_workspace_bytes": blas}
     if gpus > 1:
@@ -53,13 +54,15 @@ ONE_GPU = [  # (allocated, reserved, device, blas)  -> fragmentation, context
     (4000, 4232, 4742, None),  # (4232 − 32 − 4000) / 4000 = 0.05;      context 510
 ]
 MULTI = (3000, 3182, 3982)  # 2 GPUs: fragmentation (3182 − 32 − 3000)/3000 = 0.05; device − reserved = 800 = 510 + 290
+# MULTI is a DDP record (ZeRO-0): no FSDP2 side-stream pools in its reserved level, so the arithmetic above is all
+# (FSDP2 records, whose pools are taken off first: tests/test_calibrate_pools.py)
 
 
 def records_file(tmp_path, extra=()):
     p = tmp_path / "records.jsonl"
     for a, r, d, b in ONE_GPU:
         append_record(p, rec(a * MiB, r * MiB, d * MiB, blas=b and b * MiB))
-    append_record(p, rec(*(x * MiB for x in MULTI), gpus=2, name="two"))
+    append_record(p, rec(*(x * MiB for x in MULTI), gpus=2, name="two", zero=0))
     append_record(p, rec(1000 * MiB, None, None, device_kind="cpu", name="cpu"))
     append_record(p, rec(0, 0, 0, status="oom", name="oom"))
     for r in extra:

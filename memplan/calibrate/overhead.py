@@ -3,9 +3,14 @@ own measurement records (docs/record-schema.md), and the file `--write` stores i
 
 Per usable record (status "ok", device "cuda", measured peak with the levels each figure needs):
 
-  * fragmentation = (reserved − cublas_workspace − a) / a, with a = the allocated peak less the cuBLAS workspace the
-    record says sat inside it (`blas_workspace_bytes`, as memplan.measure.reconcile takes it off): the inverse of
-    Overhead.reserved(a) = a × (1 + fragmentation) + cublas_workspace, so an estimate of a gives the record's reserved.
+  * fragmentation = (reserved − pools − cublas_workspace − a) / a, with a = the allocated peak less the cuBLAS
+    workspace the record says sat inside it (`blas_workspace_bytes`, as memplan.measure.reconcile takes it off): the
+    inverse of Overhead.reserved(a) = a × (1 + fragmentation) + cublas_workspace, so an estimate of a gives the
+    record's reserved. `pools` is 0 except for an FSDP2 record (--engine fsdp, ZeRO-2 / 3, more than one GPU): there
+    the measured reserved level also holds FSDP2's side-stream pools, which the default stream's fragmentation does
+    not explain (memplan.estimate.pools: the caching allocator reuses a block only on its own stream), so the bytes
+    they add to the reserved level (pools.Roomy.extra, from the current estimate of the record's model and setup)
+    are taken off first; a record whose estimate fails is skipped, with the reason, rather than inflate the figure.
   * cuda_context = device − reserved, one-GPU records only (Overhead.device without NCCL); the device level is NVML's.
   * nccl = device − reserved − cuda_context, multi-GPU records only, with the calibrated cuda_context (the default
     when no one-GPU record gave one). A multi-GPU record's top-level peak is the max over its ranks
@@ -57,6 +62,7 @@ class RecordFigures:
     cuda_context: int | None
     nccl_plus_context: int | None  # device − reserved of a multi-GPU record
     skipped: str | None
+    side_pools_bytes: int | None = None  # an FSDP2 record: the side-stream pools taken off reserved (pools.Roomy)
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,28 @@ def _count(v) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
+POOLS_FAILED = "FSDP2's side-stream pools cannot be taken off reserved"
+
+
+def side_pools(rec: dict) -> int:
+    """The bytes FSDP2's side-stream pools add to an FSDP2 record's reserved level (memplan.estimate.pools.Roomy.extra,
+    from the current estimate of the record's model and setup); 0 for every other engine. MemplanError when the
+    record's setup or model cannot be read."""
+    from memplan.estimate.weights import fsdp_sharded
+    from memplan.spec.values import setup_from_dict
+
+    if not rec.get("setup"):  # no setup to tell the engine by: as before the pools were counted, none
+        return 0
+    setup = setup_from_dict(rec["setup"])
+    if not fsdp_sharded(setup):
+        return 0
+    from memplan.estimate import estimate_spec, pools
+    from memplan.measure.reconcile import record_model
+
+    model = record_model(rec)
+    return pools.roomy(model, estimate_spec(model, setup)).extra
+
+
 def record_figures(rec: dict, source: str, workspace: int) -> RecordFigures:
     """One record's figures; `workspace` is the cuBLAS workspace the estimate adds at the reserved level."""
     m = rec.get("measured") or {}
@@ -127,15 +155,21 @@ def record_figures(rec: dict, source: str, workspace: int) -> RecordFigures:
     if a <= 0:
         return RecordFigures(**base, fragmentation=None, cuda_context=None, nccl_plus_context=None,
                              skipped="allocated peak not above the cuBLAS workspace in it")
+    try:
+        pools = side_pools(rec)
+    except (MemplanError, KeyError, TypeError, ValueError) as exc:
+        return RecordFigures(**base, fragmentation=None, cuda_context=None, nccl_plus_context=None,
+                             skipped=f"{POOLS_FAILED}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     reserved, dev = base["reserved_bytes"], base["device_bytes"]
-    frag = (reserved - workspace - a) / a
+    frag = (reserved - pools - workspace - a) / a
     ctx = nccl = None
-    if dev is not None:
+    if dev is not None:  # the pools are inside reserved: device − reserved holds the context and NCCL only
         if gpus == 1:
             ctx = dev - reserved
         else:
             nccl = dev - reserved
-    return RecordFigures(**base, fragmentation=frag, cuda_context=ctx, nccl_plus_context=nccl, skipped=None)
+    return RecordFigures(**base, fragmentation=frag, cuda_context=ctx, nccl_plus_context=nccl, skipped=None,
+                         side_pools_bytes=pools or None)
 
 
 def _figure(values: list[float]) -> Figure | None:

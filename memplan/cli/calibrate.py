@@ -36,15 +36,16 @@ def _table(cal) -> list[str]:
                    "fragmentation": "no usable record"}[k]
             lines.append(f"{k:<14}{_num(getattr(cal.overhead, k), k):>12}  {unit[k]:<9}  default ({why})")
     lines += ["", f"{'record':<40}{'gpus':>5}{'alloc MiB':>12}{'reserved MiB':>14}{'device MiB':>12}"
-              f"{'frag':>9}{'context MiB':>13}  skipped"]
+              f"{'frag':>9}{'context MiB':>13}{'pools MiB':>11}  skipped"]
     for r in cal.records:
         ctx = r.cuda_context if r.cuda_context is not None else r.nccl_plus_context
         label = f"{r.source} {r.name}"
         lines.append(f"{label[-40:]:<40}{r.gpus if r.gpus is not None else '-':>5}"
                      f"{_num(r.allocated_bytes, 'b'):>12}{_num(r.reserved_bytes, 'b'):>14}"
                      f"{_num(r.device_bytes, 'b'):>12}{_num(r.fragmentation, 'fragmentation'):>9}"
-                     f"{_num(ctx, 'b'):>13}  {r.skipped or ''}")
-    lines.append(f"\n{cal.used} of {len(cal.records)} records used (context MiB of a multi-GPU record: context + NCCL)")
+                     f"{_num(ctx, 'b'):>13}{_num(r.side_pools_bytes, 'b'):>11}  {r.skipped or ''}")
+    lines.append(f"\n{cal.used} of {len(cal.records)} records used (context MiB of a multi-GPU record: context + NCCL; "
+                 "pools MiB: FSDP2's side-stream pools, taken off reserved before the fragmentation)")
     return lines
 
 

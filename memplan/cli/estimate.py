@@ -27,6 +27,7 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
 
     from memplan.estimate import estimate_spec
     from memplan.estimate.overhead import MAX_FRAGMENTATION, MAX_OVERHEAD_BYTES, default_overhead
+    from memplan.estimate.weights import fsdp_sharded
 
     margin = check_gate(require_fit, margin, gpu)
     if exact:
@@ -50,5 +51,13 @@ def estimate(model, gpu, setup, fmt: FormatOpt = Format.table,
         from memplan.measure.utilization import utilization
 
         result = with_throughput(result, model, utilization(gpu, setup))
+    if fsdp_sharded(setup):  # FSDP2's side-stream pools: their own line, not in the verdict (memplan.estimate.pools)
+        from memplan.cli.options import explain_given
+        from memplan.estimate import pools
+
+        result = pools.with_roomy(model, result)
+        if explain_given():
+            for line in pools.EXPLAIN:
+                typer.echo(line, err=True)
     emit(result, fmt)
     return gate(result, require_fit, margin)

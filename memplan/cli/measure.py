@@ -103,12 +103,16 @@ def summary_text(rec: dict, row: dict) -> str:
     for lv in LEVELS:
         lines.append(f"  {lv:<12}{fmt_bytes(row[f'est_{lv}_bytes']):>14}{fmt_bytes(row[f'meas_{lv}_bytes']):>14}"
                      f"{fmt_pct(row[f'err_{lv}_pct']):>9}")
+    if "est_roomy_reserved_bytes" in row:  # FSDP2: reserved on a roomy GPU (memplan.estimate.pools)
+        lines.append(f"  reserved on a roomy GPU (side-stream pools): estimate "
+                     f"{fmt_bytes(row['est_roomy_reserved_bytes'])}, measured {fmt_bytes(row['meas_reserved_bytes'])}, "
+                     f"error {fmt_pct(row['err_roomy_reserved_pct'])}")
     lines.append(f"  peak phase: estimate {row['est_peak_phase']}, measured {row['meas_peak_phase']}")
     lines.append("  phase peaks (allocated, measured): " + ", ".join(
         f"{p} {fmt_bytes(v['peak_allocated_bytes'])}" for p, v in (m.get("phases") or {}).items()))
     if m["peak"].get("device_reason"):
         lines.append(f"  device level empty: {m['peak']['device_reason']}")
-    lines.extend(rank_lines(rec))
+    lines.extend(rank_lines(rec, row))
     if m.get("context_bytes") is not None:
         lines.append(f"  CUDA context {fmt_bytes(m['context_bytes'])}, allocator retries {m['alloc_retries']}")
     for w in rec.get("warnings", []):
@@ -116,7 +120,7 @@ def summary_text(rec: dict, row: dict) -> str:
     return "\n".join(lines)
 
 
-def rank_lines(rec: dict) -> list[str]:
+def rank_lines(rec: dict, row: dict | None = None) -> list[str]:
     """A multi-rank record's per-rank figures (memplan.measure.reconcile.rank_table: each rank's allocated peak
     overall and per phase, its tokens/s, the worst rank marked); the job's figures above are the max over ranks."""
     from memplan.measure.reconcile import rank_table
@@ -126,7 +130,7 @@ def rank_lines(rec: dict) -> list[str]:
     m = rec.get("measured") or {}
     return [f"  {len(rec['ranks'])} rank(s) ({m.get('launcher') or '?'}, {m.get('backend') or '?'}): job "
             f"{m.get('tokens_per_s_total') or 0:,.0f} tokens/s, {m.get('tokens_per_s') or 0:,.0f} per GPU"] + \
-        ["  " + line for line in rank_table([rec])]
+        ["  " + line for line in rank_table([rec], None if row is None else [row])]
 
 
 StepsOpt = Annotated[int, typer.Option("--steps", help="Timed training steps.")]
@@ -289,6 +293,7 @@ def step_lengths(setup) -> str:
 def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot, results, memory_cap_gib, name,
                  record_to, fmt, progress: Progress, timeout_s: float | None = None) -> int:
     from memplan.estimate import estimate_spec
+    from memplan.estimate.pools import with_roomy
     from memplan.measure import distributed as dm, harness
     from memplan.measure.devices import peak_tflops, resolve_device
     from memplan.measure.record import append_record, capture_env, check_writable, make_record, now
@@ -303,7 +308,7 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
     harness.check_measurable(spec, setup, opts)
     harness.check_environment(setup, opts)
     info, gpu, warns = _gpu_context(dev, gpu_opt)
-    estimate = estimate_spec(spec, setup, gpu)
+    estimate = with_roomy(spec, estimate_spec(spec, setup, gpu))  # FSDP2: its roomy reserved level (pools)
     out = Path(record_to or results or default_results("measure", dev, gpu.name if gpu else None))
     check_writable(out)
     if snapshot:

@@ -196,7 +196,7 @@ CONFIG_OPTIONS = [
                                           "torchtune recipe or an axolotl YAML (repeatable: later files override "
                                           "earlier ones, flags override every file; docs/config-files.md).")]),
     option("explain", bool, False, "--explain", help="With --config: print each field read, the flag it became "
-           "and its file (stderr)."),
+           "and its file (stderr). estimate under FSDP2: what its roomy-reserved line means."),
 ]
 
 
@@ -207,6 +207,11 @@ def _given(name: str) -> bool:
 
     ctx = get_current_context(silent=True)
     return ctx is not None and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
+def explain_given() -> bool:
+    """Whether --explain was on the command line (estimate adds its own lines under FSDP2: memplan.estimate.pools)."""
+    return _given("explain")
 
 
 def apply_config(kw: dict, params: dict | None = None) -> None:

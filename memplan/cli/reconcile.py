@@ -53,12 +53,13 @@ def reconcile_cmd(
     rows = [rc.compare(r, estimate.value) for r in recs]
     summary = rc.summarize(rows)
     if fmt is Format.json:
-        typer.echo(render.to_json({"rows": rows, "summary": summary}))
+        ranks = [r for rec, row in zip(recs, rows) for r in rc.rank_rows(rec, row)]  # multi-rank records
+        typer.echo(render.to_json({"rows": rows, "summary": summary, **({"ranks": ranks} if ranks else {})}))
     elif fmt is Format.csv:
         typer.echo(render.to_csv(rows), nl=False)
     else:
         typer.echo(render.reconcile_table(rows, summary))
-        for line in rc.rank_table(recs):  # multi-rank records: each rank's figures
+        for line in rc.rank_table(recs, rows):  # multi-rank records: each rank's figures and errors
             typer.echo(line)
         for line in rc.serve_lines(rows):  # serving records (kind serve): per quantity, then speed
             typer.echo(line)

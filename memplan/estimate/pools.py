@@ -33,10 +33,15 @@ cudaMalloc makes the allocator "free all non-split cached blocks and retry" what
 the reduce-scatter pool is free from zero_grad to the backward's first reduce-scatter, where the default stream peaks.
 A published or measured reserved figure from a roomy GPU is compared with roomy_reserved(). Checked against
 torchtitan's published FSDP2 runs (tests/test_published_multi.py, docs/multi-gpu.md "Published runs").
+
+Where it is used: `memplan estimate` prints it on its own line, "reserved on a roomy GPU (side-stream pools)"
+(with_roomy; --explain prints EXPLAIN); `memplan reconcile` and `memplan report` compare an FSDP2 record's measured
+reserved level with it, worst rank and each rank (memplan.measure.reconcile); `memplan calibrate` takes Roomy.extra
+off an FSDP2 record's reserved level before deriving the fragmentation (memplan.calibrate.overhead).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memplan.categories import Category as C
 from memplan.estimate.phases import parameters
@@ -56,6 +61,36 @@ class SidePools:
     @property
     def total(self) -> int:
         return self.all_gather + self.reduce_scatter
+
+
+@dataclass(frozen=True)
+class Roomy:
+    """memory_reserved()'s high-water mark on a GPU with room to spare (no allocation retry), per GPU (the worst
+    rank, as the estimate): the estimate's reserved level plus `extra`, what FSDP2's side-stream `pools` add to it.
+    Shown by `memplan estimate` as "reserved on a roomy GPU (side-stream pools)", never in the fit verdict."""
+
+    reserved: int  # the estimate's reserved level + extra
+    extra: int  # reserved_extra(pools, gradients at the peak)
+    pools: SidePools
+
+    def to_dict(self) -> dict:
+        return {"label": LABEL, "bytes": self.reserved, "pools_extra_bytes": self.extra,
+                "all_gather_pool_bytes": self.pools.all_gather,
+                "reduce_scatter_pool_bytes": self.pools.reduce_scatter, "in_fit_verdict": False}
+
+
+LABEL = "reserved on a roomy GPU (side-stream pools)"
+EXPLAIN = (
+    f"--explain: {LABEL}: what torch.cuda.memory_reserved() reaches on a GPU with room to spare. FSDP2 allocates "
+    "each unit's flat all-gather output on its all-gather stream and the sharded gradients on its reduce-scatter "
+    "stream, and the CUDA caching allocator hands a cached block only to a request on the stream that allocated it, "
+    "so those two pools stay reserved beside the default stream's own (peak reserved).",
+    "--explain: the fit verdict and the device level do not count them: on a full GPU a failed cudaMalloc makes the "
+    "allocator free every stream's cached blocks and retry before it raises out-of-memory "
+    "(CUDACachingAllocator.cpp, num_alloc_retries), so the pools cost a retry, not an OOM. Compare a reserved "
+    "figure measured or published on a roomy GPU with this line (docs/multi-gpu.md, \"Reserved memory under "
+    "FSDP2\").",
+)
 
 
 NO_POOLS = SidePools(0, 0)
@@ -80,8 +115,24 @@ def reserved_extra(pools: SidePools, gradients_at_peak: int) -> int:
     return pools.all_gather + max(0, pools.reduce_scatter - gradients_at_peak)
 
 
+def roomy(model: ModelSpec, result: Result) -> Roomy | None:
+    """The roomy reserved level of an FSDP2 estimate (see Roomy); None for every other engine (no side pools)."""
+    if not fsdp_sharded(result.setup):
+        return None
+    pools = side_pools(parameters(model, result.setup).unsharded, result.setup)
+    extra = reserved_extra(pools, result.categories.get(C.GRADIENTS, 0))
+    return Roomy(result.peak.reserved_bytes + extra, extra, pools)
+
+
 def roomy_reserved(model: ModelSpec, result: Result) -> int:
     """memory_reserved()'s high-water mark on a GPU with room to spare (no allocation retry): the estimate's reserved
     level plus FSDP2's side-stream pools; the estimate's own reserved level otherwise."""
-    pools = side_pools(parameters(model, result.setup).unsharded, result.setup)
-    return result.peak.reserved_bytes + reserved_extra(pools, result.categories.get(C.GRADIENTS, 0))
+    r = roomy(model, result)
+    return result.peak.reserved_bytes if r is None else r.reserved
+
+
+def with_roomy(model: ModelSpec, result: Result) -> Result:
+    """`result` carrying its roomy reserved level (Result.roomy, shown by `memplan estimate`); unchanged for an
+    engine without side pools, so a sweep that never asks pays nothing."""
+    r = roomy(model, result)
+    return result if r is None else replace(result, roomy=r.to_dict())

@@ -64,6 +64,8 @@ class Result:
     rank: int | None = None  # a traced / measured multi-GPU setup: the rank these bytes are (of setup.gpus)
     lengths: Mapping | None = None  # a length distribution / packing: memplan.estimate.lengths.LengthStats.to_dict()
     # with the allocated / device peaks of the typical batch ("typical_*_bytes")
+    roomy: Mapping | None = None  # FSDP2's reserved level on a roomy GPU: memplan.estimate.pools.Roomy.to_dict()
+    # (set by `memplan estimate`, memplan.estimate.pools.with_roomy; never in peak, fits or headroom)
 
     @property
     def fits(self) -> bool | None:
@@ -95,6 +97,8 @@ class Result:
             out["throughput"] = dict(self.throughput)
         if self.lengths:
             out["lengths"] = dict(self.lengths)
+        if self.roomy:
+            out["roomy_reserved"] = dict(self.roomy)
         if self.warnings:
             out["warnings"] = list(self.warnings)
         return out

@@ -18,13 +18,16 @@ FEATURES = ("precision", "peft", "checkpointing", "attention", "optimizer")
 
 
 def current_estimate(rec: dict) -> dict:
-    """The current estimator's Result.to_dict() for a record's model, setup and GPU profile."""
-    from memplan.estimate import estimate_spec
-    from memplan.spec.values import resolve_gpu, resolve_model, setup_from_dict
+    """The current estimator's Result.to_dict() for a record's model, setup and GPU profile; under FSDP2 with the
+    reserved level on a roomy GPU (`roomy_reserved`, memplan.estimate.pools), what a measured reserved peak is
+    compared with too."""
+    from memplan.estimate import estimate_spec, pools
+    from memplan.spec.values import resolve_gpu, setup_from_dict
 
     gpu = (rec.get("gpu") or {}).get("profile")
-    return estimate_spec(record_model(rec), setup_from_dict(rec["setup"]),
-                         resolve_gpu(gpu) if gpu else None).to_dict()
+    model = record_model(rec)
+    return pools.with_roomy(model, estimate_spec(model, setup_from_dict(rec["setup"]),
+                                                 resolve_gpu(gpu) if gpu else None)).to_dict()
 
 
 def record_model(rec: dict):
@@ -79,6 +82,11 @@ def compare(rec: dict, estimate: str = "current") -> dict:
         row[f"est_{lv}_bytes"], row[f"meas_{lv}_bytes"] = e, x
         row[f"err_{lv}_bytes"], row[f"err_{lv}_pct"] = _err(e, x)
     row["est_peak_phase"], row["meas_peak_phase"] = ep.get("phase"), mp.get("phase")
+    roomy = (est or {}).get("roomy_reserved")
+    if roomy:  # FSDP2: the side-stream pools stay reserved on a roomy GPU (memplan.estimate.pools)
+        row["est_roomy_reserved_bytes"] = roomy["bytes"]
+        row["err_roomy_reserved_bytes"], row["err_roomy_reserved_pct"] = _err(roomy["bytes"],
+                                                                              row["meas_reserved_bytes"])
     phases = m.get("phases") or {}
     for p in Phase:
         e = ((est or {}).get("phase_peaks") or {}).get(p.value)
@@ -214,9 +222,11 @@ def rank_summary(rec: dict) -> dict:
             "tokens_per_s_total": m.get("tokens_per_s_total")}
 
 
-def rank_rows(rec: dict) -> list[dict]:
+def rank_rows(rec: dict, est_row: dict | None = None) -> list[dict]:
     """One row per rank of a multi-rank record: status, allocated peak and its phase, each phase's allocated
-    peak, tokens/s (empty for one device's record)."""
+    peak, tokens/s (empty for one device's record). With the record's compare() row, each rank's error against the
+    estimate (of the worst rank, what every rank is held to) at the allocated and reserved levels, and under FSDP2
+    against the roomy reserved level (err_roomy_reserved_pct)."""
     out = []
     for e in rec.get("ranks") or []:
         m = e.get("measured") or {}
@@ -230,25 +240,53 @@ def rank_rows(rec: dict) -> list[dict]:
         row["tokens_per_s"] = m.get("tokens_per_s")
         row["worst"] = e.get("rank") == (rec.get("measured") or {}).get("worst_rank")
         out.append(row)
+    top_blas = (rec.get("measured") or {}).get("blas_workspace_bytes")
+    for r, e in zip(out, rec.get("ranks") or []) if est_row is not None else ():
+        # the cuBLAS workspace inside a CUDA rank's allocated peak is compared without it, as in compare()
+        blas = (e.get("measured") or {}).get("blas_workspace_bytes", top_blas) or 0
+        for lv in ("allocated", "reserved"):
+            r[f"est_{lv}_bytes"] = est_row.get(f"est_{lv}_bytes")
+            meas = _less(r[f"meas_{lv}_bytes"], blas if lv == "allocated" else 0)
+            r[f"err_{lv}_pct"] = _err(r[f"est_{lv}_bytes"], meas)[1]
+        if "est_roomy_reserved_bytes" in est_row:
+            r["est_roomy_reserved_bytes"] = est_row["est_roomy_reserved_bytes"]
+            r["err_roomy_reserved_pct"] = _err(r["est_roomy_reserved_bytes"], r["meas_reserved_bytes"])[1]
     return out
 
 
-def rank_table(recs: list[dict]) -> list[str]:
-    """Text lines: every multi-rank record's ranks (allocated peak per rank and phase, the worst rank marked)."""
+def rank_table(recs: list[dict], rows: list[dict] | None = None) -> list[str]:
+    """Text lines: every multi-rank record's ranks (allocated peak per rank and phase, the worst rank marked). With
+    the records' compare() rows (same order), each rank's allocated error, and where ranks measured a reserved level
+    (CUDA), each rank's reserved peak and, under FSDP2, its error against the roomy reserved level."""
     lines = []
-    for rec in recs:
-        rows = rank_rows(rec)
-        if not rows:
+    for k, rec in enumerate(recs):
+        est = rows[k] if rows is not None else None
+        rrows = rank_rows(rec, est)
+        if not rrows:
             continue
-        lines.append(f"{rec.get('name') or rec.get('model')}: {len(rows)} rank(s) (figures above: the max over ranks)")
-        lines.append(f"  {'rank':<6}{'status':<8}{'allocated':>12}{'forward':>12}{'backward':>12}"
-                     f"{'optimizer':>12}{'tokens/s':>11}")
-        for r in rows:
+        head = f"{rec.get('name') or rec.get('model')}: {len(rrows)} rank(s) (figures above: the max over ranks)"
+        if est is not None and "est_roomy_reserved_bytes" in est and est["meas_reserved_bytes"] is not None:
+            head += (f"; reserved on a roomy GPU (side-stream pools): estimate "
+                     f"{fmt_bytes(est['est_roomy_reserved_bytes'])}, worst rank "
+                     f"{fmt_bytes(est['meas_reserved_bytes'])} ({fmt_pct(est['err_roomy_reserved_pct'])})")
+        lines.append(head)
+        errs = est is not None
+        reserved = any(r["meas_reserved_bytes"] is not None for r in rrows)
+        roomy = reserved and any("err_roomy_reserved_pct" in r for r in rrows)
+        lines.append(f"  {'rank':<6}{'status':<8}{'allocated':>12}" + (f"{'err':>8}" if errs else "")
+                     + f"{'forward':>12}{'backward':>12}{'optimizer':>12}"
+                     + (f"{'reserved':>12}{'err':>8}" if reserved and errs else f"{'reserved':>12}" if reserved
+                        else "") + (f"{'vs roomy':>10}" if roomy else "") + f"{'tokens/s':>11}")
+        for r in rrows:
             tps = r["tokens_per_s"]
             lines.append(f"  {r['rank']:<6}{r['status']:<8}{fmt_bytes(r['meas_allocated_bytes']):>12}"
-                         f"{fmt_bytes(r['meas_forward_bytes']):>12}{fmt_bytes(r['meas_backward_bytes']):>12}"
+                         + (f"{fmt_pct(r['err_allocated_pct']):>8}" if errs else "")
+                         + f"{fmt_bytes(r['meas_forward_bytes']):>12}{fmt_bytes(r['meas_backward_bytes']):>12}"
                          f"{fmt_bytes(r['meas_optimizer_step_bytes']):>12}"
-                         f"{'–' if tps is None else f'{tps:,.0f}':>11}" + ("  worst" if r["worst"] else ""))
+                         + (f"{fmt_bytes(r['meas_reserved_bytes']):>12}" if reserved else "")
+                         + (f"{fmt_pct(r['err_reserved_pct']):>8}" if reserved and errs else "")
+                         + (f"{fmt_pct(r.get('err_roomy_reserved_pct')):>10}" if roomy else "")
+                         + f"{'–' if tps is None else f'{tps:,.0f}':>11}" + ("  worst" if r["worst"] else ""))
     return lines
 
 
@@ -275,6 +313,9 @@ def summarize(rows: list[dict]) -> dict:
             if r.get("err_allocated_pct") is not None:
                 groups.setdefault(str(r.get(f)), []).append(r["err_allocated_pct"])
         out["by_feature"][f] = {k: _stats(v) for k, v in sorted(groups.items())}
+    roomy = [r["err_roomy_reserved_pct"] for r in ok if r.get("err_roomy_reserved_pct") is not None]
+    if roomy:  # FSDP2 records' measured reserved against the roomy reserved level (memplan.estimate.pools)
+        out["roomy_reserved"] = _stats(roomy)
     speed = [r["err_tokens_per_s_pct"] for r in ok if r.get("err_tokens_per_s_pct") is not None]
     if speed:
         out["tokens_per_s"] = _stats(speed)

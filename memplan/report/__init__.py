@@ -78,6 +78,7 @@ def build_report(results=(), setups=None, gpus=(), timeline=None, title: str = "
     train = [e for e in entries if e.kind != "serve"]
     serve = [e for e in entries if e.kind == "serve"]
     rows = [frames.entry_row(e) for e in train]
+    ranks = frames.rank_table_rows(train, rows)  # multi-GPU records: one row per rank
     serve_rows = [frames.serve_row(e) for e in serve]
     figs, notes = {}, []
     if train:
@@ -114,5 +115,5 @@ def build_report(results=(), setups=None, gpus=(), timeline=None, title: str = "
     utilization = {(e.estimate or {}).get("throughput", {}).get("mfu_source") for e in entries} - {None}
     notes += [f"predicted throughput assumes utilization: {u}" for u in sorted(utilization)]
     notes += [f"{e.name}: {n}" for e in entries for n in e.notes]
-    page = html.page(title, figs, rows, notes, meta)
+    page = html.page(title, figs, rows, notes, meta, ranks)
     return Report(html=page, entries=tuple(entries), rows=tuple(rows))

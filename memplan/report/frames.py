@@ -85,7 +85,9 @@ def _estimate(model, setup, gpu) -> dict:
     from memplan.estimate.throughput import with_throughput
     from memplan.measure.utilization import utilization
 
-    r = estimate_spec(model, setup, gpu)
+    from memplan.estimate.pools import with_roomy  # FSDP2: the reserved level on a roomy GPU too
+
+    r = with_roomy(model, estimate_spec(model, setup, gpu))
     return (with_throughput(r, model, utilization(gpu, setup)) if gpu is not None else r).to_dict()
 
 
@@ -118,7 +120,8 @@ def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
     """Entries for records, each estimated for the record's own GPU profile (fit, headroom and predicted
     throughput for the GPU it ran on). A record without one — a CPU run, or a GPU memplan has no profile for —
     gets no prediction: speed measured on one device says nothing about memplan's prediction for another."""
-    from memplan.spec.values import resolve_model, setup_from_dict
+    from memplan.measure.reconcile import record_model  # a record's own model config first, then its name
+    from memplan.spec.values import setup_from_dict
 
     out = []
     for source, rec in records:
@@ -127,7 +130,7 @@ def record_entries(records: list[tuple[str, dict]], seen: dict) -> list[Entry]:
             continue
         g, notes = _record_gpu(rec)
         try:
-            model = resolve_model(rec["model"])
+            model = record_model(rec)
             est, how = _estimate(model, setup_from_dict(rec["setup"]), g), "current"
         except MemplanError as exc:
             est, how = rec.get("estimate") or None, "record" if rec.get("estimate") else "none"
@@ -268,6 +271,9 @@ def entry_row(e: Entry) -> dict:
     row.update(err_allocated_pct=_pct(row["est_allocated"], row["meas_allocated"]),
                err_reserved_pct=_pct(row["est_reserved"], row["meas_reserved"]),
                err_device_pct=_pct(row["est_device"], row["meas_device"]))
+    if est.get("roomy_reserved"):  # FSDP2: reserved on a roomy GPU (side-stream pools), memplan.estimate.pools
+        row.update(est_roomy_reserved=est["roomy_reserved"]["bytes"],
+                   err_roomy_reserved_pct=_pct(est["roomy_reserved"]["bytes"], row["meas_reserved"]))
     step = m.get("step_time_s") or {}
     row.update(pred_tokens_per_s=thr.get("tokens_per_s"), pred_step_s=thr.get("step_s"), pred_mfu=thr.get("mfu"),
                meas_tokens_per_s=m.get("tokens_per_s"), meas_step_s=step.get("median"), meas_mfu=m.get("mfu"))
@@ -279,6 +285,24 @@ def entry_row(e: Entry) -> dict:
                meas_min_rank_allocated=rs.get("meas_min_rank_allocated_bytes"),
                rank_spread_pct=rs.get("rank_spread_pct"), meas_job_tokens_per_s=rs.get("tokens_per_s_total"))
     return row
+
+
+def rank_table_rows(entries: list[Entry], rows: list[dict]) -> list[dict]:
+    """One row per rank of every multi-rank record (memplan.measure.reconcile.rank_rows): its measured peaks and
+    its error against the entry's estimate (the worst rank's), at the allocated and reserved levels and, under
+    FSDP2, against the roomy reserved level. `rows`: entry_row of each entry, same order."""
+    from memplan.measure.reconcile import rank_rows
+
+    out = []
+    for e, row in zip(entries, rows):
+        if not (e.record or {}).get("ranks"):
+            continue
+        est = {"est_allocated_bytes": row.get("est_allocated"), "est_reserved_bytes": row.get("est_reserved")}
+        if row.get("est_roomy_reserved") is not None:
+            est["est_roomy_reserved_bytes"] = row["est_roomy_reserved"]
+        out += [{"name": e.name, **{k: v for k, v in r.items() if k not in ("name", "model", "record_id")}}
+                for r in rank_rows(e.record, est)]
+    return out
 
 
 def throughput_caveats(row: dict) -> list[str]:

@@ -137,7 +137,7 @@ def header(key: str) -> str:
     return key
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], table_id: str = "memplan-table") -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f'<th data-key="{esc(k)}">{esc(header(k))}</th>' for k in keys)
     body = []
@@ -148,12 +148,13 @@ def table(rows: list[dict]) -> str:
             cls = "" if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) else ' class="t"'
             cells.append(f'<td{cls} data-v="{esc(sort)}">{esc(text)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="memplan-table"><thead><tr>{head}</tr></thead>'
+    return (f'<table id="{esc(table_id)}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
 
-def page(title: str, figures: dict, rows: list[dict], notes: list[str], meta: str) -> str:
-    """The whole page. figures: {div id: (heading, plotly figure JSON string, or None: the note says why)}."""
+def page(title: str, figures: dict, rows: list[dict], notes: list[str], meta: str, ranks: list[dict] = ()) -> str:
+    """The whole page. figures: {div id: (heading, plotly figure JSON string, or None: the note says why)}; ranks:
+    one row per rank of the multi-GPU records (memplan.report.frames.rank_table_rows), a table of their own."""
     from plotly.offline import get_plotlyjs
 
     plotly_js = get_plotlyjs()
@@ -174,6 +175,10 @@ def page(title: str, figures: dict, rows: list[dict], notes: list[str], meta: st
         "<h2>Every number</h2><p class=\"note\">Click a heading to sort (or open page.html#sort=COLUMN, "
         "#sort=COLUMN-desc). Bytes are shown in GiB (2<sup>30</sup> B); "
         "err_* = (estimate − measured) / measured.</p>", table(rows),
+        ("<h2>Per rank (multi-GPU records)</h2><p class=\"note\">Each rank's measured peaks; err_* against the "
+         "estimate, which is the worst rank's (every rank is held to it); err_roomy_reserved_pct against the "
+         "reserved level on a roomy GPU (FSDP2's side-stream pools).</p>" + table(list(ranks), "memplan-ranks"))
+        if ranks else "",
         f'<script type="application/json" id="memplan-figures">{script_json(figs)}</script>',
         f"<script>{RENDER}</script><script>{SORT}</script></body></html>\n",
     ])
