@@ -48,14 +48,25 @@ from dataclasses import dataclass
 from memplan.categories import Category as C, Phase
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, param_groups
-from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Engine, TrainingSetup
+from memplan.spec.model import ModelSpec, Role, Stack, TensorKind
+from memplan.spec.setup import Engine, PeftMethod, TrainingSetup
 from memplan.units import round_block
 
 ESTIMATE_ONLY = ("--engine deepspeed: estimate-only on a GPU (`memplan measure` does not run DeepSpeed); its buffers "
                  "are sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
                  "docs/deepspeed.md), checked against `memplan trace`, which runs DeepSpeed itself on the CPU (models "
                  "up to 2B parameters)")
+
+
+def saves_linear_inputs(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Stage 3 runs every nn.Linear through its memory-efficient linear (runtime/zero/linear.py
+    LinearFunctionForZeroStage3, swapped in for torch.nn.functional.linear by partition_parameters.py
+    _enable_mem_efficient_linear when zero_optimization.memory_efficient_linear, default True): its setup_context
+    saves the input for backward whether the weight trains or not (torch's linear saves it only for a trained
+    weight), so under LoRA every frozen projection keeps its input. GPT-2's Conv1D projections are not nn.Linear
+    (their addmm is torch's): they save as on one GPU."""
+    return (setup.engine is Engine.DEEPSPEED and setup.zero == 3 and setup.shards > 1
+            and not model.traits.conv1d)
 
 
 def overlap_comm(setup: TrainingSetup) -> bool:
@@ -115,28 +126,61 @@ def persistent_extra(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> in
                if g.numel < setup.ds_param_persistence_threshold and not g.nf4)
 
 
-def gathered(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int]:
-    """Stage 3 (forward's end, inside the backward) bytes of gathered parameters and unsharded gradients."""
+def no_backward_fetch(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Stage 3: partitioned elements no backward fetches. DeepSpeed gathers a module's parameters in the backward
+    from the hook it puts on the module's outputs (parameter_offload.py _register_deepspeed_module ->
+    _post_forward_module_hook -> PreBackwardFunctionForModule), which runs only when an output requires grad: a
+    frozen module whose input needs no gradient is used once, in the forward. Under an adapter method (the
+    embeddings frozen, block 0's adapters the first trained tensors) those are the frozen input embeddings (the
+    token embedding unless the LM head shares it) and block 0's frozen query / key / value projections, whose input
+    is the normed embeddings. Traced (the DeepSpeed grid, LoRA): 458,752 elements less gathered at the loss's
+    backward than under full fine-tuning = the 262,144-element embedding + block 0's q, k, v (3 x 65,536).
+    Full fine-tuning: 0. With checkpointed blocks: 0, as traced (the grid's LoRA + checkpointing setups hold the
+    whole model at the loss's backward): transformers' gradient_checkpointing_enable calls
+    enable_input_require_grads (modeling_utils.py: input_ids models and PEFT), so the embeddings' output requires
+    grad and every module's does. --peft freeze keeps whole frozen blocks out of the backward too (not modelled:
+    0)."""
+    if setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE) or setup.checkpointing.wraps_blocks:
+        return 0
+    t = setup.ds_param_persistence_threshold
+    token = model.vocab * model.hidden
+    out = sum(g.total for g in groups if g.kind is TensorKind.EMBEDDING and not g.trainable and g.numel >= t
+              and not (model.tie_embeddings and g.numel == token))
+    qkv = (Role.Q, Role.K, Role.V, Role.QKV)
+    first = [l for l in model.linears if l.role in qkv and l.stack is (Stack.ENCODER if model.encoder_layers
+                                                                         else Stack.DECODER)]
+    return out + sum(l.weight_numel for l in first if l.weight_numel >= t)
+
+
+def gathered(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int]:
+    """Stage 3 (forward's end, inside the backward) bytes of gathered parameters and unsharded gradients.
+
+    partitioned_param_coordinator.py (complete module trace, from the second step on): release_sub_module frees a
+    module's parameters after its forward unless __params_to_release keeps them, for either of two reasons:
+      - reuse: the parameter occurs again in the module trace within stage3_max_reuse_distance elements of the
+        modules that follow (the forward to the end and back: the top max_reuse_distance / 2 elements, and the
+        module that crosses the line; measured 32,832 elements kept at max_reuse_distance 50,000 with
+        8,192-element modules);
+      - "reuse skipped by prefetch": fetch_sub_module's prefetcher pops the parameter trace ahead of the current
+        module, marks each parameter it pops with the step of that use (__most_recent_step_id_param_fetched_for),
+        and a parameter so marked for a later step is not released. With a prefetch bucket (> 0) the traced
+        forward keeps, this way, every parameter the backward fetches again (release_sub_module logged on the
+        DeepSpeed grid's stage-3 LoRA setup: every forward release kept by the mark; at the forward's end
+        2,686,976 elements gathered = the partitioned model less no_backward_fetch), bounded by
+        stage3_max_live_parameters (the prefetcher pops only while __n_available_params is under it).
+    The backward releases each module after its gradient (no later use). So the forward's end and the loss's
+    backward hold every partitioned parameter the backward fetches, up to max_live_parameters; without a prefetch
+    bucket, the reuse window. Backward: that, + the module's unsharded gradient + the reduce-scatter's copy of a
+    bucket."""
     part, _, largest = _split(groups, setup.ds_param_persistence_threshold)
     h = _half(setup)
-    # a module is kept when the trace reaches its backward within max_reuse_distance elements: forward to the end
-    # and back is twice what lies above it, so the top max_reuse_distance / 2 elements stay, and the module that
-    # crosses the line (measured: 32,832 elements kept at max_reuse_distance 50,000 with 8,192-element modules)
     reuse = setup.ds_max_reuse_distance
     kept = min(part, reuse // 2 + largest) if reuse > 0 else 0
     prefetch = min(setup.ds_prefetch_bucket_size, setup.ds_max_live_parameters, part)
     fwd = min(part, kept + prefetch)
     bwd = min(part, largest + prefetch)
-    # what the trace of DeepSpeed itself shows (benchmarks/deepspeed_grid.py, reports/estimate_vs_trace_deepspeed.md):
-    # with a prefetch bucket, from the second step on (a complete module trace), the parameters gathered in the
-    # forward stay gathered into the backward; at the loss's backward every partitioned parameter is gathered
-    # (traced: 6,291,456 B of all-gather outputs, the whole 3.1M-parameter model in bf16 less the persistent norms;
-    # its MLP weights gathered at block 0 / 1 are freed by their own block's backward). The likely mechanism, not
-    # confirmed step by step: partitioned_param_coordinator.py fetch_sub_module marks each parameter it pops from
-    # the parameter trace with the step of that use (__most_recent_step_id_param_fetched_for), and
-    # __params_to_release keeps a parameter so marked for a later step ("reuse skipped by prefetch"). Bounded by
-    # stage3_max_live_parameters (the prefetch's bound, __max_n_available_params); no prefetch, no mark.
-    live = min(part, setup.ds_max_live_parameters) if setup.ds_prefetch_bucket_size > 0 else 0
+    fetched_back = max(0, part - no_backward_fetch(model, groups, setup))
+    live = min(fetched_back, setup.ds_max_live_parameters) if setup.ds_prefetch_bucket_size > 0 else 0
     fwd, bwd = max(fwd, live), max(bwd, live)
     trainable = sum(g.total for g in groups if g.trainable)
     grad = largest if trainable else 0
@@ -155,7 +199,7 @@ def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
     fp32 = 0 if setup.offload_optimizer else round_block(sub * 4)
     fwd = bwd = pers = 0
     if setup.zero == 3:
-        fwd, bwd = gathered(groups, setup)
+        fwd, bwd = gathered(model, groups, setup)
         pers = persistent_extra(groups, setup)
     return DsTerms(ipg_bucket(setup, trainable > 0), pers, fwd, bwd, fp32, round_block(sub * 4))
 

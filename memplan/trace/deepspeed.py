@@ -311,7 +311,7 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=No
     """Trace `setup` (an --engine deepspeed one) on `built` on the current default process group, the last of
     ITERATIONS steps reported. marks(built, tracker) installs region marks and returns hook handles
     (memplan.trace.runner.install_marks)."""
-    from memplan.trace import distributed
+    from memplan.trace import cuda, distributed
     from memplan.trace.session import checkpoint_tagging, make_batch
 
     check(setup, built.total_params)
@@ -321,6 +321,9 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=No
     with contextlib.ExitStack() as stack:
         stack.enter_context(rank_env(rank, world))
         stack.enter_context(patched())
+        # the CUDA step's dropout, as every other trace runs it (memplan.trace.cuda.cuda_dropout: SDPA drops out
+        # in-kernel, F.dropout saves a bool mask; the CPU's math-path fallback would save s² fp32 scores)
+        stack.enter_context(cuda.cuda_dropout())
         # before DeepSpeed's backend exists: TorchBackend keeps references to the collectives it will call
         stack.enter_context(distributed.untracked_collectives(tracker, COLLECTIVES))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
