@@ -199,7 +199,7 @@ def test_allgather_bucket_sizes_no_buffer():
 def test_gathered_parameters_from_reuse_distance_and_prefetch():
     m = load_model("llama-7b")
     largest = m.largest_tensor
-    fwd, _ = ds.gathered(ds.param_groups(m, setup()), setup())
+    fwd, _ = ds.gathered(m, ds.param_groups(m, setup()), setup())
     # defaults: the prefetched parameters stay gathered into the backward, up to stage3_max_live_parameters (the
     # DeepSpeed trace: reports/estimate_vs_trace_deepspeed.md; memplan.estimate.deepspeed.gathered), which is above
     # the top max_reuse_distance / 2 elements plus the module crossing the line and the prefetch bucket
@@ -208,9 +208,9 @@ def test_gathered_parameters_from_reuse_distance_and_prefetch():
     assert fwd == round_block(min(part, DEEPSPEED_DEFAULTS["max_live_parameters"]) * 2)
     assert fwd > round_block((DEEPSPEED_DEFAULTS["max_reuse_distance"] // 2 + largest
                               + DEEPSPEED_DEFAULTS["prefetch_bucket_size"]) * 2)
-    none, _ = ds.gathered(ds.param_groups(m, setup()), setup(ds_max_reuse_distance=0, ds_prefetch_bucket_size=0))
+    none, _ = ds.gathered(m, ds.param_groups(m, setup()), setup(ds_max_reuse_distance=0, ds_prefetch_bucket_size=0))
     assert none == 0
-    capped, _ = ds.gathered(ds.param_groups(m, setup()), setup(ds_max_live_parameters=10**6,
+    capped, _ = ds.gathered(m, ds.param_groups(m, setup()), setup(ds_max_live_parameters=10**6,
                                                                ds_max_reuse_distance=0))
     assert capped == round_block(10**6 * 2)  # stage3_max_live_parameters caps the prefetch
 
@@ -373,3 +373,46 @@ def test_grads_in_partition_is_the_ranks_whole_tensors():
     s = setup(zero=2, precision="fp32", gpus=2)
     assert ds.grads_in_partition(m, s) == (6_296_576, 6_557_696)  # (last rank, worst rank)
     assert ds.grads_in_partition(m, setup(zero=2, precision="fp32", gpus=2, offload_optimizer=True)) == (0, 0)
+
+
+def _grid_llama():
+    import sys
+    from pathlib import Path
+
+    from memplan.spec.families import spec_from_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import deepspeed_grid
+
+    return deepspeed_grid, spec_from_config(deepspeed_grid.MODEL, "llama-4x256")
+
+
+def test_no_backward_fetch_is_the_embedding_and_block0_qkv_under_lora():
+    """DeepSpeed's coordinator logged on the grid's stage-3 LoRA setup (release_sub_module wrapped: the forward's
+    end holds 2,686,976 partitioned elements, the model's 3,145,728 less the 262,144-element embedding and block 0's
+    q, k, v bases, 3 x 65,536, which no backward hook fetches). Full fine-tuning and checkpointed blocks (the
+    embeddings' output requires grad): none left out."""
+    grid, spec = _grid_llama()
+    lora = grid.setup_of((3, "fp32", "lora", "none"))
+    assert ds.no_backward_fetch(spec, ds.param_groups(spec, lora), lora) == 262_144 + 3 * 65_536
+    for key in ((3, "fp32", "full", "none"), (3, "fp32", "lora", "full")):
+        s = grid.setup_of(key)
+        assert ds.no_backward_fetch(spec, ds.param_groups(spec, s), s) == 0
+    fwd, _ = ds.gathered(spec, ds.param_groups(spec, lora), lora)
+    assert fwd == round_block(2_686_976 * 4)  # fp32: the logged elements x 4 B
+
+
+def test_memory_efficient_linear_saves_frozen_inputs_at_stage_3_only():
+    """runtime/zero/linear.py LinearFunctionForZeroStage3 saves every linear's input: under LoRA at stage 3 the
+    activations grow (the frozen projections' inputs), under full fine-tuning they do not (torch's linear saves
+    them too), and GPT-2's Conv1D projections are not nn.Linear."""
+    grid, spec = _grid_llama()
+    from memplan.estimate.activations import activations
+
+    a = {k: activations(spec, grid.setup_of(k)).total for k in
+         ((2, "fp32", "lora", "none"), (3, "fp32", "lora", "none"), (2, "fp32", "full", "none"),
+          (3, "fp32", "full", "none"))}
+    assert a[(3, "fp32", "lora", "none")] > a[(2, "fp32", "lora", "none")]
+    assert a[(3, "fp32", "full", "none")] == a[(2, "fp32", "full", "none")]
+    assert not ds.saves_linear_inputs(load_model("gpt2"), setup(zero=3))
+    assert ds.saves_linear_inputs(spec, setup(zero=3)) and not ds.saves_linear_inputs(spec, setup(zero=2))
