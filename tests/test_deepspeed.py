@@ -111,8 +111,36 @@ def test_bad_knob_is_one_line_exit_2(capsys):
 
 # --- the output says it is an estimate only ----------------------------------------------------------------------
 def test_estimate_only_warning():
-    assert ds.ESTIMATE_ONLY in est().warnings
-    assert ds.ESTIMATE_ONLY not in memplan.estimate("llama-7b", gpus=N, zero=3).warnings
+    """The output says whether the DeepSpeed terms are traced-and-checked or estimate-only, with the reason: a line
+    among the warnings and the JSON's "deepspeed" field."""
+    big = est()  # llama-7b: over the trace's 2B parameters
+    assert ds.note(load_model("llama-7b"), setup()) in big.warnings
+    assert big.to_dict()["deepspeed"] == {"checked_by_trace": False, "reason": ds.note(load_model("llama-7b"),
+                                                                                       setup())}
+    assert "estimate-only" in ds.note(load_model("llama-7b"), setup())
+    small = est("gpt2", seq=128)
+    assert small.to_dict()["deepspeed"]["checked_by_trace"] and "traced-and-checked" in " ".join(small.warnings)
+    for kw in (dict(zero=0), dict(offload_optimizer=True), dict(precision="fp16-master")):
+        c = est("gpt2", seq=128, **kw).to_dict()["deepspeed"]
+        assert not c["checked_by_trace"] and "estimate-only" in c["reason"]
+    fsdp = memplan.estimate("llama-7b", gpus=N, zero=3)
+    assert "deepspeed" not in fsdp.to_dict() and not any("--engine deepspeed" in w for w in fsdp.warnings)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(zero=0), dict(zero=1), dict(zero=2), dict(offload_optimizer=True),
+                                dict(offload_params=True), dict(precision="fp16-master"), dict(precision="fp32"),
+                                dict(optimizer="sgd"), dict(optimizer="adafactor"), dict(peft="qlora"),
+                                dict(lengths="uniform:16-128"), dict(fp8="tensorwise")])
+def test_coverage_agrees_with_what_the_trace_runs(kw):
+    """memplan.estimate.deepspeed.coverage restates memplan.trace.support.deepspeed_unsupported (the estimate tier
+    cannot import the trace tier): the two agree."""
+    from memplan.trace.support import deepspeed_unsupported
+
+    try:
+        s = setup(**kw)
+    except MemplanError:
+        pytest.skip("not a valid setup")
+    assert ds.coverage(load_model("gpt2"), s).checked_by_trace == (deepspeed_unsupported(s) is None)
 
 
 @pytest.mark.parametrize("command", [["trace"], ["measure", "--device", "cpu"]])

@@ -38,8 +38,9 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    flat weights themselves (runtime/utils.py all_gather_dp_groups): allgather_bucket_size sizes no
                    buffer when the backend has all_gather_into_tensor (NCCL and gloo on torch >= 2.0).
 
-The trace runs DeepSpeed itself (memplan.trace.deepspeed, real CPU tensors, models up to 2B parameters); measure
-does not (ESTIMATE_ONLY says so in the output).
+The trace runs DeepSpeed itself (memplan.trace.deepspeed, real CPU tensors, models up to 2B parameters); the
+estimate's output says whether a setup is one it runs (traced-and-checked) or not (estimate-only: ZeRO-0, offload,
+fp16, ...; coverage() / note(), the JSON's "deepspeed" field).
 """
 from __future__ import annotations
 
@@ -49,13 +50,62 @@ from memplan.categories import Category as C, Phase
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, param_groups
 from memplan.spec.model import ModelSpec, Role, Stack, TensorKind
-from memplan.spec.setup import Engine, PeftMethod, TrainingSetup
+from memplan.spec.setup import Engine, Fp8Recipe, Optimizer, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
-ESTIMATE_ONLY = ("--engine deepspeed: estimate-only on a GPU (`memplan measure` does not run DeepSpeed); its buffers "
-                 "are sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
-                 "docs/deepspeed.md), checked against `memplan trace`, which runs DeepSpeed itself on the CPU (models "
-                 "up to 2B parameters)")
+SIZED = ("buffers sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
+         "docs/deepspeed.md)")
+# memplan.trace.deepspeed runs DeepSpeed itself on real CPU tensors: what it runs (memplan.trace.support
+# deepspeed_unsupported, MAX_PARAMS; tests/test_deepspeed.py checks the two agree). The estimate tier cannot import
+# the trace tier (tools/check_imports.py), so the conditions are restated here.
+TRACE_MAX_PARAMS = 2 * 10**9
+TRACED_PRECISIONS = (Precision.BF16_MASTER, Precision.FP32)  # fp16: the CPU accelerator refuses it
+TRACED_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FORLOOP, Optimizer.ADAMW_FUSED, Optimizer.SGD)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Whether this DeepSpeed setup's terms are checked against a trace of DeepSpeed itself, and why not."""
+
+    checked_by_trace: bool
+    reason: str  # what `memplan trace` does not run ("" when checked)
+
+    def to_dict(self) -> dict:
+        return {"checked_by_trace": self.checked_by_trace, "reason": self.reason}
+
+
+def coverage(model: ModelSpec, setup: TrainingSetup) -> Coverage:
+    """Traced-and-checked (memplan trace runs DeepSpeed 0.19.8 on this setup: the estimator's terms are those its
+    grids check, reports/estimate_vs_trace_deepspeed*.md) or estimate-only, with the reason."""
+    from memplan.estimate.lengths import shaped
+
+    if setup.zero == 0:
+        why = "ZeRO-0 (DeepSpeed's stage 0 is plain data parallelism)"
+    elif setup.offload_params or setup.offload_optimizer:
+        why = "offload (DeepSpeedCPUAdam is a compiled op)"
+    elif setup.precision not in TRACED_PRECISIONS:
+        why = f"--precision {setup.precision.value} (DeepSpeed's CPU accelerator refuses fp16)"
+    elif setup.optimizer not in TRACED_OPTIMIZERS:
+        why = f"--optimizer {setup.optimizer.value} (traced: AdamW and SGD)"
+    elif shaped(setup):
+        why = "--lengths / --packing"
+    elif (setup.peft is PeftMethod.QLORA or setup.teacher or setup.offload_activations
+          or setup.fp8 is not Fp8Recipe.NONE):
+        why = "QLoRA, --teacher, --offload-activations or --fp8"
+    elif model.total_params > TRACE_MAX_PARAMS:
+        why = f"{model.total_params:,} parameters (the trace runs real CPU tensors: up to {TRACE_MAX_PARAMS:,})"
+    else:
+        return Coverage(True, "")
+    return Coverage(False, why)
+
+
+def note(model: ModelSpec, setup: TrainingSetup) -> str:
+    """The estimate's one line on where its DeepSpeed terms come from (traced-and-checked or estimate-only)."""
+    c = coverage(model, setup)
+    if c.checked_by_trace:
+        return (f"--engine deepspeed: traced-and-checked: {SIZED}, checked against `memplan trace`, which runs "
+                f"DeepSpeed itself on this setup on the CPU (reports/estimate_vs_trace_deepspeed*.md)")
+    return f"--engine deepspeed: estimate-only ({c.reason} is not traced): {SIZED}, not checked against a run"
 
 
 def saves_linear_inputs(model: ModelSpec, setup: TrainingSetup) -> bool:

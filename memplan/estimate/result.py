@@ -97,6 +97,11 @@ class Result:
             out["lengths"] = dict(self.lengths)
         if self.warnings:
             out["warnings"] = list(self.warnings)
+        if self.tier == "estimate" and self.setup.engine.value == "deepspeed":
+            from memplan.estimate.deepspeed import Coverage  # traced-and-checked or estimate-only (docs/deepspeed.md)
+
+            note = next((w for w in self.warnings if w.startswith("--engine deepspeed: ")), "")
+            out["deepspeed"] = Coverage("traced-and-checked" in note, note).to_dict()
         return out
 
     def to_frame(self):
