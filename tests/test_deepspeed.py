@@ -115,14 +115,14 @@ def test_estimate_only_warning():
     among the warnings and the JSON's "deepspeed" field."""
     big = est()  # llama-7b: over the trace's 2B parameters
     assert ds.note(load_model("llama-7b"), setup()) in big.warnings
-    assert big.to_dict()["deepspeed"] == {"checked_by_trace": False, "reason": ds.note(load_model("llama-7b"),
+    assert big.to_dict()["deepspeed"] == {"checked_by_trace": False, "note": ds.note(load_model("llama-7b"),
                                                                                        setup())}
     assert "estimate-only" in ds.note(load_model("llama-7b"), setup())
     small = est("gpt2", seq=128)
     assert small.to_dict()["deepspeed"]["checked_by_trace"] and "traced-and-checked" in " ".join(small.warnings)
     for kw in (dict(zero=0), dict(offload_optimizer=True), dict(precision="fp16-master")):
         c = est("gpt2", seq=128, **kw).to_dict()["deepspeed"]
-        assert not c["checked_by_trace"] and "estimate-only" in c["reason"]
+        assert not c["checked_by_trace"] and "estimate-only" in c["note"]
     fsdp = memplan.estimate("llama-7b", gpus=N, zero=3)
     assert "deepspeed" not in fsdp.to_dict() and not any("--engine deepspeed" in w for w in fsdp.warnings)
 

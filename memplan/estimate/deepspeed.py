@@ -70,9 +70,6 @@ class Coverage:
     checked_by_trace: bool
     reason: str  # what `memplan trace` does not run ("" when checked)
 
-    def to_dict(self) -> dict:
-        return {"checked_by_trace": self.checked_by_trace, "reason": self.reason}
-
 
 def coverage(model: ModelSpec, setup: TrainingSetup) -> Coverage:
     """Traced-and-checked (memplan trace runs DeepSpeed 0.19.8 on this setup: the estimator's terms are those its

@@ -98,10 +98,9 @@ class Result:
         if self.warnings:
             out["warnings"] = list(self.warnings)
         if self.tier == "estimate" and self.setup.engine.value == "deepspeed":
-            from memplan.estimate.deepspeed import Coverage  # traced-and-checked or estimate-only (docs/deepspeed.md)
-
+            # traced-and-checked or estimate-only, and why (memplan.estimate.deepspeed.note, docs/deepspeed.md)
             note = next((w for w in self.warnings if w.startswith("--engine deepspeed: ")), "")
-            out["deepspeed"] = Coverage("traced-and-checked" in note, note).to_dict()
+            out["deepspeed"] = {"checked_by_trace": "traced-and-checked" in note, "note": note}
         return out
 
     def to_frame(self):
