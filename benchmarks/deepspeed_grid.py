@@ -218,7 +218,7 @@ def main(argv: list[str]) -> None:
                "stage3_max_reuse_distance 1e9, stage3_param_persistence_threshold 1e5), seq "
                f"{HELDOUT_SEQ}, batch {HELDOUT_BATCH}, AdamW; gpt2 (124M) and a 4-block Llama of hidden 1024 "
                f"(61.9M parameters: {HELDOUT_LLAMA}). **Held out, then tuned once**: the cache was filled once, after "
-               "the estimator's fixes on the first grid; scored then: **8/16 within 3 %** (4/16 every category). "
+               "the estimator's fixes on the first grid; scored then, 8 of 16 within 3 % (4 of 16 every category). "
                "One fix was then made from what it showed (`memplan.estimate.deepspeed.whole_bucket`: stage 1/2 "
                "with an IPG bucket that holds every gradient reduce once, at the backward's end, and flatten the "
                "whole gradient; stage 1 +3.92 % → −0.03 %, stage 2 −4.19 % → +1.17 %, −4.07 % → −2.03 %, gpt2 "
