@@ -444,3 +444,16 @@ def test_memory_efficient_linear_saves_frozen_inputs_at_stage_3_only():
     assert a[(3, "fp32", "full", "none")] == a[(2, "fp32", "full", "none")]
     assert not ds.saves_linear_inputs(load_model("gpt2"), setup(zero=3))
     assert ds.saves_linear_inputs(spec, setup(zero=3)) and not ds.saves_linear_inputs(spec, setup(zero=2))
+
+
+def test_whole_bucket_when_the_bucket_holds_every_gradient():
+    """stage_1_and_2.py reduces only when the next gradient would overflow the IPG bucket: with DeepSpeed's default
+    reduce_bucket_size (5e8 elements) a 124M-parameter gpt2 reduces once, at the backward's end; the first grid's
+    200,000-element bucket does not hold its 3.1M-parameter Llama's full gradient, and holds its LoRA one."""
+    grid, spec = _grid_llama()
+    gpt2 = load_model("gpt2")
+    assert ds.whole_bucket(gpt2, setup(zero=1, seq=128)) and ds.whole_bucket(gpt2, setup(zero=2, seq=128))
+    assert not ds.whole_bucket(gpt2, setup(zero=3, seq=128))  # stage 3 reduces per bucket into its partition
+    assert not ds.whole_bucket(gpt2, setup(zero=2, seq=128, ds_reduce_bucket_size=10**7))
+    assert not ds.whole_bucket(spec, grid.setup_of((2, "fp32", "full", "none")))
+    assert ds.whole_bucket(spec, grid.setup_of((2, "fp32", "lora", "none")))
