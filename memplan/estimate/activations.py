@@ -563,7 +563,7 @@ def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
 
 # TrainingSetup fields no function of this module (or of memplan.estimate.techniques, which it calls) reads: the
 # optimizer, accumulation and sharding engine's own options. ZeRO, GPUs and engine are read only through
-# fsdp_sharded(setup) and half_adapters(setup), which the key holds instead. Every other field, present or future, is part of the key.
+# fsdp_sharded(setup), half_adapters(setup) and saves_linear_inputs(model, setup), which the key holds instead. Every other field, present or future, is part of the key.
 UNREAD_FIELDS = frozenset({
     "optimizer", "grad_accum", "gpus_per_node", "sync_each_batch", "bucket_view", "offload_optimizer",
     "offload_params", "optimizer_in_backward", "ds_reduce_bucket_size", "ds_allgather_bucket_size",
