@@ -20,13 +20,16 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
   persistent       stage-3 parameters under stage3_param_persistence_threshold elements are never released once
                    gathered (partition_parameters.py, ds_persist): each rank holds them whole from the first forward
                    on, beside their partition.
-  gathered         partitioned_param_coordinator.py: after a module's forward its parameters are released unless
-                   the trace uses them again within stage3_max_reuse_distance elements (__params_to_release); the
-                   top of the network is reused by the backward soon after, so at the forward's end the last
-                   ~max_reuse_distance / 2 elements stay gathered (forward to the end, then back). The prefetcher
-                   gathers up to stage3_prefetch_bucket_size elements ahead, no more than stage3_max_live_parameters
-                   less what is live; with a prefetch bucket the traced forward keeps every parameter it gathered
-                   into the backward, up to stage3_max_live_parameters (gathered() below).
+  gathered         partitioned_param_coordinator.py release_sub_module -> __params_to_release: a parameter is
+                   kept gathered after its module's forward when the prefetcher marked it for a later step
+                   (__most_recent_step_id_param_fetched_for: "reuse skipped by prefetch") or it is reused within
+                   stage3_max_reuse_distance elements; with a prefetch bucket every parameter the backward fetches
+                   again stays gathered into the backward, up to stage3_max_live_parameters, less what no backward
+                   fetches (no_backward_fetch; gathered() below, logged on DeepSpeed itself).
+  linear inputs    stage 3's memory-efficient linear (linear.py LinearFunctionForZeroStage3) saves every nn.Linear's
+                   input (saves_linear_inputs; memplan.estimate.activations.Ctx.linear_saves_input).
+  one reduce       stage 1/2 whose IPG bucket holds every gradient reduce once, at the backward's end, flattening the
+                   whole gradient (whole_bucket).
   grads in         stage 1/2: stage_1_and_2.py copy_grads_in_partition's flat buffer of the rank's whole tensors
   partition        (grads_in_partition below), from the first reduced bucket holding one of them to the step.
   half adapters    bf16 / fp16 enabled: engine.py _cast_module_mixed_precision casts the LoRA adapters too
