@@ -111,8 +111,36 @@ def test_bad_knob_is_one_line_exit_2(capsys):
 
 # --- the output says it is an estimate only ----------------------------------------------------------------------
 def test_estimate_only_warning():
-    assert ds.ESTIMATE_ONLY in est().warnings
-    assert ds.ESTIMATE_ONLY not in memplan.estimate("llama-7b", gpus=N, zero=3).warnings
+    """The output says whether the DeepSpeed terms are traced-and-checked or estimate-only, with the reason: a line
+    among the warnings and the JSON's "deepspeed" field."""
+    big = est()  # llama-7b: over the trace's 2B parameters
+    assert ds.note(load_model("llama-7b"), setup()) in big.warnings
+    assert big.to_dict()["deepspeed"] == {"checked_by_trace": False, "note": ds.note(load_model("llama-7b"),
+                                                                                       setup())}
+    assert "estimate-only" in ds.note(load_model("llama-7b"), setup())
+    small = est("gpt2", seq=128)
+    assert small.to_dict()["deepspeed"]["checked_by_trace"] and "traced-and-checked" in " ".join(small.warnings)
+    for kw in (dict(zero=0), dict(offload_optimizer=True), dict(precision="fp16-master")):
+        c = est("gpt2", seq=128, **kw).to_dict()["deepspeed"]
+        assert not c["checked_by_trace"] and "estimate-only" in c["note"]
+    fsdp = memplan.estimate("llama-7b", gpus=N, zero=3)
+    assert "deepspeed" not in fsdp.to_dict() and not any("--engine deepspeed" in w for w in fsdp.warnings)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(zero=0), dict(zero=1), dict(zero=2), dict(offload_optimizer=True),
+                                dict(offload_params=True), dict(precision="fp16-master"), dict(precision="fp32"),
+                                dict(optimizer="sgd"), dict(optimizer="adafactor"), dict(peft="qlora"),
+                                dict(lengths="uniform:16-128"), dict(fp8="tensorwise")])
+def test_coverage_agrees_with_what_the_trace_runs(kw):
+    """memplan.estimate.deepspeed.coverage restates memplan.trace.support.deepspeed_unsupported (the estimate tier
+    cannot import the trace tier): the two agree."""
+    from memplan.trace.support import deepspeed_unsupported
+
+    try:
+        s = setup(**kw)
+    except MemplanError:
+        pytest.skip("not a valid setup")
+    assert ds.coverage(load_model("gpt2"), s).checked_by_trace == (deepspeed_unsupported(s) is None)
 
 
 @pytest.mark.parametrize("command", [["trace"], ["measure", "--device", "cpu"]])
@@ -199,7 +227,7 @@ def test_allgather_bucket_sizes_no_buffer():
 def test_gathered_parameters_from_reuse_distance_and_prefetch():
     m = load_model("llama-7b")
     largest = m.largest_tensor
-    fwd, _ = ds.gathered(ds.param_groups(m, setup()), setup())
+    fwd, _ = ds.gathered(m, ds.param_groups(m, setup()), setup())
     # defaults: the prefetched parameters stay gathered into the backward, up to stage3_max_live_parameters (the
     # DeepSpeed trace: reports/estimate_vs_trace_deepspeed.md; memplan.estimate.deepspeed.gathered), which is above
     # the top max_reuse_distance / 2 elements plus the module crossing the line and the prefetch bucket
@@ -208,9 +236,9 @@ def test_gathered_parameters_from_reuse_distance_and_prefetch():
     assert fwd == round_block(min(part, DEEPSPEED_DEFAULTS["max_live_parameters"]) * 2)
     assert fwd > round_block((DEEPSPEED_DEFAULTS["max_reuse_distance"] // 2 + largest
                               + DEEPSPEED_DEFAULTS["prefetch_bucket_size"]) * 2)
-    none, _ = ds.gathered(ds.param_groups(m, setup()), setup(ds_max_reuse_distance=0, ds_prefetch_bucket_size=0))
+    none, _ = ds.gathered(m, ds.param_groups(m, setup()), setup(ds_max_reuse_distance=0, ds_prefetch_bucket_size=0))
     assert none == 0
-    capped, _ = ds.gathered(ds.param_groups(m, setup()), setup(ds_max_live_parameters=10**6,
+    capped, _ = ds.gathered(m, ds.param_groups(m, setup()), setup(ds_max_live_parameters=10**6,
                                                                ds_max_reuse_distance=0))
     assert capped == round_block(10**6 * 2)  # stage3_max_live_parameters caps the prefetch
 
@@ -373,3 +401,59 @@ def test_grads_in_partition_is_the_ranks_whole_tensors():
     s = setup(zero=2, precision="fp32", gpus=2)
     assert ds.grads_in_partition(m, s) == (6_296_576, 6_557_696)  # (last rank, worst rank)
     assert ds.grads_in_partition(m, setup(zero=2, precision="fp32", gpus=2, offload_optimizer=True)) == (0, 0)
+
+
+def _grid_llama():
+    import sys
+    from pathlib import Path
+
+    from memplan.spec.families import spec_from_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import deepspeed_grid
+
+    return deepspeed_grid, spec_from_config(deepspeed_grid.MODEL, "llama-4x256")
+
+
+def test_no_backward_fetch_is_the_embedding_and_block0_qkv_under_lora():
+    """DeepSpeed's coordinator logged on the grid's stage-3 LoRA setup (release_sub_module wrapped: the forward's
+    end holds 2,686,976 partitioned elements, the model's 3,145,728 less the 262,144-element embedding and block 0's
+    q, k, v bases, 3 x 65,536, which no backward hook fetches). Full fine-tuning and checkpointed blocks (the
+    embeddings' output requires grad): none left out."""
+    grid, spec = _grid_llama()
+    lora = grid.setup_of((3, "fp32", "lora", "none"))
+    assert ds.no_backward_fetch(spec, ds.param_groups(spec, lora), lora) == 262_144 + 3 * 65_536
+    for key in ((3, "fp32", "full", "none"), (3, "fp32", "lora", "full")):
+        s = grid.setup_of(key)
+        assert ds.no_backward_fetch(spec, ds.param_groups(spec, s), s) == 0
+    fwd, _ = ds.gathered(spec, ds.param_groups(spec, lora), lora)
+    assert fwd == round_block(2_686_976 * 4)  # fp32: the logged elements x 4 B
+
+
+def test_memory_efficient_linear_saves_frozen_inputs_at_stage_3_only():
+    """runtime/zero/linear.py LinearFunctionForZeroStage3 saves every linear's input: under LoRA at stage 3 the
+    activations grow (the frozen projections' inputs), under full fine-tuning they do not (torch's linear saves
+    them too), and GPT-2's Conv1D projections are not nn.Linear."""
+    grid, spec = _grid_llama()
+    from memplan.estimate.activations import activations
+
+    a = {k: activations(spec, grid.setup_of(k)).total for k in
+         ((2, "fp32", "lora", "none"), (3, "fp32", "lora", "none"), (2, "fp32", "full", "none"),
+          (3, "fp32", "full", "none"))}
+    assert a[(3, "fp32", "lora", "none")] > a[(2, "fp32", "lora", "none")]
+    assert a[(3, "fp32", "full", "none")] == a[(2, "fp32", "full", "none")]
+    assert not ds.saves_linear_inputs(load_model("gpt2"), setup(zero=3))
+    assert ds.saves_linear_inputs(spec, setup(zero=3)) and not ds.saves_linear_inputs(spec, setup(zero=2))
+
+
+def test_whole_bucket_when_the_bucket_holds_every_gradient():
+    """stage_1_and_2.py reduces only when the next gradient would overflow the IPG bucket: with DeepSpeed's default
+    reduce_bucket_size (5e8 elements) a 124M-parameter gpt2 reduces once, at the backward's end; the first grid's
+    200,000-element bucket does not hold its 3.1M-parameter Llama's full gradient, and holds its LoRA one."""
+    grid, spec = _grid_llama()
+    gpt2 = load_model("gpt2")
+    assert ds.whole_bucket(gpt2, setup(zero=1, seq=128)) and ds.whole_bucket(gpt2, setup(zero=2, seq=128))
+    assert not ds.whole_bucket(gpt2, setup(zero=3, seq=128))  # stage 3 reduces per bucket into its partition
+    assert not ds.whole_bucket(gpt2, setup(zero=2, seq=128, ds_reduce_bucket_size=10**7))
+    assert not ds.whole_bucket(spec, grid.setup_of((2, "fp32", "full", "none")))
+    assert ds.whole_bucket(spec, grid.setup_of((2, "fp32", "lora", "none")))

@@ -78,7 +78,7 @@ def validate(model: ModelSpec, setup: TrainingSetup, gpu: GpuSpec | None = None)
         warns += offload.warnings(setup)
     warns += distill.validate(model, setup)  # --teacher (memplan.estimate.distill)
     if setup.engine is Engine.DEEPSPEED:
-        warns.append(deepspeed.ESTIMATE_ONLY)
+        warns.append(deepspeed.note(model, setup))
     if setup.zero > 0 and setup.gpus == 1:
         warns.append(f"ZeRO stage {setup.zero} on one GPU shards nothing: states are as without ZeRO")
     if setup.seq > model.max_positions and model.traits.learned_positions:

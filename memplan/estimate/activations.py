@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from memplan.estimate import techniques
+from memplan.estimate.deepspeed import saves_linear_inputs
 from memplan.estimate.memo import IdentityMemo
 from memplan.estimate.params import ia3_targets, lora_targets
 from memplan.estimate.weights import fsdp_sharded, half_adapters
@@ -65,6 +66,7 @@ class Ctx:
     kv_ratio: float = 1.0  # keys per query position: (seq + virtual tokens) / seq under prefix tuning
     batched: bool = False  # more than one sequence per micro-batch (batched matmuls copy strided views)
     windowed: bool = False  # sliding-window attention over more positions than its window: an explicit mask
+    linear_saves_input: bool = False  # DeepSpeed ZeRO-3's memory-efficient linear (deepspeed.saves_linear_inputs)
 
 
 class _Block:
@@ -104,7 +106,7 @@ class _Block:
         in_b = x.c if x.autocast else b
         name = lin.qualname
         ff = name in x.ia3_ff
-        if x.w_train:
+        if x.w_train or x.linear_saves_input:
             self.s.add(cast_key, in_b * lin.in_features)
         if name in x.lora:
             lk = cast_key if (x.autocast or x.lora_bytes == b) else self.t(name + ".lora_in")
@@ -441,7 +443,8 @@ def kv_ratio(setup: TrainingSetup) -> float:
 
 def make_ctx(model: ModelSpec, setup: TrainingSetup, w_train: bool) -> Ctx:
     return _ctx(model, setup.precision, setup.peft, setup.lora, setup.dropout, setup.attention, setup.adapter_size,
-                w_train, kv_ratio(setup), setup.batch > 1, windowed(model, setup), half_adapters(setup))
+                w_train, kv_ratio(setup), setup.batch > 1, windowed(model, setup), half_adapters(setup),
+                saves_linear_inputs(model, setup))
 
 
 def windowed(model: ModelSpec, setup: TrainingSetup) -> bool:
@@ -471,7 +474,7 @@ def full_attention_layers(model: ModelSpec, setup: TrainingSetup) -> frozenset:
 
 @lru_cache(maxsize=4096)
 def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv_ratio, batched=False,
-         windowed=False, ds_half_adapters=False) -> Ctx:
+         windowed=False, ds_half_adapters=False, ds_linear=False) -> Ctx:
     setup = TrainingSetup(precision=p, peft=peft, lora=lora_cfg, dropout=dropout, attention=attention,
                           zero=3 if p is Precision.FSDP_BF16 else 0,  # fsdp-bf16 needs ZeRO-2 / 3 (unread here)
                           adapter_size=adapter_size)
@@ -487,7 +490,8 @@ def _ctx(model, p, peft, lora_cfg, dropout, attention, adapter_size, w_train, kv
     return Ctx(c=p.compute_bytes, autocast=p.autocast, dtype_bytes=stream_bytes(p), w_train=w_train, lora=lora,
                lora_bytes=adapter_compute_bytes(p, ds_half_adapters), ia3=ia3, ia3_ff=ia3_ff, dora=peft is PeftMethod.DORA,
                qlora=peft is PeftMethod.QLORA, adapters=peft is PeftMethod.ADAPTER, adapter_size=setup.adapter_size, dropout=drop,
-               attention=setup.attention, kv_ratio=kv_ratio, batched=batched, windowed=windowed)
+               attention=setup.attention, kv_ratio=kv_ratio, batched=batched, windowed=windowed,
+               linear_saves_input=ds_linear)
 
 
 @dataclass(frozen=True)
@@ -566,7 +570,7 @@ def _stacks(model: ModelSpec) -> list[tuple[Stack, int, bool]]:
 
 # TrainingSetup fields no function of this module (or of memplan.estimate.techniques, which it calls) reads: the
 # optimizer, accumulation and sharding engine's own options. ZeRO, GPUs and engine are read only through
-# fsdp_sharded(setup) and half_adapters(setup), which the key holds instead. Every other field, present or future, is part of the key.
+# fsdp_sharded(setup), half_adapters(setup) and saves_linear_inputs(model, setup), which the key holds instead. Every other field, present or future, is part of the key.
 UNREAD_FIELDS = frozenset({
     "optimizer", "grad_accum", "gpus_per_node", "sync_each_batch", "bucket_view", "offload_optimizer",
     "offload_params", "optimizer_in_backward", "ds_reduce_bucket_size", "ds_allgather_bucket_size",
@@ -583,7 +587,8 @@ def activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     global _KEY_FIELDS
     if not _KEY_FIELDS:
         _KEY_FIELDS = tuple(f for f in setup.__dataclass_fields__ if f not in UNREAD_FIELDS)
-    key = (id(model), fsdp_sharded(setup), half_adapters(setup), *[getattr(setup, f) for f in _KEY_FIELDS])
+    key = (id(model), fsdp_sharded(setup), half_adapters(setup), saves_linear_inputs(model, setup),
+           *[getattr(setup, f) for f in _KEY_FIELDS])
     return _MEMO.get(key, model, lambda: _activations(model, setup))
 
 

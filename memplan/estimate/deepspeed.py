@@ -20,13 +20,16 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
   persistent       stage-3 parameters under stage3_param_persistence_threshold elements are never released once
                    gathered (partition_parameters.py, ds_persist): each rank holds them whole from the first forward
                    on, beside their partition.
-  gathered         partitioned_param_coordinator.py: after a module's forward its parameters are released unless
-                   the trace uses them again within stage3_max_reuse_distance elements (__params_to_release); the
-                   top of the network is reused by the backward soon after, so at the forward's end the last
-                   ~max_reuse_distance / 2 elements stay gathered (forward to the end, then back). The prefetcher
-                   gathers up to stage3_prefetch_bucket_size elements ahead, no more than stage3_max_live_parameters
-                   less what is live; with a prefetch bucket the traced forward keeps every parameter it gathered
-                   into the backward, up to stage3_max_live_parameters (gathered() below).
+  gathered         partitioned_param_coordinator.py release_sub_module -> __params_to_release: a parameter is
+                   kept gathered after its module's forward when the prefetcher marked it for a later step
+                   (__most_recent_step_id_param_fetched_for: "reuse skipped by prefetch") or it is reused within
+                   stage3_max_reuse_distance elements; with a prefetch bucket every parameter the backward fetches
+                   again stays gathered into the backward, up to stage3_max_live_parameters, less what no backward
+                   fetches (no_backward_fetch; gathered() below, logged on DeepSpeed itself).
+  linear inputs    stage 3's memory-efficient linear (linear.py LinearFunctionForZeroStage3) saves every nn.Linear's
+                   input (saves_linear_inputs; memplan.estimate.activations.Ctx.linear_saves_input).
+  one reduce       stage 1/2 whose IPG bucket holds every gradient reduce once, at the backward's end, flattening the
+                   whole gradient (whole_bucket).
   grads in         stage 1/2: stage_1_and_2.py copy_grads_in_partition's flat buffer of the rank's whole tensors
   partition        (grads_in_partition below), from the first reduced bucket holding one of them to the step.
   half adapters    bf16 / fp16 enabled: engine.py _cast_module_mixed_precision casts the LoRA adapters too
@@ -38,8 +41,9 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    flat weights themselves (runtime/utils.py all_gather_dp_groups): allgather_bucket_size sizes no
                    buffer when the backend has all_gather_into_tensor (NCCL and gloo on torch >= 2.0).
 
-The trace runs DeepSpeed itself (memplan.trace.deepspeed, real CPU tensors, models up to 2B parameters); measure
-does not (ESTIMATE_ONLY says so in the output).
+The trace runs DeepSpeed itself (memplan.trace.deepspeed, real CPU tensors, models up to 2B parameters); the
+estimate's output says whether a setup is one it runs (traced-and-checked) or not (estimate-only: ZeRO-0, offload,
+fp16, ...; coverage() / note(), the JSON's "deepspeed" field).
 """
 from __future__ import annotations
 
@@ -48,14 +52,71 @@ from dataclasses import dataclass
 from memplan.categories import Category as C, Phase
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.params import ParamGroup, param_groups
-from memplan.spec.model import ModelSpec
-from memplan.spec.setup import Engine, TrainingSetup
+from memplan.spec.model import ModelSpec, Role, Stack, TensorKind
+from memplan.spec.setup import Engine, Fp8Recipe, Optimizer, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
 
-ESTIMATE_ONLY = ("--engine deepspeed: estimate-only on a GPU (`memplan measure` does not run DeepSpeed); its buffers "
-                 "are sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
-                 "docs/deepspeed.md), checked against `memplan trace`, which runs DeepSpeed itself on the CPU (models "
-                 "up to 2B parameters)")
+SIZED = ("buffers sized from DeepSpeed 0.19.8's code and config defaults (memplan.estimate.deepspeed, "
+         "docs/deepspeed.md)")
+# memplan.trace.deepspeed runs DeepSpeed itself on real CPU tensors: what it runs (memplan.trace.support
+# deepspeed_unsupported, MAX_PARAMS; tests/test_deepspeed.py checks the two agree). The estimate tier cannot import
+# the trace tier (tools/check_imports.py), so the conditions are restated here.
+TRACE_MAX_PARAMS = 2 * 10**9
+TRACED_PRECISIONS = (Precision.BF16_MASTER, Precision.FP32)  # fp16: the CPU accelerator refuses it
+TRACED_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FORLOOP, Optimizer.ADAMW_FUSED, Optimizer.SGD)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Whether this DeepSpeed setup's terms are checked against a trace of DeepSpeed itself, and why not."""
+
+    checked_by_trace: bool
+    reason: str  # what `memplan trace` does not run ("" when checked)
+
+
+def coverage(model: ModelSpec, setup: TrainingSetup) -> Coverage:
+    """Traced-and-checked (memplan trace runs DeepSpeed 0.19.8 on this setup: the estimator's terms are those its
+    grids check, reports/estimate_vs_trace_deepspeed*.md) or estimate-only, with the reason."""
+    from memplan.estimate.lengths import shaped
+
+    if setup.zero == 0:
+        why = "ZeRO-0 (DeepSpeed's stage 0 is plain data parallelism)"
+    elif setup.offload_params or setup.offload_optimizer:
+        why = "offload (DeepSpeedCPUAdam is a compiled op)"
+    elif setup.precision not in TRACED_PRECISIONS:
+        why = f"--precision {setup.precision.value} (DeepSpeed's CPU accelerator refuses fp16)"
+    elif setup.optimizer not in TRACED_OPTIMIZERS:
+        why = f"--optimizer {setup.optimizer.value} (traced: AdamW and SGD)"
+    elif shaped(setup):
+        why = "--lengths / --packing"
+    elif (setup.peft is PeftMethod.QLORA or setup.teacher or setup.offload_activations
+          or setup.fp8 is not Fp8Recipe.NONE):
+        why = "QLoRA, --teacher, --offload-activations or --fp8"
+    elif model.total_params > TRACE_MAX_PARAMS:
+        why = f"{model.total_params:,} parameters (the trace runs real CPU tensors: up to {TRACE_MAX_PARAMS:,})"
+    else:
+        return Coverage(True, "")
+    return Coverage(False, why)
+
+
+def note(model: ModelSpec, setup: TrainingSetup) -> str:
+    """The estimate's one line on where its DeepSpeed terms come from (traced-and-checked or estimate-only)."""
+    c = coverage(model, setup)
+    if c.checked_by_trace:
+        return (f"--engine deepspeed: traced-and-checked: {SIZED}, checked against `memplan trace`, which runs "
+                f"DeepSpeed itself on this setup on the CPU (reports/estimate_vs_trace_deepspeed*.md)")
+    return f"--engine deepspeed: estimate-only ({c.reason} is not traced): {SIZED}, not checked against a run"
+
+
+def saves_linear_inputs(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Stage 3 runs every nn.Linear through its memory-efficient linear (runtime/zero/linear.py
+    LinearFunctionForZeroStage3, swapped in for torch.nn.functional.linear by partition_parameters.py
+    _enable_mem_efficient_linear when zero_optimization.memory_efficient_linear, default True): its setup_context
+    saves the input for backward whether the weight trains or not (torch's linear saves it only for a trained
+    weight), so under LoRA every frozen projection keeps its input. GPT-2's Conv1D projections are not nn.Linear
+    (their addmm is torch's): they save as on one GPU."""
+    return (setup.engine is Engine.DEEPSPEED and setup.zero == 3 and setup.shards > 1
+            and not model.traits.conv1d)
 
 
 def overlap_comm(setup: TrainingSetup) -> bool:
@@ -115,28 +176,61 @@ def persistent_extra(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> in
                if g.numel < setup.ds_param_persistence_threshold and not g.nf4)
 
 
-def gathered(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int]:
-    """Stage 3 (forward's end, inside the backward) bytes of gathered parameters and unsharded gradients."""
+def no_backward_fetch(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Stage 3: partitioned elements no backward fetches. DeepSpeed gathers a module's parameters in the backward
+    from the hook it puts on the module's outputs (parameter_offload.py _register_deepspeed_module ->
+    _post_forward_module_hook -> PreBackwardFunctionForModule), which runs only when an output requires grad: a
+    frozen module whose input needs no gradient is used once, in the forward. Under an adapter method (the
+    embeddings frozen, block 0's adapters the first trained tensors) those are the frozen input embeddings (the
+    token embedding unless the LM head shares it) and block 0's frozen query / key / value projections, whose input
+    is the normed embeddings. Traced (the DeepSpeed grid, LoRA): 458,752 elements less gathered at the loss's
+    backward than under full fine-tuning = the 262,144-element embedding + block 0's q, k, v (3 x 65,536).
+    Full fine-tuning: 0. With checkpointed blocks: 0, as traced (the grid's LoRA + checkpointing setups hold the
+    whole model at the loss's backward): transformers' gradient_checkpointing_enable calls
+    enable_input_require_grads (modeling_utils.py: input_ids models and PEFT), so the embeddings' output requires
+    grad and every module's does. --peft freeze keeps whole frozen blocks out of the backward too (not modelled:
+    0)."""
+    if setup.peft in (PeftMethod.FULL, PeftMethod.FREEZE) or setup.checkpointing.wraps_blocks:
+        return 0
+    t = setup.ds_param_persistence_threshold
+    token = model.vocab * model.hidden
+    out = sum(g.total for g in groups if g.kind is TensorKind.EMBEDDING and not g.trainable and g.numel >= t
+              and not (model.tie_embeddings and g.numel == token))
+    qkv = (Role.Q, Role.K, Role.V, Role.QKV)
+    first = [l for l in model.linears if l.role in qkv and l.stack is (Stack.ENCODER if model.encoder_layers
+                                                                         else Stack.DECODER)]
+    return out + sum(l.weight_numel for l in first if l.weight_numel >= t)
+
+
+def gathered(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int]:
+    """Stage 3 (forward's end, inside the backward) bytes of gathered parameters and unsharded gradients.
+
+    partitioned_param_coordinator.py (complete module trace, from the second step on): release_sub_module frees a
+    module's parameters after its forward unless __params_to_release keeps them, for either of two reasons:
+      - reuse: the parameter occurs again in the module trace within stage3_max_reuse_distance elements of the
+        modules that follow (the forward to the end and back: the top max_reuse_distance / 2 elements, and the
+        module that crosses the line; measured 32,832 elements kept at max_reuse_distance 50,000 with
+        8,192-element modules);
+      - "reuse skipped by prefetch": fetch_sub_module's prefetcher pops the parameter trace ahead of the current
+        module, marks each parameter it pops with the step of that use (__most_recent_step_id_param_fetched_for),
+        and a parameter so marked for a later step is not released. With a prefetch bucket (> 0) the traced
+        forward keeps, this way, every parameter the backward fetches again (release_sub_module logged on the
+        DeepSpeed grid's stage-3 LoRA setup: every forward release kept by the mark; at the forward's end
+        2,686,976 elements gathered = the partitioned model less no_backward_fetch), bounded by
+        stage3_max_live_parameters (the prefetcher pops only while __n_available_params is under it).
+    The backward releases each module after its gradient (no later use). So the forward's end and the loss's
+    backward hold every partitioned parameter the backward fetches, up to max_live_parameters; without a prefetch
+    bucket, the reuse window. Backward: that, + the module's unsharded gradient + the reduce-scatter's copy of a
+    bucket."""
     part, _, largest = _split(groups, setup.ds_param_persistence_threshold)
     h = _half(setup)
-    # a module is kept when the trace reaches its backward within max_reuse_distance elements: forward to the end
-    # and back is twice what lies above it, so the top max_reuse_distance / 2 elements stay, and the module that
-    # crosses the line (measured: 32,832 elements kept at max_reuse_distance 50,000 with 8,192-element modules)
     reuse = setup.ds_max_reuse_distance
     kept = min(part, reuse // 2 + largest) if reuse > 0 else 0
     prefetch = min(setup.ds_prefetch_bucket_size, setup.ds_max_live_parameters, part)
     fwd = min(part, kept + prefetch)
     bwd = min(part, largest + prefetch)
-    # what the trace of DeepSpeed itself shows (benchmarks/deepspeed_grid.py, reports/estimate_vs_trace_deepspeed.md):
-    # with a prefetch bucket, from the second step on (a complete module trace), the parameters gathered in the
-    # forward stay gathered into the backward; at the loss's backward every partitioned parameter is gathered
-    # (traced: 6,291,456 B of all-gather outputs, the whole 3.1M-parameter model in bf16 less the persistent norms;
-    # its MLP weights gathered at block 0 / 1 are freed by their own block's backward). The likely mechanism, not
-    # confirmed step by step: partitioned_param_coordinator.py fetch_sub_module marks each parameter it pops from
-    # the parameter trace with the step of that use (__most_recent_step_id_param_fetched_for), and
-    # __params_to_release keeps a parameter so marked for a later step ("reuse skipped by prefetch"). Bounded by
-    # stage3_max_live_parameters (the prefetch's bound, __max_n_available_params); no prefetch, no mark.
-    live = min(part, setup.ds_max_live_parameters) if setup.ds_prefetch_bucket_size > 0 else 0
+    fetched_back = max(0, part - no_backward_fetch(model, groups, setup))
+    live = min(fetched_back, setup.ds_max_live_parameters) if setup.ds_prefetch_bucket_size > 0 else 0
     fwd, bwd = max(fwd, live), max(bwd, live)
     trainable = sum(g.total for g in groups if g.trainable)
     grad = largest if trainable else 0
@@ -155,7 +249,7 @@ def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
     fp32 = 0 if setup.offload_optimizer else round_block(sub * 4)
     fwd = bwd = pers = 0
     if setup.zero == 3:
-        fwd, bwd = gathered(groups, setup)
+        fwd, bwd = gathered(model, groups, setup)
         pers = persistent_extra(groups, setup)
     return DsTerms(ipg_bucket(setup, trainable > 0), pers, fwd, bwd, fp32, round_block(sub * 4))
 
@@ -228,6 +322,20 @@ def grads_in_partition(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int
     return round_block(per[-1] * _half(setup)), round_block(max(per) * _half(setup))
 
 
+def whole_bucket(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Stage 1 / 2 (contiguous gradients, no offload) whose IPG bucket holds every trainable gradient
+    (reduce_bucket_size >= the trainable elements: DeepSpeed's default 5e8 for any model under 500M parameters).
+    stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads reduces only when the next gradient would
+    overflow the bucket, so nothing is reduced before the backward's end: each gradient is copied into the bucket
+    and its `.grad` becomes a view of it (the bucket holds them; no gradient partition exists yet), and the one
+    reduce (reduce_ipg_grads -> average_tensor -> allreduce_and_scatter -> allreduce_bucket `self.flatten(bucket)`)
+    copies the whole gradient into one new tensor before copy_grads_in_partition makes the partition. Found on the
+    held-out grid (reports/estimate_vs_trace_deepspeed_heldout.md: stage 1 +3.9 %, stage 2 -4.1 / -4.2 % before)."""
+    if setup.zero not in (1, 2) or setup.shards == 1 or not setup.ds_contiguous_gradients or setup.offload_optimizer:
+        return False
+    return setup.ds_reduce_bucket_size >= sum(g.total for g in param_groups(model, setup) if g.trainable)
+
+
 def zero_buffers(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
     """phases.zero_buffers for DeepSpeed: the (forward, backward) working buffers the step's states hold. Stage 1
     reduces only at the backward's end (the full gradients are model states there); the IPG bucket is adjust()'s."""
@@ -254,10 +362,21 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     t = terms(model, setup)
     z3 = setup.zero == 3
     gip_last, gip_max = grads_in_partition(model, setup)
+    whole = whole_bucket(model, setup)
+    full = round_block(sum(g.total for g in param_groups(model, setup) if g.trainable) * _half(setup))
     out, backward_seen, head_done = [], False, False
     for s in states:
         cats = s.categories
-        if s.phase is Phase.BACKWARD and gip_max:  # the flat gradient partition of the rank (grads_in_partition)
+        if s.phase is Phase.BACKWARD and gip_max and whole:  # one reduce, at the backward's end (whole_bucket)
+            cats = dict(cats)
+            if s.name.value == BACKWARD_END:
+                if setup.zero == 1:  # every `.grad` alive, then moved into the bucket and flattened: the same bytes
+                    cats[C.GRADIENTS] = max(cats[C.GRADIENTS], full)
+                else:  # stage 2: the gradients are in the bucket; its flattened copy beside it
+                    cats[C.GRADIENTS] = 0
+                    cats[C.TEMPORARIES] = cats[C.TEMPORARIES] + full
+            s = s._replace(categories=cats)
+        elif s.phase is Phase.BACKWARD and gip_max:  # the flat gradient partition of the rank (grads_in_partition)
             cats = dict(cats)
             if s.name.value == BACKWARD_END:
                 # stage 1 reduces after the backward (reduce_gradients: process_gradients reduces in the hooks only

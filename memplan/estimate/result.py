@@ -101,6 +101,10 @@ class Result:
             out["roomy_reserved"] = dict(self.roomy)
         if self.warnings:
             out["warnings"] = list(self.warnings)
+        if self.tier == "estimate" and self.setup.engine.value == "deepspeed":
+            # traced-and-checked or estimate-only, and why (memplan.estimate.deepspeed.note, docs/deepspeed.md)
+            note = next((w for w in self.warnings if w.startswith("--engine deepspeed: ")), "")
+            out["deepspeed"] = {"checked_by_trace": "traced-and-checked" in note, "note": note}
         return out
 
     def to_frame(self):

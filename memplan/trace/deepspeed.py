@@ -353,7 +353,7 @@ def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterato
     launcher's variables, the patches, the untracked collectives, deepspeed.initialize, the batch, the stage-3
     gather and checkpoint tags, the saved-tensor hook; the engine's teardown after. The trace (trace_built) and
     the CPU measurement (memplan.measure.deepspeed) step in it alike."""
-    from memplan.trace import distributed
+    from memplan.trace import cuda, distributed
     from memplan.trace.session import checkpoint_tagging, make_batch
 
     check(setup, built.total_params)
@@ -362,6 +362,9 @@ def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterato
     with contextlib.ExitStack() as stack:
         stack.enter_context(rank_env(rank, world))
         stack.enter_context(patched())
+        # the CUDA step's dropout, as every other trace runs it (memplan.trace.cuda.cuda_dropout: SDPA drops out
+        # in-kernel, F.dropout saves a bool mask; the CPU's math-path fallback would save s² fp32 scores)
+        stack.enter_context(cuda.cuda_dropout())
         # before DeepSpeed's backend exists: TorchBackend keeps references to the collectives it will call
         stack.enter_context(distributed.untracked_collectives(tracker, COLLECTIVES))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
