@@ -145,9 +145,9 @@ def test_coverage_agrees_with_what_the_trace_runs(kw):
 
 @pytest.mark.parametrize("command", [["trace"], ["measure", "--device", "cpu"]])
 def test_trace_and_measure_refuse_deepspeed(command, capsys):
-    """measure refuses a DeepSpeed setup in one line with exit 2 (memplan.trace.support.unsupported); trace runs
-    DeepSpeed on real CPU tensors (memplan.trace.deepspeed) and refuses llama-7b by its size, or names the missing
-    deepspeed extra (tests/test_deepspeed_trace.py traces a tiny model)."""
+    """trace and measure --device cpu run DeepSpeed on real CPU tensors (memplan.trace.deepspeed,
+    memplan.measure.deepspeed) and refuse llama-7b by its size before any work, in one line with exit 2, or name the
+    missing deepspeed extra (tests/test_deepspeed_trace.py and tests/test_measure_deepspeed.py run a tiny model)."""
     from memplan.cli import main
 
     assert main([*command, "--model", "llama-7b", "--engine", "deepspeed", "--zero", "3", "--gpus", "2",

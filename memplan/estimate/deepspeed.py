@@ -60,7 +60,8 @@ SIZED = ("buffers sized from DeepSpeed 0.19.8's code and config defaults (mempla
          "docs/deepspeed.md)")
 # memplan.trace.deepspeed runs DeepSpeed itself on real CPU tensors: what it runs (memplan.trace.support
 # deepspeed_unsupported, MAX_PARAMS; tests/test_deepspeed.py checks the two agree). The estimate tier cannot import
-# the trace tier (tools/check_imports.py), so the conditions are restated here.
+# the trace tier (tools/check_imports.py), so the conditions are restated here; the size limit is defined here and
+# read by the trace and by `memplan measure --device cpu` (memplan.measure.options).
 TRACE_MAX_PARAMS = 2 * 10**9
 TRACED_PRECISIONS = (Precision.BF16_MASTER, Precision.FP32)  # fp16: the CPU accelerator refuses it
 TRACED_OPTIMIZERS = (Optimizer.ADAMW, Optimizer.ADAMW_FORLOOP, Optimizer.ADAMW_FUSED, Optimizer.SGD)

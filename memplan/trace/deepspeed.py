@@ -59,12 +59,15 @@ import torch
 
 from memplan.categories import Phase
 from memplan.errors import MemplanError
+from memplan.estimate.deepspeed import TRACE_MAX_PARAMS
 from memplan.spec.setup import Precision, TrainingSetup
 from memplan.trace.support import deepspeed_unsupported
 from memplan.trace.tracker import ALL_GATHER, G, INPUT, MW, OS, W, AllocTracker
 
 ITERATIONS = 3  # DeepSpeed's stage 3 records its module trace in step 1 and prefetches from step 2 on
-MAX_PARAMS = 2 * 10**9  # real tensors: one rank's model, fp32 init and states in host RAM (~16 B/param at worst)
+# real tensors: one rank's model, fp32 init and states in host RAM (~16 B/param at worst); the one figure the estimate's
+# coverage line and measure's CPU check read too
+MAX_PARAMS = TRACE_MAX_PARAMS
 COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "broadcast", "all_gather",
                "reduce_scatter", "all_to_all_single", "barrier")
 NOTE = ("DeepSpeed 0.19.8 traced on real CPU tensors over a fake process group (memplan.trace.deepspeed): one rank "

@@ -35,11 +35,12 @@ def deepspeed_unsupported(setup: TrainingSetup) -> str | None:
 def unsupported(setup: TrainingSetup, engines: bool = False) -> str | None:
     """What in a setup the trace / measure tier does not run. engines=True (the trace): --engine fsdp setups
     (DDP, ZeroRedundancyOptimizer, FSDP2) run; engines=False (a tier that runs one device's step): no --gpus /
-    --zero setup does. DeepSpeed ZeRO is traced (memplan.trace.deepspeed, `deepspeed_unsupported`), not measured."""
+    --zero setup does. DeepSpeed ZeRO is traced and measured (memplan.trace.deepspeed, `deepspeed_unsupported`;
+    memplan.measure.deepspeed)."""
     if setup.zero > 0 or setup.gpus > 1:
         if setup.engine is Engine.DEEPSPEED:
             if not engines:
-                return "--engine deepspeed (DeepSpeed ZeRO is traced, not measured: `memplan trace`)"
+                return "--engine deepspeed (a one-device step: `memplan trace` / `memplan measure --gpus N` run DeepSpeed ZeRO)"
             what = deepspeed_unsupported(setup)
             if what:
                 return what
