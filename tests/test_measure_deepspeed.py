@@ -31,6 +31,7 @@ from memplan.errors import MemplanError  # noqa: E402
 from memplan.measure import deepspeed_support as md, distributed as dm, faults, record  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
 from memplan.trace import deepspeed as tds  # noqa: E402
+from processes import left_behind  # noqa: E402
 
 SPEC = spec_from_config(TINY, "tiny-llama")
 # tests/test_deepspeed_trace.py SETUPS: small buckets so that each buffer shows on a 98,624-parameter model
@@ -248,19 +249,7 @@ def test_a_killed_deepspeed_rank_ends_the_job_with_an_error_record(tmp_path, mon
     rc, rec, text = _job(tmp_path, 2, env={faults.FAULT_ENV: "job@1:crash:backward"})
     assert rc == 1 and rec["status"] == "error" and rec["failed_phase"] == "backward"
     assert rec["error"].startswith("rank 1: was killed") and rec["measured"] is None
-    assert _left_behind(tmp_path) == []  # the launcher and both ranks are gone
-
-
-def _left_behind(folder: Path) -> list[int]:
-    """Processes whose command line names `folder` (the job's folder lies inside it: its launcher and ranks)."""
-    out = []
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            if str(folder).encode() in (d / "cmdline").read_bytes():
-                out.append(int(d.name))
-        except OSError:
-            pass
-    return out
+    assert left_behind(tmp_path) == []  # the launcher and both ranks are gone
 
 
 # ---- on a GPU node (pytest -m gpu; deselected by default, skipped without CUDA): NOT RUN YET ---------------------------

@@ -26,6 +26,7 @@ from memplan.errors import MemplanError  # noqa: E402
 from memplan.measure import distributed as dm, faults, reconcile, record  # noqa: E402
 from memplan.measure.phases import PHASE_LOG_PREFIX  # noqa: E402
 from memplan.spec.families import spec_from_config  # noqa: E402
+from processes import left_behind  # noqa: E402
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False)
@@ -384,18 +385,6 @@ def test_zero1_uneven_partitions_match_the_trace_per_rank(tiny_config, tmp_path)
         [{p.value: v for p, v in t.phase_peaks.items() if p.value in STEADY} for t in traced]  # load: DDP's broadcast
 
 
-def _left_behind(folder: Path) -> list[int]:
-    """Processes whose command line names `folder` (the job's folder lies inside it: its launcher and ranks)."""
-    out = []
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            if str(folder).encode() in (d / "cmdline").read_bytes():
-                out.append(int(d.name))
-        except OSError:
-            pass
-    return out
-
-
 def test_a_crashed_rank_ends_the_job_with_an_error_record(tiny_config, tmp_path, monkeypatch):
     import tempfile
 
@@ -405,7 +394,7 @@ def test_a_crashed_rank_ends_the_job_with_an_error_record(tiny_config, tmp_path,
     assert rc == 1 and rec["status"] == "error" and rec["failed_phase"] == "forward"
     assert rec["error"].startswith("rank 1: was killed") and rec["measured"] is None
     assert [e["rank"] for e in rec["ranks"]] == [0, 1] and "rank 1: error in forward" in text
-    assert _left_behind(tmp_path) == []
+    assert left_behind(tmp_path) == []
 
 
 def test_a_hung_rank_is_killed_at_the_timeout(tiny_config, tmp_path, monkeypatch):
@@ -417,4 +406,4 @@ def test_a_hung_rank_is_killed_at_the_timeout(tiny_config, tmp_path, monkeypatch
                             env={faults.FAULT_ENV: "job@0:hang:load"})
     assert rc == 1 and rec["status"] == "error" and rec["error"].startswith(f"timed out after {timeout} s")
     assert took < timeout + dm.KILL_WAIT_S + 15  # the deadline, the kill, the record: no waiting on the rank
-    assert _left_behind(tmp_path) == []  # the launcher and both ranks are gone
+    assert left_behind(tmp_path) == []  # the launcher and both ranks are gone

@@ -103,18 +103,24 @@ def measure_cpu(spec, setup, opts: MeasureOptions, book: PhaseBook, clock) -> Ou
     if not opts.instrument:
         return Outcome("ok", measured={**measured, "peak": None, "phases": None, "categories": None,
                                        "layers": []})
-    peaks = {Phase.LOAD: session.load_peak, **tracker.phase_peaks}
-    cats = tracker.categories_at(tracker.peak_seq)
-    measured.update({
-        "peak": {"allocated_bytes": tracker.peak, "reserved_bytes": None, "device_bytes": None,
-                 "device_reason": CPU_DEVICE_REASON, "phase": tracker.peak_phase.value},
-        "phases": phases_block(book, peaks, {}),
-        "categories": {c.value: int(n) for c, n in cats.items()},
-        "context_bytes": None, "alloc_retries": None, "num_ooms": None, "layers": book.marks,
-    })
+    measured.update(tracked_block(tracker, book, session.load_peak))
     notes = list(built.warnings)
     if setup.offload_activations:
         from memplan.estimate.offload import MEASURE_CPU_NOTE
 
         notes.append(MEASURE_CPU_NOTE)
     return Outcome("ok", measured=measured, warnings=notes)
+
+
+def tracked_block(tracker, book, load_peak: int) -> dict:
+    """A CPU record's memory fields from memplan's tracker (no CUDA levels: CPU_DEVICE_REASON) and the phase book;
+    one copy for the one-process and the DeepSpeed workers (memplan.measure.deepspeed)."""
+    peaks = {Phase.LOAD: load_peak, **tracker.phase_peaks}
+    cats = tracker.categories_at(tracker.peak_seq)
+    return {
+        "peak": {"allocated_bytes": tracker.peak, "reserved_bytes": None, "device_bytes": None,
+                 "device_reason": CPU_DEVICE_REASON, "phase": tracker.peak_phase.value},
+        "phases": phases_block(book, peaks, {}),
+        "categories": {c.value: int(n) for c, n in cats.items()},
+        "context_bytes": None, "alloc_retries": None, "num_ooms": None, "layers": book.marks,
+    }

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from memplan.categories import Phase
 from memplan.measure.options import MeasureOptions
-from memplan.measure.phases import Outcome, PhaseBook, phase_times, phases_block, run_steps, throughput
+from memplan.measure.phases import Outcome, PhaseBook, phase_times, run_steps, throughput
 from memplan.spec.setup import TrainingSetup
 
 CPU_NOTE = ("DeepSpeed 0.19.8 measured on real CPU tensors over gloo (memplan.measure.deepspeed): allocated bytes per "
@@ -51,7 +51,7 @@ class Loop:
 def measure_cpu(spec, setup: TrainingSetup, opts: MeasureOptions, book: PhaseBook, clock) -> Outcome:
     """One rank on the CPU (module doc): the trace's session, warm-up and timed steps, then one untimed step with
     the per-layer marks; peaks from the first timed step on (the trace reports its last of ITERATIONS steps)."""
-    from memplan.measure.cpu import CPU_DEVICE_REASON, ROUND_TO, book_tracker
+    from memplan.measure.cpu import ROUND_TO, book_tracker, tracked_block
     from memplan.trace import deepspeed as tds
     from memplan.trace.build import build
     from memplan.trace.runner import install_marks
@@ -90,15 +90,7 @@ def measure_cpu(spec, setup: TrainingSetup, opts: MeasureOptions, book: PhaseBoo
             load_peak = ses.load_peak
     measured = {**throughput(spec, setup, times, tokens, None), "warmup": opts.warmup, "lengths": opts.lengths,
                 "phase_time_s": phase_times(book)}
-    peaks = {Phase.LOAD: load_peak, **tracker.phase_peaks}
-    cats = tracker.categories_at(tracker.peak_seq)
-    measured.update({
-        "peak": {"allocated_bytes": tracker.peak, "reserved_bytes": None, "device_bytes": None,
-                 "device_reason": CPU_DEVICE_REASON, "phase": tracker.peak_phase.value},
-        "phases": phases_block(book, peaks, {}),
-        "categories": {c.value: int(n) for c, n in cats.items()},
-        "context_bytes": None, "alloc_retries": None, "num_ooms": None, "layers": book.marks,
-    })
+    measured.update(tracked_block(tracker, book, load_peak))
     return Outcome("ok", measured=measured, warnings=[*built.warnings, CPU_NOTE])
 
 
