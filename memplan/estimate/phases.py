@@ -54,6 +54,8 @@ class Moment(str, Enum):
     LOAD = "load"
     FORWARD_START = "forward start"  # FSDP2: the root and the first block gathered
     FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
+    FORWARD_BLOCK_DEQUANT = "forward block dequantized"  # FSDP2, QLoRA: a block's up projection, its NF4 weight
+    # dequantized (fsdp_forward_states)
     TOP_BLOCK_DORA_NORM = "top block DoRA weight norm"  # --peft dora: a linear's weight norm in the last block's
     # forward (dora_norm_states)
     FORWARD = "forward"
@@ -445,6 +447,7 @@ class FsdpBuffers:
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
     carried: int  # gradients carried across micro-batches
+    block_flat: int = 0  # B_f: one block's flat all-gather output
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
@@ -490,7 +493,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
-        root_grads=root.grads, carried=carried)
+        root_grads=root.grads, carried=carried, block_flat=blk.flat)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -567,7 +570,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(setup.optimizer, stepped, u.largest_trainable)
     states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
-        *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
+        *(fsdp_forward_states(model, acts, h, half_fwd, setup) if fs else ()),
         *dora_norm_states(model, setup, acts, h, half_fwd),
         State(Moment.FORWARD, Phase.FORWARD,
               _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
@@ -735,9 +738,11 @@ def in_backward(states: tuple[State, ...], model: ModelSpec, setup: TrainingSetu
     return tuple(out)
 
 
-def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tuple[State, ...]:
+def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int,
+                        setup: TrainingSetup | None = None) -> tuple[State, ...]:
     """FSDP2's forward before its end (FsdpBuffers): as it starts (the root and block 0 gathered), and in the
-    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks."""
+    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks;
+    under QLoRA also inside a block (dequantized_block_forward)."""
     fs, L = h.fsdp, max(model.blocks, 1)
     casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
     below = acts.early + sum(acts.per_block[:-1])
@@ -745,8 +750,33 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tup
         # before's all-gather output still held): its input, which its checkpoint saves, already made. (Not under
         # accumulation: there it displaced a backward moment whose categories are not modelled)
         below += acts.per_block[-1]
+    inside = dequantized_block_forward(model, setup, h) if setup is not None else None
+    deq = 0 if inside is not None else h.deq  # the block's pre-forward holds no dequantized weight
     return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
-            State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + h.deq)))
+            State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + deq)),
+            *((State(Moment.FORWARD_BLOCK_DEQUANT, Phase.FORWARD,
+                     _alive(h, h.accum_grads, below, fs.blocks - fs.block_flat + casts + inside)),)
+              if inside is not None else ()))
+
+
+def dequantized_block_forward(model, setup: TrainingSetup, h: Held) -> int | None:
+    """FSDP2, QLoRA (bitsandbytes Linear4bit, quant_storage bf16), a dense gated MLP: the temporaries inside a
+    block's forward beyond its gathered parameters and its own flat all-gather output (the block before's is freed
+    by this block's wait_for_unshard, so the pre-forward's R + B + 2 B_f moment, FORWARD_BLOCKS, holds no
+    dequantized weight). At the up projection's matmul (bitsandbytes 0.50.2 matmul_4bit dequantizes the whole
+    weight, frees it after its matmul and saves nothing) alive are: that dequantized weight, the activation's
+    output act(gate(x)) and the up projection's output (two [tokens, intermediate] in the MLP's dtype: its input's,
+    fp32 under autocast as ddp_top_mlp says), the mid-block residual and the MLP's input (its norm's output), two
+    [tokens, hidden] in the residual stream's dtype. As the per-rank trace of Llama-2-70B cut to 4 blocks shows it
+    (bf16-master, checkpointed: 2344.6 MiB of temporaries in block 0's forward, 340 MiB under R + B + 2 B_f + the
+    dequantized weight). None where not walked (MoE or plain MLPs, activation offloading: memplan.estimate.offload
+    reads FORWARD_BLOCKS)."""
+    if (setup.peft is not PeftMethod.QLORA or not h.deq or model.experts > 1 or not model.gated_mlp
+            or setup.offload_activations):
+        return None
+    prec, t = setup.precision, setup.model_tokens
+    b = 4 if prec.autocast else stream_bytes(prec)
+    return h.deq + 2 * round_block(t * model.intermediate * b) + 2 * round_block(t * model.hidden * b)
 
 
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
