@@ -879,7 +879,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                                                                  else stream_bytes(setup.precision)))
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
-                         held + head_wait + mlp_t + resid + again))
+                         held + head_wait + mlp_t + resid + again - fsdp_walk_deq(model, setup, p, h, mb, -1, acts)))
+        if fsdp_walk_deq(model, setup, p, h, mb, -1, acts):  # ... its recomputation's up projection, before the walk
+            states.append(at(Moment.TOP_BLOCK_RECOMPUTE_UP, top_g, in_blocks + rec,
+                             held + head_wait + 3 * resid + mb.row))
     states += ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
@@ -906,7 +909,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             if mb:
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
-                                 held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t))
+                                 held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
+                                 - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)))
             grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
             # (its last weight gradients, its first projections' (query / key / value), made while the attention
@@ -994,6 +998,25 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
         out.append(State(Moment.TOP_BLOCK_RECOMPUTE_UP, Phase.BACKWARD, _alive(
             h, grads, activations_ - unsaved, temps + grad_out + mb.row + extra)))
     return out
+
+
+def fsdp_walk_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, j: int, acts: Activations) -> int:
+    """FSDP2, QLoRA, checkpointed block `j` with a frozen MLP whose output projection has no adapter, outside
+    autocast: the dequantized NF4 weight the block's states count (h.deq) that is not alive at its MLP walk's largest
+    moment (MulBackward0's, MlpBackward.walk), else 0. bitsandbytes 0.50.2's MatMul4Bit saves no tensor
+    (`ctx.tensors = (None, B)`), so the output projection's backward, the walk's only dequantization before
+    MulBackward0, makes its input gradient (dequantizing and freeing its weight) before anything unpacks the
+    checkpoint: the recomputation runs after it. The largest moment with a dequantized weight is then the
+    recomputation's up projection (TOP_BLOCK_RECOMPUTE_UP: every recomputed row alive, beside the block output's
+    gradient, that input gradient, the mid-block residual and the MLP's input: ddp_top_mlp's moment, which the
+    up projection's own backward, r + x smaller, never exceeds). As the per-rank trace of Llama-2-70B cut to 4
+    blocks shows it (bf16-master, ZeRO-3: the top block's recomputed up projection 2324.6 MiB of temporaries,
+    MulBackward0 1916.6, both as estimated). Under autocast the rows' dtypes differ: not walked (ddp_top_mlp's)."""
+    if not (h.fsdp and mb and setup.peft is PeftMethod.QLORA and not mb.weight_grad and acts.ckpt(j)
+            and not setup.precision.autocast and not setup.offload_activations):
+        return 0
+    down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
+    return 0 if any(q.adapter and any(d in q.name for d in down) for q in p.groups) else h.deq
 
 
 def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Moment, grads: int, below: int,
@@ -1094,7 +1117,8 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                                       bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
                              _alive(h, max(int(made - block), accum, 0) + new,
-                                    below + acts.full_per_block[j] - freed, temps + tmp)))
+                                    below + acts.full_per_block[j] - freed,
+                                    temps + tmp - fsdp_walk_deq(model, setup, p, h, mb, j, acts))))
         if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
                              _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
