@@ -373,8 +373,10 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
     t = setup.model_tokens
     half = round_block(model.hidden * model.intermediate * prec.compute_bytes) if prec.autocast else 0
-    return MlpBackward(round_block(model.intermediate * t * c), round_block(model.hidden * t * c), p.grads.down,
-                       half if p.grads.down else 0)
+    # QLoRA under autocast: bitsandbytes' Linear4bit returns its input's dtype, so the MLP's rows are fp32
+    # (ddp_top_mlp's; the per-rank traces of Llama-2-70B, 2-block and the full model, bf16: MulBackward0's three)
+    row = round_block(model.intermediate * t * (4 if setup.peft is PeftMethod.QLORA and prec.autocast else c))
+    return MlpBackward(row, round_block(model.hidden * t * c), p.grads.down, half if p.grads.down else 0)
 
 
 def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
@@ -859,7 +861,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
-    if mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast and not setup.offload_activations:
+    if (mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast and not setup.offload_activations
+            and not fsdp_walk_deq(model, setup, p, h, mb, -1, acts)):  # (QLoRA's: TOP_BLOCK_RECOMPUTE_UP)
         # its recomputation (recompute_transients; not walked under activation offloading, whose states
         # memplan.estimate.offload adjusts by name)
         states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
@@ -880,9 +883,18 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
                          held + head_wait + mlp_t + resid + again - fsdp_walk_deq(model, setup, p, h, mb, -1, acts)))
-        if fsdp_walk_deq(model, setup, p, h, mb, -1, acts):  # ... its recomputation's up projection, before the walk
-            states.append(at(Moment.TOP_BLOCK_RECOMPUTE_UP, top_g, in_blocks + rec,
-                             held + head_wait + 3 * resid + mb.row))
+        if fsdp_walk_deq(model, setup, p, h, mb, -1, acts):  # ... its recomputation's up projection, before the
+            # walk, as ddp_top_mlp's: the block output's gradient and the output projection's input gradient beside
+            # the mid-block residual and the MLP's input; under autocast the rows are fp32, the up projection's not
+            # yet saved, its compute-dtype output and its input's compute-dtype cast alive
+            t, c = setup.model_tokens, setup.precision.compute_bytes
+            if setup.precision.autocast:
+                row = round_block(model.intermediate * t * 4)
+                unsaved, extra = row, resid + round_block(model.hidden * t * c) + round_block(model.intermediate * t * c)
+            else:
+                row, unsaved, extra = mb.row, 0, 2 * resid
+            states.append(at(Moment.TOP_BLOCK_RECOMPUTE_UP, top_g, in_blocks + rec - unsaved,
+                             held + head_wait + resid + row + extra))
     states += ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
@@ -1001,8 +1013,7 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
 
 
 def fsdp_walk_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, j: int, acts: Activations) -> int:
-    """FSDP2, QLoRA, checkpointed block `j` with a frozen MLP whose output projection has no adapter, outside
-    autocast: the dequantized NF4 weight the block's states count (h.deq) that is not alive at its MLP walk's largest
+    """FSDP2, QLoRA, checkpointed block `j` with a frozen MLP whose output projection has no adapter: the dequantized NF4 weight the block's states count (h.deq) that is not alive at its MLP walk's largest
     moment (MulBackward0's, MlpBackward.walk), else 0. bitsandbytes 0.50.2's MatMul4Bit saves no tensor
     (`ctx.tensors = (None, B)`), so the output projection's backward, the walk's only dequantization before
     MulBackward0, makes its input gradient (dequantizing and freeing its weight) before anything unpacks the
@@ -1011,9 +1022,9 @@ def fsdp_walk_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, j: int,
     gradient, that input gradient, the mid-block residual and the MLP's input: ddp_top_mlp's moment, which the
     up projection's own backward, r + x smaller, never exceeds). As the per-rank trace of Llama-2-70B cut to 4
     blocks shows it (bf16-master, ZeRO-3: the top block's recomputed up projection 2324.6 MiB of temporaries,
-    MulBackward0 1916.6, both as estimated). Under autocast the rows' dtypes differ: not walked (ddp_top_mlp's)."""
+    MulBackward0 1916.6, both as estimated; under autocast, bf16, the up projection 1461.1 estimated 1460.7)."""
     if not (h.fsdp and mb and setup.peft is PeftMethod.QLORA and not mb.weight_grad and acts.ckpt(j)
-            and not setup.precision.autocast and not setup.offload_activations):
+            and not setup.offload_activations):
         return 0
     down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
     return 0 if any(q.adapter and any(d in q.name for d in down) for q in p.groups) else h.deq
