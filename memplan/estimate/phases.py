@@ -373,10 +373,8 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
     t = setup.model_tokens
     half = round_block(model.hidden * model.intermediate * prec.compute_bytes) if prec.autocast else 0
-    # QLoRA under autocast: bitsandbytes' Linear4bit returns its input's dtype, so the MLP's rows are fp32
-    # (ddp_top_mlp's; the per-rank traces of Llama-2-70B, 2-block and the full model, bf16: MulBackward0's three)
-    row = round_block(model.intermediate * t * (4 if setup.peft is PeftMethod.QLORA and prec.autocast else c))
-    return MlpBackward(row, round_block(model.hidden * t * c), p.grads.down, half if p.grads.down else 0)
+    return MlpBackward(round_block(model.intermediate * t * c), round_block(model.hidden * t * c), p.grads.down,
+                       half if p.grads.down else 0)
 
 
 def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
@@ -876,8 +874,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # gradient, the residual stream's [tokens, hidden] from the final norm's backward, stays alive through the
         # block's backward (per-rank traces: DDP / ZeRO-1 llama-2-7b and -70b, FSDP2 llama-2-7b and a 1024-wide
         # 4-block llama, checkpointed and not); a checkpointed block's recomputed weight casts (recomputed_casts)
-        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1),
-                                      no_sync or (ddp_walk and setup.bucket_view))
+        mlp_g, mlp_a, mlp_t = fsdp_qlora_walk(model, setup, p, h, mb, -1, acts).walk(
+            True, casts_of and not acts.ckpt(-1), no_sync or (ddp_walk and setup.bucket_view))
         resid = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
                                                                  else stream_bytes(setup.precision)))
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
@@ -916,7 +914,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # micro-batch, its carried unsharded ones freed
             below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
             fs = h.fsdp
-            mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0)
+            mlp_g, mlp_a, mlp_t = (fsdp_qlora_walk(model, setup, p, h, mb, -2, acts).walk(
+                True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0))
             reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
             if mb:
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
@@ -1030,6 +1029,16 @@ def fsdp_walk_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, j: int,
     return 0 if any(q.adapter and any(d in q.name for d in down) for q in p.groups) else h.deq
 
 
+def fsdp_qlora_walk(model, setup, p: Parameters, h: Held, mb: MlpBackward | None, j: int,
+                    acts: Activations) -> MlpBackward | None:
+    """`mb` for block j's MLP walk; where fsdp_walk_deq applies under autocast, with fp32 rows: bitsandbytes'
+    Linear4bit returns its input's dtype (ddp_top_mlp's; MulBackward0's three fp32 rows in the per-rank traces of
+    Llama-2-70B, bf16, checkpointed, 2 blocks and the full model). (Not checkpointed: not walked, as before.)"""
+    if mb and setup.precision.autocast and fsdp_walk_deq(model, setup, p, h, mb, j, acts):
+        return replace(mb, row=round_block(model.intermediate * setup.model_tokens * 4))
+    return mb
+
+
 def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Moment, grads: int, below: int,
                      temps: int) -> list[State]:
     """FSDP2 with a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), checkpointed block `j`:
@@ -1124,8 +1133,8 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
         if mb and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
-            new, freed, tmp = mb.walk(trains, block_casts > 0 and not acts.ckpt(j),
-                                      bool(h.accum_grads) and not setup.sync_each_batch)
+            new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb, j, acts).walk(
+                trains, block_casts > 0 and not acts.ckpt(j), bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
                              _alive(h, max(int(made - block), accum, 0) + new,
                                     below + acts.full_per_block[j] - freed,
