@@ -75,7 +75,7 @@ class Moment(str, Enum):
     # forward at its MLP output projection's weight cast (recompute_transients)
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
     TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
-    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA: its dequantized
+    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP / FSDP2, QLoRA: its dequantized
     # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
@@ -768,9 +768,10 @@ def dequantized_block_forward(model, setup: TrainingSetup, h: Held) -> int | Non
     output act(gate(x)) and the up projection's output (two [tokens, intermediate] in the MLP's dtype: its input's,
     fp32 under autocast as ddp_top_mlp says), the mid-block residual and the MLP's input (its norm's output), two
     [tokens, hidden] in the residual stream's dtype. As the per-rank trace of Llama-2-70B cut to 4 blocks shows it
-    (bf16-master, checkpointed: 2344.6 MiB of temporaries in block 0's forward, 340 MiB under R + B + 2 B_f + the
-    dequantized weight). None where not walked (MoE or plain MLPs, activation offloading: memplan.estimate.offload
-    reads FORWARD_BLOCKS)."""
+    (bf16-master, checkpointed: 2344.6 MiB of temporaries in block 0's forward, as estimated, 340 MiB under
+    R + B + 2 B_f + the dequantized weight; bf16 autocast, 2 blocks: 1467.5 in the trace, 1481.1 estimated).
+    None where not walked (MoE or plain MLPs, activation offloading: memplan.estimate.offload reads
+    FORWARD_BLOCKS)."""
     if (setup.peft is not PeftMethod.QLORA or not h.deq or model.experts > 1 or not model.gated_mlp
             or setup.offload_activations):
         return None
@@ -874,21 +875,23 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # gradient, the residual stream's [tokens, hidden] from the final norm's backward, stays alive through the
         # block's backward (per-rank traces: DDP / ZeRO-1 llama-2-7b and -70b, FSDP2 llama-2-7b and a 1024-wide
         # 4-block llama, checkpointed and not); a checkpointed block's recomputed weight casts (recomputed_casts)
+        walk_deq = fsdp_walk_deq(model, setup, p, h, mb, -1, acts)
         mlp_g, mlp_a, mlp_t = fsdp_qlora_walk(model, setup, p, h, mb, -1, acts).walk(
             True, casts_of and not acts.ckpt(-1), no_sync or (ddp_walk and setup.bucket_view))
         resid = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
                                                                  else stream_bytes(setup.precision)))
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
-                         held + head_wait + mlp_t + resid + again - fsdp_walk_deq(model, setup, p, h, mb, -1, acts)))
-        if fsdp_walk_deq(model, setup, p, h, mb, -1, acts):  # ... its recomputation's up projection, before the
+                         held + head_wait + mlp_t + resid + again - walk_deq))
+        if walk_deq:  # ... its recomputation's up projection, before the
             # walk, as ddp_top_mlp's: the block output's gradient and the output projection's input gradient beside
             # the mid-block residual and the MLP's input; under autocast the rows are fp32, the up projection's not
             # yet saved, its compute-dtype output and its input's compute-dtype cast alive
             t, c = setup.model_tokens, setup.precision.compute_bytes
             if setup.precision.autocast:
                 row = round_block(model.intermediate * t * 4)
-                unsaved, extra = row, resid + round_block(model.hidden * t * c) + round_block(model.intermediate * t * c)
+                unsaved = row
+                extra = resid + round_block(model.hidden * t * c) + round_block(model.intermediate * t * c)
             else:
                 row, unsaved, extra = mb.row, 0, 2 * resid
             states.append(at(Moment.TOP_BLOCK_RECOMPUTE_UP, top_g, in_blocks + rec - unsaved,
@@ -1012,8 +1015,9 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
 
 
 def fsdp_walk_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, j: int, acts: Activations) -> int:
-    """FSDP2, QLoRA, checkpointed block `j` with a frozen MLP whose output projection has no adapter: the dequantized NF4 weight the block's states count (h.deq) that is not alive at its MLP walk's largest
-    moment (MulBackward0's, MlpBackward.walk), else 0. bitsandbytes 0.50.2's MatMul4Bit saves no tensor
+    """FSDP2, QLoRA, checkpointed block `j` with a frozen MLP whose output projection has no adapter: the
+    dequantized NF4 weight the block's states count (h.deq) that is not alive at its MLP walk's largest moment
+    (MulBackward0's, MlpBackward.walk), else 0. bitsandbytes 0.50.2's MatMul4Bit saves no tensor
     (`ctx.tensors = (None, B)`), so the output projection's backward, the walk's only dequantization before
     MulBackward0, makes its input gradient (dequantizing and freeing its weight) before anything unpacks the
     checkpoint: the recomputation runs after it. The largest moment with a dequantized weight is then the
