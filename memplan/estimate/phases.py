@@ -54,6 +54,8 @@ class Moment(str, Enum):
     LOAD = "load"
     FORWARD_START = "forward start"  # FSDP2: the root and the first block gathered
     FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
+    FORWARD_BLOCK_DEQUANT = "forward block dequantized"  # FSDP2, QLoRA: a block's up projection, its NF4 weight
+    # dequantized (fsdp_forward_states)
     TOP_BLOCK_DORA_NORM = "top block DoRA weight norm"  # --peft dora: a linear's weight norm in the last block's
     # forward (dora_norm_states)
     FORWARD = "forward"
@@ -73,7 +75,7 @@ class Moment(str, Enum):
     # forward at its MLP output projection's weight cast (recompute_transients)
     TOP_BLOCK_MLP = "top block MLP backward"  # FSDP2: its gated MLP's input gradients (mlp_backward)
     TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
-    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP, QLoRA: its dequantized
+    TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP / FSDP2, QLoRA: its dequantized
     # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
@@ -445,6 +447,7 @@ class FsdpBuffers:
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
     carried: int  # gradients carried across micro-batches
+    block_flat: int = 0  # B_f: one block's flat all-gather output
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
@@ -490,7 +493,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
-        root_grads=root.grads, carried=carried)
+        root_grads=root.grads, carried=carried, block_flat=blk.flat)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -567,7 +570,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(setup.optimizer, stepped, u.largest_trainable)
     states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
-        *(fsdp_forward_states(model, acts, h, half_fwd) if fs else ()),
+        *(fsdp_forward_states(model, acts, h, half_fwd, setup) if fs else ()),
         *dora_norm_states(model, setup, acts, h, half_fwd),
         State(Moment.FORWARD, Phase.FORWARD,
               _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
@@ -735,9 +738,11 @@ def in_backward(states: tuple[State, ...], model: ModelSpec, setup: TrainingSetu
     return tuple(out)
 
 
-def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tuple[State, ...]:
+def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int,
+                        setup: TrainingSetup | None = None) -> tuple[State, ...]:
     """FSDP2's forward before its end (FsdpBuffers): as it starts (the root and block 0 gathered), and in the
-    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks."""
+    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks;
+    under QLoRA also inside a block (dequantized_block_forward)."""
     fs, L = h.fsdp, max(model.blocks, 1)
     casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
     below = acts.early + sum(acts.per_block[:-1])
@@ -745,8 +750,34 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int) -> tup
         # before's all-gather output still held): its input, which its checkpoint saves, already made. (Not under
         # accumulation: there it displaced a backward moment whose categories are not modelled)
         below += acts.per_block[-1]
+    inside = dequantized_block_forward(model, setup, h) if setup is not None else None
+    deq = 0 if inside is not None else h.deq  # the block's pre-forward holds no dequantized weight
     return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
-            State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + h.deq)))
+            State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + deq)),
+            *((State(Moment.FORWARD_BLOCK_DEQUANT, Phase.FORWARD,
+                     _alive(h, h.accum_grads, below, fs.blocks - fs.block_flat + casts + inside)),)
+              if inside is not None else ()))
+
+
+def dequantized_block_forward(model, setup: TrainingSetup, h: Held) -> int | None:
+    """FSDP2, QLoRA (bitsandbytes Linear4bit, quant_storage bf16), a dense gated MLP: the temporaries inside a
+    block's forward beyond its gathered parameters and its own flat all-gather output (the block before's is freed
+    by this block's wait_for_unshard, so the pre-forward's R + B + 2 B_f moment, FORWARD_BLOCKS, holds no
+    dequantized weight). At the up projection's matmul (bitsandbytes 0.50.2 matmul_4bit dequantizes the whole
+    weight, frees it after its matmul and saves nothing) alive are: that dequantized weight, the activation's
+    output act(gate(x)) and the up projection's output (two [tokens, intermediate] in the MLP's dtype: its input's,
+    fp32 under autocast as ddp_top_mlp says), the mid-block residual and the MLP's input (its norm's output), two
+    [tokens, hidden] in the residual stream's dtype. As the per-rank trace of Llama-2-70B cut to 4 blocks shows it
+    (bf16-master, checkpointed: 2344.6 MiB of temporaries in block 0's forward, as estimated, 340 MiB under
+    R + B + 2 B_f + the dequantized weight; bf16 autocast, 2 blocks: 1467.5 in the trace, 1481.1 estimated).
+    None where not walked (MoE or plain MLPs, activation offloading: memplan.estimate.offload reads
+    FORWARD_BLOCKS)."""
+    if (setup.peft is not PeftMethod.QLORA or not h.deq or model.experts > 1 or not model.gated_mlp
+            or setup.offload_activations):
+        return None
+    prec, t = setup.precision, setup.model_tokens
+    b = 4 if prec.autocast else stream_bytes(prec)
+    return h.deq + 2 * round_block(t * model.intermediate * b) + 2 * round_block(t * model.hidden * b)
 
 
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
@@ -829,7 +860,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     no_sync = bool(h.accum_grads) and not setup.sync_each_batch
     casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
     # backward unless it is recomputed (a checkpointed block's are not)
-    if mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast and not setup.offload_activations:
+    if (mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast and not setup.offload_activations
+            and not fsdp_walk_deq(model, setup, p, h, mb, -1, acts)):  # (QLoRA's: TOP_BLOCK_RECOMPUTE_UP)
         # its recomputation (recompute_transients; not walked under activation offloading, whose states
         # memplan.estimate.offload adjusts by name)
         states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
@@ -843,13 +875,27 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # gradient, the residual stream's [tokens, hidden] from the final norm's backward, stays alive through the
         # block's backward (per-rank traces: DDP / ZeRO-1 llama-2-7b and -70b, FSDP2 llama-2-7b and a 1024-wide
         # 4-block llama, checkpointed and not); a checkpointed block's recomputed weight casts (recomputed_casts)
-        mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-1),
-                                      no_sync or (ddp_walk and setup.bucket_view))
+        walk_deq = fsdp_walk_deq(model, setup, p, h, mb, -1, acts)
+        mlp_g, mlp_a, mlp_t = fsdp_qlora_walk(model, setup, p, h, mb, -1, acts).walk(
+            True, casts_of and not acts.ckpt(-1), no_sync or (ddp_walk and setup.bucket_view))
         resid = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
                                                                  else stream_bytes(setup.precision)))
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
-                         held + head_wait + mlp_t + resid + again))
+                         held + head_wait + mlp_t + resid + again - walk_deq))
+        if walk_deq:  # ... its recomputation's up projection, before the
+            # walk, as ddp_top_mlp's: the block output's gradient and the output projection's input gradient beside
+            # the mid-block residual and the MLP's input; under autocast the rows are fp32, the up projection's not
+            # yet saved, its compute-dtype output and its input's compute-dtype cast alive
+            t, c = setup.model_tokens, setup.precision.compute_bytes
+            if setup.precision.autocast:
+                row = round_block(model.intermediate * t * 4)
+                unsaved = row
+                extra = resid + round_block(model.hidden * t * c) + round_block(model.intermediate * t * c)
+            else:
+                row, unsaved, extra = mb.row, 0, 2 * resid
+            states.append(at(Moment.TOP_BLOCK_RECOMPUTE_UP, top_g, in_blocks + rec - unsaved,
+                             held + head_wait + resid + row + extra))
     states += ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
     if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
         # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
@@ -871,12 +917,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # micro-batch, its carried unsharded ones freed
             below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
             fs = h.fsdp
-            mlp_g, mlp_a, mlp_t = mb.walk(True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0)
+            mlp_g, mlp_a, mlp_t = (fsdp_qlora_walk(model, setup, p, h, mb, -2, acts).walk(
+                True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0))
             reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
             if mb:
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
-                                 held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t))
+                                 held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
+                                 - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)))
             grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
             # (its last weight gradients, its first projections' (query / key / value), made while the attention
@@ -964,6 +1012,35 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
         out.append(State(Moment.TOP_BLOCK_RECOMPUTE_UP, Phase.BACKWARD, _alive(
             h, grads, activations_ - unsaved, temps + grad_out + mb.row + extra)))
     return out
+
+
+def fsdp_walk_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, j: int, acts: Activations) -> int:
+    """FSDP2, QLoRA, checkpointed block `j` with a frozen MLP whose output projection has no adapter: the
+    dequantized NF4 weight the block's states count (h.deq) that is not alive at its MLP walk's largest moment
+    (MulBackward0's, MlpBackward.walk), else 0. bitsandbytes 0.50.2's MatMul4Bit saves no tensor
+    (`ctx.tensors = (None, B)`), so the output projection's backward, the walk's only dequantization before
+    MulBackward0, makes its input gradient (dequantizing and freeing its weight) before anything unpacks the
+    checkpoint: the recomputation runs after it. The largest moment with a dequantized weight is then the
+    recomputation's up projection (TOP_BLOCK_RECOMPUTE_UP: every recomputed row alive, beside the block output's
+    gradient, that input gradient, the mid-block residual and the MLP's input: ddp_top_mlp's moment, which the
+    up projection's own backward, r + x smaller, never exceeds). As the per-rank trace of Llama-2-70B cut to 4
+    blocks shows it (bf16-master, ZeRO-3: the top block's recomputed up projection 2324.6 MiB of temporaries,
+    MulBackward0 1916.6, both as estimated; under autocast, bf16, the up projection 1461.1 estimated 1460.7)."""
+    if not (h.fsdp and mb and setup.peft is PeftMethod.QLORA and not mb.weight_grad and acts.ckpt(j)
+            and not setup.offload_activations):
+        return 0
+    down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
+    return 0 if any(q.adapter and any(d in q.name for d in down) for q in p.groups) else h.deq
+
+
+def fsdp_qlora_walk(model, setup, p: Parameters, h: Held, mb: MlpBackward | None, j: int,
+                    acts: Activations) -> MlpBackward | None:
+    """`mb` for block j's MLP walk; where fsdp_walk_deq applies under autocast, with fp32 rows: bitsandbytes'
+    Linear4bit returns its input's dtype (ddp_top_mlp's; MulBackward0's three fp32 rows in the per-rank traces of
+    Llama-2-70B, bf16, checkpointed, 2 blocks and the full model). (Not checkpointed: not walked, as before.)"""
+    if mb and setup.precision.autocast and fsdp_walk_deq(model, setup, p, h, mb, j, acts):
+        return replace(mb, row=round_block(model.intermediate * setup.model_tokens * 4))
+    return mb
 
 
 def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Moment, grads: int, below: int,
@@ -1060,11 +1137,12 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
         if mb and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
-            new, freed, tmp = mb.walk(trains, block_casts > 0 and not acts.ckpt(j),
-                                      bool(h.accum_grads) and not setup.sync_each_batch)
+            new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb, j, acts).walk(
+                trains, block_casts > 0 and not acts.ckpt(j), bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
                              _alive(h, max(int(made - block), accum, 0) + new,
-                                    below + acts.full_per_block[j] - freed, temps + tmp)))
+                                    below + acts.full_per_block[j] - freed,
+                                    temps + tmp - fsdp_walk_deq(model, setup, p, h, mb, j, acts))))
         if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
                              _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
