@@ -52,8 +52,26 @@ def gloo(tmp_path_factory):
 @pytest.mark.parametrize("name", list(SETUPS))
 @pytest.mark.parametrize("rank", [0, 1])
 def test_fake_group_equals_gloo_per_rank(gloo, name, rank):
-    """Byte for byte: every phase peak, the categories at the peak and the model states, on each rank."""
-    assert summary(_trace(name, rank)) == gloo[rank][name]
+    """Byte for byte: every phase peak, the categories at the peak and the model states, on each rank, but for one
+    buffer: a real gloo group is not byte-deterministic under load. Fresh-clone CI runs on a loaded machine read a
+    phase peak 16,512 B (stage 2's backward, 2026-12-03) and 16,384 B (stage 3's forward, rank 0, 2026-12-03e) above
+    the trace and above every other run, a staging buffer gloo allocates inside a collective, which the trace leaves
+    out (memplan.trace.deepspeed). So a real run's phase peak (and its temporaries at the peak) may hold that one
+    buffer more, never less; the model states and every other category are equal to the byte."""
+    traced, real = summary(_trace(name, rank)), gloo[rank][name]
+    assert traced["model_states"] == real["model_states"]
+    for key in ("phase_peaks", "categories"):
+        assert set(traced[key]) == set(real[key])
+        for k, v in traced[key].items():
+            extra = real[key][k] - v
+            assert extra == 0 or (0 < extra <= GLOO_STAGING and k in PEAKS_OR_TEMPORARIES), (key, k, v, real[key][k])
+    assert 0 <= real["peak"] - traced["peak"] <= GLOO_STAGING
+    assert {k: v for k, v in traced.items() if k not in ("phase_peaks", "categories", "peak", "model_states")} == \
+        {k: v for k, v in real.items() if k not in ("phase_peaks", "categories", "peak", "model_states")}
+
+
+GLOO_STAGING = 16_512  # bytes, the largest seen (tests/test_deepspeed.py GLOO_STAGING)
+PEAKS_OR_TEMPORARIES = {"load", "forward", "backward", "optimizer_step", "temporaries"}
 
 
 def test_model_states_are_the_zero_papers():

@@ -304,7 +304,7 @@ def _measure_one(spec, gpu_opt, setup, device, steps, warmup, lengths, snapshot,
                                   memory_cap_bytes=cap, name=name, phase_log=record_to is not None)
     multi = dm.engaged(setup)
     if multi:  # first: an engine that is not installed is named as such
-        dm.check_job(setup, dev)
+        dm.check_job(setup, dev, params=spec.total_params)
     harness.check_measurable(spec, setup, opts)
     harness.check_environment(setup, opts)
     info, gpu, warns = _gpu_context(dev, gpu_opt)

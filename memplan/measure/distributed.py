@@ -108,18 +108,24 @@ class JobResult:
 
 
 # ---- checks before any work (exit 2) ----------------------------------------------------------------------------
-def check_job(setup: TrainingSetup, device: str, cuda_count: int | None = None, cpu_count: int | None = None) -> None:
+def check_job(setup: TrainingSetup, device: str, cuda_count: int | None = None, cpu_count: int | None = None,
+              params: int = 0) -> None:
     """Bad input for a multi-rank measurement, one MemplanError each: more GPUs than present, more CPU ranks than
-    CPU_RANKS_PER_CORE × cores, an engine that is not installed or not measurable."""
+    CPU_RANKS_PER_CORE × cores, an engine that is not installed or not measurable, a DeepSpeed model of `params`
+    parameters too big for real CPU tensors (checked at launch, not when a GPU suite is planned on the CPU)."""
     if setup.engine is Engine.DEEPSPEED:
         if not _importable("deepspeed"):
             raise MemplanError("--engine deepspeed: deepspeed is not installed (pip install 'memplan[deepspeed]', "
                                "DS_BUILD_OPS=0); --engine fsdp runs with torch alone")
+        from memplan.estimate.deepspeed import TRACE_MAX_PARAMS
         from memplan.measure.deepspeed_support import refusal
 
         what = refusal(setup, device)
         if what:
             raise MemplanError(f"{what}: memplan measure cannot run this (use `memplan estimate`)")
+        if device == "cpu" and params > TRACE_MAX_PARAMS:
+            raise MemplanError(f"--engine deepspeed on --device cpu runs real tensors: {params:,} parameters is over "
+                               f"{TRACE_MAX_PARAMS:,} (use `memplan estimate`, or --device cuda)")
     elif not _fsdp_available():
         raise MemplanError("--engine fsdp needs torch.distributed with FSDP2 (torch.distributed.fsdp.fully_shard, "
                            "torch ≥ 2.6); this torch has none")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.errors import MemplanError
-from memplan.estimate.deepspeed import TRACE_MAX_PARAMS
 from memplan.spec.model import ModelSpec
 from memplan.spec.setup import Attention, PeftMethod, TrainingSetup
 from memplan.spec.traits import PositionKind
@@ -81,9 +80,6 @@ def check_measurable(spec: ModelSpec, setup: TrainingSetup, opts: MeasureOptions
     what = deepspeed.refusal(setup, opts.device) if deepspeed.is_deepspeed(setup) else unsupported(setup, engines=True)
     if what:
         raise MemplanError(f"{what}: memplan measure cannot run this yet (use `memplan estimate`)")
-    if opts.device == "cpu" and deepspeed.is_deepspeed(setup) and spec.total_params > TRACE_MAX_PARAMS:
-        raise MemplanError(f"--engine deepspeed on --device cpu runs real tensors: {spec.total_params:,} parameters "
-                           f"is over {TRACE_MAX_PARAMS:,} (use `memplan estimate`, or --device cuda)")
     if opts.device == "cpu" and opts.snapshot:
         raise MemplanError("--snapshot records CUDA memory history and needs --device cuda (on the CPU, `memplan "
                            "trace --timeline FILE` gives the live-bytes timeline)")
