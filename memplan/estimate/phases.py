@@ -1025,8 +1025,9 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     block_casts = block_cast_bytes(model, setup, h, p.groups)
     mb = mlp_backward(model, setup, p) if fs or deepspeed.walks_mlp(setup) else None
     lowest_saved = saved[0]
-    if fs and saved[0] < lowest_trained:  # FSDP2, frozen checkpointed blocks below the trained ones: the highest
-        # of them holds the lowest trained block's reduce-scatter input, the others nothing more (low_frozen)
+    if saved[0] < lowest_trained:  # frozen checkpointed blocks below the trained ones: the highest of them has
+        # every gradient made and the most checkpoint inputs below it (FSDP2: it holds the lowest trained block's
+        # reduce-scatter input, the others nothing more, low_frozen)
         lowest_saved = max(saved[0], lowest_trained - 1)
     out = []
     for j in {lowest_saved, lowest_trained}:  # one state when they coincide
@@ -1059,12 +1060,20 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), accum, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
-        if mb and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
-            new, freed, tmp = mb.walk(trains, block_casts > 0 and not acts.ckpt(j),
-                                      bool(h.accum_grads) and not setup.sync_each_batch)
+        mb_j, grad_out = mb, 0
+        if not mb and not trains and h.grad_floor and acts.full_per_block[j]:  # DDP / ZeRO-1, a frozen block:
+            # no weight gradient goes through the reducer's hooks, so its MLP backward is walked as FSDP2's, beside
+            # the block output's gradient (as ddp_top_mlp; the per-rank trace of llama-2-7b cut to 3 blocks,
+            # --peft freeze below the trained block)
+            mb_j = mlp_backward(model, setup, p)
+            grad_out = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
+                                                                         else stream_bytes(setup.precision)))
+        if mb_j and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
+            new, freed, tmp = mb_j.walk(trains, block_casts > 0 and not acts.ckpt(j),
+                                        bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
                              _alive(h, max(int(made - block), accum, 0) + new,
-                                    below + acts.full_per_block[j] - freed, temps + tmp)))
+                                    below + acts.full_per_block[j] - freed, temps + tmp + grad_out)))
         if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
                              _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
