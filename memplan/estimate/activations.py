@@ -631,6 +631,18 @@ def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
                                             unmasked)
         per += kinds
         idx += n
+    tr = model.traits
+    if (peft is PeftMethod.FREEZE and not model.encoder_layers and 0 <= first_trained < len(per) and tr.rms
+            and tr.pre_norm and not model.tie_embeddings and not setup.checkpointing.wraps_blocks):
+        # the lowest trained block's input needs no gradient (nothing below it trains, and without checkpointing
+        # transformers does not make the embeddings' output require grad): its input RMSNorm's pow and mul see no
+        # input that requires grad, so they save neither the fp32 copy nor rstd (the weight's product still
+        # saves its normalized input; the traces of llama-2-7b's widths, one GPU and DDP alike)
+        r_in = 4 if setup.precision.autocast else stream_bytes(setup.precision)
+        drop = int((4 * model.hidden + 4) * setup.model_tokens)
+        b0 = per[first_trained]
+        per[first_trained] = {**b0, **{k: b0[k] - drop for k in ("all", "softmax", "attention")},
+                              "input": 0 if r_in == 4 else b0["input"]}
     if peft is PeftMethod.ADAPTER and per:
         # nothing before the first block's attention adapter needs a gradient: its attention saves nothing
         per[0] = {**per[0], "all": per[0]["all"] - per[0]["attention"], "softmax": 0, "attention": 0, "input": 0}
