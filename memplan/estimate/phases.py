@@ -777,6 +777,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     # carried from the earlier micro-batches, and then added to them in place (AccumulateGrad; the trace shows it
     # as a temporary); sharded gradients (ZeRO-2/3) wait unsharded for their reduce-scatter as without it.
     new_g, carried = (0, h.accum_grads) if h.accum_grads else (head_g, 0)
+    if h.grad_floor and setup.bucket_view and not h.fsdp:  # DDP's bucket views: the head's new gradient is a
+        # temporary until the reducer's hook copies it into its bucket (`grad_floor`), as the embeddings' (late_new)
+        new_g = 0
     # (no-sync accumulation keeps the root's unsharded gradient across micro-batches: the new one is added into it)
     pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 and (
         setup.sync_each_batch or not h.fsdp) else 0
