@@ -755,7 +755,10 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
                      and setup.checkpointing is not Checkpointing.FULL)
     if model.traits.rms:  # fp32 copy (else the residual), rstd, y (fp32 where the weight multiplies in fp32)
         y = 4 if model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT else r
-        out += 0 if no_grad_below else (4 * h if r != 4 else 0) + 4 + (y * h if head_trains else 0)
+        # (--peft freeze: the trace freezes the final norm's weight, so with a half residual stream its product
+        # saves no y; the fp32 stream's count is left as it agrees with the traces)
+        norm_y = head_trains and not (setup.peft is PeftMethod.FREEZE and r != 4)
+        out += 0 if no_grad_below else (4 * h if r != 4 else 0) + 4 + (y * h if norm_y else 0)
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
     if model.traits.loss_head is LossHead.MASKED_LM:
