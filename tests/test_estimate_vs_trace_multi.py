@@ -141,8 +141,8 @@ SMALL_7B_WIDE = spec_from_config(dict(model_type="llama", hidden_size=4096, inte
 W = dict(model=SMALL_7B_WIDE, peft="freeze", train_layers=1)
 FAST += [dict(W, gpus=8, zero=0, precision="pure-bf16", batch=2, seq=2048, checkpointing="full")]
 # ... without checkpointing, bf16-master, no-sync accumulation: the lowest trained block's input needs no gradient,
-# so its input RMSNorm saves neither its fp32 copy nor rstd (activations._activations; before: 2713 vs 2522 MiB,
-# as on the 7B, one GPU alike)
+# so its input RMSNorm saves neither its fp32 copy nor rstd, and the frozen final norm's product saves nothing
+# (activations._activations, _outside_bytes; before: 2713 vs 2522 MiB, as on the 7B, one GPU alike)
 FAST += [dict(W, gpus=4, zero=0, precision="bf16-master", batch=4, seq=2048, grad_accum=2, sync_each_batch=False)]
 # DDP with bucket views, sync-each-batch accumulation, only the LM head training (--peft freeze, 0 blocks): the
 # head's new weight gradient is a temporary beside its bucket until the reducer's hook copies it in (before:
