@@ -952,8 +952,13 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
         # checkpoint), the post-attention norm's fp32 output and the MLP's product (the down projection's input:
         # the recomputation stops once the last saved tensor, its weight cast, is made)
         x, c = model.hidden * setup.model_tokens, prec.compute_bytes
+        remade = block_cast_bytes(model, setup, h, p.groups)
+        if not remade and setup.peft is PeftMethod.FREEZE:  # a frozen top block, back-propagated all the same
+            # (checkpointing makes the embeddings' output require grad): each matmul saves the weight cast it
+            # made for its input gradient (the per-rank trace of the 70B-wide 4-block llama, --train-layers 0)
+            remade = sum(round_block(g.numel * c) for g in p.groups if g.matmul and not g.outside and not g.nf4)
         out.append(State(Moment.TOP_BLOCK_RECOMPUTED, Phase.BACKWARD, _alive(
-            h, grads, activations_, temps + block_cast_bytes(model, setup, h, p.groups) + grad_out
+            h, grads, activations_, temps + remade + grad_out
             + round_block(x * c) + round_block(x * 4) + mb.row)))
     down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
     if (setup.peft is PeftMethod.QLORA and acts.ckpt(-1)
