@@ -141,3 +141,38 @@ def test_multi_gpu_estimate_within_3_percent_of_trace(kw):
                          ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_multi_gpu_grid_within_3_percent_of_trace(kw):
     _check(kw)
+# llama-2-7b's block widths cut to 4 blocks (issue 11, held-out seed-3 grid): DDP, --peft freeze of the top block,
+# checkpointed. transformers 5.24's activation_checkpointing_enable makes the embeddings' output require grad, so
+# the frozen blocks are recomputed and back-propagated too; the highest frozen one's MLP backward, every gradient
+# made (.grad beside the buckets), holds the peak (phases.lowest_block_states; before: activations 660 vs 725 MiB
+# here, the 7B −1.61% with activations 0 vs 754 MiB)
+SMALL_7B_WIDE = spec_from_config(dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                                      num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=32,
+                                      vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False), "llama-2-7b-4-blocks")
+W = dict(model=SMALL_7B_WIDE, peft="freeze", train_layers=1)
+FAST += [dict(W, gpus=8, zero=0, precision="pure-bf16", batch=2, seq=2048, checkpointing="full")]
+# ... without checkpointing, bf16-master, no-sync accumulation: the lowest trained block's input needs no gradient,
+# so its input RMSNorm saves neither its fp32 copy nor rstd, and the frozen final norm's product saves nothing
+# (activations._activations, _outside_bytes; before: 2713 vs 2522 MiB, as on the 7B, one GPU alike)
+FAST += [dict(W, gpus=4, zero=0, precision="bf16-master", batch=4, seq=2048, grad_accum=2, sync_each_batch=False)]
+# DDP with bucket views, sync-each-batch accumulation, only the LM head training (--peft freeze, 0 blocks): the
+# head's new weight gradient is a temporary beside its bucket until the reducer's hook copies it in (before:
+# gradients 2000 vs 1000, temporaries 62 vs 1063 MiB, as on the 70B)
+FAST += [dict(model=SMALL_70B, gpus=8, zero=0, precision="fp32", peft="freeze", train_layers=0, batch=2, seq=256,
+              grad_accum=2, sync_each_batch=True, bucket_view=True)]
+# llama-3.2-1b's block widths, 4 blocks, a 32000 vocabulary (so that a block's backward, not the loss, holds the
+# peak), FSDP2 ZeRO-3 pure-bf16 with sync-each-batch accumulation, not checkpointed: the block below the top one,
+# its input RMSNorm's fp32 backward with its own unsharded gradients beside the carried sharded ones (phases
+# rmsnorm_backward `saved`; before: gradients 105 vs 125, activations 127 vs 110 MiB here, on llama-3.2-1b 37 vs
+# 153 and 1108 vs 747 MiB)
+SMALL_1B = spec_from_config(dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True),
+                            "llama-3.2-1b-4-blocks")
+FAST += [dict(model=SMALL_1B, gpus=64, zero=3, precision="pure-bf16", peft="full", batch=2, seq=256, grad_accum=2,
+              sync_each_batch=True)]
+# DDP --peft freeze --train-layers 0, checkpointed, under autocast: the frozen top block is recomputed and
+# back-propagated, each matmul saving its weight cast (phases.ddp_top_mlp; before: −5.35%, activations 0 vs 365 and
+# temporaries 1000 vs 1768 MiB, the miss docs/multi-gpu.md listed as not investigated)
+FAST += [dict(B, gpus=2, zero=0, precision="bf16", peft="freeze", train_layers=0, batch=2, seq=512)]

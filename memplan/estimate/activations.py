@@ -614,11 +614,11 @@ def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         # frozen blocks save what the gradient passing through them needs when something below trains: a
         # tied LM head makes the token embedding trainable under --peft freeze
         below = peft is PeftMethod.FREEZE and model.tie_embeddings
-        # FSDP2 with checkpointed blocks runs the backward through every block whatever trains (its per-rank
-        # trace: each block gathered again, recomputed and back-propagated), so frozen checkpointed blocks save
-        # as when something below them trains; without checkpointing they save nothing, as on one GPU
-        below = below or (peft is PeftMethod.FREEZE and fsdp_sharded(setup)
-                          and setup.checkpointing is Checkpointing.FULL)
+        # checkpointed blocks: the backward runs through every block whatever trains (transformers 5.24's
+        # activation_checkpointing_enable calls enable_input_require_grads, so the embeddings' output requires
+        # grad; the traces, one GPU, DDP and FSDP2 alike: each frozen block recomputed and back-propagated), so
+        # frozen checkpointed blocks save as when something below them trains; without checkpointing nothing
+        below = below or (peft is PeftMethod.FREEZE and setup.checkpointing is Checkpointing.FULL)
         fb = _block_bytes(model, setup, stack, False, cross) if (frozen_n and below) else none
         kinds = [fb] * frozen_n + [nb] * trained
         if stack is Stack.DECODER:  # blocks unlike the others: dense first blocks of an MoE model, full-attention
@@ -631,6 +631,18 @@ def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
                                             unmasked)
         per += kinds
         idx += n
+    tr = model.traits
+    if (peft is PeftMethod.FREEZE and not model.encoder_layers and 0 <= first_trained < len(per) and tr.rms
+            and tr.pre_norm and not model.tie_embeddings and not setup.checkpointing.wraps_blocks):
+        # the lowest trained block's input needs no gradient (nothing below it trains, and without checkpointing
+        # transformers does not make the embeddings' output require grad): its input RMSNorm's pow and mul see no
+        # input that requires grad, so they save neither the fp32 copy nor rstd (the weight's product still
+        # saves its normalized input; the traces of llama-2-7b's widths, one GPU and DDP alike)
+        r_in = 4 if setup.precision.autocast else stream_bytes(setup.precision)
+        drop = int((4 * model.hidden + 4) * setup.model_tokens)
+        b0 = per[first_trained]
+        per[first_trained] = {**b0, **{k: b0[k] - drop for k in ("all", "softmax", "attention")},
+                              "input": 0 if r_in == 4 else b0["input"]}
     if peft is PeftMethod.ADAPTER and per:
         # nothing before the first block's attention adapter needs a gradient: its attention saves nothing
         per[0] = {**per[0], "all": per[0]["all"] - per[0]["attention"], "softmax": 0, "attention": 0, "input": 0}
@@ -740,10 +752,13 @@ def _outside_bytes(model: ModelSpec, setup: TrainingSetup) -> int:
     # so the norm saves nothing (the per-rank trace of llama-2-7b holds the head's input alone)
     # (FSDP2 runs the backward through checkpointed frozen blocks all the same: _block_bytes' `below`)
     no_grad_below = (setup.peft is PeftMethod.FREEZE and setup.train_layers == 0 and not model.tie_embeddings
-                     and not (fsdp_sharded(setup) and setup.checkpointing is Checkpointing.FULL))
+                     and setup.checkpointing is not Checkpointing.FULL)
     if model.traits.rms:  # fp32 copy (else the residual), rstd, y (fp32 where the weight multiplies in fp32)
         y = 4 if model.traits.norm is NormKind.RMSNORM_FP32_WEIGHT else r
-        out += 0 if no_grad_below else (4 * h if r != 4 else 0) + 4 + (y * h if head_trains else 0)
+        # (--peft freeze: the trace freezes the final norm's weight, so with a half residual stream its product
+        # saves no y; the fp32 stream's count is left as it agrees with the traces)
+        norm_y = head_trains and not (setup.peft is PeftMethod.FREEZE and r != 4)
+        out += 0 if no_grad_below else (4 * h if r != 4 else 0) + 4 + (y * h if norm_y else 0)
     else:
         out += 8  # LayerNorm's mean and rstd (its input is the last block's output, counted with the blocks)
     if model.traits.loss_head is LossHead.MASKED_LM:

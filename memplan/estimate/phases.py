@@ -808,6 +808,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     # carried from the earlier micro-batches, and then added to them in place (AccumulateGrad; the trace shows it
     # as a temporary); sharded gradients (ZeRO-2/3) wait unsharded for their reduce-scatter as without it.
     new_g, carried = (0, h.accum_grads) if h.accum_grads else (head_g, 0)
+    if h.grad_floor and setup.bucket_view and not h.fsdp:  # DDP's bucket views: the head's new gradient is a
+        # temporary until the reducer's hook copies it into its bucket (`grad_floor`), as the embeddings' (late_new)
+        new_g = 0
     # (no-sync accumulation keeps the root's unsharded gradient across micro-batches: the new one is added into it)
     pending = head_g if h.accum_grads and setup.zero >= 2 and setup.shards > 1 and (
         setup.sync_each_batch or not h.fsdp) else 0
@@ -927,6 +930,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                                  - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)))
             grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
+            if h.accum_grads and setup.sync_each_batch:  # the top block's reduced gradients added into the
+                # carried sharded ones; this block's unsharded ones made beside them (the per-rank trace of
+                # llama-3.2-1b, 64 GPUs, pure-bf16: 37 + 116 MiB)
+                grads = top_g + p.grads.block
             # (its last weight gradients, its first projections' (query / key / value), made while the attention
             # norm's saved input and output are alive, two [tokens, hidden], beside three input gradients: query's
             # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
@@ -937,8 +944,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
                              done_tmp + 3 * qkv_x))
             # ... and then its input RMSNorm's backward, its checkpoint's input still saved (rmsnorm_backward)
+            # (not checkpointed: the blocks below's saved tensors alone, its own freed but the norm's; traced with
+            # sync-each-batch accumulation, where the norm's moment is above the done one's)
             states += rmsnorm_backward(model, setup, acts, h, model.blocks - 2, Moment.BLOCK_BELOW_TOP_NORM, grads,
-                                       in_blocks - acts.per_block[-1], done_tmp)
+                                       in_blocks - acts.per_block[-1] if acts.ckpt(-2)
+                                       else in_blocks - sum(acts.per_block[-2:]), done_tmp,
+                                       saved=not acts.ckpt(-2) and bool(h.accum_grads) and setup.sync_each_batch)
     states += lowest_block_states(model, setup, p, ms, acts, h)
     states += fsdp_norm_backward(model, setup, p, acts, h)
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
@@ -989,8 +1000,13 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
         # checkpoint), the post-attention norm's fp32 output and the MLP's product (the down projection's input:
         # the recomputation stops once the last saved tensor, its weight cast, is made)
         x, c = model.hidden * setup.model_tokens, prec.compute_bytes
+        remade = block_cast_bytes(model, setup, h, p.groups)
+        if not remade and setup.peft is PeftMethod.FREEZE:  # a frozen top block, back-propagated all the same
+            # (checkpointing makes the embeddings' output require grad): each matmul saves the weight cast it
+            # made for its input gradient (the per-rank trace of the 70B-wide 4-block llama, --train-layers 0)
+            remade = sum(round_block(g.numel * c) for g in p.groups if g.matmul and not g.outside and not g.nf4)
         out.append(State(Moment.TOP_BLOCK_RECOMPUTED, Phase.BACKWARD, _alive(
-            h, grads, activations_, temps + block_cast_bytes(model, setup, h, p.groups) + grad_out
+            h, grads, activations_, temps + remade + grad_out
             + round_block(x * c) + round_block(x * 4) + mb.row)))
     down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
     if (setup.peft is PeftMethod.QLORA and acts.ckpt(-1)
@@ -1044,7 +1060,7 @@ def fsdp_qlora_walk(model, setup, p: Parameters, h: Held, mb: MlpBackward | None
 
 
 def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Moment, grads: int, below: int,
-                     temps: int) -> list[State]:
+                     temps: int, saved: bool = False) -> list[State]:
     """FSDP2 with a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), checkpointed block `j`:
     the end of its backward, its input RMSNorm's backward, beside `grads`, `below` (activations: the blocks below's
     and block j's checkpointed inputs) and `temps`. transformers 5.24's LlamaRMSNorm computes in fp32
@@ -1053,10 +1069,11 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
     mean backward (div) and PowBackward0 (torch 2.13 pow_backward, `grad * (exponent * self.pow(exponent - 1))`:
     three) are alive together, five in all, beside the block output's half gradient (the residual stream's) and
     the fp32 copy it saved. (As the per-rank traces of Llama-2-70B cut to 4 blocks show it; the block's other saved
-    tensors are freed by then. Not traced under accumulation or activation offloading: not modelled there.)"""
+    tensors are freed by then. saved: block j is not checkpointed, `below` the blocks below's saved tensors
+    (traced with sync-each-batch accumulation). Not traced under other accumulation or activation offloading: not modelled there.)"""
     prec, tr = setup.precision, model.traits
-    if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads and acts.ckpt(j)
-            and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM) or setup.offload_activations:
+    if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2
+            and (saved or (not h.accum_grads and acts.ckpt(j))) and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM) or setup.offload_activations:
         return []
     x = setup.model_tokens * model.hidden
     return [State(name, Phase.BACKWARD, _alive(h, grads, below + round_block(x * 4),
@@ -1102,8 +1119,9 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     block_casts = block_cast_bytes(model, setup, h, p.groups)
     mb = mlp_backward(model, setup, p) if fs or deepspeed.walks_mlp(setup) else None
     lowest_saved = saved[0]
-    if fs and saved[0] < lowest_trained:  # FSDP2, frozen checkpointed blocks below the trained ones: the highest
-        # of them holds the lowest trained block's reduce-scatter input, the others nothing more (low_frozen)
+    if saved[0] < lowest_trained:  # frozen checkpointed blocks below the trained ones: the highest of them has
+        # every gradient made and the most checkpoint inputs below it (FSDP2: it holds the lowest trained block's
+        # reduce-scatter input, the others nothing more, low_frozen)
         lowest_saved = max(saved[0], lowest_trained - 1)
     out = []
     for j in {lowest_saved, lowest_trained}:  # one state when they coincide
@@ -1136,13 +1154,21 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), accum, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
-        if mb and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
-            new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb, j, acts).walk(
+        mb_j, grad_out = mb, 0
+        if not mb and not trains and h.grad_floor and acts.full_per_block[j]:  # DDP / ZeRO-1, a frozen block:
+            # no weight gradient goes through the reducer's hooks, so its MLP backward is walked as FSDP2's, beside
+            # the block output's gradient (as ddp_top_mlp; the per-rank trace of llama-2-7b cut to 3 blocks,
+            # --peft freeze below the trained block)
+            mb_j = mlp_backward(model, setup, p)
+            grad_out = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
+                                                                         else stream_bytes(setup.precision)))
+        if mb_j and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
+            new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb_j, j, acts).walk(
                 trains, block_casts > 0 and not acts.ckpt(j), bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
                              _alive(h, max(int(made - block), accum, 0) + new,
                                     below + acts.full_per_block[j] - freed,
-                                    temps + tmp - fsdp_walk_deq(model, setup, p, h, mb, j, acts))))
+                                    temps + tmp + grad_out - fsdp_walk_deq(model, setup, p, h, mb_j, j, acts))))
         if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
                              _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
