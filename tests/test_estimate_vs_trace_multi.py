@@ -176,3 +176,25 @@ FAST += [dict(model=SMALL_1B, gpus=64, zero=3, precision="pure-bf16", peft="full
 # back-propagated, each matmul saving its weight cast (phases.ddp_top_mlp; before: −5.35%, activations 0 vs 365 and
 # temporaries 1000 vs 1768 MiB, the miss docs/multi-gpu.md listed as not investigated)
 FAST += [dict(B, gpus=2, zero=0, precision="bf16", peft="freeze", train_layers=0, batch=2, seq=512)]
+
+
+# The committed per-rank traces of the five grids (reports/trace_cache_multi*.jsonl), re-scored without tracing:
+# seeds 0-3 were tuned on (seed 3 after it was scored held out: 199 / 195 of 200), seed 4 is held out (traced
+# 2026-12-03e, scored once the session's terms were in: 100 / 99 of 100; reports/estimate_vs_trace_multi_seed4.md).
+# (grid size, seed, cache, setups allowed to miss the category criterion)
+CACHED_GRIDS = [(200, 0, "", 0), (200, 1, "_seed1", 0), (60, 2, "_seed2", 0), (200, 3, "_seed3", 0),
+                (100, 4, "_seed4", 1)]
+
+
+@pytest.mark.parametrize("n,seed,suffix,misses", CACHED_GRIDS)
+def test_cached_grid_scores(n, seed, suffix, misses):
+    from trace_grid_multi import compare_cached, load_cache
+    import json
+
+    cache = load_cache(Path(__file__).parent.parent / "reports" / f"trace_cache_multi{suffix}.jsonl")
+    grid = [kw for kw in multi_grid(n, seed) if json.dumps(kw, sort_keys=True) in cache]
+    assert len(grid) == n
+    rows = [compare_cached(kw, cache, None) for kw in grid]
+    assert all(abs(r.error) <= 0.03 for r in rows), [(r.setup, r.error) for r in rows if abs(r.error) > 0.03]
+    failing = [(r.setup, r.category_failures()) for r in rows if r.category_failures()]
+    assert len(failing) <= misses, failing
