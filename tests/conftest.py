@@ -38,3 +38,18 @@ def tiny_config(request, tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("tiny") / "config.json"
     p.write_text(json.dumps(request.module.TINY))
     return str(p)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real one-rank gloo group for one rank of an engine on the simulated CUDA (tests/test_measure_cuda.py,
+    tests/test_measure_deepspeed.py): its tensors are CPU tensors, so the mesh is on the CPU (DeepSpeed on its CPU
+    accelerator)."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -517,19 +517,6 @@ def test_reconcile_compares_the_allocated_level_without_the_blas_workspace():
 
 
 # ---- --gpus / --zero on CUDA: one rank of the engine through the CUDA path ---------------------------------------
-@pytest.fixture
-def one_rank_group():
-    """A real one-rank gloo group (mesh on the CPU: the simulated CUDA's tensors are CPU tensors)."""
-    import torch.distributed as dist
-
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("kw", [dict(zero=3, precision="fsdp-bf16"), dict(zero=2, precision="bf16"),
                                 dict(zero=1, precision="bf16"), dict(zero=3, precision="bf16", peft="lora",
                                                                       checkpointing="full")],

@@ -119,19 +119,6 @@ def test_check_job_refuses_one_line(capsys, tmp_path):
 
 
 # ---- --device cuda: the path a GPU rank runs, on test_measure_cuda's simulated CUDA ------------------------------------
-@pytest.fixture
-def one_rank_group():
-    """A real one-rank gloo group (the simulated CUDA's tensors are CPU tensors; DeepSpeed on its CPU accelerator)."""
-    import torch.distributed as dist
-
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow  # ≈ 25 s under load: the default run keeps to the ZeRO-3 job (the file's ≈ 60 s budget)
 def test_the_cuda_path_builds_steps_and_closes_the_deepspeed_engine(one_rank_group):
     """memplan.measure.deepspeed.measure_cuda (CudaStep's build / make_loop seams of memplan.measure.cuda) on the
