@@ -870,7 +870,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
                          held + head_wait + recompute_transients(model, setup, p, h, mb)))
     ddp_walk = bool(h.grad_floor) and not h.fsdp
-    if mb and acts.full_per_block and acts.full_per_block[-1] and not (ddp_walk and not mb.weight_grad):
+    # (not walked under activation offloading: memplan.estimate.offload adjusts the top block's states by name, and
+    # these MLP moments, walked with every block's saves on the device, are not among them)
+    if (mb and acts.full_per_block and acts.full_per_block[-1] and not (ddp_walk and not mb.weight_grad)
+            and not setup.offload_activations):
         # FSDP2: inside the top block's MLP backward (MlpBackward), after its recomputation; DDP with a trained MLP
         # (a frozen one's is ddp_top_mlp's)
         # DDP: with bucket views each new weight gradient is a temporary, copied into its bucket by the reducer's
@@ -923,7 +926,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             mlp_g, mlp_a, mlp_t = (fsdp_qlora_walk(model, setup, p, h, mb, -2, acts).walk(
                 True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0))
             reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
-            if mb:
+            if mb and not setup.offload_activations:  # (as the top block's MLP moment)
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
                                  held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
