@@ -429,6 +429,12 @@ def stream_bytes(p: Precision) -> int:
     return 2 if p is Precision.FSDP_BF16 else p.param_bytes
 
 
+def residual_bytes(p: Precision) -> int:
+    """Bytes per element of the residual stream and its gradient: fp32 under autocast (the block's adds and
+    RMSNorm run in fp32), else stream_bytes."""
+    return 4 if p.autocast else stream_bytes(p)
+
+
 def adapter_compute_bytes(p: Precision, half_adapters: bool = False) -> int:
     """The dtype peft casts a LoRA / (IA)3 input to (the adapter weight's): fp32 adapters (peft's
     autocast_adapter_dtype), but bf16 under fsdp-bf16, whose all-gathered adapters are bf16 like every parameter,
@@ -597,7 +603,7 @@ activations.cache_clear = _MEMO.clear  # as an lru_cache's (memplan.estimate.cle
 
 def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     peft = setup.peft
-    r = 4 if setup.precision.autocast else stream_bytes(setup.precision)
+    r = residual_bytes(setup.precision)
     # BitFit trains biases only: a bias's gradient is the output gradient summed, nothing saved for it, so its
     # blocks save what frozen weights with a gradient flowing through them save
     w_train = peft is PeftMethod.FULL
@@ -638,7 +644,7 @@ def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
         # transformers does not make the embeddings' output require grad): its input RMSNorm's pow and mul see no
         # input that requires grad, so they save neither the fp32 copy nor rstd (the weight's product still
         # saves its normalized input; the traces of llama-2-7b's widths, one GPU and DDP alike)
-        r_in = 4 if setup.precision.autocast else stream_bytes(setup.precision)
+        r_in = residual_bytes(setup.precision)
         drop = int((4 * model.hidden + 4) * setup.model_tokens)
         b0 = per[first_trained]
         per[first_trained] = {**b0, **{k: b0[k] - drop for k in ("all", "softmax", "attention")},

@@ -34,7 +34,7 @@ from typing import NamedTuple
 from memplan.categories import Category as C, Phase
 from memplan.estimate import deepspeed, fp8
 from memplan.estimate.activations import (Activations, adapter_compute_bytes, logits_bytes, logits_upcast,
-                                          stream_bytes)
+                                          residual_bytes, stream_bytes)
 from memplan.estimate.optimizer import step_temporary_bytes
 from memplan.estimate.techniques import LossTerms, loss_terms, unwrapped_share
 from memplan.estimate.params import ParamGroup, all_params, lora_targets, param_groups, trainable_params
@@ -623,6 +623,12 @@ def loss_past_root(states: tuple[State, ...], fs: FsdpBuffers, lt: LossTerms, ac
         out.append(State(s.name, s.phase, c))
     return tuple(out)
 # ---- --peft dora ----------------------------------------------------------------------------------------------------
+def residual_grad(model: ModelSpec, setup: TrainingSetup) -> int:
+    """A block output's gradient, [tokens, hidden] in the residual stream's dtype (activations.residual_bytes): alive
+    through the block's backward (the residual branch's AddBackward0 hands it to the block and to the residual)."""
+    return round_block(setup.model_tokens * model.hidden * residual_bytes(setup.precision))
+
+
 def dora_norm_bytes(lin, setup: TrainingSetup) -> tuple[int, int]:
     """(activations, temporaries) peft 0.21's DoRA forward holds beyond the block's saves while it computes linear
     `lin`'s weight norm (peft/tuners/lora/dora.py, DoraLinearLayer.forward: get_lora_weight, then get_weight_norm
@@ -656,7 +662,7 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER  # the last block's (activations._stacks)
     by_name = {l.qualname: l for l in model.linears if l.stack is stack}
     prec, t = setup.precision, setup.model_tokens
-    resid = round_block(t * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
+    resid = residual_grad(model, setup)
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
     earlier = {Role.K: model.q_dim, Role.V: model.q_dim + model.kv_dim}  # q (and k) made before, in the block
     below = acts.total - acts.outside + acts.early - acts.per_block[-1]
@@ -884,8 +890,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         walk_deq = fsdp_walk_deq(model, setup, p, h, mb, -1, acts)
         mlp_g, mlp_a, mlp_t = fsdp_qlora_walk(model, setup, p, h, mb, -1, acts).walk(
             True, casts_of and not acts.ckpt(-1), no_sync or (ddp_walk and setup.bucket_view))
-        resid = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
-                                                                 else stream_bytes(setup.precision)))
+        resid = residual_grad(model, setup)
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
                          held + head_wait + mlp_t + resid + again - walk_deq))
@@ -991,7 +996,7 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
     prec = setup.precision
     if setup.peft is PeftMethod.QLORA and prec.autocast:
         mb = replace(mb, row=round_block(model.intermediate * setup.model_tokens * 4))
-    grad_out = round_block(setup.model_tokens * model.hidden * (4 if prec.autocast else stream_bytes(prec)))
+    grad_out = residual_grad(model, setup)
     casts = block_cast_bytes(model, setup, h, p.groups) > 0 and not acts.ckpt(-1)
     g, a, t = mb.walk(False, casts, False)
     out = [State(Moment.TOP_BLOCK_MLP, Phase.BACKWARD,
@@ -1163,8 +1168,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             # the block output's gradient (as ddp_top_mlp; the per-rank trace of llama-2-7b cut to 3 blocks,
             # --peft freeze below the trained block)
             mb_j = mlp_backward(model, setup, p)
-            grad_out = round_block(setup.model_tokens * model.hidden * (4 if setup.precision.autocast
-                                                                         else stream_bytes(setup.precision)))
+            grad_out = residual_grad(model, setup)
         if mb_j and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
             new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb_j, j, acts).walk(
                 trains, block_casts > 0 and not acts.ckpt(j), bool(h.accum_grads) and not setup.sync_each_batch)
