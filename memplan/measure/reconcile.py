@@ -254,6 +254,26 @@ def rank_rows(rec: dict, est_row: dict | None = None) -> list[dict]:
     return out
 
 
+LEFT = ("rank", "status")  # rank_table's left-aligned columns
+
+
+def _rank_columns(errs: bool, reserved: bool, roomy: bool) -> list[tuple]:
+    """rank_table's columns (header, width, cell of a rank_rows row): the errors with the compare() rows, the
+    reserved level where ranks measured one (CUDA), the roomy reserved level's error under FSDP2."""
+    tps = (lambda r: "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}")
+    cols = [("rank", 6, lambda r: r["rank"]), ("status", 8, lambda r: r["status"]),
+            ("allocated", 12, lambda r: fmt_bytes(r["meas_allocated_bytes"])),
+            *([("err", 8, lambda r: fmt_pct(r["err_allocated_pct"]))] if errs else []),
+            ("forward", 12, lambda r: fmt_bytes(r["meas_forward_bytes"])),
+            ("backward", 12, lambda r: fmt_bytes(r["meas_backward_bytes"])),
+            ("optimizer", 12, lambda r: fmt_bytes(r["meas_optimizer_step_bytes"]))]
+    if reserved:
+        cols.append(("reserved", 12, lambda r: fmt_bytes(r["meas_reserved_bytes"])))
+        cols += [("err", 8, lambda r: fmt_pct(r["err_reserved_pct"]))] if errs else []
+    cols += [("vs roomy", 10, lambda r: fmt_pct(r.get("err_roomy_reserved_pct")))] if roomy else []
+    return cols + [("tokens/s", 11, tps)]
+
+
 def rank_table(recs: list[dict], rows: list[dict] | None = None) -> list[str]:
     """Text lines: every multi-rank record's ranks (allocated peak per rank and phase, the worst rank marked). With
     the records' compare() rows (same order), each rank's allocated error, and where ranks measured a reserved level
@@ -270,23 +290,13 @@ def rank_table(recs: list[dict], rows: list[dict] | None = None) -> list[str]:
                      f"{fmt_bytes(est['est_roomy_reserved_bytes'])}, worst rank "
                      f"{fmt_bytes(est['meas_reserved_bytes'])} ({fmt_pct(est['err_roomy_reserved_pct'])})")
         lines.append(head)
-        errs = est is not None
         reserved = any(r["meas_reserved_bytes"] is not None for r in rrows)
-        roomy = reserved and any("err_roomy_reserved_pct" in r for r in rrows)
-        lines.append(f"  {'rank':<6}{'status':<8}{'allocated':>12}" + (f"{'err':>8}" if errs else "")
-                     + f"{'forward':>12}{'backward':>12}{'optimizer':>12}"
-                     + (f"{'reserved':>12}{'err':>8}" if reserved and errs else f"{'reserved':>12}" if reserved
-                        else "") + (f"{'vs roomy':>10}" if roomy else "") + f"{'tokens/s':>11}")
+        cols = _rank_columns(est is not None, reserved,
+                             reserved and any("err_roomy_reserved_pct" in r for r in rrows))
+        lines.append("  " + "".join(f"{h:{'<' if h in LEFT else '>'}{w}}" for h, w, _ in cols))
         for r in rrows:
-            tps = r["tokens_per_s"]
-            lines.append(f"  {r['rank']:<6}{r['status']:<8}{fmt_bytes(r['meas_allocated_bytes']):>12}"
-                         + (f"{fmt_pct(r['err_allocated_pct']):>8}" if errs else "")
-                         + f"{fmt_bytes(r['meas_forward_bytes']):>12}{fmt_bytes(r['meas_backward_bytes']):>12}"
-                         f"{fmt_bytes(r['meas_optimizer_step_bytes']):>12}"
-                         + (f"{fmt_bytes(r['meas_reserved_bytes']):>12}" if reserved else "")
-                         + (f"{fmt_pct(r['err_reserved_pct']):>8}" if reserved and errs else "")
-                         + (f"{fmt_pct(r.get('err_roomy_reserved_pct')):>10}" if roomy else "")
-                         + f"{'–' if tps is None else f'{tps:,.0f}':>11}" + ("  worst" if r["worst"] else ""))
+            lines.append("  " + "".join(f"{cell(r):{'<' if h in LEFT else '>'}{w}}" for h, w, cell in cols)
+                         + ("  worst" if r["worst"] else ""))
     return lines
 
 
