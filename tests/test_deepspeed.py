@@ -308,6 +308,16 @@ def _estimate(name):
     return estimate_spec(spec_from_config(TINY, "tiny-llama"), s), s
 
 
+GLOO_STAGING = 16_512  # bytes: see test_buffers_agree_with_deepspeed
+
+
+def _close(estimated: int, measured: int, rel: float) -> bool:
+    """Within rel of the measured peak, or of it less one gloo staging buffer: a collective inside the phase may or
+    may not hold one at the peak (a fresh-clone CI run, 2026-12-03, read B's forward peak 959,073 B, every local run
+    942,689 B: 16,384 B apart)."""
+    return any(estimated == pytest.approx(measured - k, rel=rel) for k in (0, GLOO_STAGING))
+
+
 @pytest.mark.parametrize("name", list(CPU_CONFIGS))
 def test_load_and_forward_agree_with_deepspeed(deepspeed_cpu, name):
     """Measured: the live bytes after initialize and the forward's peak, within 1 % (memplan rounds each tensor to
@@ -316,11 +326,8 @@ def test_load_and_forward_agree_with_deepspeed(deepspeed_cpu, name):
     r, _ = _estimate(name)
     got = deepspeed_cpu[name]
     assert r.phase_peaks[Phase.LOAD] == pytest.approx(got["load"], rel=0.01)
-    assert r.phase_peaks[Phase.FORWARD] == pytest.approx(got["peaks"]["forward"], rel=0.01)
-    assert r.phase_peaks[Phase.BACKWARD] == pytest.approx(got["peaks"]["backward"], rel=0.06)
-
-
-GLOO_STAGING = 16_512  # bytes: see test_buffers_agree_with_deepspeed
+    for phase, rel in ((Phase.FORWARD, 0.01), (Phase.BACKWARD, 0.06)):
+        assert _close(r.phase_peaks[phase], got["peaks"][phase.value], rel), (phase, r.phase_peaks[phase], got)
 
 
 def test_buffers_agree_with_deepspeed(deepspeed_cpu):
