@@ -967,6 +967,11 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     if h.fsdp:  # the embeddings' backward, then the root's reduce-scatter (FsdpBuffers)
         fs = h.fsdp
         grads = max(h.accum_grads, fs.sharded_blocks + fs.root_grads)
+        if h.accum_grads and setup.sync_each_batch:  # every block's reduced gradients added into the carried
+            # sharded ones (the root's carried shard too), the root's unsharded ones made beside them: the per-rank
+            # traces of the 0.5B Qwen2 and Llama-3.2-1B widths, ZeRO-2, sync-each-batch (before: the root's shard,
+            # 65 / 125 MiB, short)
+            grads = h.accum_grads + fs.root_grads
         # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
         end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
         # at the root's reduce-scatter output the (untied) LM head's unsharded gradient, the first the root made,
