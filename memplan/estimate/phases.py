@@ -572,6 +572,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
         *(fsdp_forward_states(model, acts, h, half_fwd, setup) if fs else ()),
         *dora_norm_states(model, setup, acts, h, half_fwd),
+        *ddp_dequant_forward(model, setup, acts, h, half_fwd),
         State(Moment.FORWARD, Phase.FORWARD,
               _alive(h, accum_grads, acts.total, half_fwd + h.deq_outside + loss_f + h.z_f)),
         *((State(Moment.TOP_BLOCK_EXPERTS, Phase.FORWARD,  # the top block's experts before the head and loss
@@ -786,6 +787,34 @@ def dequantized_block_forward(model, setup: TrainingSetup, h: Held) -> int | Non
     return h.deq + 2 * round_block(t * model.intermediate * b) + 2 * round_block(t * model.hidden * b)
 
 
+def ddp_dequant_forward(model, setup: TrainingSetup, acts: Activations, h: Held, half_fwd: int) -> tuple[State, ...]:
+    """DDP / ZeRO-1, QLoRA, the top block not checkpointed: its forward at the MLP's down projection, every block's
+    saved tensors made (the top one's too: its gate / activation / up outputs are saved by the product), beside the
+    down projection's dequantized NF4 weight (bitsandbytes 0.50.2 matmul_4bit dequantizes the whole weight and
+    frees it after its matmul), the product act(gate)·up (its input: [tokens, intermediate] in the MLP's dtype, fp32
+    under autocast as ddp_top_mlp says, then its compute-dtype cast for the matmul) and [tokens, hidden] tensors: the
+    matmul's output (compute dtype), the MLP's input (its norm's output) and the embeddings' output (held by the
+    model's forward; no block saves it: the frozen embedding's output needs no gradient), all in the residual
+    stream's dtype; outside autocast also the block's input and its mid-block residual, which the norms do not save
+    (they save their fp32 copies). As the per-rank traces of Llama-3.2-1B's widths, 4 blocks, a 1000-token vocabulary
+    show it (ZeRO-1 bf16: 49.4 MiB of temporaries, 32 dequantized; ZeRO-0 bf16-master, batch 2: 50.0; before: a
+    forward peak 4-5% above the estimate's)."""
+    if (not h.grad_floor or h.fsdp or setup.peft is not PeftMethod.QLORA or not h.deq or model.experts > 1
+            or not model.gated_mlp or setup.offload_activations or not acts.per_block or acts.ckpt(-1)
+            or setup.engine is not Engine.FSDP):
+        return ()
+    prec, t = setup.precision, setup.model_tokens
+    s = residual_bytes(prec)
+    row = 4 if prec.autocast else stream_bytes(prec)
+    hid = round_block(t * model.hidden * s)
+    tmp = h.deq + round_block(t * model.intermediate * row) + round_block(t * model.hidden * prec.compute_bytes)
+    tmp += (round_block(t * model.intermediate * prec.compute_bytes) + 2 * hid if prec.autocast else 4 * hid)
+    in_blocks = sum(acts.per_block) + acts.early
+    casts = max(half_fwd - h.half_outside, 0)
+    return (State(Moment.FORWARD_BLOCK_DEQUANT, Phase.FORWARD, _alive(h, h.accum_grads, in_blocks,
+                                                                      casts + h.z_f + tmp)),)
+
+
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
                     loss_b: int, lt: LossTerms | None = None) -> list[State]:
     """The backward's states: its start, the LM head's backward, the top and the lowest block's backward, its end."""
@@ -974,6 +1003,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             grads = h.accum_grads + fs.root_grads
         # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
         end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
+        if fs.carry_reduced and setup.zero == 2:  # ZeRO-2, the last no-sync micro-batch (walked: FsdpBuffers
+            # .carry_reduced): every trained block reduced, its carried unsharded gradients freed (as
+            # lowest_block_states'); block 0's reduce-scatter input still held, and the embeddings' new gradient
+            # made beside their carried one (the per-rank trace of the Llama-3.2-1B widths, 3 blocks, pure-bf16:
+            # gradients 544.5, temporaries 2120 MiB; before: 849 / 1503)
+            first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+            grads = h.accum_grads - (model.blocks - first_trained) * fs.carry_reduced
+            end = fs.end + p.grads.late
         # at the root's reduce-scatter output the (untied) LM head's unsharded gradient, the first the root made,
         # is still alive, the embeddings' freed: read off the per-rank trace (fake and real tensors alike, every
         # precision; 2 MiB on the 256-wide toy, −5.49% before); which reference holds it is not confirmed
