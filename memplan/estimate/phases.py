@@ -1027,7 +1027,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         states += [at(Moment.BACKWARD_END, grads, 0, end),
                    at(Moment.ROOT_REDUCE, grads + p.grads.head[0], 0, fs.root_reduce)]
         return states
-    states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
+    # (DDP with bucket views, no-sync accumulation: the carried .grad, its own storage until the synced micro-batch
+    # copies it in, is still alive beside the buckets at the embeddings' backward: the per-rank trace of the 0.5B
+    # Qwen2 widths, fp16, --peft freeze --train-layers 0, 1039 MiB of gradients; before: 519)
+    states.append(at(Moment.BACKWARD_END, max(ms.gradients, h.accum_grads), 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
     return states
 
