@@ -198,3 +198,31 @@ def test_cached_grid_scores(n, seed, suffix, misses):
     assert all(abs(r.error) <= 0.03 for r in rows), [(r.setup, r.error) for r in rows if abs(r.error) > 0.03]
     failing = [(r.setup, r.category_failures()) for r in rows if r.category_failures()]
     assert len(failing) <= misses, failing
+
+
+# The cut-down factorial sweep of ZeRO 0-2 (benchmarks/cutdown_sweep_multi.py; full block widths, 2-4 blocks): one
+# case per class of miss it found, each failing before its term (errors before, same traces;
+# reports/cutdown_sweep_multi.md)
+from cutdown_sweep_multi import cut_model  # noqa: E402
+
+FAST += [
+    # FSDP2 ZeRO-2 sync-each-batch accumulation, the backward's end: the carried sharded gradients (the root's too)
+    # beside the root's new unsharded ones (before: −4.60%, gradients 274 vs 339 MiB)
+    dict(model=cut_model("cut-qwen2.5-0.5b-2"), gpus=8, zero=2, precision="fsdp-bf16", peft="full", batch=1,
+         seq=256, grad_accum=2, sync_each_batch=True),
+    # ... the last no-sync micro-batch: every block reduced, block 0's reduce-scatter input held, the embeddings' new
+    # gradient beside their carried one (before: −10.48%, gradients 849 vs 545, temporaries 1503 vs 2120 MiB)
+    dict(model=cut_model("cut-llama-3.2-1b-3"), gpus=8, zero=2, precision="pure-bf16", peft="full", batch=1,
+         seq=256, grad_accum=2, sync_each_batch=False),
+    # QLoRA not checkpointed, the top block's forward at its down projection's dequantized weight, every block's
+    # saves made: ZeRO-1 (before: −4.92%) and ZeRO-2 (before: −7.91%; FSDP2's up-projection moment left the top
+    # block's saves out)
+    dict(model=cut_model("cut-llama-3.2-1b-4-v1000"), gpus=2, zero=1, precision="bf16", peft="qlora", batch=1,
+         seq=256),
+    dict(model=cut_model("cut-llama-3.2-1b-4-v1000"), gpus=8, zero=2, precision="bf16", peft="qlora", batch=1,
+         seq=256, grad_accum=2, sync_each_batch=True),
+    # DDP with bucket views, no-sync accumulation: the carried .grad still alive beside the buckets at the
+    # backward's end (before: −12.17%, gradients 519 vs 1039 MiB)
+    dict(model=cut_model("cut-qwen2.5-0.5b-2"), gpus=8, zero=0, precision="fp16", peft="freeze", train_layers=0,
+         batch=1, seq=256, grad_accum=2, sync_each_batch=False, bucket_view=True),
+]
