@@ -1077,11 +1077,13 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             grads = h.accum_grads + fs.root_grads
         # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
         end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
-        if fs.carry_reduced and setup.zero == 2:  # ZeRO-2, the last no-sync micro-batch (walked: FsdpBuffers
-            # .carry_reduced): every trained block reduced, its carried unsharded gradients freed (as
+        if (h.accum_grads and not setup.sync_each_batch and setup.zero == 2
+                and setup.precision is not Precision.FSDP_BF16):  # ZeRO-2, the last no-sync micro-batch (walked:
+            # FsdpBuffers.carry_reduced): every trained block reduced, its carried unsharded gradients freed (as
             # lowest_block_states'); block 0's reduce-scatter input still held, and the embeddings' new gradient
             # made beside their carried one (the per-rank trace of the Llama-3.2-1B widths, 3 blocks, pure-bf16:
-            # gradients 544.5, temporaries 2120 MiB; before: 849 / 1503)
+            # gradients 544.5, temporaries 2120 MiB; before: 849 / 1503. No block trained, the 0.5B Qwen2 widths, fp16,
+            # --train-layers 0: the tied embeddings' new fp32 gradient, 519 MiB, alike)
             first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
             grads = h.accum_grads - (model.blocks - first_trained) * fs.carry_reduced
             end = fs.end + p.grads.late
