@@ -2,7 +2,7 @@
 reshard_after_forward=False (ZeRO-2): estimate vs per-rank trace; writes reports/cutdown_sweep_multi.{md,jsonl}.
 
     python benchmarks/cutdown_sweep_multi.py [N] [--cache FILE [--cached-only]]
-        N setups (default 240) drawn with a fixed seed; --cache keeps each traced result in FILE (JSON lines, the
+        N setups (default 360, the committed cache) drawn with a fixed seed; --cache keeps each traced result in FILE (JSON lines, the
         format of benchmarks/trace_grid_multi.py's --cache) and reuses it, so a re-score after an estimator change
         traces nothing; --cached-only scores only the setups FILE holds
 
@@ -27,9 +27,11 @@ from trace_grid_multi import load_cache  # noqa: E402
 OUT = Path(__file__).resolve().parent.parent / "reports"
 SEED = 11  # the sweep's one draw (issue 11); not a trace_grid_multi seed, so it holds out nothing of those grids
 SUSPECT = 0.015  # a peak error over 1.5% is listed as a suspect even when it passes
-# the same 240 cached traces scored by the estimator of 1c4f88b, before the terms this sweep found (the command
-# below, --cached-only, with that commit's memplan/estimate/phases.py and activations.py)
-BEFORE = "at 1c4f88b, before the terms this sweep found: 219 of 240 passing, 228 peaks within 3%"
+# the same cached traces scored (--cached-only) by the estimator of 1c4f88b, before the terms this sweep found, and
+# by that of 8386ed4, the first round of terms, which saw setups 1-240 only (241-360 were traced after it)
+BEFORE = ("at 1c4f88b, before the terms this sweep found: 219 of the first 240 passing (228 peaks within 3%), 329 of "
+          "360 (340); at 8386ed4, terms read off the first 240 only: 237 of 240, and 118 of the 120 setups drawn "
+          "after it")
 
 # name -> (hf_config, its source). Full block widths, few blocks.
 CUT_MODELS = {
@@ -61,7 +63,7 @@ def cut_model(name: str):
     return spec_from_config(CUT_MODELS[name], name)
 
 
-def sweep(n: int = 240, seed: int = SEED) -> list[dict]:
+def sweep(n: int = 360, seed: int = SEED) -> list[dict]:
     """`n` distinct setups of the factorial space (ZeRO 0-2), drawn with `seed`."""
     from memplan.calibrate import distinct
 
@@ -193,7 +195,7 @@ if __name__ == "__main__":
     only = "--cached-only" in argv
     argv = [a for a in argv if a != "--cached-only"]
     try:
-        count = int(argv[0]) if argv else 240
+        count = int(argv[0]) if argv else 360
     except ValueError:
         print(f"cutdown_sweep_multi: N must be a whole number, got {argv[0]!r}", file=sys.stderr)
         sys.exit(2)
