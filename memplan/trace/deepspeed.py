@@ -303,6 +303,26 @@ def rank_env(rank: int, world: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def grad_tagging(engine, setup: TrainingSetup, tracker: AllocTracker) -> list:
+    """Stage 1 / 2: a parameter's `.grad` that autograd made and DeepSpeed left in place is a gradient (DESIGN.md's
+    vocabulary: `gradients`), from the moment autograd accumulates it. Stage 1 (partition_gradients False,
+    overlap_comm False by default) keeps every `.grad` to the backward's end: stage_1_and_2.py process_gradients
+    reduces in the hook only `if self.partition_gradients or self.overlap_comm`; the engine's backward then calls
+    reduce_gradients, which copies them into the IPG bucket. Without this hook they were tagged only at the step
+    (tag_engine), after they had died, so the trace counted them as temporaries. The hook is registered after
+    DeepSpeed's own (deepspeed/utils/torch.py register_grad_hook: register_post_accumulate_grad_hook) and runs
+    after it: a `.grad` DeepSpeed has already replaced by a view of its bucket (stage 2, contiguous_gradients) is
+    left alone, so no bucket is retagged. A label only: no byte changes."""
+    if setup.zero not in (1, 2):
+        return []
+
+    def hook(p):
+        g = p.grad
+        if g is not None and g._base is None and g.untyped_storage().nbytes() == g.numel() * g.element_size():
+            tracker.track(g, G)
+    return [p.register_post_accumulate_grad_hook(hook) for p in engine.module.parameters() if p.requires_grad]
+
+
 def _save(tracker: AllocTracker):
     def pack(x):
         tracker.saved(x)
@@ -400,6 +420,7 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=No
     tracker = DsTracker(round_to=round_to)
     with session(spec, setup, built, tracker) as ses:
         handles = marks(built, tracker) if marks is not None else []
+        handles += grad_tagging(ses.engine, setup, tracker)
         for _ in range(ITERATIONS - 1):
             iteration(ses.engine, ses.batch, setup, tracker)
             tag_engine(ses.engine, tracker)
