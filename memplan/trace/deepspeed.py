@@ -374,7 +374,7 @@ class Session:
 def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterator[Session]:
     """Everything before the first step, on the current default process group under `tracker` (entered here): the
     launcher's variables, the patches, the untracked collectives, deepspeed.initialize, the batch, the stage-3
-    gather and checkpoint tags, the saved-tensor hook; the engine's teardown after. The trace (trace_built) and
+    gather and checkpoint tags, the stage-1/2 `.grad` tags (grad_tagging), the saved-tensor hook; the engine's teardown after. The trace (trace_built) and
     the CPU measurement (memplan.measure.deepspeed) step in it alike."""
     from memplan.trace import cuda, distributed
     from memplan.trace.session import checkpoint_tagging, make_batch
@@ -394,6 +394,7 @@ def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterato
         stack.enter_context(tracker)
         stack.enter_context(gather_tagging(tracker))
         engine = open_engine(built, setup, tracker)
+        grad_hooks = grad_tagging(engine, setup, tracker)
         batch = make_batch(spec, setup.batch, setup.seq)
         for t in batch.values():
             tracker.track(t, INPUT)
@@ -405,6 +406,8 @@ def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterato
         try:
             yield s
         finally:
+            for h in grad_hooks:
+                h.remove()
             engine.destroy()
             s.engine = s.batch = None
             del engine
@@ -420,7 +423,6 @@ def trace_built(spec, setup: TrainingSetup, built, round_to: int = 512, marks=No
     tracker = DsTracker(round_to=round_to)
     with session(spec, setup, built, tracker) as ses:
         handles = marks(built, tracker) if marks is not None else []
-        handles += grad_tagging(ses.engine, setup, tracker)
         for _ in range(ITERATIONS - 1):
             iteration(ses.engine, ses.batch, setup, tracker)
             tag_engine(ses.engine, tracker)
