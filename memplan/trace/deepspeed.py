@@ -374,8 +374,8 @@ class Session:
 def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterator[Session]:
     """Everything before the first step, on the current default process group under `tracker` (entered here): the
     launcher's variables, the patches, the untracked collectives, deepspeed.initialize, the batch, the stage-3
-    gather and checkpoint tags, the stage-1/2 `.grad` tags (grad_tagging), the saved-tensor hook; the engine's teardown after. The trace (trace_built) and
-    the CPU measurement (memplan.measure.deepspeed) step in it alike."""
+    gather and checkpoint tags, the stage-1/2 `.grad` tags (grad_tagging), the saved-tensor hook; the engine's
+    teardown after. The trace (trace_built) and the CPU measurement (memplan.measure.deepspeed) step in it alike."""
     from memplan.trace import cuda, distributed
     from memplan.trace.session import checkpoint_tagging, make_batch
 
