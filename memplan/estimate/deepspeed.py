@@ -241,6 +241,75 @@ def gathered(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSe
     return round_block(fwd * h), round_block(bwd * h) + round_block(grad * h) + round_block(scatter * h)
 
 
+def forward_params(groups: tuple[ParamGroup, ...], blocks: int, threshold: int) -> list[tuple[int, int]]:
+    """(elements, block) of each partitioned parameter (numel >= stage3_param_persistence_threshold) in the order
+    the forward fetches them: the input embeddings (block -1), block by block in module order, then the rest
+    outside the blocks (the LM head, block `blocks`). A tied LM head is the embedding, gathered already: not
+    fetched again."""
+    first = [g for g in groups if g.outside and "embed" in g.name and g.numel >= threshold]
+    inside = [g for g in groups if not g.outside and g.numel >= threshold]
+    last = [g for g in groups if g.outside and g not in first and g.numel >= threshold]
+    L = max(blocks, 1)
+    out = [(g.numel, -1) for g in first for _ in range(g.count)]
+    for b in range(L if inside else 0):
+        out += [(g.numel, b) for g in inside for _ in range(max(1, g.count // L))]
+    out += [(g.numel, L) for g in last for _ in range(g.count)]
+    return out
+
+
+def prefetch_chunks(sizes: list[int], bucket: int) -> list[tuple[int, int]]:
+    """(first, last) index of each coalesced prefetch: partitioned_param_coordinator.py fetch_sub_module pops the
+    parameter queue `while numel_prefetching < max_params_to_prefetch` (stage3_prefetch_bucket_size), so each
+    prefetch is the shortest run of the next parameters holding at least a bucket (the last one may hold less), and
+    __all_gather_params_ gathers it with one all_gather_coalesced."""
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= bucket:
+            out.append((start, i))
+            start, acc = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes) - 1))
+    return out
+
+
+def top_block_gathered(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Stage 3 with a prefetch bucket: the most bytes of gathered parameters inside the last block's forward, the
+    coalesced prefetches' flat buffers included (0 when not modelled: no prefetch bucket, or a partitioned model
+    over stage3_max_live_parameters).
+
+    partition_parameters.py _all_gather_dtype gathers a prefetch into one `flat_tensor` of all its parameters; the
+    handle (AllGatherCoalescedHandle) keeps views of it (`partitions`) and the coordinator keeps the handle in
+    __inflight_param_registry under each of its parameters until that parameter's module is fetched. At the first
+    of them, handle.wait() gives every parameter of the prefetch its own copy (`param.data = torch.cat(partitions)`),
+    so the flat buffer lives beside those copies until the prefetch's last parameter is fetched. The prefetcher
+    issues one prefetch per fetch_sub_module call (containers and parameter-less modules included), up to
+    max_live_parameters gathered at once: a model under that limit has every prefetch in flight from the forward's
+    first modules on (logged on the held-out grid's 4-block Llama of hidden 1024, reports/trace_cache_deepspeed_
+    heldout.jsonl: two prefetches of 50,593,792 and 11,272,192 elements issued before the embedding's fetch, 224.9 MB
+    of gathered bytes at it, the first flat buffer freed at the last block's up projection). After fetching the
+    forward's i-th parameter: the copies of every prefetch begun (less those released after their forward:
+    no_backward_fetch) + the flat buffers of the prefetches not yet finished."""
+    bucket = setup.ds_prefetch_bucket_size
+    t = setup.ds_param_persistence_threshold
+    order = forward_params(groups, model.blocks, t)
+    total = sum(n for n, _ in order)
+    if bucket <= 0 or not order or total > setup.ds_max_live_parameters:
+        return 0
+    chunks = prefetch_chunks([n for n, _ in order], bucket)
+    size = [sum(n for n, _ in order[a:b + 1]) for a, b in chunks]
+    released = no_backward_fetch(model, groups, setup)
+    top = max(b for _, b in order if b < model.blocks) if any(b < model.blocks for _, b in order) else -1
+    best = 0
+    for i, (_, b) in enumerate(order):
+        if b != top:
+            continue
+        copies = sum(z for (a, _), z in zip(chunks, size) if a <= i)
+        flats = sum(z for (_, e), z in zip(chunks, size) if e > i)
+        best = max(best, copies - released + flats)
+    return round_block(best * _half(setup))
+
+
 def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
     groups = param_groups(model, setup)
     trainable = sum(g.total for g in groups if g.trainable)
@@ -355,6 +424,23 @@ def _with(state, **add):
     return state._replace(categories=cats)
 
 
+def _with_top_block_gathered(states: tuple, model: ModelSpec, setup: TrainingSetup) -> tuple:
+    """Stage 3: a state in the last block's forward, before the forward's end (the FORWARD state), holding the
+    coalesced prefetches' flat buffers beside the gathered parameters (top_block_gathered): the activations of
+    every block and of the embeddings, no LM head nor loss yet."""
+    from memplan.estimate.activations import activations
+    from memplan.estimate.phases import Moment, State
+
+    gathered = top_block_gathered(model, param_groups(model, setup), setup)
+    i = next((k for k, s in enumerate(states) if s.name is Moment.FORWARD), None)
+    if not gathered or i is None:
+        return states
+    acts = activations(model, setup)
+    fwd = states[i]
+    cats = {**fwd.categories, C.ACTIVATIONS: acts.total - acts.outside + acts.early, C.TEMPORARIES: gathered}
+    return (*states[:i], State(Moment.TOP_BLOCK_GATHERED, Phase.FORWARD, cats), *states[i:])
+
+
 def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     """The step's states (memplan.estimate.phases.step_states) with DeepSpeed's buffers: the IPG bucket, stage 3's
     gradient partition from initialize on and its persistent parameters, and the optimizer step's fp32 gradient."""
@@ -362,6 +448,8 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
         return states
     t = terms(model, setup)
     z3 = setup.zero == 3
+    if z3:
+        states = _with_top_block_gathered(states, model, setup)
     gip_last, gip_max = grads_in_partition(model, setup)
     whole = whole_bucket(model, setup)
     full = round_block(sum(g.total for g in param_groups(model, setup) if g.trainable) * _half(setup))

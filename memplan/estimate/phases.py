@@ -58,6 +58,8 @@ class Moment(str, Enum):
     # dequantized (fsdp_forward_states)
     TOP_BLOCK_DORA_NORM = "top block DoRA weight norm"  # --peft dora: a linear's weight norm in the last block's
     # forward (dora_norm_states)
+    TOP_BLOCK_GATHERED = "top block gathered"  # DeepSpeed ZeRO-3: the last block's forward, its coalesced
+    # prefetches' flat buffers beside the gathered parameters (deepspeed.top_block_gathered)
     FORWARD = "forward"
     BACKWARD_START = "backward start"  # FSDP2 ZeRO-3: the root gathered again (R + R_f)
     LOSS_BACKWARD = "loss backward"
