@@ -310,6 +310,34 @@ def top_block_gathered(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: 
     return round_block(best * _half(setup))
 
 
+def backward_low_end(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """Stage 3: the (lowest block's backward, backward's end) bytes that replace gathered()'s backward figure
+    (DsTerms.gathered_bwd) there.
+
+    partitioned_param_coordinator.py release_sub_module releases each module's parameters after its backward
+    (__params_to_release: nothing later in the trace uses them again, and no prefetch marks them), so at the
+    lowest block's backward only that block's parameters and the embeddings below it (kept from the forward for
+    their own backward: a tied LM head's too) are gathered, not the whole model; at the backward's end none are.
+    The reduce-scatter's copy of a bucket (gathered()'s `scatter`) is made when the IPG bucket fills: with
+    reduce_bucket_size at least the trainable elements (DeepSpeed's default 5e8 for any model under 500M
+    parameters) only once, at the backward's end (stage3.py independent_gradient_partition_epilogue ->
+    __reduce_and_partition_ipg_grads), so not at the lowest block. Found on the held-out grid's gpt2 full
+    fine-tuning (+3.3 %: the estimate's lowest-block state held the whole model gathered and the whole gradient's
+    copy)."""
+    groups = param_groups(model, setup)
+    h = _half(setup)
+    order = forward_params(groups, model.blocks, setup.ds_param_persistence_threshold)
+    fetched = max(0, sum(n for n, b in order if b <= 0) - no_backward_fetch(model, groups, setup))
+    part = sum(n for n, _ in order)
+    trainable = sum(g.total for g in groups if g.trainable)
+    _, _, largest = _split(groups, setup.ds_param_persistence_threshold)
+    grad = round_block(largest * h) if trainable else 0
+    scatter = round_block(min(setup.ds_reduce_bucket_size, trainable) * h) if setup.ds_contiguous_gradients else 0
+    whole = setup.ds_reduce_bucket_size >= trainable
+    low = round_block(min(fetched, part) * h) + grad + (0 if whole else scatter)
+    return low, grad + scatter
+
+
 def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
     groups = param_groups(model, setup)
     trainable = sum(g.total for g in groups if g.trainable)
@@ -338,6 +366,7 @@ def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 
 # memplan.estimate.phases.Moment values this module reads (by value: it cannot import phases, which imports it)
 HEAD_BACKWARD, BACKWARD_END = "LM-head backward", "backward end"
+LOWEST = "lowest"  # the lowest saved / trained block's backward moments ("lowest saved block backward", ...)
 # stage_1_and_2.py __init__: nccl_start_alignment_factor = 2, the flat buffer padded to a multiple of it x world size
 ALIGNMENT = 2
 
@@ -450,6 +479,7 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     z3 = setup.zero == 3
     if z3:
         states = _with_top_block_gathered(states, model, setup)
+        low, end = backward_low_end(model, setup)
     gip_last, gip_max = grads_in_partition(model, setup)
     whole = whole_bucket(model, setup)
     full = round_block(sum(g.total for g in param_groups(model, setup) if g.trainable) * _half(setup))
@@ -487,6 +517,8 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
             grads = (ms.gradients if z3 else 0) + t.fp32_grad
             tmp = pers + (0 if setup.offload_optimizer else
                                   step_temporary_bytes(setup.optimizer, t.step_group, t.step_group))
+        if z3 and s.phase is Phase.BACKWARD and (s.name.value.startswith(LOWEST) or s.name.value == BACKWARD_END):
+            tmp += (low if s.name.value.startswith(LOWEST) else end) - t.gathered_bwd  # backward_low_end
         if z3:
             tmp += t.ipg_bucket
         elif s.phase is Phase.BACKWARD:
