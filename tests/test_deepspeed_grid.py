@@ -123,3 +123,14 @@ def test_heldout2_covers_the_axes():
     assert {"bf16-master", "fp32"} <= set(axes[3]) and {"full", "lora"} <= set(axes[4])
     assert {"none", "full"} <= set(axes[5]) and max(axes[6]) > 1
     assert grid.HELDOUT2_MODELS["qwen2-4x896"]["tie_word_embeddings"]
+
+
+def test_the_moments_deepspeed_names_by_value_exist():
+    """memplan.estimate.deepspeed names phases' moments by value (it cannot import phases): each must be one."""
+    from memplan.estimate import deepspeed as ds
+    from memplan.estimate.phases import Moment
+
+    for v in (ds.FORWARD, ds.TOP_BLOCK_GATHERED, ds.HEAD_BACKWARD, ds.BACKWARD_END):
+        assert Moment(v)
+    assert {m for m in Moment if m.value.startswith(ds.LOWEST)} >= {Moment.LOWEST_SAVED_BLOCK,
+                                                                    Moment.LOWEST_TRAINED_BLOCK}

@@ -366,6 +366,7 @@ def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 
 # memplan.estimate.phases.Moment values this module reads (by value: it cannot import phases, which imports it)
 HEAD_BACKWARD, BACKWARD_END = "LM-head backward", "backward end"
+FORWARD, TOP_BLOCK_GATHERED = "forward", "top block gathered"
 LOWEST = "lowest"  # the lowest saved / trained block's backward moments ("lowest saved block backward", ...)
 # stage_1_and_2.py __init__: nccl_start_alignment_factor = 2, the flat buffer padded to a multiple of it x world size
 ALIGNMENT = 2
@@ -453,24 +454,22 @@ def _with(state, **add):
     return state._replace(categories=cats)
 
 
-def _with_top_block_gathered(states: tuple, model: ModelSpec, setup: TrainingSetup) -> tuple:
+def _with_top_block_gathered(states: tuple, model: ModelSpec, setup: TrainingSetup, acts) -> tuple:
     """Stage 3: a state in the last block's forward, before the forward's end (the FORWARD state), holding the
     coalesced prefetches' flat buffers beside the gathered parameters (top_block_gathered): the activations of
-    every block and of the embeddings, no LM head nor loss yet."""
-    from memplan.estimate.activations import activations
-    from memplan.estimate.phases import Moment, State
-
+    every block and of the embeddings (`acts`: memplan.estimate.activations.Activations), no LM head nor loss yet.
+    Made from the FORWARD state (its Moment enum by value: this module cannot import phases)."""
     gathered = top_block_gathered(model, param_groups(model, setup), setup)
-    i = next((k for k, s in enumerate(states) if s.name is Moment.FORWARD), None)
+    i = next((k for k, s in enumerate(states) if s.name.value == FORWARD), None)
     if not gathered or i is None:
         return states
-    acts = activations(model, setup)
     fwd = states[i]
     cats = {**fwd.categories, C.ACTIVATIONS: acts.total - acts.outside + acts.early, C.TEMPORARIES: gathered}
-    return (*states[:i], State(Moment.TOP_BLOCK_GATHERED, Phase.FORWARD, cats), *states[i:])
+    top = fwd._replace(name=type(fwd.name)(TOP_BLOCK_GATHERED), categories=cats)
+    return (*states[:i], top, *states[i:])
 
 
-def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
+def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms, acts) -> tuple:
     """The step's states (memplan.estimate.phases.step_states) with DeepSpeed's buffers: the IPG bucket, stage 3's
     gradient partition from initialize on and its persistent parameters, and the optimizer step's fp32 gradient."""
     if setup.engine is not Engine.DEEPSPEED or setup.shards == 1:
@@ -478,7 +477,7 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
     t = terms(model, setup)
     z3 = setup.zero == 3
     if z3:
-        states = _with_top_block_gathered(states, model, setup)
+        states = _with_top_block_gathered(states, model, setup, acts)
         low, end = backward_low_end(model, setup)
     gip_last, gip_max = grads_in_partition(model, setup)
     whole = whole_bucket(model, setup)

@@ -596,7 +596,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         states = offload.adjust(states, offload.terms_of(model, setup), acts, half_fwd, casts, p.half_cached,
                                 h.half_outside, model.blocks)
     if setup.engine is Engine.DEEPSPEED:  # its buckets and partitions (memplan.estimate.deepspeed)
-        return deepspeed.adjust(states, model, setup, ms)
+        return deepspeed.adjust(states, model, setup, ms, acts)
     if setup.optimizer_in_backward:
         return in_backward(states, model, setup, p)
     return states
