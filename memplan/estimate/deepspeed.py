@@ -26,6 +26,10 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    stage3_max_reuse_distance elements; with a prefetch bucket every parameter the backward fetches
                    again stays gathered into the backward, up to stage3_max_live_parameters, less what no backward
                    fetches (no_backward_fetch; gathered() below, logged on DeepSpeed itself).
+  coalesced        stage 3: each prefetch is gathered into one flat buffer that lives beside the parameters' own
+  prefetches       copies until the prefetch's last parameter is fetched (top_block_gathered: a state in the last
+                   block's forward); the backward releases each module's parameters after its gradient, and a
+                   whole-model IPG bucket is reduce-scattered once, at the backward's end (backward_low_end).
   linear inputs    stage 3's memory-efficient linear (linear.py LinearFunctionForZeroStage3) saves every nn.Linear's
                    input (saves_linear_inputs; memplan.estimate.activations.Ctx.linear_saves_input).
   one reduce       stage 1/2 whose IPG bucket holds every gradient reduce once, at the backward's end, flattening the
