@@ -4,7 +4,10 @@ Llama (hidden 256), world 2, DeepSpeed's buckets scaled to the model (KNOBS). Pr
 within 3 % of the traced peak and the per-category agreement; writes reports/estimate_vs_trace_deepspeed.md.
 
     PYTHONPATH=. python3 benchmarks/deepspeed_grid.py [--quick] [--from K] [--cache FILE [--cached-only]]
-    PYTHONPATH=. python3 benchmarks/deepspeed_grid.py --heldout [--cache FILE [--cached-only]]
+    PYTHONPATH=. python3 benchmarks/deepspeed_grid.py --heldout | --heldout2 [--cache FILE [--cached-only]]
+
+--heldout2 scores the third grid (HELDOUT2, reports/trace_cache_deepspeed_heldout2.jsonl): held out from every
+change (drawn before, traced once, scored once), writing reports/estimate_vs_trace_deepspeed_heldout2.md.
 
 --heldout scores the second, held-out grid (HELDOUT): DeepSpeed's DEFAULT knobs, gpt2 (124M) and a cut-down Llama
 of hidden 1024 (HELDOUT_LLAMA), world 2 and 4, stages 1-3, bf16-master / fp32, full / LoRA, checkpointing on / off,
@@ -71,9 +74,45 @@ HELDOUT = [
 ]
 
 
+# the second held-out grid (--heldout2): drawn before any change was made for it (and after the stage-1 `.grad`
+# labelling of memplan.trace.deepspeed.grad_tagging), traced once, scored once after this session's fixes, not tuned
+# on. DeepSpeed's default knobs again; two models no grid had: a cut-down Qwen2 (tied embeddings, biased q/k/v,
+# hidden 896, 4 blocks: Qwen2.5-0.5B's block widths, vocabulary cut to 32768 to keep the CPU trace short) and a
+# 2048-wide Llama cut to 2 blocks (untied, vocabulary 8192); world 2 / 4 / 8.
+HELDOUT2_MODELS = {
+    "qwen2-4x896": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=4,
+                        num_attention_heads=14, num_key_value_heads=2, vocab_size=32768, tie_word_embeddings=True,
+                        max_position_embeddings=512),
+    "llama-2x2048": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=4, vocab_size=8192, max_position_embeddings=512),
+}
+# (model, gpus, zero, precision, peft, checkpointing, grad_accum), in tracing order: each axis covered early so that
+# a grid cut short by time still spans them
+HELDOUT2 = [
+    ("qwen2-4x896", 2, 3, "bf16-master", "lora", "none", 1),
+    ("qwen2-4x896", 4, 1, "bf16-master", "full", "none", 1),
+    ("llama-2x2048", 8, 3, "bf16-master", "full", "full", 1),
+    ("qwen2-4x896", 8, 2, "fp32", "lora", "full", 1),
+    ("qwen2-4x896", 2, 3, "fp32", "full", "none", 1),
+    ("llama-2x2048", 2, 1, "fp32", "lora", "none", 1),
+    ("qwen2-4x896", 4, 3, "bf16-master", "full", "full", 1),
+    ("llama-2x2048", 4, 2, "bf16-master", "full", "none", 1),
+    ("qwen2-4x896", 8, 3, "fp32", "lora", "full", 1),
+    ("qwen2-4x896", 2, 2, "bf16-master", "full", "full", 2),
+    ("llama-2x2048", 4, 3, "bf16-master", "lora", "none", 1),
+    ("qwen2-4x896", 8, 1, "bf16-master", "lora", "full", 1),
+    ("qwen2-4x896", 4, 3, "bf16-master", "lora", "none", 2),
+    ("llama-2x2048", 2, 3, "fp32", "full", "full", 1),
+    ("qwen2-4x896", 2, 1, "fp32", "full", "full", 1),
+    ("llama-2x2048", 8, 2, "bf16-master", "lora", "full", 1),
+]
+
+
 def heldout_spec(name: str):
     from memplan.profiles import load_model
 
+    if name in HELDOUT2_MODELS:
+        return spec_from_config(HELDOUT2_MODELS[name], name)
     return spec_from_config(HELDOUT_LLAMA, name) if name == "llama-4x1024" else load_model(name)
 
 
@@ -85,7 +124,10 @@ def heldout_setup(key: tuple):
 
 def heldout_key(key: tuple) -> str:
     model, gpus, zero, precision, peft, ckpt, accum = key
-    return json.dumps(dict(model=model, llama=HELDOUT_LLAMA if model == "llama-4x1024" else None, seq=HELDOUT_SEQ,
+    config = HELDOUT2_MODELS.get(model)
+    extra = {"config": config} if config else {}
+    return json.dumps(dict(model=model, llama=HELDOUT_LLAMA if model == "llama-4x1024" else None, **extra,
+                           seq=HELDOUT_SEQ,
                            batch=HELDOUT_BATCH, gpus=gpus, zero=zero, precision=precision, peft=peft,
                            checkpointing=ckpt, grad_accum=accum), sort_keys=True)
 
@@ -162,9 +204,10 @@ def rows(grid=GRID, cache: dict | None = None, cache_file: Path | None = None, h
 def main(argv: list[str]) -> None:
     cache_file = Path(argv[argv.index("--cache") + 1]) if "--cache" in argv else None
     cache = load_cache(cache_file)
-    heldout = "--heldout" in argv
+    heldout2 = "--heldout2" in argv
+    heldout = "--heldout" in argv or heldout2
     key_of = heldout_key if heldout else cache_key
-    grid = HELDOUT if heldout else GRID
+    grid = HELDOUT2 if heldout2 else HELDOUT if heldout else GRID
     grid = grid[::4] if "--quick" in argv else grid
     if "--from" in argv:  # resume a run cut short: the grid's rows from index K on
         grid = grid[int(argv[argv.index("--from") + 1]):]
@@ -222,11 +265,29 @@ def main(argv: list[str]) -> None:
                "One fix was then made from what it showed (`memplan.estimate.deepspeed.whole_bucket`: stage 1/2 "
                "with an IPG bucket that holds every gradient reduce once, at the backward's end, and flatten the "
                "whole gradient; stage 1 +3.92 % → −0.03 %, stage 2 −4.19 % → +1.17 %, −4.07 % → −2.03 %, gpt2 "
-               "stage 1 +5.32 % → −0.00 %), so the figures below are no longer held out for stages 1/2. " + sources, "", *summary, "",
+               "stage 1 +5.32 % → −0.00 %), so the figures below are no longer held out for stages 1/2. A second "
+               "session then fixed its four stage-3 misses (12/16 → 16/16: the coalesced prefetches' flat buffers "
+               "in the last block's forward, `top_block_gathered`; the backward releasing each module's parameters "
+               "and reduce-scattering a whole-model bucket once, at its end, `backward_low_end`) and retraced its "
+               "stage-1 rows with the `.grad`s labelled gradients (`memplan.trace.deepspeed.grad_tagging`, the same "
+               "bytes), so no part of it is held out now: the untuned grid is --heldout2 "
+               "(reports/estimate_vs_trace_deepspeed_heldout2.md). " + sources, "", *summary, "",
                "| model | GPUs | stage | precision | peft | checkpointing | accumulation | trace (phase) | "
                "estimate (phase) | error | worst category |",
                "|---|---|---|---|---|---|---|---|---|---|---|", *lines]
         name = "estimate_vs_trace_deepspeed_heldout.md"
+        if heldout2:
+            doc[0] = "# Estimate vs the DeepSpeed trace, second held-out grid (--engine deepspeed, default knobs)"
+            doc[2] = (took + "DeepSpeed 0.19.8 traced per rank on a fake process group (memplan.trace.deepspeed, "
+                      "the larger peak of the first and the last rank), DeepSpeed's default knobs (no `ds_*` field "
+                      f"set), seq {HELDOUT_SEQ}, batch {HELDOUT_BATCH}, AdamW; two models no other grid has: "
+                      f"{HELDOUT2_MODELS}. **Held out**: the rows were drawn (HELDOUT2) before any change was made "
+                      "for them, traced once (the cache reports/trace_cache_deepspeed_heldout2.jsonl), and scored "
+                      "once, after the session's fixes on the first held-out grid; nothing was changed from what "
+                      "they show. For comparison, main 1c4f88b's estimator (before those fixes) scores the same "
+                      "traces 12/16 within 3 % (8/16 every category): its four misses, stage 3 full fine-tuning "
+                      "+8.4 … +11.0 %, are the backward release the fixes model. " + sources)
+            name = "estimate_vs_trace_deepspeed_heldout2.md"
     else:
         doc = ["# Estimate vs the DeepSpeed trace (--engine deepspeed)", "",
                took + "DeepSpeed 0.19.8 traced per rank on a fake process group (memplan.trace.deepspeed, the "

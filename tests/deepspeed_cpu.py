@@ -118,4 +118,11 @@ if __name__ == "__main__":
     with open(configs_path) as f:
         configs = json.load(f)
     port = 29000 + os.getpid() % 2000
-    mp.spawn(trace_worker if trace else worker, args=(2, port, configs, out_path), nprocs=2, join=True)
+    with open(f"{out_path}.port", "w") as f:  # the rendezvous port: the tests check no comm file of it is left
+        f.write(str(port))
+    try:
+        mp.spawn(trace_worker if trace else worker, args=(2, port, configs, out_path), nprocs=2, join=True)
+    finally:  # both ranks have ended: DeepSpeed's CPU comm files of this port (memplan.measure.deepspeed_support)
+        from memplan.measure.deepspeed_support import remove_shm
+
+        remove_shm(port)

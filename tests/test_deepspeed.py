@@ -295,7 +295,21 @@ def deepspeed_cpu(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, os.path.join(here, "deepspeed_cpu.py"), str(d / "out.json"), str(d / "cfg.json")],
                    check=True, env=env, capture_output=True, timeout=900)
+    CPU_JOB_PORT.append(int((d / "out.json.port").read_text()))
     return json.loads((d / "out.json").read_text())
+
+
+CPU_JOB_PORT: list[int] = []  # the deepspeed_cpu job's rendezvous port (tests/deepspeed_cpu.py writes it)
+
+
+def test_the_cpu_job_leaves_no_comm_file_behind(deepspeed_cpu):
+    """tests/deepspeed_cpu.py's ranks call deepspeed.init_distributed with LOCAL_SIZE = WORLD_SIZE, so DeepSpeed's
+    CPU comm op (deepspeed/ops/csrc/cpu/comm/shm_interface.cpp initialize -> shm.cpp shm_initialize) creates
+    /dev/shm/deepspeed_allreduce_buffer_{uid}_127.0.0.1_{port}_{rank}, 67 MB each, and never unlinks them; the
+    script removes its port's once both ranks have ended (memplan.measure.deepspeed_support.remove_shm)."""
+    from memplan.measure.deepspeed_support import shm_files
+
+    assert len(CPU_JOB_PORT) == 1 and shm_files(CPU_JOB_PORT[0]) == []
 
 
 def _estimate(name):

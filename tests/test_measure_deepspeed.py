@@ -146,15 +146,24 @@ def test_the_cuda_path_builds_steps_and_closes_the_deepspeed_engine(one_rank_gro
 
 
 # ---- real jobs: two gloo ranks ---------------------------------------------------------------------------------------
-def _job(tmp_path, zero: int, env=None) -> tuple[int, dict, str]:
+def _job(tmp_path, zero: int, env=None, ports: list | None = None) -> tuple[int, dict, str]:
+    """Run the job through the CLI; `ports` gets the job's rendezvous port (memplan.measure.distributed.free_port)."""
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))
     out = tmp_path / "r.jsonl"
     buf = io.StringIO()
     old = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
+    real_port = dm.free_port
+
+    def port():
+        p = real_port()
+        if ports is not None:
+            ports.append(p)
+        return p
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dm, "free_port", port)
             rc = main(["measure", "--model", str(cfg), *_args(zero), "--name", "job", "--results", str(out)])
     finally:
         for k, v in old.items():
@@ -192,9 +201,33 @@ def _check_against_the_trace(rec: dict, zero: int) -> None:
                                                 for e in rec["ranks"])
 
 
+ZERO3_PORTS: list[int] = []  # the zero3_job's rendezvous port
+
+
 @pytest.fixture(scope="module")
 def zero3_job(tmp_path_factory):
-    return _job(tmp_path_factory.mktemp("ds3"), 3)
+    return _job(tmp_path_factory.mktemp("ds3"), 3, ports=ZERO3_PORTS)
+
+
+def test_deepspeeds_cpu_comm_files_of_the_job_are_removed_after_it(zero3_job):
+    """DeepSpeed's CPU comm op leaves /dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank} behind
+    (memplan.measure.deepspeed_support.SHM_PREFIX, 67 MB each); run_job removes its job's once the job has ended."""
+    rc, _, _ = zero3_job
+    assert rc == 0 and len(ZERO3_PORTS) == 1
+    assert md.shm_files(ZERO3_PORTS[0]) == []
+
+
+def test_remove_shm_removes_only_that_ports_files(tmp_path):
+    uid = os.getuid()
+    mine = [tmp_path / f"{md.SHM_PREFIX}_{uid}_127.0.0.1_1234_{r}" for r in (0, 1)]
+    other = [tmp_path / f"{md.SHM_PREFIX}_{u}_{a}_{p}_{r}" for u, a, p, r in
+             ((uid, "127.0.0.1", 12345, 0), (uid, "10.0.0.1", 1234, 0), (uid + 1, "127.0.0.1", 1234, 0),
+              (uid, "127.0.0.1", 1234, "x"))]
+    for f in mine + other:
+        f.write_bytes(b"x")
+    assert md.shm_files(1234, folder=tmp_path) == mine
+    assert md.remove_shm(1234, folder=tmp_path) == 2
+    assert sorted(tmp_path.iterdir()) == sorted(other)
 
 
 def test_zero3_matches_the_trace_per_rank(zero3_job):
@@ -233,10 +266,12 @@ def test_a_killed_deepspeed_rank_ends_the_job_with_an_error_record(tmp_path, mon
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the job's folder: here
-    rc, rec, text = _job(tmp_path, 2, env={faults.FAULT_ENV: "job@1:crash:backward"})
+    ports = []
+    rc, rec, text = _job(tmp_path, 2, env={faults.FAULT_ENV: "job@1:crash:backward"}, ports=ports)
     assert rc == 1 and rec["status"] == "error" and rec["failed_phase"] == "backward"
     assert rec["error"].startswith("rank 1: was killed") and rec["measured"] is None
     assert left_behind(tmp_path) == []  # the launcher and both ranks are gone
+    assert md.shm_files(ports[0]) == []  # and DeepSpeed's CPU comm files of its port
 
 
 # ---- on a GPU node (pytest -m gpu; deselected by default, skipped without CUDA): NOT RUN YET ---------------------------

@@ -26,6 +26,10 @@ What this module adds, each from DeepSpeed 0.19.8's source (paths under deepspee
                    stage3_max_reuse_distance elements; with a prefetch bucket every parameter the backward fetches
                    again stays gathered into the backward, up to stage3_max_live_parameters, less what no backward
                    fetches (no_backward_fetch; gathered() below, logged on DeepSpeed itself).
+  coalesced        stage 3: each prefetch is gathered into one flat buffer that lives beside the parameters' own
+  prefetches       copies until the prefetch's last parameter is fetched (top_block_gathered: a state in the last
+                   block's forward); the backward releases each module's parameters after its gradient, and a
+                   whole-model IPG bucket is reduce-scattered once, at the backward's end (backward_low_end).
   linear inputs    stage 3's memory-efficient linear (linear.py LinearFunctionForZeroStage3) saves every nn.Linear's
                    input (saves_linear_inputs; memplan.estimate.activations.Ctx.linear_saves_input).
   one reduce       stage 1/2 whose IPG bucket holds every gradient reduce once, at the backward's end, flattening the
@@ -241,6 +245,103 @@ def gathered(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSe
     return round_block(fwd * h), round_block(bwd * h) + round_block(grad * h) + round_block(scatter * h)
 
 
+def forward_params(groups: tuple[ParamGroup, ...], blocks: int, threshold: int) -> list[tuple[int, int]]:
+    """(elements, block) of each partitioned parameter (numel >= stage3_param_persistence_threshold) in the order
+    the forward fetches them: the input embeddings (block -1), block by block in module order, then the rest
+    outside the blocks (the LM head, block `blocks`). A tied LM head is the embedding, gathered already: not
+    fetched again."""
+    first = [g for g in groups if g.outside and "embed" in g.name and g.numel >= threshold]
+    inside = [g for g in groups if not g.outside and g.numel >= threshold]
+    last = [g for g in groups if g.outside and g not in first and g.numel >= threshold]
+    L = max(blocks, 1)
+    out = [(g.numel, -1) for g in first for _ in range(g.count)]
+    for b in range(L if inside else 0):
+        out += [(g.numel, b) for g in inside for _ in range(max(1, g.count // L))]
+    out += [(g.numel, L) for g in last for _ in range(g.count)]
+    return out
+
+
+def prefetch_chunks(sizes: list[int], bucket: int) -> list[tuple[int, int]]:
+    """(first, last) index of each coalesced prefetch: partitioned_param_coordinator.py fetch_sub_module pops the
+    parameter queue `while numel_prefetching < max_params_to_prefetch` (stage3_prefetch_bucket_size), so each
+    prefetch is the shortest run of the next parameters holding at least a bucket (the last one may hold less), and
+    __all_gather_params_ gathers it with one all_gather_coalesced."""
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= bucket:
+            out.append((start, i))
+            start, acc = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes) - 1))
+    return out
+
+
+def top_block_gathered(model: ModelSpec, groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
+    """Stage 3 with a prefetch bucket: the most bytes of gathered parameters inside the last block's forward, the
+    coalesced prefetches' flat buffers included (0 when not modelled: no prefetch bucket, or a partitioned model
+    over stage3_max_live_parameters).
+
+    partition_parameters.py _all_gather_dtype gathers a prefetch into one `flat_tensor` of all its parameters; the
+    handle (AllGatherCoalescedHandle) keeps views of it (`partitions`) and the coordinator keeps the handle in
+    __inflight_param_registry under each of its parameters until that parameter's module is fetched. At the first
+    of them, handle.wait() gives every parameter of the prefetch its own copy (`param.data = torch.cat(partitions)`),
+    so the flat buffer lives beside those copies until the prefetch's last parameter is fetched. The prefetcher
+    issues one prefetch per fetch_sub_module call (containers and parameter-less modules included), up to
+    max_live_parameters gathered at once: a model under that limit has every prefetch in flight from the forward's
+    first modules on (logged on the held-out grid's 4-block Llama of hidden 1024, reports/trace_cache_deepspeed_
+    heldout.jsonl: two prefetches of 50,593,792 and 11,272,192 elements issued before the embedding's fetch, 224.9 MB
+    of gathered bytes at it, the first flat buffer freed at the last block's up projection). After fetching the
+    forward's i-th parameter: the copies of every prefetch begun (less those released after their forward:
+    no_backward_fetch) + the flat buffers of the prefetches not yet finished."""
+    bucket = setup.ds_prefetch_bucket_size
+    t = setup.ds_param_persistence_threshold
+    order = forward_params(groups, model.blocks, t)
+    total = sum(n for n, _ in order)
+    if bucket <= 0 or not order or total > setup.ds_max_live_parameters:
+        return 0
+    chunks = prefetch_chunks([n for n, _ in order], bucket)
+    size = [sum(n for n, _ in order[a:b + 1]) for a, b in chunks]
+    released = no_backward_fetch(model, groups, setup)
+    top = max(b for _, b in order if b < model.blocks) if any(b < model.blocks for _, b in order) else -1
+    best = 0
+    for i, (_, b) in enumerate(order):
+        if b != top:
+            continue
+        copies = sum(z for (a, _), z in zip(chunks, size) if a <= i)
+        flats = sum(z for (_, e), z in zip(chunks, size) if e > i)
+        best = max(best, copies - released + flats)
+    return round_block(best * _half(setup))
+
+
+def backward_low_end(model: ModelSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """Stage 3: the (lowest block's backward, backward's end) bytes that replace gathered()'s backward figure
+    (DsTerms.gathered_bwd) there.
+
+    partitioned_param_coordinator.py release_sub_module releases each module's parameters after its backward
+    (__params_to_release: nothing later in the trace uses them again, and no prefetch marks them), so at the
+    lowest block's backward only that block's parameters and the embeddings below it (kept from the forward for
+    their own backward: a tied LM head's too) are gathered, not the whole model; at the backward's end none are.
+    The reduce-scatter's copy of a bucket (gathered()'s `scatter`) is made when the IPG bucket fills: with
+    reduce_bucket_size at least the trainable elements (DeepSpeed's default 5e8 for any model under 500M
+    parameters) only once, at the backward's end (stage3.py independent_gradient_partition_epilogue ->
+    __reduce_and_partition_ipg_grads), so not at the lowest block. Found on the held-out grid's gpt2 full
+    fine-tuning (+3.3 %: the estimate's lowest-block state held the whole model gathered and the whole gradient's
+    copy)."""
+    groups = param_groups(model, setup)
+    h = _half(setup)
+    order = forward_params(groups, model.blocks, setup.ds_param_persistence_threshold)
+    fetched = max(0, sum(n for n, b in order if b <= 0) - no_backward_fetch(model, groups, setup))
+    part = sum(n for n, _ in order)
+    trainable = sum(g.total for g in groups if g.trainable)
+    _, _, largest = _split(groups, setup.ds_param_persistence_threshold)
+    grad = round_block(largest * h) if trainable else 0
+    scatter = round_block(min(setup.ds_reduce_bucket_size, trainable) * h) if setup.ds_contiguous_gradients else 0
+    whole = setup.ds_reduce_bucket_size >= trainable
+    low = round_block(min(fetched, part) * h) + grad + (0 if whole else scatter)
+    return low, grad + scatter
+
+
 def terms(model: ModelSpec, setup: TrainingSetup) -> DsTerms:
     groups = param_groups(model, setup)
     trainable = sum(g.total for g in groups if g.trainable)
@@ -269,6 +370,8 @@ def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 
 # memplan.estimate.phases.Moment values this module reads (by value: it cannot import phases, which imports it)
 HEAD_BACKWARD, BACKWARD_END = "LM-head backward", "backward end"
+FORWARD, TOP_BLOCK_GATHERED = "forward", "top block gathered"
+LOWEST = "lowest"  # the lowest saved / trained block's backward moments ("lowest saved block backward", ...)
 # stage_1_and_2.py __init__: nccl_start_alignment_factor = 2, the flat buffer padded to a multiple of it x world size
 ALIGNMENT = 2
 
@@ -355,13 +458,31 @@ def _with(state, **add):
     return state._replace(categories=cats)
 
 
-def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
+def _with_top_block_gathered(states: tuple, model: ModelSpec, setup: TrainingSetup, acts) -> tuple:
+    """Stage 3: a state in the last block's forward, before the forward's end (the FORWARD state), holding the
+    coalesced prefetches' flat buffers beside the gathered parameters (top_block_gathered): the activations of
+    every block and of the embeddings (`acts`: memplan.estimate.activations.Activations), no LM head nor loss yet.
+    Made from the FORWARD state (its Moment enum by value: this module cannot import phases)."""
+    gathered = top_block_gathered(model, param_groups(model, setup), setup)
+    i = next((k for k, s in enumerate(states) if s.name.value == FORWARD), None)
+    if not gathered or i is None:
+        return states
+    fwd = states[i]
+    cats = {**fwd.categories, C.ACTIVATIONS: acts.total - acts.outside + acts.early, C.TEMPORARIES: gathered}
+    top = fwd._replace(name=type(fwd.name)(TOP_BLOCK_GATHERED), categories=cats)
+    return (*states[:i], top, *states[i:])
+
+
+def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms, acts) -> tuple:
     """The step's states (memplan.estimate.phases.step_states) with DeepSpeed's buffers: the IPG bucket, stage 3's
     gradient partition from initialize on and its persistent parameters, and the optimizer step's fp32 gradient."""
     if setup.engine is not Engine.DEEPSPEED or setup.shards == 1:
         return states
     t = terms(model, setup)
     z3 = setup.zero == 3
+    if z3:
+        states = _with_top_block_gathered(states, model, setup, acts)
+        low, end = backward_low_end(model, setup)
     gip_last, gip_max = grads_in_partition(model, setup)
     whole = whole_bucket(model, setup)
     full = round_block(sum(g.total for g in param_groups(model, setup) if g.trainable) * _half(setup))
@@ -399,6 +520,8 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms) -> tuple:
             grads = (ms.gradients if z3 else 0) + t.fp32_grad
             tmp = pers + (0 if setup.offload_optimizer else
                                   step_temporary_bytes(setup.optimizer, t.step_group, t.step_group))
+        if z3 and s.phase is Phase.BACKWARD and (s.name.value.startswith(LOWEST) or s.name.value == BACKWARD_END):
+            tmp += (low if s.name.value.startswith(LOWEST) else end) - t.gathered_bwd  # backward_low_end
         if z3:
             tmp += t.ipg_bucket
         elif s.phase is Phase.BACKWARD:

@@ -62,6 +62,8 @@ class Moment(str, Enum):
     # forward (dora_norm_states)
     TOP_BLOCK_DORA_RECOMPUTE = "top block DoRA weight norm, recomputed"  # --peft dora, DDP / ZeRO-1, a
     # checkpointed top block: a linear's weight norm in its recomputation (dora_recompute_states)
+    TOP_BLOCK_GATHERED = "top block gathered"  # DeepSpeed ZeRO-3: the last block's forward, its coalesced
+    # prefetches' flat buffers beside the gathered parameters (deepspeed.top_block_gathered)
     FORWARD = "forward"
     BACKWARD_START = "backward start"  # FSDP2 ZeRO-3: the root gathered again (R + R_f)
     LOSS_BACKWARD = "loss backward"
@@ -619,7 +621,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
         states = offload.adjust(states, offload.terms_of(model, setup), acts, half_fwd, casts, p.half_cached,
                                 h.half_outside, model.blocks)
     if setup.engine is Engine.DEEPSPEED:  # its buckets and partitions (memplan.estimate.deepspeed)
-        return deepspeed.adjust(states, model, setup, ms)
+        return deepspeed.adjust(states, model, setup, ms, acts)
     if setup.optimizer_in_backward:
         return in_backward(states, model, setup, p)
     return states

@@ -2,7 +2,9 @@
 runs it). Pure: imports no torch (the CLI's checks before any work, exit 2)."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 from memplan.spec.setup import Engine, Precision, TrainingSetup
 from memplan.trace.support import unsupported
@@ -42,3 +44,30 @@ def refusal(setup: TrainingSetup, device: str) -> str | None:
         return (f"--engine deepspeed with offload and --optimizer {setup.optimizer.value}: ZeRO-Offload steps "
                 "DeepSpeedCPUAdam (--optimizer adamw)")
     return unsupported(cpu_equivalent(setup), engines=True)
+
+
+# DeepSpeed's CPU comm op (deepspeed/ops/csrc/cpu/comm/shm.cpp shm_initialize, called by comm/torch.py's backend at
+# init_distributed) makes each rank create /dev/shm/deepspeed_allreduce_buffer_{getuid()}_{MASTER_ADDR}_{MASTER_PORT}_
+# {rank} (shared_create: shm_open(O_CREAT), sizeof(allreduce_workspace), 67 MB), which the other ranks open too; its
+# shared_close (munmap + shm_unlink) is never called, so every CPU job leaves one file per rank behind.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_files(port: int, addr: str = "127.0.0.1", folder: Path = SHM_DIR) -> list[Path]:
+    """The comm op's files of the job that met at addr:port (this user's, any rank)."""
+    head = f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_"
+    return sorted(f for f in folder.glob(head + "*") if f.name[len(head):].isdigit())
+
+
+def remove_shm(port: int, addr: str = "127.0.0.1", folder: Path = SHM_DIR) -> int:
+    """Unlink the comm op's files of the job at addr:port; call it only once that job has ENDED (while it runs, its
+    ranks open each other's). Returns how many were removed."""
+    n = 0
+    for f in shm_files(port, addr, folder):
+        try:
+            f.unlink()
+            n += 1
+        except OSError:  # gone already, or not ours to remove
+            pass
+    return n

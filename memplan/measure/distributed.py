@@ -268,7 +268,13 @@ def run_job(job: Job, launcher: str | None = None) -> JobResult:
             proc = subprocess.Popen(launch_command(launcher, world, port, d, precision), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=log, env=_env(port, job.opts.device, ds),
                                     start_new_session=True, preexec_fn=die_with_parent())
-        timed_out = _wait(proc, job.timeout_s, jobdir)
+        try:
+            timed_out = _wait(proc, job.timeout_s, jobdir)
+        finally:  # the job has ended (its ranks waited for or killed): DeepSpeed's CPU comm files of its port
+            if ds:
+                from memplan.measure.deepspeed_support import remove_shm
+
+                remove_shm(port)
         return collect(jobdir, world, launcher, proc.returncode, job.timeout_s if timed_out else None)
 
 

@@ -303,6 +303,26 @@ def rank_env(rank: int, world: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def grad_tagging(engine, setup: TrainingSetup, tracker: AllocTracker) -> list:
+    """Stage 1 / 2: a parameter's `.grad` that autograd made and DeepSpeed left in place is a gradient (DESIGN.md's
+    vocabulary: `gradients`), from the moment autograd accumulates it. Stage 1 (partition_gradients False,
+    overlap_comm False by default) keeps every `.grad` to the backward's end: stage_1_and_2.py process_gradients
+    reduces in the hook only `if self.partition_gradients or self.overlap_comm`; the engine's backward then calls
+    reduce_gradients, which copies them into the IPG bucket. Without this hook they were tagged only at the step
+    (tag_engine), after they had died, so the trace counted them as temporaries. The hook is registered after
+    DeepSpeed's own (deepspeed/utils/torch.py register_grad_hook: register_post_accumulate_grad_hook) and runs
+    after it: a `.grad` DeepSpeed has already replaced by a view of its bucket (stage 2, contiguous_gradients) is
+    left alone, so no bucket is retagged. A label only: no byte changes."""
+    if setup.zero not in (1, 2):
+        return []
+
+    def hook(p):
+        g = p.grad
+        if g is not None and g._base is None and g.untyped_storage().nbytes() == g.numel() * g.element_size():
+            tracker.track(g, G)
+    return [p.register_post_accumulate_grad_hook(hook) for p in engine.module.parameters() if p.requires_grad]
+
+
 def _save(tracker: AllocTracker):
     def pack(x):
         tracker.saved(x)
@@ -354,8 +374,8 @@ class Session:
 def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterator[Session]:
     """Everything before the first step, on the current default process group under `tracker` (entered here): the
     launcher's variables, the patches, the untracked collectives, deepspeed.initialize, the batch, the stage-3
-    gather and checkpoint tags, the saved-tensor hook; the engine's teardown after. The trace (trace_built) and
-    the CPU measurement (memplan.measure.deepspeed) step in it alike."""
+    gather and checkpoint tags, the stage-1/2 `.grad` tags (grad_tagging), the saved-tensor hook; the engine's
+    teardown after. The trace (trace_built) and the CPU measurement (memplan.measure.deepspeed) step in it alike."""
     from memplan.trace import cuda, distributed
     from memplan.trace.session import checkpoint_tagging, make_batch
 
@@ -374,6 +394,7 @@ def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterato
         stack.enter_context(tracker)
         stack.enter_context(gather_tagging(tracker))
         engine = open_engine(built, setup, tracker)
+        grad_hooks = grad_tagging(engine, setup, tracker)
         batch = make_batch(spec, setup.batch, setup.seq)
         for t in batch.values():
             tracker.track(t, INPUT)
@@ -385,6 +406,8 @@ def session(spec, setup: TrainingSetup, built, tracker: AllocTracker) -> Iterato
         try:
             yield s
         finally:
+            for h in grad_hooks:
+                h.remove()
             engine.destroy()
             s.engine = s.batch = None
             del engine
