@@ -77,6 +77,8 @@ class Moment(str, Enum):
     TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
     TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP / FSDP2, QLoRA: its dequantized
     # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
+    TOP_BLOCK_DONE = "top block done"  # FSDP2: its gradients made, still gathered, at its query projection's
+    # backward (as BLOCK_BELOW_TOP_DONE's)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
@@ -917,6 +919,17 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         top_casts = 0 if acts.ckpt(-1) else block_casts
         # (under no-sync accumulation they were added into the carried ones first, and freed)
         grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
+        # ... and before that, its backward done but its reduce-scatter: its last weight gradient (the query
+        # projection's) made, the block still gathered, the attention norm's saved input and output alive beside
+        # three input gradients (query's, a copy, key's and value's sum), as at BLOCK_BELOW_TOP_DONE: the per-rank
+        # trace of llama-2-70b's widths, 2 GPUs, bf16-master, --peft freeze --train-layers 1 (the block's trained
+        # input norm makes its input gradients flow; before: activations 0 vs 32 MiB, the held-out seed-4 miss).
+        # Without autocast (the fp32 stream's norm backward under autocast is not modelled) and offloading
+        # (memplan.estimate.offload adjusts states by name)
+        qkv_top = mb.x if mb and not setup.precision.autocast and not setup.offload_activations else 0
+        if qkv_top and not no_sync:
+            states.append(at(Moment.TOP_BLOCK_DONE, top_g + p.grads.block,
+                             in_blocks - acts.per_block[-1] + 2 * qkv_top, held + head_wait + 3 * qkv_top))
         states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
                          held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
         if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
