@@ -184,6 +184,13 @@ FAST += [dict(B, gpus=2, zero=0, precision="bf16", peft="freeze", train_layers=0
 # one miss on the 70B (activations 0 vs 32 MiB); here before: −0.48%, activations 0 vs 32, temporaries 4264 vs 4312 MiB
 FAST += [dict(model=SMALL_70B, gpus=2, zero=3, precision="bf16-master", peft="freeze", train_layers=1, batch=2,
               seq=512)]
+# ... fsdp-bf16: that block's input needs no gradient, so its post_backward runs in the root's final callback, after
+# the root's reduce-scatter, the block still gathered with its unsharded gradients (phases.deferred_post_backward);
+# no block below is prefetched. Before: +15.92% (8 GPUs), +16.42% (CPUOffloadPolicy: the root's reduce-scatter
+# output a temporary), same traces
+FAST += [dict(model=SMALL_70B, gpus=8, zero=3, precision="fsdp-bf16", peft="freeze", train_layers=1, batch=2, seq=512),
+         dict(model=SMALL_70B, gpus=2, zero=3, precision="fsdp-bf16", peft="freeze", train_layers=1, batch=2, seq=512,
+              offload_params=True)]
 
 
 # The committed per-rank traces of the five grids (reports/trace_cache_multi*.jsonl), re-scored without tracing:

@@ -96,6 +96,8 @@ class Moment(str, Enum):
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
     ROOT_REDUCE = "root reduce-scatter"  # FSDP2: the root unit's gradients reduce-scattered, last
+    DEFERRED_BLOCK_REDUCE = "deferred block reduce-scatter"  # FSDP2, --peft freeze: the lowest trained block's,
+    # after the root's (deferred_post_backward)
     OPTIMIZER_STEP = "optimizer step"
 
 
@@ -450,6 +452,8 @@ class FsdpBuffers:
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
     carried: int  # gradients carried across micro-batches
     block_flat: int = 0  # B_f: one block's flat all-gather output
+    root_rs_output: int = 0  # the root's reduce-scatter output, its sharded gradients (a temporary under CPU
+    # offload, copied to the host)
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
@@ -495,7 +499,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
-        root_grads=root.grads, carried=carried, block_flat=blk.flat)
+        root_grads=root.grads, carried=carried, block_flat=blk.flat, root_rs_output=root.rs_output)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -850,6 +854,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     top_g = carried + new_g + pending
     # FSDP2: the top block gathered again, the next one's all-gather prefetched
     held += h.fsdp.top if h.fsdp else 0
+    if h.fsdp and setup.train_layers == 1 and deferred_post_backward(model, setup, p):  # no block below runs its
+        held -= h.fsdp.copy_in  # backward, so none is prefetched: no bf16 copy-in (the per-rank trace, 8 GPUs)
     if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
         held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
     if acts.final_norm[1]:  # the final norm's backward, before the top block's
@@ -930,8 +936,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         if qkv_top and not no_sync:
             states.append(at(Moment.TOP_BLOCK_DONE, top_g + p.grads.block,
                              in_blocks - acts.per_block[-1] + 2 * qkv_top, held + head_wait + 3 * qkv_top))
-        states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
-                         held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
+        if not (setup.train_layers == 1 and deferred_post_backward(model, setup, p)):  # (the root's, after)
+            states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
+                             held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
         if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
             # ... and the block below's backward done: its gradients all made, still gathered (its post_backward
             # recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather
@@ -985,8 +992,21 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # at the root's reduce-scatter output the (untied) LM head's unsharded gradient, the first the root made,
         # is still alive, the embeddings' freed: read off the per-rank trace (fake and real tensors alike, every
         # precision; 2 MiB on the 256-wide toy, −5.49% before); which reference holds it is not confirmed
-        states += [at(Moment.BACKWARD_END, grads, 0, end),
-                   at(Moment.ROOT_REDUCE, grads + p.grads.head[0], 0, fs.root_reduce)]
+        if not deferred_post_backward(model, setup, p):
+            states += [at(Moment.BACKWARD_END, grads, 0, end),
+                       at(Moment.ROOT_REDUCE, grads + p.grads.head[0], 0, fs.root_reduce)]
+            return states
+        # deferred_post_backward: the lowest trained block still gathered (ZeRO-3: its parameters and its flat
+        # all-gather output, the last one made; ZeRO-2: its parameters) with its unsharded gradients, at the end
+        # of backward and at the root's reduce-scatter, its output made beside the root's unsharded gradients
+        # (CPUOffloadPolicy: a temporary, copied to the host); then its own reduce-scatter input, the root reduced
+        # (its input and unsharded gradients freed)
+        low = fs.top - fs.copy_in + fs.block_flat if fs.regather else fs.resharded
+        grads += p.grads.block - fs.block_sharded
+        out_g, out_t = (0, fs.root_rs_output) if setup.offload_params else (fs.root_rs_output, 0)
+        states += [at(Moment.BACKWARD_END, grads, 0, end + low),
+                   at(Moment.ROOT_REDUCE, grads + out_g, 0, fs.root_reduce + low + out_t),
+                   at(Moment.DEFERRED_BLOCK_REDUCE, grads + out_g - fs.root_grads, 0, fs.rs)]
         return states
     states.append(at(Moment.BACKWARD_END, ms.gradients, 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
@@ -1119,6 +1139,18 @@ def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) 
     return rmsnorm_backward(model, setup, acts, h, j, Moment.BLOCK_ABOVE_LOWEST_NORM, grads, below, temps)
 
 
+def deferred_post_backward(model, setup: TrainingSetup, p: Parameters) -> bool:
+    """FSDP2, --peft freeze of the top blocks, not checkpointed, one micro-batch: the lowest trained block's input
+    needs no gradient (nothing below it trains, and without checkpointing transformers does not make the embeddings'
+    output require grad), so its pre-forward registers no RegisterPostBackwardFunction and its post_backward runs
+    only in the root's final callback (torch 2.13 _fsdp_state._root_post_backward_final_callback: "Run post-backward
+    in case forward inputs did not require gradient"), after the root's: the root resharded and its reduce-scatter
+    run while that block is still gathered with its unsharded gradients; then that block's reduce-scatter, the
+    root's input freed (the per-rank traces of llama-2-70b's widths, fsdp-bf16, --train-layers 1 and 3)."""
+    return (setup.peft is PeftMethod.FREEZE and 0 < setup.train_layers < model.blocks and setup.grad_accum == 1
+            and not setup.checkpointing.wraps_blocks and not (model.tie_embeddings and tied_trains(p.groups)))
+
+
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
     """Inside the backward of the lowest block backward reaches (the lowest that saved anything) and of the lowest
     that trains: the gradients of everything above are made, the embeddings' are not (a tied LM head's
@@ -1189,7 +1221,8 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                              _alive(h, max(int(made - block), accum, 0) + new,
                                     below + acts.full_per_block[j] - freed,
                                     temps + tmp + grad_out - fsdp_walk_deq(model, setup, p, h, mb_j, j, acts))))
-        if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
+        if fs and fs.rs and trains and not (j == lowest_trained and deferred_post_backward(model, setup, p)):
+            # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
                              _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
     return out
