@@ -83,6 +83,8 @@ class Moment(str, Enum):
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
     # input still held
+    LOWEST_BLOCK_DONE = "lowest trained block done"  # FSDP2: its gradients made, at its query projection's
+    # backward (as BLOCK_BELOW_TOP_DONE's)
     BLOCK_BELOW_TOP_NORM = "block below the top, input norm backward"  # ... then its RMSNorm's fp32 backward
     # (rmsnorm_backward)
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
@@ -1221,6 +1223,13 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                              _alive(h, max(int(made - block), accum, 0) + new,
                                     below + acts.full_per_block[j] - freed,
                                     temps + tmp + grad_out - fsdp_walk_deq(model, setup, p, h, mb_j, j, acts))))
+        qkv_x = mb.x if mb and trains and not setup.precision.autocast and not setup.offload_activations else 0
+        if fs and qkv_x and j == lowest_trained and not accum and j < model.blocks - 1:
+            # FSDP2: its backward done but its reduce-scatter, its query projection's weight gradient made beside
+            # the attention norm's saved input and output and three input gradients (as BLOCK_BELOW_TOP_DONE; the
+            # per-rank trace of llama-2-70b's widths, fsdp-bf16, --train-layers 3: activations 132 vs 32 MiB before)
+            out.append(State(Moment.LOWEST_BLOCK_DONE, Phase.BACKWARD,
+                             _alive(h, int(made), below + 2 * qkv_x, temps + 3 * qkv_x)))
         if fs and fs.rs and trains and not (j == lowest_trained and deferred_post_backward(model, setup, p)):
             # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
