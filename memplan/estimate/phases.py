@@ -666,9 +666,12 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     the blocks below and what that block saved before it alive (Activations.dora_norm; the last block is not
     checkpointed there), beside the residual stream in flight: the block's input and its norm's output, and the
     earlier query / key projections' outputs still waiting for the rotary embedding (the per-rank trace)."""
-    if not acts.dora_norm or h.fsdp or setup.offload_activations:  # (not walked: FSDP2's last block runs beside
-        # other all-gather buffers; activation offloading's states are memplan.estimate.offload's)
+    if not acts.dora_norm or setup.offload_activations:  # (activation offloading's states are
+        # memplan.estimate.offload's: not walked)
         return ()
+    # FSDP2: the last block runs beside the root's and its own gathered parameters and its flat all-gather output
+    # (FsdpBuffers.blocks less the next block's flat output: none is prefetched after the last)
+    zf = h.fsdp.blocks - h.fsdp.block_flat if h.fsdp else h.z_f
     stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER  # the last block's (activations._stacks)
     by_name = {l.qualname: l for l in model.linears if l.stack is stack}
     prec, t = setup.precision, setup.model_tokens
@@ -691,7 +694,7 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
         tmp += 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)
         casts = per_block * (L - 1) + per_block * sum(sizes[:order.index(lin) + 1]) // max(sum(sizes), 1)
         s = State(Moment.TOP_BLOCK_DORA_NORM, Phase.FORWARD,
-                  _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + h.z_f + tmp))
+                  _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + zf + tmp))
         if best is None or s.total > best.total:
             best = s
     return (best,) if best else ()
