@@ -662,9 +662,10 @@ def _activations(model: ModelSpec, setup: TrainingSetup) -> Activations:
     recompute = max(blocks, default=0)
     tr = _bwd_transient(model, setup)
     extra = dict(experts_transient=moe_transient(model, setup), final_norm=final_norm_bwd(model, setup))
-    if setup.checkpointing.wraps_blocks:
-        return replace(_wrapped_activations(setup, per, outside, block_input, tr, early, loss), **extra)
     dora = tuple((k[len("dora:"):], v) for k, v in per[-1].items() if k.startswith("dora:")) if per else ()
+    if setup.checkpointing.wraps_blocks:  # (dora_norm: the top block's recomputation, phases.dora_recompute_states)
+        return replace(_wrapped_activations(setup, per, outside, block_input, tr, early, loss), **extra,
+                       dora_norm=dora)
     return Activations(tuple(blocks), outside, block_input, 0, tuple(blocks), tr, tuple(pre), early, loss, inputs,
                        loss_chunks=_loss_chunks(setup), dora_norm=dora, **extra)
 
