@@ -181,7 +181,8 @@ FAST += [dict(B, gpus=2, zero=0, precision="bf16", peft="freeze", train_layers=0
 # FSDP2 ZeRO-3 --peft freeze --train-layers 1, not checkpointed, bf16-master: the top block's backward done but its
 # reduce-scatter, the query projection's weight gradient made beside the attention norm's saved input and output and
 # three input gradients (its trained input norm makes them flow; phases TOP_BLOCK_DONE). The held-out seed-4 grid's
-# one miss on the 70B (activations 0 vs 32 MiB); here before: −0.48%, activations 0 vs 32, temporaries 4264 vs 4312 MiB
+# one miss on the 70B (activations 0 vs 32 MiB); here before: −0.48%, activations 0 vs 32, temporaries 4264 vs
+# 4312 MiB
 FAST += [dict(model=SMALL_70B, gpus=2, zero=3, precision="bf16-master", peft="freeze", train_layers=1, batch=2,
               seq=512)]
 # ... fsdp-bf16: that block's input needs no gradient, so its post_backward runs in the root's final callback, after
