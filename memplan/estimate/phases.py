@@ -901,7 +901,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     top_g = carried + new_g + pending
     # FSDP2: the top block gathered again, the next one's all-gather prefetched
     held += h.fsdp.top if h.fsdp else 0
-    if h.fsdp and setup.train_layers == 1 and deferred_post_backward(model, setup, p):  # no block below runs its
+    if h.fsdp and setup.train_layers == 1 and lowest_input_no_grad(model, setup, p):  # no block below runs its
         held -= h.fsdp.copy_in  # backward, so none is prefetched: no bf16 copy-in (the per-rank trace, 8 GPUs)
     if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
         held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
@@ -981,9 +981,13 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # input norm makes its input gradients flow; before: activations 0 vs 32 MiB, the held-out seed-4 miss).
         # Without autocast (the fp32 stream's norm backward under autocast is not modelled) and offloading
         # (memplan.estimate.offload adjusts states by name)
-        qkv_top = mb.x if mb and not setup.precision.autocast and not setup.offload_activations else 0
-        if qkv_top and not no_sync:
-            states.append(at(Moment.TOP_BLOCK_DONE, top_g + p.grads.block,
+        sep = no_sync and setup.precision is Precision.FSDP_BF16  # (no MlpBackward there: separate_carry)
+        qkv_top = (round_block(model.hidden * setup.model_tokens * stream_bytes(setup.precision)) if (mb or sep)
+                   and not setup.precision.autocast and not setup.offload_activations else 0)  # (MlpBackward.x)
+        if qkv_top and (not no_sync or sep):  # (fsdp-bf16's no-sync carry is a separate fp32 copy: the new
+            # unsharded gradients wait for the post_backward beside it)
+            # (sep: the LM head's new unsharded gradient too, the root's post_backward not run yet)
+            states.append(at(Moment.TOP_BLOCK_DONE, top_g + p.grads.block + (p.grads.head[0] if sep else 0),
                              in_blocks - acts.per_block[-1] + 2 * qkv_top, held + head_wait + 3 * qkv_top))
         if not (setup.train_layers == 1 and deferred_post_backward(model, setup, p)):  # (the root's, after)
             states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
@@ -1202,7 +1206,13 @@ def deferred_post_backward(model, setup: TrainingSetup, p: Parameters) -> bool:
     in case forward inputs did not require gradient"), after the root's: the root resharded and its reduce-scatter
     run while that block is still gathered with its unsharded gradients; then that block's reduce-scatter, the
     root's input freed (the per-rank traces of llama-2-70b's widths, fsdp-bf16, --train-layers 1 and 3)."""
-    return (setup.peft is PeftMethod.FREEZE and 0 < setup.train_layers < model.blocks and setup.grad_accum == 1
+    return setup.grad_accum == 1 and lowest_input_no_grad(model, setup, p)
+
+
+def lowest_input_no_grad(model, setup: TrainingSetup, p: Parameters) -> bool:
+    """--peft freeze of the top blocks, not checkpointed: the lowest trained block's input needs no gradient, so no
+    block below it runs a backward (deferred_post_backward)."""
+    return (setup.peft is PeftMethod.FREEZE and 0 < setup.train_layers < model.blocks
             and not setup.checkpointing.wraps_blocks and not (model.tie_embeddings and tied_trains(p.groups)))
 
 
