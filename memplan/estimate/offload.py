@@ -127,6 +127,11 @@ FINAL_NORM_BACKWARD, TOP_BLOCK_EXPERTS = "final norm backward", "top block exper
 # post_backward (its reduce-scatter) with the blocks above done
 FORWARD_START, FORWARD_BLOCKS = "forward start", "forward blocks"
 TOP_BLOCK_REDUCE, BLOCK_BELOW_TOP_DONE = "top block reduce-scatter", "block below the top done"
+# ... inside the top block's and the block below's MLP backward (phases.MlpBackward), walked with every save on the
+# device
+TOP_BLOCK_MLP, BLOCK_BELOW_TOP_MLP = "top block MLP backward", "block below the top MLP backward"
+LOWEST_MLP = ("lowest saved block MLP backward", "lowest trained block MLP backward")
+ABOVE_LOWEST_NORM = "block above the lowest, input norm backward"  # (phases.rmsnorm_backward)
 
 
 def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: int, half_cached: int,
@@ -173,6 +178,23 @@ def adjust(states: tuple, terms: OffloadTerms, acts, half_fwd: int, casts_bwd: i
             c[C.ACTIVATIONS] = st
         elif name == TOP_BLOCK_EXPERTS:
             c[C.ACTIVATIONS] = own(-1, False) + sum(sac[:-1])
+        elif name in (TOP_BLOCK_MLP, BLOCK_BELOW_TOP_MLP):  # as TOP_BLOCK and TOP_BLOCK_REDUCE: the block's own
+            # saves as at its backward (recomputed on the device: less what the walk freed; else the window brought
+            # back), the blocks below on the host but their cached op outputs; the weight casts offloaded
+            j = -1 if name == TOP_BLOCK_MLP else -2
+            full = sum(acts.per_block) + acts.early - (acts.per_block[-1] if j == -2 else 0) + (
+                acts.full_per_block[j] - acts.input_saved[j] if acts.ckpt(j) else 0)  # phases' device saves
+            freed = max(full - c[C.ACTIVATIONS], 0) if acts.ckpt(j) else 0
+            c[C.ACTIVATIONS] = max(own(j, False) - freed, 0) + sum(sac[:j])
+            c[C.TEMPORARIES] += half_outside - casts_bwd + (block_casts * (not acts.ckpt(-1)) if j == -2 else 0)
+        elif name in LOWEST_MLP:  # as LOWEST, less what the walk freed of a recomputed block's saves
+            full = acts.early + sum(acts.per_block[:low]) + acts.full_per_block[low] + (
+                acts.per_block[low] - acts.input_saved[low] if acts.ckpt(low) else 0)  # lowest_block_states' below
+            freed = max(full - c[C.ACTIVATIONS], 0) if acts.ckpt(low) else 0
+            c[C.ACTIVATIONS] = max(own(low, False) - freed, 0)
+            c[C.TEMPORARIES] -= block_casts
+        elif name == ABOVE_LOWEST_NORM:  # not checkpointed: its norm's fp32 copy brought back, the rest on the host
+            c[C.ACTIVATIONS] = max(c[C.ACTIVATIONS] - acts.early - sum(acts.per_block[:low + 2]), 0)
         elif name in (TOP_BLOCK_REDUCE, BLOCK_BELOW_TOP_DONE):  # the blocks below: on the host but their cached
             done = 1 if name == TOP_BLOCK_REDUCE else 2  # op outputs; their casts went with them (none held)
             c[C.ACTIVATIONS] = sum(sac[:-done])

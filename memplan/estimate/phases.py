@@ -56,12 +56,14 @@ class Moment(str, Enum):
     FORWARD_BLOCKS = "forward blocks"  # FSDP2: the blocks before the last, three blocks' all-gathers alive
     FORWARD_BLOCK_DEQUANT = "forward block dequantized"  # FSDP2, QLoRA: a block's up projection, its NF4 weight
     # dequantized (fsdp_forward_states)
+    FORWARD_LAST_BLOCK_DOWN = "forward last block down projection"  # FSDP2, QLoRA under autocast: the last
+    # block's dequantized down projection (fsdp_forward_states)
     TOP_BLOCK_DOWN_DEQUANT = "top block down projection dequantized"  # DDP / ZeRO-1 / ZeRO-2, QLoRA, not
     # checkpointed: the top block's forward at its down projection (top_block_dequant_forward)
     TOP_BLOCK_DORA_NORM = "top block DoRA weight norm"  # --peft dora: a linear's weight norm in the last block's
     # forward (dora_norm_states)
-    TOP_BLOCK_DORA_RECOMPUTE = "top block DoRA weight norm, recomputed"  # --peft dora, DDP / ZeRO-1, a
-    # checkpointed top block: a linear's weight norm in its recomputation (dora_recompute_states)
+    TOP_BLOCK_DORA_RECOMPUTE = "top block DoRA weight norm, recomputed"  # --peft dora, a checkpointed top block: a
+    # linear's weight norm in its recomputation (dora_recompute_states; FSDP2: fsdp_dora_recompute_states)
     TOP_BLOCK_GATHERED = "top block gathered"  # DeepSpeed ZeRO-3: the last block's forward, its coalesced
     # prefetches' flat buffers beside the gathered parameters (deepspeed.top_block_gathered)
     FORWARD = "forward"
@@ -83,10 +85,14 @@ class Moment(str, Enum):
     TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
     TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP / FSDP2, QLoRA: its dequantized
     # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
+    TOP_BLOCK_DONE = "top block done"  # FSDP2: its gradients made, still gathered, at its query projection's
+    # backward (as BLOCK_BELOW_TOP_DONE's)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     BLOCK_BELOW_TOP_MLP = "block below the top MLP backward"  # FSDP2: ... the top one's reduce-scatter input held
     BLOCK_BELOW_TOP_DONE = "block below the top done"  # FSDP2: its gradients made, the top one's reduce-scatter
     # input still held
+    LOWEST_BLOCK_DONE = "lowest trained block done"  # FSDP2: its gradients made, at its query projection's
+    # backward (as BLOCK_BELOW_TOP_DONE's)
     BLOCK_BELOW_TOP_NORM = "block below the top, input norm backward"  # ... then its RMSNorm's fp32 backward
     # (rmsnorm_backward)
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
@@ -100,6 +106,8 @@ class Moment(str, Enum):
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
     BACKWARD_END = "backward end"
     ROOT_REDUCE = "root reduce-scatter"  # FSDP2: the root unit's gradients reduce-scattered, last
+    DEFERRED_BLOCK_REDUCE = "deferred block reduce-scatter"  # FSDP2, --peft freeze: the lowest trained block's,
+    # after the root's (deferred_post_backward)
     OPTIMIZER_STEP = "optimizer step"
 
 
@@ -474,6 +482,8 @@ class FsdpBuffers:
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
     carried: int  # gradients carried across micro-batches
     block_flat: int = 0  # B_f: one block's flat all-gather output
+    root_rs_output: int = 0  # the root's reduce-scatter output, its sharded gradients (a temporary under CPU
+    # offload, copied to the host)
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
@@ -519,7 +529,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
-        root_grads=root.grads, carried=carried, block_flat=blk.flat)
+        root_grads=root.grads, carried=carried, block_flat=blk.flat, root_rs_output=root.rs_output)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -683,10 +693,12 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     the blocks below and what that block saved before it alive (Activations.dora_norm; the last block is not
     checkpointed there), beside the residual stream in flight: the block's input and its norm's output, and the
     earlier query / key projections' outputs still waiting for the rotary embedding (the per-rank trace)."""
-    if (not acts.dora_norm or h.fsdp or setup.offload_activations
-            or setup.checkpointing.wraps_blocks):  # (checkpointed: dora_recompute_states) (not walked: FSDP2's last block runs beside
-        # other all-gather buffers; activation offloading's states are memplan.estimate.offload's)
+    if not acts.dora_norm or setup.offload_activations or setup.checkpointing.wraps_blocks:  # (not walked:
+        # offloading's states are memplan.estimate.offload's; a checkpointed top block's, dora_recompute_states)
         return ()
+    # FSDP2: the last block runs beside the root's and its own gathered parameters and its flat all-gather output
+    # (FsdpBuffers.blocks less the next block's flat output: none is prefetched after the last)
+    zf = h.fsdp.blocks - h.fsdp.block_flat if h.fsdp else h.z_f
     stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER  # the last block's (activations._stacks)
     by_name = {l.qualname: l for l in model.linears if l.stack is stack}
     prec, t = setup.precision, setup.model_tokens
@@ -709,7 +721,7 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
         tmp += 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)
         casts = per_block * (L - 1) + per_block * sum(sizes[:order.index(lin) + 1]) // max(sum(sizes), 1)
         s = State(Moment.TOP_BLOCK_DORA_NORM, Phase.FORWARD,
-                  _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + h.z_f + tmp))
+                  _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + zf + tmp))
         if best is None or s.total > best.total:
             best = s
     return (best,) if best else ()
@@ -743,6 +755,31 @@ def dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Activati
         a, tmp = dora_norm_bytes(lin, setup)
         s = State(Moment.TOP_BLOCK_DORA_RECOMPUTE, Phase.BACKWARD, _alive(
             h, grads, in_blocks + saved + a, temps + tmp + 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)))
+        if best is None or s.total > best.total:
+            best = s
+    return [best] if best else []
+
+
+def fsdp_dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, h: "Held",
+                               at) -> list[State]:
+    """--peft dora under FSDP2, a checkpointed top block: its recomputation in the backward runs peft's DoRA forward
+    again, so the linear whose weight norm holds the most (dora_norm_bytes) does it beside what the recomputation
+    has saved by then (the checkpoint's input already counted) and the block output's gradient, with the top
+    block's backward state's buffers (`at(activations added, temporaries added)`). As the per-rank trace of a
+    1024-wide 4-block llama shows it (ZeRO-3, pure-bf16, all-linear: the down projection's [in, in] fp32 identity
+    and four [out, in] fp32 tensors in block 1's recomputation; before: −33.28%)."""
+    if not (acts.dora_norm and h.fsdp and acts.ckpt(-1)) or setup.offload_activations:
+        return []
+    stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER
+    by_name = {l.qualname: l for l in model.linears if l.stack is stack}
+    resid = residual_grad(model, setup)
+    best = None
+    for name, saved in acts.dora_norm:
+        lin = by_name.get(name)
+        if lin is None:
+            continue
+        a, tmp = dora_norm_bytes(lin, setup)
+        s = at(max(saved - acts.input_saved[-1], 0) + a, tmp + resid)
         if best is None or s.total > best.total:
             best = s
     return [best] if best else []
@@ -819,11 +856,25 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int,
         below += acts.per_block[-1]
     inside = dequantized_block_forward(model, setup, h) if setup is not None else None
     deq = 0 if inside is not None else h.deq  # the block's pre-forward holds no dequantized weight
+    last = ()
+    if inside is not None and setup.precision.autocast and not acts.ckpt(-1):
+        # ... and the last block's down projection, every block's saves alive but the last one's output: its
+        # dequantized weight, its fp32 input (act(gate) · up: Linear4bit returns its input's dtype), that input's
+        # compute-dtype cast for lora_A, the dequantized matmul's compute-dtype output, and the MLP's input and the
+        # mid-block residual (fp32), as at the up projection (the per-rank trace of Llama-2-70B's blocks, 2 blocks,
+        # 64 GPUs, bf16 QLoRA, not checkpointed: before, −0.90% with temporaries 1737 vs 1834 MiB)
+        t, c = setup.model_tokens, setup.precision.compute_bytes
+        h4 = round_block(t * model.hidden * 4)
+        down = (h.deq + round_block(t * model.intermediate * 4) + round_block(t * model.intermediate * c)
+                + round_block(t * model.hidden * c) + 2 * h4)
+        last = (State(Moment.FORWARD_LAST_BLOCK_DOWN, Phase.FORWARD,
+                      _alive(h, h.accum_grads, acts.early + sum(acts.per_block) - h4,
+                             fs.blocks - fs.block_flat + casts + down)),)
     return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
             State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + deq)),
             *((State(Moment.FORWARD_BLOCK_DEQUANT, Phase.FORWARD,
                      _alive(h, h.accum_grads, below, fs.blocks - fs.block_flat + casts + inside)),)
-              if inside is not None else ()))
+              if inside is not None else ()), *last)
 
 
 def dequantized_block_forward(model, setup: TrainingSetup, h: Held) -> int | None:
@@ -945,6 +996,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     top_g = carried + new_g + pending
     # FSDP2: the top block gathered again, the next one's all-gather prefetched
     held += h.fsdp.top if h.fsdp else 0
+    if h.fsdp and setup.train_layers == 1 and lowest_input_no_grad(model, setup, p):  # no block below runs its
+        held -= h.fsdp.copy_in  # backward, so none is prefetched: no bf16 copy-in (the per-rank trace, 8 GPUs)
     if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
         held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
     if acts.final_norm[1]:  # the final norm's backward, before the top block's
@@ -952,6 +1005,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                          held + head_wait + acts.final_norm[1]))
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     states += dora_recompute_states(model, setup, acts, h, top_g, in_blocks, held + head_wait)
+    states += fsdp_dora_recompute_states(model, setup, acts, h, lambda a, t: at(
+        Moment.TOP_BLOCK_DORA_RECOMPUTE, top_g, in_blocks + a, held + head_wait + t))
     if setup.fp8 is not Fp8Recipe.NONE:  # its largest converted linear's backward casts (fp8.cast_transients)
         states.append(at(Moment.TOP_BLOCK_FP8_CAST, top_g, in_blocks + rec,
                          held + head_wait + fp8.cast_transients(model, setup)[1]))
@@ -974,10 +1029,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         states.append(at(Moment.TOP_BLOCK_RECOMPUTE, top_g, in_blocks + rec,
                          held + head_wait + recompute_transients(model, setup, p, h, mb)))
     ddp_walk = bool(h.grad_floor) and not h.fsdp
-    # (not walked under activation offloading: memplan.estimate.offload adjusts the top block's states by name, and
-    # these MLP moments, walked with every block's saves on the device, are not among them)
-    if (mb and acts.full_per_block and acts.full_per_block[-1] and not (ddp_walk and not mb.weight_grad)
-            and not setup.offload_activations):
+    # (under activation offloading walked with every block's saves on the device, memplan.estimate.offload moving
+    # them to the host by name; the block's weight casts went with them, so none is released by the walk)
+    offloaded = setup.offload_activations
+    if mb and acts.full_per_block and acts.full_per_block[-1] and not (ddp_walk and not mb.weight_grad):
         # FSDP2: inside the top block's MLP backward (MlpBackward), after its recomputation; DDP with a trained MLP
         # (a frozen one's is ddp_top_mlp's)
         # DDP: with bucket views each new weight gradient is a temporary, copied into its bucket by the reducer's
@@ -992,7 +1047,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # bf16 --peft freeze --train-layers 2: 199.8 MiB of temporaries; before: 167.8)
         remade = ddp_walk and acts.ckpt(-1) and setup.precision.autocast and mb.weight_half > 0
         mlp_g, mlp_a, mlp_t = fsdp_qlora_walk(model, setup, p, h, mb, -1, acts).walk(
-            True, (casts_of and not acts.ckpt(-1)) or remade, no_sync or (ddp_walk and setup.bucket_view))
+            True, (casts_of and not acts.ckpt(-1) and not offloaded) or remade,
+            no_sync or (ddp_walk and setup.bucket_view))
         resid = residual_grad(model, setup)
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         if remade:
@@ -1022,8 +1078,24 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         top_casts = 0 if acts.ckpt(-1) else block_casts
         # (under no-sync accumulation they were added into the carried ones first, and freed)
         grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
-        states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
-                         held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
+        # ... and before that, its backward done but its reduce-scatter: its last weight gradient (the query
+        # projection's) made, the block still gathered, the attention norm's saved input and output alive beside
+        # three input gradients (query's, a copy, key's and value's sum), as at BLOCK_BELOW_TOP_DONE: the per-rank
+        # trace of llama-2-70b's widths, 2 GPUs, bf16-master, --peft freeze --train-layers 1 (the block's trained
+        # input norm makes its input gradients flow; before: activations 0 vs 32 MiB, the held-out seed-4 miss).
+        # Without autocast (the fp32 stream's norm backward under autocast is not modelled) and offloading
+        # (memplan.estimate.offload adjusts states by name)
+        sep = no_sync and setup.precision is Precision.FSDP_BF16  # (no MlpBackward there: separate_carry)
+        qkv_top = (round_block(model.hidden * setup.model_tokens * stream_bytes(setup.precision)) if (mb or sep)
+                   and not setup.precision.autocast and not setup.offload_activations else 0)  # (MlpBackward.x)
+        if qkv_top and (not no_sync or sep):  # (fsdp-bf16's no-sync carry is a separate fp32 copy: the new
+            # unsharded gradients wait for the post_backward beside it)
+            # (sep: the LM head's new unsharded gradient too, the root's post_backward not run yet)
+            states.append(at(Moment.TOP_BLOCK_DONE, top_g + p.grads.block + (p.grads.head[0] if sep else 0),
+                             in_blocks - acts.per_block[-1] + 2 * qkv_top, held + head_wait + 3 * qkv_top))
+        if not (setup.train_layers == 1 and deferred_post_backward(model, setup, p)):  # (the root's, after)
+            states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
+                             held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
         if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
             # ... and the block below's backward done: its gradients all made, still gathered (its post_backward
             # recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather
@@ -1034,9 +1106,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
             fs = h.fsdp
             mlp_g, mlp_a, mlp_t = (fsdp_qlora_walk(model, setup, p, h, mb, -2, acts).walk(
-                True, casts_of and not acts.ckpt(-2), no_sync) if mb else (0, 0, 0))
+                True, casts_of and not acts.ckpt(-2) and not setup.offload_activations, no_sync) if mb else (0, 0, 0))
             reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
-            if mb and not setup.offload_activations:  # (as the top block's MLP moment)
+            if mb:  # (as the top block's MLP moment)
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
                                  held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
@@ -1092,8 +1164,21 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # at the root's reduce-scatter output the (untied) LM head's unsharded gradient, the first the root made,
         # is still alive, the embeddings' freed: read off the per-rank trace (fake and real tensors alike, every
         # precision; 2 MiB on the 256-wide toy, −5.49% before); which reference holds it is not confirmed
-        states += [at(Moment.BACKWARD_END, grads, 0, end),
-                   at(Moment.ROOT_REDUCE, grads + p.grads.head[0], 0, fs.root_reduce)]
+        if not deferred_post_backward(model, setup, p):
+            states += [at(Moment.BACKWARD_END, grads, 0, end),
+                       at(Moment.ROOT_REDUCE, grads + p.grads.head[0], 0, fs.root_reduce)]
+            return states
+        # deferred_post_backward: the lowest trained block still gathered (ZeRO-3: its parameters and its flat
+        # all-gather output, the last one made; ZeRO-2: its parameters) with its unsharded gradients, at the end
+        # of backward and at the root's reduce-scatter, its output made beside the root's unsharded gradients
+        # (CPUOffloadPolicy: a temporary, copied to the host); then its own reduce-scatter input, the root reduced
+        # (its input and unsharded gradients freed)
+        low = fs.top - fs.copy_in + fs.block_flat if fs.regather else fs.resharded
+        grads += p.grads.block - fs.block_sharded
+        out_g, out_t = (0, fs.root_rs_output) if setup.offload_params else (fs.root_rs_output, 0)
+        states += [at(Moment.BACKWARD_END, grads, 0, end + low),
+                   at(Moment.ROOT_REDUCE, grads + out_g, 0, fs.root_reduce + low + out_t),
+                   at(Moment.DEFERRED_BLOCK_REDUCE, grads + out_g - fs.root_grads, 0, fs.rs)]
         return states
     # (DDP with bucket views, no-sync accumulation: the carried .grad, its own storage until the synced micro-batch
     # copies it in, is still alive beside the buckets at the embeddings' backward: the per-rank trace of the 0.5B
@@ -1201,10 +1286,15 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
     three) are alive together, five in all, beside the block output's half gradient (the residual stream's) and
     the fp32 copy it saved. (As the per-rank traces of Llama-2-70B cut to 4 blocks show it; the block's other saved
     tensors are freed by then. saved: block j is not checkpointed, `below` the blocks below's saved tensors
-    (traced with sync-each-batch accumulation). Not traced under other accumulation or activation offloading: not modelled there.)"""
+    (traced with sync-each-batch accumulation). Not traced under other accumulation or activation offloading: not
+    modelled there.)"""
     prec, tr = setup.precision, model.traits
     if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2
-            and (saved or (not h.accum_grads and acts.ckpt(j))) and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM) or setup.offload_activations:
+            and (saved or (not h.accum_grads and acts.ckpt(j))) and tr.norm is NormKind.RMSNORM
+            and tr.block is BlockLayout.PRE_NORM):
+        return []
+    if setup.offload_activations and (acts.ckpt(j) or name is not Moment.BLOCK_ABOVE_LOWEST_NORM):  # (offloading:
+        # the block above the lowest, not checkpointed, alone: memplan.estimate.offload adjusts it by name)
         return []
     x = setup.model_tokens * model.hidden
     return [State(name, Phase.BACKWARD, _alive(h, grads, below + round_block(x * 4),
@@ -1226,7 +1316,28 @@ def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) 
     grads = (model.blocks - 1 - j) * fs.block_sharded + fs.root_grads - g.late + g.block  # lowest_block_states'
     below = acts.early + sum(acts.per_block[:j + 1])  # block j's: its checkpoint's input
     temps = g.tied_wait + block_cast_bytes(model, setup, h, p.groups) + h.deq + h.z_b
-    return rmsnorm_backward(model, setup, acts, h, j, Moment.BLOCK_ABOVE_LOWEST_NORM, grads, below, temps)
+    # (under activation offloading, not checkpointed, too: the lowest-block moments no longer hide it; the per-rank
+    # trace of llama-2-7b's widths cut to 4 blocks, pure-bf16, 8 GPUs: −2.16% without it)
+    return rmsnorm_backward(model, setup, acts, h, j, Moment.BLOCK_ABOVE_LOWEST_NORM, grads, below, temps,
+                            saved=setup.offload_activations and not acts.ckpt(j))
+
+
+def deferred_post_backward(model, setup: TrainingSetup, p: Parameters) -> bool:
+    """FSDP2, --peft freeze of the top blocks, not checkpointed, one micro-batch: the lowest trained block's input
+    needs no gradient (nothing below it trains, and without checkpointing transformers does not make the embeddings'
+    output require grad), so its pre-forward registers no RegisterPostBackwardFunction and its post_backward runs
+    only in the root's final callback (torch 2.13 _fsdp_state._root_post_backward_final_callback: "Run post-backward
+    in case forward inputs did not require gradient"), after the root's: the root resharded and its reduce-scatter
+    run while that block is still gathered with its unsharded gradients; then that block's reduce-scatter, the
+    root's input freed (the per-rank traces of llama-2-70b's widths, fsdp-bf16, --train-layers 1 and 3)."""
+    return setup.grad_accum == 1 and lowest_input_no_grad(model, setup, p)
+
+
+def lowest_input_no_grad(model, setup: TrainingSetup, p: Parameters) -> bool:
+    """--peft freeze of the top blocks, not checkpointed: the lowest trained block's input needs no gradient, so no
+    block below it runs a backward (deferred_post_backward)."""
+    return (setup.peft is PeftMethod.FREEZE and 0 < setup.train_layers < model.blocks
+            and not setup.checkpointing.wraps_blocks and not (model.tie_embeddings and tied_trains(p.groups)))
 
 
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
@@ -1299,7 +1410,15 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                              _alive(h, max(int(made - block), accum, 0) + new,
                                     below + acts.full_per_block[j] - freed,
                                     temps + tmp + grad_out - fsdp_walk_deq(model, setup, p, h, mb_j, j, acts))))
-        if fs and fs.rs and trains:  # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
+        qkv_x = mb.x if mb and trains and not setup.precision.autocast and not setup.offload_activations else 0
+        if fs and qkv_x and j == lowest_trained and not accum and j < model.blocks - 1:
+            # FSDP2: its backward done but its reduce-scatter, its query projection's weight gradient made beside
+            # the attention norm's saved input and output and three input gradients (as BLOCK_BELOW_TOP_DONE; the
+            # per-rank trace of llama-2-70b's widths, fsdp-bf16, --train-layers 3: activations 132 vs 32 MiB before)
+            out.append(State(Moment.LOWEST_BLOCK_DONE, Phase.BACKWARD,
+                             _alive(h, int(made), below + 2 * qkv_x, temps + 3 * qkv_x)))
+        if fs and fs.rs and trains and not (j == lowest_trained and deferred_post_backward(model, setup, p)):
+            # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
                              _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
     return out
