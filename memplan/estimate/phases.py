@@ -1086,13 +1086,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # made beside their carried one (the per-rank trace of the Llama-3.2-1B widths, 3 blocks, pure-bf16:
             # gradients 544.5, temporaries 2120 MiB; before: 849 / 1503. No block trained, the 0.5B Qwen2 widths, fp16,
             # --train-layers 0: the tied embeddings' new fp32 gradient, 519 MiB, alike)
-            # ZeRO-3 alike (FSDPParamGroup.post_backward frees unsharded_accumulated_grad once foreach_reduce has
-            # copied it in; the per-rank traces of the sweep's no-sync setups switched to ZeRO-3: −8.7% … −18.5%
+            # ZeRO-3 alike (FSDPParamGroup.post_backward drops each carried .grad once collected, foreach_reduce
+            # copying it into its reduce-scatter input; the per-rank traces of the sweep's no-sync setups switched to ZeRO-3: −8.7% … −18.5%
             # before, within 0.4% after). The earlier micro-batches' end (every gradient carried, the embeddings'
             # first made, no reduce-scatter input: the state the estimator had here before) is kept beside it: it is
             # the larger where the carried gradients outweigh the last's reduce-scatter input and new embeddings'
-            # gradient, as in the per-rank trace of the 0.5B Qwen2 widths, 24 blocks, 64 GPUs, fp32, ZeRO-3
-            # (gradients 1885 MiB, every one carried; temporaries 1558 MiB: the root's and the tied adds)
+            # gradient, as in the per-rank traces of the 0.5B Qwen2 widths, 24 (and 12) blocks, 64 GPUs, fp32, ZeRO-3
+            # (gradients 1885 (1202) MiB, every one carried; temporaries 1558 MiB: the root's and the tied adds;
+            # −1.30% (−2.38%) without this state)
             states.append(at(Moment.NO_SYNC_BACKWARD_END, grads, 0, end))
             first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
             grads = h.accum_grads - (model.blocks - first_trained) * fs.carry_reduced
