@@ -104,6 +104,8 @@ class Moment(str, Enum):
     # its RMSNorm's fp32 backward (fsdp_norm_backward)
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
     LOWEST_TRAINED_BLOCK_SOFTMAX = "lowest trained block softmax backward"
+    NO_SYNC_BACKWARD_END = "no-sync micro-batch backward end"  # FSDP2 no-sync accumulation: the earlier
+    # micro-batches' end of backward, every unsharded gradient carried, nothing reduced (backward_states)
     BACKWARD_END = "backward end"
     ROOT_REDUCE = "root reduce-scatter"  # FSDP2: the root unit's gradients reduce-scattered, last
     DEFERRED_BLOCK_REDUCE = "deferred block reduce-scatter"  # FSDP2, --peft freeze: the lowest trained block's,
@@ -1151,13 +1153,22 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             grads = h.accum_grads + fs.root_grads
         # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
         end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
-        if (h.accum_grads and not setup.sync_each_batch and setup.zero == 2
-                and setup.precision is not Precision.FSDP_BF16):  # ZeRO-2, the last no-sync micro-batch (walked:
+        if (h.accum_grads and not setup.sync_each_batch and setup.zero >= 2
+                and setup.precision is not Precision.FSDP_BF16):  # ZeRO-2 / 3, the last no-sync micro-batch (walked:
             # FsdpBuffers.carry_reduced): every trained block reduced, its carried unsharded gradients freed (as
             # lowest_block_states'); block 0's reduce-scatter input still held, and the embeddings' new gradient
             # made beside their carried one (the per-rank trace of the Llama-3.2-1B widths, 3 blocks, pure-bf16:
             # gradients 544.5, temporaries 2120 MiB; before: 849 / 1503. No block trained, the 0.5B Qwen2 widths, fp16,
             # --train-layers 0: the tied embeddings' new fp32 gradient, 519 MiB, alike)
+            # ZeRO-3 alike (FSDPParamGroup.post_backward drops each carried .grad once collected, foreach_reduce
+            # copying it into its reduce-scatter input; the per-rank traces of the sweep's no-sync setups switched
+            # to ZeRO-3: −8.7% … −18.5% before, within 0.4% after). The earlier micro-batches' end (every gradient
+            # carried, the embeddings' first made, no reduce-scatter input: the state the estimator had here before)
+            # is kept beside it, ZeRO-2's too (no cached row moves): it is the larger where the carried gradients
+            # outweigh the last's reduce-scatter input and new embeddings' gradient, as in the per-rank traces of the 0.5B Qwen2 widths, 24 (and 12) blocks, 64 GPUs, fp32, ZeRO-3
+            # (gradients 1885 (1202) MiB, every one carried; temporaries 1558 MiB: the root's and the tied adds;
+            # −1.30% (−2.38%) without this state)
+            states.append(at(Moment.NO_SYNC_BACKWARD_END, grads, 0, end))
             first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
             grads = h.accum_grads - (model.blocks - first_trained) * fs.carry_reduced
             end = fs.end + p.grads.late
