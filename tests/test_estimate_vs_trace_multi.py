@@ -202,7 +202,8 @@ FAST += [dict(model=SMALL_70B, gpus=4, zero=3, precision="fsdp-bf16", peft="free
 # (held out it scored 100 / 99 of 100, traced 2026-12-03e; its one miss is the TOP_BLOCK_DONE case above).
 # (grid size, seed, cache, setups allowed to miss the category criterion)
 CACHED_GRIDS = [(200, 0, "", 0), (200, 1, "_seed1", 0), (60, 2, "_seed2", 0), (200, 3, "_seed3", 0),
-                (100, 4, "_seed4", 0)]
+                (100, 4, "_seed4", 0),
+                (200, 5, "_seed5", 2)]  # seed 5: held out, scored once at 0500692 (2 category misses)
 
 
 @pytest.mark.parametrize("n,seed,suffix,misses", CACHED_GRIDS)
