@@ -1302,7 +1302,8 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
     modelled there.)"""
     prec, tr = setup.precision, model.traits
     if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2
-            and (saved or (not h.accum_grads and acts.ckpt(j))) and tr.norm is NormKind.RMSNORM
+            and (saved or (acts.ckpt(j) and (not h.accum_grads or setup.sync_each_batch)))
+            and tr.norm is NormKind.RMSNORM
             and tr.block is BlockLayout.PRE_NORM):
         return []
     if setup.offload_activations and (acts.ckpt(j) or name is not Moment.BLOCK_ABOVE_LOWEST_NORM):  # (offloading:
@@ -1322,7 +1323,8 @@ def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) 
         return []
     j = saved[0] + 1
     first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
-    if j >= model.blocks or j < first_trained:
+    if j >= model.blocks or j < first_trained or (h.accum_grads and acts.ckpt(j)):  # (accumulation, checkpointed:
+        # block L - 2's alone, BLOCK_BELOW_TOP_NORM, traced with sync-each-batch; `grads` here has no carried ones)
         return []
     g = p.grads
     grads = (model.blocks - 1 - j) * fs.block_sharded + fs.root_grads - g.late + g.block  # lowest_block_states'
