@@ -312,3 +312,15 @@ FAST += [dict(model=SMALL_7B_WIDE, gpus=8, zero=3, precision="fp32", peft="full"
 # 425 vs 160 MiB, the estimate's peak at that block's MLP backward
 FAST += [dict(model=SMALL_70B, gpus=8, zero=2, precision="fsdp-bf16", peft="freeze", train_layers=2, batch=4, seq=512,
               checkpointing="full", grad_accum=2, sync_each_batch=True)]
+# ... fp32 (ZeRO-2: every block gathered, the forward holds the peak): the last block's pre-forward, its checkpointed
+# input made (phases.fsdp_forward_states, now under sync-each-batch too; before: activations 192 vs 257 MiB)
+FAST += [dict(model=SMALL_70B, gpus=8, zero=2, precision="fp32", peft="freeze", train_layers=2, batch=4, seq=512,
+              checkpointing="full", grad_accum=2, sync_each_batch=True)]
+# ZeRO-3 full fine-tuning, checkpointed, beside the fp32 case above: fsdp-bf16, block 0's MLP backward has no block below
+# to prefetch (before: +0.62%, gradients 626 vs 529 MiB, block 0's moment with block 1's buffers); 64 GPUs, fp32: the
+# block below the top's MLP backward, its output's gradient in flight (residual_grad; without it the peak at block 1's,
+# activations 1221 vs 1287 MiB)
+FAST += [dict(model=SMALL_7B_WIDE, gpus=8, zero=3, precision="fsdp-bf16", peft="full", batch=2, seq=2048,
+              checkpointing="full"),
+         dict(model=SMALL_7B_WIDE, gpus=64, zero=3, precision="fp32", peft="full", batch=2, seq=2048,
+              checkpointing="full")]

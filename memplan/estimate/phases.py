@@ -853,9 +853,11 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int,
     fs, L = h.fsdp, max(model.blocks, 1)
     casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
     below = acts.early + sum(acts.per_block[:-1])
-    if acts.ckpt(-1) and not h.accum_grads:  # the last block's pre-forward (its parameters copied out, the block
+    if acts.ckpt(-1) and (not h.accum_grads or setup is not None and setup.sync_each_batch):  # the last block's pre-forward (its parameters copied out, the block
         # before's all-gather output still held): its input, which its checkpoint saves, already made. (Not under
-        # accumulation: there it displaced a backward moment whose categories are not modelled)
+        # no-sync accumulation: there it displaced a backward moment whose categories are not modelled; under
+        # sync-each-batch the per-rank trace of llama-2-70b's widths cut to 4 blocks, ZeRO-2 fp32 --train-layers 2
+        # holds it: activations 192 vs 257 MiB before)
         below += acts.per_block[-1]
     inside = dequantized_block_forward(model, setup, h) if setup is not None else None
     deq = 0 if inside is not None else h.deq  # the block's pre-forward holds no dequantized weight
