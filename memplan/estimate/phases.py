@@ -1301,8 +1301,9 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
     three) are alive together, five in all, beside the block output's half gradient (the residual stream's) and
     the fp32 copy it saved. (As the per-rank traces of Llama-2-70B cut to 4 blocks show it; the block's other saved
     tensors are freed by then. saved: block j is not checkpointed, `below` the blocks below's saved tensors
-    (traced with sync-each-batch accumulation). Not traced under other accumulation or activation offloading: not
-    modelled there.)"""
+    (traced with sync-each-batch accumulation). Checkpointed, under sync-each-batch accumulation too: the seed-5
+    70B's ZeRO-2 fsdp-bf16 --train-layers 2 row, its cut-down trace exact. Not traced under no-sync accumulation or
+    activation offloading: not modelled there.)"""
     prec, tr = setup.precision, model.traits
     if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2
             and (saved or (acts.ckpt(j) and (not h.accum_grads or setup.sync_each_batch)))
