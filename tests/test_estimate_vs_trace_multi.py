@@ -298,3 +298,14 @@ FAST += [dict(model=cut_model("cut-qwen2.5-0.5b-2"), gpus=8, zero=3, precision="
 FAST += [dict(model=spec_from_config(dict(CUT_MODELS["cut-qwen2.5-0.5b-2"], num_hidden_layers=12),
                                      "cut-qwen2.5-0.5b-12"), gpus=64, zero=3, precision="fp32", peft="full", batch=1,
               seq=512, checkpointing="full", grad_accum=2, sync_each_batch=False)]
+# FSDP2 ZeRO-3 fsdp-bf16 QLoRA, checkpointed, no-sync accumulation (Llama-3.2-1B's widths, 4 blocks): the top block's
+# recomputed up projection, R + B + B_f of all-gather and no bf16 copy-in (the NF4 codes are stored in bf16 already:
+# phases.nf4_flat), the frozen MLP walked although fsdp-bf16 carries a separate fp32 copy (phases.mlp_backward).
+# Before: +3.90% (without accumulation +7.57%, temporaries 115.7 vs 101.1 MiB); with only the copy-in: −3.63%
+FAST += [dict(model=cut_model("cut-llama-3.2-1b-4-v1000"), gpus=2, zero=3, precision="fsdp-bf16", peft="qlora",
+              batch=1, seq=256, checkpointing="full", grad_accum=2)]
+# FSDP2 QLoRA bf16-master, not checkpointed (no autocast): the last block's dequantized down projection in the forward,
+# its bf16 input, the mid-block residual and the MLP's input, the embeddings' output and the last block's input the
+# caller holds (phases FORWARD_LAST_BLOCK_DOWN); the top block's MLP walk without the dequantized weight the down
+# projection's backward freed (phases.fsdp_down_deq). Before: +5.53% (the walk's 448 MiB; only that fixed: −10%)
+FAST += [dict(Q, precision="bf16-master", seq=1024, checkpointing="none")]
