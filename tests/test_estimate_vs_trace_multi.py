@@ -309,3 +309,7 @@ FAST += [dict(model=cut_model("cut-llama-3.2-1b-4-v1000"), gpus=2, zero=3, preci
 # caller holds (phases FORWARD_LAST_BLOCK_DOWN); the top block's MLP walk without the dequantized weight the down
 # projection's backward freed (phases.fsdp_down_deq). Before: +5.53% (the walk's 448 MiB; only that fixed: −10%)
 FAST += [dict(Q, precision="bf16-master", seq=1024, checkpointing="none")]
+# --peft dora under FSDP2 ZeRO-3, checkpointed, bf16 autocast, all-linear: the recomputation's down projection inside
+# get_lora_weight, the fp32 identity beside the block's recomputed weight casts and the input's fp32 cast
+# (phases.fsdp_dora_recompute_states). Before: −10.15% (temporaries 138.4 vs 169.2 MiB; seq 512: −11.55%)
+FAST += [dict(D, zero=3, precision="bf16", lora_targets="all-linear", seq=128, checkpointing="full")]
