@@ -324,3 +324,18 @@ FAST += [dict(model=SMALL_7B_WIDE, gpus=8, zero=3, precision="fsdp-bf16", peft="
               checkpointing="full"),
          dict(model=SMALL_7B_WIDE, gpus=64, zero=3, precision="fp32", peft="full", batch=2, seq=2048,
               checkpointing="full")]
+# FSDP2 ZeRO-3 fsdp-bf16 QLoRA, checkpointed, no-sync accumulation (Llama-3.2-1B's widths, 4 blocks): the top block's
+# recomputed up projection, R + B + B_f of all-gather and no bf16 copy-in (the NF4 codes are stored in bf16 already:
+# phases.nf4_flat), the frozen MLP walked although fsdp-bf16 carries a separate fp32 copy (phases.mlp_backward).
+# Before: +3.90% (without accumulation +7.57%, temporaries 115.7 vs 101.1 MiB); with only the copy-in: −3.63%
+FAST += [dict(model=cut_model("cut-llama-3.2-1b-4-v1000"), gpus=2, zero=3, precision="fsdp-bf16", peft="qlora",
+              batch=1, seq=256, checkpointing="full", grad_accum=2)]
+# FSDP2 QLoRA bf16-master, not checkpointed (no autocast): the last block's dequantized down projection in the forward,
+# its bf16 input, the mid-block residual and the MLP's input, the embeddings' output and the last block's input the
+# caller holds (phases FORWARD_LAST_BLOCK_DOWN); the top block's MLP walk without the dequantized weight the down
+# projection's backward freed (phases.fsdp_down_deq). Before: +5.53% (the walk's 448 MiB; only that fixed: −10%)
+FAST += [dict(Q, precision="bf16-master", seq=1024, checkpointing="none")]
+# --peft dora under FSDP2 ZeRO-3, checkpointed, bf16 autocast, all-linear: the recomputation's down projection inside
+# get_lora_weight, the fp32 identity beside the block's recomputed weight casts and the input's fp32 cast
+# (phases.fsdp_dora_recompute_states). Before: −10.15% (temporaries 138.4 vs 169.2 MiB; seq 512: −11.55%)
+FAST += [dict(D, zero=3, precision="bf16", lora_targets="all-linear", seq=128, checkpointing="full")]

@@ -41,7 +41,7 @@ from memplan.estimate.params import ParamGroup, all_params, lora_targets, param_
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
-from memplan.estimate.weights import half_adapters
+from memplan.estimate.weights import gather_bytes, half_adapters, shard_numel
 from memplan.spec.model import Arch, ModelSpec, Role, Stack
 from memplan.spec.traits import BlockLayout, NormKind
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
@@ -85,6 +85,8 @@ class Moment(str, Enum):
     TOP_BLOCK_RECOMPUTED = "top block recomputed"  # DDP under autocast: its recomputation's end (ddp_top_mlp)
     TOP_BLOCK_RECOMPUTE_UP = "top block recompute, up projection"  # DDP / FSDP2, QLoRA: its dequantized
     # up projection in the checkpointed top block's recomputation (ddp_top_mlp)
+    TOP_BLOCK_DOWN_BACKWARD = "top block down projection backward"  # FSDP2, QLoRA, not checkpointed, no autocast:
+    # the down projection's input gradient beside its dequantized weight (backward_states)
     TOP_BLOCK_DONE = "top block done"  # FSDP2: its gradients made, still gathered, at its query projection's
     # backward (as BLOCK_BELOW_TOP_DONE's)
     TOP_BLOCK_REDUCE = "top block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
@@ -404,7 +406,9 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
     """The MLP backward terms of `setup` (MlpBackward); None for a plain MLP or MoE blocks, and for no-sync
     accumulation into a separate fp32 copy (fsdp-bf16; FsdpBuffers.carry_reduced): not walked."""
     no_sync = setup.grad_accum > 1 and not setup.sync_each_batch
-    if model.experts > 1 or not model.gated_mlp or (no_sync and setup.precision is Precision.FSDP_BF16):
+    separate = no_sync and setup.precision is Precision.FSDP_BF16 and (p.grads.down or setup.peft is not
+                                                                         PeftMethod.QLORA)
+    if model.experts > 1 or not model.gated_mlp or separate:  # (QLoRA's frozen MLP carries no gradient: walked)
         return None
     prec = setup.precision
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
@@ -495,7 +499,11 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
     L = u.blocks
     z3 = setup.zero == 3
     gathered = 0 if z3 else L * blk.gathered  # ZeRO-2: every block's parameters, after their forward
-    copy_in = -(-blk.flat // setup.gpus) if setup.precision is Precision.FSDP_BF16 else 0
+    # (QLoRA's NF4 codes are stored in bf16 already, quant_storage: _to_dtype_if_needed returns that shard itself,
+    # so only the block's other tensors are cast; per-rank trace of Llama-3.2-1B's widths cut to 4 blocks, ZeRO-3
+    # fsdp-bf16 QLoRA checkpointed, 2 GPUs: the top block's recomputation R + B + B_f of all-gather, no copy-in)
+    copy_in = -(-(blk.flat - nf4_flat(model, setup, u)) // setup.gpus) if setup.precision is Precision.FSDP_BF16 \
+        else 0
     rs = blk.rs_input if trained else 0
     off = setup.offload_params
     tied = model.tie_embeddings and tied_trains(groups)
@@ -533,6 +541,13 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
         root_grads=root.grads, carried=carried, block_flat=blk.flat, root_rs_output=root.rs_output)
+
+
+def nf4_flat(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> int:
+    """Bytes of one block's NF4 tensors in its flat all-gather output (weights.fsdp_units' _unit, their share)."""
+    n = setup.gpus
+    return sum(shard_numel(g, n, setup) * n * gather_bytes(g, setup) * max(1, g.count // u.blocks)
+               for g in u.groups if g.nf4 and not g.outside)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -764,24 +779,42 @@ def dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Activati
 
 
 def fsdp_dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, h: "Held",
-                               at) -> list[State]:
+                               at, casts: int = 0) -> list[State]:
     """--peft dora under FSDP2, a checkpointed top block: its recomputation in the backward runs peft's DoRA forward
     again, so the linear whose weight norm holds the most (dora_norm_bytes) does it beside what the recomputation
     has saved by then (the checkpoint's input already counted) and the block output's gradient, with the top
     block's backward state's buffers (`at(activations added, temporaries added)`). As the per-rank trace of a
     1024-wide 4-block llama shows it (ZeRO-3, pure-bf16, all-linear: the down projection's [in, in] fp32 identity
-    and four [out, in] fp32 tensors in block 1's recomputation; before: −33.28%)."""
+    and four [out, in] fp32 tensors in block 1's recomputation; before: −33.28%).
+    Under autocast (`casts`: one block's weight casts) the recomputation makes the block's weight casts again, saved
+    by each base layer's matmul, those of the linears up to this one alive (in the block's order, each as big as its
+    weight, as dora_norm_states'), and the moment is inside get_lora_weight: the fp32 [in, in] identity (freed when
+    it returns) beside its saved compute-dtype cast and lora_B's compute-dtype [in, out] output, with the linear's
+    input cast to the adapters' fp32 (lora.Linear.forward) beside that input itself and a second [tokens, hidden]
+    fp32 row in flight (2 · residual_grad, as dora_recompute_states'). The per-rank trace of the same llama, ZeRO-3, bf16,
+    all-linear, seq 128: block 2's down projection, 24.4 MiB of weight casts, a 28.9 MiB identity, a 5.4 MiB
+    product, 169.2 MiB of temporaries in all; before: −10.15% (138.4 estimated); seq 512, the top block's: 181.4,
+    before 139.9 (−11.55%)."""
     if not (acts.dora_norm and h.fsdp and acts.ckpt(-1)) or setup.offload_activations:
         return []
     stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER
     by_name = {l.qualname: l for l in model.linears if l.stack is stack}
+    order = [l for l in model.linears if l.stack is stack]
+    sizes = [l.in_features * l.out_features for l in order]
     resid = residual_grad(model, setup)
+    prec, t = setup.precision, setup.model_tokens
     best = None
     for name, saved in acts.dora_norm:
         lin = by_name.get(name)
         if lin is None:
             continue
         a, tmp = dora_norm_bytes(lin, setup)
+        if prec.autocast:
+            i, o = lin.in_features, lin.out_features
+            tmp = (max(tmp, round_block(i * i * 4) + round_block(i * o * prec.compute_bytes))
+                   + round_block(t * i * adapter_compute_bytes(prec, half_adapters(setup)))
+                   + round_block(t * i * prec.compute_bytes) + resid
+                   + casts * sum(sizes[:order.index(lin) + 1]) // max(sum(sizes), 1))
         s = at(max(saved - acts.input_saved[-1], 0) + a, tmp + resid)
         if best is None or s.total > best.total:
             best = s
@@ -874,6 +907,21 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int,
                 + round_block(t * model.hidden * c) + 2 * h4)
         last = (State(Moment.FORWARD_LAST_BLOCK_DOWN, Phase.FORWARD,
                       _alive(h, h.accum_grads, acts.early + sum(acts.per_block) - h4,
+                             fs.blocks - fs.block_flat + casts + down)),)
+    elif inside is not None and not acts.ckpt(-1) and not setup.precision.autocast:
+        # ... without autocast (the stream's dtype, bf16-master / pure-bf16): its dequantized weight, its input
+        # act(gate) · up (MatMul4Bit saves none: a temporary), its output, the mid-block residual and the MLP's
+        # input (no longer saved: the norms save their fp32 copies), and two the caller holds: the embeddings'
+        # output (LlamaModel.forward's inputs_embeds) and the last block's input (the decoder loop's hidden_states,
+        # held while the layer runs). Every block's saves alive but the last one's output's fp32 norm copy, as
+        # above. Per-rank trace of Llama-2-70B's blocks, 2 blocks, 64 GPUs, bf16-master QLoRA, batch 2, seq 1024,
+        # not checkpointed: temporaries 1576.7 MiB (448 dequantized, 856.6 all-gather), activations 1265.8;
+        # before: +5.53%, the peak at the top block's MLP walk
+        t, b = setup.model_tokens, stream_bytes(setup.precision)
+        hb = round_block(t * model.hidden * b)
+        down = h.deq + round_block(t * model.intermediate * b) + 5 * hb
+        last = (State(Moment.FORWARD_LAST_BLOCK_DOWN, Phase.FORWARD,
+                      _alive(h, h.accum_grads, acts.early + sum(acts.per_block) - round_block(t * model.hidden * 4),
                              fs.blocks - fs.block_flat + casts + down)),)
     return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
             State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + deq)),
@@ -1011,7 +1059,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
     states += dora_recompute_states(model, setup, acts, h, top_g, in_blocks, held + head_wait)
     states += fsdp_dora_recompute_states(model, setup, acts, h, lambda a, t: at(
-        Moment.TOP_BLOCK_DORA_RECOMPUTE, top_g, in_blocks + a, held + head_wait + t))
+        Moment.TOP_BLOCK_DORA_RECOMPUTE, top_g, in_blocks + a, held + head_wait + t),
+        block_cast_bytes(model, setup, h, p.groups) if setup.precision.autocast else 0)
     if setup.fp8 is not Fp8Recipe.NONE:  # its largest converted linear's backward casts (fp8.cast_transients)
         states.append(at(Moment.TOP_BLOCK_FP8_CAST, top_g, in_blocks + rec,
                          held + head_wait + fp8.cast_transients(model, setup)[1]))
@@ -1058,8 +1107,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         if remade:
             again = block_cast_bytes(model, setup, h, p.groups)
+        # (not checkpointed, no autocast: the down projection's backward dequantized and freed its weight before
+        # MulBackward0, bitsandbytes 0.50.2 MatMul4Bit.backward; its own moment is TOP_BLOCK_DOWN_BACKWARD)
+        down_deq = fsdp_down_deq(model, setup, p, h, mb, acts)
+        if down_deq:
+            states.append(at(Moment.TOP_BLOCK_DOWN_BACKWARD, top_g, in_blocks + rec,
+                             held + head_wait + resid + mb.row))
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
-                         held + head_wait + mlp_t + resid + again - walk_deq))
+                         held + head_wait + mlp_t + resid + again - walk_deq - down_deq))
         if walk_deq:  # ... its recomputation's up projection, before the
             # walk, as ddp_top_mlp's: the block output's gradient and the output projection's input gradient beside
             # the mid-block residual and the MLP's input; under autocast the rows are fp32, the up projection's not
@@ -1275,6 +1330,19 @@ def fsdp_walk_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, j: int,
     MulBackward0 1916.6, both as estimated; under autocast, bf16, the up projection 1461.1 estimated 1460.7)."""
     if not (h.fsdp and mb and setup.peft is PeftMethod.QLORA and not mb.weight_grad and acts.ckpt(j)
             and not setup.offload_activations):
+        return 0
+    down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
+    return 0 if any(q.adapter and any(d in q.name for d in down) for q in p.groups) else h.deq
+
+
+def fsdp_down_deq(model, setup, p: Parameters, h: Held, mb: MlpBackward, acts: Activations) -> int:
+    """FSDP2, QLoRA, the top block not checkpointed, no autocast, a frozen MLP whose output projection has no
+    adapter: the dequantized NF4 weight its states count (h.deq), freed by the output projection's backward before
+    MulBackward0 (MatMul4Bit.backward dequantizes, makes the input gradient [tokens, intermediate] and frees it:
+    that moment, the block output's gradient alive, is the per-rank trace's backward peak, 1448.7 MiB of
+    temporaries for Llama-2-70B's blocks, 2 blocks, 64 GPUs, bf16-master, batch 2, seq 1024), else 0."""
+    if (acts.ckpt(-1) or setup.precision.autocast or not h.fsdp or setup.peft is not PeftMethod.QLORA
+            or mb.weight_grad or setup.offload_activations):
         return 0
     down = tuple(l.qualname for l in model.linears if l.role is Role.DOWN)
     return 0 if any(q.adapter and any(d in q.name for d in down) for q in p.groups) else h.deq
