@@ -42,7 +42,7 @@ from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
 from memplan.estimate.weights import gather_bytes, half_adapters, shard_numel
-from memplan.spec.model import Arch, ModelSpec, Role, Stack
+from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.traits import BlockLayout, NormKind
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
 from memplan.units import round_block
@@ -717,8 +717,6 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     # FSDP2: the last block runs beside the root's and its own gathered parameters and its flat all-gather output
     # (FsdpBuffers.blocks less the next block's flat output: none is prefetched after the last)
     zf = h.fsdp.blocks - h.fsdp.block_flat if h.fsdp else h.z_f
-    stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER  # the last block's (activations._stacks)
-    by_name = {l.qualname: l for l in model.linears if l.stack is stack}
     prec, t = setup.precision, setup.model_tokens
     resid = residual_grad(model, setup)
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
@@ -728,21 +726,36 @@ def dora_norm_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, 
     # order, each as big as its weight); the LM head's not yet
     L = max(model.blocks, 1)
     per_block = (half_fwd - h.half_outside) // L if half_fwd else 0
-    order = [l for l in model.linears if l.stack is stack]
+    order = block_linears(model)
     sizes = [l.in_features * l.out_features for l in order]
-    best = None
-    for name, saved in acts.dora_norm:
-        lin = by_name.get(name)
-        if lin is None:
-            continue
+
+    def state(lin: Linear, saved: int) -> State:
         a, tmp = dora_norm_bytes(lin, setup)
         tmp += 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)
         casts = per_block * (L - 1) + per_block * sum(sizes[:order.index(lin) + 1]) // max(sum(sizes), 1)
-        s = State(Moment.TOP_BLOCK_DORA_NORM, Phase.FORWARD,
-                  _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + zf + tmp))
-        if best is None or s.total > best.total:
-            best = s
+        return State(Moment.TOP_BLOCK_DORA_NORM, Phase.FORWARD,
+                     _alive(h, h.accum_grads, below + saved + a, casts + h.deq_outside + zf + tmp))
+    best = largest_dora_state(order, acts, state)
     return (best,) if best else ()
+
+
+def block_linears(model: ModelSpec) -> list[Linear]:
+    """The last block's stack's linears, in the block's order (activations._stacks)."""
+    stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER
+    return [l for l in model.linears if l.stack is stack]
+
+
+def largest_dora_state(linears: list[Linear], acts: Activations, state) -> State | None:
+    """The largest `state(linear, saved)` over the top block's DoRA linears (Activations.dora_norm: each linear's
+    name and what the block saved before it), the first of equals."""
+    by_name = {l.qualname: l for l in linears}
+    best = None
+    for name, saved in acts.dora_norm:
+        if name in by_name:
+            s = state(by_name[name], saved)
+            if best is None or s.total > best.total:
+                best = s
+    return best
 
 
 def dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Activations, h: "Held", grads: int,
@@ -759,22 +772,16 @@ def dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Activati
     if (not (acts.dora_norm and acts.ckpt(-1)) or h.fsdp or setup.offload_activations
             or setup.engine is not Engine.FSDP):  # (DeepSpeed's states are memplan.estimate.deepspeed's)
         return []
-    stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER
-    by_name = {l.qualname: l for l in model.linears if l.stack is stack}
     prec, t = setup.precision, setup.model_tokens
     c = prec.compute_bytes if prec.autocast else stream_bytes(prec)
     earlier = {Role.K: model.q_dim, Role.V: model.q_dim + model.kv_dim}
     resid = residual_grad(model, setup)
-    best = None
-    for name, saved in acts.dora_norm:
-        lin = by_name.get(name)
-        if lin is None:
-            continue
+
+    def state(lin: Linear, saved: int) -> State:
         a, tmp = dora_norm_bytes(lin, setup)
-        s = State(Moment.TOP_BLOCK_DORA_RECOMPUTE, Phase.BACKWARD, _alive(
+        return State(Moment.TOP_BLOCK_DORA_RECOMPUTE, Phase.BACKWARD, _alive(
             h, grads, in_blocks + saved + a, temps + tmp + 2 * resid + round_block(t * earlier.get(lin.role, 0) * c)))
-        if best is None or s.total > best.total:
-            best = s
+    best = largest_dora_state(block_linears(model), acts, state)
     return [best] if best else []
 
 
@@ -797,17 +804,12 @@ def fsdp_dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Act
     before 139.9 (−11.55%)."""
     if not (acts.dora_norm and h.fsdp and acts.ckpt(-1)) or setup.offload_activations:
         return []
-    stack = Stack.ENCODER if model.arch is Arch.ENCODER else Stack.DECODER
-    by_name = {l.qualname: l for l in model.linears if l.stack is stack}
-    order = [l for l in model.linears if l.stack is stack]
+    order = block_linears(model)
     sizes = [l.in_features * l.out_features for l in order]
     resid = residual_grad(model, setup)
     prec, t = setup.precision, setup.model_tokens
-    best = None
-    for name, saved in acts.dora_norm:
-        lin = by_name.get(name)
-        if lin is None:
-            continue
+
+    def state(lin: Linear, saved: int) -> State:
         a, tmp = dora_norm_bytes(lin, setup)
         if prec.autocast:
             i, o = lin.in_features, lin.out_features
@@ -815,9 +817,8 @@ def fsdp_dora_recompute_states(model: ModelSpec, setup: TrainingSetup, acts: Act
                    + round_block(t * i * adapter_compute_bytes(prec, half_adapters(setup)))
                    + round_block(t * i * prec.compute_bytes) + resid
                    + casts * sum(sizes[:order.index(lin) + 1]) // max(sum(sizes), 1))
-        s = at(max(saved - acts.input_saved[-1], 0) + a, tmp + resid)
-        if best is None or s.total > best.total:
-            best = s
+        return at(max(saved - acts.input_saved[-1], 0) + a, tmp + resid)
+    best = largest_dora_state(order, acts, state)
     return [best] if best else []
 
 
