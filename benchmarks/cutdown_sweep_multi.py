@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trace_grid_multi import load_cache  # noqa: E402
+from trace_grid_multi import compare_cached as multi_compare, load_cache  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "reports"
 SEED = 11  # the sweep's one draw (issue 11); not a trace_grid_multi seed, so it holds out nothing of those grids
@@ -95,48 +95,9 @@ def features(setup: dict) -> list[str]:
             f"grad_accum={'sync_each_batch' if acc and setup.get('sync_each_batch') else 'no_sync' if acc else 'off'}"]
 
 
-def traced(kw: dict, cache: dict, cache_file: Path | None) -> dict:
-    """The trace's allocated peak, phase, categories and largest moment of setup `kw` (cached)."""
-    from memplan.categories import ALLOCATED_CATEGORIES
-    from memplan.errors import MemplanError
-    from memplan.spec.values import make_setup
-    from memplan.trace import trace
-
-    key = json.dumps(kw, sort_keys=True)
-    if "error" in cache.get(key, {}):
-        raise MemplanError(cache[key]["error"])
-    if key not in cache:
-        args = dict(kw)
-        model = cut_model(args.pop("model"))
-        t0 = time.time()
-        try:
-            res, _ = trace(model, make_setup(**args))
-            cache[key] = {"peak": res.peak.allocated_bytes, "phase": res.peak.phase.value,
-                          "seconds": time.time() - t0,
-                          "categories": {c.value: int(res.categories[c]) for c in ALLOCATED_CATEGORIES}}
-        except MemplanError as exc:  # not traceable: remembered as such
-            cache[key] = {"error": str(exc)}
-        if cache_file:
-            with open(cache_file, "a") as f:
-                f.write(json.dumps({"setup": key, **cache[key]}) + "\n")
-        if "error" in cache[key]:
-            raise MemplanError(cache[key]["error"])
-    return cache[key]
-
-
 def compare_cached(kw: dict, cache: dict, cache_file: Path | None):
-    from memplan.calibrate import Row
-    from memplan.categories import ALLOCATED_CATEGORIES
-    from memplan.estimate import estimate_spec
-    from memplan.spec.values import make_setup
-
-    args = dict(kw)
-    model = cut_model(args.pop("model"))
-    est = estimate_spec(model, make_setup(**args))
-    tr = traced(kw, cache, cache_file)
-    cats = {c.value: (int(est.categories[c]), tr["categories"][c.value]) for c in ALLOCATED_CATEGORIES}
-    return Row({"model": model.name, **args}, est.peak.allocated_bytes, tr["peak"], est.peak.phase.value,
-               tr["phase"], cats)
+    """trace_grid_multi.compare_cached (its cache format, MemplanError for an untraceable setup) on the cut models."""
+    return multi_compare(kw, cache, cache_file, resolve=cut_model)
 
 
 def main(n: int, cache_file: Path | None = None, cached_only: bool = False) -> None:

@@ -73,8 +73,9 @@ def features(setup: dict) -> list[str]:
             f"grad_accum={'sync_each_batch' if acc and setup.get('sync_each_batch') else 'no_sync' if acc else 'off'}"]
 
 
-def traced(kw: dict, cache: dict, cache_file: Path | None) -> dict:
-    """The trace's allocated peak, phase and categories of setup `kw` (from the cache when it holds them)."""
+def traced(kw: dict, cache: dict, cache_file: Path | None, resolve=None) -> dict:
+    """The trace's allocated peak, phase and categories of setup `kw` (from the cache when it holds them); `resolve`
+    turns kw["model"] into a ModelSpec (default: memplan.spec.values.resolve_model, a profile name)."""
     from memplan.categories import ALLOCATED_CATEGORIES
     from memplan.spec.values import make_setup, resolve_model
     from memplan.trace import trace
@@ -86,7 +87,7 @@ def traced(kw: dict, cache: dict, cache_file: Path | None) -> dict:
         raise MemplanError(cache[key]["error"])
     if key not in cache:
         args = dict(kw)
-        model = resolve_model(args.pop("model"))
+        model = (resolve or resolve_model)(args.pop("model"))
         t0 = time.time()
         try:
             res, _ = trace(model, make_setup(**args))
@@ -104,17 +105,17 @@ def traced(kw: dict, cache: dict, cache_file: Path | None) -> dict:
     return cache[key]
 
 
-def compare_cached(kw: dict, cache: dict, cache_file: Path | None):
-    """memplan.calibrate.compare with the trace side read through `traced`."""
+def compare_cached(kw: dict, cache: dict, cache_file: Path | None, resolve=None):
+    """memplan.calibrate.compare with the trace side read through `traced` (`resolve`: as traced's)."""
     from memplan.calibrate import Row
     from memplan.categories import ALLOCATED_CATEGORIES
     from memplan.estimate import estimate_spec
     from memplan.spec.values import make_setup, resolve_model
 
     args = dict(kw)
-    model = resolve_model(args.pop("model"))
+    model = (resolve or resolve_model)(args.pop("model"))
     est = estimate_spec(model, make_setup(**args))
-    tr = traced(kw, cache, cache_file)
+    tr = traced(kw, cache, cache_file, resolve)
     cats = {c.value: (int(est.categories[c]), tr["categories"][c.value]) for c in ALLOCATED_CATEGORIES}
     return Row({"model": model.name, **args}, est.peak.allocated_bytes, tr["peak"], est.peak.phase.value,
                tr["phase"], cats)
