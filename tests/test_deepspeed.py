@@ -351,8 +351,11 @@ def test_buffers_agree_with_deepspeed(deepspeed_cpu):
     assert m["B"]["load"] - m["A"]["load"] == (20480 - 10240) * 2
     # Two processes on a real gloo group are not byte-deterministic in the backward: one fresh-clone CI run
     # (2026-12-03, under load) read S2's backward peak 16,512 B above every local run (993,560 vs 977,048), the
-    # size of a staging buffer gloo allocates inside a collective (memplan.trace.deepspeed leaves those out). The
-    # bucket's difference is asserted to the byte, with or without that one buffer in either run.
+    # size of a staging buffer gloo allocates inside a collective (memplan.trace.deepspeed leaves those out); a
+    # second (2026-12-03) read S2b's 16,384 + 16,512 B above: two flattened buckets gloo's worker thread still held.
+    # tests/deepspeed_cpu.py now reads each value as the least over three identical steps (MEASURED_STEPS), so
+    # such a straggler shows only if it hits the same reading in all three. The bucket's difference is asserted to
+    # the byte, with or without one such buffer in either run.
     diff = m["S2b"]["peaks"]["backward"] - m["S2"]["peaks"]["backward"]
     assert diff in {(20480 - 10240) * 2 + k * GLOO_STAGING for k in (-1, 0, 1)}, diff
     assert (_estimate("B")[0].phase_peaks[Phase.LOAD] - _estimate("A")[0].phase_peaks[Phase.LOAD]

@@ -95,6 +95,8 @@ class Moment(str, Enum):
     # input still held
     LOWEST_BLOCK_DONE = "lowest trained block done"  # FSDP2: its gradients made, at its query projection's
     # backward (as BLOCK_BELOW_TOP_DONE's)
+    BLOCK_BELOW_TOP_MID_NORM = "block below the top, post-attention norm backward"  # FSDP2, a half-precision
+    # stream: its MLP's backward done (mid_norm_backward)
     BLOCK_BELOW_TOP_NORM = "block below the top, input norm backward"  # ... then its RMSNorm's fp32 backward
     # (rmsnorm_backward)
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
@@ -249,6 +251,19 @@ def block_cast_bytes(model: ModelSpec, setup: TrainingSetup, h: "Held", groups: 
     return (h.half - h.half_outside) // max(n, 1)
 
 
+def recomputed_block_casts(model: ModelSpec, setup: TrainingSetup, h: "Held", groups: tuple[ParamGroup, ...]) -> int:
+    """A checkpointed block's autocast weight casts made again by its recomputation, each saved by its matmul
+    (block_cast_bytes). A frozen top block under --peft freeze is back-propagated all the same (checkpointing makes
+    the embeddings' output require grad), so each matmul saves the cast it made for its input gradient: the per-rank
+    traces of the 70B-wide 4-block llama, DDP, and of Llama-2-7B, FSDP2 ZeRO-3 fp16 on 2 and 8 GPUs, --train-layers
+    0 (the held-out seed-6 grid's two largest misses: -1.65% and -2.83%, the 386 MiB of the top block's casts)."""
+    remade = block_cast_bytes(model, setup, h, groups)
+    if not remade and setup.peft is PeftMethod.FREEZE and setup.precision.autocast:
+        remade = sum(round_block(g.numel * setup.precision.compute_bytes) for g in groups
+                     if g.matmul and not g.outside and not g.nf4)
+    return remade
+
+
 def head_grad(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> tuple[int, int, int]:
     """(gradient, waiting, compute-dtype) bytes of the LM head's weight gradient, unsharded until reduced.
     A tied head's gradient is not the embedding's .grad yet: it waits in autograd's input buffer for the
@@ -372,10 +387,11 @@ class MlpBackward:
     weight_grad: int  # one projection's weight gradient (unsharded; 0 when the block's MLP is frozen)
     weight_half: int  # ... made first in the compute dtype under autocast (0 otherwise); its weight cast as big
 
-    def walk(self, trains: bool, casts: bool, no_sync: bool) -> tuple[int, int, int]:
+    def walk(self, trains: bool, casts: bool, no_sync: bool, end: bool = False) -> tuple[int, int, int]:
         """(gradients added, activations freed, temporaries added) at the walk's largest moment (the first of
-        equals). trains: the block's projections train; casts: their autocast weight casts are counted alive
-        before the block's backward; no_sync: each new weight gradient is added into the carried one and freed."""
+        equals), or at its end (`end`: the gate's node run). trains: the block's projections train; casts: their
+        autocast weight casts are counted alive before the block's backward; no_sync: each new weight gradient is
+        added into the carried one and freed."""
         r, x = self.row, self.x
         w, wh = (self.weight_grad, self.weight_half) if trains else (0, 0)
         k = self.weight_half if casts else 0
@@ -397,7 +413,7 @@ class MlpBackward:
         best = cur = (0, 0, 0)
         for d in ev:
             cur = (cur[0] + d[0], cur[1] + d[1], cur[2] + d[2])
-            if sum(cur) > sum(best):
+            if sum(cur) > sum(best) or end:
                 best = cur
         return best[0], -best[1], best[2]
 
@@ -431,7 +447,7 @@ def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, 
     down = next((l for l in model.linears if l.role is Role.DOWN and l.stack is not Stack.OUTSIDE), None)
     targets = lora_targets(model, setup) if setup.peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA) else ()
     saves = bool(p.grads.down) or (down is not None and down in targets)
-    return 2 * resid + mb.x + block_cast_bytes(model, setup, h, p.groups) + (0 if saves else mb.row)
+    return 2 * resid + mb.x + recomputed_block_casts(model, setup, h, p.groups) + (0 if saves else mb.row)
 
 
 def recomputed_casts(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
@@ -441,7 +457,7 @@ def recomputed_casts(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "
     MLP trains, the up projection's too (the gate's weight-gradient cast). The per-rank traces of a 1024-wide
     4-block llama, checkpointed, bf16 / fp16: DDP and FSDP2, LoRA, DoRA and full."""
     one = round_block(model.hidden * model.intermediate * setup.precision.compute_bytes)
-    return max(block_cast_bytes(model, setup, h, p.groups) - (2 if mb.weight_half else 1) * one, 0)
+    return max(recomputed_block_casts(model, setup, h, p.groups) - (2 if mb.weight_half else 1) * one, 0)
 
 
 @dataclass(frozen=True)
@@ -1175,6 +1191,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
                                  held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
                                  + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)))
+                states += mid_norm_backward(model, setup, acts, h, mb, lambda g, a, t: at(
+                    Moment.BLOCK_BELOW_TOP_MID_NORM, top_g + reduced + g, in_blocks - acts.per_block[-1] - a,
+                    held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + t
+                    + residual_grad(model, setup)))
             grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
             if h.accum_grads and setup.sync_each_batch:  # the top block's reduced gradients added into the
@@ -1190,6 +1210,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                         + head_wait + fs.rs)
             states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
                              done_tmp + 3 * qkv_x))
+            if mb and half_stream_norms(model, setup, acts, h):
+                # (not checkpointed, no accumulation: its input RMSNorm's backward beside what the done moment
+                # holds, four fp32 [tokens, hidden] of its own, as at the post-attention norm (mid_norm_backward):
+                # the per-rank trace of Llama-2-7B, 64 GPUs, ZeRO-3 fsdp-bf16, full, micro-batch 1 x 1024)
+                states.append(at(Moment.BLOCK_BELOW_TOP_NORM, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
+                                 done_tmp + 3 * qkv_x + 4 * round_block(setup.model_tokens * model.hidden * 4)))
             # ... and then its input RMSNorm's backward, its checkpoint's input still saved (rmsnorm_backward)
             # (not checkpointed: the blocks below's saved tensors alone, its own freed but the norm's; traced with
             # sync-each-batch accumulation, where the norm's moment is above the done one's)
@@ -1287,11 +1313,7 @@ def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: 
         # checkpoint), the post-attention norm's fp32 output and the MLP's product (the down projection's input:
         # the recomputation stops once the last saved tensor, its weight cast, is made)
         x, c = model.hidden * setup.model_tokens, prec.compute_bytes
-        remade = block_cast_bytes(model, setup, h, p.groups)
-        if not remade and setup.peft is PeftMethod.FREEZE:  # a frozen top block, back-propagated all the same
-            # (checkpointing makes the embeddings' output require grad): each matmul saves the weight cast it
-            # made for its input gradient (the per-rank trace of the 70B-wide 4-block llama, --train-layers 0)
-            remade = sum(round_block(g.numel * c) for g in p.groups if g.matmul and not g.outside and not g.nf4)
+        remade = recomputed_block_casts(model, setup, h, p.groups)
         out.append(State(Moment.TOP_BLOCK_RECOMPUTED, Phase.BACKWARD, _alive(
             h, grads, activations_, temps + remade + grad_out
             + round_block(x * c) + round_block(x * 4) + mb.row)))
@@ -1385,6 +1407,32 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
     x = setup.model_tokens * model.hidden
     return [State(name, Phase.BACKWARD, _alive(h, grads, below + round_block(x * 4),
                                                temps + round_block(x * stream_bytes(prec)) + 5 * round_block(x * 4)))]
+
+
+def mid_norm_backward(model, setup, acts: Activations, h: Held, mb: MlpBackward, at) -> list[State]:
+    """FSDP2, a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), no accumulation: the block
+    below the top, not checkpointed, at its post-attention RMSNorm's backward, its MLP's walked to the end
+    (MlpBackward.walk, its three weight gradients made). Freed by then: the MLP's saved tensors and the norm's
+    output (the gate's and up's shared input) and its half cast of the normalized row (saved by the weight's mul);
+    alive: four fp32 [tokens, hidden] of the norm's backward (transformers 5.24 LlamaRMSNorm computes in fp32; the
+    fifth of rmsnorm_backward's is the fp32 input copy, still saved). `at(g, a, t)` places the walk's deltas
+    (gradients added, activations freed, temporaries added). As the per-rank trace of Llama-2-7B, 64 GPUs, ZeRO-3
+    fsdp-bf16, full, not checkpointed, shows it (block 30's mid norm: the held-out seed-6 grid's third category
+    miss, gradients 348 vs 520 MiB; −0.28%)."""
+    if not half_stream_norms(model, setup, acts, h):
+        return []
+    g, a, t = mb.walk(True, False, False, end=True)
+    x = setup.model_tokens * model.hidden
+    return [at(g, a + 2 * round_block(x * stream_bytes(setup.precision)), t + 4 * round_block(x * 4))]
+
+
+def half_stream_norms(model, setup, acts: Activations, h: Held) -> bool:
+    """Where mid_norm_backward's and the block below the top's input-norm moments apply: FSDP2, a half-precision
+    stream outside autocast, no accumulation, no activation offloading, the block below the top not checkpointed,
+    pre-norm RMSNorm blocks."""
+    prec, tr = setup.precision, model.traits
+    return bool(h.fsdp and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads and not acts.ckpt(-2)
+                and not setup.offload_activations and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM)
 
 
 def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) -> list[State]:
