@@ -108,11 +108,45 @@ HELDOUT2 = [
 ]
 
 
+# the third held-out grid (--heldout3): drawn 2026-12-03g before any change was made for it (and after the
+# session's FSDP2 fixes, which touch no DeepSpeed term), traced once at 88d427b, scored once. DeepSpeed's default
+# knobs; two models no grid had, both with tied embeddings: Qwen2.5-1.5B's block widths cut to 3 blocks and
+# Llama-3.2-1B's cut to 2, vocabularies cut to 16384 to keep the CPU trace short; fp16-master (DeepSpeed's fp16
+# with its dynamic loss scaler) for the first time beside bf16-master and fp32.
+HELDOUT3_MODELS = {
+    "qwen2-3x1536": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=3,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=16384, tie_word_embeddings=True,
+                         max_position_embeddings=512),
+    "llama-2x2048t": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+                          num_attention_heads=32, num_key_value_heads=8, vocab_size=16384, tie_word_embeddings=True,
+                          max_position_embeddings=512),
+}
+HELDOUT3 = [
+    ("qwen2-3x1536", 2, 3, "fp16-master", "full", "none", 1),
+    ("llama-2x2048t", 4, 1, "fp16-master", "lora", "full", 1),
+    ("qwen2-3x1536", 8, 2, "bf16-master", "full", "none", 1),
+    ("llama-2x2048t", 2, 3, "bf16-master", "full", "full", 2),
+    ("qwen2-3x1536", 4, 3, "fp32", "lora", "full", 1),
+    ("llama-2x2048t", 8, 2, "fp32", "full", "full", 1),
+    ("qwen2-3x1536", 2, 1, "bf16-master", "lora", "none", 2),
+    ("llama-2x2048t", 4, 3, "fp16-master", "lora", "none", 1),
+    ("qwen2-3x1536", 8, 3, "bf16-master", "full", "full", 1),
+    ("llama-2x2048t", 2, 2, "bf16-master", "lora", "none", 1),
+    ("qwen2-3x1536", 4, 2, "fp16-master", "full", "full", 1),
+    ("llama-2x2048t", 8, 1, "fp32", "full", "none", 1),
+    ("qwen2-3x1536", 2, 3, "fp32", "full", "full", 1),
+    ("llama-2x2048t", 4, 3, "bf16-master", "full", "none", 1),
+    ("qwen2-3x1536", 8, 1, "bf16-master", "full", "full", 1),
+    ("llama-2x2048t", 2, 2, "fp32", "lora", "full", 2),
+]
+HELDOUT_CONFIGS = {**HELDOUT2_MODELS, **HELDOUT3_MODELS}
+
+
 def heldout_spec(name: str):
     from memplan.profiles import load_model
 
-    if name in HELDOUT2_MODELS:
-        return spec_from_config(HELDOUT2_MODELS[name], name)
+    if name in HELDOUT_CONFIGS:
+        return spec_from_config(HELDOUT_CONFIGS[name], name)
     return spec_from_config(HELDOUT_LLAMA, name) if name == "llama-4x1024" else load_model(name)
 
 
@@ -124,7 +158,7 @@ def heldout_setup(key: tuple):
 
 def heldout_key(key: tuple) -> str:
     model, gpus, zero, precision, peft, ckpt, accum = key
-    config = HELDOUT2_MODELS.get(model)
+    config = HELDOUT_CONFIGS.get(model)
     extra = {"config": config} if config else {}
     return json.dumps(dict(model=model, llama=HELDOUT_LLAMA if model == "llama-4x1024" else None, **extra,
                            seq=HELDOUT_SEQ,
