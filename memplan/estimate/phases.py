@@ -64,6 +64,8 @@ class Moment(str, Enum):
     # forward (dora_norm_states)
     TOP_BLOCK_DORA_RECOMPUTE = "top block DoRA weight norm, recomputed"  # --peft dora, a checkpointed top block: a
     # linear's weight norm in its recomputation (dora_recompute_states; FSDP2: fsdp_dora_recompute_states)
+    BLOCK_GATHERED = "block gathered"  # DeepSpeed ZeRO-3: a lower block's forward, where the most is gathered
+    # (deepspeed.block_gathered)
     TOP_BLOCK_GATHERED = "top block gathered"  # DeepSpeed ZeRO-3: the last block's forward, its coalesced
     # prefetches' flat buffers beside the gathered parameters (deepspeed.top_block_gathered)
     FORWARD = "forward"
