@@ -322,7 +322,9 @@ def main(argv: list[str]) -> None:
                       "the same traces 12/16 within 3 % (8/16 every category): its four misses, stage 3 full "
                       "fine-tuning +8.4 … +11.0 %, are the backward release the fixes model. **Then tuned on once** "
                       "(2026-12-03g): its worst row, stage 3 fp32 LoRA checkpointed on 8 GPUs (−2.36 %), showed the "
-                      "most gathered in block 0's forward, not the last block's (`block_gathered`): −0.64 %. The "
+                      "most gathered in block 0's forward, not the last block's (`block_gathered`): −0.64 %; its "
+                      "stage-2 rows whose bucket holds every gradient, the gradient partition and the backward end's "
+                      "temporaries (adjust, `accumulate_late`): +1.80 % and +1.38 % → −0.00 %. The "
                       "untuned DeepSpeed grid is now --heldout3 (reports/estimate_vs_trace_deepspeed_heldout3.md). "
                       + sources)
             name = "estimate_vs_trace_deepspeed_heldout2.md"
