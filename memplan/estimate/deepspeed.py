@@ -376,6 +376,7 @@ def unreduced(groups: tuple[ParamGroup, ...], setup: TrainingSetup) -> int:
 
 # memplan.estimate.phases.Moment values this module reads (by value: it cannot import phases, which imports it)
 HEAD_BACKWARD, BACKWARD_END = "LM-head backward", "backward end"
+HEAD_STATES = (HEAD_BACKWARD, "LM-head gradient cast")
 FORWARD, TOP_BLOCK_GATHERED, BLOCK_GATHERED = "forward", "top block gathered", "block gathered"
 LOWEST = "lowest"  # the lowest saved / trained block's backward moments ("lowest saved block backward", ...)
 # stage_1_and_2.py __init__: nccl_start_alignment_factor = 2, the flat buffer padded to a multiple of it x world size
@@ -501,6 +502,16 @@ def _with_top_block_gathered(states: tuple, model: ModelSpec, setup: TrainingSet
     return (*states[:i], below, top, *states[i:])
 
 
+def head_unhooked(model: ModelSpec, setup: TrainingSetup) -> bool:
+    """Stage 1 / 2: no gradient hook has run by the LM head's backward moments (HEAD_STATES), so the IPG bucket,
+    which stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads allocates at the first hook, does not
+    exist yet there: no untied LM head trains (a tied one's gradient waits for the embedding's own, the last).
+    As the held-out-2 grid's Qwen2 widths (tied), stage 2, fp32, LoRA, checkpointed show it: the estimate's LM-head
+    state held the bucket and outgrew the trace's peak, the block below the top's MLP walk (activations -17 MB)."""
+    return not any(g.outside and g.trainable and g.matmul and g.kind is not TensorKind.EMBEDDING
+                   for g in param_groups(model, setup))
+
+
 def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms, acts) -> tuple:
     """The step's states (memplan.estimate.phases.step_states) with DeepSpeed's buffers: the IPG bucket, stage 3's
     gradient partition from initialize on and its persistent parameters, and the optimizer step's fp32 gradient."""
@@ -512,6 +523,7 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms, acts) -> t
         states = _with_top_block_gathered(states, model, setup, acts)
         low, end = backward_low_end(model, setup)
     gip_last, gip_max = grads_in_partition(model, setup)
+    unhooked = head_unhooked(model, setup)
     whole = whole_bucket(model, setup)
     full = round_block(sum(g.total for g in param_groups(model, setup) if g.trainable) * _half(setup))
     out, backward_seen, head_done = [], False, False
@@ -559,8 +571,8 @@ def adjust(states: tuple, model: ModelSpec, setup: TrainingSetup, ms, acts) -> t
             tmp += (low if s.name.value.startswith(LOWEST) else end) - t.gathered_bwd  # backward_low_end
         if z3:
             tmp += t.ipg_bucket
-        elif s.phase is Phase.BACKWARD:
-            tmp += t.ipg_bucket if backward_seen else 0  # set up at the first parameter's gradient hook
+        elif s.phase is Phase.BACKWARD:  # set up at the first parameter's gradient hook (head_unhooked)
+            tmp += t.ipg_bucket if backward_seen and not (unhooked and s.name.value in HEAD_STATES) else 0
             backward_seen = True
         out.append(_with(s, temporaries=tmp, gradients=grads))
     return tuple(out)
