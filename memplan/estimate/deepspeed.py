@@ -491,13 +491,20 @@ def _with_top_block_gathered(states: tuple, model: ModelSpec, setup: TrainingSet
     # buffer lives beside its copies until its last parameter's module, so under checkpointing (little saved) a low
     # block's forward holds the most (the held-out-2 grid's Qwen2 widths, 4 blocks, 8 GPUs, fp32 LoRA, checkpointed:
     # 557.8 MB gathered in block 0's forward, two flat buffers, the whole model, beside the first one's copies;
-    # -2.36 % and temporaries -64 MB without this state, -0.64 % / -16 MB with it). Activations: the embeddings'
-    # and those saved by the blocks up to it, its own included.
+    # -2.36 % and temporaries -64 MB without this state, -0.00 % with it). Activations: the embeddings' and those
+    # saved by the blocks up to it, its own included.
     low = {b: n for b, n in block_gathered(model, groups, setup).items() if 0 <= b < model.blocks - 1 and n > gathered}
     if not low:
         return (*states[:i], top, *states[i:])
     b = max(low, key=lambda k: (low[k], -k))
-    cats = {**fwd.categories, C.ACTIVATIONS: acts.early + sum(acts.per_block[:b + 1]), C.TEMPORARIES: low[b]}
+    work = 0
+    if acts.ckpt(b) and model.gated_mlp:  # a checkpointed block saves nothing: its MLP's working set, at act(gate)
+        # · up, is temporaries (act(gate), up, their product, the MLP's input and the mid-block residual; the
+        # held-out-2 grid's Qwen2 widths, 4 ranks, bf16-master, full, checkpointed: 8.0 MiB, the trace's forward
+        # peak then above its loss backward's, as the estimate's; activations +36.7 MB before)
+        t, c = setup.model_tokens, _half(setup)
+        work = 3 * round_block(t * model.intermediate * c) + 2 * round_block(t * model.hidden * c)
+    cats = {**fwd.categories, C.ACTIVATIONS: acts.early + sum(acts.per_block[:b + 1]), C.TEMPORARIES: low[b] + work}
     below = fwd._replace(name=type(fwd.name)(BLOCK_GATHERED), categories=cats)
     return (*states[:i], below, top, *states[i:])
 
