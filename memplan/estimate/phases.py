@@ -76,6 +76,8 @@ class Moment(str, Enum):
     HEAD_STEP = "LM-head step in backward"  # --optimizer-in-backward: its gradient stepped (phases.in_backward)
     HEAD_CHUNK_SUM = "LM-head chunk gradients summed"  # --loss chunked: a trained head's per-chunk gradients added
     TOP_BLOCK = "top block backward"
+    TOP_BLOCK_FIRST_HOOK = "top block first gradient hook"  # DeepSpeed stage 1 / 2: the IPG bucket made at the
+    # first trained query / key / value gradient, the block's saved tensors freed (deepspeed.qkv_first_hook)
     FINAL_NORM_BACKWARD = "final norm backward"  # its fp32 temporaries (activations.final_norm_bwd)
     TOP_BLOCK_EXPERTS = "top block experts"  # an MoE block's expert rows, in its forward (or recomputation)
     TOP_BLOCK_FP8_CAST = "top block fp8 cast"  # --fp8: a converted linear's operand casts (fp8.cast_transients)
