@@ -213,8 +213,10 @@ CACHED_GRIDS.append((200, 6, "_seed6", 0))
 # seed 7: held out, traced 2026-12-03g (the trace code as at fb373df), scored once at 5847d83 (peak 200 / 200 within
 # 3%, max 1.92%, median 0.02%; every category 197 / 200: two fsdp-bf16 ZeRO-3 no-sync accumulation setups and a
 # 64-GPU pure-bf16 offload one whose estimate peaks at another moment, -0.03%); the last then modelled (the block below
-# the top's post-attention norm, checkpointed too: mid_norm_backward), the two fsdp-bf16 no-sync ones left
-CACHED_GRIDS.append((200, 7, "_seed7", 2))
+# the top's post-attention norm, checkpointed too: mid_norm_backward) and the 64-GPU fsdp-bf16 no-sync one
+# (separate_carry_states, +1.92% -> -0.00%); left: Llama-2-7B fsdp-bf16 no-sync --train-layers 1 (-0.44%, the trace
+# peaks inside the top block's backward after its MLP, a moment not walked under fsdp-bf16's separate carry)
+CACHED_GRIDS.append((200, 7, "_seed7", 1))
 
 
 @pytest.mark.parametrize("n,seed,suffix,misses", CACHED_GRIDS)
