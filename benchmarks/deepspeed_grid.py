@@ -4,16 +4,17 @@ Llama (hidden 256), world 2, DeepSpeed's buckets scaled to the model (KNOBS). Pr
 within 3 % of the traced peak and the per-category agreement; writes reports/estimate_vs_trace_deepspeed.md.
 
     PYTHONPATH=. python3 benchmarks/deepspeed_grid.py [--quick] [--from K] [--cache FILE [--cached-only]]
-    PYTHONPATH=. python3 benchmarks/deepspeed_grid.py --heldout | --heldout2 [--cache FILE [--cached-only]]
+    PYTHONPATH=. python3 benchmarks/deepspeed_grid.py --heldout | --heldout2 | --heldout3 [--cache FILE [--cached-only]]
 
---heldout2 scores the third grid (HELDOUT2, reports/trace_cache_deepspeed_heldout2.jsonl): held out from every
-change (drawn before, traced once, scored once), writing reports/estimate_vs_trace_deepspeed_heldout2.md.
+--heldout2 scores the third grid (HELDOUT2, reports/trace_cache_deepspeed_heldout2.jsonl), held out until
+2026-12-03g and tuned on since, writing reports/estimate_vs_trace_deepspeed_heldout2.md; --heldout3 the fourth
+(HELDOUT3, reports/trace_cache_deepspeed_heldout3.jsonl: drawn before any change for it, traced once, scored once),
+writing reports/estimate_vs_trace_deepspeed_heldout3.md.
 
---heldout scores the second, held-out grid (HELDOUT): DeepSpeed's DEFAULT knobs, gpt2 (124M) and a cut-down Llama
+--heldout scores the second grid (HELDOUT), tuned on since: DeepSpeed's DEFAULT knobs, gpt2 (124M) and a cut-down Llama
 of hidden 1024 (HELDOUT_LLAMA), world 2 and 4, stages 1-3, bf16-master / fp32, full / LoRA, checkpointing on / off,
 one gradient-accumulation case; it writes reports/estimate_vs_trace_deepspeed_heldout.md, and its committed cache
-is reports/trace_cache_deepspeed_heldout.jsonl (filled once, after the estimator's fixes on the first grid, and not
-tuned on since).
+is reports/trace_cache_deepspeed_heldout.jsonl (filled once, after the estimator's fixes on the first grid).
 
 --cache keeps each setup's traced result (peak, phase, categories at the peak and at every phase peak, the largest
 allocations alive at the peak) in FILE (JSON lines, keyed by the setup) and reuses it, so re-scoring the estimate
@@ -238,10 +239,10 @@ def rows(grid=GRID, cache: dict | None = None, cache_file: Path | None = None, h
 def main(argv: list[str]) -> None:
     cache_file = Path(argv[argv.index("--cache") + 1]) if "--cache" in argv else None
     cache = load_cache(cache_file)
-    heldout2 = "--heldout2" in argv
-    heldout = "--heldout" in argv or heldout2
+    heldout2, heldout3 = "--heldout2" in argv, "--heldout3" in argv
+    heldout = "--heldout" in argv or heldout2 or heldout3
     key_of = heldout_key if heldout else cache_key
-    grid = HELDOUT2 if heldout2 else HELDOUT if heldout else GRID
+    grid = HELDOUT3 if heldout3 else HELDOUT2 if heldout2 else HELDOUT if heldout else GRID
     grid = grid[::4] if "--quick" in argv else grid
     if "--from" in argv:  # resume a run cut short: the grid's rows from index K on
         grid = grid[int(argv[argv.index("--from") + 1]):]
@@ -334,6 +335,19 @@ def main(argv: list[str]) -> None:
                       "untuned DeepSpeed grid is now --heldout3 (reports/estimate_vs_trace_deepspeed_heldout3.md). "
                       + sources)
             name = "estimate_vs_trace_deepspeed_heldout2.md"
+        if heldout3:
+            doc[0] = "# Estimate vs the DeepSpeed trace, third held-out grid (--engine deepspeed, default knobs)"
+            doc[2] = (took + "DeepSpeed 0.19.8 traced per rank on a fake process group (memplan.trace.deepspeed, "
+                      "the larger peak of the first and the last rank), DeepSpeed's default knobs (no `ds_*` field "
+                      f"set), seq {HELDOUT_SEQ}, batch {HELDOUT_BATCH}, AdamW; two models no other grid has: "
+                      f"{HELDOUT3_MODELS}. **Held out**: the rows were drawn (HELDOUT3, 2026-12-03g) before any "
+                      "change was made for them, traced once (reports/trace_cache_deepspeed_heldout3.jsonl) while "
+                      "the session's estimator changes were made from the other grids, and scored once at the end; "
+                      "nothing was changed from what they show. Only the rows listed were traced in the time the "
+                      "session had (DeepSpeed on real CPU tensors: a bf16-master full fine-tuning row of these "
+                      "widths took 20 minutes on the shared 2-core machine); `--heldout3 --cache FILE` traces the "
+                      "rest. " + sources)
+            name = "estimate_vs_trace_deepspeed_heldout3.md"
     else:
         doc = ["# Estimate vs the DeepSpeed trace (--engine deepspeed)", "",
                took + "DeepSpeed 0.19.8 traced per rank on a fake process group (memplan.trace.deepspeed, the "

@@ -134,3 +134,20 @@ def test_the_moments_deepspeed_names_by_value_exist():
         assert Moment(v)
     assert {m for m in Moment if m.value.startswith(ds.LOWEST)} >= {Moment.LOWEST_SAVED_BLOCK,
                                                                     Moment.LOWEST_TRAINED_BLOCK}
+
+
+def _scored_heldout(name: str, keys: list) -> list:
+    cache = grid.load_cache(REPORTS / name)
+    missing = [k for k in keys if grid.heldout_key(k) not in cache]
+    assert not missing, f"{name} lacks {missing}"
+    return list(grid.rows(keys, cache, None, True))
+
+
+def test_heldout2_every_setup_and_category():
+    """The second held-out grid after this session's terms (block_gathered, the stage-2 whole-bucket end,
+    head_unhooked, qkv_first_hook; it was 16/16 within 3 % and 12/16 every category when scored held out): every
+    setup within 3 % and every category within 5 % or 16 MiB, as its report says."""
+    rows = _scored_heldout("trace_cache_deepspeed_heldout2.jsonl", grid.HELDOUT2)
+    assert [(k, f"{err:+.2%}") for k, _, _, err in rows if abs(err) > grid.PEAK_TOL] == []
+    assert [k for k, est, tr, _ in rows if grid.category_misses(est.categories, tr["categories"])] == []
+    assert _reported("estimate_vs_trace_deepspeed_heldout2.md") == (16, 16)
