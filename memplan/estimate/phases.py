@@ -511,8 +511,6 @@ class FsdpBuffers:
     block_flat: int = 0  # B_f: one block's flat all-gather output
     root_rs_output: int = 0  # the root's reduce-scatter output, its sharded gradients (a temporary under CPU
     # offload, copied to the host)
-    root_carry: int = 0  # fsdp-bf16 no-sync accumulation: the root's separate fp32 carried gradient
-    block_carry: int = 0  # ... and one trained block's (separate_carry_states)
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
@@ -562,9 +560,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
-        root_grads=root.grads, carried=carried, block_flat=blk.flat, root_rs_output=root.rs_output,
-        root_carry=root.grads_accumulated if separate_carry else 0,
-        block_carry=blk.grads_accumulated if separate_carry and trained else 0)
+        root_grads=root.grads, carried=carried, block_flat=blk.flat, root_rs_output=root.rs_output)
 
 
 def nf4_flat(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> int:
@@ -665,8 +661,6 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     )
     if fs and (setup.loss is Loss.CHUNKED or setup.logits_to_keep):
         states = loss_past_root(states, fs, lt, acts)
-    if fs and fs.root_carry:
-        states = separate_carry_states(states, fs, p)
     if setup.offload_activations:  # what OffloadActivations moves to the host (memplan.estimate.offload)
         from memplan.estimate import offload
 
@@ -679,40 +673,6 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     if setup.optimizer_in_backward:
         return in_backward(states, model, setup, p)
     return states
-
-
-_BELOW_TOP = ("block below the top",)
-_LOWEST = ("lowest", "block above the lowest")
-
-
-def separate_carry_states(states: tuple[State, ...], fs: "FsdpBuffers", p: Parameters) -> tuple[State, ...]:
-    """fsdp-bf16 no-sync accumulation (FsdpBuffers.root_carry): each unit keeps its gradient in a separate fp32
-    copy (FSDPParam.unsharded_accumulated_grad), made at its post_backward in the first micro-batch, reduced and
-    freed at its post_backward in the last; the new bf16 unsharded gradients sit beside it until then. So no moment
-    holds every carried gradient, as the backward's states (accum_grads) otherwise say:
-    - the block below the top's moments come in the last micro-batch, the top block reduced: its carry freed, its
-      sharded gradient made, and this block's new bf16 gradients made by its end (BLOCK_BELOW_TOP_DONE's);
-    - the lowest blocks' come in the first (the larger there): the carries of the blocks above, not their own nor
-      the root's;
-    - the backward's end (the embeddings') comes in the first too: the root's new gradients, not its carry.
-    As the per-rank trace of Llama-3.2-1B, 64 GPUs, ZeRO-3 fsdp-bf16, full, checkpointed, accumulating 2 shows it
-    (the held-out seed-7 grid: its peak at the block below the top's input norm in the last micro-batch, gradients
-    4602 MiB; the estimate's states all held 4714, +1.92%)."""
-    out = []
-    for st in states:
-        name, g = st.name.value, st.categories[C.GRADIENTS]
-        if st.phase is not Phase.BACKWARD:
-            out.append(st)
-            continue
-        if name.startswith(_BELOW_TOP):
-            g += fs.block_sharded - fs.block_carry + (p.grads.block if st.name is not Moment.BLOCK_BELOW_TOP_MLP
-                                                      else 0)
-        elif name.startswith(_LOWEST):
-            g -= fs.root_carry + fs.block_carry
-        elif st.name is Moment.BACKWARD_END:
-            g += fs.root_grads - fs.root_carry
-        out.append(st._replace(categories={**st.categories, C.GRADIENTS: g}))
-    return tuple(out)
 
 
 def loss_past_root(states: tuple[State, ...], fs: FsdpBuffers, lt: LossTerms, acts: Activations) -> tuple[State, ...]:
@@ -1441,7 +1401,7 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
     activation offloading: not modelled there.)"""
     prec, tr = setup.precision, model.traits
     if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2
-            and (saved or (acts.ckpt(j) and (not h.accum_grads or setup.sync_each_batch or h.fsdp.root_carry)))
+            and (saved or (acts.ckpt(j) and (not h.accum_grads or setup.sync_each_batch)))
             and tr.norm is NormKind.RMSNORM
             and tr.block is BlockLayout.PRE_NORM):
         return []
