@@ -1212,14 +1212,14 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             qkv_x = mb.x if mb and not setup.precision.autocast else 0
             done_tmp = (held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
                         + head_wait + fs.rs)
-            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
-                             done_tmp + 3 * qkv_x))
+            done_acts = in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x
+            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, done_acts, done_tmp + 3 * qkv_x))
             if mb and half_stream_norms(model, setup, acts, h):
                 # (not checkpointed, no accumulation: its input RMSNorm's backward beside what the done moment
                 # holds, four fp32 [tokens, hidden] of its own, as at the post-attention norm (mid_norm_backward):
                 # the per-rank trace of Llama-2-7B, 64 GPUs, ZeRO-3 fsdp-bf16, full, micro-batch 1 x 1024)
-                states.append(at(Moment.BLOCK_BELOW_TOP_NORM, grads, in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x,
-                                 done_tmp + 3 * qkv_x + 4 * round_block(setup.model_tokens * model.hidden * 4)))
+                states.append(at(Moment.BLOCK_BELOW_TOP_NORM, grads, done_acts,
+                                 done_tmp + 3 * qkv_x + norm_rows(model, setup)))
             # ... and then its input RMSNorm's backward, its checkpoint's input still saved (rmsnorm_backward)
             # (not checkpointed: the blocks below's saved tensors alone, its own freed but the norm's; traced with
             # sync-each-batch accumulation, where the norm's moment is above the done one's)
@@ -1428,7 +1428,12 @@ def mid_norm_backward(model, setup, acts: Activations, h: Held, mb: MlpBackward,
         return []
     g, a, t = mb.walk(True, False, False, end=True)
     x = setup.model_tokens * model.hidden
-    return [at(g, a + 2 * round_block(x * stream_bytes(setup.precision)), t + 4 * round_block(x * 4))]
+    return [at(g, a + 2 * round_block(x * stream_bytes(setup.precision)), t + norm_rows(model, setup))]
+
+
+def norm_rows(model, setup) -> int:
+    """The four fp32 [tokens, hidden] of an RMSNorm's backward under a half-precision stream (mid_norm_backward)."""
+    return 4 * round_block(setup.model_tokens * model.hidden * 4)
 
 
 def half_stream_norms(model, setup, acts: Activations, h: Held, recomputed: bool = False) -> bool:
