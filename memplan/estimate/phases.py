@@ -250,9 +250,14 @@ def half_weight_copies(groups: tuple[ParamGroup, ...], setup: TrainingSetup, mod
 def block_cast_bytes(model: ModelSpec, setup: TrainingSetup, h: "Held", groups: tuple[ParamGroup, ...]) -> int:
     """One block's autocast weight casts saved for backward (half_weight_copies: under --peft freeze only the
     trained blocks keep theirs, unless a trained tied embedding lets a gradient flow through every block)."""
+    return (h.half - h.half_outside) // max(cast_blocks(model, setup, groups), 1)
+
+
+def cast_blocks(model: ModelSpec, setup: TrainingSetup, groups: tuple[ParamGroup, ...]) -> int:
+    """How many blocks keep autocast weight casts (block_cast_bytes): every block, or under --peft freeze the trained
+    top ones alone."""
     flows = setup.peft is not PeftMethod.FREEZE or (model.tie_embeddings and tied_trains(groups))
-    n = model.blocks if flows else min(setup.train_layers, model.blocks)
-    return (h.half - h.half_outside) // max(n, 1)
+    return model.blocks if flows else min(setup.train_layers, model.blocks)
 
 
 def recomputed_block_casts(model: ModelSpec, setup: TrainingSetup, h: "Held", groups: tuple[ParamGroup, ...]) -> int:
@@ -649,7 +654,7 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     step_tmp = 0 if setup.offload_optimizer else step_temporary_bytes(setup.optimizer, stepped, u.largest_trainable)
     states = (
         State(Moment.LOAD, Phase.LOAD, {**_alive(h, 0, 0, 0), C.OPTIMIZER_STATES: 0}),
-        *(fsdp_forward_states(model, acts, h, half_fwd, setup) if fs else ()),
+        *(fsdp_forward_states(model, acts, h, half_fwd, setup, cast_blocks(model, setup, p.groups)) if fs else ()),
         *dora_norm_states(model, setup, acts, h, half_fwd),
         *top_block_dequant_forward(model, setup, acts, h, half_fwd),
         State(Moment.FORWARD, Phase.FORWARD,
@@ -905,12 +910,16 @@ def in_backward(states: tuple[State, ...], model: ModelSpec, setup: TrainingSetu
 
 
 def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int,
-                        setup: TrainingSetup | None = None) -> tuple[State, ...]:
+                        setup: TrainingSetup | None = None, with_casts: int | None = None) -> tuple[State, ...]:
     """FSDP2's forward before its end (FsdpBuffers): as it starts (the root and block 0 gathered), and in the
-    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks;
-    under QLoRA also inside a block (dequantized_block_forward)."""
+    blocks before the last (three blocks' all-gather bytes), the activations and weight casts of those blocks
+    (`with_casts` of the blocks keep casts, the top ones: cast_blocks; default all); under QLoRA also inside a block
+    (dequantized_block_forward). (--peft freeze --train-layers 1: the top block's casts are made in its own forward,
+    none before it; the per-rank trace of Llama-2-7B's widths cut to 8 blocks, 8 GPUs, ZeRO-2 fp16, checkpointed:
+    9999.9 MiB at most before the top block, 10337 estimated when 7/8 of its casts were spread below it)"""
     fs, L = h.fsdp, max(model.blocks, 1)
-    casts = (half_fwd - h.half_outside) * (L - 1) // L if half_fwd else 0
+    n = max(with_casts if with_casts is not None else L, 1)
+    casts = (half_fwd - h.half_outside) * (n - 1) // n if half_fwd else 0
     below = acts.early + sum(acts.per_block[:-1])
     if acts.ckpt(-1) and (not h.accum_grads or setup is not None and setup.sync_each_batch):  # the last block's pre-forward (its parameters copied out, the block
         # before's all-gather output still held): its input, which its checkpoint saves, already made. (Not under
@@ -1228,7 +1237,10 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             qkv_a, qkv_t = autocast_qkv_done(model, setup, p, mb)
             done_acts = in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x + qkv_a
             states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, done_acts, done_tmp + 3 * qkv_x + qkv_t))
-            if mb and half_stream_norms(model, setup, acts, h):
+            if mb and half_stream_norms(model, setup, acts, h) and not below_top_no_input_grad(model, setup, p):  # (no gradient flows below
+                # it: its input norm's backward makes its weight's gradient alone, below the done moment; the
+                # per-rank trace of Llama-2-70B's widths cut to 4 blocks, 4 GPUs, ZeRO-3 fsdp-bf16, --train-layers
+                # 2: 18196 MiB there, 18324 at its done moment; the held-out seed-8 grid's two 70B rows)
                 # (not checkpointed, no accumulation: its input RMSNorm's backward beside what the done moment
                 # holds, four fp32 [tokens, hidden] of its own, as at the post-attention norm (mid_norm_backward):
                 # the per-rank trace of Llama-2-7B, 64 GPUs, ZeRO-3 fsdp-bf16, full, micro-batch 1 x 1024)
@@ -1316,7 +1328,7 @@ def autocast_qkv_done(model, setup: TrainingSetup, p: Parameters, mb: MlpBackwar
     (not traced: their done moment is below the MLP's)."""
     if not (mb and setup.precision.autocast and mb.weight_half):
         return 0, 0
-    rows = 1 if setup.train_layers == 2 and lowest_input_no_grad(model, setup, p) else 2
+    rows = 1 if below_top_no_input_grad(model, setup, p) else 2
     row = rows * round_block(setup.model_tokens * model.hidden * 4)
     q = next((l for l in block_linears(model) if l.role is Role.Q), None)
     q_half = round_block(q.in_features * q.out_features * setup.precision.compute_bytes) if q else 0
@@ -1518,6 +1530,11 @@ def lowest_input_no_grad(model, setup: TrainingSetup, p: Parameters) -> bool:
     block below it runs a backward (deferred_post_backward)."""
     return (setup.peft is PeftMethod.FREEZE and 0 < setup.train_layers < model.blocks
             and not setup.checkpointing.wraps_blocks and not (model.tie_embeddings and tied_trains(p.groups)))
+
+
+def below_top_no_input_grad(model, setup: TrainingSetup, p: Parameters) -> bool:
+    """lowest_input_no_grad with the block below the top the lowest trained one (--train-layers 2)."""
+    return setup.train_layers == 2 and lowest_input_no_grad(model, setup, p)
 
 
 def block_above_lowest_mlp(model, setup, p: Parameters, acts: Activations, h: Held, mb: MlpBackward | None, j: int,
