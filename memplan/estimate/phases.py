@@ -106,6 +106,8 @@ class Moment(str, Enum):
     LOWEST_SAVED_BLOCK = "lowest saved block backward"
     LOWEST_BLOCK_REDUCE = "lowest block reduce-scatter"  # FSDP2: its gradients beside its reduce-scatter input
     LOWEST_SAVED_BLOCK_SOFTMAX = "lowest saved block softmax backward"
+    LOWEST_SAVED_BLOCK_RECOMPUTE = "lowest saved block recomputation"  # DDP, a frozen checkpointed block under
+    # autocast: its recomputed forward at its output projection's weight cast (recompute_transients)
     LOWEST_SAVED_BLOCK_MLP = "lowest saved block MLP backward"  # FSDP2 (mlp_backward)
     LOWEST_TRAINED_BLOCK_MLP = "lowest trained block MLP backward"  # FSDP2 (mlp_backward)
     BLOCK_ABOVE_LOWEST_MLP = "block above the lowest MLP backward"  # FSDP2 ZeRO-3 (block_above_lowest_mlp)
@@ -448,7 +450,8 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
                        half if p.grads.down else 0, round_block(model.hidden * t * 4) if half and p.grads.down else 0)
 
 
-def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward) -> int:
+def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward,
+                         frozen: bool = False) -> int:
     """Temporaries of a checkpointed top block's recomputed forward under autocast, at its MLP output projection's
     weight cast (the per-rank FSDP2 trace of llama-2-7b, fp16, checkpointed, LoRA and DoRA: the top block's
     backward peaks there). Alive beside what the step holds: the block's incoming gradient, the residual stream's
@@ -456,11 +459,12 @@ def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, 
     the input it came from, before the down projection's backward unpacks a saved tensor and so starts the
     recomputation: torch.utils.checkpoint, non-reentrant); the block's weight casts made again (autocast,
     block_cast_bytes); the MLP's input, its norm's fp32 output, still held by the block's forward; and
-    act(gate)·up, the output projection's input (an activation instead when that projection saves it)."""
+    act(gate)·up, the output projection's input (an activation instead when that projection saves it; `frozen`: a
+    frozen block's, which saves none)."""
     resid = round_block(setup.model_tokens * model.hidden * 4)
     down = next((l for l in model.linears if l.role is Role.DOWN and l.stack is not Stack.OUTSIDE), None)
     targets = lora_targets(model, setup) if setup.peft in (PeftMethod.LORA, PeftMethod.DORA, PeftMethod.QLORA) else ()
-    saves = bool(p.grads.down) or (down is not None and down in targets)
+    saves = not frozen and (bool(p.grads.down) or (down is not None and down in targets))
     return 2 * resid + mb.x + recomputed_block_casts(model, setup, h, p.groups) + (0 if saves else mb.row)
 
 
@@ -1614,13 +1618,22 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             out.append(State(names[1], Phase.BACKWARD, _alive(h, max(int(made - pending), accum, 0),
                                                               below + acts.at_softmax_bwd[j],
                                                               temps + acts.bwd_transient)))
-        mb_j, grad_out = mb, 0
+        mb_j, grad_out, recast = mb, 0, False
         if not mb and not trains and h.grad_floor and acts.full_per_block[j]:  # DDP / ZeRO-1, a frozen block:
             # no weight gradient goes through the reducer's hooks, so its MLP backward is walked as FSDP2's, beside
             # the block output's gradient (as ddp_top_mlp; the per-rank trace of llama-2-7b cut to 3 blocks,
             # --peft freeze below the trained block)
             mb_j = mlp_backward(model, setup, p)
             grad_out = residual_grad(model, setup)
+            if mb_j and acts.ckpt(j) and setup.precision.autocast and block_casts:  # checkpointed: its recomputation
+                # at its output projection's weight cast, every weight cast made again; then its walk frees each
+                # projection's (the per-rank trace of Llama-2-7B's widths cut to 4 blocks, 64 GPUs, bf16,
+                # --train-layers 1: 632.1 MiB of temporaries there, 622.1 at its walk's largest, 708 walked before
+                # with the casts kept; the held-out seed-8 grid's 7B DDP row)
+                out.append(State(Moment.LOWEST_SAVED_BLOCK_RECOMPUTE, Phase.BACKWARD,
+                                 _alive(h, max(int(made - block), accum, 0), below + acts.full_per_block[j],
+                                        temps - block_casts + recompute_transients(model, setup, p, h, mb_j, True))))
+                recast = True
         above = block_above_lowest_mlp(model, setup, p, acts, h, mb, j, saved, max(int(made - block), accum, 0),
                                        temps)
         if above and j == 0:  # block 1's moment made apart (FsdpBuffers.low's): block 0's own has no block below
@@ -1634,7 +1647,8 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                                                               or setup.train_layers > 1)
         if mb_j and acts.full_per_block[j] and not below_top:  # FSDP2: inside its MLP backward (MlpBackward)
             new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb_j, j, acts).walk(
-                trains, block_casts > 0 and not acts.ckpt(j), bool(h.accum_grads) and not setup.sync_each_batch)
+                trains, (block_casts > 0 and not acts.ckpt(j)) or recast,
+                bool(h.accum_grads) and not setup.sync_each_batch)
             out.append(State(names[2], Phase.BACKWARD,
                              _alive(h, max(int(made - block), accum, 0) + new,
                                     below + acts.full_per_block[j] - freed,
