@@ -41,7 +41,7 @@ from memplan.estimate.params import ParamGroup, all_params, lora_targets, param_
 from memplan.estimate.result import ModelStates
 from memplan.estimate.weights import (Unsharded, ddp, fsdp_sharded, fsdp_units, has_master, state_dtype_bytes,
                                       unsharded, unsharded_grad_bytes, zero1_step_bytes)
-from memplan.estimate.weights import gather_bytes, half_adapters, shard_numel
+from memplan.estimate.weights import half_adapters, model_states
 from memplan.spec.model import Arch, Linear, ModelSpec, Role, Stack
 from memplan.spec.traits import BlockLayout, NormKind
 from memplan.spec.setup import Engine, Fp8Recipe, LoraConfig, Loss, PeftMethod, Precision, TrainingSetup
@@ -99,6 +99,8 @@ class Moment(str, Enum):
     # input still held
     LOWEST_BLOCK_DONE = "lowest trained block done"  # FSDP2: its gradients made, at its query projection's
     # backward (as BLOCK_BELOW_TOP_DONE's)
+    TOP_BLOCK_MID_NORM = "top block, post-attention norm backward"  # FSDP2, a half-precision stream: its MLP's
+    # backward done (mid_norm_backward)
     BLOCK_BELOW_TOP_MID_NORM = "block below the top, post-attention norm backward"  # FSDP2, a half-precision
     # stream: its MLP's backward done (mid_norm_backward)
     BLOCK_BELOW_TOP_NORM = "block below the top, input norm backward"  # ... then its RMSNorm's fp32 backward
@@ -506,7 +508,8 @@ class FsdpBuffers:
     fwd: int  # ... at the forward's end (the loss): R + B_f (ZeRO-3), R + L·B + B_f (ZeRO-2)
     regather: int  # ... as the backward starts, ZeRO-3's root gathered again (R + R_f)
     bwd: int  # ... held through the backward: R + B_f (the top block's, prefetched), R + L·B (ZeRO-2)
-    top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again, the next one's copy-in)
+    top: int  # ... added at the top block's backward (ZeRO-3: its parameters gathered again; the next one's bf16
+    # copy-in under fsdp-bf16 is freed once its all-gather has run: none at the top block's moments)
     low: int  # ... at the lowest blocks' backward: R + B (+ B_f prefetched) + the reduce-scatter input held
     low_frozen: int  # ... at the frozen block right below the lowest trained one (--peft freeze, checkpointed)
     end: int  # temporaries at the embeddings' backward: R, block 0's reduce-scatter input, the tied-embedding adds
@@ -516,8 +519,6 @@ class FsdpBuffers:
     carry_reduced: int  # no-sync accumulation: what one trained block's reduction frees in the last micro-batch,
     # its carried unsharded gradients less its sharded ones (0 where not walked: separate_carry)
     resharded: int  # ZeRO-2: a block's gathered parameters, freed by its post_backward's reshard (ZeRO-3's: `top`)
-    copy_in: int  # of `top`, the prefetched all-gather's bf16 copy-in of the local shard (MixedPrecisionPolicy),
-    # freed once its all-gather has run: gone by the block below's MLP backward
     blocks_above: int  # sharded gradients of the trained blocks above the lowest, made by then
     sharded_blocks: int  # every trained block's sharded gradients
     root_grads: int  # the root's unsharded gradients (made by the end of backward)
@@ -525,6 +526,8 @@ class FsdpBuffers:
     block_flat: int = 0  # B_f: one block's flat all-gather output
     root_rs_output: int = 0  # the root's reduce-scatter output, its sharded gradients (a temporary under CPU
     # offload, copied to the host)
+    root_carry: int = 0  # fsdp-bf16 no-sync accumulation: the root's separate fp32 carried gradient
+    block_carry: int = 0  # ... and one trained block's (separate_carry_states)
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
@@ -533,11 +536,6 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
     L = u.blocks
     z3 = setup.zero == 3
     gathered = 0 if z3 else L * blk.gathered  # ZeRO-2: every block's parameters, after their forward
-    # (QLoRA's NF4 codes are stored in bf16 already, quant_storage: _to_dtype_if_needed returns that shard itself,
-    # so only the block's other tensors are cast; per-rank trace of Llama-3.2-1B's widths cut to 4 blocks, ZeRO-3
-    # fsdp-bf16 QLoRA checkpointed, 2 GPUs: the top block's recomputation R + B + B_f of all-gather, no copy-in)
-    copy_in = -(-(blk.flat - nf4_flat(model, setup, u)) // setup.gpus) if setup.precision is Precision.FSDP_BF16 \
-        else 0
     rs = blk.rs_input if trained else 0
     off = setup.offload_params
     tied = model.tie_embeddings and tied_trains(groups)
@@ -556,7 +554,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         blocks=root.gathered + (blk.gathered if z3 else gathered) + 2 * blk.flat,
         fwd=root.gathered + gathered + blk.flat, regather=root.gathered + root.flat if z3 else 0,
         bwd=root.gathered + (blk.flat if z3 else gathered),
-        top=blk.gathered + copy_in if z3 else 0,
+        top=blk.gathered if z3 else 0,
         # the lowest blocks: ZeRO-3's next-lower block's all-gather prefetched (block 1's moment, one block's shard
         # of gradients short of block 0's)
         low=root.gathered + blk.gathered + (blk.flat if z3 else 0) + (rs if trained > 1 else 0),
@@ -570,18 +568,13 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         end=root.gathered + (rs if trained == L else 0) + emb_add, root_reduce=root.rs_input, rs=rs,
         block_sharded=0 if off else blk.rs_output,
         carry_reduced=blk.grads_accumulated - blk.rs_output * (not off) if trained and separate_carry is False
-        else 0, resharded=0 if z3 else blk.gathered, copy_in=copy_in if z3 else 0,
+        else 0, resharded=0 if z3 else blk.gathered,
         # CPUOffloadPolicy: each reduce-scatter output is copied to a host gradient and freed (foreach_reduce)
         blocks_above=0 if off else max(trained - 1, 0) * blk.rs_output,
         sharded_blocks=0 if off else trained * blk.rs_output,
-        root_grads=root.grads, carried=carried, block_flat=blk.flat, root_rs_output=root.rs_output)
-
-
-def nf4_flat(model: ModelSpec, setup: TrainingSetup, u: Unsharded) -> int:
-    """Bytes of one block's NF4 tensors in its flat all-gather output (weights.fsdp_units' _unit, their share)."""
-    n = setup.gpus
-    return sum(shard_numel(g, n, setup) * n * gather_bytes(g, setup) * max(1, g.count // u.blocks)
-               for g in u.groups if g.nf4 and not g.outside)
+        root_grads=root.grads, carried=carried, block_flat=blk.flat, root_rs_output=root.rs_output,
+        root_carry=root.grads_accumulated if separate_carry else 0,
+        block_carry=blk.grads_accumulated if separate_carry and trained else 0)
 
 
 def step_grads(u: Unsharded, ms: ModelStates, setup: TrainingSetup) -> int:
@@ -638,6 +631,8 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     # FSDP2 gathers the fp32 parameters and autocast casts them as on one GPU
     zero3 = setup.zero == 3 and setup.shards > 1 and setup.engine is Engine.DEEPSPEED
     fs = fsdp_buffers(model, setup, u, ms.gradients, p.groups) if fsdp_sharded(setup) else None
+    if fs and fs.root_carry:
+        return separate_carry_step(model, setup, fs, acts)
     if fs:
         accum_grads = fs.carried
     # checkpointed blocks drop their casts after the forward; the LM head's (outside any block) stays saved
@@ -687,6 +682,75 @@ def step_states(model: ModelSpec, setup: TrainingSetup, p: Parameters, ms: Model
     if setup.optimizer_in_backward:
         return in_backward(states, model, setup, p)
     return states
+
+
+def separate_carry_step(model: ModelSpec, setup: TrainingSetup, fs: "FsdpBuffers",
+                        acts: Activations) -> tuple[State, ...]:
+    """fsdp-bf16 no-sync accumulation (FsdpBuffers.root_carry): each unit keeps its gradient in a separate fp32 copy
+    (FSDPParam.unsharded_accumulated_grad), made from its new bf16 unsharded gradients at its post_backward in the
+    first micro-batch (which are then freed) and reduced with the last micro-batch's at its post_backward in the last
+    (and freed). So each micro-batch's backward is the step without accumulation (its states, step_states of the
+    setup with one micro-batch) with gradients moved, block j's backward running:
+    - the first micro-batch: the trained blocks above j hold their fp32 carries instead of their sharded gradients,
+      and no reduce-scatter input is held;
+    - the last: block j's and every trained block's below it still carried, and the root's, beside the sharded
+      gradients of those above (reduced) and the new unsharded ones of block j and of the root: as without
+      accumulation. Its forward has every carry.
+    The post_backward moments (a reduce-scatter) are kept for the last micro-batch alone (the first reduces nothing).
+    As the per-rank traces of Llama-3.2-1B, ZeRO-3 fsdp-bf16, full, 4 GPUs and 64 checkpointed (the held-out seed-7
+    grid: its peak at the block below the top's input norm in the last micro-batch, 4602 MiB of gradients; +1.92%
+    when every state held every carry), and of Llama-2-7B's widths, 4 GPUs, --peft freeze --train-layers 1
+    checkpointed (the top block's MLP backward in the last micro-batch: gradients 1780 MiB) show it."""
+    one = replace(setup, grad_accum=1, sync_each_batch=False)
+    p1 = parameters(model, one)
+    L = model.blocks
+    first = L - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+    saved = [i for i, b in enumerate(acts.full_per_block) if b] or [0]
+    lowest_saved, lowest_trained = lowest_blocks(model, setup, saved)
+
+    def trained(lo: int, hi: int) -> int:  # trained blocks in [lo, hi)
+        return max(0, min(hi, L) - max(lo, first, 0))
+
+    def block_of(st: State) -> tuple[int, bool] | None:  # (block j whose backward runs, a post_backward moment)
+        name = st.name.value
+        reduce = "reduce" in name
+        if st.phase is not Phase.BACKWARD:
+            return None
+        if name.startswith("top block"):
+            return L - 1, reduce
+        if name.startswith("block below the top"):
+            return L - 2, reduce
+        if name.startswith("block above the lowest"):
+            return saved[0] + 1, reduce
+        if name.startswith("lowest saved"):
+            return lowest_saved, reduce
+        if name.startswith("lowest"):
+            return lowest_trained, reduce
+        if st.name in (Moment.BACKWARD_END, Moment.ROOT_REDUCE, Moment.DEFERRED_BLOCK_REDUCE):
+            return -1, st.name is not Moment.BACKWARD_END
+        return L - 1, False  # the loss's and the LM head's
+
+    def moved(st: State, g: int, t: int = 0) -> State:
+        c = st.categories
+        return st._replace(categories={**c, C.GRADIENTS: c[C.GRADIENTS] + g, C.TEMPORARIES: c[C.TEMPORARIES] + t})
+
+    carries = trained(0, L) * fs.block_carry + fs.root_carry
+    out = []
+    for st in step_states(model, one, p1, model_states(p1.unsharded, one), acts):
+        at = block_of(st)
+        if st.phase is Phase.FORWARD:
+            out.append(moved(st, carries))
+        elif at is None:
+            out.append(st)
+        else:
+            j, reduce = at
+            if not reduce:  # the first micro-batch: no reduce-scatter input held either
+                held_rs = trained(j + 1, L) > 0 if j >= 0 else first == 0
+                out.append(moved(st, trained(j + 1, L) * (fs.block_carry - fs.block_sharded),
+                                 -fs.rs if held_rs and j < L - 1 else 0))
+            root = 0 if st.name in (Moment.ROOT_REDUCE, Moment.DEFERRED_BLOCK_REDUCE) else fs.root_carry  # (reduced)
+            out.append(moved(st, trained(0, j if reduce else j + 1) * fs.block_carry + root))
+    return tuple(out)
 
 
 def loss_past_root(states: tuple[State, ...], fs: FsdpBuffers, lt: LossTerms, acts: Activations) -> tuple[State, ...]:
@@ -1086,10 +1150,11 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     in_blocks = sum(acts.per_block) + acts.early
     rec = acts.full_per_block[-1] - acts.input_saved[-1] if (acts.full_per_block and acts.ckpt(-1)) else 0
     top_g = carried + new_g + pending
-    # FSDP2: the top block gathered again, the next one's all-gather prefetched
+    # FSDP2: the top block gathered again, the next one's all-gather prefetched, its bf16 copy-in (fsdp-bf16) freed
+    # once its all-gather has run (the per-rank traces of Llama-2-7B's widths cut to 6 blocks, 4 GPUs, ZeRO-3
+    # fsdp-bf16 --train-layers 1, checkpointed, and of Llama-3.2-1B, 4 GPUs, full: none at the top block's MLP
+    # backward and input norm; 96.5 and 29 MiB too many before)
     held += h.fsdp.top if h.fsdp else 0
-    if h.fsdp and setup.train_layers == 1 and lowest_input_no_grad(model, setup, p):  # no block below runs its
-        held -= h.fsdp.copy_in  # backward, so none is prefetched: no bf16 copy-in (the per-rank trace, 8 GPUs)
     if h.engine:  # the engines' trace: the LM head's weight cast is freed by the head's backward, and the top
         held += h.deq - h.half_outside  # block dequantizes its NF4 weights again
     if acts.final_norm[1]:  # the final norm's backward, before the top block's
@@ -1154,6 +1219,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                              held + head_wait + resid + mb.row))
         states.append(at(Moment.TOP_BLOCK_MLP, top_g + mlp_g, in_blocks + rec - mlp_a,
                          held + head_wait + mlp_t + resid + again - walk_deq - down_deq))
+        if h.fsdp:  # ... and its post-attention norm's backward, the walk done (mid_norm_backward, as the block below
+            # the top's: the larger one where that block's moments hold no more gradients, the top one's carried
+            # under fsdp-bf16 no-sync accumulation, separate_carry_step)
+            states += mid_norm_backward(model, setup, acts, h, mb, lambda g, a, t: at(
+                Moment.TOP_BLOCK_MID_NORM, top_g + g, in_blocks + rec - a,
+                held + head_wait + t + resid + again - walk_deq - down_deq))
         if walk_deq:  # ... its recomputation's up projection, before the
             # walk, as ddp_top_mlp's: the block output's gradient and the output projection's input gradient beside
             # the mid-block residual and the MLP's input; under autocast the rows are fp32, the up projection's not
@@ -1191,10 +1262,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # unsharded gradients wait for the post_backward beside it)
             # (sep: the LM head's new unsharded gradient too, the root's post_backward not run yet)
             states.append(at(Moment.TOP_BLOCK_DONE, top_g + p.grads.block + (p.grads.head[0] if sep else 0),
-                             in_blocks - acts.per_block[-1] + 2 * qkv_top, held + head_wait + 3 * qkv_top))
+                             in_blocks - acts.per_block[-1] + 2 * qkv_top,
+                             held + head_wait + 3 * qkv_top))
         if not (setup.train_layers == 1 and deferred_post_backward(model, setup, p)):  # (the root's, after)
             states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
-                             held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait + h.fsdp.rs))
+                             held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait
+                             + h.fsdp.rs))
         if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
             # ... and the block below's backward done: its gradients all made, still gathered (its post_backward
             # recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather
@@ -1218,12 +1291,12 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                 # trace of llama-2-7b's widths cut to 4 blocks, fp32, 64 GPUs: temporaries 3832 vs 3896 MiB before)
                 states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
                                  in_blocks - acts.per_block[-1] + below_own - mlp_a,
-                                 held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + mlp_t
+                                 held - fs.resharded - top_casts + head_wait + fs.rs + mlp_t
                                  + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)
                                  + again_below))
                 states += mid_norm_backward(model, setup, acts, h, mb, lambda g, a, t: at(
                     Moment.BLOCK_BELOW_TOP_MID_NORM, top_g + reduced + g, in_blocks - acts.per_block[-1] + below_own - a,
-                    held - fs.resharded - fs.copy_in - top_casts + head_wait + fs.rs + t
+                    held - fs.resharded - top_casts + head_wait + fs.rs + t
                     + residual_grad(model, setup)))
             grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
                      else top_g + p.grads.block + fs.block_sharded)
@@ -1236,7 +1309,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
             # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
             # fp32 residual stream's norm backward differs, not modelled)
             qkv_x = mb.x if mb and not setup.precision.autocast else 0
-            done_tmp = (held - fs.resharded - fs.copy_in - top_casts - (0 if acts.ckpt(-2) else block_casts)
+            done_tmp = (held - fs.resharded - top_casts - (0 if acts.ckpt(-2) else block_casts)
                         + head_wait + fs.rs)
             qkv_a, qkv_t = autocast_qkv_done(model, setup, p, mb)
             done_acts = in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x + qkv_a
@@ -1304,7 +1377,7 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # of backward and at the root's reduce-scatter, its output made beside the root's unsharded gradients
         # (CPUOffloadPolicy: a temporary, copied to the host); then its own reduce-scatter input, the root reduced
         # (its input and unsharded gradients freed)
-        low = fs.top - fs.copy_in + fs.block_flat if fs.regather else fs.resharded
+        low = fs.top + fs.block_flat if fs.regather else fs.resharded
         grads += p.grads.block - fs.block_sharded
         out_g, out_t = (0, fs.root_rs_output) if setup.offload_params else (fs.root_rs_output, 0)
         states += [at(Moment.BACKWARD_END, grads, 0, end + low),
@@ -1451,7 +1524,7 @@ def rmsnorm_backward(model, setup, acts: Activations, h: Held, j: int, name: Mom
     activation offloading: not modelled there.)"""
     prec, tr = setup.precision, model.traits
     if not (h.fsdp and not prec.autocast and stream_bytes(prec) == 2
-            and (saved or (acts.ckpt(j) and (not h.accum_grads or setup.sync_each_batch)))
+            and (saved or (acts.ckpt(j) and (not h.accum_grads or setup.sync_each_batch or h.fsdp.root_carry)))
             and tr.norm is NormKind.RMSNORM
             and tr.block is BlockLayout.PRE_NORM):
         return []
@@ -1562,6 +1635,16 @@ def block_above_lowest_mlp(model, setup, p: Parameters, acts: Activations, h: He
                          temps + tmp + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, k, acts)))]
 
 
+def lowest_blocks(model, setup: TrainingSetup, saved: list[int]) -> tuple[int, int]:
+    """(the lowest saved block whose backward lowest_block_states sizes, the lowest trained one), `saved` the blocks
+    that saved anything. Frozen checkpointed blocks below the trained ones: the highest of them has every gradient
+    made and the most checkpoint inputs below it (FSDP2: it holds the lowest trained block's reduce-scatter input,
+    the others nothing more, low_frozen)."""
+    first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+    lowest_trained = max(saved[0], min(first_trained, model.blocks - 1))
+    return (max(saved[0], lowest_trained - 1) if saved[0] < lowest_trained else saved[0]), lowest_trained
+
+
 def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held) -> list[State]:
     """Inside the backward of the lowest block backward reaches (the lowest that saved anything) and of the lowest
     that trains: the gradients of everything above are made, the embeddings' are not (a tied LM head's
@@ -1572,7 +1655,7 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
     if not saved:
         return [State(Moment.LOWEST_SAVED_BLOCK, Phase.BACKWARD, _alive(h, 0, 0, 0))]
     first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
-    lowest_trained = max(saved[0], min(first_trained, model.blocks - 1))
+    lowest_saved, lowest_trained = lowest_blocks(model, setup, saved)
     g = p.grads
     scale = ms.gradients / max(g.trainable, 1)  # sharding and DDP buckets
     late, tied_wait = g.late * scale, g.tied_wait * scale
@@ -1582,11 +1665,6 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         made_fsdp = fs.blocks_above + fs.root_grads - g.late + g.block
     block_casts = block_cast_bytes(model, setup, h, p.groups)
     mb = mlp_backward(model, setup, p) if fs or deepspeed.walks_mlp(setup) else None
-    lowest_saved = saved[0]
-    if saved[0] < lowest_trained:  # frozen checkpointed blocks below the trained ones: the highest of them has
-        # every gradient made and the most checkpoint inputs below it (FSDP2: it holds the lowest trained block's
-        # reduce-scatter input, the others nothing more, low_frozen)
-        lowest_saved = max(saved[0], lowest_trained - 1)
     out = []
     for j in {lowest_saved, lowest_trained}:  # one state when they coincide
         names = ((Moment.LOWEST_SAVED_BLOCK, Moment.LOWEST_SAVED_BLOCK_SOFTMAX, Moment.LOWEST_SAVED_BLOCK_MLP)
