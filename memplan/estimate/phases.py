@@ -438,7 +438,8 @@ class MlpBackward:
 
 def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBackward | None:
     """The MLP backward terms of `setup` (MlpBackward); None for a plain MLP or MoE blocks, and for no-sync
-    accumulation into a separate fp32 copy (fsdp-bf16; FsdpBuffers.carry_reduced): not walked."""
+    accumulation into a separate fp32 copy (fsdp-bf16; FsdpBuffers.carry_reduced): not walked (with a trained root,
+    separate_carry_step walks the one-micro-batch step instead)."""
     no_sync = setup.grad_accum > 1 and not setup.sync_each_batch
     separate = no_sync and setup.precision is Precision.FSDP_BF16 and (p.grads.down or setup.peft is not
                                                                          PeftMethod.QLORA)
@@ -527,7 +528,7 @@ class FsdpBuffers:
     root_rs_output: int = 0  # the root's reduce-scatter output, its sharded gradients (a temporary under CPU
     # offload, copied to the host)
     root_carry: int = 0  # fsdp-bf16 no-sync accumulation: the root's separate fp32 carried gradient
-    block_carry: int = 0  # ... and one trained block's (separate_carry_states)
+    block_carry: int = 0  # ... and one trained block's (separate_carry_step)
 
 
 def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads: int, groups) -> FsdpBuffers:
