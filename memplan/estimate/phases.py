@@ -1091,10 +1091,51 @@ def top_block_dequant_forward(model, setup: TrainingSetup, acts: Activations, h:
                                                                        casts + held + tmp)),)
 
 
+@dataclass(frozen=True)
+class Backward:
+    """What the backward's moments below the LM head share: the setup and the estimate's parts, the temporaries
+    held throughout (`held`: the weight casts, dequantized and gathered weights, the top block gathered again),
+    the head's gradient waiting for its cast (`head_wait`), the gradients alive as the top block's backward begins
+    (`top_g`), every block's saved tensors (`in_blocks`), the top block's recomputed ones (`rec`), the MLP walk
+    (`mb`), no-sync accumulation (`no_sync`) and whether a block's weight casts are counted until its backward
+    (`casts_of`: unless it is recomputed; a checkpointed block's are not)."""
+
+    model: ModelSpec
+    setup: TrainingSetup
+    p: Parameters
+    ms: ModelStates
+    acts: Activations
+    h: "Held"
+    held: int
+    head_wait: int
+    top_g: int
+    in_blocks: int
+    rec: int
+    mb: MlpBackward | None
+    no_sync: bool
+    casts_of: bool
+
+    def at(self, name: Moment, gradients: int, activations: int, temporaries: int) -> State:
+        return State(name, Phase.BACKWARD, _alive(self.h, gradients, activations, temporaries))
+
+
 def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held,
                     loss_b: int, lt: LossTerms | None = None) -> list[State]:
     """The backward's states: its start, the LM head's backward, the top and the lowest block's backward, its end."""
-    lt = lt or loss_terms_of(model, setup, p)
+    states, b = head_backward_states(model, setup, p, ms, acts, h, loss_b, lt or loss_terms_of(model, setup, p))
+    states += top_block_states(b)
+    if h.fsdp and h.fsdp.rs:
+        states += top_block_reduce_states(b)
+        if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
+            states += block_below_top_states(b)
+    states += lowest_block_states(model, setup, p, ms, acts, h)
+    states += fsdp_norm_backward(model, setup, p, acts, h)
+    return states + backward_end_states(b)
+
+
+def head_backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activations, h: Held, loss_b: int,
+                         lt: LossTerms) -> tuple[list[State], Backward]:
+    """The loss's and the LM head's backward (and the final norm's); and what the blocks' backward moments share."""
     casts = h.half
     if setup.checkpointing.wraps_blocks:  # only the blocks a policy leaves alone keep their casts saved
         casts = h.half_outside + int((h.half - h.half_outside) * unwrapped_share(setup, model.blocks))
@@ -1161,7 +1202,20 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
     if acts.final_norm[1]:  # the final norm's backward, before the top block's
         states.append(at(Moment.FINAL_NORM_BACKWARD, top_g, in_blocks + acts.final_norm[0],
                          held + head_wait + acts.final_norm[1]))
-    states.append(at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait))
+    # (DDP / ZeRO-1 too: the per-rank trace peaks there once the blocks' saved tensors outgrow the loss's)
+    mb = mlp_backward(model, setup, p) if h.fsdp or h.grad_floor or deepspeed.walks_mlp(setup) else None
+    return states, Backward(model, setup, p, ms, acts, h, held, head_wait, top_g, in_blocks, rec, mb,
+                            no_sync=bool(h.accum_grads) and not setup.sync_each_batch,
+                            casts_of=block_cast_bytes(model, setup, h, p.groups) > 0)
+
+
+def top_block_states(b: Backward) -> list[State]:
+    """The top block's backward: its start (recomputed under checkpointing), DoRA's and fp8's casts, the experts'
+    and the softmax's transients, its recomputation and its MLP walk (FSDP2, DDP with a trained MLP; a frozen one's
+    is ddp_top_mlp's)."""
+    model, setup, p, acts, h, mb, at = b.model, b.setup, b.p, b.acts, b.h, b.mb, b.at
+    top_g, in_blocks, rec, held, head_wait = b.top_g, b.in_blocks, b.rec, b.held, b.head_wait
+    states = [at(Moment.TOP_BLOCK, top_g, in_blocks + rec, held + head_wait)]
     states += dora_recompute_states(model, setup, acts, h, top_g, in_blocks, held + head_wait)
     states += fsdp_dora_recompute_states(model, setup, acts, h, lambda a, t: at(
         Moment.TOP_BLOCK_DORA_RECOMPUTE, top_g, in_blocks + a, held + head_wait + t),
@@ -1176,11 +1230,6 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         soft = acts.at_softmax_bwd[-1] if acts.at_softmax_bwd else 0
         own = soft - acts.input_saved[-1] if acts.ckpt(-1) else soft - last
         states.append(at(Moment.TOP_BLOCK_SOFTMAX, top_g, in_blocks + own, held + head_wait + acts.bwd_transient))
-    # (DDP / ZeRO-1 too: the per-rank trace peaks there once the blocks' saved tensors outgrow the loss's)
-    mb = mlp_backward(model, setup, p) if h.fsdp or h.grad_floor or deepspeed.walks_mlp(setup) else None
-    no_sync = bool(h.accum_grads) and not setup.sync_each_batch
-    casts_of = block_cast_bytes(model, setup, h, p.groups) > 0  # a block's weight casts are counted until its
-    # backward unless it is recomputed (a checkpointed block's are not)
     if (mb and h.fsdp and acts.ckpt(-1) and setup.precision.autocast and not setup.offload_activations
             and not fsdp_walk_deq(model, setup, p, h, mb, -1, acts)):  # (QLoRA's: TOP_BLOCK_RECOMPUTE_UP)
         # its recomputation (recompute_transients; not walked under activation offloading, whose states
@@ -1206,8 +1255,8 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
         # bf16 --peft freeze --train-layers 2: 199.8 MiB of temporaries; before: 167.8)
         remade = ddp_walk and acts.ckpt(-1) and setup.precision.autocast and mb.weight_half > 0
         mlp_g, mlp_a, mlp_t = fsdp_qlora_walk(model, setup, p, h, mb, -1, acts).walk(
-            True, (casts_of and not acts.ckpt(-1) and not offloaded) or remade,
-            no_sync or (ddp_walk and setup.bucket_view))
+            True, (b.casts_of and not acts.ckpt(-1) and not offloaded) or remade,
+            b.no_sync or (ddp_walk and setup.bucket_view))
         resid = residual_grad(model, setup)
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         if remade:
@@ -1239,158 +1288,168 @@ def backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Activati
                 row, unsaved, extra = mb.row, 0, 2 * resid
             states.append(at(Moment.TOP_BLOCK_RECOMPUTE_UP, top_g, in_blocks + rec - unsaved,
                              held + head_wait + resid + row + extra))
-    states += ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
-    if h.fsdp and h.fsdp.rs:  # FSDP2: the top block's post_backward, its unsharded gradients all made, copied
-        # into its reduce-scatter input (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward
-        # reshards before it reduces: its gathered parameters are gone) and its own saved tensors and weight casts
-        # freed; the blocks below keep theirs (RegisterPostBackwardFunction fires as the gradient of the block's
-        # input is complete, before the block below runs its backward)
-        block_casts = block_cast_bytes(model, setup, h, p.groups)
-        top_casts = 0 if acts.ckpt(-1) else block_casts
-        # (under no-sync accumulation they were added into the carried ones first, and freed)
-        grads = h.accum_grads if h.accum_grads else top_g + p.grads.block
-        # ... and before that, its backward done but its reduce-scatter: its last weight gradient (the query
-        # projection's) made, the block still gathered, the attention norm's saved input and output alive beside
-        # three input gradients (query's, a copy, key's and value's sum), as at BLOCK_BELOW_TOP_DONE: the per-rank
-        # trace of llama-2-70b's widths, 2 GPUs, bf16-master, --peft freeze --train-layers 1 (the block's trained
-        # input norm makes its input gradients flow; before: activations 0 vs 32 MiB, the held-out seed-4 miss).
-        # Without autocast (the fp32 stream's norm backward under autocast is not modelled) and offloading
-        # (memplan.estimate.offload adjusts states by name)
-        sep = no_sync and setup.precision is Precision.FSDP_BF16  # (no MlpBackward there: separate_carry)
-        qkv_top = (round_block(model.hidden * setup.model_tokens * stream_bytes(setup.precision)) if (mb or sep)
-                   and not setup.precision.autocast and not setup.offload_activations else 0)  # (MlpBackward.x)
-        if qkv_top and (not no_sync or sep):  # (fsdp-bf16's no-sync carry is a separate fp32 copy: the new
-            # unsharded gradients wait for the post_backward beside it)
-            # (sep: the LM head's new unsharded gradient too, the root's post_backward not run yet)
-            states.append(at(Moment.TOP_BLOCK_DONE, top_g + p.grads.block + (p.grads.head[0] if sep else 0),
-                             in_blocks - acts.per_block[-1] + 2 * qkv_top,
-                             held + head_wait + 3 * qkv_top))
-        if not (setup.train_layers == 1 and deferred_post_backward(model, setup, p)):  # (the root's, after)
-            states.append(at(Moment.TOP_BLOCK_REDUCE, grads, in_blocks - acts.per_block[-1],
-                             held - h.fsdp.top - h.fsdp.resharded - top_casts + head_wait
-                             + h.fsdp.rs))
-        if model.blocks > 1 and (setup.peft is not PeftMethod.FREEZE or setup.train_layers > 1):
-            # ... and the block below's backward done: its gradients all made, still gathered (its post_backward
-            # recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather
-            # prefetched, the two blocks' saved tensors and weight casts freed
-            # ... and before that, inside its MLP backward (MlpBackward), the top block resharded and reduced: its
-            # sharded gradients made (added into the carried ones under sync_each_batch) and, the last no-sync
-            # micro-batch, its carried unsharded ones freed
-            below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
-            fs = h.fsdp
-            # (a checkpointed block whose MLP trains, under autocast: its recomputed weight casts alive, each freed
-            # by its projection's backward, walked; the per-rank trace of Llama-2-7B's widths cut to 6 blocks, 4 GPUs,
-            # ZeRO-3 bf16 --train-layers 2: the up projection's weight-gradient cast holds the block's peak, 7618.5
-            # MiB, estimated 7617.5; the held-out seed-8 grid's 7B row. Adapters: not traced, not walked)
-            again_below = (recomputed_block_casts(model, setup, h, p.groups) if mb and mb.weight_half and acts.ckpt(-2)
-                           and not setup.offload_activations else 0)
-            mlp_g, mlp_a, mlp_t = (fsdp_qlora_walk(model, setup, p, h, mb, -2, acts).walk(
-                True, (casts_of and not acts.ckpt(-2) and not setup.offload_activations) or again_below > 0, no_sync)
-                if mb else (0, 0, 0))
-            reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
-            if mb:  # (as the top block's MLP moment, its output's gradient in flight: residual_grad; the per-rank
-                # trace of llama-2-7b's widths cut to 4 blocks, fp32, 64 GPUs: temporaries 3832 vs 3896 MiB before)
-                states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
-                                 in_blocks - acts.per_block[-1] + below_own - mlp_a,
-                                 held - fs.resharded - top_casts + head_wait + fs.rs + mlp_t
-                                 + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)
-                                 + again_below))
-                states += mid_norm_backward(model, setup, acts, h, mb, lambda g, a, t: at(
-                    Moment.BLOCK_BELOW_TOP_MID_NORM, top_g + reduced + g, in_blocks - acts.per_block[-1] + below_own - a,
-                    held - fs.resharded - top_casts + head_wait + fs.rs + t
-                    + residual_grad(model, setup)))
-            grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
-                     else top_g + p.grads.block + fs.block_sharded)
-            if h.accum_grads and setup.sync_each_batch:  # the top block's reduced gradients added into the
-                # carried sharded ones; this block's unsharded ones made beside them (the per-rank trace of
-                # llama-3.2-1b, 64 GPUs, pure-bf16: 37 + 116 MiB)
-                grads = top_g + p.grads.block
-            # (its last weight gradients, its first projections' (query / key / value), made while the attention
-            # norm's saved input and output are alive, two [tokens, hidden], beside three input gradients: query's
-            # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
-            # fp32 residual stream's norm backward differs, not modelled)
-            qkv_x = mb.x if mb and not setup.precision.autocast else 0
-            done_tmp = (held - fs.resharded - top_casts - (0 if acts.ckpt(-2) else block_casts)
-                        + head_wait + fs.rs)
-            qkv_a, qkv_t = autocast_qkv_done(model, setup, p, mb)
-            done_acts = in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x + qkv_a
-            states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, done_acts, done_tmp + 3 * qkv_x + qkv_t))
-            if mb and half_stream_norms(model, setup, acts, h) and not below_top_no_input_grad(model, setup, p):  # (no gradient flows below
-                # it: its input norm's backward makes its weight's gradient alone, below the done moment; the
-                # per-rank trace of Llama-2-70B's widths cut to 4 blocks, 4 GPUs, ZeRO-3 fsdp-bf16, --train-layers
-                # 2: 18196 MiB there, 18324 at its done moment; the held-out seed-8 grid's two 70B rows)
-                # (not checkpointed, no accumulation: its input RMSNorm's backward beside what the done moment
-                # holds, four fp32 [tokens, hidden] of its own, as at the post-attention norm (mid_norm_backward):
-                # the per-rank trace of Llama-2-7B, 64 GPUs, ZeRO-3 fsdp-bf16, full, micro-batch 1 x 1024)
-                states.append(at(Moment.BLOCK_BELOW_TOP_NORM, grads, done_acts,
-                                 done_tmp + 3 * qkv_x + norm_rows(model, setup)))
-            # ... and then its input RMSNorm's backward, its checkpoint's input still saved (rmsnorm_backward)
-            # (not checkpointed: the blocks below's saved tensors alone, its own freed but the norm's; traced with
-            # sync-each-batch accumulation, where the norm's moment is above the done one's)
-            states += rmsnorm_backward(model, setup, acts, h, model.blocks - 2, Moment.BLOCK_BELOW_TOP_NORM, grads,
-                                       in_blocks - acts.per_block[-1] if acts.ckpt(-2)
-                                       else in_blocks - sum(acts.per_block[-2:]), done_tmp,
-                                       saved=not acts.ckpt(-2) and bool(h.accum_grads) and setup.sync_each_batch)
-    states += lowest_block_states(model, setup, p, ms, acts, h)
-    states += fsdp_norm_backward(model, setup, p, acts, h)
+    return states + ddp_top_mlp(model, setup, p, acts, h, top_g, in_blocks + rec, held + head_wait)
+
+
+def top_block_reduce_states(b: Backward) -> list[State]:
+    """FSDP2: the top block's post_backward, its unsharded gradients all made, copied into its reduce-scatter input
+    (foreach_reduce) once the block is resharded (FSDPParamGroup.post_backward reshards before it reduces: its
+    gathered parameters are gone) and its own saved tensors and weight casts freed; the blocks below keep theirs
+    (RegisterPostBackwardFunction fires as the gradient of the block's input is complete, before the block below
+    runs its backward)."""
+    model, setup, p, acts, h, at = b.model, b.setup, b.p, b.acts, b.h, b.at
+    top_casts = 0 if acts.ckpt(-1) else block_cast_bytes(model, setup, h, p.groups)
+    # (under no-sync accumulation they were added into the carried ones first, and freed)
+    grads = h.accum_grads if h.accum_grads else b.top_g + p.grads.block
+    # ... and before that, its backward done but its reduce-scatter: its last weight gradient (the query
+    # projection's) made, the block still gathered, the attention norm's saved input and output alive beside
+    # three input gradients (query's, a copy, key's and value's sum), as at BLOCK_BELOW_TOP_DONE: the per-rank
+    # trace of llama-2-70b's widths, 2 GPUs, bf16-master, --peft freeze --train-layers 1 (the block's trained
+    # input norm makes its input gradients flow; before: activations 0 vs 32 MiB, the held-out seed-4 miss).
+    # Without autocast (the fp32 stream's norm backward under autocast is not modelled) and offloading
+    # (memplan.estimate.offload adjusts states by name)
+    sep = b.no_sync and setup.precision is Precision.FSDP_BF16  # (no MlpBackward there: separate_carry)
+    qkv_top = (round_block(model.hidden * setup.model_tokens * stream_bytes(setup.precision)) if (b.mb or sep)
+               and not setup.precision.autocast and not setup.offload_activations else 0)  # (MlpBackward.x)
+    states = []
+    if qkv_top and (not b.no_sync or sep):  # (fsdp-bf16's no-sync carry is a separate fp32 copy: the new
+        # unsharded gradients wait for the post_backward beside it)
+        # (sep: the LM head's new unsharded gradient too, the root's post_backward not run yet)
+        states.append(at(Moment.TOP_BLOCK_DONE, b.top_g + p.grads.block + (p.grads.head[0] if sep else 0),
+                         b.in_blocks - acts.per_block[-1] + 2 * qkv_top,
+                         b.held + b.head_wait + 3 * qkv_top))
+    if not (setup.train_layers == 1 and deferred_post_backward(model, setup, p)):  # (the root's, after)
+        states.append(at(Moment.TOP_BLOCK_REDUCE, grads, b.in_blocks - acts.per_block[-1],
+                         b.held - h.fsdp.top - h.fsdp.resharded - top_casts + b.head_wait + h.fsdp.rs))
+    return states
+
+
+def block_below_top_states(b: Backward) -> list[State]:
+    """FSDP2: the block below the top's backward done: its gradients all made, still gathered (its post_backward
+    recycles the top block's reduce-scatter input only as it reduces), the next one's all-gather prefetched, the two
+    blocks' saved tensors and weight casts freed; and before that, inside its MLP backward (MlpBackward), the top
+    block resharded and reduced: its sharded gradients made (added into the carried ones under sync_each_batch)
+    and, the last no-sync micro-batch, its carried unsharded ones freed; then its input RMSNorm's backward."""
+    model, setup, p, acts, h, mb, at = b.model, b.setup, b.p, b.acts, b.h, b.mb, b.at
+    top_g, in_blocks, held, head_wait, no_sync = b.top_g, b.in_blocks, b.held, b.head_wait, b.no_sync
+    block_casts = block_cast_bytes(model, setup, h, p.groups)
+    top_casts = 0 if acts.ckpt(-1) else block_casts
+    below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
+    fs = h.fsdp
+    # (a checkpointed block whose MLP trains, under autocast: its recomputed weight casts alive, each freed
+    # by its projection's backward, walked; the per-rank trace of Llama-2-7B's widths cut to 6 blocks, 4 GPUs,
+    # ZeRO-3 bf16 --train-layers 2: the up projection's weight-gradient cast holds the block's peak, 7618.5
+    # MiB, estimated 7617.5; the held-out seed-8 grid's 7B row. Adapters: not traced, not walked)
+    again_below = (recomputed_block_casts(model, setup, h, p.groups) if mb and mb.weight_half and acts.ckpt(-2)
+                   and not setup.offload_activations else 0)
+    mlp_g, mlp_a, mlp_t = (fsdp_qlora_walk(model, setup, p, h, mb, -2, acts).walk(
+        True, (b.casts_of and not acts.ckpt(-2) and not setup.offload_activations) or again_below > 0, no_sync)
+        if mb else (0, 0, 0))
+    reduced = 0 if setup.sync_each_batch else -fs.carry_reduced if h.accum_grads else fs.block_sharded
+    states = []
+    if mb:  # (as the top block's MLP moment, its output's gradient in flight: residual_grad; the per-rank
+        # trace of llama-2-7b's widths cut to 4 blocks, fp32, 64 GPUs: temporaries 3832 vs 3896 MiB before)
+        states.append(at(Moment.BLOCK_BELOW_TOP_MLP, top_g + reduced + mlp_g,
+                         in_blocks - acts.per_block[-1] + below_own - mlp_a,
+                         held - fs.resharded - top_casts + head_wait + fs.rs + mlp_t
+                         + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, -2, acts)
+                         + again_below))
+        states += mid_norm_backward(model, setup, acts, h, mb, lambda g, a, t: at(
+            Moment.BLOCK_BELOW_TOP_MID_NORM, top_g + reduced + g, in_blocks - acts.per_block[-1] + below_own - a,
+            held - fs.resharded - top_casts + head_wait + fs.rs + t
+            + residual_grad(model, setup)))
+    grads = (h.accum_grads - fs.carry_reduced if h.accum_grads
+             else top_g + p.grads.block + fs.block_sharded)
+    if h.accum_grads and setup.sync_each_batch:  # the top block's reduced gradients added into the
+        # carried sharded ones; this block's unsharded ones made beside them (the per-rank trace of
+        # llama-3.2-1b, 64 GPUs, pure-bf16: 37 + 116 MiB)
+        grads = top_g + p.grads.block
+    # (its last weight gradients, its first projections' (query / key / value), made while the attention
+    # norm's saved input and output are alive, two [tokens, hidden], beside three input gradients: query's
+    # and the sum of key's and value's, as the per-rank traces without autocast show; under autocast the
+    # fp32 residual stream's norm backward differs, not modelled)
+    qkv_x = mb.x if mb and not setup.precision.autocast else 0
+    done_tmp = (held - fs.resharded - top_casts - (0 if acts.ckpt(-2) else block_casts)
+                + head_wait + fs.rs)
+    qkv_a, qkv_t = autocast_qkv_done(model, setup, p, mb)
+    done_acts = in_blocks - sum(acts.per_block[-2:]) + 2 * qkv_x + qkv_a
+    states.append(at(Moment.BLOCK_BELOW_TOP_DONE, grads, done_acts, done_tmp + 3 * qkv_x + qkv_t))
+    if mb and half_stream_norms(model, setup, acts, h) and not below_top_no_input_grad(model, setup, p):  # (no
+        # gradient flows below it: its input norm's backward makes its weight's gradient alone, below the done
+        # moment; the per-rank trace of Llama-2-70B's widths cut to 4 blocks, 4 GPUs, ZeRO-3 fsdp-bf16,
+        # --train-layers 2: 18196 MiB there, 18324 at its done moment; the held-out seed-8 grid's two 70B rows)
+        # (not checkpointed, no accumulation: its input RMSNorm's backward beside what the done moment
+        # holds, four fp32 [tokens, hidden] of its own, as at the post-attention norm (mid_norm_backward):
+        # the per-rank trace of Llama-2-7B, 64 GPUs, ZeRO-3 fsdp-bf16, full, micro-batch 1 x 1024)
+        states.append(at(Moment.BLOCK_BELOW_TOP_NORM, grads, done_acts,
+                         done_tmp + 3 * qkv_x + norm_rows(model, setup)))
+    # ... and then its input RMSNorm's backward, its checkpoint's input still saved (rmsnorm_backward)
+    # (not checkpointed: the blocks below's saved tensors alone, its own freed but the norm's; traced with
+    # sync-each-batch accumulation, where the norm's moment is above the done one's)
+    return states + rmsnorm_backward(model, setup, acts, h, model.blocks - 2, Moment.BLOCK_BELOW_TOP_NORM, grads,
+                                     in_blocks - acts.per_block[-1] if acts.ckpt(-2)
+                                     else in_blocks - sum(acts.per_block[-2:]), done_tmp,
+                                     saved=not acts.ckpt(-2) and bool(h.accum_grads) and setup.sync_each_batch)
+
+
+def backward_end_states(b: Backward) -> list[State]:
+    """The embeddings' backward and the backward's end; under FSDP2 the root's reduce-scatter (FsdpBuffers)."""
+    model, setup, p, ms, h, at = b.model, b.setup, b.p, b.ms, b.h, b.at
     # under accumulation the embeddings' new gradients are made beside the carried ones, then added in place
     late_new = p.grads.late if h.accum_grads else 0
     if h.grad_floor and setup.bucket_view:  # DDP's bucket views: the embeddings' new gradient is a temporary
         late_new = p.grads.late  # until the hook copies it into its bucket
-    if h.fsdp:  # the embeddings' backward, then the root's reduce-scatter (FsdpBuffers)
-        fs = h.fsdp
-        grads = max(h.accum_grads, fs.sharded_blocks + fs.root_grads)
-        if h.accum_grads and setup.sync_each_batch:  # every block's reduced gradients added into the carried
-            # sharded ones (the root's carried shard too), the root's unsharded ones made beside them: the per-rank
-            # traces of the 0.5B Qwen2 and Llama-3.2-1B widths, ZeRO-2, sync-each-batch (before: the root's shard,
-            # 65 / 125 MiB, short)
-            grads = h.accum_grads + fs.root_grads
-        # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
-        end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
-        if (h.accum_grads and not setup.sync_each_batch and setup.zero >= 2
-                and setup.precision is not Precision.FSDP_BF16):  # ZeRO-2 / 3, the last no-sync micro-batch (walked:
-            # FsdpBuffers.carry_reduced): every trained block reduced, its carried unsharded gradients freed (as
-            # lowest_block_states'); block 0's reduce-scatter input still held, and the embeddings' new gradient
-            # made beside their carried one (the per-rank trace of the Llama-3.2-1B widths, 3 blocks, pure-bf16:
-            # gradients 544.5, temporaries 2120 MiB; before: 849 / 1503. No block trained, the 0.5B Qwen2 widths, fp16,
-            # --train-layers 0: the tied embeddings' new fp32 gradient, 519 MiB, alike)
-            # ZeRO-3 alike (FSDPParamGroup.post_backward drops each carried .grad once collected, foreach_reduce
-            # copying it into its reduce-scatter input; the per-rank traces of the sweep's no-sync setups switched
-            # to ZeRO-3: −8.7% … −18.5% before, within 0.4% after). The earlier micro-batches' end (every gradient
-            # carried, the embeddings' first made, no reduce-scatter input: the state the estimator had here before)
-            # is kept beside it, ZeRO-2's too (no cached row moves): it is the larger where the carried gradients
-            # outweigh the last's reduce-scatter input and new embeddings' gradient, as in the per-rank traces of the 0.5B Qwen2 widths, 24 (and 12) blocks, 64 GPUs, fp32, ZeRO-3
-            # (gradients 1885 (1202) MiB, every one carried; temporaries 1558 MiB: the root's and the tied adds;
-            # −1.30% (−2.38%) without this state)
-            states.append(at(Moment.NO_SYNC_BACKWARD_END, grads, 0, end))
-            first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
-            grads = h.accum_grads - (model.blocks - first_trained) * fs.carry_reduced
-            end = fs.end + p.grads.late
-        # at the root's reduce-scatter output the (untied) LM head's unsharded gradient, the first the root made,
-        # is still alive, the embeddings' freed: read off the per-rank trace (fake and real tensors alike, every
-        # precision; 2 MiB on the 256-wide toy, −5.49% before); which reference holds it is not confirmed
-        if not deferred_post_backward(model, setup, p):
-            states += [at(Moment.BACKWARD_END, grads, 0, end),
-                       at(Moment.ROOT_REDUCE, grads + p.grads.head[0], 0, fs.root_reduce)]
-            return states
-        # deferred_post_backward: the lowest trained block still gathered (ZeRO-3: its parameters and its flat
-        # all-gather output, the last one made; ZeRO-2: its parameters) with its unsharded gradients, at the end
-        # of backward and at the root's reduce-scatter, its output made beside the root's unsharded gradients
-        # (CPUOffloadPolicy: a temporary, copied to the host); then its own reduce-scatter input, the root reduced
-        # (its input and unsharded gradients freed)
-        low = fs.top + fs.block_flat if fs.regather else fs.resharded
-        grads += p.grads.block - fs.block_sharded
-        out_g, out_t = (0, fs.root_rs_output) if setup.offload_params else (fs.root_rs_output, 0)
-        states += [at(Moment.BACKWARD_END, grads, 0, end + low),
-                   at(Moment.ROOT_REDUCE, grads + out_g, 0, fs.root_reduce + low + out_t),
-                   at(Moment.DEFERRED_BLOCK_REDUCE, grads + out_g - fs.root_grads, 0, fs.rs)]
-        return states
-    # (DDP with bucket views, no-sync accumulation: the carried .grad, its own storage until the synced micro-batch
-    # copies it in, is still alive beside the buckets at the embeddings' backward: the per-rank trace of the 0.5B
-    # Qwen2 widths, fp16, --peft freeze --train-layers 0, 1039 MiB of gradients; before: 519)
-    states.append(at(Moment.BACKWARD_END, max(ms.gradients, h.accum_grads), 0,
-                     h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new))
-    return states
+    if not h.fsdp:
+        # (DDP with bucket views, no-sync accumulation: the carried .grad, its own storage until the synced
+        # micro-batch copies it in, is still alive beside the buckets at the embeddings' backward: the per-rank
+        # trace of the 0.5B Qwen2 widths, fp16, --peft freeze --train-layers 0, 1039 MiB of gradients; before: 519)
+        return [at(Moment.BACKWARD_END, max(ms.gradients, h.accum_grads), 0,
+                   h.z_b + embedding_grad_temp(model, setup, p.groups) + late_new)]
+    fs, states = h.fsdp, []
+    grads = max(h.accum_grads, fs.sharded_blocks + fs.root_grads)
+    if h.accum_grads and setup.sync_each_batch:  # every block's reduced gradients added into the carried
+        # sharded ones (the root's carried shard too), the root's unsharded ones made beside them: the per-rank
+        # traces of the 0.5B Qwen2 and Llama-3.2-1B widths, ZeRO-2, sync-each-batch (before: the root's shard,
+        # 65 / 125 MiB, short)
+        grads = h.accum_grads + fs.root_grads
+    # no-sync accumulation: the blocks' reduce-scatter inputs are gone by then
+    end = fs.end - fs.rs if h.accum_grads and not setup.sync_each_batch else fs.end
+    if (h.accum_grads and not setup.sync_each_batch and setup.zero >= 2
+            and setup.precision is not Precision.FSDP_BF16):  # ZeRO-2 / 3, the last no-sync micro-batch (walked:
+        # FsdpBuffers.carry_reduced): every trained block reduced, its carried unsharded gradients freed (as
+        # lowest_block_states'); block 0's reduce-scatter input still held, and the embeddings' new gradient
+        # made beside their carried one (the per-rank trace of the Llama-3.2-1B widths, 3 blocks, pure-bf16:
+        # gradients 544.5, temporaries 2120 MiB; before: 849 / 1503. No block trained, the 0.5B Qwen2 widths, fp16,
+        # --train-layers 0: the tied embeddings' new fp32 gradient, 519 MiB, alike)
+        # ZeRO-3 alike (FSDPParamGroup.post_backward drops each carried .grad once collected, foreach_reduce
+        # copying it into its reduce-scatter input; the per-rank traces of the sweep's no-sync setups switched
+        # to ZeRO-3: −8.7% … −18.5% before, within 0.4% after). The earlier micro-batches' end (every gradient
+        # carried, the embeddings' first made, no reduce-scatter input: the state the estimator had here before)
+        # is kept beside it, ZeRO-2's too (no cached row moves): it is the larger where the carried gradients
+        # outweigh the last's reduce-scatter input and new embeddings' gradient, as in the per-rank traces of the
+        # 0.5B Qwen2 widths, 24 (and 12) blocks, 64 GPUs, fp32, ZeRO-3 (gradients 1885 (1202) MiB, every one
+        # carried; temporaries 1558 MiB: the root's and the tied adds; −1.30% (−2.38%) without this state)
+        states.append(at(Moment.NO_SYNC_BACKWARD_END, grads, 0, end))
+        first_trained = model.blocks - setup.train_layers if setup.peft is PeftMethod.FREEZE else 0
+        grads = h.accum_grads - (model.blocks - first_trained) * fs.carry_reduced
+        end = fs.end + p.grads.late
+    # at the root's reduce-scatter output the (untied) LM head's unsharded gradient, the first the root made,
+    # is still alive, the embeddings' freed: read off the per-rank trace (fake and real tensors alike, every
+    # precision; 2 MiB on the 256-wide toy, −5.49% before); which reference holds it is not confirmed
+    if not deferred_post_backward(model, setup, p):
+        return states + [at(Moment.BACKWARD_END, grads, 0, end),
+                         at(Moment.ROOT_REDUCE, grads + p.grads.head[0], 0, fs.root_reduce)]
+    # deferred_post_backward: the lowest trained block still gathered (ZeRO-3: its parameters and its flat
+    # all-gather output, the last one made; ZeRO-2: its parameters) with its unsharded gradients, at the end
+    # of backward and at the root's reduce-scatter, its output made beside the root's unsharded gradients
+    # (CPUOffloadPolicy: a temporary, copied to the host); then its own reduce-scatter input, the root reduced
+    # (its input and unsharded gradients freed)
+    low = fs.top + fs.block_flat if fs.regather else fs.resharded
+    grads += p.grads.block - fs.block_sharded
+    out_g, out_t = (0, fs.root_rs_output) if setup.offload_params else (fs.root_rs_output, 0)
+    return states + [at(Moment.BACKWARD_END, grads, 0, end + low),
+                     at(Moment.ROOT_REDUCE, grads + out_g, 0, fs.root_reduce + low + out_t),
+                     at(Moment.DEFERRED_BLOCK_REDUCE, grads + out_g - fs.root_grads, 0, fs.rs)]
 
 
 def autocast_qkv_done(model, setup: TrainingSetup, p: Parameters, mb: MlpBackward | None) -> tuple[int, int]:
