@@ -1689,7 +1689,10 @@ def block_above_lowest_mlp(model, setup, p: Parameters, acts: Activations, h: He
             and acts.full_per_block[k]):
         return []
     below = acts.early + sum(acts.per_block[:k]) + acts.per_block[k] - acts.input_saved[k]
-    new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb, k, acts).walk(True, False, False)
+    # under autocast `temps` counts one block's recomputed weight casts (block j's there, block k's here): walked,
+    # each freed by its projection's backward
+    new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb, k, acts).walk(
+        True, block_cast_bytes(model, setup, h, p.groups) > 0, False)
     return [State(Moment.BLOCK_ABOVE_LOWEST_MLP, Phase.BACKWARD,
                   _alive(h, max(grads - fs.block_sharded, 0) + new, below + acts.full_per_block[k] - freed,
                          temps + tmp + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, k, acts)))]
