@@ -2,6 +2,7 @@
 reshard_after_forward=False (ZeRO-2): estimate vs per-rank trace; writes reports/cutdown_sweep_multi.{md,jsonl}.
 
     python benchmarks/cutdown_sweep_multi.py [N] [--cache FILE [--cached-only]]
+    python benchmarks/cutdown_sweep_multi.py --zero3 [--cache FILE [--cached-only]]
         N setups (default 360, the committed cache) drawn with a fixed seed; --cache keeps each traced result in FILE (JSON lines, the
         format of benchmarks/trace_grid_multi.py's --cache) and reuses it, so a re-score after an estimator change
         traces nothing; --cached-only scores only the setups FILE holds
@@ -11,6 +12,11 @@ blocks, so a fake-tensor trace takes seconds (issue 11 §3: find the estimator's
 held-out grid does). The widths are those of the profiles named beside each (profiles/models/*.toml, the models'
 config.json on the Hugging Face Hub). Scored as the grids are (memplan.calibrate: peak within 3%, every category
 within 5% or 16 MiB); rows over 1.5% peak error are listed as suspects too (16 MiB is lenient at these sizes).
+
+--zero3: the same for FSDP2 reshard_after_forward=True (ZeRO-3), writing reports/cutdown_sweep_multi_zero3.{md,jsonl}:
+two draws of 80 (ZERO3_DRAWS), the models above and Llama-2-7B's widths cut to 4 blocks; offload and accumulation
+too. Drawn 2026-12-04: the first draw was traced and its misses modelled (71 of 80 passing before), the second
+drawn after that and scored once (ZERO3_BEFORE).
 """
 from __future__ import annotations
 
@@ -53,6 +59,11 @@ CUT_MODELS = {
                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                              max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
+# --zero3 (drawn 2026-12-04): CUT_MODELS and Llama-2-7B's widths cut to 4 blocks (the 2-block cut's blocks)
+ZERO3_MODELS = {**CUT_MODELS, "cut-llama-2-7b-4": dict(CUT_MODELS["cut-llama-2-7b-2"], num_hidden_layers=4)}
+ZERO3_DRAWS = (3, 4)  # seeds, 80 setups each
+ZERO3_BEFORE = ("first draw, at 0c529f7 before the terms it found: 71 of 80 passing; the second draw, scored once after "
+                "them at the commit that added this sweep: 79 of 80")
 PRECISIONS = ["fp32", "bf16", "fp16", "bf16-master", "pure-bf16", "fsdp-bf16"]
 PEFTS = ["full", "lora", "dora", "qlora", "freeze"]
 
@@ -60,7 +71,7 @@ PEFTS = ["full", "lora", "dora", "qlora", "freeze"]
 def cut_model(name: str):
     from memplan.spec.families import spec_from_config
 
-    return spec_from_config(CUT_MODELS[name], name)
+    return spec_from_config(ZERO3_MODELS[name], name)
 
 
 def sweep(n: int = 360, seed: int = SEED) -> list[dict]:
@@ -87,6 +98,27 @@ def sweep(n: int = 360, seed: int = SEED) -> list[dict]:
     return distinct(n, draw)
 
 
+def sweep_zero3(n: int = 80, seeds: tuple[int, ...] = ZERO3_DRAWS) -> list[dict]:
+    """`n` distinct ZeRO-3 setups per seed (ZERO3_MODELS; offload and accumulation drawn too)."""
+    out: list[dict] = []
+    for seed in seeds:
+        rng, drawn = random.Random(seed), []
+        while len(drawn) < n:
+            kw = dict(model=rng.choice(list(ZERO3_MODELS)), gpus=rng.choice([2, 8]), zero=3,
+                      precision=rng.choice(PRECISIONS), peft=rng.choice(PEFTS), batch=rng.choice([1, 2]), seq=256,
+                      checkpointing=rng.choice(["none", "full"]))
+            if kw["peft"] == "freeze":
+                kw["train_layers"] = rng.choice([0, 1, 2])
+            if rng.random() < 0.3:
+                kw.update(grad_accum=2, sync_each_batch=rng.random() < 0.5)
+            if rng.random() < 0.15:
+                kw.update(offload_params=True, offload_optimizer=True)
+            if not (kw["peft"] == "qlora" and kw["precision"] == "fp32") and kw not in drawn:
+                drawn.append(kw)
+        out += drawn
+    return out
+
+
 def features(setup: dict) -> list[str]:
     acc = setup.get("grad_accum", 1) > 1
     return [f"model={setup['model']}", f"gpus={setup['gpus']}", f"zero={setup['zero']}",
@@ -100,13 +132,14 @@ def compare_cached(kw: dict, cache: dict, cache_file: Path | None):
     return multi_compare(kw, cache, cache_file, resolve=cut_model)
 
 
-def main(n: int, cache_file: Path | None = None, cached_only: bool = False) -> None:
+def main(n: int, cache_file: Path | None = None, cached_only: bool = False, zero3: bool = False) -> None:
     from memplan.calibrate import PEAK_TOL, report_lines, write_rows
     from memplan.errors import MemplanError
 
     rows, skipped, t0 = [], [], time.time()
     cache = load_cache(cache_file)
-    grid = sweep(n)
+    grid = sweep_zero3(n) if zero3 else sweep(n)
+    name = "cutdown_sweep_multi_zero3" if zero3 else "cutdown_sweep_multi"
     if cached_only:
         grid = [kw for kw in grid if json.dumps(kw, sort_keys=True) in cache]
     for i, kw in enumerate(grid):
@@ -117,7 +150,7 @@ def main(n: int, cache_file: Path | None = None, cached_only: bool = False) -> N
         print(f"\r{i + 1}/{len(grid)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     OUT.mkdir(exist_ok=True)
-    write_rows(OUT / "cutdown_sweep_multi.jsonl", rows)
+    write_rows(OUT / f"{name}.jsonl", rows)
     trace_seconds = sum(cache.get(json.dumps(kw, sort_keys=True), {}).get("seconds", 0) for kw in grid)
     cat_miss = defaultdict(int)
     for r in rows:
@@ -125,16 +158,16 @@ def main(n: int, cache_file: Path | None = None, cached_only: bool = False) -> N
             cat_miss[c.split(":")[0]] += 1
     suspects = sorted((r for r in rows if r.ok and abs(r.error) > SUSPECT), key=lambda r: -abs(r.error))
     lines = [
-        "# Cut-down factorial sweep, DDP / ZeRO-1 / FSDP2 ZeRO-2 (worst rank)",
+        "# Cut-down factorial sweep, " + ("FSDP2 ZeRO-3" if zero3 else "DDP / ZeRO-1 / FSDP2 ZeRO-2") + " (worst rank)",
         "",
-        f"`python benchmarks/cutdown_sweep_multi.py {n}{f' --cache {cache_file}' if cache_file else ''}"
-        f"{' --cached-only' if cached_only else ''}`: {len(rows)} of the sweep's {n} setups traced "
+        f"`python benchmarks/cutdown_sweep_multi.py {'--zero3' if zero3 else n}{f' --cache {cache_file}' if cache_file else ''}"
+        f"{' --cached-only' if cached_only else ''}`: {len(rows)} of the sweep's {len(sweep_zero3(n)) if zero3 else n} setups traced "
         f"({len(skipped)} not traceable), {time.time() - t0:.0f} s (tracing alone: {trace_seconds:.0f} s). "
         f"Error = (estimate − trace) / trace of the allocated peak; a setup passes when |error| ≤ {PEAK_TOL:.0%} "
         f"and every category is within 5% or 16 MiB.",
         "",
         f"Passing: {sum(r.ok for r in rows)} of {len(rows)}; peak within 3%: "
-        f"{sum(abs(r.error) <= PEAK_TOL for r in rows)} ({BEFORE}).",
+        f"{sum(abs(r.error) <= PEAK_TOL for r in rows)} ({ZERO3_BEFORE if zero3 else BEFORE}).",
         "",
         "Category misses: " + (", ".join(f"{c} {k}" for c, k in sorted(cat_miss.items())) or "none") + ".",
         "",
@@ -142,7 +175,7 @@ def main(n: int, cache_file: Path | None = None, cached_only: bool = False) -> N
         + ("; ".join(f"{r.error:+.2%} {r.setup}" for r in suspects) or "none") + ".",
         "",
     ] + report_lines(rows, skipped, by=features)
-    (OUT / "cutdown_sweep_multi.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:10]))
 
 
@@ -153,11 +186,11 @@ if __name__ == "__main__":
         i = argv.index("--cache")
         cache_path = Path(argv[i + 1])
         del argv[i:i + 2]
-    only = "--cached-only" in argv
-    argv = [a for a in argv if a != "--cached-only"]
+    only, z3 = "--cached-only" in argv, "--zero3" in argv
+    argv = [a for a in argv if a not in ("--cached-only", "--zero3")]
     try:
-        count = int(argv[0]) if argv else 360
+        count = int(argv[0]) if argv else (80 if z3 else 360)
     except ValueError:
         print(f"cutdown_sweep_multi: N must be a whole number, got {argv[0]!r}", file=sys.stderr)
         sys.exit(2)
-    main(count, cache_path, only)
+    main(count, cache_path, only, z3)

@@ -562,7 +562,7 @@ def fsdp_buffers(model: ModelSpec, setup: TrainingSetup, u: Unsharded, ms_grads:
         # the frozen block right below the lowest trained one (block L - trained - 1): that block's reduce-scatter
         # input still held (the frozen block's post_backward drops it), the block below it prefetched unless it is
         # block 0; the frozen blocks below drop both, so this one bounds them
-        low_frozen=root.gathered + blk.gathered + (blk.flat if z3 and L - trained > 1 else 0) + rs,
+        low_frozen=root.gathered + blk.gathered + (blk.flat if z3 else 0) + rs,
         # a frozen unit's post_backward drops the reduce-scatter input held before it (FSDPParamGroup.post_backward
         # recycles comm_ctx.reduce_scatter_states before it returns for want of gradients): block 0's is held at
         # the embeddings' backward only when block 0 trains
@@ -1331,7 +1331,9 @@ def block_below_top_states(b: Backward) -> list[State]:
     block resharded and reduced: its sharded gradients made (added into the carried ones under sync_each_batch)
     and, the last no-sync micro-batch, its carried unsharded ones freed; then its input RMSNorm's backward."""
     model, setup, p, acts, h, mb, at = b.model, b.setup, b.p, b.acts, b.h, b.mb, b.at
-    top_g, in_blocks, held, head_wait, no_sync = b.top_g, b.in_blocks, b.held, b.head_wait, b.no_sync
+    top_g, in_blocks, head_wait, no_sync = b.top_g, b.in_blocks, b.head_wait, b.no_sync
+    # ZeRO-3: the next-lower block's all-gather prefetched (`held`'s B_f), unless this is block 0
+    held = b.held - (h.fsdp.block_flat if h.fsdp.regather and model.blocks == 2 else 0)
     block_casts = block_cast_bytes(model, setup, h, p.groups)
     top_casts = 0 if acts.ckpt(-1) else block_casts
     below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
@@ -1645,6 +1647,8 @@ def fsdp_norm_backward(model, setup, p: Parameters, acts: Activations, h: Held) 
     grads = (model.blocks - 1 - j) * fs.block_sharded + fs.root_grads - g.late + g.block  # lowest_block_states'
     below = acts.early + sum(acts.per_block[:j + 1])  # block j's: its checkpoint's input
     temps = g.tied_wait + block_cast_bytes(model, setup, h, p.groups) + h.deq + h.z_b
+    if j == model.blocks - 1:  # the top block: no reduce-scatter input held yet (it reduces first)
+        temps -= fs.rs
     # (under activation offloading, not checkpointed, too: the lowest-block moments no longer hide it; the per-rank
     # trace of llama-2-7b's widths cut to 4 blocks, pure-bf16, 8 GPUs: −2.16% without it)
     return rmsnorm_backward(model, setup, acts, h, j, Moment.BLOCK_ABOVE_LOWEST_NORM, grads, below, temps,
@@ -1741,6 +1745,8 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if acts.ckpt(j) else 0)
         made = made_fsdp if fs else ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
+        prefetch = fs.block_flat if fs and fs.regather and j == 0 else 0  # ZeRO-3: block 0 has no block below it
+        temps -= prefetch  # to prefetch (`low`'s B_f; block 1's moment has it: block_above_lowest_mlp)
         # the last no-sync micro-batch: the trained blocks above j reduced, their carried unsharded gradients freed
         accum = h.accum_grads
         if fs and accum:
@@ -1776,11 +1782,11 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                                         temps - block_casts + recompute_transients(model, setup, p, h, mb_j, True))))
                 recast = True
         above = block_above_lowest_mlp(model, setup, p, acts, h, mb, j, saved, max(int(made - block), accum, 0),
-                                       temps)
+                                       temps + prefetch)
         if above and j == 0:  # block 1's moment made apart (FsdpBuffers.low's): block 0's own has no block below
             # to prefetch, and its output's gradient in flight (the same trace: block 0's MLP backward 6777 MiB,
             # temporaries 3124; fsdp-bf16: 4782, before 5135 MiB with gradients 626 vs 529 at the peak)
-            grad_out -= fs.block_flat - residual_grad(model, setup)
+            grad_out += residual_grad(model, setup)
         # (FSDP2, the block below the top: its MLP moment is BLOCK_BELOW_TOP_MLP's, walked with the top block's
         # reduce-scatter input and without the next block's lowest-block buffers; the per-rank trace of Llama-2-7B's
         # widths cut to 4 blocks, ZeRO-3 bf16 --train-layers 2: 5787 MiB at most in its backward, 6007 estimated here)
@@ -1805,5 +1811,5 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         if fs and fs.rs and trains and not (j == lowest_trained and deferred_post_backward(model, setup, p)):
             # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
-                             _alive(h, accum or int(made), below, int(tied_wait) + h.z_b)))
+                             _alive(h, accum or int(made), below, int(tied_wait) + h.z_b - prefetch)))
     return out
