@@ -62,8 +62,8 @@ CUT_MODELS = {
 # --zero3 (drawn 2026-12-04): CUT_MODELS and Llama-2-7B's widths cut to 4 blocks (the 2-block cut's blocks)
 ZERO3_MODELS = {**CUT_MODELS, "cut-llama-2-7b-4": dict(CUT_MODELS["cut-llama-2-7b-2"], num_hidden_layers=4)}
 ZERO3_DRAWS = (3, 4)  # seeds, 80 setups each
-ZERO3_BEFORE = ("first draw, at 0c529f7 before the terms it found: 71 of 80 passing; the second draw, scored once after "
-                "them at the commit that added this sweep: 79 of 80")
+ZERO3_BEFORE = ("first draw, at 0c529f7 before the terms it found: 71 of 80 passing; the second draw, scored once "
+                "after them at the commit that added this sweep: 79 of 80")
 PRECISIONS = ["fp32", "bf16", "fp16", "bf16-master", "pure-bf16", "fsdp-bf16"]
 PEFTS = ["full", "lora", "dora", "qlora", "freeze"]
 
@@ -160,8 +160,9 @@ def main(n: int, cache_file: Path | None = None, cached_only: bool = False, zero
     lines = [
         "# Cut-down factorial sweep, " + ("FSDP2 ZeRO-3" if zero3 else "DDP / ZeRO-1 / FSDP2 ZeRO-2") + " (worst rank)",
         "",
-        f"`python benchmarks/cutdown_sweep_multi.py {'--zero3' if zero3 else n}{f' --cache {cache_file}' if cache_file else ''}"
-        f"{' --cached-only' if cached_only else ''}`: {len(rows)} of the sweep's {len(sweep_zero3(n)) if zero3 else n} setups traced "
+        f"`python benchmarks/cutdown_sweep_multi.py {'--zero3' if zero3 else n}"
+        f"{f' --cache {cache_file}' if cache_file else ''}{' --cached-only' if cached_only else ''}`: {len(rows)} "
+        f"of the sweep's {len(sweep_zero3(n)) if zero3 else n} setups traced "
         f"({len(skipped)} not traceable), {time.time() - t0:.0f} s (tracing alone: {trace_seconds:.0f} s). "
         f"Error = (estimate − trace) / trace of the allocated peak; a setup passes when |error| ≤ {PEAK_TOL:.0%} "
         f"and every category is within 5% or 16 MiB.",

@@ -1753,9 +1753,10 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             accum -= (model.blocks - first_trained - trains) * fs.carry_reduced
         if fs and accum and setup.sync_each_batch and j < model.blocks - 1:  # (the top block's is top_g's)
             # the reduced blocks' sharded gradients are added into the carried ones in place; the LM head's new
-            # unsharded one waits beside them for the root's post_backward (as top_g's `pending`; the per-rank trace of Llama-2-7B's widths cut to 4 blocks, 2 GPUs, ZeRO-3 fp16
-            # --train-layers 1, checkpointed: the frozen block below the trained one, gradients 1136 MiB; the
-            # held-out seed-11 grid's miss, 886 before)
+            # unsharded one waits beside them for the root's post_backward (as top_g's `pending`; the per-rank
+            # trace of Llama-2-7B's widths cut to 4 blocks, 2 GPUs, ZeRO-3 fp16 --train-layers 1, checkpointed:
+            # the frozen block below the trained one, gradients 1136 MiB; the held-out seed-11 grid's miss, 886
+            # before)
             accum += g.head[0]
         if fs and not trains and j < lowest_trained:  # every trained block reduced (low_frozen)
             made = fs.sharded_blocks + fs.root_grads - g.late
