@@ -74,6 +74,19 @@ def cut_model(name: str):
     return spec_from_config(ZERO3_MODELS[name], name)
 
 
+def _draw_common(rng: random.Random, models: dict, zero: int | None, accumulate: float) -> dict:
+    """One draw's model, world, ZeRO stage (drawn from 0-2 when `zero` is None), precision, method, shape and
+    accumulation (with probability `accumulate`), in the order the committed caches were drawn."""
+    kw = dict(model=rng.choice(list(models)), gpus=rng.choice([2, 8]),
+              zero=rng.choice([0, 1, 2]) if zero is None else zero, precision=rng.choice(PRECISIONS),
+              peft=rng.choice(PEFTS), batch=rng.choice([1, 2]), seq=256, checkpointing=rng.choice(["none", "full"]))
+    if kw["peft"] == "freeze":
+        kw["train_layers"] = rng.choice([0, 1, 2])
+    if rng.random() < accumulate:
+        kw.update(grad_accum=2, sync_each_batch=rng.random() < 0.5)
+    return kw
+
+
 def sweep(n: int = 360, seed: int = SEED) -> list[dict]:
     """`n` distinct setups of the factorial space (ZeRO 0-2), drawn with `seed`."""
     from memplan.calibrate import distinct
@@ -81,13 +94,7 @@ def sweep(n: int = 360, seed: int = SEED) -> list[dict]:
     rng = random.Random(seed)
 
     def draw():
-        kw = dict(model=rng.choice(list(CUT_MODELS)), gpus=rng.choice([2, 8]), zero=rng.choice([0, 1, 2]),
-                  precision=rng.choice(PRECISIONS), peft=rng.choice(PEFTS), batch=rng.choice([1, 2]), seq=256,
-                  checkpointing=rng.choice(["none", "full"]))
-        if kw["peft"] == "freeze":
-            kw["train_layers"] = rng.choice([0, 1, 2])
-        if rng.random() < 0.4:
-            kw.update(grad_accum=2, sync_each_batch=rng.random() < 0.5)
+        kw = _draw_common(rng, CUT_MODELS, None, 0.4)
         if kw["zero"] <= 1 and rng.random() < 0.4:
             kw["bucket_view"] = True
         if kw["precision"] == "fsdp-bf16" and kw["zero"] < 2:
@@ -104,13 +111,7 @@ def sweep_zero3(n: int = 80, seeds: tuple[int, ...] = ZERO3_DRAWS) -> list[dict]
     for seed in seeds:
         rng, drawn = random.Random(seed), []
         while len(drawn) < n:
-            kw = dict(model=rng.choice(list(ZERO3_MODELS)), gpus=rng.choice([2, 8]), zero=3,
-                      precision=rng.choice(PRECISIONS), peft=rng.choice(PEFTS), batch=rng.choice([1, 2]), seq=256,
-                      checkpointing=rng.choice(["none", "full"]))
-            if kw["peft"] == "freeze":
-                kw["train_layers"] = rng.choice([0, 1, 2])
-            if rng.random() < 0.3:
-                kw.update(grad_accum=2, sync_each_batch=rng.random() < 0.5)
+            kw = _draw_common(rng, ZERO3_MODELS, 3, 0.3)
             if rng.random() < 0.15:
                 kw.update(offload_params=True, offload_optimizer=True)
             if not (kw["peft"] == "qlora" and kw["precision"] == "fp32") and kw not in drawn:
