@@ -113,6 +113,8 @@ class Moment(str, Enum):
     LOWEST_SAVED_BLOCK_MLP = "lowest saved block MLP backward"  # FSDP2 (mlp_backward)
     LOWEST_TRAINED_BLOCK_MLP = "lowest trained block MLP backward"  # FSDP2 (mlp_backward)
     BLOCK_ABOVE_LOWEST_MLP = "block above the lowest MLP backward"  # FSDP2 ZeRO-3 (block_above_lowest_mlp)
+    BLOCK_ABOVE_LOWEST_DONE = "block above the lowest done"  # FSDP2 ZeRO-3: block 1's LOWEST_BLOCK_DONE, with
+    # block 0's all-gather prefetched
     BLOCK_ABOVE_LOWEST_NORM = "block above the lowest, input norm backward"  # FSDP2, a half-precision stream:
     # its RMSNorm's fp32 backward (fsdp_norm_backward)
     LOWEST_TRAINED_BLOCK = "lowest trained block backward"
@@ -1027,7 +1029,11 @@ def fsdp_forward_states(model, acts: Activations, h: Held, half_fwd: int,
         last = (State(Moment.FORWARD_LAST_BLOCK_DOWN, Phase.FORWARD,
                       _alive(h, h.accum_grads, acts.early + sum(acts.per_block) - round_block(t * model.hidden * 4),
                              fs.blocks - fs.block_flat + casts + down)),)
-    return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, acts.early, fs.start)),
+    # as it starts, block 0 gathered, its input made: the embeddings' output, which its checkpoint saves (the
+    # per-rank trace of Llama-2-7B's widths cut to 4 blocks, 4 GPUs, ZeRO-3 fp32, no-sync accumulation, holds its
+    # peak there: activations 16.5 MiB, 0 before)
+    start = acts.early + (acts.input_saved[0] if acts.full_per_block and acts.ckpt(0) else 0)
+    return (State(Moment.FORWARD_START, Phase.FORWARD, _alive(h, h.accum_grads, start, fs.start)),
             State(Moment.FORWARD_BLOCKS, Phase.FORWARD, _alive(h, h.accum_grads, below, fs.blocks + casts + deq)),
             *((State(Moment.FORWARD_BLOCK_DEQUANT, Phase.FORWARD,
                      _alive(h, h.accum_grads, below, fs.blocks - fs.block_flat + casts + inside)),)
@@ -1815,6 +1821,15 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
             # per-rank trace of llama-2-70b's widths, fsdp-bf16, --train-layers 3: activations 132 vs 32 MiB before)
             out.append(State(Moment.LOWEST_BLOCK_DONE, Phase.BACKWARD,
                              _alive(h, int(made), below + 2 * qkv_x, temps + 3 * qkv_x)))
+            if prefetch and model.blocks > 3:  # ZeRO-3, j = 0: block 1's done likewise (block L - 2's is
+                # BLOCK_BELOW_TOP_DONE), block 0's all-gather prefetched, one shard of gradients fewer made, block
+                # 0's saves below it (the per-rank trace of Llama-2-7B's widths cut to 6 blocks, 2 GPUs, fp32, not
+                # checkpointed, holds its peak there: 14803 MiB, −3.79% before)
+                below_1 = acts.early + acts.per_block[0] + (acts.per_block[1] - acts.input_saved[1]
+                                                            if acts.ckpt(1) else 0)
+                out.append(State(Moment.BLOCK_ABOVE_LOWEST_DONE, Phase.BACKWARD,
+                                 _alive(h, int(made - fs.block_sharded), below_1 + 2 * qkv_x,
+                                        temps + prefetch + 3 * qkv_x)))
         if fs and fs.rs and trains and not (j == lowest_trained and deferred_post_backward(model, setup, p)):
             # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
             out.append(State(Moment.LOWEST_BLOCK_REDUCE, Phase.BACKWARD,
