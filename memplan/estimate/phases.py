@@ -403,6 +403,8 @@ class MlpBackward:
     weight_half: int  # ... made first in the compute dtype under autocast (0 otherwise); its weight cast as big
     fp32_in: int = 0  # under autocast, a trained MLP: one [tokens, hidden] input gradient cast back to fp32 (0
     # otherwise: not traced for adapters, whose base and adapter matmuls each cast the input)
+    cast: int = 0  # under autocast, a --peft freeze frozen MLP's weight cast (not cached: each matmul saves its own),
+    # freed by its projection's backward as a trained one's (weight_half). (Adapters' frozen bases: not walked so)
 
     def walk(self, trains: bool, casts: bool, no_sync: bool, end: bool = False) -> tuple[int, int, int]:
         """(gradients added, activations freed, temporaries added) at the walk's largest moment (the first of
@@ -411,7 +413,7 @@ class MlpBackward:
         added into the carried one and freed."""
         r, x = self.row, self.x
         w, wh = (self.weight_grad, self.weight_half) if trains else (0, 0)
-        k = self.weight_half if casts else 0
+        k = (self.weight_half or self.cast) if casts else 0
 
         def proj(grad_in: int, saved: int, incoming: int, cast=()) -> list[tuple[int, int, int]]:
             # the weight gradient first, the input gradient, the node's incoming gradient, weight cast and saved
@@ -452,7 +454,8 @@ def mlp_backward(model: ModelSpec, setup: TrainingSetup, p: Parameters) -> MlpBa
     t = setup.model_tokens
     half = round_block(model.hidden * model.intermediate * prec.compute_bytes) if prec.autocast else 0
     return MlpBackward(round_block(model.intermediate * t * c), round_block(model.hidden * t * c), p.grads.down,
-                       half if p.grads.down else 0, round_block(model.hidden * t * 4) if half and p.grads.down else 0)
+                       half if p.grads.down else 0, round_block(model.hidden * t * 4) if half and p.grads.down else 0,
+                       half if not p.grads.down and setup.peft is PeftMethod.FREEZE else 0)
 
 
 def recompute_transients(model: ModelSpec, setup: TrainingSetup, p: Parameters, h: "Held", mb: MlpBackward,
