@@ -43,6 +43,8 @@ HELD_OUT = {
     9: "scored once at a36310d: peak 200, every category 199 of 200, max 1.25%, median 0.02%",
     10: "scored once at 8ca4602: peak 200, every category 200 of 200, max 0.36%, median 0.01%",
     11: "scored once at 6ea1510: peak 200, every category 199 of 200, max 1.30%, median 0.02%",
+    12: "scored once at 53b391d: peak 200, every category 198 of 200 (two moment ties, -0.06% and +0.05%), max "
+        "0.59%, median 0.02%; not tuned on",
 }
 SEQS = [256, 512, 1024, 2048]
 
