@@ -140,6 +140,7 @@ def main(n: int, cache_file: Path | None = None, cached_only: bool = False, zero
     rows, skipped, t0 = [], [], time.time()
     cache = load_cache(cache_file)
     grid = sweep_zero3(n) if zero3 else sweep(n)
+    drawn = len(grid)
     name = "cutdown_sweep_multi_zero3" if zero3 else "cutdown_sweep_multi"
     if cached_only:
         grid = [kw for kw in grid if json.dumps(kw, sort_keys=True) in cache]
@@ -163,7 +164,7 @@ def main(n: int, cache_file: Path | None = None, cached_only: bool = False, zero
         "",
         f"`python benchmarks/cutdown_sweep_multi.py {'--zero3' if zero3 else n}"
         f"{f' --cache {cache_file}' if cache_file else ''}{' --cached-only' if cached_only else ''}`: {len(rows)} "
-        f"of the sweep's {len(sweep_zero3(n)) if zero3 else n} setups traced "
+        f"of the sweep's {drawn} setups traced "
         f"({len(skipped)} not traceable), {time.time() - t0:.0f} s (tracing alone: {trace_seconds:.0f} s). "
         f"Error = (estimate − trace) / trace of the allocated peak; a setup passes when |error| ≤ {PEAK_TOL:.0%} "
         f"and every category is within 5% or 16 MiB.",

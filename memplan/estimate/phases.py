@@ -1106,8 +1106,8 @@ class Backward:
     held throughout (`held`: the weight casts, dequantized and gathered weights, the top block gathered again),
     the head's gradient waiting for its cast (`head_wait`), the gradients alive as the top block's backward begins
     (`top_g`), every block's saved tensors (`in_blocks`), the top block's recomputed ones (`rec`), the MLP walk
-    (`mb`), no-sync accumulation (`no_sync`) and whether a block's weight casts are counted until its backward
-    (`casts_of`: unless it is recomputed; a checkpointed block's are not)."""
+    (`mb`), no-sync accumulation (`no_sync`) and one block's autocast weight casts (`block_casts`:
+    block_cast_bytes)."""
 
     model: ModelSpec
     setup: TrainingSetup
@@ -1122,7 +1122,13 @@ class Backward:
     rec: int
     mb: MlpBackward | None
     no_sync: bool
-    casts_of: bool
+    block_casts: int
+
+    @property
+    def casts_of(self) -> bool:
+        """A block's weight casts are counted until its backward unless it is recomputed (a checkpointed block's
+        are not)."""
+        return self.block_casts > 0
 
     def at(self, name: Moment, gradients: int, activations: int, temporaries: int) -> State:
         return State(name, Phase.BACKWARD, _alive(self.h, gradients, activations, temporaries))
@@ -1215,7 +1221,7 @@ def head_backward_states(model, setup, p: Parameters, ms: ModelStates, acts: Act
     mb = mlp_backward(model, setup, p) if h.fsdp or h.grad_floor or deepspeed.walks_mlp(setup) else None
     return states, Backward(model, setup, p, ms, acts, h, held, head_wait, top_g, in_blocks, rec, mb,
                             no_sync=bool(h.accum_grads) and not setup.sync_each_batch,
-                            casts_of=block_cast_bytes(model, setup, h, p.groups) > 0)
+                            block_casts=block_cast_bytes(model, setup, h, p.groups))
 
 
 def top_block_states(b: Backward) -> list[State]:
@@ -1228,7 +1234,7 @@ def top_block_states(b: Backward) -> list[State]:
     states += dora_recompute_states(model, setup, acts, h, top_g, in_blocks, held + head_wait)
     states += fsdp_dora_recompute_states(model, setup, acts, h, lambda a, t: at(
         Moment.TOP_BLOCK_DORA_RECOMPUTE, top_g, in_blocks + a, held + head_wait + t),
-        block_cast_bytes(model, setup, h, p.groups) if setup.precision.autocast else 0)
+        b.block_casts if setup.precision.autocast else 0)
     if setup.fp8 is not Fp8Recipe.NONE:  # its largest converted linear's backward casts (fp8.cast_transients)
         states.append(at(Moment.TOP_BLOCK_FP8_CAST, top_g, in_blocks + rec,
                          held + head_wait + fp8.cast_transients(model, setup)[1]))
@@ -1269,7 +1275,7 @@ def top_block_states(b: Backward) -> list[State]:
         resid = residual_grad(model, setup)
         again = recomputed_casts(model, setup, p, h, mb) if acts.ckpt(-1) and setup.precision.autocast else 0
         if remade:
-            again = block_cast_bytes(model, setup, h, p.groups)
+            again = b.block_casts
         # (not checkpointed, no autocast: the down projection's backward dequantized and freed its weight before
         # MulBackward0, bitsandbytes 0.50.2 MatMul4Bit.backward; its own moment is TOP_BLOCK_DOWN_BACKWARD)
         down_deq = fsdp_down_deq(model, setup, p, h, mb, acts)
@@ -1307,7 +1313,7 @@ def top_block_reduce_states(b: Backward) -> list[State]:
     (RegisterPostBackwardFunction fires as the gradient of the block's input is complete, before the block below
     runs its backward)."""
     model, setup, p, acts, h, at = b.model, b.setup, b.p, b.acts, b.h, b.at
-    top_casts = 0 if acts.ckpt(-1) else block_cast_bytes(model, setup, h, p.groups)
+    top_casts = 0 if acts.ckpt(-1) else b.block_casts
     # (under no-sync accumulation they were added into the carried ones first, and freed)
     grads = h.accum_grads if h.accum_grads else b.top_g + p.grads.block
     # ... and before that, its backward done but its reduce-scatter: its last weight gradient (the query
@@ -1341,9 +1347,8 @@ def block_below_top_states(b: Backward) -> list[State]:
     and, the last no-sync micro-batch, its carried unsharded ones freed; then its input RMSNorm's backward."""
     model, setup, p, acts, h, mb, at = b.model, b.setup, b.p, b.acts, b.h, b.mb, b.at
     top_g, in_blocks, head_wait, no_sync = b.top_g, b.in_blocks, b.head_wait, b.no_sync
-    # ZeRO-3: the next-lower block's all-gather prefetched (`held`'s B_f), unless this is block 0
-    held = b.held - (h.fsdp.block_flat if h.fsdp.regather and model.blocks == 2 else 0)
-    block_casts = block_cast_bytes(model, setup, h, p.groups)
+    held = b.held - unprefetched(h.fsdp, model.blocks - 2)  # (`held`'s B_f: the next-lower block's all-gather)
+    block_casts = b.block_casts
     top_casts = 0 if acts.ckpt(-1) else block_casts
     below_own = acts.full_per_block[-2] - acts.input_saved[-2] if acts.ckpt(-2) else 0
     fs = h.fsdp
@@ -1701,7 +1706,7 @@ def block_above_lowest_mlp(model, setup, p: Parameters, acts: Activations, h: He
             and setup.peft is not PeftMethod.FREEZE and not h.accum_grads and not setup.offload_activations
             and acts.full_per_block[k]):
         return []
-    below = acts.early + sum(acts.per_block[:k]) + acts.per_block[k] - acts.input_saved[k]
+    below = blocks_below(acts, k)  # (block k is checkpointed)
     # under autocast `temps` counts one block's recomputed weight casts (block j's there, block k's here): walked,
     # each freed by its projection's backward
     new, freed, tmp = fsdp_qlora_walk(model, setup, p, h, mb, k, acts).walk(
@@ -1709,6 +1714,19 @@ def block_above_lowest_mlp(model, setup, p: Parameters, acts: Activations, h: He
     return [State(Moment.BLOCK_ABOVE_LOWEST_MLP, Phase.BACKWARD,
                   _alive(h, max(grads - fs.block_sharded, 0) + new, below + acts.full_per_block[k] - freed,
                          temps + tmp + residual_grad(model, setup) - fsdp_walk_deq(model, setup, p, h, mb, k, acts)))]
+
+
+def unprefetched(fs: FsdpBuffers | None, j: int) -> int:
+    """FSDP2 ZeRO-3: the flat all-gather output of the next-lower block, prefetched while block j runs its backward
+    (FsdpBuffers.low's and .bwd's B_f), is not there for block 0, which has none below it: the bytes to take off
+    its moments (0 for any other block, and without ZeRO-3)."""
+    return fs.block_flat if fs and fs.regather and j == 0 else 0
+
+
+def blocks_below(acts: Activations, j: int) -> int:
+    """Activations alive inside block j's backward but its own: the embeddings' and the blocks below's saves, and
+    block j's checkpointed input (its recomputed saves are counted apart: full_per_block)."""
+    return acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if acts.ckpt(j) else 0)
 
 
 def lowest_blocks(model, setup: TrainingSetup, saved: list[int]) -> tuple[int, int]:
@@ -1751,11 +1769,11 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
         trains = setup.peft is not PeftMethod.FREEZE or j >= model.blocks - setup.train_layers
         block, pending = (g.block * scale, g.pending_qkv * scale) if trains else (0, 0)
         # the blocks below keep what they saved (their inputs under checkpointing), block j its input too
-        below = acts.early + sum(acts.per_block[:j]) + (acts.per_block[j] - acts.input_saved[j] if acts.ckpt(j) else 0)
+        below = blocks_below(acts, j)
         made = made_fsdp if fs else ms.gradients - late
         temps = int(tied_wait) + block_casts + h.deq + h.z_b
-        prefetch = fs.block_flat if fs and fs.regather and j == 0 else 0  # ZeRO-3: block 0 has no block below it
-        temps -= prefetch  # to prefetch (`low`'s B_f; block 1's moment has it: block_above_lowest_mlp)
+        prefetch = unprefetched(fs, j)  # (`low`'s B_f; block 1's moment has it: block_above_lowest_mlp)
+        temps -= prefetch
         # the last no-sync micro-batch: the trained blocks above j reduced, their carried unsharded gradients freed
         accum = h.accum_grads
         if fs and accum:
@@ -1828,10 +1846,8 @@ def lowest_block_states(model, setup, p: Parameters, ms: ModelStates, acts: Acti
                 # BLOCK_BELOW_TOP_DONE), block 0's all-gather prefetched, one shard of gradients fewer made, block
                 # 0's saves below it (the per-rank trace of Llama-2-7B's widths cut to 6 blocks, 2 GPUs, fp32, not
                 # checkpointed, holds its peak there: 14803 MiB, −3.79% before)
-                below_1 = acts.early + acts.per_block[0] + (acts.per_block[1] - acts.input_saved[1]
-                                                            if acts.ckpt(1) else 0)
                 out.append(State(Moment.BLOCK_ABOVE_LOWEST_DONE, Phase.BACKWARD,
-                                 _alive(h, int(made - fs.block_sharded), below_1 + 2 * qkv_x,
+                                 _alive(h, int(made - fs.block_sharded), blocks_below(acts, 1) + 2 * qkv_x,
                                         temps + prefetch + 3 * qkv_x)))
         if fs and fs.rs and trains and not (j == lowest_trained and deferred_post_backward(model, setup, p)):
             # FSDP2: block j's post_backward, its gradients made, its saved tensors freed
